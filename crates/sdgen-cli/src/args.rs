@@ -1,0 +1,146 @@
+//! The command line: raw arguments (clap) are validated and resolved once into what the engine
+//! takes.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use sdgen::candle::{DType, Device};
+use sdgen::loading::{ModelSource, DEFAULT_MODEL};
+use sdgen::pipeline::{Request, Runtime};
+use sdgen::schedulers::SchedulerKind;
+
+/// Generate images from a text prompt with Stable Diffusion.
+#[derive(Debug, Parser)]
+#[command(name = "generate", version, about)]
+pub struct Args {
+    /// What to draw.
+    pub prompt: String,
+    /// A named model (sd15), a hub repo id (org/name) or a diffusers model folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// What not to draw.
+    #[arg(long)]
+    pub negative: Option<String>,
+    /// Number of images; image i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// Seed of the first image (random when omitted; always recorded).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Denoising steps (model default when omitted).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (model default when omitted).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Image width in pixels (model default when omitted).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (model default when omitted).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Scheduler: pndm, ddim or euler (the model's own when omitted).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Folder for the images and their metadata.
+    #[arg(long, default_value = "outputs")]
+    pub output: PathBuf,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights and activations dtype: f32, f16 or bf16 (f32 on the CPU, bf16 on GPUs by default).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Print one machine-readable JSON result on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The arguments, resolved.
+pub struct Resolved {
+    pub model: ModelSource,
+    pub request: Request,
+    pub runtime: Runtime,
+    pub device_label: String,
+    pub output: PathBuf,
+}
+
+impl Args {
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        let scheduler = match &self.scheduler {
+            Some(s) => Some(s.parse::<SchedulerKind>().map_err(anyhow::Error::new)?),
+            None => None,
+        };
+        let (device, device_label) = parse_device(&self.device)?;
+        let dtype = match self.dtype.as_deref() {
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+            Some("f32" | "fp32" | "float32") => DType::F32,
+            Some("f16" | "fp16" | "float16") => DType::F16,
+            Some("bf16" | "bfloat16") => DType::BF16,
+            Some(other) => return Err(invalid(format!("--dtype {other} is not one of f32, f16, bf16"))),
+        };
+        if self.prompt.trim().is_empty() {
+            return Err(invalid("the prompt is empty: say what to draw".into()));
+        }
+        let seed = self.seed.unwrap_or_else(random_seed);
+        Ok(Resolved {
+            model: ModelSource::parse(&self.model),
+            request: Request {
+                prompt: self.prompt.clone(),
+                negative_prompt: self.negative.clone(),
+                n: self.n,
+                seed,
+                steps: self.steps,
+                guidance: self.guidance,
+                width: self.width,
+                height: self.height,
+                scheduler,
+            },
+            runtime: Runtime { device, dtype },
+            device_label,
+            output: self.output.clone(),
+        })
+    }
+}
+
+fn invalid(message: String) -> anyhow::Error {
+    sdgen::Error::InvalidInput(message).into()
+}
+
+/// A seed from the clock, for runs that give none (it is printed and recorded).
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64 ^ (std::process::id() as u64) << 32) % (1 << 32)
+}
+
+fn parse_device(value: &str) -> anyhow::Result<(Device, String)> {
+    let value = value.trim().to_ascii_lowercase();
+    if value == "cpu" {
+        return Ok((Device::Cpu, "cpu".into()));
+    }
+    if let Some(rest) = value.strip_prefix("cuda") {
+        let ordinal = match rest.strip_prefix(':') {
+            Some(n) => n.parse::<usize>().with_context(|| format!("--device {value}: `{n}` is not a GPU number"))?,
+            None if rest.is_empty() => 0,
+            None => return Err(invalid(format!("--device {value} is not one of cpu, cuda, cuda:N, metal"))),
+        };
+        if !sdgen::candle::utils::cuda_is_available() {
+            return Err(invalid(format!(
+                "--device {value}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"
+            )));
+        }
+        let device = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+        return Ok((device, format!("cuda:{ordinal}")));
+    }
+    if value == "metal" {
+        if !sdgen::candle::utils::metal_is_available() {
+            return Err(invalid(
+                "--device metal: this build has no Metal support (macOS builds with --features metal)".into(),
+            ));
+        }
+        return Ok((Device::new_metal(0)?, "metal".into()));
+    }
+    bail!(sdgen::Error::InvalidInput(format!("--device {value} is not one of cpu, cuda, cuda:N, metal")))
+}

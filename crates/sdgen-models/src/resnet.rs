@@ -1,0 +1,119 @@
+//! diffusers' `ResnetBlock2D` and the 2× down/up samplers, shared by the UNet and the VAE.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::norm::GroupNorm;
+
+/// A 3×3 convolution with padding 1 (the most common layer of both models).
+pub(crate) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+}
+
+/// A 1×1 convolution.
+pub(crate) fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    candle_nn::conv2d(cin, cout, 1, Default::default(), vb)
+}
+
+/// `ResnetBlock2D`: GroupNorm → SiLU → conv → (+ time embedding) → GroupNorm → SiLU → conv, plus a
+/// 1×1 shortcut when the channel count changes.
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    /// Loads a block; `temb_channels` is `None` in the VAE, which has no time embedding.
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let time_emb_proj = match temb_channels {
+            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let shortcut = if cin != cout { Some(conv1x1(cin, cout, vb.pp("conv_shortcut"))?) } else { None };
+        Ok(Self {
+            norm1: GroupNorm::new(groups, cin, eps, vb.pp("norm1"))?,
+            conv1: conv3x3(cin, cout, vb.pp("conv1"))?,
+            time_emb_proj,
+            norm2: GroupNorm::new(groups, cout, eps, vb.pp("norm2"))?,
+            conv2: conv3x3(cout, cout, vb.pp("conv2"))?,
+            shortcut,
+        })
+    }
+
+    /// Applies the block; `temb` is the (un-activated) time embedding `[b, temb_channels]`.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        skip + h
+    }
+}
+
+/// `Downsample2D` with a convolution: stride 2, padding 1 in the UNet; padding 0 after an
+/// asymmetric (right/bottom) zero pad in the VAE encoder.
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample2D {
+    /// `padding` is diffusers' `downsample_padding` (1 in the UNet, 0 in the VAE).
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig { padding, stride: 2, ..Default::default() };
+        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, pad_right_bottom: padding == 0 })
+    }
+
+    /// Halves the spatial size (rounding up).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_right_bottom {
+            let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour 2× (or to an explicit size) then a 3×3 convolution.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    /// Loads `conv`.
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv3x3(channels, channels, vb.pp("conv"))? })
+    }
+
+    /// Upsamples to `size` (h, w) when given, else doubles. Nearest-neighbour with PyTorch's
+    /// index rule `floor(dst · in / out)`, which candle's kernel uses too.
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}

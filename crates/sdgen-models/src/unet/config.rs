@@ -1,0 +1,181 @@
+//! `unet/config.json`.
+
+use candle_core::Result;
+use serde::Deserialize;
+
+/// A config value that is one number for every block or one per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum IntOrList {
+    /// The same value for every block.
+    Int(usize),
+    /// One value per down block.
+    List(Vec<usize>),
+}
+
+impl IntOrList {
+    /// One value per block for `n` blocks.
+    pub fn expand(&self, n: usize) -> Vec<usize> {
+        match self {
+            IntOrList::Int(v) => vec![*v; n],
+            IntOrList::List(v) => v.clone(),
+        }
+    }
+}
+
+fn one() -> IntOrList {
+    IntOrList::Int(1)
+}
+fn two() -> IntOrList {
+    IntOrList::Int(2)
+}
+fn eight() -> IntOrList {
+    IntOrList::Int(8)
+}
+fn groups() -> usize {
+    32
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn padding() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+
+/// The fields of diffusers' `UNet2DConditionModel` config this implementation reads. Unknown
+/// fields are ignored; options that change the architecture in ways not implemented are refused
+/// by [`UNetConfig::validate`] rather than silently ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    /// Latent size the model was trained at (64 for SD 1.5: 512 pixels).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    /// Latent channels in.
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    /// Latent channels out.
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    /// Channels per resolution level.
+    pub block_out_channels: Vec<usize>,
+    /// Down block kinds (`CrossAttnDownBlock2D` / `DownBlock2D`).
+    pub down_block_types: Vec<String>,
+    /// Up block kinds (`CrossAttnUpBlock2D` / `UpBlock2D`).
+    pub up_block_types: Vec<String>,
+    /// The mid block kind.
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    /// Resnets per down block (up blocks have one more).
+    #[serde(default = "two")]
+    pub layers_per_block: IntOrList,
+    /// Width of the text conditioning.
+    pub cross_attention_dim: usize,
+    /// Heads per block under diffusers' legacy naming (it is the head *count*).
+    #[serde(default = "eight")]
+    pub attention_head_dim: IntOrList,
+    /// Heads per block when given explicitly.
+    #[serde(default)]
+    pub num_attention_heads: Option<IntOrList>,
+    /// Transformer blocks per attention (SDXL: `[1, 2, 10]`).
+    #[serde(default = "one")]
+    pub transformer_layers_per_block: IntOrList,
+    /// GroupNorm groups.
+    #[serde(default = "groups")]
+    pub norm_num_groups: usize,
+    /// GroupNorm epsilon of the resnets and the output norm.
+    #[serde(default = "eps")]
+    pub norm_eps: f64,
+    /// Linear instead of 1×1-conv projections in the transformers.
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// Order of the sinusoidal time embedding.
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the time embedding.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Padding of the downsampling convolutions.
+    #[serde(default = "padding")]
+    pub downsample_padding: usize,
+    /// SDXL's additional embedding (`"text_time"`); not supported yet.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Class-conditioning (unused by the supported families).
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    /// LCM's guidance embedding width.
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    /// Time-embedding scale-shift mode of the resnets (only "default" is supported).
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    /// Whether to centre the input sample (unused by the supported families).
+    #[serde(default)]
+    pub center_input_sample: bool,
+}
+
+impl UNetConfig {
+    /// Attention heads per block.
+    pub fn heads_per_block(&self) -> Vec<usize> {
+        let n = self.block_out_channels.len();
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).expand(n)
+    }
+
+    /// Refuses configurations this implementation would compute wrongly.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        let unsupported = |what: String| Err(candle_core::Error::Msg(format!("unsupported UNet config: {what}")));
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return unsupported(format!(
+                "{} block_out_channels, {} down blocks, {} up blocks",
+                n,
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        for (name, list) in [
+            ("layers_per_block", &self.layers_per_block),
+            ("attention_head_dim", &self.attention_head_dim),
+            ("transformer_layers_per_block", &self.transformer_layers_per_block),
+        ] {
+            if list.expand(n).len() != n {
+                return unsupported(format!("{name} has not one value per block"));
+            }
+        }
+        let known = ["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"];
+        for t in self.down_block_types.iter().chain(&self.up_block_types) {
+            if !known.contains(&t.as_str()) {
+                return unsupported(format!("block type {t}"));
+            }
+        }
+        if let Some(m) = &self.mid_block_type {
+            if m != "UNetMidBlock2DCrossAttn" {
+                return unsupported(format!("mid_block_type {m}"));
+            }
+        }
+        if let Some(a) = &self.addition_embed_type {
+            return unsupported(format!("addition_embed_type {a} (SDXL conditioning is not implemented yet)"));
+        }
+        if let Some(c) = &self.class_embed_type {
+            return unsupported(format!("class_embed_type {c}"));
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return unsupported("time_cond_proj_dim (LCM guidance embedding)".into());
+        }
+        if let Some(m) = &self.resnet_time_scale_shift {
+            if m != "default" {
+                return unsupported(format!("resnet_time_scale_shift {m}"));
+            }
+        }
+        if self.center_input_sample {
+            return unsupported("center_input_sample".into());
+        }
+        Ok(())
+    }
+}

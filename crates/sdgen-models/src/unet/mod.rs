@@ -1,0 +1,255 @@
+//! diffusers' `UNet2DConditionModel` (SD 1.x/2.x configuration; SDXL's slots in through the same
+//! `UNetConfig`), keys as in the hub's `unet/diffusion_pytorch_model.safetensors`.
+
+mod config;
+mod transformer;
+
+pub use config::{IntOrList, UNetConfig};
+pub use transformer::{CrossAttention, Transformer2D, TransformerSpec};
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder};
+
+use crate::norm::GroupNorm;
+use crate::resnet::{conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+
+/// diffusers' `get_timestep_embedding`, computed in f32 as diffusers does: `[n, dim]`.
+pub fn timestep_embedding(
+    timesteps: &[f64],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| {
+            let exponent = -(10000f32.ln()) * i as f32;
+            (exponent / (half as f32 - downscale_freq_shift as f32)).exp()
+        })
+        .collect();
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|f| t as f32 * f).collect();
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+        if flip_sin_to_cos {
+            data.extend(cos);
+            data.extend(sin);
+        } else {
+            data.extend(sin);
+            data.extend(cos);
+        }
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Tensor::from_vec(data, (timesteps.len(), dim), device)
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug)]
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+}
+
+/// The conditional UNet.
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    cfg: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    /// Loads the model; `cfg` is usually `unet/config.json`.
+    pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let boc = &cfg.block_out_channels;
+        let n = boc.len();
+        let temb = boc[0] * 4;
+        let groups = cfg.norm_num_groups;
+        let eps = cfg.norm_eps;
+        let heads = cfg.heads_per_block();
+        let tlayers = cfg.transformer_layers_per_block.expand(n);
+        let layers = cfg.layers_per_block.expand(n);
+        let ctx = cfg.cross_attention_dim;
+        let spec = |channels: usize, i: usize| TransformerSpec {
+            channels,
+            heads: heads[i],
+            context_dim: ctx,
+            layers: tlayers[i],
+            groups,
+            linear_projection: cfg.use_linear_projection,
+        };
+
+        let mut down = Vec::with_capacity(n);
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let cout = boc[i];
+            let cin = if i == 0 { boc[0] } else { boc[i - 1] };
+            let cross = kind.starts_with("CrossAttn");
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers[i] {
+                let c = if j == 0 { cin } else { cout };
+                resnets.push(ResnetBlock2D::new(c, cout, Some(temb), groups, eps, vb.pp(format!("resnets.{j}")))?);
+                if cross {
+                    attentions.push(Transformer2D::new(spec(cout, i), vb.pp(format!("attentions.{j}")))?);
+                }
+            }
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(cout, cfg.downsample_padding, vb.pp("downsamplers.0"))?)
+            } else {
+                None
+            };
+            down.push(DownBlock { resnets, attentions, downsampler });
+        }
+
+        let c = boc[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid = MidBlock {
+            resnets: vec![
+                ResnetBlock2D::new(c, c, Some(temb), groups, eps, mvb.pp("resnets.0"))?,
+                ResnetBlock2D::new(c, c, Some(temb), groups, eps, mvb.pp("resnets.1"))?,
+            ],
+            attentions: vec![Transformer2D::new(spec(c, n - 1), mvb.pp("attentions.0"))?],
+        };
+
+        let rev: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        let mut out_c = rev[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let prev_out = out_c;
+            out_c = rev[i];
+            let in_c = rev[(i + 1).min(n - 1)];
+            let level = n - 1 - i;
+            let cross = kind.starts_with("CrossAttn");
+            let num = layers[level] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..num {
+                let skip = if j + 1 == num { in_c } else { out_c };
+                let rin = if j == 0 { prev_out } else { out_c };
+                resnets.push(ResnetBlock2D::new(
+                    rin + skip,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                    vb.pp(format!("resnets.{j}")),
+                )?);
+                if cross {
+                    attentions.push(Transformer2D::new(spec(out_c, level), vb.pp(format!("attentions.{j}")))?);
+                }
+            }
+            let upsampler = if i + 1 < n { Some(Upsample2D::new(out_c, vb.pp("upsamplers.0"))?) } else { None };
+            up.push(UpBlock { resnets, attentions, upsampler });
+        }
+
+        Ok(Self {
+            conv_in: conv3x3(cfg.in_channels, boc[0], vb.pp("conv_in"))?,
+            time_linear_1: candle_nn::linear(boc[0], temb, vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            down,
+            mid,
+            up,
+            norm_out: GroupNorm::new(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3(boc[0], cfg.out_channels, vb.pp("conv_out"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    /// Predicts the noise (or v, per the scheduler config) for `sample: [b, c, h, w]` at
+    /// `timestep`, conditioned on `context: [b, tokens, cross_attention_dim]`.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = sample.dims4()?;
+        let dtype = sample.dtype();
+        let boc0 = self.cfg.block_out_channels[0];
+        let t = timestep_embedding(
+            &vec![timestep; b],
+            boc0,
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+            sample.device(),
+        )?
+        .to_dtype(dtype)?;
+        let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        let context = context.to_dtype(dtype)?;
+
+        // diffusers forwards explicit upsample sizes when the latent is not a multiple of the
+        // overall downscale factor, so skip connections line up (e.g. 520-pixel images).
+        let num_up = self.up.iter().filter(|u| u.upsampler.is_some()).count();
+        let factor = 1usize << num_up;
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+
+        let mut x = self.conv_in.forward(sample)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(&x, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(ds) = &block.downsampler {
+                x = ds.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+
+        x = self.mid.resnets[0].forward(&x, Some(&emb))?;
+        x = self.mid.attentions[0].forward(&x, &context)?;
+        x = self.mid.resnets[1].forward(&x, Some(&emb))?;
+
+        for block in &self.up {
+            let res = skips.split_off(skips.len() - block.resnets.len());
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = &res[res.len() - 1 - j];
+                x = Tensor::cat(&[&x, skip], 1)?;
+                x = resnet.forward(&x, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+            }
+            if let Some(us) = &block.upsampler {
+                let size = match skips.last() {
+                    Some(s) if forward_upsample_size => {
+                        let (_, _, sh, sw) = s.dims4()?;
+                        Some((sh, sw))
+                    }
+                    _ => None,
+                };
+                x = us.forward(&x, size)?;
+            }
+        }
+        let x = self.norm_out.forward(&x)?.silu()?;
+        self.conv_out.forward(&x)
+    }
+}

@@ -1,0 +1,341 @@
+//! diffusers' `AutoencoderKL` (the SD 1.5 / SDXL VAE), keys as in the hub's
+//! `vae/diffusion_pytorch_model.safetensors`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::attention::attention;
+use crate::norm::GroupNorm;
+use crate::resnet::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+
+fn groups() -> usize {
+    32
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn two() -> usize {
+    2
+}
+fn sf() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+/// `vae/config.json`, the fields this implementation reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    /// Image channels in.
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    /// Channels per level; the spatial factor is `2^(levels − 1)`.
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (decoder blocks have one more).
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    /// Latent channels.
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    /// GroupNorm groups.
+    #[serde(default = "groups")]
+    pub norm_num_groups: usize,
+    /// Latents are divided by this before decoding (0.18215 for SD 1.5, 0.13025 for SDXL).
+    #[serde(default = "sf")]
+    pub scaling_factor: f64,
+    /// Latents are shifted by this before scaling (SD 3).
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// Whether the 1×1 quant convolutions exist.
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    /// Whether the 1×1 post-quant convolution exists.
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    /// diffusers runs this VAE in f32 even in half-precision pipelines (SDXL's VAE overflows f16).
+    #[serde(default)]
+    pub force_upcast: Option<bool>,
+    /// Image size the VAE was trained at.
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+impl VaeConfig {
+    /// Pixels per latent cell along each side.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+/// The single-head self-attention of the VAE's mid block, with its GroupNorm and residual.
+#[derive(Debug)]
+struct MidAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl MidAttention {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        // Older diffusers files (among them SD 1.5's hub VAE) name these `query`, `key`, `value`
+        // and `proj_attn`; diffusers renames them on load (`_convert_deprecated_attention_blocks`).
+        let names = if vb.contains_tensor("to_q.weight") || !vb.contains_tensor("query.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let lin = |name: &str| linear_1x1(c, vb.pp(name));
+        Ok(Self {
+            norm: GroupNorm::new(groups, c, 1e-6, vb.pp("group_norm"))?,
+            q: lin(names[0])?,
+            k: lin(names[1])?,
+            v: lin(names[2])?,
+            out: lin(names[3])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.q.forward(&t)?.unsqueeze(1)?;
+        let k = self.k.forward(&t)?.unsqueeze(1)?;
+        let v = self.v.forward(&t)?.unsqueeze(1)?;
+        let o = attention(&q, &k, &v, (c as f64).powf(-0.5), None)?.squeeze(1)?;
+        let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        o + x
+    }
+}
+
+/// A `c → c` linear layer whose weight may be stored as a 1×1 convolution `[c, c, 1, 1]`.
+fn linear_1x1(c: usize, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_unchecked("weight")?;
+    let w = if w.rank() == 4 { w.squeeze(3)?.squeeze(2)? } else { w };
+    if w.dims() != [c, c] {
+        candle_core::bail!("{}.weight has shape {:?}, expected [{c}, {c}]", vb.prefix(), w.dims());
+    }
+    Ok(Linear::new(w, Some(vb.get(c, "bias")?)))
+}
+
+#[derive(Debug)]
+struct Mid {
+    resnet0: ResnetBlock2D,
+    attn: MidAttention,
+    resnet1: ResnetBlock2D,
+}
+
+impl Mid {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            resnet0: ResnetBlock2D::new(c, c, None, groups, 1e-6, vb.pp("resnets.0"))?,
+            attn: MidAttention::new(c, groups, vb.pp("attentions.0"))?,
+            resnet1: ResnetBlock2D::new(c, c, None, groups, 1e-6, vb.pp("resnets.1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.resnet0.forward(x, None)?;
+        let x = self.attn.forward(&x)?;
+        self.resnet1.forward(&x, None)
+    }
+}
+
+/// The encoder half: image `[b, 3, H, W]` → moments `[b, 2·latent, H/f, W/f]`.
+#[derive(Debug)]
+pub struct Encoder {
+    conv_in: Conv2d,
+    blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
+    mid: Mid,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+}
+
+impl Encoder {
+    /// Loads `encoder.*` and `quant_conv` from the VAE's root.
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let boc = &cfg.block_out_channels;
+        let g = cfg.norm_num_groups;
+        let evb = vb.pp("encoder");
+        let mut blocks = Vec::new();
+        for (i, &cout) in boc.iter().enumerate() {
+            let cin = if i == 0 { boc[0] } else { boc[i - 1] };
+            let bvb = evb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        None,
+                        g,
+                        1e-6,
+                        bvb.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let down =
+                if i + 1 < boc.len() { Some(Downsample2D::new(cout, 0, bvb.pp("downsamplers.0"))?) } else { None };
+            blocks.push((resnets, down));
+        }
+        let last = *boc.last().unwrap_or(&0);
+        let moments = 2 * cfg.latent_channels;
+        Ok(Self {
+            conv_in: conv3x3(cfg.in_channels, boc[0], evb.pp("conv_in"))?,
+            blocks,
+            mid: Mid::new(last, g, evb.pp("mid_block"))?,
+            norm_out: GroupNorm::new(g, last, 1e-6, evb.pp("conv_norm_out"))?,
+            conv_out: conv3x3(last, moments, evb.pp("conv_out"))?,
+            quant_conv: if cfg.use_quant_conv { Some(conv1x1(moments, moments, vb.pp("quant_conv"))?) } else { None },
+        })
+    }
+
+    /// Returns the moments (mean and log-variance concatenated on the channel axis).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for (resnets, down) in &self.blocks {
+            for r in resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(d) = down {
+                h = d.forward(&h)?;
+            }
+        }
+        let h = self.mid.forward(&h)?;
+        let h = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
+        match &self.quant_conv {
+            Some(q) => q.forward(&h),
+            None => Ok(h),
+        }
+    }
+}
+
+/// The decoder half: latents `[b, latent, h, w]` → image `[b, 3, h·f, w·f]` in about [−1, 1].
+#[derive(Debug)]
+pub struct Decoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid: Mid,
+    blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    /// Loads `decoder.*` and `post_quant_conv` from the VAE's root.
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let g = cfg.norm_num_groups;
+        let lc = cfg.latent_channels;
+        let dvb = vb.pp("decoder");
+        let mut blocks = Vec::new();
+        let mut cout = rev[0];
+        for i in 0..rev.len() {
+            let cin = cout;
+            cout = rev[i];
+            let bvb = dvb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        None,
+                        g,
+                        1e-6,
+                        bvb.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let up = if i + 1 < rev.len() { Some(Upsample2D::new(cout, bvb.pp("upsamplers.0"))?) } else { None };
+            blocks.push((resnets, up));
+        }
+        Ok(Self {
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(conv1x1(lc, lc, vb.pp("post_quant_conv"))?)
+            } else {
+                None
+            },
+            conv_in: conv3x3(lc, rev[0], dvb.pp("conv_in"))?,
+            mid: Mid::new(rev[0], g, dvb.pp("mid_block"))?,
+            blocks,
+            norm_out: GroupNorm::new(g, cout, 1e-6, dvb.pp("conv_norm_out"))?,
+            conv_out: conv3x3(cout, cfg.out_channels, dvb.pp("conv_out"))?,
+        })
+    }
+
+    /// Decodes already-unscaled latents.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(p) => p.forward(z)?,
+            None => z.clone(),
+        };
+        let mut h = self.conv_in.forward(&z)?;
+        h = self.mid.forward(&h)?;
+        for (resnets, up) in &self.blocks {
+            for r in resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(u) = up {
+                h = u.forward(&h, None)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+    }
+}
+
+/// The diagonal Gaussian the encoder predicts.
+#[derive(Debug)]
+pub struct LatentDistribution {
+    /// Mean, `[b, latent, h, w]`.
+    pub mean: Tensor,
+    /// Log-variance clamped to [−30, 20] as diffusers does.
+    pub logvar: Tensor,
+}
+
+/// The whole autoencoder; either half may be loaded alone (a txt2img run needs only the decoder).
+#[derive(Debug)]
+pub struct AutoencoderKL {
+    /// The encoder, if loaded.
+    pub encoder: Option<Encoder>,
+    /// The decoder, if loaded.
+    pub decoder: Option<Decoder>,
+    cfg: VaeConfig,
+}
+
+impl AutoencoderKL {
+    /// Loads the halves asked for.
+    pub fn new(cfg: &VaeConfig, encoder: bool, decoder: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            encoder: if encoder { Some(Encoder::new(cfg, vb.clone())?) } else { None },
+            decoder: if decoder { Some(Decoder::new(cfg, vb)?) } else { None },
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Encodes an image in [−1, 1] to its latent distribution (unscaled).
+    pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
+        let enc = self.encoder.as_ref().ok_or_else(|| candle_core::Error::Msg("VAE encoder not loaded".into()))?;
+        let moments = enc.forward(image)?;
+        let parts = moments.chunk(2, 1)?;
+        Ok(LatentDistribution { mean: parts[0].clone(), logvar: parts[1].clamp(-30f32, 20f32)? })
+    }
+
+    /// Decodes unscaled latents to an image in about [−1, 1].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let dec = self.decoder.as_ref().ok_or_else(|| candle_core::Error::Msg("VAE decoder not loaded".into()))?;
+        dec.forward(z)
+    }
+}

@@ -1,0 +1,192 @@
+//! Opening diffusers-layout model folders: `model_index.json`, per-component configs, and weights
+//! memory-mapped and converted tensor by tensor straight to the target dtype and device (never a
+//! whole-model f32 copy).
+
+pub mod family;
+pub mod safetensors_header;
+pub mod source;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+pub use family::{FamilySpec, FAMILIES};
+pub use safetensors_header::{SafetensorsHeader, TensorInfo};
+pub use source::{ModelSource, DEFAULT_MODEL, NAMED_MODELS};
+
+use crate::{Error, Result};
+
+/// A diffusers pipeline folder whose family has been recognised.
+#[derive(Debug, Clone)]
+pub struct ModelFolder {
+    root: PathBuf,
+    family: &'static FamilySpec,
+    pipeline_class: String,
+}
+
+/// The weight files of one component (several when sharded).
+#[derive(Debug, Clone)]
+pub struct ComponentWeights {
+    /// The files.
+    pub files: Vec<PathBuf>,
+    /// Their validated headers, in the same order.
+    pub headers: Vec<SafetensorsHeader>,
+}
+
+impl ComponentWeights {
+    /// Whether any file has the tensor.
+    pub fn has(&self, name: &str) -> bool {
+        self.headers.iter().any(|h| h.tensors.contains_key(name))
+    }
+
+    /// Total bytes of all tensors.
+    pub fn weight_bytes(&self) -> u64 {
+        self.headers.iter().map(SafetensorsHeader::weight_bytes).sum()
+    }
+
+    /// The file names, for messages.
+    pub fn describe(&self) -> String {
+        self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// A `VarBuilder` that memory-maps the files and converts each tensor, when it is fetched,
+    /// to `dtype` on `device`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on nobody
+        // truncating them while the process runs (the headers were validated just before).
+        unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }
+            .map_err(|e| Error::BadModel(format!("cannot map {}: {e}", self.describe())))
+    }
+}
+
+impl ModelFolder {
+    /// Opens and recognises a diffusers folder, validating everything that can be checked before
+    /// any weight is read.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.exists() {
+            return Err(Error::InvalidInput(format!(
+                "model path {} does not exist: pass a diffusers model folder (with model_index.json) to --model",
+                root.display()
+            )));
+        }
+        if !root.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "model path {} is a file, but only diffusers model folders (with model_index.json) are supported yet",
+                root.display()
+            )));
+        }
+        let index_path = root.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a diffusers model folder: it has no model_index.json",
+                root.display()
+            )));
+        }
+        let index: serde_json::Value = read_json(&index_path)?;
+        let pipeline_class = index
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::BadModel(format!("{} has no `_class_name`", index_path.display())))?
+            .to_string();
+        let mut folder = Self { root: root.to_path_buf(), family: &FAMILIES[0], pipeline_class };
+        let denoiser = folder.weights("unet")?;
+        folder.family = family::detect(&folder.pipeline_class, |k| denoiser.has(k)).ok_or_else(|| {
+            let known: Vec<_> =
+                FAMILIES.iter().map(|f| format!("{} ({})", f.display, f.pipeline_classes.join("/"))).collect();
+            Error::BadModel(format!(
+                "{} is a `{}` whose UNet ({}) matches no supported family; supported: {}",
+                root.display(),
+                folder.pipeline_class,
+                denoiser.describe(),
+                known.join(", ")
+            ))
+        })?;
+        Ok(folder)
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The recognised family.
+    pub fn family(&self) -> &'static FamilySpec {
+        self.family
+    }
+
+    /// `_class_name` of `model_index.json`.
+    pub fn pipeline_class(&self) -> &str {
+        &self.pipeline_class
+    }
+
+    /// A component's sub-folder, checked to exist.
+    pub fn component_dir(&self, component: &str) -> Result<PathBuf> {
+        let dir = self.root.join(component);
+        if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(Error::BadModel(format!("model folder {} has no `{component}/` folder", self.root.display())))
+        }
+    }
+
+    /// Parses `<component>/<file>`.
+    pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
+        let path = self.component_dir(component)?.join(file);
+        read_json(&path)
+    }
+
+    /// Finds and validates a component's weight files: the plain `*.safetensors` file, else a
+    /// sharded index, else a precision variant (`*.fp16.safetensors`).
+    pub fn weights(&self, component: &str) -> Result<ComponentWeights> {
+        let dir = self.component_dir(component)?;
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        names.sort();
+        let plain = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
+        let files: Vec<PathBuf> = if let Some(n) = plain.iter().find(|n| names.iter().any(|x| x == *n)) {
+            vec![dir.join(n)]
+        } else if let Some(index) =
+            names.iter().find(|n| n.ends_with(".safetensors.index.json") && !n.contains(".fp16."))
+        {
+            shard_files(&dir, &dir.join(index))?
+        } else if let Some(n) = names.iter().find(|n| n.ends_with(".safetensors") && !n.starts_with('.')) {
+            vec![dir.join(n)]
+        } else {
+            return Err(Error::BadModel(format!(
+                "{} has no .safetensors weights (found: {}); only safetensors files are supported",
+                dir.display(),
+                if names.is_empty() { "nothing".to_string() } else { names.join(", ") }
+            )));
+        };
+        let headers = files.iter().map(|f| SafetensorsHeader::read(f)).collect::<Result<Vec<_>>>()?;
+        Ok(ComponentWeights { files, headers })
+    }
+}
+
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let v: serde_json::Value = read_json(index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::BadModel(format!("{} has no `weight_map`", index.display())))?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Reads a JSON file, naming it in any error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::BadModel(format!("{} is not valid: {e}", path.display())))
+}
+
+/// Turns a model-construction error (usually a missing tensor) into one naming the files and the
+/// component it should have been.
+pub fn model_error(weights: &ComponentWeights, what: &str, e: candle_core::Error) -> Error {
+    Error::BadModel(format!("{}: {e}: not {what}?", weights.describe()))
+}

@@ -1,0 +1,109 @@
+//! Where a `--model` value points: a folder on disk, a named model or a hub repository id, and
+//! the one table that maps names to repositories.
+
+use std::path::{Path, PathBuf};
+
+use super::ModelFolder;
+use crate::{Error, Result};
+
+/// Named models and the hub repositories they stand for.
+pub const NAMED_MODELS: &[(&str, &str)] = &[("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")];
+
+/// The model used when none is given.
+pub const DEFAULT_MODEL: &str = "sd15";
+
+/// A `--model` value, classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A folder on disk.
+    Path(PathBuf),
+    /// A hub repository, with the name it was given by when it came from the table.
+    Repo {
+        /// `org/name`.
+        repo: String,
+        /// The table name (`sd15`), if any.
+        name: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// Classifies a `--model` value: an existing path wins, then a table name, then anything
+    /// shaped like `org/name`; everything else is a path that does not exist.
+    pub fn parse(value: &str) -> Self {
+        let path = Path::new(value);
+        if path.exists() {
+            return ModelSource::Path(path.to_path_buf());
+        }
+        if let Some((name, repo)) = NAMED_MODELS.iter().find(|(n, _)| *n == value) {
+            return ModelSource::Repo { repo: repo.to_string(), name: Some(name.to_string()) };
+        }
+        let parts: Vec<&str> = value.split('/').collect();
+        let looks_like_repo = parts.len() == 2
+            && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            && !value.starts_with('.');
+        if looks_like_repo {
+            ModelSource::Repo { repo: value.to_string(), name: None }
+        } else {
+            ModelSource::Path(path.to_path_buf())
+        }
+    }
+
+    /// How the model is named in logs and metadata.
+    pub fn label(&self) -> String {
+        match self {
+            ModelSource::Path(p) => p.display().to_string(),
+            ModelSource::Repo { repo, .. } => repo.clone(),
+        }
+    }
+
+    /// Opens the model: a folder directly, a repository from the local Hugging Face cache.
+    pub fn open(&self) -> Result<ModelFolder> {
+        match self {
+            ModelSource::Path(p) => ModelFolder::open(p),
+            ModelSource::Repo { repo, .. } => match cached_snapshot(repo) {
+                Some(dir) => ModelFolder::open(&dir),
+                None => Err(Error::InvalidInput(format!(
+                    "model `{repo}` is not in the Hugging Face cache ({}), and this build cannot download yet: \
+                     download it (e.g. `huggingface-cli download {repo}`) or pass a local diffusers folder with --model PATH",
+                    hub_cache_dir().display()
+                ))),
+            },
+        }
+    }
+}
+
+/// The hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+/// The snapshot folder of `repo` at the `main` ref in the standard cache layout, if present.
+pub fn cached_snapshot(repo: &str) -> Option<PathBuf> {
+    let dir = hub_cache_dir().join(format!("models--{}", repo.replace('/', "--")));
+    let commit = std::fs::read_to_string(dir.join("refs").join("main")).ok()?;
+    let snapshot = dir.join("snapshots").join(commit.trim());
+    snapshot.join("model_index.json").is_file().then_some(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_values() {
+        assert_eq!(
+            ModelSource::parse("sd15"),
+            ModelSource::Repo { repo: NAMED_MODELS[0].1.into(), name: Some("sd15".into()) }
+        );
+        assert_eq!(ModelSource::parse("org/model-x"), ModelSource::Repo { repo: "org/model-x".into(), name: None });
+        assert_eq!(ModelSource::parse("./nope/x"), ModelSource::Path("./nope/x".into()));
+        assert_eq!(ModelSource::parse("/abs/missing/dir"), ModelSource::Path("/abs/missing/dir".into()));
+    }
+}

@@ -1,0 +1,191 @@
+//! The AUTOMATIC1111 "infotext": the `parameters` text that A1111 stores in every PNG and that
+//! the ecosystem (A1111's PNG Info tab, ComfyUI loaders, Civitai, image browsers) parses.
+//!
+//! The layout follows `create_infotext` in A1111's `modules/processing.py`: the prompt, an optional
+//! `Negative prompt: …` line, then one line of `Key: value` pairs joined by `", "`, with a value
+//! JSON-quoted when it contains `,`, `:` or a newline (`quote` in `modules/infotext_utils.py`), and
+//! the whole text stripped of surrounding whitespace.
+
+use super::ImageMetadata;
+
+/// The A1111 `parameters` text for an image, e.g.
+///
+/// ```text
+/// a cat
+/// Negative prompt: blurry
+/// Steps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, Version: sdgen 0.1.0
+/// ```
+///
+/// The negative-prompt line is left out when there is none, as A1111 does. The sampler is named as
+/// A1111 names it (see [`a1111_sampler_name`]).
+pub fn a1111_parameters(meta: &ImageMetadata) -> String {
+    let version = if meta.version.starts_with("sdgen") {
+        meta.version.clone()
+    } else {
+        format!("sdgen {}", meta.version)
+    };
+    let fields = [
+        ("Steps", meta.steps.to_string()),
+        ("Sampler", a1111_sampler_name(&meta.scheduler)),
+        ("CFG scale", python_float(meta.guidance)),
+        ("Seed", meta.seed.to_string()),
+        ("Size", format!("{}x{}", meta.width, meta.height)),
+        ("Model", meta.model.clone()),
+        ("Version", version),
+    ];
+    let params: Vec<String> = fields
+        .iter()
+        .map(|(key, value)| format!("{key}: {}", quote(value)))
+        .collect();
+    let negative = if meta.negative_prompt.is_empty() {
+        String::new()
+    } else {
+        format!("\nNegative prompt: {}", meta.negative_prompt)
+    };
+    format!("{}{negative}\n{}", meta.prompt, params.join(", "))
+        .trim()
+        .to_string()
+}
+
+/// A1111's sampler name for one of our scheduler names (either our short names like `euler` or
+/// diffusers class names like `EulerDiscreteScheduler`, in any case). Unknown names pass through.
+///
+/// The pairs are diffusers' own table of A1111 equivalents
+/// (<https://huggingface.co/docs/diffusers/api/schedulers/overview>). diffusers' PNDM runs with
+/// `skip_prk_steps` for Stable Diffusion, i.e. pure PLMS, which A1111 calls `PLMS`; SD 3.5's
+/// flow-matching Euler is written `Euler`, as A1111 and Forge write it for SD3.
+pub fn a1111_sampler_name(scheduler: &str) -> String {
+    let key: String = scheduler
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let key = key.strip_suffix("scheduler").unwrap_or(&key);
+    let key = key.strip_suffix("discrete").unwrap_or(key);
+    let name = match key {
+        "euler" | "flowmatcheuler" | "flowmatch" => "Euler",
+        "eulera" | "eulerancestral" => "Euler a",
+        "ddim" => "DDIM",
+        "pndm" | "plms" => "PLMS",
+        "lcm" => "LCM",
+        "ddpm" => "DDPM",
+        "heun" => "Heun",
+        "lms" => "LMS",
+        "unipc" | "unipcmultistep" => "UniPC",
+        "dpmsolvermultistep" | "dpmpp2m" | "dpm2m" => "DPM++ 2M",
+        "kdpm2" | "dpm2" => "DPM2",
+        "kdpm2ancestral" | "dpm2a" => "DPM2 a",
+        _ => return scheduler.to_string(),
+    };
+    name.to_string()
+}
+
+/// A1111's `quote`: values with `,`, `:` or a newline are written as JSON strings (Python's
+/// `json.dumps(ensure_ascii=False)`, which serde_json matches) so the line still splits cleanly.
+fn quote(value: &str) -> String {
+    if value.contains([',', ':', '\n']) {
+        serde_json::to_string(value).expect("a string always serialises")
+    } else {
+        value.to_string()
+    }
+}
+
+/// A float as Python's `str(float)` writes it in the usual range, so `7.0` stays `7.0` as in A1111
+/// (Rust's `Display` would write `7`).
+fn python_float(value: f64) -> String {
+    if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e16 {
+        format!("{value:.1}")
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ImageMetadata {
+        ImageMetadata {
+            model: "sd15".into(),
+            prompt: "a cat".into(),
+            negative_prompt: "blurry".into(),
+            seed: 42,
+            steps: 30,
+            guidance: 7.5,
+            scheduler: "euler".into(),
+            width: 512,
+            height: 512,
+            version: "0.1.0".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn matches_the_a1111_layout() {
+        assert_eq!(
+            a1111_parameters(&meta()),
+            "a cat\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, \
+             Size: 512x512, Model: sd15, Version: sdgen 0.1.0"
+        );
+    }
+
+    #[test]
+    fn empty_negative_prompt_has_no_line() {
+        let m = ImageMetadata {
+            negative_prompt: String::new(),
+            guidance: 7.0,
+            ..meta()
+        };
+        assert_eq!(
+            a1111_parameters(&m),
+            "a cat\nSteps: 30, Sampler: Euler, CFG scale: 7.0, Seed: 42, Size: 512x512, \
+             Model: sd15, Version: sdgen 0.1.0"
+        );
+    }
+
+    #[test]
+    fn awkward_values_are_quoted_like_a1111() {
+        let m = ImageMetadata {
+            model: r#"C:\models\my "best", v2"#.into(),
+            version: "sdgen 0.1.0".into(),
+            scheduler: "MyOwnScheduler".into(),
+            ..meta()
+        };
+        let text = a1111_parameters(&m);
+        // python: json.dumps('C:\\models\\my "best", v2', ensure_ascii=False)
+        assert!(text.ends_with(
+            r#"Sampler: MyOwnScheduler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: "C:\\models\\my \"best\", v2", Version: sdgen 0.1.0"#
+        ), "{text}");
+    }
+
+    #[test]
+    fn sampler_names() {
+        for (ours, a1111) in [
+            ("euler", "Euler"),
+            ("EulerDiscreteScheduler", "Euler"),
+            ("FlowMatchEulerDiscreteScheduler", "Euler"),
+            ("flow-match-euler", "Euler"),
+            ("euler_a", "Euler a"),
+            ("EulerAncestralDiscreteScheduler", "Euler a"),
+            ("ddim", "DDIM"),
+            ("DDIMScheduler", "DDIM"),
+            ("pndm", "PLMS"),
+            ("PNDMScheduler", "PLMS"),
+            ("lcm", "LCM"),
+            ("LCMScheduler", "LCM"),
+            ("DPMSolverMultistepScheduler", "DPM++ 2M"),
+            ("something-else", "something-else"),
+        ] {
+            assert_eq!(a1111_sampler_name(ours), a1111, "{ours}");
+        }
+    }
+
+    #[test]
+    fn floats_print_like_python() {
+        assert_eq!(python_float(7.0), "7.0");
+        assert_eq!(python_float(7.5), "7.5");
+        assert_eq!(python_float(0.0), "0.0");
+        assert_eq!(python_float(3.5), "3.5");
+        assert_eq!(python_float(1.1), "1.1");
+    }
+}

@@ -1,0 +1,225 @@
+//! Saving finished images: a PNG that carries the AUTOMATIC1111 `parameters` text, and a JSON
+//! sidecar with the full metadata (SPEC §3.7), both written so that nothing is ever half-written
+//! or overwritten.
+//!
+//! Files are named `<YYYYMMDD-HHMMSS>_<seed>_<prompt slug>.png` (UTC) with a `-1`, `-2`, …
+//! suffix when the name is taken, and the sidecar is the same stem with `.json`. Each file is
+//! encoded in memory, written to a hidden temporary in the destination folder, fsynced, and then
+//! published under a name that is claimed atomically (see `atomic.rs`); `save_image` returns an
+//! error only after removing whatever it had published, so an error means no new files.
+//!
+//! [`ensure_output_dir`] checks the folder up front, before any model is loaded, so a bad
+//! `--output` fails in a second instead of after a long generation.
+
+mod a1111;
+mod atomic;
+mod naming;
+mod png_io;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+pub use a1111::{a1111_parameters, a1111_sampler_name};
+pub use png_io::{encode_png, read_png_text};
+
+use crate::{Error, Result};
+use atomic::{publish, unpublish, TempFile};
+
+/// The PNG text keyword A1111 stores its settings under.
+pub const PARAMETERS_KEYWORD: &str = "parameters";
+
+/// How many `-N` suffixes are tried before giving up (a folder with this many images of one
+/// second, seed and prompt is a bug, not a busy user).
+const MAX_NAME_ATTEMPTS: usize = 10_000;
+
+/// Everything recorded about one image, written as its JSON sidecar.
+///
+/// The first five fields are the seed product's metadata, kept under the same names so its
+/// readers keep working; the rest describe the generation. Later additions (the memory plan,
+/// per-stage memory) go in `extra` until they get fields of their own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageMetadata {
+    /// The model as the user named it: a preset name (`sd15`), a hub repo id or a path.
+    pub model: String,
+    /// The pipeline that made the image, e.g. `StableDiffusionXLPipeline (SDXL)`.
+    pub pipeline_type: String,
+    /// The memory optimisations in effect, comma-separated with no spaces, as the seed wrote them
+    /// (`attention_slicing,vae_slicing,aggressive_cleanup`).
+    pub memory_optimizations: String,
+    /// Warnings raised while generating (low memory, adjusted settings...).
+    pub warnings: Vec<String>,
+    /// Failures that were recovered from, e.g. an out-of-memory error and the plan that followed.
+    pub failures: Vec<String>,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; empty when none was given.
+    pub negative_prompt: String,
+    /// This image's own seed (`--seed` + `batch_index`): `--n 1 --seed <this>` makes it again.
+    pub seed: u64,
+    /// The image's position in its `--n` batch, from 0.
+    pub batch_index: usize,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    pub guidance: f64,
+    /// The scheduler, by our name for it (`euler`, `ddim`, `pndm`, ...).
+    pub scheduler: String,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// The device it ran on (`cpu`, `cuda:0`, `metal`).
+    pub device: String,
+    /// The compute dtype (`f32`, `f16`, `bf16`).
+    pub dtype: String,
+    /// Wall time per stage in milliseconds (`text_encode`, `denoise`, `vae_decode`, `total`...).
+    pub timings_ms: BTreeMap<String, f64>,
+    /// The sdgen version, e.g. `0.1.0` (`env!("CARGO_PKG_VERSION")`).
+    pub version: String,
+    /// Room for fields added later (the memory plan, per-stage memory and peaks).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where [`save_image`] put an image and its sidecar (same stem).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedImage {
+    /// The PNG.
+    pub png_path: PathBuf,
+    /// The JSON sidecar.
+    pub json_path: PathBuf,
+}
+
+/// Saves `rgb` (8-bit RGB, row-major, `meta.width * meta.height * 3` bytes) as a PNG with the A1111
+/// `parameters` text, plus a pretty-printed JSON sidecar of `meta`, in `dir` (created if missing).
+///
+/// Never overwrites: a taken name (PNG or sidecar) moves both to the next `-N` suffix. On error
+/// nothing new is left in `dir`, neither under a final name nor as a temporary.
+pub fn save_image(dir: &Path, meta: &ImageMetadata, rgb: &[u8]) -> Result<SavedImage> {
+    save_image_at(dir, meta, rgb, SystemTime::now(), &mut |_| Ok(()))
+}
+
+/// Checks, before any work is done, that images can be saved in `dir`: creates it (and its
+/// parents) and proves it writable by creating and removing a temporary file. Also clears
+/// temporaries that killed runs left behind more than an hour ago.
+///
+/// Fails with [`Error::InvalidInput`] naming the folder and asking for a writable `--output`.
+pub fn ensure_output_dir(dir: &Path) -> Result<()> {
+    let dir = non_empty(dir);
+    let unusable = |what: &str, why: &dyn std::fmt::Display| {
+        Error::InvalidInput(format!(
+            "output folder `{}` {what} ({why}): pass a writable --output folder",
+            dir.display()
+        ))
+    };
+    fs::create_dir_all(dir).map_err(|e| unusable("cannot be created", &e))?;
+    let (probe, file) =
+        TempFile::create(dir, "write-check").map_err(|e| unusable("is not writable", &e))?;
+    drop(file);
+    // Saving removes temporaries too, so that must work here as well.
+    fs::remove_file(probe.path()).map_err(|e| unusable("does not let files be removed", &e))?;
+    atomic::remove_stale_temps(dir);
+    Ok(())
+}
+
+/// Points in [`save_image_at`] where tests inject failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaveStep {
+    /// Both temporaries are written and synced; nothing is published yet.
+    TempsWritten,
+    /// The PNG has its final name; the sidecar does not yet.
+    PngPublished,
+}
+
+/// [`save_image`] with the clock and a failure hook supplied by the caller (tests).
+fn save_image_at(
+    dir: &Path,
+    meta: &ImageMetadata,
+    rgb: &[u8],
+    now: SystemTime,
+    hook: &mut dyn FnMut(SaveStep) -> io::Result<()>,
+) -> Result<SavedImage> {
+    let dir = non_empty(dir);
+    let (width, height) = (
+        pixel_dim(meta.width, "width")?,
+        pixel_dim(meta.height, "height")?,
+    );
+    let parameters = a1111_parameters(meta);
+    let png = encode_png(rgb, width, height, &[(PARAMETERS_KEYWORD, &parameters)])?;
+    let mut json = serde_json::to_vec_pretty(meta).map_err(|e| {
+        Error::InvalidInput(format!("image metadata cannot be written as JSON: {e}"))
+    })?;
+    json.push(b'\n');
+
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let png_temp = TempFile::write(dir, "png", &png)?;
+    let json_temp = TempFile::write(dir, "json", &json)?;
+    hook(SaveStep::TempsWritten).map_err(|e| Error::io(dir, e))?;
+
+    let base = naming::base_stem(now, meta.seed, &meta.prompt);
+    for attempt in 0..MAX_NAME_ATTEMPTS {
+        let stem = if attempt == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{attempt}")
+        };
+        let png_path = dir.join(format!("{stem}.png"));
+        let json_path = dir.join(format!("{stem}.json"));
+        // A leftover sidecar without its PNG still takes the stem: the pair must match.
+        if json_path.symlink_metadata().is_ok() {
+            continue;
+        }
+        let Some(png_how) = publish(&png_temp, &png_path, true)? else {
+            continue;
+        };
+        let json_result = hook(SaveStep::PngPublished)
+            .map_err(|e| Error::io(dir, e))
+            .and_then(|()| publish(&json_temp, &json_path, true));
+        match json_result {
+            Ok(Some(_)) => {
+                atomic::sync_dir(dir);
+                return Ok(SavedImage {
+                    png_path,
+                    json_path,
+                });
+            }
+            // Another writer took the sidecar name in the meantime: move both to the next stem.
+            Ok(None) => unpublish(&png_temp, &png_path, png_how)?,
+            Err(e) => {
+                // Keep the promise that an error leaves nothing behind; the first error is the
+                // one worth reporting.
+                let _ = unpublish(&png_temp, &png_path, png_how);
+                return Err(e);
+            }
+        }
+    }
+    Err(Error::InvalidInput(format!(
+        "no free file name for `{base}.png` in `{}` after {MAX_NAME_ATTEMPTS} tries",
+        dir.display()
+    )))
+}
+
+/// A metadata dimension as the PNG's `u32`, refusing zero and overflow.
+fn pixel_dim(value: usize, what: &str) -> Result<u32> {
+    u32::try_from(value)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or_else(|| Error::InvalidInput(format!("image {what} {value} is not a valid PNG size")))
+}
+
+/// `dir`, or the current folder for an empty path (which the file system calls would reject).
+fn non_empty(dir: &Path) -> &Path {
+    if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    }
+}
+
+#[cfg(test)]
+mod tests;

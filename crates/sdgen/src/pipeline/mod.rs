@@ -1,0 +1,178 @@
+//! Pipelines: a validated request in, finished images out, each stage (text encoders → denoiser
+//! → VAE) loaded, used and dropped in its own scope — the lifecycle the memory manager drives.
+
+mod txt2img;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device};
+
+pub use txt2img::txt2img;
+
+use crate::loading::ModelFolder;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::{Error, Result};
+
+/// Largest image side accepted; beyond it even the planner-to-come could not help.
+pub const MAX_SIDE_PIXELS: usize = 16384;
+
+/// What the user asked for. `None` fields take the model family's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; `None` means none (an unconditional embedding of "").
+    pub negative_prompt: Option<String>,
+    /// Number of images.
+    pub n: usize,
+    /// Seed of image 0; image `i` uses `seed + i`.
+    pub seed: u64,
+    /// Denoising steps.
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (≤ 1 disables guidance, as in diffusers).
+    pub guidance: Option<f64>,
+    /// Image width in pixels.
+    pub width: Option<usize>,
+    /// Image height in pixels.
+    pub height: Option<usize>,
+    /// Scheduler; `None` uses the model's own (`scheduler/scheduler_config.json`).
+    pub scheduler: Option<SchedulerKind>,
+}
+
+/// Where and in what precision to run.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// The device.
+    pub device: Device,
+    /// The weights' and activations' dtype.
+    pub dtype: DType,
+}
+
+impl Runtime {
+    /// f32 on the CPU.
+    pub fn cpu() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+/// The request with every default filled in and every value checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// The scheduler.
+    pub scheduler: SchedulerKind,
+}
+
+/// Progress reported while generating.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// A stage begins (`text_encoder`, `unet`, `vae`).
+    StageStart(&'a str),
+    /// A stage ended after `elapsed_ms`.
+    StageEnd {
+        /// The stage.
+        stage: &'a str,
+        /// Its wall time.
+        elapsed_ms: f64,
+    },
+    /// Denoising step `index` (1-based) of `total` finished.
+    Step {
+        /// Steps done.
+        index: usize,
+        /// Steps in all.
+        total: usize,
+    },
+}
+
+/// One finished image.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    /// Position in the batch.
+    pub index: usize,
+    /// The seed of its generator.
+    pub seed: u64,
+    /// `height × width × 3` bytes, as diffusers' `numpy_to_pil` rounds.
+    pub rgb8: Vec<u8>,
+    /// The same pixels as floats in [0, 1] (diffusers' `output_type="np"`).
+    pub pixels: Vec<f32>,
+}
+
+/// The result of a generation.
+#[derive(Debug)]
+pub struct Generation {
+    /// The images, in seed order.
+    pub images: Vec<GeneratedImage>,
+    /// The settings used.
+    pub settings: Settings,
+    /// Wall time per stage.
+    pub timings_ms: BTreeMap<String, f64>,
+    /// Things the user should know (e.g. a truncated prompt).
+    pub warnings: Vec<String>,
+}
+
+/// Fills in the family's defaults and validates the request before anything is loaded.
+pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
+    let family = model.family();
+    let bad = |m: String| Err(Error::InvalidInput(m));
+    if req.n == 0 {
+        return bad("--n must be at least 1".into());
+    }
+    let steps = req.steps.unwrap_or(family.default_steps);
+    if steps == 0 {
+        return bad("--steps must be at least 1".into());
+    }
+    let guidance = req.guidance.unwrap_or(family.default_guidance);
+    if !guidance.is_finite() || guidance < 0.0 {
+        return bad(format!("--guidance must be a number ≥ 0, got {guidance}"));
+    }
+    let (dw, dh) = default_size(model)?;
+    let width = req.width.unwrap_or(dw);
+    let height = req.height.unwrap_or(dh);
+    let m = family.size_multiple;
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % m != 0 {
+            return bad(format!(
+                "--{name} {v} is not a positive multiple of {m}, which {} needs (try {})",
+                family.display,
+                ((v.max(1) + m / 2) / m).max(1) * m
+            ));
+        }
+        if v > MAX_SIDE_PIXELS {
+            return bad(format!("--{name} {v} is larger than the supported maximum of {MAX_SIDE_PIXELS}"));
+        }
+    }
+    let scheduler = match req.scheduler {
+        Some(k) => k,
+        None => {
+            let cfg = scheduler_config(model)?;
+            let class = cfg.class_name().unwrap_or("PNDMScheduler").to_string();
+            SchedulerKind::from_class_name(&class).ok_or_else(|| {
+                Error::BadModel(format!(
+                    "{}/scheduler/scheduler_config.json names `{class}`, which is not supported; choose one with --scheduler",
+                    model.root().display()
+                ))
+            })?
+        }
+    };
+    Ok(Settings { steps, guidance, width, height, scheduler })
+}
+
+/// The model's own scheduler configuration.
+pub fn scheduler_config(model: &ModelFolder) -> Result<SchedulerConfig> {
+    SchedulerConfig::from_file(&model.component_dir("scheduler")?.join("scheduler_config.json"))
+}
+
+/// The size the model was trained at: the UNet's `sample_size` × the VAE's factor.
+fn default_size(model: &ModelFolder) -> Result<(usize, usize)> {
+    let unet: sdgen_models::unet::UNetConfig = model.config("unet", "config.json")?;
+    let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
+    let side = unet.sample_size.unwrap_or(64) * vae.scale_factor();
+    Ok((side, side))
+}

@@ -1,0 +1,295 @@
+//! Diffusion schedulers, numerically equal to diffusers': PNDM (PLMS, and the PRK warm-up), DDIM
+//! and Euler (`EulerDiscreteScheduler`), one algorithm per file.
+//!
+//! A scheduler is built from a model's `scheduler/scheduler_config.json` ([`SchedulerConfig`]) for
+//! a fixed number of inference steps, and the pipeline loops over [`Scheduler::timesteps`]:
+//!
+//! ```no_run
+//! # fn unet(x: &candle_core::Tensor, t: f64) -> candle_core::Result<candle_core::Tensor> { Ok(x.clone()) }
+//! # fn main() -> sdgen::Result<()> {
+//! use sdgen::schedulers::{build, SchedulerConfig, SchedulerKind};
+//! let config = SchedulerConfig::from_file("sd15/scheduler/scheduler_config.json")?;
+//! let mut scheduler = build(SchedulerKind::Euler, &config, 25)?;
+//! # let noise = candle_core::Tensor::zeros((1, 4, 64, 64), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! let mut latents = (noise * scheduler.init_noise_sigma())?;
+//! for (i, &t) in scheduler.timesteps().to_vec().iter().enumerate() {
+//!     let input = scheduler.scale_model_input(&latents, i)?;
+//!     let noise_pred = unet(&input, t)?;
+//!     latents = scheduler.step(&noise_pred, i, &latents)?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Like diffusers, coefficients come from the float32 training schedule and are applied to tensors
+//! of any dtype and device with tensor ops; a scalar times an f16/bf16 tensor is computed in f32
+//! and rounded back, which is what torch does for a tensor times a 0-d float32 tensor.
+
+mod config;
+mod ddim;
+mod euler;
+mod noise;
+mod pndm;
+#[cfg(test)]
+mod testutil;
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Tensor};
+
+pub use config::SchedulerConfig;
+pub use ddim::DdimScheduler;
+pub use euler::EulerScheduler;
+pub use pndm::PndmScheduler;
+
+use crate::{Error, Result};
+
+/// The scheduler algorithms sdgen implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// diffusers' `PNDMScheduler` (Stable Diffusion 1.x's default, run as PLMS).
+    Pndm,
+    /// diffusers' `DDIMScheduler` (deterministic, eta = 0).
+    Ddim,
+    /// diffusers' `EulerDiscreteScheduler` (SDXL's default).
+    Euler,
+}
+
+impl SchedulerKind {
+    /// Every kind, in the order they are listed to users.
+    pub const ALL: [SchedulerKind; 3] = [
+        SchedulerKind::Pndm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+    ];
+
+    /// The short name used on the command line (`pndm`, `ddim`, `euler`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+        }
+    }
+
+    /// The diffusers class this kind reproduces, as written in `_class_name`.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+        }
+    }
+
+    /// The kind for a diffusers class name (`"PNDMScheduler"` → `Pndm`); `None` for classes sdgen
+    /// does not implement.
+    pub fn from_class_name(class_name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.class_name() == class_name)
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = Error;
+
+    /// Parses a short name, ignoring ASCII case.
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                Error::InvalidInput(format!(
+                    "unknown scheduler \"{s}\" (valid: {})",
+                    valid.join(", ")
+                ))
+            })
+    }
+}
+
+/// A scheduler set up for one denoising run (diffusers' scheduler after `set_timesteps`).
+pub trait Scheduler: Send {
+    /// The timesteps the pipeline loops over, in order; the UNet is called with these values
+    /// (fractional for Euler's `linspace` spacing). PNDM has more than N, as in diffusers: N + 1 in
+    /// PLMS mode for N > 1 (its second model call re-evaluates the first interval), N + 9 with
+    /// the Runge-Kutta warm-up (`skip_prk_steps: false`).
+    fn timesteps(&self) -> &[f64];
+
+    /// Standard deviation of the initial noise: the pipeline multiplies its N(0, 1) latents by it.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// The UNet input for `sample` at `timesteps()[step_index]`.
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+
+    /// One denoising step at `timesteps()[step_index]`: returns the previous (less noisy) sample,
+    /// in `model_output`'s dtype (PNDM and DDIM need `sample` in that dtype too; Euler upcasts it
+    /// to f32 internally). Steps must be taken in order; a run may start at a later index
+    /// (img2img), as in diffusers.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> candle_core::Result<Tensor>;
+
+    /// Model evaluations per step (1 for all three algorithms, as diffusers declares them).
+    fn order(&self) -> usize;
+}
+
+/// Builds a `kind` scheduler from a model's scheduler config for `num_inference_steps` steps.
+/// Fields the kind's diffusers class doesn't take are ignored; missing ones take that class's
+/// defaults. Errors: `InvalidInput` for a step count of 0 or above the training timesteps (or
+/// below 4 for PNDM's Runge-Kutta mode), `BadModel` for config values sdgen doesn't support.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    Ok(match kind {
+        SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::Euler => Box::new(EulerScheduler::new(config, num_inference_steps)?),
+    })
+}
+
+/// Checks a step count against the training schedule. diffusers only refuses N > T in DDIM; the
+/// others then silently produce a degenerate schedule (a step ratio of 0), so all refuse here.
+fn check_steps(
+    kind: SchedulerKind,
+    num_inference_steps: usize,
+    num_train_timesteps: usize,
+) -> Result<()> {
+    if num_inference_steps == 0 {
+        return Err(Error::InvalidInput(format!(
+            "{kind}: the number of steps must be at least 1"
+        )));
+    }
+    if num_inference_steps > num_train_timesteps {
+        return Err(Error::InvalidInput(format!(
+            "{kind}: {num_inference_steps} steps is more than the model's {num_train_timesteps} training timesteps"
+        )));
+    }
+    Ok(())
+}
+
+/// Looks up `values[step_index]`, with an error naming the scheduler if the index is past the end.
+fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> candle_core::Result<T> {
+    values.get(step_index).copied().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "{what}: step index {step_index} is past the last of {} timesteps",
+            values.len()
+        ))
+    })
+}
+
+/// `x * c` as torch computes a tensor times a 0-d float32 tensor: in f32 for f16/bf16 tensors
+/// (ATen's "opmath"), rounded back to the tensor's dtype.
+fn mul_scalar(x: &Tensor, c: f32) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x
+            .to_dtype(DType::F32)?
+            .affine(c as f64, 0.0)?
+            .to_dtype(x.dtype()),
+        _ => x.affine(c as f64, 0.0),
+    }
+}
+
+/// `x / d` for a 0-d float32 `d`: torch on CUDA multiplies by the f32 reciprocal of a CPU scalar
+/// divisor (diffusers keeps its schedules on the CPU); on CPU it divides, which is at most an ulp
+/// away.
+fn div_scalar(x: &Tensor, d: f32) -> candle_core::Result<Tensor> {
+    mul_scalar(x, 1.0 / d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(kind.to_string().parse::<SchedulerKind>().unwrap(), kind);
+            assert_eq!(
+                SchedulerKind::from_class_name(kind.class_name()),
+                Some(kind)
+            );
+        }
+        assert_eq!(
+            "Euler".parse::<SchedulerKind>().unwrap(),
+            SchedulerKind::Euler
+        );
+        assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
+        let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("\"dpm++\"") && err.contains("pndm, ddim, euler"),
+            "{err}"
+        );
+    }
+
+    /// bf16 has no reference run; check it keeps its dtype and tracks the f32 result.
+    #[test]
+    fn bf16_runs_track_f32() {
+        let config = SchedulerConfig::from_json_str(
+            r#"{"beta_schedule":"scaled_linear","beta_start":0.00085,"beta_end":0.012,
+                "steps_offset":1,"skip_prk_steps":true}"#,
+        )
+        .unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x0 = Tensor::arange(0f32, 64.0, &dev)
+            .unwrap()
+            .affine(0.05, -1.6)
+            .unwrap()
+            .reshape((1, 4, 4, 4))
+            .unwrap();
+        for kind in SchedulerKind::ALL {
+            let mut results = Vec::new();
+            for dtype in [DType::F32, DType::BF16] {
+                let mut s = build(kind, &config, 8).unwrap();
+                let mut x =
+                    mul_scalar(&x0.to_dtype(dtype).unwrap(), s.init_noise_sigma() as f32).unwrap();
+                for i in 0..s.timesteps().len() {
+                    let input = s.scale_model_input(&x, i).unwrap();
+                    let eps = (mul_scalar(&input, 0.3).unwrap() + 0.1).unwrap();
+                    x = s.step(&eps, i, &x).unwrap();
+                    assert_eq!(x.dtype(), dtype, "{kind}");
+                }
+                results.push(
+                    x.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+            }
+            let scale = results[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = results[0]
+                .iter()
+                .zip(&results[1])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 0.05 * scale,
+                "{kind}: bf16 off by {diff} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_or_too_many_steps_are_invalid_input() {
+        let config = SchedulerConfig::default();
+        for kind in SchedulerKind::ALL {
+            for steps in [0, 1001] {
+                let err = build(kind, &config, steps).err().expect("should refuse");
+                assert!(
+                    matches!(err, Error::InvalidInput(_)),
+                    "{kind} {steps}: {err}"
+                );
+            }
+        }
+    }
+}

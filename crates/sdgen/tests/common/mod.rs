@@ -1,0 +1,42 @@
+//! Shared helpers of the parity tests: reference files and the stated tolerances.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `testdata/` at the workspace root.
+pub fn testdata() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata"))
+}
+
+/// Loads a reference safetensors file into f32 CPU tensors.
+pub fn load(rel: &str) -> std::collections::HashMap<String, Tensor> {
+    let path = testdata().join(rel);
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The component tolerance of the project: `|a − b| ≤ 1e-4 · max|b|` element-wise.
+pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
+    assert_close_rel(name, actual, expected, 1e-4)
+}
+
+/// `|a − b| ≤ rel · max|b|` element-wise.
+pub fn assert_close_rel(name: &str, actual: &Tensor, expected: &Tensor, rel: f32) {
+    assert_eq!(actual.dims(), expected.dims(), "{name}: shape");
+    let a: Vec<f32> = actual.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = expected.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst <= rel * scale, "{name}: max |diff| {worst:e} > {rel:e} · max|ref| {scale:e}");
+}
+
+/// The pipeline tolerance: at least 99.5% of channel values within 1/255 and none over 8/255.
+pub fn assert_image_close(name: &str, actual: &[f32], expected: &[f32]) {
+    assert_eq!(actual.len(), expected.len(), "{name}: size");
+    let diffs: Vec<f32> = actual.iter().zip(expected).map(|(a, b)| (a - b).abs() * 255.0).collect();
+    let within = diffs.iter().filter(|d| **d <= 1.0).count() as f64 / diffs.len() as f64;
+    let worst = diffs.iter().fold(0f32, |m, d| m.max(*d));
+    assert!(within >= 0.995, "{name}: only {:.3}% of channels within 1/255 (worst {worst:.2}/255)", within * 100.0);
+    assert!(worst <= 8.0, "{name}: a channel differs by {worst:.2}/255");
+}
