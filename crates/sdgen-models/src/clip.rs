@@ -166,7 +166,13 @@ impl ClipTextModel {
     /// Loads the model from `vb` rooted at the checkpoint's top level (keys `text_model.*`, and
     /// `text_projection.weight` when `with_projection`).
     pub fn new(cfg: &ClipTextConfig, with_projection: bool, vb: VarBuilder) -> Result<Self> {
-        let tm = vb.pp("text_model");
+        // transformers ≤ 4 (and every SD checkpoint on the hub) prefix the keys with
+        // `text_model.`; transformers 5 saves `CLIPTextModel` without it.
+        let tm = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
         let emb = tm.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, tm.pp(format!("encoder.layers.{i}"))))

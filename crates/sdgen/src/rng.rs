@@ -48,6 +48,7 @@
 //! from this module's.
 
 mod avx_mathfun;
+pub mod batch;
 
 /// The element type torch generates the noise in: it changes which code path runs, hence the
 /// values, not just their rounding.

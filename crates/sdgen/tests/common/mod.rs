@@ -5,9 +5,13 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-/// `testdata/` at the workspace root.
+/// `testdata/` at the workspace root, or `$SDGEN_TESTDATA` (test binaries built here and run on
+/// the GPU machine find the data there, in another folder).
 pub fn testdata() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata"))
+    match std::env::var_os("SDGEN_TESTDATA") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata")),
+    }
 }
 
 /// Loads a reference safetensors file into f32 CPU tensors.
@@ -31,12 +35,17 @@ pub fn assert_close_rel(name: &str, actual: &Tensor, expected: &Tensor, rel: f32
     assert!(worst <= rel * scale, "{name}: max |diff| {worst:e} > {rel:e} · max|ref| {scale:e}");
 }
 
+/// Fraction of channels within 1/255 and the worst difference in 1/255 units.
+pub fn image_diff(actual: &[f32], expected: &[f32]) -> (f64, f32) {
+    let diffs: Vec<f32> = actual.iter().zip(expected).map(|(a, b)| (a - b).abs() * 255.0).collect();
+    let within = diffs.iter().filter(|d| **d <= 1.0).count() as f64 / diffs.len() as f64;
+    (within, diffs.iter().fold(0f32, |m, d| m.max(*d)))
+}
+
 /// The pipeline tolerance: at least 99.5% of channel values within 1/255 and none over 8/255.
 pub fn assert_image_close(name: &str, actual: &[f32], expected: &[f32]) {
     assert_eq!(actual.len(), expected.len(), "{name}: size");
-    let diffs: Vec<f32> = actual.iter().zip(expected).map(|(a, b)| (a - b).abs() * 255.0).collect();
-    let within = diffs.iter().filter(|d| **d <= 1.0).count() as f64 / diffs.len() as f64;
-    let worst = diffs.iter().fold(0f32, |m, d| m.max(*d));
+    let (within, worst) = image_diff(actual, expected);
     assert!(within >= 0.995, "{name}: only {:.3}% of channels within 1/255 (worst {worst:.2}/255)", within * 100.0);
     assert!(worst <= 8.0, "{name}: a channel differs by {worst:.2}/255");
 }

@@ -1,0 +1,161 @@
+//! Runs the real `generate` binary on the tiny SD 1.5 model in a temporary folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn testdata() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata"))
+}
+
+fn tiny_model() -> String {
+    testdata().join("tiny-sd15").display().to_string()
+}
+
+fn generate(args: &[&str], out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(args)
+        .arg("--output")
+        .arg(out)
+        .env("HF_HOME", out.join("hf-home-that-does-not-exist"))
+        .output()
+        .expect("generate runs")
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+fn decode_png(path: &Path) -> (Vec<u8>, u32, u32) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    (buf, info.width, info.height)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn generates_the_reference_image_with_metadata_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = generate(&["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "42", "--steps", "10", "--json"], &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // stdout is exactly one JSON document.
+    let stdout = String::from_utf8(o.stdout.clone()).unwrap();
+    let mut docs = serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>();
+    let result = docs.next().expect("one document").expect("valid JSON");
+    assert!(docs.next().is_none(), "more than one JSON document on stdout: {stdout}");
+    let png_path = PathBuf::from(result["images"][0]["png"].as_str().unwrap());
+    let json_path = PathBuf::from(result["images"][0]["metadata"].as_str().unwrap());
+    assert_eq!(files_in(&out), {
+        let mut v = vec![png_path.clone(), json_path.clone()];
+        v.sort();
+        v
+    });
+
+    // The pixels are diffusers' image for the same seed (99.5% within 1/255, none over 8/255).
+    let (pixels, w, h) = decode_png(&png_path);
+    assert_eq!((w, h), (64, 64));
+    let (want, _, _) = decode_png(&testdata().join("reference/sd15/png/pndm_basic_0.png"));
+    let diffs: Vec<i32> = pixels.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
+    let within = diffs.iter().filter(|d| **d <= 1).count() as f64 / diffs.len() as f64;
+    assert!(within >= 0.995 && diffs.iter().all(|d| *d <= 8), "within {within}");
+
+    // The A1111 parameters chunk.
+    let text = sdgen::output::read_png_text(&png_path).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(params.starts_with("a lighthouse at dusk\n"), "{params}");
+    for needle in ["Steps: 10", "Seed: 42", "Size: 64x64", "CFG scale: 7.5"] {
+        assert!(params.contains(needle), "{needle} missing from {params}");
+    }
+
+    // The sidecar.
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    for key in ["model", "pipeline_type", "memory_optimizations", "warnings", "failures", "timings_ms", "version"] {
+        assert!(meta.get(key).is_some(), "sidecar lacks {key}: {meta}");
+    }
+    assert_eq!(meta["prompt"], "a lighthouse at dusk");
+    assert_eq!(meta["seed"], 42);
+    assert_eq!(meta["steps"], 10);
+    assert_eq!(meta["scheduler"], "pndm");
+    assert_eq!(meta["width"], 64);
+    assert_eq!(meta["failures"], serde_json::json!([]));
+
+    // Logs went to stderr.
+    assert!(stderr(&o).contains("Saved"), "{}", stderr(&o));
+}
+
+#[test]
+fn n_images_get_consecutive_seeds_and_a_long_prompt_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let long = "a very detailed painting of a lighthouse on a rocky coast at dusk ".repeat(8);
+    let o = generate(
+        &[&long, "--model", &tiny_model(), "--seed", "7", "--steps", "2", "--n", "2", "--scheduler", "euler", "--json"],
+        &out,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let seeds: Vec<u64> = result["images"].as_array().unwrap().iter().map(|i| i["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds, vec![7, 8]);
+    assert_eq!(files_in(&out).len(), 4);
+    assert!(stderr(&o).contains("tokens were dropped"), "{}", stderr(&o));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(result["images"][1]["metadata"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(meta["seed"], 8);
+    assert_eq!(meta["scheduler"], "euler");
+    assert!(meta["warnings"][0].as_str().unwrap().contains("tokens were dropped"));
+}
+
+/// Bad input: exit code 2, a message naming the thing, and nothing written.
+fn assert_refused(args: &[&str], needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = generate(args, &out);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "args {args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "args {args:?}: `{n}` not in: {err}");
+    }
+    assert!(o.stdout.is_empty(), "stdout must stay empty on errors");
+    let written: Vec<PathBuf> = files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
+    assert!(written.is_empty(), "files written: {written:?}");
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let model = tiny_model();
+    assert_refused(&["x", "--model", "/no/such/model/dir"], &["/no/such/model/dir", "does not exist"]);
+    let not_model = testdata().join("reference");
+    assert_refused(&["x", "--model", not_model.to_str().unwrap()], &["model_index.json"]);
+    assert_refused(&["x", "--model", &model, "--width", "100"], &["--width 100", "multiple of 8"]);
+    assert_refused(&["x", "--model", &model, "--steps", "0"], &["--steps"]);
+    assert_refused(&["x", "--model", &model, "--n", "0"], &["--n"]);
+    assert_refused(&["x", "--model", &model, "--scheduler", "dpm9000"], &["dpm9000", "pndm", "ddim", "euler"]);
+    assert_refused(&["x", "--model", &model, "--device", "tpu"], &["--device tpu"]);
+    assert_refused(&["", "--model", &model], &["prompt is empty"]);
+    assert_refused(&["x", "--model", "sd15"], &["not in the Hugging Face cache"]);
+}
+
+#[test]
+fn unwritable_output_folder_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = file.join("sub");
+    let o = generate(&["x", "--model", &tiny_model()], &out);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--output"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("text_encoder"), "a model was loaded: {}", stderr(&o));
+}
