@@ -25,9 +25,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// `a: b: c` for an error and its causes.
+/// `a: b: c` for an error and its causes, skipping a cause its parent's message already quotes.
 fn chain(err: &anyhow::Error) -> String {
-    err.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+    let mut parts: Vec<String> = Vec::new();
+    for e in err.chain() {
+        let text = e.to_string();
+        if !parts.last().is_some_and(|p| p.ends_with(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 fn run() -> anyhow::Result<ExitCode> {

@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod hub;
 pub mod loading;
 pub mod pipeline;
 pub mod output;

@@ -1,12 +1,15 @@
-//! Opening diffusers-layout model folders: `model_index.json`, per-component configs, and weights
-//! memory-mapped and converted tensor by tensor straight to the target dtype and device (never a
-//! whole-model f32 copy).
+//! Opening models: diffusers-layout folders (`model_index.json`, per-component configs) and
+//! single-file checkpoints (one `.safetensors` in the original layout, see [`single_file`]) behind
+//! one [`ModelFolder`]; weights memory-mapped and converted tensor by tensor straight to the target
+//! dtype and device (never a whole-model f32 copy).
 
 pub mod family;
 pub mod safetensors_header;
+pub mod single_file;
 pub mod source;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -14,25 +17,42 @@ use serde::de::DeserializeOwned;
 
 pub use family::{FamilySpec, FAMILIES};
 pub use safetensors_header::{SafetensorsHeader, TensorInfo};
+pub use single_file::{Checkpoint, ComponentView};
 pub use source::{ModelSource, DEFAULT_MODEL, NAMED_MODELS};
 
 use crate::{Error, Result};
 
-/// A diffusers pipeline folder whose family has been recognised.
+/// A model whose family has been recognised: a diffusers pipeline folder, or a single-file
+/// checkpoint together with the folder its configs and tokenizer come from.
 #[derive(Debug, Clone)]
 pub struct ModelFolder {
     root: PathBuf,
     family: &'static FamilySpec,
     pipeline_class: String,
+    checkpoint: Option<Arc<Checkpoint>>,
 }
 
-/// The weight files of one component (several when sharded).
+/// How to open a model.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// For a single-file checkpoint: a diffusers folder to take the configs, scheduler and
+    /// tokenizer from instead of the family's bundled ones (for checkpoints whose architecture
+    /// differs from the family's standard size; diffusers' `from_single_file(config=...)`). Its
+    /// weights, if any, are not used. Refused for a diffusers folder, which has its own.
+    pub config_from: Option<PathBuf>,
+}
+
+/// The weights of one component: its files (several when sharded), or its share of a single-file
+/// checkpoint.
 #[derive(Debug, Clone)]
 pub struct ComponentWeights {
     /// The files.
     pub files: Vec<PathBuf>,
-    /// Their validated headers, in the same order.
+    /// Their validated headers, in the same order. For a single-file checkpoint: one header
+    /// holding only this component's tensors, under their diffusers names.
     pub headers: Vec<SafetensorsHeader>,
+    /// Set for a share of a single-file checkpoint: how diffusers names map to its keys.
+    view: Option<Arc<ComponentView>>,
 }
 
 impl ComponentWeights {
@@ -48,33 +68,67 @@ impl ComponentWeights {
 
     /// The file names, for messages.
     pub fn describe(&self) -> String {
-        self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        let files = self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+        match &self.view {
+            Some(v) => format!("{files} (its {}, `{}*`)", v.what, v.prefix),
+            None => files,
+        }
+    }
+
+    /// The single-file view, if these weights are a share of a checkpoint.
+    pub fn single_file_view(&self) -> Option<&ComponentView> {
+        self.view.as_deref()
     }
 
     /// A `VarBuilder` that memory-maps the files and converts each tensor, when it is fetched,
-    /// to `dtype` on `device`.
+    /// to `dtype` on `device` (for a single-file checkpoint, fetched by its diffusers name).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let cannot_map = |e: candle_core::Error| Error::BadModel(format!("cannot map {}: {e}", self.describe()));
         // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on nobody
         // truncating them while the process runs (the headers were validated just before).
-        unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }
-            .map_err(|e| Error::BadModel(format!("cannot map {}: {e}", self.describe())))
+        match &self.view {
+            None => unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }.map_err(cannot_map),
+            Some(view) => {
+                let backend = unsafe {
+                    single_file::backend::RenamedSafetensors::new(self.files[0].clone(), view.sources.clone())
+                }
+                .map_err(cannot_map)?;
+                Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+            }
+        }
     }
 }
 
 impl ModelFolder {
-    /// Opens and recognises a diffusers folder, validating everything that can be checked before
-    /// any weight is read.
+    /// Opens and recognises a diffusers folder or a single-file checkpoint (a file), validating
+    /// everything that can be checked before any weight is read.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with(root, &OpenOptions::default())
+    }
+
+    /// [`ModelFolder::open`] with options.
+    pub fn open_with(root: &Path, options: &OpenOptions) -> Result<Self> {
         if !root.exists() {
             return Err(Error::InvalidInput(format!(
-                "model path {} does not exist: pass a diffusers model folder (with model_index.json) to --model",
+                "model path {} does not exist: pass a diffusers model folder (with model_index.json) or a single-file \
+                 .safetensors checkpoint to --model",
                 root.display()
             )));
         }
         if !root.is_dir() {
+            let checkpoint = Checkpoint::open(root, options.config_from.as_deref())?;
+            return Ok(Self {
+                root: checkpoint.config_dir.clone(),
+                family: checkpoint.family,
+                pipeline_class: checkpoint.pipeline_class.clone(),
+                checkpoint: Some(Arc::new(checkpoint)),
+            });
+        }
+        if let Some(dir) = &options.config_from {
             return Err(Error::InvalidInput(format!(
-                "model path {} is a file, but only diffusers model folders (with model_index.json) are supported yet",
-                root.display()
+                "{} is a diffusers folder with its own configs; a config folder ({}) applies to single-file checkpoints only",
+                root.display(),
+                dir.display()
             )));
         }
         let index_path = root.join("model_index.json");
@@ -90,7 +144,7 @@ impl ModelFolder {
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::BadModel(format!("{} has no `_class_name`", index_path.display())))?
             .to_string();
-        let mut folder = Self { root: root.to_path_buf(), family: &FAMILIES[0], pipeline_class };
+        let mut folder = Self { root: root.to_path_buf(), family: &FAMILIES[0], pipeline_class, checkpoint: None };
         let denoiser = folder.weights("unet")?;
         folder.family = family::detect(&folder.pipeline_class, |k| denoiser.has(k)).ok_or_else(|| {
             let known: Vec<_> =
@@ -106,9 +160,14 @@ impl ModelFolder {
         Ok(folder)
     }
 
-    /// The folder.
+    /// The folder; for a single-file checkpoint, the folder its configs and tokenizer come from.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The single-file checkpoint, when the model is one.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_deref()
     }
 
     /// The recognised family.
@@ -126,6 +185,12 @@ impl ModelFolder {
         let dir = self.root.join(component);
         if dir.is_dir() {
             Ok(dir)
+        } else if let Some(c) = &self.checkpoint {
+            Err(Error::BadModel(format!(
+                "config folder {} (of {}) has no `{component}/` folder",
+                self.root.display(),
+                c.path.display()
+            )))
         } else {
             Err(Error::BadModel(format!("model folder {} has no `{component}/` folder", self.root.display())))
         }
@@ -138,8 +203,30 @@ impl ModelFolder {
     }
 
     /// Finds and validates a component's weight files: the plain `*.safetensors` file, else a
-    /// sharded index, else a precision variant (`*.fp16.safetensors`).
+    /// sharded index, else a precision variant (`*.fp16.safetensors`); for a single-file
+    /// checkpoint, the component's share of it.
     pub fn weights(&self, component: &str) -> Result<ComponentWeights> {
+        if let Some(c) = &self.checkpoint {
+            let view = c.component(component).ok_or_else(|| {
+                let held: Vec<&str> = c.components().map(|v| v.component).collect();
+                Error::BadModel(format!(
+                    "{} is a single-file {} checkpoint, which holds no `{component}` (it holds {})",
+                    c.path.display(),
+                    c.family.display,
+                    held.join(", ")
+                ))
+            })?;
+            let header = SafetensorsHeader {
+                tensors: view.tensors.clone(),
+                metadata: c.header.metadata.clone(),
+                file_bytes: c.header.file_bytes,
+            };
+            return Ok(ComponentWeights {
+                files: vec![c.path.clone()],
+                headers: vec![header],
+                view: Some(view.clone()),
+            });
+        }
         let dir = self.component_dir(component)?;
         let mut names: Vec<String> = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(&dir, e))?
@@ -163,7 +250,7 @@ impl ModelFolder {
             )));
         };
         let headers = files.iter().map(|f| SafetensorsHeader::read(f)).collect::<Result<Vec<_>>>()?;
-        Ok(ComponentWeights { files, headers })
+        Ok(ComponentWeights { files, headers, view: None })
     }
 }
 

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use super::ModelFolder;
-use crate::{Error, Result};
+use crate::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
+use crate::Result;
 
 /// Named models and the hub repositories they stand for.
 pub const NAMED_MODELS: &[(&str, &str)] = &[("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")];
@@ -56,40 +57,32 @@ impl ModelSource {
         }
     }
 
-    /// Opens the model: a folder directly, a repository from the local Hugging Face cache.
+    /// Opens the model: a folder directly, a repository from the Hugging Face cache, downloading
+    /// what is missing, with the options from the environment ([`HubOptions::from_env`]) and no
+    /// progress reports.
     pub fn open(&self) -> Result<ModelFolder> {
+        self.open_with(&HubOptions::from_env(), &mut |_| {})
+    }
+
+    /// Opens the model: a folder directly, a repository through [`fetch_pipeline`] (the `main`
+    /// revision; only the cache when `hub.offline`), reporting download progress to `progress`.
+    pub fn open_with(&self, hub: &HubOptions, progress: &mut dyn FnMut(&DownloadProgress)) -> Result<ModelFolder> {
         match self {
             ModelSource::Path(p) => ModelFolder::open(p),
-            ModelSource::Repo { repo, .. } => match cached_snapshot(repo) {
-                Some(dir) => ModelFolder::open(&dir),
-                None => Err(Error::InvalidInput(format!(
-                    "model `{repo}` is not in the Hugging Face cache ({}), and this build cannot download yet: \
-                     download it (e.g. `huggingface-cli download {repo}`) or pass a local diffusers folder with --model PATH",
-                    hub_cache_dir().display()
-                ))),
-            },
+            ModelSource::Repo { repo, .. } => ModelFolder::open(&fetch_pipeline(hub, repo, "main", progress)?),
         }
     }
 }
 
 /// The hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
 pub fn hub_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(p).join("hub");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("huggingface").join("hub")
+    HubOptions::from_env().cache_dir
 }
 
-/// The snapshot folder of `repo` at the `main` ref in the standard cache layout, if present.
+/// The snapshot folder of `repo` at the `main` ref in the standard cache layout, if it holds
+/// everything a run loads.
 pub fn cached_snapshot(repo: &str) -> Option<PathBuf> {
-    let dir = hub_cache_dir().join(format!("models--{}", repo.replace('/', "--")));
-    let commit = std::fs::read_to_string(dir.join("refs").join("main")).ok()?;
-    let snapshot = dir.join("snapshots").join(commit.trim());
-    snapshot.join("model_index.json").is_file().then_some(snapshot)
+    find_cached(&HubOptions::from_env(), repo, "main").ok()
 }
 
 #[cfg(test)]

@@ -1,0 +1,135 @@
+//! The configuration folder a single-file checkpoint runs with when none is given: the family's
+//! real hub files, compiled into the binary and written out once to a content-addressed folder in
+//! the user's cache (`$XDG_CACHE_HOME/sdgen/`, else `~/.cache/sdgen/`, else the temp dir), so the
+//! rest of the engine reads them like any diffusers folder.
+//!
+//! SD 1.5's are stable-diffusion-v1-5/stable-diffusion-v1-5's `unet/`, `vae/`, `text_encoder/`
+//! configs, `scheduler/scheduler_config.json`, and the CLIP tokenizer (`tokenizer/`). The
+//! tokenizer's vocab.json and merges.txt (1.5 MB) are the same committed copy the tokenizer tests
+//! use (`testdata/clip-tokenizer/`): bundled rather than fetched because a single-file checkpoint is
+//! usually all a user has (A1111 and ComfyUI ship these two files for the same reason), it costs
+//! 0.04% of the 4 GB it comes with, and it keeps single files working offline.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// One bundled file: its path in the folder and its bytes.
+pub type BundledFile = (&'static str, &'static [u8]);
+
+macro_rules! here {
+    ($path:literal) => {
+        include_bytes!(concat!("sd15/", $path))
+    };
+}
+macro_rules! clip_tokenizer {
+    ($file:literal) => {
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/clip-tokenizer/", $file))
+    };
+}
+
+/// SD 1.5's folder, less the weights.
+pub const SD15: &[BundledFile] = &[
+    ("model_index.json", here!("model_index.json")),
+    ("scheduler/scheduler_config.json", here!("scheduler/scheduler_config.json")),
+    ("text_encoder/config.json", here!("text_encoder/config.json")),
+    ("tokenizer/merges.txt", clip_tokenizer!("merges.txt")),
+    ("tokenizer/special_tokens_map.json", here!("tokenizer/special_tokens_map.json")),
+    ("tokenizer/tokenizer_config.json", here!("tokenizer/tokenizer_config.json")),
+    ("tokenizer/vocab.json", clip_tokenizer!("vocab.json")),
+    ("unet/config.json", here!("unet/config.json")),
+    ("vae/config.json", here!("vae/config.json")),
+];
+
+/// FNV-1a over names and contents: names the folder after what it holds, so a folder written by
+/// another build (or another version of the files) is never mistaken for this one.
+fn fingerprint(files: &[BundledFile]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, bytes) in files {
+        for b in name.bytes().chain([0]).chain(bytes.iter().copied()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn holds(dir: &Path, files: &[BundledFile]) -> bool {
+    files.iter().all(|(name, bytes)| std::fs::read(dir.join(name)).is_ok_and(|b| b == *bytes))
+}
+
+fn write_all(dir: &Path, files: &[BundledFile]) -> Result<()> {
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Where the folders go: `sdgen/` in the per-user cache rather than the shared temp dir where
+/// possible.
+fn cache_base() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")));
+    let base = cache.unwrap_or_else(std::env::temp_dir).join("sdgen");
+    if std::fs::create_dir_all(&base).is_ok() {
+        base
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// The folder holding `files` for `family`, written if needed. Its contents are checked byte for
+/// byte on every call (1.5 MB, well under a millisecond of I/O), so a stale or tampered folder is
+/// never used: a fresh private one is written instead.
+pub fn materialize(family: &str, files: &[BundledFile]) -> Result<PathBuf> {
+    let base = cache_base();
+    let dir = base.join(format!("{family}-defaults-{:016x}", fingerprint(files)));
+    if holds(&dir, files) {
+        return Ok(dir);
+    }
+    // Written aside and renamed into place, so a concurrent process never sees half a folder.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let fresh = base.join(format!(
+        "{}.{}-{nanos}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("defaults"),
+        std::process::id()
+    ));
+    write_all(&fresh, files).map_err(|e| {
+        Error::BadModel(format!("cannot write {family}'s default configs for a single-file checkpoint: {e}"))
+    })?;
+    if std::fs::rename(&fresh, &dir).is_ok() && holds(&dir, files) {
+        return Ok(dir);
+    }
+    if holds(&dir, files) {
+        // Another process won the race with the same contents.
+        let _ = std::fs::remove_dir_all(&fresh);
+        return Ok(dir);
+    }
+    // `dir` exists with other contents (not ours to delete): use the private copy.
+    Ok(fresh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sd15_defaults_parse_and_are_written_once() {
+        for (name, bytes) in SD15 {
+            if name.ends_with(".json") {
+                serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+        let a = materialize("sd15", SD15).unwrap();
+        let b = materialize("sd15", SD15).unwrap();
+        assert_eq!(a, b);
+        assert!(holds(&a, SD15));
+        assert_ne!(fingerprint(SD15), fingerprint(&SD15[1..]));
+    }
+}
