@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Parser;
 use sdgen::candle::{DType, Device};
-use sdgen::loading::{ModelSource, DEFAULT_MODEL};
+use sdgen::hub::HubOptions;
+use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL};
 use sdgen::pipeline::{Request, Runtime};
 use sdgen::schedulers::SchedulerKind;
 
@@ -52,6 +53,13 @@ pub struct Args {
     /// Weights and activations dtype: f32, f16 or bf16 (f32 on the CPU, bf16 on GPUs by default).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does).
+    #[arg(long)]
+    pub offline: bool,
+    /// For a single-file checkpoint: a diffusers folder whose configs and tokenizer to use
+    /// instead of the family's standard ones.
+    #[arg(long, value_name = "DIR")]
+    pub config_from: Option<PathBuf>,
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +68,8 @@ pub struct Args {
 /// The arguments, resolved.
 pub struct Resolved {
     pub model: ModelSource,
+    pub open: OpenOptions,
+    pub hub: HubOptions,
     pub request: Request,
     pub runtime: Runtime,
     pub device_label: String,
@@ -85,8 +95,16 @@ impl Args {
             return Err(invalid("the prompt is empty: say what to draw".into()));
         }
         let seed = self.seed.unwrap_or_else(random_seed);
+        let mut hub = HubOptions::from_env();
+        hub.offline |= self.offline;
+        // Half-precision runs fetch the smaller fp16 weights where a repository has them.
+        if dtype != DType::F32 && hub.variant.is_none() {
+            hub.variant = Some("fp16".to_string());
+        }
         Ok(Resolved {
             model: ModelSource::parse(&self.model),
+            open: OpenOptions { config_from: self.config_from.clone() },
+            hub,
             request: Request {
                 prompt: self.prompt.clone(),
                 negative_prompt: self.negative.clone(),

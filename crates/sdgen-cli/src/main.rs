@@ -42,7 +42,9 @@ fn run() -> anyhow::Result<ExitCode> {
     let resolved = args.resolve()?;
     // Prove the output folder is writable before any model is loaded, so a typo costs nothing.
     ensure_output_dir(&resolved.output)?;
-    let model = resolved.model.open()?;
+    let mut bar = progress::Reporter::new();
+    let model = resolved.model.open_with(&resolved.hub, &resolved.open, &mut |p| bar.download(p))?;
+    bar.finish();
     let request: Request = resolved.request.clone();
     let settings = sdgen::pipeline::resolve(&model, &request)?;
     progress::log(&format!(
@@ -57,7 +59,6 @@ fn run() -> anyhow::Result<ExitCode> {
         settings.guidance,
         request.seed
     ));
-    let mut bar = progress::Reporter::new();
     let generation = txt2img(&model, &request, &resolved.runtime, &mut |p| bar.report(p))?;
     bar.finish();
     for w in &generation.warnings {

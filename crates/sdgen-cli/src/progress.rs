@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+use sdgen::hub::DownloadProgress;
 use sdgen::pipeline::Progress;
 
 /// Prints one log line on stderr.
@@ -16,11 +17,13 @@ pub struct Reporter {
     terminal: bool,
     step_start: Option<Instant>,
     drawn: bool,
+    /// The last file logged as downloaded (the final report of a file may come twice).
+    last_file_logged: Option<usize>,
 }
 
 impl Reporter {
     pub fn new() -> Self {
-        Self { terminal: std::io::stderr().is_terminal(), step_start: None, drawn: false }
+        Self { terminal: std::io::stderr().is_terminal(), step_start: None, drawn: false, last_file_logged: None }
     }
 
     pub fn report(&mut self, p: Progress) {
@@ -51,6 +54,37 @@ impl Reporter {
                     log(&format!("  step {index}/{total} ({rate:.2} it/s)"));
                 }
             }
+        }
+    }
+
+    /// Reports hub download progress: a byte bar on a terminal, a line per finished file otherwise.
+    pub fn download(&mut self, p: &DownloadProgress) {
+        let done = p.file_done_bytes >= p.file_total_bytes;
+        if self.terminal {
+            let width = 30;
+            let filled = if p.total_bytes == 0 { width } else { (width as u64 * p.done_bytes / p.total_bytes) as usize };
+            eprint!(
+                "\r  downloading {} [{}{}] {:.1}/{:.1} MB, file {}/{} {} ",
+                p.repo,
+                "#".repeat(filled.min(width)),
+                "-".repeat(width - filled.min(width)),
+                p.done_bytes as f64 / 1e6,
+                p.total_bytes as f64 / 1e6,
+                p.file_index + 1,
+                p.file_count,
+                p.file
+            );
+            let _ = std::io::stderr().flush();
+            self.drawn = true;
+        } else if done && self.last_file_logged != Some(p.file_index) {
+            self.last_file_logged = Some(p.file_index);
+            log(&format!(
+                "  downloaded {} ({:.1} MB; {}/{} files)",
+                p.file,
+                p.file_total_bytes as f64 / 1e6,
+                p.file_index + 1,
+                p.file_count
+            ));
         }
     }
 

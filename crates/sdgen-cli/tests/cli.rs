@@ -17,6 +17,9 @@ fn generate(args: &[&str], out: &Path) -> Output {
         .arg("--output")
         .arg(out)
         .env("HF_HOME", out.join("hf-home-that-does-not-exist"))
+        // Never the internet: any hub request goes to a closed local port.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HUB_CACHE")
         .output()
         .expect("generate runs")
 }
@@ -145,7 +148,7 @@ fn bad_input_is_refused_clearly() {
     assert_refused(&["x", "--model", &model, "--scheduler", "dpm9000"], &["dpm9000", "pndm", "ddim", "euler"]);
     assert_refused(&["x", "--model", &model, "--device", "tpu"], &["--device tpu"]);
     assert_refused(&["", "--model", &model], &["prompt is empty"]);
-    assert_refused(&["x", "--model", "sd15"], &["not in the Hugging Face cache"]);
+    assert_refused(&["x", "--model", "sd15", "--offline"], &["stable-diffusion-v1-5/stable-diffusion-v1-5", "offline"]);
 }
 
 #[test]

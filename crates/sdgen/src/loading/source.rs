@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::ModelFolder;
+use super::{ModelFolder, OpenOptions};
 use crate::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
 use crate::Result;
 
@@ -61,15 +61,23 @@ impl ModelSource {
     /// what is missing, with the options from the environment ([`HubOptions::from_env`]) and no
     /// progress reports.
     pub fn open(&self) -> Result<ModelFolder> {
-        self.open_with(&HubOptions::from_env(), &mut |_| {})
+        self.open_with(&HubOptions::from_env(), &OpenOptions::default(), &mut |_| {})
     }
 
     /// Opens the model: a folder directly, a repository through [`fetch_pipeline`] (the `main`
     /// revision; only the cache when `hub.offline`), reporting download progress to `progress`.
-    pub fn open_with(&self, hub: &HubOptions, progress: &mut dyn FnMut(&DownloadProgress)) -> Result<ModelFolder> {
+    /// `options` apply to what is opened (e.g. the config folder of a single-file checkpoint).
+    pub fn open_with(
+        &self,
+        hub: &HubOptions,
+        options: &OpenOptions,
+        progress: &mut dyn FnMut(&DownloadProgress),
+    ) -> Result<ModelFolder> {
         match self {
-            ModelSource::Path(p) => ModelFolder::open(p),
-            ModelSource::Repo { repo, .. } => ModelFolder::open(&fetch_pipeline(hub, repo, "main", progress)?),
+            ModelSource::Path(p) => ModelFolder::open_with(p, options),
+            ModelSource::Repo { repo, .. } => {
+                ModelFolder::open_with(&fetch_pipeline(hub, repo, "main", progress)?, options)
+            }
         }
     }
 }
