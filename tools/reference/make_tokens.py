@@ -18,14 +18,21 @@ The tokenizer folders tokenized:
 
 What is recorded, per prompt and config, as the SD pipelines call the tokenizer
 (`padding="max_length", max_length=77, truncation=True`):
-  ids             the 77 ids up to and including the closing <|endoftext|>; the rest are the config's
-                  pad id (`configs.NAME.pad_id`); a variant omits ids and n_untruncated equal to sd15's;
+  ids             the 77 ids up to and including the closing <|endoftext|> (min(n_untruncated, 77) of
+                  them); the rest are the config's pad id (`configs.NAME.pad_id`); a variant omits ids
+                  and n_untruncated equal to sd15's;
   n_untruncated   len(input_ids) with no truncation (bos and eos included);
   fast            {ids, n_untruncated} of transformers 4.x CLIPTokenizerFast, only where it differs from
                   the slow tokenizer's;
   v5              the same for transformers 5.x CLIPTokenizer (the tokenizers-backed class diffusers loads
-                  under transformers 5), only where it differs from "fast" (`differ_from_slow` counts
-                  the prompts where each differs from slow).
+                  under transformers 5), only where it differs from "fast" (or from the slow ids where
+                  "fast" is absent); `differ_from_slow` counts the prompts where each differs from slow.
+
+`v5_folders` (transformers 5 only: no slow tokenizer to compare) covers more of how transformers 5
+resolves added tokens (tokenization_utils_base.py `_from_pretrained`, tokenization_utils_tokenizers.py
+`TokenizersBackend.__init__`): synthetic folders (V5_FOLDERS: the config files, with the real vocab.json
+and merges.txt) with the backend's added tokens (`[id, content, single_word, lstrip, rstrip, normalized,
+special]`), the bos/eos/pad ids, and the ids of a few probe prompts, recorded as the cases above.
 
 The target is transformers 4.x's *slow* `CLIPTokenizer` without `ftfy` (its BasicTokenizer path).
 Transformers 5 has no slow CLIP tokenizer any more, so this script needs a 4.x environment:
@@ -80,12 +87,12 @@ def write_vocab(bpe_gz):
         vocab.append("".join(m))
     vocab.extend(["<|startoftext|>", "<|endoftext|>"])
     assert len(vocab) == 49408 and len(set(vocab)) == 49408
+    # Laid out as the hub's files are (sorted keys, raw UTF-8; no newline at the end of either):
+    # the SD 1.5 vocab.json is exactly this text, 951508 characters.
     with open(os.path.join(TOK_DIR, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False, separators=(",", ":"))
+        f.write(json.dumps({t: i for i, t in enumerate(vocab)}, sort_keys=True, ensure_ascii=False))
     with open(os.path.join(TOK_DIR, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        for m in merges:
-            f.write(f"{m[0]} {m[1]}\n")
+        f.write("\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]))
 
 
 def find_bpe_gz():
@@ -210,6 +217,9 @@ HAND = [
     "x " * 100,
     "1 " * 100,
     "🐱" * 80,
+    "cat " * 74,
+    "cat " * 75,
+    "cat " * 76,
     "x\u0345y iota subscript",
     "x zz y",
     "xzz y",
@@ -281,6 +291,139 @@ def prompts():
 
 
 # ---------------------------------------------------------------------------------------------
+# transformers 5 loading: synthetic folders (name -> config files) and their probe prompts.
+
+
+def _tok(content, **flags):
+    return {"__type": "AddedToken", "content": content, **flags}
+
+
+_SD15_SPECIAL = {k: {"content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True}
+                 for k, c in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"),
+                              ("unk_token", "<|endoftext|>"))}
+_PROBES = [
+    "a photo of a cat",
+    "<|startoftext|> <|endoftext|> <|STARTOFTEXT|> <|ENDOFTEXT|> <|EndOfText|>x",
+    "wow!! a!b ! end!",
+]
+V5_FOLDERS = {
+    # special_tokens_map.json gives pad as a normalized object: <|endoftext|> stays normalized.
+    "map-pad-object": {
+        "files": {
+            "tokenizer_config.json": {"model_max_length": 77, "pad_token": "<|endoftext|>", "do_lower_case": True},
+            "special_tokens_map.json": {**_SD15_SPECIAL, "pad_token": {"content": "<|endoftext|>", "normalized": True}},
+        },
+        "prompts": [],
+    },
+    # Legacy added_tokens.json (ids it gives are not the ids the backend assigns) with config objects
+    # for the named tokens (not yet AddedTokens when added_tokens.json is read) and extras.
+    "legacy-added": {
+        "files": {
+            "tokenizer_config.json": {
+                "model_max_length": 77,
+                "bos_token": _tok("<|startoftext|>", normalized=True),
+                "eos_token": _tok("<|endoftext|>", normalized=True),
+                "unk_token": _tok("<|endoftext|>", normalized=True),
+                "pad_token": "<|endoftext|>",
+                "additional_special_tokens": ["<extra1>", _tok("<Extra2>", normalized=True, lstrip=True)],
+            },
+            "added_tokens.json": {"<new1>": 49410, "<|startoftext|>": 49406, "newword": 49411, "<extra1>": 49412},
+        },
+        "prompts": ["<new1> newword NEWWORD <NEW1> newwords", "x<extra1>y <Extra2> <extra2>  z  <EXTRA2>"],
+    },
+    # added_tokens_decoder with ids that disagree with the vocabulary, a normalized token with capitals
+    # (matched on the lower-cased text, inside words too), an rstrip token past the vocabulary.
+    "decoder-ids": {
+        "files": {
+            "tokenizer_config.json": {
+                "model_max_length": 77,
+                "added_tokens_decoder": {
+                    "5": {"content": "!", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True},
+                    "49406": {"content": "<|startoftext|>", "normalized": True, "special": True},
+                    "49407": {"content": "<|endoftext|>", "normalized": False, "special": True},
+                    "49999": {"content": "Hello", "normalized": True, "special": False},
+                    "50000": {"content": "<far>", "normalized": False, "special": True, "rstrip": True},
+                },
+                "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": "!",
+            },
+        },
+        "prompts": ["Hello othello HELLO hello!", "<far>   x <FAR> y<far>z", "say hello\u00a0world"],
+    },
+    # Model-specific *_token keys (string, object, and from special_tokens_map.json) and extras merged
+    # from both files.
+    "model-specific": {
+        "files": {
+            "tokenizer_config.json": {
+                "model_max_length": 77,
+                "bos_token": _tok("<|startoftext|>", normalized=True), "eos_token": _tok("<|endoftext|>", normalized=True),
+                "unk_token": _tok("<|endoftext|>", normalized=True), "pad_token": "<|endoftext|>",
+                "image_token": "<image>",
+                "video_token": _tok("<video>", lstrip=True, normalized=False, special=True),
+                "extra_special_tokens": ["<e1>", "<e2>"],
+            },
+            "special_tokens_map.json": {**_SD15_SPECIAL, "pad_token": "<|endoftext|>", "audio_token": "<audio>",
+                                        "extra_special_tokens": ["<e2>", {"content": "<E3>", "normalized": True}]},
+        },
+        "prompts": ["<image><video> <audio>  <e1><e2><e3><E3>", "a  <video>b <IMAGE> <Video>"],
+    },
+    # extra_special_tokens as an object (model-specific tokens), so additional_special_tokens stays under
+    # its own name, and special_tokens_map.json's replaces the config's.
+    "extra-dict": {
+        "files": {
+            "tokenizer_config.json": {
+                "model_max_length": 77,
+                "extra_special_tokens": {"boi_token": "<boi>", "eoi_token": _tok("<eoi>", special=True, normalized=False)},
+                "additional_special_tokens": ["<add1>"],
+            },
+            "special_tokens_map.json": {"additional_special_tokens": ["<add2>"], "pad_token": "!"},
+        },
+        "prompts": ["<boi>x<eoi> <add1> <add2> <ADD2>"],
+    },
+    # Nothing but the length: CLIPTokenizer's defaults, and no unk token.
+    "defaults": {
+        "files": {"tokenizer_config.json": {"model_max_length": 77, "unk_token": None}},
+        "prompts": [],
+    },
+    # single_word / lstrip / rstrip on raw-text and normalized tokens.
+    "word-flags": {
+        "files": {
+            "tokenizer_config.json": {
+                "model_max_length": 77,
+                "added_tokens_decoder": {
+                    "2368": {"content": "cat", "single_word": True, "normalized": False, "special": False},
+                    "49406": {"content": "<|startoftext|>", "normalized": True, "special": True},
+                    "49407": {"content": "<|endoftext|>", "normalized": True, "special": True},
+                    "49408": {"content": "Dog", "single_word": True, "normalized": True, "special": False},
+                    "49409": {"content": "<l>", "lstrip": True, "normalized": False, "special": True},
+                    "49410": {"content": "<r>", "rstrip": True, "normalized": False, "special": True},
+                    "49411": {"content": "<lr>", "lstrip": True, "rstrip": True, "normalized": True, "special": True},
+                },
+            },
+        },
+        "prompts": [
+            "cat cats concat cat, a cat. CAT",
+            "dog DOG hotdog Dog! dogs",
+            "a  <l>  b  <r>  c <lr>  d",
+            "<l><r><lr>",
+            "x <l>",
+            "  <r>",
+            "\t<LR>\n y",
+        ],
+    },
+}
+
+
+def write_folder(d, files):
+    os.makedirs(d, exist_ok=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(TOK_DIR, f), d)
+    for name, content in files.items():
+        with open(os.path.join(d, name), "w", encoding="utf-8") as fh:
+            json.dump(content, fh, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizing.
 
 
@@ -292,24 +435,52 @@ def encode_all(tok, ps):
 
 
 def v5_worker():
-    """Runs under transformers 5: reads {"dir", "prompts"} on stdin, prints results as JSON."""
+    """Runs under transformers 5: reads {"dir", "prompts"} (or {"folders": {name: {"files", "prompts"}}})
+    on stdin, prints results as JSON."""
     import transformers
     from transformers import CLIPTokenizer
 
     assert transformers.__version__.startswith("5."), transformers.__version__
     req = json.load(sys.stdin)
-    tok = CLIPTokenizer.from_pretrained(req["dir"])
-    json.dump({"version": transformers.__version__, "res": encode_all(tok, req["prompts"])}, sys.stdout)
+    if "folders" not in req:
+        tok = CLIPTokenizer.from_pretrained(req["dir"])
+        json.dump({"version": transformers.__version__, "res": encode_all(tok, req["prompts"])}, sys.stdout)
+        return
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec in req["folders"].items():
+            d = os.path.join(tmp, name)
+            write_folder(d, spec["files"])
+            tok = CLIPTokenizer.from_pretrained(d)
+            backend = json.loads(tok.backend_tokenizer.to_str())
+            added = [[t["id"], t["content"], t["single_word"], t["lstrip"], t["rstrip"], t["normalized"], t["special"]]
+                     for t in backend["added_tokens"]]
+            cases = []
+            for p, (ids, n_full) in zip(spec["prompts"], encode_all(tok, spec["prompts"])):
+                cases.append({"prompt": p, "ids": ids[: min(n_full, MAX_LENGTH)], "n_untruncated": n_full})
+            out[name] = {
+                "files": spec["files"],
+                "bos_id": tok.bos_token_id,
+                "eos_id": tok.eos_token_id,
+                "pad_id": tok.pad_token_id,
+                "added_tokens": added,
+                "cases": cases,
+            }
+    json.dump(out, sys.stdout)
 
 
 def sweep(path):
-    """Every code point (surrogates aside) in one prompt, `a{c}b {c}{c}x`, through the slow tokenizer:
-    lines of `hex-code-point id id ...` (untruncated, bos/eos included), about 60 MB. The ignored
-    Rust test `tokenizer::tests::sweep_all_code_points` reads it (CLIP_TOKENIZER_SWEEP=PATH) to
-    find where Rust's Unicode tables disagree with this Python's."""
-    assert importlib.util.find_spec("ftfy") is None, "uninstall ftfy: the reference is the no-ftfy CLIPTokenizer"
+    """Every code point (surrogates aside) in one prompt, `a{c}b {c}{c}x`, through CLIPTokenizer: lines of
+    `hex-code-point id id ...` (untruncated, bos/eos included), about 36 MB. Under transformers 4.x that is
+    the slow tokenizer; under 5.x, the tokenizers-backed one. The ignored Rust test
+    `tokenizer::tests::sweep_all_code_points` reads it (CLIP_TOKENIZER_SWEEP=PATH, and
+    CLIP_TOKENIZER_SWEEP_MODE=slow for a 4.x sweep) to find where Rust's Unicode tables disagree with the
+    reference's."""
+    import transformers
     from transformers import CLIPTokenizer
 
+    if transformers.__version__.startswith("4."):
+        assert importlib.util.find_spec("ftfy") is None, "uninstall ftfy: the reference is the no-ftfy CLIPTokenizer"
     tok = CLIPTokenizer.from_pretrained(TOK_DIR)
     with open(path, "w") as f:
         cps = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000]
@@ -397,12 +568,21 @@ def main():
             if fast[i] != slow[i]:
                 rec["fast"] = trim(fast[i])
                 n_diff[name]["fast"] += 1
-            if v5 is not None and v5[i] != slow[i]:
-                n_diff[name]["v5"] += 1
+            if v5 is not None:
+                n_diff[name]["v5"] += v5[i] != slow[i]
                 if v5[i] != fast[i]:
                     rec["v5"] = trim(v5[i])
             case[name] = rec
         cases.append(case)
+
+    v5_folders = None
+    if args.v5_python:
+        folders = {name: {"files": spec["files"], "prompts": _PROBES + spec["prompts"]} for name, spec in V5_FOLDERS.items()}
+        out = subprocess.run(
+            [args.v5_python, os.path.abspath(__file__), "--v5-worker"],
+            input=json.dumps({"folders": folders}), capture_output=True, text=True, check=True,
+        )
+        v5_folders = json.loads(out.stdout)
 
     doc = {
         "about": "CLIP tokenizer reference ids; written by tools/reference/make_tokens.py",
@@ -414,6 +594,7 @@ def main():
         "configs": configs,
         "differ_from_slow": n_diff,
         "cases": cases,
+        "v5_folders": v5_folders,
     }
     with open(OUT, "w", encoding="utf-8") as f:
         json.dump(doc, f, ensure_ascii=True, separators=(",", ":"))
