@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +35,14 @@ from safetensors.torch import load_file, save_file
 
 import diffusers
 import transformers
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
 from transformers import CLIPTokenizer
 
 from sd15_tiny import (
@@ -83,7 +91,26 @@ PIPELINE_CASES = [
          steps=6, guidance=7.5, width=64, height=80, scheduler="pndm"),
     dict(name="guidance1", prompt="a lighthouse at dusk", negative_prompt=None, seeds=[13],
          steps=6, guidance=1.0, width=64, height=64, scheduler="pndm"),
+    dict(name="euler_a", prompt="a lighthouse at dusk", negative_prompt=None, seeds=[21],
+         steps=10, guidance=7.5, width=64, height=64, scheduler="euler-a"),
+    dict(name="dpmpp_2m", prompt="a lighthouse at dusk", negative_prompt=None, seeds=[22],
+         steps=10, guidance=7.5, width=64, height=64, scheduler="dpm++2m"),
+    dict(name="dpmpp_2m_karras", prompt="a lighthouse at dusk", negative_prompt=None, seeds=[23],
+         steps=10, guidance=7.5, width=64, height=64, scheduler="dpm++2m-karras"),
+    dict(name="euler_a_batch2", prompt="a lighthouse at dusk", negative_prompt=None, seeds=[24, 25],
+         steps=10, guidance=7.5, width=64, height=64, scheduler="euler-a"),
 ]
+
+# A case's `scheduler` (sdgen's --scheduler name) -> the diffusers class built with
+# `Cls.from_config(pipe.scheduler.config, **extra)`.
+SCHEDULERS = {
+    "pndm": (PNDMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
 
 
 def setup_determinism() -> None:
@@ -176,14 +203,17 @@ def make_vae(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
     }
 
 
-def call_pipeline(pipe: StableDiffusionPipeline, case: dict, seeds: list[int], **extra) -> tuple:
+def call_pipeline(pipe: StableDiffusionPipeline, case: dict, seeds: list[int], generators=None, **extra) -> tuple:
     """Runs `case` as the README describes, with the case's scheduler swapped in for the call.
+    `generators` (default: fresh ones seeded `seeds`) go to both the initial noise and the steps.
 
     Returns (output, scheduler used)."""
     base_scheduler = pipe.scheduler
-    cls = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[case["scheduler"]]
-    pipe.scheduler = cls.from_config(base_scheduler.config)
+    cls, cls_extra = SCHEDULERS[case["scheduler"]]
+    pipe.scheduler = cls.from_config(base_scheduler.config, **cls_extra)
     n = len(seeds)
+    if generators is None:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     try:
         out = pipe(
             prompt=[case["prompt"]] * n,
@@ -192,7 +222,7 @@ def call_pipeline(pipe: StableDiffusionPipeline, case: dict, seeds: list[int], *
             guidance_scale=case["guidance"],
             width=case["width"],
             height=case["height"],
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            generator=generators,
             output_type="np",
             **extra,
         )
@@ -220,7 +250,14 @@ def run_case(pipe: StableDiffusionPipeline, case: dict, seeds: list[int] | None 
     # the scheduler's init_noise_sigma (1 for PNDM/DDIM, sqrt(sigma_max^2 + 1) for Euler).
     noise = torch.cat([torch.randn(lat_shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
     sched_config = {"class": type(sched).__name__}
-    sched_config.update({k: v for k, v in sched.config.items() if not k.startswith("_")})
+    # JSON has no infinities (DPM-Solver's lambda_min_clipped defaults to -inf): write them as text.
+    sched_config.update(
+        {
+            k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in sched.config.items()
+            if not k.startswith("_")
+        }
+    )
     return dict(
         images=out.images,
         latents=captured["latents"],
@@ -238,7 +275,12 @@ def check_case(pipe: StableDiffusionPipeline, case: dict, res: dict) -> None:
     dec = vae.decode(res["latents"] / vae.config.scaling_factor, return_dict=False)[0]
     img = pipe.image_processor.postprocess(dec, output_type="np", do_denormalize=[True] * dec.shape[0])
     assert np.array_equal(img, res["images"]), f"{case['name']}: latents do not decode to the images"
-    again, _ = call_pipeline(pipe, case, case["seeds"], latents=res["noise"].clone())
+    # Passing `latents=` skips the pipeline's own draw, so hand it generators that have already
+    # drawn the saved noise: ancestral schedulers then draw their step noise from the same state.
+    generators = [torch.Generator("cpu").manual_seed(s) for s in case["seeds"]]
+    redrawn = torch.cat([torch.randn((1, *res["noise"].shape[1:]), generator=g) for g in generators])
+    assert torch.equal(redrawn, res["noise"]), f"{case['name']}: the saved noise is not what the seeds draw"
+    again, _ = call_pipeline(pipe, case, case["seeds"], generators=generators, latents=res["noise"].clone())
     assert np.array_equal(again.images, res["images"]), f"{case['name']}: the saved noise is not the pipeline's"
 
 
@@ -329,10 +371,15 @@ at 76). The text encoder runs without attention mask (causal mask only), as in t
 `StableDiffusionPipeline` on the CPU in f32, loaded from ../tiny-sd15 with `from_pretrained`,
 `generator=[Generator("cpu").manual_seed(s) for s in seeds]`, `output_type="np"`.
 pipeline.json is a list of cases with `name`, `prompt`, `negative_prompt` (null: none, i.e. ""
-for the unconditional half), `seeds`, `steps`, `guidance`, `width`, `height`, `scheduler` ("pndm":
-the folder's, "ddim" / "euler": `DDIMScheduler` / `EulerDiscreteScheduler.from_config` of it),
-`key`, and for convenience `timesteps` (as the scheduler set them; PNDM repeats its second),
-`init_noise_sigma` and `scheduler_config` (the effective config, class included).
+for the unconditional half), `seeds`, `steps`, `guidance`, `width`, `height`, `scheduler`
+(sdgen's --scheduler name: "pndm": the folder's; "ddim", "euler", "euler-a", "dpm++2m":
+`DDIMScheduler`, `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`,
+`DPMSolverMultistepScheduler.from_config` of it; "dpm++2m-karras": the latter with
+`use_karras_sigmas=True`), `key`, and for convenience `timesteps` (as the scheduler set them;
+PNDM repeats its second), `init_noise_sigma` and `scheduler_config` (the effective config, class
+included; non-finite floats, such as DPM-Solver's `lambda_min_clipped` of -inf, as the strings
+"-inf", "inf", "nan"). The generators reach the scheduler too, as in diffusers: "euler-a" draws
+each step's noise from image i's generator, after the initial noise.
 pipeline.safetensors holds, per case:
 - `<key>` [n,h,w,3]: the images in [0,1] (NHWC, the np output)
 - `<key>_latents` [n,4,h/8,w/8]: the final latents, before `/ scaling_factor` and VAE decode
@@ -341,12 +388,14 @@ pipeline.safetensors holds, per case:
 Cases: pndm_basic (seed 42, 10 steps, cfg 7.5), pndm_negative (+ "blurry, low quality"), batch2
 (seeds 7 and 8, 8 steps), ddim (seed 3, 12 steps), euler (seed 5, 12 steps, cfg 5.0), nonsquare
 (64 wide x 80 high, latents 8 wide x 10 high, seed 11, 6 steps), guidance1 (cfg 1.0: no
-unconditional pass, seed 13, 6 steps). Prompt: "a lighthouse at dusk".
+unconditional pass, seed 13, 6 steps), euler_a (seed 21, 10 steps), dpmpp_2m (seed 22, 10
+steps), dpmpp_2m_karras (seed 23, 10 steps), euler_a_batch2 (seeds 24 and 25, 10 steps). Prompt:
+"a lighthouse at dusk".
 
-Precision: image i of batch2 equals the n=1 run of seed `seeds[i]` only to ~4e-6 (torch's CPU
-kernels round differently per batch size); the latents then differ by ~1e-4 (their std is ~10:
-random weights make them large). That is the float noise a faithful re-implementation should
-expect on these pipeline references.
+Precision: image i of batch2 (and of euler_a_batch2) equals the n=1 run of seed `seeds[i]` only
+to ~4e-6 (torch's CPU kernels round differently per batch size); the latents then differ by ~1e-4
+(their std is ~10: random weights make them large). That is the float noise a faithful
+re-implementation should expect on these pipeline references.
 
 `png/<key>_<i>.png`: the images as uint8 `round(x * 255)` (diffusers' numpy_to_pil), to eyeball.
 """
@@ -500,7 +549,7 @@ def main() -> None:
             }
         )
     save_tensors(REF_DIR / "pipeline.safetensors", tensors)
-    (REF_DIR / "pipeline.json").write_text(json.dumps(cases_json, indent=2) + "\n", encoding="utf-8")
+    (REF_DIR / "pipeline.json").write_text(json.dumps(cases_json, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     write_readme_section(
         README_SECTION.format(

@@ -10,20 +10,10 @@ use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use super::{resolve, scheduler_config, GeneratedImage, Generation, Progress, Request, Runtime};
 use crate::loading::{model_error, ModelFolder};
-use crate::rng::{NoiseDType, TorchGenerator};
+use crate::rng::batch::BatchNoise;
 use crate::schedulers;
 use crate::tokenizer::ClipTokenizer;
 use crate::Result;
-
-/// The noise dtype diffusers draws in: the dtype of the prompt embeddings.
-fn noise_dtype(dtype: DType) -> NoiseDType {
-    match dtype {
-        DType::F16 => NoiseDType::F16,
-        DType::BF16 => NoiseDType::BF16,
-        DType::F64 => NoiseDType::F64,
-        _ => NoiseDType::F32,
-    }
-}
 
 /// Records a stage's wall time and reports its end.
 fn timed(stage: &'static str, progress: &mut dyn FnMut(Progress), timings: &mut BTreeMap<String, f64>, start: Instant) {
@@ -83,18 +73,14 @@ pub fn txt2img(
 
     // 3. Initial noise: one generator per image, seeded `seed + i`, drawn on the CPU in the
     //    embeddings' dtype exactly as torch does, so each image equals diffusers' for its seed.
+    //    The same generators then go to the scheduler, whose ancestral steps draw from them as
+    //    diffusers' do (`generator=` reaches both `prepare_latents` and `scheduler.step`).
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
     let f = vae_cfg.scale_factor();
-    let shape = (1, unet_cfg.in_channels, settings.height / f, settings.width / f);
-    let numel = shape.0 * shape.1 * shape.2 * shape.3;
-    let mut noise = Vec::with_capacity(req.n);
-    for i in 0..req.n {
-        let values = TorchGenerator::new(req.seed.wrapping_add(i as u64)).randn(numel, noise_dtype(rt.dtype));
-        noise.push(Tensor::from_vec(values, shape, &Device::Cpu)?);
-    }
-    let mut latents =
-        (Tensor::cat(&noise, 0)?.to_dtype(rt.dtype)?.to_device(&rt.device)? * scheduler.init_noise_sigma())?;
+    let mut generators = BatchNoise::for_batch(req.seed, req.n);
+    let shape = [req.n, unet_cfg.in_channels, settings.height / f, settings.width / f];
+    let mut latents = (generators.randn(&shape, rt.dtype, &rt.device)? * scheduler.init_noise_sigma())?;
 
     // 4. Denoise.
     progress(Progress::StageStart("unet"));
@@ -114,7 +100,7 @@ pub fn txt2img(
             } else {
                 pred
             };
-            latents = scheduler.step(&pred, i, &latents)?;
+            latents = scheduler.step(&pred, i, &latents, &mut generators)?;
             progress(Progress::Step { index: i + 1, total: timesteps.len() });
         }
     }

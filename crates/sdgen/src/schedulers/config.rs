@@ -5,7 +5,13 @@
 //! letting the others fall back to *that class's* defaults. SD 1.5's PNDM config, for example, has
 //! no `timestep_spacing`, so PNDM and DDIM get `"leading"` while Euler gets `"linspace"`. Hence the
 //! config stays raw here, and each scheduler resolves the fields it takes with its own defaults
-//! (see `pndm.rs`, `ddim.rs`, `euler.rs`). Fields no class we implement takes are ignored.
+//! (see `pndm.rs`, `ddim.rs`, `euler.rs`, `euler_ancestral.rs`, `dpm_solver.rs`). Fields no class
+//! we implement takes are ignored.
+//!
+//! diffusers writes its configs with Python's `json.dumps`, which spells non-finite floats as the
+//! non-JSON tokens `Infinity`, `-Infinity` and `NaN`: every `DPMSolverMultistepScheduler` config
+//! saved with the default `lambda_min_clipped` holds `-Infinity`. Those tokens are read as absent
+//! (null), which for `lambda_min_clipped` is its default, -inf.
 
 use std::path::Path;
 
@@ -62,8 +68,28 @@ pub struct SchedulerConfig {
     /// Euler: `discrete` (the UNet sees timesteps) or `continuous` (v-prediction models that take
     /// `0.25 * ln(sigma)`).
     pub timestep_type: Option<String>,
-    /// Euler: the sigma after the last step, `zero` or `sigma_min`.
+    /// Euler/DPM-Solver: the sigma after the last step, `zero` or `sigma_min`.
     pub final_sigmas_type: Option<String>,
+    /// DPM-Solver: the multistep order (1, 2 or 3; default 2).
+    pub solver_order: Option<usize>,
+    /// DPM-Solver: `dpmsolver++` (the default and the only one supported), `dpmsolver`,
+    /// `sde-dpmsolver`, `sde-dpmsolver++`.
+    pub algorithm_type: Option<String>,
+    /// DPM-Solver: the second-order formula, `midpoint` (default) or `heun`.
+    pub solver_type: Option<String>,
+    /// DPM-Solver: use lower orders for the last steps of runs under 15 steps (default true).
+    pub lower_order_final: Option<bool>,
+    /// DPM-Solver: use a first-order (Euler) last step (default false).
+    pub euler_at_final: Option<bool>,
+    /// DPM-Solver: space the steps uniformly in log-SNR (lambda) (default false).
+    pub use_lu_lambdas: Option<bool>,
+    /// DPM-Solver: flow-matching sigmas (not implemented: building with it set is an error).
+    pub use_flow_sigmas: Option<bool>,
+    /// DPM-Solver: timesteps whose lambda is below this are not used (default -inf; the cosine
+    /// schedule's configs set it, e.g. -5.1).
+    pub lambda_min_clipped: Option<f64>,
+    /// DPM-Solver: `learned`/`learned_range` models output a variance too (not implemented).
+    pub variance_type: Option<String>,
 }
 
 impl SchedulerConfig {
@@ -74,9 +100,10 @@ impl SchedulerConfig {
         Self::from_json_str(&text).map_err(|e| Error::BadModel(format!("{}: {e}", path.display())))
     }
 
-    /// Parses the JSON text of a `scheduler_config.json`.
+    /// Parses the JSON text of a `scheduler_config.json` (Python's `Infinity`, `-Infinity` and
+    /// `NaN` read as null, see the module docs).
     pub fn from_json_str(json: &str) -> Result<Self> {
-        serde_json::from_str(json)
+        serde_json::from_str(&non_finite_to_null(json))
             .map_err(|e| Error::BadModel(format!("invalid scheduler config JSON: {e}")))
     }
 
@@ -84,6 +111,36 @@ impl SchedulerConfig {
     pub fn class_name(&self) -> Option<&str> {
         self.class_name.as_deref()
     }
+}
+
+/// Replaces the bare tokens `Infinity`, `-Infinity` and `NaN` (outside strings) by `null`.
+fn non_finite_to_null(json: &str) -> std::borrow::Cow<'_, str> {
+    if !["Infinity", "NaN"].iter().any(|t| json.contains(t)) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = json;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// How betas are laid out over the training timesteps.
@@ -122,17 +179,10 @@ pub(crate) enum TimestepSpacing {
 /// Parses a string-valued config field against its valid names; the error names the field, the
 /// value and the valid values.
 fn parse_choice<T: Copy>(field: &str, value: &str, choices: &[(&str, T)]) -> Result<T> {
-    choices
-        .iter()
-        .find(|(name, _)| *name == value)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let valid: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            Error::BadModel(format!(
-                "scheduler config: {field} \"{value}\" is not supported (valid: {})",
-                valid.join(", ")
-            ))
-        })
+    choices.iter().find(|(name, _)| *name == value).map(|(_, v)| *v).ok_or_else(|| {
+        let valid: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        Error::BadModel(format!("scheduler config: {field} \"{value}\" is not supported (valid: {})", valid.join(", ")))
+    })
 }
 
 impl BetaSchedule {
@@ -156,11 +206,7 @@ impl PredictionType {
         parse_choice(
             "prediction_type",
             value,
-            &[
-                ("epsilon", Self::Epsilon),
-                ("v_prediction", Self::VPrediction),
-                ("sample", Self::Sample),
-            ],
+            &[("epsilon", Self::Epsilon), ("v_prediction", Self::VPrediction), ("sample", Self::Sample)],
         )
     }
 }
@@ -171,11 +217,7 @@ impl TimestepSpacing {
         parse_choice(
             "timestep_spacing",
             value,
-            &[
-                ("linspace", Self::Linspace),
-                ("leading", Self::Leading),
-                ("trailing", Self::Trailing),
-            ],
+            &[("linspace", Self::Linspace), ("leading", Self::Leading), ("trailing", Self::Trailing)],
         )
     }
 }
@@ -197,10 +239,7 @@ pub(crate) struct CommonParams {
 impl CommonParams {
     /// Resolves the shared fields; `default_spacing` is the one default that differs by class
     /// (`leading` for PNDM and DDIM, `linspace` for Euler).
-    pub(crate) fn resolve(
-        config: &SchedulerConfig,
-        default_spacing: TimestepSpacing,
-    ) -> Result<Self> {
+    pub(crate) fn resolve(config: &SchedulerConfig, default_spacing: TimestepSpacing) -> Result<Self> {
         let num_train_timesteps = config.num_train_timesteps.unwrap_or(1000);
         if num_train_timesteps < 2 {
             return Err(Error::BadModel(format!(
@@ -218,9 +257,7 @@ impl CommonParams {
         }
         let beta_schedule = match trained_betas {
             Some(_) => None,
-            None => Some(BetaSchedule::parse(
-                config.beta_schedule.as_deref().unwrap_or("linear"),
-            )?),
+            None => Some(BetaSchedule::parse(config.beta_schedule.as_deref().unwrap_or("linear"))?),
         };
         Ok(Self {
             num_train_timesteps,
@@ -228,9 +265,7 @@ impl CommonParams {
             beta_end: config.beta_end.unwrap_or(0.02),
             beta_schedule,
             trained_betas,
-            prediction_type: PredictionType::parse(
-                config.prediction_type.as_deref().unwrap_or("epsilon"),
-            )?,
+            prediction_type: PredictionType::parse(config.prediction_type.as_deref().unwrap_or("epsilon"))?,
             timestep_spacing: match config.timestep_spacing.as_deref() {
                 Some(s) => TimestepSpacing::parse(s)?,
                 None => default_spacing,
@@ -265,16 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn python_non_finite_floats_read_as_absent() {
+        let cfg = SchedulerConfig::from_json_str(
+            r#"{"_class_name":"DPMSolverMultistepScheduler","lambda_min_clipped": -Infinity,
+                "algorithm_type":"dpmsolver++ \"-Infinity\" NaN","sigma_max":Infinity,"sigma_min":NaN}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.lambda_min_clipped, None);
+        assert_eq!(cfg.sigma_max, None);
+        assert_eq!(cfg.sigma_min, None);
+        // Inside strings the tokens stay.
+        assert_eq!(cfg.algorithm_type.as_deref(), Some("dpmsolver++ \"-Infinity\" NaN"));
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         let cfg = SchedulerConfig::from_json_str(r#"{"timestep_spacing":"sideways"}"#).unwrap();
-        let err = CommonParams::resolve(&cfg, TimestepSpacing::Leading)
-            .unwrap_err()
-            .to_string();
+        let err = CommonParams::resolve(&cfg, TimestepSpacing::Leading).unwrap_err().to_string();
         assert!(err.contains("timestep_spacing \"sideways\""), "{err}");
         assert!(err.contains("linspace, leading, trailing"), "{err}");
-        let err = SchedulerConfig::from_json_str("{not json")
-            .unwrap_err()
-            .to_string();
+        let err = SchedulerConfig::from_json_str("{not json").unwrap_err().to_string();
         assert!(err.contains("scheduler config"), "{err}");
     }
 
@@ -282,15 +327,9 @@ mod tests {
     fn from_file_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("scheduler_config.json");
-        let err = SchedulerConfig::from_file(&missing)
-            .unwrap_err()
-            .to_string();
+        let err = SchedulerConfig::from_file(&missing).unwrap_err().to_string();
         assert!(err.contains("scheduler_config.json"), "{err}");
-        std::fs::write(
-            &missing,
-            r#"{"_class_name":"EulerDiscreteScheduler","steps_offset":1}"#,
-        )
-        .unwrap();
+        std::fs::write(&missing, r#"{"_class_name":"EulerDiscreteScheduler","steps_offset":1}"#).unwrap();
         let cfg = SchedulerConfig::from_file(&missing).unwrap();
         assert_eq!(cfg.class_name(), Some("EulerDiscreteScheduler"));
         assert_eq!(cfg.steps_offset, Some(1));

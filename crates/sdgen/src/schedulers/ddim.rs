@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use super::config::{CommonParams, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::noise::{alphas_cumprod, betas, leading_base, linspace_asc, trailing_desc};
 use super::{at, check_steps, div_scalar, mul_scalar, Scheduler, SchedulerKind};
+use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
 /// diffusers' `DDIMScheduler` after `set_timesteps(num_inference_steps)`.
@@ -117,6 +118,7 @@ impl Scheduler for DdimScheduler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let timestep = at(&self.timesteps_int, step_index, "ddim")?;
         let prev_timestep = timestep - self.step_ratio;

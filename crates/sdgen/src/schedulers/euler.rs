@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use super::config::{CommonParams, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::noise::{alphas_cumprod, betas, leading_base, linspace_asc, np_linspace, trailing_desc};
 use super::{at, check_steps, div_scalar, mul_scalar, Scheduler, SchedulerKind};
+use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
 /// Where the sigmas of the run come from.
@@ -206,7 +207,7 @@ impl EulerOptions {
 
 /// `np.interp(x, arange(len(fp)), fp)` in f64: exact at the sample points, linear between them,
 /// clamped at the ends.
-fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
+pub(super) fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
     let last = fp.len() - 1;
     if x.is_nan() {
         return x;
@@ -227,7 +228,7 @@ fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
 }
 
 /// Karras et al.'s schedule: `(max^(1/rho) + ramp * (min^(1/rho) - max^(1/rho)))^rho`, rho = 7.
-fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+pub(super) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let min_inv_rho = sigma_min.powf(1.0 / rho);
     let max_inv_rho = sigma_max.powf(1.0 / rho);
@@ -239,7 +240,7 @@ fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
 
 /// diffusers' `_sigma_to_t`: the fractional training timestep whose log-sigma interpolates to
 /// `ln(sigma)`, from the last training index at or below it.
-fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let low_idx = log_sigmas
         .iter()
@@ -273,6 +274,7 @@ impl Scheduler for EulerScheduler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let sigma = at(&self.sigmas[..self.timesteps.len()], step_index, "euler")?;
         let sigma_next = self.sigmas[step_index + 1];

@@ -1,5 +1,7 @@
-//! Diffusion schedulers, numerically equal to diffusers': PNDM (PLMS, and the PRK warm-up), DDIM
-//! and Euler (`EulerDiscreteScheduler`), one algorithm per file.
+//! Diffusion schedulers, numerically equal to diffusers': PNDM (PLMS, and the PRK warm-up), DDIM,
+//! Euler (`EulerDiscreteScheduler`), Euler ancestral (`EulerAncestralDiscreteScheduler`) and
+//! DPM-Solver++ 2M (`DPMSolverMultistepScheduler`, optionally with Karras sigmas), one algorithm
+//! per file.
 //!
 //! A scheduler is built from a model's `scheduler/scheduler_config.json` ([`SchedulerConfig`]) for
 //! a fixed number of inference steps, and the pipeline loops over [`Scheduler::timesteps`]:
@@ -7,15 +9,18 @@
 //! ```no_run
 //! # fn unet(x: &candle_core::Tensor, t: f64) -> candle_core::Result<candle_core::Tensor> { Ok(x.clone()) }
 //! # fn main() -> sdgen::Result<()> {
+//! use sdgen::rng::batch::BatchNoise;
 //! use sdgen::schedulers::{build, SchedulerConfig, SchedulerKind};
 //! let config = SchedulerConfig::from_file("sd15/scheduler/scheduler_config.json")?;
-//! let mut scheduler = build(SchedulerKind::Euler, &config, 25)?;
-//! # let noise = candle_core::Tensor::zeros((1, 4, 64, 64), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! let mut scheduler = build(SchedulerKind::EulerAncestral, &config, 25)?;
+//! // One generator per image; the initial latents and every ancestral step draw from them.
+//! let mut generators = BatchNoise::for_batch(42, 1);
+//! let noise = generators.randn(&[1, 4, 64, 64], candle_core::DType::F32, &candle_core::Device::Cpu)?;
 //! let mut latents = (noise * scheduler.init_noise_sigma())?;
 //! for (i, &t) in scheduler.timesteps().to_vec().iter().enumerate() {
 //!     let input = scheduler.scale_model_input(&latents, i)?;
 //!     let noise_pred = unet(&input, t)?;
-//!     latents = scheduler.step(&noise_pred, i, &latents)?;
+//!     latents = scheduler.step(&noise_pred, i, &latents, &mut generators)?;
 //! }
 //! # Ok(()) }
 //! ```
@@ -26,7 +31,9 @@
 
 mod config;
 mod ddim;
+mod dpm_solver;
 mod euler;
+mod euler_ancestral;
 mod noise;
 mod pndm;
 #[cfg(test)]
@@ -39,9 +46,12 @@ use candle_core::{DType, Tensor};
 
 pub use config::SchedulerConfig;
 pub use ddim::DdimScheduler;
+pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
+pub use euler_ancestral::EulerAncestralScheduler;
 pub use pndm::PndmScheduler;
 
+use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
 /// The scheduler algorithms sdgen implements.
@@ -53,38 +63,73 @@ pub enum SchedulerKind {
     Ddim,
     /// diffusers' `EulerDiscreteScheduler` (SDXL's default).
     Euler,
+    /// diffusers' `EulerAncestralDiscreteScheduler` ("Euler a"): adds fresh noise every step,
+    /// drawn from the per-image generators.
+    EulerAncestral,
+    /// diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++ 2M with its default config).
+    DpmPp2m,
+    /// `DPMSolverMultistepScheduler` with `use_karras_sigmas=True` set on top of the model's
+    /// config ("DPM++ 2M Karras").
+    DpmPp2mKarras,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 3] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
     ];
 
-    /// The short name used on the command line (`pndm`, `ddim`, `euler`).
+    /// The short name used on the command line (`pndm`, `ddim`, `euler`, `euler-a`, `dpm++2m`,
+    /// `dpm++2m-karras`).
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::DpmPp2m => "dpm++2m",
+            SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
         }
     }
 
-    /// The diffusers class this kind reproduces, as written in `_class_name`.
+    /// Other spellings [`FromStr`] accepts for this kind (`+` is awkward in some shells and file
+    /// names, hence the `dpmpp` forms).
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            SchedulerKind::Pndm | SchedulerKind::Ddim | SchedulerKind::Euler => &[],
+            SchedulerKind::EulerAncestral => &["euler_a", "euler-ancestral"],
+            SchedulerKind::DpmPp2m => &["dpmpp-2m", "dpmpp_2m"],
+            SchedulerKind::DpmPp2mKarras => &["dpmpp-2m-karras", "dpmpp_2m_karras"],
+        }
+    }
+
+    /// The diffusers class this kind reproduces, as written in `_class_name` (both DPM++ 2M
+    /// kinds are `DPMSolverMultistepScheduler`).
     pub fn class_name(self) -> &'static str {
         match self {
             SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
         }
     }
 
     /// The kind for a diffusers class name (`"PNDMScheduler"` → `Pndm`); `None` for classes sdgen
-    /// does not implement.
+    /// does not implement. `DPMSolverMultistepScheduler` gives `DpmPp2m`, which takes the config
+    /// as it is (Karras sigmas included if the config asks for them), as diffusers would.
     pub fn from_class_name(class_name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.class_name() == class_name)
+    }
+
+    /// Whether steps draw random noise (from the [`BatchNoise`] passed to [`Scheduler::step`]).
+    pub fn is_stochastic(self) -> bool {
+        matches!(self, SchedulerKind::EulerAncestral)
     }
 }
 
@@ -97,17 +142,17 @@ impl fmt::Display for SchedulerKind {
 impl FromStr for SchedulerKind {
     type Err = Error;
 
-    /// Parses a short name, ignoring ASCII case.
+    /// Parses a short name or one of its [`SchedulerKind::aliases`], ignoring ASCII case.
     fn from_str(s: &str) -> Result<Self> {
+        let s_trimmed = s.trim();
         Self::ALL
             .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
+            .find(|k| {
+                std::iter::once(k.name()).chain(k.aliases().iter().copied()).any(|n| n.eq_ignore_ascii_case(s_trimmed))
+            })
             .ok_or_else(|| {
                 let valid: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-                Error::InvalidInput(format!(
-                    "unknown scheduler \"{s}\" (valid: {})",
-                    valid.join(", ")
-                ))
+                Error::InvalidInput(format!("unknown scheduler \"{s}\" (valid: {})", valid.join(", ")))
             })
     }
 }
@@ -127,17 +172,24 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
 
     /// One denoising step at `timesteps()[step_index]`: returns the previous (less noisy) sample,
-    /// in `model_output`'s dtype (PNDM and DDIM need `sample` in that dtype too; Euler upcasts it
-    /// to f32 internally). Steps must be taken in order; a run may start at a later index
-    /// (img2img), as in diffusers.
+    /// in `model_output`'s dtype (PNDM and DDIM need `sample` in that dtype too; Euler, Euler
+    /// ancestral and DPM-Solver upcast it to f32 internally). Steps must be taken in order; a run
+    /// may start at a later index (img2img), as in diffusers.
+    ///
+    /// `noise` holds the run's per-image generators, the ones the initial latents were drawn
+    /// from: ancestral schedulers draw their per-step noise from them exactly as diffusers'
+    /// `randn_tensor` does (image `i` from generator `i`, on the CPU, in `model_output`'s dtype);
+    /// the others leave them untouched (diffusers 0.42's Euler draws only with `s_churn > 0`).
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        noise: &mut BatchNoise,
     ) -> candle_core::Result<Tensor>;
 
-    /// Model evaluations per step (1 for all three algorithms, as diffusers declares them).
+    /// Model evaluations per step (1 for every algorithm here, as diffusers declares them; the
+    /// multistep DPM-Solver reuses earlier evaluations instead of making more).
     fn order(&self) -> usize;
 }
 
@@ -145,29 +197,26 @@ pub trait Scheduler: Send {
 /// Fields the kind's diffusers class doesn't take are ignored; missing ones take that class's
 /// defaults. Errors: `InvalidInput` for a step count of 0 or above the training timesteps (or
 /// below 4 for PNDM's Runge-Kutta mode), `BadModel` for config values sdgen doesn't support.
-pub fn build(
-    kind: SchedulerKind,
-    config: &SchedulerConfig,
-    num_inference_steps: usize,
-) -> Result<Box<dyn Scheduler>> {
+pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
     Ok(match kind {
         SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, num_inference_steps)?),
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(EulerScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::EulerAncestral => Box::new(EulerAncestralScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistepScheduler::new(config, num_inference_steps)?),
+        SchedulerKind::DpmPp2mKarras => {
+            // `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`.
+            let karras = SchedulerConfig { use_karras_sigmas: Some(true), ..config.clone() };
+            Box::new(DpmSolverMultistepScheduler::new_as(kind, &karras, num_inference_steps)?)
+        }
     })
 }
 
 /// Checks a step count against the training schedule. diffusers only refuses N > T in DDIM; the
 /// others then silently produce a degenerate schedule (a step ratio of 0), so all refuse here.
-fn check_steps(
-    kind: SchedulerKind,
-    num_inference_steps: usize,
-    num_train_timesteps: usize,
-) -> Result<()> {
+fn check_steps(kind: SchedulerKind, num_inference_steps: usize, num_train_timesteps: usize) -> Result<()> {
     if num_inference_steps == 0 {
-        return Err(Error::InvalidInput(format!(
-            "{kind}: the number of steps must be at least 1"
-        )));
+        return Err(Error::InvalidInput(format!("{kind}: the number of steps must be at least 1")));
     }
     if num_inference_steps > num_train_timesteps {
         return Err(Error::InvalidInput(format!(
@@ -191,10 +240,7 @@ fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> candle_core::Resu
 /// (ATen's "opmath"), rounded back to the tensor's dtype.
 fn mul_scalar(x: &Tensor, c: f32) -> candle_core::Result<Tensor> {
     match x.dtype() {
-        DType::F16 | DType::BF16 => x
-            .to_dtype(DType::F32)?
-            .affine(c as f64, 0.0)?
-            .to_dtype(x.dtype()),
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c as f64, 0.0)?.to_dtype(x.dtype()),
         _ => x.affine(c as f64, 0.0),
     }
 }
@@ -214,21 +260,38 @@ mod tests {
     fn kind_names_round_trip() {
         for kind in SchedulerKind::ALL {
             assert_eq!(kind.to_string().parse::<SchedulerKind>().unwrap(), kind);
-            assert_eq!(
-                SchedulerKind::from_class_name(kind.class_name()),
-                Some(kind)
-            );
+            let from_class = SchedulerKind::from_class_name(kind.class_name()).unwrap();
+            assert_eq!(from_class.class_name(), kind.class_name());
         }
-        assert_eq!(
-            "Euler".parse::<SchedulerKind>().unwrap(),
-            SchedulerKind::Euler
-        );
+        assert_eq!("Euler".parse::<SchedulerKind>().unwrap(), SchedulerKind::Euler);
         assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
         let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
         assert!(
-            err.contains("\"dpm++\"") && err.contains("pndm, ddim, euler"),
+            err.contains("\"dpm++\"") && err.contains("pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn new_kinds_parse_with_their_aliases() {
+        use SchedulerKind::*;
+        for (s, kind) in [
+            ("euler-a", EulerAncestral),
+            ("euler_a", EulerAncestral),
+            ("Euler-Ancestral", EulerAncestral),
+            ("dpm++2m", DpmPp2m),
+            ("dpmpp-2m", DpmPp2m),
+            (" DPMPP_2M ", DpmPp2m),
+            ("dpm++2m-karras", DpmPp2mKarras),
+            ("dpmpp-2m-karras", DpmPp2mKarras),
+            ("dpmpp_2m_karras", DpmPp2mKarras),
+        ] {
+            assert_eq!(s.parse::<SchedulerKind>().unwrap(), kind, "{s}");
+        }
+        assert_eq!(SchedulerKind::from_class_name("EulerAncestralDiscreteScheduler"), Some(EulerAncestral));
+        assert_eq!(SchedulerKind::from_class_name("DPMSolverMultistepScheduler"), Some(DpmPp2m));
+        assert_eq!(DpmPp2mKarras.class_name(), "DPMSolverMultistepScheduler");
+        assert!(EulerAncestral.is_stochastic() && !DpmPp2m.is_stochastic() && !Euler.is_stochastic());
     }
 
     /// bf16 has no reference run; check it keeps its dtype and tracks the f32 result.
@@ -240,42 +303,26 @@ mod tests {
         )
         .unwrap();
         let dev = candle_core::Device::Cpu;
-        let x0 = Tensor::arange(0f32, 64.0, &dev)
-            .unwrap()
-            .affine(0.05, -1.6)
-            .unwrap()
-            .reshape((1, 4, 4, 4))
-            .unwrap();
+        let x0 = Tensor::arange(0f32, 64.0, &dev).unwrap().affine(0.05, -1.6).unwrap().reshape((1, 4, 4, 4)).unwrap();
         for kind in SchedulerKind::ALL {
             let mut results = Vec::new();
             for dtype in [DType::F32, DType::BF16] {
                 let mut s = build(kind, &config, 8).unwrap();
-                let mut x =
-                    mul_scalar(&x0.to_dtype(dtype).unwrap(), s.init_noise_sigma() as f32).unwrap();
+                // Ancestral noise: with 64 values (a multiple of 16) torch's bf16 draw is its f32
+                // draw rounded, so the two runs stay comparable.
+                let mut generators = BatchNoise::new(&[11]);
+                let mut x = mul_scalar(&x0.to_dtype(dtype).unwrap(), s.init_noise_sigma() as f32).unwrap();
                 for i in 0..s.timesteps().len() {
                     let input = s.scale_model_input(&x, i).unwrap();
                     let eps = (mul_scalar(&input, 0.3).unwrap() + 0.1).unwrap();
-                    x = s.step(&eps, i, &x).unwrap();
+                    x = s.step(&eps, i, &x, &mut generators).unwrap();
                     assert_eq!(x.dtype(), dtype, "{kind}");
                 }
-                results.push(
-                    x.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                );
+                results.push(x.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
             let scale = results[0].iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = results[0]
-                .iter()
-                .zip(&results[1])
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                diff <= 0.05 * scale,
-                "{kind}: bf16 off by {diff} (scale {scale})"
-            );
+            let diff = results[0].iter().zip(&results[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 0.05 * scale, "{kind}: bf16 off by {diff} (scale {scale})");
         }
     }
 
@@ -285,10 +332,7 @@ mod tests {
         for kind in SchedulerKind::ALL {
             for steps in [0, 1001] {
                 let err = build(kind, &config, steps).err().expect("should refuse");
-                assert!(
-                    matches!(err, Error::InvalidInput(_)),
-                    "{kind} {steps}: {err}"
-                );
+                assert!(matches!(err, Error::InvalidInput(_)), "{kind} {steps}: {err}");
             }
         }
     }

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use super::config::{CommonParams, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::noise::{alphas_cumprod, betas, leading_base, linspace_asc, trailing_desc};
 use super::{at, check_steps, div_scalar, mul_scalar, Scheduler, SchedulerKind};
+use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
 /// The PRK warm-up runs over the last `PNDM_ORDER` leading timesteps (F-PNDM is 4th order).
@@ -283,6 +284,7 @@ impl Scheduler for PndmScheduler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: &mut BatchNoise,
     ) -> candle_core::Result<Tensor> {
         let timestep = at(&self.timesteps_int, step_index, "pndm")?;
         // Like diffusers, the PRK/PLMS choice follows the number of steps taken, not the index.
