@@ -11,7 +11,7 @@
 //!   being the high half.
 //! * Uniforms in `[0, 1)`: float takes the low 24 bits of `random()` times 2^-24; double takes the
 //!   low 53 bits of `random64()` times 2^-53. float16 and bfloat16 use the *float* uniform, since
-//!   their `normal_fill` runs in `opmath_t = float` (see "torch versions" below).
+//!   their `normal_fill` runs in `opmath_t = float` (since torch 2.12; see "torch versions").
 //! * `numel >= 16` (contiguous), `normal_fill`: Box-Muller on blocks of 16, pairing element `j`
 //!   (`u1 = 1 - u[j]`, the radius) with `j + 8` (the angle); `z[j] = r cos θ`, `z[j+8] = r sin θ`.
 //!   When `numel % 16 != 0` the last 16 outputs are recomputed from 16 fresh uniforms. For float32
@@ -40,15 +40,21 @@
 //! are bit-exact only where this process's libm agrees with the one torch ran on (both glibc on
 //! Linux, which the tests check); elsewhere expect rare 1-ulp differences.
 //!
-//! torch versions: checked bit for bit against torch 2.15.0 (`tools/reference/make_randn.py` →
-//! `testdata/reference/randn.json`). The float32 and float64 code reads the same in older 2.x
-//! sources (not run here). float16/bfloat16 changed: torch releases from before 2026 (e.g. 2.7)
-//! ran `normal_fill` in the half type itself (11-/8-bit uniforms, per-operation rounding), so
-//! their half/bf16 noise — what an fp16 diffusers pipeline with a CPU generator draws — differs
-//! from this module's.
+//! torch versions: the above is torch >= 2.13, checked bit for bit against torch 2.15.0
+//! (`tools/reference/make_randn.py` → `testdata/reference/randn.json`). float16/bfloat16 with
+//! `numel >= 16` changed in 2.12 and again in 2.13, and that is what an fp16/bf16 diffusers
+//! pipeline with a CPU generator draws its latents with: a [`TorchNoise`] per generator picks the
+//! release to match ([`TorchNoise::Legacy`] for torch <= 2.11, checked against 2.11.0, and
+//! [`TorchNoise::Torch2_12`], checked against 2.12.0: `make_randn.py --torch-legacy` →
+//! `randn_torch211.json`, `randn_torch212.json`), and `SDGEN_TORCH_NOISE=legacy|2.12|2.15` picks
+//! it for a run through [`TorchNoise::from_env`]. float32, float64 and `numel < 16` are the same in
+//! all of them.
 
 mod avx_mathfun;
 pub mod batch;
+mod torch_noise;
+
+pub use torch_noise::TorchNoise;
 
 /// The element type torch generates the noise in: it changes which code path runs, hence the
 /// values, not just their rounding.
@@ -96,9 +102,7 @@ impl Mt19937 {
         state[0] = seed as u32;
         for j in 1..MT_N {
             let prev = state[j - 1];
-            state[j] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(j as u32);
+            state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
         }
         Mt19937 { state, next: MT_N }
     }
@@ -139,6 +143,7 @@ impl Mt19937 {
 pub struct TorchGenerator {
     seed: u64,
     math: BoxMullerMath,
+    noise: TorchNoise,
     engine: Mt19937,
     /// `CPUGeneratorImpl::next_double_normal_sample_`: the `r sin θ` half of the last scalar
     /// Box-Muller pair, waiting to be returned. (torch's float cache is never used by `randn`.)
@@ -150,6 +155,7 @@ impl std::fmt::Debug for TorchGenerator {
         f.debug_struct("TorchGenerator")
             .field("seed", &self.seed)
             .field("math", &self.math)
+            .field("noise", &self.noise)
             .field("next_double_normal", &self.next_double_normal)
             .finish_non_exhaustive()
     }
@@ -163,12 +169,14 @@ impl TorchGenerator {
 
     /// Like [`TorchGenerator::new`], matching a torch that runs its float Box-Muller with `math`.
     pub fn with_math(seed: u64, math: BoxMullerMath) -> Self {
-        TorchGenerator {
-            seed,
-            math,
-            engine: Mt19937::new(seed),
-            next_double_normal: None,
-        }
+        Self::with_options(seed, math, TorchNoise::default())
+    }
+
+    /// `torch.Generator("cpu").manual_seed(seed)` as torch release `noise` draws from it, on a CPU
+    /// whose float Box-Muller is `math` (which [`TorchNoise::Legacy`] and
+    /// [`TorchNoise::Torch2_12`] ignore for float16/bfloat16: they use libm everywhere).
+    pub fn with_options(seed: u64, math: BoxMullerMath, noise: TorchNoise) -> Self {
+        TorchGenerator { seed, math, noise, engine: Mt19937::new(seed), next_double_normal: None }
     }
 
     /// The seed this generator was created with (`Generator.initial_seed()`).
@@ -181,33 +189,27 @@ impl TorchGenerator {
         self.math
     }
 
+    /// The torch release whose float16/bfloat16 noise this generator reproduces.
+    pub fn noise(&self) -> TorchNoise {
+        self.noise
+    }
+
     /// `torch.randn(numel, generator=self, dtype=dtype)`, flattened (the shape does not change the
     /// values, only `numel` does). float16/bfloat16 values are returned exactly (they are
     /// representable in f32); float64 values are rounded to f32 — use
     /// [`TorchGenerator::randn_f64`] for the doubles.
     pub fn randn(&mut self, numel: usize, dtype: NoiseDType) -> Vec<f32> {
         match dtype {
-            NoiseDType::F64 => self
-                .randn_f64(numel)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
+            NoiseDType::F64 => self.randn_f64(numel).into_iter().map(|v| v as f32).collect(),
             NoiseDType::F32 if numel >= 16 => self.normal_fill_f32(numel),
-            NoiseDType::F16 | NoiseDType::BF16 if numel >= 16 => {
-                self.normal_fill_reduced(numel, dtype)
-            }
-            _ => (0..numel)
-                .map(|_| {
-                    // `static_cast<scalar_t>(double)`: Half and BFloat16 only have a float
-                    // constructor, so the double is rounded to float first.
-                    let v = self.scalar_normal() as f32;
-                    match dtype {
-                        NoiseDType::F16 => half::f16::from_f32(v).to_f32(),
-                        NoiseDType::BF16 => half::bf16::from_f32(v).to_f32(),
-                        _ => v,
-                    }
-                })
-                .collect(),
+            NoiseDType::F16 | NoiseDType::BF16 if numel >= 16 => match self.noise {
+                TorchNoise::Torch2_13 => self.normal_fill_reduced(numel, dtype, self.math),
+                TorchNoise::Torch2_12 => self.normal_fill_reduced(numel, dtype, BoxMullerMath::Libm),
+                TorchNoise::Legacy => self.normal_fill_half_math(numel, dtype),
+            },
+            // `static_cast<scalar_t>(double)`: Half and BFloat16 only have a float constructor,
+            // so the double is rounded to float first.
+            _ => (0..numel).map(|_| torch_noise::round_to(dtype, self.scalar_normal() as f32)).collect(),
         }
     }
 
@@ -265,35 +267,31 @@ impl TorchGenerator {
     fn normal_fill_f32(&mut self, numel: usize) -> Vec<f32> {
         let mut data: Vec<f32> = (0..numel).map(|_| self.uniform_f32()).collect();
         let mut blocks = data.chunks_exact_mut(16);
-        blocks
-            .by_ref()
-            .for_each(|block| self.box_muller16_f32(block));
+        let math = self.math;
+        blocks.by_ref().for_each(|block| box_muller16_f32(math, block));
         if !blocks.into_remainder().is_empty() {
             let tail_start = numel - 16;
             for v in &mut data[tail_start..] {
                 *v = self.uniform_f32();
             }
-            self.box_muller16_f32(&mut data[tail_start..]);
+            box_muller16_f32(math, &mut data[tail_start..]);
         }
         data
     }
 
-    /// `normal_fill<Half>` / `normal_fill<BFloat16>`: float math through a 16-float buffer that
-    /// is filled per block, so fewer uniforms are drawn than for float32.
-    fn normal_fill_reduced(&mut self, numel: usize, dtype: NoiseDType) -> Vec<f32> {
-        let round = |v: f32| match dtype {
-            NoiseDType::F16 => half::f16::from_f32(v).to_f32(),
-            _ => half::bf16::from_f32(v).to_f32(),
-        };
+    /// `normal_fill<Half>` / `normal_fill<BFloat16>` (torch >= 2.12): float math with `math`
+    /// through a 16-float buffer that is filled per block, so fewer uniforms are drawn than for
+    /// float32.
+    fn normal_fill_reduced(&mut self, numel: usize, dtype: NoiseDType, math: BoxMullerMath) -> Vec<f32> {
         let mut out = vec![0f32; numel];
         let mut buf = [0f32; 16];
         let mut fill = |g: &mut Self, dst: &mut [f32]| {
             for v in buf.iter_mut() {
                 *v = g.uniform_f32();
             }
-            g.box_muller16_f32(&mut buf);
+            box_muller16_f32(math, &mut buf);
             for (d, &v) in dst.iter_mut().zip(&buf) {
-                *d = round(v);
+                *d = torch_noise::round_to(dtype, v);
             }
         };
         let mut blocks = out.chunks_exact_mut(16);
@@ -303,31 +301,31 @@ impl TorchGenerator {
         }
         out
     }
+}
 
-    /// `NormalFill16<float>` on one block of 16 uniforms, in place.
-    fn box_muller16_f32(&self, data: &mut [f32]) {
-        // `2.0f * c10::pi<double>` is a double; the AVX2 code rounds it to float before
-        // multiplying, the scalar code multiplies in double and rounds the angle.
-        const TWO_PI: f64 = 2.0 * std::f64::consts::PI;
-        for j in 0..8 {
-            let u1 = 1.0 - data[j];
-            let u2 = data[j + 8];
-            let (radius, sin, cos) = match self.math {
-                BoxMullerMath::Avx2 => {
-                    let radius = (-2.0 * avx_mathfun::log_ps(u1)).sqrt();
-                    let (sin, cos) = avx_mathfun::sincos_ps(TWO_PI as f32 * u2);
-                    (radius, sin, cos)
-                }
-                BoxMullerMath::Libm => {
-                    let radius = (-2.0 * u1.ln()).sqrt();
-                    let theta = (TWO_PI * u2 as f64) as f32;
-                    (radius, theta.sin(), theta.cos())
-                }
-            };
-            // torch ends with `fma(n, std, mean)` = `n * 1 + 0`, i.e. `n + 0.0`.
-            data[j] = radius * cos + 0.0;
-            data[j + 8] = radius * sin + 0.0;
-        }
+/// `NormalFill16<float>` on one block of 16 uniforms, in place, with `math`.
+fn box_muller16_f32(math: BoxMullerMath, data: &mut [f32]) {
+    // `2.0f * c10::pi<double>` is a double; the AVX2 code rounds it to float before
+    // multiplying, the scalar code multiplies in double and rounds the angle.
+    const TWO_PI: f64 = 2.0 * std::f64::consts::PI;
+    for j in 0..8 {
+        let u1 = 1.0 - data[j];
+        let u2 = data[j + 8];
+        let (radius, sin, cos) = match math {
+            BoxMullerMath::Avx2 => {
+                let radius = (-2.0 * avx_mathfun::log_ps(u1)).sqrt();
+                let (sin, cos) = avx_mathfun::sincos_ps(TWO_PI as f32 * u2);
+                (radius, sin, cos)
+            }
+            BoxMullerMath::Libm => {
+                let radius = (-2.0 * u1.ln()).sqrt();
+                let theta = (TWO_PI * u2 as f64) as f32;
+                (radius, theta.sin(), theta.cos())
+            }
+        };
+        // torch ends with `fma(n, std, mean)` = `n * 1 + 0`, i.e. `n + 0.0`.
+        data[j] = radius * cos + 0.0;
+        data[j + 8] = radius * sin + 0.0;
     }
 }
 

@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{NoiseDType, TorchGenerator};
+use super::{NoiseDType, TorchGenerator, TorchNoise};
 
 /// The per-image generators of one generation, which every random draw of the run consumes in
 /// order (initial latents first, then each ancestral step).
@@ -39,6 +39,19 @@ impl BatchNoise {
     pub fn for_batch(first_seed: u64, n: usize) -> Self {
         let seeds: Vec<u64> = (0..n as u64).map(|i| first_seed.wrapping_add(i)).collect();
         Self::new(&seeds)
+    }
+
+    /// Like [`BatchNoise::new`], drawing as torch release `noise` does (float16/bfloat16 noise
+    /// differs between releases; see [`TorchNoise`], e.g. from [`TorchNoise::from_env`]).
+    pub fn with_noise(seeds: &[u64], noise: TorchNoise) -> Self {
+        let math = super::BoxMullerMath::default();
+        Self { generators: seeds.iter().map(|&s| TorchGenerator::with_options(s, math, noise)).collect() }
+    }
+
+    /// Like [`BatchNoise::for_batch`], drawing as torch release `noise` does.
+    pub fn for_batch_with_noise(first_seed: u64, n: usize, noise: TorchNoise) -> Self {
+        let seeds: Vec<u64> = (0..n as u64).map(|i| first_seed.wrapping_add(i)).collect();
+        Self::with_noise(&seeds, noise)
     }
 
     /// Wraps existing generators (e.g. ones with a non-default [`super::BoxMullerMath`]).
