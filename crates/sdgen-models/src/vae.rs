@@ -1,11 +1,31 @@
 //! diffusers' `AutoencoderKL` (the SD 1.5 / SDXL VAE), keys as in the hub's
 //! `vae/diffusion_pytorch_model.safetensors`.
+//!
+//! Besides the plain [`AutoencoderKL::encode`] / [`AutoencoderKL::decode`], the memory-saving
+//! modes of diffusers are here, numerically as diffusers computes them: slicing (one image of a
+//! batch at a time), tiling ([`VaeTiling`], `tiling.rs`) and attention slicing of the mid block
+//! ([`AutoencoderKL::set_attention_options`]). Peak activation memory per decode mode, f32, for
+//! SD 1.5's VAE (channels 128/256/512/512) and `b` images of `H × W` pixels:
+//! - plain: the largest tensor is `up_blocks.2`'s upsampled output `[b, 256, H, W]`
+//!   (b·1 GiB at 1024²), a few of that size alive at once inside the next resnet, plus the
+//!   mid-block attention's scores `[b, 1, HW/64, HW/64]` (b·1 GiB at 1024², b·16 GiB at 2048²);
+//! - sliced: the same with `b = 1`;
+//! - tiled: the same per tile with `H = W = tile_sample_min_size`, plus two rows of decoded
+//!   tiles `[b, 3, T, T]` and the output image `[b, 3, H, W]`;
+//! - attention slicing replaces the scores' `HW/64` query rows by the slice.
+//!
+//! The encoder's largest tensors are its full-resolution `[b, 128, H, W]` activations and the
+//! same mid-block scores; the modes bound them the same way.
+
+mod tiling;
+
+pub use tiling::VaeTiling;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::attention::attention;
+use crate::attention::{attention_with, AttentionOptions, AttentionOptionsCell};
 use crate::norm::GroupNorm;
 use crate::resnet::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
 
@@ -83,6 +103,7 @@ struct MidAttention {
     k: Linear,
     v: Linear,
     out: Linear,
+    options: AttentionOptionsCell,
 }
 
 impl MidAttention {
@@ -101,6 +122,7 @@ impl MidAttention {
             k: lin(names[1])?,
             v: lin(names[2])?,
             out: lin(names[3])?,
+            options: AttentionOptionsCell::default(),
         })
     }
 
@@ -110,7 +132,7 @@ impl MidAttention {
         let q = self.q.forward(&t)?.unsqueeze(1)?;
         let k = self.k.forward(&t)?.unsqueeze(1)?;
         let v = self.v.forward(&t)?.unsqueeze(1)?;
-        let o = attention(&q, &k, &v, (c as f64).powf(-0.5), None)?.squeeze(1)?;
+        let o = attention_with(&q, &k, &v, (c as f64).powf(-0.5), None, self.options.get())?.squeeze(1)?;
         let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }
@@ -300,6 +322,25 @@ pub struct LatentDistribution {
     pub logvar: Tensor,
 }
 
+impl LatentDistribution {
+    /// Splits the encoder's moments `[b, 2·latent, h, w]` as diffusers'
+    /// `DiagonalGaussianDistribution` does.
+    fn from_moments(moments: &Tensor) -> Result<Self> {
+        let parts = moments.chunk(2, 1)?;
+        Ok(Self { mean: parts[0].clone(), logvar: parts[1].clamp(-30f32, 20f32)? })
+    }
+}
+
+/// diffusers' `enable_slicing` / `enable_tiling` switches, for [`AutoencoderKL::decode_with`]
+/// and [`AutoencoderKL::encode_with`]. The default is neither (plain decode).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct VaeOptions {
+    /// Encode / decode a batch one image at a time (`use_slicing`).
+    pub slicing: bool,
+    /// Tile inputs larger than one tile (`use_tiling`).
+    pub tiling: Option<VaeTiling>,
+}
+
 /// The whole autoencoder; either half may be loaded alone (a txt2img run needs only the decoder).
 #[derive(Debug)]
 pub struct AutoencoderKL {
@@ -325,17 +366,94 @@ impl AutoencoderKL {
         &self.cfg
     }
 
+    /// Sets how the mid-block attentions (encoder and decoder) bound their score matrix
+    /// `[b, 1, hw, hw]` (`hw` = latent cells), from the next call on; no reload needed.
+    pub fn set_attention_options(&self, options: AttentionOptions) {
+        if let Some(e) = &self.encoder {
+            e.mid.attn.options.set(options);
+        }
+        if let Some(d) = &self.decoder {
+            d.mid.attn.options.set(options);
+        }
+    }
+
+    fn encoder(&self) -> Result<&Encoder> {
+        self.encoder.as_ref().ok_or_else(|| candle_core::Error::Msg("VAE encoder not loaded".into()))
+    }
+
+    fn decoder(&self) -> Result<&Decoder> {
+        self.decoder.as_ref().ok_or_else(|| candle_core::Error::Msg("VAE decoder not loaded".into()))
+    }
+
     /// Encodes an image in [−1, 1] to its latent distribution (unscaled).
     pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
-        let enc = self.encoder.as_ref().ok_or_else(|| candle_core::Error::Msg("VAE encoder not loaded".into()))?;
-        let moments = enc.forward(image)?;
-        let parts = moments.chunk(2, 1)?;
-        Ok(LatentDistribution { mean: parts[0].clone(), logvar: parts[1].clamp(-30f32, 20f32)? })
+        LatentDistribution::from_moments(&self.encoder()?.forward(image)?)
     }
 
     /// Decodes unscaled latents to an image in about [−1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let dec = self.decoder.as_ref().ok_or_else(|| candle_core::Error::Msg("VAE decoder not loaded".into()))?;
-        dec.forward(z)
+        self.decoder()?.forward(z)
     }
+
+    /// diffusers' `decode` with `use_slicing` / `use_tiling` as in `options`: with slicing, a
+    /// batch is decoded one image at a time; with tiling, an image whose latent is wider or
+    /// taller than `tile_latent_min_size` goes through [`Self::tiled_decode`].
+    pub fn decode_with(&self, z: &Tensor, options: &VaeOptions) -> Result<Tensor> {
+        let decode_one = |z: &Tensor| -> Result<Tensor> {
+            let (_, _, h, w) = z.dims4()?;
+            match &options.tiling {
+                Some(t) if h > t.tile_latent_min_size || w > t.tile_latent_min_size => self.tiled_decode(z, t),
+                _ => self.decode(z),
+            }
+        };
+        if options.slicing && z.dim(0)? > 1 {
+            per_image(z, decode_one)
+        } else {
+            decode_one(z)
+        }
+    }
+
+    /// diffusers' `encode` with `use_slicing` / `use_tiling` as in `options` (an image wider or
+    /// taller than `tile_sample_min_size` is tiled).
+    pub fn encode_with(&self, image: &Tensor, options: &VaeOptions) -> Result<LatentDistribution> {
+        let enc = self.encoder()?;
+        let encode_one = |x: &Tensor| -> Result<Tensor> {
+            let (_, _, h, w) = x.dims4()?;
+            match &options.tiling {
+                Some(t) if h > t.tile_sample_min_size || w > t.tile_sample_min_size => {
+                    t.run_encode(x, self.cfg.scale_factor(), |tile| enc.forward(tile))
+                }
+                _ => enc.forward(x),
+            }
+        };
+        let moments =
+            if options.slicing && image.dim(0)? > 1 { per_image(image, encode_one)? } else { encode_one(image)? };
+        LatentDistribution::from_moments(&moments)
+    }
+
+    /// Decodes a batch one image at a time (diffusers' `enable_slicing`): the activations of one
+    /// image are alive at once instead of the whole batch's.
+    pub fn decode_sliced(&self, z: &Tensor) -> Result<Tensor> {
+        per_image(z, |z| self.decode(z))
+    }
+
+    /// diffusers' `tiled_decode`, whatever the latent's size: overlapping tiles of
+    /// `tile_latent_min_size` latent cells decoded separately, blended linearly over
+    /// `tile_sample_min_size · overlap` pixels and cropped (see [`VaeTiling`]).
+    pub fn tiled_decode(&self, z: &Tensor, tiling: &VaeTiling) -> Result<Tensor> {
+        let dec = self.decoder()?;
+        tiling.run_decode(z, self.cfg.scale_factor(), |tile| dec.forward(tile))
+    }
+
+    /// diffusers' `tiled_encode` (its `_tiled_encode`), whatever the image's size.
+    pub fn tiled_encode(&self, image: &Tensor, tiling: &VaeTiling) -> Result<LatentDistribution> {
+        let enc = self.encoder()?;
+        LatentDistribution::from_moments(&tiling.run_encode(image, self.cfg.scale_factor(), |tile| enc.forward(tile))?)
+    }
+}
+
+/// Applies `f` to each image of the batch `x` separately and concatenates the results.
+fn per_image(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let outs = (0..x.dim(0)?).map(|i| f(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outs, 0)
 }

@@ -2,8 +2,10 @@
 //! PyTorch-compatible noise generator, pipelines (encode → denoise → decode) and outputs.
 #![deny(missing_docs)]
 
+pub mod device_memory;
 pub mod error;
 pub mod hub;
+pub mod image_io;
 pub mod loading;
 pub mod pipeline;
 pub mod output;

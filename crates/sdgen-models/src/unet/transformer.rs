@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
-use crate::attention::{attention, merge_heads, split_heads};
+use crate::attention::{attention_with, merge_heads, split_heads, AttentionOptions, AttentionOptionsCell};
 use crate::norm::{GroupNorm, LayerNorm};
 use crate::resnet::conv1x1;
 
@@ -17,6 +17,7 @@ pub struct CrossAttention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    options: AttentionOptionsCell,
 }
 
 impl CrossAttention {
@@ -31,7 +32,13 @@ impl CrossAttention {
             to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
             scale: (head_dim as f64).powf(-0.5),
+            options: AttentionOptionsCell::default(),
         })
+    }
+
+    /// Sets how this layer's attention bounds its score memory, from the next call on.
+    pub fn set_attention_options(&self, options: AttentionOptions) {
+        self.options.set(options);
     }
 
     /// Attends from `x: [b, n, dim]` to `context` (or to itself).
@@ -40,7 +47,7 @@ impl CrossAttention {
         let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(ctx)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(ctx)?, self.heads)?;
-        let o = attention(&q, &k, &v, self.scale, None)?;
+        let o = attention_with(&q, &k, &v, self.scale, None, self.options.get())?;
         self.to_out.forward(&merge_heads(&o)?)
     }
 }
@@ -88,6 +95,11 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
+    }
+
+    fn set_attention_options(&self, options: AttentionOptions) {
+        self.attn1.set_attention_options(options);
+        self.attn2.set_attention_options(options);
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -162,6 +174,13 @@ impl Transformer2D {
         })
     }
 
+    /// Sets the attention options of every self- and cross-attention inside, from the next call on.
+    pub fn set_attention_options(&self, options: AttentionOptions) {
+        for block in &self.blocks {
+            block.set_attention_options(options);
+        }
+    }
+
     /// Applies the transformer with `context: [b, tokens, context_dim]`; residual included.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -181,5 +200,22 @@ impl Transformer2D {
             Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
         };
         out + residual
+    }
+}
+
+// Lives here rather than in `unet/mod.rs` (a child module may read its parent's private fields)
+// only to keep the memory-option plumbing in one file; it is an ordinary inherent method.
+impl super::UNet2DConditionModel {
+    /// Sets how every attention of the UNet bounds its f32 score matrix (see
+    /// [`AttentionOptions`]); takes effect from the next `forward`, no reload needed.
+    ///
+    /// The self-attention of the highest-resolution level dominates: its scores are
+    /// `attention_scores_bytes(b, heads, h·w, h·w, slice)` for latents `h × w`.
+    pub fn set_attention_options(&self, options: AttentionOptions) {
+        let down = self.down.iter().flat_map(|b| &b.attentions);
+        let up = self.up.iter().flat_map(|b| &b.attentions);
+        for t in down.chain(&self.mid.attentions).chain(up) {
+            t.set_attention_options(options);
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! - normalizer: `Sequence[NFC, Replace(Regex(r"\s+"), " "), Lowercase]`;
 //! - pre-tokenizer: `Sequence[Split(CLIP's regex, "removed", invert=True),
 //!   ByteLevel(add_prefix_space=False)]`;
-//! - model: `BPE(vocab.json, merges.txt, end_of_word_suffix="</w>", unk_token=unk)`;
+//! - model: `BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=unk)`, from `tokenizer.json`
+//!   where the folder has one, else from `vocab.json` and `merges.txt` (see `files.rs`);
 //! - post-processor: `RobertaProcessing((eos, eos_id), (bos, bos_id))`, i.e. bos … eos.
 //!
 //! The same components of the `tokenizers` crate run here, so only two things are reproduced by
@@ -13,11 +14,11 @@
 //! ([`resolve_added_tokens`], after `PreTrainedTokenizerBase._from_pretrained` and
 //! `TokenizersBackend.__init__`), and the framing, which [`super::ClipTokenizer::encode`] does.
 //!
-//! The reference runs tokenizers 0.23, whose `AddedVocabulary` keeps the *last* definition of a
-//! token added twice (SD 1.5: `eos_token` `{"normalized": true}`, then `pad_token`
-//! `"<|endoftext|>"`, a plain string, which registers it as `normalized: false`), while this
-//! crate's 0.22 matches some tokens by their first definition. Handing it each token once, in its
-//! final form, makes the two agree.
+//! The reference runs tokenizers 0.23, as this crate does: its `AddedVocabulary` keeps the *last*
+//! definition of a token added twice, at the id of its first addition (SD 1.5: `eos_token`
+//! `{"normalized": true}`, then `pad_token` `"<|endoftext|>"`, a plain string, which registers it as
+//! `normalized: false`). The tokens go to `add_tokens` in one call, in transformers' order, as the
+//! reference hands them over, so the library resolves them the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -31,6 +32,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use super::files::{BpeModel, TokenizerJson};
 use super::{merge_pair, read_optional_json, FrameIds};
 use crate::{Error, Result};
 
@@ -221,10 +223,13 @@ struct Resolved {
 /// `PreTrainedTokenizerBase.__init__`; `tokenization_utils_tokenizers.py`:
 /// `TokenizersBackend.__init__`; `tokenization_clip.py`: the defaults).
 ///
+/// Without an `added_tokens_decoder` in the config, `tokenizer.json`'s `added_tokens` join the
+/// legacy files' tokens (they are all transformers 5's `save_pretrained` keeps of them).
+///
 /// JSON objects are read with sorted keys (serde_json's map), where Python keeps the file's order:
 /// that only matters for the ids of several model-specific `*_token`s missing from the vocabulary,
-/// which no CLIP folder has.
-fn resolve_added_tokens(dir: &Path, config: &Value) -> Result<Resolved> {
+/// and for contents defined twice in one file, which no CLIP folder has.
+fn resolve_added_tokens(dir: &Path, config: &Value, tokenizer_json: Option<&TokenizerJson>) -> Result<Resolved> {
     let config_path = dir.join("tokenizer_config.json");
     let obj = config.as_object().expect("checked by the caller");
 
@@ -283,8 +288,11 @@ fn resolve_added_tokens(dir: &Path, config: &Value) -> Result<Resolved> {
     }
 
     // Tokens with fixed definitions: `added_tokens_decoder` when the config has one, else the
-    // legacy files (special_tokens_map.json overriding the config, then added_tokens.json).
+    // legacy files (special_tokens_map.json overriding the config, then added_tokens.json, then
+    // tokenizer.json's added_tokens). `decoder` is by id; `by_content` is `added_tokens_map`, whose
+    // later definitions of a content win.
     let mut decoder: BTreeMap<u32, PyToken> = BTreeMap::new();
+    let mut by_content: HashMap<String, PyToken> = HashMap::new();
     if let Some(dec) = obj.get("added_tokens_decoder") {
         let dec = dec.as_object().ok_or_else(|| {
             Error::BadModel(format!("{}: added_tokens_decoder is not an object", config_path.display()))
@@ -296,7 +304,9 @@ fn resolve_added_tokens(dir: &Path, config: &Value) -> Result<Resolved> {
             let fields = v.as_object().ok_or_else(|| {
                 Error::BadModel(format!("{}: added_tokens_decoder `{id}` is not a token: {v}", config_path.display()))
             })?;
-            decoder.insert(id, PyToken::from_fields(fields, None, &config_path, "added_tokens_decoder")?);
+            let token = PyToken::from_fields(fields, None, &config_path, "added_tokens_decoder")?;
+            by_content.insert(token.content.clone(), token.clone());
+            decoder.insert(id, token);
         }
     } else {
         let map_path = dir.join("special_tokens_map.json");
@@ -359,18 +369,26 @@ fn resolve_added_tokens(dir: &Path, config: &Value) -> Result<Resolved> {
                     Error::BadModel(format!("{}: `{content}` has id {id}, not a token id", added_path.display()))
                 })?;
                 let is_special = special.contains(&content.as_str());
-                decoder.insert(id, PyToken { normalized: Some(!is_special), ..PyToken::new(content, is_special) });
+                let token = PyToken { normalized: Some(!is_special), ..PyToken::new(content, is_special) };
+                by_content.insert(content.clone(), token.clone());
+                decoder.insert(id, token);
+            }
+        }
+        if let Some(json) = tokenizer_json {
+            for (id, fields) in json.added_tokens()? {
+                let token = PyToken::from_fields(fields, None, json.path(), "added_tokens")?;
+                by_content.insert(token.content.clone(), token.clone());
+                decoder.insert(id, token);
             }
         }
     }
 
     // `convert_added_tokens`, then named tokens take the decoder's definition of their content.
-    let by_content: HashMap<&str, &PyToken> = decoder.values().map(|t| (t.content.as_str(), t)).collect();
     for value in named.values_mut() {
         if let Some(v) = value.take() {
             let v = v.converted();
             *value = Some(match by_content.get(v.text()) {
-                Some(t) => Special::Token((*t).clone()),
+                Some(t) => Special::Token(t.clone()),
                 None => v,
             });
         }
@@ -434,24 +452,9 @@ fn resolve_added_tokens(dir: &Path, config: &Value) -> Result<Resolved> {
     })
 }
 
-/// tokenizers 0.23's `AddedVocabulary.add_tokens` on a fresh vocabulary keeps one definition per
-/// content, the last one, at the id of its first addition (from the vocabulary, else the next free
-/// one). Handing the crate each content once, in order of first addition, in its final form, gives
-/// the same ids and flags.
-fn final_added_tokens(tokens: &[PyToken]) -> Vec<AddedToken> {
-    let mut order: Vec<AddedToken> = Vec::new();
-    for token in tokens.iter().map(PyToken::backend).filter(|t| !t.content.is_empty()) {
-        match order.iter_mut().find(|t| t.content == token.content) {
-            Some(existing) => *existing = token,
-            None => order.push(token),
-        }
-    }
-    order
-}
-
 /// `merges.txt` as tokenizers' `BPE.read_file` reads it: every line but those starting with
 /// `#version`, each exactly two tokens separated by one space.
-fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
+pub(super) fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -474,33 +477,41 @@ pub(super) struct FastClip {
 }
 
 impl FastClip {
-    /// Builds the tokenizers pipeline of `dir` as transformers 5's `CLIPTokenizer` does.
-    pub(super) fn load(dir: &Path, config: &Value, vocab: HashMap<String, u32>) -> Result<(Self, FrameIds)> {
-        let merges = read_merges(&dir.join("merges.txt"))?;
-        let resolved = resolve_added_tokens(dir, config)?;
-        let added = final_added_tokens(&resolved.to_add);
+    /// Builds the tokenizers pipeline of `dir` as transformers 5's `CLIPTokenizer` does, on the
+    /// folder's vocabulary and merges; `tokenizer_json` is the folder's tokenizer.json, if any.
+    pub(super) fn load(
+        dir: &Path,
+        config: &Value,
+        model: BpeModel,
+        tokenizer_json: Option<&TokenizerJson>,
+    ) -> Result<(Self, FrameIds)> {
+        let resolved = resolve_added_tokens(dir, config, tokenizer_json)?;
 
-        let bpe_vocab: Vocab = vocab.into_iter().collect();
+        let bpe_vocab: Vocab = model.vocab.into_iter().collect();
         let bpe = BPE::builder()
-            .vocab_and_merges(bpe_vocab, merges)
+            .vocab_and_merges(bpe_vocab, model.merges)
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".to_owned())
             .fuse_unk(false)
             // transformers passes `str(unk_token)`: "None" when there is none.
             .unk_token(resolved.unk.clone().unwrap_or_else(|| "None".to_owned()))
             .build()
-            .map_err(|e| Error::BadModel(format!("{}: vocab.json and merges.txt disagree: {e}", dir.display())))?;
+            .map_err(|e| Error::BadModel(format!("{}: the vocabulary and merges disagree: {e}", model.source)))?;
 
         let mut tokenizer = Tokenizer::new(bpe);
         let replace = Replace::new(ReplacePattern::Regex(r"\s+".to_owned()), " ").expect("whitespace pattern compiles");
-        tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![NFC.into(), replace.into(), Lowercase.into()])));
+        let normalizer = NormalizerSequence::new(vec![NFC.into(), replace.into(), Lowercase.into()]);
+        // Setting a normalizer re-normalises the added tokens, of which there are none yet.
+        tokenizer.with_normalizer(Some(normalizer)).expect("no added tokens to normalise yet");
         let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.to_owned()), SplitDelimiterBehavior::Removed, true)
             .expect("CLIP pattern compiles");
         tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             split.into(),
             ByteLevel::new(false, true, true).into(),
         ])));
-        tokenizer.add_tokens(&added);
+        tokenizer
+            .add_tokens(resolved.to_add.iter().map(PyToken::backend))
+            .map_err(|e| Error::BadModel(format!("{}: cannot register the added tokens: {e}", dir.display())))?;
 
         // `convert_tokens_to_ids`: added tokens, then the vocabulary, else the unk id.
         let unk_id = resolved.unk.as_deref().and_then(|u| tokenizer.token_to_id(u));

@@ -35,22 +35,31 @@
 //! registers SD 1.5's `<|endoftext|>` as `normalized` (transformers 5 lets the folder's plain-string
 //! `pad_token` redefine it). `tokens.json` records all three; see `tools/reference/make_tokens.py`.
 //!
+//! A folder holds the vocabulary and merges as the hub's `vocab.json` and `merges.txt`, or as the
+//! `tokenizer.json` that transformers 5's `save_pretrained` writes instead (with its added tokens;
+//! `tokenizer_config.json` beside it). Transformers5 prefers `tokenizer.json` where both are
+//! present, Slow the two files, as their references do (`files.rs`). `testdata/tokenizer-json`
+//! holds such saves; `json_tests.rs` checks them against both references.
+//!
 //! Unicode tables are Rust's (regex: Unicode 16.0). A sweep of every code point (the ignored test
 //! `sweep_all_code_points`) finds Transformers5 equal to transformers 5.24 / tokenizers 0.23 on all
 //! of them, and Slow differing from Python 3.11's transformers 4.57 only on code points assigned in
 //! Unicode 15.0–16.0 (see `slow.rs`).
 
 mod fast;
+mod files;
+#[cfg(test)]
+mod json_tests;
 mod slow;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::{Error, Result};
+use files::{ModelSource, TokenizerJson};
 
 /// Which transformers `CLIPTokenizer` to reproduce (see the module doc for where they differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,13 +142,13 @@ impl ClipTokenizer {
         Self::from_dir_with_mode(dir, TokenizerMode::default())
     }
 
-    /// Loads a hub tokenizer folder: `vocab.json`, `merges.txt`, `tokenizer_config.json` (for
-    /// `model_max_length` and the special tokens), and `special_tokens_map.json` and
-    /// `added_tokens.json` where present, read as `mode`'s transformers version reads them.
+    /// Loads a hub tokenizer folder: the vocabulary and merges (`vocab.json` and `merges.txt`, or
+    /// `tokenizer.json` as transformers 5's `save_pretrained` writes it: see `files.rs` for which
+    /// wins where both are present), `tokenizer_config.json` (for `model_max_length` and the
+    /// special tokens), and `special_tokens_map.json`, `added_tokens.json` and tokenizer.json's
+    /// added tokens where present, read as `mode`'s transformers version reads them.
     pub fn from_dir_with_mode(dir: &Path, mode: TokenizerMode) -> Result<Self> {
-        let vocab_path = dir.join("vocab.json");
-        let vocab: HashMap<String, u32> = serde_json::from_value(read_json(&vocab_path)?)
-            .map_err(|e| Error::BadModel(format!("{}: not a JSON object of token -> id: {e}", vocab_path.display())))?;
+        let source = files::model_source(dir, mode)?;
 
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?;
@@ -157,15 +166,27 @@ impl ClipTokenizer {
             }
         };
 
-        let vocab_size = vocab.len();
-        let (engine, frame) = match mode {
+        // tokenizer.json is read for its model, or for its added tokens where the config has no
+        // `added_tokens_decoder` (both references read it then, and only then).
+        let json_wanted = source == ModelSource::TokenizerJson || config.get("added_tokens_decoder").is_none();
+        let tokenizer_json = match json_wanted && dir.join(files::TOKENIZER_FILE).is_file() {
+            true => Some(TokenizerJson::read(dir)?),
+            false => None,
+        };
+        let tokenizer_json = tokenizer_json.as_ref();
+        let (engine, frame, vocab_size) = match mode {
             TokenizerMode::Slow => {
-                let (engine, frame) = slow::SlowClip::load(dir, &config, vocab)?;
-                (Engine::Slow(engine), frame)
+                let max_merges = Some(slow::MAX_MERGES);
+                let model = files::read_model(dir, source, tokenizer_json, slow::read_merges, max_merges)?;
+                let vocab_size = model.vocab.len();
+                let (engine, frame) = slow::SlowClip::load(dir, &config, model, tokenizer_json)?;
+                (Engine::Slow(engine), frame, vocab_size)
             }
             TokenizerMode::Transformers5 => {
-                let (engine, frame) = fast::FastClip::load(dir, &config, vocab)?;
-                (Engine::Fast(engine), frame)
+                let model = files::read_model(dir, source, tokenizer_json, fast::read_merges, None)?;
+                let vocab_size = model.vocab.len();
+                let (engine, frame) = fast::FastClip::load(dir, &config, model, tokenizer_json)?;
+                (Engine::Fast(engine), frame, vocab_size)
             }
         };
         Ok(ClipTokenizer { mode, engine, vocab_size, max_length, frame })
@@ -181,7 +202,8 @@ impl ClipTokenizer {
         self.max_length
     }
 
-    /// The number of entries in `vocab.json` (49408 for CLIP).
+    /// The number of entries in the vocabulary, `vocab.json` or tokenizer.json's `model.vocab`
+    /// (49408 for CLIP), added tokens outside it not counted.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }

@@ -22,12 +22,13 @@ use serde_json::Value;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::{Model, NormalizedString};
 
+use super::files::{BpeModel, TokenizerJson};
 use super::{merge_pair, read_optional_json, FrameIds};
 use crate::{Error, Result};
 
 /// The slow tokenizer reads only this many merges (`[1 : 49152 - 256 - 2 + 1]` in
 /// transformers' `tokenization_clip.py`, after openai/CLIP's `simple_tokenizer.py`).
-const MAX_MERGES: usize = 49152 - 256 - 2;
+pub(super) const MAX_MERGES: usize = 49152 - 256 - 2;
 
 /// CLIP's pre-tokenizer pattern. The reference compiles it with `re.IGNORECASE`, which changes
 /// the classes for one character only: U+0345 (combining ypogegrammeni, a mark that case-folds to
@@ -123,12 +124,26 @@ fn is_py_space(c: char) -> bool {
         | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}')
 }
 
+/// Sets the added token of `token.id` as a Python dict does: an id already there keeps its place.
+fn set_by_id(added: &mut Vec<AddedToken>, token: AddedToken) {
+    match added.iter_mut().find(|t| t.id == token.id) {
+        Some(slot) => *slot = token,
+        None => added.push(token),
+    }
+}
+
 /// The folder's added tokens with their ids, resolved as transformers 4.x's `from_pretrained` and
 /// `PreTrainedTokenizer.__init__` do; returns them with the contents of bos, eos, unk and pad.
+///
+/// Without an `added_tokens_decoder` in the config, tokenizer.json's `added_tokens` are read after
+/// added_tokens.json. transformers 5 writes the extra special tokens as a list
+/// `extra_special_tokens`: where `additional_special_tokens` is absent, that list stands for it
+/// (transformers 4.57 itself fails on such a list, taking the key for a dict of named tokens).
 fn resolve_added_tokens(
     dir: &Path,
     config: &Value,
     vocab: &HashMap<String, u32>,
+    tokenizer_json: Option<&TokenizerJson>,
 ) -> Result<(Vec<AddedToken>, [Option<String>; 4])> {
     let config_path = dir.join("tokenizer_config.json");
     // CLIPTokenizer.__init__'s defaults, for keys the config leaves out entirely.
@@ -146,9 +161,13 @@ fn resolve_added_tokens(
         specials.push((key, token));
     }
     let mut additional = Vec::new();
-    if let Some(list) = config.get("additional_special_tokens").and_then(Value::as_array) {
+    let additional_key = match config.get("additional_special_tokens") {
+        None if config.get("extra_special_tokens").is_some_and(Value::is_array) => "extra_special_tokens",
+        _ => "additional_special_tokens",
+    };
+    if let Some(list) = config.get(additional_key).and_then(Value::as_array) {
         for v in list {
-            additional.extend(parse_token(v, &config_path, "additional_special_tokens")?);
+            additional.extend(parse_token(v, &config_path, additional_key)?);
         }
     }
 
@@ -194,7 +213,13 @@ fn resolve_added_tokens(
                 let id = id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| {
                     Error::BadModel(format!("{}: `{content}` has id {id}, not a token id", added_path.display()))
                 })?;
-                added.push(AddedToken::plain(content, id));
+                set_by_id(&mut added, AddedToken::plain(content, id));
+            }
+        }
+        if let Some(json) = tokenizer_json {
+            for (id, fields) in json.added_tokens()? {
+                let token = parse_token(&Value::Object(fields.clone()), json.path(), "added_tokens")?;
+                set_by_id(&mut added, AddedToken { id, ..token.expect("an object is a token") });
             }
         }
     }
@@ -232,7 +257,7 @@ fn resolve_added_tokens(
 
 /// `merges.txt` as the slow tokenizer reads it: the first line skipped whatever it says, then at
 /// most [`MAX_MERGES`] pairs.
-fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
+pub(super) fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut merges = Vec::new();
     for (i, line) in text.trim().split('\n').enumerate().skip(1).take(MAX_MERGES) {
@@ -247,10 +272,16 @@ fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 impl SlowClip {
-    /// Builds the slow tokenizer of `dir` from its vocabulary and configs.
-    pub(super) fn load(dir: &Path, config: &Value, vocab: HashMap<String, u32>) -> Result<(Self, FrameIds)> {
-        let merges = read_merges(&dir.join("merges.txt"))?;
-        let (added, [bos, eos, unk, pad]) = resolve_added_tokens(dir, config, &vocab)?;
+    /// Builds the slow tokenizer of `dir` from its vocabulary, merges and configs; `tokenizer_json`
+    /// is the folder's tokenizer.json, if any.
+    pub(super) fn load(
+        dir: &Path,
+        config: &Value,
+        model: BpeModel,
+        tokenizer_json: Option<&TokenizerJson>,
+    ) -> Result<(Self, FrameIds)> {
+        let BpeModel { vocab, merges, source } = model;
+        let (added, [bos, eos, unk, pad]) = resolve_added_tokens(dir, config, &vocab, tokenizer_json)?;
         let id_of = |key: &str, content: Option<String>| -> Result<u32> {
             let content = content.ok_or_else(|| {
                 Error::BadModel(format!(
@@ -271,7 +302,7 @@ impl SlowClip {
             .vocab_and_merges(bpe_vocab, merges)
             .end_of_word_suffix("</w>".to_owned())
             .build()
-            .map_err(|e| Error::BadModel(format!("{}: vocab.json and merges.txt disagree: {e}", dir.display())))?;
+            .map_err(|e| Error::BadModel(format!("{source}: the vocabulary and merges disagree: {e}")))?;
         let engine = SlowClip {
             bpe,
             vocab,

@@ -4,8 +4,8 @@ use serde_json::Value;
 
 use super::*;
 
-const TOKENIZER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/clip-tokenizer");
-const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/reference/tokens.json");
+pub(super) const TOKENIZER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/clip-tokenizer");
+pub(super) const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/reference/tokens.json");
 const MODES: [TokenizerMode; 2] = [TokenizerMode::Transformers5, TokenizerMode::Slow];
 
 /// A tokenizer folder for config `name`: sd15 is testdata/clip-tokenizer itself; a variant is
@@ -27,14 +27,14 @@ fn tokenizer_dir(name: &str, tmp: &Path) -> PathBuf {
     dir
 }
 
-fn ids_of(v: &Value) -> Vec<u32> {
+pub(super) fn ids_of(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
 }
 
 /// The reference record of `mode` for one prompt and config (see tools/reference/make_tokens.py:
 /// a variant omits slow ids equal to sd15's, "fast" is kept where it differs from slow, "v5" where
 /// it differs from "fast").
-fn reference_record<'a>(case: &'a Value, name: &str, mode: TokenizerMode) -> &'a Value {
+pub(super) fn reference_record<'a>(case: &'a Value, name: &str, mode: TokenizerMode) -> &'a Value {
     let own = &case[name];
     let slow = if own.get("ids").is_some() { own } else { &case["sd15"] };
     match mode {
