@@ -8,7 +8,7 @@ use clap::Parser;
 use sdgen::candle::{DType, Device};
 use sdgen::hub::HubOptions;
 use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL};
-use sdgen::pipeline::{Request, Runtime};
+use sdgen::pipeline::{check_strength, InitImage, Request, Runtime};
 use sdgen::schedulers::SchedulerKind;
 
 /// Generate images from a text prompt with Stable Diffusion.
@@ -41,7 +41,8 @@ pub struct Args {
     /// Image height in pixels (model default when omitted).
     #[arg(long)]
     pub height: Option<usize>,
-    /// Scheduler: pndm, ddim or euler (the model's own when omitted).
+    /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m or dpm++2m-karras (the model's own when
+    /// omitted).
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Folder for the images and their metadata.
@@ -63,6 +64,14 @@ pub struct Args {
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Start from this picture instead of noise (image-to-image; PNG, JPEG or WebP). The output
+    /// has its size rounded down to a multiple of 8, unless --width/--height say otherwise.
+    #[arg(long, value_name = "PATH")]
+    pub init_image: Option<PathBuf>,
+    /// With --init-image: how much to change it, from 0 (keep) to 1 (replace entirely); only the
+    /// last strength × steps steps run [default: 0.8].
+    #[arg(long, allow_negative_numbers = true)]
+    pub strength: Option<f64>,
 }
 
 /// The arguments, resolved.
@@ -74,6 +83,8 @@ pub struct Resolved {
     pub runtime: Runtime,
     pub device_label: String,
     pub output: PathBuf,
+    /// The decoded init image and its strength, for an image-to-image run.
+    pub img2img: Option<(InitImage, Option<f64>)>,
 }
 
 impl Args {
@@ -94,6 +105,26 @@ impl Args {
         if self.prompt.trim().is_empty() {
             return Err(invalid("the prompt is empty: say what to draw".into()));
         }
+        // The init image is read now, so a bad path or file costs no model loading.
+        let img2img = match (&self.init_image, self.strength) {
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "--strength needs --init-image: it sets how much of the init image to change".into(),
+                ))
+            }
+            (None, None) => None,
+            (Some(path), strength) => {
+                if let Some(s) = strength {
+                    check_strength(s)?;
+                }
+                let image = InitImage::load(path).map_err(|e| match e {
+                    // "--init-image: /path: No such file or directory"; decoding errors name it already.
+                    sdgen::Error::Io { .. } => anyhow::Error::new(e).context("--init-image"),
+                    other => other.into(),
+                })?;
+                Some((image, strength))
+            }
+        };
         let seed = self.seed.unwrap_or_else(random_seed);
         let mut hub = HubOptions::from_env();
         hub.offline |= self.offline;
@@ -119,6 +150,7 @@ impl Args {
             runtime: Runtime { device, dtype },
             device_label,
             output: self.output.clone(),
+            img2img,
         })
     }
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sdgen::output::{ensure_output_dir, save_image, ImageMetadata};
-use sdgen::pipeline::{txt2img, Request};
+use sdgen::pipeline::{img2img, resolve_img2img, txt2img, Img2ImgRequest, Request};
 
 use args::Args;
 
@@ -39,16 +39,35 @@ fn chain(err: &anyhow::Error) -> String {
 
 fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    let resolved = args.resolve()?;
+    let mut resolved = args.resolve()?;
     // Prove the output folder is writable before any model is loaded, so a typo costs nothing.
     ensure_output_dir(&resolved.output)?;
     let mut bar = progress::Reporter::new();
     let model = resolved.model.open_with(&resolved.hub, &resolved.open, &mut |p| bar.download(p))?;
     bar.finish();
     let request: Request = resolved.request.clone();
-    let settings = sdgen::pipeline::resolve(&model, &request)?;
+    let img2img_request = resolved.img2img.take().map(|(init_image, strength)| Img2ImgRequest {
+        request: request.clone(),
+        init_image,
+        strength,
+    });
+    // Everything is validated here, before any weights are loaded.
+    let (settings, img2img_plan) = match &img2img_request {
+        Some(req) => {
+            let plan = resolve_img2img(&model, req)?;
+            (plan.settings.clone(), Some(plan))
+        }
+        None => (sdgen::pipeline::resolve(&model, &request)?, None),
+    };
+    let from = match (&img2img_request, &img2img_plan) {
+        (Some(req), Some(plan)) => format!(
+            " from {} (strength {}: the last {} of {} steps)",
+            req.init_image.name, plan.strength, plan.denoising_steps, settings.steps
+        ),
+        _ => String::new(),
+    };
     progress::log(&format!(
-        "Generating {} image(s) with {} ({}) at {}x{}, {} steps, {} scheduler, guidance {}, seed {}",
+        "Generating {} image(s) with {} ({}) at {}x{}, {} steps, {} scheduler, guidance {}, seed {}{from}",
         request.n,
         model.family().display,
         resolved.model.label(),
@@ -59,8 +78,22 @@ fn run() -> anyhow::Result<ExitCode> {
         settings.guidance,
         request.seed
     ));
-    let generation = txt2img(&model, &request, &resolved.runtime, &mut |p| bar.report(p))?;
+    let generation = match &img2img_request {
+        Some(req) => img2img(&model, req, &resolved.runtime, &mut |p| bar.report(p))?,
+        None => txt2img(&model, &request, &resolved.runtime, &mut |p| bar.report(p))?,
+    };
     bar.finish();
+    // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
+    // (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline).
+    let pipeline_type = match &img2img_request {
+        Some(_) => model.family().pipeline_type.replacen("Pipeline", "Img2ImgPipeline", 1),
+        None => model.family().pipeline_type.to_string(),
+    };
+    let mut extra = serde_json::Map::new();
+    if let (Some(req), Some(plan)) = (&img2img_request, &img2img_plan) {
+        extra.insert("init_image".into(), req.init_image.name.clone().into());
+        extra.insert("strength".into(), plan.strength.into());
+    }
     for w in &generation.warnings {
         progress::log(&format!("⚠️  WARNING: {w}"));
     }
@@ -69,7 +102,7 @@ fn run() -> anyhow::Result<ExitCode> {
     for image in &generation.images {
         let meta = ImageMetadata {
             model: resolved.model.label(),
-            pipeline_type: model.family().pipeline_type.to_string(),
+            pipeline_type: pipeline_type.clone(),
             memory_optimizations: "mmap_loading,stage_unloading".to_string(),
             warnings: generation.warnings.clone(),
             failures: Vec::new(),
@@ -86,7 +119,7 @@ fn run() -> anyhow::Result<ExitCode> {
             dtype: format!("{:?}", resolved.runtime.dtype).to_lowercase(),
             timings_ms: generation.timings_ms.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            extra: Default::default(),
+            extra: extra.clone(),
         };
         let saved = save_image(&resolved.output, &meta, &image.rgb8)?;
         progress::log(&format!("Saved {}", saved.png_path.display()));
@@ -97,7 +130,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }));
     }
     if args.json {
-        let result = serde_json::json!({
+        let mut result = serde_json::json!({
             "images": outputs,
             "model": resolved.model.label(),
             "steps": generation.settings.steps,
@@ -108,6 +141,9 @@ fn run() -> anyhow::Result<ExitCode> {
             "timings_ms": generation.timings_ms,
             "warnings": generation.warnings,
         });
+        for (k, v) in &extra {
+            result[k] = v.clone();
+        }
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &result)?;
         writeln!(out)?;

@@ -140,7 +140,9 @@ impl MidAttention {
 
 /// A `c → c` linear layer whose weight may be stored as a 1×1 convolution `[c, c, 1, 1]`.
 fn linear_1x1(c: usize, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get_unchecked("weight")?;
+    // Stored weights may be [c, c] or [c, c, 1, 1]; a builder with no stored tensors (random
+    // weights for benchmarks) is asked for the linear shape.
+    let w = if vb.contains_tensor("weight") { vb.get_unchecked("weight")? } else { vb.get((c, c), "weight")? };
     let w = if w.rank() == 4 { w.squeeze(3)?.squeeze(2)? } else { w };
     if w.dims() != [c, c] {
         candle_core::bail!("{}.weight has shape {:?}, expected [{c}, {c}]", vb.prefix(), w.dims());

@@ -63,24 +63,16 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// replicated; 16-bit samples cut to their high byte, as PIL reads 16-bit PNGs). `name` is the
 /// image's name in error messages.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    let not_an_image = |why: String| {
-        Error::InvalidInput(format!("init image {name}: {why}"))
-    };
+    let not_an_image = |why: String| Error::InvalidInput(format!("init image {name}: {why}"));
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| not_an_image(format!("cannot be read ({e})")))?;
     match reader.format() {
         Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
-        Some(other) => {
-            return Err(not_an_image(format!(
-                "{other:?} images are not supported (use PNG, JPEG or WebP)"
-            )))
-        }
+        Some(other) => return Err(not_an_image(format!("{other:?} images are not supported (use PNG, JPEG or WebP)"))),
         None => return Err(not_an_image("not a PNG, JPEG or WebP image".into())),
     }
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| not_an_image(format!("not a valid image ({e})")))?;
+    let mut decoder = reader.into_decoder().map_err(|e| not_an_image(format!("not a valid image ({e})")))?;
     // A missing or unreadable EXIF block means "as stored", as PIL's exif_transpose treats it.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder)

@@ -1,12 +1,19 @@
-//! Pipelines: a validated request in, finished images out, each stage (text encoders → denoiser
-//! → VAE) loaded, used and dropped in its own scope — the lifecycle the memory manager drives.
+//! Pipelines (text-to-image, image-to-image): a validated request in, finished images out, each
+//! stage (text encoders → [VAE encoder →] denoiser → VAE) loaded, used and dropped in its own
+//! scope — the lifecycle the memory manager drives. The stages both share are in `stages.rs`.
 
+mod img2img;
+mod stages;
 mod txt2img;
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device};
 
+pub use img2img::{
+    check_strength, img2img, preprocess, resolve_img2img, skipped_steps, Img2ImgRequest, Img2ImgSettings, InitImage,
+    DEFAULT_STRENGTH,
+};
 pub use txt2img::txt2img;
 
 use crate::loading::ModelFolder;
@@ -73,7 +80,7 @@ pub struct Settings {
 /// Progress reported while generating.
 #[derive(Debug, Clone, Copy)]
 pub enum Progress<'a> {
-    /// A stage begins (`text_encoder`, `unet`, `vae`).
+    /// A stage begins (`text_encoder`, `vae_encoder` for img2img, `unet`, `vae`).
     StageStart(&'a str),
     /// A stage ended after `elapsed_ms`.
     StageEnd {
@@ -82,7 +89,8 @@ pub enum Progress<'a> {
         /// Its wall time.
         elapsed_ms: f64,
     },
-    /// Denoising step `index` (1-based) of `total` finished.
+    /// Denoising step `index` (1-based) of `total` finished (img2img counts only the steps it
+    /// runs).
     Step {
         /// Steps done.
         index: usize,

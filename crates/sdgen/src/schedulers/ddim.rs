@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::config::{CommonParams, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::noise::{alphas_cumprod, betas, leading_base, linspace_asc, trailing_desc};
-use super::{at, check_steps, div_scalar, mul_scalar, Scheduler, SchedulerKind};
+use super::{at, check_steps, ddpm_add_noise, div_scalar, mul_scalar, Scheduler, SchedulerKind};
 use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
@@ -163,6 +163,11 @@ impl Scheduler for DdimScheduler {
 
     fn order(&self) -> usize {
         1
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        let timestep = at(&self.timesteps_int, step_index, "ddim")?;
+        ddpm_add_noise(self.alpha_at(timestep)?, original, noise)
     }
 }
 

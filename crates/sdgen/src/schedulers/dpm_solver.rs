@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 use super::config::{CommonParams, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::euler::{karras_sigmas, np_interp_index, sigma_to_t};
 use super::noise::{alphas_cumprod, betas, np_arange, np_linspace};
-use super::{at, check_steps, div_scalar, mul_scalar, Scheduler, SchedulerKind};
+use super::{at, check_steps, div_scalar, mul_coef, mul_scalar, round_to, Scheduler, SchedulerKind};
 use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
@@ -402,6 +402,18 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn order(&self) -> usize {
         1
+    }
+
+    /// `α_t·x + σ_t·ε` with `α_t = 1 / sqrt(σ² + 1)`, `σ_t = σ·α_t`: diffusers'
+    /// `_sigma_to_alpha_sigma_t`, evaluated in `original`'s dtype as its tensor ops are.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        let sigma = at(&self.sigmas[..self.timesteps.len()], step_index, self.kind.name())?;
+        let dtype = original.dtype();
+        let r = |v: f64| round_to(v, dtype);
+        let sigma = r(sigma as f64);
+        let alpha_t = r(1.0 / r(r(r(sigma * sigma) + 1.0).sqrt()));
+        let sigma_t = r(sigma * alpha_t);
+        mul_coef(original, alpha_t)? + mul_coef(&noise.to_dtype(dtype)?, sigma_t)?
     }
 }
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 
 use super::config::{CommonParams, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::noise::{alphas_cumprod, betas, leading_base, linspace_asc, np_linspace, trailing_desc};
-use super::{at, check_steps, div_scalar, mul_scalar, Scheduler, SchedulerKind};
+use super::{at, check_steps, div_scalar, mul_coef, mul_scalar, round_to, Scheduler, SchedulerKind};
 use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
@@ -304,6 +304,17 @@ impl Scheduler for EulerScheduler {
     fn order(&self) -> usize {
         1
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        let sigma = at(&self.sigmas[..self.timesteps.len()], step_index, "euler")?;
+        sigma_add_noise(sigma, original, noise)
+    }
+}
+
+/// diffusers' Euler `add_noise`: `x + ε·σ`, with σ cast to `original`'s dtype first.
+pub(super) fn sigma_add_noise(sigma: f32, original: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
+    let sigma = round_to(sigma as f64, original.dtype());
+    original + mul_coef(&noise.to_dtype(original.dtype())?, sigma)?
 }
 
 #[cfg(test)]

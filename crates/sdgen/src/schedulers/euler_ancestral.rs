@@ -128,6 +128,11 @@ impl Scheduler for EulerAncestralScheduler {
     fn order(&self) -> usize {
         1
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        let sigma = at(&self.sigmas[..self.timesteps.len()], step_index, "euler-a")?;
+        super::euler::sigma_add_noise(sigma, original, noise)
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@
 //! of any dtype and device with tensor ops; a scalar times an f16/bf16 tensor is computed in f32
 //! and rounded back, which is what torch does for a tensor times a 0-d float32 tensor.
 
+#[cfg(test)]
+mod add_noise_tests;
 mod config;
 mod ddim;
 mod dpm_solver;
@@ -191,6 +193,14 @@ pub trait Scheduler: Send {
     /// Model evaluations per step (1 for every algorithm here, as diffusers declares them; the
     /// multistep DPM-Solver reuses earlier evaluations instead of making more).
     fn order(&self) -> usize;
+
+    /// `original` (clean latents) noised to the level of `timesteps()[step_index]`, where a run
+    /// that starts at `step_index` begins (img2img): diffusers' `add_noise` after
+    /// `set_begin_index(step_index)`. `sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε` for PNDM and DDIM, `x + σ·ε`
+    /// for Euler and Euler ancestral, `α_t·x + σ_t·ε` for DPM-Solver. As in diffusers, the
+    /// float32 schedule values are first cast to `original`'s dtype and the coefficients are
+    /// computed in that dtype.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
 }
 
 /// Builds a `kind` scheduler from a model's scheduler config for `num_inference_steps` steps.
@@ -243,6 +253,37 @@ fn mul_scalar(x: &Tensor, c: f32) -> candle_core::Result<Tensor> {
         DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c as f64, 0.0)?.to_dtype(x.dtype()),
         _ => x.affine(c as f64, 0.0),
     }
+}
+
+/// Rounds `v` to `dtype`'s precision: a schedule value after `.to(dtype)`, or the result of one
+/// torch op on such values (computed here in f64, which rounds to f32, f16 or bf16 exactly as
+/// the op in that dtype would for +, −, ×, ÷ and sqrt).
+fn round_to(v: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => half::f16::from_f64(v).to_f64(),
+        DType::BF16 => half::bf16::from_f64(v).to_f64(),
+        DType::F64 => v,
+        _ => v as f32 as f64,
+    }
+}
+
+/// `x * c` for a coefficient `c` already in `x`'s dtype, as torch multiplies two tensors of that
+/// dtype (in f32 for f16/bf16, rounded back).
+fn mul_coef(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F64 => x.affine(c, 0.0),
+        _ => mul_scalar(x, c as f32),
+    }
+}
+
+/// diffusers' DDPM-style `add_noise` (PNDM, DDIM): `sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε`, with ᾱ_t cast
+/// to `original`'s dtype first.
+fn ddpm_add_noise(alpha_cumprod: f32, original: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = original.dtype();
+    let a = round_to(alpha_cumprod as f64, dtype);
+    let sqrt_alpha = round_to(a.sqrt(), dtype);
+    let sqrt_one_minus_alpha = round_to(round_to(1.0 - a, dtype).sqrt(), dtype);
+    mul_coef(original, sqrt_alpha)? + mul_coef(&noise.to_dtype(dtype)?, sqrt_one_minus_alpha)?
 }
 
 /// `x / d` for a 0-d float32 `d`: torch on CUDA multiplies by the f32 reciprocal of a CPU scalar

@@ -1,0 +1,269 @@
+//! Image-to-image for the SD 1.5 family, step for step as diffusers'
+//! `StableDiffusionImg2ImgPipeline`: the init image is resized (PIL Lanczos) and encoded by the
+//! VAE, noised to the level of a later timestep, and denoised from there. `strength` picks that
+//! timestep: 1 starts from (almost) pure noise, small values keep the picture.
+//!
+//! What has to match diffusers for the same seed to give the same image:
+//! - the timesteps: `init_timestep = min(int(steps · strength), steps)`,
+//!   `t_start = max(steps − init_timestep, 0)`, and the loop runs over the scheduler's
+//!   `timesteps[t_start · order:]` (PNDM's list has one more entry than `steps`, so it runs one
+//!   more model call, as in diffusers);
+//! - the random draws, all from the per-image generators seeded `seed + i`: first image i's VAE
+//!   `latent_dist.sample(generator[i])` (for every i), then the noise `add_noise` mixes in, then
+//!   the ancestral noise of the loop;
+//! - the latents: `scaling_factor · sample`, noised by [`Scheduler::add_noise`] at the first
+//!   timestep of the loop.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use sdgen_models::unet::UNetConfig;
+use sdgen_models::vae::{AutoencoderKL, VaeConfig};
+
+use super::stages::{decode, denoise, encode_prompts, into_images, stage};
+use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
+use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
+use crate::loading::{model_error, ModelFolder};
+use crate::rng::batch::BatchNoise;
+use crate::schedulers::{self, Scheduler};
+use crate::{Error, Result};
+
+/// diffusers' default `strength`.
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// The starting picture of an image-to-image run.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// How the image is named in messages (its path, for a file).
+    pub name: String,
+    /// The decoded pixels.
+    pub image: RgbImage,
+}
+
+impl InitImage {
+    /// Reads a PNG, JPEG or WebP file as diffusers' `load_image` would (see
+    /// [`crate::image_io::decode_rgb`]). Errors name the path.
+    pub fn load(path: &Path) -> Result<Self> {
+        Ok(Self { name: path.display().to_string(), image: load_rgb(path)? })
+    }
+}
+
+/// What an image-to-image run is asked for.
+#[derive(Debug, Clone)]
+pub struct Img2ImgRequest {
+    /// Prompt, batch, seed, steps, guidance and scheduler, as for text-to-image. `width` and
+    /// `height`, when given, are the output size the init image is resized to; when `None`, the
+    /// init image's own size rounded down to a multiple of the VAE's factor (diffusers' default).
+    pub request: Request,
+    /// The picture to start from (the same for every image of the batch).
+    pub init_image: InitImage,
+    /// How much to change the picture, in [0, 1]; `None` is [`DEFAULT_STRENGTH`].
+    pub strength: Option<f64>,
+}
+
+/// An image-to-image request with every default filled in and every value checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Img2ImgSettings {
+    /// Steps, guidance, output size and scheduler. `steps` is the full schedule's length, of
+    /// which only the last `denoising_steps` run.
+    pub settings: Settings,
+    /// The strength.
+    pub strength: f64,
+    /// Steps of the schedule skipped (diffusers' `t_start`): the loop starts at timestep index
+    /// `skipped_steps · order`.
+    pub skipped_steps: usize,
+    /// Steps that run (diffusers' `num_inference_steps` after `get_timesteps`).
+    pub denoising_steps: usize,
+}
+
+/// diffusers' `get_timesteps` arithmetic: how many steps of `steps` to skip for `strength`.
+/// Errors (`InvalidInput`) for a strength outside [0, 1] and when no step would remain, where
+/// diffusers fails or silently does nothing useful.
+pub fn skipped_steps(steps: usize, strength: f64) -> Result<usize> {
+    check_strength(strength)?;
+    // Python's int() of the float product: truncation, float rounding included.
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    if init_timestep == 0 {
+        return Err(Error::InvalidInput(format!(
+            "--strength {strength} with {steps} steps leaves no step to run (int({steps} × {strength}) = 0): \
+             raise --strength or --steps"
+        )));
+    }
+    Ok(steps - init_timestep)
+}
+
+/// Errors (`InvalidInput`, naming `--strength`) unless `strength` is in [0, 1].
+pub fn check_strength(strength: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(Error::InvalidInput(format!(
+            "--strength {strength} is outside [0, 1] (0 keeps the init image, 1 replaces it entirely)"
+        )));
+    }
+    Ok(())
+}
+
+/// Fills in the defaults and validates an image-to-image request before anything is loaded.
+pub fn resolve_img2img(model: &ModelFolder, req: &Img2ImgRequest) -> Result<Img2ImgSettings> {
+    let strength = req.strength.unwrap_or(DEFAULT_STRENGTH);
+    check_strength(strength)?;
+    let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
+    let f = vae_cfg.scale_factor();
+    let img = &req.init_image.image;
+    // VaeImageProcessor.get_default_height_width: the image's size rounded down to a multiple.
+    let (default_width, default_height) = (img.width - img.width % f, img.height - img.height % f);
+    let width = req.request.width.unwrap_or(default_width);
+    let height = req.request.height.unwrap_or(default_height);
+    if (req.request.width.is_none() && width == 0) || (req.request.height.is_none() && height == 0) {
+        return Err(Error::InvalidInput(format!(
+            "init image {} is {}x{}: each side must be at least {f} pixels (or give --width and --height)",
+            req.init_image.name, img.width, img.height
+        )));
+    }
+    let sized = Request { width: Some(width), height: Some(height), ..req.request.clone() };
+    let settings = resolve(model, &sized)?;
+    let skipped = skipped_steps(settings.steps, strength)?;
+    Ok(Img2ImgSettings { denoising_steps: settings.steps - skipped, settings, strength, skipped_steps: skipped })
+}
+
+/// `VaeImageProcessor.preprocess`: the image resized to `width × height` with PIL's Lanczos (not
+/// at all if it already has that size), as `[1, 3, height, width]` f32 in [-1, 1] on the CPU,
+/// computed as diffusers does (`x / 255` in f32, then `2x − 1`).
+pub fn preprocess(image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
+    let resized = resize_lanczos(image, width, height)?;
+    let values: Vec<f32> = resized.data.iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+    Ok(Tensor::from_vec(values, (1, height, width, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?)
+}
+
+/// `x * c` as torch multiplies a tensor by a Python float: in f32 for f16/bf16, rounded once.
+fn scale(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c, 0.0)?.to_dtype(x.dtype()),
+        _ => x.affine(c, 0.0),
+    }
+}
+
+/// `prepare_latents`: encode the image, sample each image's latents from its generator, scale,
+/// and noise them to the level of `timesteps()[first_step]`.
+#[allow(clippy::too_many_arguments)]
+fn initial_latents(
+    model: &ModelFolder,
+    vae_cfg: &VaeConfig,
+    image: &Tensor,
+    scheduler: &dyn Scheduler,
+    first_step: usize,
+    generators: &mut BatchNoise,
+    n: usize,
+    rt: &Runtime,
+) -> Result<Tensor> {
+    let weights = model.weights("vae")?;
+    let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(rt.dtype, &rt.device)?)
+        .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
+    // diffusers encodes image[i : i + 1] once per image; the images are all the init image, so
+    // one batch-1 encode gives each of them exactly.
+    let dist = vae.encode(image)?;
+    let (_, c, h, w) = dist.mean.dims4()?;
+    // DiagonalGaussianDistribution.sample(generator[i]): mean + exp(0.5 · logvar) · ε_i, ε_i drawn
+    // in the VAE's dtype from generator i.
+    let std = (dist.logvar * 0.5)?.exp()?;
+    let eps = generators.randn(&[n, c, h, w], dist.mean.dtype(), dist.mean.device())?;
+    let sample = eps.broadcast_mul(&std)?.broadcast_add(&dist.mean)?;
+    let init = scale(&sample, vae_cfg.scaling_factor)?;
+    let noise = generators.randn(&[n, c, h, w], rt.dtype, &rt.device)?;
+    Ok(scheduler.add_noise(&init, &noise, first_step)?)
+}
+
+/// Runs a whole image-to-image generation: encode the prompts, encode and noise the init
+/// image, denoise the remaining steps, decode.
+pub fn img2img(
+    model: &ModelFolder,
+    req: &Img2ImgRequest,
+    rt: &Runtime,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Generation> {
+    let plan = resolve_img2img(model, req)?;
+    let settings = plan.settings.clone();
+    let base = &req.request;
+    let mut timings_ms = BTreeMap::new();
+    let mut warnings = Vec::new();
+    let cfg_guidance = settings.guidance > 1.0;
+
+    // 1. Encode the prompts.
+    let context = stage("text_encoder", progress, &mut timings_ms, |_| {
+        encode_prompts(model, base, cfg_guidance, rt, &mut warnings)
+    })?;
+
+    // 2. The init image in [-1, 1], in the run's dtype.
+    let image = preprocess(&req.init_image.image, settings.width, settings.height)?
+        .to_dtype(rt.dtype)?
+        .to_device(&rt.device)?;
+
+    // 3. Timesteps: the full schedule, entered at t_start · order (`set_begin_index`).
+    let mut scheduler = schedulers::build(settings.scheduler, &scheduler_config(model)?, settings.steps)?;
+    let first_step = plan.skipped_steps * scheduler.order();
+
+    // 4. Initial latents: one generator per image, seeded `seed + i`; the VAE sample, the added
+    //    noise and then the ancestral steps all draw from them, in diffusers' order.
+    let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
+    let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
+    let mut generators = BatchNoise::for_batch(base.seed, base.n);
+    let latents = stage("vae_encoder", progress, &mut timings_ms, |_| {
+        initial_latents(model, &vae_cfg, &image, scheduler.as_ref(), first_step, &mut generators, base.n, rt)
+    })?;
+    drop(image);
+
+    // 5. Denoise from the first step on.
+    let latents = stage("unet", progress, &mut timings_ms, |progress| {
+        denoise(
+            model,
+            &unet_cfg,
+            scheduler.as_mut(),
+            first_step,
+            latents,
+            &context,
+            settings.guidance,
+            &mut generators,
+            rt,
+            progress,
+        )
+    })?;
+
+    // 6. Decode.
+    let pixels = stage("vae", progress, &mut timings_ms, |_| decode(model, &vae_cfg, latents, rt))?;
+    let images = into_images(&pixels, base, &settings)?;
+    Ok(Generation { images, settings, timings_ms, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_steps_follow_diffusers_get_timesteps() {
+        // (steps, strength, t_start), from diffusers' arithmetic in Python floats.
+        for (steps, strength, want) in
+            [(10, 0.3, 7), (10, 0.8, 2), (12, 0.5, 6), (10, 0.6, 4), (8, 0.7, 3), (6, 1.0, 0), (50, 0.75, 13)]
+        {
+            assert_eq!(skipped_steps(steps, strength).unwrap(), want, "{steps} × {strength}");
+        }
+        // int(10 × 0.7) is 7 (0.7 · 10 = 7.000000000000001), int(3 × 0.1) is 0.
+        assert_eq!(skipped_steps(10, 0.7).unwrap(), 3);
+        for (steps, strength, needle) in
+            [(10, 0.0, "no step"), (3, 0.1, "no step"), (10, 1.5, "outside [0, 1]"), (10, -0.1, "outside")]
+        {
+            let err = skipped_steps(steps, strength).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+            assert!(err.to_string().contains("--strength") && err.to_string().contains(needle), "{err}");
+        }
+        assert!(skipped_steps(10, f64::NAN).is_err());
+    }
+
+    #[test]
+    fn preprocess_maps_bytes_to_minus_one_one() {
+        let img = RgbImage::new(1, 1, vec![0, 255, 128]).unwrap();
+        let t = preprocess(&img, 1, 1).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 1, 1]);
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![-1.0, 1.0, 2.0 * (128f32 / 255.0) - 1.0]);
+    }
+}
