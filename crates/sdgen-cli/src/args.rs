@@ -16,7 +16,7 @@ use sdgen::schedulers::SchedulerKind;
 #[command(name = "generate", version, about)]
 pub struct Args {
     /// What to draw.
-    pub prompt: String,
+    pub prompt: Option<String>,
     /// A named model (sd15), a hub repo id (org/name) or a diffusers model folder.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
@@ -61,6 +61,17 @@ pub struct Args {
     /// instead of the family's standard ones.
     #[arg(long, value_name = "DIR")]
     pub config_from: Option<PathBuf>,
+    /// Memory the run may use, e.g. 8GB (GB = 2^30 bytes as the console prints; device memory on a
+    /// GPU, process memory on the CPU). Default: what is free.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// How the memory planner trades speed for memory: auto, fast, balanced or low.
+    #[arg(long, default_value = "auto")]
+    pub memory_mode: String,
+    /// Print this machine's memory, what each model family needs and whether and how it would run
+    /// here, then exit.
+    #[arg(long)]
+    pub check: bool,
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -77,6 +88,7 @@ pub struct Args {
 /// The arguments, resolved.
 pub struct Resolved {
     pub model: ModelSource,
+    pub memory: sdgen::planning::MemoryRequest,
     pub open: OpenOptions,
     pub hub: HubOptions,
     pub request: Request,
@@ -102,7 +114,8 @@ impl Args {
             Some("bf16" | "bfloat16") => DType::BF16,
             Some(other) => return Err(invalid(format!("--dtype {other} is not one of f32, f16, bf16"))),
         };
-        if self.prompt.trim().is_empty() {
+        let prompt = self.prompt.clone().unwrap_or_default();
+        if !self.check && prompt.trim().is_empty() {
             return Err(invalid("the prompt is empty: say what to draw".into()));
         }
         // The init image is read now, so a bad path or file costs no model loading.
@@ -134,10 +147,20 @@ impl Args {
         }
         Ok(Resolved {
             model: ModelSource::parse(&self.model),
+            memory: sdgen::planning::MemoryRequest {
+                max_memory_bytes: match &self.max_memory {
+                    Some(v) => Some(
+                        sdgen_memory::plan::parse_memory_size(v)
+                            .map_err(|e| invalid(format!("--max-memory {v}: {e}")))?,
+                    ),
+                    None => None,
+                },
+                mode: self.memory_mode.parse().map_err(|e| invalid(format!("--memory-mode: {e}")))?,
+            },
             open: OpenOptions { config_from: self.config_from.clone() },
             hub,
             request: Request {
-                prompt: self.prompt.clone(),
+                prompt,
                 negative_prompt: self.negative.clone(),
                 n: self.n,
                 seed,
@@ -147,7 +170,7 @@ impl Args {
                 height: self.height,
                 scheduler,
             },
-            runtime: Runtime { device, dtype },
+            runtime: Runtime::new(device, dtype),
             device_label,
             output: self.output.clone(),
             img2img,

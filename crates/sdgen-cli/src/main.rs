@@ -3,6 +3,7 @@
 //! with their whole chain.
 
 mod args;
+mod check;
 mod progress;
 
 use std::io::Write;
@@ -40,6 +41,12 @@ fn chain(err: &anyhow::Error) -> String {
 fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let mut resolved = args.resolve()?;
+    // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).
+    let _device_memory = sdgen::device_memory::DeviceMemory::install(&resolved.runtime.device);
+    sdgen_memory::log_memory_status("Startup");
+    if args.check {
+        return check::run(&resolved);
+    }
     // Prove the output folder is writable before any model is loaded, so a typo costs nothing.
     ensure_output_dir(&resolved.output)?;
     let mut bar = progress::Reporter::new();
@@ -78,11 +85,45 @@ fn run() -> anyhow::Result<ExitCode> {
         settings.guidance,
         request.seed
     ));
-    let generation = match &img2img_request {
-        Some(req) => img2img(&model, req, &resolved.runtime, &mut |p| bar.report(p))?,
-        None => txt2img(&model, &request, &resolved.runtime, &mut |p| bar.report(p))?,
-    };
-    bar.finish();
+    // The plan: decided from the weights' headers and the memory available, before any weight
+    // is read; a run that cannot fit is refused here with the numbers and what would help.
+    let plan = sdgen::planning::plan_run(
+        &model,
+        &settings,
+        request.n,
+        img2img_request.is_some(),
+        &resolved.runtime.device,
+        resolved.runtime.dtype,
+        resolved.memory,
+    )?;
+    for line in plan.to_string().lines() {
+        progress::log(line);
+    }
+    if let Some(w) = &plan.warning {
+        progress::log(w);
+    }
+    resolved.runtime.options = sdgen::planning::stage_options(&model, &plan, &settings, false)?;
+
+    // The images, in batches of what fits; image i keeps generator seed + i whatever its batch.
+    let per_batch = plan.images_per_batch.clamp(1, request.n);
+    let mut generations = Vec::new();
+    for start in (0..request.n).step_by(per_batch) {
+        let mut part = request.clone();
+        part.n = per_batch.min(request.n - start);
+        part.seed = request.seed.wrapping_add(start as u64);
+        let generation = match &img2img_request {
+            Some(req) => img2img(
+                &model,
+                &Img2ImgRequest { request: part, init_image: req.init_image.clone(), strength: req.strength },
+                &resolved.runtime,
+                &mut |p| bar.report(p),
+            )?,
+            None => txt2img(&model, &part, &resolved.runtime, &mut |p| bar.report(p))?,
+        };
+        bar.finish();
+        generations.push((start, generation));
+    }
+    let generation = &generations[0].1;
     // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
     // (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline).
     let pipeline_type = match &img2img_request {
@@ -90,6 +131,7 @@ fn run() -> anyhow::Result<ExitCode> {
         None => model.family().pipeline_type.to_string(),
     };
     let mut extra = serde_json::Map::new();
+    extra.insert("plan".into(), serde_json::to_value(&plan)?);
     if let (Some(req), Some(plan)) = (&img2img_request, &img2img_plan) {
         extra.insert("init_image".into(), req.init_image.name.clone().into());
         extra.insert("strength".into(), plan.strength.into());
@@ -99,36 +141,42 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 
     let mut outputs = Vec::new();
-    for image in &generation.images {
-        let meta = ImageMetadata {
-            model: resolved.model.label(),
-            pipeline_type: pipeline_type.clone(),
-            memory_optimizations: "mmap_loading,stage_unloading".to_string(),
-            warnings: generation.warnings.clone(),
-            failures: Vec::new(),
-            prompt: request.prompt.clone(),
-            negative_prompt: request.negative_prompt.clone().unwrap_or_default(),
-            seed: image.seed,
-            batch_index: image.index,
-            steps: generation.settings.steps,
-            guidance: generation.settings.guidance,
-            scheduler: generation.settings.scheduler.to_string(),
-            width: generation.settings.width,
-            height: generation.settings.height,
-            device: resolved.device_label.clone(),
-            dtype: format!("{:?}", resolved.runtime.dtype).to_lowercase(),
-            timings_ms: generation.timings_ms.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            extra: extra.clone(),
-        };
-        let saved = save_image(&resolved.output, &meta, &image.rgb8)?;
-        progress::log(&format!("Saved {}", saved.png_path.display()));
-        outputs.push(serde_json::json!({
-            "png": saved.png_path,
-            "metadata": saved.json_path,
-            "seed": image.seed,
-        }));
+    let memory_optimizations = resolved.runtime.options.names().join(",");
+    for (start, generation) in &generations {
+        let mut extra = extra.clone();
+        extra.insert("memory".into(), serde_json::to_value(&generation.memory)?);
+        for image in &generation.images {
+            let meta = ImageMetadata {
+                model: resolved.model.label(),
+                pipeline_type: pipeline_type.clone(),
+                memory_optimizations: memory_optimizations.clone(),
+                warnings: generation.warnings.iter().cloned().chain(plan.warning.clone()).collect(),
+                failures: Vec::new(),
+                prompt: request.prompt.clone(),
+                negative_prompt: request.negative_prompt.clone().unwrap_or_default(),
+                seed: image.seed,
+                batch_index: start + image.index,
+                steps: generation.settings.steps,
+                guidance: generation.settings.guidance,
+                scheduler: generation.settings.scheduler.to_string(),
+                width: generation.settings.width,
+                height: generation.settings.height,
+                device: resolved.device_label.clone(),
+                dtype: format!("{:?}", resolved.runtime.dtype).to_lowercase(),
+                timings_ms: generation.timings_ms.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                extra: extra.clone(),
+            };
+            let saved = save_image(&resolved.output, &meta, &image.rgb8)?;
+            progress::log(&format!("Saved {}", saved.png_path.display()));
+            outputs.push(serde_json::json!({
+                "png": saved.png_path,
+                "metadata": saved.json_path,
+                "seed": image.seed,
+            }));
+        }
     }
+
     if args.json {
         let mut result = serde_json::json!({
             "images": outputs,
@@ -148,5 +196,10 @@ fn run() -> anyhow::Result<ExitCode> {
         serde_json::to_writer(&mut out, &result)?;
         writeln!(out)?;
     }
+    // The seed's completion point: everything dropped, memory returned, final state logged.
+    drop(generations);
+    drop(model);
+    sdgen_memory::cleanup_memory(true);
+    sdgen_memory::log_memory_status("Complete");
     Ok(ExitCode::SUCCESS)
 }

@@ -36,6 +36,10 @@ impl Reporter {
                 self.finish();
                 log(&format!("✓ {stage} done in {:.1}s", elapsed_ms / 1000.0));
             }
+            Progress::Memory { label, info } => {
+                self.finish();
+                log(&sdgen_memory::format_memory_line(label, info));
+            }
             Progress::Step { index, total } => {
                 let elapsed = self.step_start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
                 let rate = index as f64 / elapsed.max(1e-9);
@@ -62,7 +66,8 @@ impl Reporter {
         let done = p.file_done_bytes >= p.file_total_bytes;
         if self.terminal {
             let width = 30;
-            let filled = if p.total_bytes == 0 { width } else { (width as u64 * p.done_bytes / p.total_bytes) as usize };
+            let filled =
+                if p.total_bytes == 0 { width } else { (width as u64 * p.done_bytes / p.total_bytes) as usize };
             eprint!(
                 "\r  downloading {} [{}{}] {:.1}/{:.1} MB, file {}/{} {} ",
                 p.repo,

@@ -2,7 +2,9 @@
 //! and the GPU use now ([`memory_info`]), the true peak of each stage ([`StagePeak`]: the
 //! kernel's resettable high-water mark plus a [`Sampler`] thread), returning freed memory
 //! ([`cleanup_memory`]), the seed's console lines ([`log_memory_status`],
-//! [`format_low_memory_warning`]) and its requirement table ([`MODEL_REQUIREMENTS`]).
+//! [`format_low_memory_warning`]), its requirement table ([`MODEL_REQUIREMENTS`]) and the
+//! memory planner ([`plan`]: from the model's tensor manifest to what runs where, refusing
+//! before loading when nothing fits).
 //!
 //! The seed's developer API maps as: `get_memory_info()` → [`memory_info`],
 //! `cleanup_memory(aggressive)` → [`cleanup_memory`], `log_memory_status(label)` →
@@ -29,6 +31,7 @@ mod cleanup;
 mod console;
 mod info;
 mod peak;
+pub mod plan;
 #[cfg(target_os = "linux")]
 mod procfs;
 mod requirements;

@@ -8,6 +8,7 @@ pub mod hub;
 pub mod image_io;
 pub mod loading;
 pub mod pipeline;
+pub mod planning;
 pub mod output;
 pub mod rng;
 pub mod schedulers;

@@ -47,7 +47,7 @@ fn run(case: &Case, rt: &Runtime) -> sdgen::pipeline::Generation {
 }
 
 fn cuda(dtype: DType) -> Runtime {
-    Runtime { device: Device::new_cuda(0).expect("a CUDA device"), dtype }
+    Runtime::new(Device::new_cuda(0).expect("a CUDA device"), dtype)
 }
 
 #[test]

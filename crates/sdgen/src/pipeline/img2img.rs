@@ -14,14 +14,13 @@
 //! - the latents: `scaling_factor · sample`, noised by [`Scheduler::add_noise`] at the first
 //!   timestep of the loop.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
-use super::stages::{decode, denoise, encode_prompts, into_images, stage};
+use super::stages::{decode, denoise, encode_prompts, into_images, loaded, stage, vae_options, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::{model_error, ModelFolder};
@@ -155,13 +154,16 @@ fn initial_latents(
     generators: &mut BatchNoise,
     n: usize,
     rt: &Runtime,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let weights = model.weights("vae")?;
     let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(rt.dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
+    vae.set_attention_options(sdgen_models::attention::AttentionOptions { slice: rt.options.vae_attention_slice });
+    loaded(progress, "vae_encoder");
     // diffusers encodes image[i : i + 1] once per image; the images are all the init image, so
     // one batch-1 encode gives each of them exactly.
-    let dist = vae.encode(image)?;
+    let dist = vae.encode_with(image, &vae_options(vae_cfg, rt))?;
     let (_, c, h, w) = dist.mean.dims4()?;
     // DiagonalGaussianDistribution.sample(generator[i]): mean + exp(0.5 · logvar) · ε_i, ε_i drawn
     // in the VAE's dtype from generator i.
@@ -184,13 +186,13 @@ pub fn img2img(
     let plan = resolve_img2img(model, req)?;
     let settings = plan.settings.clone();
     let base = &req.request;
-    let mut timings_ms = BTreeMap::new();
+    let mut log = StageLog::default();
     let mut warnings = Vec::new();
     let cfg_guidance = settings.guidance > 1.0;
 
     // 1. Encode the prompts.
-    let context = stage("text_encoder", progress, &mut timings_ms, |_| {
-        encode_prompts(model, base, cfg_guidance, rt, &mut warnings)
+    let context = stage("text_encoder", progress, &mut log, rt, |progress| {
+        encode_prompts(model, base, cfg_guidance, rt, &mut warnings, progress)
     })?;
 
     // 2. The init image in [-1, 1], in the run's dtype.
@@ -207,13 +209,13 @@ pub fn img2img(
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
     let mut generators = BatchNoise::for_batch(base.seed, base.n);
-    let latents = stage("vae_encoder", progress, &mut timings_ms, |_| {
-        initial_latents(model, &vae_cfg, &image, scheduler.as_ref(), first_step, &mut generators, base.n, rt)
+    let latents = stage("vae_encoder", progress, &mut log, rt, |progress| {
+        initial_latents(model, &vae_cfg, &image, scheduler.as_ref(), first_step, &mut generators, base.n, rt, progress)
     })?;
     drop(image);
 
     // 5. Denoise from the first step on.
-    let latents = stage("unet", progress, &mut timings_ms, |progress| {
+    let latents = stage("unet", progress, &mut log, rt, |progress| {
         denoise(
             model,
             &unet_cfg,
@@ -229,9 +231,9 @@ pub fn img2img(
     })?;
 
     // 6. Decode.
-    let pixels = stage("vae", progress, &mut timings_ms, |_| decode(model, &vae_cfg, latents, rt))?;
+    let pixels = stage("vae", progress, &mut log, rt, |progress| decode(model, &vae_cfg, latents, rt, progress))?;
     let images = into_images(&pixels, base, &settings)?;
-    Ok(Generation { images, settings, timings_ms, warnings })
+    Ok(Generation { images, settings, timings_ms: log.timings_ms, warnings, memory: log.memory })
 }
 
 #[cfg(test)]

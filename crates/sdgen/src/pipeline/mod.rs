@@ -53,12 +53,59 @@ pub struct Runtime {
     pub device: Device,
     /// The weights' and activations' dtype.
     pub dtype: DType,
+    /// The memory optimisations each stage runs with (chosen by the planner).
+    pub options: StageOptions,
 }
 
 impl Runtime {
+    /// `dtype` on `device` with no memory optimisations.
+    pub fn new(device: Device, dtype: DType) -> Self {
+        Self { device, dtype, options: StageOptions::default() }
+    }
+
     /// f32 on the CPU.
     pub fn cpu() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32 }
+        Self::new(Device::Cpu, DType::F32)
+    }
+}
+
+/// Memory optimisations a run can use; each trades speed for a lower peak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StageOptions {
+    /// UNet attention over query rows in chunks of this many (bounds the score matrix).
+    pub attention_slice: Option<usize>,
+    /// VAE mid-block attention over query rows in chunks of this many.
+    pub vae_attention_slice: Option<usize>,
+    /// Run the text encoder on the CPU in f32 (the embeddings then move to the device).
+    pub text_encoder_on_host: bool,
+    /// Decode (and encode) one image of the batch at a time.
+    pub vae_slicing: bool,
+    /// Decode (and encode) in overlapping tiles of this many pixels, blended.
+    pub vae_tile_px: Option<usize>,
+    /// Return memory at every stage boundary twice, with a pause (the seed's aggressive mode).
+    pub aggressive_cleanup: bool,
+}
+
+impl StageOptions {
+    /// The seed's `memory_optimizations` names of what is on, plus what every run does.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = vec!["low_cpu_mem_usage", "pipeline_unloading"];
+        if self.attention_slice.is_some() || self.vae_attention_slice.is_some() {
+            v.push("attention_slicing");
+        }
+        if self.text_encoder_on_host {
+            v.push("text_encoder_on_cpu");
+        }
+        if self.vae_slicing {
+            v.push("vae_slicing");
+        }
+        if self.vae_tile_px.is_some() {
+            v.push("vae_tiling");
+        }
+        if self.aggressive_cleanup {
+            v.push("aggressive_cleanup");
+        }
+        v
     }
 }
 
@@ -97,6 +144,13 @@ pub enum Progress<'a> {
         /// Steps in all.
         total: usize,
     },
+    /// A memory snapshot at one of the seed's points ("Before UNet load", "After generation", ...).
+    Memory {
+        /// The point.
+        label: &'a str,
+        /// The snapshot.
+        info: &'a sdgen_memory::MemoryInfo,
+    },
 }
 
 /// One finished image.
@@ -123,6 +177,8 @@ pub struct Generation {
     pub timings_ms: BTreeMap<String, f64>,
     /// Things the user should know (e.g. a truncated prompt).
     pub warnings: Vec<String>,
+    /// Memory of each stage: snapshots before and after, measured peaks, timeline.
+    pub memory: Vec<sdgen_memory::StageMemory>,
 }
 
 /// Fills in the family's defaults and validates the request before anything is loaded.

@@ -10,6 +10,10 @@ use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
+use sdgen_memory::{StageMemory, StagePeak};
+use sdgen_models::attention::AttentionOptions;
+use sdgen_models::vae::{VaeOptions, VaeTiling};
+
 use super::{GeneratedImage, Progress, Request, Runtime, Settings};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
@@ -17,19 +21,60 @@ use crate::schedulers::Scheduler;
 use crate::tokenizer::ClipTokenizer;
 use crate::Result;
 
-/// Runs `body` as the stage `name`: reports its start and end, and records its wall time.
+/// What the stages of one run recorded.
+#[derive(Default)]
+pub(super) struct StageLog {
+    /// Wall time per stage.
+    pub timings_ms: BTreeMap<String, f64>,
+    /// Memory per stage.
+    pub memory: Vec<StageMemory>,
+}
+
+/// How a stage is named in the seed's console lines.
+fn display_name(stage: &str) -> &'static str {
+    match stage {
+        "text_encoder" => "text encoder",
+        "vae_encoder" => "VAE encoder",
+        "unet" => "UNet",
+        "vae" => "VAE",
+        _ => "model",
+    }
+}
+
+/// Reports a memory snapshot at one of the seed's points.
+pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) {
+    let info = sdgen_memory::memory_info();
+    progress(Progress::Memory { label, info: &info });
+}
+
+/// Reports the snapshot right after a stage's model is loaded.
+pub(super) fn loaded(progress: &mut dyn FnMut(Progress), stage: &str) {
+    memory_point(progress, &format!("After {} load", display_name(stage)));
+}
+
+/// Runs `body` as the stage `name`: reports its start and end, measures its wall time and its
+/// memory peaks (process and GPU), and after the body has dropped its model gives the memory
+/// back (`cleanup_memory`: allocator trim, CUDA pool trim) before the next stage loads.
 pub(super) fn stage<T>(
     name: &'static str,
     progress: &mut dyn FnMut(Progress),
-    timings_ms: &mut BTreeMap<String, f64>,
+    log: &mut StageLog,
+    rt: &Runtime,
     body: impl FnOnce(&mut dyn FnMut(Progress)) -> Result<T>,
 ) -> Result<T> {
     progress(Progress::StageStart(name));
+    memory_point(progress, &format!("Before {} load", display_name(name)));
+    let peak = StagePeak::start(name);
     let start = Instant::now();
-    let out = body(progress)?;
+    let result = body(progress);
+    // The stage's model is gone: return its memory whether the stage succeeded or not.
+    sdgen_memory::cleanup_memory(rt.options.aggressive_cleanup);
+    let out = result?;
     let ms = start.elapsed().as_secs_f64() * 1000.0;
-    timings_ms.insert(name.to_string(), ms);
+    log.memory.push(peak.finish());
+    log.timings_ms.insert(name.to_string(), ms);
     progress(Progress::StageEnd { stage: name, elapsed_ms: ms });
+    memory_point(progress, &format!("After {}", display_name(name)));
     Ok(out)
 }
 
@@ -41,12 +86,17 @@ pub(super) fn encode_prompts(
     cfg_guidance: bool,
     rt: &Runtime,
     warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let tokenizer = ClipTokenizer::from_dir(&model.component_dir("tokenizer")?)?;
     let cfg: ClipTextConfig = model.config("text_encoder", "config.json")?;
     let weights = model.weights("text_encoder")?;
-    let encoder = ClipTextModel::new(&cfg, false, weights.var_builder(rt.dtype, &rt.device)?)
+    // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
+    let (device, dtype) =
+        if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
+    let encoder = ClipTextModel::new(&cfg, false, weights.var_builder(dtype, &device)?)
         .map_err(|e| model_error(&weights, "a CLIP text encoder", e))?;
+    loaded(progress, "text_encoder");
     let mut texts = Vec::new();
     if cfg_guidance {
         texts.push(req.negative_prompt.clone().unwrap_or_default());
@@ -63,8 +113,8 @@ pub(super) fn encode_prompts(
                 tokens.dropped_tokens
             ));
         }
-        let ids = Tensor::new(tokens.ids.as_slice(), &rt.device)?.unsqueeze(0)?;
-        embeds.push(encoder.forward(&ids)?.last_hidden_state);
+        let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
+        embeds.push(encoder.forward(&ids)?.last_hidden_state.to_dtype(rt.dtype)?.to_device(&rt.device)?);
     }
     // Each image of the batch gets the same embeddings: [neg × n, pos × n].
     let parts: Vec<Tensor> = embeds.iter().map(|e| e.repeat((req.n, 1, 1))).collect::<candle_core::Result<_>>()?;
@@ -91,6 +141,9 @@ pub(super) fn denoise(
     let weights = model.weights("unet")?;
     let unet = UNet2DConditionModel::new(unet_cfg, weights.var_builder(rt.dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an SD 1.5 UNet", e))?;
+    unet.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
+    loaded(progress, "unet");
+    memory_point(progress, "Before generation");
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len().saturating_sub(first_step);
     for (i, &t) in timesteps.iter().enumerate().skip(first_step) {
@@ -106,25 +159,42 @@ pub(super) fn denoise(
         latents = scheduler.step(&pred, i, &latents, generators)?;
         progress(Progress::Step { index: i + 1 - first_step, total });
     }
+    memory_point(progress, "After generation");
     Ok(latents)
 }
 
 /// Decodes latents and post-processes as diffusers: `(x / 2 + 0.5).clamp(0, 1)`, as
 /// `[n, h, w, 3]` f32 on the CPU.
-pub(super) fn decode(model: &ModelFolder, vae_cfg: &VaeConfig, latents: Tensor, rt: &Runtime) -> Result<Tensor> {
+pub(super) fn decode(
+    model: &ModelFolder,
+    vae_cfg: &VaeConfig,
+    latents: Tensor,
+    rt: &Runtime,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
     let weights = model.weights("vae")?;
     let vae = AutoencoderKL::new(vae_cfg, false, true, weights.var_builder(rt.dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
+    vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
+    loaded(progress, "vae");
     let z = match vae_cfg.shift_factor {
         Some(s) => ((latents / vae_cfg.scaling_factor)? + s)?,
         None => (latents / vae_cfg.scaling_factor)?,
     };
-    let image = vae.decode(&z)?;
+    let image = vae.decode_with(&z, &vae_options(vae_cfg, rt))?;
     Ok(((image / 2.0)? + 0.5)?
         .clamp(0f32, 1f32)?
         .permute((0, 2, 3, 1))?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?)
+}
+
+/// The VAE options of the run.
+pub(super) fn vae_options(vae_cfg: &VaeConfig, rt: &Runtime) -> VaeOptions {
+    VaeOptions {
+        slicing: rt.options.vae_slicing,
+        tiling: rt.options.vae_tile_px.map(|px| VaeTiling::with_tile_size(vae_cfg, px)),
+    }
 }
 
 /// Splits decoded `[n, h, w, 3]` pixels into images, with 8-bit values rounded as diffusers'

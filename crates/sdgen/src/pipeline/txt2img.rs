@@ -1,11 +1,9 @@
 //! Text-to-image for the SD 1.5 family, step for step as diffusers' `StableDiffusionPipeline`.
 
-use std::collections::BTreeMap;
-
 use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::VaeConfig;
 
-use super::stages::{decode, denoise, encode_prompts, into_images, stage};
+use super::stages::{decode, denoise, encode_prompts, into_images, stage, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime};
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
@@ -20,13 +18,13 @@ pub fn txt2img(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Generation> {
     let settings = resolve(model, req)?;
-    let mut timings_ms = BTreeMap::new();
+    let mut log = StageLog::default();
     let mut warnings = Vec::new();
     let cfg_guidance = settings.guidance > 1.0;
 
     // 1. Encode the prompts.
-    let context = stage("text_encoder", progress, &mut timings_ms, |_| {
-        encode_prompts(model, req, cfg_guidance, rt, &mut warnings)
+    let context = stage("text_encoder", progress, &mut log, rt, |progress| {
+        encode_prompts(model, req, cfg_guidance, rt, &mut warnings, progress)
     })?;
 
     // 2. Timesteps.
@@ -44,7 +42,7 @@ pub fn txt2img(
     let latents = (generators.randn(&shape, rt.dtype, &rt.device)? * scheduler.init_noise_sigma())?;
 
     // 4. Denoise.
-    let latents = stage("unet", progress, &mut timings_ms, |progress| {
+    let latents = stage("unet", progress, &mut log, rt, |progress| {
         denoise(
             model,
             &unet_cfg,
@@ -60,7 +58,7 @@ pub fn txt2img(
     })?;
 
     // 5. Decode.
-    let pixels = stage("vae", progress, &mut timings_ms, |_| decode(model, &vae_cfg, latents, rt))?;
+    let pixels = stage("vae", progress, &mut log, rt, |progress| decode(model, &vae_cfg, latents, rt, progress))?;
     let images = into_images(&pixels, req, &settings)?;
-    Ok(Generation { images, settings, timings_ms, warnings })
+    Ok(Generation { images, settings, timings_ms: log.timings_ms, warnings, memory: log.memory })
 }

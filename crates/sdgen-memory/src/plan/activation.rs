@@ -1,0 +1,282 @@
+//! Activation estimates: per stage, a small formula with named coefficients, fitted to
+//! measurements ([`super::fit_coefficients`]).
+//!
+//! ```text
+//! bytes = fixed_bytes                                           (buffers, workspaces)
+//!       + bytes_per_output_pixel · images · width · height      (the decoded images, kept whole)
+//!       + max( bytes_per_pixel              · items · pixels,   (convolutions, norms, MLPs)
+//!              bytes_per_pixel_at_attention · items · pixels
+//!                + bytes_per_score          · slices · tokens²) (during the largest attention)
+//! ```
+//!
+//! Two moments compete for the peak: the widest feature maps (the VAE decoder's full-resolution
+//! group norms) and the largest attention (its score matrices beside the few feature maps live
+//! then). Which one wins depends on the size — the VAE's single-head mid attention grows with
+//! the square of the pixels and overtakes its convolutions past ~1500² — so the formula takes
+//! their maximum rather than their sum, which would over-count by the smaller.
+//!
+//! `items` is how many inputs one forward takes at once (images × 2 for a guided denoiser, 1
+//! with VAE slicing), `pixels` the image pixels one item covers (the tile's with VAE tiling),
+//! `tokens = pixels / pixels_per_token + extra_tokens` at the model's largest attention, and
+//! `slices = items · heads`, or the slice size with attention slicing (how many score matrices
+//! are materialised at once). The coefficients differ by kernel family (the CPU's tiled
+//! convolutions vs the GPU's full im2col) and by precision, hence a [`CoefficientTable`].
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::Precision;
+
+/// How many items a stage processes at once, given the images of the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchRule {
+    /// One prompt at a time (text encoders: the negative and positive prompts are encoded
+    /// separately, whatever the batch).
+    OnePrompt,
+    /// The images of the batch, doubled with classifier-free guidance (a denoiser).
+    GuidedImages,
+    /// The images of the batch (a VAE), or one with VAE slicing.
+    Images,
+}
+
+/// The largest attention of a stage, the one whose score matrices dominate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AttentionShape {
+    /// Heads.
+    pub heads: usize,
+    /// Image pixels per token at that attention (64 for SD 1.5's UNet at full latent size:
+    /// 8×8 pixels per latent cell; 64 for its VAE's single-head mid attention too).
+    pub pixels_per_token: usize,
+    /// Tokens that do not scale with the image (SD 3's joint attention over the text).
+    pub extra_tokens: usize,
+}
+
+/// The coefficients of one formula (see the module docs). Bytes, as `f64` for fitting.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Coefficients {
+    /// Bytes per item-pixel at the feature-map peak.
+    pub bytes_per_pixel: f64,
+    /// Bytes per item-pixel of the feature maps live during the largest attention.
+    #[serde(default)]
+    pub bytes_per_pixel_at_attention: f64,
+    /// Bytes per attention score element materialised at once.
+    pub bytes_per_score: f64,
+    /// Bytes per pixel of every output image (held whole even when decoded in tiles).
+    pub bytes_per_output_pixel: f64,
+    /// Bytes that do not scale.
+    pub fixed_bytes: f64,
+}
+
+impl Coefficients {
+    /// Estimated bytes for these features.
+    pub fn apply(&self, f: &Features) -> f64 {
+        let maps = self.bytes_per_pixel * f.pixel;
+        let attention = self.bytes_per_pixel_at_attention * f.pixel + self.bytes_per_score * f.score;
+        self.fixed_bytes + self.bytes_per_output_pixel * f.output_pixel + maps.max(attention)
+    }
+
+    /// Whether the attention moment is the peak for these features.
+    pub fn attention_dominates(&self, f: &Features) -> bool {
+        self.bytes_per_pixel_at_attention * f.pixel + self.bytes_per_score * f.score > self.bytes_per_pixel * f.pixel
+    }
+
+    /// Every coefficient multiplied by `factor`.
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self::from_array(self.to_array().map(|c| c * factor))
+    }
+
+    pub(crate) fn to_array(self) -> [f64; 5] {
+        [
+            self.bytes_per_pixel,
+            self.bytes_per_pixel_at_attention,
+            self.bytes_per_score,
+            self.bytes_per_output_pixel,
+            self.fixed_bytes,
+        ]
+    }
+
+    pub(crate) fn from_array(a: [f64; 5]) -> Self {
+        Self {
+            bytes_per_pixel: a[0],
+            bytes_per_pixel_at_attention: a[1],
+            bytes_per_score: a[2],
+            bytes_per_output_pixel: a[3],
+            fixed_bytes: a[4],
+        }
+    }
+}
+
+/// Which kernels run a stage: they differ in their temporary buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelFamily {
+    /// The CPU: tiled im2col convolutions, per-thread packing buffers.
+    Cpu,
+    /// A GPU: full im2col convolutions (candle's CUDA and Metal paths), library workspaces.
+    Gpu,
+}
+
+/// One formula's coefficients per kernel family and precision class.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct CoefficientTable {
+    /// CPU, f32.
+    pub cpu_f32: Coefficients,
+    /// CPU, f16/bf16.
+    pub cpu_half: Coefficients,
+    /// GPU, f32.
+    pub gpu_f32: Coefficients,
+    /// GPU, f16/bf16.
+    pub gpu_half: Coefficients,
+}
+
+impl CoefficientTable {
+    /// The coefficients for a kernel family and precision.
+    pub fn get(&self, kernels: KernelFamily, precision: Precision) -> &Coefficients {
+        match (kernels, precision.is_half()) {
+            (KernelFamily::Cpu, false) => &self.cpu_f32,
+            (KernelFamily::Cpu, true) => &self.cpu_half,
+            (KernelFamily::Gpu, false) => &self.gpu_f32,
+            (KernelFamily::Gpu, true) => &self.gpu_half,
+        }
+    }
+
+    /// Mutable access, for installing fitted coefficients.
+    pub fn get_mut(&mut self, kernels: KernelFamily, precision: Precision) -> &mut Coefficients {
+        match (kernels, precision.is_half()) {
+            (KernelFamily::Cpu, false) => &mut self.cpu_f32,
+            (KernelFamily::Cpu, true) => &mut self.cpu_half,
+            (KernelFamily::Gpu, false) => &mut self.gpu_f32,
+            (KernelFamily::Gpu, true) => &mut self.gpu_half,
+        }
+    }
+}
+
+/// A stage's activation formula.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivationModel {
+    /// How many items run at once.
+    pub batch: BatchRule,
+    /// The dominant attention, if the stage has one whose size depends on the image.
+    pub attention: Option<AttentionShape>,
+    /// The coefficients.
+    pub coefficients: CoefficientTable,
+}
+
+/// What one forward of a stage processes: the inputs of the formula.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationInputs {
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Items in one forward (the batch dimension: with guidance, twice the images).
+    pub items: usize,
+    /// Images whose output is held (the decoded batch).
+    pub images: usize,
+    /// Attention slice size: score matrices materialised at once; `None` = all.
+    #[serde(default)]
+    pub attention_slice: Option<usize>,
+    /// Tile (width, height) in pixels when the stage runs tile by tile.
+    #[serde(default)]
+    pub tile_px: Option<(usize, usize)>,
+}
+
+impl ActivationInputs {
+    /// One unsliced, untiled forward of `items` items of `width`×`height`, holding `images`.
+    pub fn new(width: usize, height: usize, items: usize, images: usize) -> Self {
+        Self { width, height, items, images, attention_slice: None, tile_px: None }
+    }
+}
+
+/// The formula's terms for some inputs, before the coefficients.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Features {
+    /// `items · pixels` (pixels of one tile when tiled).
+    pub pixel: f64,
+    /// Score elements materialised at once.
+    pub score: f64,
+    /// Pixels of every output image.
+    pub output_pixel: f64,
+}
+
+impl ActivationModel {
+    /// The formula's terms for `inputs`.
+    pub fn features(&self, inputs: &ActivationInputs) -> Features {
+        let (w, h) = inputs.tile_px.unwrap_or((inputs.width, inputs.height));
+        let pixels = (w.min(inputs.width) * h.min(inputs.height)) as f64;
+        let items = inputs.items as f64;
+        let score = match &self.attention {
+            Some(a) => {
+                let tokens = pixels / a.pixels_per_token.max(1) as f64 + a.extra_tokens as f64;
+                let all = (inputs.items * a.heads) as f64;
+                let slices = inputs.attention_slice.map_or(all, |s| (s.max(1) as f64).min(all));
+                slices * tokens * tokens
+            }
+            None => 0.0,
+        };
+        Features { pixel: items * pixels, score, output_pixel: (inputs.images * inputs.width * inputs.height) as f64 }
+    }
+
+    /// Estimated activation bytes.
+    pub fn bytes(&self, kernels: KernelFamily, precision: Precision, inputs: &ActivationInputs) -> u64 {
+        self.coefficients.get(kernels, precision).apply(&self.features(inputs)).max(0.0).ceil() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet_like() -> ActivationModel {
+        ActivationModel {
+            batch: BatchRule::GuidedImages,
+            attention: Some(AttentionShape { heads: 8, pixels_per_token: 64, extra_tokens: 0 }),
+            coefficients: CoefficientTable::default(),
+        }
+    }
+
+    #[test]
+    fn features_follow_batch_slicing_and_tiles() {
+        let m = unet_like();
+        let f = m.features(&ActivationInputs::new(512, 512, 2, 1));
+        assert_eq!(f.pixel, 2.0 * 512.0 * 512.0);
+        assert_eq!(f.score, 16.0 * 4096.0 * 4096.0);
+        assert_eq!(f.output_pixel, 512.0 * 512.0);
+        let sliced =
+            m.features(&ActivationInputs { attention_slice: Some(4), ..ActivationInputs::new(512, 512, 2, 1) });
+        assert_eq!(sliced.score, 4.0 * 4096.0 * 4096.0);
+        // A slice larger than the work is the work.
+        let big = m.features(&ActivationInputs { attention_slice: Some(64), ..ActivationInputs::new(512, 512, 2, 1) });
+        assert_eq!(big.score, f.score);
+        let tiled =
+            m.features(&ActivationInputs { tile_px: Some((256, 256)), ..ActivationInputs::new(1024, 512, 1, 1) });
+        assert_eq!(tiled.pixel, 65536.0);
+        assert_eq!(tiled.score, 8.0 * 1024.0 * 1024.0);
+        assert_eq!(tiled.output_pixel, 1024.0 * 512.0);
+    }
+
+    #[test]
+    fn the_larger_moment_is_the_peak() {
+        let c = Coefficients {
+            bytes_per_pixel: 5000.0,
+            bytes_per_pixel_at_attention: 300.0,
+            bytes_per_score: 8.0,
+            bytes_per_output_pixel: 48.0,
+            fixed_bytes: 1e6,
+        };
+        let vae = ActivationModel {
+            batch: BatchRule::Images,
+            attention: Some(AttentionShape { heads: 1, pixels_per_token: 64, extra_tokens: 0 }),
+            coefficients: CoefficientTable::default(),
+        };
+        // 512²: the feature maps win; 2048²: the 65,536-token attention does.
+        let small = vae.features(&ActivationInputs::new(512, 512, 1, 1));
+        assert!(!c.attention_dominates(&small));
+        assert_eq!(c.apply(&small), 1e6 + 48.0 * 262144.0 + 5000.0 * 262144.0);
+        let big = vae.features(&ActivationInputs::new(2048, 2048, 1, 1));
+        assert!(c.attention_dominates(&big));
+        let px = 2048.0 * 2048.0;
+        assert_eq!(c.apply(&big), 1e6 + 48.0 * px + 300.0 * px + 8.0 * (px / 64.0) * (px / 64.0));
+        assert_eq!(c.scaled(2.0).apply(&big), 2.0 * c.apply(&big));
+    }
+}

@@ -1,0 +1,99 @@
+//! The planner's errors: a refusal before anything is loaded, with the numbers and what would
+//! help, or a request it cannot plan.
+
+use serde::{Deserialize, Serialize};
+
+use super::planner::Plan;
+use super::table::format_bytes;
+
+/// Something that would make a refused generation fit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suggestion {
+    /// The flag(s) to pass (`--width 512 --height 512`), when it is a flag.
+    pub flag: Option<String>,
+    /// Why, or what to do when it is not a flag.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Suggestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.flag {
+            Some(flag) if self.detail.is_empty() => f.write_str(flag),
+            Some(flag) => write!(f, "{flag} ({})", self.detail),
+            None => f.write_str(&self.detail),
+        }
+    }
+}
+
+/// Why there is no plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanError {
+    /// No plan fits: even with every option the mode allows, `stage` needs more than the budget.
+    DoesNotFit {
+        /// The first stage that does not fit.
+        stage: String,
+        /// Its smallest estimated peak (every allowed option on, one image per batch).
+        need_bytes: u64,
+        /// The budget.
+        budget_bytes: u64,
+        /// The budget less the safety margin.
+        usable_bytes: u64,
+        /// What would help, most useful first.
+        suggestions: Vec<Suggestion>,
+        /// The leanest plan tried (verdict [`DoesNotFit`](super::Verdict::DoesNotFit)), for
+        /// `--check` and the logs.
+        plan: Box<Plan>,
+    },
+    /// The manifest lacks a component a stage needs (or its tensors).
+    MissingComponent {
+        /// The planner's component (`vae_decoder`).
+        component: String,
+        /// The model folder's component it comes from (`vae`).
+        source: String,
+        /// The stage that needs it.
+        stage: String,
+    },
+    /// The request itself is invalid (names the field and value).
+    InvalidRequest(String),
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanError::DoesNotFit { stage, need_bytes, budget_bytes, usable_bytes, suggestions, plan } => {
+                let slower = plan.stages.iter().find(|s| s.stage == *stage).map(|s| s.options.describe());
+                let with = match slower {
+                    Some(o) if !o.is_empty() => format!(" even with {}", o.join(", ")),
+                    _ => String::new(),
+                };
+                let per_batch = if plan.n_images > 1 { ", one image per batch" } else { "" };
+                write!(
+                    f,
+                    "{} at {}×{} does not fit in {} ({}; {} usable after the {:.0}% safety margin): the {stage} stage \
+                     needs {}{with}{per_batch}",
+                    plan.family,
+                    plan.width,
+                    plan.height,
+                    format_bytes(*budget_bytes),
+                    plan.budget_source.label(),
+                    format_bytes(*usable_bytes),
+                    plan.safety_margin * 100.0,
+                    format_bytes(*need_bytes),
+                )?;
+                if !suggestions.is_empty() {
+                    let list: Vec<String> = suggestions.iter().map(|s| s.to_string()).collect();
+                    write!(f, ". What would help: {}", list.join("; "))?;
+                }
+                Ok(())
+            }
+            PlanError::MissingComponent { component, source, stage } => write!(
+                f,
+                "the model has no `{source}` weights for its {component} (needed by the {stage} stage): is the model \
+                 folder complete?"
+            ),
+            PlanError::InvalidRequest(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}

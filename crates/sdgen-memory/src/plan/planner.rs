@@ -1,0 +1,490 @@
+//! The search: per stage, a ladder of option sets from fastest to leanest; per batch size, from
+//! all `--n` images at once down to one. Stages run one after another with only their own
+//! components resident (sequential residency), so each stage's peak is independent of the
+//! others' and the plan fits when every stage does.
+//!
+//! Preference, fastest first: no options → VAE slicing (free) → attention slicing (largest
+//! slice first) → VAE tiling (largest tile first) → fewer images per batch → text encoders on
+//! the CPU. The last is independent of the batch (a stage of its own), so trying it last for
+//! its stage is the same as trying it after smaller batches.
+
+use serde::{Deserialize, Serialize};
+
+use super::activation::{ActivationInputs, BatchRule, KernelFamily};
+use super::error::PlanError;
+use super::manifest::Precision;
+use super::profile::{FamilyProfile, StageSpec};
+use super::request::{BudgetSource, DeviceKind, MemoryMode, PlanRequest};
+
+/// VAE tiling as chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tiling {
+    /// Tile side in pixels.
+    pub tile_px: usize,
+    /// Overlap between neighbouring tiles in pixels (blended).
+    pub overlap_px: usize,
+}
+
+/// The memory options chosen for one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StageOptions {
+    /// Attention slicing: at most this many (batch × head) score matrices at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_slice: Option<usize>,
+    /// VAE slicing: the batch's images one at a time.
+    #[serde(default)]
+    pub image_slicing: bool,
+    /// VAE tiling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<Tiling>,
+    /// Run on the host (CPU, f32) instead of the GPU.
+    #[serde(default)]
+    pub on_host: bool,
+}
+
+impl StageOptions {
+    /// Whether any chosen option costs speed (VAE slicing does not).
+    pub fn is_slower(&self) -> bool {
+        self.attention_slice.is_some() || self.tiling.is_some() || self.on_host
+    }
+
+    /// The options in words (`attention slicing (4)`, `VAE tiling (512px, overlap 128px)`).
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.on_host {
+            out.push("on CPU".to_string());
+        }
+        if let Some(s) = self.attention_slice {
+            out.push(format!("attention slicing ({s})"));
+        }
+        if self.image_slicing {
+            out.push("VAE slicing".to_string());
+        }
+        if let Some(t) = self.tiling {
+            out.push(format!("VAE tiling ({}px, overlap {}px)", t.tile_px, t.overlap_px));
+        }
+        out
+    }
+}
+
+/// Where a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// On the run's device.
+    Device,
+    /// On the host (CPU) while the device is a GPU.
+    Host,
+}
+
+/// One stage of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagePlan {
+    /// The stage (`text_encoder`, `denoise`, `decode`, `encode_image`).
+    pub stage: String,
+    /// Components resident during it.
+    pub components: Vec<String>,
+    /// Where it runs.
+    pub placement: Placement,
+    /// Its precision.
+    pub precision: Precision,
+    /// Items per forward (images × 2 with guidance for the denoiser; 1 with VAE slicing).
+    pub items_per_forward: usize,
+    /// Weights resident, at the precision they run in.
+    pub weight_bytes: u64,
+    /// Estimated activation peak.
+    pub activation_bytes: u64,
+    /// `baseline + weights + activations` (no baseline on the host).
+    pub peak_bytes: u64,
+    /// Options chosen.
+    pub options: StageOptions,
+    /// Whether the peak is within the usable budget (of the host when placed there).
+    pub fits: bool,
+}
+
+/// The planner's verdict; the one rule behind both the refusal and the warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The fastest plan fits: no option that costs speed is needed.
+    Fits,
+    /// It fits only with options that cost speed (attention slicing, VAE tiling, fewer images
+    /// per batch, encoders on the CPU): a warning.
+    FitsWithSlowerOptions,
+    /// Nothing fits: an error before anything is loaded.
+    DoesNotFit,
+}
+
+/// A memory plan: what is resident when, with which options, how many images per batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The family's display name.
+    pub family: String,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Images to generate.
+    pub n_images: usize,
+    /// Images per batch (the rest run in further batches, with cleanup between).
+    pub images_per_batch: usize,
+    /// Number of batches.
+    pub batch_count: usize,
+    /// Classifier-free guidance.
+    pub guidance: bool,
+    /// Image-to-image.
+    pub img2img: bool,
+    /// The run's precision.
+    pub precision: Precision,
+    /// The device.
+    pub device: DeviceKind,
+    /// The memory mode asked for.
+    pub mode: MemoryMode,
+    /// The budget.
+    pub budget_bytes: u64,
+    /// Where the budget came from.
+    pub budget_source: BudgetSource,
+    /// The budget less the safety margin.
+    pub usable_bytes: u64,
+    /// The safety margin (fraction of the budget).
+    pub safety_margin: f64,
+    /// Memory of the budget's pool already in use.
+    pub baseline_bytes: u64,
+    /// The stages, in order.
+    pub stages: Vec<StagePlan>,
+    /// Highest peak of the stages on the device.
+    pub peak_bytes: u64,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The warning to print and record when the verdict is
+    /// [`FitsWithSlowerOptions`](Verdict::FitsWithSlowerOptions) (not in low mode, which asks
+    /// for slower options).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+impl Plan {
+    /// The stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&StagePlan> {
+        self.stages.iter().find(|s| s.stage == name)
+    }
+
+    /// The optimisations in the metadata's words (the seed's `memory_optimizations` list:
+    /// `attention_slicing`, `vae_slicing`, plus `vae_tiling`, `text_encoder_on_cpu`,
+    /// `batch_splitting`).
+    pub fn memory_optimizations(&self) -> Vec<&'static str> {
+        let any = |f: fn(&StageOptions) -> bool| self.stages.iter().any(|s| f(&s.options));
+        let mut out = Vec::new();
+        if any(|o| o.attention_slice.is_some()) {
+            out.push("attention_slicing");
+        }
+        if any(|o| o.image_slicing) {
+            out.push("vae_slicing");
+        }
+        if any(|o| o.tiling.is_some()) {
+            out.push("vae_tiling");
+        }
+        if any(|o| o.on_host) {
+            out.push("text_encoder_on_cpu");
+        }
+        if self.images_per_batch < self.n_images {
+            out.push("batch_splitting");
+        }
+        out
+    }
+
+    /// The options that cost speed, in words, with the batch split first.
+    pub fn slower_options(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.images_per_batch < self.n_images {
+            out.push(format!("{} batches of {}", self.batch_count, self.images_per_batch));
+        }
+        for s in &self.stages {
+            let o = &s.options;
+            if o.on_host {
+                out.push(format!("{} on CPU", s.stage));
+            }
+            if let Some(n) = o.attention_slice {
+                out.push(format!("attention slicing ({n})"));
+            }
+            if let Some(t) = o.tiling {
+                out.push(format!(
+                    "{} tiling ({}px)",
+                    if s.stage == "decode" { "VAE" } else { s.stage.as_str() },
+                    t.tile_px
+                ));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn is_slower(&self) -> bool {
+        self.images_per_batch < self.n_images || self.stages.iter().any(|s| s.options.is_slower())
+    }
+}
+
+/// Plans a generation: the fastest plan that fits under the request's mode, or
+/// [`PlanError::DoesNotFit`] with the numbers and what would help. Pure: reads nothing.
+pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
+    let ctx = Ctx::new(request)?;
+    let auto = ctx.search(Ladder::Full);
+    let chosen = match request.mode {
+        MemoryMode::Auto | MemoryMode::Balanced => auto.clone(),
+        MemoryMode::Fast => ctx.search(Ladder::Free),
+        MemoryMode::Low => Some(ctx.leanest(Ladder::Full)).filter(|p| p.stages.iter().all(|s| s.fits)),
+    };
+    match chosen {
+        Some(mut plan) => {
+            // Low mode chooses slower options on purpose: its verdict is the fastest plan's.
+            let reference = if request.mode == MemoryMode::Low { auto.as_ref().unwrap_or(&plan) } else { &plan };
+            plan.verdict = if reference.is_slower() { Verdict::FitsWithSlowerOptions } else { Verdict::Fits };
+            plan.warning = super::advice::warning(&ctx, &plan);
+            Ok(plan)
+        }
+        None => Err(super::advice::does_not_fit(&ctx, auto.as_ref())),
+    }
+}
+
+/// Which options a search may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ladder {
+    /// Only free options (VAE slicing) and batch splitting: `--memory-mode fast`.
+    Free,
+    /// Everything.
+    Full,
+}
+
+/// A request with its stages resolved (weights summed, options enumerated).
+pub(crate) struct Ctx<'r, 'a> {
+    pub(crate) req: &'r PlanRequest<'a>,
+    stages: Vec<StageCtx<'a>>,
+}
+
+struct StageCtx<'a> {
+    spec: &'a StageSpec,
+    /// Precision on the device (the component's own when it overrides the run's).
+    precision: Precision,
+    weight_bytes_device: u64,
+    /// Weights when run on the host, in f32.
+    weight_bytes_host: u64,
+}
+
+impl<'r, 'a> Ctx<'r, 'a> {
+    pub(crate) fn new(req: &'r PlanRequest<'a>) -> Result<Self, PlanError> {
+        validate(req)?;
+        let profile: &'a FamilyProfile = req.profile;
+        let mut stages = Vec::new();
+        for spec in profile.stages.iter().filter(|s| req.img2img || !s.img2img_only) {
+            let mut precision = None;
+            let (mut device, mut host) = (0u64, 0u64);
+            for &name in &spec.components {
+                let comp = profile.component(name).ok_or_else(|| {
+                    PlanError::InvalidRequest(format!(
+                        "family profile {} names component `{name}` in stage {} but does not define it",
+                        profile.name, spec.name
+                    ))
+                })?;
+                let manifest = req.manifest.component(comp.source);
+                // The first prefix names the component's own tensors (`encoder.`): a VAE file
+                // without them cannot encode, whatever else it has.
+                let main = &comp.prefixes[..comp.prefixes.len().min(1)];
+                let Some(manifest) = manifest.filter(|m| m.select(main).next().is_some()) else {
+                    return Err(PlanError::MissingComponent {
+                        component: name.to_string(),
+                        source: comp.source.to_string(),
+                        stage: spec.name.to_string(),
+                    });
+                };
+                precision = precision.or(manifest.precision);
+                device += manifest.bytes_at(comp.prefixes, req.precision);
+                host += manifest.select(comp.prefixes).map(|t| t.bytes_at(Precision::F32)).sum::<u64>();
+            }
+            stages.push(StageCtx {
+                spec,
+                precision: precision.unwrap_or(req.precision),
+                weight_bytes_device: device,
+                weight_bytes_host: host,
+            });
+        }
+        Ok(Self { req, stages })
+    }
+
+    /// The fastest plan that fits: for each batch size from `n` down, the first fitting option
+    /// set of every stage's ladder.
+    pub(crate) fn search(&self, ladder: Ladder) -> Option<Plan> {
+        for per_batch in (1..=self.req.n_images).rev() {
+            let mut chosen = Vec::with_capacity(self.stages.len());
+            for stage in &self.stages {
+                match self.ladder(stage, per_batch, ladder).into_iter().find(|c| c.fits) {
+                    Some(c) => chosen.push(c),
+                    None => break,
+                }
+            }
+            if chosen.len() == self.stages.len() {
+                return Some(self.assemble(per_batch, chosen));
+            }
+        }
+        None
+    }
+
+    /// The leanest plan, fitting or not: one image per batch, each stage's smallest device peak
+    /// (ties to the faster option).
+    pub(crate) fn leanest(&self, ladder: Ladder) -> Plan {
+        let chosen = self
+            .stages
+            .iter()
+            .map(|stage| {
+                self.ladder(stage, 1, ladder)
+                    .into_iter()
+                    .min_by_key(|c| (!c.fits, c.device_bytes()))
+                    .expect("every ladder starts with the no-option set")
+            })
+            .collect();
+        self.assemble(1, chosen)
+    }
+
+    /// The highest stage peak with no options and every image in one batch.
+    pub(crate) fn fastest_peak_bytes(&self) -> u64 {
+        let n = self.req.n_images;
+        self.stages.iter().map(|s| self.estimate(s, n, StageOptions::default()).device_bytes()).max().unwrap_or(0)
+    }
+
+    /// The option sets of a stage, fastest first, each estimated.
+    fn ladder(&self, stage: &StageCtx, per_batch: usize, ladder: Ladder) -> Vec<StagePlan> {
+        let spec = &stage.spec.options;
+        let items_unsliced = self.items(stage, per_batch, false);
+        let mut sets = vec![StageOptions::default()];
+        let slicing = spec.image_slicing && items_unsliced > 1;
+        if slicing {
+            sets.push(StageOptions { image_slicing: true, ..Default::default() });
+        }
+        if ladder == Ladder::Full {
+            let base = StageOptions { image_slicing: slicing, ..Default::default() };
+            if let (true, Some(att)) = (spec.attention_slicing, &stage.spec.activation.attention) {
+                // Halving from half the score matrices down to one at a time (diffusers'
+                // "auto" is half the heads, "max" one).
+                let mut slice = (items_unsliced * att.heads) / 2;
+                while slice >= 1 {
+                    sets.push(StageOptions { attention_slice: Some(slice), ..base });
+                    slice /= 2;
+                }
+            }
+            if let Some(tiling) = &spec.tiling {
+                for &tile in &tiling.tile_px {
+                    if tile < self.req.width || tile < self.req.height {
+                        let overlap_px = (tile as f64 * tiling.overlap).round() as usize;
+                        sets.push(StageOptions { tiling: Some(Tiling { tile_px: tile, overlap_px }), ..base });
+                    }
+                }
+            }
+            if spec.host_offload && self.req.device == DeviceKind::DiscreteGpu {
+                sets.push(StageOptions { on_host: true, ..Default::default() });
+            }
+        }
+        sets.into_iter().map(|o| self.estimate(stage, per_batch, o)).collect()
+    }
+
+    fn items(&self, stage: &StageCtx, per_batch: usize, image_slicing: bool) -> usize {
+        match stage.spec.activation.batch {
+            BatchRule::OnePrompt => 1,
+            BatchRule::GuidedImages => per_batch * if self.req.guidance { 2 } else { 1 },
+            BatchRule::Images if image_slicing => 1,
+            BatchRule::Images => per_batch,
+        }
+    }
+
+    fn estimate(&self, stage: &StageCtx, per_batch: usize, options: StageOptions) -> StagePlan {
+        let req = self.req;
+        let items = self.items(stage, per_batch, options.image_slicing);
+        let inputs = ActivationInputs {
+            width: req.width,
+            height: req.height,
+            items,
+            images: per_batch,
+            attention_slice: options.attention_slice,
+            tile_px: options.tiling.map(|t| (t.tile_px, t.tile_px)),
+        };
+        let (kernels, precision, weight_bytes, baseline) = if options.on_host {
+            (KernelFamily::Cpu, Precision::F32, stage.weight_bytes_host, 0)
+        } else {
+            (req.device.kernels(), stage.precision, stage.weight_bytes_device, req.budget.baseline_bytes)
+        };
+        let activation_bytes = stage.spec.activation.bytes(kernels, precision, &inputs);
+        let peak_bytes = baseline + weight_bytes + activation_bytes;
+        let fits = if options.on_host {
+            req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)
+        } else {
+            peak_bytes <= req.usable_bytes()
+        };
+        StagePlan {
+            stage: stage.spec.name.to_string(),
+            components: stage.spec.components.iter().map(|c| c.to_string()).collect(),
+            placement: if options.on_host { Placement::Host } else { Placement::Device },
+            precision,
+            items_per_forward: items,
+            weight_bytes,
+            activation_bytes,
+            peak_bytes,
+            options,
+            fits,
+        }
+    }
+
+    fn assemble(&self, per_batch: usize, stages: Vec<StagePlan>) -> Plan {
+        let req = self.req;
+        let fits = stages.iter().all(|s| s.fits);
+        Plan {
+            family: req.profile.name.to_string(),
+            width: req.width,
+            height: req.height,
+            n_images: req.n_images,
+            images_per_batch: per_batch,
+            batch_count: req.n_images.div_ceil(per_batch),
+            guidance: req.guidance,
+            img2img: req.img2img,
+            precision: req.precision,
+            device: req.device,
+            mode: req.mode,
+            budget_bytes: req.budget.bytes,
+            budget_source: req.budget.source,
+            usable_bytes: req.usable_bytes(),
+            safety_margin: req.safety_margin,
+            baseline_bytes: req.budget.baseline_bytes,
+            peak_bytes: stages.iter().map(StagePlan::device_bytes).max().unwrap_or(0),
+            stages,
+            verdict: if fits { Verdict::Fits } else { Verdict::DoesNotFit },
+            warning: None,
+        }
+    }
+}
+
+impl StagePlan {
+    /// Bytes this stage needs of the budget's pool (0 when it runs on the host of a GPU).
+    pub fn device_bytes(&self) -> u64 {
+        if self.placement == Placement::Host {
+            0
+        } else {
+            self.peak_bytes
+        }
+    }
+}
+
+fn validate(req: &PlanRequest) -> Result<(), PlanError> {
+    let m = req.profile.size_multiple.max(1);
+    let bad = |what: String| Err(PlanError::InvalidRequest(what));
+    if req.n_images == 0 {
+        return bad("--n 0: at least one image is needed".into());
+    }
+    for (flag, v) in [("--width", req.width), ("--height", req.height)] {
+        if v == 0 || v % m != 0 {
+            return bad(format!("{flag} {v} is not a positive multiple of {m}, as {} needs", req.profile.name));
+        }
+    }
+    if !(0.0..1.0).contains(&req.safety_margin) {
+        return bad(format!("safety margin {} is not a fraction in [0, 1)", req.safety_margin));
+    }
+    if req.budget.bytes == 0 {
+        return bad(format!("the memory budget ({}) is 0 bytes", req.budget.source.label()));
+    }
+    Ok(())
+}

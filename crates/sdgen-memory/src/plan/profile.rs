@@ -1,0 +1,266 @@
+//! Model families as data: which components exist (and which tensors of the model folder each
+//! loads), the stages in order with the components resident in each, each stage's activation
+//! formula and the memory options it admits. A new family is a new [`FamilyProfile`]
+//! constructor, not new planner code.
+
+use serde::Serialize;
+
+use super::activation::{ActivationModel, AttentionShape, BatchRule, CoefficientTable, Coefficients};
+
+/// A component the planner places: a part of one of the model folder's components.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ComponentSpec {
+    /// The planner's name (`vae_decoder`).
+    pub name: &'static str,
+    /// The model folder's component it comes from (`vae`).
+    pub source: &'static str,
+    /// The tensors it loads, by name prefix (`decoder.`, `post_quant_conv.`); empty = all. The
+    /// first prefix must match at least one tensor, or the model lacks the component.
+    pub prefixes: &'static [&'static str],
+}
+
+/// VAE tiling as a family supports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TilingSpec {
+    /// Tile sides in pixels, largest (fastest, best) first. The first is the size the VAE was
+    /// trained at (diffusers' `tile_sample_min_size`); smaller ones are last resorts.
+    pub tile_px: Vec<usize>,
+    /// Overlap between neighbouring tiles, as a fraction of the tile (diffusers' 0.25), blended.
+    pub overlap: f64,
+}
+
+/// The memory options a stage admits.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct StageOptionsSpec {
+    /// Attention slicing (its formula must have an attention term).
+    pub attention_slicing: bool,
+    /// Running the batch's images one at a time (VAE slicing).
+    pub image_slicing: bool,
+    /// Running tile by tile (VAE tiling).
+    pub tiling: Option<TilingSpec>,
+    /// Running on the host (CPU) while the GPU holds the other stages (text encoders).
+    pub host_offload: bool,
+}
+
+/// One stage of a generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageSpec {
+    /// Its name (`text_encoder`, `denoise`, `decode`), as the engine's stage labels.
+    pub name: &'static str,
+    /// The components resident during it (loaded for the stage only, then dropped).
+    pub components: Vec<&'static str>,
+    /// The activation formula.
+    pub activation: ActivationModel,
+    /// The options it admits.
+    pub options: StageOptionsSpec,
+    /// Whether it runs only for image-to-image (encoding the init image).
+    pub img2img_only: bool,
+}
+
+/// A model family.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FamilyProfile {
+    /// The engine's short family name (`sd15`, as in `sdgen::loading::FAMILIES`).
+    pub id: &'static str,
+    /// Display name ("SD 1.5").
+    pub name: &'static str,
+    /// Its components.
+    pub components: Vec<ComponentSpec>,
+    /// Its stages, in the order they run.
+    pub stages: Vec<StageSpec>,
+    /// Image sides must be multiples of this (8 for SD 1.5: the VAE's factor).
+    pub size_multiple: usize,
+    /// `--model` value of a smaller family to suggest when nothing fits (none for the smallest).
+    pub smaller_model: Option<&'static str>,
+}
+
+impl FamilyProfile {
+    /// The profile of the engine's family `id` (`sd15`), if the planner knows it.
+    pub fn for_family(id: &str) -> Option<Self> {
+        match id {
+            "sd15" => Some(Self::sd15()),
+            _ => None,
+        }
+    }
+
+    /// The component spec called `name`.
+    pub fn component(&self, name: &str) -> Option<&ComponentSpec> {
+        self.components.iter().find(|c| c.name == name)
+    }
+
+    /// The stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageSpec> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Mutable access to a stage, e.g. to install fitted coefficients.
+    pub fn stage_mut(&mut self, name: &str) -> Option<&mut StageSpec> {
+        self.stages.iter_mut().find(|s| s.name == name)
+    }
+
+    /// Stable Diffusion 1.5: CLIP ViT-L, the 860M UNet, the KL VAE (f = 8).
+    ///
+    /// Coefficients. CPU f32: fitted to full-size measurements on the CPU
+    /// (`crates/sdgen/tests/activation_peaks.rs`; the measurements are
+    /// `crates/sdgen-memory/tests/data/sd15_cpu_peaks.jsonl`, and `tests/plan.rs` holds the
+    /// profile to them). Terms the measurements cannot show, and the other columns, are derived
+    /// from the architecture and candle 0.11.1's kernels until GPU measurements replace them:
+    ///
+    /// - attention (`sdgen_models::attention`) materialises the scores, scales them, and takes
+    ///   the softmax in f32: 8 bytes per score element at f32 (scores + probabilities), 12 at
+    ///   half precision (half scores, their f32 copy, f32 probabilities, half probabilities);
+    /// - candle's GroupNorm keeps four f32 copies of its input beside it (≈ 20 bytes per element
+    ///   at either precision): the VAE decoder's full-resolution 256-channel norms make its
+    ///   feature-map peak on the CPU, ~5 KB per pixel (measured: 5.05 KB);
+    /// - on GPUs candle convolves by full im2col: the decoder's 3×3 convolutions over 256
+    ///   channels at full resolution hold a 2,304-element column per pixel beside input and
+    ///   output, ~3,100 elements per pixel; the UNet's 640-channel ones at full latent size
+    ///   5,760 per latent cell;
+    /// - half precision halves the feature maps but not the f32 internals: its UNet pixel terms
+    ///   are taken as 0.6 of f32's, its VAE ones (GroupNorm-bound) as equal on the CPU.
+    pub fn sd15() -> Self {
+        const MIB: f64 = 1024.0 * 1024.0;
+        let c = |px: f64, px_at_attention: f64, score: f64, out_px: f64, fixed: f64| Coefficients {
+            bytes_per_pixel: px,
+            bytes_per_pixel_at_attention: px_at_attention,
+            bytes_per_score: score,
+            bytes_per_output_pixel: out_px,
+            fixed_bytes: fixed,
+        };
+        let text_encoder = ActivationModel {
+            batch: BatchRule::OnePrompt,
+            attention: None,
+            coefficients: CoefficientTable {
+                // Measured 5 MB at f32 on the CPU (77 tokens, one prompt).
+                cpu_f32: c(0.0, 0.0, 0.0, 0.0, 16.0 * MIB),
+                cpu_half: c(0.0, 0.0, 0.0, 0.0, 16.0 * MIB),
+                gpu_f32: c(0.0, 0.0, 0.0, 0.0, 64.0 * MIB),
+                gpu_half: c(0.0, 0.0, 0.0, 0.0, 64.0 * MIB),
+            },
+        };
+        // Full latent resolution (8×8 pixels per token), 8 heads: the first level's
+        // self-attention, 16× the next level's scores.
+        let u = SD15_UNET_CPU_F32;
+        let denoise = ActivationModel {
+            batch: BatchRule::GuidedImages,
+            attention: Some(AttentionShape { heads: 8, pixels_per_token: 64, extra_tokens: 0 }),
+            coefficients: CoefficientTable {
+                cpu_f32: u,
+                cpu_half: c(0.6 * u.bytes_per_pixel, 0.6 * u.bytes_per_pixel_at_attention, 12.0, 0.0, u.fixed_bytes),
+                // + the im2col column of the 640-channel 3×3 convolutions: 90 elements per pixel.
+                gpu_f32: c(u.bytes_per_pixel + 360.0, u.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
+                gpu_half: c(
+                    0.6 * u.bytes_per_pixel + 180.0,
+                    0.6 * u.bytes_per_pixel_at_attention,
+                    12.0,
+                    0.0,
+                    128.0 * MIB,
+                ),
+            },
+        };
+        // The mid block's single-head attention at latent resolution.
+        let vae_attention = Some(AttentionShape { heads: 1, pixels_per_token: 64, extra_tokens: 0 });
+        let d = SD15_DECODE_CPU_F32;
+        let decode = ActivationModel {
+            batch: BatchRule::Images,
+            attention: vae_attention,
+            coefficients: CoefficientTable {
+                cpu_f32: d,
+                cpu_half: c(d.bytes_per_pixel, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, d.fixed_bytes),
+                gpu_f32: c(12_800.0, d.bytes_per_pixel_at_attention, 8.0, 48.0, 128.0 * MIB),
+                gpu_half: c(6_600.0, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, 128.0 * MIB),
+            },
+        };
+        let e = SD15_ENCODE_CPU_F32;
+        let encode = ActivationModel {
+            batch: BatchRule::Images,
+            attention: vae_attention,
+            coefficients: CoefficientTable {
+                cpu_f32: e,
+                cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),
+                // Full-resolution 128-channel 3×3 convolutions: a 1,152-element column.
+                gpu_f32: c(7_000.0, e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
+                gpu_half: c(3_600.0, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, 128.0 * MIB),
+            },
+        };
+        let vae_tiling = TilingSpec { tile_px: vec![512, 256], overlap: 0.25 };
+        Self {
+            id: "sd15",
+            name: "SD 1.5",
+            components: vec![
+                ComponentSpec { name: "text_encoder", source: "text_encoder", prefixes: &[] },
+                ComponentSpec { name: "unet", source: "unet", prefixes: &[] },
+                ComponentSpec { name: "vae_encoder", source: "vae", prefixes: &["encoder.", "quant_conv."] },
+                ComponentSpec { name: "vae_decoder", source: "vae", prefixes: &["decoder.", "post_quant_conv."] },
+            ],
+            stages: vec![
+                StageSpec {
+                    name: "text_encoder",
+                    components: vec!["text_encoder"],
+                    activation: text_encoder,
+                    options: StageOptionsSpec { host_offload: true, ..Default::default() },
+                    img2img_only: false,
+                },
+                StageSpec {
+                    name: "encode_image",
+                    components: vec!["vae_encoder"],
+                    activation: encode,
+                    options: StageOptionsSpec {
+                        image_slicing: true,
+                        tiling: Some(vae_tiling.clone()),
+                        ..Default::default()
+                    },
+                    img2img_only: true,
+                },
+                StageSpec {
+                    name: "denoise",
+                    components: vec!["unet"],
+                    activation: denoise,
+                    options: StageOptionsSpec { attention_slicing: true, ..Default::default() },
+                    img2img_only: false,
+                },
+                StageSpec {
+                    name: "decode",
+                    components: vec!["vae_decoder"],
+                    activation: decode,
+                    options: StageOptionsSpec { image_slicing: true, tiling: Some(vae_tiling), ..Default::default() },
+                    img2img_only: false,
+                },
+            ],
+            size_multiple: 8,
+            smaller_model: None,
+        }
+    }
+}
+
+/// SD 1.5's UNet, CPU, f32. Fitted: the attention terms and the constant (attention peaks in
+/// every unsliced run). Derived: the feature-map peak outside attention (the GEGLU MLP and the
+/// skips at full latent size, ~7,000 f32 elements per latent cell).
+pub const SD15_UNET_CPU_F32: Coefficients = Coefficients {
+    bytes_per_pixel: 450.0,
+    bytes_per_pixel_at_attention: 225.0,
+    bytes_per_score: 8.0,
+    bytes_per_output_pixel: 0.0,
+    fixed_bytes: 61.0 * 1048576.0,
+};
+
+/// SD 1.5's VAE decoder, CPU, f32. Fitted: the feature-map peak and the constant (the
+/// convolutions peak up to 768², the sizes measured). Derived: the mid attention's terms (its
+/// 512-channel maps at latent size, f32 scores + probabilities) and the output images (f32 plus
+/// the conversion to bytes, 48 bytes per pixel).
+pub const SD15_DECODE_CPU_F32: Coefficients = Coefficients {
+    bytes_per_pixel: 5050.0,
+    bytes_per_pixel_at_attention: 320.0,
+    bytes_per_score: 8.0,
+    bytes_per_output_pixel: 48.0,
+    fixed_bytes: 203.0 * 1048576.0,
+};
+
+/// SD 1.5's VAE encoder, CPU, f32 (image-to-image). Fitted and derived as the decoder.
+pub const SD15_ENCODE_CPU_F32: Coefficients = Coefficients {
+    bytes_per_pixel: 3080.0,
+    bytes_per_pixel_at_attention: 320.0,
+    bytes_per_score: 8.0,
+    bytes_per_output_pixel: 0.0,
+    fixed_bytes: 7.0 * 1048576.0,
+};

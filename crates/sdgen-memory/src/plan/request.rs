@@ -1,0 +1,205 @@
+//! What the planner is asked: a model (profile + manifest), a generation (size, images,
+//! guidance), where it runs, the memory it may use, and how to trade speed for memory.
+
+use serde::{Deserialize, Serialize};
+
+use super::activation::KernelFamily;
+use super::manifest::{ModelManifest, Precision};
+use super::profile::FamilyProfile;
+
+/// The fraction of the budget kept free by default: estimates are fits, allocators fragment,
+/// and other processes move.
+pub const DEFAULT_SAFETY_MARGIN: f64 = 0.10;
+
+/// `--memory-mode`: how the planner trades speed for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMode {
+    /// The default: the same as [`MemoryMode::Balanced`].
+    #[default]
+    Auto,
+    /// Only options that cost no speed (VAE slicing) and running the images in several batches;
+    /// refuses rather than slice attention, tile the VAE or move encoders to the CPU.
+    Fast,
+    /// The fastest plan that fits, using every option when needed.
+    Balanced,
+    /// The leanest plan, even when a faster one fits: one image per batch, every option at its
+    /// strongest (for sharing the machine, or a budget the estimates may overrun).
+    Low,
+}
+
+impl MemoryMode {
+    /// The names `--memory-mode` takes.
+    pub const NAMES: [&'static str; 4] = ["auto", "fast", "balanced", "low"];
+
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryMode::Auto => "auto",
+            MemoryMode::Fast => "fast",
+            MemoryMode::Balanced => "balanced",
+            MemoryMode::Low => "low",
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for MemoryMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(MemoryMode::Auto),
+            "fast" => Ok(MemoryMode::Fast),
+            "balanced" => Ok(MemoryMode::Balanced),
+            "low" => Ok(MemoryMode::Low),
+            _ => Err(format!("--memory-mode {s} is not one of {}", Self::NAMES.join(", "))),
+        }
+    }
+}
+
+/// What kind of memory the budget is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// The CPU: the budget is host RAM.
+    Cpu,
+    /// A discrete GPU (CUDA): the budget is device memory; stages may run on the host instead.
+    DiscreteGpu,
+    /// A GPU sharing host memory (Apple Silicon): the budget is process memory.
+    UnifiedGpu,
+}
+
+impl DeviceKind {
+    /// Whose kernels run device stages.
+    pub fn kernels(self) -> KernelFamily {
+        match self {
+            DeviceKind::Cpu => KernelFamily::Cpu,
+            DeviceKind::DiscreteGpu | DeviceKind::UnifiedGpu => KernelFamily::Gpu,
+        }
+    }
+
+    /// Short label for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "CPU",
+            DeviceKind::DiscreteGpu => "GPU",
+            DeviceKind::UnifiedGpu => "GPU (unified memory)",
+        }
+    }
+}
+
+/// Where the budget's figure came from, for messages and the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetSource {
+    /// The user's `--max-memory`.
+    MaxMemory,
+    /// The GPU's free memory, as its driver reported it.
+    GpuFree,
+    /// The system's available memory (RAM the OS can hand out without swapping).
+    SystemAvailable,
+}
+
+impl BudgetSource {
+    /// Short label for messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            BudgetSource::MaxMemory => "--max-memory",
+            BudgetSource::GpuFree => "free GPU memory",
+            BudgetSource::SystemAvailable => "available RAM",
+        }
+    }
+}
+
+/// The memory a generation may use.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The budget: device memory on a discrete GPU, process memory otherwise.
+    pub bytes: u64,
+    /// Where it came from.
+    pub source: BudgetSource,
+    /// Memory of that pool already in use that stays in use (the process's RSS when the budget
+    /// is a `--max-memory` cap on the CPU); 0 when the budget is what is still free.
+    pub baseline_bytes: u64,
+    /// Host RAM available, on a discrete GPU: for stages moved to the host and for suggesting
+    /// `--device cpu`. `None` = unknown (host stages are then assumed to fit).
+    pub host_available_bytes: Option<u64>,
+}
+
+impl Budget {
+    /// A budget of `bytes` from `source`, nothing in use, host memory unknown.
+    pub fn new(bytes: u64, source: BudgetSource) -> Self {
+        Self { bytes, source, baseline_bytes: 0, host_available_bytes: None }
+    }
+}
+
+/// Everything the planner needs. Build with [`PlanRequest::new`] and adjust the fields.
+#[derive(Debug, Clone)]
+pub struct PlanRequest<'a> {
+    /// The family's stages and formulas.
+    pub profile: &'a FamilyProfile,
+    /// The model's tensors.
+    pub manifest: &'a ModelManifest,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// `--n`: images to generate.
+    pub n_images: usize,
+    /// Classifier-free guidance (the denoiser runs every image twice).
+    pub guidance: bool,
+    /// Image-to-image (the init image is encoded first).
+    pub img2img: bool,
+    /// The run's precision.
+    pub precision: Precision,
+    /// The device.
+    pub device: DeviceKind,
+    /// The memory available.
+    pub budget: Budget,
+    /// `--memory-mode`.
+    pub mode: MemoryMode,
+    /// Fraction of the budget kept free, in `[0, 1)`.
+    pub safety_margin: f64,
+}
+
+impl<'a> PlanRequest<'a> {
+    /// One guided text-to-image of `width`×`height`, f32 on the CPU, mode auto, default margin.
+    pub fn new(
+        profile: &'a FamilyProfile,
+        manifest: &'a ModelManifest,
+        width: usize,
+        height: usize,
+        budget: Budget,
+    ) -> Self {
+        Self {
+            profile,
+            manifest,
+            width,
+            height,
+            n_images: 1,
+            guidance: true,
+            img2img: false,
+            precision: Precision::F32,
+            device: DeviceKind::Cpu,
+            budget,
+            mode: MemoryMode::Auto,
+            safety_margin: DEFAULT_SAFETY_MARGIN,
+        }
+    }
+
+    /// The budget less the safety margin: what every stage's peak must stay within.
+    pub fn usable_bytes(&self) -> u64 {
+        (self.budget.bytes as f64 * (1.0 - self.safety_margin)).floor() as u64
+    }
+
+    /// The host RAM stages moved to the host may use, less the margin.
+    pub fn usable_host_bytes(&self) -> Option<u64> {
+        self.budget.host_available_bytes.map(|b| (b as f64 * (1.0 - self.safety_margin)).floor() as u64)
+    }
+}

@@ -1,0 +1,141 @@
+//! The engine's side of the memory planner (`sdgen_memory::plan`, a pure function): the model's
+//! tensor manifest from its validated safetensors headers, the budget from the device or
+//! `--max-memory`, and the chosen plan turned into the options each stage runs with. Planning
+//! happens before any weight is read, so a run that cannot fit is refused at no cost.
+
+use candle_core::{DType, Device};
+use sdgen_memory::plan::{
+    plan, Budget, BudgetSource, ComponentManifest, DeviceKind, FamilyProfile, MemoryMode, ModelManifest, Plan,
+    PlanRequest, Precision, StoredDType, TensorEntry,
+};
+
+use crate::loading::ModelFolder;
+use crate::pipeline::{Settings, StageOptions};
+use crate::{Error, Result};
+
+/// What the user said about memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryRequest {
+    /// `--max-memory` in bytes (device memory on a GPU, process memory on the CPU).
+    pub max_memory_bytes: Option<u64>,
+    /// `--memory-mode`.
+    pub mode: MemoryMode,
+}
+
+/// The model's tensors, per component, from the headers read when it was opened.
+pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
+    let mut components = Vec::new();
+    for name in ["text_encoder", "unet", "vae"] {
+        let weights = model.weights(name)?;
+        let tensors = weights
+            .headers
+            .iter()
+            .flat_map(|h| h.tensors.iter())
+            .filter_map(|(n, t)| {
+                StoredDType::from_safetensors(&t.dtype).map(|d| TensorEntry::new(n.clone(), t.shape.clone(), d))
+            })
+            .collect();
+        components.push(ComponentManifest::new(name, tensors));
+    }
+    Ok(ModelManifest::new(components))
+}
+
+fn precision(dtype: DType) -> Precision {
+    match dtype {
+        DType::F16 => Precision::F16,
+        DType::BF16 => Precision::Bf16,
+        _ => Precision::F32,
+    }
+}
+
+fn device_kind(device: &Device) -> DeviceKind {
+    match device {
+        Device::Cpu => DeviceKind::Cpu,
+        Device::Cuda(_) => DeviceKind::DiscreteGpu,
+        Device::Metal(_) => DeviceKind::UnifiedGpu,
+    }
+}
+
+/// The memory the run may use: `--max-memory`, else free GPU memory on a discrete GPU, else
+/// available system memory; on the CPU the process's current size counts against it.
+pub fn budget(device: &Device, max_memory_bytes: Option<u64>) -> Budget {
+    let info = sdgen_memory::memory_info();
+    let gpu = sdgen_memory::gpu_probe().and_then(|p| p.memory());
+    let mut b = match (device_kind(device), gpu, max_memory_bytes) {
+        (DeviceKind::DiscreteGpu, Some(g), Some(max)) => Budget::new(max.min(g.total_bytes), BudgetSource::MaxMemory),
+        (DeviceKind::DiscreteGpu, Some(g), None) => Budget::new(g.free_bytes, BudgetSource::GpuFree),
+        (_, _, Some(max)) => {
+            let mut b = Budget::new(max, BudgetSource::MaxMemory);
+            b.baseline_bytes = info.process_rss_bytes;
+            b
+        }
+        (_, _, None) => {
+            let mut b =
+                Budget::new(info.system_available_bytes + info.process_rss_bytes, BudgetSource::SystemAvailable);
+            b.baseline_bytes = info.process_rss_bytes;
+            b
+        }
+    };
+    b.host_available_bytes = Some(info.system_available_bytes);
+    b
+}
+
+/// Plans a run of `n` images; `Err(InvalidInput)` with the planner's numbers and suggestions when
+/// nothing fits.
+pub fn plan_run(
+    model: &ModelFolder,
+    settings: &Settings,
+    n: usize,
+    img2img: bool,
+    device: &Device,
+    dtype: DType,
+    memory: MemoryRequest,
+) -> Result<Plan> {
+    let profile = FamilyProfile::for_family(model.family().name)
+        .ok_or_else(|| Error::BadModel(format!("no memory profile for family {}", model.family().name)))?;
+    let manifest = manifest(model)?;
+    let request = PlanRequest {
+        n_images: n,
+        guidance: settings.guidance > 1.0,
+        img2img,
+        precision: precision(dtype),
+        device: device_kind(device),
+        mode: memory.mode,
+        ..PlanRequest::new(
+            &profile,
+            &manifest,
+            settings.width,
+            settings.height,
+            budget(device, memory.max_memory_bytes),
+        )
+    };
+    plan(&request).map_err(|e| Error::InvalidInput(e.to_string()))
+}
+
+/// The engine options that realise `plan`. The planner counts attention slicing in whole
+/// (batch × head) score matrices; the engine slices query rows, so the count becomes the rows
+/// that hold the same bytes in the largest attention layer (every other layer then holds less).
+pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggressive: bool) -> Result<StageOptions> {
+    let unet: sdgen_models::unet::UNetConfig = model.config("unet", "config.json")?;
+    let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
+    let f = vae.scale_factor();
+    let tokens = (settings.height / f) * (settings.width / f);
+    let rows = |matrices: usize, items: usize, heads: usize| -> usize {
+        (matrices * tokens).div_ceil((items * heads).max(1)).clamp(1, tokens.max(1))
+    };
+    let mut options =
+        StageOptions { aggressive_cleanup: aggressive || plan.mode == MemoryMode::Low, ..Default::default() };
+    if let Some(s) = plan.stage("denoise") {
+        let heads = unet.heads_per_block().first().copied().unwrap_or(8);
+        options.attention_slice = s.options.attention_slice.map(|k| rows(k, s.items_per_forward, heads));
+    }
+    if let Some(s) = plan.stage("decode") {
+        options.vae_slicing = s.options.image_slicing;
+        options.vae_tile_px = s.options.tiling.map(|t| t.tile_px);
+        options.vae_attention_slice = s.options.attention_slice.map(|k| rows(k, s.items_per_forward, 1));
+    }
+    if let Some(s) = plan.stage("text_encoder") {
+        options.text_encoder_on_host = s.options.on_host;
+    }
+    Ok(options)
+}
