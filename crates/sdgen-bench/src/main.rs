@@ -51,6 +51,18 @@ struct Args {
     seed: u64,
 }
 
+fn request_for(args: &Args, steps: usize) -> Request {
+    Request {
+        prompt: "a lighthouse at dusk".into(),
+        n: args.n,
+        seed: args.seed,
+        steps: Some(steps),
+        width: Some(args.width),
+        height: Some(args.height),
+        ..Default::default()
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.family != "sd15" {
@@ -74,21 +86,27 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let written = random_model::write_sd15(&args.model_dir, dtype, &device, args.seed)?;
     let write_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The writer's buffers are freed: give them back so the runs start from a clean baseline.
+    sdgen_memory::cleanup_memory(false);
     let model = ModelFolder::open(&args.model_dir)?;
     let weights: serde_json::Map<String, serde_json::Value> = ["text_encoder", "unet", "vae"]
         .iter()
         .map(|c| Ok((c.to_string(), serde_json::json!(model.weights(c)?.weight_bytes()))))
         .collect::<anyhow::Result<_>>()?;
+    // The planner's estimate for the same run, with all the memory there is (so it chooses no
+    // options and its per-stage figures are the plain run's): measured peaks go beside it.
+    let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
+    let estimate = sdgen::planning::plan_run(
+        &model,
+        &settings,
+        args.n,
+        false,
+        &device,
+        dtype,
+        sdgen::planning::MemoryRequest { max_memory_bytes: Some(1 << 50), ..Default::default() },
+    )?;
     let rt = Runtime::new(device, dtype);
-    let request = |steps: usize| Request {
-        prompt: "a lighthouse at dusk".into(),
-        n: args.n,
-        seed: args.seed,
-        steps: Some(steps),
-        width: Some(args.width),
-        height: Some(args.height),
-        ..Default::default()
-    };
+    let request = |steps: usize| request_for(&args, steps);
     let warm = Instant::now();
     txt2img(&model, &request(2), &rt, &mut |_| {})?;
     let warmup_ms = warm.elapsed().as_secs_f64() * 1e3;
@@ -117,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         "model_write_ms": write_ms,
         "warmup_ms": warmup_ms,
         "runs": runs,
+        "plan_estimate": estimate,
     });
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

@@ -115,6 +115,12 @@ impl Args {
             Some(other) => return Err(invalid(format!("--dtype {other} is not one of f32, f16, bf16"))),
         };
         let prompt = self.prompt.clone().unwrap_or_default();
+        if device.is_cpu() && dtype == DType::BF16 {
+            return Err(invalid(
+                "--dtype bf16 is not supported on the CPU (candle's CPU matrix product has no bf16): use f32 or f16"
+                    .into(),
+            ));
+        }
         if !self.check && prompt.trim().is_empty() {
             return Err(invalid("the prompt is empty: say what to draw".into()));
         }
