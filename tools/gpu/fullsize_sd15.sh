@@ -15,6 +15,8 @@ python3 tools/gpu/sd15_fullsize.py make $M 2>&1 | tail -3
 cp testdata/clip-tokenizer/{vocab.json,merges.txt,special_tokens_map.json} $M/tokenizer/
 python3 tools/gpu/sd15_fullsize.py diffusers $M 2>&1 | tail -3
 T=""; [ -x /usr/bin/time ] && T="/usr/bin/time -v"
+# diffusers draws half-precision noise as this machine's torch does; tell ours which torch that is.
+export SDGEN_TORCH_NOISE=$(python3 -c "import torch; print(torch.__version__)")
 for dt in f32 bf16; do
   $T /tmp/generate "a lighthouse at dusk" --model $M --seed 42 --steps 20 --width 512 --height 512 \
     --device cuda --dtype $dt --output "$OUT/ours-$dt" --json > "$OUT/ours-$dt.json" 2> "$OUT/ours-$dt.log"

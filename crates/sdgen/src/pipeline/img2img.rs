@@ -25,6 +25,7 @@ use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, S
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
+use crate::rng::TorchNoise;
 use crate::schedulers::{self, Scheduler};
 use crate::{Error, Result};
 
@@ -208,7 +209,7 @@ pub fn img2img(
     //    noise and then the ancestral steps all draw from them, in diffusers' order.
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
-    let mut generators = BatchNoise::for_batch(base.seed, base.n);
+    let mut generators = BatchNoise::for_batch_with_noise(base.seed, base.n, TorchNoise::from_env()?);
     let latents = stage("vae_encoder", progress, &mut log, rt, |progress| {
         initial_latents(model, &vae_cfg, &image, scheduler.as_ref(), first_step, &mut generators, base.n, rt, progress)
     })?;

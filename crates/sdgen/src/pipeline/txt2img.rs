@@ -7,6 +7,7 @@ use super::stages::{decode, denoise, encode_prompts, into_images, stage, StageLo
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime};
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
+use crate::rng::TorchNoise;
 use crate::schedulers;
 use crate::Result;
 
@@ -37,7 +38,7 @@ pub fn txt2img(
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
     let f = vae_cfg.scale_factor();
-    let mut generators = BatchNoise::for_batch(req.seed, req.n);
+    let mut generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
     let shape = [req.n, unet_cfg.in_channels, settings.height / f, settings.width / f];
     let latents = (generators.randn(&shape, rt.dtype, &rt.device)? * scheduler.init_noise_sigma())?;
 
