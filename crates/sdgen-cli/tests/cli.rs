@@ -162,3 +162,47 @@ fn unwritable_output_folder_is_refused_before_loading() {
     assert!(stderr(&o).contains("--output"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("text_encoder"), "a model was loaded: {}", stderr(&o));
 }
+
+/// Copies the tiny model into `dir` and replaces its UNet file by `bytes`.
+fn tiny_copy_with_unet(dir: &Path, bytes: &[u8]) -> PathBuf {
+    let src = testdata().join("tiny-sd15");
+    let dst = dir.join("model");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::create_dir_all(&dst).unwrap();
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+    std::fs::write(dst.join("unet/diffusion_pytorch_model.safetensors"), bytes).unwrap();
+    dst
+}
+
+#[test]
+fn corrupt_safetensors_files_are_refused_naming_the_file() {
+    let good = std::fs::read(testdata().join("tiny-sd15/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut bad_length = good.clone();
+    bad_length[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let mut bad_json = good.clone();
+    bad_json[8] = b'[';
+    bad_json[9] = b'x';
+    let truncated = good[..8 + header_len + 100].to_vec();
+    for (what, bytes) in [("bad header length", bad_length), ("bad header JSON", bad_json), ("data cut short", truncated)] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_copy_with_unet(dir.path(), &bytes);
+        let out = dir.path().join("out");
+        let o = generate(&["x", "--model", model.to_str().unwrap(), "--steps", "1"], &out);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("truncated or corrupt"), "{what}: {err}");
+        assert!(files_in(&out).iter().all(|p| p.ends_with("hf-home-that-does-not-exist")), "{what}: files written");
+    }
+}
