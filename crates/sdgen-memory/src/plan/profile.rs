@@ -167,8 +167,12 @@ impl FamilyProfile {
             coefficients: CoefficientTable {
                 cpu_f32: d,
                 cpu_half: c(d.bytes_per_pixel, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, d.fixed_bytes),
-                gpu_f32: c(12_800.0, d.bytes_per_pixel_at_attention, 8.0, 48.0, 128.0 * MIB),
-                gpu_half: c(6_600.0, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, 128.0 * MIB),
+                // Measured on an H100 (bf16, sdgen-bench, 2026-11-27): 10.75-10.99 KB per output
+                // pixel above the stage's start at 512² (n 1 and 4) and 768² (n 1); the first
+                // estimate (6.6 KB, derived from candle's im2col) was 0.61x the measured peak.
+                // f32 is scaled by the same factor until it is measured.
+                gpu_f32: c(21_400.0, d.bytes_per_pixel_at_attention, 8.0, 48.0, 128.0 * MIB),
+                gpu_half: c(11_000.0, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, 128.0 * MIB),
             },
         };
         let e = SD15_ENCODE_CPU_F32;
