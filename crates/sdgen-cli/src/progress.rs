@@ -66,8 +66,7 @@ impl Reporter {
         let done = p.file_done_bytes >= p.file_total_bytes;
         if self.terminal {
             let width = 30;
-            let filled =
-                if p.total_bytes == 0 { width } else { (width as u64 * p.done_bytes / p.total_bytes) as usize };
+            let filled = (width as u64 * p.done_bytes).checked_div(p.total_bytes).map_or(width, |v| v as usize);
             eprint!(
                 "\r  downloading {} [{}{}] {:.1}/{:.1} MB, file {}/{} {} ",
                 p.repo,

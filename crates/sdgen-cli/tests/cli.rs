@@ -50,7 +50,8 @@ fn stderr(o: &Output) -> String {
 fn generates_the_reference_image_with_metadata_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = generate(&["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "42", "--steps", "10", "--json"], &out);
+    let o =
+        generate(&["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "42", "--steps", "10", "--json"], &out);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // stdout is exactly one JSON document.
@@ -132,7 +133,8 @@ fn assert_refused(args: &[&str], needles: &[&str]) {
         assert!(err.contains(n), "args {args:?}: `{n}` not in: {err}");
     }
     assert!(o.stdout.is_empty(), "stdout must stay empty on errors");
-    let written: Vec<PathBuf> = files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
+    let written: Vec<PathBuf> =
+        files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
     assert!(written.is_empty(), "files written: {written:?}");
 }
 
@@ -195,14 +197,19 @@ fn corrupt_safetensors_files_are_refused_naming_the_file() {
     bad_json[8] = b'[';
     bad_json[9] = b'x';
     let truncated = good[..8 + header_len + 100].to_vec();
-    for (what, bytes) in [("bad header length", bad_length), ("bad header JSON", bad_json), ("data cut short", truncated)] {
+    for (what, bytes) in
+        [("bad header length", bad_length), ("bad header JSON", bad_json), ("data cut short", truncated)]
+    {
         let dir = tempfile::tempdir().unwrap();
         let model = tiny_copy_with_unet(dir.path(), &bytes);
         let out = dir.path().join("out");
         let o = generate(&["x", "--model", model.to_str().unwrap(), "--steps", "1"], &out);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{what}: {err}");
-        assert!(err.contains("diffusion_pytorch_model.safetensors") && err.contains("truncated or corrupt"), "{what}: {err}");
+        assert!(
+            err.contains("diffusion_pytorch_model.safetensors") && err.contains("truncated or corrupt"),
+            "{what}: {err}"
+        );
         assert!(files_in(&out).iter().all(|p| p.ends_with("hf-home-that-does-not-exist")), "{what}: files written");
     }
 }

@@ -67,7 +67,11 @@ fn f32_pipelines_match_diffusers_and_the_cpu() {
                 cw * 100.0
             );
             assert_image_close(&format!("{} image {i} (cuda f32 vs diffusers)", case.name), &image.pixels, &want);
-            assert_image_close(&format!("{} image {i} (cuda f32 vs cpu)", case.name), &image.pixels, &cpu.images[i].pixels);
+            assert_image_close(
+                &format!("{} image {i} (cuda f32 vs cpu)", case.name),
+                &image.pixels,
+                &cpu.images[i].pixels,
+            );
         }
     }
 }
@@ -82,7 +86,8 @@ fn bf16_pipeline_stays_close() {
         for (i, image) in gpu.images.iter().enumerate() {
             let want: Vec<f32> = r[&case.key].get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let (within, worst) = image_diff(&image.pixels, &want);
-            let mean = image.pixels.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32 * 255.0;
+            let mean =
+                image.pixels.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32 * 255.0;
             println!(
                 "cuda bf16 {} image {i}: {:.3}% within 1/255, mean {mean:.3}/255, worst {worst:.3}/255",
                 case.name,

@@ -134,7 +134,8 @@ fn a_complete_cache_is_used_without_any_request() {
     server.clear_requests();
 
     assert_eq!(fetch(&hub, REPO).unwrap(), first);
-    let folder = ModelSource::parse(REPO).open_with(&hub, &Default::default(), &mut |_| panic!("no download expected")).unwrap();
+    let folder =
+        ModelSource::parse(REPO).open_with(&hub, &Default::default(), &mut |_| panic!("no download expected")).unwrap();
     assert_eq!(folder.root(), first);
     assert!(server.requests().is_empty(), "{:?}", server.requests());
 }

@@ -28,7 +28,8 @@ fn copy_with_unet_as(dtype: DType) -> tempfile::TempDir {
     }
     let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
     let tensors = candle_core::safetensors::load(&unet, &Device::Cpu).unwrap();
-    let converted: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
+    let converted: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect();
     candle_core::safetensors::save(&converted, &unet).unwrap();
     dir
 }
@@ -53,7 +54,8 @@ fn half_precision_files_load_into_any_dtype() {
                 let got = vb.get_unchecked(name).unwrap();
                 assert_eq!(got.dtype(), target, "{name}");
                 // Exactly the original values rounded once to the stored precision.
-                let want = reference.get_unchecked(name).unwrap().to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
+                let want =
+                    reference.get_unchecked(name).unwrap().to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
                 let diff = (got.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap();
                 let worst = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
                 assert_eq!(worst, 0.0, "{name} stored as {stored:?}, loaded as {target:?}");

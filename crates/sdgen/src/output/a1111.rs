@@ -19,11 +19,8 @@ use super::ImageMetadata;
 /// The negative-prompt line is left out when there is none, as A1111 does. The sampler is named as
 /// A1111 names it (see [`a1111_sampler_name`]).
 pub fn a1111_parameters(meta: &ImageMetadata) -> String {
-    let version = if meta.version.starts_with("sdgen") {
-        meta.version.clone()
-    } else {
-        format!("sdgen {}", meta.version)
-    };
+    let version =
+        if meta.version.starts_with("sdgen") { meta.version.clone() } else { format!("sdgen {}", meta.version) };
     let fields = [
         ("Steps", meta.steps.to_string()),
         ("Sampler", a1111_sampler_name(&meta.scheduler)),
@@ -33,18 +30,13 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
         ("Model", meta.model.clone()),
         ("Version", version),
     ];
-    let params: Vec<String> = fields
-        .iter()
-        .map(|(key, value)| format!("{key}: {}", quote(value)))
-        .collect();
+    let params: Vec<String> = fields.iter().map(|(key, value)| format!("{key}: {}", quote(value))).collect();
     let negative = if meta.negative_prompt.is_empty() {
         String::new()
     } else {
         format!("\nNegative prompt: {}", meta.negative_prompt)
     };
-    format!("{}{negative}\n{}", meta.prompt, params.join(", "))
-        .trim()
-        .to_string()
+    format!("{}{negative}\n{}", meta.prompt, params.join(", ")).trim().to_string()
 }
 
 /// A1111's sampler name for one of our scheduler names (either our short names like `euler` or
@@ -55,11 +47,7 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
 /// `skip_prk_steps` for Stable Diffusion, i.e. pure PLMS, which A1111 calls `PLMS`; SD 3.5's
 /// flow-matching Euler is written `Euler`, as A1111 and Forge write it for SD3.
 pub fn a1111_sampler_name(scheduler: &str) -> String {
-    let key: String = scheduler
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let key: String = scheduler.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     let key = key.strip_suffix("scheduler").unwrap_or(&key);
     let key = key.strip_suffix("discrete").unwrap_or(key);
     let name = match key {
@@ -131,11 +119,7 @@ mod tests {
 
     #[test]
     fn empty_negative_prompt_has_no_line() {
-        let m = ImageMetadata {
-            negative_prompt: String::new(),
-            guidance: 7.0,
-            ..meta()
-        };
+        let m = ImageMetadata { negative_prompt: String::new(), guidance: 7.0, ..meta() };
         assert_eq!(
             a1111_parameters(&m),
             "a cat\nSteps: 30, Sampler: Euler, CFG scale: 7.0, Seed: 42, Size: 512x512, \

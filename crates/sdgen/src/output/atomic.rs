@@ -40,10 +40,7 @@ impl TempFile {
     pub(crate) fn create(dir: &Path, label: &str) -> Result<(TempFile, File)> {
         loop {
             let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let name = format!(
-                "{TEMP_PREFIX}{}-{n}.{label}{TEMP_SUFFIX}",
-                std::process::id()
-            );
+            let name = format!("{TEMP_PREFIX}{}-{n}.{label}{TEMP_SUFFIX}", std::process::id());
             let path = dir.join(name);
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => return Ok((TempFile { path }, file)),
@@ -58,8 +55,7 @@ impl TempFile {
     /// contents are on disk before its name is.
     pub(crate) fn write(dir: &Path, label: &str, bytes: &[u8]) -> Result<TempFile> {
         let (temp, mut file) = Self::create(dir, label)?;
-        file.write_all(bytes)
-            .map_err(|e| Error::io(&temp.path, e))?;
+        file.write_all(bytes).map_err(|e| Error::io(&temp.path, e))?;
         file.sync_all().map_err(|e| Error::io(&temp.path, e))?;
         Ok(temp)
     }
@@ -91,11 +87,7 @@ pub(crate) enum Published {
 ///
 /// Returns `Ok(None)` when `target` is taken (nothing changed), `Ok(Some(_))` once published.
 /// `use_links` is false only in tests of the fallback path.
-pub(crate) fn publish(
-    temp: &TempFile,
-    target: &Path,
-    use_links: bool,
-) -> Result<Option<Published>> {
+pub(crate) fn publish(temp: &TempFile, target: &Path, use_links: bool) -> Result<Option<Published>> {
     if use_links {
         match fs::hard_link(temp.path(), target) {
             Ok(()) => return Ok(Some(Published::Linked)),
@@ -155,10 +147,7 @@ pub(crate) fn remove_stale_temps(dir: &Path) {
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
-        let age = meta
-            .modified()
-            .ok()
-            .and_then(|t| now.duration_since(t).ok());
+        let age = meta.modified().ok().and_then(|t| now.duration_since(t).ok());
         if meta.is_file() && age.is_some_and(|age| age > STALE_TEMP_AGE) {
             let _ = fs::remove_file(entry.path());
         }
@@ -171,10 +160,8 @@ pub(crate) mod tests {
 
     /// All names in `dir`, sorted.
     pub(crate) fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
@@ -188,26 +175,15 @@ pub(crate) mod tests {
         assert_eq!(fs::read(&taken).unwrap(), b"precious");
 
         let free = dir.path().join("free.png");
-        let how = publish(&temp, &free, use_links)
-            .unwrap()
-            .expect("free name");
-        assert_eq!(
-            how,
-            if use_links {
-                Published::Linked
-            } else {
-                Published::Renamed
-            }
-        );
+        let how = publish(&temp, &free, use_links).unwrap().expect("free name");
+        assert_eq!(how, if use_links { Published::Linked } else { Published::Renamed });
         assert_eq!(fs::read(&free).unwrap(), b"new contents");
 
         // Unpublishing restores the temporary, which can then be published elsewhere.
         unpublish(&temp, &free, how).unwrap();
         assert!(!free.exists());
         let other = dir.path().join("other.png");
-        publish(&temp, &other, use_links)
-            .unwrap()
-            .expect("free name");
+        publish(&temp, &other, use_links).unwrap().expect("free name");
         drop(temp);
         assert_eq!(names(dir.path()), ["other.png", "taken.png"]);
         assert_eq!(fs::read(&other).unwrap(), b"new contents");
@@ -227,13 +203,7 @@ pub(crate) mod tests {
     fn temps_are_hidden_and_removed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let temp = TempFile::write(dir.path(), "json", b"{}").unwrap();
-        let name = temp
-            .path()
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let name = temp.path().file_name().unwrap().to_str().unwrap().to_string();
         assert!(name.starts_with('.') && name.ends_with(".tmp"), "{name}");
         drop(temp);
         assert!(names(dir.path()).is_empty());
@@ -242,24 +212,15 @@ pub(crate) mod tests {
     #[test]
     fn only_old_temps_are_collected() {
         let dir = tempfile::tempdir().unwrap();
-        let old = dir
-            .path()
-            .join(format!("{TEMP_PREFIX}1-0.png{TEMP_SUFFIX}"));
-        let young = dir
-            .path()
-            .join(format!("{TEMP_PREFIX}1-1.png{TEMP_SUFFIX}"));
+        let old = dir.path().join(format!("{TEMP_PREFIX}1-0.png{TEMP_SUFFIX}"));
+        let young = dir.path().join(format!("{TEMP_PREFIX}1-1.png{TEMP_SUFFIX}"));
         let foreign = dir.path().join(".someone-else.tmp");
         for p in [&old, &young, &foreign] {
             fs::write(p, b"x").unwrap();
         }
         let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
         for p in [&old, &foreign] {
-            File::options()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_modified(two_hours_ago)
-                .unwrap();
+            File::options().write(true).open(p).unwrap().set_modified(two_hours_ago).unwrap();
         }
         remove_stale_temps(dir.path());
         assert!(!old.exists());

@@ -118,8 +118,7 @@ pub fn ensure_output_dir(dir: &Path) -> Result<()> {
         ))
     };
     fs::create_dir_all(dir).map_err(|e| unusable("cannot be created", &e))?;
-    let (probe, file) =
-        TempFile::create(dir, "write-check").map_err(|e| unusable("is not writable", &e))?;
+    let (probe, file) = TempFile::create(dir, "write-check").map_err(|e| unusable("is not writable", &e))?;
     drop(file);
     // Saving removes temporaries too, so that must work here as well.
     fs::remove_file(probe.path()).map_err(|e| unusable("does not let files be removed", &e))?;
@@ -145,15 +144,11 @@ fn save_image_at(
     hook: &mut dyn FnMut(SaveStep) -> io::Result<()>,
 ) -> Result<SavedImage> {
     let dir = non_empty(dir);
-    let (width, height) = (
-        pixel_dim(meta.width, "width")?,
-        pixel_dim(meta.height, "height")?,
-    );
+    let (width, height) = (pixel_dim(meta.width, "width")?, pixel_dim(meta.height, "height")?);
     let parameters = a1111_parameters(meta);
     let png = encode_png(rgb, width, height, &[(PARAMETERS_KEYWORD, &parameters)])?;
-    let mut json = serde_json::to_vec_pretty(meta).map_err(|e| {
-        Error::InvalidInput(format!("image metadata cannot be written as JSON: {e}"))
-    })?;
+    let mut json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| Error::InvalidInput(format!("image metadata cannot be written as JSON: {e}")))?;
     json.push(b'\n');
 
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -163,11 +158,7 @@ fn save_image_at(
 
     let base = naming::base_stem(now, meta.seed, &meta.prompt);
     for attempt in 0..MAX_NAME_ATTEMPTS {
-        let stem = if attempt == 0 {
-            base.clone()
-        } else {
-            format!("{base}-{attempt}")
-        };
+        let stem = if attempt == 0 { base.clone() } else { format!("{base}-{attempt}") };
         let png_path = dir.join(format!("{stem}.png"));
         let json_path = dir.join(format!("{stem}.json"));
         // A leftover sidecar without its PNG still takes the stem: the pair must match.
@@ -183,10 +174,7 @@ fn save_image_at(
         match json_result {
             Ok(Some(_)) => {
                 atomic::sync_dir(dir);
-                return Ok(SavedImage {
-                    png_path,
-                    json_path,
-                });
+                return Ok(SavedImage { png_path, json_path });
             }
             // Another writer took the sidecar name in the meantime: move both to the next stem.
             Ok(None) => unpublish(&png_temp, &png_path, png_how)?,

@@ -20,19 +20,11 @@ pub(crate) fn base_stem(now: SystemTime, seed: u64, prompt: &str) -> String {
 
 /// `YYYYMMDD-HHMMSS` in UTC. Times before 1970 (a badly set clock) are written as the epoch.
 pub(crate) fn utc_timestamp(now: SystemTime) -> String {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let secs_of_day = secs % 86_400;
     let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60
-    )
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60)
 }
 
 /// The proleptic Gregorian (year, month 1..=12, day 1..=31) of `days` since 1970-01-01.
@@ -42,17 +34,12 @@ pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097); // [0, 146096]
                                             // [0, 399]; the corrections skip the leap days of 4-, 100- and 400-year cycles.
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     // [0, 365]
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_from_march = (5 * day_of_year + 2) / 153; // [0, 11]
     let day = (day_of_year - (153 * month_from_march + 2) / 5 + 1) as u32;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    } as u32;
+    let month = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }
@@ -163,20 +150,14 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(utc_timestamp(t), "20231114-221320");
         assert_eq!(utc_timestamp(UNIX_EPOCH), "19700101-000000");
-        assert_eq!(
-            utc_timestamp(UNIX_EPOCH - Duration::from_secs(5)),
-            "19700101-000000"
-        );
+        assert_eq!(utc_timestamp(UNIX_EPOCH - Duration::from_secs(5)), "19700101-000000");
         assert_eq!(base_stem(t, 42, "A cat"), "20231114-221320_42_a-cat");
     }
 
     #[test]
     fn slugs_are_short_lowercase_ascii() {
         assert_eq!(slug("Epic fantasy landscape"), "epic-fantasy-landscape");
-        assert_eq!(
-            slug("  (masterpiece:1.2), best   quality!! "),
-            "masterpiece-1-2-best-quality"
-        );
+        assert_eq!(slug("  (masterpiece:1.2), best   quality!! "), "masterpiece-1-2-best-quality");
         assert_eq!(slug("café 東京"), "cafe");
         assert_eq!(slug("東京"), "image");
         assert_eq!(slug(""), "image");

@@ -20,9 +20,7 @@ pub fn encode_png(rgb: &[u8], width: u32, height: u32, text: &[(&str, &str)]) ->
         .and_then(|n| n.checked_mul(3))
         .ok_or_else(|| Error::InvalidInput(format!("image size {width}x{height} is too large")))?;
     if width == 0 || height == 0 {
-        return Err(Error::InvalidInput(format!(
-            "image size {width}x{height} is empty"
-        )));
+        return Err(Error::InvalidInput(format!("image size {width}x{height} is empty")));
     }
     if rgb.len() != expected_len {
         return Err(Error::InvalidInput(format!(
@@ -41,9 +39,7 @@ pub fn encode_png(rgb: &[u8], width: u32, height: u32, text: &[(&str, &str)]) ->
     }
 
     let mut bytes = Vec::with_capacity(expected_len / 2 + 1024);
-    let encode_error = |e: png::EncodingError| {
-        Error::InvalidInput(format!("encoding a {width}x{height} PNG: {e}"))
-    };
+    let encode_error = |e: png::EncodingError| Error::InvalidInput(format!("encoding a {width}x{height} PNG: {e}"));
     {
         let mut encoder = png::Encoder::new(&mut bytes, width, height);
         encoder.set_color(png::ColorType::Rgb);
@@ -74,12 +70,8 @@ fn is_latin1(text: &str) -> bool {
 /// decoded into memory.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let not_png = |e: png::DecodingError| {
-        Error::InvalidInput(format!("{} is not a readable PNG: {e}", path.display()))
-    };
-    let mut reader = png::Decoder::new(BufReader::new(file))
-        .read_info()
-        .map_err(not_png)?;
+    let not_png = |e: png::DecodingError| Error::InvalidInput(format!("{} is not a readable PNG: {e}", path.display()));
+    let mut reader = png::Decoder::new(BufReader::new(file)).read_info().map_err(not_png)?;
     // Text after IDAT is only seen once the rest of the file is read.
     reader.finish().map_err(not_png)?;
     let info = reader.info();
@@ -102,9 +94,7 @@ pub(crate) mod tests {
 
     /// Decodes a PNG written by [`encode_png`] back to (width, height, RGB bytes).
     pub(crate) fn decode_rgb(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-            .read_info()
-            .unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let frame = reader.next_frame(&mut buf).unwrap();
         assert_eq!(frame.color_type, png::ColorType::Rgb);
@@ -114,19 +104,13 @@ pub(crate) mod tests {
     }
 
     fn gradient(width: u32, height: u32) -> Vec<u8> {
-        (0..width * height * 3)
-            .map(|i| (i * 7 % 251) as u8)
-            .collect()
+        (0..width * height * 3).map(|i| (i * 7 % 251) as u8).collect()
     }
 
     #[test]
     fn pixels_and_text_round_trip() {
         let rgb = gradient(13, 5);
-        let text = [
-            ("parameters", "café 東京\nSteps: 1"),
-            ("Software", "sdgen"),
-            ("latin", "café"),
-        ];
+        let text = [("parameters", "café 東京\nSteps: 1"), ("Software", "sdgen"), ("latin", "café")];
         let bytes = encode_png(&rgb, 13, 5, &text).unwrap();
         assert_eq!(decode_rgb(&bytes), (13, 5, rgb));
 
@@ -135,10 +119,7 @@ pub(crate) mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let mut got = read_png_text(&path).unwrap();
         got.sort();
-        let mut want: Vec<(String, String)> = text
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let mut want: Vec<(String, String)> = text.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         want.sort();
         assert_eq!(got, want);
 
@@ -168,10 +149,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("late.png");
         std::fs::write(&path, late).unwrap();
-        assert_eq!(
-            read_png_text(&path).unwrap(),
-            [("Comment".to_string(), "late".to_string())]
-        );
+        assert_eq!(read_png_text(&path).unwrap(), [("Comment".to_string(), "late".to_string())]);
     }
 
     fn crc32(data: &[u8]) -> u32 {
@@ -179,11 +157,7 @@ pub(crate) mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
             }
         }
         !crc
@@ -192,10 +166,7 @@ pub(crate) mod tests {
     #[test]
     fn bad_inputs_are_rejected_with_their_sizes() {
         let err = encode_png(&[0; 10], 2, 2, &[]).unwrap_err().to_string();
-        assert!(
-            err.contains("2x2") && err.contains("12") && err.contains("10"),
-            "{err}"
-        );
+        assert!(err.contains("2x2") && err.contains("12") && err.contains("10"), "{err}");
         assert!(encode_png(&[], 0, 2, &[]).is_err());
         assert!(encode_png(&[0; 12], 2, 2, &[("", "x")]).is_err());
         assert!(encode_png(&[0; 12], 2, 2, &[("東京", "x")]).is_err());

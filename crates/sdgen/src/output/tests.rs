@@ -39,9 +39,7 @@ fn meta() -> ImageMetadata {
 }
 
 fn pixels(meta: &ImageMetadata) -> Vec<u8> {
-    (0..meta.width * meta.height * 3)
-        .map(|i| (i * 37 % 256) as u8)
-        .collect()
+    (0..meta.width * meta.height * 3).map(|i| (i * 37 % 256) as u8).collect()
 }
 
 fn no_faults(_: SaveStep) -> io::Result<()> {
@@ -65,10 +63,7 @@ fn png_and_sidecar_round_trip() {
     assert_eq!(decoded, rgb);
 
     let text = read_png_text(&saved.png_path).unwrap();
-    assert_eq!(
-        text,
-        [(PARAMETERS_KEYWORD.to_string(), a1111_parameters(&m))]
-    );
+    assert_eq!(text, [(PARAMETERS_KEYWORD.to_string(), a1111_parameters(&m))]);
     assert_eq!(
         text[0].1,
         "café 東京\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, \
@@ -76,14 +71,8 @@ fn png_and_sidecar_round_trip() {
     );
 
     let json = fs::read_to_string(&saved.json_path).unwrap();
-    assert!(
-        json.contains("\n  \"model\": \"sd15\""),
-        "not pretty-printed: {json}"
-    );
-    assert!(
-        !json.contains("extra"),
-        "empty extra should be left out: {json}"
-    );
+    assert!(json.contains("\n  \"model\": \"sd15\""), "not pretty-printed: {json}");
+    assert!(!json.contains("extra"), "empty extra should be left out: {json}");
     let back: ImageMetadata = serde_json::from_str(&json).unwrap();
     assert_eq!(back, m);
 
@@ -94,10 +83,7 @@ fn png_and_sidecar_round_trip() {
 fn extra_fields_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = meta();
-    m.extra.insert(
-        "plan".into(),
-        serde_json::json!({"attention": "sliced", "peak_bytes": 123}),
-    );
+    m.extra.insert("plan".into(), serde_json::json!({"attention": "sliced", "peak_bytes": 123}));
     let saved = save_image(dir.path(), &m, &pixels(&m)).unwrap();
     let back: ImageMetadata = serde_json::from_slice(&fs::read(&saved.json_path).unwrap()).unwrap();
     assert_eq!(back, m);
@@ -121,10 +107,7 @@ fn existing_files_are_never_overwritten() {
     let second = save_image_at(dir.path(), &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
     assert_eq!(second.png_path, dir.path().join(format!("{stem}-3.png")));
     assert_eq!(second.json_path, dir.path().join(format!("{stem}-3.json")));
-    assert_eq!(
-        fs::read(dir.path().join(format!("{stem}-2.json"))).unwrap(),
-        b"orphan"
-    );
+    assert_eq!(fs::read(dir.path().join(format!("{stem}-2.json"))).unwrap(), b"orphan");
 
     assert_eq!(
         names(dir.path()),
@@ -153,11 +136,7 @@ fn a_failure_leaves_nothing_behind() {
         };
         let err = save_image_at(dir.path(), &m, &pixels(&m), fixed_time(), &mut hook).unwrap_err();
         assert!(err.to_string().contains("injected failure"), "{err}");
-        assert!(
-            names(dir.path()).is_empty(),
-            "{fail_at:?}: {:?}",
-            names(dir.path())
-        );
+        assert!(names(dir.path()).is_empty(), "{fail_at:?}: {:?}", names(dir.path()));
     }
 }
 
@@ -171,10 +150,7 @@ fn bad_pixels_are_rejected_before_touching_the_folder() {
     assert!(err.to_string().contains("7x3"), "{err}");
     assert!(!dir.exists());
     let zero = ImageMetadata { width: 0, ..meta() };
-    assert!(matches!(
-        save_image(&dir, &zero, &[]),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(save_image(&dir, &zero, &[]), Err(Error::InvalidInput(_))));
 }
 
 #[test]
@@ -187,11 +163,7 @@ fn save_creates_the_folder_and_leaves_no_temporaries() {
     }
     let all = names(&dir);
     assert_eq!(all.len(), 6, "{all:?}");
-    assert!(
-        all.iter()
-            .all(|n| !n.starts_with('.') && !n.ends_with(".tmp")),
-        "{all:?}"
-    );
+    assert!(all.iter().all(|n| !n.starts_with('.') && !n.ends_with(".tmp")), "{all:?}");
 }
 
 #[test]
@@ -200,11 +172,7 @@ fn ensure_output_dir_creates_and_checks() {
     let dir = parent.path().join("new").join("folder");
     ensure_output_dir(&dir).unwrap();
     assert!(dir.is_dir());
-    assert!(
-        names(&dir).is_empty(),
-        "the write check must clean up: {:?}",
-        names(&dir)
-    );
+    assert!(names(&dir).is_empty(), "the write check must clean up: {:?}", names(&dir));
     ensure_output_dir(&dir).unwrap(); // an existing folder is fine
 }
 

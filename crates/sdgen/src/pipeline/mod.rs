@@ -230,7 +230,7 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
 
 /// The model's own scheduler configuration.
 pub fn scheduler_config(model: &ModelFolder) -> Result<SchedulerConfig> {
-    SchedulerConfig::from_file(&model.component_dir("scheduler")?.join("scheduler_config.json"))
+    SchedulerConfig::from_file(model.component_dir("scheduler")?.join("scheduler_config.json"))
 }
 
 /// The size the model was trained at: the UNet's `sample_size` × the VAE's factor.

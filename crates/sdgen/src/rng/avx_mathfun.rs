@@ -107,11 +107,7 @@ pub(crate) fn sincos_ps(x: f32) -> (f32, f32) {
     let y = x * FOPI;
 
     // `_mm256_cvttps_epi32`: truncation; out-of-range lanes give i32::MIN (0x80000000).
-    let mut imm2 = if y.is_finite() && y.abs() < 2_147_483_648.0 {
-        y as i32
-    } else {
-        i32::MIN
-    };
+    let mut imm2 = if y.is_finite() && y.abs() < 2_147_483_648.0 { y as i32 } else { i32::MIN };
     imm2 = imm2.wrapping_add(1) & !1;
     let y = imm2 as f32;
     let imm4 = imm2;
@@ -148,10 +144,7 @@ pub(crate) fn sincos_ps(x: f32) -> (f32, f32) {
     let y = y - ysin1;
     let xmm1 = ysin1 + ysin2;
     let xmm2 = y + y2;
-    (
-        f(xmm1.to_bits() ^ sign_bit_sin),
-        f(xmm2.to_bits() ^ sign_bit_cos),
-    )
+    (f(xmm1.to_bits() ^ sign_bit_sin), f(xmm2.to_bits() ^ sign_bit_cos))
 }
 
 #[cfg(test)]
@@ -162,10 +155,7 @@ mod tests {
     fn log_and_sincos_are_close_to_libm() {
         for i in 1..=1000 {
             let x = i as f32 / 1000.0;
-            assert!(
-                (log_ps(x) - x.ln()).abs() <= 2e-7 * x.ln().abs().max(1.0),
-                "log({x})"
-            );
+            assert!((log_ps(x) - x.ln()).abs() <= 2e-7 * x.ln().abs().max(1.0), "log({x})");
             let t = x * std::f32::consts::TAU;
             let (s, c) = sincos_ps(t);
             assert!((s - t.sin()).abs() <= 3e-7, "sin({t})");

@@ -36,38 +36,24 @@ impl DdimScheduler {
         if config.thresholding.unwrap_or(false) {
             // Imagen's dynamic thresholding is for pixel-space models; no latent model uses it.
             return Err(Error::BadModel(
-                "scheduler config: thresholding=true (dynamic thresholding) is not supported by sdgen's DDIM"
-                    .into(),
+                "scheduler config: thresholding=true (dynamic thresholding) is not supported by sdgen's DDIM".into(),
             ));
         }
         let rescale = config.rescale_betas_zero_snr.unwrap_or(false);
         let alphas_cumprod = alphas_cumprod(&betas(&params, rescale));
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        let clip_sample_range = config
-            .clip_sample
-            .unwrap_or(true)
-            .then(|| config.clip_sample_range.unwrap_or(1.0) as f32);
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) { 1.0 } else { alphas_cumprod[0] };
+        let clip_sample_range =
+            config.clip_sample.unwrap_or(true).then(|| config.clip_sample_range.unwrap_or(1.0) as f32);
 
         let n = num_inference_steps;
         let timesteps_int: Vec<i64> = match params.timestep_spacing {
-            TimestepSpacing::Linspace => linspace_asc(t_train, n)
-                .iter()
-                .rev()
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => leading_base(t_train, n)
-                .iter()
-                .rev()
-                .map(|t| t + params.steps_offset)
-                .collect(),
-            TimestepSpacing::Trailing => trailing_desc(t_train, n)
-                .iter()
-                .map(|&t| t as i64)
-                .collect(),
+            TimestepSpacing::Linspace => {
+                linspace_asc(t_train, n).iter().rev().map(|t| t.round_ties_even() as i64).collect()
+            }
+            TimestepSpacing::Leading => {
+                leading_base(t_train, n).iter().rev().map(|t| t + params.steps_offset).collect()
+            }
+            TimestepSpacing::Trailing => trailing_desc(t_train, n).iter().map(|&t| t as i64).collect(),
         };
         Ok(Self {
             alphas_cumprod,
@@ -84,15 +70,12 @@ impl DdimScheduler {
         if timestep < 0 {
             return Ok(self.final_alpha_cumprod);
         }
-        self.alphas_cumprod
-            .get(timestep as usize)
-            .copied()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "ddim: timestep {timestep} is outside the {} training timesteps",
-                    self.alphas_cumprod.len()
-                ))
-            })
+        self.alphas_cumprod.get(timestep as usize).copied().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "ddim: timestep {timestep} is outside the {} training timesteps",
+                self.alphas_cumprod.len()
+            ))
+        })
     }
 }
 
@@ -105,11 +88,7 @@ impl Scheduler for DdimScheduler {
         1.0
     }
 
-    fn scale_model_input(
-        &self,
-        sample: &Tensor,
-        _step_index: usize,
-    ) -> candle_core::Result<Tensor> {
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> candle_core::Result<Tensor> {
         Ok(sample.clone())
     }
 
@@ -129,24 +108,16 @@ impl Scheduler for DdimScheduler {
         // 1. x0 and the noise it implies, from what the model predicts.
         let (pred_original, pred_epsilon) = match self.prediction_type {
             PredictionType::Epsilon => {
-                let x0 = div_scalar(
-                    &(sample - mul_scalar(model_output, beta_t.sqrt())?)?,
-                    alpha_t.sqrt(),
-                )?;
+                let x0 = div_scalar(&(sample - mul_scalar(model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
                 (x0, model_output.clone())
             }
             PredictionType::Sample => {
-                let eps = div_scalar(
-                    &(sample - mul_scalar(model_output, alpha_t.sqrt())?)?,
-                    beta_t.sqrt(),
-                )?;
+                let eps = div_scalar(&(sample - mul_scalar(model_output, alpha_t.sqrt())?)?, beta_t.sqrt())?;
                 (model_output.clone(), eps)
             }
             PredictionType::VPrediction => {
-                let x0 = (mul_scalar(sample, alpha_t.sqrt())?
-                    - mul_scalar(model_output, beta_t.sqrt())?)?;
-                let eps = (mul_scalar(model_output, alpha_t.sqrt())?
-                    + mul_scalar(sample, beta_t.sqrt())?)?;
+                let x0 = (mul_scalar(sample, alpha_t.sqrt())? - mul_scalar(model_output, beta_t.sqrt())?)?;
+                let eps = (mul_scalar(model_output, alpha_t.sqrt())? + mul_scalar(sample, beta_t.sqrt())?)?;
                 (x0, eps)
             }
         };
@@ -184,10 +155,7 @@ mod tests {
     #[test]
     fn thresholding_is_a_clear_error() {
         let cfg = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#).unwrap();
-        let err = build(SchedulerKind::Ddim, &cfg, 10)
-            .err()
-            .unwrap()
-            .to_string();
+        let err = build(SchedulerKind::Ddim, &cfg, 10).err().unwrap().to_string();
         assert!(err.contains("thresholding"), "{err}");
         // Classes that don't take the field ignore it, as diffusers' from_config does.
         assert!(build(SchedulerKind::Euler, &cfg, 10).is_ok());

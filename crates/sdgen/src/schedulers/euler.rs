@@ -44,11 +44,7 @@ impl EulerScheduler {
         let params = CommonParams::resolve(&config, TimestepSpacing::Linspace)?;
         let t_train = params.num_train_timesteps;
         check_steps(SchedulerKind::Euler, num_inference_steps, t_train)?;
-        let EulerOptions {
-            schedule,
-            continuous,
-            final_sigma_min,
-        } = EulerOptions::resolve(&config)?;
+        let EulerOptions { schedule, continuous, final_sigma_min } = EulerOptions::resolve(&config)?;
 
         let rescale = config.rescale_betas_zero_snr.unwrap_or(false);
         let mut alphas_cumprod = alphas_cumprod(&betas(&params, rescale));
@@ -57,70 +53,40 @@ impl EulerScheduler {
             alphas_cumprod[t_train - 1] = 2f32.powi(-24);
         }
         // Training sigmas, ascending in t: sqrt((1 - a) / a), in f32.
-        let train_sigmas: Vec<f32> = alphas_cumprod
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt())
-            .collect();
+        let train_sigmas: Vec<f32> = alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
 
         let n = num_inference_steps;
         // Timesteps as numpy computes them, in float32.
         let spaced: Vec<f32> = match params.timestep_spacing {
-            TimestepSpacing::Linspace => linspace_asc(t_train, n)
-                .iter()
-                .rev()
-                .map(|&t| t as f32)
-                .collect(),
-            TimestepSpacing::Leading => leading_base(t_train, n)
-                .iter()
-                .rev()
-                .map(|&t| t as f32 + params.steps_offset as f32)
-                .collect(),
-            TimestepSpacing::Trailing => trailing_desc(t_train, n)
-                .iter()
-                .map(|&t| t as f32)
-                .collect(),
+            TimestepSpacing::Linspace => linspace_asc(t_train, n).iter().rev().map(|&t| t as f32).collect(),
+            TimestepSpacing::Leading => {
+                leading_base(t_train, n).iter().rev().map(|&t| t as f32 + params.steps_offset as f32).collect()
+            }
+            TimestepSpacing::Trailing => trailing_desc(t_train, n).iter().map(|&t| t as f32).collect(),
         };
-        let interpolated: Vec<f64> = spaced
-            .iter()
-            .map(|&t| np_interp_index(t as f64, &train_sigmas))
-            .collect();
+        let interpolated: Vec<f64> = spaced.iter().map(|&t| np_interp_index(t as f64, &train_sigmas)).collect();
 
         let (mut sigmas, mut timesteps): (Vec<f64>, Vec<f32>) = match schedule {
             SigmaSchedule::Interpolated => (interpolated, spaced),
             SigmaSchedule::Karras | SigmaSchedule::Exponential => {
-                let sigma_min = config
-                    .sigma_min
-                    .unwrap_or(interpolated[interpolated.len() - 1]);
+                let sigma_min = config.sigma_min.unwrap_or(interpolated[interpolated.len() - 1]);
                 let sigma_max = config.sigma_max.unwrap_or(interpolated[0]);
                 let sigmas = if schedule == SigmaSchedule::Karras {
                     karras_sigmas(sigma_min, sigma_max, n)
                 } else {
-                    np_linspace(sigma_max.ln(), sigma_min.ln(), n)
-                        .iter()
-                        .map(|x| x.exp())
-                        .collect()
+                    np_linspace(sigma_max.ln(), sigma_min.ln(), n).iter().map(|x| x.exp()).collect()
                 };
                 let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-                let timesteps = sigmas
-                    .iter()
-                    .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
-                    .collect();
+                let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
                 (sigmas, timesteps)
             }
         };
-        let sigma_last = if final_sigma_min {
-            train_sigmas[0] as f64
-        } else {
-            0.0
-        };
+        let sigma_last = if final_sigma_min { train_sigmas[0] as f64 } else { 0.0 };
         sigmas.push(sigma_last);
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         if continuous && params.prediction_type == PredictionType::VPrediction {
             // EDM-style conditioning: the UNet takes c_noise = ln(sigma) / 4 instead of t.
-            timesteps = sigmas[..sigmas.len() - 1]
-                .iter()
-                .map(|s| 0.25 * s.ln())
-                .collect();
+            timesteps = sigmas[..sigmas.len() - 1].iter().map(|s| 0.25 * s.ln()).collect();
         }
 
         let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -153,11 +119,8 @@ struct EulerOptions {
 
 impl EulerOptions {
     fn resolve(config: &SchedulerConfig) -> Result<Self> {
-        let unsupported = |what: &str| {
-            Err(Error::BadModel(format!(
-                "scheduler config: {what} is not supported by sdgen's Euler"
-            )))
-        };
+        let unsupported =
+            |what: &str| Err(Error::BadModel(format!("scheduler config: {what} is not supported by sdgen's Euler")));
         match config.interpolation_type.as_deref().unwrap_or("linear") {
             "linear" => {}
             // log_linear (N + 1 log-spaced sigmas plus the final one, so the run ends at the
@@ -197,11 +160,7 @@ impl EulerOptions {
                 )))
             }
         };
-        Ok(Self {
-            schedule,
-            continuous,
-            final_sigma_min,
-        })
+        Ok(Self { schedule, continuous, final_sigma_min })
     }
 }
 
@@ -232,21 +191,15 @@ pub(super) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
     let rho = 7.0;
     let min_inv_rho = sigma_min.powf(1.0 / rho);
     let max_inv_rho = sigma_max.powf(1.0 / rho);
-    np_linspace(0.0, 1.0, n)
-        .iter()
-        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
-        .collect()
+    np_linspace(0.0, 1.0, n).iter().map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho)).collect()
 }
 
 /// diffusers' `_sigma_to_t`: the fractional training timestep whose log-sigma interpolates to
 /// `ln(sigma)`, from the last training index at or below it.
 pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
-    let low_idx = log_sigmas
-        .iter()
-        .rposition(|&ls| log_sigma - ls as f64 >= 0.0)
-        .unwrap_or(0)
-        .min(log_sigmas.len() - 2);
+    let low_idx =
+        log_sigmas.iter().rposition(|&ls| log_sigma - ls as f64 >= 0.0).unwrap_or(0).min(log_sigmas.len() - 2);
     let high_idx = low_idx + 1;
     let low = log_sigmas[low_idx];
     let high = log_sigmas[high_idx];
@@ -284,9 +237,7 @@ impl Scheduler for EulerScheduler {
         // its dtype (torch keeps a tensor's dtype when multiplying by a 0-d float32 tensor).
         let sample = sample.to_dtype(DType::F32)?;
         let pred_original = match self.prediction_type {
-            PredictionType::Epsilon => {
-                (&sample - mul_scalar(model_output, sigma_hat)?.to_dtype(DType::F32)?)?
-            }
+            PredictionType::Epsilon => (&sample - mul_scalar(model_output, sigma_hat)?.to_dtype(DType::F32)?)?,
             PredictionType::Sample => model_output.to_dtype(DType::F32)?,
             PredictionType::VPrediction => {
                 // denoised = model_output * c_out + input * c_skip
@@ -347,10 +298,7 @@ mod tests {
     #[test]
     fn unsupported_options_are_clear_errors() {
         for (json, needle) in [
-            (
-                r#"{"interpolation_type":"log_linear"}"#,
-                "interpolation_type",
-            ),
+            (r#"{"interpolation_type":"log_linear"}"#, "interpolation_type"),
             (r#"{"use_beta_sigmas":true}"#, "use_beta_sigmas"),
             (r#"{"final_sigmas_type":"one"}"#, "final_sigmas_type"),
         ] {

@@ -18,24 +18,14 @@ fn torch_linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| {
-            if i < halfway {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
+        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
         .collect()
 }
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (the Glide schedule), computed in
 /// f64 and stored as f32 like `torch.tensor(betas, dtype=torch.float32)`.
 fn cosine_betas(num_train_timesteps: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| {
-        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-            .cos()
-            .powi(2)
-    };
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
     (0..num_train_timesteps)
         .map(|i| {
             let t1 = i as f64 / num_train_timesteps as f64;
@@ -81,14 +71,9 @@ pub(crate) fn betas(params: &CommonParams, rescale_zero_snr: bool) -> Vec<f32> {
     let t = params.num_train_timesteps;
     let betas = match (&params.trained_betas, params.beta_schedule) {
         (Some(trained), _) => trained.iter().map(|&b| b as f32).collect(),
-        (None, Some(BetaSchedule::Linear)) | (None, None) => {
-            torch_linspace_f32(params.beta_start, params.beta_end, t)
-        }
+        (None, Some(BetaSchedule::Linear)) | (None, None) => torch_linspace_f32(params.beta_start, params.beta_end, t),
         (None, Some(BetaSchedule::ScaledLinear)) => {
-            torch_linspace_f32(params.beta_start.sqrt(), params.beta_end.sqrt(), t)
-                .into_iter()
-                .map(|b| b * b)
-                .collect()
+            torch_linspace_f32(params.beta_start.sqrt(), params.beta_end.sqrt(), t).into_iter().map(|b| b * b).collect()
         }
         (None, Some(BetaSchedule::SquaredCosCapV2)) => cosine_betas(t),
     };
@@ -140,10 +125,7 @@ pub(crate) fn leading_base(num_train_timesteps: usize, num_inference_steps: usiz
 /// The "trailing" timesteps `round(arange(T, 0, -T / N)) - 1`, descending, as numpy gives them.
 pub(crate) fn trailing_desc(num_train_timesteps: usize, num_inference_steps: usize) -> Vec<f64> {
     let ratio = num_train_timesteps as f64 / num_inference_steps as f64;
-    np_arange(num_train_timesteps as f64, 0.0, -ratio)
-        .into_iter()
-        .map(|t| t.round_ties_even() - 1.0)
-        .collect()
+    np_arange(num_train_timesteps as f64, 0.0, -ratio).into_iter().map(|t| t.round_ties_even() - 1.0).collect()
 }
 
 /// The "linspace" timesteps `linspace(0, T - 1, N)`, ascending and unrounded.

@@ -44,8 +44,7 @@ impl PndmScheduler {
         check_steps(SchedulerKind::Pndm, num_inference_steps, t_train)?;
         if params.prediction_type == PredictionType::Sample {
             return Err(Error::BadModel(
-                "scheduler config: PNDM supports prediction_type epsilon or v_prediction, not \"sample\""
-                    .into(),
+                "scheduler config: PNDM supports prediction_type epsilon or v_prediction, not \"sample\"".into(),
             ));
         }
         let skip_prk_steps = config.skip_prk_steps.unwrap_or(false);
@@ -57,28 +56,14 @@ impl PndmScheduler {
         }
         // PNDM takes no `rescale_betas_zero_snr`: diffusers' `from_config` drops it.
         let alphas_cumprod = alphas_cumprod(&betas(&params, false));
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(false) {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(false) { 1.0 } else { alphas_cumprod[0] };
 
         let n = num_inference_steps;
         // diffusers' `_timesteps`, ascending.
         let base: Vec<i64> = match params.timestep_spacing {
-            TimestepSpacing::Linspace => linspace_asc(t_train, n)
-                .iter()
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => leading_base(t_train, n)
-                .iter()
-                .map(|t| t + params.steps_offset)
-                .collect(),
-            TimestepSpacing::Trailing => trailing_desc(t_train, n)
-                .iter()
-                .rev()
-                .map(|&t| t as i64)
-                .collect(),
+            TimestepSpacing::Linspace => linspace_asc(t_train, n).iter().map(|t| t.round_ties_even() as i64).collect(),
+            TimestepSpacing::Leading => leading_base(t_train, n).iter().map(|t| t + params.steps_offset).collect(),
+            TimestepSpacing::Trailing => trailing_desc(t_train, n).iter().rev().map(|&t| t as i64).collect(),
         };
         let step_ratio = (t_train / n) as i64;
         let (prk, plms): (Vec<i64>, Vec<i64>) = if skip_prk_steps {
@@ -94,14 +79,8 @@ impl PndmScheduler {
             // Each of the last 4 timesteps t gives (t, t + T//N//2), then the RK stages:
             // repeat(2) of all but the last, dropping the first and last, reversed.
             let half = step_ratio / 2;
-            let pairs: Vec<i64> = base[base.len() - PNDM_ORDER..]
-                .iter()
-                .flat_map(|&t| [t, t + half])
-                .collect();
-            let repeated: Vec<i64> = pairs[..pairs.len() - 1]
-                .iter()
-                .flat_map(|&t| [t, t])
-                .collect();
+            let pairs: Vec<i64> = base[base.len() - PNDM_ORDER..].iter().flat_map(|&t| [t, t + half]).collect();
+            let repeated: Vec<i64> = pairs[..pairs.len() - 1].iter().flat_map(|&t| [t, t]).collect();
             let mut prk = repeated[1..repeated.len() - 1].to_vec();
             prk.reverse();
             let plms: Vec<i64> = base[..base.len() - 3].iter().rev().copied().collect();
@@ -129,30 +108,18 @@ impl PndmScheduler {
         if timestep < 0 {
             return Ok(self.final_alpha_cumprod);
         }
-        self.alphas_cumprod
-            .get(timestep as usize)
-            .copied()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "pndm: timestep {timestep} is outside the {} training timesteps",
-                    self.alphas_cumprod.len()
-                ))
-            })
+        self.alphas_cumprod.get(timestep as usize).copied().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "pndm: timestep {timestep} is outside the {} training timesteps",
+                self.alphas_cumprod.len()
+            ))
+        })
     }
 
     /// Runge-Kutta step `counter` (of 12): stages 1-3 step from the stage's start sample with the
     /// current model output, stage 4 with the RK4 combination (1/6, 1/3, 1/3, 1/6).
-    fn step_prk(
-        &mut self,
-        model_output: &Tensor,
-        timestep: i64,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let diff_to_prev = if self.counter % 2 == 1 {
-            0
-        } else {
-            self.step_ratio / 2
-        };
+    fn step_prk(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> candle_core::Result<Tensor> {
+        let diff_to_prev = if self.counter % 2 == 1 { 0 } else { self.step_ratio / 2 };
         let prev_timestep = timestep - diff_to_prev;
         let timestep = self.timesteps_int[self.counter / 4 * 4];
         let accumulate = |acc: &Option<Tensor>, weight: f32| -> candle_core::Result<Tensor> {
@@ -182,12 +149,7 @@ impl PndmScheduler {
     }
 
     /// Linear multistep step: Adams-Bashforth of order up to 4 over the stored model outputs.
-    fn step_plms(
-        &mut self,
-        model_output: &Tensor,
-        timestep: i64,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn step_plms(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> candle_core::Result<Tensor> {
         let mut timestep = timestep;
         let mut prev_timestep = timestep - self.step_ratio;
         if self.counter != 1 {
@@ -216,20 +178,15 @@ impl PndmScheduler {
             mul_scalar(&(mul_scalar(&e[1], 3.0)? - &e[0])?, 0.5)?
         } else if n == 3 {
             // (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
-            let x =
-                ((mul_scalar(&e[2], 23.0)? - mul_scalar(&e[1], 16.0)?)? + mul_scalar(&e[0], 5.0)?)?;
+            let x = ((mul_scalar(&e[2], 23.0)? - mul_scalar(&e[1], 16.0)?)? + mul_scalar(&e[0], 5.0)?)?;
             div_scalar(&x, 12.0)?
         } else if n == 4 {
             // (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
-            let x = (((mul_scalar(&e[n - 1], 55.0)? - mul_scalar(&e[n - 2], 59.0)?)?
-                + mul_scalar(&e[n - 3], 37.0)?)?
+            let x = (((mul_scalar(&e[n - 1], 55.0)? - mul_scalar(&e[n - 2], 59.0)?)? + mul_scalar(&e[n - 3], 37.0)?)?
                 - mul_scalar(&e[n - 4], 9.0)?)?;
             mul_scalar(&x, 1.0 / 24.0)?
         } else {
-            candle_core::bail!(
-                "pndm: step {} taken out of order (history of {n} outputs)",
-                self.counter
-            )
+            candle_core::bail!("pndm: step {} taken out of order (history of {n} outputs)", self.counter)
         };
         let prev = self.prev_sample(&sample, timestep, prev_timestep, &model_output)?;
         self.counter += 1;
@@ -271,11 +228,7 @@ impl Scheduler for PndmScheduler {
         1.0
     }
 
-    fn scale_model_input(
-        &self,
-        sample: &Tensor,
-        _step_index: usize,
-    ) -> candle_core::Result<Tensor> {
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> candle_core::Result<Tensor> {
         Ok(sample.clone())
     }
 
@@ -292,9 +245,7 @@ impl Scheduler for PndmScheduler {
             self.step_prk(model_output, timestep, sample)
         } else {
             if !self.skip_prk_steps && self.ets.len() < 3 {
-                candle_core::bail!(
-                    "pndm: PLMS steps need the 12 Runge-Kutta steps to have run first"
-                );
+                candle_core::bail!("pndm: PLMS steps need the 12 Runge-Kutta steps to have run first");
             }
             self.step_plms(model_output, timestep, sample)
         }
