@@ -213,3 +213,47 @@ fn corrupt_safetensors_files_are_refused_naming_the_file() {
         assert!(files_in(&out).iter().all(|p| p.ends_with("hf-home-that-does-not-exist")), "{what}: files written");
     }
 }
+
+/// The seed's memory lines, in its format, at its points and in order, on stderr.
+#[test]
+fn memory_lines_follow_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(&["a lighthouse at dusk", "--model", &tiny_model(), "--steps", "2"], &dir.path().join("out"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let labels: Vec<String> = err.lines().filter_map(memory_line_label).collect();
+    let want = [
+        "Startup",
+        "Before text encoder load",
+        "After text encoder load",
+        "After text encoder",
+        "Before UNet load",
+        "After UNet load",
+        "Before generation",
+        "After generation",
+        "After UNet",
+        "Before VAE load",
+        "After VAE load",
+        "After VAE",
+        "Complete",
+    ];
+    assert_eq!(labels, want, "{err}");
+    // The plan is printed before anything loads.
+    let plan_at = err.find("Memory plan:").expect("plan table");
+    assert!(plan_at < err.find("Before text encoder load").unwrap());
+}
+
+/// The label of `l` when it is a memory line in the seed's format:
+/// `💾 Memory [LABEL]: Process=X.XGB, System=X.XGB/X.XGB (X.X%)`.
+fn memory_line_label(l: &str) -> Option<String> {
+    {
+        let rest = l.strip_prefix("💾 Memory [")?;
+        let (label, tail) = rest.split_once("]: Process=")?;
+        let (process, tail) = tail.split_once("GB, System=")?;
+        let (used_total, pct) = tail.split_once("GB (")?;
+        let (used, total) = used_total.split_once("GB/")?;
+        let pct = pct.strip_suffix("%)")?;
+        let one_decimal = |s: &str| s.split_once('.').is_some_and(|(a, b)| !a.is_empty() && b.len() == 1);
+        [process, used, total, pct].iter().all(|s| one_decimal(s)).then(|| label.to_string())
+    }
+}
