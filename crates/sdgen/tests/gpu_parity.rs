@@ -7,42 +7,13 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{assert_image_close, image_diff, load, testdata};
+use common::{assert_image_close, image_diff, load, pipeline_cases, testdata, Case};
 use sdgen::loading::ModelFolder;
-use sdgen::pipeline::{txt2img, Request, Runtime};
-
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seeds: Vec<u64>,
-    steps: usize,
-    guidance: f64,
-    width: usize,
-    height: usize,
-    scheduler: String,
-    key: String,
-}
-
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(testdata().join("reference/sd15/pipeline.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
+use sdgen::pipeline::{txt2img, Runtime};
 
 fn run(case: &Case, rt: &Runtime) -> sdgen::pipeline::Generation {
     let model = ModelFolder::open(&testdata().join("tiny-sd15")).unwrap();
-    let req = Request {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        n: case.seeds.len(),
-        seed: case.seeds[0],
-        steps: Some(case.steps),
-        guidance: Some(case.guidance),
-        width: Some(case.width),
-        height: Some(case.height),
-        scheduler: Some(case.scheduler.parse().unwrap()),
-    };
+    let req = case.request();
     txt2img(&model, &req, rt, &mut |_| {}).unwrap()
 }
 
@@ -53,7 +24,7 @@ fn cuda(dtype: DType) -> Runtime {
 #[test]
 fn f32_pipelines_match_diffusers_and_the_cpu() {
     let r = load("reference/sd15/pipeline.safetensors");
-    for case in cases() {
+    for case in pipeline_cases() {
         let gpu = run(&case, &cuda(DType::F32));
         let cpu = run(&case, &Runtime::cpu());
         for (i, image) in gpu.images.iter().enumerate() {
@@ -81,7 +52,7 @@ fn f32_pipelines_match_diffusers_and_the_cpu() {
 #[test]
 fn bf16_pipeline_stays_close() {
     let r = load("reference/sd15/pipeline.safetensors");
-    for case in cases() {
+    for case in pipeline_cases() {
         let gpu = run(&case, &cuda(DType::BF16));
         for (i, image) in gpu.images.iter().enumerate() {
             let want: Vec<f32> = r[&case.key].get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();

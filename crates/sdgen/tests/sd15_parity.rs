@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, assert_image_close, load, testdata};
+use common::{assert_close, assert_image_close, load, pipeline_cases, testdata, Case};
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{txt2img, Request, Runtime};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
@@ -62,44 +62,15 @@ fn vae_matches() {
     assert_close("decoded random", &vae.decode(&r["latent_in"]).unwrap(), &r["decoded_random"]);
 }
 
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seeds: Vec<u64>,
-    steps: usize,
-    guidance: f64,
-    width: usize,
-    height: usize,
-    scheduler: String,
-    key: String,
-}
-
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(testdata().join("reference/sd15/pipeline.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 fn run_case(case: &Case, n: usize, seed: u64) -> sdgen::pipeline::Generation {
-    let req = Request {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        n,
-        seed,
-        steps: Some(case.steps),
-        guidance: Some(case.guidance),
-        width: Some(case.width),
-        height: Some(case.height),
-        scheduler: Some(case.scheduler.parse().unwrap()),
-    };
+    let req = Request { n, seed, ..case.request() };
     txt2img(&model(), &req, &Runtime::cpu(), &mut |_| {}).unwrap()
 }
 
 #[test]
 fn pipelines_match_diffusers() {
     let r = load("reference/sd15/pipeline.safetensors");
-    for case in cases() {
+    for case in pipeline_cases() {
         let gen = run_case(&case, case.seeds.len(), case.seeds[0]);
         let expected = &r[&case.key];
         assert_eq!(gen.images.len(), case.seeds.len(), "{}", case.name);
@@ -113,7 +84,7 @@ fn pipelines_match_diffusers() {
 
 #[test]
 fn batching_never_changes_an_image() {
-    let case = cases().into_iter().find(|c| c.name == "batch2").expect("batch2 case");
+    let case = pipeline_cases().into_iter().find(|c| c.name == "batch2").expect("batch2 case");
     let batch = run_case(&case, 2, case.seeds[0]);
     for (i, &seed) in case.seeds.iter().enumerate() {
         let single = run_case(&case, 1, seed);

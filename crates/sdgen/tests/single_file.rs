@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use common::{assert_image_close, load, testdata};
+use common::{assert_image_close, load, pipeline_cases, testdata, Case};
 use sdgen::loading::single_file::manifest::ModelConfig;
 use sdgen::loading::{Checkpoint, ModelFolder, ModelSource, OpenOptions, SafetensorsHeader, TensorInfo};
-use sdgen::pipeline::{txt2img, Request, Runtime};
+use sdgen::pipeline::{txt2img, Runtime};
 
 fn checkpoint_path() -> PathBuf {
     testdata().join("tiny-sd15-single/tiny-sd15.safetensors")
@@ -77,32 +77,8 @@ fn components_are_the_folders_tensors() {
     assert!(err.contains("safety_checker") && err.contains("tiny-sd15.safetensors"), "{err}");
 }
 
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seeds: Vec<u64>,
-    steps: usize,
-    guidance: f64,
-    width: usize,
-    height: usize,
-    scheduler: String,
-    key: String,
-}
-
 fn run(model: &ModelFolder, case: &Case) -> sdgen::pipeline::Generation {
-    let req = Request {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        n: case.seeds.len(),
-        seed: case.seeds[0],
-        steps: Some(case.steps),
-        guidance: Some(case.guidance),
-        width: Some(case.width),
-        height: Some(case.height),
-        scheduler: Some(case.scheduler.parse().unwrap()),
-    };
+    let req = case.request();
     txt2img(model, &req, &Runtime::cpu(), &mut |_| {}).unwrap()
 }
 
@@ -111,8 +87,7 @@ fn run(model: &ModelFolder, case: &Case) -> sdgen::pipeline::Generation {
 /// make_single_file.py checks), and identical to the folder twin's run.
 #[test]
 fn single_file_draws_the_folders_images() {
-    let text = std::fs::read_to_string(testdata().join("reference/sd15/pipeline.json")).unwrap();
-    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
+    let cases: Vec<Case> = pipeline_cases();
     let reference = load("reference/sd15/pipeline.safetensors");
     let (s, f) = (single(), folder());
     for case in cases.iter().filter(|c| ["pndm_negative", "batch2", "euler", "nonsquare"].contains(&c.name.as_str())) {

@@ -49,3 +49,51 @@ pub fn assert_image_close(name: &str, actual: &[f32], expected: &[f32]) {
     assert!(within >= 0.995, "{name}: only {:.3}% of channels within 1/255 (worst {worst:.2}/255)", within * 100.0);
     assert!(worst <= 8.0, "{name}: a channel differs by {worst:.2}/255");
 }
+
+/// One whole-pipeline case of `reference/sd15/pipeline.json` (`tools/reference/make_sd15.py`).
+#[derive(serde::Deserialize)]
+pub struct Case {
+    /// The case's name.
+    pub name: String,
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt, if any.
+    pub negative_prompt: Option<String>,
+    /// One seed per image.
+    pub seeds: Vec<u64>,
+    /// Steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// sdgen's `--scheduler` name.
+    pub scheduler: String,
+    /// The key of its images in `pipeline.safetensors`.
+    pub key: String,
+}
+
+impl Case {
+    /// The engine request for this case (all its images in one batch).
+    pub fn request(&self) -> sdgen::pipeline::Request {
+        sdgen::pipeline::Request {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            n: self.seeds.len(),
+            seed: self.seeds[0],
+            steps: Some(self.steps),
+            guidance: Some(self.guidance),
+            width: Some(self.width),
+            height: Some(self.height),
+            scheduler: Some(self.scheduler.parse().unwrap()),
+        }
+    }
+}
+
+/// Every case of `reference/sd15/pipeline.json`.
+pub fn pipeline_cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(testdata().join("reference/sd15/pipeline.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
