@@ -136,8 +136,13 @@ fn run() -> anyhow::Result<ExitCode> {
         extra.insert("init_image".into(), req.init_image.name.clone().into());
         extra.insert("strength".into(), plan.strength.into());
     }
-    for w in &generation.warnings {
-        progress::log(&format!("⚠️  WARNING: {w}"));
+    for (_, generation) in &generations {
+        for w in &generation.warnings {
+            progress::log(&format!("⚠️  WARNING: {w}"));
+        }
+        for f in &generation.failures {
+            progress::log(&format!("⚠️  WARNING: recovered from running out of memory: {f}"));
+        }
     }
 
     let mut outputs = Vec::new();
@@ -151,7 +156,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 pipeline_type: pipeline_type.clone(),
                 memory_optimizations: memory_optimizations.clone(),
                 warnings: generation.warnings.iter().cloned().chain(plan.warning.clone()).collect(),
-                failures: Vec::new(),
+                failures: generation.failures.clone(),
                 prompt: request.prompt.clone(),
                 negative_prompt: request.negative_prompt.clone().unwrap_or_default(),
                 seed: image.seed,

@@ -257,3 +257,38 @@ fn memory_line_label(l: &str) -> Option<String> {
         [process, used, total, pct].iter().all(|s| one_decimal(s)).then(|| label.to_string())
     }
 }
+
+/// Out-of-memory recovery, through the test-only hook that makes a stage's first attempt fail as
+/// a CUDA allocation failure would: the stage is retried leaner, the image is still produced
+/// (and still diffusers' image: the leaner options do not change the result), and the metadata
+/// records the failure and the fallback.
+#[test]
+fn a_stage_that_runs_out_of_memory_is_retried_leaner() {
+    for (stage, fallback) in [("unet", "attention slicing"), ("vae", "VAE slicing"), ("text_encoder", "on the CPU")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+            .args(["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "42", "--steps", "10", "--json"])
+            .arg("--output")
+            .arg(&out)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env(sdgen::pipeline::INJECT_OOM_VAR, stage)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{stage}: {}", stderr(&o));
+        assert!(stderr(&o).contains("recovered from running out of memory"), "{stage}: {}", stderr(&o));
+        let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(result["images"][0]["metadata"].as_str().unwrap()).unwrap())
+                .unwrap();
+        let failure = meta["failures"][0].as_str().unwrap_or_default();
+        assert!(
+            failure.starts_with(stage) && failure.contains("OUT_OF_MEMORY") && failure.contains(fallback),
+            "{meta}"
+        );
+        let (pixels, _, _) = decode_png(&PathBuf::from(result["images"][0]["png"].as_str().unwrap()));
+        let (want, _, _) = decode_png(&testdata().join("reference/sd15/png/pndm_basic_0.png"));
+        let close = pixels.iter().zip(&want).all(|(a, b)| (*a as i32 - *b as i32).abs() <= 1);
+        assert!(close, "{stage}: the recovered image differs from diffusers'");
+    }
+}

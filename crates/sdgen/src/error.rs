@@ -31,6 +31,18 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
+    /// Whether the error is a device allocation failure (CUDA out of memory), which the pipeline
+    /// recovers from by retrying the stage under a leaner plan.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            Error::Candle(e) => {
+                let text = e.to_string();
+                text.contains("OUT_OF_MEMORY") || text.to_ascii_lowercase().contains("out of memory")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the error is the user's input (as opposed to a failure while generating).
     pub fn is_user_error(&self) -> bool {
         matches!(self, Error::InvalidInput(_) | Error::BadModel(_) | Error::Io { .. })

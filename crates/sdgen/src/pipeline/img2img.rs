@@ -192,7 +192,7 @@ pub fn img2img(
     let cfg_guidance = settings.guidance > 1.0;
 
     // 1. Encode the prompts.
-    let context = stage("text_encoder", progress, &mut log, rt, |progress| {
+    let context = stage("text_encoder", progress, &mut log, rt, |rt, progress| {
         encode_prompts(model, base, cfg_guidance, rt, &mut warnings, progress)
     })?;
 
@@ -202,39 +202,62 @@ pub fn img2img(
         .to_device(&rt.device)?;
 
     // 3. Timesteps: the full schedule, entered at t_start · order (`set_begin_index`).
-    let mut scheduler = schedulers::build(settings.scheduler, &scheduler_config(model)?, settings.steps)?;
+    let scheduler_cfg = scheduler_config(model)?;
+    let build_scheduler = || schedulers::build(settings.scheduler, &scheduler_cfg, settings.steps);
+    let scheduler = build_scheduler()?;
     let first_step = plan.skipped_steps * scheduler.order();
 
     // 4. Initial latents: one generator per image, seeded `seed + i`; the VAE sample, the added
     //    noise and then the ancestral steps all draw from them, in diffusers' order.
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
-    let mut generators = BatchNoise::for_batch_with_noise(base.seed, base.n, TorchNoise::from_env()?);
-    let latents = stage("vae_encoder", progress, &mut log, rt, |progress| {
-        initial_latents(model, &vae_cfg, &image, scheduler.as_ref(), first_step, &mut generators, base.n, rt, progress)
+    let generators = BatchNoise::for_batch_with_noise(base.seed, base.n, TorchNoise::from_env()?);
+    // A retried stage starts again from the generators' state before it.
+    let (latents, generators) = stage("vae_encoder", progress, &mut log, rt, |rt, progress| {
+        let mut generators = generators.clone();
+        let latents = initial_latents(
+            model,
+            &vae_cfg,
+            &image,
+            scheduler.as_ref(),
+            first_step,
+            &mut generators,
+            base.n,
+            rt,
+            progress,
+        )?;
+        Ok((latents, generators))
     })?;
     drop(image);
 
     // 5. Denoise from the first step on.
-    let latents = stage("unet", progress, &mut log, rt, |progress| {
+    let latents = stage("unet", progress, &mut log, rt, |rt, progress| {
         denoise(
             model,
             &unet_cfg,
-            scheduler.as_mut(),
+            build_scheduler()?.as_mut(),
             first_step,
-            latents,
+            latents.clone(),
             &context,
             settings.guidance,
-            &mut generators,
+            &mut generators.clone(),
             rt,
             progress,
         )
     })?;
 
     // 6. Decode.
-    let pixels = stage("vae", progress, &mut log, rt, |progress| decode(model, &vae_cfg, latents, rt, progress))?;
+    let pixels =
+        stage("vae", progress, &mut log, rt, |rt, progress| decode(model, &vae_cfg, latents.clone(), rt, progress))?;
     let images = into_images(&pixels, base, &settings)?;
-    Ok(Generation { images, settings, timings_ms: log.timings_ms, warnings, memory: log.memory })
+    Ok(Generation {
+        images,
+        settings,
+        timings_ms: log.timings_ms,
+        warnings,
+        memory: log.memory,
+        failures: log.failures,
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub use img2img::{
     check_strength, img2img, preprocess, resolve_img2img, skipped_steps, Img2ImgRequest, Img2ImgSettings, InitImage,
     DEFAULT_STRENGTH,
 };
+pub use stages::INJECT_OOM_VAR;
 pub use txt2img::txt2img;
 
 use crate::loading::ModelFolder;
@@ -179,6 +180,8 @@ pub struct Generation {
     pub warnings: Vec<String>,
     /// Memory of each stage: snapshots before and after, measured peaks, timeline.
     pub memory: Vec<sdgen_memory::StageMemory>,
+    /// Out-of-memory failures the run recovered from, each with the fallback it took.
+    pub failures: Vec<String>,
 }
 
 /// Fills in the family's defaults and validates the request before anything is loaded.

@@ -14,7 +14,7 @@ use sdgen_memory::{StageMemory, StagePeak};
 use sdgen_models::attention::AttentionOptions;
 use sdgen_models::vae::{VaeOptions, VaeTiling};
 
-use super::{GeneratedImage, Progress, Request, Runtime, Settings};
+use super::{GeneratedImage, Progress, Request, Runtime, Settings, StageOptions};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
 use crate::schedulers::Scheduler;
@@ -28,6 +28,46 @@ pub(super) struct StageLog {
     pub timings_ms: BTreeMap<String, f64>,
     /// Memory per stage.
     pub memory: Vec<StageMemory>,
+    /// Out-of-memory failures and what the stage was retried with (the seed's `failures`).
+    pub failures: Vec<String>,
+}
+
+/// Test-only hook: `SDGEN_INJECT_OOM=<stage>` makes that stage's first attempt fail as a CUDA
+/// out-of-memory error would, so the recovery path is exercised without a GPU.
+pub const INJECT_OOM_VAR: &str = "SDGEN_INJECT_OOM";
+
+/// Makes the stage's options one step leaner; `None` when nothing leaner is left. The order is
+/// the planner's: cheapest first.
+fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
+    let next = |slice: Option<usize>| match slice {
+        None => Some(1024),
+        Some(s) if s > 64 => Some(s / 4),
+        Some(_) => None,
+    };
+    match stage {
+        "text_encoder" if !o.text_encoder_on_host => {
+            o.text_encoder_on_host = true;
+            Some("the text encoder on the CPU".into())
+        }
+        "unet" => {
+            o.attention_slice = next(o.attention_slice)?.into();
+            Some(format!("attention slicing ({} query rows at a time)", o.attention_slice?))
+        }
+        "vae" | "vae_encoder" if !o.vae_slicing => {
+            o.vae_slicing = true;
+            Some("VAE slicing".into())
+        }
+        "vae" | "vae_encoder" if o.vae_tile_px.is_none() => {
+            o.vae_tile_px = Some(512);
+            Some("VAE tiling (512 px tiles)".into())
+        }
+        "vae" | "vae_encoder" if o.vae_tile_px.is_some_and(|t| t > 256) => {
+            o.vae_tile_px = Some(256);
+            o.vae_attention_slice = Some(256);
+            Some("VAE tiling (256 px tiles) with attention slicing".into())
+        }
+        _ => None,
+    }
 }
 
 /// How a stage is named in the seed's console lines.
@@ -55,21 +95,41 @@ pub(super) fn loaded(progress: &mut dyn FnMut(Progress), stage: &str) {
 /// Runs `body` as the stage `name`: reports its start and end, measures its wall time and its
 /// memory peaks (process and GPU), and after the body has dropped its model gives the memory
 /// back (`cleanup_memory`: allocator trim, CUDA pool trim) before the next stage loads.
+///
+/// A device out-of-memory error is recovered from: everything of the attempt is dropped, memory
+/// is returned aggressively, and the stage runs again with the next leaner options; the failure
+/// and the fallback are recorded in `log.failures`. The body gets the runtime to use.
 pub(super) fn stage<T>(
     name: &'static str,
     progress: &mut dyn FnMut(Progress),
     log: &mut StageLog,
     rt: &Runtime,
-    body: impl FnOnce(&mut dyn FnMut(Progress)) -> Result<T>,
+    mut body: impl FnMut(&Runtime, &mut dyn FnMut(Progress)) -> Result<T>,
 ) -> Result<T> {
     progress(Progress::StageStart(name));
     memory_point(progress, &format!("Before {} load", display_name(name)));
     let peak = StagePeak::start(name);
     let start = Instant::now();
-    let result = body(progress);
-    // The stage's model is gone: return its memory whether the stage succeeded or not.
-    sdgen_memory::cleanup_memory(rt.options.aggressive_cleanup);
-    let out = result?;
+    let mut run = rt.clone();
+    let mut inject = std::env::var(INJECT_OOM_VAR).is_ok_and(|v| v == name);
+    let out = loop {
+        let result = if std::mem::take(&mut inject) {
+            Err(crate::Error::Candle(candle_core::Error::Msg(format!(
+                "CUDA_ERROR_OUT_OF_MEMORY (injected by {INJECT_OOM_VAR} for tests)"
+            ))))
+        } else {
+            body(&run, progress)
+        };
+        // The stage's model is gone: return its memory whether the stage succeeded or not.
+        sdgen_memory::cleanup_memory(run.options.aggressive_cleanup || result.is_err());
+        match result {
+            Err(e) if e.is_out_of_memory() => match leaner(name, &mut run.options) {
+                Some(fallback) => log.failures.push(format!("{name}: {e}; retried with {fallback}")),
+                None => return Err(e),
+            },
+            other => break other?,
+        }
+    };
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     log.memory.push(peak.finish());
     log.timings_ms.insert(name.to_string(), ms);

@@ -24,12 +24,14 @@ pub fn txt2img(
     let cfg_guidance = settings.guidance > 1.0;
 
     // 1. Encode the prompts.
-    let context = stage("text_encoder", progress, &mut log, rt, |progress| {
+    let context = stage("text_encoder", progress, &mut log, rt, |rt, progress| {
         encode_prompts(model, req, cfg_guidance, rt, &mut warnings, progress)
     })?;
 
     // 2. Timesteps.
-    let mut scheduler = schedulers::build(settings.scheduler, &scheduler_config(model)?, settings.steps)?;
+    let scheduler_cfg = scheduler_config(model)?;
+    let build_scheduler = || schedulers::build(settings.scheduler, &scheduler_cfg, settings.steps);
+    let scheduler = build_scheduler()?;
 
     // 3. Initial noise: one generator per image, seeded `seed + i`, drawn on the CPU in the
     //    embeddings' dtype exactly as torch does, so each image equals diffusers' for its seed.
@@ -43,23 +45,32 @@ pub fn txt2img(
     let latents = (generators.randn(&shape, rt.dtype, &rt.device)? * scheduler.init_noise_sigma())?;
 
     // 4. Denoise.
-    let latents = stage("unet", progress, &mut log, rt, |progress| {
+    // A retried stage starts again from a fresh scheduler and the generators' state before it.
+    let latents = stage("unet", progress, &mut log, rt, |rt, progress| {
         denoise(
             model,
             &unet_cfg,
-            scheduler.as_mut(),
+            build_scheduler()?.as_mut(),
             0,
-            latents,
+            latents.clone(),
             &context,
             settings.guidance,
-            &mut generators,
+            &mut generators.clone(),
             rt,
             progress,
         )
     })?;
 
     // 5. Decode.
-    let pixels = stage("vae", progress, &mut log, rt, |progress| decode(model, &vae_cfg, latents, rt, progress))?;
+    let pixels =
+        stage("vae", progress, &mut log, rt, |rt, progress| decode(model, &vae_cfg, latents.clone(), rt, progress))?;
     let images = into_images(&pixels, req, &settings)?;
-    Ok(Generation { images, settings, timings_ms: log.timings_ms, warnings, memory: log.memory })
+    Ok(Generation {
+        images,
+        settings,
+        timings_ms: log.timings_ms,
+        warnings,
+        memory: log.memory,
+        failures: log.failures,
+    })
 }
