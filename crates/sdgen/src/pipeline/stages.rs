@@ -124,7 +124,12 @@ pub(super) fn stage<T>(
         sdgen_memory::cleanup_memory(run.options.aggressive_cleanup || result.is_err());
         match result {
             Err(e) if e.is_out_of_memory() => match leaner(name, &mut run.options) {
-                Some(fallback) => log.failures.push(format!("{name}: {e}; retried with {fallback}")),
+                Some(fallback) => {
+                    // The first line only: candle may append a backtrace to device errors.
+                    let what = e.to_string();
+                    let what = what.lines().next().unwrap_or_default().trim_end();
+                    log.failures.push(format!("{name}: {what}; retried with {fallback}"))
+                }
                 None => return Err(e),
             },
             other => break other?,
