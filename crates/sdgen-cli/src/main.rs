@@ -146,8 +146,8 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 
     let mut outputs = Vec::new();
-    let memory_optimizations = resolved.runtime.options.names().join(",");
     for (start, generation) in &generations {
+        let memory_optimizations = generation.options_used.names().join(",");
         let mut extra = extra.clone();
         extra.insert("memory".into(), serde_json::to_value(&generation.memory)?);
         for image in &generation.images {

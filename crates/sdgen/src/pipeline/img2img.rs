@@ -257,6 +257,7 @@ pub fn img2img(
         warnings,
         memory: log.memory,
         failures: log.failures,
+        options_used: log.options_used,
     })
 }
 

@@ -182,6 +182,8 @@ pub struct Generation {
     pub memory: Vec<sdgen_memory::StageMemory>,
     /// Out-of-memory failures the run recovered from, each with the fallback it took.
     pub failures: Vec<String>,
+    /// The memory options the stages actually ran with (the plan's, plus any fallback).
+    pub options_used: StageOptions,
 }
 
 /// Fills in the family's defaults and validates the request before anything is loaded.

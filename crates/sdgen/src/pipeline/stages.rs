@@ -30,6 +30,22 @@ pub(super) struct StageLog {
     pub memory: Vec<StageMemory>,
     /// Out-of-memory failures and what the stage was retried with (the seed's `failures`).
     pub failures: Vec<String>,
+    /// The options the stages actually ran with, merged (the planned ones plus any fallback).
+    pub options_used: StageOptions,
+}
+
+impl StageOptions {
+    /// Both sets of options at once: what any of the stages used.
+    fn merged(self, other: StageOptions) -> StageOptions {
+        StageOptions {
+            attention_slice: self.attention_slice.or(other.attention_slice),
+            vae_attention_slice: self.vae_attention_slice.or(other.vae_attention_slice),
+            text_encoder_on_host: self.text_encoder_on_host || other.text_encoder_on_host,
+            vae_slicing: self.vae_slicing || other.vae_slicing,
+            vae_tile_px: self.vae_tile_px.or(other.vae_tile_px),
+            aggressive_cleanup: self.aggressive_cleanup || other.aggressive_cleanup,
+        }
+    }
 }
 
 /// Test-only hook: `SDGEN_INJECT_OOM=<stage>` makes that stage's first attempt fail as a CUDA
@@ -135,6 +151,7 @@ pub(super) fn stage<T>(
             other => break other?,
         }
     };
+    log.options_used = log.options_used.merged(run.options);
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     log.memory.push(peak.finish());
     log.timings_ms.insert(name.to_string(), ms);

@@ -72,5 +72,6 @@ pub fn txt2img(
         warnings,
         memory: log.memory,
         failures: log.failures,
+        options_used: log.options_used,
     })
 }
