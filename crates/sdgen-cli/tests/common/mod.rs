@@ -1,0 +1,54 @@
+//! Helpers of the CLI tests: the real `generate` binary in a temporary folder, never the internet.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `testdata/` at the workspace root.
+pub fn testdata() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata"))
+}
+
+/// The tiny SD 1.5 folder.
+pub fn tiny_model() -> String {
+    testdata().join("tiny-sd15").display().to_string()
+}
+
+/// Runs `generate ARGS --output OUT` with a fresh HF home and the hub pointed at a closed port.
+pub fn generate(args: &[&str], out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(args)
+        .arg("--output")
+        .arg(out)
+        .env("HF_HOME", out.join("hf-home-that-does-not-exist"))
+        // Never the internet: any hub request goes to a closed local port.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .expect("generate runs")
+}
+
+/// The files in `dir`, sorted (none if it does not exist).
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// An 8-bit PNG's pixels, width and height.
+pub fn decode_png(path: &Path) -> (Vec<u8>, u32, u32) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    (buf, info.width, info.height)
+}
+
+/// The process's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
