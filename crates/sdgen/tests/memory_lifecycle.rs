@@ -76,3 +76,38 @@ fn a_dropped_text_encoder_gives_its_memory_back() {
         after / MB
     );
 }
+
+/// Loading a full-size SD 1.5 UNet stored in f16 into f16 on the CPU: the process peak rises by
+/// at most 1.15× the file's size (file pages counted). Needs a full-size folder (e.g. written by
+/// `sdgen-bench --dtype f16 --model-dir DIR`): `SDGEN_FULLSIZE_SD15=DIR cargo test -p sdgen
+/// --test memory_lifecycle -- --ignored`.
+#[test]
+#[ignore]
+fn loading_a_full_size_unet_stays_near_its_file_size() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::path::PathBuf::from(std::env::var("SDGEN_FULLSIZE_SD15").expect("SDGEN_FULLSIZE_SD15=DIR"));
+    let model = ModelFolder::open(&dir).unwrap();
+    let weights = model.weights("unet").unwrap();
+    let file_bytes: u64 = weights.headers.iter().map(|h| h.file_bytes).sum();
+    let cfg: sdgen_models::unet::UNetConfig = model.config("unet", "config.json").unwrap();
+    rss();
+    let peak = sdgen_memory::StagePeak::start("load");
+    let unet =
+        sdgen_models::unet::UNet2DConditionModel::new(&cfg, weights.var_builder(DType::F16, &Device::Cpu).unwrap())
+            .unwrap();
+    let stage = peak.finish();
+    drop(unet);
+    let rise = stage.peak_rss_bytes.saturating_sub(stage.before.process_rss_bytes);
+    eprintln!(
+        "UNet file {} MB; peak rose {} MB ({:.2}x) via {:?}",
+        file_bytes >> 20,
+        rise >> 20,
+        rise as f64 / file_bytes as f64,
+        stage.peak_source
+    );
+    assert!(
+        rise as f64 <= 1.15 * file_bytes as f64,
+        "loading raised the peak by {:.2}x the file",
+        rise as f64 / file_bytes as f64
+    );
+}

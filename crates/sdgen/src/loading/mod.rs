@@ -4,6 +4,7 @@
 //! dtype and device (never a whole-model f32 copy).
 
 pub mod family;
+pub mod read_backend;
 pub mod safetensors_header;
 pub mod single_file;
 pub mod source;
@@ -80,14 +81,20 @@ impl ComponentWeights {
         self.view.as_deref()
     }
 
-    /// A `VarBuilder` that memory-maps the files and converts each tensor, when it is fetched,
-    /// to `dtype` on `device` (for a single-file checkpoint, fetched by its diffusers name).
+    /// A `VarBuilder` that reads each tensor when it is fetched and converts it to `dtype` on
+    /// `device` (for a single-file checkpoint, fetched by its diffusers name from the mapped file).
+    /// Folders are read with positioned reads rather than mapped, so the process never holds the
+    /// file's pages and the converted weights at once (see `read_backend`).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let cannot_map = |e: candle_core::Error| Error::BadModel(format!("cannot map {}: {e}", self.describe()));
         // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on nobody
         // truncating them while the process runs (the headers were validated just before).
         match &self.view {
-            None => unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }.map_err(cannot_map),
+            None => {
+                let backend = read_backend::ReadBackend::new(&self.files, &self.headers)
+                    .map_err(|e| Error::BadModel(format!("cannot open {}: {e}", self.describe())))?;
+                Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+            }
             Some(view) => {
                 let backend = unsafe {
                     single_file::backend::RenamedSafetensors::new(self.files[0].clone(), view.sources.clone())
