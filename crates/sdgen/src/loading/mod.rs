@@ -82,27 +82,15 @@ impl ComponentWeights {
     }
 
     /// A `VarBuilder` that reads each tensor when it is fetched and converts it to `dtype` on
-    /// `device` (for a single-file checkpoint, fetched by its diffusers name from the mapped file).
-    /// Folders are read with positioned reads rather than mapped, so the process never holds the
-    /// file's pages and the converted weights at once (see `read_backend`).
+    /// `device` (for a single-file checkpoint, by its diffusers name). Files are read with
+    /// positioned reads rather than mapped, so the process never holds the file's pages and the
+    /// converted weights at once (see `read_backend`).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let cannot_map = |e: candle_core::Error| Error::BadModel(format!("cannot map {}: {e}", self.describe()));
-        // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on nobody
-        // truncating them while the process runs (the headers were validated just before).
-        match &self.view {
-            None => {
-                let backend = read_backend::ReadBackend::new(&self.files, &self.headers)
-                    .map_err(|e| Error::BadModel(format!("cannot open {}: {e}", self.describe())))?;
-                Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
-            }
-            Some(view) => {
-                let backend = unsafe {
-                    single_file::backend::RenamedSafetensors::new(self.files[0].clone(), view.sources.clone())
-                }
-                .map_err(cannot_map)?;
-                Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
-            }
-        }
+        // A single file's component headers already name its tensors as diffusers does, with the
+        // diffusers shapes and the byte ranges in the checkpoint: the same reader serves both.
+        let backend = read_backend::ReadBackend::new(&self.files, &self.headers)
+            .map_err(|e| Error::BadModel(format!("cannot open {}: {e}", self.describe())))?;
+        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
     }
 }
 
