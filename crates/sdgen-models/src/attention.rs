@@ -79,6 +79,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     attention_with(q, k, v, scale, mask, AttentionOptions::FULL)
 }
 
+/// The most score elements one attention call materialises (2^30, half of what 32-bit kernel
+/// indexing allows).
+pub const MAX_SCORE_ELEMENTS: usize = 1 << 30;
+
 /// `softmax(q·kᵀ·scale + mask)·v` for `q: [b, heads, q_len, d]`, `k`, `v: [b, heads, kv_len, d]`.
 ///
 /// The softmax runs in f32 whatever the inputs' dtype (as PyTorch's SDPA accumulates in f32), and
@@ -94,12 +98,18 @@ pub fn attention_with(
     mask: Option<&Tensor>,
     options: AttentionOptions,
 ) -> Result<Tensor> {
-    let q_len = q.dim(2)?;
+    let (b, heads, q_len, _) = q.dims4()?;
+    let kv_len = k.dim(2)?;
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
+    // candle's CUDA kernels index elements with 32-bit integers: a score tensor of 2^31 elements
+    // or more (SD 1.5 at 768² with 4 images: 8 × 8 × 9216² = 5.4 G) never finishes. Such calls
+    // are sliced whatever was asked, each chunk well under the limit.
+    let max_rows = ((MAX_SCORE_ELEMENTS / (b * heads * kv_len).max(1)).max(1)).min(q_len.max(1));
     let rows = match options.slice {
         Some(0) => candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention"),
-        Some(n) if n < q_len => n,
+        Some(n) if n < q_len => n.min(max_rows),
+        _ if max_rows < q_len => max_rows,
         _ => return attention_rows(&q.contiguous()?, &kt, &v, scale, mask),
     };
     let mut chunks = Vec::with_capacity(q_len.div_ceil(rows));

@@ -164,7 +164,8 @@ fn initial_latents(
     loaded(progress, "vae_encoder");
     // diffusers encodes image[i : i + 1] once per image; the images are all the init image, so
     // one batch-1 encode gives each of them exactly.
-    let dist = vae.encode_with(image, &vae_options(vae_cfg, rt))?;
+    let (b, _, h, w) = image.dims4()?;
+    let dist = vae.encode_with(image, &vae_options(vae_cfg, rt, b, h * w))?;
     let (_, c, h, w) = dist.mean.dims4()?;
     // DiagonalGaussianDistribution.sample(generator[i]): mean + exp(0.5 · logvar) · ε_i, ε_i drawn
     // in the VAE's dtype from generator i.

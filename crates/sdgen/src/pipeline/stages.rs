@@ -263,7 +263,9 @@ pub(super) fn decode(
         Some(s) => ((latents / vae_cfg.scaling_factor)? + s)?,
         None => (latents / vae_cfg.scaling_factor)?,
     };
-    let image = vae.decode_with(&z, &vae_options(vae_cfg, rt))?;
+    let (n, _, h, w) = z.dims4()?;
+    let f = vae_cfg.scale_factor();
+    let image = vae.decode_with(&z, &vae_options(vae_cfg, rt, n, h * f * w * f))?;
     Ok(((image / 2.0)? + 0.5)?
         .clamp(0f32, 1f32)?
         .permute((0, 2, 3, 1))?
@@ -272,11 +274,23 @@ pub(super) fn decode(
 }
 
 /// The VAE options of the run.
-pub(super) fn vae_options(vae_cfg: &VaeConfig, rt: &Runtime) -> VaeOptions {
-    VaeOptions {
-        slicing: rt.options.vae_slicing,
-        tiling: rt.options.vae_tile_px.map(|px| VaeTiling::with_tile_size(vae_cfg, px)),
+///
+/// `images` × `pixels` is the batch's output size: candle's CUDA convolutions build an im2col
+/// buffer of pixels × 256 channels × 9 taps at the decoder's widest layer and index it with 32-bit
+/// integers, so a buffer of 2^31 elements or more would never finish. Such runs are sliced (one
+/// image at a time) and, if one image is still too large, tiled, whatever the plan said.
+pub(super) fn vae_options(vae_cfg: &VaeConfig, rt: &Runtime, images: usize, pixels: usize) -> VaeOptions {
+    const IM2COL_PER_PIXEL: usize = 256 * 9;
+    const LIMIT: usize = 1 << 31;
+    let mut slicing = rt.options.vae_slicing;
+    let mut tile_px = rt.options.vae_tile_px;
+    if images > 1 && images * pixels * IM2COL_PER_PIXEL >= LIMIT {
+        slicing = true;
     }
+    if pixels * IM2COL_PER_PIXEL >= LIMIT && tile_px.is_none_or(|t| t * t * IM2COL_PER_PIXEL >= LIMIT) {
+        tile_px = Some(512);
+    }
+    VaeOptions { slicing, tiling: tile_px.map(|px| VaeTiling::with_tile_size(vae_cfg, px)) }
 }
 
 /// Splits decoded `[n, h, w, 3]` pixels into images, with 8-bit values rounded as diffusers'
