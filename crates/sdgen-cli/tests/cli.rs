@@ -5,7 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{decode_png, files_in, generate, stderr, testdata, tiny_model};
+use common::{assert_refused, decode_png, files_in, generate, stderr, testdata, tiny_model};
 
 #[test]
 fn generates_the_reference_image_with_metadata_and_json() {
@@ -81,22 +81,6 @@ fn n_images_get_consecutive_seeds_and_a_long_prompt_warns() {
     assert_eq!(meta["seed"], 8);
     assert_eq!(meta["scheduler"], "euler");
     assert!(meta["warnings"][0].as_str().unwrap().contains("tokens were dropped"));
-}
-
-/// Bad input: exit code 2, a message naming the thing, and nothing written.
-fn assert_refused(args: &[&str], needles: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let o = generate(args, &out);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "args {args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "args {args:?}: `{n}` not in: {err}");
-    }
-    assert!(o.stdout.is_empty(), "stdout must stay empty on errors");
-    let written: Vec<PathBuf> =
-        files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
-    assert!(written.is_empty(), "files written: {written:?}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{decode_png, files_in, generate, stderr, testdata, tiny_model};
+use common::{assert_refused, decode_png, files_in, generate, stderr, testdata, tiny_model};
 
 fn init_png(name: &str) -> String {
     testdata().join("reference/sd15").join(name).display().to_string()
@@ -83,22 +83,6 @@ fn init_image_size_is_rounded_down_and_strength_defaults() {
     assert_eq!(result["strength"], 0.8);
     let (_, w, h) = decode_png(Path::new(result["images"][0]["png"].as_str().unwrap()));
     assert_eq!((w, h), (64, 56));
-}
-
-/// Bad input: exit code 2, a message naming the thing, and nothing written.
-fn assert_refused(args: &[&str], needles: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let o = generate(args, &out);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "args {args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "args {args:?}: `{n}` not in: {err}");
-    }
-    assert!(o.stdout.is_empty(), "stdout must stay empty on errors");
-    let written: Vec<PathBuf> =
-        files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
-    assert!(written.is_empty(), "files written: {written:?}");
 }
 
 #[test]

@@ -28,7 +28,7 @@ pub fn format_gb(bytes: u64) -> String {
 
 /// A requirement as the seed words it: whole GiB without decimals (`36GB`), else one decimal.
 fn format_gb_requirement(bytes: u64) -> String {
-    if bytes % BYTES_PER_GB == 0 {
+    if bytes.is_multiple_of(BYTES_PER_GB) {
         format!("{}GB", bytes / BYTES_PER_GB)
     } else {
         format_gb(bytes)

@@ -52,3 +52,19 @@ pub fn decode_png(path: &Path) -> (Vec<u8>, u32, u32) {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Bad input: exit code 2, a message naming the thing, and nothing written.
+pub fn assert_refused(args: &[&str], needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = generate(args, &out);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "args {args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "args {args:?}: `{n}` not in: {err}");
+    }
+    assert!(o.stdout.is_empty(), "stdout must stay empty on errors");
+    let written: Vec<PathBuf> =
+        files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
+    assert!(written.is_empty(), "files written: {written:?}");
+}

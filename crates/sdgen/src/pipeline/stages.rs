@@ -14,7 +14,7 @@ use sdgen_memory::{StageMemory, StagePeak};
 use sdgen_models::attention::AttentionOptions;
 use sdgen_models::vae::{VaeOptions, VaeTiling};
 
-use super::{GeneratedImage, Progress, Request, Runtime, Settings, StageOptions};
+use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, StageOptions};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
 use crate::schedulers::Scheduler;
@@ -83,6 +83,26 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
             Some("VAE tiling (256 px tiles) with attention slicing".into())
         }
         _ => None,
+    }
+}
+
+impl StageLog {
+    /// The finished generation: the images with everything the stages recorded.
+    pub(super) fn into_generation(
+        self,
+        images: Vec<GeneratedImage>,
+        settings: Settings,
+        warnings: Vec<String>,
+    ) -> Generation {
+        Generation {
+            images,
+            settings,
+            timings_ms: self.timings_ms,
+            warnings,
+            memory: self.memory,
+            failures: self.failures,
+            options_used: self.options_used,
+        }
     }
 }
 

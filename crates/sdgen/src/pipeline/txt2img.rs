@@ -65,13 +65,5 @@ pub fn txt2img(
     let pixels =
         stage("vae", progress, &mut log, rt, |rt, progress| decode(model, &vae_cfg, latents.clone(), rt, progress))?;
     let images = into_images(&pixels, req, &settings)?;
-    Ok(Generation {
-        images,
-        settings,
-        timings_ms: log.timings_ms,
-        warnings,
-        memory: log.memory,
-        failures: log.failures,
-        options_used: log.options_used,
-    })
+    Ok(log.into_generation(images, settings, warnings))
 }
