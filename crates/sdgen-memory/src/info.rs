@@ -31,7 +31,7 @@ pub trait GpuProbe: Send + Sync {
     fn memory(&self) -> Option<GpuMemory>;
 
     /// Resets the device's own peak counter, where it keeps one (e.g. the CUDA stream-ordered
-    /// pool's `CU_MEMPOOL_ATTR_USED_MEM_HIGH`). Called at every stage start.
+    /// pool's `CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH`). Called at every stage start.
     fn reset_peak(&self) {}
 
     /// Peak bytes in use since the last [`reset_peak`](Self::reset_peak), where the device keeps

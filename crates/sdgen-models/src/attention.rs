@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 /// How [`attention_with`] bounds the memory of its score matrix; chosen at run time per model
 /// (see the models' `set_attention_options`).
@@ -79,9 +79,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     attention_with(q, k, v, scale, mask, AttentionOptions::FULL)
 }
 
-/// The most score elements one attention call materialises (2^30, half of what 32-bit kernel
-/// indexing allows).
+/// The most score elements one attention call materialises on the CPU (2^30, half of what
+/// 32-bit kernel indexing allows).
 pub const MAX_SCORE_ELEMENTS: usize = 1 << 30;
+
+/// The most score elements one attention call materialises on a CUDA device: 2^26 (256 MiB of f32
+/// scores). Large transient buffers fragment CUDA's stream-ordered pool: with whole-layer score
+/// matrices the UNet's measured peak varied between identical runs by one score buffer (1 GB at
+/// 512², 4 GB at 768²), which no budget can plan for. Chunks this size keep the variation small,
+/// the peak far lower, and the matmuls still large.
+pub const MAX_SCORE_ELEMENTS_CUDA: usize = 1 << 26;
+
+/// The most score elements one attention call materialises on `device`.
+pub fn max_score_elements(device: &Device) -> usize {
+    if device.is_cuda() {
+        MAX_SCORE_ELEMENTS_CUDA
+    } else {
+        MAX_SCORE_ELEMENTS
+    }
+}
 
 /// `softmax(q·kᵀ·scale + mask)·v` for `q: [b, heads, q_len, d]`, `k`, `v: [b, heads, kv_len, d]`.
 ///
@@ -103,13 +119,14 @@ pub fn attention_with(
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
     // candle's CUDA kernels index elements with 32-bit integers: a score tensor of 2^31 elements
-    // or more (SD 1.5 at 768² with 4 images: 8 × 8 × 9216² = 5.4 G) never finishes. Such calls
-    // are sliced whatever was asked, each chunk well under the limit.
-    let max_rows = ((MAX_SCORE_ELEMENTS / (b * heads * kv_len).max(1)).max(1)).min(q_len.max(1));
+    // or more (SD 1.5 at 768² with 4 images: 8 × 8 × 9216² = 5.4 G) never finishes; and on CUDA
+    // large score buffers fragment the memory pool (see `MAX_SCORE_ELEMENTS_CUDA`). Such calls
+    // are sliced whatever was asked, in chunks of equal size (so freed buffers fit the next).
+    let max_rows = ((max_score_elements(q.device()) / (b * heads * kv_len).max(1)).max(1)).min(q_len.max(1));
     let rows = match options.slice {
         Some(0) => candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention"),
         Some(n) if n < q_len => n.min(max_rows),
-        _ if max_rows < q_len => max_rows,
+        _ if max_rows < q_len => q_len.div_ceil(q_len.div_ceil(max_rows)),
         _ => return attention_rows(&q.contiguous()?, &kt, &v, scale, mask),
     };
     let mut chunks = Vec::with_capacity(q_len.div_ceil(rows));

@@ -5,9 +5,81 @@ use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use crate::norm::GroupNorm;
 
-/// A 3×3 convolution with padding 1 (the most common layer of both models).
-pub(crate) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+/// The most elements of the column (im2col) buffer one convolution call may build on the CPU:
+/// half of the 2^31 that 32-bit kernel indexing allows (the VAE decoder's 256-channel
+/// convolutions at 1024² would need 2.4 G).
+pub const MAX_CONV_COLUMN_ELEMENTS: usize = 1 << 30;
+
+/// The same on a CUDA device: 2^28 (1 GiB at f32). candle builds the column whole on GPUs, and
+/// transient buffers of several GB fragment the stream-ordered memory pool: the VAE decoder's
+/// measured peak at 768² varied between identical runs by 2 GB with 4 GiB bands.
+pub const MAX_CONV_COLUMN_ELEMENTS_CUDA: usize = 1 << 28;
+
+/// The most column elements one convolution call builds on `device`.
+pub fn max_conv_column_elements(device: &candle_core::Device) -> usize {
+    if device.is_cuda() {
+        MAX_CONV_COLUMN_ELEMENTS_CUDA
+    } else {
+        MAX_CONV_COLUMN_ELEMENTS
+    }
+}
+
+/// A 3×3 convolution with padding 1 (the most common layer of both models) that keeps every
+/// kernel call under [`MAX_CONV_COLUMN_ELEMENTS`]: past it, the batch's images are convolved one
+/// at a time and, if one is still too large, in bands of output rows over the zero-padded input.
+/// Each output pixel then sees exactly the inputs it sees unbanded, so the result is the
+/// unbanded one (up to the matmul's blocking), unlike VAE tiling, which changes the image.
+/// The limit is [`max_conv_column_elements`] of the input's device.
+#[derive(Debug, Clone)]
+pub struct Conv3x3 {
+    /// Padding 1: the normal path.
+    padded: Conv2d,
+    /// The same weights with padding 0, applied to an explicitly padded input in bands.
+    unpadded: Conv2d,
+}
+
+impl Conv3x3 {
+    fn column_elements(&self, b: usize, rows: usize, w: usize) -> usize {
+        let cin = self.padded.weight().dim(1).unwrap_or(1);
+        b * rows * w * cin * 9
+    }
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_bounded(x, max_conv_column_elements(x.device()))
+    }
+}
+
+impl Conv3x3 {
+    /// The convolution with every call's column buffer under `limit` elements.
+    fn forward_bounded(&self, x: &Tensor, limit: usize) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        if self.column_elements(b, h, w) < limit {
+            return self.padded.forward(x);
+        }
+        if b > 1 {
+            let images =
+                (0..b).map(|i| self.forward_bounded(&x.narrow(0, i, 1)?, limit)).collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&images, 0);
+        }
+        let rows = (limit / self.column_elements(1, 1, w).max(1)).max(1);
+        let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+        let mut bands = Vec::with_capacity(h.div_ceil(rows));
+        for start in (0..h).step_by(rows) {
+            let len = rows.min(h - start);
+            // Output rows start..start+len read padded rows start..start+len+2.
+            bands.push(self.unpadded.forward(&padded.narrow(2, start, len + 2)?)?);
+        }
+        Tensor::cat(&bands, 2)
+    }
+}
+
+/// A 3×3 convolution with padding 1, see [`Conv3x3`].
+pub(crate) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv3x3> {
+    let padded = candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)?;
+    let unpadded = Conv2d::new(padded.weight().clone(), padded.bias().cloned(), Conv2dConfig::default());
+    Ok(Conv3x3 { padded, unpadded })
 }
 
 /// A 1×1 convolution.
@@ -20,10 +92,10 @@ pub(crate) fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d>
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     shortcut: Option<Conv2d>,
 }
 
@@ -100,7 +172,7 @@ impl Downsample2D {
 /// `Upsample2D`: nearest-neighbour 2× (or to an explicit size) then a 3×3 convolution.
 #[derive(Debug)]
 pub struct Upsample2D {
-    conv: Conv2d,
+    conv: Conv3x3,
 }
 
 impl Upsample2D {
@@ -115,5 +187,38 @@ impl Upsample2D {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Banded and per-image convolution equal the plain one: a 2-image batch of 5×7 maps with 3
+    /// channels (27 column elements per pixel) under limits that force per-image calls, bands of
+    /// 2 rows, and single rows.
+    #[test]
+    fn bounded_convolution_equals_the_plain_one() {
+        let dev = Device::Cpu;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [
+                ("weight".to_string(), Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap()),
+                ("bias".to_string(), Tensor::randn(0f32, 1.0, 4, &dev).unwrap()),
+            ]
+            .into_iter()
+            .collect(),
+            DType::F32,
+            &dev,
+        );
+        let conv = conv3x3(3, 4, vb).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev).unwrap();
+        let plain = conv.padded.forward(&x).unwrap();
+        for limit in [usize::MAX, 27 * 35 + 1, 27 * 14 + 1, 1] {
+            let out = conv.forward_bounded(&x, limit).unwrap();
+            let diff = (&out - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "limit {limit}: max |diff| {diff}");
+            assert_eq!(out.dims(), plain.dims());
+        }
     }
 }

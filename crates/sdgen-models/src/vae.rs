@@ -27,7 +27,7 @@ use serde::Deserialize;
 
 use crate::attention::{attention_with, AttentionOptions, AttentionOptionsCell};
 use crate::norm::GroupNorm;
-use crate::resnet::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::resnet::{conv1x1, conv3x3, Conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
 
 fn groups() -> usize {
     32
@@ -176,11 +176,11 @@ impl Mid {
 /// The encoder half: image `[b, 3, H, W]` → moments `[b, 2·latent, H/f, W/f]`.
 #[derive(Debug)]
 pub struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
     quant_conv: Option<Conv2d>,
 }
 
@@ -246,11 +246,11 @@ impl Encoder {
 #[derive(Debug)]
 pub struct Decoder {
     post_quant_conv: Option<Conv2d>,
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     mid: Mid,
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Decoder {

@@ -1,6 +1,6 @@
 //! The engine's side of memory management for the device it runs on: a GPU probe for
-//! `sdgen-memory` (CUDA: `cuMemGetInfo`, and the stream-ordered memory pool's own high-water mark
-//! for exact per-stage peaks) and the cleanup hook that gives the pool's cached memory back
+//! `sdgen-memory` (CUDA: `cuMemGetInfo`, and the stream-ordered memory pool's own reserved-memory
+//! high-water mark for exact per-stage peaks) and the cleanup hook that gives the pool's cached memory back
 //! (stream synchronise, then `cuMemPoolTrimTo`). On the CPU there is nothing to install: process
 //! memory is measured by `sdgen-memory` itself and returned by its `malloc_trim`.
 
@@ -61,7 +61,7 @@ mod cuda {
     use sdgen_memory::{GpuMemory, GpuProbe};
 
     /// CUDA memory through the driver API. candle allocates with `cuMemAllocAsync` from the
-    /// device's default memory pool, whose `USED_MEM_HIGH` attribute is an exact, resettable peak.
+    /// device's default memory pool, whose `RESERVED_MEM_HIGH` attribute is an exact, resettable peak of what it holds.
     pub struct CudaProbe {
         ctx: Arc<CudaContext>,
         stream: Arc<CudaStream>,
@@ -131,22 +131,24 @@ mod cuda {
             if self.ctx.bind_to_thread().is_err() {
                 return;
             }
-            // SAFETY: USED_MEM_HIGH may only be reset to 0; the pointer is valid.
-            let _ = unsafe {
-                sys::cuMemPoolSetAttribute(
-                    self.pool.0,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    &mut zero as *mut u64 as *mut _,
-                )
+            // The pool's high-water marks may only be reset to 0. Both are reset; the peak read
+            // back is the *reserved* one: memory the pool holds from the device, used or cached
+            // (fragmentation within a stage), which is what another allocation can run out of.
+            for attr in [
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            ] {
+                // SAFETY: a valid pool, a valid pointer to a zero 64-bit counter.
+                let _ =
+                    unsafe { sys::cuMemPoolSetAttribute(self.pool.0, attr, &mut zero as *mut u64 as *mut _) }.result();
             }
-            .result();
             let used = self.memory().map(|m| m.used_bytes).unwrap_or(0);
             let reserved = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT).unwrap_or(0);
             self.outside_pool_bytes.store(used.saturating_sub(reserved), Ordering::Relaxed);
         }
 
         fn peak_used_bytes(&self) -> Option<u64> {
-            let high = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+            let high = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?;
             Some(self.outside_pool_bytes.load(Ordering::Relaxed) + high)
         }
     }

@@ -11,9 +11,10 @@
 //!
 //! Two moments compete for the peak: the widest feature maps (the VAE decoder's full-resolution
 //! group norms) and the largest attention (its score matrices beside the few feature maps live
-//! then). Which one wins depends on the size — the VAE's single-head mid attention grows with
-//! the square of the pixels and overtakes its convolutions past ~1500² — so the formula takes
-//! their maximum rather than their sum, which would over-count by the smaller.
+//! then). Which one wins depends on the size and the batch — the UNet's attention wins unsliced,
+//! its feature maps when the attention is sliced — so the formula takes their maximum rather
+//! than their sum, which would over-count by the smaller. The engine never materialises more
+//! than [`ENGINE_MAX_SCORE_ELEMENTS`] scores at once, so the score term is bounded by it.
 //!
 //! `items` is how many inputs one forward takes at once (images × 2 for a guided denoiser, 1
 //! with VAE slicing), `pixels` the image pixels one item covers (the tile's with VAE tiling),
@@ -39,6 +40,15 @@ pub enum BatchRule {
     Images,
 }
 
+/// The most attention score elements the engine materialises in one call on the CPU: past this
+/// it scores the query rows in chunks whatever the plan says
+/// (`sdgen_models::attention::MAX_SCORE_ELEMENTS`). Estimates never count more.
+pub const ENGINE_MAX_SCORE_ELEMENTS: f64 = (1u64 << 30) as f64;
+
+/// The same on a GPU (`sdgen_models::attention::MAX_SCORE_ELEMENTS_CUDA`: smaller, since large
+/// transient buffers fragment the CUDA memory pool).
+pub const ENGINE_MAX_SCORE_ELEMENTS_GPU: f64 = (1u64 << 26) as f64;
+
 /// The largest attention of a stage, the one whose score matrices dominate.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AttentionShape {
@@ -50,6 +60,17 @@ pub struct AttentionShape {
     /// Tokens that do not scale with the image (SD 3's joint attention over the text).
     pub extra_tokens: usize,
 }
+
+/// How many coefficients a formula has.
+pub(crate) const TERMS: usize = 6;
+
+/// The most elements of a convolution column buffer the engine builds in one call on the CPU
+/// (`sdgen_models::resnet::MAX_CONV_COLUMN_ELEMENTS`): past it the batch's images are convolved
+/// one at a time, and an image too large alone in bands of rows.
+pub const ENGINE_MAX_CONV_COLUMN_ELEMENTS: f64 = (1u64 << 30) as f64;
+
+/// The same on a GPU (`sdgen_models::resnet::MAX_CONV_COLUMN_ELEMENTS_CUDA`).
+pub const ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU: f64 = (1u64 << 28) as f64;
 
 /// The coefficients of one formula (see the module docs). Bytes, as `f64` for fitting.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -65,6 +86,10 @@ pub struct Coefficients {
     pub bytes_per_output_pixel: f64,
     /// Bytes that do not scale.
     pub fixed_bytes: f64,
+    /// Bytes per element of the largest convolution column (im2col) buffer of one call
+    /// ([`ActivationModel::conv_column_elements_per_pixel`]): the element size, fitted.
+    #[serde(default)]
+    pub bytes_per_column_element: f64,
 }
 
 impl Coefficients {
@@ -72,7 +97,10 @@ impl Coefficients {
     pub fn apply(&self, f: &Features) -> f64 {
         let maps = self.bytes_per_pixel * f.pixel;
         let attention = self.bytes_per_pixel_at_attention * f.pixel + self.bytes_per_score * f.score;
-        self.fixed_bytes + self.bytes_per_output_pixel * f.output_pixel + maps.max(attention)
+        self.fixed_bytes
+            + self.bytes_per_output_pixel * f.output_pixel
+            + maps.max(attention)
+            + self.bytes_per_column_element * f.column
     }
 
     /// Whether the attention moment is the peak for these features.
@@ -85,23 +113,25 @@ impl Coefficients {
         Self::from_array(self.to_array().map(|c| c * factor))
     }
 
-    pub(crate) fn to_array(self) -> [f64; 5] {
+    pub(crate) fn to_array(self) -> [f64; TERMS] {
         [
             self.bytes_per_pixel,
             self.bytes_per_pixel_at_attention,
             self.bytes_per_score,
             self.bytes_per_output_pixel,
             self.fixed_bytes,
+            self.bytes_per_column_element,
         ]
     }
 
-    pub(crate) fn from_array(a: [f64; 5]) -> Self {
+    pub(crate) fn from_array(a: [f64; TERMS]) -> Self {
         Self {
             bytes_per_pixel: a[0],
             bytes_per_pixel_at_attention: a[1],
             bytes_per_score: a[2],
             bytes_per_output_pixel: a[3],
             fixed_bytes: a[4],
+            bytes_per_column_element: a[5],
         }
     }
 }
@@ -114,6 +144,24 @@ pub enum KernelFamily {
     Cpu,
     /// A GPU: full im2col convolutions (candle's CUDA and Metal paths), library workspaces.
     Gpu,
+}
+
+impl KernelFamily {
+    /// The most attention score elements the engine materialises in one call on these kernels.
+    pub fn max_score_elements(self) -> u64 {
+        match self {
+            KernelFamily::Cpu => ENGINE_MAX_SCORE_ELEMENTS as u64,
+            KernelFamily::Gpu => ENGINE_MAX_SCORE_ELEMENTS_GPU as u64,
+        }
+    }
+
+    /// The most convolution column elements the engine builds in one call on these kernels.
+    pub fn max_column_elements(self) -> u64 {
+        match self {
+            KernelFamily::Cpu => ENGINE_MAX_CONV_COLUMN_ELEMENTS as u64,
+            KernelFamily::Gpu => ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU as u64,
+        }
+    }
 }
 
 /// One formula's coefficients per kernel family and precision class.
@@ -160,6 +208,11 @@ pub struct ActivationModel {
     pub attention: Option<AttentionShape>,
     /// The coefficients.
     pub coefficients: CoefficientTable,
+    /// Column (im2col) elements per pixel of the stage's largest convolution call, where that
+    /// buffer is large enough to count (the VAE decoder's 256-channel 3×3 convolutions at full
+    /// resolution: 2,304); `None` = folded into the pixel terms.
+    #[serde(default)]
+    pub conv_column_elements_per_pixel: Option<usize>,
 }
 
 /// What one forward of a stage processes: the inputs of the formula.
@@ -179,12 +232,29 @@ pub struct ActivationInputs {
     /// Tile (width, height) in pixels when the stage runs tile by tile.
     #[serde(default)]
     pub tile_px: Option<(usize, usize)>,
+    /// The most score elements the engine materialises per attention call on the device that
+    /// runs the stage ([`KernelFamily::max_score_elements`]); `None` = the CPU's.
+    #[serde(default)]
+    pub max_score_elements: Option<u64>,
+    /// The most convolution column elements per call there ([`KernelFamily::max_column_elements`]);
+    /// `None` = the CPU's.
+    #[serde(default)]
+    pub max_column_elements: Option<u64>,
 }
 
 impl ActivationInputs {
     /// One unsliced, untiled forward of `items` items of `width`×`height`, holding `images`.
     pub fn new(width: usize, height: usize, items: usize, images: usize) -> Self {
-        Self { width, height, items, images, attention_slice: None, tile_px: None }
+        Self {
+            width,
+            height,
+            items,
+            images,
+            attention_slice: None,
+            tile_px: None,
+            max_score_elements: None,
+            max_column_elements: None,
+        }
     }
 }
 
@@ -197,6 +267,9 @@ pub struct Features {
     pub score: f64,
     /// Pixels of every output image.
     pub output_pixel: f64,
+    /// Elements of the largest convolution column buffer built at once.
+    #[serde(default)]
+    pub column: f64,
 }
 
 impl ActivationModel {
@@ -210,11 +283,29 @@ impl ActivationModel {
                 let tokens = pixels / a.pixels_per_token.max(1) as f64 + a.extra_tokens as f64;
                 let all = (inputs.items * a.heads) as f64;
                 let slices = inputs.attention_slice.map_or(all, |s| (s.max(1) as f64).min(all));
-                slices * tokens * tokens
+                let cap = inputs.max_score_elements.map_or(ENGINE_MAX_SCORE_ELEMENTS, |c| c as f64);
+                (slices * tokens * tokens).min(cap)
             }
             None => 0.0,
         };
-        Features { pixel: items * pixels, score, output_pixel: (inputs.images * inputs.width * inputs.height) as f64 }
+        let column = match self.conv_column_elements_per_pixel {
+            Some(per_pixel) => {
+                let cap = inputs.max_column_elements.map_or(ENGINE_MAX_CONV_COLUMN_ELEMENTS, |c| c as f64);
+                let all = items * pixels * per_pixel as f64;
+                if all < cap {
+                    all
+                } else {
+                    (pixels * per_pixel as f64).min(cap)
+                }
+            }
+            None => 0.0,
+        };
+        Features {
+            pixel: items * pixels,
+            score,
+            output_pixel: (inputs.images * inputs.width * inputs.height) as f64,
+            column,
+        }
     }
 
     /// Estimated activation bytes.
@@ -232,6 +323,7 @@ mod tests {
             batch: BatchRule::GuidedImages,
             attention: Some(AttentionShape { heads: 8, pixels_per_token: 64, extra_tokens: 0 }),
             coefficients: CoefficientTable::default(),
+            conv_column_elements_per_pixel: None,
         }
     }
 
@@ -248,6 +340,9 @@ mod tests {
         // A slice larger than the work is the work.
         let big = m.features(&ActivationInputs { attention_slice: Some(64), ..ActivationInputs::new(512, 512, 2, 1) });
         assert_eq!(big.score, f.score);
+        // Past 2^30 elements the engine slices by itself: 768² with 4 images holds 2^30, not
+        // 64 · 9216² = 5.4 G.
+        assert_eq!(m.features(&ActivationInputs::new(768, 768, 8, 4)).score, ENGINE_MAX_SCORE_ELEMENTS);
         let tiled =
             m.features(&ActivationInputs { tile_px: Some((256, 256)), ..ActivationInputs::new(1024, 512, 1, 1) });
         assert_eq!(tiled.pixel, 65536.0);
@@ -260,23 +355,28 @@ mod tests {
         let c = Coefficients {
             bytes_per_pixel: 5000.0,
             bytes_per_pixel_at_attention: 300.0,
-            bytes_per_score: 8.0,
+            bytes_per_score: 80.0,
             bytes_per_output_pixel: 48.0,
             fixed_bytes: 1e6,
+            bytes_per_column_element: 0.0,
         };
         let vae = ActivationModel {
             batch: BatchRule::Images,
             attention: Some(AttentionShape { heads: 1, pixels_per_token: 64, extra_tokens: 0 }),
             coefficients: CoefficientTable::default(),
+            conv_column_elements_per_pixel: None,
         };
-        // 512²: the feature maps win; 2048²: the 65,536-token attention does.
-        let small = vae.features(&ActivationInputs::new(512, 512, 1, 1));
+        // 256²: the feature maps win; 1024²: the 16,384-token attention does.
+        let small = vae.features(&ActivationInputs::new(256, 256, 1, 1));
         assert!(!c.attention_dominates(&small));
-        assert_eq!(c.apply(&small), 1e6 + 48.0 * 262144.0 + 5000.0 * 262144.0);
-        let big = vae.features(&ActivationInputs::new(2048, 2048, 1, 1));
+        assert_eq!(c.apply(&small), 1e6 + 48.0 * 65536.0 + 5000.0 * 65536.0);
+        let big = vae.features(&ActivationInputs::new(1024, 1024, 1, 1));
         assert!(c.attention_dominates(&big));
-        let px = 2048.0 * 2048.0;
-        assert_eq!(c.apply(&big), 1e6 + 48.0 * px + 300.0 * px + 8.0 * (px / 64.0) * (px / 64.0));
+        let px = 1024.0 * 1024.0;
+        assert_eq!(c.apply(&big), 1e6 + 48.0 * px + 300.0 * px + 80.0 * (px / 64.0) * (px / 64.0));
+        // At 2048² the engine chunks the 65,536² scores: 2^30 at a time.
+        let huge = vae.features(&ActivationInputs::new(2048, 2048, 1, 1));
+        assert_eq!(huge.score, ENGINE_MAX_SCORE_ELEMENTS);
         assert_eq!(c.scaled(2.0).apply(&big), 2.0 * c.apply(&big));
     }
 }

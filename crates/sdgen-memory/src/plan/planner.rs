@@ -396,6 +396,11 @@ impl<'r, 'a> Ctx<'r, 'a> {
     fn estimate(&self, stage: &StageCtx, per_batch: usize, options: StageOptions) -> StagePlan {
         let req = self.req;
         let items = self.items(stage, per_batch, options.image_slicing);
+        let (kernels, precision, weight_bytes, baseline) = if options.on_host {
+            (KernelFamily::Cpu, Precision::F32, stage.weight_bytes_host, 0)
+        } else {
+            (req.device.kernels(), stage.precision, stage.weight_bytes_device, req.budget.baseline_bytes)
+        };
         let inputs = ActivationInputs {
             width: req.width,
             height: req.height,
@@ -403,11 +408,8 @@ impl<'r, 'a> Ctx<'r, 'a> {
             images: per_batch,
             attention_slice: options.attention_slice,
             tile_px: options.tiling.map(|t| (t.tile_px, t.tile_px)),
-        };
-        let (kernels, precision, weight_bytes, baseline) = if options.on_host {
-            (KernelFamily::Cpu, Precision::F32, stage.weight_bytes_host, 0)
-        } else {
-            (req.device.kernels(), stage.precision, stage.weight_bytes_device, req.budget.baseline_bytes)
+            max_score_elements: Some(kernels.max_score_elements()),
+            max_column_elements: Some(kernels.max_column_elements()),
         };
         let activation_bytes = stage.spec.activation.bytes(kernels, precision, &inputs);
         let peak_bytes = baseline + weight_bytes + activation_bytes;

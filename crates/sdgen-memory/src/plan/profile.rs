@@ -79,7 +79,57 @@ impl FamilyProfile {
     pub fn for_family(id: &str) -> Option<Self> {
         match id {
             "sd15" => Some(Self::sd15()),
+            "sdxl" => Some(Self::sdxl()),
+            "sdxl-refiner" => Some(Self::sdxl_refiner()),
             _ => None,
+        }
+    }
+
+    /// SDXL base: CLIP ViT-L and OpenCLIP bigG (each a stage of its own: the engine loads one
+    /// at a time), the 2.6B UNet, SD's KL VAE (f = 8).
+    ///
+    /// Coefficients: SD 1.5's, per pixel, until SDXL's are measured at full size. The VAE is SD
+    /// 1.5's architecture; the UNet's first level has SD 1.5's 320 channels at the same
+    /// resolution (its feature-map terms carry over), and its largest attention is at the second
+    /// level (16×16 pixels per token, 10 heads of 64), the first having none.
+    pub fn sdxl() -> Self {
+        let sd15 = Self::sd15();
+        let stage = |name: &str| sd15.stage(name).expect("SD 1.5 has the stage").clone();
+        let mut denoise = stage("denoise");
+        denoise.activation.attention = Some(AttentionShape { heads: 10, pixels_per_token: 256, extra_tokens: 0 });
+        let text_encoder = stage("text_encoder");
+        let text_encoder_2 =
+            StageSpec { name: "text_encoder_2", components: vec!["text_encoder_2"], ..text_encoder.clone() };
+        Self {
+            id: "sdxl",
+            name: "SDXL",
+            components: vec![
+                ComponentSpec { name: "text_encoder", source: "text_encoder", prefixes: &[] },
+                ComponentSpec { name: "text_encoder_2", source: "text_encoder_2", prefixes: &[] },
+                ComponentSpec { name: "unet", source: "unet", prefixes: &[] },
+                ComponentSpec { name: "vae_encoder", source: "vae", prefixes: &["encoder.", "quant_conv."] },
+                ComponentSpec { name: "vae_decoder", source: "vae", prefixes: &["decoder.", "post_quant_conv."] },
+            ],
+            stages: vec![text_encoder, text_encoder_2, stage("encode_image"), denoise, stage("decode")],
+            size_multiple: 8,
+            smaller_model: Some("sd15"),
+        }
+    }
+
+    /// The SDXL refiner: OpenCLIP bigG only, its 2.3B UNet (largest attention at the second
+    /// level: 12 heads of 64), SDXL's VAE. Coefficients as [`Self::sdxl`].
+    pub fn sdxl_refiner() -> Self {
+        let base = Self::sdxl();
+        let stage = |name: &str| base.stage(name).expect("SDXL has the stage").clone();
+        let mut denoise = stage("denoise");
+        denoise.activation.attention = Some(AttentionShape { heads: 12, pixels_per_token: 256, extra_tokens: 0 });
+        Self {
+            id: "sdxl-refiner",
+            name: "SDXL refiner",
+            components: base.components.iter().filter(|c| c.name != "text_encoder").cloned().collect(),
+            stages: vec![stage("text_encoder_2"), stage("encode_image"), denoise, stage("decode")],
+            size_multiple: 8,
+            smaller_model: None,
         }
     }
 
@@ -126,16 +176,19 @@ impl FamilyProfile {
             bytes_per_score: score,
             bytes_per_output_pixel: out_px,
             fixed_bytes: fixed,
+            bytes_per_column_element: 0.0,
         };
         let text_encoder = ActivationModel {
             batch: BatchRule::OnePrompt,
             attention: None,
+            conv_column_elements_per_pixel: None,
             coefficients: CoefficientTable {
                 // Measured 5 MB at f32 on the CPU (77 tokens, one prompt).
                 cpu_f32: c(0.0, 0.0, 0.0, 0.0, 16.0 * MIB),
                 cpu_half: c(0.0, 0.0, 0.0, 0.0, 16.0 * MIB),
-                gpu_f32: c(0.0, 0.0, 0.0, 0.0, 64.0 * MIB),
-                gpu_half: c(0.0, 0.0, 0.0, 0.0, 64.0 * MIB),
+                // Measured on an H100 (sdgen-bench, 2026-11-27): 11-22 MB above the weights.
+                gpu_f32: c(0.0, 0.0, 0.0, 0.0, 24.0 * MIB),
+                gpu_half: c(0.0, 0.0, 0.0, 0.0, 24.0 * MIB),
             },
         };
         // Full latent resolution (8×8 pixels per token), 8 heads: the first level's
@@ -144,18 +197,17 @@ impl FamilyProfile {
         let denoise = ActivationModel {
             batch: BatchRule::GuidedImages,
             attention: Some(AttentionShape { heads: 8, pixels_per_token: 64, extra_tokens: 0 }),
+            conv_column_elements_per_pixel: None,
             coefficients: CoefficientTable {
                 cpu_f32: u,
                 cpu_half: c(0.6 * u.bytes_per_pixel, 0.6 * u.bytes_per_pixel_at_attention, 12.0, 0.0, u.fixed_bytes),
-                // + the im2col column of the 640-channel 3×3 convolutions: 90 elements per pixel.
-                gpu_f32: c(u.bytes_per_pixel + 360.0, u.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
-                gpu_half: c(
-                    0.6 * u.bytes_per_pixel + 180.0,
-                    0.6 * u.bytes_per_pixel_at_attention,
-                    12.0,
-                    0.0,
-                    128.0 * MIB,
-                ),
+                // Fitted to H100 measurements (sdgen-bench, 2026-11-27; the data and the check
+                // are `tests/data/sd15_gpu_peaks.jsonl` and `tests/plan.rs`): 512² and 768², 1
+                // and 4 images. On GPUs the engine scores at most 2^26 elements per attention
+                // call (8 bytes each: the f32 scores beside their f32 softmax), so the feature
+                // maps, not the attention, set the peak at these sizes.
+                gpu_f32: c(587.0, 0.0, 8.0, 0.0, 553.0 * MIB),
+                gpu_half: c(335.0, 0.0, 8.0, 0.0, 303.0 * MIB),
             },
         };
         // The mid block's single-head attention at latent resolution.
@@ -164,21 +216,32 @@ impl FamilyProfile {
         let decode = ActivationModel {
             batch: BatchRule::Images,
             attention: vae_attention,
+            // 256 channels × 9 taps: the full-resolution 3×3 convolutions after the last upsampling.
+            conv_column_elements_per_pixel: Some(256 * 9),
             coefficients: CoefficientTable {
                 cpu_f32: d,
                 cpu_half: c(d.bytes_per_pixel, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, d.fixed_bytes),
-                // Measured on an H100 (bf16, sdgen-bench, 2026-11-27): 10.75-10.99 KB per output
-                // pixel above the stage's start at 512² (n 1 and 4) and 768² (n 1); the first
-                // estimate (6.6 KB, derived from candle's im2col) was 0.61x the measured peak.
-                // f32 is scaled by the same factor until it is measured.
-                gpu_f32: c(21_400.0, d.bytes_per_pixel_at_attention, 8.0, 48.0, 128.0 * MIB),
-                gpu_half: c(11_000.0, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, 128.0 * MIB),
+                // Fitted to H100 measurements (sdgen-bench, 2026-11-27) at 512² and 768², 1 and 4
+                // images: the feature maps and norms per pixel, plus the largest convolution's
+                // column buffer at its element size (candle builds it whole on GPUs, at most
+                // 2^28 elements per call on GPUs); the attention terms are derived as on the CPU.
+                // (f32 holds ~1 GB more while decoding 4 images one at a time at 768² than for
+                // one image: counted per output pixel.)
+                gpu_f32: Coefficients {
+                    bytes_per_column_element: 4.0,
+                    ..c(5_525.0, d.bytes_per_pixel_at_attention, 8.0, 300.0, 580.0 * MIB)
+                },
+                gpu_half: Coefficients {
+                    bytes_per_column_element: 2.0,
+                    ..c(4_986.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 48.0, 0.0)
+                },
             },
         };
         let e = SD15_ENCODE_CPU_F32;
         let encode = ActivationModel {
             batch: BatchRule::Images,
             attention: vae_attention,
+            conv_column_elements_per_pixel: None,
             coefficients: CoefficientTable {
                 cpu_f32: e,
                 cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),
@@ -246,6 +309,7 @@ pub const SD15_UNET_CPU_F32: Coefficients = Coefficients {
     bytes_per_score: 8.0,
     bytes_per_output_pixel: 0.0,
     fixed_bytes: 61.0 * 1048576.0,
+    bytes_per_column_element: 0.0,
 };
 
 /// SD 1.5's VAE decoder, CPU, f32. Fitted: the feature-map peak and the constant (the
@@ -258,6 +322,7 @@ pub const SD15_DECODE_CPU_F32: Coefficients = Coefficients {
     bytes_per_score: 8.0,
     bytes_per_output_pixel: 48.0,
     fixed_bytes: 203.0 * 1048576.0,
+    bytes_per_column_element: 0.0,
 };
 
 /// SD 1.5's VAE encoder, CPU, f32 (image-to-image). Fitted and derived as the decoder.
@@ -267,4 +332,5 @@ pub const SD15_ENCODE_CPU_F32: Coefficients = Coefficients {
     bytes_per_score: 8.0,
     bytes_per_output_pixel: 0.0,
     fixed_bytes: 7.0 * 1048576.0,
+    bytes_per_column_element: 0.0,
 };

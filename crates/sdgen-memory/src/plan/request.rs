@@ -124,8 +124,9 @@ pub struct Budget {
     pub bytes: u64,
     /// Where it came from.
     pub source: BudgetSource,
-    /// Memory of that pool already in use that stays in use (the process's RSS when the budget
-    /// is a `--max-memory` cap on the CPU); 0 when the budget is what is still free.
+    /// Memory of that pool in use outside the stages' weights and activations, already or soon:
+    /// the process's RSS when the budget is a `--max-memory` cap on the CPU; on a GPU, what the
+    /// CUDA runtime takes during a first generation (kernel modules, library workspaces).
     pub baseline_bytes: u64,
     /// Host RAM available, on a discrete GPU: for stages moved to the host and for suggesting
     /// `--device cpu`. `None` = unknown (host stages are then assumed to fit).

@@ -15,6 +15,7 @@
 use std::fmt;
 
 use super::planner::{Placement, Plan, Verdict};
+use super::request::DeviceKind;
 use crate::console::BYTES_PER_GB;
 
 /// `bytes` for tables and messages: `1.6GB` (GiB, one decimal) from 1000 MiB up, else `235MB`
@@ -57,7 +58,11 @@ impl fmt::Display for Plan {
             self.safety_margin * 100.0
         )?;
         if self.baseline_bytes > 0 {
-            write!(f, ", {} of it in use already", format_bytes(self.baseline_bytes))?;
+            let what = match self.device {
+                DeviceKind::DiscreteGpu => "kept for the CUDA runtime",
+                _ => "in use already",
+            };
+            write!(f, ", {} of it {what}", format_bytes(self.baseline_bytes))?;
         }
         writeln!(f)?;
 
