@@ -17,9 +17,22 @@ use sdgen::schedulers::SchedulerKind;
 pub struct Args {
     /// What to draw.
     pub prompt: Option<String>,
-    /// A named model (sd15), a hub repo id (org/name) or a diffusers model folder.
+    /// A named model (sdxl, sdxl-refiner, sd15), a hub repo id (org/name), a diffusers model
+    /// folder or a single-file .safetensors checkpoint.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
+    /// Finish SDXL runs with this refiner (a named model, hub repo or folder, e.g.
+    /// stabilityai/stable-diffusion-xl-refiner-1.0): the base denoises the first part of the
+    /// schedule, is unloaded, and the refiner finishes it (diffusers' ensemble of experts).
+    #[arg(long, value_name = "MODEL")]
+    pub refiner: Option<String>,
+    /// With --refiner: the fraction of the steps the base runs before handing over [default: 0.8].
+    #[arg(long, value_name = "FRACTION")]
+    pub refiner_start: Option<f64>,
+    /// Use this VAE instead of the model's own (a hub repo or a diffusers VAE folder, e.g.
+    /// madebyollin/sdxl-vae-fp16-fix).
+    #[arg(long, value_name = "REPO|PATH")]
+    pub vae: Option<String>,
     /// What not to draw.
     #[arg(long)]
     pub negative: Option<String>,
@@ -88,6 +101,10 @@ pub struct Args {
 /// The arguments, resolved.
 pub struct Resolved {
     pub model: ModelSource,
+    /// `--refiner` and the handoff fraction.
+    pub refiner: Option<(ModelSource, f64)>,
+    /// `--vae`.
+    pub vae: Option<ModelSource>,
     pub memory: sdgen::planning::MemoryRequest,
     pub open: OpenOptions,
     pub hub: HubOptions,
@@ -144,6 +161,25 @@ impl Args {
                 Some((image, strength))
             }
         };
+        let refiner =
+            match (&self.refiner, self.refiner_start) {
+                (None, Some(_)) => return Err(invalid("--refiner-start needs --refiner".into())),
+                (None, None) => None,
+                (Some(_), _) if self.init_image.is_some() => return Err(invalid(
+                    "--refiner finishes text-to-image runs; to refine a finished image, pass the refiner as --model \
+                     with --init-image"
+                        .into(),
+                )),
+                (Some(r), start) => {
+                    let f = start.unwrap_or(sdgen::pipeline::DEFAULT_HIGH_NOISE_FRACTION);
+                    if !(f > 0.0 && f < 1.0) {
+                        return Err(invalid(format!(
+                        "--refiner-start {f} is not strictly between 0 and 1 (the fraction of the steps the base runs)"
+                    )));
+                    }
+                    Some((ModelSource::parse(r), f))
+                }
+            };
         let seed = self.seed.unwrap_or_else(random_seed);
         let mut hub = HubOptions::from_env();
         hub.offline |= self.offline;
@@ -153,6 +189,8 @@ impl Args {
         }
         Ok(Resolved {
             model: ModelSource::parse(&self.model),
+            refiner,
+            vae: self.vae.as_deref().map(ModelSource::parse),
             memory: sdgen::planning::MemoryRequest {
                 max_memory_bytes: match &self.max_memory {
                     Some(v) => Some(

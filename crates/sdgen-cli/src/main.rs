@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sdgen::output::{ensure_output_dir, save_image, ImageMetadata};
-use sdgen::pipeline::{img2img, resolve_img2img, txt2img, Img2ImgRequest, Request};
+use sdgen::pipeline::{check_refiner, img2img, resolve_img2img, txt2img_refined, Img2ImgRequest, Refiner, Request};
 
 use args::Args;
 
@@ -50,8 +50,37 @@ fn run() -> anyhow::Result<ExitCode> {
     // Prove the output folder is writable before any model is loaded, so a typo costs nothing.
     ensure_output_dir(&resolved.output)?;
     let mut bar = progress::Reporter::new();
-    let model = resolved.model.open_with(&resolved.hub, &resolved.open, &mut |p| bar.download(p))?;
+    let mut model = resolved.model.open_with(&resolved.hub, &resolved.open, &mut |p| bar.download(p))?;
     bar.finish();
+    if let Some(vae) = &resolved.vae {
+        let dir = match vae {
+            sdgen::loading::ModelSource::Path(p) => p.clone(),
+            sdgen::loading::ModelSource::Repo { repo, .. } => {
+                sdgen::hub::fetch_component(&resolved.hub, repo, "main", &mut |p| bar.download(p))?
+            }
+        };
+        bar.finish();
+        model = model.with_vae(&dir)?;
+    }
+    // The refiner is opened (downloaded) now, so a wrong one is refused before any weight loads.
+    let refiner_model = match &resolved.refiner {
+        Some((source, _)) => {
+            let m = source
+                .open_with(&resolved.hub, &sdgen::loading::OpenOptions::default(), &mut |p| bar.download(p))
+                .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+            bar.finish();
+            Some(m)
+        }
+        None => None,
+    };
+    let refiner = match (&refiner_model, &resolved.refiner) {
+        (Some(m), Some((_, fraction))) => {
+            let r = Refiner { model: m, high_noise_fraction: *fraction };
+            check_refiner(&model, &r)?;
+            Some(r)
+        }
+        _ => None,
+    };
     let request: Request = resolved.request.clone();
     let img2img_request = resolved.img2img.take().map(|(init_image, strength)| Img2ImgRequest {
         request: request.clone(),
@@ -103,6 +132,36 @@ fn run() -> anyhow::Result<ExitCode> {
         progress::log(w);
     }
     resolved.runtime.options = sdgen::planning::stage_options(&model, &plan, &settings, false)?;
+    // The refiner runs after the base is unloaded: its stages are planned on their own, and the
+    // run takes the leaner of both plans' options where they share one.
+    let refiner_plan = match &refiner {
+        Some(r) => {
+            let p = sdgen::planning::plan_run(
+                r.model,
+                &settings,
+                plan.images_per_batch,
+                false,
+                &resolved.runtime.device,
+                resolved.runtime.dtype,
+                resolved.memory,
+            )
+            .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+            for line in p.to_string().lines() {
+                progress::log(line);
+            }
+            let o = sdgen::planning::stage_options(r.model, &p, &settings, false)?;
+            let rt = &mut resolved.runtime.options;
+            rt.attention_slice = match (rt.attention_slice, o.attention_slice) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            rt.vae_slicing |= o.vae_slicing;
+            rt.vae_tile_px = rt.vae_tile_px.or(o.vae_tile_px);
+            rt.text_encoder_on_host |= o.text_encoder_on_host;
+            Some(p)
+        }
+        None => None,
+    };
 
     // The images, in batches of what fits; image i keeps generator seed + i whatever its batch.
     let per_batch = plan.images_per_batch.clamp(1, request.n);
@@ -118,7 +177,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 &resolved.runtime,
                 &mut |p| bar.report(p),
             )?,
-            None => txt2img(&model, &part, &resolved.runtime, &mut |p| bar.report(p))?,
+            None => txt2img_refined(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
         };
         bar.finish();
         generations.push((start, generation));
@@ -127,11 +186,20 @@ fn run() -> anyhow::Result<ExitCode> {
     // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
     // (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline).
     let pipeline_type = match &img2img_request {
-        Some(_) => model.family().pipeline_type.replacen("Pipeline", "Img2ImgPipeline", 1),
+        Some(_) if !model.family().pipeline_type.contains("Img2Img") => {
+            model.family().pipeline_type.replacen("Pipeline", "Img2ImgPipeline", 1)
+        }
+        Some(_) => model.family().pipeline_type.to_string(),
         None => model.family().pipeline_type.to_string(),
     };
     let mut extra = serde_json::Map::new();
     extra.insert("plan".into(), serde_json::to_value(&plan)?);
+    if let Some(p) = &refiner_plan {
+        extra.insert("refiner_plan".into(), serde_json::to_value(p)?);
+    }
+    if let Some(vae) = &resolved.vae {
+        extra.insert("vae".into(), vae.label().into());
+    }
     if let (Some(req), Some(plan)) = (&img2img_request, &img2img_plan) {
         extra.insert("init_image".into(), req.init_image.name.clone().into());
         extra.insert("strength".into(), plan.strength.into());
@@ -150,6 +218,9 @@ fn run() -> anyhow::Result<ExitCode> {
         let memory_optimizations = generation.options_used.names().join(",");
         let mut extra = extra.clone();
         extra.insert("memory".into(), serde_json::to_value(&generation.memory)?);
+        if let Some(r) = &generation.refinement {
+            extra.insert("refiner".into(), serde_json::to_value(r)?);
+        }
         for image in &generation.images {
             let meta = ImageMetadata {
                 model: resolved.model.label(),

@@ -1,5 +1,5 @@
 //! The README's main command (`generate "a lighthouse at dusk"` with the default model) against a
-//! local server speaking the hub's file URLs, serving the tiny SD 1.5 as the default model's repo:
+//! local server speaking the hub's file URLs, serving the tiny SDXL as the default model's repo:
 //! the first run downloads into a fresh HF cache, the second (offline) reuses it.
 
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use sdgen::loading::{DEFAULT_MODEL, NAMED_MODELS};
 #[test]
 fn default_model_downloads_once_then_runs_offline() {
     let repo = NAMED_MODELS.iter().find(|(n, _)| *n == DEFAULT_MODEL).unwrap().1;
-    let tiny = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sd15"));
+    let tiny = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl"));
     let server = HubServer::start(vec![FakeRepo::from_dir(repo, &tiny).unwrap()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let run = |extra: &[&str]| {
@@ -31,6 +31,12 @@ fn default_model_downloads_once_then_runs_offline() {
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     assert!(!server.downloaded_files().is_empty());
     let result: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    // The default model is SDXL base: the sidecar says which pipeline ran.
+    assert_eq!(DEFAULT_MODEL, "sdxl");
+    let sidecar = PathBuf::from(result["images"][0]["metadata"].as_str().unwrap());
+    let sidecar = if sidecar.is_relative() { dir.path().join(sidecar) } else { sidecar };
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+    assert!(meta["pipeline_type"].as_str().unwrap().starts_with("StableDiffusionXLPipeline"), "{meta}");
     let png = PathBuf::from(result["images"][0]["png"].as_str().unwrap());
     assert!(png.starts_with(dir.path().join("outputs")) || png.is_relative(), "{}", png.display());
     assert!(dir.path().join("hf/hub").join(format!("models--{}", repo.replace('/', "--"))).is_dir());

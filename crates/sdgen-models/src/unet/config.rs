@@ -103,9 +103,17 @@ pub struct UNetConfig {
     /// Padding of the downsampling convolutions.
     #[serde(default = "padding")]
     pub downsample_padding: usize,
-    /// SDXL's additional embedding (`"text_time"`); not supported yet.
+    /// SDXL's additional embedding: `"text_time"` (the pooled text embedding and the
+    /// size/crop/aesthetic "micro-conditioning" numbers); no other kind is supported.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each micro-conditioning number (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of the additional embedding: the pooled text embedding plus every
+    /// micro-conditioning number's embedding (SDXL base: 1280 + 6·256 = 2816; refiner: 1280 + 5·256).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Class-conditioning (unused by the supported families).
     #[serde(default)]
     pub class_embed_type: Option<String>,
@@ -121,6 +129,17 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
+    /// How many micro-conditioning numbers (`time_ids`) the model takes per image, if it takes
+    /// SDXL's additional embedding: 6 for the base (original size, crop, target size), 5 for the
+    /// refiner (original size, crop, aesthetic score). `None` when the model has none, or when
+    /// `text_embeds_dim` does not divide out.
+    pub fn time_ids_len(&self, text_embeds_dim: usize) -> Option<usize> {
+        let per = self.addition_time_embed_dim?;
+        let total = self.projection_class_embeddings_input_dim?;
+        let rest = total.checked_sub(text_embeds_dim)?;
+        (per > 0 && rest % per == 0).then_some(rest / per)
+    }
+
     /// Attention heads per block.
     pub fn heads_per_block(&self) -> Vec<usize> {
         let n = self.block_out_channels.len();
@@ -159,8 +178,19 @@ impl UNetConfig {
                 return unsupported(format!("mid_block_type {m}"));
             }
         }
-        if let Some(a) = &self.addition_embed_type {
-            return unsupported(format!("addition_embed_type {a} (SDXL conditioning is not implemented yet)"));
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time")
+                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                return unsupported(
+                    "addition_embed_type text_time without addition_time_embed_dim and \
+                     projection_class_embeddings_input_dim"
+                        .into(),
+                );
+            }
+            Some("text_time") => {}
+            Some(a) => return unsupported(format!("addition_embed_type {a}")),
         }
         if let Some(c) = &self.class_embed_type {
             return unsupported(format!("class_embed_type {c}"));

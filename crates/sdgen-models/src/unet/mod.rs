@@ -1,5 +1,6 @@
-//! diffusers' `UNet2DConditionModel` (SD 1.x/2.x configuration; SDXL's slots in through the same
-//! `UNetConfig`), keys as in the hub's `unet/diffusion_pytorch_model.safetensors`.
+//! diffusers' `UNet2DConditionModel` in the configurations of SD 1.x/2.x, SDXL and the SDXL
+//! refiner (SDXL's additional embedding: [`AddedConditioning`]), keys as in the hub's
+//! `unet/diffusion_pytorch_model.safetensors`.
 
 mod config;
 mod transformer;
@@ -7,11 +8,11 @@ mod transformer;
 pub use config::{IntOrList, UNetConfig};
 pub use transformer::{CrossAttention, Transformer2D, TransformerSpec};
 
-use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::norm::GroupNorm;
-use crate::resnet::{conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::resnet::{conv3x3, Conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// diffusers' `get_timestep_embedding`, computed in f32 as diffusers does: `[n, dim]`.
 pub fn timestep_embedding(
@@ -66,17 +67,37 @@ struct MidBlock {
     attentions: Vec<Transformer2D>,
 }
 
+/// SDXL's additional conditioning of one forward (`added_cond_kwargs` in diffusers).
+#[derive(Debug, Clone, Copy)]
+pub struct AddedConditioning<'a> {
+    /// The second text encoder's projected pooled output, `[b, text_embeds_dim]`.
+    pub text_embeds: &'a Tensor,
+    /// The micro-conditioning numbers, `[b, k]` (base: original height and width, crop top and
+    /// left, target height and width; refiner: original size, crop, aesthetic score). Read as
+    /// values: their embedding is computed in f32 like the timestep's.
+    pub time_ids: &'a Tensor,
+}
+
+/// SDXL's `add_time_proj` (sinusoidal, no weights) and `add_embedding` (two linears).
+#[derive(Debug)]
+struct AddEmbedding {
+    time_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
 /// The conditional UNet.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<AddEmbedding>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
     cfg: UNetConfig,
 }
 
@@ -167,10 +188,22 @@ impl UNet2DConditionModel {
             up.push(UpBlock { resnets, attentions, upsampler });
         }
 
+        let add_embedding = match (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
+            (Some(time_dim), Some(input_dim)) if cfg.addition_embed_type.as_deref() == Some("text_time") => {
+                Some(AddEmbedding {
+                    time_dim,
+                    linear_1: candle_nn::linear(input_dim, temb, vb.pp("add_embedding.linear_1"))?,
+                    linear_2: candle_nn::linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+                })
+            }
+            _ => None,
+        };
+
         Ok(Self {
             conv_in: conv3x3(cfg.in_channels, boc[0], vb.pp("conv_in"))?,
             time_linear_1: candle_nn::linear(boc[0], temb, vb.pp("time_embedding.linear_1"))?,
             time_linear_2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            add_embedding,
             down,
             mid,
             up,
@@ -185,9 +218,50 @@ impl UNet2DConditionModel {
         &self.cfg
     }
 
+    /// Whether the model takes SDXL's additional conditioning (then every forward needs it).
+    pub fn takes_added_conditioning(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// The additional embedding `add_embedding(cat(text_embeds, add_time_proj(time_ids)))`,
+    /// `[b, time_embed_dim]` in `dtype`.
+    fn added_embedding(&self, add: &AddEmbedding, added: &AddedConditioning, b: usize, dtype: DType) -> Result<Tensor> {
+        let (tb, k) = added.time_ids.dims2()?;
+        let text_embeds = added.text_embeds;
+        if tb != b || text_embeds.dim(0)? != b {
+            candle_core::bail!("added conditioning for {} / {} images, the sample has {b}", text_embeds.dim(0)?, tb);
+        }
+        // diffusers hands the ids over in the pipeline's dtype and embeds them in f32.
+        let values: Vec<f64> =
+            added.time_ids.to_dtype(dtype)?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let time = timestep_embedding(
+            &values,
+            add.time_dim,
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+            text_embeds.device(),
+        )?
+        .reshape((b, k * add.time_dim))?;
+        let input = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time], 1)?.to_dtype(dtype)?;
+        add.linear_2.forward(&add.linear_1.forward(&input)?.silu()?)
+    }
+
     /// Predicts the noise (or v, per the scheduler config) for `sample: [b, c, h, w]` at
-    /// `timestep`, conditioned on `context: [b, tokens, cross_attention_dim]`.
+    /// `timestep`, conditioned on `context: [b, tokens, cross_attention_dim]`, for models without
+    /// additional conditioning (SD 1.x/2.x); see [`Self::forward_with`].
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timestep, context, None)
+    }
+
+    /// [`Self::forward`] with SDXL's additional conditioning, which models that take it
+    /// ([`Self::takes_added_conditioning`]) require and others refuse.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let dtype = sample.dtype();
         let boc0 = self.cfg.block_out_channels[0];
@@ -199,7 +273,15 @@ impl UNet2DConditionModel {
             sample.device(),
         )?
         .to_dtype(dtype)?;
-        let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        let mut emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        match (&self.add_embedding, added) {
+            (Some(add), Some(added)) => emb = (emb + self.added_embedding(add, added, b, dtype)?)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                candle_core::bail!("this UNet (SDXL-type) needs its added conditioning: text_embeds and time_ids")
+            }
+            (None, Some(_)) => candle_core::bail!("this UNet takes no added conditioning (text_embeds, time_ids)"),
+        }
         let context = context.to_dtype(dtype)?;
 
         // diffusers forwards explicit upsample sizes when the latent is not a multiple of the

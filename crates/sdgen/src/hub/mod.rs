@@ -20,6 +20,7 @@
 //! and for tests `SDGEN_TEST_FREE_BYTES`, which replaces the measured free disk space.
 
 pub mod cache;
+pub mod component;
 pub mod disk;
 pub mod remote;
 pub mod select;
@@ -32,6 +33,8 @@ use remote::Remote;
 use select::{RemoteFile, UNUSED_COMPONENTS};
 
 use crate::{Error, Result};
+
+pub use component::{fetch_component, find_cached_component};
 
 /// The public hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

@@ -21,6 +21,11 @@ pub struct FamilySpec {
     pub denoiser_markers: &'static [&'static str],
     /// Tensors whose presence means another family.
     pub denoiser_excludes: &'static [&'static str],
+    /// Components `model_index.json` must name (non-null); e.g. SDXL's base has both text
+    /// encoders, its refiner only the second.
+    pub components: &'static [&'static str],
+    /// Components it must not name (null or absent): the refiner has no `text_encoder`.
+    pub absent_components: &'static [&'static str],
     /// `pipeline_type` recorded in the metadata.
     pub pipeline_type: &'static str,
     /// Image sides must be multiples of this (VAE factor × patch size).
@@ -35,23 +40,62 @@ pub struct FamilySpec {
 }
 
 /// Every family this build can run.
-pub const FAMILIES: &[FamilySpec] = &[FamilySpec {
-    name: "sd15",
-    display: "Stable Diffusion 1.5",
-    pipeline_classes: &["StableDiffusionPipeline"],
-    denoiser_markers: &["conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight"],
-    denoiser_excludes: &["add_embedding.linear_1.weight"],
-    pipeline_type: "StableDiffusionPipeline (SD 1.5)",
-    size_multiple: 8,
-    default_steps: 50,
-    default_guidance: 7.5,
-    single_file: Some(&single_file::SD15),
-}];
+pub const FAMILIES: &[FamilySpec] = &[
+    FamilySpec {
+        name: "sd15",
+        display: "Stable Diffusion 1.5",
+        pipeline_classes: &["StableDiffusionPipeline"],
+        denoiser_markers: &["conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight"],
+        denoiser_excludes: &["add_embedding.linear_1.weight"],
+        components: &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],
+        absent_components: &[],
+        pipeline_type: "StableDiffusionPipeline (SD 1.5)",
+        size_multiple: 8,
+        default_steps: 50,
+        default_guidance: 7.5,
+        single_file: Some(&single_file::SD15),
+    },
+    FamilySpec {
+        name: "sdxl",
+        display: "Stable Diffusion XL",
+        pipeline_classes: &["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"],
+        denoiser_markers: &["conv_in.weight", "time_embedding.linear_1.weight", "add_embedding.linear_1.weight"],
+        denoiser_excludes: &[],
+        components: &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler"],
+        absent_components: &[],
+        pipeline_type: "StableDiffusionXLPipeline (SDXL)",
+        size_multiple: 8,
+        default_steps: 50,
+        default_guidance: 5.0,
+        single_file: Some(&single_file::SDXL),
+    },
+    FamilySpec {
+        name: "sdxl-refiner",
+        display: "Stable Diffusion XL refiner",
+        pipeline_classes: &["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline"],
+        denoiser_markers: &["conv_in.weight", "time_embedding.linear_1.weight", "add_embedding.linear_1.weight"],
+        denoiser_excludes: &[],
+        components: &["text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler"],
+        absent_components: &["text_encoder"],
+        pipeline_type: "StableDiffusionXLImg2ImgPipeline (SDXL refiner)",
+        size_multiple: 8,
+        default_steps: 50,
+        default_guidance: 5.0,
+        single_file: Some(&single_file::SDXL_REFINER),
+    },
+];
 
-/// Finds the family of a diffusers folder from its pipeline class and its denoiser's tensor names.
-pub fn detect<'a>(pipeline_class: &str, has_tensor: impl Fn(&str) -> bool) -> Option<&'a FamilySpec> {
+/// Finds the family of a diffusers folder from its pipeline class, the components its
+/// `model_index.json` names and its denoiser's tensor names.
+pub fn detect<'a>(
+    pipeline_class: &str,
+    has_component: impl Fn(&str) -> bool,
+    has_tensor: impl Fn(&str) -> bool,
+) -> Option<&'a FamilySpec> {
     FAMILIES.iter().find(|f| {
         f.pipeline_classes.contains(&pipeline_class)
+            && f.components.iter().all(|c| has_component(c))
+            && !f.absent_components.iter().any(|c| has_component(c))
             && f.denoiser_markers.iter().all(|k| has_tensor(k))
             && !f.denoiser_excludes.iter().any(|k| has_tensor(k))
     })
@@ -144,12 +188,12 @@ pub const SIGNATURES: &[Signature] = &[
     Signature { display: "a Playground v2.5 checkpoint", family: None, markers: &[Marker::Has("edm_mean")] },
     Signature {
         display: "an SDXL base checkpoint",
-        family: None,
+        family: Some("sdxl"),
         markers: &[Marker::Has("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias")],
     },
     Signature {
         display: "an SDXL refiner checkpoint",
-        family: None,
+        family: Some("sdxl-refiner"),
         markers: &[Marker::Has("conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias")],
     },
     Signature {
@@ -256,13 +300,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sd15_needs_its_markers_and_no_sdxl_embedding() {
+    fn families_need_their_markers_and_components() {
+        let all = |_: &str| true;
         let sd15 = |k: &str| FAMILIES[0].denoiser_markers.contains(&k);
-        assert_eq!(detect("StableDiffusionPipeline", sd15).map(|f| f.name), Some("sd15"));
+        assert_eq!(detect("StableDiffusionPipeline", all, sd15).map(|f| f.name), Some("sd15"));
         let sdxl = |k: &str| sd15(k) || k == "add_embedding.linear_1.weight";
-        assert!(detect("StableDiffusionPipeline", sdxl).is_none());
-        assert!(detect("StableDiffusionXLPipeline", sd15).is_none());
-        assert!(detect("StableDiffusionPipeline", |_| false).is_none());
+        assert!(detect("StableDiffusionPipeline", all, sdxl).is_none());
+        assert!(detect("StableDiffusionXLPipeline", all, sd15).is_none());
+        assert!(detect("StableDiffusionPipeline", all, |_| false).is_none());
+        assert_eq!(detect("StableDiffusionXLPipeline", all, sdxl).map(|f| f.name), Some("sdxl"));
+        // The refiner: the second text encoder only, whatever the pipeline class says.
+        let refiner = |c: &str| c != "text_encoder" && c != "tokenizer";
+        for class in ["StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline"] {
+            assert_eq!(detect(class, refiner, sdxl).map(|f| f.name), Some("sdxl-refiner"));
+        }
+        // An SDXL base saved as an img2img pipeline is still the base.
+        assert_eq!(detect("StableDiffusionXLImg2ImgPipeline", all, sdxl).map(|f| f.name), Some("sdxl"));
     }
 
     fn tensors(list: &[(&str, &[usize])]) -> BTreeMap<String, TensorInfo> {

@@ -31,6 +31,9 @@ pub struct ModelFolder {
     family: &'static FamilySpec,
     pipeline_class: String,
     checkpoint: Option<Arc<Checkpoint>>,
+    /// Components taken from other folders (`--vae`): component → folder with its
+    /// `config.json` and weights.
+    overrides: Vec<(String, PathBuf)>,
 }
 
 /// How to open a model.
@@ -86,8 +89,11 @@ impl ComponentWeights {
     /// positioned reads rather than mapped, so the process never holds the file's pages and the
     /// converted weights at once (see `read_backend`).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        // A single file's component headers already name its tensors as diffusers does, with the
-        // diffusers shapes and the byte ranges in the checkpoint: the same reader serves both.
+        // A single file's share: its view serves the tensors by diffusers name, through the same
+        // reader (a tensor stored transposed, OpenCLIP's `text_projection`, is transposed back).
+        if let Some(view) = &self.view {
+            return view.var_builder(dtype, device);
+        }
         let backend = read_backend::ReadBackend::new(&self.files, &self.headers)
             .map_err(|e| Error::BadModel(format!("cannot open {}: {e}", self.describe())))?;
         Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
@@ -117,6 +123,7 @@ impl ModelFolder {
                 family: checkpoint.family,
                 pipeline_class: checkpoint.pipeline_class.clone(),
                 checkpoint: Some(Arc::new(checkpoint)),
+                overrides: Vec::new(),
             });
         }
         if let Some(dir) = &options.config_from {
@@ -139,19 +146,29 @@ impl ModelFolder {
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::BadModel(format!("{} has no `_class_name`", index_path.display())))?
             .to_string();
-        let mut folder = Self { root: root.to_path_buf(), family: &FAMILIES[0], pipeline_class, checkpoint: None };
+        let mut folder = Self {
+            root: root.to_path_buf(),
+            family: &FAMILIES[0],
+            pipeline_class,
+            checkpoint: None,
+            overrides: Vec::new(),
+        };
         let denoiser = folder.weights("unet")?;
-        folder.family = family::detect(&folder.pipeline_class, |k| denoiser.has(k)).ok_or_else(|| {
-            let known: Vec<_> =
-                FAMILIES.iter().map(|f| format!("{} ({})", f.display, f.pipeline_classes.join("/"))).collect();
-            Error::BadModel(format!(
-                "{} is a `{}` whose UNet ({}) matches no supported family; supported: {}",
-                root.display(),
-                folder.pipeline_class,
-                denoiser.describe(),
-                known.join(", ")
-            ))
-        })?;
+        // A component is named when `model_index.json` maps it to a (library, class) pair, not null.
+        let has_component =
+            |c: &str| index.get(c).and_then(|v| v.as_array()).is_some_and(|a| a.iter().all(|x| !x.is_null()));
+        folder.family =
+            family::detect(&folder.pipeline_class, has_component, |k| denoiser.has(k)).ok_or_else(|| {
+                let known: Vec<_> =
+                    FAMILIES.iter().map(|f| format!("{} ({})", f.display, f.pipeline_classes.join("/"))).collect();
+                Error::BadModel(format!(
+                    "{} is a `{}` whose UNet ({}) matches no supported family; supported: {}",
+                    root.display(),
+                    folder.pipeline_class,
+                    denoiser.describe(),
+                    known.join(", ")
+                ))
+            })?;
         Ok(folder)
     }
 
@@ -175,8 +192,57 @@ impl ModelFolder {
         &self.pipeline_class
     }
 
+    /// The model with its VAE taken from `dir`, a diffusers `AutoencoderKL` folder (`config.json`
+    /// and its weights, as the hub's `madebyollin/sdxl-vae-fp16-fix`, or a pipeline's `vae/`).
+    /// Refused, naming the folder, when it is not a VAE or its latents are not the denoiser's.
+    pub fn with_vae(mut self, dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "--vae {}: no config.json there; pass a diffusers VAE folder (config.json + \
+                 diffusion_pytorch_model.safetensors) or a hub repo id such as madebyollin/sdxl-vae-fp16-fix",
+                dir.display()
+            )));
+        }
+        let raw: serde_json::Value = read_json(&config_path)?;
+        let class = raw.get("_class_name").and_then(|v| v.as_str()).unwrap_or("AutoencoderKL");
+        if class != "AutoencoderKL" {
+            return Err(Error::InvalidInput(format!(
+                "--vae {}: its config.json describes a `{class}`, not an AutoencoderKL VAE",
+                dir.display()
+            )));
+        }
+        let vae: sdgen_models::vae::VaeConfig = read_json(&config_path)?;
+        let own: sdgen_models::vae::VaeConfig = self.config("vae", "config.json")?;
+        let unet: sdgen_models::unet::UNetConfig = self.config("unet", "config.json")?;
+        if vae.latent_channels != unet.in_channels || vae.scale_factor() != own.scale_factor() {
+            return Err(Error::InvalidInput(format!(
+                "--vae {}: its latents have {} channels at 1/{} scale, but {}'s UNet works on {} channels at 1/{} \
+                 (a VAE of another model family?)",
+                dir.display(),
+                vae.latent_channels,
+                vae.scale_factor(),
+                self.family.display,
+                unet.in_channels,
+                own.scale_factor()
+            )));
+        }
+        self.overrides.retain(|(c, _)| c != "vae");
+        self.overrides.push(("vae".to_string(), dir.to_path_buf()));
+        self.weights("vae")?;
+        Ok(self)
+    }
+
+    /// The folder a component was taken from when it replaces the model's own (`--vae`).
+    pub fn component_override(&self, component: &str) -> Option<&Path> {
+        self.overrides.iter().find(|(c, _)| c == component).map(|(_, d)| d.as_path())
+    }
+
     /// A component's sub-folder, checked to exist.
     pub fn component_dir(&self, component: &str) -> Result<PathBuf> {
+        if let Some(dir) = self.component_override(component) {
+            return Ok(dir.to_path_buf());
+        }
         let dir = self.root.join(component);
         if dir.is_dir() {
             Ok(dir)
@@ -201,7 +267,7 @@ impl ModelFolder {
     /// sharded index, else a precision variant (`*.fp16.safetensors`); for a single-file
     /// checkpoint, the component's share of it.
     pub fn weights(&self, component: &str) -> Result<ComponentWeights> {
-        if let Some(c) = &self.checkpoint {
+        if let Some(c) = self.checkpoint.as_ref().filter(|_| self.component_override(component).is_none()) {
             let view = c.component(component).ok_or_else(|| {
                 let held: Vec<&str> = c.components().map(|v| v.component).collect();
                 Error::BadModel(format!(

@@ -8,10 +8,14 @@ use crate::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
 use crate::Result;
 
 /// Named models and the hub repositories they stand for.
-pub const NAMED_MODELS: &[(&str, &str)] = &[("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")];
+pub const NAMED_MODELS: &[(&str, &str)] = &[
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0"),
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+];
 
-/// The model used when none is given.
-pub const DEFAULT_MODEL: &str = "sd15";
+/// The model used when none is given: SDXL base, the everyday model.
+pub const DEFAULT_MODEL: &str = "sdxl";
 
 /// A `--model` value, classified.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,7 +105,11 @@ mod tests {
     fn classifies_values() {
         assert_eq!(
             ModelSource::parse("sd15"),
-            ModelSource::Repo { repo: NAMED_MODELS[0].1.into(), name: Some("sd15".into()) }
+            ModelSource::Repo { repo: "stable-diffusion-v1-5/stable-diffusion-v1-5".into(), name: Some("sd15".into()) }
+        );
+        assert_eq!(
+            ModelSource::parse(DEFAULT_MODEL),
+            ModelSource::Repo { repo: "stabilityai/stable-diffusion-xl-base-1.0".into(), name: Some("sdxl".into()) }
         );
         assert_eq!(ModelSource::parse("org/model-x"), ModelSource::Repo { repo: "org/model-x".into(), name: None });
         assert_eq!(ModelSource::parse("./nope/x"), ModelSource::Path("./nope/x".into()));

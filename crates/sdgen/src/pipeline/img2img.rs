@@ -20,7 +20,8 @@ use candle_core::{DType, Device, Tensor};
 use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
-use super::stages::{decode, denoise, encode_prompts, into_images, loaded, stage, vae_options, StageLog};
+use super::conditioning::{encode_prompts, ImageSize};
+use super::stages::{decode, denoise, into_images, loaded, stage, vae_options, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::{model_error, ModelFolder};
@@ -158,20 +159,23 @@ fn initial_latents(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let weights = model.weights("vae")?;
-    let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(rt.dtype, &rt.device)?)
+    // SDXL's img2img pipelines encode with the VAE in f32 when its config says `force_upcast`,
+    // whatever the run's dtype; SD 1.5's encodes in the run's dtype.
+    let sdxl = model.family().name.starts_with("sdxl");
+    let vae_dtype = if sdxl && vae_cfg.force_upcast.unwrap_or(true) { DType::F32 } else { rt.dtype };
+    let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(vae_dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
     vae.set_attention_options(sdgen_models::attention::AttentionOptions { slice: rt.options.vae_attention_slice });
     loaded(progress, "vae_encoder");
     // diffusers encodes image[i : i + 1] once per image; the images are all the init image, so
     // one batch-1 encode gives each of them exactly.
-    let (b, _, h, w) = image.dims4()?;
-    let dist = vae.encode_with(image, &vae_options(vae_cfg, rt, b, h * w))?;
+    let dist = vae.encode_with(&image.to_dtype(vae_dtype)?, &vae_options(vae_cfg, rt))?;
     let (_, c, h, w) = dist.mean.dims4()?;
     // DiagonalGaussianDistribution.sample(generator[i]): mean + exp(0.5 · logvar) · ε_i, ε_i drawn
     // in the VAE's dtype from generator i.
     let std = (dist.logvar * 0.5)?.exp()?;
     let eps = generators.randn(&[n, c, h, w], dist.mean.dtype(), dist.mean.device())?;
-    let sample = eps.broadcast_mul(&std)?.broadcast_add(&dist.mean)?;
+    let sample = eps.broadcast_mul(&std)?.broadcast_add(&dist.mean)?.to_dtype(rt.dtype)?;
     let init = scale(&sample, vae_cfg.scaling_factor)?;
     let noise = generators.randn(&[n, c, h, w], rt.dtype, &rt.device)?;
     Ok(scheduler.add_noise(&init, &noise, first_step)?)
@@ -192,10 +196,9 @@ pub fn img2img(
     let mut warnings = Vec::new();
     let cfg_guidance = settings.guidance > 1.0;
 
-    // 1. Encode the prompts.
-    let context = stage("text_encoder", progress, &mut log, rt, |rt, progress| {
-        encode_prompts(model, base, cfg_guidance, rt, &mut warnings, progress)
-    })?;
+    // 1. Encode the prompts (one stage per text encoder).
+    let size = ImageSize { height: settings.height, width: settings.width };
+    let cond = encode_prompts(model, base, cfg_guidance, size, rt, &mut log, &mut warnings, progress)?;
 
     // 2. The init image in [-1, 1], in the run's dtype.
     let image = preprocess(&req.init_image.image, settings.width, settings.height)?
@@ -237,9 +240,9 @@ pub fn img2img(
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),
-            first_step,
+            first_step..usize::MAX,
             latents.clone(),
-            &context,
+            &cond,
             settings.guidance,
             &mut generators.clone(),
             rt,

@@ -2,6 +2,7 @@
 //! stage (text encoders → [VAE encoder →] denoiser → VAE) loaded, used and dropped in its own
 //! scope — the lifecycle the memory manager drives. The stages both share are in `stages.rs`.
 
+mod conditioning;
 mod img2img;
 mod stages;
 mod txt2img;
@@ -10,12 +11,13 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device};
 
+pub use conditioning::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 pub use img2img::{
     check_strength, img2img, preprocess, resolve_img2img, skipped_steps, Img2ImgRequest, Img2ImgSettings, InitImage,
     DEFAULT_STRENGTH,
 };
 pub use stages::INJECT_OOM_VAR;
-pub use txt2img::txt2img;
+pub use txt2img::{check_refiner, txt2img, txt2img_refined, Refinement, Refiner, DEFAULT_HIGH_NOISE_FRACTION};
 
 use crate::loading::ModelFolder;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -184,6 +186,8 @@ pub struct Generation {
     pub failures: Vec<String>,
     /// The memory options the stages actually ran with (the plan's, plus any fallback).
     pub options_used: StageOptions,
+    /// The refiner's part, when one finished the run.
+    pub refinement: Option<Refinement>,
 }
 
 /// Fills in the family's defaults and validates the request before anything is loaded.

@@ -6,19 +6,18 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
-use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
+use sdgen_models::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use sdgen_memory::{StageMemory, StagePeak};
 use sdgen_models::attention::AttentionOptions;
 use sdgen_models::vae::{VaeOptions, VaeTiling};
 
+use super::conditioning::Conditioning;
 use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, StageOptions};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
 use crate::schedulers::Scheduler;
-use crate::tokenizer::ClipTokenizer;
 use crate::Result;
 
 /// What the stages of one run recorded.
@@ -61,11 +60,11 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
         Some(_) => None,
     };
     match stage {
-        "text_encoder" if !o.text_encoder_on_host => {
+        "text_encoder" | "text_encoder_2" if !o.text_encoder_on_host => {
             o.text_encoder_on_host = true;
             Some("the text encoder on the CPU".into())
         }
-        "unet" => {
+        "unet" | "refiner_unet" => {
             o.attention_slice = next(o.attention_slice)?.into();
             Some(format!("attention slicing ({} query rows at a time)", o.attention_slice?))
         }
@@ -102,6 +101,7 @@ impl StageLog {
             memory: self.memory,
             failures: self.failures,
             options_used: self.options_used,
+            refinement: None,
         }
     }
 }
@@ -110,8 +110,10 @@ impl StageLog {
 fn display_name(stage: &str) -> &'static str {
     match stage {
         "text_encoder" => "text encoder",
+        "text_encoder_2" => "text encoder 2",
         "vae_encoder" => "VAE encoder",
         "unet" => "UNet",
+        "refiner_unet" => "refiner UNet",
         "vae" => "VAE",
         _ => "model",
     }
@@ -180,60 +182,17 @@ pub(super) fn stage<T>(
     Ok(out)
 }
 
-/// The prompt embeddings for a batch of `req.n`: `[negative × n; positive × n]` when guiding (as
-/// diffusers concatenates them), `[positive × n]` otherwise. Truncated prompts add a warning.
-pub(super) fn encode_prompts(
-    model: &ModelFolder,
-    req: &Request,
-    cfg_guidance: bool,
-    rt: &Runtime,
-    warnings: &mut Vec<String>,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Tensor> {
-    let tokenizer = ClipTokenizer::from_dir(&model.component_dir("tokenizer")?)?;
-    let cfg: ClipTextConfig = model.config("text_encoder", "config.json")?;
-    let weights = model.weights("text_encoder")?;
-    // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
-    let (device, dtype) =
-        if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
-    let encoder = ClipTextModel::new(&cfg, false, weights.var_builder(dtype, &device)?)
-        .map_err(|e| model_error(&weights, "a CLIP text encoder", e))?;
-    loaded(progress, "text_encoder");
-    let mut texts = Vec::new();
-    if cfg_guidance {
-        texts.push(req.negative_prompt.clone().unwrap_or_default());
-    }
-    texts.push(req.prompt.clone());
-    let mut embeds = Vec::new();
-    for (i, text) in texts.iter().enumerate() {
-        let tokens = tokenizer.encode(text)?;
-        if tokens.dropped_tokens > 0 {
-            let which = if cfg_guidance && i == 0 { "negative prompt" } else { "prompt" };
-            warnings.push(format!(
-                "the {which} is longer than CLIP's {} tokens: its last {} tokens were dropped",
-                tokenizer.max_length(),
-                tokens.dropped_tokens
-            ));
-        }
-        let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
-        embeds.push(encoder.forward(&ids)?.last_hidden_state.to_dtype(rt.dtype)?.to_device(&rt.device)?);
-    }
-    // Each image of the batch gets the same embeddings: [neg × n, pos × n].
-    let parts: Vec<Tensor> = embeds.iter().map(|e| e.repeat((req.n, 1, 1))).collect::<candle_core::Result<_>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
-/// The denoising loop from `timesteps()[first_step]` to the end (txt2img starts at 0, img2img
-/// later): classifier-free guidance when `guidance > 1`, one scheduler step per timestep, the
+/// The denoising loop over `timesteps()[steps]` (txt2img runs them all, img2img and a refiner
+/// start later, a base handing over to a refiner stops early): classifier-free guidance when `guidance > 1`, one scheduler step per timestep, the
 /// ancestral noise drawn from `generators`. Reports each step, numbered from 1.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn denoise(
     model: &ModelFolder,
     unet_cfg: &UNetConfig,
     scheduler: &mut dyn Scheduler,
-    first_step: usize,
+    steps: std::ops::Range<usize>,
     mut latents: Tensor,
-    context: &Tensor,
+    cond: &Conditioning,
     guidance: f64,
     generators: &mut BatchNoise,
     rt: &Runtime,
@@ -242,16 +201,18 @@ pub(super) fn denoise(
     let cfg_guidance = guidance > 1.0;
     let weights = model.weights("unet")?;
     let unet = UNet2DConditionModel::new(unet_cfg, weights.var_builder(rt.dtype, &rt.device)?)
-        .map_err(|e| model_error(&weights, "an SD 1.5 UNet", e))?;
+        .map_err(|e| model_error(&weights, "a UNet2DConditionModel", e))?;
     unet.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, "unet");
     memory_point(progress, "Before generation");
     let timesteps = scheduler.timesteps().to_vec();
-    let total = timesteps.len().saturating_sub(first_step);
-    for (i, &t) in timesteps.iter().enumerate().skip(first_step) {
+    let steps = steps.start..steps.end.min(timesteps.len());
+    let (first_step, total) = (steps.start, steps.len());
+    for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(first_step) {
         let input = if cfg_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(&input, i)?;
-        let pred = unet.forward(&input, t, context)?;
+        let added = cond.added.as_ref().map(|(text_embeds, time_ids)| AddedConditioning { text_embeds, time_ids });
+        let pred = unet.forward_with(&input, t, &cond.context, added.as_ref())?;
         let pred = if cfg_guidance {
             let parts = pred.chunk(2, 0)?;
             (&parts[0] + ((&parts[1] - &parts[0])? * guidance)?)?
@@ -275,7 +236,8 @@ pub(super) fn decode(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let weights = model.weights("vae")?;
-    let vae = AutoencoderKL::new(vae_cfg, false, true, weights.var_builder(rt.dtype, &rt.device)?)
+    let dtype = decode_dtype(model, vae_cfg, rt.dtype);
+    let vae = AutoencoderKL::new(vae_cfg, false, true, weights.var_builder(dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
     vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
     loaded(progress, "vae");
@@ -283,9 +245,8 @@ pub(super) fn decode(
         Some(s) => ((latents / vae_cfg.scaling_factor)? + s)?,
         None => (latents / vae_cfg.scaling_factor)?,
     };
-    let (n, _, h, w) = z.dims4()?;
-    let f = vae_cfg.scale_factor();
-    let image = vae.decode_with(&z, &vae_options(vae_cfg, rt, n, h * f * w * f))?;
+    let z = z.to_dtype(dtype)?;
+    let image = vae.decode_with(&z, &vae_options(vae_cfg, rt))?;
     Ok(((image / 2.0)? + 0.5)?
         .clamp(0f32, 1f32)?
         .permute((0, 2, 3, 1))?
@@ -293,24 +254,24 @@ pub(super) fn decode(
         .to_device(&Device::Cpu)?)
 }
 
-/// The VAE options of the run.
-///
-/// `images` × `pixels` is the batch's output size: candle's CUDA convolutions build an im2col
-/// buffer of pixels × 256 channels × 9 taps at the decoder's widest layer and index it with 32-bit
-/// integers, so a buffer of 2^31 elements or more would never finish. Such runs are sliced (one
-/// image at a time) and, if one image is still too large, tiled, whatever the plan said.
-pub(super) fn vae_options(vae_cfg: &VaeConfig, rt: &Runtime, images: usize, pixels: usize) -> VaeOptions {
-    const IM2COL_PER_PIXEL: usize = 256 * 9;
-    const LIMIT: usize = 1 << 31;
-    let mut slicing = rt.options.vae_slicing;
-    let mut tile_px = rt.options.vae_tile_px;
-    if images > 1 && images * pixels * IM2COL_PER_PIXEL >= LIMIT {
-        slicing = true;
+/// The dtype the VAE decodes in: SDXL's pipelines upcast an f16 VAE whose config says
+/// `force_upcast` to f32 (its activations overflow f16); bf16 and SD 1.5 stay as they are.
+pub(super) fn decode_dtype(model: &ModelFolder, vae_cfg: &VaeConfig, dtype: DType) -> DType {
+    let sdxl = model.family().name.starts_with("sdxl");
+    if sdxl && dtype == DType::F16 && vae_cfg.force_upcast.unwrap_or(true) {
+        DType::F32
+    } else {
+        dtype
     }
-    if pixels * IM2COL_PER_PIXEL >= LIMIT && tile_px.is_none_or(|t| t * t * IM2COL_PER_PIXEL >= LIMIT) {
-        tile_px = Some(512);
+}
+
+/// The VAE options of the run (the convolutions bound their own kernel calls, see
+/// `sdgen_models::resnet::Conv3x3`, so the plan's options are the only ones).
+pub(super) fn vae_options(vae_cfg: &VaeConfig, rt: &Runtime) -> VaeOptions {
+    VaeOptions {
+        slicing: rt.options.vae_slicing,
+        tiling: rt.options.vae_tile_px.map(|px| VaeTiling::with_tile_size(vae_cfg, px)),
     }
-    VaeOptions { slicing, tiling: tile_px.map(|px| VaeTiling::with_tile_size(vae_cfg, px)) }
 }
 
 /// Splits decoded `[n, h, w, 3]` pixels into images, with 8-bit values rounded as diffusers'

@@ -1,7 +1,22 @@
-//! How a diffusers-named tensor maps to a single-file checkpoint's key. The component headers
-//! built from these name every tensor as diffusers does, with the diffusers shape (a 1×1
-//! convolution served as its linear layer) and the original byte range, so the engine's one
-//! tensor reader (`loading::read_backend`) serves single files and folders alike.
+//! How a diffusers-named tensor is read from a single-file checkpoint. The component headers
+//! built from the rules name every tensor as diffusers does, with the diffusers shape and the byte
+//! range it occupies in the checkpoint, so the engine's one tensor reader
+//! (`loading::read_backend`) serves them: a 1×1 convolution served as its linear layer is the same
+//! bytes under another shape, and a piece of a fused tensor (OpenCLIP's q/k/v) is a contiguous
+//! run of its rows. Only a transposed tensor (OpenCLIP's `text_projection`) needs more than a byte
+//! range; [`SingleFileBackend`] reads it under its stored shape and transposes it, still one
+//! tensor at a time.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+
+use super::rules::Take;
+use crate::loading::read_backend::ReadBackend;
+use crate::loading::{SafetensorsHeader, TensorInfo};
 
 /// Where a diffusers-named tensor lives in the checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -10,4 +25,67 @@ pub struct Source {
     pub original: String,
     /// The shape to serve it as, where it differs from the stored one (1×1 conv → linear).
     pub reshape: Option<Vec<usize>>,
+    /// Which part of the stored tensor it is, and how it is laid out.
+    pub take: Take,
+}
+
+/// A `VarBuilder` backend over one component of a single-file checkpoint, by diffusers name.
+pub struct SingleFileBackend {
+    reader: ReadBackend,
+    /// Names whose bytes are the transpose of the tensor served.
+    transposed: HashSet<String>,
+}
+
+impl SingleFileBackend {
+    /// Opens `path` for the component whose diffusers-named header is `tensors` (shapes as
+    /// diffusers holds them) and whose origins are `sources`.
+    pub fn new(
+        path: PathBuf,
+        tensors: &BTreeMap<String, TensorInfo>,
+        sources: &BTreeMap<String, Source>,
+    ) -> std::io::Result<Self> {
+        let transposed: HashSet<String> =
+            sources.iter().filter(|(_, s)| s.take == Take::Transposed).map(|(n, _)| n.clone()).collect();
+        // The reader reads bytes under the shape they are stored in.
+        let mut stored = tensors.clone();
+        for name in &transposed {
+            if let Some(info) = stored.get_mut(name) {
+                info.shape.reverse();
+            }
+        }
+        let header = SafetensorsHeader { tensors: stored, metadata: BTreeMap::new(), file_bytes: 0 };
+        Ok(Self { reader: ReadBackend::new(&[path], &[header])?, transposed })
+    }
+
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.reader.get_unchecked(name, dtype, dev)?;
+        if self.transposed.contains(name) {
+            t.t()?.contiguous()
+        } else {
+            Ok(t)
+        }
+    }
+}
+
+impl SimpleBackend for SingleFileBackend {
+    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.reader.contains_tensor(name)
+    }
 }

@@ -4,11 +4,16 @@
 //! rest of the engine reads them like any diffusers folder.
 //!
 //! SD 1.5's are stable-diffusion-v1-5/stable-diffusion-v1-5's `unet/`, `vae/`, `text_encoder/`
-//! configs, `scheduler/scheduler_config.json`, and the CLIP tokenizer (`tokenizer/`). The
-//! tokenizer's vocab.json and merges.txt (1.5 MB) are the same committed copy the tokenizer tests
-//! use (`testdata/clip-tokenizer/`): bundled rather than fetched because a single-file checkpoint is
-//! usually all a user has (A1111 and ComfyUI ship these two files for the same reason), it costs
-//! 0.04% of the 4 GB it comes with, and it keeps single files working offline.
+//! configs, `scheduler/scheduler_config.json`, and the CLIP tokenizer (`tokenizer/`). SDXL's are
+//! stabilityai/stable-diffusion-xl-base-1.0's (`sdxl/`) and -refiner-1.0's (`sdxl-refiner/`,
+//! only the files that differ from the base's: `model_index.json` and the UNet; the refiner's
+//! second text encoder, VAE, scheduler and `tokenizer_2` are the base's). Every CLIP tokenizer
+//! of these repositories has the same vocab.json and merges.txt (1.5 MB): the committed copy the
+//! tokenizer tests use (`testdata/clip-tokenizer/`). SDXL's `tokenizer_2` differs only in its
+//! two config files, which pad with `!` (`testdata/clip-tokenizer/variants/sdxl2/`). Bundled
+//! rather than fetched because a single-file checkpoint is usually all a user has (A1111 and
+//! ComfyUI ship these files for the same reason), they cost 0.04% of the 4 GB they come with,
+//! and they keep single files working offline.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +32,11 @@ macro_rules! clip_tokenizer {
         include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/clip-tokenizer/", $file))
     };
 }
+macro_rules! sdxl {
+    ($path:literal) => {
+        include_bytes!(concat!("sdxl/", $path))
+    };
+}
 
 /// SD 1.5's folder, less the weights.
 pub const SD15: &[BundledFile] = &[
@@ -39,6 +49,37 @@ pub const SD15: &[BundledFile] = &[
     ("tokenizer/vocab.json", clip_tokenizer!("vocab.json")),
     ("unet/config.json", here!("unet/config.json")),
     ("vae/config.json", here!("vae/config.json")),
+];
+
+/// SDXL base's folder (stabilityai/stable-diffusion-xl-base-1.0), less the weights.
+pub const SDXL: &[BundledFile] = &[
+    ("model_index.json", sdxl!("model_index.json")),
+    ("scheduler/scheduler_config.json", sdxl!("scheduler/scheduler_config.json")),
+    ("text_encoder/config.json", sdxl!("text_encoder/config.json")),
+    ("text_encoder_2/config.json", sdxl!("text_encoder_2/config.json")),
+    ("tokenizer/merges.txt", clip_tokenizer!("merges.txt")),
+    ("tokenizer/special_tokens_map.json", sdxl!("tokenizer/special_tokens_map.json")),
+    ("tokenizer/tokenizer_config.json", sdxl!("tokenizer/tokenizer_config.json")),
+    ("tokenizer/vocab.json", clip_tokenizer!("vocab.json")),
+    ("tokenizer_2/merges.txt", clip_tokenizer!("merges.txt")),
+    ("tokenizer_2/special_tokens_map.json", sdxl!("tokenizer_2/special_tokens_map.json")),
+    ("tokenizer_2/tokenizer_config.json", sdxl!("tokenizer_2/tokenizer_config.json")),
+    ("tokenizer_2/vocab.json", clip_tokenizer!("vocab.json")),
+    ("unet/config.json", sdxl!("unet/config.json")),
+    ("vae/config.json", sdxl!("vae/config.json")),
+];
+
+/// SDXL refiner's folder (stabilityai/stable-diffusion-xl-refiner-1.0), less the weights.
+pub const SDXL_REFINER: &[BundledFile] = &[
+    ("model_index.json", include_bytes!("sdxl-refiner/model_index.json")),
+    ("scheduler/scheduler_config.json", sdxl!("scheduler/scheduler_config.json")),
+    ("text_encoder_2/config.json", sdxl!("text_encoder_2/config.json")),
+    ("tokenizer_2/merges.txt", clip_tokenizer!("merges.txt")),
+    ("tokenizer_2/special_tokens_map.json", sdxl!("tokenizer_2/special_tokens_map.json")),
+    ("tokenizer_2/tokenizer_config.json", sdxl!("tokenizer_2/tokenizer_config.json")),
+    ("tokenizer_2/vocab.json", clip_tokenizer!("vocab.json")),
+    ("unet/config.json", include_bytes!("sdxl-refiner/unet/config.json")),
+    ("vae/config.json", sdxl!("vae/config.json")),
 ];
 
 /// FNV-1a over names and contents: names the folder after what it holds, so a folder written by
@@ -121,7 +162,7 @@ mod tests {
 
     #[test]
     fn sd15_defaults_parse_and_are_written_once() {
-        for (name, bytes) in SD15 {
+        for (name, bytes) in SD15.iter().chain(SDXL).chain(SDXL_REFINER) {
             if name.ends_with(".json") {
                 serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
             }

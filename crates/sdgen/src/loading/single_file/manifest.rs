@@ -5,9 +5,11 @@
 //! refused up front too).
 //!
 //! The lists are the `state_dict()` names of diffusers' `UNet2DConditionModel` /
-//! `AutoencoderKL` and transformers' `CLIPTextModel` (`text_model.` prefix, as the hub stores
-//! it) for the SD 1.x architecture; `tests/single_file.rs` checks them against the tiny folder's
-//! files and against the real SD 1.5 models' names (`testdata/tiny-sd15-single/sd15-real-keys.json`).
+//! `AutoencoderKL` and transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`
+//! (`text_model.` prefix, as the hub stores it) for the SD 1.x and SDXL architectures;
+//! `tests/single_file.rs` and `tests/single_file_sdxl.rs` check them against the tiny folders'
+//! files and against the real models' names (`testdata/tiny-sd15-single/sd15-real-keys.json`,
+//! `testdata/tiny-sdxl-single/sdxl-*-real-keys.json`).
 
 use sdgen_models::clip::ClipTextConfig;
 use sdgen_models::unet::UNetConfig;
@@ -26,6 +28,8 @@ pub enum ModelConfig {
     Vae(VaeConfig),
     /// `text_encoder/config.json`.
     ClipText(ClipTextConfig),
+    /// `text_encoder_2/config.json` of SDXL: the text model and its `text_projection`.
+    ClipTextWithProjection(ClipTextConfig),
 }
 
 fn weight_bias(out: &mut Vec<String>, prefix: &str, modules: &[&str]) {
@@ -83,7 +87,7 @@ impl ModelConfig {
                 }
             }
             ModelConfig::Vae(c) => Ok(c.layers_per_block),
-            ModelConfig::ClipText(_) => Ok(0),
+            ModelConfig::ClipText(_) | ModelConfig::ClipTextWithProjection(_) => Ok(0),
         }
     }
 
@@ -97,7 +101,7 @@ impl ModelConfig {
                 up_attention: c.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect(),
             },
             ModelConfig::Vae(c) => Ctx { layers_per_block, levels: c.block_out_channels.len(), up_attention: vec![] },
-            ModelConfig::ClipText(_) => Ctx::default(),
+            ModelConfig::ClipText(_) | ModelConfig::ClipTextWithProjection(_) => Ctx::default(),
         })
     }
 
@@ -123,6 +127,10 @@ impl ModelConfig {
                     ));
                 }
                 weight_bias(&mut out, "", &["conv_in", "time_embedding.linear_1", "time_embedding.linear_2"]);
+                if c.addition_embed_type.is_some() {
+                    // SDXL's "text_time" (the config loader refuses any other kind).
+                    weight_bias(&mut out, "", &["add_embedding.linear_1", "add_embedding.linear_2"]);
+                }
                 for b in 0..n {
                     let input = if b == 0 { boc[0] } else { boc[b - 1] };
                     for l in 0..lpb {
@@ -190,7 +198,7 @@ impl ModelConfig {
                 }
                 weight_bias(&mut out, "decoder.", &["conv_norm_out", "conv_out"]);
             }
-            ModelConfig::ClipText(c) => {
+            ModelConfig::ClipText(c) | ModelConfig::ClipTextWithProjection(c) => {
                 out.push("text_model.embeddings.token_embedding.weight".into());
                 out.push("text_model.embeddings.position_embedding.weight".into());
                 for i in 0..c.num_hidden_layers {
@@ -203,6 +211,9 @@ impl ModelConfig {
                     weight_bias(&mut out, &p, &["layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"]);
                 }
                 weight_bias(&mut out, "text_model.", &["final_layer_norm"]);
+                if matches!(self, ModelConfig::ClipTextWithProjection(_)) {
+                    out.push("text_projection.weight".into());
+                }
             }
         }
         Ok(out)
@@ -218,6 +229,10 @@ impl ModelConfig {
                 let (first, last) = (boc[0], boc[boc.len() - 1]);
                 out.push(("conv_in.weight".into(), vec![first, c.in_channels, 3, 3]));
                 out.push(("time_embedding.linear_1.weight".into(), vec![4 * first, first]));
+                if let (Some(_), Some(input)) = (&c.addition_embed_type, c.projection_class_embeddings_input_dim) {
+                    // Base and refiner differ here (2816 = 1280 + 6·256 vs 2560 = 1280 + 5·256).
+                    out.push(("add_embedding.linear_1.weight".into(), vec![4 * first, input]));
+                }
                 for (b, &ch) in boc.iter().enumerate() {
                     let input = if b == 0 { first } else { boc[b - 1] };
                     out.push((format!("down_blocks.{b}.resnets.0.conv1.weight"), vec![ch, input, 3, 3]));
@@ -240,7 +255,7 @@ impl ModelConfig {
                 out.push(("decoder.conv_in.weight".into(), vec![last, c.latent_channels, 3, 3]));
                 out.push(("decoder.conv_out.weight".into(), vec![c.out_channels, first, 3, 3]));
             }
-            ModelConfig::ClipText(c) => {
+            ModelConfig::ClipText(c) | ModelConfig::ClipTextWithProjection(c) => {
                 let h = c.hidden_size;
                 out.push(("text_model.embeddings.token_embedding.weight".into(), vec![c.vocab_size, h]));
                 out.push((
@@ -249,6 +264,9 @@ impl ModelConfig {
                 ));
                 if c.num_hidden_layers > 0 {
                     out.push(("text_model.encoder.layers.0.mlp.fc1.weight".into(), vec![c.intermediate_size, h]));
+                }
+                if matches!(self, ModelConfig::ClipTextWithProjection(_)) {
+                    out.push(("text_projection.weight".into(), vec![c.projection_dim.unwrap_or(h), h]));
                 }
             }
         }

@@ -1,42 +1,52 @@
 //! Single-file checkpoints: one `.safetensors` holding a whole pipeline under the original
-//! CompVis names, as A1111 and ComfyUI use them (`model.diffusion_model.*`, `first_stage_model.*`,
-//! `cond_stage_model.transformer.text_model.*`).
+//! names, as A1111 and ComfyUI use them: CompVis' for SD 1.x (`model.diffusion_model.*`,
+//! `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`), Stability's `sgm` for
+//! SDXL (the same UNet and VAE prefixes, the text encoders as `conditioner.embedders.N.*`).
 //!
 //! Opening one reads only its header: the family comes from its tensors' names and shapes
-//! ([`super::family::SIGNATURES`]), each model's tensors are renamed to diffusers' names by the
-//! family's tables ([`rules`]), and everything the models will ask for is checked to be there
-//! ([`manifest`]) before any weight is read. The configs and tokenizer come from a folder: the
-//! family's own files, bundled ([`defaults`]), or any diffusers folder given in their place
-//! (diffusers' `from_single_file(config=...)`). Weights are then read one tensor at a time,
-//! renamed on the fly ([`backend`]).
+//! ([`super::family::SIGNATURES`], see `recognition.rs`), each model's tensors are renamed to
+//! diffusers' names by the family's tables ([`rules`], laid out per family in [`layouts`]), and
+//! everything the models will ask for is checked to be there ([`manifest`]) before any weight is
+//! read. The configs and tokenizer come from a folder: the family's own files, bundled
+//! ([`defaults`]), or any diffusers folder given in their place (diffusers'
+//! `from_single_file(config=...)`). Weights are then read one tensor at a time, renamed on the fly
+//! ([`backend`]).
 
 pub mod backend;
 pub mod defaults;
+pub mod layouts;
 pub mod manifest;
+mod recognition;
 pub mod rules;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
-pub use backend::Source;
+pub use backend::{SingleFileBackend, Source};
+pub use layouts::{SD15, SDXL, SDXL_REFINER};
 use manifest::ModelConfig;
+use rules::{Take, Target};
 
-use super::family::{recognise, FamilySpec, Recognised, FAMILIES};
+use super::family::{FamilySpec, FAMILIES};
 use super::{read_json, SafetensorsHeader, TensorInfo};
 use crate::{Error, Result};
 
 /// Which kind of model a component is (selects its config type and its manifest).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ModelKind {
-    /// diffusers' `UNet2DConditionModel` (SD 1.x layout).
+    /// diffusers' `UNet2DConditionModel` (SD 1.x and SDXL layouts).
     Unet,
     /// diffusers' `AutoencoderKL`.
     Vae,
     /// transformers' `CLIPTextModel`.
     ClipText,
+    /// transformers' `CLIPTextModelWithProjection` (SDXL's second text encoder).
+    ClipTextWithProjection,
 }
 
 /// Where one model sits in a family's single files.
@@ -65,54 +75,20 @@ pub struct SingleFileLayout {
     pub required_configs: &'static [&'static str],
 }
 
-/// SD 1.x: CLIP ViT-L/14, the ldm UNet and the KL-f8 autoencoder.
-pub const SD15: SingleFileLayout = SingleFileLayout {
-    components: &[
-        ComponentLayout {
-            component: "text_encoder",
-            what: "CLIP text encoder",
-            prefix: "cond_stage_model.transformer.",
-            rules: rules::CLIP_TEXT,
-            kind: ModelKind::ClipText,
-        },
-        ComponentLayout {
-            component: "unet",
-            what: "UNet",
-            prefix: "model.diffusion_model.",
-            rules: rules::LDM_UNET,
-            kind: ModelKind::Unet,
-        },
-        ComponentLayout {
-            component: "vae",
-            what: "VAE",
-            prefix: "first_stage_model.",
-            rules: rules::LDM_VAE,
-            kind: ModelKind::Vae,
-        },
-    ],
-    defaults: defaults::SD15,
-    required_configs: &[
-        "text_encoder/config.json",
-        "unet/config.json",
-        "vae/config.json",
-        "scheduler/scheduler_config.json",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
-        "tokenizer/tokenizer_config.json",
-    ],
-};
-
 /// One model of a checkpoint, under diffusers names.
 #[derive(Debug, Clone)]
 pub struct ComponentView {
+    /// The checkpoint file.
+    pub path: PathBuf,
     /// The diffusers component (`unet`).
     pub component: &'static str,
     /// For messages ("UNet").
     pub what: &'static str,
     /// The prefix of its keys in the checkpoint.
     pub prefix: &'static str,
-    /// Its tensors by diffusers name, with the shape diffusers holds (data offsets are the
-    /// checkpoint's): what a planner needs to size the component.
+    /// Its tensors by diffusers name, with the shape diffusers holds and the byte range they are
+    /// read from in the checkpoint (a piece of a fused tensor: the piece's rows): what a planner
+    /// needs to size the component.
     pub tensors: BTreeMap<String, TensorInfo>,
     pub(crate) sources: Arc<BTreeMap<String, Source>>,
 }
@@ -121,6 +97,20 @@ impl ComponentView {
     /// The checkpoint key behind a diffusers name.
     pub fn original_name(&self, name: &str) -> Option<&str> {
         self.sources.get(name).map(|s| s.original.as_str())
+    }
+
+    /// Where a diffusers-named tensor comes from, and how.
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.get(name)
+    }
+
+    /// A `VarBuilder` serving the component by diffusers name, each tensor read when it is
+    /// fetched and converted to `dtype` on `device` ([`SingleFileBackend`]).
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let backend = SingleFileBackend::new(self.path.clone(), &self.tensors, &self.sources).map_err(|e| {
+            Error::BadModel(format!("cannot open {} (its {}, `{}*`): {e}", self.path.display(), self.what, self.prefix))
+        })?;
+        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
     }
 }
 
@@ -159,36 +149,21 @@ impl Checkpoint {
     /// Everything [`Checkpoint::open`] does after reading the header: recognition, configs,
     /// renaming and the completeness checks. `path` is only used in messages and for loading.
     pub fn from_header(path: &Path, header: SafetensorsHeader, config_from: Option<&Path>) -> Result<Self> {
-        let family = match recognise(&header.tensors) {
-            Recognised::Family(f) => f,
-            Recognised::Unsupported { display, evidence } => {
-                return Err(Error::BadModel(format!(
-                    "{} looks like {display} (it has {evidence}), which this build cannot run; single-file checkpoints it runs: {}",
-                    path.display(),
-                    supported()
-                )))
-            }
-            Recognised::Unknown => {
-                let first: Vec<String> = header.tensors.keys().take(3).map(|k| format!("`{k}`")).collect();
-                return Err(Error::BadModel(format!(
-                    "{} is not a checkpoint this build recognises (its {} tensors begin {}): single-file checkpoints it runs: {}",
-                    path.display(),
-                    header.tensors.len(),
-                    if first.is_empty() { "with nothing".to_string() } else { first.join(", ") },
-                    supported()
-                )))
-            }
-        };
-        let layout = family.single_file.expect("recognise only returns families with a single-file layout");
+        let recognition::Recognition { family, why } = recognition::recognition(path, &header.tensors, config_from)?;
+        let layout = family.single_file.expect("recognition only returns families with a single-file layout");
         let config_dir = match config_from {
-            Some(dir) => check_config_dir(dir, family, layout)?,
+            Some(dir) => dir.to_path_buf(),
             None => defaults::materialize(family.name, layout.defaults)?,
         };
+        // What the folder is for first (its pipeline and components), then what it holds.
         let pipeline_class = pipeline_class(&config_dir, family, path)?;
+        if config_from.is_some() {
+            check_config_dir(&config_dir, family, layout)?;
+        }
         let components = layout
             .components
             .iter()
-            .map(|c| view(path, &header.tensors, &config_dir, family, c).map(Arc::new))
+            .map(|c| view(path, &header.tensors, &config_dir, family, c, &why).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { path: path.to_path_buf(), family, config_dir, pipeline_class, header, components })
     }
@@ -207,12 +182,13 @@ impl Checkpoint {
 fn supported() -> String {
     let names: Vec<&str> = FAMILIES.iter().filter(|f| f.single_file.is_some()).map(|f| f.display).collect();
     format!(
-        "{} in the original layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`)",
+        "{} in the original layout (`model.diffusion_model.*`, `first_stage_model.*`, and `cond_stage_model.*` or \
+         `conditioner.embedders.*`)",
         names.join(", ")
     )
 }
 
-fn check_config_dir(dir: &Path, family: &FamilySpec, layout: &SingleFileLayout) -> Result<PathBuf> {
+fn check_config_dir(dir: &Path, family: &FamilySpec, layout: &SingleFileLayout) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::InvalidInput(format!(
             "config folder {} does not exist: pass a diffusers model folder whose configs and tokenizer fit the checkpoint",
@@ -228,7 +204,7 @@ fn check_config_dir(dir: &Path, family: &FamilySpec, layout: &SingleFileLayout) 
             family.display
         )));
     }
-    Ok(dir.to_path_buf())
+    Ok(())
 }
 
 fn pipeline_class(config_dir: &Path, family: &FamilySpec, path: &Path) -> Result<String> {
@@ -240,11 +216,20 @@ fn pipeline_class(config_dir: &Path, family: &FamilySpec, path: &Path) -> Result
     let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or(family.pipeline_classes[0]);
     if !family.pipeline_classes.contains(&class) {
         return Err(Error::InvalidInput(format!(
-            "config folder {} is for a `{class}`, but {} is {} checkpoint ({})",
+            "config folder {} is for a `{class}`, but {} is a {} checkpoint ({})",
             config_dir.display(),
             path.display(),
             family.display,
             family.pipeline_classes.join("/")
+        )));
+    }
+    // SDXL's base and refiner share pipeline classes; their components tell them apart.
+    if let Some(mismatch) = recognition::component_mismatch(&v, family) {
+        return Err(Error::InvalidInput(format!(
+            "config folder {}: its model_index.json {mismatch}, but {} is a {} checkpoint",
+            config_dir.display(),
+            path.display(),
+            family.display
         )));
     }
     Ok(class.to_string())
@@ -254,19 +239,56 @@ fn config<T: DeserializeOwned>(config_dir: &Path, component: &str) -> Result<T> 
     read_json(&config_dir.join(component).join("config.json"))
 }
 
-/// Renames one model's tensors and checks them against its config.
+/// The tensor a [`Target`] describes, as the view's header holds it (diffusers shape, the byte
+/// range it is read from), and the shape it is served as when that differs from the stored one.
+fn derive(info: &TensorInfo, target: &Target) -> std::result::Result<(TensorInfo, Option<Vec<usize>>), String> {
+    let mut info = info.clone();
+    match target.take {
+        Take::Whole => {
+            let squeeze =
+                target.conv_to_linear && matches!(info.shape.len(), 3 | 4) && info.shape[2..].iter().all(|&d| d == 1);
+            if squeeze {
+                info.shape.truncate(2);
+                return Ok((info.clone(), Some(info.shape)));
+            }
+        }
+        Take::Chunk { index, of } => {
+            let rows = info.shape.first().copied().unwrap_or(0);
+            if rows == 0 || rows % of != 0 {
+                return Err(format!("has shape {:?}, which does not split into {of} equal parts", info.shape));
+            }
+            // Rows of a row-major tensor: piece `index` is a contiguous run of bytes.
+            let bytes = info.byte_len() / of as u64;
+            let start = info.data_offsets.0 + index as u64 * bytes;
+            info.shape[0] = rows / of;
+            info.data_offsets = (start, start + bytes);
+        }
+        Take::Transposed => {
+            if info.shape.len() != 2 {
+                return Err(format!("has shape {:?}, where a matrix belongs", info.shape));
+            }
+            info.shape.reverse();
+        }
+    }
+    Ok((info, None))
+}
+
+/// Renames one model's tensors and checks them against its config. `why` says what the file was
+/// taken for ("x.safetensors looks like …"), for the messages that mean it may not be that.
 fn view(
     path: &Path,
     tensors: &BTreeMap<String, TensorInfo>,
     config_dir: &Path,
     family: &FamilySpec,
     layout: &ComponentLayout,
+    why: &str,
 ) -> Result<ComponentView> {
     let config_path = config_dir.join(layout.component).join("config.json");
     let cfg = match layout.kind {
         ModelKind::Unet => ModelConfig::Unet(config(config_dir, layout.component)?),
         ModelKind::Vae => ModelConfig::Vae(config(config_dir, layout.component)?),
         ModelKind::ClipText => ModelConfig::ClipText(config(config_dir, layout.component)?),
+        ModelKind::ClipTextWithProjection => ModelConfig::ClipTextWithProjection(config(config_dir, layout.component)?),
     };
     let unusable = |why: String| Error::BadModel(format!("{}: {why}", config_path.display()));
     let ctx = cfg.ctx().map_err(unusable)?;
@@ -276,31 +298,35 @@ fn view(
     let mut renamed = BTreeMap::new();
     let mut sources = BTreeMap::new();
     for (key, info) in tensors.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)) {
-        let Some((name, conv_to_linear)) = rules::to_diffusers(layout.rules, &ctx, &key[prefix.len()..]) else {
-            continue;
-        };
-        let mut info = info.clone();
-        let mut reshape = None;
-        if conv_to_linear && matches!(info.shape.len(), 3 | 4) && info.shape[2..].iter().all(|&d| d == 1) {
-            info.shape.truncate(2);
-            reshape = Some(info.shape.clone());
+        for target in rules::to_diffusers(layout.rules, &ctx, &key[prefix.len()..]) {
+            let (info, reshape) = derive(info, &target).map_err(|e| {
+                Error::BadModel(format!(
+                    "{}: `{key}` {e}: it is not the {}'s `{}`",
+                    path.display(),
+                    layout.what,
+                    target.name
+                ))
+            })?;
+            let source = Source { original: key.clone(), reshape, take: target.take };
+            if let Some(other) = sources.insert(target.name.clone(), source) {
+                return Err(Error::BadModel(format!(
+                    "{}: `{}` and `{key}` are both the {}'s `{}`",
+                    path.display(),
+                    other.original,
+                    layout.what,
+                    target.name
+                )));
+            }
+            renamed.insert(target.name, info);
         }
-        if let Some(other) = sources.insert(name.clone(), Source { original: key.clone(), reshape }) {
-            return Err(Error::BadModel(format!(
-                "{}: `{}` and `{key}` are both the {}'s `{name}`",
-                path.display(),
-                other.original,
-                layout.what
-            )));
-        }
-        renamed.insert(name, info);
     }
     if renamed.is_empty() {
+        let whats: Vec<&str> = family.single_file.map_or(&[][..], |l| l.components).iter().map(|c| c.what).collect();
         return Err(Error::BadModel(format!(
-            "{} has no {} (no `{prefix}*` tensors): a single-file {} checkpoint holds the text encoder, UNet and VAE",
-            path.display(),
+            "{why}, but has no {} (no `{prefix}*` tensors): a single-file {} checkpoint holds the {}",
             layout.what,
-            family.display
+            family.display,
+            whats.join(", ")
         )));
     }
     // Shapes first: a config of the wrong size is the likelier story than a missing tensor.
@@ -308,11 +334,18 @@ fn view(
         // A tensor that is missing entirely is reported by name below.
         let Some(got) = renamed.get(&name).map(|t| &t.shape) else { continue };
         if *got != want {
+            let source = &sources[&name];
+            // A piece or a transpose of the stored tensor: say which.
+            let as_named = if source.take == Take::Whole {
+                String::new()
+            } else {
+                format!(" (as the {}'s `{name}`)", layout.what)
+            };
             return Err(Error::BadModel(format!(
-                "{}: `{}` has shape {got:?}, but {} makes it {want:?}: the checkpoint is not the architecture of these \
-                 configs: give a folder of configs that fits it (--config-from DIR, diffusers' `config=`)",
-                path.display(),
-                sources[&name].original,
+                "{why}, but `{}`{as_named} has shape {got:?} where {} makes it {want:?}: the checkpoint is not the \
+                 architecture of these configs: give a folder of configs that fits it (--config-from DIR, diffusers' \
+                 `config=`)",
+                source.original,
                 config_path.display()
             )));
         }
@@ -329,6 +362,7 @@ fn view(
         )));
     }
     Ok(ComponentView {
+        path: path.to_path_buf(),
         component: layout.component,
         what: layout.what,
         prefix,

@@ -1,14 +1,21 @@
-//! Original (CompVis / A1111 / ComfyUI) tensor names ↔ diffusers names, as tables of prefix
-//! rules. A port of diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint` and
-//! `convert_ldm_clip_checkpoint` (`loaders/single_file_utils.py`): there the renaming is spread over
-//! loops and `str.replace` chains; here each module kind is one row, read both ways — forwards to
-//! serve a checkpoint's tensors under diffusers names, backwards to name the original key a
-//! missing tensor should have had.
+//! Original (CompVis / A1111 / ComfyUI / Stability "SGM") tensor names ↔ diffusers names, as
+//! tables of prefix rules. A port of diffusers' `convert_ldm_unet_checkpoint`,
+//! `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` and `convert_open_clip_checkpoint`
+//! (`loaders/single_file_utils.py`): there the renaming is spread over loops and `str.replace`
+//! chains; here each module kind is one row, read both ways — forwards to serve a checkpoint's
+//! tensors under diffusers names, backwards to name the original key a missing tensor should have
+//! had.
 //!
 //! A pattern's `{}` stands for a decimal index; [`Index`] says how the original indices become
 //! the diffusers ones (the UNet's flat `input_blocks.{i}` are `down_blocks.{b}` × `{l}`, the
 //! VAE's decoder levels run in the opposite order, ...). What follows the matched prefix is kept,
 //! except for the renamed leaves of the rule (`in_layers.0.` → `norm1.`).
+//!
+//! Most tensors are served as stored. OpenCLIP's (SDXL's second text encoder) are not all: its
+//! attention keeps q, k and v in one fused `in_proj_weight` that diffusers holds as three
+//! matrices, and its `text_projection` is applied as `x @ P` where diffusers' `Linear` holds
+//! `Pᵀ`. A row says so with a [`Take`]; several leaves sharing one original are the pieces of a
+//! fused tensor.
 
 use std::fmt::Write;
 
@@ -84,6 +91,46 @@ fn reversed(n: &[usize], c: &Ctx) -> Option<Vec<usize>> {
     Some(v)
 }
 
+/// Which part of a stored tensor a diffusers tensor is, and how it is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// The tensor as stored.
+    Whole,
+    /// Slice `index` of `of` equal slices along dimension 0: rows of a row-major tensor, so a
+    /// contiguous byte range of the stored one (OpenCLIP's fused q/k/v `in_proj_weight`, as
+    /// PyTorch's `MultiheadAttention` stacks them).
+    Chunk {
+        /// Which slice, from 0.
+        index: usize,
+        /// How many.
+        of: usize,
+    },
+    /// The transpose of a stored 2-D matrix (OpenCLIP's `text_projection`, stored `[width,
+    /// embed]`, diffusers' `text_projection.weight` `[embed, width]`).
+    Transposed,
+}
+
+/// A leaf renamed inside a module: `original` (a prefix of what follows the module's prefix)
+/// becomes `diffusers`, taking the stored tensor as `take` says.
+#[derive(Debug)]
+pub struct Leaf {
+    /// Original leaf prefix.
+    pub original: &'static str,
+    /// diffusers leaf prefix.
+    pub diffusers: &'static str,
+    /// Which part of the stored tensor.
+    pub take: Take,
+}
+
+const fn leaf(original: &'static str, diffusers: &'static str) -> Leaf {
+    Leaf { original, diffusers, take: Take::Whole }
+}
+
+/// One of the three pieces of a fused q/k/v tensor.
+const fn qkv(original: &'static str, diffusers: &'static str, index: usize) -> Leaf {
+    Leaf { original, diffusers, take: Take::Chunk { index, of: 3 } }
+}
+
 /// One row: a module's original prefix, its diffusers prefix, and the leaves renamed inside it.
 #[derive(Debug)]
 pub struct Rule {
@@ -93,69 +140,87 @@ pub struct Rule {
     pub diffusers: &'static str,
     /// How the indices map.
     pub index: Index,
-    /// `(original, diffusers)` leaf prefixes renamed inside the module; others are kept.
-    pub leaves: &'static [(&'static str, &'static str)],
+    /// Leaves renamed inside the module, first match wins; others are kept. Consecutive leaves
+    /// with the same original are the pieces of one fused tensor.
+    pub leaves: &'static [Leaf],
     /// Weights stored as 1×1 convolutions (`[C, C, 1, 1]`, or `[C, C, 1]`) that diffusers holds
     /// as linear `[C, C]` (diffusers' `conv_attn_to_linear`).
+    pub conv_to_linear: bool,
+    /// How a tensor that no leaf renames is taken.
+    pub take: Take,
+}
+
+/// Where one stored tensor goes: a diffusers name and how to take it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// The diffusers name.
+    pub name: String,
+    /// Which part of the stored tensor, and how.
+    pub take: Take,
+    /// Whether a 1×1-convolution shape drops to linear.
     pub conv_to_linear: bool,
 }
 
 const fn rule(original: &'static str, diffusers: &'static str) -> Rule {
-    Rule { original, diffusers, index: Index::Same, leaves: &[], conv_to_linear: false }
+    Rule { original, diffusers, index: Index::Same, leaves: &[], conv_to_linear: false, take: Take::Whole }
 }
 
 const fn indexed(original: &'static str, diffusers: &'static str, index: Index) -> Rule {
-    Rule { original, diffusers, index, leaves: &[], conv_to_linear: false }
+    Rule { original, diffusers, index, leaves: &[], conv_to_linear: false, take: Take::Whole }
 }
 
-const fn resnet(
-    original: &'static str,
-    diffusers: &'static str,
-    index: Index,
-    leaves: &'static [(&'static str, &'static str)],
-) -> Rule {
-    Rule { original, diffusers, index, leaves, conv_to_linear: false }
+const fn with_leaves(original: &'static str, diffusers: &'static str, index: Index, leaves: &'static [Leaf]) -> Rule {
+    Rule { original, diffusers, index, leaves, conv_to_linear: false, take: Take::Whole }
 }
 
 /// `openaimodel.ResBlock` → `ResnetBlock2D` (diffusers' `update_unet_resnet_ldm_to_diffusers`).
-const UNET_RESNET: &[(&str, &str)] = &[
-    ("in_layers.0.", "norm1."),
-    ("in_layers.2.", "conv1."),
-    ("out_layers.0.", "norm2."),
-    ("out_layers.3.", "conv2."),
-    ("emb_layers.1.", "time_emb_proj."),
-    ("skip_connection.", "conv_shortcut."),
+const UNET_RESNET: &[Leaf] = &[
+    leaf("in_layers.0.", "norm1."),
+    leaf("in_layers.2.", "conv1."),
+    leaf("out_layers.0.", "norm2."),
+    leaf("out_layers.3.", "conv2."),
+    leaf("emb_layers.1.", "time_emb_proj."),
+    leaf("skip_connection.", "conv_shortcut."),
 ];
 
-/// SD 1.x/2.x UNet (`model.diffusion_model.*`). Order matters: the first matching row wins.
-/// The transformer blocks inside `input_blocks.{i}.1` keep their names.
+/// The ldm / SGM UNet (`model.diffusion_model.*`) of SD 1.x and SDXL. Order matters: the first
+/// matching row wins. The transformer blocks inside `input_blocks.{i}.1` keep their names, at any
+/// depth. SDXL's `label_emb` (its added text + size/crop embedding) is diffusers'
+/// `add_embedding` (`addition_embed_type: "text_time"`); the config decides whether it is needed.
 pub const LDM_UNET: &[Rule] = &[
     rule("time_embed.0.", "time_embedding.linear_1."),
     rule("time_embed.2.", "time_embedding.linear_2."),
+    rule("label_emb.0.0.", "add_embedding.linear_1."),
+    rule("label_emb.0.2.", "add_embedding.linear_2."),
     rule("input_blocks.0.0.", "conv_in."),
     rule("out.0.", "conv_norm_out."),
     rule("out.2.", "conv_out."),
     indexed("input_blocks.{}.0.op.", "down_blocks.{}.downsamplers.0.conv.", Index::DownSampler),
-    resnet("input_blocks.{}.0.", "down_blocks.{}.resnets.{}.", Index::Down, UNET_RESNET),
+    with_leaves("input_blocks.{}.0.", "down_blocks.{}.resnets.{}.", Index::Down, UNET_RESNET),
     indexed("input_blocks.{}.1.", "down_blocks.{}.attentions.{}.", Index::Down),
-    resnet("middle_block.0.", "mid_block.resnets.0.", Index::Same, UNET_RESNET),
+    with_leaves("middle_block.0.", "mid_block.resnets.0.", Index::Same, UNET_RESNET),
     rule("middle_block.1.", "mid_block.attentions.0."),
-    resnet("middle_block.2.", "mid_block.resnets.1.", Index::Same, UNET_RESNET),
-    resnet("output_blocks.{}.0.", "up_blocks.{}.resnets.{}.", Index::Up, UNET_RESNET),
+    with_leaves("middle_block.2.", "mid_block.resnets.1.", Index::Same, UNET_RESNET),
+    with_leaves("output_blocks.{}.0.", "up_blocks.{}.resnets.{}.", Index::Up, UNET_RESNET),
     indexed("output_blocks.{}.1.conv.", "up_blocks.{}.upsamplers.0.conv.", Index::UpSampler { slot: 1 }),
     indexed("output_blocks.{}.2.conv.", "up_blocks.{}.upsamplers.0.conv.", Index::UpSampler { slot: 2 }),
     indexed("output_blocks.{}.1.", "up_blocks.{}.attentions.{}.", Index::Up),
 ];
 
 /// ldm `ResnetBlock` → `ResnetBlock2D` (diffusers' `update_vae_resnet_ldm_to_diffusers`).
-const VAE_RESNET: &[(&str, &str)] = &[("nin_shortcut.", "conv_shortcut.")];
+const VAE_RESNET: &[Leaf] = &[leaf("nin_shortcut.", "conv_shortcut.")];
 
 /// ldm `AttnBlock` → `Attention` (diffusers' `update_vae_attentions_ldm_to_diffusers`).
-const VAE_ATTENTION: &[(&str, &str)] =
-    &[("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")];
+const VAE_ATTENTION: &[Leaf] = &[
+    leaf("norm.", "group_norm."),
+    leaf("q.", "to_q."),
+    leaf("k.", "to_k."),
+    leaf("v.", "to_v."),
+    leaf("proj_out.", "to_out.0."),
+];
 
 const fn vae_attention(original: &'static str, diffusers: &'static str) -> Rule {
-    Rule { original, diffusers, index: Index::Same, leaves: VAE_ATTENTION, conv_to_linear: true }
+    Rule { original, diffusers, index: Index::Same, leaves: VAE_ATTENTION, conv_to_linear: true, take: Take::Whole }
 }
 
 /// The KL autoencoder (`first_stage_model.*`).
@@ -169,28 +234,81 @@ pub const LDM_VAE: &[Rule] = &[
     rule("quant_conv.", "quant_conv."),
     rule("post_quant_conv.", "post_quant_conv."),
     indexed("encoder.down.{}.downsample.conv.", "encoder.down_blocks.{}.downsamplers.0.conv.", Index::Same),
-    resnet("encoder.down.{}.block.{}.", "encoder.down_blocks.{}.resnets.{}.", Index::Same, VAE_RESNET),
-    resnet("encoder.mid.block_1.", "encoder.mid_block.resnets.0.", Index::Same, VAE_RESNET),
-    resnet("encoder.mid.block_2.", "encoder.mid_block.resnets.1.", Index::Same, VAE_RESNET),
+    with_leaves("encoder.down.{}.block.{}.", "encoder.down_blocks.{}.resnets.{}.", Index::Same, VAE_RESNET),
+    with_leaves("encoder.mid.block_1.", "encoder.mid_block.resnets.0.", Index::Same, VAE_RESNET),
+    with_leaves("encoder.mid.block_2.", "encoder.mid_block.resnets.1.", Index::Same, VAE_RESNET),
     vae_attention("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."),
-    resnet("decoder.mid.block_1.", "decoder.mid_block.resnets.0.", Index::Same, VAE_RESNET),
-    resnet("decoder.mid.block_2.", "decoder.mid_block.resnets.1.", Index::Same, VAE_RESNET),
+    with_leaves("decoder.mid.block_1.", "decoder.mid_block.resnets.0.", Index::Same, VAE_RESNET),
+    with_leaves("decoder.mid.block_2.", "decoder.mid_block.resnets.1.", Index::Same, VAE_RESNET),
     vae_attention("decoder.mid.attn_1.", "decoder.mid_block.attentions.0."),
     indexed("decoder.up.{}.upsample.conv.", "decoder.up_blocks.{}.upsamplers.0.conv.", Index::Reversed),
-    resnet("decoder.up.{}.block.{}.", "decoder.up_blocks.{}.resnets.{}.", Index::Reversed, VAE_RESNET),
+    with_leaves("decoder.up.{}.block.{}.", "decoder.up_blocks.{}.resnets.{}.", Index::Reversed, VAE_RESNET),
 ];
 
-/// transformers' `CLIPTextModel` under `cond_stage_model.transformer.`: the names are already
-/// transformers' (`text_model.*`), only the prefix goes.
+/// transformers' `CLIPTextModel` under `cond_stage_model.transformer.` (SD 1.x) or
+/// `conditioner.embedders.0.transformer.` (SDXL base): the names are already transformers'
+/// (`text_model.*`), only the prefix goes.
 pub const CLIP_TEXT: &[Rule] = &[rule("", "")];
 
-/// An original key's diffusers name, and whether its 1×1-convolution shape drops to linear.
-pub fn to_diffusers(rules: &[Rule], ctx: &Ctx, key: &str) -> Option<(String, bool)> {
-    rules.iter().find_map(|r| {
-        let (nums, rest) = match_pattern(r.original, key)?;
-        let nums = r.index.forward(&nums, ctx)?;
-        Some((fill(r.diffusers, &nums) + &rename_leaf(rest, r.leaves, false), r.conv_to_linear))
-    })
+/// OpenCLIP's `ResidualAttentionBlock` → transformers' `CLIPEncoderLayer` (diffusers'
+/// `DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"]`).
+const OPEN_CLIP_LAYER: &[Leaf] = &[
+    leaf("ln_1.", "layer_norm1."),
+    leaf("ln_2.", "layer_norm2."),
+    leaf("mlp.c_fc.", "mlp.fc1."),
+    leaf("mlp.c_proj.", "mlp.fc2."),
+    leaf("attn.out_proj.", "self_attn.out_proj."),
+    qkv("attn.in_proj_weight", "self_attn.q_proj.weight", 0),
+    qkv("attn.in_proj_weight", "self_attn.k_proj.weight", 1),
+    qkv("attn.in_proj_weight", "self_attn.v_proj.weight", 2),
+    qkv("attn.in_proj_bias", "self_attn.q_proj.bias", 0),
+    qkv("attn.in_proj_bias", "self_attn.k_proj.bias", 1),
+    qkv("attn.in_proj_bias", "self_attn.v_proj.bias", 2),
+];
+
+/// OpenCLIP's text tower (ViT-bigG/14 in SDXL: `conditioner.embedders.1.model.*` in the base,
+/// `conditioner.embedders.0.model.*` in the refiner) → transformers'
+/// `CLIPTextModelWithProjection` (diffusers' `convert_open_clip_checkpoint`). `logit_scale`, a
+/// training-only scalar, has no row and is left out.
+pub const OPEN_CLIP_TEXT: &[Rule] = &[
+    rule("token_embedding.", "text_model.embeddings.token_embedding."),
+    rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    rule("ln_final.", "text_model.final_layer_norm."),
+    Rule {
+        original: "text_projection",
+        diffusers: "text_projection.weight",
+        index: Index::Same,
+        leaves: &[],
+        conv_to_linear: false,
+        take: Take::Transposed,
+    },
+    with_leaves("transformer.resblocks.{}.", "text_model.encoder.layers.{}.", Index::Same, OPEN_CLIP_LAYER),
+];
+
+/// Where an original key goes under diffusers names: one target, several for a fused tensor,
+/// none when no row covers it (a tensor the models do not use).
+pub fn to_diffusers(rules: &[Rule], ctx: &Ctx, key: &str) -> Vec<Target> {
+    rules
+        .iter()
+        .find_map(|r| {
+            let (nums, rest) = match_pattern(r.original, key)?;
+            let nums = r.index.forward(&nums, ctx)?;
+            let base = fill(r.diffusers, &nums);
+            let target = |name: String, take: Take| Target { name, take, conv_to_linear: r.conv_to_linear };
+            let Some(first) = r.leaves.iter().position(|l| rest.starts_with(l.original)) else {
+                return Some(vec![target(base + rest, r.take)]);
+            };
+            let original = r.leaves[first].original;
+            let tail = &rest[original.len()..];
+            Some(
+                r.leaves[first..]
+                    .iter()
+                    .take_while(|l| l.original == original)
+                    .map(|l| target(format!("{base}{}{tail}", l.diffusers), l.take))
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// The original key that would hold the diffusers tensor `name` (the first rule that fits).
@@ -198,20 +316,14 @@ pub fn to_original(rules: &[Rule], ctx: &Ctx, name: &str) -> Option<String> {
     rules.iter().find_map(|r| {
         let (nums, rest) = match_pattern(r.diffusers, name)?;
         let nums = r.index.inverse(&nums, ctx)?;
-        let key = fill(r.original, &nums) + &rename_leaf(rest, r.leaves, true);
+        let leaf = r.leaves.iter().find_map(|l| Some((l.original, rest.strip_prefix(l.diffusers)?)));
+        let key = match leaf {
+            Some((original, tail)) => format!("{}{original}{tail}", fill(r.original, &nums)),
+            None => fill(r.original, &nums) + rest,
+        };
         // Only a name the forward direction gives back counts: an earlier row may claim the key.
-        (to_diffusers(rules, ctx, &key).map(|(n, _)| n).as_deref() == Some(name)).then_some(key)
+        to_diffusers(rules, ctx, &key).iter().any(|t| t.name == name).then_some(key)
     })
-}
-
-fn rename_leaf(rest: &str, leaves: &[(&str, &str)], backwards: bool) -> String {
-    for &(original, diffusers) in leaves {
-        let (from, to) = if backwards { (diffusers, original) } else { (original, diffusers) };
-        if let Some(tail) = rest.strip_prefix(from) {
-            return format!("{to}{tail}");
-        }
-    }
-    rest.to_string()
 }
 
 /// Matches `pattern` (literal text and `{}` indices) against the start of `key`: the indices and
@@ -250,6 +362,16 @@ mod tests {
         Ctx { layers_per_block: 2, levels: 4, up_attention: vec![false, true, true, true] }
     }
 
+    /// The one target of `key`, as (name, 1×1 conv → linear).
+    fn one(rules: &[Rule], c: &Ctx, key: &str) -> Option<(String, bool)> {
+        let targets = to_diffusers(rules, c, key);
+        assert!(targets.len() <= 1, "{key}: {targets:?}");
+        targets.into_iter().next().map(|t| {
+            assert_eq!(t.take, Take::Whole, "{key}");
+            (t.name, t.conv_to_linear)
+        })
+    }
+
     #[test]
     fn unet_names_follow_diffusers() {
         let c = sd15();
@@ -272,10 +394,78 @@ mod tests {
             ("out.2.weight", "conv_out.weight"),
         ];
         for (original, diffusers) in cases {
-            assert_eq!(to_diffusers(LDM_UNET, &c, original).map(|x| x.0).as_deref(), Some(diffusers), "{original}");
+            assert_eq!(one(LDM_UNET, &c, original).map(|x| x.0).as_deref(), Some(diffusers), "{original}");
             assert_eq!(to_original(LDM_UNET, &c, diffusers).as_deref(), Some(original), "{diffusers}");
         }
-        assert!(to_diffusers(LDM_UNET, &c, "label_emb.0.0.weight").is_none());
+        assert!(one(LDM_UNET, &c, "label_emb.0.1.weight").is_none());
+    }
+
+    /// SDXL base: 3 levels, no attention on level 0 (so no `input_blocks.{1,2}.1`), the upsampler
+    /// of the two attention levels in slot 2, 10 transformer blocks deep at the bottom.
+    #[test]
+    fn sdxl_unet_names_follow_diffusers() {
+        let c = Ctx { layers_per_block: 2, levels: 3, up_attention: vec![true, true, false] };
+        let cases = [
+            ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
+            ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
+            ("input_blocks.2.0.in_layers.0.bias", "down_blocks.0.resnets.1.norm1.bias"),
+            ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
+            (
+                "input_blocks.8.1.transformer_blocks.9.ff.net.0.proj.weight",
+                "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj.weight",
+            ),
+            (
+                "middle_block.1.transformer_blocks.9.attn2.to_k.weight",
+                "mid_block.attentions.0.transformer_blocks.9.attn2.to_k.weight",
+            ),
+            ("output_blocks.2.2.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
+            ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
+            ("output_blocks.8.0.skip_connection.weight", "up_blocks.2.resnets.2.conv_shortcut.weight"),
+        ];
+        for (original, diffusers) in cases {
+            assert_eq!(one(LDM_UNET, &c, original).map(|x| x.0).as_deref(), Some(diffusers), "{original}");
+            assert_eq!(to_original(LDM_UNET, &c, diffusers).as_deref(), Some(original), "{diffusers}");
+        }
+    }
+
+    #[test]
+    fn open_clip_names_follow_diffusers() {
+        let c = Ctx::default();
+        let cases = [
+            ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+            ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+            ("ln_final.bias", "text_model.final_layer_norm.bias"),
+            ("transformer.resblocks.31.ln_2.weight", "text_model.encoder.layers.31.layer_norm2.weight"),
+            ("transformer.resblocks.0.mlp.c_fc.bias", "text_model.encoder.layers.0.mlp.fc1.bias"),
+            ("transformer.resblocks.7.mlp.c_proj.weight", "text_model.encoder.layers.7.mlp.fc2.weight"),
+            ("transformer.resblocks.3.attn.out_proj.bias", "text_model.encoder.layers.3.self_attn.out_proj.bias"),
+        ];
+        for (original, diffusers) in cases {
+            assert_eq!(one(OPEN_CLIP_TEXT, &c, original).map(|x| x.0).as_deref(), Some(diffusers), "{original}");
+            assert_eq!(to_original(OPEN_CLIP_TEXT, &c, diffusers).as_deref(), Some(original), "{diffusers}");
+        }
+        let fused = to_diffusers(OPEN_CLIP_TEXT, &c, "transformer.resblocks.5.attn.in_proj_weight");
+        let names: Vec<(&str, Take)> = fused.iter().map(|t| (t.name.as_str(), t.take)).collect();
+        assert_eq!(
+            names,
+            [
+                ("text_model.encoder.layers.5.self_attn.q_proj.weight", Take::Chunk { index: 0, of: 3 }),
+                ("text_model.encoder.layers.5.self_attn.k_proj.weight", Take::Chunk { index: 1, of: 3 }),
+                ("text_model.encoder.layers.5.self_attn.v_proj.weight", Take::Chunk { index: 2, of: 3 }),
+            ]
+        );
+        for piece in ["q", "k", "v"] {
+            let name = format!("text_model.encoder.layers.5.self_attn.{piece}_proj.bias");
+            assert_eq!(
+                to_original(OPEN_CLIP_TEXT, &c, &name).as_deref(),
+                Some("transformer.resblocks.5.attn.in_proj_bias")
+            );
+        }
+        let proj = to_diffusers(OPEN_CLIP_TEXT, &c, "text_projection");
+        assert_eq!(proj.len(), 1);
+        assert_eq!((proj[0].name.as_str(), proj[0].take), ("text_projection.weight", Take::Transposed));
+        assert_eq!(to_original(OPEN_CLIP_TEXT, &c, "text_projection.weight").as_deref(), Some("text_projection"));
+        assert!(to_diffusers(OPEN_CLIP_TEXT, &c, "logit_scale").is_empty());
     }
 
     #[test]
@@ -297,10 +487,10 @@ mod tests {
             ("post_quant_conv.bias", "post_quant_conv.bias", false),
         ];
         for (original, diffusers, linear) in cases {
-            assert_eq!(to_diffusers(LDM_VAE, &c, original), Some((diffusers.to_string(), linear)), "{original}");
+            assert_eq!(one(LDM_VAE, &c, original), Some((diffusers.to_string(), linear)), "{original}");
             assert_eq!(to_original(LDM_VAE, &c, diffusers).as_deref(), Some(original), "{diffusers}");
         }
-        assert!(to_diffusers(LDM_VAE, &c, "loss.discriminator.main.0.weight").is_none());
+        assert!(one(LDM_VAE, &c, "loss.discriminator.main.0.weight").is_none());
     }
 
     #[test]
