@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-STAGE = {"text_encoder": "text_encoder", "unet": "denoise", "vae": "decode"}
+STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "denoise",
+         "refiner_unet": "denoise", "vae": "decode", "vae_encoder": "encode_image"}
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     try:
         r = json.load(open(path))
@@ -22,9 +23,12 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         stage = STAGE.get(m["label"])
         if stage is None or m.get("peak_gpu_bytes") is None:
             continue
-        e = est[stage]
+        e = est.get(stage)
+        if e is None:
+            continue
         n = r["n"]
-        items = {"text_encoder": 1, "denoise": 2 * n, "decode": 1 if opts.get("vae_slicing") else n}[stage]
+        items = {"text_encoder": 1, "text_encoder_2": 1, "denoise": 2 * n,
+                 "decode": 1 if opts.get("vae_slicing") else n, "encode_image": 1}[stage]
         line = {
             "run": os.path.basename(path)[:-5],
             "stage": stage,

@@ -1,11 +1,14 @@
 //! `sdgen-bench`: runs a family at its real size with seeded random weights (written once into a
 //! model folder, with the tensor manifest the planner reads) on a device and dtype, and prints
 //! per-stage time and memory as one JSON document on stdout. Separate from `generate`, so no
-//! prompt is ever mistaken for a command.
+//! prompt is ever mistaken for a command. `sd15` and `sdxl` run text-to-image (`sdxl --refiner`:
+//! base and refiner as `generate --refiner` runs them); `sdxl-refiner` alone runs image-to-image
+//! on a synthetic picture (see `sdxl.rs`).
 
 mod random_model;
+mod sdxl;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -13,24 +16,26 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use sdgen::device_memory::DeviceMemory;
 use sdgen::loading::ModelFolder;
-use sdgen::pipeline::{txt2img, Request, Runtime};
+use sdgen::pipeline::{
+    img2img, resolve_img2img, txt2img_refined, Generation, Refiner, Request, Runtime, DEFAULT_HIGH_NOISE_FRACTION,
+};
 
 /// Benchmark a model family at full size with random weights.
 #[derive(Debug, Parser)]
 #[command(name = "sdgen-bench", version, about)]
 struct Args {
-    /// Model family (sd15).
+    /// Model family: sd15, sdxl or sdxl-refiner (an image-to-image run, as the refiner is used).
     #[arg(long, default_value = "sd15")]
     family: String,
-    /// Folder for the random-weight model (reused when it exists).
-    #[arg(long, default_value = "bench-models/sd15")]
-    model_dir: PathBuf,
-    /// Image width.
-    #[arg(long, default_value_t = 512)]
-    width: usize,
-    /// Image height.
-    #[arg(long, default_value_t = 512)]
-    height: usize,
+    /// Folder for the random-weight model (reused when it exists); bench-models/FAMILY by default.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Image width (the family's default when omitted: 512 for sd15, 1024 for SDXL).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height (the family's default when omitted).
+    #[arg(long)]
+    height: Option<usize>,
     /// Denoising steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -43,12 +48,38 @@ struct Args {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Timed runs after one warm-up run (2 steps).
+    /// Timed runs after one warm-up run (2 steps; the refiner alone: the fewest that leave one
+    /// step to run at --strength).
     #[arg(long, default_value_t = 1)]
     runs: usize,
     /// Seed of the weights and the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Score the UNet's attention this many query rows at a time (measures sliced runs).
+    #[arg(long)]
+    attention_slice: Option<usize>,
+    /// Decode the batch's images one at a time.
+    #[arg(long)]
+    vae_slicing: bool,
+    /// Decode in tiles of this many pixels.
+    #[arg(long)]
+    vae_tile: Option<usize>,
+    /// sdxl-refiner: the image-to-image strength (diffusers' refiner default 0.3).
+    #[arg(long, default_value_t = sdxl::REFINER_STRENGTH)]
+    strength: f64,
+    /// sdxl: finish each run with the SDXL refiner (base to the handoff point, refiner after it).
+    #[arg(long)]
+    refiner: bool,
+    /// Folder for the random-weight refiner of --refiner; bench-models/sdxl-refiner by default.
+    #[arg(long)]
+    refiner_dir: Option<PathBuf>,
+    /// With --refiner: the fraction of the schedule the base runs.
+    #[arg(long, default_value_t = DEFAULT_HIGH_NOISE_FRACTION)]
+    high_noise_fraction: f64,
+    /// Write (or reuse) the model folder, check that it opens as the family, print its weight
+    /// bytes and stop: prepares a folder without timing anything.
+    #[arg(long)]
+    write_only: bool,
 }
 
 fn request_for(args: &Args, steps: usize) -> Request {
@@ -57,17 +88,63 @@ fn request_for(args: &Args, steps: usize) -> Request {
         n: args.n,
         seed: args.seed,
         steps: Some(steps),
-        width: Some(args.width),
-        height: Some(args.height),
+        width: args.width,
+        height: args.height,
         ..Default::default()
     }
 }
 
+/// A model folder written (or reused) and opened: the model, the weight bytes written, the
+/// write's time and each component's weight bytes.
+struct Prepared {
+    model: ModelFolder,
+    written_bytes: u64,
+    write_ms: f64,
+    weights: serde_json::Map<String, serde_json::Value>,
+}
+
+fn prepare(family: &str, dir: &Path, dtype: DType, device: &Device, seed: u64) -> anyhow::Result<Prepared> {
+    let t0 = Instant::now();
+    let written_bytes = random_model::write_model(family, dir, dtype, device, seed)?;
+    let write_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The writer's buffers are freed: give them back so the runs start from a clean baseline.
+    sdgen_memory::cleanup_memory(false);
+    let model = ModelFolder::open(dir)?;
+    if model.family().name != family {
+        bail!(
+            "{} opens as family {}, not the {family} it was written for: a stale folder? remove it",
+            dir.display(),
+            model.family().name,
+        );
+    }
+    let weights = random_model::weighted_components(family)
+        .into_iter()
+        .map(|c| Ok((c.to_string(), serde_json::json!(model.weights(c)?.weight_bytes()))))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Prepared { model, written_bytes, write_ms, weights })
+}
+
+/// The planner's estimate as JSON, or why there is none (a family without a memory profile yet):
+/// the benchmark's own figures stand without it.
+fn estimate_json(estimate: sdgen::Result<sdgen_memory::plan::Plan>) -> anyhow::Result<serde_json::Value> {
+    Ok(match estimate {
+        Ok(plan) => serde_json::to_value(plan)?,
+        Err(e) => serde_json::json!({ "error": e.to_string(), "stages": [] }),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.family != "sd15" {
-        bail!("--family {}: only sd15 is implemented", args.family);
+    let families = random_model::families();
+    if !families.contains(&args.family.as_str()) {
+        bail!("--family {}: one of {}", args.family, families.join(", "));
     }
+    if args.refiner && args.family != "sdxl" {
+        bail!("--refiner finishes SDXL base runs; --family is {}", args.family);
+    }
+    // The refiner on its own runs image-to-image (`--refiner` is the base's, text-to-image).
+    let refiner_alone = args.family == "sdxl-refiner";
+    let model_dir = args.model_dir.clone().unwrap_or_else(|| PathBuf::from("bench-models").join(&args.family));
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         d if d.starts_with("cuda") => {
@@ -83,42 +160,83 @@ fn main() -> anyhow::Result<()> {
         d => bail!("--dtype {d}: f32, f16 or bf16"),
     };
     let _memory = DeviceMemory::install(&device);
-    let t0 = Instant::now();
-    let written = random_model::write_sd15(&args.model_dir, dtype, &device, args.seed)?;
-    let write_ms = t0.elapsed().as_secs_f64() * 1e3;
-    // The writer's buffers are freed: give them back so the runs start from a clean baseline.
-    sdgen_memory::cleanup_memory(false);
-    let model = ModelFolder::open(&args.model_dir)?;
-    let weights: serde_json::Map<String, serde_json::Value> = ["text_encoder", "unet", "vae"]
-        .iter()
-        .map(|c| Ok((c.to_string(), serde_json::json!(model.weights(c)?.weight_bytes()))))
-        .collect::<anyhow::Result<_>>()?;
-    // The planner's estimate for the same run, with all the memory there is (so it chooses no
-    // options and its per-stage figures are the plain run's): measured peaks go beside it.
+    let Prepared { model, written_bytes: mut written, mut write_ms, mut weights } =
+        prepare(&args.family, &model_dir, dtype, &device, args.seed)?;
+    let refiner_model = if args.refiner {
+        let dir = args.refiner_dir.clone().unwrap_or_else(|| PathBuf::from("bench-models/sdxl-refiner"));
+        let r = prepare("sdxl-refiner", &dir, dtype, &device, args.seed.wrapping_add(1))?;
+        written += r.written_bytes;
+        write_ms += r.write_ms;
+        weights.extend(r.weights.into_iter().map(|(k, v)| (format!("refiner_{k}"), v)));
+        Some(r.model)
+    } else {
+        None
+    };
+    if args.write_only {
+        let report = serde_json::json!({
+            "family": args.family,
+            "model_dir": model_dir,
+            "weights_bytes": weights,
+            "weights_written_bytes": written,
+            "model_write_ms": write_ms,
+        });
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    // The family's default size, filled in once, so the refiner's init image has the output size.
     let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
-    let estimate = sdgen::planning::plan_run(
+    let sized = Args { width: Some(settings.width), height: Some(settings.height), ..args };
+    let args = &sized;
+    let init_image = sdxl::synthetic_init_image(settings.width, settings.height)?;
+    // The planner's estimate for the same run, with all the memory there is (so it chooses no
+    // options and its per-stage figures are the plain run's): measured peaks go beside it. With
+    // --refiner it is the base's alone (the refiner's stages come after the base is unloaded).
+    let estimate = estimate_json(sdgen::planning::plan_run(
         &model,
         &settings,
         args.n,
-        false,
+        refiner_alone,
         &device,
         dtype,
         sdgen::planning::MemoryRequest { max_memory_bytes: Some(1 << 50), ..Default::default() },
-    )?;
-    let rt = Runtime::new(device, dtype);
-    let request = |steps: usize| request_for(&args, steps);
+    ))?;
+    let mut rt = Runtime::new(device, dtype);
+    rt.options.attention_slice = args.attention_slice;
+    rt.options.vae_slicing = args.vae_slicing;
+    rt.options.vae_tile_px = args.vae_tile;
+    // One run of `steps` steps, and the denoising steps it ran (the refiner runs only the last
+    // int(steps · strength) of its schedule).
+    let run = |steps: usize| -> anyhow::Result<(Generation, usize)> {
+        if refiner_alone {
+            let req = sdxl::refiner_request(request_for(args, steps), &init_image, args.strength);
+            let denoising = resolve_img2img(&model, &req)?.denoising_steps;
+            Ok((img2img(&model, &req, &rt, &mut |_| {})?, denoising))
+        } else {
+            let refiner =
+                refiner_model.as_ref().map(|model| Refiner { model, high_noise_fraction: args.high_noise_fraction });
+            let gen = txt2img_refined(&model, refiner, &request_for(args, steps), &rt, &mut |_| {})?;
+            // With a refiner, the base's `unet` stage ran only the steps before the handoff.
+            let steps = gen.refinement.as_ref().map_or(gen.settings.steps, |r| r.base_steps);
+            Ok((gen, steps))
+        }
+    };
     let warm = Instant::now();
-    txt2img(&model, &request(2), &rt, &mut |_| {})?;
+    run(if refiner_alone { sdxl::warmup_steps(args.strength) } else { 2 })?;
     let warmup_ms = warm.elapsed().as_secs_f64() * 1e3;
     let mut runs = Vec::new();
     for _ in 0..args.runs {
         let start = Instant::now();
-        let gen = txt2img(&model, &request(args.steps), &rt, &mut |_| {})?;
+        let (gen, denoising_steps) = run(args.steps)?;
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
         runs.push(serde_json::json!({
             "total_ms": total_ms,
             "timings_ms": gen.timings_ms,
-            "denoise_ms_per_step": gen.timings_ms.get("unet").map(|ms| ms / gen.settings.steps.max(1) as f64),
+            "denoising_steps": denoising_steps,
+            "denoise_ms_per_step": gen.timings_ms.get("unet").map(|ms| ms / denoising_steps.max(1) as f64),
+            "refiner_denoise_ms_per_step": gen.refinement.as_ref().and_then(|r| {
+                gen.timings_ms.get("refiner_unet").map(|ms| ms / r.refiner_steps.max(1) as f64)
+            }),
+            "refinement": gen.refinement,
             "memory": gen.memory,
         }));
     }
@@ -126,10 +244,13 @@ fn main() -> anyhow::Result<()> {
         "family": args.family,
         "device": args.device,
         "dtype": args.dtype,
-        "width": args.width,
-        "height": args.height,
+        "width": settings.width,
+        "height": settings.height,
         "steps": args.steps,
+        "strength": refiner_alone.then_some(args.strength),
+        "high_noise_fraction": args.refiner.then_some(args.high_noise_fraction),
         "n": args.n,
+        "options": rt.options,
         "weights_bytes": weights,
         "weights_written_bytes": written,
         "model_write_ms": write_ms,

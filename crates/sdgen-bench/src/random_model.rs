@@ -1,19 +1,25 @@
 //! A model folder at a family's real size with seeded random weights: the family's bundled
-//! configs and tokenizer, and each component's tensors exactly as its model code asks for them
-//! (names, shapes), drawn per the layers' own init hints and stored in the run dtype. Speed and
-//! memory do not depend on the weight values, so this benchmarks real sizes with no download.
+//! configs and tokenizer (the same bytes the engine uses for single-file checkpoints, so there is
+//! one copy of each hub config), and each component's tensors exactly as its model code asks for
+//! them (names, shapes), drawn per the layers' own init hints and stored in the run dtype. Speed
+//! and memory do not depend on the weight values, so this benchmarks real sizes with no download.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use sdgen::loading::single_file::defaults::{BundledFile, SD15, SDXL, SDXL_REFINER};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
+
+/// The name `ClipTextModel::new` probes to choose the hub's `text_model.`-prefixed names over
+/// transformers 5's bare ones; answering yes makes the random folder look like the hub's.
+const CLIP_HUB_PROBE: &str = "text_model.embeddings.token_embedding.weight";
 
 /// Hands out a fresh random tensor for every name the model asks for, and remembers it.
 struct RandomBackend {
@@ -42,68 +48,11 @@ impl SimpleBackend for RandomBackend {
         candle_core::bail!("random weights need a shape for `{name}`")
     }
 
-    fn contains_tensor(&self, _name: &str) -> bool {
-        false
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Every other probe (the VAE's legacy attention names, ...) must answer no, so the model
+        // asks for its current diffusers names, with shapes.
+        name == CLIP_HUB_PROBE
     }
-}
-
-fn save(backend: RandomBackend, path: &Path) -> anyhow::Result<u64> {
-    let tensors = backend.tensors.into_inner().expect("not poisoned");
-    let tensors: HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect::<candle_core::Result<_>>()?;
-    let bytes = tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum();
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    candle_core::safetensors::save(&tensors, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(bytes)
-}
-
-fn backend() -> RandomBackend {
-    RandomBackend { tensors: Mutex::new(HashMap::new()) }
-}
-
-/// Writes SD 1.5 at its real size into `dir` (skipped when `dir` already holds it). Returns the
-/// bytes of weights written.
-pub fn write_sd15(dir: &Path, dtype: DType, device: &Device, seed: u64) -> anyhow::Result<u64> {
-    if dir.join("unet/diffusion_pytorch_model.safetensors").is_file() {
-        return Ok(0);
-    }
-    for (name, bytes) in sdgen::loading::single_file::defaults::SD15 {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().expect("a component folder"))?;
-        std::fs::write(&path, bytes)?;
-    }
-    // CUDA seeds its generator; candle cannot seed the CPU one (the CPU weights vary run to run,
-    // which does not change a benchmark).
-    let _ = device.set_seed(seed);
-    let read = |c: &str| -> anyhow::Result<String> { Ok(std::fs::read_to_string(dir.join(c).join("config.json"))?) };
-    let mut total = 0;
-
-    let b = backend();
-    let cfg: ClipTextConfig = serde_json::from_str(&read("text_encoder")?)?;
-    {
-        let vb = VarBuilder::from_backend(Box::new(RefBackend(&b)), dtype, device.clone());
-        drop(ClipTextModel::new(&cfg, false, vb.pp("text_model"))?);
-    }
-    total += save(b, &dir.join("text_encoder/model.safetensors"))?;
-
-    let b = backend();
-    let cfg: UNetConfig = serde_json::from_str(&read("unet")?)?;
-    {
-        let vb = VarBuilder::from_backend(Box::new(RefBackend(&b)), dtype, device.clone());
-        drop(UNet2DConditionModel::new(&cfg, vb)?);
-    }
-    total += save(b, &dir.join("unet/diffusion_pytorch_model.safetensors"))?;
-
-    let b = backend();
-    let cfg: VaeConfig = serde_json::from_str(&read("vae")?)?;
-    {
-        let vb = VarBuilder::from_backend(Box::new(RefBackend(&b)), dtype, device.clone());
-        drop(AutoencoderKL::new(&cfg, true, true, vb)?);
-    }
-    total += save(b, &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
-    Ok(total)
 }
 
 /// A borrowed backend, so the tensors can be taken back after the model is built.
@@ -119,4 +68,123 @@ impl SimpleBackend for RefBackend<'_> {
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.contains_tensor(name)
     }
+}
+
+/// Saves the tensors to `path` through a side file renamed into place, so an interrupted write
+/// never leaves a file that a later run would take for a finished one. Returns the bytes.
+fn save(backend: RandomBackend, path: &Path) -> anyhow::Result<u64> {
+    let tensors = backend.tensors.into_inner().expect("not poisoned");
+    let tensors: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect::<candle_core::Result<_>>()?;
+    let bytes = tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum();
+    let partial = path.with_extension("safetensors.partial");
+    candle_core::safetensors::save(&tensors, &partial).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming {} into place", partial.display()))?;
+    Ok(bytes)
+}
+
+/// Which model code a component's tensors come from.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// CLIP text encoder; `projection` for `CLIPTextModelWithProjection` (SDXL's bigG).
+    Clip {
+        projection: bool,
+    },
+    UNet,
+    /// Encoder and decoder both: image-to-image and the refiner encode with the VAE.
+    Vae,
+}
+
+/// One component with weights: its folder, its weights file (the hub's name) and its model.
+struct Component {
+    name: &'static str,
+    file: &'static str,
+    kind: Kind,
+}
+
+const TEXT_ENCODER: Component =
+    Component { name: "text_encoder", file: "model.safetensors", kind: Kind::Clip { projection: false } };
+const TEXT_ENCODER_2: Component =
+    Component { name: "text_encoder_2", file: "model.safetensors", kind: Kind::Clip { projection: true } };
+const UNET: Component = Component { name: "unet", file: "diffusion_pytorch_model.safetensors", kind: Kind::UNet };
+const VAE: Component = Component { name: "vae", file: "diffusion_pytorch_model.safetensors", kind: Kind::Vae };
+
+/// A family's folder: the bundled non-weight files and the components whose weights are drawn.
+struct Layout {
+    family: &'static str,
+    files: &'static [BundledFile],
+    components: &'static [Component],
+}
+
+/// Every family `sdgen-bench` can write, by its `sdgen::loading::FAMILIES` name.
+const LAYOUTS: &[Layout] = &[
+    Layout { family: "sd15", files: SD15, components: &[TEXT_ENCODER, UNET, VAE] },
+    // stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L and OpenCLIP bigG (with projection).
+    Layout { family: "sdxl", files: SDXL, components: &[TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE] },
+    // stabilityai/stable-diffusion-xl-refiner-1.0: bigG only (`text_encoder` null in its index).
+    Layout { family: "sdxl-refiner", files: SDXL_REFINER, components: &[TEXT_ENCODER_2, UNET, VAE] },
+];
+
+/// The families [`write_model`] knows.
+pub fn families() -> Vec<&'static str> {
+    LAYOUTS.iter().map(|l| l.family).collect()
+}
+
+/// The components with weights that `family`'s folder holds (empty for an unknown family).
+pub fn weighted_components(family: &str) -> Vec<&'static str> {
+    LAYOUTS.iter().find(|l| l.family == family).map_or_else(Vec::new, |l| l.components.iter().map(|c| c.name).collect())
+}
+
+fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<RandomBackend> {
+    let config_path = dir.join(component.name).join("config.json");
+    let config = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let parse_error = || format!("parsing {}", config_path.display());
+    let b = RandomBackend { tensors: Mutex::new(HashMap::new()) };
+    {
+        let vb = VarBuilder::from_backend(Box::new(RefBackend(&b)), dtype, device.clone());
+        match component.kind {
+            Kind::Clip { projection } => {
+                let cfg: ClipTextConfig = serde_json::from_str(&config).with_context(parse_error)?;
+                drop(ClipTextModel::new(&cfg, projection, vb)?);
+            }
+            Kind::UNet => {
+                let cfg: UNetConfig = serde_json::from_str(&config).with_context(parse_error)?;
+                drop(UNet2DConditionModel::new(&cfg, vb)?);
+            }
+            Kind::Vae => {
+                let cfg: VaeConfig = serde_json::from_str(&config).with_context(parse_error)?;
+                drop(AutoencoderKL::new(&cfg, true, true, vb)?);
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// Writes `family` (`sd15`, `sdxl`, `sdxl-refiner`) at its real size into `dir`: the bundled
+/// configs and tokenizer files every time (a few MB), and each component's weights unless its
+/// file is already there. Returns the bytes of weights written (0 when all were there).
+pub fn write_model(family: &str, dir: &Path, dtype: DType, device: &Device, seed: u64) -> anyhow::Result<u64> {
+    let Some(layout) = LAYOUTS.iter().find(|l| l.family == family) else {
+        bail!("--family {family}: sdgen-bench can write {}", families().join(", "));
+    };
+    for (name, bytes) in layout.files {
+        let path = dir.join(name);
+        let parent = path.parent().expect("a component folder");
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    // CUDA seeds its generator; candle cannot seed the CPU one (the CPU weights vary run to run,
+    // which does not change a benchmark).
+    let _ = device.set_seed(seed);
+    let mut total = 0;
+    for component in layout.components {
+        let path = dir.join(component.name).join(component.file);
+        if path.is_file() {
+            continue;
+        }
+        let b =
+            build(component, dir, dtype, device).with_context(|| format!("building {family}'s {}", component.name))?;
+        total += save(b, &path)?;
+    }
+    Ok(total)
 }

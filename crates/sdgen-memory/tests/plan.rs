@@ -585,3 +585,69 @@ fn sd15_gpu_estimates_are_within_15_percent_of_the_measurements() {
     }
     assert!(outside.is_empty(), "outside ±15%:\n{}", outside.join("\n"));
 }
+
+/// The SDXL base and refiner profiles against full-size measurements on an H200
+/// (`tests/data/sdxl_gpu_peaks.jsonl`, made by `tools/gpu/bench_sdxl.sh`: bf16, 1024², 30 steps;
+/// the refiner as img2img at strength 0.3). Manifests carry each component's bytes as measured
+/// (one tensor per part: only the byte counts matter to the planner). Every stage within ±15%.
+#[test]
+fn sdxl_gpu_estimates_are_within_15_percent_of_the_measurements() {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        run: String,
+        family: String,
+        stage: String,
+        width: usize,
+        height: usize,
+        images: usize,
+        activation_bytes: i64,
+        weight_bytes: u64,
+    }
+    let bf16 = |name: &str, bytes: u64| TensorEntry::new(name, vec![(bytes / 2) as usize], StoredDType::BF16);
+    let lines: Vec<Line> = data("sdxl_gpu_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 8, "{} measurements", lines.len());
+    let weights = |stage: &str| lines.iter().find(|l| l.stage == stage).unwrap().weight_bytes;
+    let vae = ComponentManifest::new(
+        "vae",
+        vec![bf16("encoder.w", weights("encode_image")), bf16("decoder.w", weights("decode"))],
+    );
+    for l in &lines {
+        let (profile, unet_bytes) = match l.family.as_str() {
+            "sdxl" => (FamilyProfile::sdxl(), l.weight_bytes),
+            _ => (FamilyProfile::sdxl_refiner(), l.weight_bytes),
+        };
+        let mut components =
+            vec![ComponentManifest::new("text_encoder_2", vec![bf16("w", weights("text_encoder_2"))]), vae.clone()];
+        if l.family == "sdxl" {
+            components.push(ComponentManifest::new("text_encoder", vec![bf16("w", weights("text_encoder"))]));
+        }
+        // The UNet's bytes: this line's when it is the denoiser's, else the family's own line's.
+        let unet = if l.stage == "denoise" {
+            unet_bytes
+        } else {
+            lines.iter().find(|m| m.family == l.family && m.stage == "denoise").unwrap().weight_bytes
+        };
+        components.push(ComponentManifest::new("unet", vec![bf16("w", unet)]));
+        let manifest = ModelManifest::new(components);
+        let setup = Setup { device: DeviceKind::DiscreteGpu, precision: Precision::Bf16 };
+        let req = PlanRequest {
+            img2img: l.family == "sdxl-refiner",
+            ..request(&profile, &manifest, &setup, l.width, l.images, 1 << 50, MemoryMode::Auto)
+        };
+        let p = plan(&PlanRequest { height: l.height, ..req }).unwrap();
+        let s = p.stage(&l.stage).unwrap_or_else(|| panic!("{}: no stage {}", l.run, l.stage));
+        assert_eq!(s.weight_bytes, l.weight_bytes, "{} {}: weights", l.run, l.stage);
+        let measured = l.weight_bytes as f64 + l.activation_bytes as f64;
+        let estimated = (s.weight_bytes + s.activation_bytes) as f64;
+        let error = estimated / measured - 1.0;
+        println!(
+            "{:<26} {:<15} measured {:6.2} GB  estimated {:6.2} GB  {:+6.1}%",
+            l.run,
+            l.stage,
+            measured / 1e9,
+            estimated / 1e9,
+            error * 100.0
+        );
+        assert!(error.abs() <= 0.15, "{} {}: estimate {estimated:e} vs measured {measured:e}", l.run, l.stage);
+    }
+}

@@ -245,9 +245,11 @@ impl FamilyProfile {
             coefficients: CoefficientTable {
                 cpu_f32: e,
                 cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),
-                // Full-resolution 128-channel 3×3 convolutions: a 1,152-element column.
-                gpu_f32: c(7_000.0, e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
-                gpu_half: c(3_600.0, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, 128.0 * MIB),
+                // bf16: fitted to one H200 measurement (SDXL's VAE, the same architecture, encoding
+                // a 1024² image: 5.13 GB above its weights; sdgen-bench, 2026-11-27). f32: scaled
+                // by the same factor from the architecture's estimate until it is measured.
+                gpu_f32: c(9_100.0, e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
+                gpu_half: c(4_770.0, 0.6 * e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
             },
         };
         let vae_tiling = TilingSpec { tile_px: vec![512, 256], overlap: 0.25 };
