@@ -8,6 +8,7 @@ import os
 import sys
 
 STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "denoise",
+         "refiner_text_encoder_2": "text_encoder_2",
          "refiner_unet": "denoise", "vae": "decode", "vae_encoder": "encode_image"}
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     try:
@@ -27,7 +28,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         if e is None:
             continue
         n = r["n"]
-        items = {"text_encoder": 1, "text_encoder_2": 1, "denoise": 2 * n,
+        items = {"text_encoder": 1, "text_encoder_2": 1, "refiner_text_encoder_2": 1, "denoise": 2 * n,
                  "decode": 1 if opts.get("vae_slicing") else n, "encode_image": 1}[stage]
         line = {
             "run": os.path.basename(path)[:-5],

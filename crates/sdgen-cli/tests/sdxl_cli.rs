@@ -80,13 +80,17 @@ fn refiner_finishes_the_base_run_and_is_recorded() {
     assert_eq!(r["handoff_timestep"], 101.0);
     assert_eq!(r["base_unloaded"], true);
     assert!(meta["extra"]["refiner_plan"]["stages"].is_array(), "{meta}");
+    // Both halves' stages are kept apart in the timings.
+    for stage in ["text_encoder", "text_encoder_2", "unet", "refiner_text_encoder_2", "refiner_unet", "vae"] {
+        assert!(meta["timings_ms"].get(stage).is_some(), "{stage}: {meta}");
+    }
     // The seed's order: the base's stages, the main pipeline unloaded, the refiner loaded, used
     // and unloaded, then completion.
     let order = [
         "Before UNet load",
         "After UNet",
         "After main pipeline unload",
-        "Before text encoder 2 load",
+        "Before refiner text encoder 2 load",
         "Before refiner UNet load",
         "After refiner UNet",
         "After refiner",

@@ -73,12 +73,15 @@ struct Encoded {
 }
 
 /// Runs the text-encoder stage(s) of `model` and returns the conditioning of a batch of `req.n`.
+/// `refiner`: the stages are the refiner's half of a base → refiner run (named `refiner_*`, so
+/// the metadata keeps both halves apart).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn encode_prompts(
     model: &ModelFolder,
     req: &Request,
     cfg_guidance: bool,
     size: ImageSize,
+    refiner: bool,
     rt: &Runtime,
     log: &mut StageLog,
     warnings: &mut Vec<String>,
@@ -98,7 +101,11 @@ pub(super) fn encode_prompts(
     let mut outputs = Vec::new();
     for &(component, tokenizer, projection) in encoders {
         let penultimate = kind != Kind::Sd15;
-        let out = stage(component, progress, log, rt, |rt, progress| {
+        let name = match (refiner, component) {
+            (true, "text_encoder_2") => "refiner_text_encoder_2",
+            _ => component,
+        };
+        let out = stage(name, progress, log, rt, |rt, progress| {
             encode_with(
                 model,
                 component,

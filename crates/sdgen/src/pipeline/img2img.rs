@@ -198,7 +198,7 @@ pub fn img2img(
 
     // 1. Encode the prompts (one stage per text encoder).
     let size = ImageSize { height: settings.height, width: settings.width };
-    let cond = encode_prompts(model, base, cfg_guidance, size, rt, &mut log, &mut warnings, progress)?;
+    let cond = encode_prompts(model, base, cfg_guidance, size, false, rt, &mut log, &mut warnings, progress)?;
 
     // 2. The init image in [-1, 1], in the run's dtype.
     let image = preprocess(&req.init_image.image, settings.width, settings.height)?

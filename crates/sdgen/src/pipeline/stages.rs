@@ -60,7 +60,7 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
         Some(_) => None,
     };
     match stage {
-        "text_encoder" | "text_encoder_2" if !o.text_encoder_on_host => {
+        "text_encoder" | "text_encoder_2" | "refiner_text_encoder_2" if !o.text_encoder_on_host => {
             o.text_encoder_on_host = true;
             Some("the text encoder on the CPU".into())
         }
@@ -111,6 +111,7 @@ fn display_name(stage: &str) -> &'static str {
     match stage {
         "text_encoder" => "text encoder",
         "text_encoder_2" => "text encoder 2",
+        "refiner_text_encoder_2" => "refiner text encoder 2",
         "vae_encoder" => "VAE encoder",
         "unet" => "UNet",
         "refiner_unet" => "refiner UNet",

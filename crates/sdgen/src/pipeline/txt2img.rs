@@ -127,7 +127,7 @@ pub fn txt2img_refined(
     let size = ImageSize { height: settings.height, width: settings.width };
 
     // 1. Encode the prompts (one stage per text encoder).
-    let cond = encode_prompts(model, req, cfg_guidance, size, rt, &mut log, &mut warnings, progress)?;
+    let cond = encode_prompts(model, req, cfg_guidance, size, false, rt, &mut log, &mut warnings, progress)?;
 
     // 2. Timesteps; with a refiner, the base stops at the handoff point.
     let scheduler_cfg = scheduler_config(model)?;
@@ -210,7 +210,7 @@ fn refine_latents(
 ) -> Result<(candle_core::Tensor, Refinement)> {
     let model = refiner.model;
     let cfg_guidance = settings.guidance > 1.0;
-    let cond = encode_prompts(model, req, cfg_guidance, size, rt, log, warnings, progress)?;
+    let cond = encode_prompts(model, req, cfg_guidance, size, true, rt, log, warnings, progress)?;
     let scheduler_cfg = scheduler_config(model)?;
     let build_scheduler = || schedulers::build(settings.scheduler, &scheduler_cfg, settings.steps);
     let timesteps = build_scheduler()?.timesteps().to_vec();
