@@ -136,6 +136,32 @@ fn vae_replaces_the_models_own() {
     assert_refused(&["x", "--model", &base(), "--vae", &missing], &["--vae", "no config.json"]);
 }
 
+/// `--vae ORG/REPO`: a single-model hub repo (config.json and weights at its root, as
+/// madebyollin/sdxl-vae-fp16-fix) is downloaded into the cache and used.
+#[test]
+fn vae_from_the_hub() {
+    use hub_test_server::{FakeRepo, HubServer};
+    let repo = "madebyollin/sdxl-vae-fp16-fix";
+    let server = HubServer::start(vec![FakeRepo::from_dir(repo, &testdata().join("tiny-sdxl/vae")).unwrap()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(["a lighthouse at dusk", "--model", &base(), "--vae", repo, "--seed", "42", "--steps", "8", "--json"])
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .env("HF_ENDPOINT", server.endpoint())
+        .env("HF_HOME", dir.path().join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_png_matches(Path::new(result["images"][0]["png"].as_str().unwrap()), "base_0.png");
+    assert_eq!(sidecar(&result)["extra"]["vae"], repo);
+    assert!(dir.path().join("hf/hub/models--madebyollin--sdxl-vae-fp16-fix").is_dir());
+}
+
 #[test]
 fn refiner_refines_a_finished_image() {
     let dir = tempfile::tempdir().unwrap();

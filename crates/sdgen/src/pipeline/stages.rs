@@ -291,3 +291,29 @@ pub(super) fn into_images(pixels: &Tensor, req: &Request, settings: &Settings) -
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn testdata(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata")).join(name)
+    }
+
+    /// SDXL's pipelines decode an f16 run with the VAE in f32 when its config says
+    /// `force_upcast` (SDXL's VAE overflows f16); bf16, f32, a VAE without the flag set and SD 1.5
+    /// keep the run's dtype.
+    #[test]
+    fn only_sdxl_upcasts_an_f16_vae() {
+        let sdxl = ModelFolder::open(&testdata("tiny-sdxl")).unwrap();
+        let sd15 = ModelFolder::open(&testdata("tiny-sd15")).unwrap();
+        let cfg: VaeConfig = sdxl.config("vae", "config.json").unwrap();
+        assert_eq!(cfg.force_upcast, Some(true));
+        assert_eq!(decode_dtype(&sdxl, &cfg, DType::F16), DType::F32);
+        assert_eq!(decode_dtype(&sdxl, &cfg, DType::BF16), DType::BF16);
+        assert_eq!(decode_dtype(&sdxl, &cfg, DType::F32), DType::F32);
+        let fp16_fix = VaeConfig { force_upcast: Some(false), ..cfg.clone() };
+        assert_eq!(decode_dtype(&sdxl, &fp16_fix, DType::F16), DType::F16);
+        assert_eq!(decode_dtype(&sd15, &cfg, DType::F16), DType::F16);
+    }
+}
