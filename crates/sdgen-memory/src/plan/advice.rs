@@ -133,8 +133,8 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
 ///
 /// ```text
 /// ⚠️  WARNING: Memory is tight for SD 1.5 at 768×768 (7.2GB usable)
-///    At full speed it needs 13.6GB; it runs with attention slicing (4), which is slower.
-///    Consider using --width 600 --height 600 or --max-memory 15.2GB instead for better performance.
+///    At full speed it needs 12.3GB; it runs with attention slicing (4), which is slower.
+///    Consider using --width 416 --height 416 or --max-memory 13.7GB instead for better performance.
 /// ```
 pub(crate) fn warning(ctx: &Ctx, plan: &Plan) -> Option<String> {
     let req = ctx.req;

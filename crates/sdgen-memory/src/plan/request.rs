@@ -23,8 +23,10 @@ pub enum MemoryMode {
     Fast,
     /// The fastest plan that fits, using every option when needed.
     Balanced,
-    /// The leanest plan, even when a faster one fits: one image per batch, every option at its
-    /// strongest (for sharing the machine, or a budget the estimates may overrun).
+    /// The leanest plan, even when a faster one fits: one image per batch and, per stage, the
+    /// option set with the smallest estimated peak (ties to the faster one: an option that
+    /// saves nothing, such as attention slicing on a GPU whose engine already chunks the scores,
+    /// is left off), for sharing the machine or a budget the estimates may overrun.
     Low,
 }
 

@@ -1,12 +1,12 @@
 //! The plan as the console prints it: a short aligned table.
 //!
 //! ```text
-//! Memory plan: SD 1.5, 768×768, 4 images in one batch, bf16 on GPU, mode auto
+//! Memory plan: SD 1.5, 768×768, 4 images in one batch, f32 on CPU, mode auto
 //! Budget 8.0GB (--max-memory), 7.2GB usable after the 10% safety margin
 //! stage         runs on  resident      weights  activations   peak  options
-//! text_encoder  GPU      text_encoder    235MB         64MB  299MB  -
-//! denoise       GPU      unet            1.6GB        4.5GB  6.1GB  attention slicing (4)
-//! decode        GPU      vae_decoder      94MB        3.9GB  3.9GB  VAE slicing
+//! text_encoder  CPU      text_encoder    469MB         16MB  485MB  -
+//! denoise       CPU      unet            3.2GB        3.6GB  6.8GB  attention slicing (4)
+//! decode        CPU      vae_decoder     189MB        3.1GB  3.3GB  VAE slicing
 //! Verdict: fits with slower options (attention slicing (4))
 //! ```
 //!
