@@ -21,15 +21,27 @@ use super::ImageMetadata;
 pub fn a1111_parameters(meta: &ImageMetadata) -> String {
     let version =
         if meta.version.starts_with("sdgen") { meta.version.clone() } else { format!("sdgen {}", meta.version) };
-    let fields = [
+    let mut fields = vec![
         ("Steps", meta.steps.to_string()),
         ("Sampler", a1111_sampler_name(&meta.scheduler)),
         ("CFG scale", python_float(meta.guidance)),
         ("Seed", meta.seed.to_string()),
         ("Size", format!("{}x{}", meta.width, meta.height)),
         ("Model", meta.model.clone()),
-        ("Version", version),
     ];
+    // img2img and the refiner, with A1111's keys, where the metadata has them.
+    if let Some(strength) = meta.extra.get("strength").and_then(|v| v.as_f64()) {
+        fields.push(("Denoising strength", python_float(strength)));
+    }
+    if let Some(refiner) = meta.extra.get("refiner") {
+        if let Some(model) = refiner.get("model").and_then(|v| v.as_str()) {
+            fields.push(("Refiner", model.to_string()));
+        }
+        if let Some(at) = refiner.get("high_noise_fraction").and_then(|v| v.as_f64()) {
+            fields.push(("Refiner switch at", python_float(at)));
+        }
+    }
+    fields.push(("Version", version));
     let params: Vec<String> = fields.iter().map(|(key, value)| format!("{key}: {}", quote(value))).collect();
     let negative = if meta.negative_prompt.is_empty() {
         String::new()
@@ -114,6 +126,20 @@ mod tests {
             a1111_parameters(&meta()),
             "a cat\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, \
              Size: 512x512, Model: sd15, Version: sdgen 0.1.0"
+        );
+    }
+
+    #[test]
+    fn img2img_and_refiner_fields_use_a1111_keys() {
+        let mut m = meta();
+        m.extra.insert("strength".into(), 0.3.into());
+        m.extra.insert("refiner".into(), serde_json::json!({"model": "org/refiner", "high_noise_fraction": 0.8}));
+        let text = a1111_parameters(&m);
+        assert!(
+            text.ends_with(
+                "Denoising strength: 0.3, Refiner: org/refiner, Refiner switch at: 0.8, Version: sdgen 0.1.0"
+            ),
+            "{text}"
         );
     }
 
