@@ -12,19 +12,23 @@
 //!
 //! Gated repos answer 401 (no token) or 403 (wrong token) with `X-Error-Code: GatedRepo`; unknown
 //! repos and files answer 404 with `RepoNotFound` / `EntryNotFound`. Every request is recorded
-//! ([`HubServer::requests`]), and the first download of a chosen file can be cut mid-body
-//! ([`HubServer::cut_first_download`]) to test resuming. One thread per connection, and every
-//! response closes its connection: simple, and enough for tests.
+//! ([`HubServer::requests`]). Faults, each armed for the first matching request: a download cut
+//! mid-body ([`HubServer::cut_first_download`]) to test resuming; a download that stops sending
+//! mid-body but keeps the connection open ([`HubServer::stall_first_download`]); a request never
+//! answered at all ([`HubServer::hang_first_request`]). Stalled and hung connections are held
+//! until [`HubServer::release_stalls`] (or the server is dropped), then closed. One thread per
+//! connection, and every response closes its connection: simple, and enough for tests.
 //!
 //! Etags: LFS files get their SHA-256, as on the hub; regular files get a 40-hex id derived from
 //! a SHA-256 of git's blob header and content (the hub uses git's SHA-1 there; only the shape
 //! matters to clients).
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -152,6 +156,12 @@ struct State {
     requests: Mutex<Vec<Request>>,
     /// file path → cut after this many body bytes, armed until its first download.
     cuts: Mutex<BTreeMap<String, usize>>,
+    /// file path → stop sending after this many body bytes, armed until its first download.
+    stalls: Mutex<BTreeMap<String, usize>>,
+    /// request paths left unanswered, each armed until its first request.
+    hangs: Mutex<BTreeSet<String>>,
+    /// Bumped by `release_stalls` (and on drop): held connections close when it changes.
+    releases: AtomicU64,
     lfs_redirect: AtomicBool,
     endpoint: String,
 }
@@ -224,6 +234,27 @@ impl HubServer {
         self.state.cuts.lock().unwrap().insert(file.to_string(), after_bytes);
     }
 
+    /// Stalls the next download of `file` (a repo path): announces the full length, sends
+    /// `after_bytes` bytes of the body, then sends nothing more while keeping the connection open,
+    /// until [`release_stalls`](Self::release_stalls) or the server is dropped (then closes it).
+    pub fn stall_first_download(&self, file: &str, after_bytes: usize) {
+        self.state.stalls.lock().unwrap().insert(file.to_string(), after_bytes);
+    }
+
+    /// Leaves the next request for URL path `path` (without the query, e.g.
+    /// `/api/models/org/name/revision/main` or `/org/name/resolve/main/config.json`, which the
+    /// metadata probe asks for too) without any answer, not even a status line, until
+    /// [`release_stalls`](Self::release_stalls) or the server is dropped (then closes it).
+    pub fn hang_first_request(&self, path: &str) {
+        self.state.hangs.lock().unwrap().insert(path.to_string());
+    }
+
+    /// Closes the connections held by [`stall_first_download`](Self::stall_first_download) and
+    /// [`hang_first_request`](Self::hang_first_request) so far, without sending more.
+    pub fn release_stalls(&self) {
+        self.state.releases.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Answers LFS file requests with a 302 to `/cdn/{sha256}`, as the hub does.
     pub fn redirect_lfs(&self, on: bool) {
         self.state.lfs_redirect.store(on, Ordering::SeqCst);
@@ -233,6 +264,7 @@ impl HubServer {
 impl Drop for HubServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.release_stalls();
         // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect(self.addr);
         if let Some(t) = self.thread.take() {
@@ -266,17 +298,24 @@ impl Response {
 fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let Some(request) = read_request(&mut BufReader::new(stream.try_clone()?))? else { return Ok(()) };
+    // Read before recording, so a release that follows a recorded request is seen.
+    let generation = state.releases.load(Ordering::SeqCst);
     state.requests.lock().unwrap().push(request.clone());
+    if state.hangs.lock().unwrap().remove(&request.path) {
+        hold(state, generation);
+        return stream.shutdown(Shutdown::Both);
+    }
     let response = route(state, &request);
-    let cut = if request.is_download() && response.status / 100 == 2 {
-        let file = match request.resolved_file() {
+    let file = if request.is_download() && response.status / 100 == 2 {
+        match request.resolved_file() {
             Some(f) => Some(f.to_string()),
             None => request.path.strip_prefix("/cdn/").and_then(|sha| cdn_file(state, sha)),
-        };
-        file.and_then(|f| state.cuts.lock().unwrap().remove(&f))
+        }
     } else {
         None
     };
+    let cut = file.as_ref().and_then(|f| state.cuts.lock().unwrap().remove(f));
+    let stall = file.as_ref().and_then(|f| state.stalls.lock().unwrap().remove(f));
     let reason = match response.status {
         200 => "OK",
         206 => "Partial Content",
@@ -294,14 +333,24 @@ fn serve(state: &State, mut stream: TcpStream) -> std::io::Result<()> {
     head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", response.body.len()));
     stream.write_all(head.as_bytes())?;
     if request.method != "HEAD" {
-        let body = match cut {
+        let body = match cut.or(stall) {
             Some(n) => &response.body[..n.min(response.body.len())],
             None => &response.body[..],
         };
         stream.write_all(body)?;
     }
     stream.flush()?;
+    if stall.is_some() {
+        hold(state, generation);
+    }
     stream.shutdown(Shutdown::Both)
+}
+
+/// Waits (holding the connection open, silent) until `release_stalls` moves past `generation`.
+fn hold(state: &State, generation: u64) {
+    while state.releases.load(Ordering::SeqCst) == generation {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// For `/cdn/{sha256}`: the repo path of the file with that content.
@@ -522,3 +571,6 @@ fn file_response(repo: Option<&FakeRepo>, path: &str, bytes: &[u8], req: &Reques
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

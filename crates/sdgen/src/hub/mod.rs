@@ -15,15 +15,24 @@
 //!
 //! Progress goes to a callback ([`DownloadProgress`]): the engine draws nothing.
 //!
+//! A request that goes [`HubOptions::stall_timeout`] (60 s unless `SDGEN_HUB_STALL_SECS` says
+//! otherwise) without a byte fails with an error naming the repo, the file and the bytes
+//! received, instead of hanging: hf-hub sets no read timeout, so each request runs on a worker
+//! thread under a watchdog (`stall.rs`). The partial file stays a `.part` that the next run
+//! resumes.
+//!
 //! Environment ([`HubOptions::from_env`]): `HF_ENDPOINT`, `HF_HOME`, `HF_HUB_CACHE`,
 //! `XDG_CACHE_HOME`, `HF_TOKEN` (else `HF_TOKEN_PATH`, else `$HF_HOME/token`), `HF_HUB_OFFLINE`,
-//! and for tests `SDGEN_TEST_FREE_BYTES`, which replaces the measured free disk space.
+//! `SDGEN_HUB_STALL_SECS` (seconds without a byte before a download gives up, fractions allowed;
+//! anything but a positive number keeps the default of 60), and for tests
+//! `SDGEN_TEST_FREE_BYTES`, which replaces the measured free disk space.
 
 pub mod cache;
 pub mod component;
 pub mod disk;
 pub mod remote;
 pub mod select;
+mod stall;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,6 +47,10 @@ pub use component::{fetch_component, find_cached_component};
 
 /// The public hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// How long a request may go without a byte before it fails, unless `SDGEN_HUB_STALL_SECS`
+/// says otherwise: long enough for a slow link or a busy hub, short enough not to look hung.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to reach the hub and where its cache is. `Debug` hides the token.
 #[derive(Clone)]
@@ -59,6 +72,12 @@ pub struct HubOptions {
     /// Replaces the measured free disk space (`SDGEN_TEST_FREE_BYTES`), so tests can provoke the
     /// "not enough space" refusal.
     pub free_bytes_override: Option<u64>,
+    /// How long a request (the file list, a file's probe, a file's bytes) may go without
+    /// receiving anything before it fails (`SDGEN_HUB_STALL_SECS`, else
+    /// [`DEFAULT_STALL_TIMEOUT`]). Each byte restarts the clock, so large files are fine. hf-hub's
+    /// own silent waits count too (up to 5 s for another download's file lock, under a second
+    /// of back-off between retries), so values of a few seconds suit only tests.
+    pub stall_timeout: Duration,
 }
 
 impl HubOptions {
@@ -97,6 +116,11 @@ impl HubOptions {
             variant: None,
             retries: 3,
             free_bytes_override: var("SDGEN_TEST_FREE_BYTES").and_then(|v| v.parse().ok()),
+            stall_timeout: var("SDGEN_HUB_STALL_SECS")
+                .and_then(|v| v.parse::<f64>().ok())
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(DEFAULT_STALL_TIMEOUT),
         }
     }
 }
@@ -112,6 +136,7 @@ impl std::fmt::Debug for HubOptions {
             .field("variant", &self.variant)
             .field("retries", &self.retries)
             .field("free_bytes_override", &self.free_bytes_override)
+            .field("stall_timeout", &self.stall_timeout)
             .finish()
     }
 }
@@ -297,8 +322,10 @@ impl Fetcher<'_> {
                 let _ = std::fs::remove_file(&partial);
             }
         }
-        let reporter = Reporter { report, size_bytes: file.size_bytes, done_bytes: 0, last: None };
-        let written = self.remote.download(&file.path, reporter)?;
+        let mut reporter = Reporter { report, size_bytes: file.size_bytes, last: None };
+        let written = self
+            .remote
+            .download(&file.path, &mut |done_bytes, size_bytes, end| reporter.emit(done_bytes, size_bytes, end))?;
         let size = std::fs::metadata(&written).map_err(|e| Error::io(&written, e))?.len();
         if file.size_bytes > 0 && size != file.size_bytes {
             // Drop the bad blob so the next run fetches it again.
@@ -331,39 +358,23 @@ fn link_same(existing: &Path, pointer: &Path) -> std::io::Result<()> {
     return std::fs::copy(blob, pointer).map(|_| ());
 }
 
-/// hf-hub's progress hooks, throttled, turned into byte counts for one file.
+/// A file's byte counts, throttled, for the caller's progress callback.
 struct Reporter<'a> {
     report: &'a mut dyn FnMut(u64, u64),
+    /// The listed size; hf-hub's own is used when the listing had none.
     size_bytes: u64,
-    done_bytes: u64,
     last: Option<Instant>,
 }
 
 impl Reporter<'_> {
-    fn emit(&mut self, force: bool) {
+    fn emit(&mut self, done_bytes: u64, size_bytes: u64, force: bool) {
+        if self.size_bytes == 0 {
+            self.size_bytes = size_bytes;
+        }
         let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
         if force || due {
-            (self.report)(self.done_bytes, self.size_bytes);
+            (self.report)(done_bytes, self.size_bytes);
             self.last = Some(Instant::now());
         }
-    }
-}
-
-impl hf_hub::api::Progress for Reporter<'_> {
-    fn init(&mut self, size: usize, _filename: &str) {
-        // Called again when a cut download resumes; the resumed offset follows as an update.
-        if self.size_bytes == 0 {
-            self.size_bytes = size as u64;
-        }
-        self.done_bytes = 0;
-    }
-
-    fn update(&mut self, size: usize) {
-        self.done_bytes += size as u64;
-        self.emit(false);
-    }
-
-    fn finish(&mut self) {
-        self.emit(true);
     }
 }

@@ -2,15 +2,20 @@
 //! with sizes, single-file downloads into the cache (resumable: hf-hub keeps `blobs/{etag}.part`
 //! and continues it with a `Range` request, on a cut connection within the call and on the next
 //! run), and the hub's HTTP errors turned into messages that say what to do.
+//!
+//! Every request runs under the stall watchdog (`stall.rs`): hf-hub sets no read timeout,
+//! so without it a server that stops sending would hang the run.
 
+use std::io::Read;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
-use hf_hub::api::Progress;
 use hf_hub::{Repo, RepoType};
 use serde::Deserialize;
 
 use super::select::RemoteFile;
+use super::stall::{seconds, watch, Beat, BeatReader};
 use super::HubOptions;
 use crate::{Error, Result};
 
@@ -26,6 +31,7 @@ pub struct Remote {
     endpoint: String,
     token_source: Option<String>,
     cache_root: PathBuf,
+    stall: Duration,
 }
 
 /// What errors call the listing request.
@@ -70,6 +76,7 @@ impl Remote {
             endpoint: hub.endpoint.clone(),
             token_source: hub.token.as_ref().map(|_| hub.token_source.clone()),
             cache_root: super::cache::RepoCache::new(&hub.cache_dir, repo).root().to_path_buf(),
+            stall: hub.stall_timeout,
         })
     }
 
@@ -82,13 +89,28 @@ impl Remote {
     /// drops the sizes, which the disk-space check needs).
     pub fn list(&self) -> Result<(String, Vec<RemoteFile>)> {
         let what = LIST;
-        let response = self
-            .api_repo()
-            .info_request()
-            .query("blobs", "true")
-            .call()
-            .map_err(|e| self.error(what, ApiError::RequestError(Box::new(e))))?;
-        let text = response.into_string().map_err(|e| self.error(what, ApiError::IoError(e)))?;
+        let request = self.api_repo().info_request().query("blobs", "true");
+        let mut received_bytes = 0;
+        let outcome = watch(
+            self.stall,
+            &mut |beat| {
+                if let Beat::Bytes(n) = beat {
+                    received_bytes += n;
+                }
+            },
+            move |beats| -> std::result::Result<String, ApiError> {
+                let response = request.call().map_err(|e| ApiError::RequestError(Box::new(e)))?;
+                beats.send(Beat::Start(0));
+                let mut text = String::new();
+                BeatReader { inner: response.into_reader(), beats }.read_to_string(&mut text)?;
+                Ok(text)
+            },
+        )
+        .map_err(|e| Error::io(&self.cache_root, e))?;
+        let Some(outcome) = outcome else {
+            return Err(self.stalled(what, None, received_bytes, 0));
+        };
+        let text = outcome.map_err(|e| self.error(what, e))?;
         let info: Info = serde_json::from_str(&text).map_err(|e| {
             Error::BadModel(format!(
                 "the hub's file list for `{}` is not what a hub sends ({e}): is HF_ENDPOINT ({}) a Hugging Face hub?",
@@ -109,8 +131,63 @@ impl Remote {
     }
 
     /// Downloads `path` into the cache (blob + snapshot link + ref) and returns the snapshot path.
-    pub fn download(&self, path: &str, progress: impl Progress) -> Result<PathBuf> {
-        self.api_repo().download_with_progress(path, progress).map_err(|e| self.error(path, e))
+    /// `progress` gets the bytes of the file on disk so far and its size, after each chunk and
+    /// (with `true`) at the end; a resumed transfer starts from the bytes already there.
+    pub fn download(&self, path: &str, progress: &mut dyn FnMut(u64, u64, bool)) -> Result<PathBuf> {
+        let (mut done_bytes, mut size_bytes) = (0, 0);
+        let api_repo = self.api_repo();
+        let file = path.to_string();
+        let outcome = watch(
+            self.stall,
+            &mut |beat| match beat {
+                // Again on each resume within the call; the resumed offset follows as bytes.
+                Beat::Start(size) => (size_bytes, done_bytes) = (size, 0),
+                Beat::Bytes(n) => {
+                    done_bytes += n;
+                    progress(done_bytes, size_bytes, false);
+                }
+                Beat::End => progress(done_bytes, size_bytes, true),
+            },
+            move |beats| api_repo.download_with_progress(&file, beats),
+        )
+        .map_err(|e| Error::io(&self.cache_root, e))?;
+        match outcome {
+            Some(result) => result.map_err(|e| self.error(path, e)),
+            None => Err(self.stalled(path, Some(path), done_bytes, size_bytes)),
+        }
+    }
+
+    /// The error for a request about `what` that went `self.stall` without a byte, after
+    /// `done_bytes` (of `size_bytes`, when known) of `file` (none for the file list).
+    fn stalled(&self, what: &str, file: Option<&str>, done_bytes: u64, size_bytes: u64) -> Error {
+        let (repo, rev, wait) = (&self.repo, &self.revision, seconds(self.stall));
+        let got = match (done_bytes, size_bytes) {
+            (0, 0) => "before the first byte".to_string(),
+            (done, 0) => format!("after {done} bytes"),
+            (done, size) => format!("after {done} of {size} bytes"),
+        };
+        let (url, then) = match file {
+            Some(file) => (
+                format!("{}/{repo}/resolve/{rev}/{file}", self.endpoint),
+                format!(
+                    ", which resumes the download (the partial file stays in {})",
+                    self.cache_root.join("blobs").display()
+                ),
+            ),
+            None => (format!("{}/api/models/{repo}/revision/{rev}", self.endpoint), String::new()),
+        };
+        Error::io(
+            url,
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the hub stopped answering: no data for {wait} while fetching {what} of `{repo}` ({got}); \
+                     check the network (and HF_ENDPOINT, {}) and run again{then}; \
+                     SDGEN_HUB_STALL_SECS sets how many seconds to wait",
+                    self.endpoint
+                ),
+            ),
+        )
     }
 
     /// Turns an hf-hub error about `what` (a file, or the file list) into one that names the repo
