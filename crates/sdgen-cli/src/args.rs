@@ -93,7 +93,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub init_image: Option<PathBuf>,
     /// With --init-image: how much to change it, from 0 (keep) to 1 (replace entirely); only the
-    /// last strength × steps steps run [default: 0.8].
+    /// last strength × steps steps run [default: the model's, 0.8 for SD 1.5, 0.3 for SDXL].
     #[arg(long, allow_negative_numbers = true)]
     pub strength: Option<f64>,
 }

@@ -52,23 +52,30 @@ fn run() -> anyhow::Result<ExitCode> {
     let mut bar = progress::Reporter::new();
     let mut model = resolved.model.open_with(&resolved.hub, &resolved.open, &mut |p| bar.download(p))?;
     bar.finish();
-    if let Some(vae) = &resolved.vae {
-        let dir = match vae {
-            sdgen::loading::ModelSource::Path(p) => p.clone(),
-            sdgen::loading::ModelSource::Repo { repo, .. } => {
-                sdgen::hub::fetch_component(&resolved.hub, repo, "main", &mut |p| bar.download(p))?
-            }
-        };
-        bar.finish();
-        model = model.with_vae(&dir)?;
+    let vae_dir = match &resolved.vae {
+        Some(sdgen::loading::ModelSource::Path(p)) => Some(p.clone()),
+        Some(sdgen::loading::ModelSource::Repo { repo, .. }) => {
+            let dir = sdgen::hub::fetch_component(&resolved.hub, repo, "main", &mut |p| bar.download(p))?;
+            bar.finish();
+            Some(dir)
+        }
+        None => None,
+    };
+    if let Some(dir) = &vae_dir {
+        model = model.with_vae(dir)?;
     }
     // The refiner is opened (downloaded) now, so a wrong one is refused before any weight loads.
     let refiner_model = match &resolved.refiner {
         Some((source, _)) => {
-            let m = source
+            let mut m = source
                 .open_with(&resolved.hub, &sdgen::loading::OpenOptions::default(), &mut |p| bar.download(p))
                 .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
             bar.finish();
+            // The refiner decodes the image: a --vae replaces its VAE too (as diffusers' fp16-fix
+            // recipe passes `vae=` to both pipelines).
+            if let Some(dir) = &vae_dir {
+                m = m.with_vae(dir).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+            }
             Some(m)
         }
         None => None,
@@ -139,7 +146,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let p = sdgen::planning::plan_run(
                 r.model,
                 &settings,
-                plan.images_per_batch,
+                request.n,
                 false,
                 &resolved.runtime.device,
                 resolved.runtime.dtype,
@@ -148,6 +155,9 @@ fn run() -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
             for line in p.to_string().lines() {
                 progress::log(line);
+            }
+            if let Some(w) = &p.warning {
+                progress::log(w);
             }
             let o = sdgen::planning::stage_options(r.model, &p, &settings, false)?;
             let rt = &mut resolved.runtime.options;
@@ -164,7 +174,11 @@ fn run() -> anyhow::Result<ExitCode> {
     };
 
     // The images, in batches of what fits; image i keeps generator seed + i whatever its batch.
-    let per_batch = plan.images_per_batch.clamp(1, request.n);
+    // With a refiner, a batch must fit both halves: the smaller of the two plans' batches.
+    let per_batch = refiner_plan
+        .as_ref()
+        .map_or(plan.images_per_batch, |p| p.images_per_batch.min(plan.images_per_batch))
+        .clamp(1, request.n);
     let mut generations = Vec::new();
     for start in (0..request.n).step_by(per_batch) {
         let mut part = request.clone();
@@ -219,14 +233,25 @@ fn run() -> anyhow::Result<ExitCode> {
         let mut extra = extra.clone();
         extra.insert("memory".into(), serde_json::to_value(&generation.memory)?);
         if let Some(r) = &generation.refinement {
-            extra.insert("refiner".into(), serde_json::to_value(r)?);
+            let mut r = r.clone();
+            // The model as the user named it (a hub repo, not its cache folder).
+            if let Some((source, _)) = &resolved.refiner {
+                r.model = source.label();
+            }
+            extra.insert("refiner".into(), serde_json::to_value(&r)?);
         }
         for image in &generation.images {
             let meta = ImageMetadata {
                 model: resolved.model.label(),
                 pipeline_type: pipeline_type.clone(),
                 memory_optimizations: memory_optimizations.clone(),
-                warnings: generation.warnings.iter().cloned().chain(plan.warning.clone()).collect(),
+                warnings: generation
+                    .warnings
+                    .iter()
+                    .cloned()
+                    .chain(plan.warning.clone())
+                    .chain(refiner_plan.as_ref().and_then(|p| p.warning.clone()))
+                    .collect(),
                 failures: generation.failures.clone(),
                 prompt: request.prompt.clone(),
                 negative_prompt: request.negative_prompt.clone().unwrap_or_default(),

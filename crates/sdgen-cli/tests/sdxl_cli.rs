@@ -173,15 +173,15 @@ fn refiner_refines_a_finished_image() {
         &refiner(),
         "--init-image",
         &init,
-        "--strength",
-        "0.3",
+        // No --strength: SDXL's img2img default, 0.3 (SD 1.5's is 0.8), as the reference used.
         "--seed",
         "51",
         "--steps",
         "10",
         "--json",
     ];
-    let (result, _) = run_json(&args, &out);
+    let (result, log) = run_json(&args, &out);
+    assert!(log.contains("strength 0.3: the last 3 of 10 steps"), "{log}");
     assert_png_matches(Path::new(result["images"][0]["png"].as_str().unwrap()), "refiner_img2img_0.png");
     assert_eq!(sidecar(&result)["pipeline_type"], "StableDiffusionXLImg2ImgPipeline (SDXL refiner)");
     assert_eq!(files_in(&out).len(), 2);

@@ -90,12 +90,13 @@ pub const MAX_SCORE_ELEMENTS: usize = 1 << 30;
 /// the peak far lower, and the matmuls still large.
 pub const MAX_SCORE_ELEMENTS_CUDA: usize = 1 << 26;
 
-/// The most score elements one attention call materialises on `device`.
+/// The most score elements one attention call materialises on `device` (GPUs: the CUDA bound,
+/// which the planner assumes for every GPU, Metal included).
 pub fn max_score_elements(device: &Device) -> usize {
-    if device.is_cuda() {
-        MAX_SCORE_ELEMENTS_CUDA
-    } else {
+    if device.is_cpu() {
         MAX_SCORE_ELEMENTS
+    } else {
+        MAX_SCORE_ELEMENTS_CUDA
     }
 }
 
@@ -125,7 +126,10 @@ pub fn attention_with(
     let max_rows = ((max_score_elements(q.device()) / (b * heads * kv_len).max(1)).max(1)).min(q_len.max(1));
     let rows = match options.slice {
         Some(0) => candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention"),
-        Some(n) if n < q_len => n.min(max_rows),
+        Some(n) if n < q_len => {
+            let rows = n.min(max_rows);
+            q_len.div_ceil(q_len.div_ceil(rows))
+        }
         _ if max_rows < q_len => q_len.div_ceil(q_len.div_ceil(max_rows)),
         _ => return attention_rows(&q.contiguous()?, &kt, &v, scale, mask),
     };

@@ -17,32 +17,32 @@ pub const MAX_CONV_COLUMN_ELEMENTS_CUDA: usize = 1 << 28;
 
 /// The most column elements one convolution call builds on `device`.
 pub fn max_conv_column_elements(device: &candle_core::Device) -> usize {
-    if device.is_cuda() {
-        MAX_CONV_COLUMN_ELEMENTS_CUDA
-    } else {
+    // Every GPU (Metal too, as the planner assumes): its kernels build the column whole.
+    if device.is_cpu() {
         MAX_CONV_COLUMN_ELEMENTS
+    } else {
+        MAX_CONV_COLUMN_ELEMENTS_CUDA
     }
 }
 
-/// A 3×3 convolution with padding 1 (the most common layer of both models) that keeps every
-/// kernel call under [`MAX_CONV_COLUMN_ELEMENTS`]: past it, the batch's images are convolved one
-/// at a time and, if one is still too large, in bands of output rows over the zero-padded input.
-/// Each output pixel then sees exactly the inputs it sees unbanded, so the result is the
-/// unbanded one (up to the matmul's blocking), unlike VAE tiling, which changes the image.
-/// The limit is [`max_conv_column_elements`] of the input's device.
+/// A 3×3 convolution (stride 1 or 2, zero padding) that keeps every kernel call's column buffer
+/// under its device's limit ([`max_conv_column_elements`]): past it, the batch's images are
+/// convolved one at a time and, if one is still too large, in bands of output rows over the
+/// explicitly padded input. Each output pixel then sees exactly the inputs it sees unbanded, so
+/// the result is the unbanded one (up to the matmul's blocking), unlike VAE tiling, which changes
+/// the image.
 #[derive(Debug, Clone)]
 pub struct Conv3x3 {
-    /// Padding 1: the normal path.
-    padded: Conv2d,
+    /// The convolution as configured: the normal path.
+    direct: Conv2d,
     /// The same weights with padding 0, applied to an explicitly padded input in bands.
     unpadded: Conv2d,
-}
-
-impl Conv3x3 {
-    fn column_elements(&self, b: usize, rows: usize, w: usize) -> usize {
-        let cin = self.padded.weight().dim(1).unwrap_or(1);
-        b * rows * w * cin * 9
-    }
+    /// Zero padding on every side (1 for "same" convolutions, 0 for the VAE's downsamplers).
+    padding: usize,
+    stride: usize,
+    /// An extra zero row and column at the bottom and right first (the VAE encoder's
+    /// downsamplers: diffusers pads `(0, 1, 0, 1)` before a stride-2, padding-0 convolution).
+    pad_right_bottom: bool,
 }
 
 impl Module for Conv3x3 {
@@ -52,24 +52,62 @@ impl Module for Conv3x3 {
 }
 
 impl Conv3x3 {
+    fn new(
+        cin: usize,
+        cout: usize,
+        padding: usize,
+        stride: usize,
+        pad_right_bottom: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let direct = candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding, stride, ..Default::default() }, vb)?;
+        let unpadded =
+            Conv2d::new(direct.weight().clone(), direct.bias().cloned(), Conv2dConfig { stride, ..Default::default() });
+        Ok(Self { direct, unpadded, padding, stride, pad_right_bottom })
+    }
+
+    /// Output rows or columns for `n` input ones.
+    fn out_len(&self, n: usize) -> usize {
+        (n + 2 * self.padding).saturating_sub(3) / self.stride + 1
+    }
+
+    fn column_elements(&self, b: usize, rows_out: usize, w_out: usize) -> usize {
+        let cin = self.direct.weight().dim(1).unwrap_or(1);
+        b * rows_out * w_out * cin * 9
+    }
+
     /// The convolution with every call's column buffer under `limit` elements.
     fn forward_bounded(&self, x: &Tensor, limit: usize) -> Result<Tensor> {
+        let x = if self.pad_right_bottom { x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)? } else { x.clone() };
         let (b, _, h, w) = x.dims4()?;
-        if self.column_elements(b, h, w) < limit {
-            return self.padded.forward(x);
+        let (h_out, w_out) = (self.out_len(h), self.out_len(w));
+        if self.column_elements(b, h_out, w_out) < limit {
+            return self.direct.forward(&x);
         }
         if b > 1 {
             let images =
-                (0..b).map(|i| self.forward_bounded(&x.narrow(0, i, 1)?, limit)).collect::<Result<Vec<_>>>()?;
+                (0..b).map(|i| self.forward_unpadded_bands(&x.narrow(0, i, 1)?, limit)).collect::<Result<Vec<_>>>()?;
             return Tensor::cat(&images, 0);
         }
-        let rows = (limit / self.column_elements(1, 1, w).max(1)).max(1);
-        let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-        let mut bands = Vec::with_capacity(h.div_ceil(rows));
-        for start in (0..h).step_by(rows) {
-            let len = rows.min(h - start);
-            // Output rows start..start+len read padded rows start..start+len+2.
-            bands.push(self.unpadded.forward(&padded.narrow(2, start, len + 2)?)?);
+        self.forward_unpadded_bands(&x, limit)
+    }
+
+    /// One image (its extra right/bottom padding already added) in bands of output rows.
+    fn forward_unpadded_bands(&self, x: &Tensor, limit: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (h_out, w_out) = (self.out_len(h), self.out_len(w));
+        if self.column_elements(1, h_out, w_out) < limit {
+            return self.direct.forward(x);
+        }
+        let rows = (limit / self.column_elements(1, 1, w_out).max(1)).max(1);
+        let p = self.padding;
+        let padded = if p > 0 { x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { x.clone() };
+        let mut bands = Vec::with_capacity(h_out.div_ceil(rows));
+        for start in (0..h_out).step_by(rows) {
+            let len = rows.min(h_out - start);
+            // Output rows start..start+len read padded rows from start·stride, (len − 1)·stride + 3 of them.
+            let input = padded.narrow(2, start * self.stride, (len - 1) * self.stride + 3)?;
+            bands.push(self.unpadded.forward(&input)?);
         }
         Tensor::cat(&bands, 2)
     }
@@ -77,9 +115,7 @@ impl Conv3x3 {
 
 /// A 3×3 convolution with padding 1, see [`Conv3x3`].
 pub(crate) fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv3x3> {
-    let padded = candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)?;
-    let unpadded = Conv2d::new(padded.weight().clone(), padded.bias().cloned(), Conv2dConfig::default());
-    Ok(Conv3x3 { padded, unpadded })
+    Conv3x3::new(cin, cout, 1, 1, false, vb)
 }
 
 /// A 1×1 convolution.
@@ -144,28 +180,21 @@ impl ResnetBlock2D {
 }
 
 /// `Downsample2D` with a convolution: stride 2, padding 1 in the UNet; padding 0 after an
-/// asymmetric (right/bottom) zero pad in the VAE encoder.
+/// asymmetric (right/bottom) zero pad in the VAE encoder. Bounded like every [`Conv3x3`].
 #[derive(Debug)]
 pub struct Downsample2D {
-    conv: Conv2d,
-    pad_right_bottom: bool,
+    conv: Conv3x3,
 }
 
 impl Downsample2D {
     /// `padding` is diffusers' `downsample_padding` (1 in the UNet, 0 in the VAE).
     pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { padding, stride: 2, ..Default::default() };
-        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, pad_right_bottom: padding == 0 })
+        Ok(Self { conv: Conv3x3::new(channels, channels, padding, 2, padding == 0, vb.pp("conv"))? })
     }
 
     /// Halves the spatial size (rounding up).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.pad_right_bottom {
-            let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-            self.conv.forward(&x)
-        } else {
-            self.conv.forward(x)
-        }
+        self.conv.forward(x)
     }
 }
 
@@ -195,30 +224,47 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    /// Banded and per-image convolution equal the plain one: a 2-image batch of 5×7 maps with 3
-    /// channels (27 column elements per pixel) under limits that force per-image calls, bands of
-    /// 2 rows, and single rows.
-    #[test]
-    fn bounded_convolution_equals_the_plain_one() {
+    fn weights(cin: usize, cout: usize) -> candle_nn::VarBuilder<'static> {
         let dev = Device::Cpu;
-        let vb = candle_nn::VarBuilder::from_tensors(
+        candle_nn::VarBuilder::from_tensors(
             [
-                ("weight".to_string(), Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap()),
-                ("bias".to_string(), Tensor::randn(0f32, 1.0, 4, &dev).unwrap()),
+                ("weight".to_string(), Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev).unwrap()),
+                ("bias".to_string(), Tensor::randn(0f32, 1.0, cout, &dev).unwrap()),
             ]
             .into_iter()
             .collect(),
             DType::F32,
             &dev,
-        );
-        let conv = conv3x3(3, 4, vb).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev).unwrap();
-        let plain = conv.padded.forward(&x).unwrap();
-        for limit in [usize::MAX, 27 * 35 + 1, 27 * 14 + 1, 1] {
-            let out = conv.forward_bounded(&x, limit).unwrap();
-            let diff = (&out - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-5, "limit {limit}: max |diff| {diff}");
-            assert_eq!(out.dims(), plain.dims());
+        )
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Banded and per-image convolution equal the plain one: a 2-image batch of 5×7 maps with 3
+    /// channels (27 column elements per pixel) under limits that force per-image calls, bands of
+    /// 2 rows, and single rows; for the stride-1 "same" convolution and both stride-2 downsamplers
+    /// (the UNet's padding 1, the VAE's right/bottom pad), on odd and even sizes.
+    #[test]
+    fn bounded_convolution_equals_the_plain_one() {
+        let cases = [(1, 1, false), (1, 2, false), (0, 2, true)];
+        for (padding, stride, pad_rb) in cases {
+            let conv = Conv3x3::new(3, 4, padding, stride, pad_rb, weights(3, 4)).unwrap();
+            for (h, w) in [(5, 7), (8, 6), (3, 4)] {
+                let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+                let plain = conv.forward_bounded(&x, usize::MAX).unwrap();
+                for limit in [27 * 35 + 1, 27 * 14 + 1, 1] {
+                    let out = conv.forward_bounded(&x, limit).unwrap();
+                    let diff = max_diff(&out, &plain);
+                    assert!(diff < 1e-5, "padding {padding} stride {stride} {h}×{w} limit {limit}: {diff}");
+                }
+            }
         }
+        // The plain path is candle's convolution as configured.
+        let conv = Conv3x3::new(3, 4, 1, 1, false, weights(3, 4)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 6, 6), &Device::Cpu).unwrap();
+        assert!(max_diff(&conv.forward_bounded(&x, 1).unwrap(), &conv.direct.forward(&x).unwrap()) < 1e-5);
     }
 }

@@ -28,6 +28,7 @@ pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
     let profile = FamilyProfile::for_family(model.family().name)
         .ok_or_else(|| Error::BadModel(format!("no memory profile for family {}", model.family().name)))?;
     let mut sources: Vec<&str> = profile.components.iter().map(|c| c.source).collect();
+    sources.sort_unstable();
     sources.dedup();
     let mut components = Vec::new();
     for name in sources {
@@ -113,7 +114,20 @@ pub fn plan_run(
     let profile = FamilyProfile::for_family(model.family().name)
         .ok_or_else(|| Error::BadModel(format!("no memory profile for family {}", model.family().name)))?;
     let manifest = manifest(model)?;
+    // SDXL's pipelines run an upcast VAE (`force_upcast`) in f32: encoding under any half
+    // precision, decoding under f16 (see `pipeline::stages::decode_dtype`).
+    let mut component_precision = Vec::new();
+    if model.family().name.starts_with("sdxl") && precision(dtype).is_half() {
+        let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
+        if vae.force_upcast.unwrap_or(true) {
+            component_precision.push(("vae_encoder".to_string(), Precision::F32));
+            if dtype == DType::F16 {
+                component_precision.push(("vae_decoder".to_string(), Precision::F32));
+            }
+        }
+    }
     let request = PlanRequest {
+        component_precision,
         n_images: n,
         guidance: settings.guidance > 1.0,
         img2img,

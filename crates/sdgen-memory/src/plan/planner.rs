@@ -295,8 +295,9 @@ impl<'r, 'a> Ctx<'r, 'a> {
                         stage: spec.name.to_string(),
                     });
                 };
-                precision = precision.or(manifest.precision);
-                device += manifest.bytes_at(comp.prefixes, req.precision);
+                let forced = req.component_precision.iter().find(|(c, _)| c == name).map(|(_, p)| *p);
+                precision = precision.or(forced).or(manifest.precision);
+                device += manifest.bytes_at(comp.prefixes, forced.unwrap_or(req.precision));
                 host += manifest.select(comp.prefixes).map(|t| t.bytes_at(Precision::F32)).sum::<u64>();
             }
             stages.push(StageCtx {

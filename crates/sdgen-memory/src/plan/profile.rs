@@ -123,6 +123,11 @@ impl FamilyProfile {
         let stage = |name: &str| base.stage(name).expect("SDXL has the stage").clone();
         let mut denoise = stage("denoise");
         denoise.activation.attention = Some(AttentionShape { heads: 12, pixels_per_token: 256, extra_tokens: 0 });
+        // Its first level is wider (384 channels against 320): measured on an H200 at 1024²
+        // (bf16, 1.49 GB above its weights), 1.66× the base's per-pixel term; f32 scaled alike.
+        let gpu = &mut denoise.activation.coefficients;
+        gpu.gpu_half.bytes_per_pixel *= 1.66;
+        gpu.gpu_f32.bytes_per_pixel *= 1.66;
         Self {
             id: "sdxl-refiner",
             name: "SDXL refiner",
@@ -245,11 +250,12 @@ impl FamilyProfile {
             coefficients: CoefficientTable {
                 cpu_f32: e,
                 cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),
-                // bf16: fitted to one H200 measurement (SDXL's VAE, the same architecture, encoding
-                // a 1024² image: 5.13 GB above its weights; sdgen-bench, 2026-11-27). f32: scaled
-                // by the same factor from the architecture's estimate until it is measured.
-                gpu_f32: c(9_100.0, e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
-                gpu_half: c(4_770.0, 0.6 * e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
+                // f32: fitted to one H200 measurement (SDXL's VAE — the same architecture — encoding
+                // a 1024² image in f32, as SDXL's img2img upcasts it: 5.06 GB above its weights;
+                // sdgen-bench, 2026-11-27). Half: 0.9 of it, the decoder's measured ratio, until
+                // measured.
+                gpu_f32: c(4_770.0, e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
+                gpu_half: c(4_300.0, 0.6 * e.bytes_per_pixel_at_attention, 8.0, 0.0, 128.0 * MIB),
             },
         };
         let vae_tiling = TilingSpec { tile_px: vec![512, 256], overlap: 0.25 };

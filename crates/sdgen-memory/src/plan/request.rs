@@ -169,6 +169,10 @@ pub struct PlanRequest<'a> {
     pub mode: MemoryMode,
     /// Fraction of the budget kept free, in `[0, 1)`.
     pub safety_margin: f64,
+    /// Planner components the engine runs at another precision than the run's, by name (SDXL's
+    /// VAE in f32 under half precision: `force_upcast`, for encoding in any half precision and
+    /// for decoding in f16).
+    pub component_precision: Vec<(String, Precision)>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -193,6 +197,7 @@ impl<'a> PlanRequest<'a> {
             budget,
             mode: MemoryMode::Auto,
             safety_margin: DEFAULT_SAFETY_MARGIN,
+            component_precision: Vec::new(),
         }
     }
 

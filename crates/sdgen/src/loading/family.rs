@@ -34,6 +34,9 @@ pub struct FamilySpec {
     pub default_steps: usize,
     /// Default classifier-free guidance scale.
     pub default_guidance: f64,
+    /// Default image-to-image strength (diffusers' img2img pipeline default: 0.8 for SD 1.5,
+    /// 0.3 for SDXL's).
+    pub default_strength: f64,
     /// How its single-file checkpoints are laid out (key prefixes, renaming rules, default
     /// configs and tokenizer); `None` where only diffusers folders are supported.
     pub single_file: Option<&'static SingleFileLayout>,
@@ -53,6 +56,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         size_multiple: 8,
         default_steps: 50,
         default_guidance: 7.5,
+        default_strength: 0.8,
         single_file: Some(&single_file::SD15),
     },
     FamilySpec {
@@ -67,6 +71,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         size_multiple: 8,
         default_steps: 50,
         default_guidance: 5.0,
+        default_strength: 0.3,
         single_file: Some(&single_file::SDXL),
     },
     FamilySpec {
@@ -81,6 +86,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         size_multiple: 8,
         default_steps: 50,
         default_guidance: 5.0,
+        default_strength: 0.3,
         single_file: Some(&single_file::SDXL_REFINER),
     },
 ];

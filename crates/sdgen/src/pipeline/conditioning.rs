@@ -107,6 +107,7 @@ pub(super) fn encode_prompts(
         };
         let out = stage(name, progress, log, rt, |rt, progress| {
             encode_with(
+                name,
                 model,
                 component,
                 tokenizer,
@@ -140,7 +141,8 @@ pub(super) fn encode_prompts(
         .collect::<Result<_>>()?;
     let last = outputs.last().expect("SDXL has a text encoder");
     let mut pooled: Vec<Tensor> = last.pooled.clone();
-    if cfg_guidance && req.negative_prompt.is_none() && kind == Kind::SdxlBase && force_zeros_for_empty_prompt(model)? {
+    // diffusers reads the flag in both SDXL pipelines (the official refiner's is false).
+    if cfg_guidance && req.negative_prompt.is_none() && force_zeros_for_empty_prompt(model)? {
         hidden[0] = hidden[0].zeros_like()?;
         pooled[0] = pooled[0].zeros_like()?;
     }
@@ -149,6 +151,21 @@ pub(super) fn encode_prompts(
     let text_embeds = batch(&pooled)?.squeeze(1)?;
     let rows = time_id_rows(kind, size, cfg_guidance);
     let k = rows[0].len();
+    // The UNet's added embedding fixes how many numbers it takes (6 for the base's sizes, 5 for
+    // the refiner's aesthetic score): a mismatch is a model that is not what its family says.
+    let unet: sdgen_models::unet::UNetConfig = model.config("unet", "config.json")?;
+    let pooled_dim = text_embeds.dim(1)?;
+    if let Some(want) = unet.time_ids_len(pooled_dim) {
+        if want != k {
+            return Err(Error::BadModel(format!(
+                "{}: its UNet's added embedding takes {want} micro-conditioning numbers besides the {pooled_dim}-wide \
+                 pooled text, but {} conditions with {k} (is it a {}?)",
+                model.root().display(),
+                model.family().display,
+                if want == 5 { "refiner" } else { "base model" }
+            )));
+        }
+    }
     let mut values = Vec::with_capacity(rows.len() * n * k);
     for row in &rows {
         for _ in 0..n {
@@ -186,6 +203,7 @@ fn force_zeros_for_empty_prompt(model: &ModelFolder) -> Result<bool> {
 /// One text encoder over the prompts: loaded, run for each prompt, dropped.
 #[allow(clippy::too_many_arguments)]
 fn encode_with(
+    stage_name: &str,
     model: &ModelFolder,
     component: &'static str,
     tokenizer_dir: &str,
@@ -206,7 +224,7 @@ fn encode_with(
     let what = if projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
     let encoder = ClipTextModel::new(&cfg, projection, weights.var_builder(dtype, &device)?)
         .map_err(|e| model_error(&weights, what, e))?;
-    loaded(progress, component);
+    loaded(progress, stage_name);
     let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
     for (i, text) in texts.iter().enumerate() {
         let tokens = tokenizer.encode(text)?;

@@ -21,7 +21,7 @@ use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, loaded, stage, vae_options, StageLog};
+use super::stages::{decode, denoise, into_images, loaded, mul_scalar, stage, vae_options, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::{model_error, ModelFolder};
@@ -30,7 +30,7 @@ use crate::rng::TorchNoise;
 use crate::schedulers::{self, Scheduler};
 use crate::{Error, Result};
 
-/// diffusers' default `strength`.
+/// diffusers' default `strength` for SD 1.5 (`StableDiffusionImg2ImgPipeline`).
 pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 /// The starting picture of an image-to-image run.
@@ -59,7 +59,8 @@ pub struct Img2ImgRequest {
     pub request: Request,
     /// The picture to start from (the same for every image of the batch).
     pub init_image: InitImage,
-    /// How much to change the picture, in [0, 1]; `None` is [`DEFAULT_STRENGTH`].
+    /// How much to change the picture, in [0, 1]; `None` is the family's default
+    /// (`FamilySpec::default_strength`: 0.8 for SD 1.5 as [`DEFAULT_STRENGTH`], 0.3 for SDXL).
     pub strength: Option<f64>,
 }
 
@@ -106,7 +107,7 @@ pub fn check_strength(strength: f64) -> Result<()> {
 
 /// Fills in the defaults and validates an image-to-image request before anything is loaded.
 pub fn resolve_img2img(model: &ModelFolder, req: &Img2ImgRequest) -> Result<Img2ImgSettings> {
-    let strength = req.strength.unwrap_or(DEFAULT_STRENGTH);
+    let strength = req.strength.unwrap_or(model.family().default_strength);
     check_strength(strength)?;
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let f = vae_cfg.scale_factor();
@@ -134,14 +135,6 @@ pub fn preprocess(image: &RgbImage, width: usize, height: usize) -> Result<Tenso
     let resized = resize_lanczos(image, width, height)?;
     let values: Vec<f32> = resized.data.iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
     Ok(Tensor::from_vec(values, (1, height, width, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?)
-}
-
-/// `x * c` as torch multiplies a tensor by a Python float: in f32 for f16/bf16, rounded once.
-fn scale(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c, 0.0)?.to_dtype(x.dtype()),
-        _ => x.affine(c, 0.0),
-    }
 }
 
 /// `prepare_latents`: encode the image, sample each image's latents from its generator, scale,
@@ -176,7 +169,7 @@ fn initial_latents(
     let std = (dist.logvar * 0.5)?.exp()?;
     let eps = generators.randn(&[n, c, h, w], dist.mean.dtype(), dist.mean.device())?;
     let sample = eps.broadcast_mul(&std)?.broadcast_add(&dist.mean)?.to_dtype(rt.dtype)?;
-    let init = scale(&sample, vae_cfg.scaling_factor)?;
+    let init = mul_scalar(&sample, vae_cfg.scaling_factor)?;
     let noise = generators.randn(&[n, c, h, w], rt.dtype, &rt.device)?;
     Ok(scheduler.add_noise(&init, &noise, first_step)?)
 }
@@ -237,6 +230,7 @@ pub fn img2img(
     // 5. Denoise from the first step on.
     let latents = stage("unet", progress, &mut log, rt, |rt, progress| {
         denoise(
+            "unet",
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),

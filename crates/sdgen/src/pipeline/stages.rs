@@ -188,6 +188,7 @@ pub(super) fn stage<T>(
 /// ancestral noise drawn from `generators`. Reports each step, numbered from 1.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn denoise(
+    stage_name: &str,
     model: &ModelFolder,
     unet_cfg: &UNetConfig,
     scheduler: &mut dyn Scheduler,
@@ -204,7 +205,7 @@ pub(super) fn denoise(
     let unet = UNet2DConditionModel::new(unet_cfg, weights.var_builder(rt.dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "a UNet2DConditionModel", e))?;
     unet.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
-    loaded(progress, "unet");
+    loaded(progress, stage_name);
     memory_point(progress, "Before generation");
     let timesteps = scheduler.timesteps().to_vec();
     let steps = steps.start..steps.end.min(timesteps.len());
@@ -242,17 +243,29 @@ pub(super) fn decode(
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
     vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
     loaded(progress, "vae");
+    // diffusers casts to the VAE's dtype first (SDXL's f16 upcast), then divides in that dtype
+    // with torch's f32 scalar arithmetic.
+    let z = mul_scalar(&latents.to_dtype(dtype)?, 1.0 / vae_cfg.scaling_factor)?;
     let z = match vae_cfg.shift_factor {
-        Some(s) => ((latents / vae_cfg.scaling_factor)? + s)?,
-        None => (latents / vae_cfg.scaling_factor)?,
+        Some(s) => z.to_dtype(DType::F32)?.affine(1.0, s)?.to_dtype(dtype)?,
+        None => z,
     };
-    let z = z.to_dtype(dtype)?;
     let image = vae.decode_with(&z, &vae_options(vae_cfg, rt))?;
     Ok(((image / 2.0)? + 0.5)?
         .clamp(0f32, 1f32)?
         .permute((0, 2, 3, 1))?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?)
+}
+
+/// `x * c` as torch multiplies a tensor by a Python float: in f32 for f16/bf16 (its "opmath"),
+/// rounded once — candle's `affine` would round `c` itself to the half type first (1/0.13025 is
+/// 7.6875 in bf16, not 7.677).
+pub(super) fn mul_scalar(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c, 0.0)?.to_dtype(x.dtype()),
+        _ => x.affine(c, 0.0),
+    }
 }
 
 /// The dtype the VAE decodes in: SDXL's pipelines upcast an f16 VAE whose config says

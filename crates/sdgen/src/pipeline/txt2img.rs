@@ -10,7 +10,7 @@ use sdgen_models::vae::VaeConfig;
 use serde::Serialize;
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, memory_point, stage, StageLog};
+use super::stages::{decode, denoise, into_images, memory_point, mul_scalar, stage, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
@@ -93,18 +93,27 @@ pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
     let refiner_vae: VaeConfig = r.config("vae", "config.json")?;
     let base_unet: UNetConfig = model.config("unet", "config.json")?;
     let refiner_unet: UNetConfig = r.config("unet", "config.json")?;
-    if base_vae.latent_channels != refiner_vae.latent_channels
-        || base_vae.scale_factor() != refiner_vae.scale_factor()
-        || base_unet.out_channels != refiner_unet.in_channels
-    {
-        return Err(Error::InvalidInput(format!(
-            "--refiner {}: its latents ({} channels, 1/{} scale) are not the base's ({} channels, 1/{} scale)",
-            r.root().display(),
-            refiner_unet.in_channels,
+    let mismatch = |what: String| {
+        Err(Error::InvalidInput(format!("--refiner {} cannot continue from the base: {what}", r.root().display())))
+    };
+    if refiner_unet.in_channels != base_unet.out_channels {
+        return mismatch(format!(
+            "its UNet takes {}-channel latents, the base's makes {}",
+            refiner_unet.in_channels, base_unet.out_channels
+        ));
+    }
+    if refiner_vae.latent_channels != refiner_unet.out_channels {
+        return mismatch(format!(
+            "its VAE decodes {}-channel latents, its UNet makes {}",
+            refiner_vae.latent_channels, refiner_unet.out_channels
+        ));
+    }
+    if refiner_vae.scale_factor() != base_vae.scale_factor() {
+        return mismatch(format!(
+            "its VAE works at 1/{} scale, the base's at 1/{}",
             refiner_vae.scale_factor(),
-            base_unet.out_channels,
             base_vae.scale_factor()
-        )));
+        ));
     }
     Ok(())
 }
@@ -149,15 +158,16 @@ pub fn txt2img_refined(
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
     let f = vae_cfg.scale_factor();
-    let noise = || TorchNoise::from_env();
-    let mut generators = BatchNoise::for_batch_with_noise(req.seed, req.n, noise()?);
+    let mut generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
     let shape = [req.n, unet_cfg.in_channels, settings.height / f, settings.width / f];
-    let latents = (generators.randn(&shape, rt.dtype, &rt.device)? * scheduler.init_noise_sigma())?;
+    let noise = generators.randn(&shape, rt.dtype, &rt.device)?;
+    let latents = mul_scalar(&noise, scheduler.init_noise_sigma())?;
 
     // 4. Denoise.
     // A retried stage starts again from a fresh scheduler and the generators' state before it.
     let latents = stage("unet", progress, &mut log, rt, |rt, progress| {
         denoise(
+            "unet",
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),
@@ -228,6 +238,7 @@ fn refine_latents(
     let generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
     let latents = stage("refiner_unet", progress, log, rt, |rt, progress| {
         denoise(
+            "refiner_unet",
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),
