@@ -118,30 +118,9 @@ pub fn fetch_component(
     check_space(hub, &cache, &commit, &plan, repo)?;
 
     let fetcher = Fetcher { remote: &remote, cache: &cache, commit: &commit, repo };
-    let todo: Vec<&RemoteFile> = plan.iter().filter(|f| !fetcher.present(f)).collect();
-    let total_bytes: u64 = todo.iter().map(|f| f.size_bytes).sum();
-    let mut done_bytes = 0;
     // `plan` has config.json first and the weights last: an interrupted run never leaves a
     // snapshot that `check_component_complete` accepts.
-    for (file_index, file) in plan.iter().enumerate() {
-        let slot = todo.iter().position(|t| t.path == file.path);
-        let mut report = |file_done_bytes: u64, file_total_bytes: u64| {
-            progress(&DownloadProgress {
-                repo,
-                file: &file.path,
-                file_index: slot.unwrap_or(file_index),
-                file_count: todo.len(),
-                file_done_bytes,
-                file_total_bytes,
-                done_bytes: done_bytes + file_done_bytes,
-                total_bytes,
-            })
-        };
-        fetcher.fetch(file, &mut report)?;
-        if slot.is_some() {
-            done_bytes += file.size_bytes;
-        }
-    }
+    fetcher.fetch_all(&plan, progress)?;
     cache.set_ref(revision, &commit)?;
     let snapshot = cache.snapshot(&commit);
     check_component_complete(&snapshot, variant).map_err(|missing| {

@@ -228,28 +228,7 @@ pub fn fetch_pipeline(
     // Configs and tokenizers first, weights last: an interrupted run never leaves a snapshot that
     // `check_complete` accepts.
     plan.sort_by_key(|f| f.path.ends_with(".safetensors"));
-    let todo: Vec<&RemoteFile> = plan.iter().filter(|f| !fetcher.present(f)).collect();
-    let total_bytes: u64 = todo.iter().map(|f| f.size_bytes).sum();
-    let mut done_bytes = 0;
-    for (file_index, file) in plan.iter().enumerate() {
-        let slot = todo.iter().position(|t| t.path == file.path);
-        let mut report = |file_done_bytes: u64, file_total_bytes: u64| {
-            progress(&DownloadProgress {
-                repo,
-                file: &file.path,
-                file_index: slot.unwrap_or(file_index),
-                file_count: todo.len(),
-                file_done_bytes,
-                file_total_bytes,
-                done_bytes: done_bytes + file_done_bytes,
-                total_bytes,
-            })
-        };
-        fetcher.fetch(file, &mut report)?;
-        if slot.is_some() {
-            done_bytes += file.size_bytes;
-        }
-    }
+    fetcher.fetch_all(&plan, progress)?;
     cache.set_ref(revision, &commit)?;
     let snapshot = cache.snapshot(&commit);
     check_complete(&snapshot, variant).map_err(|missing| {
@@ -302,6 +281,34 @@ impl Fetcher<'_> {
     }
 
     /// Whether the file needs no download: in the snapshot, or its blob in the cache.
+    /// Fetches every file of `plan` in order, reporting progress over the files still missing
+    /// (those already in the cache are linked, not counted).
+    fn fetch_all(&self, plan: &[RemoteFile], progress: &mut dyn FnMut(&DownloadProgress)) -> Result<()> {
+        let todo: Vec<&RemoteFile> = plan.iter().filter(|f| !self.present(f)).collect();
+        let total_bytes: u64 = todo.iter().map(|f| f.size_bytes).sum();
+        let mut done_bytes = 0;
+        for (file_index, file) in plan.iter().enumerate() {
+            let slot = todo.iter().position(|t| t.path == file.path);
+            let mut report = |file_done_bytes: u64, file_total_bytes: u64| {
+                progress(&DownloadProgress {
+                    repo: self.repo,
+                    file: &file.path,
+                    file_index: slot.unwrap_or(file_index),
+                    file_count: todo.len(),
+                    file_done_bytes,
+                    file_total_bytes,
+                    done_bytes: done_bytes + file_done_bytes,
+                    total_bytes,
+                })
+            };
+            self.fetch(file, &mut report)?;
+            if slot.is_some() {
+                done_bytes += file.size_bytes;
+            }
+        }
+        Ok(())
+    }
+
     fn present(&self, file: &RemoteFile) -> bool {
         self.pointer(file).is_file() || blob_complete(self.cache, file)
     }
