@@ -6,12 +6,14 @@
 //! environment.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+mod common;
+
+use common::hub::{downloaded, message, options};
 use hub_test_server::{FakeRepo, HubServer};
 use sdgen::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
 use sdgen::loading::{ModelFolder, ModelSource};
-use sdgen::Error;
 
 const REPO: &str = "org/tiny-sd15";
 const UNET: &str = "unet/diffusion_pytorch_model.safetensors";
@@ -43,27 +45,8 @@ fn repo_with_decoys(id: &str) -> FakeRepo {
         .with_file("README.md", b"# tiny".to_vec())
 }
 
-fn options(server: &HubServer, home: &Path) -> HubOptions {
-    let (endpoint, home) = (server.endpoint(), home.display().to_string());
-    HubOptions::from_vars(|k| match k {
-        "HF_ENDPOINT" => Some(endpoint.clone()),
-        "HF_HOME" => Some(home.clone()),
-        _ => None,
-    })
-}
-
 fn fetch(hub: &HubOptions, repo: &str) -> sdgen::Result<PathBuf> {
     fetch_pipeline(hub, repo, "main", &mut |_| {})
-}
-
-fn message(e: Error) -> String {
-    assert!(matches!(e, Error::InvalidInput(_)), "not an input error: {e:?}");
-    e.to_string()
-}
-
-/// Files whose bytes were requested (metadata probes excluded), as a set.
-fn downloaded(server: &HubServer) -> BTreeSet<String> {
-    server.downloaded_files().into_iter().collect()
 }
 
 #[test]

@@ -6,12 +6,14 @@
 //! temporary `HF_HOME`, passed through `HubOptions::from_vars`.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+mod common;
+
+use common::hub::{downloaded, message, options};
 use hub_test_server::{FakeRepo, HubServer};
 use sdgen::hub::{fetch_component, find_cached_component, DownloadProgress, HubOptions};
 use sdgen::loading::ModelFolder;
-use sdgen::Error;
 
 const REPO: &str = "org/tiny-vae";
 const CONFIG: &str = "config.json";
@@ -41,26 +43,8 @@ fn vae_repo(id: &str) -> FakeRepo {
         .with_file("images/sample.png", b"png".to_vec())
 }
 
-fn options(server: &HubServer, home: &Path) -> HubOptions {
-    let (endpoint, home) = (server.endpoint(), home.display().to_string());
-    HubOptions::from_vars(|k| match k {
-        "HF_ENDPOINT" => Some(endpoint.clone()),
-        "HF_HOME" => Some(home.clone()),
-        _ => None,
-    })
-}
-
 fn fetch(hub: &HubOptions, repo: &str) -> sdgen::Result<PathBuf> {
     fetch_component(hub, repo, "main", &mut |_| {})
-}
-
-fn message(e: Error) -> String {
-    assert!(matches!(e, Error::InvalidInput(_)), "not an input error: {e:?}");
-    e.to_string()
-}
-
-fn downloaded(server: &HubServer) -> BTreeSet<String> {
-    server.downloaded_files().into_iter().collect()
 }
 
 fn set(files: &[&str]) -> BTreeSet<String> {

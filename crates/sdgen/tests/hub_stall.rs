@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use hub_test_server::{FakeRepo, HubServer};
 use sdgen::hub::{fetch_component, fetch_pipeline, find_cached, HubOptions, DEFAULT_STALL_TIMEOUT};
 use sdgen::loading::ModelFolder;
@@ -24,14 +26,7 @@ fn tiny() -> PathBuf {
 }
 
 fn options(server: &HubServer, home: &Path) -> HubOptions {
-    let (endpoint, home) = (server.endpoint(), home.display().to_string());
-    let mut hub = HubOptions::from_vars(|k| match k {
-        "HF_ENDPOINT" => Some(endpoint.clone()),
-        "HF_HOME" => Some(home.clone()),
-        _ => None,
-    });
-    hub.stall_timeout = STALL;
-    hub
+    HubOptions { stall_timeout: STALL, ..common::hub::options(server, home) }
 }
 
 /// The same options with a long timeout, for the run after a stall: it waits (silently, no

@@ -1,6 +1,8 @@
 //! Shared helpers of the parity tests: reference files and the stated tolerances.
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
