@@ -128,7 +128,8 @@ pub enum Marker {
 }
 
 impl Marker {
-    fn holds(&self, tensors: &BTreeMap<String, TensorInfo>) -> bool {
+    /// Whether the tensors satisfy this marker.
+    pub(crate) fn holds(&self, tensors: &BTreeMap<String, TensorInfo>) -> bool {
         match self {
             Marker::Has(k) => tensors.contains_key(*k),
             Marker::HasAny(ks) => ks.iter().any(|k| tensors.contains_key(*k)),
@@ -138,7 +139,7 @@ impl Marker {
     }
 
     /// The evidence, for messages: "`key`" or "`key` with dimension 1 = 9".
-    fn describe(&self, tensors: &BTreeMap<String, TensorInfo>) -> String {
+    pub(crate) fn describe(&self, tensors: &BTreeMap<String, TensorInfo>) -> String {
         match self {
             Marker::Has(k) => format!("`{k}`"),
             Marker::HasAny(ks) => {

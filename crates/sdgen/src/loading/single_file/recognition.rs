@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::super::family::{recognise, FamilySpec, Marker, Recognised, FAMILIES, SIGNATURES};
+use super::super::family::{recognise, FamilySpec, Recognised, FAMILIES, SIGNATURES};
 use super::super::{read_json, TensorInfo};
 use super::supported;
 use crate::{Error, Result};
@@ -20,24 +20,6 @@ use crate::{Error, Result};
 pub(super) struct Recognition {
     pub family: &'static FamilySpec,
     pub why: String,
-}
-
-fn holds(marker: &Marker, tensors: &BTreeMap<String, TensorInfo>) -> bool {
-    match marker {
-        Marker::Has(k) => tensors.contains_key(*k),
-        Marker::HasAny(ks) => ks.iter().any(|k| tensors.contains_key(*k)),
-        Marker::Prefix(p) => has_prefix(tensors, p),
-        Marker::Dim { key, axis, size } => tensors.get(*key).is_some_and(|t| t.shape.get(*axis) == Some(size)),
-    }
-}
-
-fn describe(marker: &Marker, tensors: &BTreeMap<String, TensorInfo>) -> String {
-    match marker {
-        Marker::Has(k) => format!("`{k}`"),
-        Marker::HasAny(ks) => ks.iter().find(|k| tensors.contains_key(**k)).map_or(String::new(), |k| format!("`{k}`")),
-        Marker::Prefix(p) => format!("`{p}*` tensors"),
-        Marker::Dim { key, axis, size } => format!("`{key}` with dimension {axis} = {size}"),
-    }
 }
 
 /// Whether some tensor's name starts with `prefix`.
@@ -54,10 +36,10 @@ pub(super) fn recognition(
     let refusal = match recognise(tensors) {
         Recognised::Family(family) => {
             // The signature `recognise` stopped at: the first that holds.
-            let why = SIGNATURES.iter().find(|s| s.markers.iter().all(|m| holds(m, tensors))).map_or_else(
+            let why = SIGNATURES.iter().find(|s| s.markers.iter().all(|m| m.holds(tensors))).map_or_else(
                 || format!("{} is a {} checkpoint", path.display(), family.display),
                 |s| {
-                    let evidence: Vec<String> = s.markers.iter().map(|m| describe(m, tensors)).collect();
+                    let evidence: Vec<String> = s.markers.iter().map(|m| m.describe(tensors)).collect();
                     format!("{} looks like {} (it has {})", path.display(), s.display, evidence.join(" and "))
                 },
             );
