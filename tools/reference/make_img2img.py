@@ -52,15 +52,14 @@ def init_image(width: int, height: int) -> Image.Image:
 
 
 @torch.no_grad()
-def main() -> None:
+def run_cases(cases: list[dict], name: str, pngs: bool) -> None:
+    """Runs each case through diffusers' img2img pipeline and writes `<name>.safetensors` and
+    `<name>.json` in OUT (and each image under png/ when `pngs`). Shared with make_img2img_dpm.py."""
     from diffusers import StableDiffusionImg2ImgPipeline
-    setup_determinism()
-    init_image(64, 64).save(OUT / "img2img_init.png")
-    init_image(70, 60).save(OUT / "img2img_init_70x60.png")
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
     base = pipe.scheduler
-    tensors, cases = {}, []
-    for case in CASES:
+    tensors, results = {}, []
+    for case in cases:
         cls, extra = SCHEDULERS[case["scheduler"]]
         pipe.scheduler = cls.from_config(base.config, **extra)
         image = Image.open(OUT / case["init"]).convert("RGB")
@@ -81,13 +80,21 @@ def main() -> None:
         tensors[key + "_latents"] = latents["last"]
         tensors[key + "_init"] = pipe.image_processor.preprocess(image)
         h, w = images.shape[1:3]
-        cases.append(dict(case, prompt=PROMPT, negative_prompt=case.get("negative_prompt"), width=int(w), height=int(h),
-                          key=key, timesteps=[float(t) for t in pipe.scheduler.timesteps]))
+        results.append(dict(case, prompt=PROMPT, negative_prompt=case.get("negative_prompt"), width=int(w),
+                            height=int(h), key=key, timesteps=[float(t) for t in pipe.scheduler.timesteps]))
         print(f"{key}: {tuple(images.shape)} mean {images.mean():.4f} std {images.std():.4f}")
-        for i in range(n):
-            Image.fromarray((out.images[i] * 255).round().astype("uint8")).save(OUT / "png" / f"{key}_{i}.png")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT / "img2img.safetensors"))
-    (OUT / "img2img.json").write_text(json.dumps(cases, indent=2) + "\n")
+        if pngs:
+            for i in range(n):
+                Image.fromarray((out.images[i] * 255).round().astype("uint8")).save(OUT / "png" / f"{key}_{i}.png")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(OUT / f"{name}.safetensors"))
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    setup_determinism()
+    init_image(64, 64).save(OUT / "img2img_init.png")
+    init_image(70, 60).save(OUT / "img2img_init_70x60.png")
+    run_cases(CASES, "img2img", pngs=True)
 
 
 if __name__ == "__main__":
