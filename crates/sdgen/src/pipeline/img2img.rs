@@ -21,12 +21,13 @@ use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, loaded, mul_scalar, stage, vae_options, StageLog};
+use super::stages::{decode, denoise, into_images, loaded, stage, vae_options, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
 use crate::rng::TorchNoise;
+use crate::schedulers::mul_scalar;
 use crate::schedulers::{self, Scheduler};
 use crate::{Error, Result};
 
@@ -169,7 +170,7 @@ fn initial_latents(
     let std = (dist.logvar * 0.5)?.exp()?;
     let eps = generators.randn(&[n, c, h, w], dist.mean.dtype(), dist.mean.device())?;
     let sample = eps.broadcast_mul(&std)?.broadcast_add(&dist.mean)?.to_dtype(rt.dtype)?;
-    let init = mul_scalar(&sample, vae_cfg.scaling_factor)?;
+    let init = mul_scalar(&sample, vae_cfg.scaling_factor as f32)?;
     let noise = generators.randn(&[n, c, h, w], rt.dtype, &rt.device)?;
     Ok(scheduler.add_noise(&init, &noise, first_step)?)
 }

@@ -17,7 +17,7 @@ use super::conditioning::Conditioning;
 use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, StageOptions};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
-use crate::schedulers::Scheduler;
+use crate::schedulers::{div_scalar, Scheduler};
 use crate::Result;
 
 /// What the stages of one run recorded.
@@ -245,7 +245,7 @@ pub(super) fn decode(
     loaded(progress, "vae");
     // diffusers casts to the VAE's dtype first (SDXL's f16 upcast), then divides in that dtype
     // with torch's f32 scalar arithmetic.
-    let z = mul_scalar(&latents.to_dtype(dtype)?, 1.0 / vae_cfg.scaling_factor)?;
+    let z = div_scalar(&latents.to_dtype(dtype)?, vae_cfg.scaling_factor as f32)?;
     let z = match vae_cfg.shift_factor {
         Some(s) => z.to_dtype(DType::F32)?.affine(1.0, s)?.to_dtype(dtype)?,
         None => z,
@@ -256,16 +256,6 @@ pub(super) fn decode(
         .permute((0, 2, 3, 1))?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?)
-}
-
-/// `x * c` as torch multiplies a tensor by a Python float: in f32 for f16/bf16 (its "opmath"),
-/// rounded once — candle's `affine` would round `c` itself to the half type first (1/0.13025 is
-/// 7.6875 in bf16, not 7.677).
-pub(super) fn mul_scalar(x: &Tensor, c: f64) -> candle_core::Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c, 0.0)?.to_dtype(x.dtype()),
-        _ => x.affine(c, 0.0),
-    }
 }
 
 /// The dtype the VAE decodes in: SDXL's pipelines upcast an f16 VAE whose config says

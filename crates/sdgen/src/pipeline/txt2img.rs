@@ -10,12 +10,12 @@ use sdgen_models::vae::VaeConfig;
 use serde::Serialize;
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, memory_point, mul_scalar, stage, StageLog};
+use super::stages::{decode, denoise, into_images, memory_point, stage, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
 use crate::rng::TorchNoise;
-use crate::schedulers::{self, SchedulerConfig};
+use crate::schedulers::{self, mul_scalar, SchedulerConfig};
 use crate::{Error, Result};
 
 /// diffusers' documented split for SDXL base + refiner: the base runs the first 80% of the
@@ -161,7 +161,7 @@ pub fn txt2img_refined(
     let mut generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
     let shape = [req.n, unet_cfg.in_channels, settings.height / f, settings.width / f];
     let noise = generators.randn(&shape, rt.dtype, &rt.device)?;
-    let latents = mul_scalar(&noise, scheduler.init_noise_sigma())?;
+    let latents = mul_scalar(&noise, scheduler.init_noise_sigma() as f32)?;
 
     // 4. Denoise.
     // A retried stage starts again from a fresh scheduler and the generators' state before it.

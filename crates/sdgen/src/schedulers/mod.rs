@@ -246,9 +246,11 @@ fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> candle_core::Resu
     })
 }
 
-/// `x * c` as torch computes a tensor times a 0-d float32 tensor: in f32 for f16/bf16 tensors
-/// (ATen's "opmath"), rounded back to the tensor's dtype.
-fn mul_scalar(x: &Tensor, c: f32) -> candle_core::Result<Tensor> {
+/// `x * c` as torch computes a tensor times a 0-d float32 tensor (or a Python float): in f32 for
+/// f16/bf16 tensors (ATen's "opmath"), rounded back to the tensor's dtype once — candle's own
+/// `affine` would round `c` to the half type first (1/0.13025 is 7.6875 in bf16, not 7.677).
+/// Shared with the pipelines (latent scaling, initial noise).
+pub(crate) fn mul_scalar(x: &Tensor, c: f32) -> candle_core::Result<Tensor> {
     match x.dtype() {
         DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?.affine(c as f64, 0.0)?.to_dtype(x.dtype()),
         _ => x.affine(c as f64, 0.0),
@@ -289,7 +291,7 @@ fn ddpm_add_noise(alpha_cumprod: f32, original: &Tensor, noise: &Tensor) -> cand
 /// `x / d` for a 0-d float32 `d`: torch on CUDA multiplies by the f32 reciprocal of a CPU scalar
 /// divisor (diffusers keeps its schedules on the CPU); on CPU it divides, which is at most an ulp
 /// away.
-fn div_scalar(x: &Tensor, d: f32) -> candle_core::Result<Tensor> {
+pub(crate) fn div_scalar(x: &Tensor, d: f32) -> candle_core::Result<Tensor> {
     mul_scalar(x, 1.0 / d)
 }
 
