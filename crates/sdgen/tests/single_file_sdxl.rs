@@ -333,36 +333,7 @@ fn configs_default_to_sdxls_own() {
 /// Writes a safetensors file holding `keep`'s tensors of `src` (bytes copied as they are,
 /// whatever their dtype; the f32 ones as f16 when `half`).
 fn rewrite(src: &Path, dir: &Path, name: &str, keep: impl Fn(&str) -> bool, half: bool) -> PathBuf {
-    let header = SafetensorsHeader::read(src).unwrap();
-    let bytes = std::fs::read(src).unwrap();
-    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut json = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (key, info) in header.tensors.iter().filter(|(k, _)| keep(k)) {
-        let (a, b) = info.data_offsets;
-        let raw = &bytes[data_start + a as usize..data_start + b as usize];
-        let start = data.len();
-        let dtype = if half && info.dtype == "F32" {
-            for v in raw.chunks_exact(4) {
-                data.extend_from_slice(&half::f16::from_f32(f32::from_le_bytes(v.try_into().unwrap())).to_le_bytes());
-            }
-            "F16"
-        } else {
-            data.extend_from_slice(raw);
-            info.dtype.as_str()
-        };
-        json.insert(
-            key.clone(),
-            serde_json::json!({"dtype": dtype, "shape": info.shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let head = serde_json::to_vec(&json).unwrap();
-    let mut out = (head.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&data);
-    let path = dir.join(name);
-    std::fs::write(&path, out).unwrap();
-    path
+    common::files::rewrite_safetensors(src, dir, name, keep, &[], half)
 }
 
 #[test]

@@ -48,6 +48,17 @@ pub fn decode_png(path: &Path) -> (Vec<u8>, u32, u32) {
     (buf, info.width, info.height)
 }
 
+/// The pipeline tolerance on 8-bit pixels: `png` is `reference`'s image (same size) with 99.5% of
+/// channels within 1 and none over 8.
+pub fn assert_png_close(png: &Path, reference: &Path) {
+    let (pixels, w, h) = decode_png(png);
+    let (want, rw, rh) = decode_png(reference);
+    assert_eq!((w, h), (rw, rh), "{}: size", reference.display());
+    let diffs: Vec<i32> = pixels.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
+    let within = diffs.iter().filter(|d| **d <= 1).count() as f64 / diffs.len() as f64;
+    assert!(within >= 0.995 && diffs.iter().all(|d| *d <= 8), "{}: within {within}", reference.display());
+}
+
 /// The process's stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use super::cache::{index_shards, RepoCache};
 use super::remote::Remote;
 use super::select::{choose_weights, RemoteFile};
-use super::{check_space, DownloadProgress, Fetcher, HubOptions};
+use super::{check_space, offline_refusal, DownloadProgress, Fetcher, HubOptions};
 use crate::{Error, Result};
 
 /// The one file a single-model repo must have at its root.
@@ -104,12 +104,7 @@ pub fn fetch_component(
         Err(missing) => missing,
     };
     if hub.offline {
-        let state = if cache.root().exists() { "not fully" } else { "not" };
-        return Err(Error::InvalidInput(format!(
-            "model `{repo}` is {state} in the Hugging Face cache ({}): `{missing}` is missing, and downloads are off \
-             (--offline or HF_HUB_OFFLINE): run once without --offline and with HF_HUB_OFFLINE unset to download it",
-            cache.root().display()
-        )));
+        return Err(offline_refusal(&cache, repo, &missing));
     }
     let remote = Remote::new(hub, repo, revision)?;
     let (commit, listing) = remote.list()?;

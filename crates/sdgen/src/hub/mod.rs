@@ -188,12 +188,7 @@ pub fn fetch_pipeline(
         Err(missing) => missing,
     };
     if hub.offline {
-        let state = if cache.root().exists() { "not fully" } else { "not" };
-        return Err(Error::InvalidInput(format!(
-            "model `{repo}` is {state} in the Hugging Face cache ({}): `{missing}` is missing, and downloads are off \
-             (--offline or HF_HUB_OFFLINE): run once without --offline and with HF_HUB_OFFLINE unset to download it",
-            cache.root().display()
-        )));
+        return Err(offline_refusal(&cache, repo, &missing));
     }
     let remote = Remote::new(hub, repo, revision)?;
     let (commit, listing) = remote.list()?;
@@ -235,6 +230,16 @@ pub fn fetch_pipeline(
         bad(format!("after downloading, `{missing}` is still missing from {}: the repo lacks it", snapshot.display()))
     })?;
     Ok(snapshot)
+}
+
+/// The error for a repo not (fully) in the cache while downloads are off, naming the missing file.
+fn offline_refusal(cache: &RepoCache, repo: &str, missing: &str) -> Error {
+    let state = if cache.root().exists() { "not fully" } else { "not" };
+    Error::InvalidInput(format!(
+        "model `{repo}` is {state} in the Hugging Face cache ({}): `{missing}` is missing, and downloads are off \
+         (--offline or HF_HUB_OFFLINE): run once without --offline and with HF_HUB_OFFLINE unset to download it",
+        cache.root().display()
+    ))
 }
 
 /// Refuses, before any file is requested, a download that cannot fit.

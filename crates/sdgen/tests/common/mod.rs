@@ -1,6 +1,7 @@
 //! Shared helpers of the parity tests: reference files and the stated tolerances.
 #![allow(dead_code)]
 
+pub mod files;
 pub mod hub;
 
 use std::path::PathBuf;
