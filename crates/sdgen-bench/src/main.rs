@@ -5,6 +5,7 @@
 //! base and refiner as `generate --refiner` runs them); `sdxl-refiner` alone runs image-to-image
 //! on a synthetic picture (see `sdxl.rs`).
 
+mod components;
 mod random_model;
 mod sdxl;
 
@@ -17,7 +18,8 @@ use clap::Parser;
 use sdgen::device_memory::DeviceMemory;
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{
-    img2img, resolve_img2img, txt2img_refined, Generation, Refiner, Request, Runtime, DEFAULT_HIGH_NOISE_FRACTION,
+    img2img, resolve_img2img, txt2img_refined, Generation, Progress, Refiner, Request, Runtime,
+    DEFAULT_HIGH_NOISE_FRACTION,
 };
 
 /// Benchmark a model family at full size with random weights.
@@ -80,6 +82,83 @@ struct Args {
     /// bytes and stop: prepares a folder without timing anything.
     #[arg(long)]
     write_only: bool,
+    /// Time one component alone instead of whole runs: `unet` (one evaluation of the CFG batch,
+    /// 2·n rows) or `vae` (one decode of n latents), loaded once, inputs random, the device
+    /// synchronised around each evaluation (the figures `peer_diffusers.py` reports).
+    #[arg(long)]
+    component: Option<String>,
+    /// With --component: timed evaluations (after 2 untimed ones).
+    #[arg(long, default_value_t = 5)]
+    iterations: usize,
+    /// Run the stock candle kernels instead of the fast ones (as `generate --no-fast-kernels`).
+    #[arg(long)]
+    no_fast_kernels: bool,
+}
+
+/// Timestamps of one pipeline run's progress events, the device synchronised at each denoising
+/// step so a step's time is its own work: each stage's weight-loading time apart from its
+/// compute, and the time of every denoiser evaluation (one per reported step: PNDM's extra
+/// evaluation is a step of its own).
+struct RunClock {
+    device: Device,
+    start: Instant,
+    stage: Option<(String, f64)>,
+    loads_ms: serde_json::Map<String, serde_json::Value>,
+    last_event_ms: f64,
+    evaluations_ms: Vec<f64>,
+}
+
+impl RunClock {
+    fn new(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            start: Instant::now(),
+            stage: None,
+            loads_ms: Default::default(),
+            last_event_ms: 0.0,
+            evaluations_ms: Vec::new(),
+        }
+    }
+
+    fn now_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn record(&mut self, event: &Progress) {
+        match event {
+            Progress::StageStart(name) => self.stage = Some((name.to_string(), self.now_ms())),
+            Progress::Memory { label, .. } if label.starts_with("After ") && label.ends_with(" load") => {
+                let _ = self.device.synchronize();
+                if let Some((stage, started)) = &self.stage {
+                    self.loads_ms.insert(stage.clone(), serde_json::json!(self.now_ms() - started));
+                }
+            }
+            Progress::Memory { label: "Before generation", .. } => {
+                let _ = self.device.synchronize();
+                self.last_event_ms = self.now_ms();
+            }
+            Progress::Step { .. } => {
+                let _ = self.device.synchronize();
+                let now = self.now_ms();
+                self.evaluations_ms.push(now - self.last_event_ms);
+                self.last_event_ms = now;
+            }
+            _ => {}
+        }
+    }
+
+    /// Load times per stage and the evaluations' median (the first evaluation of a stage may
+    /// carry one-time costs; the median is robust to it).
+    fn report(&self) -> serde_json::Value {
+        let mut evals = self.evaluations_ms.clone();
+        evals.sort_by(f64::total_cmp);
+        serde_json::json!({
+            "load_ms": self.loads_ms,
+            "evaluations": evals.len(),
+            "evaluation_median_ms": evals.get(evals.len() / 2),
+            "evaluations_ms": self.evaluations_ms,
+        })
+    }
 }
 
 fn request_for(args: &Args, steps: usize) -> Request {
@@ -159,6 +238,9 @@ fn main() -> anyhow::Result<()> {
         "bf16" => DType::BF16,
         d => bail!("--dtype {d}: f32, f16 or bf16"),
     };
+    if args.no_fast_kernels {
+        sdgen_models::ops::set_fast_kernels(false);
+    }
     let _memory = DeviceMemory::install(&device);
     let Prepared { model, written_bytes: mut written, mut write_ms, mut weights } =
         prepare(&args.family, &model_dir, dtype, &device, args.seed)?;
@@ -179,6 +261,29 @@ fn main() -> anyhow::Result<()> {
             "weights_bytes": weights,
             "weights_written_bytes": written,
             "model_write_ms": write_ms,
+        });
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    if let Some(component) = &args.component {
+        let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
+        let run = components::ComponentRun {
+            component,
+            size: (settings.width, settings.height),
+            n: args.n,
+            iterations: args.iterations,
+            warmup: 2,
+        };
+        let report = serde_json::json!({
+            "family": args.family,
+            "device": args.device,
+            "dtype": args.dtype,
+            "kernels": sdgen_models::ops::kernel_summary(&device),
+            "width": settings.width,
+            "height": settings.height,
+            "n": args.n,
+            "weights_bytes": weights,
+            "result": components::run(&model, &run, &device, dtype)?,
         });
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
@@ -206,33 +311,36 @@ fn main() -> anyhow::Result<()> {
     rt.options.vae_tile_px = args.vae_tile;
     // One run of `steps` steps, and the denoising steps it ran (the refiner runs only the last
     // int(steps · strength) of its schedule).
-    let run = |steps: usize| -> anyhow::Result<(Generation, usize)> {
+    let run = |steps: usize, clock: &mut RunClock| -> anyhow::Result<(Generation, usize)> {
+        let mut progress = |p: Progress| clock.record(&p);
         if refiner_alone {
             let req = sdxl::refiner_request(request_for(args, steps), &init_image, args.strength);
             let denoising = resolve_img2img(&model, &req)?.denoising_steps;
-            Ok((img2img(&model, &req, &rt, &mut |_| {})?, denoising))
+            Ok((img2img(&model, &req, &rt, &mut progress)?, denoising))
         } else {
             let refiner =
                 refiner_model.as_ref().map(|model| Refiner { model, high_noise_fraction: args.high_noise_fraction });
-            let gen = txt2img_refined(&model, refiner, &request_for(args, steps), &rt, &mut |_| {})?;
+            let gen = txt2img_refined(&model, refiner, &request_for(args, steps), &rt, &mut progress)?;
             // With a refiner, the base's `unet` stage ran only the steps before the handoff.
             let steps = gen.refinement.as_ref().map_or(gen.settings.steps, |r| r.base_steps);
             Ok((gen, steps))
         }
     };
     let warm = Instant::now();
-    run(if refiner_alone { sdxl::warmup_steps(args.strength) } else { 2 })?;
+    run(if refiner_alone { sdxl::warmup_steps(args.strength) } else { 2 }, &mut RunClock::new(&rt.device))?;
     let warmup_ms = warm.elapsed().as_secs_f64() * 1e3;
     let mut runs = Vec::new();
     for _ in 0..args.runs {
         let start = Instant::now();
-        let (gen, denoising_steps) = run(args.steps)?;
+        let mut clock = RunClock::new(&rt.device);
+        let (gen, denoising_steps) = run(args.steps, &mut clock)?;
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
         runs.push(serde_json::json!({
             "total_ms": total_ms,
             "timings_ms": gen.timings_ms,
             "denoising_steps": denoising_steps,
             "denoise_ms_per_step": gen.timings_ms.get("unet").map(|ms| ms / denoising_steps.max(1) as f64),
+            "clock": clock.report(),
             "refiner_denoise_ms_per_step": gen.refinement.as_ref().and_then(|r| {
                 gen.timings_ms.get("refiner_unet").map(|ms| ms / r.refiner_steps.max(1) as f64)
             }),
@@ -251,6 +359,7 @@ fn main() -> anyhow::Result<()> {
         "high_noise_fraction": args.refiner.then_some(args.high_noise_fraction),
         "n": args.n,
         "options": rt.options,
+        "kernels": sdgen_models::ops::kernel_summary(&rt.device),
         "weights_bytes": weights,
         "weights_written_bytes": written,
         "model_write_ms": write_ms,

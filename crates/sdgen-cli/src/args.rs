@@ -88,6 +88,11 @@ pub struct Args {
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Run candle's stock kernels instead of the fast CUDA ones (cuDNN convolutions, fused
+    /// GroupNorm/softmax/GEGLU, copy-free attention), to rule them out when reporting a problem
+    /// (also: SDGEN_NO_FAST_KERNELS=1).
+    #[arg(long)]
+    pub no_fast_kernels: bool,
     /// Start from this picture instead of noise (image-to-image; PNG, JPEG or WebP). The output
     /// has its size rounded down to a multiple of 8, unless --width/--height say otherwise.
     #[arg(long, value_name = "PATH")]

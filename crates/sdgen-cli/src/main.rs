@@ -40,6 +40,9 @@ fn chain(err: &anyhow::Error) -> String {
 
 fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    if args.no_fast_kernels {
+        sdgen::kernels::set_fast_kernels(false);
+    }
     let mut resolved = args.resolve()?;
     // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).
     let _device_memory = sdgen::device_memory::DeviceMemory::install(&resolved.runtime.device);

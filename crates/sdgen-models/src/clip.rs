@@ -2,7 +2,9 @@
 //! as in the hub's `text_encoder/model.safetensors`.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::ops::linear::{linear, linear_no_bias, Linear};
 use serde::Deserialize;
 
 use crate::attention::{attention, causal_mask, merge_heads, split_heads};
@@ -85,10 +87,10 @@ impl Attention {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             scale: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
         })
@@ -120,8 +122,8 @@ impl Layer {
             ln1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             attn: Attention::new(cfg, vb.pp("self_attn"))?,
             ln2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
             act: cfg.hidden_act,
         })
     }
@@ -179,7 +181,7 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         let projection = if with_projection {
             let dim = cfg.projection_dim.unwrap_or(cfg.hidden_size);
-            Some(candle_nn::linear_no_bias(cfg.hidden_size, dim, vb.pp("text_projection"))?)
+            Some(linear_no_bias(cfg.hidden_size, dim, vb.pp("text_projection"))?)
         } else {
             None
         };

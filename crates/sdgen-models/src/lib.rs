@@ -2,16 +2,16 @@
 //! and the KL autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
 //! diffusers / transformers checkpoint key names, and a `forward`.
 //!
-//! Model code never sees paths, the hub or the command line. Every attention goes through
-//! [`attention::attention`] and every normalisation through [`norm`], so that fused GPU kernels can
-//! replace them later without touching model code.
+//! Model code never sees paths, the hub or the command line. Every attention, normalisation,
+//! convolution and linear layer goes through the kernel seam [`ops`], which picks the fast CUDA
+//! kernels or the reference path per device, so a faster kernel applies to every family at once.
 #![deny(missing_docs)]
 
-pub mod attention;
 pub mod clip;
-pub mod norm;
+pub mod ops;
 pub mod resnet;
 pub mod unet;
 pub mod vae;
 
 pub use candle_core as candle;
+pub use ops::{attention, norm};

@@ -21,13 +21,15 @@ mod tiling;
 
 pub use tiling::VaeTiling;
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::{attention_with, AttentionOptions, AttentionOptionsCell};
 use crate::norm::GroupNorm;
-use crate::resnet::{conv1x1, conv3x3, Conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::ops::conv::{conv1x1, conv3x3, Conv2d};
+use crate::ops::linear::Linear;
+use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 fn groups() -> usize {
     32
@@ -176,11 +178,11 @@ impl Mid {
 /// The encoder half: image `[b, 3, H, W]` → moments `[b, 2·latent, H/f, W/f]`.
 #[derive(Debug)]
 pub struct Encoder {
-    conv_in: Conv3x3,
+    conv_in: Conv2d,
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv3x3,
+    conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
 }
 
@@ -234,7 +236,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        let h = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
+        let h = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
         match &self.quant_conv {
             Some(q) => q.forward(&h),
             None => Ok(h),
@@ -246,11 +248,11 @@ impl Encoder {
 #[derive(Debug)]
 pub struct Decoder {
     post_quant_conv: Option<Conv2d>,
-    conv_in: Conv3x3,
+    conv_in: Conv2d,
     mid: Mid,
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
     norm_out: GroupNorm,
-    conv_out: Conv3x3,
+    conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -311,7 +313,7 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

@@ -15,4 +15,9 @@ pub mod schedulers;
 pub mod tokenizer;
 
 pub use candle_core as candle;
+
+/// The kernel seam's process-wide switch and what a device runs (see `sdgen_models::ops`).
+pub mod kernels {
+    pub use sdgen_models::ops::{fast_kernels_enabled, kernel_summary, set_fast_kernels, NO_FAST_KERNELS_ENV};
+}
 pub use error::{Error, Result};

@@ -8,11 +8,13 @@ mod transformer;
 pub use config::{IntOrList, UNetConfig};
 pub use transformer::{CrossAttention, Transformer2D, TransformerSpec};
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::norm::GroupNorm;
-use crate::resnet::{conv3x3, Conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::ops::conv::{conv3x3, Conv2d};
+use crate::ops::linear::{linear, Linear};
+use crate::ops::norm::GroupNorm;
+use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// diffusers' `get_timestep_embedding`, computed in f32 as diffusers does: `[n, dim]`.
 pub fn timestep_embedding(
@@ -89,7 +91,7 @@ struct AddEmbedding {
 /// The conditional UNet.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
-    conv_in: Conv3x3,
+    conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
     add_embedding: Option<AddEmbedding>,
@@ -97,7 +99,7 @@ pub struct UNet2DConditionModel {
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv3x3,
+    conv_out: Conv2d,
     cfg: UNetConfig,
 }
 
@@ -192,8 +194,8 @@ impl UNet2DConditionModel {
             (Some(time_dim), Some(input_dim)) if cfg.addition_embed_type.as_deref() == Some("text_time") => {
                 Some(AddEmbedding {
                     time_dim,
-                    linear_1: candle_nn::linear(input_dim, temb, vb.pp("add_embedding.linear_1"))?,
-                    linear_2: candle_nn::linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+                    linear_1: linear(input_dim, temb, vb.pp("add_embedding.linear_1"))?,
+                    linear_2: linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
                 })
             }
             _ => None,
@@ -201,8 +203,8 @@ impl UNet2DConditionModel {
 
         Ok(Self {
             conv_in: conv3x3(cfg.in_channels, boc[0], vb.pp("conv_in"))?,
-            time_linear_1: candle_nn::linear(boc[0], temb, vb.pp("time_embedding.linear_1"))?,
-            time_linear_2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            time_linear_1: linear(boc[0], temb, vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
             add_embedding,
             down,
             mid,
@@ -331,7 +333,7 @@ impl UNet2DConditionModel {
                 x = us.forward(&x, size)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

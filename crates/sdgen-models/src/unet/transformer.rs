@@ -1,12 +1,13 @@
 //! diffusers' `Transformer2DModel` with `BasicTransformerBlock`s: self-attention, cross-attention
 //! to the text, and a GEGLU feed-forward, between a 2-D input projection and its inverse.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::attention::{attention_with, merge_heads, split_heads, AttentionOptions, AttentionOptionsCell};
-use crate::norm::{GroupNorm, LayerNorm};
-use crate::resnet::conv1x1;
+use crate::ops::attention::{attention_with, merge_heads, split_heads, AttentionOptions, AttentionOptionsCell};
+use crate::ops::conv::{conv1x1, Conv2d};
+use crate::ops::linear::{linear, linear_no_bias, Linear};
+use crate::ops::norm::{GroupNorm, LayerNorm};
 
 /// diffusers' `Attention` as used in UNets: bias-free q/k/v, an output projection with bias.
 #[derive(Debug)]
@@ -26,10 +27,10 @@ impl CrossAttention {
         let inner = heads * head_dim;
         let ctx = context_dim.unwrap_or(dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(ctx, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(ctx, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(ctx, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(ctx, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
             scale: (head_dim as f64).powf(-0.5),
             options: AttentionOptionsCell::default(),
@@ -63,15 +64,13 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
-        let chunks = h.chunk(2, candle_core::D::Minus1)?;
-        self.proj_out.forward(&(&chunks[0] * chunks[1].gelu_erf()?)?)
+        self.proj_out.forward(&crate::ops::geglu(&self.proj_in.forward(x)?)?)
     }
 }
 
@@ -149,7 +148,7 @@ impl Transformer2D {
         let c = spec.channels;
         let proj = |name: &str| -> Result<Projection> {
             Ok(if spec.linear_projection {
-                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+                Projection::Linear(linear(c, c, vb.pp(name))?)
             } else {
                 Projection::Conv(conv1x1(c, c, vb.pp(name))?)
             })

@@ -270,7 +270,7 @@ pub(super) fn decode_dtype(model: &ModelFolder, vae_cfg: &VaeConfig, dtype: DTyp
 }
 
 /// The VAE options of the run (the convolutions bound their own kernel calls, see
-/// `sdgen_models::resnet::Conv3x3`, so the plan's options are the only ones).
+/// `sdgen_models::ops::conv::Conv2d`, so the plan's options are the only ones).
 pub(super) fn vae_options(vae_cfg: &VaeConfig, rt: &Runtime) -> VaeOptions {
     VaeOptions {
         slicing: rt.options.vae_slicing,

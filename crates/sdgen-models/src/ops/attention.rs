@@ -84,7 +84,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
 pub const MAX_SCORE_ELEMENTS: usize = 1 << 30;
 
 /// The most score elements one attention call materialises on a CUDA device: 2^26 (256 MiB of f32
-/// scores). Large transient buffers fragment CUDA's stream-ordered pool: with whole-layer score
+/// scores on the reference path; the fast path holds them in the input's dtype, one batch entry at
+/// a time). Large transient buffers fragment CUDA's stream-ordered pool: with whole-layer score
 /// matrices the UNet's measured peak varied between identical runs by one score buffer (1 GB at
 /// 512², 4 GB at 768²), which no budget can plan for. Chunks this size keep the variation small,
 /// the peak far lower, and the matmuls still large.
@@ -117,6 +118,15 @@ pub fn attention_with(
 ) -> Result<Tensor> {
     let (b, heads, q_len, _) = q.dims4()?;
     let kv_len = k.dim(2)?;
+    #[cfg(feature = "cuda")]
+    if mask.is_none() && super::fast_cuda(q.device()) {
+        if options.slice == Some(0) {
+            candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention");
+        }
+        let max_rows = (max_score_elements(q.device()) / (heads * kv_len).max(1)).max(1);
+        let rows = options.slice.map_or(max_rows, |n| n.min(max_rows)).min(q_len.max(1));
+        return super::cuda::attention(q, k, v, scale, rows);
+    }
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
     // candle's CUDA kernels index elements with 32-bit integers: a score tensor of 2^31 elements

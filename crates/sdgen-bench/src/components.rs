@@ -1,0 +1,126 @@
+//! `--component unet|vae`: one model loaded once (its load timed on its own), then its forward
+//! pass timed alone on fixed random inputs, the device synchronised around each evaluation: the
+//! figures `peer_diffusers.py` reports for diffusers (a UNet evaluation with the CFG batch, a VAE
+//! decode), so the two compare directly. No scheduler, no text encoder, no file written.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use sdgen::loading::ModelFolder;
+use sdgen_models::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
+use sdgen_models::vae::{AutoencoderKL, VaeConfig, VaeOptions};
+
+/// The pooled text embedding's width in SDXL's additional conditioning (bigG's projection).
+const SDXL_TEXT_EMBEDS_DIM: usize = 1280;
+
+/// What to time and how.
+pub struct ComponentRun<'a> {
+    /// `unet` (one evaluation of the CFG batch) or `vae` (one decode).
+    pub component: &'a str,
+    /// Image width and height in pixels.
+    pub size: (usize, usize),
+    /// Images per prompt: the UNet sees `2·n` rows (classifier-free guidance), the VAE `n`.
+    pub n: usize,
+    /// Timed evaluations after the warm-up ones.
+    pub iterations: usize,
+    /// Untimed evaluations first (kernel loading, algorithm choice, pool growth).
+    pub warmup: usize,
+}
+
+/// Median, fastest and slowest of `times_ms`.
+fn spread(mut times_ms: Vec<f64>) -> serde_json::Value {
+    times_ms.sort_by(f64::total_cmp);
+    let median = times_ms.get(times_ms.len() / 2).copied();
+    serde_json::json!({
+        "median_ms": median,
+        "min_ms": times_ms.first(),
+        "max_ms": times_ms.last(),
+        "all_ms": times_ms,
+    })
+}
+
+/// Times `f` `warmup + iterations` times with the device synchronised around each call, under a
+/// stage peak measurement; returns the timings and the peak as JSON.
+fn time_it(
+    device: &Device,
+    run: &ComponentRun,
+    label: &str,
+    mut f: impl FnMut() -> anyhow::Result<Tensor>,
+) -> anyhow::Result<serde_json::Value> {
+    let peak = sdgen_memory::StagePeak::start(label);
+    let mut times = Vec::with_capacity(run.iterations);
+    let total = run.warmup + run.iterations;
+    // `SDGEN_PROFILE_LAST=1`: the CUDA profiler captures the last evaluation only (for
+    // `ncu --profile-from-start off`).
+    let profile = std::env::var("SDGEN_PROFILE_LAST").is_ok_and(|v| v == "1");
+    for i in 0..total {
+        device.synchronize()?;
+        let last = i + 1 == total;
+        if profile && last {
+            sdgen_models::ops::cuda_profiler(true);
+        }
+        let start = Instant::now();
+        let out = f()?;
+        device.synchronize()?;
+        if profile && last {
+            sdgen_models::ops::cuda_profiler(false);
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        drop(out);
+        if i >= run.warmup {
+            times.push(ms);
+        }
+    }
+    let memory = peak.finish();
+    Ok(serde_json::json!({ "eval": spread(times), "memory": memory }))
+}
+
+/// Loads the component and times it.
+pub fn run(
+    model: &ModelFolder,
+    run: &ComponentRun,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<serde_json::Value> {
+    let (w, h) = run.size;
+    let (lh, lw) = (h / 8, w / 8);
+    let result: anyhow::Result<serde_json::Value> = match run.component {
+        "unet" => {
+            let cfg: UNetConfig = model.config("unet", "config.json")?;
+            let weights = model.weights("unet")?;
+            let start = Instant::now();
+            let unet = UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)?;
+            device.synchronize()?;
+            let load_ms = start.elapsed().as_secs_f64() * 1e3;
+            let rows = 2 * run.n;
+            let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
+                Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+            };
+            let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
+            let context = randn(&[rows, 77, cfg.cross_attention_dim])?;
+            let added = match cfg.time_ids_len(SDXL_TEXT_EMBEDS_DIM) {
+                Some(ids) => Some((randn(&[rows, SDXL_TEXT_EMBEDS_DIM])?, randn(&[rows, ids])?)),
+                None => None,
+            };
+            let added = added.as_ref().map(|(text_embeds, time_ids)| AddedConditioning { text_embeds, time_ids });
+            let timed = time_it(device, run, "unet evaluation", || {
+                Ok(unet.forward_with(&latents, 500.0, &context, added.as_ref())?)
+            })?;
+            Ok(serde_json::json!({ "component": "unet", "batch": rows, "load_ms": load_ms, "timed": timed }))
+        }
+        "vae" => {
+            let cfg: VaeConfig = model.config("vae", "config.json")?;
+            let weights = model.weights("vae")?;
+            let start = Instant::now();
+            let vae = AutoencoderKL::new(&cfg, false, true, weights.var_builder(dtype, device)?)?;
+            device.synchronize()?;
+            let load_ms = start.elapsed().as_secs_f64() * 1e3;
+            let z = Tensor::randn(0f32, 1.0, &[run.n, cfg.latent_channels, lh, lw], device)?.to_dtype(dtype)?;
+            let timed = time_it(device, run, "vae decode", || Ok(vae.decode_with(&z, &VaeOptions::default())?))?;
+            Ok(serde_json::json!({ "component": "vae", "batch": run.n, "load_ms": load_ms, "timed": timed }))
+        }
+        other => anyhow::bail!("--component {other}: unet or vae"),
+    };
+    result.context("component benchmark")
+}

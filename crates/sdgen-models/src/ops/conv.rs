@@ -1,0 +1,201 @@
+//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; elsewhere candle's im2col
+//! convolution with every call's column buffer bounded (banded), which is also the reference the
+//! fast path is tested against.
+
+use candle_core::{Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// The most elements of the column (im2col) buffer one convolution call may build on the CPU:
+/// half of the 2^31 that 32-bit kernel indexing allows (the VAE decoder's 256-channel
+/// convolutions at 1024² would need 2.4 G).
+pub const MAX_CONV_COLUMN_ELEMENTS: usize = 1 << 30;
+
+/// The same on a GPU running candle's convolution: 2^28 (1 GiB at f32). candle builds the column
+/// whole on GPUs, and transient buffers of several GB fragment the stream-ordered memory pool: the
+/// VAE decoder's measured peak at 768² varied between identical runs by 2 GB with 4 GiB bands.
+/// (cuDNN builds no column buffer: its workspace is bounded by `cudnn::MAX_WORKSPACE_BYTES`.)
+pub const MAX_CONV_COLUMN_ELEMENTS_CUDA: usize = 1 << 28;
+
+/// The most column elements one reference convolution call builds on `device`.
+pub fn max_conv_column_elements(device: &Device) -> usize {
+    // Every GPU (Metal too, as the planner assumes): its kernels build the column whole.
+    if device.is_cpu() {
+        MAX_CONV_COLUMN_ELEMENTS
+    } else {
+        MAX_CONV_COLUMN_ELEMENTS_CUDA
+    }
+}
+
+/// A square-kernel convolution with zero padding and a bias: diffusers' `nn.Conv2d` as the UNet
+/// and the VAE use it (3×3 "same", 3×3 stride-2 downsamplers, 1×1 projections).
+///
+/// On the reference path a call whose column buffer would pass its device's limit
+/// ([`max_conv_column_elements`]) is split: the batch's images one at a time and, if one is still
+/// too large, bands of output rows over the explicitly padded input. Each output pixel then sees
+/// exactly the inputs it sees unbanded, so the result is the unbanded one (up to the matmul's
+/// blocking), unlike VAE tiling, which changes the image.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kernel: usize,
+    /// Zero padding on every side (1 for "same" 3×3 convolutions, 0 for 1×1 and the VAE's
+    /// downsamplers).
+    padding: usize,
+    stride: usize,
+    /// An extra zero row and column at the bottom and right first (the VAE encoder's
+    /// downsamplers: diffusers pads `(0, 1, 0, 1)` before a stride-2, padding-0 convolution).
+    pad_right_bottom: bool,
+}
+
+impl Conv2d {
+    /// Loads `weight` `[cout, cin, kernel, kernel]` and `bias` `[cout]`.
+    pub fn load(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        padding: usize,
+        stride: usize,
+        pad_right_bottom: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(cout, "bias")?);
+        Ok(Self { weight, bias, kernel, padding, stride, pad_right_bottom })
+    }
+
+    /// The weight `[cout, cin, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Convolves `x: [b, cin, h, w]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.pad_right_bottom { x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)? } else { x.clone() };
+        #[cfg(feature = "cudnn")]
+        if super::fast_conv(x.device()) {
+            return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride);
+        }
+        self.forward_bounded(&x, max_conv_column_elements(x.device()))
+    }
+
+    /// The reference convolution of `x` (its right/bottom padding already added), with every
+    /// call's column buffer under `limit` elements.
+    fn forward_bounded(&self, x: &Tensor, limit: usize) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let (h_out, w_out) = (self.out_len(h), self.out_len(w));
+        if self.column_elements(b, h_out, w_out) < limit {
+            return self.plain(x, self.padding);
+        }
+        if b > 1 {
+            let images = (0..b).map(|i| self.image_in_bands(&x.narrow(0, i, 1)?, limit)).collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&images, 0);
+        }
+        self.image_in_bands(x, limit)
+    }
+
+    /// candle's convolution and the bias, as `candle_nn::Conv2d` applies them.
+    fn plain(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+
+    /// Output rows or columns for `n` input ones.
+    fn out_len(&self, n: usize) -> usize {
+        (n + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1
+    }
+
+    fn column_elements(&self, b: usize, rows_out: usize, w_out: usize) -> usize {
+        let cin = self.weight.dim(1).unwrap_or(1);
+        b * rows_out * w_out * cin * self.kernel * self.kernel
+    }
+
+    /// One image in bands of output rows.
+    fn image_in_bands(&self, x: &Tensor, limit: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (h_out, w_out) = (self.out_len(h), self.out_len(w));
+        if self.column_elements(1, h_out, w_out) < limit {
+            return self.plain(x, self.padding);
+        }
+        let rows = (limit / self.column_elements(1, 1, w_out).max(1)).max(1);
+        let p = self.padding;
+        let padded = if p > 0 { x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)? } else { x.clone() };
+        let mut bands = Vec::with_capacity(h_out.div_ceil(rows));
+        for start in (0..h_out).step_by(rows) {
+            let len = rows.min(h_out - start);
+            // Output rows start..start+len read padded rows from start·stride, (len − 1)·stride + k of them.
+            let input = padded.narrow(2, start * self.stride, (len - 1) * self.stride + self.kernel)?;
+            bands.push(self.plain(&input, 0)?);
+        }
+        Tensor::cat(&bands, 2)
+    }
+}
+
+/// A 3×3 convolution with padding 1.
+pub fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    Conv2d::load(cin, cout, 3, 1, 1, false, vb)
+}
+
+/// A 1×1 convolution.
+pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    Conv2d::load(cin, cout, 1, 0, 1, false, vb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn weights(cin: usize, cout: usize, k: usize) -> VarBuilder<'static> {
+        let dev = Device::Cpu;
+        VarBuilder::from_tensors(
+            [
+                ("weight".to_string(), Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap()),
+                ("bias".to_string(), Tensor::randn(0f32, 1.0, cout, &dev).unwrap()),
+            ]
+            .into_iter()
+            .collect(),
+            DType::F32,
+            &dev,
+        )
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Banded and per-image convolution equal the plain one: a 2-image batch of 5×7 maps with 3
+    /// channels (27 column elements per pixel) under limits that force per-image calls, bands of
+    /// 2 rows, and single rows; for the stride-1 "same" convolution, both stride-2 downsamplers
+    /// (the UNet's padding 1, the VAE's right/bottom pad) and a 1×1, on odd and even sizes.
+    #[test]
+    fn bounded_convolution_equals_the_plain_one() {
+        let cases = [(3, 1, 1, false), (3, 1, 2, false), (3, 0, 2, true), (1, 0, 1, false)];
+        for (k, padding, stride, pad_rb) in cases {
+            let conv = Conv2d::load(3, 4, k, padding, stride, pad_rb, weights(3, 4, k)).unwrap();
+            for (h, w) in [(5, 7), (8, 6), (3, 4)] {
+                let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+                let x = if pad_rb { x.pad_with_zeros(2, 0, 1).unwrap().pad_with_zeros(3, 0, 1).unwrap() } else { x };
+                let plain = conv.forward_bounded(&x, usize::MAX).unwrap();
+                for limit in [27 * 35 + 1, 27 * 14 + 1, 1] {
+                    let out = conv.forward_bounded(&x, limit).unwrap();
+                    let diff = max_diff(&out, &plain);
+                    assert!(diff < 1e-5, "k {k} padding {padding} stride {stride} {h}×{w} limit {limit}: {diff}");
+                }
+            }
+        }
+        // The plain path is candle_nn's convolution as configured.
+        let vb = weights(3, 4, 3);
+        let conv = Conv2d::load(3, 4, 3, 1, 1, false, vb.clone()).unwrap();
+        let stock =
+            candle_nn::conv2d(3, 4, 3, candle_nn::Conv2dConfig { padding: 1, ..Default::default() }, vb).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 6, 6), &Device::Cpu).unwrap();
+        use candle_core::Module;
+        assert!(max_diff(&conv.forward_bounded(&x, 1).unwrap(), &stock.forward(&x).unwrap()) < 1e-5);
+        assert_eq!(max_diff(&conv.forward(&x).unwrap(), &stock.forward(&x).unwrap()), 0.0);
+    }
+}

@@ -1,0 +1,475 @@
+//! Our CUDA kernels (`kernels/sdgen_ops.cu`, compiled by `build.rs` into a fatbin embedded here)
+//! and the cuBLAS attention, launched on the candle device's own stream so they order with
+//! candle's kernels without any synchronisation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sdgen_ops.fatbin"));
+
+fn wrap<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// The kernel `name` on `device`, its module loaded once per device.
+fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    type Modules = Mutex<HashMap<DeviceId, Arc<CudaModule>>>;
+    static MODULES: OnceLock<Modules> = OnceLock::new();
+    let module = {
+        let mut modules = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        match modules.get(&device.id()) {
+            Some(m) => m.clone(),
+            None => {
+                let ptx = cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec());
+                let m = device.cuda_stream().context().load_module(ptx).map_err(wrap)?;
+                modules.insert(device.id(), m.clone());
+                m
+            }
+        }
+    };
+    module.load_function(name).map_err(wrap)
+}
+
+/// The kernel name suffix of a dtype our kernels exist for.
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        d => bail!("no sdgen CUDA kernel for {d:?}"),
+    })
+}
+
+/// A tensor's CUDA storage, read-locked for the duration of a launch.
+struct Input<'a> {
+    guard: candle_core::StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Input<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        if !matches!(&*guard, Storage::Cuda(_)) {
+            bail!("sdgen CUDA kernel given a tensor on {:?}", t.device().location());
+        }
+        Ok(Self { guard, layout })
+    }
+
+    fn storage(&self) -> &CudaStorage {
+        match &*self.guard {
+            Storage::Cuda(s) => s,
+            _ => unreachable!("checked in Input::new"),
+        }
+    }
+
+    /// The device address of element `offset` past the layout's start (in elements of `dtype`).
+    fn ptr(&self, stream: &CudaStream, offset: usize) -> Result<u64> {
+        let s = self.storage();
+        let start = self.layout.start_offset() + offset;
+        macro_rules! at {
+            ($t:ty) => {{
+                // Every launch here goes to the device's one stream, the stream every tensor was
+                // written on, so the read needs no cross-stream event (the guard is dropped).
+                let (ptr, _) = s.as_cuda_slice::<$t>()?.device_ptr(stream);
+                Ok(ptr + (start * std::mem::size_of::<$t>()) as u64)
+            }};
+        }
+        match s.dtype() {
+            DType::F32 => at!(f32),
+            DType::F16 => at!(half::f16),
+            DType::BF16 => at!(half::bf16),
+            d => bail!("no sdgen CUDA kernel for {d:?}"),
+        }
+    }
+}
+
+/// An uninitialised device buffer of `len` elements of `dtype` on `device`'s stream.
+fn alloc(device: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    macro_rules! make {
+        ($t:ty) => {{
+            // SAFETY: every element is written by the kernel that fills the buffer before any read.
+            let s: CudaSlice<$t> = unsafe { device.alloc::<$t>(len.max(1))? };
+            CudaStorage::wrap_cuda_slice(s, device.clone())
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => make!(f32),
+        DType::F16 => make!(half::f16),
+        DType::BF16 => make!(half::bf16),
+        d => bail!("no sdgen CUDA kernel for {d:?}"),
+    })
+}
+
+fn out_ptr(storage: &CudaStorage, stream: &CudaStream) -> Result<u64> {
+    fn raw<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream) -> Result<u64> {
+        let (ptr, _) = s.as_cuda_slice::<T>()?.device_ptr(stream);
+        Ok(ptr)
+    }
+    match storage.dtype() {
+        DType::F32 => raw::<f32>(storage, stream),
+        DType::F16 => raw::<half::f16>(storage, stream),
+        DType::BF16 => raw::<half::bf16>(storage, stream),
+        d => bail!("no sdgen CUDA kernel for {d:?}"),
+    }
+}
+
+fn into_tensor(storage: CudaStorage, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        d => bail!("sdgen CUDA kernel given a tensor on {:?}", d.location()),
+    }
+}
+
+/// `t` contiguous, in `dtype`.
+fn prepared(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let t = if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? };
+    t.contiguous()
+}
+
+fn launch_1d(n: usize, threads: u32, max_blocks: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).clamp(1, max_blocks) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// GroupNorm of `x: [b, c, ...]` over `groups` groups, of `x + add` (`add: [b, c]`) when given,
+/// then SiLU when `silu` (see `kernels/sdgen_ops.cu`).
+pub(crate) fn group_norm(
+    x: &Tensor,
+    add: Option<&Tensor>,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let device = cuda_device(x)?;
+    let dtype = x.dtype();
+    let sfx = suffix(dtype)?;
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let hw: usize = dims[2..].iter().product();
+    if groups == 0 || c % groups != 0 {
+        bail!("group norm of {c} channels in {groups} groups");
+    }
+    let cpg = c / groups;
+    let x = prepared(x, dtype)?;
+    let add = add.map(|a| prepared(a, dtype)).transpose()?;
+    if let Some(a) = &add {
+        if a.dims() != [b, c] {
+            bail!("group norm add term {:?} for input {:?}", a.dims(), dims);
+        }
+    }
+    let (weight, bias) = (prepared(weight, dtype)?, prepared(bias, dtype)?);
+    let stream = device.cuda_stream();
+
+    // Enough blocks to fill the GPU, each reducing at least 1024 elements.
+    let group_len = cpg * hw;
+    let splits = (1024usize.div_ceil(b * groups)).clamp(1, 256).min(group_len.div_ceil(1024).max(1));
+    let partial: CudaSlice<f32> = unsafe { device.alloc::<f32>(b * groups * splits * 3)? };
+    let out = alloc(&device, dtype, x.elem_count())?;
+
+    let xi = Input::new(&x)?;
+    let xp = xi.ptr(&stream, 0)?;
+    let ai = add.as_ref().map(Input::new).transpose()?;
+    let ap = match &ai {
+        Some(a) => a.ptr(&stream, 0)?,
+        None => 0u64,
+    };
+    let (wi, bi) = (Input::new(&weight)?, Input::new(&bias)?);
+    let (wp, bp) = (wi.ptr(&stream, 0)?, bi.ptr(&stream, 0)?);
+    let (pp, _) = partial.device_ptr(&stream);
+    let yp = out_ptr(&out, &stream)?;
+    let (ci, hwi, cpgi, gi, si) = (c as i32, hw as i32, cpg as i32, groups as i32, splits as i32);
+    if hw > i32::MAX as usize || b * c > 65_535 {
+        bail!("group norm input {dims:?} too large for the fused kernel");
+    }
+
+    let stats = function(&device, &format!("gn_stats_{sfx}"))?;
+    let cfg =
+        LaunchConfig { grid_dim: (splits as u32, (b * groups) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&stats);
+    l.arg(&xp).arg(&ap).arg(&ci).arg(&hwi).arg(&cpgi).arg(&gi).arg(&si).arg(&pp);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+
+    let apply = function(&device, &format!("gn_apply_{sfx}"))?;
+    let per_block = 256 * 4;
+    let cfg = LaunchConfig {
+        grid_dim: (hw.div_ceil(per_block) as u32, (b * c) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (epsf, siluf) = (eps as f32, silu as i32);
+    let mut l = stream.launch_builder(&apply);
+    l.arg(&xp).arg(&ap).arg(&wp).arg(&bp).arg(&yp).arg(&ci).arg(&hwi).arg(&cpgi).arg(&gi).arg(&si).arg(&pp);
+    l.arg(&epsf).arg(&siluf);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+    drop(partial);
+    Ok(into_tensor(out, &dims))
+}
+
+/// GEGLU of `x: [.., 2·inner]` (see [`super::geglu`]).
+pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
+    let device = cuda_device(x)?;
+    let dtype = x.dtype();
+    let x = x.contiguous()?;
+    let mut dims = x.dims().to_vec();
+    let last = dims.pop().unwrap_or(0);
+    if last % 2 != 0 {
+        bail!("GEGLU of an odd last dimension {last}");
+    }
+    let inner = last / 2;
+    dims.push(inner);
+    let n = x.elem_count() / 2;
+    let out = alloc(&device, dtype, n)?;
+    let stream = device.cuda_stream();
+    let xi = Input::new(&x)?;
+    let xp = xi.ptr(&stream, 0)?;
+    let yp = out_ptr(&out, &stream)?;
+    let f = function(&device, &format!("geglu_{}", suffix(dtype)?))?;
+    let (inner_i, n_i) = (inner as i32, n as i64);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&yp).arg(&inner_i).arg(&n_i);
+    unsafe { l.launch(launch_1d(n, 256, 1 << 20)) }.map_err(wrap)?;
+    Ok(into_tensor(out, &dims))
+}
+
+/// `(cudaDataType, element bytes)` of a dtype for cuBLAS.
+fn cublas_type(dtype: DType) -> Result<(cublas_sys::cudaDataType, usize)> {
+    Ok(match dtype {
+        DType::F32 => (cublas_sys::cudaDataType::CUDA_R_32F, 4),
+        DType::F16 => (cublas_sys::cudaDataType::CUDA_R_16F, 2),
+        DType::BF16 => (cublas_sys::cudaDataType::CUDA_R_16BF, 2),
+        d => bail!("no cuBLAS attention for {d:?}"),
+    })
+}
+
+/// A row-major matrix operand for [`gemm`]: base address, row stride and batch (head) stride, in
+/// elements.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: u64,
+    ld: usize,
+    batch_stride: usize,
+}
+
+/// `C[h] = alpha · A[h] · op(B[h])` for `h` in `0..batch`, all row-major: `A: [m, k]`, `B: [k, n]`
+/// (or `[n, k]` when `b_transposed`), `C: [m, n]`. (cuBLAS is column-major: it computes the
+/// transposed product `Cᵀ = op(B)ᵀ · Aᵀ` on the same memory.)
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    device: &CudaDevice,
+    dtype: DType,
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    b_transposed: bool,
+    c: Operand,
+    batch: usize,
+    alpha: f32,
+) -> Result<()> {
+    let (ty, _) = cublas_type(dtype)?;
+    let blas = device.cublas_handle();
+    let beta = 0f32;
+    let trans_b = if b_transposed {
+        cublas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublas_sys::cublasOperation_t::CUBLAS_OP_N
+    };
+    let int = |v: usize| -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("GEMM size {v} too large")))
+    };
+    // SAFETY: the operands are live device buffers on the handle's stream, sized by the caller for
+    // these shapes and strides.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            trans_b,
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+            int(n)?,
+            int(m)?,
+            int(k)?,
+            (&alpha) as *const f32 as *const _,
+            b.ptr as *const _,
+            ty,
+            int(b.ld)?,
+            b.batch_stride as i64,
+            a.ptr as *const _,
+            ty,
+            int(a.ld)?,
+            a.batch_stride as i64,
+            (&beta) as *const f32 as *const _,
+            c.ptr as *mut _,
+            ty,
+            int(c.ld)?,
+            c.batch_stride as i64,
+            int(batch)?,
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(wrap)
+}
+
+/// `softmax(q·kᵀ·scale)·v` for `q: [b, heads, q_len, d]`, `k`, `v: [b, heads, kv_len, d]` in any
+/// layout whose last axis is contiguous (the heads' transposed views of `[b, seq, heads·d]` need no
+/// copy), `rows` query rows of one batch entry at a time. The scores are held in the input's dtype
+/// (scaled in the GEMM, in f32, before rounding), the softmax runs in f32 in place. Returns
+/// `[b, heads, q_len, d]` as a view of a `[b, q_len, heads, d]` buffer, which `merge_heads` turns
+/// into `[b, q_len, heads·d]` without a copy.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
+    let device = cuda_device(q)?;
+    let dtype = q.dtype();
+    let (b, heads, q_len, d) = q.dims4()?;
+    let kv_len = k.dim(2)?;
+    let ready = |t: &Tensor| -> Result<Tensor> {
+        let t = if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? };
+        if t.stride()[3] == 1 {
+            Ok(t)
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (ready(q)?, ready(k)?, ready(v)?);
+    let (_, esize) = cublas_type(dtype)?;
+    let stream = device.cuda_stream();
+    let out = alloc(&device, dtype, b * q_len * heads * d)?;
+    let op = out_ptr(&out, &stream)?;
+    // Equal chunks, so each chunk's freed scores fit the next.
+    let rows = rows.clamp(1, q_len.max(1));
+    let rows = q_len.div_ceil(q_len.div_ceil(rows).max(1)).max(1);
+    let scores = alloc(&device, dtype, heads * rows * kv_len)?;
+    let sp = out_ptr(&scores, &stream)?;
+    let softmax = function(&device, &format!("softmax_rows_{}", suffix(dtype)?))?;
+    let threads = (kv_len.div_ceil(4)).next_power_of_two().clamp(32, 256) as u32;
+    let (qi, ki, vi) = (Input::new(&q)?, Input::new(&k)?, Input::new(&v)?);
+    let (qs, ks, vs) = (q.stride().to_vec(), k.stride().to_vec(), v.stride().to_vec());
+    let bytes = |p: u64, elems: usize| p + (elems * esize) as u64;
+    for bi in 0..b {
+        let (qb, kb, vb) = (qi.ptr(&stream, bi * qs[0])?, ki.ptr(&stream, bi * ks[0])?, vi.ptr(&stream, bi * vs[0])?);
+        for start in (0..q_len).step_by(rows) {
+            let len = rows.min(q_len - start);
+            let qa = Operand { ptr: bytes(qb, start * qs[2]), ld: qs[2], batch_stride: qs[1] };
+            let ka = Operand { ptr: kb, ld: ks[2], batch_stride: ks[1] };
+            let sa = Operand { ptr: sp, ld: kv_len, batch_stride: rows * kv_len };
+            // scores[h] = scale · q[h] · k[h]ᵀ: [len, kv_len]
+            gemm(&device, dtype, (len, kv_len, d), qa, ka, true, sa, heads, scale as f32)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((heads * len) as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            if len < rows {
+                // The last, shorter chunk: its heads' rows are `rows · kv_len` apart; softmax each
+                // head's rows separately.
+                for h in 0..heads {
+                    let hp = bytes(sp, h * rows * kv_len);
+                    let kv = kv_len as i32;
+                    let mut l = stream.launch_builder(&softmax);
+                    l.arg(&hp).arg(&kv);
+                    let one = LaunchConfig { grid_dim: (len as u32, 1, 1), ..cfg };
+                    unsafe { l.launch(one) }.map_err(wrap)?;
+                }
+            } else {
+                let kv = kv_len as i32;
+                let mut l = stream.launch_builder(&softmax);
+                l.arg(&sp).arg(&kv);
+                unsafe { l.launch(cfg) }.map_err(wrap)?;
+            }
+            // out[bi, start.., h, :] = probs[h] · v[h]: [len, d], rows heads·d apart.
+            let pa = Operand { ptr: sp, ld: kv_len, batch_stride: rows * kv_len };
+            let va = Operand { ptr: vb, ld: vs[2], batch_stride: vs[1] };
+            let oa = Operand { ptr: bytes(op, (bi * q_len + start) * heads * d), ld: heads * d, batch_stride: d };
+            gemm(&device, dtype, (len, d, kv_len), pa, va, false, oa, heads, 1.0)?;
+        }
+    }
+    drop(scores);
+    into_tensor(out, &[b, q_len, heads, d]).transpose(1, 2)
+}
+
+/// `y = x·Wᵀ + b` for half-precision `x: [.., k]`, `W: [n, k]`, `b: [n]` through cuBLASLt with the
+/// bias in the GEMM's epilogue: one kernel, the bias added in f32 before the one rounding (as
+/// PyTorch's `addmm` does), instead of candle's matmul then a separate add over the output.
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+    type Handles = Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>;
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    let device = cuda_device(x)?;
+    let dtype = x.dtype();
+    let x = x.contiguous()?;
+    let weight = prepared(weight, dtype)?;
+    let bias = bias.map(|b| prepared(b, dtype)).transpose()?;
+    let (n, k) = weight.dims2()?;
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        bail!("linear layer for {k} inputs given {:?}", x.dims());
+    }
+    let m = x.elem_count() / k.max(1);
+    *dims.last_mut().expect("checked above") = n;
+    let blas = {
+        let mut handles = HANDLES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        match handles.get(&device.id()) {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new(CudaBlasLT::new(device.cuda_stream()).map_err(wrap)?);
+                handles.insert(device.id(), h.clone());
+                h
+            }
+        }
+    };
+    // Column-major view: yᵀ [n × m] = W [n × k] · xᵀ [k × m]; the bias is added along n.
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let out = alloc(&device, dtype, m * n)?;
+    let (xi, wi) = (Input::new(&x)?, Input::new(&weight)?);
+    let bi = bias.as_ref().map(Input::new).transpose()?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let view = |i: &Input, len: usize| -> Result<cudarc::driver::CudaView<'_, $t>> {
+                let start = i.layout.start_offset();
+                Ok(i.storage().as_cuda_slice::<$t>()?.slice(start..start + len))
+            };
+            let (xv, wv) = (view(&xi, m * k)?, view(&wi, n * k)?);
+            let bv = bi.as_ref().map(|b| view(b, n)).transpose()?;
+            let mut out = out;
+            let slice = out.as_cuda_slice_mut::<$t>()?;
+            // SAFETY: the views and the output are sized for these dimensions, on the handle's stream.
+            unsafe { blas.matmul(cfg, &wv, &xv, slice, bv.as_ref(), None) }.map_err(wrap)?;
+            out
+        }};
+    }
+    let out = match dtype {
+        DType::F16 => run!(half::f16),
+        DType::BF16 => run!(half::bf16),
+        d => bail!("no cuBLASLt linear for {d:?}"),
+    };
+    Ok(into_tensor(out, &dims))
+}

@@ -1,0 +1,409 @@
+//! Convolutions through cuDNN, as PyTorch runs them for diffusers: NCHW tensors, f32 compute
+//! for half-precision data with tensor-op math (f32 data keeps FMA math, no TF32, so f32 runs stay
+//! as exact as the CPU reference), the bias added by `cudnnAddTensor`.
+//!
+//! Unlike candle's `cudnn` feature (which re-runs the algorithm heuristic, re-creates every
+//! descriptor and zero-fills a fresh workspace on every call), each distinct shape gets its
+//! descriptors and algorithm once per device and thread: by cuDNN's heuristic by default
+//! (deterministic, as PyTorch's default `cudnn.benchmark = False` is, so a seed gives the same
+//! image run after run), or by timing every algorithm (`cudnnFind…`) with `SDGEN_CUDNN_FIND=1`.
+//! No algorithm needing more than [`MAX_WORKSPACE_BYTES`] of workspace is chosen; the workspace
+//! comes from the stream-ordered pool for the call.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Result, Storage, Tensor};
+use cudarc::cudnn::sys;
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+/// The most workspace one convolution may use (the stream-ordered pool hands it out per call).
+pub const MAX_WORKSPACE_BYTES: usize = 256 << 20;
+
+/// `SDGEN_CUDNN_FIND=1`: choose each shape's algorithm by timing them all.
+pub const FIND_ENV: &str = "SDGEN_CUDNN_FIND";
+
+fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
+    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        bail!("cuDNN {what}: {status:?}")
+    }
+}
+
+/// Everything cuDNN needs for one convolution shape, created once.
+struct Plan {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    bias: sys::cudnnTensorDescriptor_t,
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    workspace_bytes: usize,
+    out: [usize; 4],
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor was created by `Plan::new` and is used by no one else.
+        unsafe {
+            sys::cudnnDestroyTensorDescriptor(self.x);
+            sys::cudnnDestroyFilterDescriptor(self.w);
+            sys::cudnnDestroyConvolutionDescriptor(self.conv);
+            sys::cudnnDestroyTensorDescriptor(self.y);
+            sys::cudnnDestroyTensorDescriptor(self.bias);
+        }
+    }
+}
+
+/// (dtype, x `[n, c, h, w]`, weight `[k, c, r, s]`, padding, stride).
+type Key = (DType, [usize; 4], [usize; 4], usize, usize);
+
+struct DeviceState {
+    handle: sys::cudnnHandle_t,
+    plans: HashMap<Key, Plan>,
+}
+
+impl Drop for DeviceState {
+    fn drop(&mut self) {
+        self.plans.clear();
+        // SAFETY: the handle was created for this state and its plans are gone.
+        unsafe { sys::cudnnDestroy(self.handle) };
+    }
+}
+
+// cuDNN handles may not be shared between threads: one per device per thread.
+thread_local! {
+    static STATES: RefCell<HashMap<DeviceId, DeviceState>> = RefCell::new(HashMap::new());
+}
+
+fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t> {
+    Ok(match dtype {
+        DType::F32 => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        DType::F16 => sys::cudnnDataType_t::CUDNN_DATA_HALF,
+        DType::BF16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        d => bail!("no cuDNN convolution for {d:?}"),
+    })
+}
+
+fn int(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("convolution size {v} too large for cuDNN")))
+}
+
+fn tensor_desc(dt: sys::cudnnDataType_t, dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
+    let mut d = std::ptr::null_mut();
+    let [n, c, h, w] = dims;
+    // SAFETY: plain descriptor creation and setting, checked.
+    unsafe {
+        check(sys::cudnnCreateTensorDescriptor(&mut d), "create tensor descriptor")?;
+        let strides = [c * h * w, h * w, w, 1];
+        check(
+            sys::cudnnSetTensor4dDescriptorEx(
+                d,
+                dt,
+                int(n)?,
+                int(c)?,
+                int(h)?,
+                int(w)?,
+                int(strides[0])?,
+                int(strides[1])?,
+                int(strides[2])?,
+                int(strides[3])?,
+            ),
+            "set tensor descriptor",
+        )?;
+    }
+    Ok(d)
+}
+
+impl Plan {
+    fn new(handle: sys::cudnnHandle_t, key: &Key, ptrs: Option<(u64, u64, u64, u64)>) -> Result<Self> {
+        let (dtype, x, w, padding, stride) = *key;
+        let dt = data_type(dtype)?;
+        let out_len = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride + 1;
+        let out = [x[0], w[0], out_len(x[2], w[2]), out_len(x[3], w[3])];
+        let xd = tensor_desc(dt, x)?;
+        let yd = tensor_desc(dt, out)?;
+        let bd = tensor_desc(dt, [1, w[0], 1, 1])?;
+        let mut wd = std::ptr::null_mut();
+        let mut cd = std::ptr::null_mut();
+        // SAFETY: descriptor creation and setting, checked; the plan owns them from here (Drop).
+        let mut plan = unsafe {
+            check(sys::cudnnCreateFilterDescriptor(&mut wd), "create filter descriptor")?;
+            check(
+                sys::cudnnSetFilter4dDescriptor(
+                    wd,
+                    dt,
+                    sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                    int(w[0])?,
+                    int(w[1])?,
+                    int(w[2])?,
+                    int(w[3])?,
+                ),
+                "set filter descriptor",
+            )?;
+            check(sys::cudnnCreateConvolutionDescriptor(&mut cd), "create convolution descriptor")?;
+            let (p, s) = (int(padding)?, int(stride)?);
+            check(
+                sys::cudnnSetConvolution2dDescriptor(
+                    cd,
+                    p,
+                    p,
+                    s,
+                    s,
+                    1,
+                    1,
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                ),
+                "set convolution descriptor",
+            )?;
+            let math = if dtype == DType::F32 {
+                sys::cudnnMathType_t::CUDNN_FMA_MATH
+            } else {
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            };
+            check(sys::cudnnSetConvolutionMathType(cd, math), "set math type")?;
+            Plan {
+                x: xd,
+                w: wd,
+                conv: cd,
+                y: yd,
+                bias: bd,
+                algo: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                workspace_bytes: 0,
+                out,
+            }
+        };
+        let (algo, bytes) = match ptrs {
+            Some(p) => plan.find(handle, p)?,
+            None => plan.heuristic(handle)?,
+        };
+        plan.algo = algo;
+        plan.workspace_bytes = bytes;
+        Ok(plan)
+    }
+
+    /// The first algorithm cuDNN's heuristic ranks that runs within the workspace cap.
+    fn heuristic(&self, handle: sys::cudnnHandle_t) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
+        let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 16];
+        let mut count = 0;
+        // SAFETY: the descriptors are valid; `perf` holds 16 results.
+        unsafe {
+            check(
+                sys::cudnnGetConvolutionForwardAlgorithm_v7(
+                    handle,
+                    self.x,
+                    self.w,
+                    self.conv,
+                    self.y,
+                    16,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                ),
+                "convolution algorithm heuristic",
+            )?;
+        }
+        self.choose(&perf[..count.max(0) as usize])
+    }
+
+    /// The fastest algorithm within the workspace cap, timed on the call's own buffers.
+    fn find(
+        &self,
+        handle: sys::cudnnHandle_t,
+        (x, w, y, ws): (u64, u64, u64, u64),
+    ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
+        let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 16];
+        let mut count = 0;
+        // SAFETY: the buffers are live and sized for these descriptors; `ws` holds
+        // MAX_WORKSPACE_BYTES; `perf` holds 16 results.
+        unsafe {
+            check(
+                sys::cudnnFindConvolutionForwardAlgorithmEx(
+                    handle,
+                    self.x,
+                    x as *const c_void,
+                    self.w,
+                    w as *const c_void,
+                    self.conv,
+                    self.y,
+                    y as *mut c_void,
+                    16,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                    ws as *mut c_void,
+                    MAX_WORKSPACE_BYTES,
+                ),
+                "convolution algorithm search",
+            )?;
+        }
+        self.choose(&perf[..count.max(0) as usize])
+    }
+
+    fn choose(&self, perf: &[sys::cudnnConvolutionFwdAlgoPerf_t]) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
+        perf.iter()
+            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE_BYTES)
+            .map(|p| (p.algo, p.memory))
+            .ok_or_else(|| candle_core::Error::Msg("cuDNN offers no convolution algorithm for this shape".into()))
+    }
+}
+
+fn device_ptr(storage: &CudaStorage, offset: usize, device: &CudaDevice) -> Result<u64> {
+    let stream = device.cuda_stream();
+    macro_rules! at {
+        ($t:ty) => {{
+            let (ptr, _) = storage.as_cuda_slice::<$t>()?.device_ptr(&stream);
+            Ok(ptr + (offset * std::mem::size_of::<$t>()) as u64)
+        }};
+    }
+    match storage.dtype() {
+        DType::F32 => at!(f32),
+        DType::F16 => at!(half::f16),
+        DType::BF16 => at!(half::bf16),
+        d => bail!("no cuDNN convolution for {d:?}"),
+    }
+}
+
+fn alloc(device: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    // SAFETY: the convolution writes every element before anything reads them.
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<f32>(len)? }, device.clone()),
+        DType::F16 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<half::f16>(len)? }, device.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<half::bf16>(len)? }, device.clone()),
+        d => bail!("no cuDNN convolution for {d:?}"),
+    })
+}
+
+/// The storage and start offset of a contiguous CUDA tensor.
+fn storage_of(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
+    let (guard, layout) = t.storage_and_layout();
+    if !matches!(&*guard, Storage::Cuda(_)) || !layout.is_contiguous() {
+        bail!("cuDNN convolution needs contiguous CUDA tensors");
+    }
+    Ok((guard, layout.start_offset()))
+}
+
+fn cuda(s: &Storage) -> &CudaStorage {
+    match s {
+        Storage::Cuda(c) => c,
+        _ => unreachable!("checked by storage_of"),
+    }
+}
+
+/// `conv2d(x, weight) + bias` with zero `padding` on every side and `stride`, for
+/// `x: [n, c, h, w]`, `weight: [k, c, r, s]`.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let device = match x.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        d => bail!("cuDNN convolution of a tensor on {:?}", d.location()),
+    };
+    let dtype = x.dtype();
+    let x = x.contiguous()?;
+    let weight = if weight.dtype() == dtype { weight.contiguous()? } else { weight.to_dtype(dtype)?.contiguous()? };
+    let bias =
+        bias.map(|b| if b.dtype() == dtype { b.contiguous() } else { b.to_dtype(dtype)?.contiguous() }).transpose()?;
+    let xd: [usize; 4] = x.dims4()?.into();
+    let wd: [usize; 4] = weight.dims4()?.into();
+    if xd[1] != wd[1] {
+        bail!("convolution of {} input channels with a weight for {}", xd[1], wd[1]);
+    }
+    let key: Key = (dtype, xd, wd, padding, stride);
+    let find = std::env::var(FIND_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+
+    let (xs, xo) = storage_of(&x)?;
+    let (ws, wo) = storage_of(&weight)?;
+    let bs = bias.as_ref().map(storage_of).transpose()?;
+    let xp = device_ptr(cuda(&xs), xo, &device)?;
+    let wp = device_ptr(cuda(&ws), wo, &device)?;
+
+    STATES.with(|states| -> Result<Tensor> {
+        let mut states = states.borrow_mut();
+        let state = match states.entry(device.id()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut handle = std::ptr::null_mut();
+                // SAFETY: handle creation and binding to the device's stream, checked.
+                unsafe {
+                    check(sys::cudnnCreate(&mut handle), "create handle")?;
+                    check(sys::cudnnSetStream(handle, device.cuda_stream().cu_stream() as _), "set stream")?;
+                }
+                e.insert(DeviceState { handle, plans: HashMap::new() })
+            }
+        };
+        let handle = state.handle;
+        let out_dims = {
+            let [n, _, h, w] = xd;
+            let out_len = |v: usize, k: usize| (v + 2 * padding).saturating_sub(k) / stride + 1;
+            [n, wd[0], out_len(h, wd[2]), out_len(w, wd[3])]
+        };
+        let out = alloc(&device, dtype, out_dims.iter().product())?;
+        let yp = device_ptr(&out, 0, &device)?;
+        if !state.plans.contains_key(&key) {
+            let plan = if find {
+                let ws: CudaSlice<u8> = unsafe { device.alloc::<u8>(MAX_WORKSPACE_BYTES)? };
+                let (wsp, _) = ws.device_ptr(&device.cuda_stream());
+                Plan::new(handle, &key, Some((xp, wp, yp, wsp)))?
+            } else {
+                Plan::new(handle, &key, None)?
+            };
+            state.plans.insert(key, plan);
+        }
+        let plan = &state.plans[&key];
+        debug_assert_eq!(plan.out, out_dims);
+        let workspace: Option<CudaSlice<u8>> =
+            if plan.workspace_bytes > 0 { Some(unsafe { device.alloc::<u8>(plan.workspace_bytes)? }) } else { None };
+        let wsp = match &workspace {
+            Some(w) => w.device_ptr(&device.cuda_stream()).0,
+            None => 0,
+        };
+        let (one, zero) = (1f32, 0f32);
+        // SAFETY: descriptors match the buffers' shapes and dtype; all on the handle's stream.
+        unsafe {
+            check(
+                sys::cudnnConvolutionForward(
+                    handle,
+                    (&one) as *const f32 as *const c_void,
+                    plan.x,
+                    xp as *const c_void,
+                    plan.w,
+                    wp as *const c_void,
+                    plan.conv,
+                    plan.algo,
+                    wsp as *mut c_void,
+                    plan.workspace_bytes,
+                    (&zero) as *const f32 as *const c_void,
+                    plan.y,
+                    yp as *mut c_void,
+                ),
+                "convolution",
+            )?;
+            if let Some((bs, bo)) = &bs {
+                let bp = device_ptr(cuda(bs), *bo, &device)?;
+                check(
+                    sys::cudnnAddTensor(
+                        handle,
+                        (&one) as *const f32 as *const c_void,
+                        plan.bias,
+                        bp as *const c_void,
+                        (&one) as *const f32 as *const c_void,
+                        plan.y,
+                        yp as *mut c_void,
+                    ),
+                    "bias add",
+                )?;
+            }
+        }
+        drop(workspace);
+        Ok(Tensor::from_storage(Storage::Cuda(out), out_dims.to_vec(), BackpropOp::none(), false))
+    })
+}

@@ -1,0 +1,47 @@
+//! Linear layers, and the seam where quantised weights will come in. Half precision on CUDA runs
+//! one cuBLASLt GEMM with the bias in its epilogue (as PyTorch's `addmm`); everything else runs
+//! candle's `Linear` (its matmul, then the bias added over the output).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x·Wᵀ + b` over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+impl Linear {
+    /// A layer from its weight `[out, in]` and optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self(candle_nn::Linear::new(weight, bias))
+    }
+
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::fast_cuda(x.device()) && matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) {
+            return super::cuda::linear(x, self.0.weight(), self.0.bias());
+        }
+        self.0.forward(x)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::forward(self, x)
+    }
+}
+
+/// Loads `weight` `[out, in]` and `bias` `[out]`.
+pub fn linear(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear(inputs, outputs, vb)?))
+}
+
+/// Loads `weight` `[out, in]` only.
+pub fn linear_no_bias(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear_no_bias(inputs, outputs, vb)?))
+}

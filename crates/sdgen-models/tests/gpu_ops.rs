@@ -1,0 +1,239 @@
+//! The fast CUDA paths of the kernel seam (`sdgen_models::ops`) against the stock path on the
+//! same GPU and against an f32 CPU reference, at the real models' shapes (SD 1.5's and SDXL's
+//! channel counts, resolutions and head dims 40/64/80/128/512; the tiny test models never reach
+//! them). A CUDA build only: run on the GPU machine with one test thread (the tests flip the
+//! process-wide fast-kernel switch):
+//!
+//! `cargo test -p sdgen-models --features cudnn --release --test gpu_ops -- --test-threads=1`
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use sdgen_models::ops::attention::{attention_with, AttentionOptions};
+use sdgen_models::ops::conv::Conv2d;
+use sdgen_models::ops::linear::Linear;
+use sdgen_models::ops::norm::GroupNorm;
+use sdgen_models::ops::{geglu, set_fast_kernels};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+/// `‖a − b‖ / ‖b‖`, in f32 on `b`'s device.
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(b.device())?.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let num = (a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
+/// Normal values rounded to `dtype`, on the GPU.
+fn randn(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
+}
+
+/// The same values in f32 on the CPU (the reference's inputs).
+fn cpu32(t: &Tensor) -> Result<Tensor> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F32)
+}
+
+/// Runs `f` with the fast kernels on and off: `(fast, stock)`.
+fn both<T>(mut f: impl FnMut() -> Result<T>) -> Result<(T, T)> {
+    set_fast_kernels(true);
+    let fast = f()?;
+    set_fast_kernels(false);
+    let stock = f();
+    set_fast_kernels(true);
+    Ok((fast, stock?))
+}
+
+/// The largest error the fast path may have against the f32 reference: as small as the stock
+/// path's (plus a margin for a different but equally valid summation order), and within what the
+/// dtype's rounding allows.
+fn check(what: &str, dtype: DType, fast_err: f64, stock_err: f64) {
+    let bound = match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+        _ => 2e-2,
+    };
+    println!("{what} {dtype:?}: fast {fast_err:.3e}, stock {stock_err:.3e}");
+    assert!(fast_err.is_finite() && fast_err <= bound, "{what} {dtype:?}: fast path error {fast_err:e} > {bound:e}");
+    assert!(
+        fast_err <= 1.5 * stock_err + bound / 20.0,
+        "{what} {dtype:?}: fast path error {fast_err:e} well above the stock path's {stock_err:e}"
+    );
+}
+
+fn vb(tensors: Vec<(&str, Tensor)>, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_tensors(tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), dtype, dev)
+}
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+
+#[test]
+fn group_norm_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    // (shape, groups, eps, with the per-channel add, silu)
+    let cases: [(&[usize], usize, f64, bool, bool); 6] = [
+        (&[2, 320, 128, 128], 32, 1e-5, false, true),   // SDXL level 1 ResNet norm1
+        (&[2, 640, 64, 64], 32, 1e-5, true, true),      // norm2 with the time embedding folded in
+        (&[2, 1280, 32, 32], 32, 1e-6, false, false),   // transformer norm
+        (&[2, 320, 64, 64], 32, 1e-5, true, true),      // SD 1.5 at 512²
+        (&[1, 512, 128, 128], 32, 1e-6, false, true),   // VAE decoder, 1024² image
+        (&[1, 128, 1024, 1024], 32, 1e-6, false, true), // VAE decoder's last level
+    ];
+    for (shape, groups, eps, with_add, silu) in cases {
+        let c = shape[1];
+        for dtype in DTYPES {
+            let w = (randn(&[c], dtype, &dev)? * 0.5)?.affine(1.0, 1.0)?.to_dtype(dtype)?;
+            let b = (randn(&[c], dtype, &dev)? * 0.1)?.to_dtype(dtype)?;
+            // An offset mean, so the statistics must be computed stably.
+            let x = randn(shape, DType::F32, &dev)?.affine(2.0, 3.0)?.to_dtype(dtype)?;
+            let add = if with_add { Some(randn(&[shape[0], c], dtype, &dev)?) } else { None };
+            let norm =
+                GroupNorm::new(groups, c, eps, vb(vec![("weight", w.clone()), ("bias", b.clone())], dtype, &dev))?;
+            let (fast, stock) = both(|| norm.forward_with(&x, add.as_ref(), silu))?;
+            assert_eq!(fast.dims(), shape);
+            let cpu = Device::Cpu;
+            let rnorm = GroupNorm::new(
+                groups,
+                c,
+                eps,
+                vb(vec![("weight", cpu32(&w)?), ("bias", cpu32(&b)?)], DType::F32, &cpu),
+            )?;
+            let xa = match &add {
+                Some(a) => cpu32(&x.broadcast_add(&a.reshape((shape[0], c, 1, 1))?)?)?,
+                None => cpu32(&x)?,
+            };
+            let reference = rnorm.forward_with(&xa, None, silu)?;
+            let what = format!("group norm {shape:?} add {with_add} silu {silu}");
+            check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&stock, &reference)?);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn convolutions_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    // (input shape, cout, kernel, padding, stride, pad right/bottom)
+    let cases: [(&[usize], usize, usize, usize, usize, bool); 7] = [
+        (&[2, 4, 128, 128], 320, 3, 1, 1, false),   // SDXL conv_in
+        (&[2, 320, 128, 128], 320, 3, 1, 1, false), // SDXL level-1 ResNet conv
+        (&[2, 320, 128, 128], 320, 3, 1, 2, false), // UNet downsampler
+        (&[2, 640, 64, 64], 1280, 1, 0, 1, false),  // 1×1 shortcut
+        (&[2, 1280, 32, 32], 1280, 3, 1, 1, false), // SDXL level-3 ResNet conv
+        (&[1, 256, 512, 512], 256, 3, 1, 1, false), // VAE decoder at 1024²
+        (&[1, 128, 256, 256], 128, 3, 0, 2, true),  // VAE encoder downsampler
+    ];
+    for (shape, cout, k, padding, stride, pad_rb) in cases {
+        let cin = shape[1];
+        for dtype in DTYPES {
+            let scale = 1.0 / ((cin * k * k) as f64).sqrt();
+            let w = (randn(&[cout, cin, k, k], DType::F32, &dev)? * scale)?.to_dtype(dtype)?;
+            let b = randn(&[cout], dtype, &dev)?;
+            let x = randn(shape, dtype, &dev)?;
+            let conv = Conv2d::load(
+                cin,
+                cout,
+                k,
+                padding,
+                stride,
+                pad_rb,
+                vb(vec![("weight", w.clone()), ("bias", b.clone())], dtype, &dev),
+            )?;
+            let (fast, stock) = both(|| conv.forward(&x))?;
+            assert_eq!(fast.dims(), stock.dims());
+            let cpu = Device::Cpu;
+            let rconv = Conv2d::load(
+                cin,
+                cout,
+                k,
+                padding,
+                stride,
+                pad_rb,
+                vb(vec![("weight", cpu32(&w)?), ("bias", cpu32(&b)?)], DType::F32, &cpu),
+            )?;
+            let reference = rconv.forward(&cpu32(&x)?)?;
+            let what = format!("conv {shape:?} → {cout}, {k}×{k} pad {padding} stride {stride}");
+            check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&stock, &reference)?);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_at_real_head_dims() -> Result<()> {
+    let dev = gpu();
+    // (batch, heads, q_len, kv_len, head dim, query rows per chunk)
+    let cases: [(usize, usize, usize, usize, usize, Option<usize>); 8] = [
+        (2, 8, 4096, 4096, 40, None),        // SD 1.5 self-attention at 512²
+        (2, 8, 4096, 77, 40, None),          // SD 1.5 cross-attention
+        (2, 10, 4096, 4096, 64, None),       // SDXL level 2
+        (2, 20, 1024, 77, 64, None),         // SDXL level 3 cross-attention
+        (2, 10, 4096, 4096, 64, Some(1000)), // sliced, with a shorter last chunk
+        (2, 16, 1024, 1024, 80, None),
+        (2, 8, 1024, 1024, 128, None),
+        (1, 1, 4096, 4096, 512, None), // the VAE's single-head mid-block attention
+    ];
+    for (b, heads, q_len, kv_len, d, slice) in cases {
+        for dtype in DTYPES {
+            // Projections' outputs `[b, seq, heads·d]` split into heads as the models do (views).
+            let q = sdgen_models::attention::split_heads(&randn(&[b, q_len, heads * d], dtype, &dev)?, heads)?;
+            let k = sdgen_models::attention::split_heads(&randn(&[b, kv_len, heads * d], dtype, &dev)?, heads)?;
+            let v = sdgen_models::attention::split_heads(&randn(&[b, kv_len, heads * d], dtype, &dev)?, heads)?;
+            let scale = (d as f64).powf(-0.5);
+            let opts = slice.map_or(AttentionOptions::FULL, AttentionOptions::sliced);
+            let (fast, stock) = both(|| attention_with(&q, &k, &v, scale, None, opts))?;
+            assert_eq!(fast.dims(), &[b, heads, q_len, d]);
+            let merged = sdgen_models::attention::merge_heads(&fast)?;
+            assert_eq!(merged.dims(), &[b, q_len, heads * d]);
+            let reference = attention_with(&cpu32(&q)?, &cpu32(&k)?, &cpu32(&v)?, scale, None, AttentionOptions::FULL)?;
+            let what = format!("attention b{b} h{heads} {q_len}×{kv_len} d{d} slice {slice:?}");
+            check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&stock, &reference)?);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn geglu_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    for shape in [[2usize, 4096, 2 * 2560], [2, 1024, 2 * 5120], [2, 4096, 2 * 1280]] {
+        for dtype in DTYPES {
+            let x = randn(&shape, dtype, &dev)?;
+            let (fast, stock) = both(|| geglu(&x))?;
+            let reference = geglu(&cpu32(&x)?)?;
+            check(&format!("geglu {shape:?}"), dtype, rel_l2(&fast, &reference)?, rel_l2(&stock, &reference)?);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_layers_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    // (input shape, outputs, bias)
+    let cases: [(&[usize], usize, bool); 5] = [
+        (&[2, 4096, 640], 640, true),   // SDXL level-2 attention output projection
+        (&[2, 4096, 640], 5120, true),  // its GEGLU input projection
+        (&[2, 77, 2048], 640, false),   // cross-attention key projection
+        (&[2, 1024, 5120], 1280, true), // level-3 feed-forward output
+        (&[2, 4096, 320], 320, true),   // SD 1.5 level 1
+    ];
+    for (shape, n, with_bias) in cases {
+        let k = *shape.last().expect("a shape");
+        for dtype in DTYPES {
+            let w = (randn(&[n, k], DType::F32, &dev)? / (k as f64).sqrt())?.to_dtype(dtype)?;
+            let b = if with_bias { Some(randn(&[n], dtype, &dev)?) } else { None };
+            let x = randn(shape, dtype, &dev)?;
+            let layer = Linear::new(w.clone(), b.clone());
+            let (fast, stock) = both(|| layer.forward(&x))?;
+            let reference = Linear::new(cpu32(&w)?, b.as_ref().map(cpu32).transpose()?).forward(&cpu32(&x)?)?;
+            let what = format!("linear {shape:?} → {n} bias {with_bias}");
+            check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&stock, &reference)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The CUDA speed work's measurements in one device call (issue: speed on CUDA), ours beside
+# diffusers on the same card. PARTS picks (default "ops bench peer"):
+#   ops      the GPU test binary: every fast kernel against the stock path and an f32 CPU reference
+#            at SD 1.5's and SDXL's real shapes (crates/sdgen-models/tests/gpu_ops.rs);
+#   bench    `sdgen-bench --component` (loads apart, device synchronised per evaluation): the SDXL
+#            UNet evaluation at 1024² with the CFG batch, the SDXL VAE decode at 1024², the SD 1.5
+#            UNet at 512², each with the fast kernels and with --no-fast-kernels;
+#   peer     peer_diffusers.py sdxl sd15 (the same figures for diffusers);
+#   ncu      per-kernel breakdown of one evaluation each, ours (ncu, the last evaluation only)
+#            and diffusers' (torch.profiler, tools/gpu/peer_profile.py);
+#   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart).
+# Expects .carry/{generate,sdgen-bench,gpu_ops}.xz, .carry/peer_diffusers.py and .whl/ (the
+# diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; S_DIR="$OUT/speed"; mkdir -p "$S_DIR"
+PARTS=${PARTS:-ops bench peer}
+CUDNN_LIB=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$CUDNN_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+for b in generate sdgen-bench gpu_ops; do
+  [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
+done
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+timed() { local s=$SECONDS; "$@"; local rc=$?; echo "  ($((SECONDS - s)) s, exit $rc)"; return $rc; }
+
+if has ops; then
+  echo "== ops: fast kernels vs stock vs f32 CPU reference at real shapes"
+  timed /tmp/gpu_ops --test-threads=1 --nocapture > "$S_DIR/gpu_ops.log" 2>&1
+  grep -E "fast .*stock|test result|panicked|FAILED" "$S_DIR/gpu_ops.log" | tail -80
+fi
+
+write() {  # family dir
+  [ -f "$2/model_index.json" ] || /tmp/sdgen-bench --family "$1" --model-dir "$2" --device cuda --dtype bf16 --write-only > /dev/null 2> "$S_DIR/write_$1.log" || tail -5 "$S_DIR/write_$1.log"
+}
+component() {  # name family dir size component [extra...]
+  local name=$1 fam=$2 dir=$3 size=$4 comp=$5; shift 5
+  /tmp/sdgen-bench --family "$fam" --model-dir "$dir" --device cuda --dtype bf16 --width "$size" --height "$size" \
+    --component "$comp" --iterations 7 "$@" > "$S_DIR/$name.json" 2> "$S_DIR/$name.log"
+  python3 - "$S_DIR/$name.json" "$name" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"  {sys.argv[2]}: no result ({e})"); sys.exit()
+res = r["result"]; ev = res["timed"]["eval"]; mem = res["timed"]["memory"]
+peak = (mem.get("peak_gpu_bytes") or 0) / 1e9
+print(f"  {sys.argv[2]:<28} median {ev['median_ms']:8.1f} ms (min {ev['min_ms']:.1f}, max {ev['max_ms']:.1f}), "
+      f"load {res['load_ms'] / 1e3:.2f} s, GPU peak {peak:.2f} GB  [{r['kernels']}]")
+PY
+}
+
+if has bench || has ncu || has pipeline; then
+  timed write sdxl /tmp/sdxl
+  timed write sd15 /tmp/sd15
+fi
+if has bench; then
+  echo "== bench: one evaluation, loads excluded (bf16)"
+  for k in fast stock; do
+    extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
+    component "sdxl_unet_1024_b2_$k" sdxl /tmp/sdxl 1024 unet "${extra[@]}"
+    component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}"
+    component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}"
+  done
+fi
+if has peer || has ncu; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+fi
+if has peer; then
+  echo "== peer: diffusers on the same card"
+  OUT="$S_DIR" timed python3 .carry/peer_diffusers.py sdxl sd15 > "$S_DIR/peer.log" 2>&1
+  grep -E "_ms|_GB" "$S_DIR/peer.log"
+fi
+if has ncu; then
+  echo "== ncu: one evaluation's kernels (ours), torch.profiler (diffusers)"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for k in ${NCU_KERNELS:-fast stock}; do
+    for comp in ${NCU_COMPONENTS:-unet vae}; do
+      extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
+      SDGEN_PROFILE_LAST=1 timed timeout 240 "$NCU" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
+        --print-summary per-kernel --csv /tmp/sdgen-bench --family sdxl --model-dir /tmp/sdxl --device cuda --dtype bf16 \
+        --width 1024 --height 1024 --component $comp --iterations 1 "${extra[@]}" > "$S_DIR/ncu_${comp}_$k.csv" 2> "$S_DIR/ncu_${comp}_$k.log"
+      python3 tools/gpu/ncu_summary.py "$S_DIR/ncu_${comp}_$k.csv" "sdxl $comp $k" | tee "$S_DIR/ncu_${comp}_$k.txt"
+    done
+  done
+  OUT="$S_DIR" timed python3 tools/gpu/peer_profile.py > "$S_DIR/peer_profile.txt" 2>&1
+  cat "$S_DIR/peer_profile.txt"
+fi
+if has pipeline; then
+  echo "== pipeline: whole SDXL runs (bf16, 1024², 30 steps)"
+  for k in fast stock; do
+    extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
+    /tmp/sdgen-bench --family sdxl --model-dir /tmp/sdxl --device cuda --dtype bf16 --width 1024 --height 1024 --steps 30 \
+      "${extra[@]}" > "$S_DIR/pipeline_sdxl_$k.json" 2> "$S_DIR/pipeline_sdxl_$k.log"
+    python3 - "$S_DIR/pipeline_sdxl_$k.json" $k <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); run = r["runs"][0]; c = run["clock"]
+print(f"  {sys.argv[2]}: total {run['total_ms'] / 1e3:.2f} s, stages { {k: round(v) for k, v in run['timings_ms'].items()} } ms, "
+      f"loads { {k: round(v) for k, v in c['load_ms'].items()} } ms, {c['evaluations']} evaluations, median {c['evaluation_median_ms']:.1f} ms")
+PY
+  done
+fi
+tar czf "$OUT/speed.tgz" -C "$OUT" speed 2>/dev/null
