@@ -10,7 +10,7 @@
 #   ncu      per-kernel breakdown of one evaluation each, ours (ncu, the last evaluation only)
 #            and diffusers' (torch.profiler, tools/gpu/peer_profile.py);
 #   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart).
-# Expects .carry/{generate,sdgen-bench,gpu_ops}.xz, .carry/peer_diffusers.py and .whl/ (the
+# Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; S_DIR="$OUT/speed"; mkdir -p "$S_DIR"
@@ -18,7 +18,7 @@ PARTS=${PARTS:-ops bench peer}
 CUDNN_LIB=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$CUDNN_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-for b in generate sdgen-bench gpu_ops; do
+for b in generate sdgen-bench gpu_ops gpu_parity; do
   [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
 done
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
@@ -28,6 +28,12 @@ if has ops; then
   echo "== ops: fast kernels vs stock vs f32 CPU reference at real shapes"
   timed /tmp/gpu_ops --test-threads=1 --nocapture > "$S_DIR/gpu_ops.log" 2>&1
   grep -E "fast .*stock|test result|panicked|FAILED" "$S_DIR/gpu_ops.log" | tail -80
+  echo "== ops: half-precision attention through the cuBLAS path (SDGEN_ATTENTION=cublas)"
+  SDGEN_ATTENTION=cublas timed /tmp/gpu_ops attention --test-threads=1 --nocapture > "$S_DIR/gpu_ops_cublas.log" 2>&1
+  grep -E "fast .*stock|test result|panicked|FAILED" "$S_DIR/gpu_ops_cublas.log" | tail -30
+  echo "== ops: tiny-model pipelines on CUDA (fast kernels) against diffusers and our CPU run"
+  SDGEN_TESTDATA=$PWD/testdata timed /tmp/gpu_parity --test-threads=1 --nocapture > "$S_DIR/gpu_parity.log" 2>&1
+  grep -E "test result|panicked|FAILED|within" "$S_DIR/gpu_parity.log" | tail -20
 fi
 
 write() {  # family dir
@@ -62,6 +68,7 @@ if has bench; then
     component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}"
     component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}"
   done
+  SDGEN_ATTENTION=cublas component "sdxl_unet_1024_b2_fast_cublas_attention" sdxl /tmp/sdxl 1024 unet
 fi
 if has peer || has ncu; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

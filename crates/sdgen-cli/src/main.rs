@@ -211,6 +211,8 @@ fn run() -> anyhow::Result<ExitCode> {
     };
     let mut extra = serde_json::Map::new();
     extra.insert("plan".into(), serde_json::to_value(&plan)?);
+    // Which kernels made the image: a wrong image reported with "stock" rules our kernels out.
+    extra.insert("kernels".into(), sdgen::kernels::kernel_summary(&resolved.runtime.device).into());
     if let Some(p) = &refiner_plan {
         extra.insert("refiner_plan".into(), serde_json::to_value(p)?);
     }

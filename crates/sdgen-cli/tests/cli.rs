@@ -234,3 +234,27 @@ fn a_stage_that_runs_out_of_memory_is_retried_leaner() {
         assert!(close, "{stage}: the recovered image differs from diffusers'");
     }
 }
+
+/// `--no-fast-kernels` runs the stock kernels and the sidecar says which kernels made the image
+/// (the CPU has no fast path, so both runs say "stock" and give the same pixels).
+#[test]
+fn the_sidecar_records_the_kernels_and_the_switch_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "3", "--steps", "2", "--json"];
+    let mut pngs = Vec::new();
+    for (i, switch) in [None, Some("--no-fast-kernels")].into_iter().enumerate() {
+        let out = dir.path().join(format!("out{i}"));
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(switch);
+        let o = generate(&a, &out);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(result["kernels"], "stock", "{result}");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(result["images"][0]["metadata"].as_str().unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(meta["extra"]["kernels"], "stock");
+        pngs.push(decode_png(Path::new(result["images"][0]["png"].as_str().unwrap())).0);
+    }
+    assert_eq!(pngs[0], pngs[1]);
+}

@@ -9,6 +9,7 @@
 // CUDA_COMPUTE_CAP plus sm_80 PTX, so any Ampere-or-newer card can JIT it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -226,3 +227,162 @@ __device__ void geglu(const T* __restrict__ x, T* __restrict__ y, int inner, int
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention, forward (FlashAttention-2's schedule on WMMA tensor-core fragments): one block
+// of 4 warps takes 64 query rows of one (batch, head), each warp 16 of them; keys and values
+// stream through shared memory in tiles of 64; the running row max and sum and the f32 output
+// accumulator stay in shared memory, so the score matrix never exists in device memory.
+// Probabilities are rounded to T before the P·V product, as flash-attention does.
+//
+// q, k, v, o are addressed by (batch, head, row) strides in elements, the head dim contiguous
+// (the heads' views of `[b, seq, heads·d]` need no copy). D is the head dim `d` rounded up to a
+// multiple of 16, padded with zeros in shared memory. The host checks that d, every stride and
+// every base offset are multiples of 8 elements (16-byte loads).
+struct AttnArgs {
+  int q_len, kv_len, d, heads;
+  long long q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr, o_sb, o_sh, o_sr;
+  float scale;
+};
+
+constexpr int FA_BQ = 64, FA_BK = 64, FA_THREADS = 128;
+
+// Copies rows [row0, row0 + 64) of a [rows, d] matrix (row stride `ld`) into a [64][D] tile,
+// zero-filling rows past `rows` and columns past `d`, 16 bytes at a time.
+template <typename T, int D>
+__device__ __forceinline__ void fa_load_tile(T* __restrict__ dst, const T* __restrict__ src, int row0, int rows,
+                                             int d, long long ld) {
+  constexpr int VEC = 8;  // 8 halves = 16 bytes
+  for (int i = threadIdx.x; i < 64 * (D / VEC); i += FA_THREADS) {
+    int r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row0 + r < rows && c < d) val = *reinterpret_cast<const uint4*>(src + (long long)(row0 + r) * ld + c);
+    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+  }
+}
+
+template <typename T, int D>
+__device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           T* __restrict__ o, AttnArgs a) {
+  using namespace nvcuda;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);     // [64][D]
+  T* ks = qs + FA_BQ * D;                  // [64][D]
+  T* vs = ks + FA_BK * D;                  // [64][D]
+  T* ps = vs + FA_BK * D;                  // [64][64] probabilities
+  float* ss = reinterpret_cast<float*>(ps + FA_BQ * FA_BK);  // [64][64] scores
+  float* os = ss + FA_BQ * FA_BK;          // [64][D] output accumulator
+  float* ms = os + FA_BQ * D;              // [64] running max
+  float* ls = ms + FA_BQ;                  // [64] running sum
+
+  int b = blockIdx.y / a.heads, h = blockIdx.y % a.heads;
+  int q0 = blockIdx.x * FA_BQ;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* qb = q + b * a.q_sb + h * a.q_sh;
+  const T* kb = k + b * a.k_sb + h * a.k_sh;
+  const T* vb = v + b * a.v_sb + h * a.v_sh;
+  T* ob = o + b * a.o_sb + h * a.o_sh;
+
+  fa_load_tile<T, D>(qs, qb, q0, a.q_len, a.d, a.q_sr);
+  for (int i = threadIdx.x; i < FA_BQ * D; i += FA_THREADS) os[i] = 0.f;
+  for (int i = threadIdx.x; i < FA_BQ; i += FA_THREADS) {
+    ms[i] = -INFINITY;
+    ls[i] = 0.f;
+  }
+  __syncthreads();
+
+  // Each warp's 16 query rows, as A fragments, reused for every key tile.
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(qf[kk], qs + warp * 16 * D + kk * 16, D);
+
+  for (int k0 = 0; k0 < a.kv_len; k0 += FA_BK) {
+    fa_load_tile<T, D>(ks, kb, k0, a.kv_len, a.d, a.k_sr);
+    fa_load_tile<T, D>(vs, vb, k0, a.kv_len, a.d, a.v_sr);
+    __syncthreads();
+
+    // Scores of this warp's rows against the tile's keys: S = Q·Kᵀ (K read as column-major Kᵀ).
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+#pragma unroll
+      for (int j = 0; j < FA_BK / 16; ++j) {
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          wmma::load_matrix_sync(kf, ks + j * 16 * D + kk * 16, D);
+          wmma::mma_sync(acc, qf[kk], kf, acc);
+        }
+        wmma::store_matrix_sync(ss + warp * 16 * FA_BK + j * 16, acc, FA_BK, wmma::mem_row_major);
+      }
+    }
+    __syncwarp();
+
+    // Online softmax: two lanes per row, 32 keys each.
+    {
+      int r = warp * 16 + lane / 2, half_ = lane % 2;
+      float* srow = ss + r * FA_BK + half_ * 32;
+      T* prow = ps + r * FA_BK + half_ * 32;
+      int valid = min(32, max(0, a.kv_len - k0 - half_ * 32));
+      float mx = -INFINITY;
+      for (int c = 0; c < valid; ++c) mx = fmaxf(mx, srow[c] * a.scale);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      float m_old = ms[r];
+      float m_new = fmaxf(m_old, mx);  // finite: every tile has at least one valid key
+      float sum = 0.f;
+      for (int c = 0; c < 32; ++c) {
+        float p = c < valid ? expf(srow[c] * a.scale - m_new) : 0.f;
+        sum += p;
+        prow[c] = from_f<T>(p);
+      }
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      float corr = expf(m_old - m_new);
+      float* orow = os + r * D + half_ * (D / 2);
+      for (int c = 0; c < D / 2; ++c) orow[c] *= corr;
+      __syncwarp();
+      if (half_ == 0) {
+        ms[r] = m_new;
+        ls[r] = ls[r] * corr + sum;
+      }
+    }
+    __syncwarp();
+
+    // O += P·V for this warp's rows.
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+#pragma unroll
+      for (int n = 0; n < D / 16; ++n) {
+        wmma::load_matrix_sync(acc, os + warp * 16 * D + n * 16, D, wmma::mem_row_major);
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; ++kk) {
+          wmma::load_matrix_sync(pf, ps + warp * 16 * FA_BK + kk * 16, FA_BK);
+          wmma::load_matrix_sync(vf, vs + kk * 16 * D + n * 16, D);
+          wmma::mma_sync(acc, pf, vf, acc);
+        }
+        wmma::store_matrix_sync(os + warp * 16 * D + n * 16, acc, D, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();  // the next tile overwrites ks and vs
+  }
+
+  for (int i = threadIdx.x; i < FA_BQ * D; i += FA_THREADS) {
+    int r = i / D, c = i % D;
+    if (q0 + r < a.q_len && c < a.d) ob[(long long)(q0 + r) * a.o_sr + c] = from_f<T>(os[i] / ls[r]);
+  }
+}
+
+// Shared memory of one flash_attn block for padded head dim D and 2-byte T.
+// (host mirror: ops::cuda::flash_smem_bytes)
+
+#define FLASH(T, SUFFIX, D)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                       \
+      flash_attn_##SUFFIX##_##D(const T* q, const T* k, const T* v, T* o, AttnArgs a) {                          \
+    flash_attn<T, D>(q, k, v, o, a);                                                                             \
+  }
+#define FLASH_ALL(T, SUFFIX) \
+  FLASH(T, SUFFIX, 16) FLASH(T, SUFFIX, 32) FLASH(T, SUFFIX, 48) FLASH(T, SUFFIX, 64) FLASH(T, SUFFIX, 80) \
+  FLASH(T, SUFFIX, 96) FLASH(T, SUFFIX, 112) FLASH(T, SUFFIX, 128)
+FLASH_ALL(__half, f16)
+FLASH_ALL(__nv_bfloat16, bf16)

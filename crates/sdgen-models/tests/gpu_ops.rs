@@ -5,6 +5,7 @@
 //! process-wide fast-kernel switch):
 //!
 //! `cargo test -p sdgen-models --features cudnn --release --test gpu_ops -- --test-threads=1`
+//! (and again with `SDGEN_ATTENTION=cublas` for the half-precision attention's cuBLAS path).
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -167,7 +168,8 @@ fn convolutions_at_real_shapes() -> Result<()> {
 fn attention_at_real_head_dims() -> Result<()> {
     let dev = gpu();
     // (batch, heads, q_len, kv_len, head dim, query rows per chunk)
-    let cases: [(usize, usize, usize, usize, usize, Option<usize>); 8] = [
+    let cases: [(usize, usize, usize, usize, usize, Option<usize>); 9] = [
+        (2, 10, 1000, 333, 64, None),        // partial query and key tiles
         (2, 8, 4096, 4096, 40, None),        // SD 1.5 self-attention at 512²
         (2, 8, 4096, 77, 40, None),          // SD 1.5 cross-attention
         (2, 10, 4096, 4096, 64, None),       // SDXL level 2

@@ -123,6 +123,10 @@ pub fn attention_with(
         if options.slice == Some(0) {
             candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention");
         }
+        // Flash attention holds no scores at all, so slicing has nothing to bound.
+        if let Some(out) = super::cuda::flash_attention(q, k, v, scale)? {
+            return Ok(out);
+        }
         let max_rows = (max_score_elements(q.device()) / (heads * kv_len).max(1)).max(1);
         let rows = options.slice.map_or(max_rows, |n| n.min(max_rows)).min(q_len.max(1));
         return super::cuda::attention(q, k, v, scale, rows);

@@ -109,6 +109,15 @@ fn alloc(device: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
     })
 }
 
+/// The first `len` elements of an input from its layout's start, typed.
+fn typed_view<'a, T: CudaDType + DeviceRepr>(
+    input: &'a Input<'_>,
+    len: usize,
+) -> Result<cudarc::driver::CudaView<'a, T>> {
+    let start = input.layout.start_offset();
+    Ok(input.storage().as_cuda_slice::<T>()?.slice(start..start + len))
+}
+
 fn out_ptr(storage: &CudaStorage, stream: &CudaStream) -> Result<u64> {
     fn raw<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream) -> Result<u64> {
         let (ptr, _) = s.as_cuda_slice::<T>()?.device_ptr(stream);
@@ -453,12 +462,8 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let bi = bias.as_ref().map(Input::new).transpose()?;
     macro_rules! run {
         ($t:ty) => {{
-            let view = |i: &Input, len: usize| -> Result<cudarc::driver::CudaView<'_, $t>> {
-                let start = i.layout.start_offset();
-                Ok(i.storage().as_cuda_slice::<$t>()?.slice(start..start + len))
-            };
-            let (xv, wv) = (view(&xi, m * k)?, view(&wi, n * k)?);
-            let bv = bi.as_ref().map(|b| view(b, n)).transpose()?;
+            let (xv, wv) = (typed_view::<$t>(&xi, m * k)?, typed_view::<$t>(&wi, n * k)?);
+            let bv = bi.as_ref().map(|b| typed_view::<$t>(b, n)).transpose()?;
             let mut out = out;
             let slice = out.as_cuda_slice_mut::<$t>()?;
             // SAFETY: the views and the output are sized for these dimensions, on the handle's stream.
@@ -472,4 +477,111 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         d => bail!("no cuBLASLt linear for {d:?}"),
     };
     Ok(into_tensor(out, &dims))
+}
+
+/// The flash kernel's arguments, laid out as `AttnArgs` in `kernels/sdgen_ops.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    q_len: i32,
+    kv_len: i32,
+    d: i32,
+    heads: i32,
+    strides: [i64; 12],
+    scale: f32,
+}
+
+// SAFETY: plain old data, passed by value as the kernel's struct parameter.
+unsafe impl DeviceRepr for AttnArgs {}
+
+/// The largest head dim the flash kernel takes (its tiles live in shared memory).
+pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
+
+/// Shared memory of one flash block for head dim `d` padded to `padded` (see the kernel).
+fn flash_smem_bytes(padded: usize) -> usize {
+    (64 * padded * 3 + 64 * 64) * 2 + (64 * 64 + 64 * padded + 2 * 64) * 4
+}
+
+/// `SDGEN_ATTENTION=cublas` keeps half-precision attention on the cuBLAS path (to compare).
+fn flash_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("SDGEN_ATTENTION").map_or(true, |v| v != "cublas"))
+}
+
+/// Flash attention for half-precision `q: [b, heads, q_len, d]`, `k`, `v: [b, heads, kv_len, d]`
+/// (no mask): no score matrix in device memory at all. `None` where the kernel does not apply
+/// (f32, a head dim over [`FLASH_MAX_HEAD_DIM`] or not a multiple of 8, layouts not 16-byte
+/// aligned): the caller takes the cuBLAS path.
+pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let dtype = q.dtype();
+    let (b, heads, q_len, d) = q.dims4()?;
+    let kv_len = k.dim(2)?;
+    if !flash_allowed()
+        || !matches!(dtype, DType::F16 | DType::BF16)
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+        || d > FLASH_MAX_HEAD_DIM
+        || d % 8 != 0
+        || kv_len == 0
+        || b * heads > 65_535
+    {
+        return Ok(None);
+    }
+    let aligned = |t: &Tensor| {
+        let s = t.stride();
+        let (_, layout) = t.storage_and_layout();
+        s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && layout.start_offset() % 8 == 0
+    };
+    let (q, k, v) = (
+        if aligned(q) { q.clone() } else { q.contiguous()? },
+        if aligned(k) { k.clone() } else { k.contiguous()? },
+        if aligned(v) { v.clone() } else { v.contiguous()? },
+    );
+    let device = cuda_device(&q)?;
+    let padded = d.div_ceil(16) * 16;
+    let func = function(&device, &format!("flash_attn_{}_{padded}", suffix(dtype)?))?;
+    let smem = flash_smem_bytes(padded);
+    func.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(wrap)?;
+    let out = alloc(&device, dtype, b * q_len * heads * d)?;
+    let stream = device.cuda_stream();
+    let (qi, ki, vi) = (Input::new(&q)?, Input::new(&k)?, Input::new(&v)?);
+    let (qp, kp, vp) = (qi.ptr(&stream, 0)?, ki.ptr(&stream, 0)?, vi.ptr(&stream, 0)?);
+    let op = out_ptr(&out, &stream)?;
+    let (qs, ks, vs) = (q.stride(), k.stride(), v.stride());
+    let o = [q_len * heads * d, d, heads * d];
+    let st = |x: usize| x as i64;
+    let args = AttnArgs {
+        q_len: q_len as i32,
+        kv_len: kv_len as i32,
+        d: d as i32,
+        heads: heads as i32,
+        strides: [
+            st(qs[0]),
+            st(qs[1]),
+            st(qs[2]),
+            st(ks[0]),
+            st(ks[1]),
+            st(ks[2]),
+            st(vs[0]),
+            st(vs[1]),
+            st(vs[2]),
+            st(o[0]),
+            st(o[1]),
+            st(o[2]),
+        ],
+        scale: scale as f32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (q_len.div_ceil(64) as u32, (b * heads) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut l = stream.launch_builder(&func);
+    l.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&args);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+    Ok(Some(into_tensor(out, &[b, q_len, heads, d]).transpose(1, 2)?))
 }

@@ -6,7 +6,7 @@
 //!
 //! | op | reference | CUDA fast path |
 //! |---|---|---|
-//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel over half-width scores |
+//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel |
 //! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU) |
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision |
