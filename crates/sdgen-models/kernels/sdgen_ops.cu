@@ -75,26 +75,62 @@ __device__ Welford block_merge(Welford w) {
 // where add: [B, C] is a per-channel term (the ResNet's time embedding, added in the storage type
 // first, as diffusers' `hidden_states + temb` is).
 //
+// 16-byte vectors of storage elements (8 halves or 4 floats), converted to f32 and back.
+template <typename T>
+struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+  float v[N];
+  __device__ __forceinline__ void load(const T* p) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = to_f(e[i]);
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = from_f<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+};
+
 // Pass 1 (gn_stats): grid (splits, B*G). Each block reduces a contiguous 1/splits of its group's
 // cpg*HW elements into one Welford partial: partial[(bg * splits + split) * 3 + {0,1,2}].
-template <typename T>
+// VEC: with HW a multiple of the vector width (and aligned pointers, checked by the host) every
+// thread reads 16 bytes at a time; the chunk boundaries are multiples of it.
+template <typename T, bool VEC>
 __device__ void gn_stats(const T* __restrict__ x, const T* __restrict__ add, int C, int HW, int cpg, int G,
                          int splits, float* __restrict__ partial) {
+  constexpr int N = VEC ? Vec<T>::N : 1;
   int bg = blockIdx.y, split = blockIdx.x;
   int b = bg / G, g = bg % G;
   int64_t group_len = (int64_t)cpg * HW;
-  int64_t chunk = (group_len + splits - 1) / splits;
+  int64_t chunk = ((group_len + splits - 1) / splits + N - 1) / N * N;
   int64_t start = chunk * split;
   int64_t end = min(start + chunk, group_len);
   const T* base = x + ((int64_t)b * C + (int64_t)g * cpg) * HW;
+  const T* addb = add != nullptr ? add + (int64_t)b * C + g * cpg : nullptr;
   Welford w{0.f, 0.f, 0.f};
-  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
-    float v = to_f(base[i]);
-    if (add != nullptr) v = round_to<T>(v + to_f(add[(int64_t)b * C + g * cpg + i / HW]));
-    w.n += 1.f;
-    float delta = v - w.mean;
-    w.mean += delta / w.n;
-    w.m2 += delta * (v - w.mean);
+  for (int64_t i = start + (int64_t)threadIdx.x * N; i < end; i += (int64_t)blockDim.x * N) {
+    float vals[N];
+    if constexpr (VEC) {
+      Vec<T> vec;
+      vec.load(base + i);
+#pragma unroll
+      for (int j = 0; j < N; ++j) vals[j] = vec.v[j];
+    } else {
+      vals[0] = to_f(base[i]);
+    }
+    float extra = addb != nullptr ? to_f(addb[i / HW]) : 0.f;  // one channel per vector
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float v = addb != nullptr ? round_to<T>(vals[j] + extra) : vals[j];
+      w.n += 1.f;
+      float delta = v - w.mean;
+      w.mean += delta / w.n;
+      w.m2 += delta * (v - w.mean);
+    }
   }
   w = block_merge(w);
   if (threadIdx.x == 0) {
@@ -108,10 +144,11 @@ __device__ void gn_stats(const T* __restrict__ x, const T* __restrict__ add, int
 // Pass 2 (gn_apply): grid (ceil(HW / (blockDim * per_thread)), B*C). Each block merges its group's
 // partials, then writes y = x·a + s (a = rstd·γ, s = β − a·mean: PyTorch's form, in f32, rounded
 // once), then, with silu, SiLU of that rounded value (PyTorch's separate F.silu), rounded again.
-template <typename T>
+template <typename T, bool VEC>
 __device__ void gn_apply(const T* __restrict__ x, const T* __restrict__ add, const T* __restrict__ gamma,
                          const T* __restrict__ beta, T* __restrict__ y, int C, int HW, int cpg, int G, int splits,
                          const float* __restrict__ partial, float eps, int silu) {
+  constexpr int N = VEC ? Vec<T>::N : 1;
   int bc = blockIdx.y;
   int b = bc / C, c = bc % C;
   int bg = b * G + c / cpg;
@@ -131,12 +168,32 @@ __device__ void gn_apply(const T* __restrict__ x, const T* __restrict__ add, con
   float extra = add != nullptr ? to_f(add[bc]) : 0.f;
   const T* xp = x + (int64_t)bc * HW;
   T* yp = y + (int64_t)bc * HW;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < HW; i += (int64_t)gridDim.x * blockDim.x) {
-    float v = to_f(xp[i]);
-    if (add != nullptr) v = round_to<T>(v + extra);
-    float o = round_to<T>(v * a + s);
-    if (silu) o = o / (1.f + expf(-o));
-    yp[i] = from_f<T>(o);
+  for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * N; i < HW;
+       i += (int64_t)gridDim.x * blockDim.x * N) {
+    float vals[N];
+    if constexpr (VEC) {
+      Vec<T> vec;
+      vec.load(xp + i);
+#pragma unroll
+      for (int j = 0; j < N; ++j) vals[j] = vec.v[j];
+    } else {
+      vals[0] = to_f(xp[i]);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float v = add != nullptr ? round_to<T>(vals[j] + extra) : vals[j];
+      float o = round_to<T>(v * a + s);
+      if (silu) o = o / (1.f + expf(-o));
+      vals[j] = o;
+    }
+    if constexpr (VEC) {
+      Vec<T> vec;
+#pragma unroll
+      for (int j = 0; j < N; ++j) vec.v[j] = vals[j];
+      vec.store(yp + i);
+    } else {
+      yp[i] = from_f<T>(vals[0]);
+    }
   }
 }
 
@@ -214,12 +271,21 @@ __device__ void geglu(const T* __restrict__ x, T* __restrict__ y, int inner, int
 #define INSTANTIATE(T, SUFFIX)                                                                                   \
   extern "C" __global__ void gn_stats_##SUFFIX(const T* x, const T* add, int C, int HW, int cpg, int G,         \
                                                int splits, float* partial) {                                   \
-    gn_stats<T>(x, add, C, HW, cpg, G, splits, partial);                                                        \
+    gn_stats<T, false>(x, add, C, HW, cpg, G, splits, partial);                                                 \
+  }                                                                                                              \
+  extern "C" __global__ void gn_stats_vec_##SUFFIX(const T* x, const T* add, int C, int HW, int cpg, int G,     \
+                                                   int splits, float* partial) {                               \
+    gn_stats<T, true>(x, add, C, HW, cpg, G, splits, partial);                                                  \
   }                                                                                                              \
   extern "C" __global__ void gn_apply_##SUFFIX(const T* x, const T* add, const T* gamma, const T* beta, T* y,   \
                                                int C, int HW, int cpg, int G, int splits, const float* partial, \
                                                float eps, int silu) {                                           \
-    gn_apply<T>(x, add, gamma, beta, y, C, HW, cpg, G, splits, partial, eps, silu);                             \
+    gn_apply<T, false>(x, add, gamma, beta, y, C, HW, cpg, G, splits, partial, eps, silu);                      \
+  }                                                                                                              \
+  extern "C" __global__ void gn_apply_vec_##SUFFIX(const T* x, const T* add, const T* gamma, const T* beta,     \
+                                                   T* y, int C, int HW, int cpg, int G, int splits,             \
+                                                   const float* partial, float eps, int silu) {                 \
+    gn_apply<T, true>(x, add, gamma, beta, y, C, HW, cpg, G, splits, partial, eps, silu);                       \
   }                                                                                                              \
   extern "C" __global__ void softmax_rows_##SUFFIX(T* s, int cols) { softmax_rows<T>(s, cols); }                \
   extern "C" __global__ void geglu_##SUFFIX(const T* x, T* y, int inner, int64_t n) { geglu<T>(x, y, inner, n); }

@@ -206,15 +206,20 @@ pub(crate) fn group_norm(
         bail!("group norm input {dims:?} too large for the fused kernel");
     }
 
-    let stats = function(&device, &format!("gn_stats_{sfx}"))?;
+    // 16-byte loads where every plane starts 16-byte aligned (the buffers are).
+    let vec_width = 16 / dtype.size_in_bytes();
+    let offsets_aligned = [&x, &weight, &bias].iter().all(|t| t.layout().start_offset() % vec_width == 0);
+    let vec = hw % vec_width == 0 && offsets_aligned;
+    let kind = if vec { "_vec" } else { "" };
+    let stats = function(&device, &format!("gn_stats{kind}_{sfx}"))?;
     let cfg =
         LaunchConfig { grid_dim: (splits as u32, (b * groups) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let mut l = stream.launch_builder(&stats);
     l.arg(&xp).arg(&ap).arg(&ci).arg(&hwi).arg(&cpgi).arg(&gi).arg(&si).arg(&pp);
     unsafe { l.launch(cfg) }.map_err(wrap)?;
 
-    let apply = function(&device, &format!("gn_apply_{sfx}"))?;
-    let per_block = 256 * 4;
+    let apply = function(&device, &format!("gn_apply{kind}_{sfx}"))?;
+    let per_block = 256 * if vec { vec_width } else { 4 };
     let cfg = LaunchConfig {
         grid_dim: (hw.div_ceil(per_block) as u32, (b * c) as u32, 1),
         block_dim: (256, 1, 1),
