@@ -331,7 +331,7 @@ template <typename T, int D>
 __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, AttnArgs a) {
   using namespace nvcuda;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // WMMA wants 32-byte aligned tiles
   T* qs = reinterpret_cast<T*>(smem);     // [64][D]
   T* ks = qs + FA_BQ * D;                  // [64][D]
   T* vs = ks + FA_BK * D;                  // [64][D]

@@ -154,7 +154,9 @@ fn launch_1d(n: usize, threads: u32, max_blocks: usize) -> LaunchConfig {
 }
 
 /// GroupNorm of `x: [b, c, ...]` over `groups` groups, of `x + add` (`add: [b, c]`) when given,
-/// then SiLU when `silu` (see `kernels/sdgen_ops.cu`).
+/// then SiLU when `silu` (see `kernels/sdgen_ops.cu`). `None` where the kernels do not apply
+/// (more than 65 535 channel planes, planes over 2^31 elements): the caller takes the reference
+/// path.
 pub(crate) fn group_norm(
     x: &Tensor,
     add: Option<&Tensor>,
@@ -163,7 +165,7 @@ pub(crate) fn group_norm(
     groups: usize,
     eps: f64,
     silu: bool,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let device = cuda_device(x)?;
     let dtype = x.dtype();
     let sfx = suffix(dtype)?;
@@ -172,6 +174,12 @@ pub(crate) fn group_norm(
     let hw: usize = dims[2..].iter().product();
     if groups == 0 || c % groups != 0 {
         bail!("group norm of {c} channels in {groups} groups");
+    }
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!("group norm of {c} channels with weight {:?} and bias {:?}", weight.dims(), bias.dims());
+    }
+    if hw > i32::MAX as usize || b * c > 65_535 || b * groups > 65_535 {
+        return Ok(None);
     }
     let cpg = c / groups;
     let x = prepared(x, dtype)?;
@@ -202,9 +210,6 @@ pub(crate) fn group_norm(
     let (pp, _) = partial.device_ptr(&stream);
     let yp = out_ptr(&out, &stream)?;
     let (ci, hwi, cpgi, gi, si) = (c as i32, hw as i32, cpg as i32, groups as i32, splits as i32);
-    if hw > i32::MAX as usize || b * c > 65_535 {
-        bail!("group norm input {dims:?} too large for the fused kernel");
-    }
 
     // 16-byte loads where every plane starts 16-byte aligned (the buffers are).
     let vec_width = 16 / dtype.size_in_bytes();
@@ -231,7 +236,7 @@ pub(crate) fn group_norm(
     l.arg(&epsf).arg(&siluf);
     unsafe { l.launch(cfg) }.map_err(wrap)?;
     drop(partial);
-    Ok(into_tensor(out, &dims))
+    Ok(Some(into_tensor(out, &dims)))
 }
 
 /// GEGLU of `x: [.., 2·inner]` (see [`super::geglu`]).
@@ -416,10 +421,15 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: us
 /// `y = x·Wᵀ + b` for half-precision `x: [.., k]`, `W: [n, k]`, `b: [n]` through cuBLASLt with the
 /// bias in the GEMM's epilogue: one kernel, the bias added in f32 before the one rounding (as
 /// PyTorch's `addmm` does), instead of candle's matmul then a separate add over the output.
-pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// `None` where an operand is not 16-byte aligned (cuBLASLt's kernels assume it): the caller takes
+/// candle's path.
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-    type Handles = Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>;
-    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    // One handle (and workspace) per device per thread: candle gives each thread its own stream,
+    // and two streams must not share a workspace.
+    thread_local! {
+        static HANDLES: std::cell::RefCell<HashMap<DeviceId, Arc<CudaBlasLT>>> = Default::default();
+    }
     let device = cuda_device(x)?;
     let dtype = x.dtype();
     let x = x.contiguous()?;
@@ -432,17 +442,23 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     }
     let m = x.elem_count() / k.max(1);
     *dims.last_mut().expect("checked above") = n;
-    let blas = {
-        let mut handles = HANDLES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-        match handles.get(&device.id()) {
-            Some(h) => h.clone(),
-            None => {
-                let h = Arc::new(CudaBlasLT::new(device.cuda_stream()).map_err(wrap)?);
-                handles.insert(device.id(), h.clone());
-                h
-            }
+    let elems_16 = 16 / dtype.size_in_bytes();
+    let aligned = [Some(&x), Some(&weight), bias.as_ref()]
+        .into_iter()
+        .flatten()
+        .all(|t| t.layout().start_offset() % elems_16 == 0);
+    if !aligned || k % elems_16 != 0 || n % elems_16 != 0 {
+        return Ok(None);
+    }
+    let blas = HANDLES.with(|handles| -> Result<Arc<CudaBlasLT>> {
+        let mut handles = handles.borrow_mut();
+        if let Some(h) = handles.get(&device.id()) {
+            return Ok(h.clone());
         }
-    };
+        let h = Arc::new(CudaBlasLT::new(device.cuda_stream()).map_err(wrap)?);
+        handles.insert(device.id(), h.clone());
+        Ok(h)
+    })?;
     // Column-major view: yᵀ [n × m] = W [n × k] · xᵀ [k × m]; the bias is added along n.
     let cfg = MatmulConfig {
         transa: true,
@@ -481,7 +497,7 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         DType::BF16 => run!(half::bf16),
         d => bail!("no cuBLASLt linear for {d:?}"),
     };
-    Ok(into_tensor(out, &dims))
+    Ok(Some(into_tensor(out, &dims)))
 }
 
 /// The flash kernel's arguments, laid out as `AttnArgs` in `kernels/sdgen_ops.cu`.
@@ -528,6 +544,7 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
         || d > FLASH_MAX_HEAD_DIM
         || d % 8 != 0
         || kv_len == 0
+        || q_len == 0
         || b * heads > 65_535
     {
         return Ok(None);
@@ -542,15 +559,28 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
         if aligned(k) { k.clone() } else { k.contiguous()? },
         if aligned(v) { v.clone() } else { v.contiguous()? },
     );
+    // `contiguous` keeps a contiguous view as it is, offset included.
+    if !(aligned(&q) && aligned(&k) && aligned(&v)) {
+        return Ok(None);
+    }
     let device = cuda_device(&q)?;
     let padded = d.div_ceil(16) * 16;
-    let func = function(&device, &format!("flash_attn_{}_{padded}", suffix(dtype)?))?;
     let smem = flash_smem_bytes(padded);
-    func.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(wrap)?;
+    // Cards with less shared memory per block than the tile needs (99 KB on sm_86/89/120 against
+    // 105 KB for head dim 128) take the cuBLAS path.
+    let optin = device
+        .cuda_stream()
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(wrap)?;
+    if smem > optin.max(0) as usize {
+        return Ok(None);
+    }
+    let func = function(&device, &format!("flash_attn_{}_{padded}", suffix(dtype)?))?;
+    let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    if func.set_attribute(attr, smem as i32).is_err() {
+        return Ok(None);
+    }
     let out = alloc(&device, dtype, b * q_len * heads * d)?;
     let stream = device.cuda_stream();
     let (qi, ki, vi) = (Input::new(&q)?, Input::new(&k)?, Input::new(&v)?);

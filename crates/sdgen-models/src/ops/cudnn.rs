@@ -179,17 +179,34 @@ impl Plan {
                 out,
             }
         };
-        let (algo, bytes) = match ptrs {
+        let (algo, math) = match ptrs {
             Some(p) => plan.find(handle, p)?,
             None => plan.heuristic(handle)?,
         };
+        // The chosen entry may come with another math type than the descriptor's (cuDNN lists
+        // both): take it, except that f32 never gets TF32. Then size the workspace for exactly
+        // that configuration.
+        if dtype != DType::F32 {
+            // SAFETY: a valid descriptor owned by the plan.
+            unsafe { check(sys::cudnnSetConvolutionMathType(plan.conv, math), "set math type")? };
+        }
+        let mut bytes = 0usize;
+        // SAFETY: valid descriptors; `bytes` is written.
+        unsafe {
+            check(
+                sys::cudnnGetConvolutionForwardWorkspaceSize(
+                    handle, plan.x, plan.w, plan.conv, plan.y, algo, &mut bytes,
+                ),
+                "workspace size",
+            )?;
+        }
         plan.algo = algo;
         plan.workspace_bytes = bytes;
         Ok(plan)
     }
 
     /// The first algorithm cuDNN's heuristic ranks that runs within the workspace cap.
-    fn heuristic(&self, handle: sys::cudnnHandle_t) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
+    fn heuristic(&self, handle: sys::cudnnHandle_t) -> Result<(sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t)> {
         let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 16];
         let mut count = 0;
         // SAFETY: the descriptors are valid; `perf` holds 16 results.
@@ -216,7 +233,7 @@ impl Plan {
         &self,
         handle: sys::cudnnHandle_t,
         (x, w, y, ws): (u64, u64, u64, u64),
-    ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
+    ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t)> {
         let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 16];
         let mut count = 0;
         // SAFETY: the buffers are live and sized for these descriptors; `ws` holds
@@ -244,10 +261,13 @@ impl Plan {
         self.choose(&perf[..count.max(0) as usize])
     }
 
-    fn choose(&self, perf: &[sys::cudnnConvolutionFwdAlgoPerf_t]) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
+    fn choose(
+        &self,
+        perf: &[sys::cudnnConvolutionFwdAlgoPerf_t],
+    ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t)> {
         perf.iter()
             .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE_BYTES)
-            .map(|p| (p.algo, p.memory))
+            .map(|p| (p.algo, p.mathType))
             .ok_or_else(|| candle_core::Error::Msg("cuDNN offers no convolution algorithm for this shape".into()))
     }
 }
@@ -332,6 +352,8 @@ pub(crate) fn conv2d(
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let mut handle = std::ptr::null_mut();
+                // cuDNN creates its handle on the thread's current context: make it this device's.
+                device.cuda_stream().context().bind_to_thread().map_err(candle_core::Error::wrap)?;
                 // SAFETY: handle creation and binding to the device's stream, checked.
                 unsafe {
                     check(sys::cudnnCreate(&mut handle), "create handle")?;

@@ -24,7 +24,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if super::fast_cuda(x.device()) && matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) {
-            return super::cuda::linear(x, self.0.weight(), self.0.bias());
+            if let Some(y) = super::cuda::linear(x, self.0.weight(), self.0.bias())? {
+                return Ok(y);
+            }
         }
         self.0.forward(x)
     }

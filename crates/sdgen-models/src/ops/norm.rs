@@ -39,7 +39,9 @@ impl GroupNorm {
     pub fn forward_with(&self, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if super::fast_cuda(x.device()) && x.rank() >= 3 {
-            return super::cuda::group_norm(x, add, &self.weight, &self.bias, self.groups, self.eps, silu);
+            if let Some(y) = super::cuda::group_norm(x, add, &self.weight, &self.bias, self.groups, self.eps, silu)? {
+                return Ok(y);
+            }
         }
         let y = match add {
             Some(a) => {
