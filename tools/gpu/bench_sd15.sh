@@ -3,7 +3,7 @@
 # measured peaks beside the planner's estimates (512² and 768², batches 1 and 4), and a leak
 # check (10 generations in one process). Expects .carry/sdgen-bench.xz; writes $OUT.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
 M=/tmp/bench-sd15-bf16

@@ -10,7 +10,7 @@
 # .carry/peer_diffusers.py and .whl/ (diffusers wheel; carry both); writes into $OUT:
 # bench_sdxl_summary.txt and bench_sdxl.tgz (every JSON and log, peaks.jsonl).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1

@@ -6,7 +6,7 @@
 # never an out-of-memory error mid-run. Writes $OUT/ladder/*.{json,log} and prints one line per
 # budget. Usage: budget_ladder.sh [SIZE] [N] [BUDGETS...]
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/ladder"
 [ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }
 M=/tmp/bench-sd15-bf16

@@ -2,7 +2,7 @@
 # The tiny SD 1.5 model through the CUDA `generate` binary (f32 and bf16), compared with
 # diffusers' CPU reference image for the same seed. Expects .carry/generate.xz; writes $OUT.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 [ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }

@@ -4,7 +4,7 @@
 # end on CUDA, and whether the machine's torch draws the same noise as the reference torch.
 # Expects .carry/generate.xz and .carry/gpu_parity.xz (built here with --features cuda).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for b in generate gpu_parity; do xz -dc ".carry/$b.xz" > "/tmp/$b" && chmod +x "/tmp/$b"; done

@@ -4,7 +4,7 @@
 # sliced and the VAE sliced/tiled so the formula's terms can be told apart. Writes $OUT/fit/*.json
 # and $OUT/fit/peaks.jsonl (tools/gpu/peaks_to_jsonl.py). Expects .carry/sdgen-bench.xz.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/fit"
 [ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
 STEPS=${STEPS:-3}

@@ -4,7 +4,7 @@
 # headers, no weights): the difference is what loading costs on the host, to compare with the
 # UNet file's size (target: under 0.25x). Expects .carry/{generate,sdgen-bench}.xz; writes $OUT.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for b in generate sdgen-bench; do [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }; done
 M=/tmp/bench-sd15-bf16

@@ -4,7 +4,7 @@
 # chooses the fast plan and the UNet and the VAE decode at 768² really run out of memory; the
 # stages must be retried leaner and the image still produced, the metadata recording it.
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }
 M=${1:-/tmp/bench-sd15-bf16}

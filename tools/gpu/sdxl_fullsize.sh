@@ -6,7 +6,7 @@
 # $OUT: sdxl_fullsize.json (diffusers', ours, the comparison) and fullsize_sdxl.tgz (images, logs).
 # DTYPES="f32 bf16" adds an f32 run on both sides (about a minute more).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export DTYPES=${DTYPES:-bf16}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

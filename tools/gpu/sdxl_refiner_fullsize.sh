@@ -4,7 +4,7 @@
 # lines around the handoff and the sidecar's refiner record. Expects .carry/{generate,sdgen-bench}.xz;
 # writes $OUT/refiner.tgz (log, sidecar; no image).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/refiner"
 for b in generate sdgen-bench; do [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }; done
 BASE=${BASE:-/tmp/bench-sdxl-bf16}; REF=/tmp/bench-sdxl-refiner-bf16

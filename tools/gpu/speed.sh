@@ -9,14 +9,15 @@
 #   peer     peer_diffusers.py sdxl sd15 (the same figures for diffusers);
 #   ncu      per-kernel breakdown of one evaluation each, ours (ncu, the last evaluation only)
 #            and diffusers' (torch.profiler, tools/gpu/peer_profile.py);
-#   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart).
+#   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart);
+#   parity   full-size SDXL (bf16) and SD 1.5 (f32) images against diffusers' with the fast kernels
+#            (tools/gpu/sdxl_fullsize.sh, fullsize_sd15.sh).
 # Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; S_DIR="$OUT/speed"; mkdir -p "$S_DIR"
 PARTS=${PARTS:-ops bench peer}
-CUDNN_LIB=$(python3 -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null)
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:$CUDNN_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+source "$(dirname "$0")/cuda_env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for b in generate sdgen-bench gpu_ops gpu_parity; do
   [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
@@ -107,5 +108,12 @@ print(f"  {sys.argv[2]}: total {run['total_ms'] / 1e3:.2f} s, stages { {k: round
       f"loads { {k: round(v) for k, v in c['load_ms'].items()} } ms, {c['evaluations']} evaluations, median {c['evaluation_median_ms']:.1f} ms")
 PY
   done
+fi
+if has parity; then
+  echo "== parity: full-size images against diffusers, fast kernels"
+  OUT="$S_DIR/sdxl_parity" timed bash tools/gpu/sdxl_fullsize.sh > "$S_DIR/sdxl_parity.log" 2>&1
+  grep -iE "within|max|exit" "$S_DIR/sdxl_parity.log" | tail -12
+  OUT="$S_DIR/sd15_parity" timed bash tools/gpu/fullsize_sd15.sh > "$S_DIR/sd15_parity.log" 2>&1
+  grep -iE "within|max|exit" "$S_DIR/sd15_parity.log" | tail -12
 fi
 tar czf "$OUT/speed.tgz" -C "$OUT" speed 2>/dev/null
