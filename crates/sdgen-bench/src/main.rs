@@ -87,9 +87,12 @@ struct Args {
     /// synchronised around each evaluation (the figures `peer_diffusers.py` reports).
     #[arg(long)]
     component: Option<String>,
-    /// With --component: timed evaluations (after 2 untimed ones).
+    /// With --component: timed evaluations.
     #[arg(long, default_value_t = 5)]
     iterations: usize,
+    /// With --component: untimed evaluations first (kernel loading, algorithm choice, pools).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
     /// Run the stock candle kernels instead of the fast ones (as `generate --no-fast-kernels`).
     #[arg(long)]
     no_fast_kernels: bool,
@@ -272,7 +275,7 @@ fn main() -> anyhow::Result<()> {
             size: (settings.width, settings.height),
             n: args.n,
             iterations: args.iterations,
-            warmup: 2,
+            warmup: args.warmup,
         };
         let report = serde_json::json!({
             "family": args.family,

@@ -1,13 +1,13 @@
 //! The kernel seam: every operation whose fast implementation depends on the device lives here,
 //! each with its reference path (candle's stock ops: every device, and the CPU's only path) and,
-//! on CUDA, a fast one (cuDNN convolutions, our own fused kernels, cuBLAS attention without
-//! copies), chosen per call from the tensor's device. Model code calls these and nothing below
+//! a fast one (on CUDA: cuDNN convolutions, our own fused kernels, flash attention; on the CPU:
+//! fused norms), chosen per call from the tensor's device. Model code calls these and nothing below
 //! them, so a faster kernel lands for every family at once.
 //!
 //! | op | reference | CUDA fast path |
 //! |---|---|---|
 //! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel |
-//! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU) |
+//! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32) |
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
@@ -18,6 +18,7 @@
 
 pub mod attention;
 pub mod conv;
+pub(crate) mod cpu;
 pub mod linear;
 pub mod norm;
 
@@ -62,6 +63,11 @@ pub fn fast_cuda(device: &Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda() && fast_kernels_enabled()
 }
 
+/// Whether `device` runs our CPU fast paths now (the CPU, fast kernels on).
+pub fn fast_cpu(device: &Device) -> bool {
+    device.is_cpu() && fast_kernels_enabled()
+}
+
 /// Whether convolutions on `device` go through cuDNN now (a build with the `cudnn` feature).
 pub fn fast_conv(device: &Device) -> bool {
     cfg!(feature = "cudnn") && fast_cuda(device)
@@ -72,7 +78,8 @@ pub fn kernel_summary(device: &Device) -> &'static str {
     match (fast_cuda(device), fast_conv(device)) {
         (true, true) => "fast (cuDNN convolutions, fused kernels)",
         (true, false) => "fast (fused kernels; im2col convolutions: built without cuDNN)",
-        _ if device.is_cuda() && !fast_kernels_enabled() => "stock (fast kernels turned off)",
+        _ if fast_cpu(device) => "fast (fused CPU GroupNorm)",
+        _ if !fast_kernels_enabled() => "stock (fast kernels turned off)",
         _ => "stock",
     }
 }
@@ -109,12 +116,14 @@ mod tests {
     #[test]
     fn the_switch_turns_fast_paths_off() {
         let cpu = Device::Cpu;
-        assert!(!fast_cuda(&cpu), "the CPU has no fast path");
+        assert!(!fast_cuda(&cpu), "the CPU runs no CUDA kernels");
+        assert!(fast_cpu(&cpu));
         set_fast_kernels(false);
-        assert!(!fast_kernels_enabled());
-        assert_eq!(kernel_summary(&cpu), "stock");
+        assert!(!fast_kernels_enabled() && !fast_cpu(&cpu));
+        assert_eq!(kernel_summary(&cpu), "stock (fast kernels turned off)");
         set_fast_kernels(true);
         assert!(fast_kernels_enabled());
+        assert_eq!(kernel_summary(&cpu), "fast (fused CPU GroupNorm)");
     }
 
     #[test]

@@ -6,11 +6,10 @@ use candle_nn::VarBuilder;
 
 /// Group normalisation over `[b, c, ...]` (statistics in f32 for half-precision inputs).
 #[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the fused kernel's parameters
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
-    weight: Tensor,
-    bias: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
     groups: usize,
     eps: f64,
 }
@@ -37,12 +36,22 @@ impl GroupNorm {
     /// `norm(x + add)` with `add: [b, c]` broadcast over the spatial axes (added in `x`'s dtype,
     /// as a separate add would round it), then SiLU when `silu`.
     pub fn forward_with(&self, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+        if super::fast_cpu(x.device()) && x.rank() >= 3 {
+            if let Some(y) = super::cpu::group_norm(x, add, &self.weight, &self.bias, self.groups, self.eps, silu)? {
+                return Ok(y);
+            }
+        }
         #[cfg(feature = "cuda")]
         if super::fast_cuda(x.device()) && x.rank() >= 3 {
             if let Some(y) = super::cuda::group_norm(x, add, &self.weight, &self.bias, self.groups, self.eps, silu)? {
                 return Ok(y);
             }
         }
+        self.reference(x, add, silu)
+    }
+
+    /// The reference path of [`Self::forward_with`]: candle's GroupNorm, then `silu`.
+    pub(crate) fn reference(&self, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Tensor> {
         let y = match add {
             Some(a) => {
                 let (b, c) = a.dims2()?;
