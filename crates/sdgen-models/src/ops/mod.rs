@@ -14,7 +14,8 @@
 //! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue |
 //!
 //! [`set_fast_kernels`] (or `SDGEN_NO_FAST_KERNELS=1`) turns every fast path off, so a user can
-//! rule our kernels out when reporting a wrong image.
+//! rule our kernels out when reporting a wrong image; `SDGEN_FAST_KERNELS=1` turns the CUDA ones
+//! on while they are not yet the default ([`CUDA_FAST_BY_DEFAULT`]).
 
 pub mod attention;
 pub mod conv;
@@ -34,33 +35,58 @@ use candle_core::{Device, Result, Tensor};
 /// The environment variable that turns the fast kernels off (any value but empty or `0`).
 pub const NO_FAST_KERNELS_ENV: &str = "SDGEN_NO_FAST_KERNELS";
 
-/// 0: not decided yet (read the environment on first use), 1: on, 2: off.
+/// The environment variable that turns the fast kernels on for every device, CUDA included while
+/// [`CUDA_FAST_BY_DEFAULT`] is off (any value but empty or `0`).
+pub const FAST_KERNELS_ENV: &str = "SDGEN_FAST_KERNELS";
+
+/// Whether CUDA devices run our kernels without being asked ([`FAST_KERNELS_ENV`]). Off until
+/// the GPU test binary (`tools/gpu/speed.sh`, its `ops` part) has passed on a GPU with this
+/// version of the kernels: a fast path is only the default once it is proven at real shapes.
+pub const CUDA_FAST_BY_DEFAULT: bool = false;
+
+/// The switch's states: 0 not decided yet (read the environment on first use), 1 on for every
+/// device, 2 off, 3 the default (the CPU's fast paths; CUDA's per [`CUDA_FAST_BY_DEFAULT`]).
 static FAST_KERNELS: AtomicU8 = AtomicU8::new(0);
 
-/// Turns the fast kernels on or off for the whole process, from the next operation on (the
-/// `--no-fast-kernels` switch). Overrides [`NO_FAST_KERNELS_ENV`].
+/// Turns the fast kernels on (every device) or off for the whole process, from the next
+/// operation on (`--no-fast-kernels`). Overrides the environment.
 pub fn set_fast_kernels(on: bool) {
     FAST_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// Whether fast kernels may be used (they are on unless turned off); a device without them runs
-/// the reference path regardless.
-pub fn fast_kernels_enabled() -> bool {
+fn switch_state() -> u8 {
     match FAST_KERNELS.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = std::env::var(NO_FAST_KERNELS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-            FAST_KERNELS.store(if off { 2 } else { 1 }, Ordering::Relaxed);
-            !off
+        0 => {
+            let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+            let state = if set(NO_FAST_KERNELS_ENV) {
+                2
+            } else if set(FAST_KERNELS_ENV) {
+                1
+            } else {
+                3
+            };
+            FAST_KERNELS.store(state, Ordering::Relaxed);
+            state
         }
+        s => s,
     }
 }
 
+/// Whether fast kernels may be used at all (they are unless turned off); a device without them
+/// runs the reference path regardless.
+pub fn fast_kernels_enabled() -> bool {
+    switch_state() != 2
+}
+
 /// Whether `device` runs our own CUDA kernels now: a CUDA device, a build with the `cuda`
-/// feature, and fast kernels on.
+/// feature, and fast kernels on for CUDA.
 pub fn fast_cuda(device: &Device) -> bool {
-    cfg!(feature = "cuda") && device.is_cuda() && fast_kernels_enabled()
+    let on = match switch_state() {
+        1 => true,
+        3 => CUDA_FAST_BY_DEFAULT,
+        _ => false,
+    };
+    cfg!(feature = "cuda") && device.is_cuda() && on
 }
 
 /// Whether `device` runs our CPU fast paths now (the CPU, fast kernels on).
@@ -80,6 +106,9 @@ pub fn kernel_summary(device: &Device) -> &'static str {
         (true, false) => "fast (fused kernels; im2col convolutions: built without cuDNN)",
         _ if fast_cpu(device) => "fast (fused CPU GroupNorm)",
         _ if !fast_kernels_enabled() => "stock (fast kernels turned off)",
+        _ if device.is_cuda() && cfg!(feature = "cuda") => {
+            "stock (CUDA kernels not yet on by default: SDGEN_FAST_KERNELS=1)"
+        }
         _ => "stock",
     }
 }
