@@ -12,7 +12,8 @@
 #   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart);
 #   parity   full-size SDXL (bf16) and SD 1.5 (f32) images against diffusers' with the fast kernels
 #            (tools/gpu/sdxl_fullsize.sh, fullsize_sd15.sh).
-# Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
+# FAMILIES (default "sdxl sd15") and PEER_PARTS (default "sdxl sd15") narrow the bench and peer
+# parts. Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; S_DIR="$OUT/speed"; mkdir -p "$S_DIR"
@@ -61,7 +62,7 @@ PY
 
 if has bench || has ncu || has pipeline; then
   timed write sdxl /tmp/sdxl
-  timed write sd15 /tmp/sd15
+  case " ${FAMILIES:-sdxl sd15} " in *" sd15 "*) timed write sd15 /tmp/sd15;; esac
 fi
 if has bench; then
   echo "== bench: one evaluation, loads excluded (bf16)"
@@ -69,7 +70,7 @@ if has bench; then
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
     component "sdxl_unet_1024_b2_$k" sdxl /tmp/sdxl 1024 unet "${extra[@]}"
     component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}"
-    component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}"
+    case " ${FAMILIES:-sdxl sd15} " in *" sd15 "*) component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}";; esac
   done
   SDGEN_ATTENTION=cublas component "sdxl_unet_1024_b2_fast_cublas_attention" sdxl /tmp/sdxl 1024 unet
 fi
@@ -79,7 +80,7 @@ if has peer || has ncu; then
 fi
 if has peer; then
   echo "== peer: diffusers on the same card"
-  OUT="$S_DIR" timed python3 .carry/peer_diffusers.py sdxl sd15 > "$S_DIR/peer.log" 2>&1
+  OUT="$S_DIR" timed python3 .carry/peer_diffusers.py ${PEER_PARTS:-sdxl sd15} > "$S_DIR/peer.log" 2>&1
   grep -E "_ms|_GB" "$S_DIR/peer.log"
 fi
 if has ncu; then
