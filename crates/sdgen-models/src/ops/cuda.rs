@@ -73,27 +73,28 @@ impl<'a> Input<'a> {
 
     /// The device address of element `offset` past the layout's start (in elements of `dtype`).
     fn ptr(&self, stream: &CudaStream, offset: usize) -> Result<u64> {
-        let s = self.storage();
-        let start = self.layout.start_offset() + offset;
-        macro_rules! at {
-            ($t:ty) => {{
-                // Every launch here goes to the device's one stream, the stream every tensor was
-                // written on, so the read needs no cross-stream event (the guard is dropped).
-                let (ptr, _) = s.as_cuda_slice::<$t>()?.device_ptr(stream);
-                Ok(ptr + (start * std::mem::size_of::<$t>()) as u64)
-            }};
-        }
-        match s.dtype() {
-            DType::F32 => at!(f32),
-            DType::F16 => at!(half::f16),
-            DType::BF16 => at!(half::bf16),
-            d => bail!("no sdgen CUDA kernel for {d:?}"),
-        }
+        storage_ptr(self.storage(), stream, self.layout.start_offset() + offset)
+    }
+}
+
+/// The device address of element `offset` (in elements of its dtype) of a CUDA storage. Every
+/// launch here goes to the device's one stream, the stream every tensor was written on, so the
+/// read needs no cross-stream event (the guard `device_ptr` returns is dropped).
+pub(crate) fn storage_ptr(s: &CudaStorage, stream: &CudaStream, offset: usize) -> Result<u64> {
+    fn at<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream, offset: usize) -> Result<u64> {
+        let (ptr, _) = s.as_cuda_slice::<T>()?.device_ptr(stream);
+        Ok(ptr + (offset * std::mem::size_of::<T>()) as u64)
+    }
+    match s.dtype() {
+        DType::F32 => at::<f32>(s, stream, offset),
+        DType::F16 => at::<half::f16>(s, stream, offset),
+        DType::BF16 => at::<half::bf16>(s, stream, offset),
+        d => bail!("no sdgen CUDA kernel for {d:?}"),
     }
 }
 
 /// An uninitialised device buffer of `len` elements of `dtype` on `device`'s stream.
-fn alloc(device: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+pub(crate) fn alloc(device: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
     macro_rules! make {
         ($t:ty) => {{
             // SAFETY: every element is written by the kernel that fills the buffer before any read.
@@ -119,16 +120,7 @@ fn typed_view<'a, T: CudaDType + DeviceRepr>(
 }
 
 fn out_ptr(storage: &CudaStorage, stream: &CudaStream) -> Result<u64> {
-    fn raw<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream) -> Result<u64> {
-        let (ptr, _) = s.as_cuda_slice::<T>()?.device_ptr(stream);
-        Ok(ptr)
-    }
-    match storage.dtype() {
-        DType::F32 => raw::<f32>(storage, stream),
-        DType::F16 => raw::<half::f16>(storage, stream),
-        DType::BF16 => raw::<half::bf16>(storage, stream),
-        d => bail!("no sdgen CUDA kernel for {d:?}"),
-    }
+    storage_ptr(storage, stream, 0)
 }
 
 fn into_tensor(storage: CudaStorage, shape: &[usize]) -> Tensor {

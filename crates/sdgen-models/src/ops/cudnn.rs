@@ -14,7 +14,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Result, Storage, Tensor};
@@ -273,29 +272,7 @@ impl Plan {
 }
 
 fn device_ptr(storage: &CudaStorage, offset: usize, device: &CudaDevice) -> Result<u64> {
-    let stream = device.cuda_stream();
-    macro_rules! at {
-        ($t:ty) => {{
-            let (ptr, _) = storage.as_cuda_slice::<$t>()?.device_ptr(&stream);
-            Ok(ptr + (offset * std::mem::size_of::<$t>()) as u64)
-        }};
-    }
-    match storage.dtype() {
-        DType::F32 => at!(f32),
-        DType::F16 => at!(half::f16),
-        DType::BF16 => at!(half::bf16),
-        d => bail!("no cuDNN convolution for {d:?}"),
-    }
-}
-
-fn alloc(device: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
-    // SAFETY: the convolution writes every element before anything reads them.
-    Ok(match dtype {
-        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<f32>(len)? }, device.clone()),
-        DType::F16 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<half::f16>(len)? }, device.clone()),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { device.alloc::<half::bf16>(len)? }, device.clone()),
-        d => bail!("no cuDNN convolution for {d:?}"),
-    })
+    super::cuda::storage_ptr(storage, &device.cuda_stream(), offset)
 }
 
 /// The storage and start offset of a contiguous CUDA tensor.
@@ -368,7 +345,7 @@ pub(crate) fn conv2d(
             let out_len = |v: usize, k: usize| (v + 2 * padding).saturating_sub(k) / stride + 1;
             [n, wd[0], out_len(h, wd[2]), out_len(w, wd[3])]
         };
-        let out = alloc(&device, dtype, out_dims.iter().product())?;
+        let out = super::cuda::alloc(&device, dtype, out_dims.iter().product())?;
         let yp = device_ptr(&out, 0, &device)?;
         if !state.plans.contains_key(&key) {
             let plan = if find {
