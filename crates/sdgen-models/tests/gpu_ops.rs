@@ -119,7 +119,8 @@ fn group_norm_at_real_shapes() -> Result<()> {
 fn convolutions_at_real_shapes() -> Result<()> {
     let dev = gpu();
     // (input shape, cout, kernel, padding, stride, pad right/bottom)
-    let cases: [(&[usize], usize, usize, usize, usize, bool); 7] = [
+    type Case<'a> = (&'a [usize], usize, usize, usize, usize, bool);
+    let cases: [Case; 7] = [
         (&[2, 4, 128, 128], 320, 3, 1, 1, false),   // SDXL conv_in
         (&[2, 320, 128, 128], 320, 3, 1, 1, false), // SDXL level-1 ResNet conv
         (&[2, 320, 128, 128], 320, 3, 1, 2, false), // UNet downsampler

@@ -206,7 +206,7 @@ pub(crate) fn group_norm(
     // 16-byte loads where every plane starts 16-byte aligned (the buffers are).
     let vec_width = 16 / dtype.size_in_bytes();
     let offsets_aligned = [&x, &weight, &bias].iter().all(|t| t.layout().start_offset() % vec_width == 0);
-    let vec = hw % vec_width == 0 && offsets_aligned;
+    let vec = hw.is_multiple_of(vec_width) && offsets_aligned;
     let kind = if vec { "_vec" } else { "" };
     let stats = function(&device, &format!("gn_stats{kind}_{sfx}"))?;
     let cfg =

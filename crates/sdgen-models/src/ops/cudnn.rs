@@ -347,7 +347,7 @@ pub(crate) fn conv2d(
         };
         let out = super::cuda::alloc(&device, dtype, out_dims.iter().product())?;
         let yp = device_ptr(&out, 0, &device)?;
-        if !state.plans.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = state.plans.entry(key) {
             let plan = if find {
                 let ws: CudaSlice<u8> = unsafe { device.alloc::<u8>(MAX_WORKSPACE_BYTES)? };
                 let (wsp, _) = ws.device_ptr(&device.cuda_stream());
@@ -355,7 +355,7 @@ pub(crate) fn conv2d(
             } else {
                 Plan::new(handle, &key, None)?
             };
-            state.plans.insert(key, plan);
+            slot.insert(plan);
         }
         let plan = &state.plans[&key];
         debug_assert_eq!(plan.out, out_dims);
