@@ -12,7 +12,8 @@
 #   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart);
 #   parity   full-size SDXL (bf16) and SD 1.5 (f32) images against diffusers' with the fast kernels
 #            (tools/gpu/sdxl_fullsize.sh, fullsize_sd15.sh).
-# FAMILIES (default "sdxl sd15") and PEER_PARTS (default "sdxl sd15") narrow the bench and peer
+# QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
+# "sdxl sd15") and PEER_PARTS (default "sdxl sd15") narrow the bench and peer
 # parts. Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
 set -uo pipefail
@@ -32,12 +33,14 @@ if has ops; then
   echo "== ops: fast kernels vs stock vs f32 CPU reference at real shapes"
   timed /tmp/gpu_ops --test-threads=1 --nocapture > "$S_DIR/gpu_ops.log" 2>&1
   grep -E "fast .*stock|test result|panicked|FAILED" "$S_DIR/gpu_ops.log" | tail -80
+  if [ -z "${QUICK:-}" ]; then
   echo "== ops: half-precision attention through the cuBLAS path (SDGEN_ATTENTION=cublas)"
   SDGEN_ATTENTION=cublas timed /tmp/gpu_ops attention --test-threads=1 --nocapture > "$S_DIR/gpu_ops_cublas.log" 2>&1
   grep -E "fast .*stock|test result|panicked|FAILED" "$S_DIR/gpu_ops_cublas.log" | tail -30
   echo "== ops: tiny-model pipelines on CUDA (fast kernels) against diffusers and our CPU run"
   SDGEN_TESTDATA=$PWD/testdata timed /tmp/gpu_parity --test-threads=1 --nocapture > "$S_DIR/gpu_parity.log" 2>&1
   grep -E "test result|panicked|FAILED|within" "$S_DIR/gpu_parity.log" | tail -20
+  fi
 fi
 
 write() {  # family dir
@@ -72,7 +75,7 @@ if has bench; then
     component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}"
     case " ${FAMILIES:-sdxl sd15} " in *" sd15 "*) component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}";; esac
   done
-  SDGEN_ATTENTION=cublas component "sdxl_unet_1024_b2_fast_cublas_attention" sdxl /tmp/sdxl 1024 unet
+  [ -z "${QUICK:-}" ] && SDGEN_ATTENTION=cublas component "sdxl_unet_1024_b2_fast_cublas_attention" sdxl /tmp/sdxl 1024 unet
 fi
 if has peer || has ncu; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
