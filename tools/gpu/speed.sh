@@ -12,7 +12,7 @@
 #   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart);
 #   parity   full-size SDXL (bf16) and SD 1.5 (f32) images against diffusers' with the fast kernels
 #            (tools/gpu/sdxl_fullsize.sh, fullsize_sd15.sh).
-# QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
+# COMPONENTS (default "unet vae") narrows the SDXL benches; QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
 # "sdxl sd15") and PEER_PARTS (default "sdxl sd15") narrow the bench and peer
 # parts. Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
@@ -72,7 +72,7 @@ if has bench; then
   for k in fast stock; do
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
     component "sdxl_unet_1024_b2_$k" sdxl /tmp/sdxl 1024 unet "${extra[@]}"
-    component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}"
+    case " ${COMPONENTS:-unet vae} " in *" vae "*) component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}";; esac
     case " ${FAMILIES:-sdxl sd15} " in *" sd15 "*) component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}";; esac
   done
   [ -z "${QUICK:-}" ] && SDGEN_ATTENTION=cublas component "sdxl_unet_1024_b2_fast_cublas_attention" sdxl /tmp/sdxl 1024 unet
