@@ -241,10 +241,12 @@ fn a_stage_that_runs_out_of_memory_is_retried_leaner() {
 fn the_sidecar_records_the_kernels_and_the_switch_turns_them_off() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "42", "--steps", "10", "--json"];
-    for (i, (switch, kernels)) in
-        [(None, "fast (fused CPU GroupNorm)"), (Some("--no-fast-kernels"), "stock (fast kernels turned off)")]
-            .into_iter()
-            .enumerate()
+    for (i, (switch, kernels)) in [
+        (None, "fast (CPU: fused GroupNorm, blocked attention)"),
+        (Some("--no-fast-kernels"), "stock (fast kernels turned off)"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let out = dir.path().join(format!("out{i}"));
         let mut a: Vec<&str> = args.to_vec();

@@ -116,8 +116,12 @@ pub fn attention_with(
     mask: Option<&Tensor>,
     options: AttentionOptions,
 ) -> Result<Tensor> {
-    let (b, heads, q_len, _) = q.dims4()?;
-    let kv_len = k.dim(2)?;
+    if mask.is_none() && options.slice != Some(0) && super::fast_cpu(q.device()) {
+        // One cache-sized block of query rows per task: no score matrix to bound.
+        if let Some(out) = super::cpu::attention(q, k, v, scale)? {
+            return Ok(out);
+        }
+    }
     #[cfg(feature = "cuda")]
     if mask.is_none() && super::fast_cuda(q.device()) {
         if options.slice == Some(0) {
@@ -127,10 +131,27 @@ pub fn attention_with(
         if let Some(out) = super::cuda::flash_attention(q, k, v, scale)? {
             return Ok(out);
         }
+        let (_, heads, q_len, _) = q.dims4()?;
+        let kv_len = k.dim(2)?;
         let max_rows = (max_score_elements(q.device()) / (heads * kv_len).max(1)).max(1);
         let rows = options.slice.map_or(max_rows, |n| n.min(max_rows)).min(q_len.max(1));
         return super::cuda::attention(q, k, v, scale, rows);
     }
+    reference(q, k, v, scale, mask, options)
+}
+
+/// The reference path of [`attention_with`] on every device: matmul, f32 softmax, matmul, the
+/// query rows in chunks under the device's score limit.
+pub(crate) fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    options: AttentionOptions,
+) -> Result<Tensor> {
+    let (b, heads, q_len, _) = q.dims4()?;
+    let kv_len = k.dim(2)?;
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
     // candle's CUDA kernels index elements with 32-bit integers: a score tensor of 2^31 elements

@@ -6,7 +6,7 @@
 //!
 //! | op | reference | CUDA fast path |
 //! |---|---|---|
-//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel |
+//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | CUDA, half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel. CPU (f32): 64 query rows per task on all cores, scores kept in cache |
 //! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32) |
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision |
@@ -104,7 +104,7 @@ pub fn kernel_summary(device: &Device) -> &'static str {
     match (fast_cuda(device), fast_conv(device)) {
         (true, true) => "fast (cuDNN convolutions, fused kernels)",
         (true, false) => "fast (fused kernels; im2col convolutions: built without cuDNN)",
-        _ if fast_cpu(device) => "fast (fused CPU GroupNorm)",
+        _ if fast_cpu(device) => "fast (CPU: fused GroupNorm, blocked attention)",
         _ if !fast_kernels_enabled() => "stock (fast kernels turned off)",
         _ if device.is_cuda() && cfg!(feature = "cuda") => {
             "stock (CUDA kernels not yet on by default: SDGEN_FAST_KERNELS=1)"
@@ -152,7 +152,7 @@ mod tests {
         assert_eq!(kernel_summary(&cpu), "stock (fast kernels turned off)");
         set_fast_kernels(true);
         assert!(fast_kernels_enabled());
-        assert_eq!(kernel_summary(&cpu), "fast (fused CPU GroupNorm)");
+        assert_eq!(kernel_summary(&cpu), "fast (CPU: fused GroupNorm, blocked attention)");
     }
 
     #[test]
