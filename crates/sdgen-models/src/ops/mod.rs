@@ -143,19 +143,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_switch_turns_fast_paths_off() {
-        let cpu = Device::Cpu;
-        assert!(!fast_cuda(&cpu), "the CPU runs no CUDA kernels");
-        assert!(fast_cpu(&cpu));
-        set_fast_kernels(false);
-        assert!(!fast_kernels_enabled() && !fast_cpu(&cpu));
-        assert_eq!(kernel_summary(&cpu), "stock (fast kernels turned off)");
-        set_fast_kernels(true);
-        assert!(fast_kernels_enabled());
-        assert_eq!(kernel_summary(&cpu), "fast (CPU: fused GroupNorm, blocked attention)");
-    }
-
-    #[test]
     fn geglu_multiplies_the_first_half_by_gelu_of_the_second() -> Result<()> {
         let x = Tensor::new(&[[1f32, -2., 0.5, 3.]], &Device::Cpu)?;
         let y: Vec<f32> = geglu(&x)?.flatten_all()?.to_vec1()?;

@@ -111,10 +111,13 @@ mod tests {
         let norm = GroupNorm::new(groups, c, 1e-5, vb)?;
         let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?;
         let add = Tensor::randn(0f32, 1.0, (b, c), &dev)?;
+        // Both sides may take the fast or the reference path (another test flips the process-wide
+        // switch), so the bound is rounding, not bit equality.
         let fused = norm.forward_with(&x, Some(&add), true)?;
-        let unfused = norm.forward(&x.broadcast_add(&add.reshape((b, c, 1, 1))?)?)?.silu()?;
-        let diff = (fused - unfused)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
+        let unfused = norm.reference(&x.broadcast_add(&add.reshape((b, c, 1, 1))?)?, None, false)?.silu()?;
+        let diff = (&fused - &unfused)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = unfused.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-5 * scale, "max diff {diff} (scale {scale})");
         Ok(())
     }
 }
