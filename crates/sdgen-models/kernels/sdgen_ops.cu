@@ -95,6 +95,32 @@ struct Vec {
   }
 };
 
+// N values of x from p (N = the vector width with VEC, else 1), as f32.
+template <typename T, bool VEC, int N>
+__device__ __forceinline__ void load_n(const T* p, float (&vals)[N]) {
+  if constexpr (VEC) {
+    Vec<T> vec;
+    vec.load(p);
+#pragma unroll
+    for (int j = 0; j < N; ++j) vals[j] = vec.v[j];
+  } else {
+    vals[0] = to_f(p[0]);
+  }
+}
+
+// The inverse of load_n.
+template <typename T, bool VEC, int N>
+__device__ __forceinline__ void store_n(T* p, const float (&vals)[N]) {
+  if constexpr (VEC) {
+    Vec<T> vec;
+#pragma unroll
+    for (int j = 0; j < N; ++j) vec.v[j] = vals[j];
+    vec.store(p);
+  } else {
+    p[0] = from_f<T>(vals[0]);
+  }
+}
+
 // Pass 1 (gn_stats): grid (splits, B*G). Each block reduces a contiguous 1/splits of its group's
 // cpg*HW elements into one Welford partial: partial[(bg * splits + split) * 3 + {0,1,2}].
 // VEC: with HW a multiple of the vector width (and aligned pointers, checked by the host) every
@@ -114,14 +140,7 @@ __device__ void gn_stats(const T* __restrict__ x, const T* __restrict__ add, int
   Welford w{0.f, 0.f, 0.f};
   for (int64_t i = start + (int64_t)threadIdx.x * N; i < end; i += (int64_t)blockDim.x * N) {
     float vals[N];
-    if constexpr (VEC) {
-      Vec<T> vec;
-      vec.load(base + i);
-#pragma unroll
-      for (int j = 0; j < N; ++j) vals[j] = vec.v[j];
-    } else {
-      vals[0] = to_f(base[i]);
-    }
+    load_n<T, VEC, N>(base + i, vals);
     float extra = addb != nullptr ? to_f(addb[i / HW]) : 0.f;  // one channel per vector
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -171,14 +190,7 @@ __device__ void gn_apply(const T* __restrict__ x, const T* __restrict__ add, con
   for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * N; i < HW;
        i += (int64_t)gridDim.x * blockDim.x * N) {
     float vals[N];
-    if constexpr (VEC) {
-      Vec<T> vec;
-      vec.load(xp + i);
-#pragma unroll
-      for (int j = 0; j < N; ++j) vals[j] = vec.v[j];
-    } else {
-      vals[0] = to_f(xp[i]);
-    }
+    load_n<T, VEC, N>(xp + i, vals);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       float v = add != nullptr ? round_to<T>(vals[j] + extra) : vals[j];
@@ -186,14 +198,7 @@ __device__ void gn_apply(const T* __restrict__ x, const T* __restrict__ add, con
       if (silu) o = o / (1.f + expf(-o));
       vals[j] = o;
     }
-    if constexpr (VEC) {
-      Vec<T> vec;
-#pragma unroll
-      for (int j = 0; j < N; ++j) vec.v[j] = vals[j];
-      vec.store(yp + i);
-    } else {
-      yp[i] = from_f<T>(vals[0]);
-    }
+    store_n<T, VEC, N>(yp + i, vals);
   }
 }
 

@@ -116,7 +116,10 @@ pub fn attention_with(
     mask: Option<&Tensor>,
     options: AttentionOptions,
 ) -> Result<Tensor> {
-    if mask.is_none() && options.slice != Some(0) && super::fast_cpu(q.device()) {
+    if options.slice == Some(0) {
+        candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention");
+    }
+    if mask.is_none() && super::fast_cpu(q.device()) {
         // One cache-sized block of query rows per task: no score matrix to bound.
         if let Some(out) = super::cpu::attention(q, k, v, scale)? {
             return Ok(out);
@@ -124,9 +127,6 @@ pub fn attention_with(
     }
     #[cfg(feature = "cuda")]
     if mask.is_none() && super::fast_cuda(q.device()) {
-        if options.slice == Some(0) {
-            candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention");
-        }
         // Flash attention holds no scores at all, so slicing has nothing to bound.
         if let Some(out) = super::cuda::flash_attention(q, k, v, scale)? {
             return Ok(out);

@@ -4,38 +4,28 @@
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// GroupNorm of an f32 `x: [b, c, ...]` over `groups` groups, of `x + add` (`add: [b, c]`) when
-/// given, then SiLU when `silu`: per group, the mean and variance in f64 (two passes over the
-/// group, which stays in cache), then one pass writing `(v − mean)·rstd·γ + β`. `None` for other
-/// dtypes (the reference path runs them).
-pub(crate) fn group_norm(
-    x: &Tensor,
-    add: Option<&Tensor>,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: usize,
-    eps: f64,
-    silu: bool,
-) -> Result<Option<Tensor>> {
+use super::norm::GroupNorm;
+
+/// GroupNorm of an f32 `x: [b, c, ...]` (`norm`'s groups, weights and epsilon), of `x + add`
+/// (`add: [b, c]`, checked by the caller) when given, then SiLU when `silu`: per group, the mean
+/// and variance in f64 (two passes over the group, which stays in cache), then one pass writing
+/// `(v − mean)·rstd·γ + β`. `None` for other dtypes (the reference path runs them).
+pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Option<Tensor>> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return Ok(None);
     }
     let dims = x.dims().to_vec();
-    let (b, c) = (dims[0], dims[1]);
+    let (c, groups, eps) = (dims[1], norm.groups, norm.eps);
     let hw: usize = dims[2..].iter().product();
-    if groups == 0 || c % groups != 0 {
-        candle_core::bail!("group norm of {c} channels in {groups} groups");
-    }
     let cpg = c / groups;
     let x = x.contiguous()?;
-    let xs = f32_data(&x)?;
-    let gamma = f32_data(&weight.to_dtype(DType::F32)?.contiguous()?)?;
-    let beta = f32_data(&bias.to_dtype(DType::F32)?.contiguous()?)?;
+    let (weight, bias) =
+        (norm.weight.to_dtype(DType::F32)?.contiguous()?, norm.bias.to_dtype(DType::F32)?.contiguous()?);
     let add = add.map(|a| a.to_dtype(DType::F32)?.contiguous()).transpose()?;
-    let adds = add.as_ref().map(f32_data).transpose()?;
-    if gamma.len() != c || beta.len() != c || adds.as_ref().is_some_and(|a| a.len() != b * c) {
-        candle_core::bail!("group norm of {c} channels with mismatched weight, bias or add term");
-    }
+    let (x_in, w_in, b_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?, CpuInput::new(&bias)?);
+    let add_in = add.as_ref().map(CpuInput::new).transpose()?;
+    let (xs, gamma, beta) = (x_in.f32s()?, w_in.f32s()?, b_in.f32s()?);
+    let adds = add_in.as_ref().map(CpuInput::f32s).transpose()?;
     let group_len = cpg * hw;
     let mut out = vec![0f32; xs.len()];
     out.par_chunks_mut(group_len.max(1)).enumerate().for_each(|(bg, y)| {
@@ -182,15 +172,28 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     Ok(Some(Tensor::from_vec(out, (b, q_len, heads, d), &Device::Cpu)?.transpose(1, 2)?))
 }
 
-/// The f32 elements of a contiguous CPU tensor, from its layout's start.
-fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("CPU fast path given a non-contiguous tensor".into()))?;
-    match &*storage {
-        Storage::Cpu(s) => Ok(s.as_slice::<f32>()?[start..end].to_vec()),
-        _ => candle_core::bail!("CPU fast path given a tensor on another device"),
+/// A contiguous CPU tensor's storage, read-locked while its elements are borrowed.
+struct CpuInput<'a> {
+    guard: candle_core::StorageRef<'a>,
+    layout: &'a candle_core::Layout,
+}
+
+impl<'a> CpuInput<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        Ok(Self { guard, layout })
+    }
+
+    /// The tensor's f32 elements in layout order (it must be contiguous).
+    fn f32s(&self) -> Result<&[f32]> {
+        let (start, end) = self
+            .layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("CPU fast path given a non-contiguous tensor".into()))?;
+        match &*self.guard {
+            Storage::Cpu(s) => Ok(&s.as_slice::<f32>()?[start..end]),
+            _ => candle_core::bail!("CPU fast path given a tensor on another device"),
+        }
     }
 }
 
@@ -198,7 +201,6 @@ fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
 mod tests {
     use super::*;
     use crate::ops::attention::{merge_heads, split_heads, AttentionOptions};
-    use crate::ops::norm::GroupNorm;
     use candle_nn::VarBuilder;
 
     /// The blocked CPU attention against the reference path at SD's real head dims (SD 1.5's 40
@@ -255,7 +257,7 @@ mod tests {
             let x = (Tensor::randn(0f32, 2.0, &shape, &dev)? + 3.0)?;
             let a = if add { Some(Tensor::randn(0f32, 1.0, (shape[0], c), &dev)?) } else { None };
             let reference = norm.reference(&x, a.as_ref(), silu)?;
-            let fast = group_norm(&x, a.as_ref(), &norm.weight, &norm.bias, 32, 1e-5, silu)?.expect("f32 on the CPU");
+            let fast = group_norm(&norm, &x, a.as_ref(), silu)?.expect("f32 on the CPU");
             let diff = (&fast - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff <= 1e-5 * scale, "{shape:?}: max diff {diff} (scale {scale})");

@@ -9,6 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
+
+use super::norm::GroupNorm;
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -20,10 +22,21 @@ fn wrap<E: std::error::Error + Send + Sync + 'static>(e: E) -> candle_core::Erro
     candle_core::Error::wrap(e)
 }
 
-/// The kernel `name` on `device`, its module loaded once per device.
-fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
+/// The kernel `name` on `device`: its module loaded once per device, the function looked up and
+/// `setup` run on it once (`false` from `setup`: the kernel cannot run on this device, `None`).
+fn function_with(
+    device: &CudaDevice,
+    name: &str,
+    setup: impl FnOnce(&CudaFunction) -> bool,
+) -> Result<Option<CudaFunction>> {
     type Modules = Mutex<HashMap<DeviceId, Arc<CudaModule>>>;
+    type Functions = Mutex<HashMap<(DeviceId, String), Option<CudaFunction>>>;
     static MODULES: OnceLock<Modules> = OnceLock::new();
+    static FUNCTIONS: OnceLock<Functions> = OnceLock::new();
+    let key = (device.id(), name.to_string());
+    if let Some(f) = FUNCTIONS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(f.clone());
+    }
     let module = {
         let mut modules = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
         match modules.get(&device.id()) {
@@ -36,7 +49,15 @@ fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
             }
         }
     };
-    module.load_function(name).map_err(wrap)
+    let func = module.load_function(name).map_err(wrap)?;
+    let func = setup(&func).then_some(func);
+    FUNCTIONS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).insert(key, func.clone());
+    Ok(func)
+}
+
+/// The kernel `name` on `device` (see [`function_with`]).
+fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(function_with(device, name, |_| true)?.expect("a kernel without setup always runs"))
 }
 
 /// The kernel name suffix of a dtype our kernels exist for.
@@ -50,13 +71,13 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 }
 
 /// A tensor's CUDA storage, read-locked for the duration of a launch.
-struct Input<'a> {
+pub(crate) struct Input<'a> {
     guard: candle_core::StorageRef<'a>,
     layout: &'a Layout,
 }
 
 impl<'a> Input<'a> {
-    fn new(t: &'a Tensor) -> Result<Self> {
+    pub(crate) fn new(t: &'a Tensor) -> Result<Self> {
         let (guard, layout) = t.storage_and_layout();
         if !matches!(&*guard, Storage::Cuda(_)) {
             bail!("sdgen CUDA kernel given a tensor on {:?}", t.device().location());
@@ -72,7 +93,7 @@ impl<'a> Input<'a> {
     }
 
     /// The device address of element `offset` past the layout's start (in elements of `dtype`).
-    fn ptr(&self, stream: &CudaStream, offset: usize) -> Result<u64> {
+    pub(crate) fn ptr(&self, stream: &CudaStream, offset: usize) -> Result<u64> {
         storage_ptr(self.storage(), stream, self.layout.start_offset() + offset)
     }
 }
@@ -119,15 +140,11 @@ fn typed_view<'a, T: CudaDType + DeviceRepr>(
     Ok(input.storage().as_cuda_slice::<T>()?.slice(start..start + len))
 }
 
-fn out_ptr(storage: &CudaStorage, stream: &CudaStream) -> Result<u64> {
-    storage_ptr(storage, stream, 0)
-}
-
 fn into_tensor(storage: CudaStorage, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
 
-fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
         d => bail!("sdgen CUDA kernel given a tensor on {:?}", d.location()),
@@ -135,7 +152,7 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
 }
 
 /// `t` contiguous, in `dtype`.
-fn prepared(t: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(crate) fn prepared(t: &Tensor, dtype: DType) -> Result<Tensor> {
     let t = if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? };
     t.contiguous()
 }
@@ -149,39 +166,20 @@ fn launch_1d(n: usize, threads: u32, max_blocks: usize) -> LaunchConfig {
 /// then SiLU when `silu` (see `kernels/sdgen_ops.cu`). `None` where the kernels do not apply
 /// (more than 65 535 channel planes, planes over 2^31 elements): the caller takes the reference
 /// path.
-pub(crate) fn group_norm(
-    x: &Tensor,
-    add: Option<&Tensor>,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: usize,
-    eps: f64,
-    silu: bool,
-) -> Result<Option<Tensor>> {
+pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Option<Tensor>> {
     let device = cuda_device(x)?;
     let dtype = x.dtype();
     let sfx = suffix(dtype)?;
     let dims = x.dims().to_vec();
-    let (b, c) = (dims[0], dims[1]);
+    let (b, c, groups, eps) = (dims[0], dims[1], norm.groups, norm.eps);
     let hw: usize = dims[2..].iter().product();
-    if groups == 0 || c % groups != 0 {
-        bail!("group norm of {c} channels in {groups} groups");
-    }
-    if weight.dims() != [c] || bias.dims() != [c] {
-        bail!("group norm of {c} channels with weight {:?} and bias {:?}", weight.dims(), bias.dims());
-    }
     if hw > i32::MAX as usize || b * c > 65_535 || b * groups > 65_535 {
         return Ok(None);
     }
     let cpg = c / groups;
     let x = prepared(x, dtype)?;
     let add = add.map(|a| prepared(a, dtype)).transpose()?;
-    if let Some(a) = &add {
-        if a.dims() != [b, c] {
-            bail!("group norm add term {:?} for input {:?}", a.dims(), dims);
-        }
-    }
-    let (weight, bias) = (prepared(weight, dtype)?, prepared(bias, dtype)?);
+    let (weight, bias) = (prepared(&norm.weight, dtype)?, prepared(&norm.bias, dtype)?);
     let stream = device.cuda_stream();
 
     // Enough blocks to fill the GPU, each reducing at least 1024 elements.
@@ -200,7 +198,7 @@ pub(crate) fn group_norm(
     let (wi, bi) = (Input::new(&weight)?, Input::new(&bias)?);
     let (wp, bp) = (wi.ptr(&stream, 0)?, bi.ptr(&stream, 0)?);
     let (pp, _) = partial.device_ptr(&stream);
-    let yp = out_ptr(&out, &stream)?;
+    let yp = storage_ptr(&out, &stream, 0)?;
     let (ci, hwi, cpgi, gi, si) = (c as i32, hw as i32, cpg as i32, groups as i32, splits as i32);
 
     // 16-byte loads where every plane starts 16-byte aligned (the buffers are).
@@ -248,7 +246,7 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     let stream = device.cuda_stream();
     let xi = Input::new(&x)?;
     let xp = xi.ptr(&stream, 0)?;
-    let yp = out_ptr(&out, &stream)?;
+    let yp = storage_ptr(&out, &stream, 0)?;
     let f = function(&device, &format!("geglu_{}", suffix(dtype)?))?;
     let (inner_i, n_i) = (inner as i32, n as i64);
     let mut l = stream.launch_builder(&f);
@@ -357,12 +355,12 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: us
     let (_, esize) = cublas_type(dtype)?;
     let stream = device.cuda_stream();
     let out = alloc(&device, dtype, b * q_len * heads * d)?;
-    let op = out_ptr(&out, &stream)?;
+    let op = storage_ptr(&out, &stream, 0)?;
     // Equal chunks, so each chunk's freed scores fit the next.
     let rows = rows.clamp(1, q_len.max(1));
     let rows = q_len.div_ceil(q_len.div_ceil(rows).max(1)).max(1);
     let scores = alloc(&device, dtype, heads * rows * kv_len)?;
-    let sp = out_ptr(&scores, &stream)?;
+    let sp = storage_ptr(&scores, &stream, 0)?;
     let softmax = function(&device, &format!("softmax_rows_{}", suffix(dtype)?))?;
     let threads = (kv_len.div_ceil(4)).next_power_of_two().clamp(32, 256) as u32;
     let (qi, ki, vi) = (Input::new(&q)?, Input::new(&k)?, Input::new(&v)?);
@@ -543,14 +541,10 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
     }
     let aligned = |t: &Tensor| {
         let s = t.stride();
-        let (_, layout) = t.storage_and_layout();
-        s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && layout.start_offset() % 8 == 0
+        s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && t.layout().start_offset().is_multiple_of(8)
     };
-    let (q, k, v) = (
-        if aligned(q) { q.clone() } else { q.contiguous()? },
-        if aligned(k) { k.clone() } else { k.contiguous()? },
-        if aligned(v) { v.clone() } else { v.contiguous()? },
-    );
+    let usable = |t: &Tensor| if aligned(t) { Ok(t.clone()) } else { t.contiguous() };
+    let (q, k, v) = (usable(q)?, usable(k)?, usable(v)?);
     // `contiguous` keeps a contiguous view as it is, offset included.
     if !(aligned(&q) && aligned(&k) && aligned(&v)) {
         return Ok(None);
@@ -559,25 +553,23 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
     let padded = d.div_ceil(16) * 16;
     let smem = flash_smem_bytes(padded);
     // Cards with less shared memory per block than the tile needs (99 KB on sm_86/89/120 against
-    // 105 KB for head dim 128) take the cuBLAS path.
-    let optin = device
-        .cuda_stream()
-        .context()
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(wrap)?;
-    if smem > optin.max(0) as usize {
+    // 105 KB for head dim 128) take the cuBLAS path; decided once per device and kernel.
+    let Some(func) = function_with(&device, &format!("flash_attn_{}_{padded}", suffix(dtype)?), |f| {
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let ctx = device.cuda_stream().context().clone();
+        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
+        optin.is_ok_and(|o| smem <= o.max(0) as usize)
+            && f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .is_ok()
+    })?
+    else {
         return Ok(None);
-    }
-    let func = function(&device, &format!("flash_attn_{}_{padded}", suffix(dtype)?))?;
-    let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-    if func.set_attribute(attr, smem as i32).is_err() {
-        return Ok(None);
-    }
+    };
     let out = alloc(&device, dtype, b * q_len * heads * d)?;
     let stream = device.cuda_stream();
     let (qi, ki, vi) = (Input::new(&q)?, Input::new(&k)?, Input::new(&v)?);
     let (qp, kp, vp) = (qi.ptr(&stream, 0)?, ki.ptr(&stream, 0)?, vi.ptr(&stream, 0)?);
-    let op = out_ptr(&out, &stream)?;
+    let op = storage_ptr(&out, &stream, 0)?;
     let (qs, ks, vs) = (q.stride(), k.stride(), v.stride());
     let o = [q_len * heads * d, d, heads * d];
     let st = |x: usize| x as i64;

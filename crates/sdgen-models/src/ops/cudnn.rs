@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
+use candle_core::cuda_backend::DeviceId;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::cudnn::sys;
@@ -43,7 +43,6 @@ struct Plan {
     bias: sys::cudnnTensorDescriptor_t,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace_bytes: usize,
-    out: [usize; 4],
 }
 
 impl Drop for Plan {
@@ -61,6 +60,12 @@ impl Drop for Plan {
 
 /// (dtype, x `[n, c, h, w]`, weight `[k, c, r, s]`, padding, stride).
 type Key = (DType, [usize; 4], [usize; 4], usize, usize);
+
+/// The output `[n, k, h', w']` of a convolution shape.
+fn out_dims(&(_, x, w, padding, stride): &Key) -> [usize; 4] {
+    let out_len = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride + 1;
+    [x[0], w[0], out_len(x[2], w[2]), out_len(x[3], w[3])]
+}
 
 struct DeviceState {
     handle: sys::cudnnHandle_t,
@@ -123,8 +128,7 @@ impl Plan {
     fn new(handle: sys::cudnnHandle_t, key: &Key, ptrs: Option<(u64, u64, u64, u64)>) -> Result<Self> {
         let (dtype, x, w, padding, stride) = *key;
         let dt = data_type(dtype)?;
-        let out_len = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride + 1;
-        let out = [x[0], w[0], out_len(x[2], w[2]), out_len(x[3], w[3])];
+        let out = out_dims(key);
         let xd = tensor_desc(dt, x)?;
         let yd = tensor_desc(dt, out)?;
         let bd = tensor_desc(dt, [1, w[0], 1, 1])?;
@@ -175,7 +179,6 @@ impl Plan {
                 bias: bd,
                 algo: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
                 workspace_bytes: 0,
-                out,
             }
         };
         let (algo, math) = match ptrs {
@@ -271,26 +274,6 @@ impl Plan {
     }
 }
 
-fn device_ptr(storage: &CudaStorage, offset: usize, device: &CudaDevice) -> Result<u64> {
-    super::cuda::storage_ptr(storage, &device.cuda_stream(), offset)
-}
-
-/// The storage and start offset of a contiguous CUDA tensor.
-fn storage_of(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
-    let (guard, layout) = t.storage_and_layout();
-    if !matches!(&*guard, Storage::Cuda(_)) || !layout.is_contiguous() {
-        bail!("cuDNN convolution needs contiguous CUDA tensors");
-    }
-    Ok((guard, layout.start_offset()))
-}
-
-fn cuda(s: &Storage) -> &CudaStorage {
-    match s {
-        Storage::Cuda(c) => c,
-        _ => unreachable!("checked by storage_of"),
-    }
-}
-
 /// `conv2d(x, weight) + bias` with zero `padding` on every side and `stride`, for
 /// `x: [n, c, h, w]`, `weight: [k, c, r, s]`.
 pub(crate) fn conv2d(
@@ -300,15 +283,12 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let device = match x.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        d => bail!("cuDNN convolution of a tensor on {:?}", d.location()),
-    };
+    use super::cuda::{cuda_device, prepared, storage_ptr, Input};
+    let device = cuda_device(x)?;
+    let stream = device.cuda_stream();
     let dtype = x.dtype();
-    let x = x.contiguous()?;
-    let weight = if weight.dtype() == dtype { weight.contiguous()? } else { weight.to_dtype(dtype)?.contiguous()? };
-    let bias =
-        bias.map(|b| if b.dtype() == dtype { b.contiguous() } else { b.to_dtype(dtype)?.contiguous() }).transpose()?;
+    let (x, weight) = (x.contiguous()?, prepared(weight, dtype)?);
+    let bias = bias.map(|b| prepared(b, dtype)).transpose()?;
     let xd: [usize; 4] = x.dims4()?.into();
     let wd: [usize; 4] = weight.dims4()?.into();
     if xd[1] != wd[1] {
@@ -316,12 +296,9 @@ pub(crate) fn conv2d(
     }
     let key: Key = (dtype, xd, wd, padding, stride);
     let find = std::env::var(FIND_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-
-    let (xs, xo) = storage_of(&x)?;
-    let (ws, wo) = storage_of(&weight)?;
-    let bs = bias.as_ref().map(storage_of).transpose()?;
-    let xp = device_ptr(cuda(&xs), xo, &device)?;
-    let wp = device_ptr(cuda(&ws), wo, &device)?;
+    let (x_in, w_in) = (Input::new(&x)?, Input::new(&weight)?);
+    let b_in = bias.as_ref().map(Input::new).transpose()?;
+    let (xp, wp) = (x_in.ptr(&stream, 0)?, w_in.ptr(&stream, 0)?);
 
     STATES.with(|states| -> Result<Tensor> {
         let mut states = states.borrow_mut();
@@ -340,17 +317,13 @@ pub(crate) fn conv2d(
             }
         };
         let handle = state.handle;
-        let out_dims = {
-            let [n, _, h, w] = xd;
-            let out_len = |v: usize, k: usize| (v + 2 * padding).saturating_sub(k) / stride + 1;
-            [n, wd[0], out_len(h, wd[2]), out_len(w, wd[3])]
-        };
+        let out_dims = out_dims(&key);
         let out = super::cuda::alloc(&device, dtype, out_dims.iter().product())?;
-        let yp = device_ptr(&out, 0, &device)?;
+        let yp = storage_ptr(&out, &stream, 0)?;
         if let std::collections::hash_map::Entry::Vacant(slot) = state.plans.entry(key) {
             let plan = if find {
                 let ws: CudaSlice<u8> = unsafe { device.alloc::<u8>(MAX_WORKSPACE_BYTES)? };
-                let (wsp, _) = ws.device_ptr(&device.cuda_stream());
+                let (wsp, _) = ws.device_ptr(&stream);
                 Plan::new(handle, &key, Some((xp, wp, yp, wsp)))?
             } else {
                 Plan::new(handle, &key, None)?
@@ -358,11 +331,10 @@ pub(crate) fn conv2d(
             slot.insert(plan);
         }
         let plan = &state.plans[&key];
-        debug_assert_eq!(plan.out, out_dims);
         let workspace: Option<CudaSlice<u8>> =
             if plan.workspace_bytes > 0 { Some(unsafe { device.alloc::<u8>(plan.workspace_bytes)? }) } else { None };
         let wsp = match &workspace {
-            Some(w) => w.device_ptr(&device.cuda_stream()).0,
+            Some(w) => w.device_ptr(&stream).0,
             None => 0,
         };
         let (one, zero) = (1f32, 0f32);
@@ -386,8 +358,8 @@ pub(crate) fn conv2d(
                 ),
                 "convolution",
             )?;
-            if let Some((bs, bo)) = &bs {
-                let bp = device_ptr(cuda(bs), *bo, &device)?;
+            if let Some(b_in) = &b_in {
+                let bp = b_in.ptr(&stream, 0)?;
                 check(
                     sys::cudnnAddTensor(
                         handle,

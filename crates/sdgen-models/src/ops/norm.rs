@@ -8,10 +8,12 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    // The fast paths' parameters; `inner` checked at construction that `groups` divides the
+    // channels and the weights have one entry per channel.
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
-    groups: usize,
-    eps: f64,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
 }
 
 impl GroupNorm {
@@ -36,14 +38,20 @@ impl GroupNorm {
     /// `norm(x + add)` with `add: [b, c]` broadcast over the spatial axes (added in `x`'s dtype,
     /// as a separate add would round it), then SiLU when `silu`.
     pub fn forward_with(&self, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+        if let Some(a) = add {
+            let (b, c) = (x.dim(0)?, x.dim(1)?);
+            if a.dims() != [b, c] {
+                candle_core::bail!("group norm add term {:?} for input {:?}: expected [{b}, {c}]", a.dims(), x.dims());
+            }
+        }
         if super::fast_cpu(x.device()) && x.rank() >= 3 {
-            if let Some(y) = super::cpu::group_norm(x, add, &self.weight, &self.bias, self.groups, self.eps, silu)? {
+            if let Some(y) = super::cpu::group_norm(self, x, add, silu)? {
                 return Ok(y);
             }
         }
         #[cfg(feature = "cuda")]
         if super::fast_cuda(x.device()) && x.rank() >= 3 {
-            if let Some(y) = super::cuda::group_norm(x, add, &self.weight, &self.bias, self.groups, self.eps, silu)? {
+            if let Some(y) = super::cuda::group_norm(self, x, add, silu)? {
                 return Ok(y);
             }
         }
