@@ -9,7 +9,6 @@
 // CUDA_COMPUTE_CAP plus sm_80 PTX, so any Ampere-or-newer card can JIT it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -300,16 +299,18 @@ INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
 
 // ---------------------------------------------------------------------------------------------
-// Flash attention, forward (FlashAttention-2's schedule on WMMA tensor-core fragments): one block
-// of 4 warps takes 64 query rows of one (batch, head), each warp 16 of them; keys and values
-// stream through shared memory in tiles of 64; the running row max and sum and the f32 output
-// accumulator stay in shared memory, so the score matrix never exists in device memory.
-// Probabilities are rounded to T before the P·V product, as flash-attention does.
+// Flash attention, forward (FlashAttention-2's schedule): one block of 4 warps takes 64 query rows
+// of one (batch, head), each warp 16 of them; keys and values stream through shared memory in
+// tiles of 64 (cp.async, the next tile's copy overlapping this tile's products). Scores,
+// probabilities, the running row max and sum and the f32 output accumulator all stay in registers
+// (mma.sync m16n8k16 fragments), so the score matrix never exists in memory of any kind.
+// Probabilities are rounded to T before the P·V product and summed unrounded, as flash-attention
+// does.
 //
 // q, k, v, o are addressed by (batch, head, row) strides in elements, the head dim contiguous
 // (the heads' views of `[b, seq, heads·d]` need no copy). D is the head dim `d` rounded up to a
-// multiple of 16, padded with zeros in shared memory. The host checks that d, every stride and
-// every base offset are multiples of 8 elements (16-byte loads).
+// multiple of 16, the columns past `d` zero-filled in shared memory. The host checks that d, every
+// stride and every base offset are multiples of 8 elements (16-byte copies).
 struct AttnArgs {
   int q_len, kv_len, d, heads;
   long long q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr, o_sb, o_sh, o_sr;
@@ -317,134 +318,211 @@ struct AttnArgs {
 };
 
 constexpr int FA_BQ = 64, FA_BK = 64, FA_THREADS = 128;
+// Shared-memory rows are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix
+// then fall in 8 different 4-bank groups, free of bank conflicts.
+constexpr int FA_PAD = 8;
 
-// Copies rows [row0, row0 + 64) of a [rows, d] matrix (row stride `ld`) into a [64][D] tile,
-// zero-filling rows past `rows` and columns past `d`, 16 bytes at a time.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared without passing through registers; `valid` false writes zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a·b for one 16×16 (row-major) by 16×8 (column-major) tile, f32 accumulation.
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1, __half*) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
+                                          __nv_bfloat16*) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two values rounded to T in one 32-bit register, the first in the low half (a fragment's order).
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half*) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16*) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Starts copying rows [row0, row0 + 64) of a [rows, d] matrix (row stride `ld`) into a [64][D]
+// tile (row stride D + FA_PAD), zero-filling rows past `rows` and columns past `d`.
 template <typename T, int D>
 __device__ __forceinline__ void fa_load_tile(T* __restrict__ dst, const T* __restrict__ src, int row0, int rows,
                                              int d, long long ld) {
-  constexpr int VEC = 8;  // 8 halves = 16 bytes
-  for (int i = threadIdx.x; i < 64 * (D / VEC); i += FA_THREADS) {
-    int r = i / (D / VEC), c = (i % (D / VEC)) * VEC;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < rows && c < d) val = *reinterpret_cast<const uint4*>(src + (long long)(row0 + r) * ld + c);
-    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+  constexpr int VEC = 8, CHUNKS = D / VEC;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < 64 * CHUNKS; i += FA_THREADS) {
+    int r = i / CHUNKS, c = (i % CHUNKS) * VEC;
+    bool valid = row0 + r < rows && c < d;  // d is a multiple of 8: a chunk is all in or all out
+    cp_async16(dst + r * (D + FA_PAD) + c, valid ? src + (long long)(row0 + r) * ld + c : src, valid);
   }
 }
 
 template <typename T, int D>
 __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, AttnArgs a) {
-  using namespace nvcuda;
-  extern __shared__ __align__(128) unsigned char smem[];  // WMMA wants 32-byte aligned tiles
-  T* qs = reinterpret_cast<T*>(smem);     // [64][D]
-  T* ks = qs + FA_BQ * D;                  // [64][D]
-  T* vs = ks + FA_BK * D;                  // [64][D]
-  T* ps = vs + FA_BK * D;                  // [64][64] probabilities
-  float* ss = reinterpret_cast<float*>(ps + FA_BQ * FA_BK);  // [64][64] scores
-  float* os = ss + FA_BQ * FA_BK;          // [64][D] output accumulator
-  float* ms = os + FA_BQ * D;              // [64] running max
-  float* ls = ms + FA_BQ;                  // [64] running sum
+  constexpr int LD = D + FA_PAD;  // shared row stride, elements
+  constexpr int KSTEPS = D / 16;  // k-steps of Q·Kᵀ over the head dim
+  constexpr int OTILES = D / 8;   // 8-column tiles of the output
+  constexpr int STILES = FA_BK / 8;
+  T* tag = nullptr;  // picks the mma/pack overload for T
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);  // [64][LD]
+  T* ks = qs + FA_BQ * LD;              // [64][LD]
+  T* vs = ks + FA_BK * LD;              // [64][LD]
 
   int b = blockIdx.y / a.heads, h = blockIdx.y % a.heads;
   int q0 = blockIdx.x * FA_BQ;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int g = lane / 4, t = lane % 4;  // a fragment's row group and column pair
   const T* qb = q + b * a.q_sb + h * a.q_sh;
   const T* kb = k + b * a.k_sb + h * a.k_sh;
   const T* vb = v + b * a.v_sb + h * a.v_sh;
   T* ob = o + b * a.o_sb + h * a.o_sh;
 
   fa_load_tile<T, D>(qs, qb, q0, a.q_len, a.d, a.q_sr);
-  for (int i = threadIdx.x; i < FA_BQ * D; i += FA_THREADS) os[i] = 0.f;
-  for (int i = threadIdx.x; i < FA_BQ; i += FA_THREADS) {
-    ms[i] = -INFINITY;
-    ls[i] = 0.f;
-  }
-  __syncthreads();
+  fa_load_tile<T, D>(ks, kb, 0, a.kv_len, a.d, a.k_sr);
+  cp_async_commit();
 
-  // Each warp's 16 query rows, as A fragments, reused for every key tile.
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
+  uint32_t qf[KSTEPS][4];  // this warp's 16 query rows as A fragments, loaded once
+  float acc[OTILES][4];    // output rows g and g + 8, columns 8n + 2t, +1
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(qf[kk], qs + warp * 16 * D + kk * 16, D);
+  for (int n = 0; n < OTILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // rows g, g + 8 (this lane's part)
+  const float scale_log2 = a.scale * 1.4426950408889634f;               // exp(x·s) = exp2(x·s·log2 e)
+  const int tiles = (a.kv_len + FA_BK - 1) / FA_BK;
 
-  for (int k0 = 0; k0 < a.kv_len; k0 += FA_BK) {
-    fa_load_tile<T, D>(ks, kb, k0, a.kv_len, a.d, a.k_sr);
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int k0 = tile * FA_BK;
+    cp_async_wait_all();
+    __syncthreads();  // K (and Q) landed; every warp is done with the last V tile
     fa_load_tile<T, D>(vs, vb, k0, a.kv_len, a.d, a.v_sr);
-    __syncthreads();
+    cp_async_commit();
+    if (tile == 0) {
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk)
+        ldmatrix_x4(qf[kk], qs + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
+    }
 
-    // Scores of this warp's rows against the tile's keys: S = Q·Kᵀ (K read as column-major Kᵀ).
-    {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+    // S = Q·Kᵀ: ldmatrix of K's rows gives Kᵀ's column-major B fragments directly.
+    float s[STILES][4];
 #pragma unroll
-      for (int j = 0; j < FA_BK / 16; ++j) {
-        wmma::fill_fragment(acc, 0.f);
+    for (int j = 0; j < STILES; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          wmma::load_matrix_sync(kf, ks + j * 16 * D + kk * 16, D);
-          wmma::mma_sync(acc, qf[kk], kf, acc);
-        }
-        wmma::store_matrix_sync(ss + warp * 16 * FA_BK + j * 16, acc, FA_BK, wmma::mem_row_major);
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+      for (int jj = 0; jj < STILES / 2; ++jj) {
+        uint32_t r[4];
+        ldmatrix_x4(r, ks + (jj * 16 + lane % 8 + 8 * (lane / 16)) * LD + kk * 16 + 8 * ((lane / 8) % 2));
+        mma_16816(s[2 * jj], qf[kk], r[0], r[1], tag);
+        mma_16816(s[2 * jj + 1], qf[kk], r[2], r[3], tag);
       }
     }
-    __syncwarp();
+    if (k0 + FA_BK > a.kv_len) {  // keys past the end take no weight
+#pragma unroll
+      for (int j = 0; j < STILES; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (k0 + 8 * j + 2 * t + (e % 2) >= a.kv_len) s[j][e] = -INFINITY;
+    }
 
-    // Online softmax: two lanes per row, 32 keys each.
-    {
-      int r = warp * 16 + lane / 2, half_ = lane % 2;
-      float* srow = ss + r * FA_BK + half_ * 32;
-      T* prow = ps + r * FA_BK + half_ * 32;
-      int valid = min(32, max(0, a.kv_len - k0 - half_ * 32));
-      float mx = -INFINITY;
-      for (int c = 0; c < valid; ++c) mx = fmaxf(mx, srow[c] * a.scale);
+    // Online softmax; a row's 64 scores are spread over the 4 lanes of its group.
+    float corr[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = row_max[i];
+#pragma unroll
+      for (int j = 0; j < STILES; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      float m_old = ms[r];
-      float m_new = fmaxf(m_old, mx);  // finite: every tile has at least one valid key
-      float sum = 0.f;
-      for (int c = 0; c < 32; ++c) {
-        float p = c < valid ? expf(srow[c] * a.scale - m_new) : 0.f;
-        sum += p;
-        prow[c] = from_f<T>(p);
-      }
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      float corr = expf(m_old - m_new);
-      float* orow = os + r * D + half_ * (D / 2);
-      for (int c = 0; c < D / 2; ++c) orow[c] *= corr;
-      __syncwarp();
-      if (half_ == 0) {
-        ms[r] = m_new;
-        ls[r] = ls[r] * corr + sum;
-      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      corr[i] = exp2f((row_max[i] - mx) * scale_log2);  // 0 on the first tile (-inf); mx is finite
+      row_max[i] = mx;
+      row_sum[i] *= corr[i];
     }
-    __syncwarp();
+    uint32_t pf[FA_BK / 16][4];  // P as the A fragments of P·V (a score tile's layout is one)
+#pragma unroll
+    for (int j = 0; j < STILES; ++j) {
+      float p0 = exp2f((s[j][0] - row_max[0]) * scale_log2), p1 = exp2f((s[j][1] - row_max[0]) * scale_log2);
+      float p2 = exp2f((s[j][2] - row_max[1]) * scale_log2), p3 = exp2f((s[j][3] - row_max[1]) * scale_log2);
+      row_sum[0] += p0 + p1;
+      row_sum[1] += p2 + p3;
+      pf[j / 2][(j % 2) * 2] = pack2(p0, p1, tag);
+      pf[j / 2][(j % 2) * 2 + 1] = pack2(p2, p3, tag);
+    }
+#pragma unroll
+    for (int n = 0; n < OTILES; ++n) {
+      acc[n][0] *= corr[0];
+      acc[n][1] *= corr[0];
+      acc[n][2] *= corr[1];
+      acc[n][3] *= corr[1];
+    }
 
-    // O += P·V for this warp's rows.
-    {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+    cp_async_wait_all();
+    __syncthreads();  // V landed; every warp is done with this K tile
+    if (tile + 1 < tiles) {
+      fa_load_tile<T, D>(ks, kb, k0 + FA_BK, a.kv_len, a.d, a.k_sr);
+      cp_async_commit();
+    }
+    // O += P·V: V's rows are the k dimension, so its B fragments come through ldmatrix.trans.
 #pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::load_matrix_sync(acc, os + warp * 16 * D + n * 16, D, wmma::mem_row_major);
+    for (int kk = 0; kk < FA_BK / 16; ++kk) {
 #pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; ++kk) {
-          wmma::load_matrix_sync(pf, ps + warp * 16 * FA_BK + kk * 16, FA_BK);
-          wmma::load_matrix_sync(vf, vs + kk * 16 * D + n * 16, D);
-          wmma::mma_sync(acc, pf, vf, acc);
-        }
-        wmma::store_matrix_sync(os + warp * 16 * D + n * 16, acc, D, wmma::mem_row_major);
+      for (int nn = 0; nn < OTILES / 2; ++nn) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, vs + (kk * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * LD + nn * 16 + 8 * (lane / 16));
+        mma_16816(acc[2 * nn], pf[kk], r[0], r[1], tag);
+        mma_16816(acc[2 * nn + 1], pf[kk], r[2], r[3], tag);
       }
     }
-    __syncthreads();  // the next tile overwrites ks and vs
   }
 
-  for (int i = threadIdx.x; i < FA_BQ * D; i += FA_THREADS) {
-    int r = i / D, c = i % D;
-    if (q0 + r < a.q_len && c < a.d) ob[(long long)(q0 + r) * a.o_sr + c] = from_f<T>(os[i] / ls[r]);
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float sum = row_sum[i];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    inv[i] = 1.f / sum;
+  }
+  const int r0 = q0 + warp * 16 + g;
+#pragma unroll
+  for (int n = 0; n < OTILES; ++n) {
+    int c = n * 8 + 2 * t;  // even, and d is a multiple of 8: both columns are in or both out
+    if (c >= a.d) continue;
+    if (r0 < a.q_len)
+      *reinterpret_cast<uint32_t*>(ob + (long long)r0 * a.o_sr + c) = pack2(acc[n][0] * inv[0], acc[n][1] * inv[0], tag);
+    if (r0 + 8 < a.q_len)
+      *reinterpret_cast<uint32_t*>(ob + (long long)(r0 + 8) * a.o_sr + c) =
+          pack2(acc[n][2] * inv[1], acc[n][3] * inv[1], tag);
   }
 }
 
-// Shared memory of one flash_attn block for padded head dim D and 2-byte T.
+// Shared memory of one flash_attn block: Q, K and V tiles of [64][D + FA_PAD] 2-byte elements.
 // (host mirror: ops::cuda::flash_smem_bytes)
 
 #define FLASH(T, SUFFIX, D)                                                                                     \

@@ -510,7 +510,7 @@ pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
 
 /// Shared memory of one flash block for head dim `d` padded to `padded` (see the kernel).
 fn flash_smem_bytes(padded: usize) -> usize {
-    (64 * padded * 3 + 64 * 64) * 2 + (64 * 64 + 64 * padded + 2 * 64) * 4
+    3 * 64 * (padded + 8) * 2
 }
 
 /// `SDGEN_ATTENTION=cublas` keeps half-precision attention on the cuBLAS path (to compare).
