@@ -13,7 +13,7 @@ pub const MAX_CONV_COLUMN_ELEMENTS: usize = 1 << 30;
 /// The same on a GPU running candle's convolution: 2^28 (1 GiB at f32). candle builds the column
 /// whole on GPUs, and transient buffers of several GB fragment the stream-ordered memory pool: the
 /// VAE decoder's measured peak at 768² varied between identical runs by 2 GB with 4 GiB bands.
-/// (cuDNN builds no column buffer: its workspace is bounded by `cudnn::MAX_WORKSPACE_BYTES`.)
+/// (cuDNN builds no column buffer: its workspace is bounded by `cudnn::workspace_cap`.)
 pub const MAX_CONV_COLUMN_ELEMENTS_CUDA: usize = 1 << 28;
 
 /// The most column elements one reference convolution call builds on `device`.

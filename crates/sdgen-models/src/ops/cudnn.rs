@@ -7,8 +7,8 @@
 //! descriptors and algorithm once per device and thread: by cuDNN's heuristic by default
 //! (deterministic, as PyTorch's default `cudnn.benchmark = False` is, so a seed gives the same
 //! image run after run), or by timing every algorithm (`cudnnFind…`) with `SDGEN_CUDNN_FIND=1`.
-//! No algorithm needing more than [`MAX_WORKSPACE_BYTES`] of workspace is chosen; the workspace
-//! comes from the stream-ordered pool for the call.
+//! An algorithm's workspace is capped per shape ([`workspace_cap`]); the workspace comes from the
+//! stream-ordered pool for the call. `SDGEN_CUDNN_LOG=1` prints each shape's choice.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -20,11 +20,27 @@ use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::cudnn::sys;
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-/// The most workspace one convolution may use (the stream-ordered pool hands it out per call).
-pub const MAX_WORKSPACE_BYTES: usize = 256 << 20;
+/// Workspace every convolution may use, whatever its size.
+pub const MIN_WORKSPACE_CAP: usize = 256 << 20;
+
+/// `SDGEN_CUDNN_WORKSPACE_MB=N`: cap every convolution's workspace at N MiB instead.
+pub const WORKSPACE_ENV: &str = "SDGEN_CUDNN_WORKSPACE_MB";
 
 /// `SDGEN_CUDNN_FIND=1`: choose each shape's algorithm by timing them all.
 pub const FIND_ENV: &str = "SDGEN_CUDNN_FIND";
+
+/// The most workspace a convolution of this shape may use: its input, weight and output together
+/// plus 16 MiB (at least [`MIN_WORKSPACE_CAP`]). cuDNN's tensor-core kernels for NCHW data work
+/// on NHWC copies of all three (measured: 132 MiB for a 512-channel 3×3 at 256², whose tensors
+/// are 132.5 MiB), so a fixed cap shuts the largest convolutions (the VAE's at full resolution)
+/// out of them; capped by the shape's own tensors, the transient at most doubles what is live.
+pub fn workspace_cap(dtype: DType, x: [usize; 4], w: [usize; 4], out: [usize; 4]) -> usize {
+    if let Some(mb) = std::env::var(WORKSPACE_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        return mb << 20;
+    }
+    let elements: usize = [x, w, out].iter().map(|d| d.iter().product::<usize>()).sum();
+    (elements * dtype.size_in_bytes() + (16 << 20)).max(MIN_WORKSPACE_CAP)
+}
 
 fn check(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
     if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
@@ -43,6 +59,10 @@ struct Plan {
     bias: sys::cudnnTensorDescriptor_t,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace_bytes: usize,
+    /// The most workspace the algorithm may need ([`workspace_cap`]).
+    cap: usize,
+    /// Half-precision data (tensor-core algorithms preferred).
+    half: bool,
 }
 
 impl Drop for Plan {
@@ -179,6 +199,8 @@ impl Plan {
                 bias: bd,
                 algo: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
                 workspace_bytes: 0,
+                cap: workspace_cap(dtype, x, w, out),
+                half: dtype != DType::F32,
             }
         };
         let (algo, math) = match ptrs {
@@ -204,6 +226,13 @@ impl Plan {
         }
         plan.algo = algo;
         plan.workspace_bytes = bytes;
+        if std::env::var("SDGEN_CUDNN_LOG").is_ok_and(|v| v == "1") {
+            eprintln!(
+                "cudnn {dtype:?} x {x:?} w {w:?} pad {padding} stride {stride}: {algo:?} {math:?}, workspace {} MiB of {} MiB",
+                bytes >> 20,
+                plan.cap >> 20
+            );
+        }
         Ok(plan)
     }
 
@@ -227,7 +256,7 @@ impl Plan {
                 "convolution algorithm heuristic",
             )?;
         }
-        self.choose(&perf[..count.max(0) as usize])
+        self.choose(&perf[..count.max(0) as usize], self.half)
     }
 
     /// The fastest algorithm within the workspace cap, timed on the call's own buffers.
@@ -239,7 +268,7 @@ impl Plan {
         let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; 16];
         let mut count = 0;
         // SAFETY: the buffers are live and sized for these descriptors; `ws` holds
-        // MAX_WORKSPACE_BYTES; `perf` holds 16 results.
+        // `self.cap` bytes; `perf` holds 16 results.
         unsafe {
             check(
                 sys::cudnnFindConvolutionForwardAlgorithmEx(
@@ -255,20 +284,34 @@ impl Plan {
                     &mut count,
                     perf.as_mut_ptr(),
                     ws as *mut c_void,
-                    MAX_WORKSPACE_BYTES,
+                    self.cap,
                 ),
                 "convolution algorithm search",
             )?;
         }
-        self.choose(&perf[..count.max(0) as usize])
+        self.choose(&perf[..count.max(0) as usize], false)
     }
 
+    /// The first usable entry of cuDNN's ranking, except that half-precision data takes the
+    /// first tensor-core entry where there is one: the legacy API's heuristic ranks its
+    /// non-tensor-core `IMPLICIT_GEMM` first for the largest NCHW shapes (the VAE's 128–512-channel
+    /// 3×3 convolutions at 512²–1024²), which then run 5–10× slower than the tensor-core kernels
+    /// PyTorch's cuDNN graph API picks for the same shapes. (Timed searches rank for themselves.)
     fn choose(
         &self,
         perf: &[sys::cudnnConvolutionFwdAlgoPerf_t],
+        prefer_tensor_cores: bool,
     ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, sys::cudnnMathType_t)> {
-        perf.iter()
-            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE_BYTES)
+        use sys::cudnnMathType_t::{CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION};
+        let usable = |p: &&sys::cudnnConvolutionFwdAlgoPerf_t| {
+            p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= self.cap
+        };
+        let tensor_cores = |p: &&sys::cudnnConvolutionFwdAlgoPerf_t| {
+            matches!(p.mathType, CUDNN_TENSOR_OP_MATH | CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION)
+        };
+        let preferred = if prefer_tensor_cores { perf.iter().filter(usable).find(tensor_cores) } else { None };
+        preferred
+            .or_else(|| perf.iter().find(usable))
             .map(|p| (p.algo, p.mathType))
             .ok_or_else(|| candle_core::Error::Msg("cuDNN offers no convolution algorithm for this shape".into()))
     }
@@ -322,7 +365,8 @@ pub(crate) fn conv2d(
         let yp = storage_ptr(&out, &stream, 0)?;
         if let std::collections::hash_map::Entry::Vacant(slot) = state.plans.entry(key) {
             let plan = if find {
-                let ws: CudaSlice<u8> = unsafe { device.alloc::<u8>(MAX_WORKSPACE_BYTES)? };
+                let cap = workspace_cap(dtype, xd, wd, out_dims);
+                let ws: CudaSlice<u8> = unsafe { device.alloc::<u8>(cap)? };
                 let (wsp, _) = ws.device_ptr(&stream);
                 Plan::new(handle, &key, Some((xp, wp, yp, wsp)))?
             } else {
