@@ -12,7 +12,8 @@
 #   pipeline sdgen-bench whole SDXL runs (1024², 30 steps; load and per-evaluation times apart);
 #   parity   full-size SDXL (bf16) and SD 1.5 (f32) images against diffusers' with the fast kernels
 #            (tools/gpu/sdxl_fullsize.sh, fullsize_sd15.sh).
-# COMPONENTS (default "unet vae") narrows the SDXL benches; QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
+# COMPONENTS (default "unet vae") narrows the SDXL benches; BENCH_KINDS (default "fast stock") the
+# kernel sets benched; PEER_PROFILE=0 skips diffusers' profile in the ncu part; QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
 # "sdxl sd15") and PEER_PARTS (default "sdxl sd15") narrow the bench and peer
 # parts. Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
@@ -69,7 +70,7 @@ if has bench || has ncu || has pipeline; then
 fi
 if has bench; then
   echo "== bench: one evaluation, loads excluded (bf16)"
-  for k in fast stock; do
+  for k in ${BENCH_KINDS:-fast stock}; do
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
     component "sdxl_unet_1024_b2_$k" sdxl /tmp/sdxl 1024 unet "${extra[@]}"
     case " ${COMPONENTS:-unet vae} " in *" vae "*) component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}";; esac
@@ -98,8 +99,10 @@ if has ncu; then
       python3 tools/gpu/ncu_summary.py "$S_DIR/ncu_${comp}_$k.csv" "sdxl $comp $k" | tee "$S_DIR/ncu_${comp}_$k.txt"
     done
   done
-  OUT="$S_DIR" timed python3 tools/gpu/peer_profile.py > "$S_DIR/peer_profile.txt" 2>&1
-  cat "$S_DIR/peer_profile.txt"
+  if [ "${PEER_PROFILE:-1}" = 1 ]; then
+    OUT="$S_DIR" timed python3 tools/gpu/peer_profile.py > "$S_DIR/peer_profile.txt" 2>&1
+    cat "$S_DIR/peer_profile.txt"
+  fi
 fi
 if has pipeline; then
   echo "== pipeline: whole SDXL runs (bf16, 1024², 30 steps)"
