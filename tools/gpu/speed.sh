@@ -13,7 +13,7 @@
 #   parity   full-size SDXL (bf16) and SD 1.5 (f32) images against diffusers' with the fast kernels
 #            (tools/gpu/sdxl_fullsize.sh, fullsize_sd15.sh).
 # COMPONENTS (default "unet vae") narrows the SDXL benches; BENCH_KINDS (default "fast stock") the
-# kernel sets benched; PEER_PROFILE=0 skips diffusers' profile in the ncu part; QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
+# kernel sets benched (and run whole); PEER_PROFILE=0 skips diffusers' profile in the ncu part; QUICK=1 skips the cuBLAS-attention variants and the tiny-model parity binary; FAMILIES (default
 # "sdxl sd15") and PEER_PARTS (default "sdxl sd15") narrow the bench and peer
 # parts. Expects .carry/{generate,sdgen-bench,gpu_ops,gpu_parity}.xz, .carry/peer_diffusers.py and .whl/ (the
 # diffusers wheel); writes logs and JSON under $OUT/speed and a summary to stdout.
@@ -106,7 +106,7 @@ if has ncu; then
 fi
 if has pipeline; then
   echo "== pipeline: whole SDXL runs (bf16, 1024², 30 steps)"
-  for k in fast stock; do
+  for k in ${BENCH_KINDS:-fast stock}; do
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
     /tmp/sdgen-bench --family sdxl --model-dir /tmp/sdxl --device cuda --dtype bf16 --width 1024 --height 1024 --steps 30 \
       "${extra[@]}" > "$S_DIR/pipeline_sdxl_$k.json" 2> "$S_DIR/pipeline_sdxl_$k.log"
