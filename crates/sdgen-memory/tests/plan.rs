@@ -52,11 +52,14 @@ fn request<'a>(
 ) -> PlanRequest<'a> {
     let mut budget = Budget::new(budget_bytes, BudgetSource::MaxMemory);
     budget.host_available_bytes = Some(64 * GIB);
+    // The stock kernels: what these tests' ladders (attention slicing, its score matrices) and
+    // the measurements below were made with; the fast kernels' estimates have tests of their own.
     PlanRequest {
         n_images: n,
         device: setup.device,
         precision: setup.precision,
         mode,
+        fast_kernels: false,
         ..PlanRequest::new(profile, manifest, side, side, budget)
     }
 }
@@ -477,6 +480,78 @@ fn sd15_cpu_coefficients_match_the_measurements() {
     }
 }
 
+/// The CPU f32 coefficients of SD 1.5's UNet with the fast kernels (the blocked attention holds
+/// no score matrix) against the measurements they were fitted to
+/// (`tests/data/sd15_cpu_fast_peaks.jsonl`: `crates/sdgen/tests/activation_peaks.rs` with the fast
+/// paths on, 256²–512², 1 and 2 items), and the planner using them.
+#[test]
+fn sd15_cpu_fast_kernel_estimates_match_the_measurements() {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        width: usize,
+        height: usize,
+        batch: usize,
+        activation_bytes: u64,
+    }
+    let profile = FamilyProfile::sd15();
+    let manifest = sd15_manifest(StoredDType::F32);
+    let at = |fast: bool| PlanRequest {
+        fast_kernels: fast,
+        ..request(&profile, &manifest, &CPU, 512, 1, 64 * GIB, MemoryMode::Auto)
+    };
+    let (fast_plan, stock_plan) = (plan(&at(true)).unwrap(), plan(&at(false)).unwrap());
+    let weights = fast_plan.stage("denoise").unwrap().weight_bytes;
+    let model = &profile.stage("denoise").unwrap().activation;
+    let ours = model.coefficients_for(KernelFamily::Cpu, Precision::F32, true);
+    assert_eq!(ours.bytes_per_score, 0.0, "the blocked attention holds no scores");
+    let lines: Vec<Line> =
+        data("sd15_cpu_fast_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 6);
+    let measurements: Vec<Measurement> = lines
+        .iter()
+        .map(|l| Measurement {
+            weight_bytes: weights,
+            ..Measurement::new(ActivationInputs::new(l.width, l.height, l.batch, l.batch), l.activation_bytes)
+        })
+        .collect();
+    let errors = relative_errors(model, ours, &measurements);
+    let held = [Term::PixelAtAttention, Term::Score, Term::OutputPixel, Term::Column];
+    let refit = fit_coefficients(model, &measurements, ours, &held).unwrap();
+    println!("denoise (fast): profile {ours:?}\n  errors {errors:.4?}\n  refit {refit:?}");
+    assert!(errors.iter().all(|e| e.abs() < 0.05), "{errors:?}");
+    // The profile is the fit, to its rounding.
+    for (a, b) in errors.iter().zip(&relative_errors(model, &refit, &measurements)) {
+        assert!((a - b).abs() < 0.001, "profile {errors:?} vs refit {refit:?}");
+    }
+    for (l, m) in lines.iter().zip(&measurements) {
+        // The activations alone, not just the weight-dominated peak, within ±15%.
+        let estimate = model.bytes(KernelFamily::Cpu, Precision::F32, true, &m.inputs) as f64;
+        let error = estimate / l.activation_bytes as f64 - 1.0;
+        assert!(
+            error.abs() <= 0.15,
+            "{}² × {}: {estimate:e} vs {} ({error:+.3})",
+            l.width,
+            l.batch,
+            l.activation_bytes
+        );
+    }
+    // The planner takes the fast column: less than the stock estimate (which counts a 1 GiB
+    // score matrix), and no attention slicing, which would save nothing.
+    let (fast, stock) = (fast_plan.stage("denoise").unwrap(), stock_plan.stage("denoise").unwrap());
+    assert!(
+        fast.activation_bytes * 4 < stock.activation_bytes,
+        "{} vs {}",
+        fast.activation_bytes,
+        stock.activation_bytes
+    );
+    let tight = |fast: bool| PlanRequest {
+        fast_kernels: fast,
+        ..request(&profile, &manifest, &CPU, 512, 1, 5 * GIB, MemoryMode::Auto)
+    };
+    let p = plan(&tight(true)).unwrap();
+    assert_eq!(p.stage("denoise").unwrap().options.attention_slice, None);
+}
+
 /// The GPU coefficients of the SD 1.5 profile against full-size measurements on an H100
 /// (`tests/data/sd15_gpu_peaks.jsonl`, made by `tools/gpu/fit_sd15.sh` with `sdgen-bench`: each
 /// stage's device-wide peak less the run's floor and its weights). Unsliced runs go through the
@@ -486,6 +561,19 @@ fn sd15_cpu_coefficients_match_the_measurements() {
 /// measured one, the bound. `--nocapture` prints the table.
 #[test]
 fn sd15_gpu_estimates_are_within_15_percent_of_the_measurements() {
+    check_sd15_gpu("sd15_gpu_peaks.jsonl", false);
+}
+
+/// The same with the fast kernels (`tests/data/sd15_gpu_fast_peaks.jsonl`, `fit_sd15.sh` on an
+/// H100 with the fast kernels on, 2026-12-06): flash attention holds no score matrix at half
+/// precision (slicing changes nothing), cuDNN builds no column buffer but takes workspaces of the
+/// convolutions' own size.
+#[test]
+fn sd15_gpu_fast_kernel_estimates_are_within_15_percent_of_the_measurements() {
+    check_sd15_gpu("sd15_gpu_fast_peaks.jsonl", true);
+}
+
+fn check_sd15_gpu(file: &str, fast: bool) {
     #[derive(serde::Deserialize)]
     struct Line {
         run: String,
@@ -501,7 +589,7 @@ fn sd15_gpu_estimates_are_within_15_percent_of_the_measurements() {
         weight_bytes: u64,
     }
     let profile = FamilyProfile::sd15();
-    let lines: Vec<Line> = data("sd15_gpu_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Line> = data(file).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.len() >= 20, "{} measurements", lines.len());
     let mut worst: f64 = 0.0;
     let mut outside = Vec::new();
@@ -514,13 +602,21 @@ fn sd15_gpu_estimates_are_within_15_percent_of_the_measurements() {
         let setup = Setup { device: DeviceKind::DiscreteGpu, precision };
         let plain = l.attention_slice.is_none() && l.tile_px.is_none() && !(l.stage == "decode" && l.items < l.images);
         let (weights, activations) = if plain {
-            let p = plan(&request(&profile, &manifest, &setup, l.width, l.images, 1 << 50, MemoryMode::Auto)).unwrap();
+            let p = plan(&PlanRequest {
+                fast_kernels: fast,
+                ..request(&profile, &manifest, &setup, l.width, l.images, 1 << 50, MemoryMode::Auto)
+            })
+            .unwrap();
             assert_eq!(p.images_per_batch, l.images, "{}", l.run);
             let s = p.stage(&l.stage).unwrap();
             assert_eq!(s.items_per_forward, l.items, "{} {}: the planner's items per forward", l.run, l.stage);
             (s.weight_bytes, s.activation_bytes)
         } else {
-            let p = plan(&request(&profile, &manifest, &setup, l.width, l.images, 1 << 50, MemoryMode::Auto)).unwrap();
+            let p = plan(&PlanRequest {
+                fast_kernels: fast,
+                ..request(&profile, &manifest, &setup, l.width, l.images, 1 << 50, MemoryMode::Auto)
+            })
+            .unwrap();
             let inputs = ActivationInputs {
                 attention_slice: l.attention_slice,
                 tile_px: l.tile_px.map(|t| (t, t)),
@@ -529,7 +625,7 @@ fn sd15_gpu_estimates_are_within_15_percent_of_the_measurements() {
                 ..ActivationInputs::new(l.width, l.height, l.items, l.images)
             };
             let model = &profile.stage(&l.stage).unwrap().activation;
-            (p.stage(&l.stage).unwrap().weight_bytes, model.bytes(KernelFamily::Gpu, precision, &inputs))
+            (p.stage(&l.stage).unwrap().weight_bytes, model.bytes(KernelFamily::Gpu, precision, fast, &inputs))
         };
         assert_eq!(weights, l.weight_bytes, "{} {}: weights", l.run, l.stage);
         let measured = l.weight_bytes as f64 + l.activation_bytes as f64;
@@ -571,10 +667,11 @@ fn sd15_gpu_estimates_are_within_15_percent_of_the_measurements() {
                     )
                 })
                 .collect();
-            let ours = model.coefficients.get(KernelFamily::Gpu, precision);
+            let ours = model.coefficients_for(KernelFamily::Gpu, precision, fast);
             let held: &[Term] = match stage {
+                "decode" if fast => &[Term::PixelAtAttention, Term::Score, Term::Column],
                 "decode" => &[Term::PixelAtAttention, Term::Score, Term::OutputPixel, Term::Column],
-                "denoise" => &[Term::OutputPixel, Term::Column, Term::Score],
+                "denoise" => &[Term::OutputPixel, Term::Column, Term::Score, Term::PixelAtAttention],
                 _ => &[Term::Pixel, Term::PixelAtAttention, Term::Score, Term::OutputPixel, Term::Column],
             };
             if let Ok(refit) = fit_coefficients(model, &ms, ours, held) {
@@ -660,6 +757,54 @@ fn sdxl_gpu_estimates_are_within_15_percent_of_the_measurements() {
         if l.activation_bytes > 500_000_000 {
             let act_error = s.activation_bytes as f64 / l.activation_bytes as f64 - 1.0;
             assert!(act_error.abs() <= 0.25, "{} {}: activations off by {act_error:+.2}", l.run, l.stage);
+        }
+    }
+}
+
+/// The SDXL base with the fast kernels against a full-size run on an H100
+/// (`tests/data/sdxl_gpu_fast_peaks.jsonl`: `tools/gpu/speed.sh` part `pipeline`, bf16, 1024², 30
+/// steps, 2026-12-06), its coefficients SD 1.5's per pixel: every stage within ±15%, and the
+/// activations of the denoiser and the decoder within ±35% of their own.
+#[test]
+fn sdxl_gpu_fast_kernel_estimates_are_within_15_percent_of_the_measurements() {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        stage: String,
+        width: usize,
+        height: usize,
+        images: usize,
+        activation_bytes: i64,
+        weight_bytes: u64,
+    }
+    let lines: Vec<Line> =
+        data("sdxl_gpu_fast_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 4, "{} measurements", lines.len());
+    let weights = |stage: &str| lines.iter().find(|l| l.stage == stage).unwrap().weight_bytes;
+    let bf16 = |name: &str, bytes: u64| TensorEntry::new(name, vec![(bytes / 2) as usize], StoredDType::BF16);
+    let manifest = ModelManifest::new(vec![
+        ComponentManifest::new("text_encoder", vec![bf16("w", weights("text_encoder"))]),
+        ComponentManifest::new("text_encoder_2", vec![bf16("w", weights("text_encoder_2"))]),
+        ComponentManifest::new("unet", vec![bf16("w", weights("denoise"))]),
+        ComponentManifest::new("vae", vec![bf16("decoder.w", weights("decode"))]),
+    ]);
+    let profile = FamilyProfile::sdxl();
+    let setup = Setup { device: DeviceKind::DiscreteGpu, precision: Precision::Bf16 };
+    for l in &lines {
+        let req = PlanRequest {
+            fast_kernels: true,
+            height: l.height,
+            ..request(&profile, &manifest, &setup, l.width, l.images, 1 << 50, MemoryMode::Auto)
+        };
+        let p = plan(&req).unwrap();
+        let s = p.stage(&l.stage).unwrap();
+        assert_eq!(s.weight_bytes, l.weight_bytes, "{}: weights", l.stage);
+        let measured = l.weight_bytes as f64 + l.activation_bytes as f64;
+        let error = (s.weight_bytes + s.activation_bytes) as f64 / measured - 1.0;
+        println!("{:<15} measured {:6.2} GB  estimated {:+6.1}%", l.stage, measured / 1e9, error * 100.0);
+        assert!(error.abs() <= 0.15, "{}: {error:+.3}", l.stage);
+        if l.stage == "denoise" || l.stage == "decode" {
+            let act_error = s.activation_bytes as f64 / l.activation_bytes as f64 - 1.0;
+            assert!(act_error.abs() <= 0.35, "{}: activations off by {act_error:+.2}", l.stage);
         }
     }
 }

@@ -134,6 +134,10 @@ pub fn plan_run(
         precision: precision(dtype),
         device: device_kind(device),
         mode: memory.mode,
+        // The planner's fast columns describe the whole fast set (attention without score
+        // matrices, fused norms, cuDNN convolutions); a CUDA build without cuDNN convolves by
+        // im2col, so it is planned with the stock figures.
+        fast_kernels: sdgen_models::ops::fast_cpu(device) || sdgen_models::ops::fast_conv(device),
         ..PlanRequest::new(
             &profile,
             &manifest,

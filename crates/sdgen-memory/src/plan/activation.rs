@@ -199,6 +199,34 @@ impl CoefficientTable {
     }
 }
 
+/// The coefficients that replace the stock ones while the fast kernels run, per column; `None`
+/// keeps the stock column (not measured with the fast kernels yet: an over-estimate, since they
+/// hold less). Kept apart from [`CoefficientTable`] so a profile that scales a stock column (the
+/// SDXL refiner's wider first level) cannot leave a stale copy of it here.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct FastCoefficients {
+    /// CPU, f32.
+    pub cpu_f32: Option<Coefficients>,
+    /// CPU, f16/bf16.
+    pub cpu_half: Option<Coefficients>,
+    /// GPU, f32.
+    pub gpu_f32: Option<Coefficients>,
+    /// GPU, f16/bf16.
+    pub gpu_half: Option<Coefficients>,
+}
+
+impl FastCoefficients {
+    /// The measured column for a kernel family and precision, if any.
+    pub fn get(&self, kernels: KernelFamily, precision: Precision) -> Option<&Coefficients> {
+        match (kernels, precision.is_half()) {
+            (KernelFamily::Cpu, false) => self.cpu_f32.as_ref(),
+            (KernelFamily::Cpu, true) => self.cpu_half.as_ref(),
+            (KernelFamily::Gpu, false) => self.gpu_f32.as_ref(),
+            (KernelFamily::Gpu, true) => self.gpu_half.as_ref(),
+        }
+    }
+}
+
 /// A stage's activation formula.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActivationModel {
@@ -206,8 +234,13 @@ pub struct ActivationModel {
     pub batch: BatchRule,
     /// The dominant attention, if the stage has one whose size depends on the image.
     pub attention: Option<AttentionShape>,
-    /// The coefficients.
+    /// The coefficients with candle's stock kernels (`--no-fast-kernels`).
     pub coefficients: CoefficientTable,
+    /// The coefficients with the engine's fast kernels (`sdgen_models::ops`: attention without
+    /// score matrices — flash on CUDA at half precision, blocked on the CPU —, fused GroupNorm,
+    /// cuDNN convolutions without column buffers), column by column where measured.
+    #[serde(default)]
+    pub fast: FastCoefficients,
     /// Column (im2col) elements per pixel of the stage's largest convolution call, where that
     /// buffer is large enough to count (the VAE decoder's 256-channel 3×3 convolutions at full
     /// resolution: 2,304); `None` = folded into the pixel terms.
@@ -308,9 +341,15 @@ impl ActivationModel {
         }
     }
 
-    /// Estimated activation bytes.
-    pub fn bytes(&self, kernels: KernelFamily, precision: Precision, inputs: &ActivationInputs) -> u64 {
-        self.coefficients.get(kernels, precision).apply(&self.features(inputs)).max(0.0).ceil() as u64
+    /// The coefficients for a kernel family and precision, the fast kernels on (`fast`) or off.
+    pub fn coefficients_for(&self, kernels: KernelFamily, precision: Precision, fast: bool) -> &Coefficients {
+        let measured_fast = if fast { self.fast.get(kernels, precision) } else { None };
+        measured_fast.unwrap_or_else(|| self.coefficients.get(kernels, precision))
+    }
+
+    /// Estimated activation bytes, the fast kernels on (`fast`) or off.
+    pub fn bytes(&self, kernels: KernelFamily, precision: Precision, fast: bool, inputs: &ActivationInputs) -> u64 {
+        self.coefficients_for(kernels, precision, fast).apply(&self.features(inputs)).max(0.0).ceil() as u64
     }
 }
 
@@ -323,6 +362,7 @@ mod tests {
             batch: BatchRule::GuidedImages,
             attention: Some(AttentionShape { heads: 8, pixels_per_token: 64, extra_tokens: 0 }),
             coefficients: CoefficientTable::default(),
+            fast: FastCoefficients::default(),
             conv_column_elements_per_pixel: None,
         }
     }
@@ -364,6 +404,7 @@ mod tests {
             batch: BatchRule::Images,
             attention: Some(AttentionShape { heads: 1, pixels_per_token: 64, extra_tokens: 0 }),
             coefficients: CoefficientTable::default(),
+            fast: FastCoefficients::default(),
             conv_column_elements_per_pixel: None,
         };
         // 256²: the feature maps win; 1024²: the 16,384-token attention does.

@@ -274,6 +274,7 @@ mod tests {
             batch: BatchRule::Images,
             attention: Some(AttentionShape { heads, pixels_per_token: 64, extra_tokens: 0 }),
             coefficients: CoefficientTable::default(),
+            fast: Default::default(),
             conv_column_elements_per_pixel: None,
         }
     }

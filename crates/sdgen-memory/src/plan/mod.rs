@@ -54,9 +54,9 @@ mod size;
 mod table;
 
 pub use activation::{
-    ActivationInputs, ActivationModel, AttentionShape, BatchRule, CoefficientTable, Coefficients, Features,
-    KernelFamily, ENGINE_MAX_CONV_COLUMN_ELEMENTS, ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU, ENGINE_MAX_SCORE_ELEMENTS,
-    ENGINE_MAX_SCORE_ELEMENTS_GPU,
+    ActivationInputs, ActivationModel, AttentionShape, BatchRule, CoefficientTable, Coefficients, FastCoefficients,
+    Features, KernelFamily, ENGINE_MAX_CONV_COLUMN_ELEMENTS, ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU,
+    ENGINE_MAX_SCORE_ELEMENTS, ENGINE_MAX_SCORE_ELEMENTS_GPU,
 };
 pub use error::{PlanError, Suggestion};
 pub use fit::{fit_coefficients, fit_scale, relative_errors, FitError, Measurement, Term};

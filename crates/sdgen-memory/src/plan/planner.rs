@@ -412,7 +412,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             max_score_elements: Some(kernels.max_score_elements()),
             max_column_elements: Some(kernels.max_column_elements()),
         };
-        let activation_bytes = stage.spec.activation.bytes(kernels, precision, &inputs);
+        let activation_bytes = stage.spec.activation.bytes(kernels, precision, req.fast_kernels, &inputs);
         let peak_bytes = baseline + weight_bytes + activation_bytes;
         let fits = if options.on_host {
             req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::activation::{ActivationModel, AttentionShape, BatchRule, CoefficientTable, Coefficients};
+use super::activation::{ActivationModel, AttentionShape, BatchRule, CoefficientTable, Coefficients, FastCoefficients};
 
 /// A component the planner places: a part of one of the model folder's components.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -128,6 +128,11 @@ impl FamilyProfile {
         let gpu = &mut denoise.activation.coefficients;
         gpu.gpu_half.bytes_per_pixel *= 1.66;
         gpu.gpu_f32.bytes_per_pixel *= 1.66;
+        // The fast kernels' columns alike (not measured on the refiner yet).
+        let fast = &mut denoise.activation.fast;
+        for c in [&mut fast.gpu_half, &mut fast.gpu_f32].into_iter().flatten() {
+            c.bytes_per_pixel *= 1.66;
+        }
         Self {
             id: "sdxl-refiner",
             name: "SDXL refiner",
@@ -187,6 +192,7 @@ impl FamilyProfile {
             batch: BatchRule::OnePrompt,
             attention: None,
             conv_column_elements_per_pixel: None,
+            fast: FastCoefficients::default(),
             coefficients: CoefficientTable {
                 // Measured 5 MB at f32 on the CPU (77 tokens, one prompt).
                 cpu_f32: c(0.0, 0.0, 0.0, 0.0, 16.0 * MIB),
@@ -203,6 +209,16 @@ impl FamilyProfile {
             batch: BatchRule::GuidedImages,
             attention: Some(AttentionShape { heads: 8, pixels_per_token: 64, extra_tokens: 0 }),
             conv_column_elements_per_pixel: None,
+            // The fast kernels, measured (`tests/data/sd15_{cpu,gpu}_fast_peaks.jsonl`): the CPU's
+            // blocked attention and CUDA's flash attention (half precision) hold no score
+            // matrix, so only the feature maps grow with the image; f32 on CUDA still scores
+            // through cuBLAS (at most 2^26 elements a call).
+            fast: FastCoefficients {
+                cpu_f32: Some(SD15_UNET_CPU_F32_FAST),
+                gpu_f32: Some(c(706.0, 0.0, 8.0, 0.0, 0.0)),
+                gpu_half: Some(c(254.0, 0.0, 0.0, 0.0, 0.0)),
+                ..Default::default()
+            },
             coefficients: CoefficientTable {
                 cpu_f32: u,
                 cpu_half: c(0.6 * u.bytes_per_pixel, 0.6 * u.bytes_per_pixel_at_attention, 12.0, 0.0, u.fixed_bytes),
@@ -223,6 +239,15 @@ impl FamilyProfile {
             attention: vae_attention,
             // 256 channels × 9 taps: the full-resolution 3×3 convolutions after the last upsampling.
             conv_column_elements_per_pixel: Some(256 * 9),
+            // CUDA's fast kernels, measured (`tests/data/sd15_gpu_fast_peaks.jsonl`, H100): cuDNN
+            // builds no column buffer, but its tensor-core kernels take a workspace of each
+            // convolution's own tensors (NHWC copies), which the per-pixel term absorbs; the
+            // 512-wide mid attention still scores through cuBLAS.
+            fast: FastCoefficients {
+                gpu_f32: Some(c(3_430.0, d.bytes_per_pixel_at_attention, 8.0, 0.0, 4.0 * MIB)),
+                gpu_half: Some(c(2_790.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 0.0, 41.0 * MIB)),
+                ..Default::default()
+            },
             coefficients: CoefficientTable {
                 cpu_f32: d,
                 cpu_half: c(d.bytes_per_pixel, 0.6 * d.bytes_per_pixel_at_attention, 12.0, 48.0, d.fixed_bytes),
@@ -247,6 +272,7 @@ impl FamilyProfile {
             batch: BatchRule::Images,
             attention: vae_attention,
             conv_column_elements_per_pixel: None,
+            fast: FastCoefficients::default(),
             coefficients: CoefficientTable {
                 cpu_f32: e,
                 cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),
@@ -317,6 +343,20 @@ pub const SD15_UNET_CPU_F32: Coefficients = Coefficients {
     bytes_per_score: 8.0,
     bytes_per_output_pixel: 0.0,
     fixed_bytes: 61.0 * 1048576.0,
+    bytes_per_column_element: 0.0,
+};
+
+/// SD 1.5's UNet, CPU, f32, with the fast kernels: fitted to full-size measurements of one
+/// forward at 256²–512², 1 and 2 items (`crates/sdgen/tests/activation_peaks.rs` with the fast
+/// paths on; `tests/data/sd15_cpu_fast_peaks.jsonl`). The blocked attention keeps its scores in
+/// cache-sized blocks, so no term grows with the token count squared: the feature maps (the
+/// GEGLU MLP and the skips) set the peak at every size.
+pub const SD15_UNET_CPU_F32_FAST: Coefficients = Coefficients {
+    bytes_per_pixel: 303.0,
+    bytes_per_pixel_at_attention: 0.0,
+    bytes_per_score: 0.0,
+    bytes_per_output_pixel: 0.0,
+    fixed_bytes: 121.0 * 1048576.0,
     bytes_per_column_element: 0.0,
 };
 

@@ -173,6 +173,9 @@ pub struct PlanRequest<'a> {
     /// VAE in f32 under half precision: `force_upcast`, for encoding in any half precision and
     /// for decoding in f16).
     pub component_precision: Vec<(String, Precision)>,
+    /// The engine's fast kernels run (the default; `--no-fast-kernels` turns them off): the
+    /// stages' fast coefficients apply ([`super::ActivationModel::fast_coefficients`]).
+    pub fast_kernels: bool,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -198,6 +201,7 @@ impl<'a> PlanRequest<'a> {
             mode: MemoryMode::Auto,
             safety_margin: DEFAULT_SAFETY_MARGIN,
             component_precision: Vec::new(),
+            fast_kernels: true,
         }
     }
 
