@@ -30,6 +30,7 @@
 mod cleanup;
 mod console;
 mod info;
+pub mod limits;
 mod peak;
 pub mod plan;
 #[cfg(target_os = "linux")]

@@ -43,11 +43,11 @@ pub enum BatchRule {
 /// The most attention score elements the engine materialises in one call on the CPU: past this
 /// it scores the query rows in chunks whatever the plan says
 /// (`sdgen_models::ops::attention::MAX_SCORE_ELEMENTS`). Estimates never count more.
-pub const ENGINE_MAX_SCORE_ELEMENTS: f64 = (1u64 << 30) as f64;
+pub const ENGINE_MAX_SCORE_ELEMENTS: f64 = crate::limits::MAX_SCORE_ELEMENTS_CPU as f64;
 
 /// The same on a GPU (`sdgen_models::ops::attention::MAX_SCORE_ELEMENTS_CUDA`: smaller, since large
 /// transient buffers fragment the CUDA memory pool).
-pub const ENGINE_MAX_SCORE_ELEMENTS_GPU: f64 = (1u64 << 26) as f64;
+pub const ENGINE_MAX_SCORE_ELEMENTS_GPU: f64 = crate::limits::MAX_SCORE_ELEMENTS_GPU as f64;
 
 /// The largest attention of a stage, the one whose score matrices dominate.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -67,10 +67,10 @@ pub(crate) const TERMS: usize = 6;
 /// The most elements of a convolution column buffer the engine builds in one call on the CPU
 /// (`sdgen_models::ops::conv::MAX_CONV_COLUMN_ELEMENTS`): past it the batch's images are convolved
 /// one at a time, and an image too large alone in bands of rows.
-pub const ENGINE_MAX_CONV_COLUMN_ELEMENTS: f64 = (1u64 << 30) as f64;
+pub const ENGINE_MAX_CONV_COLUMN_ELEMENTS: f64 = crate::limits::MAX_CONV_COLUMN_ELEMENTS_CPU as f64;
 
 /// The same on a GPU (`sdgen_models::ops::conv::MAX_CONV_COLUMN_ELEMENTS_CUDA`).
-pub const ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU: f64 = (1u64 << 28) as f64;
+pub const ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU: f64 = crate::limits::MAX_CONV_COLUMN_ELEMENTS_GPU as f64;
 
 /// The coefficients of one formula (see the module docs). Bytes, as `f64` for fitting.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]

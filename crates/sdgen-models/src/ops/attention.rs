@@ -79,17 +79,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     attention_with(q, k, v, scale, mask, AttentionOptions::FULL)
 }
 
-/// The most score elements one attention call materialises on the CPU (2^30, half of what
-/// 32-bit kernel indexing allows).
-pub const MAX_SCORE_ELEMENTS: usize = 1 << 30;
+/// The most score elements one attention call materialises on the CPU
+/// ([`sdgen_memory::limits::MAX_SCORE_ELEMENTS_CPU`]: defined beside the planner that models it).
+pub const MAX_SCORE_ELEMENTS: usize = sdgen_memory::limits::MAX_SCORE_ELEMENTS_CPU;
 
-/// The most score elements one attention call materialises on a CUDA device: 2^26 (256 MiB of f32
-/// scores on the reference path; the fast path holds them in the input's dtype, one batch entry at
-/// a time). Large transient buffers fragment CUDA's stream-ordered pool: with whole-layer score
-/// matrices the UNet's measured peak varied between identical runs by one score buffer (1 GB at
-/// 512², 4 GB at 768²), which no budget can plan for. Chunks this size keep the variation small,
-/// the peak far lower, and the matmuls still large.
-pub const MAX_SCORE_ELEMENTS_CUDA: usize = 1 << 26;
+/// The same on a CUDA device ([`sdgen_memory::limits::MAX_SCORE_ELEMENTS_GPU`], which says why
+/// it is smaller); the fast path holds the scores in the input's dtype, one batch entry at a time.
+pub const MAX_SCORE_ELEMENTS_CUDA: usize = sdgen_memory::limits::MAX_SCORE_ELEMENTS_GPU;
 
 /// The most score elements one attention call materialises on `device` (GPUs: the CUDA bound,
 /// which the planner assumes for every GPU, Metal included).

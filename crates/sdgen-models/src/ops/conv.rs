@@ -5,16 +5,14 @@
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// The most elements of the column (im2col) buffer one convolution call may build on the CPU:
-/// half of the 2^31 that 32-bit kernel indexing allows (the VAE decoder's 256-channel
-/// convolutions at 1024² would need 2.4 G).
-pub const MAX_CONV_COLUMN_ELEMENTS: usize = 1 << 30;
+/// The most elements of the column (im2col) buffer one convolution call may build on the CPU
+/// ([`sdgen_memory::limits::MAX_CONV_COLUMN_ELEMENTS_CPU`]: defined beside the planner that
+/// models it).
+pub const MAX_CONV_COLUMN_ELEMENTS: usize = sdgen_memory::limits::MAX_CONV_COLUMN_ELEMENTS_CPU;
 
-/// The same on a GPU running candle's convolution: 2^28 (1 GiB at f32). candle builds the column
-/// whole on GPUs, and transient buffers of several GB fragment the stream-ordered memory pool: the
-/// VAE decoder's measured peak at 768² varied between identical runs by 2 GB with 4 GiB bands.
+/// The same on a GPU running candle's convolution ([`sdgen_memory::limits::MAX_CONV_COLUMN_ELEMENTS_GPU`]).
 /// (cuDNN builds no column buffer: its workspace is bounded by `cudnn::workspace_cap`.)
-pub const MAX_CONV_COLUMN_ELEMENTS_CUDA: usize = 1 << 28;
+pub const MAX_CONV_COLUMN_ELEMENTS_CUDA: usize = sdgen_memory::limits::MAX_CONV_COLUMN_ELEMENTS_GPU;
 
 /// The most column elements one reference convolution call builds on `device`.
 pub fn max_conv_column_elements(device: &Device) -> usize {
