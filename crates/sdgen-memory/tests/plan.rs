@@ -808,3 +808,39 @@ fn sdxl_gpu_fast_kernel_estimates_are_within_15_percent_of_the_measurements() {
         }
     }
 }
+
+/// A batch size asked for caps the batches, which are balanced (10 images at most 7 a batch run as
+/// 5 + 5), and only a split memory forces counts as one; the plan line adds up.
+#[test]
+fn batches_are_capped_balanced_and_described_truthfully() {
+    let profile = FamilyProfile::sd15();
+    let manifest = sd15_manifest(StoredDType::F32);
+    let at = |n: usize, max: Option<usize>, gib: u64| PlanRequest {
+        max_images_per_batch: max,
+        ..request(&profile, &manifest, &CPU, 256, n, gib * GIB, MemoryMode::Auto)
+    };
+    let p = plan(&at(10, Some(7), 64)).unwrap();
+    assert_eq!((p.images_per_batch, p.batch_count), (5, 2));
+    assert!(!p.batch_split() && !p.memory_optimizations().contains(&"batch_splitting"), "{:?}", p.memory_optimizations());
+    assert!(p.to_string().contains("10 images in 2 batches of 5"), "{p}");
+    let p = plan(&at(3, Some(2), 64)).unwrap();
+    assert_eq!((p.images_per_batch, p.batch_count), (2, 2));
+    assert!(p.to_string().contains("3 images in 2 batches (1 of 2, the last of 1)"), "{p}");
+    let p = plan(&at(4, Some(1), 64)).unwrap();
+    assert_eq!((p.images_per_batch, p.batch_count, p.batch_split()), (1, 4, false));
+    // A budget that holds fewer than asked: split, and said so.
+    let (mut lo, mut hi) = (4u64, 64u64);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if plan(&at(8, None, mid)).map_or(false, |p| p.images_per_batch == 8) {
+            hi = mid
+        } else {
+            lo = mid
+        }
+    }
+    let p = plan(&at(8, None, lo)).unwrap();
+    assert!(p.images_per_batch < 8 && p.batch_split(), "{p}");
+    assert!(p.memory_optimizations().contains(&"batch_splitting"));
+    assert_eq!(p.images_per_batch * p.batch_count >= 8, true);
+    assert_eq!(p.images_per_batch, 8usize.div_ceil(p.batch_count), "balanced: {p}");
+}

@@ -126,8 +126,13 @@ pub struct Plan {
     pub height: usize,
     /// Images to generate.
     pub n_images: usize,
-    /// Images per batch (the rest run in further batches, with cleanup between).
+    /// Images per batch (the rest run in further batches, with cleanup between; the last batch
+    /// may hold fewer).
     pub images_per_batch: usize,
+    /// The batch size asked for (`--batch-size`, or all the images); `images_per_batch` is lower
+    /// where that did not fit.
+    #[serde(default)]
+    pub requested_images_per_batch: usize,
     /// Number of batches.
     pub batch_count: usize,
     /// Classifier-free guidance.
@@ -187,7 +192,7 @@ impl Plan {
         if any(|o| o.on_host) {
             out.push("text_encoder_on_cpu");
         }
-        if self.images_per_batch < self.n_images {
+        if self.batch_split() {
             out.push("batch_splitting");
         }
         out
@@ -196,7 +201,7 @@ impl Plan {
     /// The options that cost speed, in words, with the batch split first.
     pub fn slower_options(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.images_per_batch < self.n_images {
+        if self.batch_split() {
             out.push(format!("{} batches of {}", self.batch_count, self.images_per_batch));
         }
         for s in &self.stages {
@@ -219,7 +224,13 @@ impl Plan {
     }
 
     pub(crate) fn is_slower(&self) -> bool {
-        self.images_per_batch < self.n_images || self.stages.iter().any(|s| s.options.is_slower())
+        self.batch_split() || self.stages.iter().any(|s| s.options.is_slower())
+    }
+
+    /// Whether memory made the run take more batches than the batch size asked for needs (not
+    /// the balancing of the same number of batches).
+    pub fn batch_split(&self) -> bool {
+        self.batch_count > self.n_images.div_ceil(self.requested_images_per_batch.max(1))
     }
 }
 
@@ -310,10 +321,13 @@ impl<'r, 'a> Ctx<'r, 'a> {
         Ok(Self { req, stages })
     }
 
-    /// The fastest plan that fits: for each batch size from `n` down, the first fitting option
-    /// set of every stage's ladder.
+    /// The fastest plan that fits: for each batch size from the one asked for down, the first
+    /// fitting option set of every stage's ladder. Only balanced sizes are tried (10 images
+    /// within 7 a batch run as 5 + 5, not 7 + 3): the same number of batches, each smaller.
     pub(crate) fn search(&self, ladder: Ladder) -> Option<Plan> {
-        for per_batch in (1..=self.req.n_images).rev() {
+        let n = self.req.n_images;
+        let balanced = |per_batch: usize| n.div_ceil(n.div_ceil(per_batch)) == per_batch;
+        for per_batch in (1..=self.req.requested_images_per_batch()).rev().filter(|&p| balanced(p)) {
             let mut chosen = Vec::with_capacity(self.stages.len());
             for stage in &self.stages {
                 match self.ladder(stage, per_batch, ladder).into_iter().find(|c| c.fits) {
@@ -344,9 +358,9 @@ impl<'r, 'a> Ctx<'r, 'a> {
         self.assemble(1, chosen)
     }
 
-    /// The highest stage peak with no options and every image in one batch.
+    /// The highest stage peak with no options and the batch size asked for.
     pub(crate) fn fastest_peak_bytes(&self) -> u64 {
-        let n = self.req.n_images;
+        let n = self.req.requested_images_per_batch();
         self.stages.iter().map(|s| self.estimate(s, n, StageOptions::default()).device_bytes()).max().unwrap_or(0)
     }
 
@@ -442,6 +456,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             height: req.height,
             n_images: req.n_images,
             images_per_batch: per_batch,
+            requested_images_per_batch: req.requested_images_per_batch(),
             batch_count: req.n_images.div_ceil(per_batch),
             guidance: req.guidance,
             img2img: req.img2img,

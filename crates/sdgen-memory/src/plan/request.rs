@@ -153,8 +153,11 @@ pub struct PlanRequest<'a> {
     pub width: usize,
     /// Image height in pixels.
     pub height: usize,
-    /// `--n`: images to generate.
+    /// Images to generate in all.
     pub n_images: usize,
+    /// The most images one batch may hold (`--batch-size`); the planner lowers it where it does
+    /// not fit. `None`: all of them.
+    pub max_images_per_batch: Option<usize>,
     /// Classifier-free guidance (the denoiser runs every image twice).
     pub guidance: bool,
     /// Image-to-image (the init image is encoded first).
@@ -179,6 +182,11 @@ pub struct PlanRequest<'a> {
 }
 
 impl<'a> PlanRequest<'a> {
+    /// The batch size asked for: [`Self::max_images_per_batch`] within the images to make.
+    pub fn requested_images_per_batch(&self) -> usize {
+        self.max_images_per_batch.unwrap_or(self.n_images).clamp(1, self.n_images.max(1))
+    }
+
     /// One guided text-to-image of `width`×`height`, f32 on the CPU, mode auto, default margin.
     pub fn new(
         profile: &'a FamilyProfile,
@@ -193,6 +201,7 @@ impl<'a> PlanRequest<'a> {
             width,
             height,
             n_images: 1,
+            max_images_per_batch: None,
             guidance: true,
             img2img: false,
             precision: Precision::F32,

@@ -35,8 +35,17 @@ impl fmt::Display for Plan {
             "1 image".to_string()
         } else if self.batch_count == 1 {
             format!("{} images in one batch", self.n_images)
-        } else {
+        } else if self.batch_count * self.images_per_batch == self.n_images {
             format!("{} images in {} batches of {}", self.n_images, self.batch_count, self.images_per_batch)
+        } else {
+            let last = self.n_images - (self.batch_count - 1) * self.images_per_batch;
+            format!(
+                "{} images in {} batches ({} of {}, the last of {last})",
+                self.n_images,
+                self.batch_count,
+                self.batch_count - 1,
+                self.images_per_batch
+            )
         };
         let kind = if self.img2img { "img2img, " } else { "" };
         writeln!(

@@ -8,8 +8,11 @@
 //! published under a name that is claimed atomically (see `atomic.rs`); `save_image` returns an
 //! error only after removing whatever it had published, so an error means no new files.
 //!
-//! [`ensure_output_dir`] checks the folder up front, before any model is loaded, so a bad
-//! `--output` fails in a second instead of after a long generation.
+//! `--output` names a folder (the names above) or, ending in `.png`, the file itself
+//! ([`OutputTarget`]). [`OutputTarget::check`] proves it usable up front, before any model is
+//! loaded and without creating anything, so a bad `--output` fails in a second instead of after a
+//! long generation and a refused run leaves no empty folder behind; the folder is created when the
+//! first image is saved.
 
 mod a1111;
 mod atomic;
@@ -101,15 +104,122 @@ pub struct SavedImage {
 /// Never overwrites: a taken name (PNG or sidecar) moves both to the next `-N` suffix. On error
 /// nothing new is left in `dir`, neither under a final name nor as a temporary.
 pub fn save_image(dir: &Path, meta: &ImageMetadata, rgb: &[u8]) -> Result<SavedImage> {
-    save_image_at(dir, meta, rgb, SystemTime::now(), &mut |_| Ok(()))
+    save_image_at(dir, None, meta, rgb, SystemTime::now(), &mut |_| Ok(()))
 }
 
-/// Checks, before any work is done, that images can be saved in `dir`: creates it (and its
-/// parents) and proves it writable by creating and removing a temporary file. Also clears
-/// temporaries that killed runs left behind more than an hour ago.
+/// Saves an image where `target` says: [`save_image`]'s names in a folder, or the file name the
+/// user gave (`stem.png` for a single image, `stem-<i+1>.png` for image `index` of `total`), which
+/// is never overwritten: a taken name is an error (and nothing is left behind).
+pub fn save_image_to(
+    target: &OutputTarget,
+    index: usize,
+    total: usize,
+    meta: &ImageMetadata,
+    rgb: &[u8],
+) -> Result<SavedImage> {
+    let stem = target.file_stem(index, total);
+    save_image_at(target.dir(), stem.as_deref(), meta, rgb, SystemTime::now(), &mut |_| Ok(()))
+}
+
+/// Image file extensions `--output` might end in; only PNG is written (A1111's metadata lives in
+/// its text chunk), the others are refused rather than taken for a folder name.
+const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// What `--output` names: a folder for the images, or (a path ending in `.png`, as
+/// stable-diffusion.cpp's `-o`) the image file itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Images are named from the time, seed and prompt inside this folder.
+    Folder(PathBuf),
+    /// `dir/stem.png` (with `-1`, `-2`, … before the extension for several images).
+    File {
+        /// The folder the file goes in.
+        dir: PathBuf,
+        /// The file name without `.png`.
+        stem: String,
+    },
+}
+
+impl OutputTarget {
+    /// Reads `--output`: a path whose extension is `.png` (any case) names the file; `.jpg`,
+    /// `.jpeg` and `.webp` are refused with what to do; anything else is a folder.
+    pub fn parse(path: &Path) -> Result<Self> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+        // `.png` alone is a file with an empty stem to a user, a hidden folder to `Path`.
+        let bare_extension = IMAGE_EXTENSIONS.iter().any(|e| name.strip_prefix('.') == Some(e));
+        let ext = if bare_extension {
+            Some("png".to_string())
+        } else {
+            path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
+        };
+        match ext.as_deref() {
+            Some("png") => {
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .filter(|s| !bare_extension && !s.is_empty() && !s.starts_with('.'));
+                let Some(stem) = stem else {
+                    return Err(Error::InvalidInput(format!(
+                        "--output {}: not a usable file name; name a file like `result.png` or a folder",
+                        path.display()
+                    )));
+                };
+                let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                Ok(Self::File { dir, stem: stem.to_string() })
+            }
+            Some(e) if IMAGE_EXTENSIONS.contains(&e) => Err(Error::InvalidInput(format!(
+                "--output {}: only PNG files are written (the generation settings live in the PNG's text \
+                 chunk); name a `.png` file or a folder",
+                path.display()
+            ))),
+            _ => Ok(Self::Folder(path.to_path_buf())),
+        }
+    }
+
+    /// The folder the images go in.
+    pub fn dir(&self) -> &Path {
+        match self {
+            Self::Folder(dir) | Self::File { dir, .. } => non_empty(dir),
+        }
+    }
+
+    /// The file stem for image `index` of `total` (`None`: a folder's generated names).
+    pub fn file_stem(&self, index: usize, total: usize) -> Option<String> {
+        match self {
+            Self::Folder(_) => None,
+            Self::File { stem, .. } if total == 1 => Some(stem.clone()),
+            Self::File { stem, .. } => Some(format!("{stem}-{}", index + 1)),
+        }
+    }
+
+    /// Checks, before any work is done and without creating anything, that `total` images can be
+    /// saved here: the folder (or the nearest existing folder above it, where it will be created)
+    /// is a writable folder, and no file the run would write exists yet.
+    pub fn check(&self, total: usize) -> Result<()> {
+        check_output_dir(self.dir())?;
+        for index in 0..total {
+            let Some(stem) = self.file_stem(index, total) else { break };
+            for ext in ["png", "json"] {
+                let path = self.dir().join(format!("{stem}.{ext}"));
+                if path.symlink_metadata().is_ok() {
+                    return Err(Error::InvalidInput(format!(
+                        "`{}` already exists and is never overwritten: pass another --output, or move it away",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks that images can be saved in `dir` without creating it: it is a writable folder, or it
+/// does not exist yet and the nearest existing folder above it is writable (where saving will
+/// create it). Proves writability by creating and removing a temporary file, so nothing is left.
+/// Also clears temporaries that killed runs left in `dir` more than an hour ago.
 ///
 /// Fails with [`Error::InvalidInput`] naming the folder and asking for a writable `--output`.
-pub fn ensure_output_dir(dir: &Path) -> Result<()> {
+pub fn check_output_dir(dir: &Path) -> Result<()> {
     let dir = non_empty(dir);
     let unusable = |what: &str, why: &dyn std::fmt::Display| {
         Error::InvalidInput(format!(
@@ -117,12 +227,27 @@ pub fn ensure_output_dir(dir: &Path) -> Result<()> {
             dir.display()
         ))
     };
-    fs::create_dir_all(dir).map_err(|e| unusable("cannot be created", &e))?;
-    let (probe, file) = TempFile::create(dir, "write-check").map_err(|e| unusable("is not writable", &e))?;
+    let mut existing = dir;
+    loop {
+        match fs::metadata(existing) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(unusable("cannot be created", &format!("`{}` is a file", existing.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                existing = match existing.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+            }
+            Err(e) => return Err(unusable("cannot be checked", &e)),
+        }
+    }
+    let (probe, file) = TempFile::create(existing, "write-check").map_err(|e| unusable("is not writable", &e))?;
     drop(file);
     // Saving removes temporaries too, so that must work here as well.
     fs::remove_file(probe.path()).map_err(|e| unusable("does not let files be removed", &e))?;
-    atomic::remove_stale_temps(dir);
+    if existing == dir {
+        atomic::remove_stale_temps(dir);
+    }
     Ok(())
 }
 
@@ -135,9 +260,11 @@ enum SaveStep {
     PngPublished,
 }
 
-/// [`save_image`] with the clock and a failure hook supplied by the caller (tests).
+/// [`save_image`] with the clock and a failure hook supplied by the caller (tests); `exact` is a
+/// file stem to take as it is (an error when taken) instead of the generated names.
 fn save_image_at(
     dir: &Path,
+    exact: Option<&str>,
     meta: &ImageMetadata,
     rgb: &[u8],
     now: SystemTime,
@@ -156,8 +283,9 @@ fn save_image_at(
     let json_temp = TempFile::write(dir, "json", &json)?;
     hook(SaveStep::TempsWritten).map_err(|e| Error::io(dir, e))?;
 
-    let base = naming::base_stem(now, meta.seed, &meta.prompt);
-    for attempt in 0..MAX_NAME_ATTEMPTS {
+    let base = exact.map_or_else(|| naming::base_stem(now, meta.seed, &meta.prompt), str::to_string);
+    let attempts = if exact.is_some() { 1 } else { MAX_NAME_ATTEMPTS };
+    for attempt in 0..attempts {
         let stem = if attempt == 0 { base.clone() } else { format!("{base}-{attempt}") };
         let png_path = dir.join(format!("{stem}.png"));
         let json_path = dir.join(format!("{stem}.json"));
@@ -185,6 +313,13 @@ fn save_image_at(
                 return Err(e);
             }
         }
+    }
+    // (The temporaries are removed as they drop.)
+    if exact.is_some() {
+        return Err(Error::InvalidInput(format!(
+            "`{}` already exists and is never overwritten: pass another --output, or move it away",
+            dir.join(format!("{base}.png")).display()
+        )));
     }
     Err(Error::InvalidInput(format!(
         "no free file name for `{base}.png` in `{}` after {MAX_NAME_ATTEMPTS} tries",

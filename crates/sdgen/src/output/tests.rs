@@ -97,14 +97,14 @@ fn existing_files_are_never_overwritten() {
     let taken = dir.path().join(format!("{stem}.png"));
     fs::write(&taken, b"precious").unwrap();
 
-    let first = save_image_at(dir.path(), &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
+    let first = save_image_at(dir.path(), None, &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
     assert_eq!(first.png_path, dir.path().join(format!("{stem}-1.png")));
     assert_eq!(first.json_path, dir.path().join(format!("{stem}-1.json")));
     assert_eq!(fs::read(&taken).unwrap(), b"precious");
 
     // A sidecar left without its PNG also takes its stem, so the pair always matches.
     fs::write(dir.path().join(format!("{stem}-2.json")), b"orphan").unwrap();
-    let second = save_image_at(dir.path(), &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
+    let second = save_image_at(dir.path(), None, &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
     assert_eq!(second.png_path, dir.path().join(format!("{stem}-3.png")));
     assert_eq!(second.json_path, dir.path().join(format!("{stem}-3.json")));
     assert_eq!(fs::read(dir.path().join(format!("{stem}-2.json"))).unwrap(), b"orphan");
@@ -134,7 +134,7 @@ fn a_failure_leaves_nothing_behind() {
                 Ok(())
             }
         };
-        let err = save_image_at(dir.path(), &m, &pixels(&m), fixed_time(), &mut hook).unwrap_err();
+        let err = save_image_at(dir.path(), None, &m, &pixels(&m), fixed_time(), &mut hook).unwrap_err();
         assert!(err.to_string().contains("injected failure"), "{err}");
         assert!(names(dir.path()).is_empty(), "{fail_at:?}: {:?}", names(dir.path()));
     }
@@ -159,7 +159,7 @@ fn save_creates_the_folder_and_leaves_no_temporaries() {
     let dir = parent.path().join("a").join("b");
     let m = meta();
     for _ in 0..3 {
-        save_image_at(&dir, &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
+        save_image_at(&dir, None, &m, &pixels(&m), fixed_time(), &mut no_faults).unwrap();
     }
     let all = names(&dir);
     assert_eq!(all.len(), 6, "{all:?}");
@@ -167,28 +167,66 @@ fn save_creates_the_folder_and_leaves_no_temporaries() {
 }
 
 #[test]
-fn ensure_output_dir_creates_and_checks() {
+fn check_output_dir_creates_nothing() {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("new").join("folder");
-    ensure_output_dir(&dir).unwrap();
-    assert!(dir.is_dir());
-    assert!(names(&dir).is_empty(), "the write check must clean up: {:?}", names(&dir));
-    ensure_output_dir(&dir).unwrap(); // an existing folder is fine
+    check_output_dir(&dir).unwrap();
+    assert!(!parent.path().join("new").exists(), "a check must not create the folder");
+    assert!(names(parent.path()).is_empty(), "the write check must clean up: {:?}", names(parent.path()));
+    fs::create_dir_all(&dir).unwrap();
+    check_output_dir(&dir).unwrap(); // an existing folder is fine
+    assert!(names(&dir).is_empty());
 }
 
 #[test]
-fn ensure_output_dir_rejects_unusable_folders() {
+fn check_output_dir_rejects_unusable_folders() {
     // Tests run as root, which permission bits do not stop; a path through a regular file stops
     // everyone.
     let parent = tempfile::tempdir().unwrap();
     let file = parent.path().join("a-file");
     fs::write(&file, b"x").unwrap();
     for dir in [file.join("sub"), file.clone()] {
-        let err = ensure_output_dir(&dir).unwrap_err();
+        let err = check_output_dir(&dir).unwrap_err();
         assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains(&dir.display().to_string()), "{msg}");
         assert!(msg.contains("writable --output folder"), "{msg}");
     }
     assert_eq!(fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn output_targets_name_files_or_folders() {
+    let t = |p: &str| OutputTarget::parse(Path::new(p));
+    assert_eq!(t("out").unwrap(), OutputTarget::Folder("out".into()));
+    assert_eq!(t("out.d/images").unwrap(), OutputTarget::Folder("out.d/images".into()));
+    let file = t("shots/Result.PNG").unwrap();
+    assert_eq!(file, OutputTarget::File { dir: "shots".into(), stem: "Result".into() });
+    assert_eq!(file.dir(), Path::new("shots"));
+    assert_eq!(file.file_stem(0, 1).as_deref(), Some("Result"));
+    assert_eq!(file.file_stem(2, 3).as_deref(), Some("Result-3"));
+    assert_eq!(t("result.png").unwrap().dir(), Path::new("."));
+    for bad in ["result.jpg", "x.JPEG", "y.webp"] {
+        let msg = t(bad).unwrap_err().to_string();
+        assert!(msg.contains(bad) && msg.contains(".png"), "{msg}");
+    }
+    assert!(t(".png").is_err());
+}
+
+#[test]
+fn a_named_file_is_written_once_and_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = OutputTarget::File { dir: dir.path().join("new"), stem: "result".into() };
+    target.check(2).unwrap();
+    assert!(!dir.path().join("new").exists());
+    let m = meta();
+    let saved = save_image_to(&target, 1, 2, &m, &pixels(&m)).unwrap();
+    assert_eq!(saved.png_path, dir.path().join("new/result-2.png"));
+    assert_eq!(saved.json_path, dir.path().join("new/result-2.json"));
+    let msg = target.check(2).unwrap_err().to_string();
+    assert!(msg.contains("result-2") && msg.contains("never overwritten"), "{msg}");
+    let before = fs::read(&saved.png_path).unwrap();
+    assert!(save_image_to(&target, 1, 2, &m, &pixels(&m)).is_err());
+    assert_eq!(fs::read(&saved.png_path).unwrap(), before);
+    assert_eq!(names(&dir.path().join("new")).len(), 2, "nothing else left behind");
 }
