@@ -8,6 +8,7 @@ use clap::Parser;
 use sdgen::candle::{DType, Device};
 use sdgen::hub::HubOptions;
 use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL};
+use sdgen::output::OutputTarget;
 use sdgen::pipeline::{check_strength, InitImage, Request, Runtime};
 use sdgen::schedulers::SchedulerKind;
 
@@ -36,29 +37,36 @@ pub struct Args {
     /// What not to draw.
     #[arg(long)]
     pub negative: Option<String>,
-    /// Number of images; image i uses seed + i.
-    #[arg(long, default_value_t = 1)]
+    /// Number of batches (A1111's batch count): --n × --batch-size images in all, image i with
+    /// seed + i; each batch is saved as soon as it is done.
+    #[arg(long, default_value_t = 1, value_parser = count, allow_negative_numbers = true)]
     pub n: usize,
-    /// Seed of the first image (random when omitted; always recorded).
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Images per batch, made together (faster on a GPU); the memory planner lowers it where it
+    /// does not fit, and says so.
+    #[arg(long, default_value_t = 1, value_parser = count, allow_negative_numbers = true)]
+    pub batch_size: usize,
+    /// Seed of the first image; -1 or omitted: random (always printed and recorded).
+    #[arg(long, value_parser = seed, allow_negative_numbers = true)]
+    pub seed: Option<Seed>,
     /// Denoising steps (model default when omitted).
-    #[arg(long)]
+    #[arg(long, value_parser = count, allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (model default when omitted).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// Image width in pixels (model default when omitted).
-    #[arg(long)]
+    #[arg(long, value_parser = count, allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Image height in pixels (model default when omitted).
-    #[arg(long)]
+    #[arg(long, value_parser = count, allow_negative_numbers = true)]
     pub height: Option<usize>,
     /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m or dpm++2m-karras (the model's own when
     /// omitted).
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Folder for the images and their metadata.
+    /// Folder for the images and their metadata (created when the first image is saved), or a
+    /// file name ending in .png (result.png; result-1.png, result-2.png, … for several images),
+    /// never overwritten.
     #[arg(long, default_value = "outputs")]
     pub output: PathBuf,
     /// cpu, cuda, cuda:N or metal.
@@ -116,7 +124,9 @@ pub struct Resolved {
     pub request: Request,
     pub runtime: Runtime,
     pub device_label: String,
-    pub output: PathBuf,
+    pub output: OutputTarget,
+    /// Images per batch asked for (`--batch-size`); `request.n` is the run's whole count.
+    pub batch_size: usize,
     /// The decoded init image and its strength, for an image-to-image run.
     pub img2img: Option<(InitImage, Option<f64>)>,
 }
@@ -185,7 +195,26 @@ impl Args {
                     Some((ModelSource::parse(r), f))
                 }
             };
-        let seed = self.seed.unwrap_or_else(random_seed);
+        let total = self.n.checked_mul(self.batch_size).filter(|&t| t <= MAX_IMAGES).ok_or_else(|| {
+            invalid(format!(
+                "--n {} × --batch-size {} is more than the {MAX_IMAGES} images one run makes: split it into several \
+                 runs (each with its own --seed)",
+                self.n, self.batch_size
+            ))
+        })?;
+        let seed = match self.seed {
+            Some(Seed::Fixed(s)) => s,
+            Some(Seed::Random) | None => random_seed(),
+        };
+        // Image i takes seed + i: the last must not wrap around to seed 0.
+        if seed.checked_add(total as u64 - 1).is_none() {
+            return Err(invalid(format!(
+                "--seed {seed} with {total} images would run past the largest seed ({}): use a seed up to {}",
+                u64::MAX,
+                u64::MAX - (total as u64 - 1)
+            )));
+        }
+        let output = OutputTarget::parse(&self.output)?;
         let mut hub = HubOptions::from_env();
         hub.offline |= self.offline;
         // Half-precision runs fetch the smaller fp16 weights where a repository has them.
@@ -205,13 +234,14 @@ impl Args {
                     None => None,
                 },
                 mode: self.memory_mode.parse().map_err(|e| invalid(format!("--memory-mode: {e}")))?,
+                max_images_per_batch: Some(self.batch_size),
             },
             open: OpenOptions { config_from: self.config_from.clone() },
             hub,
             request: Request {
                 prompt,
                 negative_prompt: self.negative.clone(),
-                n: self.n,
+                n: total,
                 seed,
                 steps: self.steps,
                 guidance: self.guidance,
@@ -221,9 +251,40 @@ impl Args {
             },
             runtime: Runtime::new(device, dtype),
             device_label,
-            output: self.output.clone(),
+            output,
+            batch_size: self.batch_size,
             img2img,
         })
+    }
+}
+
+/// The most images one run makes (`--n` × `--batch-size`): more is a mistake or several runs.
+pub const MAX_IMAGES: usize = 10_000;
+
+/// `--seed`: a number, or -1 for a random one (A1111's and stable-diffusion.cpp's convention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seed {
+    Fixed(u64),
+    Random,
+}
+
+fn seed(value: &str) -> Result<Seed, String> {
+    match value.trim() {
+        "-1" => Ok(Seed::Random),
+        v => v
+            .parse::<u64>()
+            .map(Seed::Fixed)
+            .map_err(|_| format!("`{v}` is not a seed: a whole number from 0 to {}, or -1 for a random one", u64::MAX)),
+    }
+}
+
+/// A count or size: a whole number ≥ 1 (a negative one gets this message, not clap's advice to
+/// pass it after `--`).
+fn count(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<i128>() {
+        Ok(v) if v >= 1 => usize::try_from(v).map_err(|_| format!("{v} is too large")),
+        Ok(v) => Err(format!("{v} is out of range: a whole number ≥ 1 is needed")),
+        Err(_) => Err(format!("`{value}` is not a whole number")),
     }
 }
 

@@ -10,10 +10,15 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sdgen::output::{ensure_output_dir, save_image, ImageMetadata};
-use sdgen::pipeline::{check_refiner, img2img, resolve_img2img, txt2img_refined, Img2ImgRequest, Refiner, Request};
+use sdgen::loading::ModelFolder;
+use sdgen::output::{save_image_to, ImageMetadata};
+use sdgen::pipeline::{
+    check_refiner, img2img, resolve_img2img, txt2img_refined, Generation, Img2ImgRequest, Img2ImgSettings, Refiner,
+    Settings,
+};
+use sdgen_memory::plan::Plan;
 
-use args::Args;
+use args::{Args, Resolved};
 
 fn main() -> ExitCode {
     match run() {
@@ -50,9 +55,63 @@ fn run() -> anyhow::Result<ExitCode> {
     if args.check {
         return check::run(&resolved);
     }
-    // Prove the output folder is writable before any model is loaded, so a typo costs nothing.
-    ensure_output_dir(&resolved.output)?;
+    // Prove the output usable before any model is loaded, so a typo costs nothing, and create
+    // nothing yet: a refused run leaves no folder behind (the first save makes it).
+    resolved.output.check(resolved.request.n)?;
     let mut bar = progress::Reporter::new();
+    let (model, refiner_model) = open_models(&resolved, &mut bar)?;
+    let refiner = match (&refiner_model, &resolved.refiner) {
+        (Some(m), Some((_, fraction))) => {
+            let r = Refiner { model: m, high_noise_fraction: *fraction };
+            check_refiner(&model, &r)?;
+            Some(r)
+        }
+        _ => None,
+    };
+    let img2img_request = resolved.img2img.take().map(|(init_image, strength)| Img2ImgRequest {
+        request: resolved.request.clone(),
+        init_image,
+        strength,
+    });
+    let job = plan_job(&model, refiner.as_ref(), img2img_request.as_ref(), &mut resolved)?;
+    let extra = run_metadata(&resolved, &job, img2img_request.as_ref())?;
+    let mut saver = Saver { resolved: &resolved, job: &job, extra: &extra, outputs: Vec::new(), first: None };
+    // The images, in batches of what fits, each saved as soon as it is made (an interrupted run
+    // keeps what it finished); image i keeps seed + i whatever its batch.
+    let request = &resolved.request;
+    for start in (0..request.n).step_by(job.per_batch) {
+        let mut part = request.clone();
+        part.n = job.per_batch.min(request.n - start);
+        part.seed = request.seed + start as u64;
+        let generation = match &img2img_request {
+            Some(req) => img2img(
+                &model,
+                &Img2ImgRequest { request: part, init_image: req.init_image.clone(), strength: req.strength },
+                &resolved.runtime,
+                &mut |p| bar.report(p),
+            )?,
+            None => txt2img_refined(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
+        };
+        bar.finish();
+        saver.save(start, generation)?;
+    }
+    if args.json {
+        saver.print_json()?;
+    }
+    // The seed's completion point: everything dropped, memory returned, final state logged.
+    drop(saver);
+    drop(model);
+    sdgen_memory::cleanup_memory(true);
+    sdgen_memory::log_memory_status("Complete");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens (downloading where needed) the model with its `--vae`, and the refiner, so a wrong one is
+/// refused before any weight loads.
+fn open_models(
+    resolved: &Resolved,
+    bar: &mut progress::Reporter,
+) -> anyhow::Result<(ModelFolder, Option<ModelFolder>)> {
     let mut model = resolved.model.open_with(&resolved.hub, &resolved.open, &mut |p| bar.download(p))?;
     bar.finish();
     let vae_dir = match &resolved.vae {
@@ -67,54 +126,57 @@ fn run() -> anyhow::Result<ExitCode> {
     if let Some(dir) = &vae_dir {
         model = model.with_vae(dir)?;
     }
-    // The refiner is opened (downloaded) now, so a wrong one is refused before any weight loads.
-    let refiner_model = match &resolved.refiner {
-        Some((source, _)) => {
-            let mut m = source
-                .open_with(&resolved.hub, &sdgen::loading::OpenOptions::default(), &mut |p| bar.download(p))
-                .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
-            bar.finish();
-            // The refiner decodes the image: a --vae replaces its VAE too (as diffusers' fp16-fix
-            // recipe passes `vae=` to both pipelines).
-            if let Some(dir) = &vae_dir {
-                m = m.with_vae(dir).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
-            }
-            Some(m)
-        }
-        None => None,
-    };
-    let refiner = match (&refiner_model, &resolved.refiner) {
-        (Some(m), Some((_, fraction))) => {
-            let r = Refiner { model: m, high_noise_fraction: *fraction };
-            check_refiner(&model, &r)?;
-            Some(r)
-        }
-        _ => None,
-    };
-    let request: Request = resolved.request.clone();
-    let img2img_request = resolved.img2img.take().map(|(init_image, strength)| Img2ImgRequest {
-        request: request.clone(),
-        init_image,
-        strength,
-    });
-    // Everything is validated here, before any weights are loaded.
-    let (settings, img2img_plan) = match &img2img_request {
+    let Some((source, _)) = &resolved.refiner else { return Ok((model, None)) };
+    let mut refiner = source
+        .open_with(&resolved.hub, &sdgen::loading::OpenOptions::default(), &mut |p| bar.download(p))
+        .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+    bar.finish();
+    // The refiner decodes the image: a --vae replaces its VAE too (as diffusers' fp16-fix recipe
+    // passes `vae=` to both pipelines).
+    if let Some(dir) = &vae_dir {
+        refiner = refiner.with_vae(dir).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+    }
+    Ok((model, Some(refiner)))
+}
+
+/// What a run will do, decided from the weights' headers and the memory available before any
+/// weight is read.
+struct Job {
+    img2img: Option<Img2ImgSettings>,
+    plan: Plan,
+    refiner_plan: Option<Plan>,
+    /// Images per batch: what fits both halves with a refiner.
+    per_batch: usize,
+    /// diffusers' pipeline class, as the sidecar records it.
+    pipeline_type: String,
+}
+
+/// Validates the request, plans it (refusing a run that cannot fit, with the numbers and what
+/// would help), prints the plan and installs its memory options in the runtime.
+fn plan_job(
+    model: &ModelFolder,
+    refiner: Option<&Refiner>,
+    img2img_request: Option<&Img2ImgRequest>,
+    resolved: &mut Resolved,
+) -> anyhow::Result<Job> {
+    let request = &resolved.request;
+    let (settings, img2img_settings) = match img2img_request {
         Some(req) => {
-            let plan = resolve_img2img(&model, req)?;
-            (plan.settings.clone(), Some(plan))
+            let s = resolve_img2img(model, req)?;
+            (s.settings.clone(), Some(s))
         }
-        None => (sdgen::pipeline::resolve(&model, &request)?, None),
+        None => (sdgen::pipeline::resolve(model, request)?, None),
     };
-    let from = match (&img2img_request, &img2img_plan) {
-        (Some(req), Some(plan)) => format!(
+    let from = match (img2img_request, &img2img_settings) {
+        (Some(req), Some(s)) => format!(
             " from {} (strength {}: the last {} of {} steps)",
-            req.init_image.name, plan.strength, plan.denoising_steps, settings.steps
+            req.init_image.name, s.strength, s.denoising_steps, settings.steps
         ),
         _ => String::new(),
     };
     progress::log(&format!(
-        "Generating {} image(s) with {} ({}) at {}x{}, {} steps, {} scheduler, guidance {}, seed {}{from}",
-        request.n,
+        "Generating {} with {} ({}) at {}x{}, {} steps, {} scheduler, guidance {}, seed {}{from}",
+        plural(request.n, "image"),
         model.family().display,
         resolved.model.label(),
         settings.width,
@@ -124,118 +186,116 @@ fn run() -> anyhow::Result<ExitCode> {
         settings.guidance,
         request.seed
     ));
-    // The plan: decided from the weights' headers and the memory available, before any weight
-    // is read; a run that cannot fit is refused here with the numbers and what would help.
-    let plan = sdgen::planning::plan_run(
-        &model,
-        &settings,
-        request.n,
-        img2img_request.is_some(),
-        &resolved.runtime.device,
-        resolved.runtime.dtype,
-        resolved.memory,
-    )?;
-    for line in plan.to_string().lines() {
-        progress::log(line);
-    }
-    if let Some(w) = &plan.warning {
-        progress::log(w);
-    }
-    resolved.runtime.options = sdgen::planning::stage_options(&model, &plan, &settings, false)?;
+    let plan_for = |m: &ModelFolder, img2img: bool| {
+        let (device, dtype) = (&resolved.runtime.device, resolved.runtime.dtype);
+        sdgen::planning::plan_run(m, &settings, request.n, img2img, device, dtype, resolved.memory)
+    };
+    let plan = plan_for(model, img2img_request.is_some())?;
+    log_plan(&plan, resolved.batch_size);
+    let mut options = sdgen::planning::stage_options(model, &plan, &settings, false)?;
     // The refiner runs after the base is unloaded: its stages are planned on their own, and the
     // run takes the leaner of both plans' options where they share one.
-    let refiner_plan = match &refiner {
+    let refiner_plan = match refiner {
         Some(r) => {
-            let p = sdgen::planning::plan_run(
-                r.model,
-                &settings,
-                request.n,
-                false,
-                &resolved.runtime.device,
-                resolved.runtime.dtype,
-                resolved.memory,
-            )
-            .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
-            for line in p.to_string().lines() {
-                progress::log(line);
-            }
-            if let Some(w) = &p.warning {
-                progress::log(w);
-            }
+            let p = plan_for(r.model, false).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+            log_plan(&p, resolved.batch_size);
             let o = sdgen::planning::stage_options(r.model, &p, &settings, false)?;
-            let rt = &mut resolved.runtime.options;
-            rt.attention_slice = match (rt.attention_slice, o.attention_slice) {
+            options.attention_slice = match (options.attention_slice, o.attention_slice) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            rt.vae_slicing |= o.vae_slicing;
-            rt.vae_tile_px = rt.vae_tile_px.or(o.vae_tile_px);
-            rt.text_encoder_on_host |= o.text_encoder_on_host;
+            options.vae_slicing |= o.vae_slicing;
+            options.vae_tile_px = options.vae_tile_px.or(o.vae_tile_px);
+            options.text_encoder_on_host |= o.text_encoder_on_host;
             Some(p)
         }
         None => None,
     };
-
-    // The images, in batches of what fits; image i keeps generator seed + i whatever its batch.
-    // With a refiner, a batch must fit both halves: the smaller of the two plans' batches.
+    resolved.runtime.options = options;
     let per_batch = refiner_plan
         .as_ref()
         .map_or(plan.images_per_batch, |p| p.images_per_batch.min(plan.images_per_batch))
         .clamp(1, request.n);
-    let mut generations = Vec::new();
-    for start in (0..request.n).step_by(per_batch) {
-        let mut part = request.clone();
-        part.n = per_batch.min(request.n - start);
-        part.seed = request.seed.wrapping_add(start as u64);
-        let generation = match &img2img_request {
-            Some(req) => img2img(
-                &model,
-                &Img2ImgRequest { request: part, init_image: req.init_image.clone(), strength: req.strength },
-                &resolved.runtime,
-                &mut |p| bar.report(p),
-            )?,
-            None => txt2img_refined(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
-        };
-        bar.finish();
-        generations.push((start, generation));
-    }
-    let generation = &generations[0].1;
     // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
     // (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline).
-    let pipeline_type = match &img2img_request {
-        Some(_) if !model.family().pipeline_type.contains("Img2Img") => {
-            model.family().pipeline_type.replacen("Pipeline", "Img2ImgPipeline", 1)
-        }
-        Some(_) => model.family().pipeline_type.to_string(),
-        None => model.family().pipeline_type.to_string(),
+    let family_type = model.family().pipeline_type;
+    let pipeline_type = if img2img_request.is_some() && !family_type.contains("Img2Img") {
+        family_type.replacen("Pipeline", "Img2ImgPipeline", 1)
+    } else {
+        family_type.to_string()
     };
+    Ok(Job { img2img: img2img_settings, plan, refiner_plan, per_batch, pipeline_type })
+}
+
+/// Prints a plan, its warning, and why batches are smaller than `--batch-size` asked.
+fn log_plan(plan: &Plan, batch_size: usize) {
+    for line in plan.to_string().lines() {
+        progress::log(line);
+    }
+    if plan.batch_split() {
+        progress::log(&format!(
+            "--batch-size {batch_size} does not fit in the memory available: {} at a time",
+            plural(plan.images_per_batch, "image")
+        ));
+    }
+    if let Some(w) = &plan.warning {
+        progress::log(w);
+    }
+}
+
+/// `1 image`, `3 images`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// The sidecar fields every image of the run shares.
+fn run_metadata(
+    resolved: &Resolved,
+    job: &Job,
+    img2img_request: Option<&Img2ImgRequest>,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let mut extra = serde_json::Map::new();
-    extra.insert("plan".into(), serde_json::to_value(&plan)?);
+    extra.insert("plan".into(), serde_json::to_value(&job.plan)?);
     // Which kernels made the image: a wrong image reported with "stock" rules our kernels out.
     extra.insert("kernels".into(), sdgen::kernels::kernel_summary(&resolved.runtime.device).into());
-    if let Some(p) = &refiner_plan {
+    if let Some(p) = &job.refiner_plan {
         extra.insert("refiner_plan".into(), serde_json::to_value(p)?);
     }
     if let Some(vae) = &resolved.vae {
         extra.insert("vae".into(), vae.label().into());
     }
-    if let (Some(req), Some(plan)) = (&img2img_request, &img2img_plan) {
+    if let (Some(req), Some(s)) = (img2img_request, &job.img2img) {
         extra.insert("init_image".into(), req.init_image.name.clone().into());
-        extra.insert("strength".into(), plan.strength.into());
+        extra.insert("strength".into(), s.strength.into());
     }
-    for (_, generation) in &generations {
+    Ok(extra)
+}
+
+/// Saves each batch's images as it finishes and collects what `--json` reports.
+struct Saver<'a> {
+    resolved: &'a Resolved,
+    job: &'a Job,
+    extra: &'a serde_json::Map<String, serde_json::Value>,
+    outputs: Vec<serde_json::Value>,
+    /// The first batch's settings, timings and warnings, for `--json`.
+    first: Option<(Settings, std::collections::BTreeMap<String, f64>, Vec<String>)>,
+}
+
+impl Saver<'_> {
+    /// Logs the batch's warnings and writes its images (images `start..`) with their sidecars.
+    fn save(&mut self, start: usize, generation: Generation) -> anyhow::Result<()> {
         for w in &generation.warnings {
             progress::log(&format!("⚠️  WARNING: {w}"));
         }
         for f in &generation.failures {
             progress::log(&format!("⚠️  WARNING: recovered from running out of memory: {f}"));
         }
-    }
-
-    let mut outputs = Vec::new();
-    for (start, generation) in &generations {
-        let memory_optimizations = generation.options_used.names().join(",");
-        let mut extra = extra.clone();
+        let (resolved, job) = (self.resolved, self.job);
+        let mut extra = self.extra.clone();
         extra.insert("memory".into(), serde_json::to_value(&generation.memory)?);
         if let Some(r) = &generation.refinement {
             let mut r = r.clone();
@@ -245,23 +305,26 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             extra.insert("refiner".into(), serde_json::to_value(&r)?);
         }
+        let warnings: Vec<String> = generation
+            .warnings
+            .iter()
+            .cloned()
+            .chain(job.plan.warning.clone())
+            .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
+            .collect();
+        let request = &resolved.request;
         for image in &generation.images {
+            let index = start + image.index;
             let meta = ImageMetadata {
                 model: resolved.model.label(),
-                pipeline_type: pipeline_type.clone(),
-                memory_optimizations: memory_optimizations.clone(),
-                warnings: generation
-                    .warnings
-                    .iter()
-                    .cloned()
-                    .chain(plan.warning.clone())
-                    .chain(refiner_plan.as_ref().and_then(|p| p.warning.clone()))
-                    .collect(),
+                pipeline_type: job.pipeline_type.clone(),
+                memory_optimizations: generation.options_used.names().join(","),
+                warnings: warnings.clone(),
                 failures: generation.failures.clone(),
                 prompt: request.prompt.clone(),
                 negative_prompt: request.negative_prompt.clone().unwrap_or_default(),
                 seed: image.seed,
-                batch_index: start + image.index,
+                batch_index: index,
                 steps: generation.settings.steps,
                 guidance: generation.settings.guidance,
                 scheduler: generation.settings.scheduler.to_string(),
@@ -273,39 +336,40 @@ fn run() -> anyhow::Result<ExitCode> {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 extra: extra.clone(),
             };
-            let saved = save_image(&resolved.output, &meta, &image.rgb8)?;
+            let saved = save_image_to(&resolved.output, index, request.n, &meta, &image.rgb8)?;
             progress::log(&format!("Saved {}", saved.png_path.display()));
-            outputs.push(serde_json::json!({
+            self.outputs.push(serde_json::json!({
                 "png": saved.png_path,
                 "metadata": saved.json_path,
                 "seed": image.seed,
             }));
         }
+        if self.first.is_none() {
+            self.first = Some((generation.settings, generation.timings_ms, generation.warnings));
+        }
+        Ok(())
     }
 
-    if args.json {
+    /// The `--json` result: one document on stdout.
+    fn print_json(&self) -> anyhow::Result<()> {
+        let Some((settings, timings_ms, warnings)) = &self.first else { return Ok(()) };
         let mut result = serde_json::json!({
-            "images": outputs,
-            "model": resolved.model.label(),
-            "steps": generation.settings.steps,
-            "guidance": generation.settings.guidance,
-            "scheduler": generation.settings.scheduler.to_string(),
-            "width": generation.settings.width,
-            "height": generation.settings.height,
-            "timings_ms": generation.timings_ms,
-            "warnings": generation.warnings,
+            "images": self.outputs,
+            "model": self.resolved.model.label(),
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "scheduler": settings.scheduler.to_string(),
+            "width": settings.width,
+            "height": settings.height,
+            "timings_ms": timings_ms,
+            "warnings": warnings,
         });
-        for (k, v) in &extra {
+        for (k, v) in self.extra {
             result[k] = v.clone();
         }
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &result)?;
         writeln!(out)?;
+        Ok(())
     }
-    // The seed's completion point: everything dropped, memory returned, final state logged.
-    drop(generations);
-    drop(model);
-    sdgen_memory::cleanup_memory(true);
-    sdgen_memory::log_memory_status("Complete");
-    Ok(ExitCode::SUCCESS)
 }

@@ -821,7 +821,11 @@ fn batches_are_capped_balanced_and_described_truthfully() {
     };
     let p = plan(&at(10, Some(7), 64)).unwrap();
     assert_eq!((p.images_per_batch, p.batch_count), (5, 2));
-    assert!(!p.batch_split() && !p.memory_optimizations().contains(&"batch_splitting"), "{:?}", p.memory_optimizations());
+    assert!(
+        !p.batch_split() && !p.memory_optimizations().contains(&"batch_splitting"),
+        "{:?}",
+        p.memory_optimizations()
+    );
     assert!(p.to_string().contains("10 images in 2 batches of 5"), "{p}");
     let p = plan(&at(3, Some(2), 64)).unwrap();
     assert_eq!((p.images_per_batch, p.batch_count), (2, 2));

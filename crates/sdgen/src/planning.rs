@@ -20,6 +20,9 @@ pub struct MemoryRequest {
     pub max_memory_bytes: Option<u64>,
     /// `--memory-mode`.
     pub mode: MemoryMode,
+    /// `--batch-size`: the most images one batch may hold (lowered by the plan where it does not
+    /// fit); `None` = all of them.
+    pub max_images_per_batch: Option<usize>,
 }
 
 /// The model's tensors, per component its family's profile names, from the headers read when it
@@ -129,6 +132,7 @@ pub fn plan_run(
     let request = PlanRequest {
         component_precision,
         n_images: n,
+        max_images_per_batch: memory.max_images_per_batch,
         guidance: settings.guidance > 1.0,
         img2img,
         precision: precision(dtype),

@@ -78,4 +78,8 @@ pub fn assert_refused(args: &[&str], needles: &[&str]) {
     let written: Vec<PathBuf> =
         files_in(&out).into_iter().filter(|p| !p.ends_with("hf-home-that-does-not-exist")).collect();
     assert!(written.is_empty(), "files written: {written:?}");
+    // Not even an empty output folder (unless the hub made its cache home inside it).
+    if !out.join("hf-home-that-does-not-exist").exists() {
+        assert!(!out.exists(), "args {args:?}: a refused run created the output folder");
+    }
 }

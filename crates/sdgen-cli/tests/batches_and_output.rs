@@ -1,0 +1,144 @@
+//! The command line's batches and outputs as A1111 and stable-diffusion.cpp users expect them:
+//! `--n` batches of `--batch-size` images each saved as it finishes, `--output` naming a file,
+//! seeds that never wrap, counts that refuse negative numbers clearly, and nothing written by a
+//! refused run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_refused, decode_png, files_in, generate, stderr, testdata, tiny_model};
+
+/// The `(png, json)` pairs in `dir`, by stem, and anything that is not part of a pair.
+fn pairs(dir: &Path) -> (Vec<String>, Vec<PathBuf>) {
+    let files = files_in(dir);
+    let stems: Vec<String> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .filter(|s| dir.join(format!("{s}.json")).exists())
+        .collect();
+    let strays =
+        files.into_iter().filter(|p| !stems.iter().any(|s| p.file_stem().unwrap().to_string_lossy() == *s)).collect();
+    (stems, strays)
+}
+
+#[test]
+fn a_killed_run_keeps_the_batches_it_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(["a lighthouse", "--model", &tiny_model(), "--seed", "3", "--steps", "250", "--n", "6"])
+        .arg("--output")
+        .arg(&out)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pairs(&out).0.is_empty() {
+        assert!(Instant::now() < deadline, "no image after 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first image was seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (stems, strays) = pairs(&out);
+    assert!(!stems.is_empty() && stems.len() < 6, "killed after the first batch: {stems:?}");
+    // Hidden temporaries of the batch in progress may remain; no half-written file has a final name.
+    assert!(strays.iter().all(|p| p.file_name().unwrap().to_string_lossy().starts_with('.')), "{strays:?}");
+    for stem in &stems {
+        let (_, w, h) = decode_png(&out.join(format!("{stem}.png")));
+        assert_eq!((w, h), (64, 64));
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(format!("{stem}.json"))).unwrap()).unwrap();
+        assert_eq!(meta["seed"], 3 + meta["batch_index"].as_u64().unwrap());
+    }
+}
+
+#[test]
+fn n_batches_of_batch_size_images_with_consecutive_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let args =
+        ["x", "--model", &tiny_model(), "--seed", "5", "--steps", "2", "--n", "2", "--batch-size", "2", "--json"];
+    let o = generate(&args, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let seeds: Vec<u64> = result["images"].as_array().unwrap().iter().map(|i| i["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds, vec![5, 6, 7, 8]);
+    assert!(stderr(&o).contains("4 images in 2 batches of 2"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Generating 4 images"), "{}", stderr(&o));
+    assert_eq!(files_in(&out).len(), 8);
+}
+
+#[test]
+fn output_may_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("shots/result.png");
+    let o = generate(&["x", "--model", &tiny_model(), "--steps", "2"], &one);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shots = dir.path().join("shots");
+    assert_eq!(files_in(&shots), vec![shots.join("result.json"), shots.join("result.png")]);
+    let before = std::fs::read(&one).unwrap();
+    // Never overwritten: a second run is refused before loading anything, and changes nothing.
+    let o = generate(&["x", "--model", &tiny_model(), "--steps", "2"], &one);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("result.png") && stderr(&o).contains("never overwritten"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&one).unwrap(), before);
+    assert_eq!(files_in(&shots).len(), 2);
+
+    let many = dir.path().join("many/set.png");
+    let o = generate(&["x", "--model", &tiny_model(), "--steps", "2", "--n", "2"], &many);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = dir.path().join("many");
+    let names: Vec<String> =
+        files_in(&d).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["set-1.json", "set-1.png", "set-2.json", "set-2.png"]);
+
+    // Only PNG is written: another image extension is refused, not taken for a folder name.
+    let jpg = dir.path().join("x.jpg");
+    let o = generate(&["x", "--model", &tiny_model()], &jpg);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("x.jpg") && stderr(&o).contains(".png"), "{}", stderr(&o));
+    assert!(!jpg.exists());
+}
+
+#[test]
+fn refusals_write_nothing() {
+    let model = tiny_model();
+    let png = testdata().join("reference/sd15/png/pndm_basic_0.png");
+    assert_refused(&["x", "--model", &model, "--width", "63"], &["--width 63"]);
+    assert_refused(&["x", "--model", &model, "--steps", "0"], &["--steps", "out of range"]);
+    assert_refused(&["x", "--model", png.to_str().unwrap()], &["pndm_basic_0.png"]);
+    assert_refused(&["x", "--model", "sd15", "--offline"], &["offline"]);
+}
+
+#[test]
+fn counts_seeds_and_sizes_are_checked_up_front() {
+    let model = tiny_model();
+    assert_refused(&["x", "--model", &model, "--n", "10001"], &["10000 images"]);
+    assert_refused(&["x", "--model", &model, "--n", "5000", "--batch-size", "3"], &["--batch-size 3", "10000"]);
+    assert_refused(&["x", "--model", &model, "--seed", "18446744073709551615", "--n", "2"], &["largest seed"]);
+    assert_refused(&["x", "--model", &model, "--seed", "-7"], &["-7", "-1 for a random one"]);
+    for flag in ["--steps", "--n", "--width", "--batch-size"] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = generate(&["x", "--model", &model, flag, "-5"], &dir.path().join("out"));
+        assert_eq!(o.status.code(), Some(2));
+        let err = stderr(&o);
+        assert!(err.contains("-5 is out of range"), "{flag}: {err}");
+        assert!(!err.contains("-- -5"), "{flag}: clap's misleading tip: {err}");
+    }
+}
+
+#[test]
+fn seed_minus_one_is_random() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(&["x", "--model", &tiny_model(), "--steps", "1", "--seed", "-1", "--json"], &dir.path().join("o"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(result["images"][0]["seed"].as_u64().is_some());
+}
