@@ -115,6 +115,14 @@ fn refusals_write_nothing() {
     assert_refused(&["x", "--model", &model, "--steps", "0"], &["--steps", "out of range"]);
     assert_refused(&["x", "--model", png.to_str().unwrap()], &["pndm_basic_0.png"]);
     assert_refused(&["x", "--model", "sd15", "--offline"], &["offline"]);
+    // Every scheduler's step limit before any model loads (SD's steps_offset 1 puts PNDM's and
+    // DDIM's 1000th step past the training schedule).
+    for scheduler in ["pndm", "ddim"] {
+        assert_refused(
+            &["x", "--model", &model, "--steps", "1000", "--scheduler", scheduler],
+            &[scheduler, "--steps 1000", "at most 999 steps"],
+        );
+    }
 }
 
 #[test]

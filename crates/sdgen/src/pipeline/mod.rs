@@ -234,6 +234,8 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
             })?
         }
     };
+    // The schedule itself is checked now (each scheduler's step limits), not after the models load.
+    crate::schedulers::build(scheduler, &scheduler_config(model)?, steps)?;
     Ok(Settings { steps, guidance, width, height, scheduler })
 }
 

@@ -33,6 +33,7 @@ impl DdimScheduler {
         let params = CommonParams::resolve(config, TimestepSpacing::Leading)?;
         let t_train = params.num_train_timesteps;
         check_steps(SchedulerKind::Ddim, num_inference_steps, t_train)?;
+        super::check_offset_schedule(SchedulerKind::Ddim, num_inference_steps, &params)?;
         if config.thresholding.unwrap_or(false) {
             // Imagen's dynamic thresholding is for pixel-space models; no latent model uses it.
             return Err(Error::BadModel(

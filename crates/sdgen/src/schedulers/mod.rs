@@ -236,6 +236,28 @@ fn check_steps(kind: SchedulerKind, num_inference_steps: usize, num_train_timest
     Ok(())
 }
 
+/// Refuses a step count whose leading-spaced timesteps, shifted by the config's `steps_offset`,
+/// pass the last training timestep: SD's configs have offset 1, so 1000 steps of 1000 timesteps
+/// reach timestep 1000, which DDIM and PNDM would index out of range only in the middle of the
+/// run (diffusers fails there too). Names the most steps that fit.
+fn check_offset_schedule(kind: SchedulerKind, n: usize, params: &config::CommonParams) -> Result<()> {
+    let t_train = params.num_train_timesteps;
+    if params.timestep_spacing != config::TimestepSpacing::Leading {
+        return Ok(());
+    }
+    let last = |n: usize| (n as i64 - 1) * (t_train / n) as i64 + params.steps_offset;
+    if last(n) < t_train as i64 {
+        return Ok(());
+    }
+    let max = (1..n).rev().find(|&m| last(m) < t_train as i64).unwrap_or(0);
+    Err(Error::InvalidInput(format!(
+        "{kind}: --steps {n} reaches timestep {}, past the model's {t_train} training timesteps (its scheduler's \
+         steps_offset is {}): use at most {max} steps",
+        last(n),
+        params.steps_offset
+    )))
+}
+
 /// Looks up `values[step_index]`, with an error naming the scheduler if the index is past the end.
 fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> candle_core::Result<T> {
     values.get(step_index).copied().ok_or_else(|| {

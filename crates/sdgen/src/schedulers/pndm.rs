@@ -42,6 +42,7 @@ impl PndmScheduler {
         let params = CommonParams::resolve(config, TimestepSpacing::Leading)?;
         let t_train = params.num_train_timesteps;
         check_steps(SchedulerKind::Pndm, num_inference_steps, t_train)?;
+        super::check_offset_schedule(SchedulerKind::Pndm, num_inference_steps, &params)?;
         if params.prediction_type == PredictionType::Sample {
             return Err(Error::BadModel(
                 "scheduler config: PNDM supports prediction_type epsilon or v_prediction, not \"sample\"".into(),
