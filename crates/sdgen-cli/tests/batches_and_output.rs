@@ -150,3 +150,33 @@ fn seed_minus_one_is_random() {
     let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(result["images"][0]["seed"].as_u64().is_some());
 }
+
+/// A process memory limit is part of the CPU budget: a run it cannot hold is refused (exit 2,
+/// nothing written) instead of planned as fitting and aborted by the allocator.
+#[test]
+fn a_process_memory_limit_is_part_of_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 150000 && exec \"$0\" x --model \"$1\" --steps 2 --output \"$2\"")
+        .arg(env!("CARGO_BIN_EXE_generate"))
+        .arg(tiny_model())
+        .arg(&out)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("the process's memory limit") && err.contains("ulimit -v"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn max_memory_above_the_machines_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let o =
+        generate(&["x", "--model", &tiny_model(), "--steps", "1", "--max-memory", "100000GB"], &dir.path().join("o"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is more than this machine's"), "{}", stderr(&o));
+}

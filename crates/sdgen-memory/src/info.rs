@@ -108,7 +108,7 @@ pub fn process_rss_bytes() -> u64 {
 }
 
 /// `(rss_bytes, vms_bytes)` of this process; zeros when the OS refuses to say.
-fn process_memory() -> (u64, u64) {
+pub(crate) fn process_memory() -> (u64, u64) {
     #[cfg(target_os = "linux")]
     {
         crate::procfs::statm().unwrap_or((0, 0))

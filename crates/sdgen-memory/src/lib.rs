@@ -33,6 +33,7 @@ mod info;
 pub mod limits;
 mod peak;
 pub mod plan;
+mod process_limit;
 #[cfg(target_os = "linux")]
 mod procfs;
 mod requirements;
@@ -49,5 +50,6 @@ pub use info::{
     gpu_probe, memory_info, memory_info_with, process_rss_bytes, set_gpu_probe, GpuMemory, GpuProbe, MemoryInfo,
 };
 pub use peak::{kernel_peak_supported, PeakSource, StageMemory, StagePeak};
+pub use process_limit::{process_memory_limit, LimitKind, ProcessLimit};
 pub use requirements::{MemoryVerdict, ModelClass, ModelRequirement, MODEL_REQUIREMENTS};
 pub use sampler::{Sample, Sampler, SamplerConfig, Timeline};

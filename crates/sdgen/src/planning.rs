@@ -99,7 +99,18 @@ pub fn budget(device: &Device, max_memory_bytes: Option<u64>) -> Budget {
             b
         }
     };
-    b.host_available_bytes = Some(info.system_available_bytes);
+    // A process memory limit (ulimit -v, a container's cgroup) caps what the host side may use:
+    // past it an allocation aborts the process instead of failing cleanly.
+    let mut host = info.system_available_bytes;
+    if let Some(limit) = sdgen_memory::process_memory_limit() {
+        host = host.min(limit.room_bytes);
+        let cap = info.process_rss_bytes + limit.room_bytes;
+        if device_kind(device) != DeviceKind::DiscreteGpu && cap < b.bytes {
+            b.bytes = cap;
+            b.source = BudgetSource::ProcessLimit;
+        }
+    }
+    b.host_available_bytes = Some(host);
     b
 }
 
@@ -150,7 +161,32 @@ pub fn plan_run(
             budget(device, memory.max_memory_bytes),
         )
     };
-    plan(&request).map_err(|e| Error::InvalidInput(e.to_string()))
+    let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    if let Some(w) = max_memory_warning(device, memory.max_memory_bytes) {
+        plan.warning = Some(match plan.warning.take() {
+            Some(tight) => format!("{w}\n{tight}"),
+            None => w,
+        });
+    }
+    Ok(plan)
+}
+
+/// `--max-memory` above what the machine has (RAM on the CPU and unified-memory GPUs, the card's
+/// memory on a discrete GPU): the plan may then "fit" what can never be had.
+fn max_memory_warning(device: &Device, max_memory_bytes: Option<u64>) -> Option<String> {
+    let max = max_memory_bytes?;
+    let (have, what) = match device_kind(device) {
+        DeviceKind::DiscreteGpu => (sdgen_memory::gpu_probe().and_then(|p| p.memory())?.total_bytes, "GPU memory"),
+        _ => (sdgen_memory::memory_info().system_total_bytes, "RAM"),
+    };
+    (max > have).then(|| {
+        format!(
+            "⚠️  WARNING: --max-memory {} is more than this machine's {} of {what}: the plan is made for memory \
+             that is not there",
+            sdgen_memory::plan::format_bytes(max),
+            sdgen_memory::plan::format_bytes(have)
+        )
+    })
 }
 
 /// The engine options that realise `plan`. The planner counts attention slicing in whole

@@ -90,6 +90,14 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
             flag: Some(format!("--max-memory {}", max_memory_value(need_all))),
             detail: "if the machine has it".into(),
         }),
+        BudgetSource::ProcessLimit => suggestions.push(Suggestion {
+            flag: None,
+            detail: format!(
+                "raise this process's memory limit (ulimit -v, or the container's or service's memory limit) so \
+                 that {} are free under it",
+                format_bytes(need_all.ceil() as u64)
+            ),
+        }),
         BudgetSource::GpuFree | BudgetSource::SystemAvailable => suggestions.push(Suggestion {
             flag: None,
             detail: format!(

@@ -106,6 +106,9 @@ pub enum BudgetSource {
     GpuFree,
     /// The system's available memory (RAM the OS can hand out without swapping).
     SystemAvailable,
+    /// The room under this process's memory limit (`ulimit -v`, a cgroup's `memory.max`), where
+    /// that is less than the rest.
+    ProcessLimit,
 }
 
 impl BudgetSource {
@@ -115,6 +118,7 @@ impl BudgetSource {
             BudgetSource::MaxMemory => "--max-memory",
             BudgetSource::GpuFree => "free GPU memory",
             BudgetSource::SystemAvailable => "available RAM",
+            BudgetSource::ProcessLimit => "the process's memory limit",
         }
     }
 }
