@@ -37,6 +37,7 @@ fn address_space_limit() -> Option<ProcessLimit> {
     if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
         return None;
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not on every unix
     let limit_bytes = limit.rlim_cur as u64;
     let (_, vms) = crate::info::process_memory();
     Some(ProcessLimit { kind: LimitKind::AddressSpace, limit_bytes, room_bytes: limit_bytes.saturating_sub(vms) })
