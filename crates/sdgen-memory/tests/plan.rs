@@ -836,7 +836,7 @@ fn batches_are_capped_balanced_and_described_truthfully() {
     let (mut lo, mut hi) = (4u64, 64u64);
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
-        if plan(&at(8, None, mid)).map_or(false, |p| p.images_per_batch == 8) {
+        if plan(&at(8, None, mid)).is_ok_and(|p| p.images_per_batch == 8) {
             hi = mid
         } else {
             lo = mid
