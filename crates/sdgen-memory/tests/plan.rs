@@ -845,6 +845,6 @@ fn batches_are_capped_balanced_and_described_truthfully() {
     let p = plan(&at(8, None, lo)).unwrap();
     assert!(p.images_per_batch < 8 && p.batch_split(), "{p}");
     assert!(p.memory_optimizations().contains(&"batch_splitting"));
-    assert_eq!(p.images_per_batch * p.batch_count >= 8, true);
+    assert!(p.images_per_batch * p.batch_count >= 8);
     assert_eq!(p.images_per_batch, 8usize.div_ceil(p.batch_count), "balanced: {p}");
 }
