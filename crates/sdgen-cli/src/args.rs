@@ -18,9 +18,12 @@ use sdgen::schedulers::SchedulerKind;
 pub struct Args {
     /// What to draw.
     pub prompt: Option<String>,
+    /// What to draw (as -p/--prompt, stable-diffusion.cpp's spelling; instead of the positional).
+    #[arg(short = 'p', long = "prompt", value_name = "TEXT", conflicts_with = "prompt")]
+    pub prompt_flag: Option<String>,
     /// A named model (sdxl, sdxl-refiner, sd15), a hub repo id (org/name), a diffusers model
     /// folder or a single-file .safetensors checkpoint.
-    #[arg(long, default_value = DEFAULT_MODEL)]
+    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Finish SDXL runs with this refiner (a named model, hub repo or folder, e.g.
     /// stabilityai/stable-diffusion-xl-refiner-1.0): the base denoises the first part of the
@@ -39,35 +42,36 @@ pub struct Args {
     pub negative: Option<String>,
     /// Number of batches (A1111's batch count): --n × --batch-size images in all, image i with
     /// seed + i; each batch is saved as soon as it is done.
-    #[arg(long, default_value_t = 1, value_parser = count, allow_negative_numbers = true)]
+    #[arg(short = 'n', long, visible_alias = "batch-count", default_value_t = 1, value_parser = count, allow_negative_numbers = true)]
     pub n: usize,
     /// Images per batch, made together (faster on a GPU); the memory planner lowers it where it
     /// does not fit, and says so.
     #[arg(long, default_value_t = 1, value_parser = count, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Seed of the first image; -1 or omitted: random (always printed and recorded).
-    #[arg(long, value_parser = seed, allow_negative_numbers = true)]
+    #[arg(short = 's', long, value_parser = seed, allow_negative_numbers = true)]
     pub seed: Option<Seed>,
     /// Denoising steps (model default when omitted).
     #[arg(long, value_parser = count, allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (model default when omitted).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, visible_alias = "cfg-scale", allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// Image width in pixels (model default when omitted).
-    #[arg(long, value_parser = count, allow_negative_numbers = true)]
+    #[arg(short = 'W', long, value_parser = count, allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Image height in pixels (model default when omitted).
-    #[arg(long, value_parser = count, allow_negative_numbers = true)]
+    #[arg(short = 'H', long, value_parser = count, allow_negative_numbers = true)]
     pub height: Option<usize>,
-    /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m or dpm++2m-karras (the model's own when
+    /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m or dpm++2m-karras, or A1111's names (PLMS,
+    /// DDIM, Euler, "Euler a", "DPM++ 2M", "DPM++ 2M Karras"), any case (the model's own when
     /// omitted).
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["sampler", "sampling-method"])]
     pub scheduler: Option<String>,
     /// Folder for the images and their metadata (created when the first image is saved), or a
     /// file name ending in .png (result.png; result-1.png, result-2.png, … for several images),
     /// never overwritten.
-    #[arg(long, default_value = "outputs")]
+    #[arg(short = 'o', long, default_value = "outputs")]
     pub output: PathBuf,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
@@ -146,7 +150,7 @@ impl Args {
             Some("bf16" | "bfloat16") => DType::BF16,
             Some(other) => return Err(invalid(format!("--dtype {other} is not one of f32, f16, bf16"))),
         };
-        let prompt = self.prompt.clone().unwrap_or_default();
+        let prompt = self.prompt.clone().or_else(|| self.prompt_flag.clone()).unwrap_or_default();
         if device.is_cpu() && dtype == DType::BF16 {
             return Err(invalid(
                 "--dtype bf16 is not supported on the CPU (candle's CPU matrix product has no bf16): use f32 or f16"

@@ -180,3 +180,52 @@ fn max_memory_above_the_machines_warns() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("is more than this machine's"), "{}", stderr(&o));
 }
+
+/// stable-diffusion.cpp's and A1111's spellings: short options, `--cfg-scale`, `--sampler` with
+/// A1111's sampler names (any case), and the PNG's `Sampler:` written so it parses back.
+#[test]
+fn the_ecosystems_option_names_and_sampler_names_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.png");
+    let args = ["-p", "a cat", "-m", &tiny_model(), "-s", "9", "-n", "1", "-W", "64", "-H", "64", "--steps", "2"];
+    let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(args)
+        .args(["--cfg-scale", "5", "--sampler", "euler A", "-o"])
+        .arg(&file)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = sdgen::output::read_png_text(&file).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    for needle in ["Sampler: Euler a", "CFG scale: 5", "Seed: 9", "Size: 64x64"] {
+        assert!(params.contains(needle), "{needle}: {params}");
+    }
+    // The parameters' sampler is accepted as it is written.
+    let sampler = params.split("Sampler: ").nth(1).unwrap().split(',').next().unwrap();
+    let again = dir.path().join("b.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(args)
+        .args(["--sampling-method", sampler, "--output"])
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("b.json")).unwrap()).unwrap();
+    assert_eq!(meta["scheduler"], "euler-a");
+    for (name, ours) in [("DPM++ 2M Karras", "dpm++2m-karras"), ("plms", "pndm"), ("DDIM", "ddim")] {
+        let out = dir.path().join(format!("{ours}.png"));
+        let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+            .args(args)
+            .args(["--sampler", name, "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let text = sdgen::output::read_png_text(&out).unwrap();
+        let expect = name.parse::<sdgen::schedulers::SchedulerKind>().unwrap().a1111_name();
+        assert!(text[0].1.contains(&format!("Sampler: {expect}")), "{ours}: {}", text[0].1);
+    }
+    assert_refused(&["-p", "x", "y"], &["--prompt"]);
+}

@@ -59,6 +59,10 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
 /// `skip_prk_steps` for Stable Diffusion, i.e. pure PLMS, which A1111 calls `PLMS`; SD 3.5's
 /// flow-matching Euler is written `Euler`, as A1111 and Forge write it for SD3.
 pub fn a1111_sampler_name(scheduler: &str) -> String {
+    // Our own kinds first (one table: `SchedulerKind::a1111_name`), then diffusers' class names.
+    if let Ok(kind) = scheduler.parse::<crate::schedulers::SchedulerKind>() {
+        return kind.a1111_name().to_string();
+    }
     let key: String = scheduler.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     let key = key.strip_suffix("scheduler").unwrap_or(&key);
     let key = key.strip_suffix("discrete").unwrap_or(key);

@@ -99,6 +99,19 @@ impl SchedulerKind {
         }
     }
 
+    /// AUTOMATIC1111's name for this sampler, as its `parameters` text writes it (and as its
+    /// users type it: [`FromStr`] takes it too, so a `parameters` string round-trips).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Pndm => "PLMS",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerAncestral => "Euler a",
+            SchedulerKind::DpmPp2m => "DPM++ 2M",
+            SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+        }
+    }
+
     /// Other spellings [`FromStr`] accepts for this kind (`+` is awkward in some shells and file
     /// names, hence the `dpmpp` forms).
     pub fn aliases(self) -> &'static [&'static str] {
@@ -144,17 +157,26 @@ impl fmt::Display for SchedulerKind {
 impl FromStr for SchedulerKind {
     type Err = Error;
 
-    /// Parses a short name or one of its [`SchedulerKind::aliases`], ignoring ASCII case.
+    /// Parses a short name, one of its [`SchedulerKind::aliases`] or its A1111 name, ignoring ASCII
+    /// case.
     fn from_str(s: &str) -> Result<Self> {
         let s_trimmed = s.trim();
         Self::ALL
             .into_iter()
             .find(|k| {
-                std::iter::once(k.name()).chain(k.aliases().iter().copied()).any(|n| n.eq_ignore_ascii_case(s_trimmed))
+                [k.name(), k.a1111_name()]
+                    .into_iter()
+                    .chain(k.aliases().iter().copied())
+                    .any(|n| n.eq_ignore_ascii_case(s_trimmed))
             })
             .ok_or_else(|| {
                 let valid: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-                Error::InvalidInput(format!("unknown scheduler \"{s}\" (valid: {})", valid.join(", ")))
+                let a1111: Vec<&str> = Self::ALL.iter().map(|k| k.a1111_name()).collect();
+                Error::InvalidInput(format!(
+                    "unknown scheduler \"{s}\" (valid: {}; or A1111's names: {})",
+                    valid.join(", "),
+                    a1111.join(", ")
+                ))
             })
     }
 }
@@ -320,6 +342,18 @@ pub(crate) fn div_scalar(x: &Tensor, d: f32) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a1111_names_round_trip() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(kind.a1111_name().parse::<SchedulerKind>().unwrap(), kind);
+            assert_eq!(kind.a1111_name().to_lowercase().parse::<SchedulerKind>().unwrap(), kind);
+            assert_eq!(crate::output::a1111_sampler_name(kind.name()), kind.a1111_name());
+        }
+        assert_eq!("Euler A".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
+        let err = "dpm9000".parse::<SchedulerKind>().unwrap_err().to_string();
+        assert!(err.contains("DPM++ 2M Karras") && err.contains("dpm++2m-karras"), "{err}");
+    }
 
     #[test]
     fn kind_names_round_trip() {
