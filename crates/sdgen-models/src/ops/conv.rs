@@ -1,6 +1,6 @@
-//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; elsewhere candle's im2col
-//! convolution with every call's column buffer bounded (banded), which is also the reference the
-//! fast path is tested against.
+//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU (f32) our banded
+//! unfold-and-multiply (`cpu::conv2d`); elsewhere candle's im2col convolution with every call's
+//! column buffer bounded (banded), which is also the reference the fast paths are tested against.
 
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -73,6 +73,11 @@ impl Conv2d {
         #[cfg(feature = "cudnn")]
         if super::fast_conv(x.device()) {
             return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride);
+        }
+        if super::fast_cpu(x.device()) {
+            if let Some(y) = super::cpu::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride)? {
+                return Ok(y);
+            }
         }
         self.forward_bounded(&x, max_conv_column_elements(x.device()))
     }
@@ -194,6 +199,32 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (1, 3, 6, 6), &Device::Cpu).unwrap();
         use candle_core::Module;
         assert!(max_diff(&conv.forward_bounded(&x, 1).unwrap(), &stock.forward(&x).unwrap()) < 1e-5);
-        assert_eq!(max_diff(&conv.forward(&x).unwrap(), &stock.forward(&x).unwrap()), 0.0);
+        assert_eq!(max_diff(&conv.forward_bounded(&x, usize::MAX).unwrap(), &stock.forward(&x).unwrap()), 0.0);
+    }
+
+    /// The CPU's banded unfold-and-multiply equals the reference: every kind of convolution the
+    /// models use, odd and even sizes, a batch, and an image large enough for several bands.
+    #[test]
+    fn the_cpu_convolution_equals_the_reference() {
+        let cases = [(3, 1, 1, false), (3, 1, 2, false), (3, 0, 2, true), (1, 0, 1, false), (1, 0, 2, false)];
+        for (k, padding, stride, pad_rb) in cases {
+            for (cin, cout, h, w, b) in [(5, 4, 7, 9, 2), (3, 8, 8, 6, 1), (64, 16, 128, 128, 1)] {
+                let conv = Conv2d::load(cin, cout, k, padding, stride, pad_rb, weights(cin, cout, k)).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+                let padded = if pad_rb {
+                    x.pad_with_zeros(2, 0, 1).unwrap().pad_with_zeros(3, 0, 1).unwrap()
+                } else {
+                    x.clone()
+                };
+                let reference = conv.forward_bounded(&padded, usize::MAX).unwrap();
+                let fast = crate::ops::cpu::conv2d(&padded, &conv.weight, conv.bias.as_ref(), padding, stride)
+                    .unwrap()
+                    .expect("f32 on the CPU");
+                let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = max_diff(&fast, &reference);
+                assert!(diff <= 1e-5 * scale.max(1.0), "k {k} p {padding} s {stride} {cin}→{cout} {h}×{w}: {diff}");
+                assert_eq!(fast.dims(), reference.dims());
+            }
+        }
     }
 }

@@ -59,6 +59,162 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
     Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
 }
 
+/// Bytes of one band of the convolution's column matrix: bands of output rows are unfolded and
+/// multiplied one at a time, so the column (2.4 G elements for the VAE decoder's 256-channel
+/// convolutions at 1024²) never exists whole, while each product stays large enough to run at the
+/// matrix kernel's full speed.
+const CONV_BAND_BYTES: usize = 16 << 20;
+
+/// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
+/// `padding` on every side: per image, bands of output rows are unfolded into a `[c·kh·kw, pixels]`
+/// column (all cores) and multiplied by the weight as `[o, c·kh·kw]` straight into the NCHW output,
+/// which starts as the bias (no column of the whole image, no transposed copy of the output, no
+/// separate bias pass). 1×1 stride-1 convolutions multiply the input itself. `None` for other
+/// dtypes or devices, or a kernel larger than the padded input (the reference path reports it).
+pub(crate) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) || stride == 0 {
+        return Ok(None);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c || h + 2 * padding < kh || w + 2 * padding < kw {
+        return Ok(None);
+    }
+    let geometry = ConvGeometry {
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        padding,
+        stride,
+        ho: (h + 2 * padding - kh) / stride + 1,
+        wo: (w + 2 * padding - kw) / stride + 1,
+    };
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
+    let b_in = bias.as_ref().map(CpuInput::new).transpose()?;
+    let (xs, ws) = (x_in.f32s()?, w_in.f32s()?);
+    let pixels = geometry.ho * geometry.wo;
+    let mut out = vec![0f32; b * o * pixels];
+    if let Some(bias) = b_in.as_ref().map(CpuInput::f32s).transpose()? {
+        out.par_chunks_mut(pixels.max(1)).enumerate().for_each(|(i, plane)| plane.fill(bias[i % o]));
+    }
+    for (xi, yi) in xs.chunks(c * h * w).zip(out.chunks_mut(o * pixels)) {
+        geometry.image(xi, ws, o, yi, bias.is_some());
+    }
+    Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?))
+}
+
+/// One convolution's sizes: input `c × h × w`, kernel `kh × kw`, output `ho × wo`.
+struct ConvGeometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    padding: usize,
+    stride: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl ConvGeometry {
+    /// Convolves one image `x` (`c·h·w`) with `weights` (`o × c·kh·kw`) into `y` (`o × ho·wo`),
+    /// added to what `y` holds when `accumulate`.
+    fn image(&self, x: &[f32], weights: &[f32], o: usize, y: &mut [f32], accumulate: bool) {
+        let k = self.c * self.kh * self.kw;
+        let pixels = self.ho * self.wo;
+        if self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0 {
+            // The input is its own column: `[c, h·w]`.
+            matmul(o, pixels, k, y, pixels, weights, x, pixels, accumulate);
+            return;
+        }
+        let band_rows = (CONV_BAND_BYTES / 4 / (k * self.wo).max(1)).clamp(1, self.ho);
+        let mut column = vec![0f32; k * band_rows * self.wo];
+        for r0 in (0..self.ho).step_by(band_rows) {
+            let rows = band_rows.min(self.ho - r0);
+            let n = rows * self.wo;
+            let column = &mut column[..k * n];
+            column.par_chunks_mut(n).enumerate().for_each(|(row, dst)| self.unfold(x, row, r0, rows, dst));
+            matmul(o, n, k, &mut y[r0 * self.wo..], pixels, weights, column, n, accumulate);
+        }
+    }
+
+    /// Column row `row` (input channel, kernel row, kernel column) for output rows
+    /// `r0..r0 + rows`: the input values each output pixel multiplies by that weight, zero where
+    /// the kernel overhangs the padding.
+    fn unfold(&self, x: &[f32], row: usize, r0: usize, rows: usize, dst: &mut [f32]) {
+        let (ci, ky, kx) = (row / (self.kh * self.kw), (row / self.kw) % self.kh, row % self.kw);
+        let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+        for (r, out) in dst.chunks_mut(self.wo).take(rows).enumerate() {
+            let iy = ((r0 + r) * self.stride + ky) as isize - self.padding as isize;
+            if iy < 0 || iy >= self.h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
+            if self.stride == 1 {
+                // One contiguous run of the input row, zeros where it overhangs either edge.
+                let shift = kx as isize - self.padding as isize;
+                let first = (-shift).clamp(0, self.wo as isize) as usize;
+                let last = (self.w as isize - shift).clamp(first as isize, self.wo as isize) as usize;
+                out[..first].fill(0.0);
+                out[first..last]
+                    .copy_from_slice(&src[(first as isize + shift) as usize..(last as isize + shift) as usize]);
+                out[last..].fill(0.0);
+            } else {
+                for (ox, v) in out.iter_mut().enumerate() {
+                    let ix = (ox * self.stride + kx) as isize - self.padding as isize;
+                    *v = if ix >= 0 && ix < self.w as isize { src[ix as usize] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// `y[m, n] (+)= a[m, k] · b[k, n]` on all cores; `a` row-major with rows `k` apart, `b` and `y`
+/// with rows `ldb` and `ldy` apart.
+#[allow(clippy::too_many_arguments)]
+fn matmul(m: usize, n: usize, k: usize, y: &mut [f32], ldy: usize, a: &[f32], b: &[f32], ldb: usize, accumulate: bool) {
+    assert!(
+        m == 0 || n == 0 || (y.len() >= (m - 1) * ldy + n && a.len() >= m * k && b.len() >= (k.max(1) - 1) * ldb + n)
+    );
+    // SAFETY: the assertion keeps every element gemm touches inside the three slices; `y` is
+    // borrowed mutably, so nothing else writes it meanwhile.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            ldy as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
 /// Query rows per task of [`attention`]: a task's scores (`rows · kv_len` f32) stay in cache.
 const ATTENTION_ROWS: usize = 64;
 
