@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device};
 use sdgen_memory::plan::{
-    plan, Budget, BudgetSource, ComponentManifest, DeviceKind, FamilyProfile, MemoryMode, ModelManifest, Plan,
-    PlanRequest, Precision, StoredDType, TensorEntry,
+    plan, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest, Precision,
+    StoredDType, TensorEntry,
 };
 
 use crate::loading::ModelFolder;
@@ -28,8 +28,7 @@ pub struct MemoryRequest {
 /// The model's tensors, per component its family's profile names, from the headers read when it
 /// was opened.
 pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
-    let profile = FamilyProfile::for_family(model.family().name)
-        .ok_or_else(|| Error::BadModel(format!("no memory profile for family {}", model.family().name)))?;
+    let profile = model.family().memory_profile();
     let mut sources: Vec<&str> = profile.components.iter().map(|c| c.source).collect();
     sources.sort_unstable();
     sources.dedup();
@@ -125,13 +124,12 @@ pub fn plan_run(
     dtype: DType,
     memory: MemoryRequest,
 ) -> Result<Plan> {
-    let profile = FamilyProfile::for_family(model.family().name)
-        .ok_or_else(|| Error::BadModel(format!("no memory profile for family {}", model.family().name)))?;
+    let profile = model.family().memory_profile();
     let manifest = manifest(model)?;
-    // SDXL's pipelines run an upcast VAE (`force_upcast`) in f32: encoding under any half
-    // precision, decoding under f16 (see `pipeline::stages::decode_dtype`).
+    // SDXL's pipelines (families that honour `force_upcast`) run an upcast VAE in f32: encoding
+    // under any half precision, decoding under f16 (see `pipeline::stages::decode_dtype`).
     let mut component_precision = Vec::new();
-    if model.family().name.starts_with("sdxl") && precision(dtype).is_half() {
+    if model.family().vae.honours_force_upcast && precision(dtype).is_half() {
         let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
         if vae.force_upcast.unwrap_or(true) {
             component_precision.push(("vae_encoder".to_string(), Precision::F32));
@@ -193,8 +191,7 @@ fn max_memory_warning(device: &Device, max_memory_bytes: Option<u64>) -> Option<
 /// (batch × head) score matrices; the engine slices query rows, so the count becomes the rows
 /// that hold the same bytes in the largest attention layer (every other layer then holds less).
 pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggressive: bool) -> Result<StageOptions> {
-    let profile = FamilyProfile::for_family(model.family().name)
-        .ok_or_else(|| Error::BadModel(format!("no memory profile for family {}", model.family().name)))?;
+    let profile = model.family().memory_profile();
     let pixels = settings.height * settings.width;
     // Query rows of the stage's largest attention that hold `matrices` of its score matrices.
     let rows = |stage: &str, matrices: usize, items: usize| -> usize {
@@ -213,7 +210,7 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
         options.vae_attention_slice = s.options.attention_slice.map(|k| rows("decode", k, s.items_per_forward));
     }
     // Text encoders share one switch: on the host if the plan puts any there.
-    options.text_encoder_on_host =
-        ["text_encoder", "text_encoder_2"].iter().any(|name| plan.stage(name).is_some_and(|s| s.options.on_host));
+    let mut encoders = model.family().encoders.iter().map(|e| e.component);
+    options.text_encoder_on_host = encoders.any(|name| plan.stage(name).is_some_and(|s| s.options.on_host));
     Ok(options)
 }

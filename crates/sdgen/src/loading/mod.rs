@@ -3,6 +3,7 @@
 //! one [`ModelFolder`]; weights memory-mapped and converted tensor by tensor straight to the target
 //! dtype and device (never a whole-model f32 copy).
 
+pub mod denoiser;
 pub mod family;
 pub mod read_backend;
 pub mod safetensors_header;
@@ -16,6 +17,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
+pub use denoiser::DenoiserGeometry;
 pub use family::{FamilySpec, FAMILIES};
 pub use safetensors_header::{SafetensorsHeader, TensorInfo};
 pub use single_file::{Checkpoint, ComponentView};
@@ -153,10 +155,17 @@ impl ModelFolder {
             checkpoint: None,
             overrides: Vec::new(),
         };
-        let denoiser = folder.weights("unet")?;
         // A component is named when `model_index.json` maps it to a (library, class) pair, not null.
         let has_component =
             |c: &str| index.get(c).and_then(|v| v.as_array()).is_some_and(|a| a.iter().all(|x| !x.is_null()));
+        // The markers are read from the first denoiser folder of the families the index names
+        // (the first family's when it names none, which then reports that folder missing).
+        let denoiser_dir = FAMILIES
+            .iter()
+            .map(|f| f.denoiser.component)
+            .find(|c| has_component(c))
+            .unwrap_or(FAMILIES[0].denoiser.component);
+        let denoiser = folder.weights(denoiser_dir)?;
         folder.family =
             family::detect(&folder.pipeline_class, has_component, |k| denoiser.has(k)).ok_or_else(|| {
                 let known: Vec<_> =
@@ -214,7 +223,7 @@ impl ModelFolder {
         }
         let vae: sdgen_models::vae::VaeConfig = read_json(&config_path)?;
         let own: sdgen_models::vae::VaeConfig = self.config("vae", "config.json")?;
-        let unet: sdgen_models::unet::UNetConfig = self.config("unet", "config.json")?;
+        let unet = self.denoiser_geometry()?;
         if vae.latent_channels != unet.in_channels || vae.scale_factor() != own.scale_factor() {
             return Err(Error::InvalidInput(format!(
                 "--vae {}: its latents have {} channels at 1/{} scale, but {}'s UNet works on {} channels at 1/{} \

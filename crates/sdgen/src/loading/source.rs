@@ -3,19 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
+use super::family::{SD15, SDXL, SDXL_REFINER};
 use super::{ModelFolder, OpenOptions};
 use crate::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
 use crate::Result;
 
-/// Named models and the hub repositories they stand for.
-pub const NAMED_MODELS: &[(&str, &str)] = &[
-    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
-    ("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0"),
-    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-];
+/// Named models and the hub repositories they stand for: each family row by its name.
+pub const NAMED_MODELS: &[(&str, &str)] =
+    &[(SDXL.name, SDXL.hub_repo), (SDXL_REFINER.name, SDXL_REFINER.hub_repo), (SD15.name, SD15.hub_repo)];
 
 /// The model used when none is given: SDXL base, the everyday model.
-pub const DEFAULT_MODEL: &str = "sdxl";
+pub const DEFAULT_MODEL: &str = SDXL.name;
 
 /// A `--model` value, classified.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,6 +16,7 @@ use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 
 use super::stages::{loaded, stage, StageLog};
 use super::{Progress, Request, Runtime};
+use crate::loading::family::{ContextJoin, HiddenLayer, MicroConditioning, TextEncoderArch, TextEncoderSpec};
 use crate::loading::{model_error, ModelFolder};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -31,27 +32,11 @@ pub const NEGATIVE_AESTHETIC_SCORE: f64 = 2.5;
 pub struct Conditioning {
     /// Cross-attention context, `[B, tokens, cross_attention_dim]`, in the run's dtype.
     pub context: Tensor,
-    /// SDXL's added conditioning: the pooled text embeddings `[B, d]` and the time ids `[B, k]`.
-    pub added: Option<(Tensor, Tensor)>,
-}
-
-/// What the text encoders of a family are and how their outputs combine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// SD 1.x: one encoder, last hidden state.
-    Sd15,
-    /// SDXL base: two encoders, penultimate states concatenated, size/crop/target time ids.
-    SdxlBase,
-    /// SDXL refiner: the second encoder only, size/crop/aesthetic time ids.
-    SdxlRefiner,
-}
-
-fn kind(model: &ModelFolder) -> Kind {
-    match model.family().name {
-        "sdxl" => Kind::SdxlBase,
-        "sdxl-refiner" => Kind::SdxlRefiner,
-        _ => Kind::Sd15,
-    }
+    /// The projected pooled text embeddings `[B, d]`, for families whose encoders have a
+    /// projection (SDXL's `text_embeds`).
+    pub pooled: Option<Tensor>,
+    /// The micro-conditioning numbers `[B, k]` (SDXL's `time_ids`).
+    pub time_ids: Option<Tensor>,
 }
 
 /// The image size the micro-conditioning describes: `(height, width)` of the generated image
@@ -72,9 +57,9 @@ struct Encoded {
     pooled: Vec<Tensor>,
 }
 
-/// Runs the text-encoder stage(s) of `model` and returns the conditioning of a batch of `req.n`.
-/// `refiner`: the stages are the refiner's half of a base → refiner run (named `refiner_*`, so
-/// the metadata keeps both halves apart).
+/// Runs the text-encoder stage(s) of `model`, one per encoder of its family, and returns the
+/// conditioning of a batch of `req.n`. `refiner`: the stages are the refiner's half of a base →
+/// refiner run (named `refiner_*`, so the metadata keeps both halves apart).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn encode_prompts(
     model: &ModelFolder,
@@ -87,74 +72,98 @@ pub(super) fn encode_prompts(
     warnings: &mut Vec<String>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Conditioning> {
-    let kind = kind(model);
     let mut texts = Vec::new();
     if cfg_guidance {
         texts.push(req.negative_prompt.clone().unwrap_or_default());
     }
     texts.push(req.prompt.clone());
-    let encoders: &[(&'static str, &'static str, bool)] = match kind {
-        Kind::Sd15 => &[("text_encoder", "tokenizer", false)],
-        Kind::SdxlBase => &[("text_encoder", "tokenizer", false), ("text_encoder_2", "tokenizer_2", true)],
-        Kind::SdxlRefiner => &[("text_encoder_2", "tokenizer_2", true)],
-    };
     let mut outputs = Vec::new();
-    for &(component, tokenizer, projection) in encoders {
-        let penultimate = kind != Kind::Sd15;
-        let name = match (refiner, component) {
-            (true, "text_encoder_2") => "refiner_text_encoder_2",
-            _ => component,
-        };
-        let out = stage(name, progress, log, rt, |rt, progress| {
-            encode_with(
-                name,
-                model,
-                component,
-                tokenizer,
-                projection,
-                penultimate,
-                &texts,
-                cfg_guidance,
-                rt,
-                warnings,
-                progress,
-            )
+    for spec in model.family().encoders {
+        let name = if refiner { format!("refiner_{}", spec.component) } else { spec.component.to_string() };
+        let out = stage(&name, progress, log, rt, |rt, progress| {
+            encode_with(&name, model, spec, &texts, cfg_guidance, rt, warnings, progress)
         })?;
-        outputs.push(out);
+        outputs.push((spec, out));
     }
+    // With no negative prompt, the families that honour `force_zeros_for_empty_prompt` (read from
+    // the folder, diffusers' default true; the official refiner's is false) guide against zeros.
+    let zero_negative = cfg_guidance
+        && req.negative_prompt.is_none()
+        && model.family().conditioning.zeros_for_empty_negative
+        && force_zeros_for_empty_prompt(model)?;
+    let (hidden, pooled) = combine(&outputs, texts.len(), zero_negative)?;
     let n = req.n;
     let batch = |per_prompt: &[Tensor]| -> Result<Tensor> {
         let parts: Vec<Tensor> = per_prompt.iter().map(|e| e.repeat((n, 1, 1))).collect::<candle_core::Result<_>>()?;
         Ok(Tensor::cat(&parts, 0)?)
     };
-    if kind == Kind::Sd15 {
-        let context = batch(&outputs[0].hidden)?;
-        return Ok(Conditioning { context, added: None });
-    }
-
-    // SDXL: per prompt, the encoders' states side by side; the last encoder's pooled output.
-    let mut hidden: Vec<Tensor> = (0..texts.len())
-        .map(|i| {
-            let parts: Vec<&Tensor> = outputs.iter().map(|o| &o.hidden[i]).collect();
-            Ok(Tensor::cat(&parts, 2)?)
-        })
-        .collect::<Result<_>>()?;
-    let last = outputs.last().expect("SDXL has a text encoder");
-    let mut pooled: Vec<Tensor> = last.pooled.clone();
-    // diffusers reads the flag in both SDXL pipelines (the official refiner's is false).
-    if cfg_guidance && req.negative_prompt.is_none() && force_zeros_for_empty_prompt(model)? {
-        hidden[0] = hidden[0].zeros_like()?;
-        pooled[0] = pooled[0].zeros_like()?;
-    }
     let context = batch(&hidden)?;
-    let pooled: Vec<Tensor> = pooled.iter().map(|p| p.unsqueeze(0)).collect::<candle_core::Result<_>>()?;
-    let text_embeds = batch(&pooled)?.squeeze(1)?;
-    let rows = time_id_rows(kind, size, cfg_guidance);
+    let pooled = match pooled {
+        Some(p) => {
+            let p: Vec<Tensor> = p.iter().map(|p| p.unsqueeze(0)).collect::<candle_core::Result<_>>()?;
+            Some(batch(&p)?.squeeze(1)?)
+        }
+        None => None,
+    };
+    let time_ids = match (model.family().conditioning.micro, &pooled) {
+        (Some(micro), Some(pooled)) => Some(time_ids(model, micro, size, cfg_guidance, n, pooled.dim(1)?, rt)?),
+        _ => None,
+    };
+    Ok(Conditioning { context, pooled, time_ids })
+}
+
+/// Per prompt, the context and the pooled text from the encoders' outputs, as their specs say:
+/// the `Channels` encoders' hidden states side by side, each `Tokens` encoder's appended along
+/// the tokens (zero-padded to the wider channels); the pooled outputs of the encoders with a
+/// projection side by side. `zero_negative`: prompt 0 (the negative) becomes zeros.
+fn combine(
+    outputs: &[(&TextEncoderSpec, Encoded)],
+    prompts: usize,
+    zero_negative: bool,
+) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+    let mut hidden = Vec::with_capacity(prompts);
+    for i in 0..prompts {
+        let side_by_side: Vec<&Tensor> =
+            outputs.iter().filter(|(s, _)| s.join == ContextJoin::Channels).map(|(_, o)| &o.hidden[i]).collect();
+        let mut context = Tensor::cat(&side_by_side, 2)?;
+        for (_, o) in outputs.iter().filter(|(s, _)| s.join == ContextJoin::Tokens) {
+            let width = context.dim(2)?.max(o.hidden[i].dim(2)?);
+            let pad = |t: &Tensor| t.pad_with_zeros(2, 0, width - t.dim(2).unwrap_or(width));
+            context = Tensor::cat(&[pad(&context)?, pad(&o.hidden[i])?], 1)?;
+        }
+        hidden.push(context);
+    }
+    let projected: Vec<&Encoded> = outputs.iter().filter(|(s, _)| s.projection).map(|(_, o)| o).collect();
+    let mut pooled = if projected.is_empty() {
+        None
+    } else {
+        let per_prompt = |i: usize| Tensor::cat(&projected.iter().map(|o| &o.pooled[i]).collect::<Vec<_>>(), 1);
+        Some((0..prompts).map(per_prompt).collect::<candle_core::Result<Vec<_>>>()?)
+    };
+    if zero_negative {
+        hidden[0] = hidden[0].zeros_like()?;
+        if let Some(p) = pooled.as_mut() {
+            p[0] = p[0].zeros_like()?;
+        }
+    }
+    Ok((hidden, pooled))
+}
+
+/// The micro-conditioning `[B, k]` of the batch, checked against what the denoiser's added
+/// embedding takes (6 numbers for the base's sizes, 5 for the refiner's aesthetic score): a
+/// mismatch is a model that is not what its family says.
+fn time_ids(
+    model: &ModelFolder,
+    micro: MicroConditioning,
+    size: ImageSize,
+    cfg_guidance: bool,
+    n: usize,
+    pooled_dim: usize,
+    rt: &Runtime,
+) -> Result<Tensor> {
+    let rows = time_id_rows(micro, size, cfg_guidance);
     let k = rows[0].len();
-    // The UNet's added embedding fixes how many numbers it takes (6 for the base's sizes, 5 for
-    // the refiner's aesthetic score): a mismatch is a model that is not what its family says.
-    let unet: sdgen_models::unet::UNetConfig = model.config("unet", "config.json")?;
-    let pooled_dim = text_embeds.dim(1)?;
+    let unet: sdgen_models::unet::UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     if let Some(want) = unet.time_ids_len(pooled_dim) {
         if want != k {
             return Err(Error::BadModel(format!(
@@ -172,18 +181,17 @@ pub(super) fn encode_prompts(
             values.extend(row.iter().map(|&v| v as f32));
         }
     }
-    let time_ids = Tensor::from_vec(values, (rows.len() * n, k), &rt.device)?.to_dtype(rt.dtype)?;
-    Ok(Conditioning { context, added: Some((text_embeds, time_ids)) })
+    Ok(Tensor::from_vec(values, (rows.len() * n, k), &rt.device)?.to_dtype(rt.dtype)?)
 }
 
 /// The time-id rows, negative first when guiding. Base: `[h, w, 0, 0, h, w]` for both halves
 /// (diffusers uses the positive sizes for the negative half unless told otherwise). Refiner:
 /// `[h, w, 0, 0, score]` with the aesthetic scores.
-fn time_id_rows(kind: Kind, size: ImageSize, cfg_guidance: bool) -> Vec<Vec<f64>> {
+fn time_id_rows(micro: MicroConditioning, size: ImageSize, cfg_guidance: bool) -> Vec<Vec<f64>> {
     let (h, w) = (size.height as f64, size.width as f64);
-    let row = |score: f64| match kind {
-        Kind::SdxlRefiner => vec![h, w, 0.0, 0.0, score],
-        _ => vec![h, w, 0.0, 0.0, h, w],
+    let row = |score: f64| match micro {
+        MicroConditioning::AestheticScore => vec![h, w, 0.0, 0.0, score],
+        MicroConditioning::TargetSize => vec![h, w, 0.0, 0.0, h, w],
     };
     let mut rows = Vec::new();
     if cfg_guidance {
@@ -205,24 +213,23 @@ fn force_zeros_for_empty_prompt(model: &ModelFolder) -> Result<bool> {
 fn encode_with(
     stage_name: &str,
     model: &ModelFolder,
-    component: &'static str,
-    tokenizer_dir: &str,
-    projection: bool,
-    penultimate: bool,
+    spec: &TextEncoderSpec,
     texts: &[String],
     cfg_guidance: bool,
     rt: &Runtime,
     warnings: &mut Vec<String>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Encoded> {
-    let tokenizer = ClipTokenizer::from_dir(&model.component_dir(tokenizer_dir)?)?;
-    let cfg: ClipTextConfig = model.config(component, "config.json")?;
-    let weights = model.weights(component)?;
+    // The tokenizer and model follow the architecture (a new one is a new arm here).
+    let TextEncoderArch::Clip = spec.arch;
+    let tokenizer = ClipTokenizer::from_dir(&model.component_dir(spec.tokenizer)?)?;
+    let cfg: ClipTextConfig = model.config(spec.component, "config.json")?;
+    let weights = model.weights(spec.component)?;
     // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
     let (device, dtype) =
         if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
-    let what = if projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
-    let encoder = ClipTextModel::new(&cfg, projection, weights.var_builder(dtype, &device)?)
+    let what = if spec.projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
+    let encoder = ClipTextModel::new(&cfg, spec.projection, weights.var_builder(dtype, &device)?)
         .map_err(|e| model_error(&weights, what, e))?;
     loaded(progress, stage_name);
     let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
@@ -242,14 +249,69 @@ fn encode_with(
         }
         let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
         let o = encoder.forward(&ids)?;
-        let hidden = if penultimate { o.penultimate_hidden_state } else { o.last_hidden_state };
+        let hidden = match spec.layer {
+            HiddenLayer::Last => o.last_hidden_state,
+            HiddenLayer::Penultimate => o.penultimate_hidden_state,
+        };
         out.hidden.push(hidden.to_dtype(rt.dtype)?.to_device(&rt.device)?);
-        if projection {
+        if spec.projection {
             let pooled = o.text_embeds.ok_or_else(|| {
-                Error::BadModel(format!("{} has no text projection, which SDXL needs", weights.describe()))
+                Error::BadModel(format!(
+                    "{} has no text projection, which {} needs",
+                    weights.describe(),
+                    model.family().display
+                ))
             })?;
             out.pooled.push(pooled.to_dtype(rt.dtype)?.to_device(&rt.device)?);
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(projection: bool, join: ContextJoin) -> TextEncoderSpec {
+        TextEncoderSpec {
+            component: "text_encoder",
+            tokenizer: "tokenizer",
+            arch: TextEncoderArch::Clip,
+            layer: HiddenLayer::Last,
+            projection,
+            join,
+        }
+    }
+
+    fn encoded(tokens: usize, width: usize, value: f32, pooled: Option<usize>) -> Encoded {
+        let t = |shape: &[usize]| Tensor::full(value, shape, &Device::Cpu).unwrap();
+        let per_prompt = |shape: &[usize]| vec![t(shape), t(shape)];
+        Encoded { hidden: per_prompt(&[1, tokens, width]), pooled: pooled.map_or(Vec::new(), |d| per_prompt(&[1, d])) }
+    }
+
+    /// SDXL's shape: states side by side along the channels, the projected encoder's pooled text.
+    #[test]
+    fn channel_encoders_sit_side_by_side() {
+        let (a, b) = (spec(false, ContextJoin::Channels), spec(true, ContextJoin::Channels));
+        let outputs = [(&a, encoded(3, 2, 1.0, None)), (&b, encoded(3, 4, 2.0, Some(5)))];
+        let (hidden, pooled) = combine(&outputs, 2, false).unwrap();
+        assert_eq!(hidden[1].dims(), &[1, 3, 6]);
+        let row: Vec<f32> = hidden[1].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&row[..6], &[1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
+        assert_eq!(pooled.unwrap()[0].dims(), &[1, 5]);
+    }
+
+    /// A token-joined encoder follows along the tokens, the narrower zero-padded (SD 3's T5).
+    #[test]
+    fn token_encoders_follow_padded() {
+        let (a, t5) = (spec(true, ContextJoin::Channels), spec(false, ContextJoin::Tokens));
+        let outputs = [(&a, encoded(2, 2, 1.0, Some(2))), (&t5, encoded(3, 4, 3.0, None))];
+        let (hidden, _) = combine(&outputs, 2, true).unwrap();
+        assert_eq!(hidden[1].dims(), &[1, 5, 4]);
+        let v: Vec<f32> = hidden[1].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&v[..4], &[1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(&v[8..12], &[3.0; 4]);
+        // The zeroed negative half.
+        assert_eq!(hidden[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
 }

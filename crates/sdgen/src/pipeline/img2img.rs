@@ -153,10 +153,10 @@ fn initial_latents(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let weights = model.weights("vae")?;
-    // SDXL's img2img pipelines encode with the VAE in f32 when its config says `force_upcast`,
-    // whatever the run's dtype; SD 1.5's encodes in the run's dtype.
-    let sdxl = model.family().name.starts_with("sdxl");
-    let vae_dtype = if sdxl && vae_cfg.force_upcast.unwrap_or(true) { DType::F32 } else { rt.dtype };
+    // SDXL's img2img pipelines (families that honour `force_upcast`) encode with the VAE in f32
+    // when its config says so, whatever the run's dtype; SD 1.5's encodes in the run's dtype.
+    let upcast = model.family().vae.honours_force_upcast && vae_cfg.force_upcast.unwrap_or(true);
+    let vae_dtype = if upcast { DType::F32 } else { rt.dtype };
     let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(vae_dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
     vae.set_attention_options(sdgen_models::attention::AttentionOptions { slice: rt.options.vae_attention_slice });
@@ -208,7 +208,7 @@ pub fn img2img(
     // 4. Initial latents: one generator per image, seeded `seed + i`; the VAE sample, the added
     //    noise and then the ancestral steps all draw from them, in diffusers' order.
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
-    let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
+    let unet_cfg: UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     let generators = BatchNoise::for_batch_with_noise(base.seed, base.n, TorchNoise::from_env()?);
     // A retried stage starts again from the generators' state before it.
     let (latents, generators) = stage("vae_encoder", progress, &mut log, rt, |rt, progress| {
@@ -229,9 +229,10 @@ pub fn img2img(
     drop(image);
 
     // 5. Denoise from the first step on.
-    let latents = stage("unet", progress, &mut log, rt, |rt, progress| {
+    let denoiser = model.denoiser_component();
+    let latents = stage(denoiser, progress, &mut log, rt, |rt, progress| {
         denoise(
-            "unet",
+            denoiser,
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),

@@ -234,6 +234,15 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
             })?
         }
     };
+    if scheduler.schedule() != family.schedule {
+        return bad(format!(
+            "--scheduler {} samples a {:?} schedule; {} is trained with a {:?} one",
+            scheduler.name(),
+            scheduler.schedule(),
+            family.display,
+            family.schedule
+        ));
+    }
     // The schedule itself is checked now (each scheduler's step limits), not after the models load.
     crate::schedulers::build(scheduler, &scheduler_config(model)?, steps)?;
     Ok(Settings { steps, guidance, width, height, scheduler })
@@ -244,10 +253,10 @@ pub fn scheduler_config(model: &ModelFolder) -> Result<SchedulerConfig> {
     SchedulerConfig::from_file(model.component_dir("scheduler")?.join("scheduler_config.json"))
 }
 
-/// The size the model was trained at: the UNet's `sample_size` × the VAE's factor.
+/// The size the model was trained at: the denoiser's `sample_size` × the VAE's factor.
 fn default_size(model: &ModelFolder) -> Result<(usize, usize)> {
-    let unet: sdgen_models::unet::UNetConfig = model.config("unet", "config.json")?;
+    let denoiser = model.denoiser_geometry()?;
     let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
-    let side = unet.sample_size.unwrap_or(64) * vae.scale_factor();
+    let side = denoiser.sample_size.unwrap_or(64) * vae.scale_factor();
     Ok((side, side))
 }

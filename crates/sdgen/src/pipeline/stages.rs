@@ -139,7 +139,7 @@ pub(super) fn loaded(progress: &mut dyn FnMut(Progress), stage: &str) {
 /// is returned aggressively, and the stage runs again with the next leaner options; the failure
 /// and the fallback are recorded in `log.failures`. The body gets the runtime to use.
 pub(super) fn stage<T>(
-    name: &'static str,
+    name: &str,
     progress: &mut dyn FnMut(Progress),
     log: &mut StageLog,
     rt: &Runtime,
@@ -201,7 +201,7 @@ pub(super) fn denoise(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let cfg_guidance = guidance > 1.0;
-    let weights = model.weights("unet")?;
+    let weights = model.weights(model.denoiser_component())?;
     let unet = UNet2DConditionModel::new(unet_cfg, weights.var_builder(rt.dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "a UNet2DConditionModel", e))?;
     unet.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
@@ -213,7 +213,10 @@ pub(super) fn denoise(
     for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(first_step) {
         let input = if cfg_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(&input, i)?;
-        let added = cond.added.as_ref().map(|(text_embeds, time_ids)| AddedConditioning { text_embeds, time_ids });
+        let added = match (&cond.pooled, &cond.time_ids) {
+            (Some(text_embeds), Some(time_ids)) => Some(AddedConditioning { text_embeds, time_ids }),
+            _ => None,
+        };
         let pred = unet.forward_with(&input, t, &cond.context, added.as_ref())?;
         let pred = if cfg_guidance {
             let parts = pred.chunk(2, 0)?;
@@ -258,11 +261,11 @@ pub(super) fn decode(
         .to_device(&Device::Cpu)?)
 }
 
-/// The dtype the VAE decodes in: SDXL's pipelines upcast an f16 VAE whose config says
-/// `force_upcast` to f32 (its activations overflow f16); bf16 and SD 1.5 stay as they are.
+/// The dtype the VAE decodes in: the families that honour `force_upcast` (SDXL's pipelines)
+/// upcast an f16 VAE whose config says so to f32 (its activations overflow f16); bf16 and the
+/// others (SD 1.5) stay as they are.
 pub(super) fn decode_dtype(model: &ModelFolder, vae_cfg: &VaeConfig, dtype: DType) -> DType {
-    let sdxl = model.family().name.starts_with("sdxl");
-    if sdxl && dtype == DType::F16 && vae_cfg.force_upcast.unwrap_or(true) {
+    if model.family().vae.honours_force_upcast && dtype == DType::F16 && vae_cfg.force_upcast.unwrap_or(true) {
         DType::F32
     } else {
         dtype

@@ -25,7 +25,8 @@ pub const DEFAULT_HIGH_NOISE_FRACTION: f64 = 0.8;
 /// A refiner to finish a text-to-image run.
 #[derive(Debug, Clone, Copy)]
 pub struct Refiner<'a> {
-    /// The refiner model (family `sdxl-refiner`).
+    /// The refiner model (a family that [`refines`](crate::loading::FamilySpec::refines) the
+    /// base's).
     pub model: &'a ModelFolder,
     /// Where the base hands over, as a fraction of the schedule in (0, 1): the base's
     /// `denoising_end` and the refiner's `denoising_start`.
@@ -69,7 +70,7 @@ pub fn txt2img(
 /// Checks that `refiner` can finish `model`'s runs before anything is loaded.
 pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
     let r = refiner.model;
-    if r.family().name != "sdxl-refiner" {
+    let Some(base_family) = r.family().refines else {
         return Err(Error::InvalidInput(format!(
             "--refiner {} is {} ({}), not an SDXL refiner (a StableDiffusionXLImg2ImgPipeline with only \
              text_encoder_2, such as stabilityai/stable-diffusion-xl-refiner-1.0)",
@@ -77,8 +78,8 @@ pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
             r.family().display,
             r.pipeline_class()
         )));
-    }
-    if model.family().name != "sdxl" {
+    };
+    if base_family.name != model.family().name {
         return Err(Error::InvalidInput(format!(
             "--refiner refines SDXL base runs; {} is {}",
             model.root().display(),
@@ -91,8 +92,8 @@ pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
     }
     let base_vae: VaeConfig = model.config("vae", "config.json")?;
     let refiner_vae: VaeConfig = r.config("vae", "config.json")?;
-    let base_unet: UNetConfig = model.config("unet", "config.json")?;
-    let refiner_unet: UNetConfig = r.config("unet", "config.json")?;
+    let base_unet = model.denoiser_geometry()?;
+    let refiner_unet = r.denoiser_geometry()?;
     let mismatch = |what: String| {
         Err(Error::InvalidInput(format!("--refiner {} cannot continue from the base: {what}", r.root().display())))
     };
@@ -156,18 +157,19 @@ pub fn txt2img_refined(
     //    The same generators then go to the scheduler, whose ancestral steps draw from them as
     //    diffusers' do (`generator=` reaches both `prepare_latents` and `scheduler.step`).
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
-    let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
+    let unet_cfg: UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     let f = vae_cfg.scale_factor();
     let mut generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
-    let shape = [req.n, unet_cfg.in_channels, settings.height / f, settings.width / f];
+    let shape = [req.n, model.family().latent_channels, settings.height / f, settings.width / f];
     let noise = generators.randn(&shape, rt.dtype, &rt.device)?;
     let latents = mul_scalar(&noise, scheduler.init_noise_sigma() as f32)?;
 
     // 4. Denoise.
     // A retried stage starts again from a fresh scheduler and the generators' state before it.
-    let latents = stage("unet", progress, &mut log, rt, |rt, progress| {
+    let denoiser = model.denoiser_component();
+    let latents = stage(denoiser, progress, &mut log, rt, |rt, progress| {
         denoise(
-            "unet",
+            denoiser,
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),
@@ -232,13 +234,14 @@ fn refine_latents(
         n += 1;
     }
     let start = timesteps.len().saturating_sub(n);
-    let unet_cfg: UNetConfig = model.config("unet", "config.json")?;
+    let unet_cfg: UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     // As a second pipeline call with `generator=` seeded the same: fresh generators.
     let generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
-    let latents = stage("refiner_unet", progress, log, rt, |rt, progress| {
+    let denoiser = format!("refiner_{}", model.denoiser_component());
+    let latents = stage(&denoiser, progress, log, rt, |rt, progress| {
         denoise(
-            "refiner_unet",
+            &denoiser,
             model,
             &unet_cfg,
             build_scheduler()?.as_mut(),

@@ -56,6 +56,14 @@ pub use pndm::PndmScheduler;
 use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
+/// The kind of noise schedule a model was trained with; a scheduler samples one kind only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScheduleKind {
+    /// Discrete-time diffusion over `num_train_timesteps` (ε- or v-prediction), as SD 1.x and
+    /// SDXL are trained.
+    Discrete,
+}
+
 /// The scheduler algorithms sdgen implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
@@ -132,6 +140,18 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+        }
+    }
+
+    /// The kind of schedule this scheduler samples; a model trained with another is refused.
+    pub fn schedule(self) -> ScheduleKind {
+        match self {
+            SchedulerKind::Pndm
+            | SchedulerKind::Ddim
+            | SchedulerKind::Euler
+            | SchedulerKind::EulerAncestral
+            | SchedulerKind::DpmPp2m
+            | SchedulerKind::DpmPp2mKarras => ScheduleKind::Discrete,
         }
     }
 

@@ -1,0 +1,99 @@
+//! The typed parts of a family row: what its denoiser, text encoders, conditioning, latents, VAE
+//! and schedule are. Each pipeline decision that differs between families reads one of these
+//! fields; none compares a family's name.
+
+use sdgen_memory::plan::FamilyProfile;
+
+/// A family's denoiser: the folder it is stored in and the architecture that runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct DenoiserSpec {
+    /// Its component folder (`unet`; SD 3's is `transformer`). The denoising stage is named
+    /// after it too (`unet`, `refiner_unet`).
+    pub component: &'static str,
+    /// The architecture behind `sdgen_models::denoiser::Denoiser`.
+    pub arch: DenoiserArch,
+}
+
+/// The denoiser architectures this build knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenoiserArch {
+    /// diffusers' `UNet2DConditionModel` (SD 1.x, SDXL base and refiner).
+    UNet2DCondition,
+}
+
+/// The text encoder architectures (each brings its tokenizer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoderArch {
+    /// transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`, with the CLIP BPE tokenizer.
+    Clip,
+}
+
+/// Which hidden state of an encoder conditions the denoiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenLayer {
+    /// The final layer's output, after the final norm (SD 1.x).
+    Last,
+    /// `hidden_states[-2]`, before the final norm (SDXL, SD 3).
+    Penultimate,
+}
+
+/// How an encoder's hidden states join the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextJoin {
+    /// Side by side with the other `Channels` encoders' states, along the channels (SDXL's
+    /// `torch.concat(prompt_embeds_list, dim=-1)`).
+    Channels,
+    /// After them along the tokens, the narrower of the two zero-padded to the wider's channels
+    /// (SD 3's T5 states after its CLIP states).
+    Tokens,
+}
+
+/// One text encoder of a family, as data.
+#[derive(Debug, Clone, Copy)]
+pub struct TextEncoderSpec {
+    /// Its component folder (`text_encoder_2`); its stage has the same name.
+    pub component: &'static str,
+    /// Its tokenizer's folder (`tokenizer_2`).
+    pub tokenizer: &'static str,
+    /// What runs it.
+    pub arch: TextEncoderArch,
+    /// Which hidden state conditions the denoiser.
+    pub layer: HiddenLayer,
+    /// Whether its projected pooled output conditions the denoiser too (SDXL's second encoder,
+    /// a `CLIPTextModelWithProjection`). The pooled outputs of all such encoders are concatenated.
+    pub projection: bool,
+    /// How its hidden states join the context.
+    pub join: ContextJoin,
+}
+
+/// SDXL's micro-conditioning: what the `time_ids` after the original size and crop hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicroConditioning {
+    /// The target size: `[h, w, 0, 0, h, w]` (the base).
+    TargetSize,
+    /// The aesthetic score: `[h, w, 0, 0, score]` (the refiner).
+    AestheticScore,
+}
+
+/// How the encoders' outputs become the denoiser's conditioning (beyond what each
+/// [`TextEncoderSpec`] says).
+#[derive(Debug, Clone, Copy)]
+pub struct ConditioningSpec {
+    /// The micro-conditioning numbers, if the denoiser takes them.
+    pub micro: Option<MicroConditioning>,
+    /// Whether `force_zeros_for_empty_prompt` of `model_index.json` is honoured: with no negative
+    /// prompt, the negative half is zeros instead of the encoded "" (both SDXL pipelines).
+    pub zeros_for_empty_negative: bool,
+}
+
+/// What the pipelines do with the VAE beyond its config (whose `scaling_factor` and
+/// `shift_factor` they always apply).
+#[derive(Debug, Clone, Copy)]
+pub struct VaeSpec {
+    /// Whether the config's `force_upcast` is honoured: encode in f32 under any half precision,
+    /// decode in f32 under f16 (SDXL's pipelines; SD 1.5's ignore the flag).
+    pub honours_force_upcast: bool,
+}
+
+/// The memory planner's profile of a family (`sdgen_memory` names its constructors itself).
+pub type ProfileFn = fn() -> FamilyProfile;

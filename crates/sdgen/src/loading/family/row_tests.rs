@@ -1,0 +1,92 @@
+//! The family table's rows agree with themselves, with the recognition tables, the named models
+//! and the planner's profiles.
+
+use super::*;
+use crate::loading::{DEFAULT_MODEL, NAMED_MODELS};
+
+#[test]
+fn every_row_names_the_folders_it_reads() {
+    for f in FAMILIES {
+        let named = |c: &str| f.components.contains(&c) && !f.absent_components.contains(&c);
+        assert!(named(f.denoiser.component), "{}: denoiser `{}`", f.name, f.denoiser.component);
+        assert!(!f.encoders.is_empty(), "{} has no text encoder", f.name);
+        for e in f.encoders {
+            assert!(named(e.component) && named(e.tokenizer), "{}: encoder `{}`", f.name, e.component);
+        }
+        if let Some(layout) = f.single_file {
+            let held: Vec<&str> = layout.components.iter().map(|c| c.component).collect();
+            for c in f.encoders.iter().map(|e| e.component).chain([f.denoiser.component, "vae"]) {
+                assert!(held.contains(&c), "{}: its single files hold no `{c}`", f.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_row_conditions_consistently() {
+    for f in FAMILIES {
+        // Micro-conditioning rides on SDXL's added embedding, which needs the pooled text.
+        assert!(f.conditioning.micro.is_none() || f.takes_pooled_text(), "{}", f.name);
+        // Token-joined states are appended to the channel-joined ones, so one of those must exist.
+        assert!(f.encoders.iter().any(|e| e.join == ContextJoin::Channels), "{}", f.name);
+        assert!(f.latent_channels > 0 && f.size_multiple > 0, "{}", f.name);
+    }
+}
+
+#[test]
+fn refiners_continue_a_base_with_their_latents() {
+    for f in FAMILIES {
+        if let Some(base) = f.refines {
+            let row = FamilySpec::by_name(base.name).expect("the base is a row");
+            assert!(row.refines.is_none(), "{} refines a refiner", f.name);
+            assert_eq!(row.latent_channels, f.latent_channels, "{}", f.name);
+            assert_eq!(row.schedule, f.schedule, "{}", f.name);
+        }
+    }
+}
+
+#[test]
+fn names_are_unique_and_found() {
+    for (i, f) in FAMILIES.iter().enumerate() {
+        assert!(FAMILIES[..i].iter().all(|g| g.name != f.name), "{} twice", f.name);
+        assert!(std::ptr::eq(FamilySpec::by_name(f.name).unwrap(), f));
+    }
+    assert!(FamilySpec::by_name("sd3").is_none());
+}
+
+#[test]
+fn planner_profiles_are_the_rows_own() {
+    for f in FAMILIES {
+        assert_eq!(f.memory_profile().id, f.name);
+    }
+}
+
+#[test]
+fn named_models_are_rows() {
+    assert!(FamilySpec::by_name(DEFAULT_MODEL).is_some());
+    for (name, repo) in NAMED_MODELS {
+        assert_eq!(FamilySpec::by_name(name).map(|f| f.hub_repo), Some(*repo), "{name}");
+    }
+    assert_eq!(NAMED_MODELS.len(), FAMILIES.len());
+}
+
+#[test]
+fn recognised_files_run_on_rows_with_single_files() {
+    for s in SIGNATURES.iter().chain(PART_SIGNATURES) {
+        if let Some(f) = s.family {
+            let row = FamilySpec::by_name(f.name).expect("a row");
+            assert!(row.single_file.is_some(), "{} runs on {} without single files", s.display, f.name);
+        }
+    }
+}
+
+#[test]
+fn detection_finds_every_row_by_its_classes() {
+    for f in FAMILIES {
+        let has_component = |c: &str| f.components.contains(&c);
+        let has_tensor = |k: &str| f.denoiser_markers.contains(&k);
+        for class in f.pipeline_classes {
+            assert_eq!(detect(class, has_component, has_tensor).map(|d| d.name), Some(f.name), "{class}");
+        }
+    }
+}
