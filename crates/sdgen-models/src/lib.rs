@@ -1,5 +1,5 @@
 //! Candle modules for the Stable Diffusion families: the CLIP text encoder, the conditional UNet
-//! and the KL autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
+//! (behind the [`denoiser::Denoiser`] seam the pipelines call) and the KL autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
 //! diffusers / transformers checkpoint key names, and a `forward`.
 //!
 //! Model code never sees paths, the hub or the command line. Every attention, normalisation,
@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+pub mod denoiser;
 pub mod ops;
 pub mod resnet;
 pub mod unet;

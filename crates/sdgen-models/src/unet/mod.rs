@@ -11,6 +11,8 @@ pub use transformer::{CrossAttention, Transformer2D, TransformerSpec};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::attention::AttentionOptions;
+use crate::denoiser::{Conditioning, Denoiser};
 use crate::ops::conv::{conv3x3, Conv2d};
 use crate::ops::linear::{linear, Linear};
 use crate::ops::norm::GroupNorm;
@@ -264,17 +266,25 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
+        self.forward_at(sample, &vec![timestep; sample.dim(0)?], context, added)
+    }
+
+    /// [`Self::forward_with`] with one timestep per batch entry.
+    fn forward_at(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
+        if timesteps.len() != b {
+            candle_core::bail!("{} timesteps for a batch of {b}", timesteps.len());
+        }
         let dtype = sample.dtype();
         let boc0 = self.cfg.block_out_channels[0];
-        let t = timestep_embedding(
-            &vec![timestep; b],
-            boc0,
-            self.cfg.flip_sin_to_cos,
-            self.cfg.freq_shift,
-            sample.device(),
-        )?
-        .to_dtype(dtype)?;
+        let t = timestep_embedding(timesteps, boc0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift, sample.device())?
+            .to_dtype(dtype)?;
         let mut emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
         match (&self.add_embedding, added) {
             (Some(add), Some(added)) => emb = (emb + self.added_embedding(add, added, b, dtype)?)?,
@@ -335,5 +345,23 @@ impl UNet2DConditionModel {
         }
         let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
+    }
+}
+
+impl Denoiser for UNet2DConditionModel {
+    /// SDXL's added conditioning is the pooled text with the time ids; a model that takes it
+    /// needs both (see [`Self::forward_with`]).
+    fn forward(&self, latents: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let t: Vec<f64> = timesteps.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let added = match (&cond.pooled, &cond.time_ids) {
+            (Some(text_embeds), Some(time_ids)) => Some(AddedConditioning { text_embeds, time_ids }),
+            (None, None) => None,
+            _ => candle_core::bail!("a UNet's added conditioning is the pooled text and the time ids together"),
+        };
+        self.forward_at(latents, &t, &cond.context, added.as_ref())
+    }
+
+    fn set_attention_options(&self, options: AttentionOptions) {
+        UNet2DConditionModel::set_attention_options(self, options)
     }
 }

@@ -13,6 +13,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
+pub use sdgen_models::denoiser::Conditioning;
 
 use super::stages::{loaded, stage, StageLog};
 use super::{Progress, Request, Runtime};
@@ -25,19 +26,6 @@ use crate::{Error, Result};
 pub const AESTHETIC_SCORE: f64 = 6.0;
 /// diffusers' default `negative_aesthetic_score` of the refiner.
 pub const NEGATIVE_AESTHETIC_SCORE: f64 = 2.5;
-
-/// The denoiser's conditioning for a batch: `[negative × n; positive × n]` when guiding, as
-/// diffusers concatenates it, `[positive × n]` otherwise.
-#[derive(Debug, Clone)]
-pub struct Conditioning {
-    /// Cross-attention context, `[B, tokens, cross_attention_dim]`, in the run's dtype.
-    pub context: Tensor,
-    /// The projected pooled text embeddings `[B, d]`, for families whose encoders have a
-    /// projection (SDXL's `text_embeds`).
-    pub pooled: Option<Tensor>,
-    /// The micro-conditioning numbers `[B, k]` (SDXL's `time_ids`).
-    pub time_ids: Option<Tensor>,
-}
 
 /// The image size the micro-conditioning describes: `(height, width)` of the generated image
 /// (diffusers' defaults: original size = target size = the output size, crop (0, 0)).

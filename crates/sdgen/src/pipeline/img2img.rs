@@ -17,7 +17,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use super::conditioning::{encode_prompts, ImageSize};
@@ -208,7 +207,6 @@ pub fn img2img(
     // 4. Initial latents: one generator per image, seeded `seed + i`; the VAE sample, the added
     //    noise and then the ancestral steps all draw from them, in diffusers' order.
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
-    let unet_cfg: UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     let generators = BatchNoise::for_batch_with_noise(base.seed, base.n, TorchNoise::from_env()?);
     // A retried stage starts again from the generators' state before it.
     let (latents, generators) = stage("vae_encoder", progress, &mut log, rt, |rt, progress| {
@@ -234,7 +232,6 @@ pub fn img2img(
         denoise(
             denoiser,
             model,
-            &unet_cfg,
             build_scheduler()?.as_mut(),
             first_step..usize::MAX,
             latents.clone(),

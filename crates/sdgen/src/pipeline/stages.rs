@@ -1,12 +1,11 @@
-//! The stages every SD 1.5 pipeline shares, as diffusers' `StableDiffusionPipeline` and
-//! `StableDiffusionImg2ImgPipeline` run them: prompt encoding, the denoising loop and the VAE
-//! decode. Each loads its model, uses it and drops it before returning.
+//! The stages every pipeline shares, as diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionImg2ImgPipeline` run them: prompt encoding, the denoising loop (over the
+//! family's [`Denoiser`](sdgen_models::denoiser::Denoiser)) and the VAE decode. Each loads its model, uses it and drops it before returning.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use sdgen_models::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use sdgen_memory::{StageMemory, StagePeak};
@@ -190,7 +189,6 @@ pub(super) fn stage<T>(
 pub(super) fn denoise(
     stage_name: &str,
     model: &ModelFolder,
-    unet_cfg: &UNetConfig,
     scheduler: &mut dyn Scheduler,
     steps: std::ops::Range<usize>,
     mut latents: Tensor,
@@ -201,10 +199,8 @@ pub(super) fn denoise(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let cfg_guidance = guidance > 1.0;
-    let weights = model.weights(model.denoiser_component())?;
-    let unet = UNet2DConditionModel::new(unet_cfg, weights.var_builder(rt.dtype, &rt.device)?)
-        .map_err(|e| model_error(&weights, "a UNet2DConditionModel", e))?;
-    unet.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
+    let denoiser = model.load_denoiser(rt.dtype, &rt.device)?;
+    denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);
     memory_point(progress, "Before generation");
     let timesteps = scheduler.timesteps().to_vec();
@@ -213,11 +209,9 @@ pub(super) fn denoise(
     for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(first_step) {
         let input = if cfg_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(&input, i)?;
-        let added = match (&cond.pooled, &cond.time_ids) {
-            (Some(text_embeds), Some(time_ids)) => Some(AddedConditioning { text_embeds, time_ids }),
-            _ => None,
-        };
-        let pred = unet.forward_with(&input, t, &cond.context, added.as_ref())?;
+        // The timestep as f64 values, exactly as the scheduler holds it.
+        let timesteps = Tensor::full(t, input.dim(0)?, &Device::Cpu)?;
+        let pred = denoiser.forward(&input, &timesteps, cond)?;
         let pred = if cfg_guidance {
             let parts = pred.chunk(2, 0)?;
             (&parts[0] + ((&parts[1] - &parts[0])? * guidance)?)?

@@ -5,7 +5,6 @@
 //! schedule and decodes with its own VAE. The base's models are all dropped before the refiner's
 //! load (each stage drops its model when it ends).
 
-use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::VaeConfig;
 use serde::Serialize;
 
@@ -157,7 +156,6 @@ pub fn txt2img_refined(
     //    The same generators then go to the scheduler, whose ancestral steps draw from them as
     //    diffusers' do (`generator=` reaches both `prepare_latents` and `scheduler.step`).
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
-    let unet_cfg: UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     let f = vae_cfg.scale_factor();
     let mut generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
     let shape = [req.n, model.family().latent_channels, settings.height / f, settings.width / f];
@@ -171,7 +169,6 @@ pub fn txt2img_refined(
         denoise(
             denoiser,
             model,
-            &unet_cfg,
             build_scheduler()?.as_mut(),
             0..base_end,
             latents.clone(),
@@ -234,7 +231,6 @@ fn refine_latents(
         n += 1;
     }
     let start = timesteps.len().saturating_sub(n);
-    let unet_cfg: UNetConfig = model.config(model.denoiser_component(), "config.json")?;
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
     // As a second pipeline call with `generator=` seeded the same: fresh generators.
     let generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
@@ -243,7 +239,6 @@ fn refine_latents(
         denoise(
             &denoiser,
             model,
-            &unet_cfg,
             build_scheduler()?.as_mut(),
             start..timesteps.len(),
             latents.clone(),
