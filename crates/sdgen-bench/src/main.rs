@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Parser;
 use sdgen::device_memory::DeviceMemory;
-use sdgen::loading::ModelFolder;
+use sdgen::loading::{FamilySpec, ModelFolder, FAMILIES};
 use sdgen::pipeline::{
     img2img, resolve_img2img, txt2img_refined, Generation, Progress, Refiner, Request, Runtime,
     DEFAULT_HIGH_NOISE_FRACTION,
@@ -221,11 +221,13 @@ fn main() -> anyhow::Result<()> {
     if !families.contains(&args.family.as_str()) {
         bail!("--family {}: one of {}", args.family, families.join(", "));
     }
-    if args.refiner && args.family != "sdxl" {
+    // The row whose runs finish this family's, if any (SDXL's refiner for SDXL).
+    let refiner_family = FAMILIES.iter().find(|f| f.refines.is_some_and(|base| base.name == args.family));
+    if args.refiner && refiner_family.is_none() {
         bail!("--refiner finishes SDXL base runs; --family is {}", args.family);
     }
     // The refiner on its own runs image-to-image (`--refiner` is the base's, text-to-image).
-    let refiner_alone = args.family == "sdxl-refiner";
+    let refiner_alone = FamilySpec::by_name(&args.family).is_some_and(|f| f.refines.is_some());
     let model_dir = args.model_dir.clone().unwrap_or_else(|| PathBuf::from("bench-models").join(&args.family));
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
@@ -247,9 +249,9 @@ fn main() -> anyhow::Result<()> {
     let _memory = DeviceMemory::install(&device);
     let Prepared { model, written_bytes: mut written, mut write_ms, mut weights } =
         prepare(&args.family, &model_dir, dtype, &device, args.seed)?;
-    let refiner_model = if args.refiner {
-        let dir = args.refiner_dir.clone().unwrap_or_else(|| PathBuf::from("bench-models/sdxl-refiner"));
-        let r = prepare("sdxl-refiner", &dir, dtype, &device, args.seed.wrapping_add(1))?;
+    let refiner_model = if let Some(refiner) = refiner_family.filter(|_| args.refiner) {
+        let dir = args.refiner_dir.clone().unwrap_or_else(|| PathBuf::from("bench-models").join(refiner.name));
+        let r = prepare(refiner.name, &dir, dtype, &device, args.seed.wrapping_add(1))?;
         written += r.written_bytes;
         write_ms += r.write_ms;
         weights.extend(r.weights.into_iter().map(|(k, v)| (format!("refiner_{k}"), v)));

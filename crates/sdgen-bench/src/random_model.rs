@@ -12,7 +12,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use sdgen::loading::single_file::defaults::{BundledFile, SD15, SDXL, SDXL_REFINER};
+use sdgen::loading::family::{DenoiserArch, FamilySpec, TextEncoderArch, FAMILIES};
+use sdgen::loading::single_file::defaults::BundledFile;
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
@@ -102,37 +103,41 @@ struct Component {
     kind: Kind,
 }
 
-const TEXT_ENCODER: Component =
-    Component { name: "text_encoder", file: "model.safetensors", kind: Kind::Clip { projection: false } };
-const TEXT_ENCODER_2: Component =
-    Component { name: "text_encoder_2", file: "model.safetensors", kind: Kind::Clip { projection: true } };
-const UNET: Component = Component { name: "unet", file: "diffusion_pytorch_model.safetensors", kind: Kind::UNet };
-const VAE: Component = Component { name: "vae", file: "diffusion_pytorch_model.safetensors", kind: Kind::Vae };
+const VAE: Component = Component { name: "vae", file: DIFFUSERS_WEIGHTS, kind: Kind::Vae };
 
-/// A family's folder: the bundled non-weight files and the components whose weights are drawn.
-struct Layout {
-    family: &'static str,
-    files: &'static [BundledFile],
-    components: &'static [Component],
+/// diffusers' weights file name (transformers' models use `model.safetensors`).
+const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+/// The components with weights of `family`'s folder, in load order as the row lists them: its
+/// text encoders, its denoiser, the VAE.
+fn components(family: &FamilySpec) -> Vec<Component> {
+    let encoders = family.encoders.iter().map(|e| match e.arch {
+        TextEncoderArch::Clip => {
+            Component { name: e.component, file: "model.safetensors", kind: Kind::Clip { projection: e.projection } }
+        }
+    });
+    let denoiser = match family.denoiser.arch {
+        DenoiserArch::UNet2DCondition => {
+            Component { name: family.denoiser.component, file: DIFFUSERS_WEIGHTS, kind: Kind::UNet }
+        }
+    };
+    encoders.chain([denoiser, VAE]).collect()
 }
 
-/// Every family `sdgen-bench` can write, by its `sdgen::loading::FAMILIES` name.
-const LAYOUTS: &[Layout] = &[
-    Layout { family: "sd15", files: SD15, components: &[TEXT_ENCODER, UNET, VAE] },
-    // stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L and OpenCLIP bigG (with projection).
-    Layout { family: "sdxl", files: SDXL, components: &[TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE] },
-    // stabilityai/stable-diffusion-xl-refiner-1.0: bigG only (`text_encoder` null in its index).
-    Layout { family: "sdxl-refiner", files: SDXL_REFINER, components: &[TEXT_ENCODER_2, UNET, VAE] },
-];
+/// The row of `family` and its bundled non-weight files (those of its single-file checkpoints).
+fn layout(family: &str) -> Option<(&'static FamilySpec, &'static [BundledFile])> {
+    let row = FamilySpec::by_name(family)?;
+    Some((row, row.single_file?.defaults))
+}
 
-/// The families [`write_model`] knows.
+/// The families [`write_model`] knows: every row with bundled files.
 pub fn families() -> Vec<&'static str> {
-    LAYOUTS.iter().map(|l| l.family).collect()
+    FAMILIES.iter().filter(|f| f.single_file.is_some()).map(|f| f.name).collect()
 }
 
 /// The components with weights that `family`'s folder holds (empty for an unknown family).
 pub fn weighted_components(family: &str) -> Vec<&'static str> {
-    LAYOUTS.iter().find(|l| l.family == family).map_or_else(Vec::new, |l| l.components.iter().map(|c| c.name).collect())
+    layout(family).map_or_else(Vec::new, |(row, _)| components(row).iter().map(|c| c.name).collect())
 }
 
 fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<RandomBackend> {
@@ -164,10 +169,10 @@ fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> an
 /// configs and tokenizer files every time (a few MB), and each component's weights unless its
 /// file is already there. Returns the bytes of weights written (0 when all were there).
 pub fn write_model(family: &str, dir: &Path, dtype: DType, device: &Device, seed: u64) -> anyhow::Result<u64> {
-    let Some(layout) = LAYOUTS.iter().find(|l| l.family == family) else {
+    let Some((row, files)) = layout(family) else {
         bail!("--family {family}: sdgen-bench can write {}", families().join(", "));
     };
-    for (name, bytes) in layout.files {
+    for (name, bytes) in files {
         let path = dir.join(name);
         let parent = path.parent().expect("a component folder");
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -177,7 +182,7 @@ pub fn write_model(family: &str, dir: &Path, dtype: DType, device: &Device, seed
     // which does not change a benchmark).
     let _ = device.set_seed(seed);
     let mut total = 0;
-    for component in layout.components {
+    for component in &components(row) {
         let path = dir.join(component.name).join(component.file);
         if path.is_file() {
             continue;

@@ -14,7 +14,7 @@ use sdgen_models::vae::{VaeOptions, VaeTiling};
 
 use super::conditioning::Conditioning;
 use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, StageOptions};
-use crate::loading::{model_error, ModelFolder};
+use crate::loading::{model_error, ModelFolder, FAMILIES};
 use crate::rng::batch::BatchNoise;
 use crate::schedulers::{div_scalar, Scheduler};
 use crate::Result;
@@ -58,15 +58,22 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
         Some(s) if s > 64 => Some(s / 4),
         Some(_) => None,
     };
-    match stage {
-        "text_encoder" | "text_encoder_2" | "refiner_text_encoder_2" if !o.text_encoder_on_host => {
+    match role(stage) {
+        Role::TextEncoder if !o.text_encoder_on_host => {
             o.text_encoder_on_host = true;
             Some("the text encoder on the CPU".into())
         }
-        "unet" | "refiner_unet" => {
+        Role::Denoiser(_) => {
             o.attention_slice = next(o.attention_slice)?.into();
             Some(format!("attention slicing ({} query rows at a time)", o.attention_slice?))
         }
+        _ => leaner_vae(stage, o),
+    }
+}
+
+/// [`leaner`] for the VAE stages.
+fn leaner_vae(stage: &str, o: &mut StageOptions) -> Option<String> {
+    match stage {
         "vae" | "vae_encoder" if !o.vae_slicing => {
             o.vae_slicing = true;
             Some("VAE slicing".into())
@@ -105,18 +112,41 @@ impl StageLog {
     }
 }
 
-/// How a stage is named in the seed's console lines.
-fn display_name(stage: &str) -> &'static str {
-    match stage {
-        "text_encoder" => "text encoder",
-        "text_encoder_2" => "text encoder 2",
-        "refiner_text_encoder_2" => "refiner text encoder 2",
-        "vae_encoder" => "VAE encoder",
-        "unet" => "UNet",
-        "refiner_unet" => "refiner UNet",
-        "vae" => "VAE",
-        _ => "model",
+/// What a stage runs, from its name: the stages of text encoders and denoisers are named after
+/// their components (`text_encoder_2`, `unet`; `refiner_*` in a refiner's half), as the family
+/// rows list them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    TextEncoder,
+    Denoiser(&'static str),
+    Other,
+}
+
+fn role(stage: &str) -> Role {
+    let component = stage.strip_prefix("refiner_").unwrap_or(stage);
+    if let Some(f) = FAMILIES.iter().find(|f| f.denoiser.component == component) {
+        Role::Denoiser(f.denoiser.display)
+    } else if FAMILIES.iter().flat_map(|f| f.encoders).any(|e| e.component == component) {
+        Role::TextEncoder
+    } else {
+        Role::Other
     }
+}
+
+/// How a stage is named in the seed's console lines ("text encoder 2", "refiner UNet").
+fn display_name(stage: &str) -> String {
+    let (refiner, component) = match stage.strip_prefix("refiner_") {
+        Some(c) => ("refiner ", c),
+        None => ("", stage),
+    };
+    let name = match (role(stage), component) {
+        (Role::Denoiser(display), _) => display.to_string(),
+        (Role::TextEncoder, c) => c.replace('_', " "),
+        (Role::Other, "vae_encoder") => "VAE encoder".into(),
+        (Role::Other, "vae") => "VAE".into(),
+        (Role::Other, _) => return "model".into(),
+    };
+    format!("{refiner}{name}")
 }
 
 /// Reports a memory snapshot at one of the seed's points.
@@ -315,5 +345,27 @@ mod tests {
         let fp16_fix = VaeConfig { force_upcast: Some(false), ..cfg.clone() };
         assert_eq!(decode_dtype(&sdxl, &fp16_fix, DType::F16), DType::F16);
         assert_eq!(decode_dtype(&sd15, &cfg, DType::F16), DType::F16);
+    }
+
+    /// The console names of the seed, now derived from the rows' components.
+    #[test]
+    fn stages_are_named_and_made_leaner_by_role() {
+        for (stage, name) in [
+            ("text_encoder", "text encoder"),
+            ("text_encoder_2", "text encoder 2"),
+            ("refiner_text_encoder_2", "refiner text encoder 2"),
+            ("vae_encoder", "VAE encoder"),
+            ("unet", "UNet"),
+            ("refiner_unet", "refiner UNet"),
+            ("vae", "VAE"),
+            ("scheduler", "model"),
+        ] {
+            assert_eq!(display_name(stage), name);
+        }
+        let mut o = StageOptions::default();
+        assert!(leaner("refiner_unet", &mut o).is_some_and(|f| f.contains("attention slicing")));
+        assert!(leaner("refiner_text_encoder_2", &mut o).is_some() && o.text_encoder_on_host);
+        assert_eq!(leaner("text_encoder", &mut o), None);
+        assert_eq!(leaner("scheduler", &mut o), None);
     }
 }

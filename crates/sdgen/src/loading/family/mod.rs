@@ -97,7 +97,7 @@ impl FamilySpec {
 }
 
 /// The UNet of SD 1.x and SDXL, in `unet/`.
-const UNET: DenoiserSpec = DenoiserSpec { component: "unet", arch: DenoiserArch::UNet2DCondition };
+const UNET: DenoiserSpec = DenoiserSpec { component: "unet", display: "UNet", arch: DenoiserArch::UNet2DCondition };
 
 /// CLIP ViT-L/14 (SD 1.x's only encoder, SDXL's first).
 const fn clip_l(layer: HiddenLayer) -> TextEncoderSpec {

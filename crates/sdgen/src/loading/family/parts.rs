@@ -10,6 +10,8 @@ pub struct DenoiserSpec {
     /// Its component folder (`unet`; SD 3's is `transformer`). The denoising stage is named
     /// after it too (`unet`, `refiner_unet`).
     pub component: &'static str,
+    /// How its stage is named in console lines ("UNet").
+    pub display: &'static str,
     /// The architecture behind `sdgen_models::denoiser::Denoiser`.
     pub arch: DenoiserArch,
 }
