@@ -232,8 +232,8 @@ impl Args {
             memory: sdgen::planning::MemoryRequest {
                 max_memory_bytes: match &self.max_memory {
                     Some(v) => Some(
-                        sdgen_memory::plan::parse_memory_size(v)
-                            .map_err(|e| invalid(format!("--max-memory {v}: {e}")))?,
+                        // The parser's message names the flag and the value already.
+                        sdgen_memory::plan::parse_memory_size(v).map_err(|e| invalid(e.to_string()))?,
                     ),
                     None => None,
                 },

@@ -46,12 +46,12 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
         Ok(model) => {
             let settings = sdgen::pipeline::resolve(&model, &resolved.request)?;
             println!(
-                "\n{} ({}) at {}x{}, {} image(s):",
+                "\n{} ({}) at {}x{}, {}:",
                 model.family().display,
                 resolved.model.label(),
                 settings.width,
                 settings.height,
-                resolved.request.n
+                crate::plural(resolved.request.n, "image")
             );
             match sdgen::planning::plan_run(
                 &model,

@@ -244,7 +244,7 @@ fn log_plan(plan: &Plan, batch_size: usize) {
 }
 
 /// `1 image`, `3 images`.
-fn plural(n: usize, noun: &str) -> String {
+pub(crate) fn plural(n: usize, noun: &str) -> String {
     if n == 1 {
         format!("1 {noun}")
     } else {

@@ -46,11 +46,13 @@ impl Reporter {
                 if self.terminal {
                     let width = 30;
                     let filled = width * index / total.max(1);
+                    let eta = (total.saturating_sub(index)) as f64 / rate.max(1e-9);
                     eprint!(
-                        "\r  denoising [{}{}] {index}/{total} {:.2} it/s ",
+                        "\r  denoising [{}{}] {index}/{total} {:.2} it/s, {} left ",
                         "#".repeat(filled),
                         "-".repeat(width - filled),
-                        rate
+                        rate,
+                        duration(eta)
                     );
                     let _ = std::io::stderr().flush();
                     self.drawn = true;
@@ -98,5 +100,26 @@ impl Reporter {
             eprintln!();
             self.drawn = false;
         }
+    }
+}
+
+/// `42s`, `3m05s`, `1h02m`: a remaining time at the precision worth reading.
+fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(super::duration(0.4), "0s");
+        assert_eq!(super::duration(42.0), "42s");
+        assert_eq!(super::duration(185.0), "3m05s");
+        assert_eq!(super::duration(3720.0), "1h02m");
     }
 }

@@ -229,3 +229,19 @@ fn the_ecosystems_option_names_and_sampler_names_work() {
     }
     assert_refused(&["-p", "x", "y"], &["--prompt"]);
 }
+
+/// `--help` wraps to the terminal (`COLUMNS` where there is none), and a bad `--max-memory` names
+/// the flag once.
+#[test]
+fn help_wraps_and_messages_name_the_flag_once() {
+    let o = Command::new(env!("CARGO_BIN_EXE_generate")).arg("--help").env("COLUMNS", "60").output().unwrap();
+    assert!(o.status.success());
+    let help = String::from_utf8(o.stdout).unwrap();
+    assert!(help.contains("--batch-size"), "{help}");
+    let widest = help.lines().map(|l| l.chars().count()).max().unwrap();
+    assert!(widest <= 60, "a help line of {widest} characters:\n{help}");
+    assert_refused(&["x", "--model", &tiny_model(), "--max-memory", "0"], &["--max-memory `0`: must be more than 0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(&["x", "--model", &tiny_model(), "--max-memory", "0"], &dir.path().join("o"));
+    assert_eq!(stderr(&o).matches("--max-memory").count(), 1, "{}", stderr(&o));
+}
