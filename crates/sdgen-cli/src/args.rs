@@ -97,6 +97,10 @@ pub struct Args {
     /// here, then exit.
     #[arg(long)]
     pub check: bool,
+    /// Print the named models (sdxl, sd15, …) with their repositories and whether each is
+    /// downloaded, then exit.
+    #[arg(long)]
+    pub list_models: bool,
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,

@@ -4,6 +4,7 @@
 
 mod args;
 mod check;
+mod models;
 mod progress;
 
 use std::io::Write;
@@ -47,6 +48,11 @@ fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     if args.no_fast_kernels {
         sdgen::kernels::set_fast_kernels(false);
+    }
+    if args.list_models {
+        let mut hub = sdgen::hub::HubOptions::from_env();
+        hub.offline = true;
+        return models::list(&hub);
     }
     let mut resolved = args.resolve()?;
     // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).

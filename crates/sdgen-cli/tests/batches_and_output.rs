@@ -245,3 +245,24 @@ fn help_wraps_and_messages_name_the_flag_once() {
     let o = generate(&["x", "--model", &tiny_model(), "--max-memory", "0"], &dir.path().join("o"));
     assert_eq!(stderr(&o).matches("--max-memory").count(), 1, "{}", stderr(&o));
 }
+
+/// Named models: listed with `--list-models`, matched in any case, and named in the message that
+/// rejects an unknown one.
+#[test]
+fn named_models_are_listed_and_matched_in_any_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .arg("--list-models")
+        .env("HF_HOME", dir.path())
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8(o.stdout).unwrap();
+    for needle in ["sdxl ", "sdxl-refiner", "sd15", "stabilityai/stable-diffusion-xl-base-1.0", "not downloaded"] {
+        assert!(table.contains(needle), "{needle}: {table}");
+    }
+    assert!(!dir.path().join("hub").exists(), "listing downloads nothing");
+    assert_refused(&["x", "--model", "SD15", "--offline"], &["stable-diffusion-v1-5/stable-diffusion-v1-5"]);
+    assert_refused(&["x", "--model", "sdxxl"], &["sdxxl", "sdxl, sdxl-refiner, sd15"]);
+}

@@ -113,9 +113,10 @@ impl ModelFolder {
     pub fn open_with(root: &Path, options: &OpenOptions) -> Result<Self> {
         if !root.exists() {
             return Err(Error::InvalidInput(format!(
-                "model path {} does not exist: pass a diffusers model folder (with model_index.json) or a single-file \
-                 .safetensors checkpoint to --model",
-                root.display()
+                "model path {} does not exist: pass a named model ({}), a hub repository id (org/name), a diffusers \
+                 model folder (with model_index.json) or a single-file .safetensors checkpoint to --model",
+                root.display(),
+                source::named_model_list()
             )));
         }
         if !root.is_dir() {

@@ -12,6 +12,11 @@ use crate::Result;
 pub const NAMED_MODELS: &[(&str, &str)] =
     &[(SDXL.name, SDXL.hub_repo), (SDXL_REFINER.name, SDXL_REFINER.hub_repo), (SD15.name, SD15.hub_repo)];
 
+/// The named models, for messages: `sdxl, sdxl-refiner, sd15`.
+pub fn named_model_list() -> String {
+    NAMED_MODELS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
 /// The model used when none is given: SDXL base, the everyday model.
 pub const DEFAULT_MODEL: &str = SDXL.name;
 
@@ -37,7 +42,7 @@ impl ModelSource {
         if path.exists() {
             return ModelSource::Path(path.to_path_buf());
         }
-        if let Some((name, repo)) = NAMED_MODELS.iter().find(|(n, _)| *n == value) {
+        if let Some((name, repo)) = NAMED_MODELS.iter().find(|(n, _)| n.eq_ignore_ascii_case(value.trim())) {
             return ModelSource::Repo { repo: repo.to_string(), name: Some(name.to_string()) };
         }
         let parts: Vec<&str> = value.split('/').collect();
