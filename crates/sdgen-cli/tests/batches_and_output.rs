@@ -159,7 +159,7 @@ fn a_process_memory_limit_is_part_of_the_budget() {
     let out = dir.path().join("out");
     let o = Command::new("sh")
         .arg("-c")
-        .arg("ulimit -v 150000 && exec \"$0\" x --model \"$1\" --steps 2 --output \"$2\"")
+        .arg("ulimit -v 70000 && exec \"$0\" x --model \"$1\" --steps 2 --output \"$2\"")
         .arg(env!("CARGO_BIN_EXE_generate"))
         .arg(tiny_model())
         .arg(&out)

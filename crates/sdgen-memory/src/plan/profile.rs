@@ -239,11 +239,13 @@ impl FamilyProfile {
             attention: vae_attention,
             // 256 channels × 9 taps: the full-resolution 3×3 convolutions after the last upsampling.
             conv_column_elements_per_pixel: Some(256 * 9),
-            // CUDA's fast kernels, measured (`tests/data/sd15_gpu_fast_peaks.jsonl`, H100): cuDNN
+            // The fast kernels, measured (`tests/data/sd15_{cpu,gpu}_fast_peaks.jsonl`). CUDA: cuDNN
             // builds no column buffer, but its tensor-core kernels take a workspace of each
             // convolution's own tensors (NHWC copies), which the per-pixel term absorbs; the
-            // 512-wide mid attention still scores through cuBLAS.
+            // 512-wide mid attention still scores through cuBLAS. CPU: 16 MiB column bands and the
+            // blocked attention, so the feature maps alone grow with the image.
             fast: FastCoefficients {
+                cpu_f32: Some(SD15_DECODE_CPU_F32_FAST),
                 gpu_f32: Some(c(3_430.0, d.bytes_per_pixel_at_attention, 8.0, 0.0, 4.0 * MIB)),
                 gpu_half: Some(c(2_790.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 0.0, 41.0 * MIB)),
                 ..Default::default()
@@ -272,7 +274,7 @@ impl FamilyProfile {
             batch: BatchRule::Images,
             attention: vae_attention,
             conv_column_elements_per_pixel: None,
-            fast: FastCoefficients::default(),
+            fast: FastCoefficients { cpu_f32: Some(SD15_ENCODE_CPU_F32_FAST), ..Default::default() },
             coefficients: CoefficientTable {
                 cpu_f32: e,
                 cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),
@@ -349,14 +351,36 @@ pub const SD15_UNET_CPU_F32: Coefficients = Coefficients {
 /// SD 1.5's UNet, CPU, f32, with the fast kernels: fitted to full-size measurements of one
 /// forward at 256²–512², 1 and 2 items (`crates/sdgen/tests/activation_peaks.rs` with the fast
 /// paths on; `tests/data/sd15_cpu_fast_peaks.jsonl`). The blocked attention keeps its scores in
-/// cache-sized blocks, so no term grows with the token count squared: the feature maps (the
-/// GEGLU MLP and the skips) set the peak at every size.
+/// cache-sized blocks and the convolution's columns come in 16 MiB bands, so no term grows with the
+/// token count squared: the feature maps (the GEGLU MLP and the skips) set the peak at every size.
 pub const SD15_UNET_CPU_F32_FAST: Coefficients = Coefficients {
-    bytes_per_pixel: 303.0,
+    bytes_per_pixel: 566.0,
     bytes_per_pixel_at_attention: 0.0,
     bytes_per_score: 0.0,
     bytes_per_output_pixel: 0.0,
-    fixed_bytes: 121.0 * 1048576.0,
+    fixed_bytes: 0.0,
+    bytes_per_column_element: 0.0,
+};
+
+/// SD 1.5's VAE decoder, CPU, f32, with the fast kernels: fitted to full-size decodes at 256²–768²,
+/// 1 and 2 images (`tests/data/sd15_cpu_fast_peaks.jsonl`); the blocked attention holds no score
+/// matrix and the convolution's column bands are bounded, so the feature maps set the peak.
+pub const SD15_DECODE_CPU_F32_FAST: Coefficients = Coefficients {
+    bytes_per_pixel: 3060.0,
+    bytes_per_pixel_at_attention: 0.0,
+    bytes_per_score: 0.0,
+    bytes_per_output_pixel: 48.0,
+    fixed_bytes: 36.0 * 1048576.0,
+    bytes_per_column_element: 0.0,
+};
+
+/// SD 1.5's VAE encoder, CPU, f32, with the fast kernels (image-to-image): as the decoder.
+pub const SD15_ENCODE_CPU_F32_FAST: Coefficients = Coefficients {
+    bytes_per_pixel: 1970.0,
+    bytes_per_pixel_at_attention: 0.0,
+    bytes_per_score: 0.0,
+    bytes_per_output_pixel: 0.0,
+    fixed_bytes: 0.0,
     bytes_per_column_element: 0.0,
 };
 
