@@ -36,6 +36,10 @@ impl Reporter {
                 self.finish();
                 log(&format!("✓ {stage} done in {:.1}s", elapsed_ms / 1000.0));
             }
+            Progress::Note(line) => {
+                self.finish();
+                log(line);
+            }
             Progress::Memory { label, info } => {
                 self.finish();
                 log(&sdgen_memory::format_memory_line(label, info));

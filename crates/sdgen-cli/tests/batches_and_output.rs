@@ -291,3 +291,37 @@ fn an_image_does_not_depend_on_its_run() {
     let worst = alone.iter().zip(&batched).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
     assert!(worst <= 1, "within 1/255 in a batch of three: {worst}");
 }
+
+/// The seed's console output, line for line and in its order, with the finer per-stage lines
+/// between: startup, before loading, one line per optimisation the plan enables (VAE slicing
+/// here: a budget too small for two decodes at once), after loading, the cleanup before
+/// generation, before and after generation, complete. No large-model preparation for a tiny model,
+/// and a small process's memory printed with two decimals.
+#[test]
+fn the_seeds_console_lines_come_in_its_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(
+        &["x", "--model", &tiny_model(), "--steps", "2", "--batch-size", "2", "--max-memory", "70MB"],
+        &dir.path().join("o"),
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let seed = [
+        "💾 Memory [Startup]: Process=",
+        "💾 Memory [Before model load]: ",
+        "  → Enabled VAE slicing",
+        "💾 Memory [After model load]: ",
+        "🧹 Cleaning memory before generation...",
+        "💾 Memory [Before generation]: ",
+        "💾 Memory [After generation]: ",
+        "💾 Memory [Complete]: ",
+    ];
+    let mut lines = err.lines();
+    for want in seed {
+        assert!(lines.any(|l| l.starts_with(want)), "`{want}` missing or out of order in:\n{err}");
+    }
+    assert!(!err.contains("Preparing memory for large model"), "{err}");
+    let startup = err.lines().find(|l| l.starts_with("💾 Memory [Startup]")).unwrap();
+    let process = startup.split("Process=").nth(1).unwrap().split("GB").next().unwrap();
+    assert!(process.starts_with("0.") && process.len() == 4, "two decimals below 0.1 GB: {startup}");
+}

@@ -166,11 +166,13 @@ fn memory_lines_follow_the_seed() {
     let labels: Vec<String> = err.lines().filter_map(memory_line_label).collect();
     let want = [
         "Startup",
+        "Before model load",
         "Before text encoder load",
         "After text encoder load",
         "After text encoder",
         "Before UNet load",
         "After UNet load",
+        "After model load",
         "Before generation",
         "After generation",
         "After UNet",
@@ -186,7 +188,7 @@ fn memory_lines_follow_the_seed() {
 }
 
 /// The label of `l` when it is a memory line in the seed's format:
-/// `💾 Memory [LABEL]: Process=X.XGB, System=X.XGB/X.XGB (X.X%)`.
+/// `💾 Memory [LABEL]: Process=X.XGB, System=X.XGB/X.XGB (X.X%)` (two decimals below 0.1 GB).
 fn memory_line_label(l: &str) -> Option<String> {
     {
         let rest = l.strip_prefix("💾 Memory [")?;
@@ -196,7 +198,9 @@ fn memory_line_label(l: &str) -> Option<String> {
         let (used, total) = used_total.split_once("GB/")?;
         let pct = pct.strip_suffix("%)")?;
         let one_decimal = |s: &str| s.split_once('.').is_some_and(|(a, b)| !a.is_empty() && b.len() == 1);
-        [process, used, total, pct].iter().all(|s| one_decimal(s)).then(|| label.to_string())
+        let small = |s: &str| s.strip_prefix("0.0").is_some_and(|d| d.len() == 1);
+        let well_formed = (one_decimal(process) || small(process)) && [used, total, pct].iter().all(|s| one_decimal(s));
+        well_formed.then(|| label.to_string())
     }
 }
 

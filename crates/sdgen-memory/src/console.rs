@@ -23,7 +23,14 @@ pub fn bytes_to_gb(bytes: u64) -> f64 {
 
 /// `bytes` as the seed prints them: GiB with one decimal and the unit, e.g. `22.8GB`.
 pub fn format_gb(bytes: u64) -> String {
-    format!("{:.1}GB", bytes_to_gb(bytes))
+    let gb = bytes_to_gb(bytes);
+    // Below 0.1 GB one decimal says nothing (a 50 MB process reads "0.0GB"): two, as the seed's
+    // format allows.
+    if bytes > 0 && gb < 0.095 {
+        format!("{gb:.2}GB")
+    } else {
+        format!("{gb:.1}GB")
+    }
 }
 
 /// A requirement as the seed words it: whole GiB without decimals (`36GB`), else one decimal.
@@ -143,6 +150,9 @@ mod tests {
         assert_eq!(format!("{:.1}", 0.05_f64), "0.1");
         assert_eq!(format_gb(1023 << 20), "1.0GB");
         assert_eq!(format_gb(0), "0.0GB");
+        assert_eq!(format_gb(50 << 20), "0.05GB");
+        assert_eq!(format_gb(5 << 20), "0.00GB");
+        assert_eq!(format_gb(100 << 20), "0.1GB");
     }
 
     #[test]

@@ -90,6 +90,25 @@ pub struct StageOptions {
 }
 
 impl StageOptions {
+    /// The optimisations the run enables, as the seed's console lines name them
+    /// (`attention slicing`, `VAE slicing`, …), in the order it prints them.
+    pub fn enabled(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.attention_slice.is_some() || self.vae_attention_slice.is_some() {
+            v.push("attention slicing");
+        }
+        if self.vae_slicing {
+            v.push("VAE slicing");
+        }
+        if self.vae_tile_px.is_some() {
+            v.push("VAE tiling");
+        }
+        if self.text_encoder_on_host {
+            v.push("the text encoder on the CPU");
+        }
+        v
+    }
+
     /// The seed's `memory_optimizations` names of what is on, plus what every run does.
     pub fn names(&self) -> Vec<&'static str> {
         let mut v = vec!["low_cpu_mem_usage", "pipeline_unloading"];
@@ -147,6 +166,9 @@ pub enum Progress<'a> {
         /// Steps in all.
         total: usize,
     },
+    /// One of the seed's console lines that is not a snapshot (`🧹 Cleaning memory before
+    /// generation...`, `  → Enabled attention slicing`).
+    Note(&'a str),
     /// A memory snapshot at one of the seed's points ("Before UNet load", "After generation", ...).
     Memory {
         /// The point.

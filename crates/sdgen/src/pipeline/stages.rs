@@ -155,6 +155,27 @@ pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) {
     progress(Progress::Memory { label, info: &info });
 }
 
+/// Weights from which a model counts as large (SDXL's 6.9 GB, SD 3.5's 16–28 GB, not SD 1.5's
+/// 2 GB): the seed prepares memory aggressively before loading one.
+const LARGE_MODEL_BYTES: u64 = 4 << 30;
+
+/// The seed's lines before a generation's first model loads: the aggressive cleanup for a large
+/// model (`🧹 Preparing memory for large model...`), the snapshot before loading, and one
+/// `  → Enabled …` line per memory optimisation the run enables.
+pub(super) fn before_models(model: &ModelFolder, rt: &Runtime, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+    let manifest = crate::planning::manifest(model)?;
+    let bytes: u64 = manifest.components.iter().flat_map(|c| &c.tensors).map(|t| t.stored_bytes()).sum();
+    if bytes >= LARGE_MODEL_BYTES {
+        progress(Progress::Note("🧹 Preparing memory for large model..."));
+        sdgen_memory::cleanup_memory(true);
+    }
+    memory_point(progress, "Before model load");
+    for what in rt.options.enabled() {
+        progress(Progress::Note(&format!("  → Enabled {what}")));
+    }
+    Ok(())
+}
+
 /// Reports the snapshot right after a stage's model is loaded.
 pub(super) fn loaded(progress: &mut dyn FnMut(Progress), stage: &str) {
     memory_point(progress, &format!("After {} load", display_name(stage)));
@@ -232,6 +253,11 @@ pub(super) fn denoise(
     let denoiser = model.load_denoiser(rt.dtype, &rt.device)?;
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);
+    // The seed's points around the denoising loop: the model is loaded, memory is cleaned, and
+    // generation starts.
+    memory_point(progress, "After model load");
+    progress(Progress::Note("🧹 Cleaning memory before generation..."));
+    sdgen_memory::cleanup_memory(rt.options.aggressive_cleanup);
     memory_point(progress, "Before generation");
     let timesteps = scheduler.timesteps().to_vec();
     let steps = steps.start..steps.end.min(timesteps.len());
