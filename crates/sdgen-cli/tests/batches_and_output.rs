@@ -113,7 +113,7 @@ fn refusals_write_nothing() {
     let png = testdata().join("reference/sd15/png/pndm_basic_0.png");
     assert_refused(&["x", "--model", &model, "--width", "63"], &["--width 63"]);
     assert_refused(&["x", "--model", &model, "--steps", "0"], &["--steps", "out of range"]);
-    assert_refused(&["x", "--model", png.to_str().unwrap()], &["pndm_basic_0.png"]);
+    assert_refused(&["x", "--model", png.to_str().unwrap()], &["pndm_basic_0.png", "a PNG image, not a model file"]);
     assert_refused(&["x", "--model", "sd15", "--offline"], &["offline"]);
     // Every scheduler's step limit before any model loads (SD's steps_offset 1 puts PNDM's and
     // DDIM's 1000th step past the training schedule).

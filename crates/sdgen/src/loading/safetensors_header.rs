@@ -53,12 +53,37 @@ fn dtype_bytes(dtype: &str) -> Option<u64> {
     })
 }
 
+/// What a file that starts with `magic` is, when it is a well-known format other than safetensors
+/// (whose first 8 bytes are a little-endian header length): so a picture or a pickle passed as
+/// `--model` is named for what it is, not called a corrupt checkpoint.
+fn other_format(magic: &[u8; 8]) -> Option<&'static str> {
+    const KINDS: [(&[u8], &str); 7] = [
+        (b"\x89PNG", "a PNG image"),
+        (b"\xFF\xD8\xFF", "a JPEG image"),
+        (b"GIF8", "a GIF image"),
+        (b"GGUF", "a GGUF file (quantised weights, not supported yet)"),
+        (b"PK\x03\x04", "a zip archive (a PyTorch .ckpt/.pt pickle?)"),
+        (b"version ", "a Git LFS pointer (the weights were not fetched: `git lfs pull`)"),
+        (b"<!DOCTYPE", "an HTML page (a download that returned a web page?)"),
+    ];
+    if magic.starts_with(b"RIFF") {
+        return Some("a RIFF file (a WebP image?)");
+    }
+    // A pickle's protocol mark is followed by an opcode; a safetensors header of 640 + 256·k bytes
+    // starts with the same two bytes but then zeros.
+    if magic[0] == 0x80 && (2..=5).contains(&magic[1]) && magic[2] != 0 {
+        return Some("a Python pickle (a PyTorch .ckpt/.pt?)");
+    }
+    KINDS.iter().find(|(m, _)| magic.starts_with(m)).map(|(_, kind)| *kind)
+}
+
 impl SafetensorsHeader {
     /// Reads and validates the header of `path`.
     pub fn read(path: &Path) -> Result<Self> {
         let corrupt = |why: String| {
             Error::BadModel(format!(
-                "{} is not a valid safetensors file ({why}): it may be truncated or corrupt; delete it and download it again",
+                "{} is not a valid safetensors file ({why}): it may be truncated or corrupt (if it was downloaded, \
+                 download it again)",
                 path.display()
             ))
         };
@@ -66,6 +91,12 @@ impl SafetensorsHeader {
         let file_bytes = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut len_bytes = [0u8; 8];
         file.read_exact(&mut len_bytes).map_err(|_| corrupt(format!("only {file_bytes} bytes long")))?;
+        if let Some(kind) = other_format(&len_bytes) {
+            return Err(Error::InvalidInput(format!(
+                "{} is {kind}, not a model file: pass a .safetensors checkpoint or a diffusers model folder",
+                path.display()
+            )));
+        }
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER_BYTES || 8 + header_len > file_bytes {
             return Err(corrupt(format!("header length {header_len} does not fit a {file_bytes}-byte file")));
@@ -115,6 +146,27 @@ impl SafetensorsHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_formats_are_named_for_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&[u8], &str); 5] = [
+            (b"\x89PNG\r\n\x1a\n rest of a picture", "a PNG image"),
+            (b"\xFF\xD8\xFF\xE0 jpeg bytes", "a JPEG image"),
+            (b"GGUF\x03\x00\x00\x00 tensors", "a GGUF file"),
+            (b"version https://git-lfs.github.com/spec/v1\n", "Git LFS pointer"),
+            (b"\x80\x02}q\x00(X pickle", "a Python pickle"),
+        ];
+        for (bytes, kind) in cases {
+            let p = dir.path().join("model.safetensors");
+            std::fs::write(&p, bytes).unwrap();
+            let msg = SafetensorsHeader::read(&p).unwrap_err().to_string();
+            assert!(msg.contains(kind) && msg.contains("not a model file"), "{msg}");
+            assert!(!msg.contains("delete"), "never advise deleting the user's file: {msg}");
+        }
+        // A header of 640 bytes starts like a pickle's mark, then zeros: still read as safetensors.
+        assert_eq!(other_format(&[0x80, 0x02, 0, 0, 0, 0, 0, 0]), None);
+    }
 
     fn write(dir: &Path, name: &str, header: &str, data: &[u8], claimed_len: Option<u64>) -> std::path::PathBuf {
         let p = dir.join(name);
