@@ -1,15 +1,17 @@
-//! `generate --check`: this machine's memory, what each model family needs (the seed's table),
-//! and for the chosen model — when it is already here, nothing is downloaded — the plan the
-//! planner would run at its default size, or why it cannot run.
+//! `generate --check`: this machine's memory, what each model family this build runs needs (the
+//! seed's table), and for the chosen model — when it is already here; nothing is downloaded — the
+//! plan the planner would run, or why it cannot run (then the exit code is 2). `--json` prints the
+//! same as one JSON document.
 
 use std::process::ExitCode;
 
 use sdgen::hub::HubOptions;
 use sdgen_memory::{format_gb, memory_info, MemoryVerdict, MODEL_REQUIREMENTS};
+use serde_json::json;
 
 use crate::args::Resolved;
 
-pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
+pub fn run(resolved: &Resolved, as_json: bool) -> anyhow::Result<ExitCode> {
     let info = memory_info();
     let (what, available) = match &info.gpu {
         Some(g) if !resolved.runtime.device.is_cpu() => {
@@ -25,53 +27,101 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
         ),
     };
     let budget = resolved.memory.max_memory_bytes.map_or(available, |m| m.min(available));
-    println!("Device {}: {what}; budget {}", resolved.device_label, format_gb(budget));
-    println!("{:<14} {:>9} {:>12}  here", "model", "minimum", "recommended");
-    for r in MODEL_REQUIREMENTS {
+    let mut out = Report { json: as_json, lines: Vec::new() };
+    out.line(format!("Device {}: {what}; budget {}", resolved.device_label, format_gb(budget)));
+    let models = requirement_rows(budget, &mut out);
+    let (model, fits) = chosen_model(resolved, &mut out)?;
+    if as_json {
+        let doc = json!({
+            "device": resolved.device_label,
+            "budget_bytes": budget,
+            "memory": info,
+            "models": models,
+            "model": model,
+        });
+        println!("{doc}");
+    } else {
+        out.lines.iter().for_each(|l| println!("{l}"));
+    }
+    Ok(if fits == Some(false) { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+/// The text lines (printed at the end unless `--json`).
+struct Report {
+    json: bool,
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn line(&mut self, l: String) {
+        if !self.json {
+            self.lines.push(l);
+        }
+    }
+}
+
+/// The seed's requirement table, for the families this build runs only.
+fn requirement_rows(budget: u64, out: &mut Report) -> Vec<serde_json::Value> {
+    let runnable: Vec<_> = sdgen::loading::FAMILIES.iter().map(|f| (f.memory_profile)().requirement).collect();
+    out.line(format!("{:<14} {:>9} {:>12}  here", "model", "minimum", "recommended"));
+    let mut rows = Vec::new();
+    for r in MODEL_REQUIREMENTS.iter().filter(|r| runnable.contains(&r.class)) {
         let verdict = match r.verdict(budget) {
             MemoryVerdict::Comfortable => "✅ runs comfortably",
             MemoryVerdict::BelowRecommended => "⚠️  runs, maybe with slower memory options",
             MemoryVerdict::BelowMinimum => "❌ below the minimum",
         };
-        println!(
+        out.line(format!(
             "{:<14} {:>9} {:>12}  {verdict}",
             r.display_name,
             format_gb(r.minimum_bytes),
             format_gb(r.recommended_bytes)
-        );
+        ));
+        rows.push(json!({
+            "model": r.display_name,
+            "minimum_bytes": r.minimum_bytes,
+            "recommended_bytes": r.recommended_bytes,
+            "verdict": r.verdict(budget),
+        }));
     }
-    // The chosen model, only from what is already on this machine.
+    rows
+}
+
+/// The chosen model's plan when it is on this machine: `(its JSON, whether it fits)`, the latter
+/// `None` when it is not here to plan.
+fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_json::Value, Option<bool>)> {
+    let label = resolved.model.label();
     let hub = HubOptions { offline: true, ..resolved.hub.clone() };
-    match resolved.model.open_with(&hub, &resolved.open, &mut |_| {}) {
-        Ok(model) => {
-            let settings = sdgen::pipeline::resolve(&model, &resolved.request)?;
-            println!(
-                "\n{} ({}) at {}x{}, {}:",
-                model.family().display,
-                resolved.model.label(),
-                settings.width,
-                settings.height,
-                crate::plural(resolved.request.n, "image")
-            );
-            match sdgen::planning::plan_run(
-                &model,
-                &settings,
-                resolved.request.n,
-                false,
-                &resolved.runtime.device,
-                resolved.runtime.dtype,
-                resolved.memory,
-            ) {
-                Ok(plan) => {
-                    println!("{plan}");
-                    if let Some(w) = &plan.warning {
-                        println!("{w}");
-                    }
-                }
-                Err(e) => println!("❌ {e}"),
-            }
+    let model = match resolved.model.open_with(&hub, &resolved.open, &mut |_| {}) {
+        Ok(model) => model,
+        Err(e) => {
+            // Only the cache was asked (--check downloads nothing): say that, not the offline
+            // error's advice, unless the user did ask for offline.
+            let why = if resolved.hub.offline { format!(" ({e})") } else { String::new() };
+            out.line(format!("\n{label} is not downloaded{why}; a run downloads it, and --check then shows its plan."));
+            return Ok((json!({ "name": label, "downloaded": false }), None));
         }
-        Err(e) => println!("\n{} is not on this machine ({e}); its plan is shown once it is.", resolved.model.label()),
+    };
+    let settings = sdgen::pipeline::resolve(&model, &resolved.request)?;
+    out.line(format!(
+        "\n{} ({label}) at {}x{}, {}:",
+        model.family().display,
+        settings.width,
+        settings.height,
+        crate::plural(resolved.request.n, "image")
+    ));
+    let (device, dtype) = (&resolved.runtime.device, resolved.runtime.dtype);
+    match sdgen::planning::plan_run(&model, &settings, resolved.request.n, false, device, dtype, resolved.memory) {
+        Ok(plan) => {
+            out.line(plan.to_string());
+            if let Some(w) = &plan.warning {
+                out.line(w.clone());
+            }
+            Ok((json!({ "name": label, "downloaded": true, "fits": true, "plan": plan }), Some(true)))
+        }
+        Err(e) => {
+            out.line(format!("❌ {e}"));
+            Ok((json!({ "name": label, "downloaded": true, "fits": false, "error": e.to_string() }), Some(false)))
+        }
     }
-    Ok(ExitCode::SUCCESS)
 }

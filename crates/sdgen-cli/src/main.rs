@@ -59,7 +59,7 @@ fn run() -> anyhow::Result<ExitCode> {
     let _device_memory = sdgen::device_memory::DeviceMemory::install(&resolved.runtime.device);
     sdgen_memory::log_memory_status("Startup");
     if args.check {
-        return check::run(&resolved);
+        return check::run(&resolved, args.json);
     }
     // Prove the output usable before any model is loaded, so a typo costs nothing, and create
     // nothing yet: a refused run leaves no folder behind (the first save makes it).

@@ -325,3 +325,35 @@ fn the_seeds_console_lines_come_in_its_order() {
     let process = startup.split("Process=").nth(1).unwrap().split("GB").next().unwrap();
     assert!(process.starts_with("0.") && process.len() == 4, "two decimals below 0.1 GB: {startup}");
 }
+
+/// `--check`: only the families this build runs, `--json` honoured, exit 2 when the run cannot
+/// fit, and no claim that downloads are off when they are not.
+#[test]
+fn check_tells_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_generate"))
+            .arg("--check")
+            .args(args)
+            .env("HF_HOME", dir.path())
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap()
+    };
+    let o = check(&["--model", &tiny_model()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("SD 1.5") && text.contains("Verdict: fits"), "{text}");
+    assert!(!text.contains("SD 3.5"), "a family this build cannot run: {text}");
+    let o = check(&["--model", &tiny_model(), "--max-memory", "10MB"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = check(&["--model", &tiny_model(), "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert_eq!(doc["model"]["fits"], true);
+    assert!(doc["models"].as_array().unwrap().iter().all(|m| m["model"] != "SD 3.5 Large"));
+    let o = check(&["--model", "sd15"]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success());
+    assert!(text.contains("is not downloaded") && !text.contains("downloads are off"), "{text}");
+}

@@ -849,3 +849,19 @@ fn batches_are_capped_balanced_and_described_truthfully() {
     assert!(p.images_per_batch * p.batch_count >= 8);
     assert_eq!(p.images_per_batch, 8usize.div_ceil(p.batch_count), "balanced: {p}");
 }
+
+/// Advice that makes sense on this machine: when freeing memory cannot reach what a run needs,
+/// the refusal says so instead of asking to close programs until more than the machine has is free.
+#[test]
+fn advice_never_asks_for_more_than_the_machine_has() {
+    let profile = FamilyProfile::sd15();
+    let manifest = sd15_manifest(StoredDType::F32);
+    let mut req = request(&profile, &manifest, &CPU, 768, 4, 2 * GIB, MemoryMode::Fast);
+    req.budget.source = BudgetSource::SystemAvailable;
+    req.budget.machine_bytes = Some(3 * GIB);
+    let msg = plan(&req).unwrap_err().to_string();
+    assert!(msg.contains("this machine has 3.0GB in all"), "{msg}");
+    assert!(!msg.contains("close other programs"), "{msg}");
+    req.budget.machine_bytes = Some(256 * GIB);
+    assert!(plan(&req).unwrap_err().to_string().contains("close other programs"));
+}

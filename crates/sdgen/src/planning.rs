@@ -110,6 +110,10 @@ pub fn budget(device: &Device, max_memory_bytes: Option<u64>) -> Budget {
         }
     }
     b.host_available_bytes = Some(host);
+    b.machine_bytes = Some(match (device_kind(device), gpu) {
+        (DeviceKind::DiscreteGpu, Some(g)) => g.total_bytes,
+        _ => info.system_total_bytes,
+    });
     b
 }
 

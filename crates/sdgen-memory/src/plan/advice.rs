@@ -98,13 +98,24 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
                 format_bytes(need_all.ceil() as u64)
             ),
         }),
-        BudgetSource::GpuFree | BudgetSource::SystemAvailable => suggestions.push(Suggestion {
-            flag: None,
-            detail: format!(
-                "free memory: close other programs until {} is available",
-                format_bytes(need_all.ceil() as u64)
-            ),
-        }),
+        BudgetSource::GpuFree | BudgetSource::SystemAvailable => match req.budget.machine_bytes {
+            // Freeing memory cannot reach more than the machine has.
+            Some(machine) if need_all > machine as f64 => suggestions.push(Suggestion {
+                flag: None,
+                detail: format!(
+                    "this machine has {} in all, less than the {} this needs: a machine with more memory",
+                    format_bytes(machine),
+                    format_bytes(need_all.ceil() as u64)
+                ),
+            }),
+            _ => suggestions.push(Suggestion {
+                flag: None,
+                detail: format!(
+                    "free memory: close other programs until {} is available",
+                    format_bytes(need_all.ceil() as u64)
+                ),
+            }),
+        },
     }
     if req.device == DeviceKind::DiscreteGpu {
         if let Some(host) = req.budget.host_available_bytes {

@@ -72,6 +72,8 @@ pub struct FamilyProfile {
     pub size_multiple: usize,
     /// `--model` value of a smaller family to suggest when nothing fits (none for the smallest).
     pub smaller_model: Option<&'static str>,
+    /// Its row of the seed's requirement table ([`crate::MODEL_REQUIREMENTS`]).
+    pub requirement: crate::ModelClass,
 }
 
 impl FamilyProfile {
@@ -113,6 +115,7 @@ impl FamilyProfile {
             stages: vec![text_encoder, text_encoder_2, stage("encode_image"), denoise, stage("decode")],
             size_multiple: 8,
             smaller_model: Some("sd15"),
+            requirement: crate::ModelClass::Sdxl,
         }
     }
 
@@ -140,6 +143,7 @@ impl FamilyProfile {
             stages: vec![stage("text_encoder_2"), stage("encode_image"), denoise, stage("decode")],
             size_multiple: 8,
             smaller_model: None,
+            requirement: crate::ModelClass::Sdxl,
         }
     }
 
@@ -332,6 +336,7 @@ impl FamilyProfile {
             ],
             size_multiple: 8,
             smaller_model: None,
+            requirement: crate::ModelClass::Sd15,
         }
     }
 }

@@ -137,12 +137,16 @@ pub struct Budget {
     /// Host RAM available, on a discrete GPU: for stages moved to the host and for suggesting
     /// `--device cpu`. `None` = unknown (host stages are then assumed to fit).
     pub host_available_bytes: Option<u64>,
+    /// All the memory of that kind the machine has (RAM, or the GPU's), for advice that makes
+    /// sense here: freeing memory cannot reach more than this. `None` = unknown.
+    #[serde(default)]
+    pub machine_bytes: Option<u64>,
 }
 
 impl Budget {
-    /// A budget of `bytes` from `source`, nothing in use, host memory unknown.
+    /// A budget of `bytes` from `source`, nothing in use, host and machine memory unknown.
     pub fn new(bytes: u64, source: BudgetSource) -> Self {
-        Self { bytes, source, baseline_bytes: 0, host_available_bytes: None }
+        Self { bytes, source, baseline_bytes: 0, host_available_bytes: None, machine_bytes: None }
     }
 }
 
