@@ -16,11 +16,15 @@ use sdgen::schedulers::SchedulerKind;
 #[derive(Debug, Parser)]
 #[command(name = "generate", version, about)]
 pub struct Args {
-    /// What to draw.
+    /// What to draw; `-` reads prompts from standard input, one per line.
     pub prompt: Option<String>,
     /// What to draw (as -p/--prompt, stable-diffusion.cpp's spelling; instead of the positional).
     #[arg(short = 'p', long = "prompt", value_name = "TEXT", conflicts_with = "prompt")]
     pub prompt_flag: Option<String>,
+    /// Prompts from a file, one per line (blank lines skipped): each line a job with every other
+    /// setting, the seeds continuing from one job's images to the next.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_flag"])]
+    pub prompt_file: Option<PathBuf>,
     /// A named model (sdxl, sdxl-refiner, sd15), a hub repo id (org/name), a diffusers model
     /// folder or a single-file .safetensors checkpoint.
     #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
@@ -133,8 +137,10 @@ pub struct Resolved {
     pub runtime: Runtime,
     pub device_label: String,
     pub output: OutputTarget,
-    /// Images per batch asked for (`--batch-size`); `request.n` is the run's whole count.
+    /// Images per batch asked for (`--batch-size`); `request.n` is one job's whole count.
     pub batch_size: usize,
+    /// The jobs' prompts (one, or a file's or standard input's lines); `request.prompt` is the first.
+    pub prompts: Vec<String>,
     /// The decoded init image and its strength, for an image-to-image run.
     pub img2img: Option<(InitImage, Option<f64>)>,
 }
@@ -154,14 +160,15 @@ impl Args {
             Some("bf16" | "bfloat16") => DType::BF16,
             Some(other) => return Err(invalid(format!("--dtype {other} is not one of f32, f16, bf16"))),
         };
-        let prompt = self.prompt.clone().or_else(|| self.prompt_flag.clone()).unwrap_or_default();
+        let prompts = self.prompts()?;
+        let prompt = prompts[0].clone();
         if device.is_cpu() && dtype == DType::BF16 {
             return Err(invalid(
                 "--dtype bf16 is not supported on the CPU (candle's CPU matrix product has no bf16): use f32 or f16"
                     .into(),
             ));
         }
-        if !self.check && prompt.trim().is_empty() {
+        if !self.check && prompts.iter().all(|p| p.trim().is_empty()) {
             return Err(invalid("the prompt is empty: say what to draw".into()));
         }
         // The init image is read now, so a bad path or file costs no model loading.
@@ -203,23 +210,27 @@ impl Args {
                     Some((ModelSource::parse(r), f))
                 }
             };
-        let total = self.n.checked_mul(self.batch_size).filter(|&t| t <= MAX_IMAGES).ok_or_else(|| {
-            invalid(format!(
-                "--n {} × --batch-size {} is more than the {MAX_IMAGES} images one run makes: split it into several \
-                 runs (each with its own --seed)",
-                self.n, self.batch_size
-            ))
-        })?;
+        let per_job = self.n.checked_mul(self.batch_size);
+        let all = per_job.and_then(|t| t.checked_mul(prompts.len())).filter(|&t| t <= MAX_IMAGES);
+        let (Some(total), Some(all)) = (per_job, all) else {
+            return Err(invalid(format!(
+                "--n {} × --batch-size {} × {} is more than the {MAX_IMAGES} images one run makes: split it \
+                 into several runs (each with its own --seed)",
+                self.n,
+                self.batch_size,
+                plural_prompts(prompts.len())
+            )));
+        };
         let seed = match self.seed {
             Some(Seed::Fixed(s)) => s,
             Some(Seed::Random) | None => random_seed(),
         };
         // Image i takes seed + i: the last must not wrap around to seed 0.
-        if seed.checked_add(total as u64 - 1).is_none() {
+        if seed.checked_add(all as u64 - 1).is_none() {
             return Err(invalid(format!(
-                "--seed {seed} with {total} images would run past the largest seed ({}): use a seed up to {}",
+                "--seed {seed} with {all} images would run past the largest seed ({}): use a seed up to {}",
                 u64::MAX,
-                u64::MAX - (total as u64 - 1)
+                u64::MAX - (all as u64 - 1)
             )));
         }
         let output = OutputTarget::parse(&self.output)?;
@@ -261,8 +272,43 @@ impl Args {
             device_label,
             output,
             batch_size: self.batch_size,
+            prompts,
             img2img,
         })
+    }
+}
+
+impl Args {
+    /// The prompts: the positional or `-p`, a `--prompt-file`'s lines, or standard input's for `-`.
+    fn prompts(&self) -> anyhow::Result<Vec<String>> {
+        let lines = |text: String| -> Vec<String> {
+            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+        };
+        let prompts = match (&self.prompt_file, self.prompt.as_deref()) {
+            (Some(path), _) => lines(
+                std::fs::read_to_string(path).map_err(|e| invalid(format!("--prompt-file {}: {e}", path.display())))?,
+            ),
+            (None, Some("-")) => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| invalid(format!("reading prompts from standard input: {e}")))?;
+                lines(text)
+            }
+            (None, p) => vec![p.map(str::to_string).or_else(|| self.prompt_flag.clone()).unwrap_or_default()],
+        };
+        if prompts.is_empty() {
+            return Err(invalid("no prompts: the file or standard input has no non-blank line".into()));
+        }
+        Ok(prompts)
+    }
+}
+
+/// `1 prompt`, `3 prompts`.
+fn plural_prompts(n: usize) -> String {
+    if n == 1 {
+        "1 prompt".into()
+    } else {
+        format!("{n} prompts")
     }
 }
 

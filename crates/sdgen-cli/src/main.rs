@@ -15,7 +15,7 @@ use sdgen::loading::ModelFolder;
 use sdgen::output::{save_image_to, ImageMetadata};
 use sdgen::pipeline::{
     check_refiner, img2img, resolve_img2img, txt2img_refined, Generation, Img2ImgRequest, Img2ImgSettings, Refiner,
-    Settings,
+    Request, Settings,
 };
 use sdgen_memory::plan::Plan;
 
@@ -63,7 +63,8 @@ fn run() -> anyhow::Result<ExitCode> {
     }
     // Prove the output usable before any model is loaded, so a typo costs nothing, and create
     // nothing yet: a refused run leaves no folder behind (the first save makes it).
-    resolved.output.check(resolved.request.n)?;
+    let all_images = resolved.request.n * resolved.prompts.len();
+    resolved.output.check(all_images)?;
     let mut bar = progress::Reporter::new();
     let (model, refiner_model) = open_models(&resolved, &mut bar)?;
     let refiner = match (&refiner_model, &resolved.refiner) {
@@ -84,22 +85,34 @@ fn run() -> anyhow::Result<ExitCode> {
     let mut saver = Saver { resolved: &resolved, job: &job, extra: &extra, outputs: Vec::new(), first: None };
     // The images, in batches of what fits, each saved as soon as it is made (an interrupted run
     // keeps what it finished); image i keeps seed + i whatever its batch.
+    // Each prompt is a job of `request.n` images; image g of the run takes seed + g.
     let request = &resolved.request;
-    for start in (0..request.n).step_by(job.per_batch) {
-        let mut part = request.clone();
-        part.n = job.per_batch.min(request.n - start);
-        part.seed = request.seed + start as u64;
-        let generation = match &img2img_request {
-            Some(req) => img2img(
-                &model,
-                &Img2ImgRequest { request: part, init_image: req.init_image.clone(), strength: req.strength },
-                &resolved.runtime,
-                &mut |p| bar.report(p),
-            )?,
-            None => txt2img_refined(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
-        };
-        bar.finish();
-        saver.save(start, generation)?;
+    for (j, prompt) in resolved.prompts.iter().enumerate() {
+        if resolved.prompts.len() > 1 {
+            progress::log(&format!("Prompt {} of {}: {prompt}", j + 1, resolved.prompts.len()));
+        }
+        for start in (0..request.n).step_by(job.per_batch) {
+            let first = j * request.n + start;
+            let mut part = request.clone();
+            part.prompt = prompt.clone();
+            part.n = job.per_batch.min(request.n - start);
+            part.seed = request.seed + first as u64;
+            let generation = match &img2img_request {
+                Some(req) => img2img(
+                    &model,
+                    &Img2ImgRequest {
+                        request: part.clone(),
+                        init_image: req.init_image.clone(),
+                        strength: req.strength,
+                    },
+                    &resolved.runtime,
+                    &mut |p| bar.report(p),
+                )?,
+                None => txt2img_refined(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
+            };
+            bar.finish();
+            saver.save(first, all_images, &part, generation)?;
+        }
     }
     if args.json {
         saver.print_json()?;
@@ -292,8 +305,9 @@ struct Saver<'a> {
 }
 
 impl Saver<'_> {
-    /// Logs the batch's warnings and writes its images (images `start..`) with their sidecars.
-    fn save(&mut self, start: usize, generation: Generation) -> anyhow::Result<()> {
+    /// Logs the batch's warnings and writes its images (images `start..` of the run's `all`, made
+    /// for `request`) with their sidecars.
+    fn save(&mut self, start: usize, all: usize, request: &Request, generation: Generation) -> anyhow::Result<()> {
         for w in &generation.warnings {
             progress::log(&format!("⚠️  WARNING: {w}"));
         }
@@ -318,7 +332,6 @@ impl Saver<'_> {
             .chain(job.plan.warning.clone())
             .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
             .collect();
-        let request = &resolved.request;
         for image in &generation.images {
             let index = start + image.index;
             let meta = ImageMetadata {
@@ -342,7 +355,7 @@ impl Saver<'_> {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 extra: extra.clone(),
             };
-            let saved = save_image_to(&resolved.output, index, request.n, &meta, &image.rgb8)?;
+            let saved = save_image_to(&resolved.output, index, all, &meta, &image.rgb8)?;
             progress::log(&format!("Saved {}", saved.png_path.display()));
             self.outputs.push(serde_json::json!({
                 "png": saved.png_path,

@@ -357,3 +357,57 @@ fn check_tells_the_truth() {
     assert!(o.status.success());
     assert!(text.contains("is not downloaded") && !text.contains("downloads are off"), "{text}");
 }
+
+/// `--prompt-file FILE` and `-` (standard input): one job per non-blank line, every other setting
+/// shared, the seeds continuing from job to job.
+#[test]
+fn prompts_from_a_file_or_standard_input_are_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, "a red apple\n\n  a green pear  \n").unwrap();
+    let read_meta = |o: &std::process::Output| -> Vec<(String, u64)> {
+        let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        result["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let meta: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(i["metadata"].as_str().unwrap()).unwrap()).unwrap();
+                (meta["prompt"].as_str().unwrap().to_string(), meta["seed"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let args = ["--model", &tiny_model(), "--steps", "1", "--seed", "4", "--json"];
+    let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(args)
+        .arg("--prompt-file")
+        .arg(&file)
+        .arg("-o")
+        .arg(dir.path().join("set.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_meta(&o), [("a red apple".to_string(), 4), ("a green pear".to_string(), 5)]);
+    assert!(dir.path().join("set-2.png").exists());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .arg("-")
+        .args(args)
+        .arg("-o")
+        .arg(dir.path().join("stdin"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"one\ntwo\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_meta(&o), [("one".to_string(), 4), ("two".to_string(), 5)]);
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    assert_refused(&["--model", &tiny_model(), "--prompt-file", empty.to_str().unwrap()], &["no prompts"]);
+}
