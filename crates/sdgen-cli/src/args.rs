@@ -105,6 +105,9 @@ pub struct Args {
     /// downloaded, then exit.
     #[arg(long)]
     pub list_models: bool,
+    /// Only warnings and errors on stderr: no progress, plan or memory lines.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,

@@ -57,7 +57,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let mut resolved = args.resolve()?;
     // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).
     let _device_memory = sdgen::device_memory::DeviceMemory::install(&resolved.runtime.device);
-    sdgen_memory::log_memory_status("Startup");
+    progress::set_quiet(args.quiet);
+    progress::memory("Startup");
     if args.check {
         return check::run(&resolved, args.json);
     }
@@ -121,7 +122,7 @@ fn run() -> anyhow::Result<ExitCode> {
     drop(saver);
     drop(model);
     sdgen_memory::cleanup_memory(true);
-    sdgen_memory::log_memory_status("Complete");
+    progress::memory("Complete");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -258,7 +259,7 @@ fn log_plan(plan: &Plan, batch_size: usize) {
         ));
     }
     if let Some(w) = &plan.warning {
-        progress::log(w);
+        progress::warn(w);
     }
 }
 
@@ -309,10 +310,10 @@ impl Saver<'_> {
     /// for `request`) with their sidecars.
     fn save(&mut self, start: usize, all: usize, request: &Request, generation: Generation) -> anyhow::Result<()> {
         for w in &generation.warnings {
-            progress::log(&format!("⚠️  WARNING: {w}"));
+            progress::warn(&format!("⚠️  WARNING: {w}"));
         }
         for f in &generation.failures {
-            progress::log(&format!("⚠️  WARNING: recovered from running out of memory: {f}"));
+            progress::warn(&format!("⚠️  WARNING: recovered from running out of memory: {f}"));
         }
         let (resolved, job) = (self.resolved, self.job);
         let mut extra = self.extra.clone();

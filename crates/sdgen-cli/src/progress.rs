@@ -2,14 +2,41 @@
 //! results).
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use sdgen::hub::DownloadProgress;
 use sdgen::pipeline::Progress;
 
-/// Prints one log line on stderr.
+/// `--quiet`: only warnings and errors on stderr.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Turns the progress and log lines off (`--quiet`); warnings and errors still print.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Prints one log line on stderr (not with `--quiet`).
 pub fn log(line: &str) {
+    if !quiet() {
+        eprintln!("{line}");
+    }
+}
+
+/// Prints a warning on stderr, `--quiet` or not.
+pub fn warn(line: &str) {
     eprintln!("{line}");
+}
+
+/// The seed's memory line for `label`, now (not with `--quiet`).
+pub fn memory(label: &str) {
+    if !quiet() {
+        sdgen_memory::log_memory_status(label);
+    }
 }
 
 /// Turns pipeline progress into bars or lines.
@@ -27,6 +54,9 @@ impl Reporter {
     }
 
     pub fn report(&mut self, p: Progress) {
+        if quiet() {
+            return;
+        }
         match p {
             Progress::StageStart(stage) => {
                 self.step_start = Some(Instant::now());
@@ -69,6 +99,9 @@ impl Reporter {
 
     /// Reports hub download progress: a byte bar on a terminal, a line per finished file otherwise.
     pub fn download(&mut self, p: &DownloadProgress) {
+        if quiet() {
+            return;
+        }
         let done = p.file_done_bytes >= p.file_total_bytes;
         if self.terminal {
             let width = 30;

@@ -411,3 +411,17 @@ fn prompts_from_a_file_or_standard_input_are_jobs() {
     std::fs::write(&empty, "\n  \n").unwrap();
     assert_refused(&["--model", &tiny_model(), "--prompt-file", empty.to_str().unwrap()], &["no prompts"]);
 }
+
+/// `--quiet`: nothing on stderr but warnings (and errors).
+#[test]
+fn quiet_prints_only_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(&["a cat", "-q", "--model", &tiny_model(), "--steps", "1"], &dir.path().join("o"));
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), "", "quiet");
+    let long = "a very detailed painting of a lighthouse on a rocky coast at dusk ".repeat(8);
+    let o = generate(&[&long, "--quiet", "--model", &tiny_model(), "--steps", "1"], &dir.path().join("p"));
+    assert!(o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("WARNING") && err.contains("tokens were dropped") && !err.contains("💾"), "{err}");
+}
