@@ -425,3 +425,14 @@ fn quiet_prints_only_warnings() {
     let err = stderr(&o);
     assert!(err.contains("WARNING") && err.contains("tokens were dropped") && !err.contains("💾"), "{err}");
 }
+
+/// Progress counts the steps asked for: PNDM's doubled first evaluation is not a step of its own
+/// (diffusers' bar shows 20/20 for 20 steps too).
+#[test]
+fn progress_counts_steps_not_evaluations() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(&["x", "--model", &tiny_model(), "--steps", "20", "--scheduler", "pndm"], &dir.path().join("o"));
+    assert!(o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("step 20/20") && !err.contains("/21"), "{err}");
+}

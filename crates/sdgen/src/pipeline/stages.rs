@@ -262,6 +262,10 @@ pub(super) fn denoise(
     let timesteps = scheduler.timesteps().to_vec();
     let steps = steps.start..steps.end.min(timesteps.len());
     let (first_step, total) = (steps.start, steps.len());
+    // Progress counts steps, not evaluations: a scheduler's warm-up evaluations (PNDM's doubled
+    // timestep) are not steps of their own, as in diffusers' bar (`num_warmup_steps`, the run's
+    // timesteps less its steps, also for image-to-image's shorter runs).
+    let warmup = scheduler.warmup_evaluations().min(total.saturating_sub(1));
     for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(first_step) {
         let input = if cfg_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(&input, i)?;
@@ -275,7 +279,10 @@ pub(super) fn denoise(
             pred
         };
         latents = scheduler.step(&pred, i, &latents, generators)?;
-        progress(Progress::Step { index: i + 1 - first_step, total });
+        let done = i + 1 - first_step;
+        if done > warmup {
+            progress(Progress::Step { index: done - warmup, total: total - warmup });
+        }
     }
     memory_point(progress, "After generation");
     Ok(latents)

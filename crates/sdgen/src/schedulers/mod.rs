@@ -236,6 +236,13 @@ pub trait Scheduler: Send {
     /// multistep DPM-Solver reuses earlier evaluations instead of making more).
     fn order(&self) -> usize;
 
+    /// Evaluations at the start of `timesteps()` that are not steps of their own (PNDM's PLMS mode
+    /// evaluates its first timestep twice: 51 timesteps for 50 steps); progress counts steps
+    /// after them, as diffusers' progress bar does (`num_warmup_steps`).
+    fn warmup_evaluations(&self) -> usize {
+        0
+    }
+
     /// `original` (clean latents) noised to the level of `timesteps()[step_index]`, where a run
     /// that starts at `step_index` begins (img2img): diffusers' `add_noise` after
     /// `set_begin_index(step_index)`. `sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε` for PNDM and DDIM, `x + σ·ε`

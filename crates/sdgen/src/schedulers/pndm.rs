@@ -27,6 +27,8 @@ pub struct PndmScheduler {
     step_ratio: i64,
     /// How many of `timesteps` are PRK steps (12, or 0 with `skip_prk_steps`).
     num_prk_steps: usize,
+    /// `timesteps.len()` less the steps asked for (diffusers' `num_warmup_steps`).
+    warmup: usize,
     timesteps: Vec<f64>,
     timesteps_int: Vec<i64>,
     // Running state, as in diffusers: `counter` counts steps taken, `ets` holds past model outputs.
@@ -96,6 +98,7 @@ impl PndmScheduler {
             skip_prk_steps,
             step_ratio,
             num_prk_steps,
+            warmup: timesteps_int.len().saturating_sub(num_inference_steps),
             timesteps: timesteps_int.iter().map(|&t| t as f64).collect(),
             timesteps_int,
             counter: 0,
@@ -254,6 +257,10 @@ impl Scheduler for PndmScheduler {
 
     fn order(&self) -> usize {
         1
+    }
+
+    fn warmup_evaluations(&self) -> usize {
+        self.warmup
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
