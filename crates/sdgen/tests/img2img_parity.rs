@@ -104,6 +104,8 @@ fn check_set(set: &str, min_cases: usize) {
         // one).
         let steps = plan.denoising_steps;
         assert_eq!(steps, case.steps - plan.skipped_steps);
+        let evaluations = case.timesteps.len() - plan.skipped_steps;
+        assert!(evaluations == steps || evaluations == steps + 1, "{}: {evaluations} evaluations", case.name);
         assert_eq!(steps_seen.len(), steps, "{}: steps reported", case.name);
         assert_eq!(steps_seen.last(), Some(&(steps, steps)), "{}", case.name);
 
