@@ -288,6 +288,12 @@ fn run_metadata(
     if let Some(vae) = &resolved.vae {
         extra.insert("vae".into(), vae.label().into());
     }
+    // A1111's `Model hash` is a checkpoint file's (folders and hub repos have none to give).
+    if let sdgen::loading::ModelSource::Path(path) = &resolved.model {
+        if path.is_file() {
+            extra.insert("model_hash".into(), sdgen::output::model_hash(path)?.into());
+        }
+    }
     if let (Some(req), Some(s)) = (img2img_request, &job.img2img) {
         extra.insert("init_image".into(), req.init_image.name.clone().into());
         extra.insert("strength".into(), s.strength.into());

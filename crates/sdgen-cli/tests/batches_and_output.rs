@@ -436,3 +436,28 @@ fn progress_counts_steps_not_evaluations() {
     let err = stderr(&o);
     assert!(err.contains("step 20/20") && !err.contains("/21"), "{err}");
 }
+
+/// A checkpoint file's A1111 `Model hash` (its SHA-256's first 10 digits) is in the PNG's
+/// parameters, before `Model`, as A1111 writes it.
+#[test]
+fn a_checkpoint_files_model_hash_is_written() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = testdata().join("tiny-sd15-single/tiny-sd15.safetensors");
+    let digest = sha2::Sha256::digest(std::fs::read(&ckpt).unwrap());
+    let want: String = digest.iter().map(|b| format!("{b:02x}")).collect::<String>()[..10].to_string();
+    let png = dir.path().join("a.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(["x", "--model", ckpt.to_str().unwrap(), "--config-from", &tiny_model(), "--steps", "1", "-o"])
+        .arg(&png)
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .env("HF_HOME", dir.path().join("hf"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = sdgen::output::read_png_text(&png).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains(&format!("Model hash: {want}, Model: ")), "{params}");
+    assert!(dir.path().join("cache/sdgen/model-hashes.json").exists());
+}

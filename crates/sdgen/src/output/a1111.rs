@@ -27,8 +27,16 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
         ("CFG scale", python_float(meta.guidance)),
         ("Seed", meta.seed.to_string()),
         ("Size", format!("{}x{}", meta.width, meta.height)),
-        ("Model", meta.model.clone()),
     ];
+    // A1111's order: the model's hash before its name, the VAE after it.
+    let extra = |key: &str| meta.extra.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    if let Some(hash) = extra("model_hash") {
+        fields.push(("Model hash", hash));
+    }
+    fields.push(("Model", meta.model.clone()));
+    if let Some(vae) = extra("vae") {
+        fields.push(("VAE", vae));
+    }
     // img2img and the refiner, with A1111's keys, where the metadata has them.
     if let Some(strength) = meta.extra.get("strength").and_then(|v| v.as_f64()) {
         fields.push(("Denoising strength", python_float(strength)));
@@ -107,6 +115,18 @@ fn python_float(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_hash_and_vae_in_a1111s_order() {
+        let mut meta = ImageMetadata { prompt: "a cat".into(), model: "sdxl.safetensors".into(), ..Default::default() };
+        meta.extra.insert("model_hash".into(), "31e35c80fc".into());
+        meta.extra.insert("vae".into(), "madebyollin/sdxl-vae-fp16-fix".into());
+        let p = a1111_parameters(&meta);
+        assert!(
+            p.contains("Model hash: 31e35c80fc, Model: sdxl.safetensors, VAE: madebyollin/sdxl-vae-fp16-fix"),
+            "{p}"
+        );
+    }
 
     fn meta() -> ImageMetadata {
         ImageMetadata {

@@ -16,6 +16,7 @@
 
 mod a1111;
 mod atomic;
+mod model_hash;
 mod naming;
 mod png_io;
 
@@ -28,6 +29,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 pub use a1111::{a1111_parameters, a1111_sampler_name};
+pub use model_hash::model_hash;
 pub use png_io::{encode_png, read_png_text};
 
 use crate::{Error, Result};
