@@ -106,8 +106,11 @@ pub struct Args {
     #[arg(long)]
     pub list_models: bool,
     /// Only warnings and errors on stderr: no progress, plan or memory lines.
-    #[arg(short = 'q', long)]
+    #[arg(short = 'q', long, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Every denoising step on its own line, and what runs: the kernels and the memory options.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,

@@ -58,6 +58,7 @@ fn run() -> anyhow::Result<ExitCode> {
     // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).
     let _device_memory = sdgen::device_memory::DeviceMemory::install(&resolved.runtime.device);
     progress::set_quiet(args.quiet);
+    progress::set_verbose(args.verbose);
     progress::memory("Startup");
     if args.check {
         return check::run(&resolved, args.json);
@@ -231,6 +232,14 @@ fn plan_job(
         }
         None => None,
     };
+    if progress::verbose() {
+        progress::log(&format!("Kernels: {}", sdgen::kernels::kernel_summary(&resolved.runtime.device)));
+        let enabled = options.enabled();
+        progress::log(&format!(
+            "Memory options: {}",
+            if enabled.is_empty() { "none".into() } else { enabled.join(", ") }
+        ));
+    }
     resolved.runtime.options = options;
     let per_batch = refiner_plan
         .as_ref()

@@ -20,6 +20,19 @@ fn quiet() -> bool {
     QUIET.load(Ordering::Relaxed)
 }
 
+/// `--verbose`: every step on its own line, and what runs (kernels, memory options).
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+
+/// Turns the detailed lines on (`--verbose`).
+pub fn set_verbose(verbose: bool) {
+    VERBOSE.store(verbose, Ordering::Relaxed);
+}
+
+/// Whether `--verbose` is on.
+pub fn verbose() -> bool {
+    VERBOSE.load(Ordering::Relaxed)
+}
+
 /// Prints one log line on stderr (not with `--quiet`).
 pub fn log(line: &str) {
     if !quiet() {
@@ -90,7 +103,7 @@ impl Reporter {
                     );
                     let _ = std::io::stderr().flush();
                     self.drawn = true;
-                } else if index == total || index % 10 == 0 {
+                } else if index == total || index % 10 == 0 || verbose() {
                     log(&format!("  step {index}/{total} ({rate:.2} it/s)"));
                 }
             }

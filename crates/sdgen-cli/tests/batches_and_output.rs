@@ -461,3 +461,15 @@ fn a_checkpoint_files_model_hash_is_written() {
     assert!(params.contains(&format!("Model hash: {want}, Model: ")), "{params}");
     assert!(dir.path().join("cache/sdgen/model-hashes.json").exists());
 }
+
+/// `--verbose`: every step on its own line, and the kernels and memory options that run.
+#[test]
+fn verbose_says_what_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(&["x", "-v", "--model", &tiny_model(), "--steps", "3"], &dir.path().join("o"));
+    assert!(o.status.success());
+    let err = stderr(&o);
+    for needle in ["Kernels: ", "Memory options: ", "step 1/3", "step 2/3", "step 3/3"] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
