@@ -224,7 +224,7 @@ impl Args {
                  into several runs (each with its own --seed)",
                 self.n,
                 self.batch_size,
-                plural_prompts(prompts.len())
+                crate::plural(prompts.len(), "prompt")
             )));
         };
         let seed = match self.seed {
@@ -306,15 +306,6 @@ impl Args {
             return Err(invalid("no prompts: the file or standard input has no non-blank line".into()));
         }
         Ok(prompts)
-    }
-}
-
-/// `1 prompt`, `3 prompts`.
-fn plural_prompts(n: usize) -> String {
-    if n == 1 {
-        "1 prompt".into()
-    } else {
-        format!("{n} prompts")
     }
 }
 

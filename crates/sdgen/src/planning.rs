@@ -13,6 +13,10 @@ use crate::loading::ModelFolder;
 use crate::pipeline::{Settings, StageOptions};
 use crate::{Error, Result};
 
+/// Weights (at the run's precision) from which a model counts as large — SDXL's 5–14 GB, SD 3.5's,
+/// not SD 1.5's 2–4 GB: the seed prepares memory aggressively before loading one.
+pub const LARGE_MODEL_BYTES: u64 = 4 << 30;
+
 /// What the user said about memory.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemoryRequest {
@@ -203,8 +207,11 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
         let (heads, tokens) = shape.map_or((1, pixels / 64), |a| (a.heads, pixels / a.pixels_per_token.max(1)));
         (matrices * tokens).div_ceil((items * heads).max(1)).clamp(1, tokens.max(1))
     };
-    let mut options =
-        StageOptions { aggressive_cleanup: aggressive || plan.mode == MemoryMode::Low, ..Default::default() };
+    let mut options = StageOptions {
+        aggressive_cleanup: aggressive || plan.mode == MemoryMode::Low,
+        prepare_large_model: plan.stages.iter().map(|s| s.weight_bytes).sum::<u64>() >= LARGE_MODEL_BYTES,
+        ..Default::default()
+    };
     if let Some(s) = plan.stage("denoise") {
         options.attention_slice = s.options.attention_slice.map(|k| rows("denoise", k, s.items_per_forward));
     }

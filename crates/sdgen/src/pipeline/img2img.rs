@@ -189,7 +189,7 @@ pub fn img2img(
     let mut warnings = Vec::new();
     let cfg_guidance = settings.guidance > 1.0;
 
-    super::stages::before_models(model, rt, progress)?;
+    super::stages::before_models(rt, progress);
     // 1. Encode the prompts (one stage per text encoder).
     let size = ImageSize { height: settings.height, width: settings.width };
     let cond = encode_prompts(model, base, cfg_guidance, size, false, rt, &mut log, &mut warnings, progress)?;

@@ -87,43 +87,33 @@ pub struct StageOptions {
     pub vae_tile_px: Option<usize>,
     /// Return memory at every stage boundary twice, with a pause (the seed's aggressive mode).
     pub aggressive_cleanup: bool,
+    /// The model is large (see [`crate::planning::LARGE_MODEL_BYTES`]): memory is returned aggressively
+    /// before its first stage loads (the seed's `🧹 Preparing memory for large model...`).
+    #[serde(default)]
+    pub prepare_large_model: bool,
 }
+
+/// The optimisations a run can enable, in the seed's order: whether it is on, its
+/// `memory_optimizations` name, and its console phrase (`  → Enabled …`).
+type Optimisation = (fn(&StageOptions) -> bool, &'static str, &'static str);
+const OPTIMISATIONS: [Optimisation; 4] = [
+    (|o| o.attention_slice.is_some() || o.vae_attention_slice.is_some(), "attention_slicing", "attention slicing"),
+    (|o| o.vae_slicing, "vae_slicing", "VAE slicing"),
+    (|o| o.vae_tile_px.is_some(), "vae_tiling", "VAE tiling"),
+    (|o| o.text_encoder_on_host, "text_encoder_on_cpu", "the text encoder on the CPU"),
+];
 
 impl StageOptions {
     /// The optimisations the run enables, as the seed's console lines name them
     /// (`attention slicing`, `VAE slicing`, …), in the order it prints them.
     pub fn enabled(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.attention_slice.is_some() || self.vae_attention_slice.is_some() {
-            v.push("attention slicing");
-        }
-        if self.vae_slicing {
-            v.push("VAE slicing");
-        }
-        if self.vae_tile_px.is_some() {
-            v.push("VAE tiling");
-        }
-        if self.text_encoder_on_host {
-            v.push("the text encoder on the CPU");
-        }
-        v
+        OPTIMISATIONS.iter().filter(|(on, ..)| on(self)).map(|&(_, _, phrase)| phrase).collect()
     }
 
     /// The seed's `memory_optimizations` names of what is on, plus what every run does.
     pub fn names(&self) -> Vec<&'static str> {
         let mut v = vec!["low_cpu_mem_usage", "pipeline_unloading"];
-        if self.attention_slice.is_some() || self.vae_attention_slice.is_some() {
-            v.push("attention_slicing");
-        }
-        if self.text_encoder_on_host {
-            v.push("text_encoder_on_cpu");
-        }
-        if self.vae_slicing {
-            v.push("vae_slicing");
-        }
-        if self.vae_tile_px.is_some() {
-            v.push("vae_tiling");
-        }
+        v.extend(OPTIMISATIONS.iter().filter(|(on, ..)| on(self)).map(|&(_, name, _)| name));
         if self.aggressive_cleanup {
             v.push("aggressive_cleanup");
         }

@@ -42,6 +42,7 @@ impl StageOptions {
             vae_slicing: self.vae_slicing || other.vae_slicing,
             vae_tile_px: self.vae_tile_px.or(other.vae_tile_px),
             aggressive_cleanup: self.aggressive_cleanup || other.aggressive_cleanup,
+            prepare_large_model: self.prepare_large_model || other.prepare_large_model,
         }
     }
 }
@@ -155,17 +156,11 @@ pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) {
     progress(Progress::Memory { label, info: &info });
 }
 
-/// Weights from which a model counts as large (SDXL's 6.9 GB, SD 3.5's 16–28 GB, not SD 1.5's
-/// 2 GB): the seed prepares memory aggressively before loading one.
-const LARGE_MODEL_BYTES: u64 = 4 << 30;
-
 /// The seed's lines before a generation's first model loads: the aggressive cleanup for a large
-/// model (`🧹 Preparing memory for large model...`), the snapshot before loading, and one
-/// `  → Enabled …` line per memory optimisation the run enables.
-pub(super) fn before_models(model: &ModelFolder, rt: &Runtime, progress: &mut dyn FnMut(Progress)) -> Result<()> {
-    let manifest = crate::planning::manifest(model)?;
-    let bytes: u64 = manifest.components.iter().flat_map(|c| &c.tensors).map(|t| t.stored_bytes()).sum();
-    if bytes >= LARGE_MODEL_BYTES {
+/// model (`🧹 Preparing memory for large model...`, as the plan decided), the snapshot before
+/// loading, and one `  → Enabled …` line per memory optimisation the run enables.
+pub(super) fn before_models(rt: &Runtime, progress: &mut dyn FnMut(Progress)) {
+    if rt.options.prepare_large_model {
         progress(Progress::Note("🧹 Preparing memory for large model..."));
         sdgen_memory::cleanup_memory(true);
     }
@@ -173,7 +168,6 @@ pub(super) fn before_models(model: &ModelFolder, rt: &Runtime, progress: &mut dy
     for what in rt.options.enabled() {
         progress(Progress::Note(&format!("  → Enabled {what}")));
     }
-    Ok(())
 }
 
 /// Reports the snapshot right after a stage's model is loaded.

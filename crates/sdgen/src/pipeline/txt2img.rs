@@ -135,7 +135,7 @@ pub fn txt2img_refined(
     let cfg_guidance = settings.guidance > 1.0;
     let size = ImageSize { height: settings.height, width: settings.width };
 
-    super::stages::before_models(model, rt, progress)?;
+    super::stages::before_models(rt, progress);
     // 1. Encode the prompts (one stage per text encoder).
     let cond = encode_prompts(model, req, cfg_guidance, size, false, rt, &mut log, &mut warnings, progress)?;
 
