@@ -23,6 +23,10 @@ pub enum ModelClass {
     Sdxl,
     /// Stable Diffusion 3.5 Large (and Large Turbo).
     Sd35Large,
+    /// Stable Diffusion 3.5 Medium: not in the seed's table (written for Large), which would
+    /// warn every Medium user below 36 GB; its 2.5B MMDiT and T5-XXL in bf16 need about SDXL's
+    /// memory plus T5's 9.5 GB, unless T5 runs on the host or is left out.
+    Sd35Medium,
 }
 
 /// One row of the requirement table.
@@ -42,7 +46,7 @@ pub struct ModelRequirement {
 }
 
 /// The seed's table, smallest model first.
-pub const MODEL_REQUIREMENTS: [ModelRequirement; 3] = [
+pub const MODEL_REQUIREMENTS: [ModelRequirement; 4] = [
     ModelRequirement {
         class: ModelClass::Sd15,
         display_name: "SD 1.5",
@@ -63,6 +67,13 @@ pub const MODEL_REQUIREMENTS: [ModelRequirement; 3] = [
         minimum_bytes: 36 * BYTES_PER_GB,
         recommended_bytes: 48 * BYTES_PER_GB,
         suggestion: Some("--quality 4k-ultra (SDXL)"),
+    },
+    ModelRequirement {
+        class: ModelClass::Sd35Medium,
+        display_name: "SD 3.5 Medium",
+        minimum_bytes: 20 * BYTES_PER_GB,
+        recommended_bytes: 32 * BYTES_PER_GB,
+        suggestion: Some("--model sdxl (SDXL)"),
     },
 ];
 
@@ -115,7 +126,7 @@ mod tests {
         assert_eq!(gb(ModelClass::Sd15.requirement()), (8, 16));
         assert_eq!(gb(ModelClass::Sdxl.requirement()), (16, 24));
         assert_eq!(gb(ModelClass::Sd35Large.requirement()), (36, 48));
-        for class in [ModelClass::Sd15, ModelClass::Sdxl, ModelClass::Sd35Large] {
+        for class in [ModelClass::Sd15, ModelClass::Sdxl, ModelClass::Sd35Large, ModelClass::Sd35Medium] {
             assert_eq!(class.requirement().class, class);
         }
     }

@@ -89,6 +89,20 @@ fn weights_are_the_manifests_at_the_run_precision() {
     assert_eq!(p.stage("encode_image").unwrap().weight_bytes, 34_163_664 * 4);
 }
 
+/// A stage the run leaves out (SD 3.5's T5 with `--no-t5`) is not planned, and a manifest
+/// without its component is then no error.
+#[test]
+fn skipped_stages_are_neither_planned_nor_required() {
+    let profile = FamilyProfile::sd15();
+    let full = sd15_manifest(StoredDType::F32);
+    let without = ModelManifest::new(["unet", "vae"].iter().map(|c| full.component(c).unwrap().clone()).collect());
+    let req = request(&profile, &without, &CPU, 512, 1, 64 * GIB, MemoryMode::Auto);
+    assert!(matches!(plan(&req), Err(PlanError::MissingComponent { .. })));
+    let p = plan(&PlanRequest { skipped_stages: vec!["text_encoder".into()], ..req }).unwrap();
+    let names: Vec<&str> = p.stages.iter().map(|s| s.stage.as_str()).collect();
+    assert_eq!(names, ["denoise", "decode"]);
+}
+
 /// How much slower a plan is, for ordering: (fewer images per batch, more options).
 fn strength(p: &Plan) -> (usize, usize) {
     let options = p.stages.iter().map(|s| s.options.describe().len()).sum();

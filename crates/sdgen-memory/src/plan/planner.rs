@@ -285,7 +285,8 @@ impl<'r, 'a> Ctx<'r, 'a> {
         validate(req)?;
         let profile: &'a FamilyProfile = req.profile;
         let mut stages = Vec::new();
-        for spec in profile.stages.iter().filter(|s| req.img2img || !s.img2img_only) {
+        let runs = |s: &&StageSpec| (req.img2img || !s.img2img_only) && !req.skipped_stages.iter().any(|k| k == s.name);
+        for spec in profile.stages.iter().filter(runs) {
             let mut precision = None;
             let (mut device, mut host) = (0u64, 0u64);
             for &name in &spec.components {

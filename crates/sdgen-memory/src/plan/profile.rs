@@ -83,6 +83,8 @@ impl FamilyProfile {
             "sd15" => Some(Self::sd15()),
             "sdxl" => Some(Self::sdxl()),
             "sdxl-refiner" => Some(Self::sdxl_refiner()),
+            "sd35-large" => Some(Self::sd35_large()),
+            "sd35-medium" => Some(Self::sd35_medium()),
             _ => None,
         }
     }
@@ -144,6 +146,92 @@ impl FamilyProfile {
             size_multiple: 8,
             smaller_model: None,
             requirement: crate::ModelClass::Sdxl,
+        }
+    }
+
+    /// SD 3.5 Large: CLIP-L, OpenCLIP bigG and T5-XXL (each a stage of its own, T5 the one worth
+    /// keeping on the host), the 8.1B MMDiT (38 heads over the image tokens — one per 16×16
+    /// pixels — plus the 333 text tokens of the joint attention), SD's KL VAE with 16 latent
+    /// channels (the decoder's widths are SDXL's).
+    pub fn sd35_large() -> Self {
+        Self::sd35("sd35-large", "SD 3.5 Large", 38, 2432, crate::ModelClass::Sd35Large)
+    }
+
+    /// SD 3.5 Medium: the same stages, a 2.5B MMDiT-X (24 heads, width 1536; its extra self-
+    /// attention over the image tokens runs after the joint one, not beside it).
+    pub fn sd35_medium() -> Self {
+        Self::sd35("sd35-medium", "SD 3.5 Medium", 24, 1536, crate::ModelClass::Sd35Medium)
+    }
+
+    /// The SD 3.5 profile for an MMDiT of `heads` heads and `width` channels.
+    ///
+    /// Text encoders: T5-XXL over 256 tokens holds its 10240-wide gated FFN and 64 heads of
+    /// 256² scores (f32 softmax) for one prompt: about 64 MiB. The MMDiT's feature maps, per
+    /// image token: the block input, its modulated norm, q/k/v and the attention output
+    /// (≈ 6 × width), the 4 × width GELU MLP with its tanh-GELU temporaries (≈ 10 × width):
+    /// about 16 × width elements per 256 pixels. Not yet measured on a GPU (estimates from the
+    /// architecture, as SD 1.5's were before their fits); the VAE is SDXL's, measured.
+    fn sd35(id: &'static str, name: &'static str, heads: usize, width: usize, requirement: crate::ModelClass) -> Self {
+        const MIB: f64 = 1024.0 * 1024.0;
+        let sdxl = Self::sdxl();
+        let stage = |name: &str| sdxl.stage(name).expect("SDXL has the stage").clone();
+        let clip = stage("text_encoder");
+        let mut t5 = StageSpec { name: "text_encoder_3", components: vec!["text_encoder_3"], ..clip.clone() };
+        let t5_fixed = Coefficients { fixed_bytes: 64.0 * MIB, ..Default::default() };
+        t5.activation.coefficients =
+            CoefficientTable { cpu_f32: t5_fixed, cpu_half: t5_fixed, gpu_f32: t5_fixed, gpu_half: t5_fixed };
+        t5.activation.fast = FastCoefficients::default();
+        let per_pixel = |bytes: f64| 16.0 * width as f64 * bytes / 256.0;
+        // The text tokens' share of every activation, whatever the image size.
+        let text_fixed = |bytes: f64| 333.0 * 16.0 * width as f64 * bytes + 128.0 * MIB;
+        let maps = |bytes: f64, score: f64| Coefficients {
+            bytes_per_pixel: per_pixel(bytes),
+            bytes_per_pixel_at_attention: per_pixel(bytes) * 0.5,
+            bytes_per_score: score,
+            fixed_bytes: text_fixed(bytes),
+            ..Default::default()
+        };
+        let denoise = StageSpec {
+            name: "denoise",
+            components: vec!["transformer"],
+            activation: ActivationModel {
+                batch: BatchRule::GuidedImages,
+                attention: Some(AttentionShape { heads, pixels_per_token: 256, extra_tokens: 333 }),
+                conv_column_elements_per_pixel: None,
+                // The fast kernels hold no score matrix at half precision (flash on CUDA) or on
+                // the CPU (blocked); f32 on CUDA scores through cuBLAS in bounded chunks.
+                fast: FastCoefficients {
+                    cpu_f32: Some(maps(4.0, 0.0)),
+                    gpu_f32: Some(maps(4.0, 8.0)),
+                    gpu_half: Some(maps(2.0, 0.0)),
+                    ..Default::default()
+                },
+                coefficients: CoefficientTable {
+                    cpu_f32: maps(4.0, 8.0),
+                    cpu_half: maps(2.0, 12.0),
+                    gpu_f32: maps(4.0, 8.0),
+                    gpu_half: maps(2.0, 8.0),
+                },
+            },
+            options: StageOptionsSpec { attention_slicing: true, ..Default::default() },
+            img2img_only: false,
+        };
+        let text_encoder_2 = StageSpec { name: "text_encoder_2", components: vec!["text_encoder_2"], ..clip.clone() };
+        Self {
+            id,
+            name,
+            components: vec![
+                ComponentSpec { name: "text_encoder", source: "text_encoder", prefixes: &[] },
+                ComponentSpec { name: "text_encoder_2", source: "text_encoder_2", prefixes: &[] },
+                ComponentSpec { name: "text_encoder_3", source: "text_encoder_3", prefixes: &[] },
+                ComponentSpec { name: "transformer", source: "transformer", prefixes: &[] },
+                ComponentSpec { name: "vae_encoder", source: "vae", prefixes: &["encoder.", "quant_conv."] },
+                ComponentSpec { name: "vae_decoder", source: "vae", prefixes: &["decoder.", "post_quant_conv."] },
+            ],
+            stages: vec![clip, text_encoder_2, t5, stage("encode_image"), denoise, stage("decode")],
+            size_multiple: 16,
+            smaller_model: Some("sdxl"),
+            requirement,
         }
     }
 

@@ -187,6 +187,9 @@ pub struct PlanRequest<'a> {
     /// The engine's fast kernels run (the default; `--no-fast-kernels` turns them off): the
     /// stages' fast coefficients apply ([`super::ActivationModel::fast_coefficients`]).
     pub fast_kernels: bool,
+    /// Stages the run leaves out (an optional encoder that does not run: SD 3.5's T5 with
+    /// `--no-t5` or in a folder saved without it); their weights are neither loaded nor counted.
+    pub skipped_stages: Vec<String>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -219,6 +222,7 @@ impl<'a> PlanRequest<'a> {
             safety_margin: DEFAULT_SAFETY_MARGIN,
             component_precision: Vec::new(),
             fast_kernels: true,
+            skipped_stages: Vec::new(),
         }
     }
 
