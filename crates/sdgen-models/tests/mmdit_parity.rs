@@ -134,7 +134,12 @@ fn large_f32_matches_diffusers() -> Result<()> {
 
 #[test]
 fn skipped_layers_pass_through() -> Result<()> {
-    check("large", DType::F32, "large_skip1_f32", F32_REL, &[1])
+    check("large", DType::F32, "large_skip1_f32", F32_REL, &[1])?;
+    let refs = reference();
+    let model = load_model("large", DType::F32, &Device::Cpu)?;
+    let err = run(&model, &inputs(&refs, &Device::Cpu), &[3]).unwrap_err().to_string();
+    assert!(err.contains("skip_layers names block 3; the model has 3"), "{err}");
+    Ok(())
 }
 
 #[test]
