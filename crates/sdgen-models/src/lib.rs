@@ -1,5 +1,6 @@
 //! Candle modules for the Stable Diffusion families: the CLIP text encoder, the conditional UNet
-//! (behind the [`denoiser::Denoiser`] seam the pipelines call) and the KL autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
+//! and SD 3's MMDiT (both behind the [`denoiser::Denoiser`] seam the pipelines call) and the KL
+//! autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
 //! diffusers / transformers checkpoint key names, and a `forward`.
 //!
 //! Model code never sees paths, the hub or the command line. Every attention, normalisation,
@@ -9,6 +10,7 @@
 
 pub mod clip;
 pub mod denoiser;
+pub mod mmdit;
 pub mod ops;
 pub mod resnet;
 pub mod unet;

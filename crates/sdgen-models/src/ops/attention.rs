@@ -115,6 +115,12 @@ pub fn attention_with(
     if options.slice == Some(0) {
         candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention");
     }
+    if super::cpu_bf16(q) {
+        // No CPU bf16 matmul in candle: attend in f32 (scores are f32 anyway), round once.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let mask = mask.map(f32).transpose()?;
+        return attention_with(&f32(q)?, &f32(k)?, &f32(v)?, scale, mask.as_ref(), options)?.to_dtype(DType::BF16);
+    }
     if mask.is_none() && super::fast_cpu(q.device()) {
         // One cache-sized block of query rows per task: no score matrix to bound.
         if let Some(out) = super::cpu::attention(q, k, v, scale)? {

@@ -2,7 +2,7 @@
 //! unfold-and-multiply (`cpu::conv2d`); elsewhere candle's im2col convolution with every call's
 //! column buffer bounded (banded), which is also the reference the fast paths are tested against.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// The most elements of the column (im2col) buffer one convolution call may build on the CPU
@@ -69,6 +69,13 @@ impl Conv2d {
 
     /// Convolves `x: [b, cin, h, w]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::cpu_bf16(x) {
+            // No CPU bf16 matmul in candle: convolve in f32, round once.
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let conv =
+                Self { weight: f32(&self.weight)?, bias: self.bias.as_ref().map(f32).transpose()?, ..self.clone() };
+            return conv.forward(&f32(x)?)?.to_dtype(DType::BF16);
+        }
         let x = if self.pad_right_bottom { x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)? } else { x.clone() };
         #[cfg(feature = "cudnn")]
         if super::fast_conv(x.device()) {

@@ -2,7 +2,7 @@
 //! one cuBLASLt GEMM with the bias in its epilogue (as PyTorch's `addmm`); everything else runs
 //! candle's `Linear` (its matmul, then the bias added over the output).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `y = x·Wᵀ + b` over the last dimension of `x`.
@@ -22,8 +22,14 @@ impl Linear {
 
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::cpu_bf16(x) {
+            // No CPU bf16 matmul in candle: multiply in f32, round once (bias included).
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let layer = candle_nn::Linear::new(f32(self.0.weight())?, self.0.bias().map(f32).transpose()?);
+            return layer.forward(&f32(x)?)?.to_dtype(DType::BF16);
+        }
         #[cfg(feature = "cuda")]
-        if super::fast_cuda(x.device()) && matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) {
+        if super::fast_cuda(x.device()) && matches!(x.dtype(), DType::BF16 | DType::F16) {
             if let Some(y) = super::cuda::linear(x, self.0.weight(), self.0.bias())? {
                 return Ok(y);
             }

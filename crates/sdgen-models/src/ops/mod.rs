@@ -9,9 +9,15 @@
 //! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | CUDA, half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel. CPU (f32): 64 query rows per task on all cores, scores kept in cache |
 //! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32) |
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
+//! | [`norm::RmsNorm`] | candle's fused RMS norm (half precision: in f32 with a unit scale, rounded, then × weight, diffusers' rule) | the same |
+//! | [`norm::modulate`] (adaLN `x·(1 + scale) + shift`) | three broadcast ops | the same (one function, so a fused LayerNorm + modulate kernel can replace it) |
 //! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
 //! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue |
+//!
+//! bf16 on the CPU: candle 0.11.1 has no CPU matrix product for bf16 ("unsupported dtype BF16 for
+//! op matmul"), so [`attention`], [`linear::Linear`] and [`conv::Conv2d`] compute such inputs in
+//! f32 and round the result to bf16 once (as PyTorch's CPU bf16 GEMMs accumulate in f32).
 //!
 //! [`set_fast_kernels`] (or `SDGEN_NO_FAST_KERNELS=1`) turns every fast path off, so a user can
 //! rule our kernels out when reporting a wrong image; `SDGEN_FAST_KERNELS=1` turns the CUDA ones
@@ -72,6 +78,12 @@ fn switch_state() -> u8 {
         }
         s => s,
     }
+}
+
+/// Whether `x` is bf16 on the CPU, whose products the seam runs in f32 (candle has no CPU bf16
+/// matmul): see the module's overview.
+pub(crate) fn cpu_bf16(x: &Tensor) -> bool {
+    x.dtype() == candle_core::DType::BF16 && x.device().is_cpu()
 }
 
 /// Whether fast kernels may be used at all (they are unless turned off); a device without them

@@ -1,7 +1,9 @@
 //! The normalisations the models use: GroupNorm (optionally with the SiLU that follows it and a
-//! per-channel term added before it, fused into two kernels on CUDA) and LayerNorm.
+//! per-channel term added before it, fused into two kernels on CUDA), LayerNorm (with or without
+//! its affine parameters), diffusers' RMSNorm, and the adaptive layer norms' modulation
+//! [`modulate`] (DiT's `x·(1 + scale) + shift`).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Group normalisation over `[b, c, ...]` (statistics in f32 for half-precision inputs).
@@ -76,25 +78,98 @@ impl GroupNorm {
     }
 }
 
-/// Layer normalisation over the last dimension, with weight and bias.
+/// Layer normalisation over the last dimension, with weight and bias or without either
+/// (PyTorch's `elementwise_affine=False`).
 #[derive(Debug, Clone)]
-pub struct LayerNorm(candle_nn::LayerNorm);
+pub struct LayerNorm {
+    /// `None` for [`LayerNorm::no_affine`].
+    affine: Option<candle_nn::LayerNorm>,
+    dim: usize,
+    eps: f64,
+}
 
 impl LayerNorm {
     /// Loads `weight` and `bias` of `dim` elements.
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self(candle_nn::layer_norm(dim, eps, vb)?))
+        Ok(Self { affine: Some(candle_nn::layer_norm(dim, eps, vb)?), dim, eps })
+    }
+
+    /// A layer norm without weight or bias (`nn.LayerNorm(dim, elementwise_affine=False)`, the
+    /// adaptive layer norms' inner norm in DiT/MMDiT).
+    pub fn no_affine(dim: usize, eps: f64) -> Self {
+        Self { affine: None, dim, eps }
     }
 
     /// Normalises `x` over its last dimension. candle's one-kernel layer norm needs a contiguous
     /// input (it falls back to ten whole-tensor ops otherwise): a copy is far cheaper than that.
+    /// Half-precision inputs are normalised in f32 and rounded once, as PyTorch's kernels do.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.is_contiguous() {
-            self.0.forward(x)
-        } else {
-            self.0.forward(&x.contiguous()?)
+        let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        let dim = x.dim(candle_core::D::Minus1)?;
+        if dim != self.dim {
+            candle_core::bail!("layer norm over {} elements given {:?}", self.dim, x.dims());
+        }
+        match &self.affine {
+            Some(ln) => ln.forward(&x),
+            None => {
+                // The fused kernel with a unit scale and zero shift: the same one pass, and
+                // `· 1 + 0` is exact.
+                let ones = Tensor::ones(dim, x.dtype(), x.device())?;
+                let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
+                candle_nn::ops::layer_norm(&x, &ones, &zeros, self.eps as f32)
+            }
         }
     }
+}
+
+/// diffusers' `RMSNorm` (`normalization.py`) with its weight: `x / sqrt(mean(x²) + eps)` with the
+/// mean and the division in f32, the result rounded to the input's dtype, **then** multiplied by
+/// the weight in that dtype (two roundings in half precision, as diffusers does; candle's fused
+/// CPU kernel would round `sqrt(mean(x²) + eps)` to the half dtype first). MMDiT's QK-norm.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    /// Ones in f32 on the weight's device: the unit scale of the f32 pass for half precision.
+    ones: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `weight` of `dim` elements.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let ones = Tensor::ones(dim, DType::F32, weight.device())?;
+        Ok(Self { weight, ones, eps })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        let eps = self.eps as f32;
+        if x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            return candle_nn::ops::rms_norm(&x, &self.weight, eps);
+        }
+        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.ones, eps)?;
+        normed.to_dtype(x.dtype())?.broadcast_mul(&self.weight.to_dtype(x.dtype())?)
+    }
+}
+
+/// The adaptive layer norms' modulation `x · (1 + scale) + shift` for `x: [b, n, d]` and
+/// per-image `shift`, `scale: [b, d]`, in `x`'s dtype, rounded after each operation as diffusers'
+/// `norm(x) * (1 + scale[:, None]) + shift[:, None]` is. One function so a fused kernel (with the
+/// layer norm before it) can replace it for every DiT-type model at once.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (b, _, d) = x.dims3()?;
+    if shift.dims() != [b, d] || scale.dims() != [b, d] {
+        candle_core::bail!(
+            "modulation of {:?} by shift {:?} and scale {:?}: expected [{b}, {d}] each",
+            x.dims(),
+            shift.dims(),
+            scale.dims()
+        );
+    }
+    let scale = (scale + 1.0)?.unsqueeze(1)?;
+    x.broadcast_mul(&scale)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
 #[cfg(test)]
@@ -126,6 +201,54 @@ mod tests {
         let diff = (&fused - &unfused)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = unfused.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff <= 1e-5 * scale, "max diff {diff} (scale {scale})");
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_without_affine_normalises_each_row() -> Result<()> {
+        let x = Tensor::new(&[[1f32, 2., 3., 6.], [-1., 0., 1., 100.]], &Device::Cpu)?;
+        let y = LayerNorm::no_affine(4, 1e-6).forward(&x)?;
+        let rows: Vec<Vec<f32>> = y.to_vec2()?;
+        for (row, input) in rows.iter().zip(x.to_vec2::<f32>()?) {
+            let mean = input.iter().sum::<f32>() / 4.0;
+            let var = input.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
+            for (got, v) in row.iter().zip(&input) {
+                let want = (v - mean) / (var + 1e-6).sqrt();
+                assert!((got - want).abs() < 1e-5, "{rows:?}");
+            }
+        }
+        assert!(LayerNorm::no_affine(3, 1e-6).forward(&x).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_rounds_to_the_dtype_before_the_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[0.3f32, -1.7, 2.2, 0.05], [10.0, -3.0, 0.5, 7.0]], &dev)?;
+        let w = Tensor::new(&[1.1f32, 0.9, 1.05, 0.97], &dev)?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let vb = VarBuilder::from_tensors([("weight".to_string(), w.to_dtype(dtype)?)].into(), dtype, &dev);
+            let got = RmsNorm::new(4, 1e-6, vb)?.forward(&x.to_dtype(dtype)?)?;
+            // diffusers: (x·rsqrt(mean(x²) + eps)) in f32, `.to(weight.dtype)`, then `* weight`.
+            let xs = x.to_dtype(dtype)?.to_dtype(DType::F32)?;
+            let inv = (xs.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?.recip()?;
+            let want = xs.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)?;
+            let diff =
+                (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-6, "{dtype:?}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn modulate_is_one_plus_scale_then_shift() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[1f32, 2.], [3., 4.]]], &dev)?;
+        let shift = Tensor::new(&[[10f32, 20.]], &dev)?;
+        let scale = Tensor::new(&[[1f32, -0.5]], &dev)?;
+        let y: Vec<Vec<f32>> = modulate(&x, &shift, &scale)?.get(0)?.to_vec2()?;
+        assert_eq!(y, vec![vec![12.0, 21.0], vec![16.0, 22.0]]);
+        assert!(modulate(&x, &scale, &shift.reshape((2, 1))?).is_err());
         Ok(())
     }
 }
