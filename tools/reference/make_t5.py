@@ -17,7 +17,8 @@
    `testdata/reference/sd3/t5.json` (per prompt and max length: the ids, the untruncated length and
    the dropped text as diffusers warns it) and `testdata/reference/sd3/t5.safetensors` (the last
    hidden states in f32, bf16 and f16, the last two loaded with `torch_dtype`, so f16 keeps `wo` in
-   f32 as transformers' `_keep_in_fp32_modules` does; with and without the attention mask).
+   f32 as transformers' `_keep_in_fp32_modules` does; with and without the attention mask), and
+   the relative-position bucket tables of two bucket configurations.
 
 Deterministic: sentencepiece with one thread on a fixed text, seeded weights, one torch thread.
 
@@ -34,6 +35,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+from transformers.models.t5.modeling_t5 import T5Attention
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "testdata/tiny-t5/tokenizer_3"
@@ -266,6 +268,11 @@ def main() -> None:
             if name != "encoder.embed_tokens.weight":
                 tensors[f"relu.{name}"] = p.contiguous()
         tensors["relu_out.77"] = relu(ids[77])[0].contiguous()
+    # transformers' bidirectional relative-position buckets for key − query offsets −600..=600
+    # (the float32 logarithm puts offsets such as 64 exactly on a bucket boundary).
+    offsets = torch.arange(-600, 601)
+    for buckets, distance in [(32, 128), (64, 256)]:
+        tensors[f"buckets.{buckets}.{distance}"] = T5Attention._relative_position_bucket(offsets, True, buckets, distance)
 
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"rows_256": rows_256, "encoder": ENCODER_CONFIG, "vocab_size": vocab}

@@ -1,4 +1,4 @@
-//! Candle modules for the Stable Diffusion families: the CLIP text encoder, the conditional UNet
+//! Candle modules for the Stable Diffusion families: the CLIP and T5 text encoders, the conditional UNet
 //! (behind the [`denoiser::Denoiser`] seam the pipelines call) and the KL autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
 //! diffusers / transformers checkpoint key names, and a `forward`.
 //!
@@ -11,6 +11,7 @@ pub mod clip;
 pub mod denoiser;
 pub mod ops;
 pub mod resnet;
+pub mod t5;
 pub mod unet;
 pub mod vae;
 
