@@ -1,6 +1,6 @@
-//! Candle modules for the Stable Diffusion families: the CLIP text encoder, the conditional UNet
-//! and SD 3's MMDiT (both behind the [`denoiser::Denoiser`] seam the pipelines call) and the KL
-//! autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
+//! Candle modules for the Stable Diffusion families: the CLIP and T5 text encoders, the
+//! conditional UNet and SD 3's MMDiT (both behind the [`denoiser::Denoiser`] seam the pipelines
+//! call) and the KL autoencoder, each a `Config` plus `new(cfg, vb)` whose `vb.pp(..)` paths mirror the
 //! diffusers / transformers checkpoint key names, and a `forward`.
 //!
 //! Model code never sees paths, the hub or the command line. Every attention, normalisation,
@@ -13,6 +13,7 @@ pub mod denoiser;
 pub mod mmdit;
 pub mod ops;
 pub mod resnet;
+pub mod t5;
 pub mod unet;
 pub mod vae;
 

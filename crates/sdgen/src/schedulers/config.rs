@@ -5,7 +5,7 @@
 //! letting the others fall back to *that class's* defaults. SD 1.5's PNDM config, for example, has
 //! no `timestep_spacing`, so PNDM and DDIM get `"leading"` while Euler gets `"linspace"`. Hence the
 //! config stays raw here, and each scheduler resolves the fields it takes with its own defaults
-//! (see `pndm.rs`, `ddim.rs`, `euler.rs`, `euler_ancestral.rs`, `dpm_solver.rs`). Fields no class
+//! (see `pndm.rs`, `ddim.rs`, `euler.rs`, `euler_ancestral.rs`, `dpm_solver.rs`, `flow_match.rs`). Fields no class
 //! we implement takes are ignored.
 //!
 //! diffusers writes its configs with Python's `json.dumps`, which spells non-finite floats as the
@@ -90,6 +90,27 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: Option<f64>,
     /// DPM-Solver: `learned`/`learned_range` models output a variance too (not implemented).
     pub variance_type: Option<String>,
+    /// Flow matching: the static sigma shift `σ' = s·σ / (1 + (s − 1)·σ)` (SD 3 / 3.5: 3.0;
+    /// default 1, no shift).
+    pub shift: Option<f64>,
+    /// Flow matching: shift by an image-size-dependent `mu` instead of `shift` (default false).
+    pub use_dynamic_shifting: Option<bool>,
+    /// Flow matching, dynamic shifting: `mu` at `base_image_seq_len` tokens (default 0.5).
+    pub base_shift: Option<f64>,
+    /// Flow matching, dynamic shifting: `mu` at `max_image_seq_len` tokens (default 1.15).
+    pub max_shift: Option<f64>,
+    /// Flow matching, dynamic shifting: the token count of `base_shift` (default 256).
+    pub base_image_seq_len: Option<usize>,
+    /// Flow matching, dynamic shifting: the token count of `max_shift` (default 4096).
+    pub max_image_seq_len: Option<usize>,
+    /// Flow matching, dynamic shifting: `exponential` (default) or `linear`.
+    pub time_shift_type: Option<String>,
+    /// Flow matching: use `1 − σ` (default false).
+    pub invert_sigmas: Option<bool>,
+    /// Flow matching: stretch the schedule so its last sigma is this value (LTX-Video).
+    pub shift_terminal: Option<f64>,
+    /// Flow matching: re-noise every step (not implemented: building with it set is an error).
+    pub stochastic_sampling: Option<bool>,
 }
 
 impl SchedulerConfig {
@@ -321,6 +342,17 @@ mod tests {
         assert!(err.contains("linspace, leading, trailing"), "{err}");
         let err = SchedulerConfig::from_json_str("{not json").unwrap_err().to_string();
         assert!(err.contains("scheduler config"), "{err}");
+    }
+
+    /// SD 3.5's `scheduler/scheduler_config.json` (stabilityai/stable-diffusion-3.5-large, verbatim;
+    /// Medium's and Large Turbo's are the same).
+    #[test]
+    fn parses_sd35_flow_matching_config() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/scheduler-configs/sd35.json");
+        let cfg = SchedulerConfig::from_file(path).unwrap();
+        assert_eq!(cfg.class_name(), Some("FlowMatchEulerDiscreteScheduler"));
+        assert_eq!((cfg.num_train_timesteps, cfg.shift), (Some(1000), Some(3.0)));
+        assert_eq!((cfg.use_dynamic_shifting, cfg.shift_terminal), (None, None));
     }
 
     #[test]

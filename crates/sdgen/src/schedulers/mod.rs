@@ -1,7 +1,8 @@
 //! Diffusion schedulers, numerically equal to diffusers': PNDM (PLMS, and the PRK warm-up), DDIM,
-//! Euler (`EulerDiscreteScheduler`), Euler ancestral (`EulerAncestralDiscreteScheduler`) and
-//! DPM-Solver++ 2M (`DPMSolverMultistepScheduler`, optionally with Karras sigmas), one algorithm
-//! per file.
+//! Euler (`EulerDiscreteScheduler`), Euler ancestral (`EulerAncestralDiscreteScheduler`),
+//! DPM-Solver++ 2M (`DPMSolverMultistepScheduler`, optionally with Karras sigmas) and, for flow
+//! matching models (SD 3 / 3.5), Euler on the flow (`FlowMatchEulerDiscreteScheduler`), one
+//! algorithm per file.
 //!
 //! A scheduler is built from a model's `scheduler/scheduler_config.json` ([`SchedulerConfig`]) for
 //! a fixed number of inference steps, and the pipeline loops over [`Scheduler::timesteps`]:
@@ -36,6 +37,7 @@ mod ddim;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod flow_match;
 mod noise;
 mod pndm;
 #[cfg(test)]
@@ -51,6 +53,7 @@ pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
+pub use flow_match::{calculate_shift, dynamic_shift_mu, img2img_start_step, FlowMatchEulerScheduler};
 pub use pndm::PndmScheduler;
 
 use crate::rng::batch::BatchNoise;
@@ -62,6 +65,18 @@ pub enum ScheduleKind {
     /// Discrete-time diffusion over `num_train_timesteps` (ε- or v-prediction), as SD 1.x and
     /// SDXL are trained.
     Discrete,
+    /// Rectified flow (SD 3): `x_t = (1 − σ)·x₀ + σ·ε`, the model predicting the velocity.
+    FlowMatching,
+}
+
+impl ScheduleKind {
+    /// How messages name the schedule.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ScheduleKind::Discrete => "a discrete-time diffusion schedule (SD 1.x, SDXL)",
+            ScheduleKind::FlowMatching => "a flow-matching schedule (SD 3 / 3.5)",
+        }
+    }
 }
 
 /// The scheduler algorithms sdgen implements.
@@ -81,21 +96,25 @@ pub enum SchedulerKind {
     /// `DPMSolverMultistepScheduler` with `use_karras_sigmas=True` set on top of the model's
     /// config ("DPM++ 2M Karras").
     DpmPp2mKarras,
+    /// diffusers' `FlowMatchEulerDiscreteScheduler`: Euler on a rectified flow, the only sampler
+    /// of flow-matching models (SD 3 / 3.5's default).
+    FlowMatchEuler,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::FlowMatchEuler,
     ];
 
     /// The short name used on the command line (`pndm`, `ddim`, `euler`, `euler-a`, `dpm++2m`,
-    /// `dpm++2m-karras`).
+    /// `dpm++2m-karras`, `flow-euler`).
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Pndm => "pndm",
@@ -104,11 +123,15 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPp2m => "dpm++2m",
             SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
+            SchedulerKind::FlowMatchEuler => "flow-euler",
         }
     }
 
     /// AUTOMATIC1111's name for this sampler, as its `parameters` text writes it (and as its
-    /// users type it: [`FromStr`] takes it too, so a `parameters` string round-trips).
+    /// users type it: [`FromStr`] takes it too, so a `parameters` string round-trips). Flow
+    /// Euler is "Euler" there as well (A1111 and Forge name SD 3's sampler so): the name parses
+    /// as [`SchedulerKind::Euler`], which [`SchedulerKind::for_schedule`] maps back on a
+    /// flow-matching model.
     pub fn a1111_name(self) -> &'static str {
         match self {
             SchedulerKind::Pndm => "PLMS",
@@ -117,6 +140,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "Euler a",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
             SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+            SchedulerKind::FlowMatchEuler => "Euler",
         }
     }
 
@@ -128,6 +152,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => &["euler_a", "euler-ancestral"],
             SchedulerKind::DpmPp2m => &["dpmpp-2m", "dpmpp_2m"],
             SchedulerKind::DpmPp2mKarras => &["dpmpp-2m-karras", "dpmpp_2m_karras"],
+            SchedulerKind::FlowMatchEuler => &["flow_euler", "flow-match-euler", "flowmatch-euler"],
         }
     }
 
@@ -140,6 +165,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::FlowMatchEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
 
@@ -152,6 +178,30 @@ impl SchedulerKind {
             | SchedulerKind::EulerAncestral
             | SchedulerKind::DpmPp2m
             | SchedulerKind::DpmPp2mKarras => ScheduleKind::Discrete,
+            SchedulerKind::FlowMatchEuler => ScheduleKind::FlowMatching,
+        }
+    }
+
+    /// The kind to run on a model trained with `schedule` when the user asked for `kind`: `kind`
+    /// itself when it samples that schedule; `euler` (or A1111's "Euler") on a flow-matching
+    /// model is flow Euler, the same method on the flow. Any other mismatch is an
+    /// `InvalidInput` naming both (DDIM, PNDM and DPM-Solver step a discrete noise schedule, which
+    /// a flow-matching model does not have; flow Euler needs one).
+    pub fn for_schedule(kind: SchedulerKind, schedule: ScheduleKind) -> Result<SchedulerKind> {
+        match (kind, schedule) {
+            (k, s) if k.schedule() == s => Ok(k),
+            (SchedulerKind::Euler, ScheduleKind::FlowMatching) => Ok(SchedulerKind::FlowMatchEuler),
+            (k, s) => {
+                let fitting: Vec<&str> = Self::ALL.iter().filter(|o| o.schedule() == s).map(|o| o.name()).collect();
+                let also_euler = if s == ScheduleKind::FlowMatching { ", or euler" } else { "" };
+                Err(Error::InvalidInput(format!(
+                    "scheduler {k} ({}) samples {}, but the model is trained with {}: use {}{also_euler}",
+                    k.class_name(),
+                    k.schedule().describe(),
+                    s.describe(),
+                    fitting.join(", ")
+                )))
+            }
         }
     }
 
@@ -252,11 +302,31 @@ pub trait Scheduler: Send {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
 }
 
+/// What a run passes to `set_timesteps` besides the step count (diffusers' keyword arguments).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunInputs {
+    /// Flow matching with `use_dynamic_shifting`: the shift for this image size
+    /// ([`dynamic_shift_mu`]). Required by such configs, ignored by every other scheduler and
+    /// config (as diffusers' `set_timesteps(mu=..)` ignores it without dynamic shifting).
+    pub mu: Option<f64>,
+}
+
 /// Builds a `kind` scheduler from a model's scheduler config for `num_inference_steps` steps.
 /// Fields the kind's diffusers class doesn't take are ignored; missing ones take that class's
 /// defaults. Errors: `InvalidInput` for a step count of 0 or above the training timesteps (or
 /// below 4 for PNDM's Runge-Kutta mode), `BadModel` for config values sdgen doesn't support.
+/// A flow-matching config with dynamic shifting needs [`build_with`] and its `mu`.
 pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+    build_with(kind, config, num_inference_steps, &RunInputs::default())
+}
+
+/// [`build`] with the run's [`RunInputs`].
+pub fn build_with(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    inputs: &RunInputs,
+) -> Result<Box<dyn Scheduler>> {
     Ok(match kind {
         SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, num_inference_steps)?),
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, num_inference_steps)?),
@@ -267,6 +337,9 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps:
             // `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`.
             let karras = SchedulerConfig { use_karras_sigmas: Some(true), ..config.clone() };
             Box::new(DpmSolverMultistepScheduler::new_as(kind, &karras, num_inference_steps)?)
+        }
+        SchedulerKind::FlowMatchEuler => {
+            Box::new(FlowMatchEulerScheduler::new(config, num_inference_steps, inputs.mu)?)
         }
     })
 }
@@ -373,8 +446,13 @@ mod tests {
     #[test]
     fn a1111_names_round_trip() {
         for kind in SchedulerKind::ALL {
-            assert_eq!(kind.a1111_name().parse::<SchedulerKind>().unwrap(), kind);
-            assert_eq!(kind.a1111_name().to_lowercase().parse::<SchedulerKind>().unwrap(), kind);
+            // Flow Euler's "Euler" reads as Euler, mapped back per model by `for_schedule`.
+            let back = SchedulerKind::for_schedule(kind.a1111_name().parse().unwrap(), kind.schedule()).unwrap();
+            assert_eq!(back, kind);
+            assert_eq!(
+                kind.a1111_name().to_lowercase().parse::<SchedulerKind>().unwrap().a1111_name(),
+                kind.a1111_name()
+            );
             assert_eq!(crate::output::a1111_sampler_name(kind.name()), kind.a1111_name());
         }
         assert_eq!("Euler A".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
@@ -393,7 +471,8 @@ mod tests {
         assert_eq!(SchedulerKind::from_class_name("LMSDiscreteScheduler"), None);
         let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
         assert!(
-            err.contains("\"dpm++\"") && err.contains("pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras"),
+            err.contains("\"dpm++\"")
+                && err.contains("pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, flow-euler"),
             "{err}"
         );
     }
@@ -450,6 +529,31 @@ mod tests {
             let diff = results[0].iter().zip(&results[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(diff <= 0.05 * scale, "{kind}: bf16 off by {diff} (scale {scale})");
         }
+    }
+
+    #[test]
+    fn flow_models_take_euler_and_refuse_discrete_schedulers() {
+        use SchedulerKind::*;
+        let flow = ScheduleKind::FlowMatching;
+        assert_eq!(SchedulerKind::for_schedule(Euler, flow).unwrap(), FlowMatchEuler);
+        assert_eq!(SchedulerKind::for_schedule(FlowMatchEuler, flow).unwrap(), FlowMatchEuler);
+        assert_eq!("flow-euler".parse::<SchedulerKind>().unwrap(), FlowMatchEuler);
+        assert_eq!(SchedulerKind::from_class_name("FlowMatchEulerDiscreteScheduler"), Some(FlowMatchEuler));
+        for kind in [Pndm, Ddim, EulerAncestral, DpmPp2m, DpmPp2mKarras] {
+            let err = SchedulerKind::for_schedule(kind, flow).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, Error::InvalidInput(_)), "{text}");
+            assert!(
+                text.contains(kind.name()) && text.contains("flow-matching") && text.contains("discrete"),
+                "{text}"
+            );
+            assert!(text.contains("use flow-euler, or euler"), "{text}");
+        }
+        for kind in [Pndm, Ddim, Euler, EulerAncestral, DpmPp2m, DpmPp2mKarras] {
+            assert_eq!(SchedulerKind::for_schedule(kind, ScheduleKind::Discrete).unwrap(), kind);
+        }
+        let err = SchedulerKind::for_schedule(FlowMatchEuler, ScheduleKind::Discrete).unwrap_err().to_string();
+        assert!(err.contains("flow-euler") && err.contains("use pndm, ddim, euler"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! CLIP's byte-level BPE tokenizer, as the Stable Diffusion pipelines tokenize a prompt.
+//! The prompt tokenizers: CLIP's byte-level BPE tokenizer, as the Stable Diffusion pipelines
+//! tokenize a prompt (below), and T5's sentencepiece tokenizer, SD 3's third ([`T5Tokenizer`],
+//! `t5.rs`).
 //!
 //! diffusers calls the folder's `CLIPTokenizer` as `padding="max_length", max_length=77,
 //! truncation=True`: `<|startoftext|>`, the prompt's tokens (at most 75), `<|endoftext|>`, then the
@@ -51,6 +53,7 @@ mod files;
 #[cfg(test)]
 mod json_tests;
 mod slow;
+mod t5;
 #[cfg(test)]
 mod tests;
 
@@ -60,6 +63,7 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 use files::{ModelSource, TokenizerJson};
+pub use t5::{T5Tokenizer, T5_DEFAULT_MAX_LENGTH, T5_MAX_LENGTH};
 
 /// Which transformers `CLIPTokenizer` to reproduce (see the module doc for where they differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,7 +80,8 @@ pub enum TokenizerMode {
 /// A prompt's token ids, ready for the text encoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tokenized {
-    /// `<|startoftext|>`, the kept tokens, `<|endoftext|>`, then padding: exactly `max_length` ids.
+    /// Exactly `max_length` ids: for CLIP `<|startoftext|>`, the kept tokens, `<|endoftext|>`,
+    /// then padding; for T5 the kept tokens, `</s>`, then padding.
     pub ids: Vec<u32>,
     /// How many of the prompt's tokens did not fit and were cut (0 when it fits).
     pub dropped_tokens: usize,
