@@ -7,6 +7,7 @@
 
 mod components;
 mod random_model;
+mod sd35_files;
 mod sdxl;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +27,8 @@ use sdgen::pipeline::{
 #[derive(Debug, Parser)]
 #[command(name = "sdgen-bench", version, about)]
 struct Args {
-    /// Model family: sd15, sdxl or sdxl-refiner (an image-to-image run, as the refiner is used).
+    /// Model family: sd15, sdxl, sdxl-refiner (an image-to-image run, as the refiner is used),
+    /// sd35-large or sd35-medium.
     #[arg(long, default_value = "sd15")]
     family: String,
     /// Folder for the random-weight model (reused when it exists); bench-models/FAMILY by default.

@@ -15,6 +15,8 @@ use candle_nn::{Init, VarBuilder};
 use sdgen::loading::family::{DenoiserArch, FamilySpec, TextEncoderArch, FAMILIES};
 use sdgen::loading::single_file::defaults::BundledFile;
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
+use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
+use sdgen_models::t5::{T5Config, T5EncoderModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
@@ -91,7 +93,11 @@ enum Kind {
     Clip {
         projection: bool,
     },
+    /// T5 encoder (SD 3's `text_encoder_3`).
+    T5,
     UNet,
+    /// SD 3's MMDiT.
+    MMDiT,
     /// Encoder and decoder both: image-to-image and the refiner encode with the VAE.
     Vae,
 }
@@ -115,24 +121,34 @@ fn components(family: &FamilySpec) -> Vec<Component> {
         TextEncoderArch::Clip => {
             Component { name: e.component, file: "model.safetensors", kind: Kind::Clip { projection: e.projection } }
         }
+        TextEncoderArch::T5 => Component { name: e.component, file: "model.safetensors", kind: Kind::T5 },
     });
     let denoiser = match family.denoiser.arch {
         DenoiserArch::UNet2DCondition => {
             Component { name: family.denoiser.component, file: DIFFUSERS_WEIGHTS, kind: Kind::UNet }
         }
+        DenoiserArch::SD3Transformer2D => {
+            Component { name: family.denoiser.component, file: DIFFUSERS_WEIGHTS, kind: Kind::MMDiT }
+        }
     };
     encoders.chain([denoiser, VAE]).collect()
 }
 
-/// The row of `family` and its bundled non-weight files (those of its single-file checkpoints).
+/// The bench's own folders for the rows without single-file checkpoints (and so no bundled files).
+const OWN_FILES: &[(&str, &[BundledFile])] =
+    &[("sd35-large", &crate::sd35_files::SD35_LARGE), ("sd35-medium", &crate::sd35_files::SD35_MEDIUM)];
+
+/// The row of `family` and its non-weight files: those of its single-file checkpoints, else the
+/// bench's own.
 fn layout(family: &str) -> Option<(&'static FamilySpec, &'static [BundledFile])> {
     let row = FamilySpec::by_name(family)?;
-    Some((row, row.single_file?.defaults))
+    let own = || OWN_FILES.iter().find(|(name, _)| *name == family).map(|(_, files)| *files);
+    Some((row, row.single_file.map(|s| s.defaults).or_else(own)?))
 }
 
-/// The families [`write_model`] knows: every row with bundled files.
+/// The families [`write_model`] knows: every row with bundled files or files of the bench's own.
 pub fn families() -> Vec<&'static str> {
-    FAMILIES.iter().filter(|f| f.single_file.is_some()).map(|f| f.name).collect()
+    FAMILIES.iter().filter(|f| layout(f.name).is_some()).map(|f| f.name).collect()
 }
 
 /// The components with weights that `family`'s folder holds (empty for an unknown family).
@@ -152,9 +168,17 @@ fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> an
                 let cfg: ClipTextConfig = serde_json::from_str(&config).with_context(parse_error)?;
                 drop(ClipTextModel::new(&cfg, projection, vb)?);
             }
+            Kind::T5 => {
+                let cfg: T5Config = serde_json::from_str(&config).with_context(parse_error)?;
+                drop(T5EncoderModel::new(&cfg, vb)?);
+            }
             Kind::UNet => {
                 let cfg: UNetConfig = serde_json::from_str(&config).with_context(parse_error)?;
                 drop(UNet2DConditionModel::new(&cfg, vb)?);
+            }
+            Kind::MMDiT => {
+                let cfg: MMDiTConfig = serde_json::from_str(&config).with_context(parse_error)?;
+                drop(SD3Transformer2DModel::new(&cfg, vb)?);
             }
             Kind::Vae => {
                 let cfg: VaeConfig = serde_json::from_str(&config).with_context(parse_error)?;

@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use sdgen::candle::{DType, Device};
 use sdgen::hub::HubOptions;
-use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL};
+use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL, PRO_MODEL};
 use sdgen::output::OutputTarget;
-use sdgen::pipeline::{check_strength, InitImage, Request, Runtime};
+use sdgen::pipeline::{check_strength, FamilyOptions, InitImage, Request, Runtime, SkipLayerGuidance};
 use sdgen::schedulers::SchedulerKind;
 
 /// Generate images from a text prompt with Stable Diffusion.
@@ -25,10 +25,29 @@ pub struct Args {
     /// setting, the seeds continuing from one job's images to the next.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_flag"])]
     pub prompt_file: Option<PathBuf>,
-    /// A named model (sdxl, sdxl-refiner, sd15), a hub repo id (org/name), a diffusers model
-    /// folder or a single-file .safetensors checkpoint.
-    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
-    pub model: String,
+    /// A named model (sdxl, sdxl-refiner, sd15, sd35-large, sd35-large-turbo, sd35-medium; see
+    /// --list-models), a hub repo id (org/name), a diffusers model folder or a single-file
+    /// .safetensors checkpoint [default: sdxl].
+    #[arg(short = 'm', long)]
+    pub model: Option<String>,
+    /// Professional quality: Stable Diffusion 3.5 Large (as --model sd35-large) at its defaults,
+    /// 1024², 28 steps, guidance 3.5; every other flag still applies.
+    #[arg(long, conflicts_with = "model")]
+    pub pro: bool,
+    /// SD 3.5: run without the T5 encoder (its ~9.5 GB of weights never load; the prompt is read
+    /// by the two CLIP encoders only, a little less faithfully).
+    #[arg(long)]
+    pub no_t5: bool,
+    /// SD 3.5: tokens the T5 encoder reads of each prompt, up to 512 [default: 256].
+    #[arg(long, value_name = "TOKENS", value_parser = count, allow_negative_numbers = true)]
+    pub max_sequence_length: Option<usize>,
+    /// SD 3.5: skip-layer guidance over these transformer blocks (Stability recommends 7,8,9 for
+    /// 3.5 Medium), from 1% to 20% of the steps.
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',')]
+    pub slg: Option<Vec<usize>>,
+    /// With --slg: its scale [default: 2.8].
+    #[arg(long, value_name = "SCALE", requires = "slg", allow_negative_numbers = true)]
+    pub slg_scale: Option<f64>,
     /// Finish SDXL runs with this refiner (a named model, hub repo or folder, e.g.
     /// stabilityai/stable-diffusion-xl-refiner-1.0): the base denoises the first part of the
     /// schedule, is unloaded, and the refiner finishes it (diffusers' ensemble of experts).
@@ -247,7 +266,7 @@ impl Args {
             hub.variant = Some("fp16".to_string());
         }
         Ok(Resolved {
-            model: ModelSource::parse(&self.model),
+            model: ModelSource::parse(self.model_name()),
             refiner,
             vae: self.vae.as_deref().map(ModelSource::parse),
             memory: sdgen::planning::MemoryRequest {
@@ -273,6 +292,14 @@ impl Args {
                 width: self.width,
                 height: self.height,
                 scheduler,
+                family_options: FamilyOptions {
+                    max_sequence_length: self.max_sequence_length,
+                    no_t5: self.no_t5,
+                    skip_layer_guidance: self.slg.clone().map(|layers| SkipLayerGuidance {
+                        scale: self.slg_scale.unwrap_or(SkipLayerGuidance::new(Vec::new()).scale),
+                        ..SkipLayerGuidance::new(layers)
+                    }),
+                },
             },
             runtime: Runtime::new(device, dtype),
             device_label,
@@ -285,6 +312,15 @@ impl Args {
 }
 
 impl Args {
+    /// The model asked for: `--model`, SD 3.5 Large for `--pro`, else the default.
+    pub fn model_name(&self) -> &str {
+        match (&self.model, self.pro) {
+            (Some(m), _) => m,
+            (None, true) => PRO_MODEL,
+            (None, false) => DEFAULT_MODEL,
+        }
+    }
+
     /// The prompts: the positional or `-p`, a `--prompt-file`'s lines, or standard input's for `-`.
     fn prompts(&self) -> anyhow::Result<Vec<String>> {
         let lines = |text: String| -> Vec<String> {

@@ -303,6 +303,14 @@ fn run_metadata(
             extra.insert("model_hash".into(), sdgen::output::model_hash(path)?.into());
         }
     }
+    let o = &resolved.request.family_options;
+    if let Some(len) = o.max_sequence_length {
+        extra.insert("max_sequence_length".into(), len.into());
+    }
+    if let Some(slg) = &o.skip_layer_guidance {
+        let value = serde_json::json!({"layers": slg.layers, "scale": slg.scale, "start": slg.start, "stop": slg.stop});
+        extra.insert("skip_layer_guidance".into(), value);
+    }
     if let (Some(req), Some(s)) = (img2img_request, &job.img2img) {
         extra.insert("init_image".into(), req.init_image.name.clone().into());
         extra.insert("strength".into(), s.strength.into());
@@ -333,6 +341,10 @@ impl Saver<'_> {
         let (resolved, job) = (self.resolved, self.job);
         let mut extra = self.extra.clone();
         extra.insert("memory".into(), serde_json::to_value(&generation.memory)?);
+        // The encoders that did not run (SD 3.5's T5 with --no-t5 or in a folder without it).
+        if !generation.settings.skipped_encoders.is_empty() {
+            extra.insert("skipped_encoders".into(), serde_json::to_value(&generation.settings.skipped_encoders)?);
+        }
         if let Some(r) = &generation.refinement {
             let mut r = r.clone();
             // The model as the user named it (a hub repo, not its cache folder).

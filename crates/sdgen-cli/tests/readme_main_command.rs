@@ -10,7 +10,7 @@ use sdgen::loading::{DEFAULT_MODEL, NAMED_MODELS};
 
 #[test]
 fn default_model_downloads_once_then_runs_offline() {
-    let repo = NAMED_MODELS.iter().find(|(n, _)| *n == DEFAULT_MODEL).unwrap().1;
+    let repo = NAMED_MODELS.iter().find(|m| m.name == DEFAULT_MODEL).unwrap().repo;
     let tiny = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl"));
     let server = HubServer::start(vec![FakeRepo::from_dir(repo, &tiny).unwrap()]).unwrap();
     let dir = tempfile::tempdir().unwrap();

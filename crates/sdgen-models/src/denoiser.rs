@@ -28,6 +28,19 @@ pub trait Denoiser {
     /// scheduler's units; any dtype and device), conditioned on `cond`.
     fn forward(&self, latents: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor>;
 
+    /// [`Self::forward`] with the transformer blocks `skip_layers` passed through unchanged
+    /// (skip-layer guidance). Architectures without such blocks refuse.
+    fn forward_skipping(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        cond: &Conditioning,
+        skip_layers: &[usize],
+    ) -> Result<Tensor> {
+        let _ = (latents, timesteps, cond);
+        candle_core::bail!("this denoiser has no transformer blocks to skip (layers {skip_layers:?})")
+    }
+
     /// Bounds its attention's score matrices from the next forward on (no reload needed).
     fn set_attention_options(&self, options: AttentionOptions);
 }

@@ -33,7 +33,9 @@ pub struct MemoryRequest {
 /// was opened.
 pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
     let profile = model.family().memory_profile();
-    let mut sources: Vec<&str> = profile.components.iter().map(|c| c.source).collect();
+    // An optional encoder the folder was saved without has no weights to read.
+    let absent = crate::pipeline::skipped_encoders(model, &Default::default());
+    let mut sources: Vec<&str> = profile.components.iter().map(|c| c.source).filter(|s| !absent.contains(s)).collect();
     sources.sort_unstable();
     sources.dedup();
     let mut components = Vec::new();
@@ -159,6 +161,8 @@ pub fn plan_run(
         // matrices, fused norms, cuDNN convolutions); a CUDA build without cuDNN convolves by
         // im2col, so it is planned with the stock figures.
         fast_kernels: sdgen_models::ops::fast_cpu(device) || sdgen_models::ops::fast_conv(device),
+        // The encoders' stages are named after their components.
+        skipped_stages: settings.skipped_encoders.iter().map(|c| c.to_string()).collect(),
         ..PlanRequest::new(
             &profile,
             &manifest,

@@ -349,3 +349,26 @@ fn sharded_weights_are_fetched_with_their_index() {
     let folder = ModelFolder::open(&snapshot).unwrap();
     assert_eq!(folder.weights("unet").unwrap().files.len(), 2);
 }
+
+/// SD 3.5 in the hub's layout (sharded transformer and T5, the T5 tokenizer) comes down whole,
+/// and a distilled model named by its repository keeps its own defaults (Large Turbo: 4 steps,
+/// no guidance), where the same folder under another name takes the family's.
+#[test]
+fn sd35_repos_download_whole_and_turbo_keeps_its_defaults() {
+    let folder = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sd35-large"));
+    let turbo = "stabilityai/stable-diffusion-3.5-large-turbo";
+    let repos =
+        vec![FakeRepo::from_dir(turbo, &folder).unwrap(), FakeRepo::from_dir("org/tiny-sd35", &folder).unwrap()];
+    let every_file: BTreeSet<String> = repos[0].files.keys().cloned().collect();
+    let server = HubServer::start(repos).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let hub = options(&server, home.path());
+    let open = |repo: &str| ModelSource::parse(repo).open_with(&hub, &Default::default(), &mut |_| {}).unwrap();
+    let model = open(turbo);
+    assert_eq!(model.family().name, "sd35-large");
+    assert_eq!(downloaded(&server), every_file, "shards, index files and tokenizer_3 all fetched");
+    let d = model.run_defaults();
+    assert_eq!((d.steps, d.guidance), (4, 0.0));
+    let plain = open("org/tiny-sd35").run_defaults();
+    assert_eq!((plain.steps, plain.guidance), (28, 3.5));
+}

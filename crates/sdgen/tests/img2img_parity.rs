@@ -59,6 +59,7 @@ fn request(case: &Case) -> Img2ImgRequest {
             width: None,
             height: None,
             scheduler: Some(case.scheduler.parse().unwrap()),
+            ..Default::default()
         },
         init_image: InitImage::load(&testdata().join("reference/sd15").join(&case.init)).unwrap(),
         strength: Some(case.strength),

@@ -46,6 +46,7 @@ impl Case {
             height: Some(self.height),
             // The folders' own scheduler (SDXL's Euler, "leading" spacing).
             scheduler: None,
+            ..Default::default()
         }
     }
 }

@@ -194,10 +194,9 @@ impl SD3Transformer2DModel {
     }
 }
 
-impl Denoiser for SD3Transformer2DModel {
-    /// The context is `cond.context` (CLIP-L ‖ CLIP-G padded, then T5, along the tokens); the
-    /// pooled text `cond.pooled` is required; SD 3 takes no `time_ids`.
-    fn forward(&self, latents: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+impl SD3Transformer2DModel {
+    /// The pooled text of `cond`, which SD 3 requires; it takes no `time_ids`.
+    fn pooled_of<'c>(&self, cond: &'c Conditioning) -> Result<&'c Tensor> {
         let Some(pooled) = &cond.pooled else {
             candle_core::bail!(
                 "the SD 3 transformer needs the pooled text embeddings (Conditioning::pooled, [b, {}])",
@@ -207,7 +206,26 @@ impl Denoiser for SD3Transformer2DModel {
         if cond.time_ids.is_some() {
             candle_core::bail!("the SD 3 transformer takes no time_ids (an SDXL conditioning)");
         }
-        SD3Transformer2DModel::forward(self, latents, timesteps, &cond.context, pooled)
+        Ok(pooled)
+    }
+}
+
+impl Denoiser for SD3Transformer2DModel {
+    /// The context is `cond.context` (CLIP-L ‖ CLIP-G padded, then T5, along the tokens); the
+    /// pooled text `cond.pooled` is required; SD 3 takes no `time_ids`.
+    fn forward(&self, latents: &Tensor, timesteps: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        SD3Transformer2DModel::forward(self, latents, timesteps, &cond.context, self.pooled_of(cond)?)
+    }
+
+    fn forward_skipping(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        cond: &Conditioning,
+        skip_layers: &[usize],
+    ) -> Result<Tensor> {
+        let pooled = self.pooled_of(cond)?;
+        SD3Transformer2DModel::forward_skipping(self, latents, timesteps, &cond.context, pooled, skip_layers)
     }
 
     fn set_attention_options(&self, options: AttentionOptions) {

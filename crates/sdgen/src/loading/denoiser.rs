@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device};
 use sdgen_models::denoiser::Denoiser;
+use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 
 use super::family::DenoiserArch;
@@ -19,10 +20,17 @@ pub struct DenoiserGeometry {
     pub out_channels: usize,
     /// The latent side it was trained at, if stated.
     pub sample_size: Option<usize>,
+    /// The width of the text context it reads (a UNet's `cross_attention_dim`, an MMDiT's
+    /// `joint_attention_dim`).
+    pub context_width: usize,
+    /// Its transformer blocks, for an architecture whose blocks can be skipped (MMDiT).
+    pub blocks: Option<usize>,
+    /// Latent pixels per side of one token (an MMDiT's patches; 1 for a UNet).
+    pub patch_size: usize,
 }
 
 impl ModelFolder {
-    /// The family's denoiser folder (`unet`).
+    /// The family's denoiser folder (`unet`, `transformer`).
     pub fn denoiser_component(&self) -> &'static str {
         self.family().denoiser.component
     }
@@ -37,6 +45,20 @@ impl ModelFolder {
                     in_channels: c.in_channels,
                     out_channels: c.out_channels,
                     sample_size: c.sample_size,
+                    context_width: c.cross_attention_dim,
+                    blocks: None,
+                    patch_size: 1,
+                })
+            }
+            DenoiserArch::SD3Transformer2D => {
+                let c: MMDiTConfig = self.config(component, "config.json")?;
+                Ok(DenoiserGeometry {
+                    in_channels: c.in_channels,
+                    out_channels: c.out_channels(),
+                    sample_size: Some(c.sample_size),
+                    context_width: c.joint_attention_dim,
+                    blocks: Some(c.num_layers),
+                    patch_size: c.patch_size,
                 })
             }
         }
@@ -52,6 +74,15 @@ impl ModelFolder {
                 let unet = UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)
                     .map_err(|e| model_error(&weights, "a UNet2DConditionModel", e))?;
                 Ok(Box::new(unet))
+            }
+            DenoiserArch::SD3Transformer2D => {
+                let cfg: MMDiTConfig = self.config(component, "config.json")?;
+                cfg.validate().map_err(|e| {
+                    crate::Error::BadModel(format!("{}/{component}/config.json: {e}", self.root().display()))
+                })?;
+                let mmdit = SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)
+                    .map_err(|e| model_error(&weights, "an SD3Transformer2DModel (MMDiT)", e))?;
+                Ok(Box::new(mmdit))
             }
         }
     }

@@ -21,7 +21,7 @@ pub use denoiser::DenoiserGeometry;
 pub use family::{FamilySpec, FAMILIES};
 pub use safetensors_header::{SafetensorsHeader, TensorInfo};
 pub use single_file::{Checkpoint, ComponentView};
-pub use source::{ModelSource, DEFAULT_MODEL, NAMED_MODELS};
+pub use source::{ModelSource, NamedModel, RunDefaults, DEFAULT_MODEL, NAMED_MODELS, PRO_MODEL};
 
 use crate::{Error, Result};
 
@@ -36,6 +36,8 @@ pub struct ModelFolder {
     /// Components taken from other folders (`--vae`): component → folder with its
     /// `config.json` and weights.
     overrides: Vec<(String, PathBuf)>,
+    /// Run defaults of a named model that are not its family's (SD 3.5 Large Turbo).
+    run_defaults: Option<RunDefaults>,
 }
 
 /// How to open a model.
@@ -127,6 +129,7 @@ impl ModelFolder {
                 pipeline_class: checkpoint.pipeline_class.clone(),
                 checkpoint: Some(Arc::new(checkpoint)),
                 overrides: Vec::new(),
+                run_defaults: None,
             });
         }
         if let Some(dir) = &options.config_from {
@@ -155,6 +158,7 @@ impl ModelFolder {
             pipeline_class,
             checkpoint: None,
             overrides: Vec::new(),
+            run_defaults: None,
         };
         // A component is named when `model_index.json` maps it to a (library, class) pair, not null.
         let has_component =
@@ -195,6 +199,19 @@ impl ModelFolder {
     /// The recognised family.
     pub fn family(&self) -> &'static FamilySpec {
         self.family
+    }
+
+    /// The steps and guidance a run takes when the request gives none: a named model's own
+    /// (SD 3.5 Large Turbo's 4 steps without guidance), else the family's.
+    pub fn run_defaults(&self) -> RunDefaults {
+        let family = RunDefaults { steps: self.family.default_steps, guidance: self.family.default_guidance };
+        self.run_defaults.unwrap_or(family)
+    }
+
+    /// The model with `defaults` in place of its family's.
+    pub fn with_run_defaults(mut self, defaults: RunDefaults) -> Self {
+        self.run_defaults = Some(defaults);
+        self
     }
 
     /// `_class_name` of `model_index.json`.
@@ -246,6 +263,20 @@ impl ModelFolder {
     /// The folder a component was taken from when it replaces the model's own (`--vae`).
     pub fn component_override(&self, component: &str) -> Option<&Path> {
         self.overrides.iter().find(|(c, _)| c == component).map(|(_, d)| d.as_path())
+    }
+
+    /// Whether the model has `component`: a single-file checkpoint holds it, or the folder's
+    /// `model_index.json` names it (not null, as diffusers saves a pipeline built without it).
+    pub fn has_component(&self, component: &str) -> bool {
+        if let Some(c) = &self.checkpoint {
+            return c.component(component).is_some();
+        }
+        let index: Option<serde_json::Value> = read_json(&self.root.join("model_index.json")).ok();
+        index
+            .as_ref()
+            .and_then(|i| i.get(component))
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().all(|x| !x.is_null()))
     }
 
     /// A component's sub-folder, checked to exist.

@@ -3,22 +3,73 @@
 
 use std::path::{Path, PathBuf};
 
-use super::family::{SD15, SDXL, SDXL_REFINER};
+use super::family::{FamilySpec, SD15, SD35_LARGE, SD35_MEDIUM, SDXL, SDXL_REFINER};
 use super::{ModelFolder, OpenOptions};
 use crate::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
 use crate::Result;
 
-/// Named models and the hub repositories they stand for: each family row by its name.
-pub const NAMED_MODELS: &[(&str, &str)] =
-    &[(SDXL.name, SDXL.hub_repo), (SDXL_REFINER.name, SDXL_REFINER.hub_repo), (SD15.name, SD15.hub_repo)];
+/// Run defaults that differ from the family's: a distilled model of the same architecture
+/// (SD 3.5 Large Turbo is SD 3.5 Large's network, sampled in 4 steps without guidance).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunDefaults {
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+}
 
-/// The named models, for messages: `sdxl, sdxl-refiner, sd15`.
+/// A named model: the name `--model` takes, the hub repository it stands for, its family, and
+/// its own run defaults where they are not the family's.
+#[derive(Debug, Clone, Copy)]
+pub struct NamedModel {
+    /// The name (`sdxl`, `sd35-large-turbo`).
+    pub name: &'static str,
+    /// `org/name` on the hub.
+    pub repo: &'static str,
+    /// The family its folder is.
+    pub family: &'static FamilySpec,
+    /// Defaults of its own, else the family's.
+    pub defaults: Option<RunDefaults>,
+}
+
+impl NamedModel {
+    /// A family row by its own name and repository.
+    const fn row(family: &'static FamilySpec) -> Self {
+        Self { name: family.name, repo: family.hub_repo, family, defaults: None }
+    }
+
+    /// The named model whose repository is `repo` (any case), if any.
+    pub fn by_repo(repo: &str) -> Option<&'static NamedModel> {
+        NAMED_MODELS.iter().find(|m| m.repo.eq_ignore_ascii_case(repo))
+    }
+}
+
+/// Named models: each family row by its name, and the distilled models of a row's architecture.
+pub static NAMED_MODELS: &[NamedModel] = &[
+    NamedModel::row(&SDXL),
+    NamedModel::row(&SDXL_REFINER),
+    NamedModel::row(&SD15),
+    NamedModel::row(&SD35_LARGE),
+    NamedModel {
+        name: "sd35-large-turbo",
+        repo: "stabilityai/stable-diffusion-3.5-large-turbo",
+        family: &SD35_LARGE,
+        // Stability's model card: 4 steps, guidance 0.
+        defaults: Some(RunDefaults { steps: 4, guidance: 0.0 }),
+    },
+    NamedModel::row(&SD35_MEDIUM),
+];
+
+/// The named models, for messages: `sdxl, sdxl-refiner, sd15, …`.
 pub fn named_model_list() -> String {
-    NAMED_MODELS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    NAMED_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
 /// The model used when none is given: SDXL base, the everyday model.
 pub const DEFAULT_MODEL: &str = SDXL.name;
+
+/// The model of `--pro`: SD 3.5 Large, the seed's professional quality.
+pub const PRO_MODEL: &str = SD35_LARGE.name;
 
 /// A `--model` value, classified.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,8 +93,8 @@ impl ModelSource {
         if path.exists() {
             return ModelSource::Path(path.to_path_buf());
         }
-        if let Some((name, repo)) = NAMED_MODELS.iter().find(|(n, _)| n.eq_ignore_ascii_case(value.trim())) {
-            return ModelSource::Repo { repo: repo.to_string(), name: Some(name.to_string()) };
+        if let Some(m) = NAMED_MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(value.trim())) {
+            return ModelSource::Repo { repo: m.repo.to_string(), name: Some(m.name.to_string()) };
         }
         let parts: Vec<&str> = value.split('/').collect();
         let looks_like_repo = parts.len() == 2
@@ -83,7 +134,12 @@ impl ModelSource {
         match self {
             ModelSource::Path(p) => ModelFolder::open_with(p, options),
             ModelSource::Repo { repo, .. } => {
-                ModelFolder::open_with(&fetch_pipeline(hub, repo, "main", progress)?, options)
+                let folder = ModelFolder::open_with(&fetch_pipeline(hub, repo, "main", progress)?, options)?;
+                // A distilled model's own defaults, however it was named (table name or repo id).
+                Ok(match NamedModel::by_repo(repo).and_then(|m| m.defaults) {
+                    Some(d) => folder.with_run_defaults(d),
+                    None => folder,
+                })
             }
         }
     }

@@ -14,12 +14,13 @@
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 pub use sdgen_models::denoiser::Conditioning;
+use sdgen_models::t5::{T5Config, T5EncoderModel};
 
 use super::stages::{loaded, stage, StageLog};
 use super::{Progress, Request, Runtime};
 use crate::loading::family::{ContextJoin, HiddenLayer, MicroConditioning, TextEncoderArch, TextEncoderSpec};
 use crate::loading::{model_error, ModelFolder};
-use crate::tokenizer::ClipTokenizer;
+use crate::tokenizer::{ClipTokenizer, T5Tokenizer, T5_DEFAULT_MAX_LENGTH, T5_MAX_LENGTH};
 use crate::{Error, Result};
 
 /// diffusers' default `aesthetic_score` of the refiner (positive half).
@@ -66,10 +67,25 @@ pub(super) fn encode_prompts(
     }
     texts.push(req.prompt.clone());
     let mut outputs = Vec::new();
+    let skipped = super::skipped_encoders(model, &req.family_options);
     for spec in model.family().encoders {
+        if skipped.contains(&spec.component) {
+            if !req.family_options.no_t5 {
+                warn_once(
+                    warnings,
+                    format!(
+                        "{} has no {}: the prompt is read by the other encoders only (as --no-t5)",
+                        model.root().display(),
+                        spec.component.replace('_', " ")
+                    ),
+                );
+            }
+            outputs.push((spec, absent_encoder(model, req, texts.len(), rt)?));
+            continue;
+        }
         let name = if refiner { format!("refiner_{}", spec.component) } else { spec.component.to_string() };
         let out = stage(&name, progress, log, rt, |rt, progress| {
-            encode_with(&name, model, spec, &texts, cfg_guidance, rt, warnings, progress)
+            encode_with(&name, model, spec, req, &texts, cfg_guidance, rt, warnings, progress)
         })?;
         outputs.push((spec, out));
     }
@@ -196,9 +212,66 @@ fn force_zeros_for_empty_prompt(model: &ModelFolder) -> Result<bool> {
     Ok(index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true))
 }
 
-/// One text encoder over the prompts: loaded, run for each prompt, dropped.
+/// An optional encoder that does not run (`--no-t5`, or a folder saved without it): zeros of
+/// the denoiser's context width for each prompt, as diffusers' SD 3 pipeline makes them.
+fn absent_encoder(model: &ModelFolder, req: &Request, prompts: usize, rt: &Runtime) -> Result<Encoded> {
+    let tokens = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
+    let width = model.denoiser_geometry()?.context_width;
+    let zeros = Tensor::zeros((1, tokens, width), rt.dtype, &rt.device)?;
+    Ok(Encoded { hidden: vec![zeros; prompts], pooled: Vec::new() })
+}
+
+/// Where an encoder runs: the planner may keep it off a GPU that is too small, on the host in f32.
+fn encoder_placement(rt: &Runtime) -> (Device, DType) {
+    if rt.options.text_encoder_on_host {
+        (Device::Cpu, DType::F32)
+    } else {
+        (rt.device.clone(), rt.dtype)
+    }
+}
+
+/// Records a truncation warning once (both of SDXL's tokenizers drop the same tokens).
+fn warn_once(warnings: &mut Vec<String>, warning: String) {
+    if !warnings.contains(&warning) {
+        warnings.push(warning);
+    }
+}
+
+/// Which prompt of the batch `texts[i]` is, for messages.
+fn which_prompt(cfg_guidance: bool, i: usize) -> &'static str {
+    if cfg_guidance && i == 0 {
+        "negative prompt"
+    } else {
+        "prompt"
+    }
+}
+
+/// One text encoder over the prompts: loaded, run for each prompt, dropped. The tokenizer and
+/// model follow the architecture.
 #[allow(clippy::too_many_arguments)]
 fn encode_with(
+    stage_name: &str,
+    model: &ModelFolder,
+    spec: &TextEncoderSpec,
+    req: &Request,
+    texts: &[String],
+    cfg_guidance: bool,
+    rt: &Runtime,
+    warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Encoded> {
+    match spec.arch {
+        TextEncoderArch::Clip => encode_clip(stage_name, model, spec, texts, cfg_guidance, rt, warnings, progress),
+        TextEncoderArch::T5 => {
+            let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
+            encode_t5(stage_name, model, spec, max_len, texts, cfg_guidance, rt, warnings, progress)
+        }
+    }
+}
+
+/// A CLIP encoder: the chosen hidden state per prompt, and the projected pooled output.
+#[allow(clippy::too_many_arguments)]
+fn encode_clip(
     stage_name: &str,
     model: &ModelFolder,
     spec: &TextEncoderSpec,
@@ -208,14 +281,10 @@ fn encode_with(
     warnings: &mut Vec<String>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Encoded> {
-    // The tokenizer and model follow the architecture (a new one is a new arm here).
-    let TextEncoderArch::Clip = spec.arch;
     let tokenizer = ClipTokenizer::from_dir(&model.component_dir(spec.tokenizer)?)?;
     let cfg: ClipTextConfig = model.config(spec.component, "config.json")?;
     let weights = model.weights(spec.component)?;
-    // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
-    let (device, dtype) =
-        if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
+    let (device, dtype) = encoder_placement(rt);
     let what = if spec.projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
     let encoder = ClipTextModel::new(&cfg, spec.projection, weights.var_builder(dtype, &device)?)
         .map_err(|e| model_error(&weights, what, e))?;
@@ -224,16 +293,13 @@ fn encode_with(
     for (i, text) in texts.iter().enumerate() {
         let tokens = tokenizer.encode(text)?;
         if tokens.dropped_tokens > 0 {
-            let which = if cfg_guidance && i == 0 { "negative prompt" } else { "prompt" };
             let warning = format!(
-                "the {which} is longer than CLIP's {} tokens: its last {} tokens were dropped",
+                "the {} is longer than CLIP's {} tokens: its last {} tokens were dropped",
+                which_prompt(cfg_guidance, i),
                 tokenizer.max_length(),
                 tokens.dropped_tokens
             );
-            // Both of SDXL's tokenizers drop the same tokens: say it once.
-            if !warnings.contains(&warning) {
-                warnings.push(warning);
-            }
+            warn_once(warnings, warning);
         }
         let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
         let o = encoder.forward(&ids)?;
@@ -256,6 +322,46 @@ fn encode_with(
     Ok(out)
 }
 
+/// SD 3's T5 encoder (`_get_t5_prompt_embeds`): `max_len` tokens (padded, `</s>` kept), its
+/// last hidden state.
+#[allow(clippy::too_many_arguments)]
+fn encode_t5(
+    stage_name: &str,
+    model: &ModelFolder,
+    spec: &TextEncoderSpec,
+    max_len: usize,
+    texts: &[String],
+    cfg_guidance: bool,
+    rt: &Runtime,
+    warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Encoded> {
+    let tokenizer = T5Tokenizer::from_dir(&model.component_dir(spec.tokenizer)?)?;
+    let cfg: T5Config = model.config(spec.component, "config.json")?;
+    let weights = model.weights(spec.component)?;
+    let (device, dtype) = encoder_placement(rt);
+    let encoder = T5EncoderModel::new(&cfg, weights.var_builder(dtype, &device)?)
+        .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))?;
+    loaded(progress, stage_name);
+    let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
+    for (i, text) in texts.iter().enumerate() {
+        let tokens = tokenizer.encode(text, max_len)?;
+        if tokens.dropped_tokens > 0 {
+            let warning = format!(
+                "the {} is longer than T5's {max_len} tokens (--max-sequence-length, at most {T5_MAX_LENGTH}): \
+                 its last {} tokens were dropped",
+                which_prompt(cfg_guidance, i),
+                tokens.dropped_tokens
+            );
+            warn_once(warnings, warning);
+        }
+        let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
+        let hidden = encoder.forward(&ids)?;
+        out.hidden.push(hidden.to_dtype(rt.dtype)?.to_device(&rt.device)?);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +374,7 @@ mod tests {
             layer: HiddenLayer::Last,
             projection,
             join,
+            optional: false,
         }
     }
 

@@ -20,14 +20,14 @@ use candle_core::{DType, Device, Tensor};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig};
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, loaded, stage, vae_options, StageLog};
-use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
+use super::stages::{decode, denoise, into_images, loaded, stage, vae_options, Guide, StageLog};
+use super::{resolve, Generation, Progress, Request, Runtime, Settings};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::{model_error, ModelFolder};
 use crate::rng::batch::BatchNoise;
 use crate::rng::TorchNoise;
 use crate::schedulers::mul_scalar;
-use crate::schedulers::{self, Scheduler};
+use crate::schedulers::{self, ScheduleKind, Scheduler};
 use crate::{Error, Result};
 
 /// diffusers' default `strength` for SD 1.5 (`StableDiffusionImg2ImgPipeline`).
@@ -95,6 +95,27 @@ pub fn skipped_steps(steps: usize, strength: f64) -> Result<usize> {
     Ok(steps - init_timestep)
 }
 
+/// SD 3's `get_timesteps` ([`schedulers::img2img_start_step`]), refusing a strength that leaves
+/// no step to run.
+pub fn skipped_steps_flow(steps: usize, strength: f64) -> Result<usize> {
+    check_strength(strength)?;
+    let t_start = schedulers::img2img_start_step(steps, strength);
+    if t_start >= steps {
+        return Err(Error::InvalidInput(format!(
+            "--strength {strength} with {steps} steps leaves no step to run: raise --strength or --steps"
+        )));
+    }
+    Ok(t_start)
+}
+
+/// The steps an image-to-image run of `steps` at `strength` skips, by the schedule's rule.
+pub fn skipped_steps_for(schedule: ScheduleKind, steps: usize, strength: f64) -> Result<usize> {
+    match schedule {
+        ScheduleKind::Discrete => skipped_steps(steps, strength),
+        ScheduleKind::FlowMatching => skipped_steps_flow(steps, strength),
+    }
+}
+
 /// Errors (`InvalidInput`, naming `--strength`) unless `strength` is in [0, 1].
 pub fn check_strength(strength: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&strength) {
@@ -110,9 +131,10 @@ pub fn resolve_img2img(model: &ModelFolder, req: &Img2ImgRequest) -> Result<Img2
     let strength = req.strength.unwrap_or(model.family().default_strength);
     check_strength(strength)?;
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
-    let f = vae_cfg.scale_factor();
+    // VaeImageProcessor.get_default_height_width: the image's size rounded down to a multiple of
+    // the VAE's factor, and of the family's (SD 3's patches of 2 latents need 16 pixels).
+    let f = vae_cfg.scale_factor().max(model.family().size_multiple);
     let img = &req.init_image.image;
-    // VaeImageProcessor.get_default_height_width: the image's size rounded down to a multiple.
     let (default_width, default_height) = (img.width - img.width % f, img.height - img.height % f);
     let width = req.request.width.unwrap_or(default_width);
     let height = req.request.height.unwrap_or(default_height);
@@ -123,8 +145,13 @@ pub fn resolve_img2img(model: &ModelFolder, req: &Img2ImgRequest) -> Result<Img2
         )));
     }
     let sized = Request { width: Some(width), height: Some(height), ..req.request.clone() };
+    if req.request.family_options.skip_layer_guidance.is_some() {
+        return Err(Error::InvalidInput(
+            "--slg (skip-layer guidance) runs in text-to-image only, as in diffusers' SD 3 pipelines".into(),
+        ));
+    }
     let settings = resolve(model, &sized)?;
-    let skipped = skipped_steps(settings.steps, strength)?;
+    let skipped = skipped_steps_for(model.family().schedule, settings.steps, strength)?;
     Ok(Img2ImgSettings { denoising_steps: settings.steps - skipped, settings, strength, skipped_steps: skipped })
 }
 
@@ -169,6 +196,11 @@ fn initial_latents(
     let std = (dist.logvar * 0.5)?.exp()?;
     let eps = generators.randn(&[n, c, h, w], dist.mean.dtype(), dist.mean.device())?;
     let sample = eps.broadcast_mul(&std)?.broadcast_add(&dist.mean)?.to_dtype(rt.dtype)?;
+    // SD 3's VAE has a shift: `(sample − shift) · scale` (decode undoes it).
+    let sample = match vae_cfg.shift_factor {
+        Some(shift) => sample.affine(1.0, -shift)?,
+        None => sample,
+    };
     let init = mul_scalar(&sample, vae_cfg.scaling_factor as f32)?;
     let noise = generators.randn(&[n, c, h, w], rt.dtype, &rt.device)?;
     Ok(scheduler.add_noise(&init, &noise, first_step)?)
@@ -200,8 +232,8 @@ pub fn img2img(
         .to_device(&rt.device)?;
 
     // 3. Timesteps: the full schedule, entered at t_start · order (`set_begin_index`).
-    let scheduler_cfg = scheduler_config(model)?;
-    let build_scheduler = || schedulers::build(settings.scheduler, &scheduler_cfg, settings.steps);
+    let build_scheduler =
+        || super::build_scheduler(model, settings.scheduler, settings.steps, settings.width, settings.height);
     let scheduler = build_scheduler()?;
     let first_step = plan.skipped_steps * scheduler.order();
 
@@ -237,7 +269,7 @@ pub fn img2img(
             first_step..usize::MAX,
             latents.clone(),
             &cond,
-            settings.guidance,
+            &Guide { scale: settings.guidance, skip_layers: None, steps: settings.steps },
             &mut generators.clone(),
             rt,
             progress,

@@ -13,14 +13,16 @@ use candle_core::{DType, Device};
 
 pub use conditioning::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 pub use img2img::{
-    check_strength, img2img, preprocess, resolve_img2img, skipped_steps, Img2ImgRequest, Img2ImgSettings, InitImage,
-    DEFAULT_STRENGTH,
+    check_strength, img2img, preprocess, resolve_img2img, skipped_steps, skipped_steps_flow, skipped_steps_for,
+    Img2ImgRequest, Img2ImgSettings, InitImage, DEFAULT_STRENGTH,
 };
 pub use stages::INJECT_OOM_VAR;
 pub use txt2img::{check_refiner, txt2img, txt2img_refined, Refinement, Refiner, DEFAULT_HIGH_NOISE_FRACTION};
 
+use crate::loading::family::TextEncoderArch;
 use crate::loading::ModelFolder;
-use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::schedulers::{RunInputs, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::T5_MAX_LENGTH;
 use crate::{Error, Result};
 
 /// Largest image side accepted; beyond it even the planner-to-come could not help.
@@ -47,6 +49,49 @@ pub struct Request {
     pub height: Option<usize>,
     /// Scheduler; `None` uses the model's own (`scheduler/scheduler_config.json`).
     pub scheduler: Option<SchedulerKind>,
+    /// The options only some families honour (SD 3's T5 and skip-layer guidance).
+    pub family_options: FamilyOptions,
+}
+
+/// Options of the families with a T5 encoder and an MMDiT (SD 3.5); refused for the others.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FamilyOptions {
+    /// Tokens the T5 encoder reads (diffusers' `max_sequence_length`, default 256, at most 512).
+    pub max_sequence_length: Option<usize>,
+    /// Runs without the T5 encoder: its part of the context is zeros (diffusers'
+    /// `text_encoder_3=None`), saving its ~9.5 GB (bf16) of weights and its time.
+    pub no_t5: bool,
+    /// Skip-layer guidance (diffusers' `skip_guidance_layers`), the quality trick Stability
+    /// recommends for SD 3.5 Medium.
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
+}
+
+/// Skip-layer guidance: between `start` and `stop` (fractions of the steps), each guided step
+/// also runs the denoiser on the prompt with `layers` skipped and pushes the prediction away from
+/// it: `pred += (pred_text − pred_skip) · scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkipLayerGuidance {
+    /// The transformer blocks skipped (Stability's choice for 3.5 Medium: 7, 8, 9).
+    pub layers: Vec<usize>,
+    /// The guidance scale (diffusers' default 2.8).
+    pub scale: f64,
+    /// From this fraction of the steps on (exclusive; default 0.01).
+    pub start: f64,
+    /// Up to this fraction (exclusive; default 0.2).
+    pub stop: f64,
+}
+
+impl SkipLayerGuidance {
+    /// `layers` with diffusers' default scale and window.
+    pub fn new(layers: Vec<usize>) -> Self {
+        Self { layers, scale: 2.8, start: 0.01, stop: 0.2 }
+    }
+
+    /// Whether step `i` of `steps` is guided (diffusers: `steps·start < i < steps·stop`).
+    pub fn applies(&self, i: usize, steps: usize) -> bool {
+        let (i, n) = (i as f64, steps as f64);
+        i > n * self.start && i < n * self.stop
+    }
 }
 
 /// Where and in what precision to run.
@@ -134,6 +179,9 @@ pub struct Settings {
     pub height: usize,
     /// The scheduler.
     pub scheduler: SchedulerKind,
+    /// The optional encoders that do not run (`text_encoder_3` for `--no-t5` or a folder
+    /// without T5): zeros take their place.
+    pub skipped_encoders: Vec<&'static str>,
 }
 
 /// Progress reported while generating.
@@ -209,11 +257,12 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
     if req.n == 0 {
         return bad("--n must be at least 1".into());
     }
-    let steps = req.steps.unwrap_or(family.default_steps);
+    let defaults = model.run_defaults();
+    let steps = req.steps.unwrap_or(defaults.steps);
     if steps == 0 {
         return bad("--steps must be at least 1".into());
     }
-    let guidance = req.guidance.unwrap_or(family.default_guidance);
+    let guidance = req.guidance.unwrap_or(defaults.guidance);
     if !guidance.is_finite() || guidance < 0.0 {
         return bad(format!("--guidance must be a number ≥ 0, got {guidance}"));
     }
@@ -234,7 +283,8 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
         }
     }
     let scheduler = match req.scheduler {
-        Some(k) => k,
+        // `euler` on a flow-matching model is its flow-matching Euler; other mismatches refused.
+        Some(k) => SchedulerKind::for_schedule(k, family.schedule)?,
         None => {
             let cfg = scheduler_config(model)?;
             let class = cfg.class_name().unwrap_or("PNDMScheduler").to_string();
@@ -246,18 +296,79 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
             })?
         }
     };
-    if scheduler.schedule() != family.schedule {
+    // The schedule itself is checked now (each scheduler's step limits), not after the models load.
+    build_scheduler(model, scheduler, steps, width, height)?;
+    check_family_options(model, &req.family_options, guidance)?;
+    let skipped_encoders = skipped_encoders(model, &req.family_options);
+    Ok(Settings { steps, guidance, width, height, scheduler, skipped_encoders })
+}
+
+/// The optional encoders of `model`'s family that a run with `o` leaves out: all of them for
+/// `--no-t5`, else those the folder was saved without.
+pub fn skipped_encoders(model: &ModelFolder, o: &FamilyOptions) -> Vec<&'static str> {
+    let family = model.family().encoders.iter().filter(|e| e.optional);
+    family.filter(|e| o.no_t5 || !model.has_component(e.component)).map(|e| e.component).collect()
+}
+
+/// Refuses the T5 and skip-layer options for families without a T5 encoder or transformer
+/// blocks, and values the model cannot take.
+fn check_family_options(model: &ModelFolder, o: &FamilyOptions, guidance: f64) -> Result<()> {
+    let family = model.family();
+    let bad = |m: String| Err(Error::InvalidInput(m));
+    let has_t5 = family.encoders.iter().any(|e| e.arch == TextEncoderArch::T5);
+    if !has_t5 && (o.no_t5 || o.max_sequence_length.is_some()) {
+        let flag = if o.no_t5 { "--no-t5" } else { "--max-sequence-length" };
+        return bad(format!("{flag} applies to models with a T5 encoder (SD 3.5); {} has none", family.display));
+    }
+    if let Some(len) = o.max_sequence_length {
+        if len == 0 || len > T5_MAX_LENGTH {
+            return bad(format!("--max-sequence-length {len} is outside 1..={T5_MAX_LENGTH} (T5's limit)"));
+        }
+    }
+    let Some(slg) = &o.skip_layer_guidance else { return Ok(()) };
+    let blocks = model.denoiser_geometry()?.blocks;
+    let Some(blocks) = blocks else {
+        return bad(format!("--slg skips transformer blocks of an MMDiT (SD 3.5); {} has none", family.display));
+    };
+    if guidance <= 1.0 {
         return bad(format!(
-            "--scheduler {} samples a {:?} schedule; {} is trained with a {:?} one",
-            scheduler.name(),
-            scheduler.schedule(),
-            family.display,
-            family.schedule
+            "--slg guides alongside classifier-free guidance: it needs --guidance above 1 (got {guidance})"
         ));
     }
-    // The schedule itself is checked now (each scheduler's step limits), not after the models load.
-    crate::schedulers::build(scheduler, &scheduler_config(model)?, steps)?;
-    Ok(Settings { steps, guidance, width, height, scheduler })
+    if slg.layers.is_empty() {
+        return bad("--slg needs at least one layer".into());
+    }
+    if let Some(&l) = slg.layers.iter().find(|&&l| l >= blocks) {
+        return bad(format!("--slg layer {l} does not exist: the transformer has blocks 0..={}", blocks - 1));
+    }
+    if !(slg.scale.is_finite()
+        && (0.0..=1.0).contains(&slg.start)
+        && (0.0..=1.0).contains(&slg.stop)
+        && slg.start < slg.stop)
+    {
+        return bad(format!(
+            "--slg needs a finite scale and 0 ≤ start < stop ≤ 1 (got scale {}, start {}, stop {})",
+            slg.scale, slg.start, slg.stop
+        ));
+    }
+    Ok(())
+}
+
+/// The run's scheduler over `steps`, with what its config asks of the image: a flow-matching
+/// config with `use_dynamic_shifting` shifts by the image's token count (SD 3's pipelines).
+pub fn build_scheduler(
+    model: &ModelFolder,
+    kind: SchedulerKind,
+    steps: usize,
+    width: usize,
+    height: usize,
+) -> Result<Box<dyn crate::schedulers::Scheduler>> {
+    let cfg = scheduler_config(model)?;
+    let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
+    let tokens_per_side = vae.scale_factor() * model.denoiser_geometry()?.patch_size;
+    let image_seq_len = (height / tokens_per_side) * (width / tokens_per_side);
+    let inputs = RunInputs { mu: crate::schedulers::dynamic_shift_mu(&cfg, image_seq_len) };
+    crate::schedulers::build_with(kind, &cfg, steps, &inputs)
 }
 
 /// The model's own scheduler configuration.

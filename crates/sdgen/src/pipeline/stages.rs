@@ -13,7 +13,7 @@ use sdgen_models::attention::AttentionOptions;
 use sdgen_models::vae::{VaeOptions, VaeTiling};
 
 use super::conditioning::Conditioning;
-use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, StageOptions};
+use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, SkipLayerGuidance, StageOptions};
 use crate::loading::{model_error, ModelFolder, FAMILIES};
 use crate::rng::batch::BatchNoise;
 use crate::schedulers::{div_scalar, Scheduler};
@@ -238,12 +238,17 @@ pub(super) fn denoise(
     steps: std::ops::Range<usize>,
     mut latents: Tensor,
     cond: &Conditioning,
-    guidance: f64,
+    guide: &Guide,
     generators: &mut BatchNoise,
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let cfg_guidance = guidance > 1.0;
+    let (guidance, cfg_guidance) = (guide.scale, guide.scale > 1.0);
+    // Skip-layer guidance runs on the prompt's half of the conditioning.
+    let positive = match guide.skip_layers {
+        Some(_) if cfg_guidance => Some(second_half(cond)?),
+        _ => None,
+    };
     let denoiser = model.load_denoiser(rt.dtype, &rt.device)?;
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);
@@ -268,7 +273,15 @@ pub(super) fn denoise(
         let pred = denoiser.forward(&input, &timesteps, cond)?;
         let pred = if cfg_guidance {
             let parts = pred.chunk(2, 0)?;
-            (&parts[0] + ((&parts[1] - &parts[0])? * guidance)?)?
+            let guided = (&parts[0] + ((&parts[1] - &parts[0])? * guidance)?)?;
+            match (guide.skip_layers, &positive) {
+                (Some(slg), Some(positive)) if slg.applies(i, guide.steps) => {
+                    let t = Tensor::full(t, latents.dim(0)?, &Device::Cpu)?;
+                    let skipped = denoiser.forward_skipping(&latents, &t, positive, &slg.layers)?;
+                    (guided + ((&parts[1] - skipped)? * slg.scale)?)?
+                }
+                _ => guided,
+            }
         } else {
             pred
         };
@@ -284,6 +297,38 @@ pub(super) fn denoise(
 
 /// Decodes latents and post-processes as diffusers: `(x / 2 + 0.5).clamp(0, 1)`, as
 /// `[n, h, w, 3]` f32 on the CPU.
+/// How the denoising loop guides: the classifier-free scale (> 1 guides) and, for the
+/// families that have it, skip-layer guidance over a run of `steps` steps.
+pub(super) struct Guide<'a> {
+    pub scale: f64,
+    pub skip_layers: Option<&'a SkipLayerGuidance>,
+    pub steps: usize,
+}
+
+impl<'a> Guide<'a> {
+    /// The guidance of `settings` for a run of `req`.
+    pub fn new(settings: &Settings, req: &'a Request) -> Self {
+        Self {
+            scale: settings.guidance,
+            skip_layers: req.family_options.skip_layer_guidance.as_ref(),
+            steps: settings.steps,
+        }
+    }
+}
+
+/// The prompt's (second) half of a guided batch's conditioning.
+fn second_half(cond: &Conditioning) -> Result<Conditioning> {
+    let half = |t: &Tensor| -> Result<Tensor> {
+        let n = t.dim(0)? / 2;
+        Ok(t.narrow(0, n, n)?)
+    };
+    Ok(Conditioning {
+        context: half(&cond.context)?,
+        pooled: cond.pooled.as_ref().map(half).transpose()?,
+        time_ids: cond.time_ids.as_ref().map(half).transpose()?,
+    })
+}
+
 pub(super) fn decode(
     model: &ModelFolder,
     vae_cfg: &VaeConfig,

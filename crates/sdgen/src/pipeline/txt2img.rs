@@ -9,12 +9,12 @@ use sdgen_models::vae::VaeConfig;
 use serde::Serialize;
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, memory_point, stage, StageLog};
+use super::stages::{decode, denoise, into_images, memory_point, stage, Guide, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
 use crate::rng::TorchNoise;
-use crate::schedulers::{self, mul_scalar, SchedulerConfig};
+use crate::schedulers::{mul_scalar, SchedulerConfig};
 use crate::{Error, Result};
 
 /// diffusers' documented split for SDXL base + refiner: the base runs the first 80% of the
@@ -141,7 +141,8 @@ pub fn txt2img_refined(
 
     // 2. Timesteps; with a refiner, the base stops at the handoff point.
     let scheduler_cfg = scheduler_config(model)?;
-    let build_scheduler = || schedulers::build(settings.scheduler, &scheduler_cfg, settings.steps);
+    let build_scheduler =
+        || super::build_scheduler(model, settings.scheduler, settings.steps, settings.width, settings.height);
     let scheduler = build_scheduler()?;
     let timesteps = scheduler.timesteps().to_vec();
     let base_end = match &refiner {
@@ -174,7 +175,7 @@ pub fn txt2img_refined(
             0..base_end,
             latents.clone(),
             &cond,
-            settings.guidance,
+            &Guide::new(&settings, req),
             &mut generators.clone(),
             rt,
             progress,
@@ -222,7 +223,8 @@ fn refine_latents(
     let cfg_guidance = settings.guidance > 1.0;
     let cond = encode_prompts(model, req, cfg_guidance, size, true, rt, log, warnings, progress)?;
     let scheduler_cfg = scheduler_config(model)?;
-    let build_scheduler = || schedulers::build(settings.scheduler, &scheduler_cfg, settings.steps);
+    let build_scheduler =
+        || super::build_scheduler(model, settings.scheduler, settings.steps, settings.width, settings.height);
     let timesteps = build_scheduler()?.timesteps().to_vec();
     // get_timesteps(denoising_start): the steps below the cutoff (one more for a second-order
     // scheduler whose count is even), from `len - n` on; no noise is added to the latents.
@@ -244,7 +246,7 @@ fn refine_latents(
             start..timesteps.len(),
             latents.clone(),
             &cond,
-            settings.guidance,
+            &Guide { scale: settings.guidance, skip_layers: None, steps: settings.steps },
             &mut generators.clone(),
             rt,
             progress,

@@ -91,6 +91,7 @@ impl Case {
             width: Some(self.width),
             height: Some(self.height),
             scheduler: Some(self.scheduler.parse().unwrap()),
+            ..Default::default()
         }
     }
 }

@@ -108,6 +108,7 @@ const fn clip_l(layer: HiddenLayer) -> TextEncoderSpec {
         layer,
         projection: false,
         join: ContextJoin::Channels,
+        optional: false,
     }
 }
 
@@ -119,6 +120,7 @@ const CLIP_BIG_G: TextEncoderSpec = TextEncoderSpec {
     layer: HiddenLayer::Penultimate,
     projection: true,
     join: ContextJoin::Channels,
+    optional: false,
 };
 
 /// Stable Diffusion 1.5 (`StableDiffusionPipeline.encode_prompt`: CLIP's last hidden state).
@@ -201,8 +203,78 @@ pub const SDXL_REFINER: FamilySpec = FamilySpec {
     single_file: Some(&single_file::SDXL_REFINER),
 };
 
+/// SD 3's MMDiT, in `transformer/`.
+const MMDIT: DenoiserSpec =
+    DenoiserSpec { component: "transformer", display: "MMDiT", arch: DenoiserArch::SD3Transformer2D };
+
+/// SD 3's encoders (`StableDiffusion3Pipeline.encode_prompt`): CLIP-L and OpenCLIP bigG, both with
+/// projections, their penultimate states side by side; T5-XXL's last state after them along the
+/// tokens; the pooled text is both CLIPs' projections side by side.
+const SD3_ENCODERS: &[TextEncoderSpec] = &[
+    TextEncoderSpec { projection: true, ..clip_l(HiddenLayer::Penultimate) },
+    CLIP_BIG_G,
+    TextEncoderSpec {
+        component: "text_encoder_3",
+        tokenizer: "tokenizer_3",
+        arch: TextEncoderArch::T5,
+        layer: HiddenLayer::Last,
+        projection: false,
+        join: ContextJoin::Tokens,
+        optional: true,
+    },
+];
+
+/// The MMDiT's marker tensors: patch embedding, text embedder, RMS QK-norm (SD 3.5; SD 3.0
+/// Medium has none and is not a row yet).
+const SD35_MARKERS: [&str; 3] =
+    ["pos_embed.proj.weight", "context_embedder.weight", "transformer_blocks.0.attn.norm_q.weight"];
+
+/// MMDiT-X's second, image-only attention (3.5 Medium's `dual_attention_layers`).
+const MMDIT_X_MARKER: &str = "transformer_blocks.0.attn2.to_q.weight";
+
+/// Stable Diffusion 3.5 Large (and Large Turbo, the same weights' shape):
+/// `StableDiffusion3Pipeline`, flow matching, 16 latent channels. Defaults: Stability's 28 steps
+/// at guidance 3.5 (the seed's `--pro`).
+pub const SD35_LARGE: FamilySpec = FamilySpec {
+    name: "sd35-large",
+    display: "Stable Diffusion 3.5 Large",
+    hub_repo: "stabilityai/stable-diffusion-3.5-large",
+    pipeline_classes: &["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"],
+    denoiser_markers: &SD35_MARKERS,
+    denoiser_excludes: &[MMDIT_X_MARKER],
+    components: &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae", "scheduler"],
+    absent_components: &[],
+    denoiser: MMDIT,
+    encoders: SD3_ENCODERS,
+    conditioning: ConditioningSpec { micro: None, zeros_for_empty_negative: false },
+    latent_channels: 16,
+    vae: VaeSpec { honours_force_upcast: false },
+    schedule: ScheduleKind::FlowMatching,
+    memory_profile: FamilyProfile::sd35_large,
+    refines: None,
+    pipeline_type: "StableDiffusion3Pipeline (SD 3.5)",
+    size_multiple: 16,
+    default_steps: 28,
+    default_guidance: 3.5,
+    default_strength: 0.6,
+    single_file: None,
+};
+
+/// Stable Diffusion 3.5 Medium: MMDiT-X. Defaults: Stability's 40 steps at guidance 4.5.
+pub const SD35_MEDIUM: FamilySpec = FamilySpec {
+    name: "sd35-medium",
+    display: "Stable Diffusion 3.5 Medium",
+    hub_repo: "stabilityai/stable-diffusion-3.5-medium",
+    denoiser_markers: &[SD35_MARKERS[0], SD35_MARKERS[1], SD35_MARKERS[2], MMDIT_X_MARKER],
+    denoiser_excludes: &[],
+    memory_profile: FamilyProfile::sd35_medium,
+    default_steps: 40,
+    default_guidance: 4.5,
+    ..SD35_LARGE
+};
+
 /// Every family this build can run, in the order detection tries them.
-pub static FAMILIES: &[FamilySpec] = &[SD15, SDXL, SDXL_REFINER];
+pub static FAMILIES: &[FamilySpec] = &[SD15, SDXL, SDXL_REFINER, SD35_LARGE, SD35_MEDIUM];
 
 /// Finds the family of a diffusers folder from its pipeline class, the components its
 /// `model_index.json` names and its denoiser's tensor names.

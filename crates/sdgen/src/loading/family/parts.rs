@@ -21,6 +21,8 @@ pub struct DenoiserSpec {
 pub enum DenoiserArch {
     /// diffusers' `UNet2DConditionModel` (SD 1.x, SDXL base and refiner).
     UNet2DCondition,
+    /// diffusers' `SD3Transformer2DModel`, the MMDiT of SD 3 / 3.5 (MMDiT-X for 3.5 Medium).
+    SD3Transformer2D,
 }
 
 /// The text encoder architectures (each brings its tokenizer).
@@ -28,6 +30,8 @@ pub enum DenoiserArch {
 pub enum TextEncoderArch {
     /// transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`, with the CLIP BPE tokenizer.
     Clip,
+    /// transformers' `T5EncoderModel` (SD 3's T5-XXL), with its `tokenizer.json` (Unigram).
+    T5,
 }
 
 /// Which hidden state of an encoder conditions the denoiser.
@@ -66,6 +70,10 @@ pub struct TextEncoderSpec {
     pub projection: bool,
     /// How its hidden states join the context.
     pub join: ContextJoin,
+    /// Whether the family runs without it (`--no-t5`, or a folder saved without it), zeros of
+    /// the denoiser's context width in its place, as diffusers' SD 3 pipeline with
+    /// `text_encoder_3=None`.
+    pub optional: bool,
 }
 
 /// SDXL's micro-conditioning: what the `time_ids` after the original size and crop hold.

@@ -2,7 +2,7 @@
 //! and the planner's profiles.
 
 use super::*;
-use crate::loading::{DEFAULT_MODEL, NAMED_MODELS};
+use crate::loading::{NamedModel, DEFAULT_MODEL, NAMED_MODELS};
 
 #[test]
 fn every_row_names_the_folders_it_reads() {
@@ -11,7 +11,8 @@ fn every_row_names_the_folders_it_reads() {
         assert!(named(f.denoiser.component), "{}: denoiser `{}`", f.name, f.denoiser.component);
         assert!(!f.encoders.is_empty(), "{} has no text encoder", f.name);
         for e in f.encoders {
-            assert!(named(e.component) && named(e.tokenizer), "{}: encoder `{}`", f.name, e.component);
+            // An optional encoder is not required of a folder (detection must not need it).
+            assert_eq!(named(e.component) && named(e.tokenizer), !e.optional, "{}: encoder `{}`", f.name, e.component);
         }
         if let Some(layout) = f.single_file {
             let held: Vec<&str> = layout.components.iter().map(|c| c.component).collect();
@@ -64,10 +65,16 @@ fn planner_profiles_are_the_rows_own() {
 #[test]
 fn named_models_are_rows() {
     assert!(FamilySpec::by_name(DEFAULT_MODEL).is_some());
-    for (name, repo) in NAMED_MODELS {
-        assert_eq!(FamilySpec::by_name(name).map(|f| f.hub_repo), Some(*repo), "{name}");
+    // Every row by its own name and repository; the other names are of a row's architecture.
+    for f in FAMILIES {
+        let m = NAMED_MODELS.iter().find(|m| m.name == f.name).expect("every row is named");
+        assert_eq!((m.repo, m.family.name, m.defaults), (f.hub_repo, f.name, None), "{}", f.name);
     }
-    assert_eq!(NAMED_MODELS.len(), FAMILIES.len());
+    for (i, m) in NAMED_MODELS.iter().enumerate() {
+        assert!(NAMED_MODELS[..i].iter().all(|o| o.name != m.name && o.repo != m.repo), "{} twice", m.name);
+        assert!(FamilySpec::by_name(m.family.name).is_some(), "{}", m.name);
+        assert!(std::ptr::eq(NamedModel::by_repo(&m.repo.to_uppercase()).unwrap(), m));
+    }
 }
 
 #[test]

@@ -1,0 +1,155 @@
+//! Whole SD 3.5 pipelines against diffusers on the tiny random-weight SD 3.5 Large- and
+//! Medium-style folders (`tools/reference/make_sd3.py`, `testdata/reference/sd3/`): no, given
+//! and no guidance; a non-square batch; Turbo's guidance 0; without T5; a shorter T5 sequence;
+//! MMDiT-X with skip-layer guidance; image-to-image. Each case's timesteps must be diffusers'.
+//! Tolerance: the project's pipeline tolerance (`common::assert_image_close`: ≥ 99.5% of
+//! channels within 1/255, none over 8/255).
+
+mod common;
+
+use common::{assert_close, assert_image_close, load, testdata};
+use sdgen::loading::ModelFolder;
+use sdgen::pipeline::{
+    img2img, txt2img, FamilyOptions, Img2ImgRequest, InitImage, Progress, Request, Runtime, SkipLayerGuidance,
+};
+
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    model: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    seeds: Vec<u64>,
+    steps: usize,
+    guidance: f64,
+    width: usize,
+    height: usize,
+    timesteps: Vec<f64>,
+    #[serde(default)]
+    no_t5: bool,
+    #[serde(default)]
+    max_sequence_length: Option<usize>,
+    #[serde(default)]
+    skip_guidance_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    init_image: Option<String>,
+    #[serde(default)]
+    strength: Option<f64>,
+}
+
+impl Case {
+    fn request(&self) -> Request {
+        Request {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            n: self.seeds.len(),
+            seed: self.seeds[0],
+            steps: Some(self.steps),
+            guidance: Some(self.guidance),
+            width: Some(self.width),
+            height: Some(self.height),
+            scheduler: None,
+            family_options: FamilyOptions {
+                max_sequence_length: self.max_sequence_length,
+                no_t5: self.no_t5,
+                skip_layer_guidance: self.skip_guidance_layers.clone().map(SkipLayerGuidance::new),
+            },
+        }
+    }
+
+    fn folder(&self) -> ModelFolder {
+        ModelFolder::open(&testdata().join(format!("tiny-sd35-{}", self.model))).expect("tiny SD 3.5 opens")
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(testdata().join("reference/sd3/pipeline.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn check(case: &Case, gen: &sdgen::pipeline::Generation, reference: &candle_core::Tensor) {
+    assert_eq!(gen.images.len(), case.seeds.len(), "{}", case.name);
+    for (i, image) in gen.images.iter().enumerate() {
+        assert_eq!(image.seed, case.seeds[i], "{}", case.name);
+        let want: Vec<f32> = reference.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let (within, worst) = common::image_diff(&image.pixels, &want);
+        eprintln!("{} image {i}: {:.3}% within 1/255, worst {worst:.3}/255", case.name, within * 100.0);
+        assert_image_close(&format!("{} image {i}", case.name), &image.pixels, &want);
+    }
+}
+
+#[test]
+fn every_case_matches_diffusers() {
+    let r = load("reference/sd3/pipeline.safetensors");
+    let cases = cases();
+    assert!(cases.len() >= 10, "{} cases", cases.len());
+    for case in &cases {
+        let model = case.folder();
+        let mut steps = 0;
+        let mut count = |p: Progress| {
+            if let Progress::Step { .. } = p {
+                steps += 1;
+            }
+        };
+        let gen = match &case.init_image {
+            None => txt2img(&model, &case.request(), &Runtime::cpu(), &mut count).unwrap(),
+            Some(init) => {
+                let req = Img2ImgRequest {
+                    request: case.request(),
+                    init_image: InitImage::load(&testdata().join("reference/sd3").join(init)).unwrap(),
+                    strength: case.strength,
+                };
+                img2img(&model, &req, &Runtime::cpu(), &mut count).unwrap()
+            }
+        };
+        assert_eq!(steps, case.timesteps.len(), "{}: steps run", case.name);
+        check(case, &gen, &r[case.name.as_str()]);
+        let t5_ran = gen.timings_ms.contains_key("text_encoder_3");
+        assert_eq!(t5_ran, !case.no_t5, "{}: {:?}", case.name, gen.timings_ms);
+        for stage in ["text_encoder", "text_encoder_2", "transformer", "vae"] {
+            assert!(gen.timings_ms.contains_key(stage), "{}: {:?}", case.name, gen.timings_ms);
+        }
+    }
+}
+
+/// The transformer on the pipeline's own conditioning, through the engine's loader (sharded
+/// weights), against diffusers' forward.
+#[test]
+fn the_loaded_transformer_is_diffusers() {
+    let r = load("reference/sd3/components.safetensors");
+    let model = ModelFolder::open(&testdata().join("tiny-sd35-large")).unwrap();
+    let denoiser = model.load_denoiser(candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let cond = sdgen_models::denoiser::Conditioning {
+        context: r["context"].clone(),
+        pooled: Some(r["pooled"].clone()),
+        time_ids: None,
+    };
+    let out = denoiser.forward(&r["transformer_latents"], &r["transformer_timesteps"], &cond).unwrap();
+    assert_close("transformer", &out, &r["transformer_out"]);
+}
+
+#[test]
+fn sd35_options_are_refused_where_they_do_not_apply() {
+    let sd15 = ModelFolder::open(&testdata().join("tiny-sd15")).unwrap();
+    let large = ModelFolder::open(&testdata().join("tiny-sd35-large")).unwrap();
+    let base =
+        Request { prompt: "x".into(), n: 1, steps: Some(2), width: Some(64), height: Some(64), ..Default::default() };
+    let with = |o: FamilyOptions| Request { family_options: o, ..base.clone() };
+    let slg = |layers: Vec<usize>| FamilyOptions {
+        skip_layer_guidance: Some(SkipLayerGuidance::new(layers)),
+        ..Default::default()
+    };
+    let refused = [
+        (&sd15, with(FamilyOptions { no_t5: true, ..Default::default() }), "--no-t5"),
+        (&sd15, with(FamilyOptions { max_sequence_length: Some(77), ..Default::default() }), "--max-sequence-length"),
+        (&sd15, with(slg(vec![1])), "--slg"),
+        (&large, with(FamilyOptions { max_sequence_length: Some(513), ..Default::default() }), "512"),
+        (&large, with(slg(vec![3])), "layer 3"),
+        (&large, Request { guidance: Some(1.0), ..with(slg(vec![1])) }, "--guidance"),
+    ];
+    for (model, req, needle) in refused {
+        let err = sdgen::pipeline::resolve(model, &req).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert!(sdgen::pipeline::resolve(&large, &with(slg(vec![2]))).is_ok());
+}
