@@ -58,7 +58,7 @@ fn sd35_large_writes_diffusers_image() {
         assert!(meta["timings_ms"].get(stage).is_some(), "{stage}: {meta}");
     }
     assert!(log.contains("Before text encoder 3 load") && log.contains("After MMDiT load"), "{log}");
-    assert!(meta.get("skipped_encoders").is_none(), "{meta}");
+    assert!(meta["extra"].get("skipped_encoders").is_none(), "{meta}");
 }
 
 #[test]
@@ -81,11 +81,11 @@ fn no_t5_skips_the_encoder_and_says_so() {
     let (result, log) = run_json(&args, &out);
     assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large_no_t5");
     let meta = sidecar(&result);
-    assert_eq!(meta["skipped_encoders"], serde_json::json!(["text_encoder_3"]));
+    assert_eq!(meta["extra"]["skipped_encoders"], serde_json::json!(["text_encoder_3"]));
     assert!(meta["timings_ms"].get("text_encoder_3").is_none(), "{meta}");
     assert!(!log.contains("text encoder 3"), "{log}");
     // The plan does not count the encoder that never loads.
-    let plan = meta["plan"].to_string();
+    let plan = meta["extra"]["plan"].to_string();
     assert!(!plan.contains("text_encoder_3"), "{plan}");
 }
 
@@ -110,8 +110,8 @@ fn skip_layer_guidance_and_sequence_length_are_recorded() {
     let (result, _) = run_json(&args, &out);
     assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "medium_slg");
     let meta = sidecar(&result);
-    assert_eq!(meta["skip_layer_guidance"]["layers"], serde_json::json!([1]));
-    assert_eq!(meta["skip_layer_guidance"]["scale"], 2.8);
+    assert_eq!(meta["extra"]["skip_layer_guidance"]["layers"], serde_json::json!([1]));
+    assert_eq!(meta["extra"]["skip_layer_guidance"]["scale"], 2.8);
 
     let out = dir.path().join("out77");
     let args = [
@@ -132,7 +132,7 @@ fn skip_layer_guidance_and_sequence_length_are_recorded() {
     ];
     let (result, _) = run_json(&args, &out);
     assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large_t5_77");
-    assert_eq!(sidecar(&result)["max_sequence_length"], 77);
+    assert_eq!(sidecar(&result)["extra"]["max_sequence_length"], 77);
 }
 
 #[test]
