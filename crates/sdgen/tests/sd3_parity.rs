@@ -153,3 +153,24 @@ fn sd35_options_are_refused_where_they_do_not_apply() {
     }
     assert!(sdgen::pipeline::resolve(&large, &with(slg(vec![2]))).is_ok());
 }
+
+/// A shard missing from a sharded transformer is named; a size SD 3.5 cannot take is refused
+/// with the nearest valid one.
+#[test]
+fn a_missing_shard_and_a_bad_size_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("sd35");
+    common::files::copy_dir(&testdata().join("tiny-sd35-large"), &copy);
+    let shard = "diffusion_pytorch_model-00002-of-00003.safetensors";
+    std::fs::remove_file(copy.join("transformer").join(shard)).unwrap();
+    let err = match ModelFolder::open(&copy) {
+        Err(e) => e.to_string(),
+        Ok(model) => model.load_denoiser(candle_core::DType::F32, &candle_core::Device::Cpu).err().unwrap().to_string(),
+    };
+    assert!(err.contains(shard), "{err}");
+
+    let large = ModelFolder::open(&testdata().join("tiny-sd35-large")).unwrap();
+    let req = Request { prompt: "x".into(), n: 1, width: Some(72), height: Some(64), ..Default::default() };
+    let err = sdgen::pipeline::resolve(&large, &req).unwrap_err().to_string();
+    assert!(err.contains("--width 72") && err.contains("multiple of 16") && err.contains("80"), "{err}");
+}
