@@ -172,6 +172,12 @@ pub fn plan_run(
         )
     };
     let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    if let Some(w) = requirement_warning(&profile, &plan, device, memory.max_memory_bytes) {
+        plan.warning = Some(match plan.warning.take() {
+            Some(other) => format!("{w}\n{other}"),
+            None => w,
+        });
+    }
     if let Some(w) = max_memory_warning(device, memory.max_memory_bytes) {
         plan.warning = Some(match plan.warning.take() {
             Some(tight) => format!("{w}\n{tight}"),
@@ -179,6 +185,25 @@ pub fn plan_run(
         });
     }
     Ok(plan)
+}
+
+/// The seed's low-memory warning (`⚠️  WARNING: Low memory detected …`, from the requirement
+/// table) for a real-size model (weights of [`LARGE_MODEL_BYTES`] or more: the table describes
+/// the published models, not tiny test folders) on a machine whose RAM is below the family's
+/// minimum: on the CPU and on unified-memory GPUs, where the table's figures apply.
+fn requirement_warning(
+    profile: &sdgen_memory::plan::FamilyProfile,
+    plan: &Plan,
+    device: &Device,
+    max_memory_bytes: Option<u64>,
+) -> Option<String> {
+    let weights: u64 = plan.stages.iter().map(|s| s.weight_bytes).sum();
+    if weights < LARGE_MODEL_BYTES || device_kind(device) == DeviceKind::DiscreteGpu {
+        return None;
+    }
+    let available = sdgen_memory::memory_info().system_available_bytes;
+    let available = max_memory_bytes.map_or(available, |m| m.min(available));
+    profile.requirement.requirement().low_memory_warning(available)
 }
 
 /// `--max-memory` above what the machine has (RAM on the CPU and unified-memory GPUs, the card's
@@ -228,4 +253,52 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
     let mut encoders = model.family().encoders.iter().map(|e| e.component);
     options.text_encoder_on_host = encoders.any(|name| plan.stage(name).is_some_and(|s| s.options.on_host));
     Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdgen_memory::plan::{
+        plan, Budget, BudgetSource, ComponentManifest, FamilyProfile, ModelManifest, PlanRequest, StoredDType,
+        TensorEntry,
+    };
+
+    /// SD 3.5 Large's components, each one tensor of `elements` bf16 values.
+    fn manifest(elements: usize) -> ModelManifest {
+        let one = |c: &str, name: &str| {
+            ComponentManifest::new(c, vec![TensorEntry::new(name, vec![elements], StoredDType::F16)])
+        };
+        let vae = ComponentManifest::new(
+            "vae",
+            vec![
+                TensorEntry::new("encoder.w", vec![elements], StoredDType::F16),
+                TensorEntry::new("decoder.w", vec![elements], StoredDType::F16),
+            ],
+        );
+        ModelManifest::new(vec![
+            one("text_encoder", "w"),
+            one("text_encoder_2", "w"),
+            one("text_encoder_3", "w"),
+            one("transformer", "w"),
+            vae,
+        ])
+    }
+
+    /// The seed's warning for a real-size SD 3.5 Large on a machine below 36 GB, and none for a
+    /// tiny folder.
+    #[test]
+    fn the_requirement_warning_is_for_real_sizes_below_the_minimum() {
+        let profile = FamilyProfile::sd35_large();
+        let budget = Budget::new(1 << 50, BudgetSource::MaxMemory);
+        let warn = |elements: usize, max: u64| {
+            let m = manifest(elements);
+            let p =
+                plan(&PlanRequest { guidance: true, ..PlanRequest::new(&profile, &m, 1024, 1024, budget) }).unwrap();
+            requirement_warning(&profile, &p, &Device::Cpu, Some(max))
+        };
+        let w = warn(2_000_000_000, 20 << 30).expect("4 × 4 GB of weights on 20 GB");
+        assert!(w.starts_with("⚠️  WARNING: Low memory detected (20.0GB available)"), "{w}");
+        assert!(w.contains("SD 3.5 Large requires 36GB+ RAM"), "{w}");
+        assert_eq!(warn(1000, 20 << 30), None, "a tiny folder");
+    }
 }
