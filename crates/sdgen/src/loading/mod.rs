@@ -176,7 +176,7 @@ impl ModelFolder {
                 let known: Vec<_> =
                     FAMILIES.iter().map(|f| format!("{} ({})", f.display, f.pipeline_classes.join("/"))).collect();
                 Error::BadModel(format!(
-                    "{} is a `{}` whose UNet ({}) matches no supported family; supported: {}",
+                    "{} is a `{}` whose {denoiser_dir} ({}) matches no supported family; supported: {}",
                     root.display(),
                     folder.pipeline_class,
                     denoiser.describe(),
