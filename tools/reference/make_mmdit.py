@@ -31,7 +31,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sd15 import save_tensors, seeded_randn, setup_determinism  # noqa: E402
+from make_sd15 import save_tensors, seeded_randn, setup_determinism, write_readme_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "testdata" / "tiny-sd3-mmdit"
@@ -163,7 +163,7 @@ def main() -> None:
                 print(f"{key}: rel max diff to f32 {rel(h, out):.4f}")
     # The half-precision models round their inputs: keep what they saw (exact in f32).
     save_tensors(REF_DIR / "mmdit.safetensors", refs)
-    write_readme_section(readme_section(half))
+    write_readme_section(begin=README_BEGIN, end=README_END, section=readme_section(half))
     total = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     total += (REF_DIR / "mmdit.safetensors").stat().st_size
     print(f"wrote {total / 1024:.0f} KiB")
@@ -205,18 +205,6 @@ first and the output is stored upcast:
 - `large_skip1_f32` [2,16,8,12]: the large model in f32 with `skip_layers=[1]`
 - `large_bf16`, `medium_bf16` [2,16,8,12]: loaded with `torch_dtype=torch.bfloat16` (bf16 on the CPU)
 {f16_line}"""
-
-
-def write_readme_section(section: str) -> None:
-    block = f"{README_BEGIN}\n{section}{README_END}\n"
-    text = REF_README.read_text(encoding="utf-8")
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        tail = rest.split(README_END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    REF_README.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -401,13 +401,15 @@ re-implementation should expect on these pipeline references.
 """
 
 
-def write_readme_section(section: str) -> None:
-    block = f"{README_BEGIN}\n{section}{README_END}\n"
+def write_readme_section(section: str, begin: str = README_BEGIN, end: str = README_END) -> None:
+    """Puts `section` between the `begin` and `end` markers of testdata/reference/README.md (every
+    make_*.py script owns one such section), replacing what was there."""
+    block = f"{begin}\n{section}{end}\n"
     if REF_README.exists():
         text = REF_README.read_text(encoding="utf-8")
-        if README_BEGIN in text and README_END in text:
-            head, rest = text.split(README_BEGIN, 1)
-            tail = rest.split(README_END, 1)[1].lstrip("\n")
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            tail = rest.split(end, 1)[1].lstrip("\n")
             text = head + block + ("\n" + tail if tail else "")
         else:
             text = text.rstrip("\n") + "\n\n" + block

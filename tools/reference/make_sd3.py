@@ -35,7 +35,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPi
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sd15 import CLIP_PROMPTS, save_tensors, setup_determinism  # noqa: E402
+from make_sd15 import CLIP_PROMPTS, save_tensors, setup_determinism, write_readme_section  # noqa: E402
 from sd15_tiny import BPE_NAME, build_vocab, find_bpe, nparams, write_tokenizer  # noqa: E402
 from sd3_tiny import (  # noqa: E402
     SD35_SCHEDULER,
@@ -253,18 +253,6 @@ the JSON the timesteps run and the scheduler's sigmas. Cases (prompt {prompt!r})
 """
 
 
-def write_readme_section(section: str) -> None:
-    block = f"{README_BEGIN}\n{section}{README_END}\n"
-    text = REF_README.read_text(encoding="utf-8")
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        tail = rest.split(README_END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    REF_README.write_text(text, encoding="utf-8")
-
-
 def case_line(c: dict) -> str:
     keys = ("no_t5", "max_sequence_length", "skip_guidance_layers", "init_image", "strength")
     extra = "".join(f", {k} {c[k]}" for k in keys if k in c)
@@ -296,7 +284,7 @@ def main() -> None:
         tensors.update(t)
     save_tensors(REF_DIR / "pipeline.safetensors", tensors)
     (REF_DIR / "pipeline.json").write_text(json.dumps(cases, indent=2) + "\n", encoding="utf-8")
-    write_readme_section(README_SECTION.format(
+    write_readme_section(begin=README_BEGIN, end=README_END, section=README_SECTION.format(
         diffusers_version=diffusers.__version__, te1=TE1_HIDDEN, te2=TE2_HIDDEN, t5=T5_CONFIG["d_model"],
         large=", ".join(f"{k} {v}" for k, v in TRANSFORMER_LARGE.items()),
         dual=TRANSFORMER_MEDIUM["dual_attention_layers"], seeds=", ".join(f"{k} {v}" for k, v in SEEDS.items()),

@@ -42,7 +42,7 @@ from diffusers import (
 from transformers import CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sd15 import CLIP_PROMPTS, save_tensors, seeded_randn, setup_determinism  # noqa: E402
+from make_sd15 import CLIP_PROMPTS, save_tensors, seeded_randn, setup_determinism, write_readme_section  # noqa: E402
 from sd15_tiny import BPE_NAME, build_vocab, find_bpe, nparams, openai_encode, write_tokenizer  # noqa: E402
 from sdxl_tiny import (  # noqa: E402
     ADD_TIME_DIM,
@@ -825,18 +825,6 @@ another GEMM path). Expect that much float noise against these pipeline referenc
 """
 
 
-def write_readme_section(section: str) -> None:
-    block = f"{README_BEGIN}\n{section}{README_END}\n"
-    text = REF_README.read_text(encoding="utf-8")
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        tail = rest.split(README_END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    REF_README.write_text(text, encoding="utf-8")
-
-
 def case_line(c: dict) -> str:
     neg = "no negative" if c["negative_prompt"] is None else f"negative {c['negative_prompt']!r}"
     parts = [f"`{c['name']}` ({c['kind']}, seeds {c['seeds']}, {c['steps']} steps, {neg}, "
@@ -886,7 +874,7 @@ def main() -> None:
     (REF_DIR / "pipeline.json").write_text(json.dumps(cases_json, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     size_mb = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e6  # noqa: E731
     b, r = BASE_UNET_CONFIG, REFINER_UNET_CONFIG
-    write_readme_section(README_SECTION.format(
+    write_readme_section(begin=README_BEGIN, end=README_END, section=README_SECTION.format(
         base_mb=size_mb(BASE_DIR), ref_mb=size_mb(REFINER_DIR), vocab_size=len(vocab),
         bos=vocab["<|startoftext|>"], eos=vocab["<|endoftext|>"], bang=vocab["!"],
         te1_hidden=TE1_HIDDEN, te2_hidden=TE2_HIDDEN, te2_proj=TE2_PROJECTION, add_dim=ADD_TIME_DIM,

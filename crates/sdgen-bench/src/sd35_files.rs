@@ -7,7 +7,7 @@
 use sdgen::loading::single_file::defaults::BundledFile;
 
 macro_rules! config {
-    ($path:literal) => {
+    ($path:expr) => {
         include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/", $path))
     };
 }
@@ -22,10 +22,13 @@ macro_rules! sdxl {
     };
 }
 
-/// What both sizes share: encoders, tokenizers, VAE and scheduler.
-macro_rules! shared {
-    () => {
+/// An SD 3.5 folder: its own `model_index.json` and transformer config, then what both sizes
+/// share (encoders, tokenizers, VAE, scheduler).
+macro_rules! sd35 {
+    ($size:literal) => {
         [
+            ("model_index.json", config!(concat!($size, "/model_index.json"))),
+            ("transformer/config.json", config!(concat!($size, "/transformer/config.json"))),
             ("scheduler/scheduler_config.json", config!("sd35/scheduler/scheduler_config.json")),
             ("text_encoder/config.json", config!("sd35/text_encoder/config.json")),
             ("text_encoder_2/config.json", config!("sd35/text_encoder_2/config.json")),
@@ -47,25 +50,8 @@ macro_rules! shared {
     };
 }
 
-const SHARED: [BundledFile; 17] = shared!();
-
 /// SD 3.5 Large's folder (8.1B MMDiT).
-pub static SD35_LARGE: [BundledFile; 19] = {
-    let mut all = [("", &[] as &[u8]); 19];
-    all[0] = ("model_index.json", config!("sd35-large/model_index.json"));
-    all[1] = ("transformer/config.json", config!("sd35-large/transformer/config.json"));
-    let mut i = 0;
-    while i < SHARED.len() {
-        all[i + 2] = SHARED[i];
-        i += 1;
-    }
-    all
-};
+pub static SD35_LARGE: [BundledFile; 19] = sd35!("sd35-large");
 
 /// SD 3.5 Medium's folder (2.5B MMDiT-X).
-pub static SD35_MEDIUM: [BundledFile; 19] = {
-    let mut all = SD35_LARGE;
-    all[0] = ("model_index.json", config!("sd35-medium/model_index.json"));
-    all[1] = ("transformer/config.json", config!("sd35-medium/transformer/config.json"));
-    all
-};
+pub static SD35_MEDIUM: [BundledFile; 19] = sd35!("sd35-medium");

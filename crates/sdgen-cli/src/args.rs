@@ -296,7 +296,7 @@ impl Args {
                     max_sequence_length: self.max_sequence_length,
                     no_t5: self.no_t5,
                     skip_layer_guidance: self.slg.clone().map(|layers| SkipLayerGuidance {
-                        scale: self.slg_scale.unwrap_or(SkipLayerGuidance::new(Vec::new()).scale),
+                        scale: self.slg_scale.unwrap_or(SkipLayerGuidance::DEFAULT_SCALE),
                         ..SkipLayerGuidance::new(layers)
                     }),
                 },

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{assert_refused, decode_png, generate, stderr, testdata};
+use common::{assert_refused, decode_png, run_json, sidecar, testdata};
 
 fn large() -> String {
     testdata().join("tiny-sd35-large").display().to_string()
@@ -15,17 +15,6 @@ fn large() -> String {
 
 fn medium() -> String {
     testdata().join("tiny-sd35-medium").display().to_string()
-}
-
-fn run_json(args: &[&str], out: &Path) -> (serde_json::Value, String) {
-    let o = generate(args, out);
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    (serde_json::from_slice(&o.stdout).expect("one JSON document"), stderr(&o))
-}
-
-fn sidecar(result: &serde_json::Value) -> serde_json::Value {
-    let path = PathBuf::from(result["images"][0]["metadata"].as_str().unwrap());
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// The PNG against diffusers' float image of case `key` (`reference/sd3/pipeline.safetensors`),

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{assert_png_close, assert_refused, files_in, generate, stderr, testdata};
+use common::{assert_png_close, assert_refused, files_in, run_json, sidecar, stderr, testdata};
 
 fn base() -> String {
     testdata().join("tiny-sdxl").display().to_string()
@@ -20,17 +20,6 @@ fn refiner() -> String {
 /// diffusers' image `reference` of `testdata/reference/sdxl/png`, to the pipeline tolerance.
 fn assert_png_matches(png: &Path, reference: &str) {
     assert_png_close(png, &testdata().join("reference/sdxl/png").join(reference));
-}
-
-fn run_json(args: &[&str], out: &Path) -> (serde_json::Value, String) {
-    let o = generate(args, out);
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    (serde_json::from_slice(&o.stdout).expect("one JSON document"), stderr(&o))
-}
-
-fn sidecar(result: &serde_json::Value) -> serde_json::Value {
-    let path = PathBuf::from(result["images"][0]["metadata"].as_str().unwrap());
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, assert_image_close, load, testdata};
+use common::{assert_close, assert_generation_matches, load, testdata};
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{
     img2img, txt2img, FamilyOptions, Img2ImgRequest, InitImage, Progress, Request, Runtime, SkipLayerGuidance,
@@ -67,17 +67,6 @@ fn cases() -> Vec<Case> {
     serde_json::from_str(&text).unwrap()
 }
 
-fn check(case: &Case, gen: &sdgen::pipeline::Generation, reference: &candle_core::Tensor) {
-    assert_eq!(gen.images.len(), case.seeds.len(), "{}", case.name);
-    for (i, image) in gen.images.iter().enumerate() {
-        assert_eq!(image.seed, case.seeds[i], "{}", case.name);
-        let want: Vec<f32> = reference.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let (within, worst) = common::image_diff(&image.pixels, &want);
-        eprintln!("{} image {i}: {:.3}% within 1/255, worst {worst:.3}/255", case.name, within * 100.0);
-        assert_image_close(&format!("{} image {i}", case.name), &image.pixels, &want);
-    }
-}
-
 #[test]
 fn every_case_matches_diffusers() {
     let r = load("reference/sd3/pipeline.safetensors");
@@ -103,7 +92,7 @@ fn every_case_matches_diffusers() {
             }
         };
         assert_eq!(steps, case.timesteps.len(), "{}: steps run", case.name);
-        check(case, &gen, &r[case.name.as_str()]);
+        assert_generation_matches(&case.name, &case.seeds, &gen, &r[case.name.as_str()]);
         let t5_ran = gen.timings_ms.contains_key("text_encoder_3");
         assert_eq!(t5_ran, !case.no_t5, "{}: {:?}", case.name, gen.timings_ms);
         for stage in ["text_encoder", "text_encoder_2", "transformer", "vae"] {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_image_close, load, testdata};
+use common::{assert_generation_matches, load, testdata};
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{
     img2img, txt2img, txt2img_refined, Img2ImgRequest, InitImage, Progress, Refiner, Request, Runtime,
@@ -64,17 +64,6 @@ fn refiner() -> ModelFolder {
     ModelFolder::open(&testdata().join("tiny-sdxl-refiner")).expect("tiny SDXL refiner opens")
 }
 
-fn check_images(case: &Case, gen: &sdgen::pipeline::Generation, reference: &candle_core::Tensor) {
-    assert_eq!(gen.images.len(), case.seeds.len(), "{}", case.name);
-    for (i, image) in gen.images.iter().enumerate() {
-        assert_eq!(image.seed, case.seeds[i], "{}", case.name);
-        let want: Vec<f32> = reference.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let (within, worst) = common::image_diff(&image.pixels, &want);
-        eprintln!("{} image {i}: {:.3}% within 1/255, worst {worst:.3}/255", case.name, within * 100.0);
-        assert_image_close(&format!("{} image {i}", case.name), &image.pixels, &want);
-    }
-}
-
 #[test]
 fn base_pipelines_match_diffusers() {
     let r = load("reference/sdxl/pipeline.safetensors");
@@ -90,7 +79,7 @@ fn base_pipelines_match_diffusers() {
         })
         .unwrap();
         assert_eq!(steps, case.steps, "{}", case.name);
-        check_images(case, &gen, &r[&case.key]);
+        assert_generation_matches(&case.name, &case.seeds, &gen, &r[&case.key]);
         // Both text encoders ran as stages of their own.
         for stage in ["text_encoder", "text_encoder_2", "unet", "vae"] {
             assert!(gen.timings_ms.contains_key(stage), "{}: {:?}", case.name, gen.timings_ms);
@@ -108,7 +97,7 @@ fn base_and_refiner_hand_over_as_diffusers() {
         let fraction = case.denoising_end.expect("ensemble cases have a handoff point");
         let refiner = Refiner { model: &refiner_model, high_noise_fraction: fraction };
         let gen = txt2img_refined(&model, Some(refiner), &case.request(), &Runtime::cpu(), &mut |_| {}).unwrap();
-        check_images(case, &gen, &r[&case.key]);
+        assert_generation_matches(&case.name, &case.seeds, &gen, &r[&case.key]);
         let info = gen.refinement.as_ref().expect("the refinement is recorded");
         // 10 steps at 0.8: the base runs 901…201 (8 steps), the refiner 101 and 1.
         assert_eq!((info.base_steps, info.refiner_steps), (8, 2), "{}", case.name);
@@ -132,6 +121,6 @@ fn refiner_img2img_matches_diffusers() {
             strength: case.strength,
         };
         let gen = img2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
-        check_images(case, &gen, &r[&case.key]);
+        assert_generation_matches(&case.name, &case.seeds, &gen, &r[&case.key]);
     }
 }

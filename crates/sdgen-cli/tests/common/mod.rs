@@ -83,3 +83,16 @@ pub fn assert_refused(args: &[&str], needles: &[&str]) {
         assert!(!out.exists(), "args {args:?}: a refused run created the output folder");
     }
 }
+
+/// Runs `generate ARGS --output OUT`, which must succeed: its `--json` document and its stderr.
+pub fn run_json(args: &[&str], out: &Path) -> (serde_json::Value, String) {
+    let o = generate(args, out);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    (serde_json::from_slice(&o.stdout).expect("one JSON document"), stderr(&o))
+}
+
+/// The JSON sidecar of a `--json` result's first image.
+pub fn sidecar(result: &serde_json::Value) -> serde_json::Value {
+    let path = PathBuf::from(result["images"][0]["metadata"].as_str().unwrap());
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}

@@ -38,6 +38,8 @@ pub struct ModelFolder {
     overrides: Vec<(String, PathBuf)>,
     /// Run defaults of a named model that are not its family's (SD 3.5 Large Turbo).
     run_defaults: Option<RunDefaults>,
+    /// The components `model_index.json` names (not null), read once when the folder opens.
+    components: Vec<String>,
 }
 
 /// How to open a model.
@@ -130,6 +132,7 @@ impl ModelFolder {
                 checkpoint: Some(Arc::new(checkpoint)),
                 overrides: Vec::new(),
                 run_defaults: None,
+                components: Vec::new(),
             });
         }
         if let Some(dir) = &options.config_from {
@@ -152,6 +155,14 @@ impl ModelFolder {
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::BadModel(format!("{} has no `_class_name`", index_path.display())))?
             .to_string();
+        // A component is named when `model_index.json` maps it to a (library, class) pair, not null.
+        let components = index
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_array().is_some_and(|a| a.iter().all(|x| !x.is_null())))
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut folder = Self {
             root: root.to_path_buf(),
             family: &FAMILIES[0],
@@ -159,10 +170,10 @@ impl ModelFolder {
             checkpoint: None,
             overrides: Vec::new(),
             run_defaults: None,
+            components,
         };
-        // A component is named when `model_index.json` maps it to a (library, class) pair, not null.
-        let has_component =
-            |c: &str| index.get(c).and_then(|v| v.as_array()).is_some_and(|a| a.iter().all(|x| !x.is_null()));
+        let named: Vec<String> = folder.components.clone();
+        let has_component = |c: &str| named.iter().any(|n| n == c);
         // The markers are read from the first denoiser folder of the families the index names
         // (the first family's when it names none, which then reports that folder missing).
         let denoiser_dir = FAMILIES
@@ -268,15 +279,10 @@ impl ModelFolder {
     /// Whether the model has `component`: a single-file checkpoint holds it, or the folder's
     /// `model_index.json` names it (not null, as diffusers saves a pipeline built without it).
     pub fn has_component(&self, component: &str) -> bool {
-        if let Some(c) = &self.checkpoint {
-            return c.component(component).is_some();
+        match &self.checkpoint {
+            Some(c) => c.component(component).is_some(),
+            None => self.components.iter().any(|n| n == component),
         }
-        let index: Option<serde_json::Value> = read_json(&self.root.join("model_index.json")).ok();
-        index
-            .as_ref()
-            .and_then(|i| i.get(component))
-            .and_then(|v| v.as_array())
-            .is_some_and(|a| a.iter().all(|x| !x.is_null()))
     }
 
     /// A component's sub-folder, checked to exist.

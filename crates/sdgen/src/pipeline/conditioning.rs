@@ -20,7 +20,7 @@ use super::stages::{loaded, stage, StageLog};
 use super::{Progress, Request, Runtime};
 use crate::loading::family::{ContextJoin, HiddenLayer, MicroConditioning, TextEncoderArch, TextEncoderSpec};
 use crate::loading::{model_error, ModelFolder};
-use crate::tokenizer::{ClipTokenizer, T5Tokenizer, T5_DEFAULT_MAX_LENGTH, T5_MAX_LENGTH};
+use crate::tokenizer::{ClipTokenizer, T5Tokenizer, Tokenized, T5_DEFAULT_MAX_LENGTH, T5_MAX_LENGTH};
 use crate::{Error, Result};
 
 /// diffusers' default `aesthetic_score` of the refiner (positive half).
@@ -221,15 +221,6 @@ fn absent_encoder(model: &ModelFolder, req: &Request, prompts: usize, rt: &Runti
     Ok(Encoded { hidden: vec![zeros; prompts], pooled: Vec::new() })
 }
 
-/// Where an encoder runs: the planner may keep it off a GPU that is too small, on the host in f32.
-fn encoder_placement(rt: &Runtime) -> (Device, DType) {
-    if rt.options.text_encoder_on_host {
-        (Device::Cpu, DType::F32)
-    } else {
-        (rt.device.clone(), rt.dtype)
-    }
-}
-
 /// Records a truncation warning once (both of SDXL's tokenizers drop the same tokens).
 fn warn_once(warnings: &mut Vec<String>, warning: String) {
     if !warnings.contains(&warning) {
@@ -237,17 +228,66 @@ fn warn_once(warnings: &mut Vec<String>, warning: String) {
     }
 }
 
-/// Which prompt of the batch `texts[i]` is, for messages.
-fn which_prompt(cfg_guidance: bool, i: usize) -> &'static str {
-    if cfg_guidance && i == 0 {
-        "negative prompt"
-    } else {
-        "prompt"
+/// A text encoder loaded with its tokenizer, by architecture (a new one is a new variant).
+enum TextEncoder {
+    Clip(ClipTokenizer, ClipTextModel),
+    /// SD 3's T5 (`_get_t5_prompt_embeds`): `max_len` tokens, padded, `</s>` kept.
+    T5(T5Tokenizer, T5EncoderModel, usize),
+}
+
+impl TextEncoder {
+    fn load(model: &ModelFolder, spec: &TextEncoderSpec, req: &Request, device: &Device, dtype: DType) -> Result<Self> {
+        let weights = model.weights(spec.component)?;
+        let vb = weights.var_builder(dtype, device)?;
+        let tokenizer_dir = model.component_dir(spec.tokenizer)?;
+        Ok(match spec.arch {
+            TextEncoderArch::Clip => {
+                let cfg: ClipTextConfig = model.config(spec.component, "config.json")?;
+                let what = if spec.projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
+                let encoder =
+                    ClipTextModel::new(&cfg, spec.projection, vb).map_err(|e| model_error(&weights, what, e))?;
+                TextEncoder::Clip(ClipTokenizer::from_dir(&tokenizer_dir)?, encoder)
+            }
+            TextEncoderArch::T5 => {
+                let cfg: T5Config = model.config(spec.component, "config.json")?;
+                let encoder = T5EncoderModel::new(&cfg, vb)
+                    .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))?;
+                let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
+                TextEncoder::T5(T5Tokenizer::from_dir(&tokenizer_dir)?, encoder, max_len)
+            }
+        })
+    }
+
+    /// The tokens of `text`, and the limit a truncation warning names.
+    fn tokenize(&self, text: &str) -> Result<(Tokenized, String)> {
+        Ok(match self {
+            TextEncoder::Clip(tokenizer, _) => {
+                (tokenizer.encode(text)?, format!("CLIP's {} tokens", tokenizer.max_length()))
+            }
+            TextEncoder::T5(tokenizer, _, max_len) => (
+                tokenizer.encode(text, *max_len)?,
+                format!("T5's {max_len} tokens (--max-sequence-length, at most {T5_MAX_LENGTH})"),
+            ),
+        })
+    }
+
+    /// The hidden state `layer` names and, for CLIP with a projection, the pooled output.
+    fn forward(&self, ids: &Tensor, layer: HiddenLayer) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match self {
+            TextEncoder::Clip(_, encoder) => {
+                let o = encoder.forward(ids)?;
+                let hidden = match layer {
+                    HiddenLayer::Last => o.last_hidden_state,
+                    HiddenLayer::Penultimate => o.penultimate_hidden_state,
+                };
+                (hidden, o.text_embeds)
+            }
+            TextEncoder::T5(_, encoder, _) => (encoder.forward(ids)?, None),
+        })
     }
 }
 
-/// One text encoder over the prompts: loaded, run for each prompt, dropped. The tokenizer and
-/// model follow the architecture.
+/// One text encoder over the prompts: loaded, run for each prompt, dropped.
 #[allow(clippy::too_many_arguments)]
 fn encode_with(
     stage_name: &str,
@@ -260,104 +300,33 @@ fn encode_with(
     warnings: &mut Vec<String>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Encoded> {
-    match spec.arch {
-        TextEncoderArch::Clip => encode_clip(stage_name, model, spec, texts, cfg_guidance, rt, warnings, progress),
-        TextEncoderArch::T5 => {
-            let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
-            encode_t5(stage_name, model, spec, max_len, texts, cfg_guidance, rt, warnings, progress)
-        }
-    }
-}
-
-/// A CLIP encoder: the chosen hidden state per prompt, and the projected pooled output.
-#[allow(clippy::too_many_arguments)]
-fn encode_clip(
-    stage_name: &str,
-    model: &ModelFolder,
-    spec: &TextEncoderSpec,
-    texts: &[String],
-    cfg_guidance: bool,
-    rt: &Runtime,
-    warnings: &mut Vec<String>,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Encoded> {
-    let tokenizer = ClipTokenizer::from_dir(&model.component_dir(spec.tokenizer)?)?;
-    let cfg: ClipTextConfig = model.config(spec.component, "config.json")?;
-    let weights = model.weights(spec.component)?;
-    let (device, dtype) = encoder_placement(rt);
-    let what = if spec.projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
-    let encoder = ClipTextModel::new(&cfg, spec.projection, weights.var_builder(dtype, &device)?)
-        .map_err(|e| model_error(&weights, what, e))?;
+    // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
+    let (device, dtype) =
+        if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
+    let encoder = TextEncoder::load(model, spec, req, &device, dtype)?;
     loaded(progress, stage_name);
     let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
     for (i, text) in texts.iter().enumerate() {
-        let tokens = tokenizer.encode(text)?;
+        let (tokens, limit) = encoder.tokenize(text)?;
         if tokens.dropped_tokens > 0 {
-            let warning = format!(
-                "the {} is longer than CLIP's {} tokens: its last {} tokens were dropped",
-                which_prompt(cfg_guidance, i),
-                tokenizer.max_length(),
-                tokens.dropped_tokens
-            );
-            warn_once(warnings, warning);
+            let which = if cfg_guidance && i == 0 { "negative prompt" } else { "prompt" };
+            let dropped = tokens.dropped_tokens;
+            warn_once(warnings, format!("the {which} is longer than {limit}: its last {dropped} tokens were dropped"));
         }
         let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
-        let o = encoder.forward(&ids)?;
-        let hidden = match spec.layer {
-            HiddenLayer::Last => o.last_hidden_state,
-            HiddenLayer::Penultimate => o.penultimate_hidden_state,
-        };
+        let (hidden, pooled) = encoder.forward(&ids, spec.layer)?;
         out.hidden.push(hidden.to_dtype(rt.dtype)?.to_device(&rt.device)?);
         if spec.projection {
-            let pooled = o.text_embeds.ok_or_else(|| {
+            let pooled = pooled.ok_or_else(|| {
                 Error::BadModel(format!(
-                    "{} has no text projection, which {} needs",
-                    weights.describe(),
+                    "{}'s {} has no text projection, which {} needs",
+                    model.root().display(),
+                    spec.component,
                     model.family().display
                 ))
             })?;
             out.pooled.push(pooled.to_dtype(rt.dtype)?.to_device(&rt.device)?);
         }
-    }
-    Ok(out)
-}
-
-/// SD 3's T5 encoder (`_get_t5_prompt_embeds`): `max_len` tokens (padded, `</s>` kept), its
-/// last hidden state.
-#[allow(clippy::too_many_arguments)]
-fn encode_t5(
-    stage_name: &str,
-    model: &ModelFolder,
-    spec: &TextEncoderSpec,
-    max_len: usize,
-    texts: &[String],
-    cfg_guidance: bool,
-    rt: &Runtime,
-    warnings: &mut Vec<String>,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Encoded> {
-    let tokenizer = T5Tokenizer::from_dir(&model.component_dir(spec.tokenizer)?)?;
-    let cfg: T5Config = model.config(spec.component, "config.json")?;
-    let weights = model.weights(spec.component)?;
-    let (device, dtype) = encoder_placement(rt);
-    let encoder = T5EncoderModel::new(&cfg, weights.var_builder(dtype, &device)?)
-        .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))?;
-    loaded(progress, stage_name);
-    let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
-    for (i, text) in texts.iter().enumerate() {
-        let tokens = tokenizer.encode(text, max_len)?;
-        if tokens.dropped_tokens > 0 {
-            let warning = format!(
-                "the {} is longer than T5's {max_len} tokens (--max-sequence-length, at most {T5_MAX_LENGTH}): \
-                 its last {} tokens were dropped",
-                which_prompt(cfg_guidance, i),
-                tokens.dropped_tokens
-            );
-            warn_once(warnings, warning);
-        }
-        let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
-        let hidden = encoder.forward(&ids)?;
-        out.hidden.push(hidden.to_dtype(rt.dtype)?.to_device(&rt.device)?);
     }
     Ok(out)
 }

@@ -82,9 +82,12 @@ pub struct SkipLayerGuidance {
 }
 
 impl SkipLayerGuidance {
+    /// diffusers' default `skip_layer_guidance_scale`.
+    pub const DEFAULT_SCALE: f64 = 2.8;
+
     /// `layers` with diffusers' default scale and window.
     pub fn new(layers: Vec<usize>) -> Self {
-        Self { layers, scale: 2.8, start: 0.01, stop: 0.2 }
+        Self { layers, scale: Self::DEFAULT_SCALE, start: 0.01, stop: 0.2 }
     }
 
     /// Whether step `i` of `steps` is guided (diffusers: `steps·start < i < steps·stop`).

@@ -53,6 +53,19 @@ pub fn assert_image_close(name: &str, actual: &[f32], expected: &[f32]) {
     assert!(worst <= 8.0, "{name}: a channel differs by {worst:.2}/255");
 }
 
+/// A generation's images are `seeds`' (in order) and each is `reference`'s image `i` (`[n, h, w,
+/// 3]`, diffusers' `output_type="np"`) to the pipeline tolerance; prints each image's figures.
+pub fn assert_generation_matches(name: &str, seeds: &[u64], gen: &sdgen::pipeline::Generation, reference: &Tensor) {
+    assert_eq!(gen.images.len(), seeds.len(), "{name}");
+    for (i, image) in gen.images.iter().enumerate() {
+        assert_eq!(image.seed, seeds[i], "{name}");
+        let want: Vec<f32> = reference.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let (within, worst) = image_diff(&image.pixels, &want);
+        eprintln!("{name} image {i}: {:.3}% within 1/255, worst {worst:.3}/255", within * 100.0);
+        assert_image_close(&format!("{name} image {i}"), &image.pixels, &want);
+    }
+}
+
 /// One whole-pipeline case of `reference/sd15/pipeline.json` (`tools/reference/make_sd15.py`).
 #[derive(serde::Deserialize)]
 pub struct Case {
