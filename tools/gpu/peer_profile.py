@@ -1,8 +1,9 @@
 """Per-kernel breakdown of one diffusers evaluation on the GPU (torch.profiler): the SDXL UNet at
-1024² with the CFG batch and the SDXL VAE decode at 1024², bf16, random weights at the real sizes
+1024² with the CFG batch, the SDXL VAE decode at 1024² and the SD 3.5 Large MMDiT at 1024² with the
+CFG batch (77 + 256 text tokens), bf16, random weights at the real sizes
 (the same modules peer_diffusers.py times). Prints the top kernels by GPU time, the kernel count,
 and the total GPU time of one evaluation; writes peer_profile.json into $OUT when set.
-Usage: python3 peer_profile.py [unet] [vae]   (needs diffusers on PYTHONPATH)"""
+Usage: python3 peer_profile.py [unet] [vae] [sd35]   (needs diffusers on PYTHONPATH)"""
 import json, os, sys
 import torch
 
@@ -50,6 +51,16 @@ def main(parts):
         v = peer.sdxl_vae()
         z = torch.randn(1, 4, 128, 128, device=dev, dtype=dt)
         profile("sdxl_vae_decode_1024", lambda: v.decode(z).sample)
+    if "sd35" in parts:
+        m = peer.sd35_transformer()
+        x = torch.randn(2, 16, 128, 128, device=dev, dtype=dt)
+        ctx = torch.randn(2, 333, 4096, device=dev, dtype=dt)
+        pooled = torch.randn(2, 2048, device=dev, dtype=dt)
+        t = torch.tensor([500.0, 500.0], device=dev)
+        profile("sd35_large_1024_b2",
+                lambda: m(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample)
+        del m
+        torch.cuda.empty_cache()
     if os.environ.get("OUT"):
         json.dump(RESULT, open(os.path.join(os.environ["OUT"], "peer_profile.json"), "w"), indent=1)
 

@@ -1,4 +1,4 @@
-//! `--component unet|vae`: one model loaded once (its load timed on its own), then its forward
+//! `--component unet|transformer|vae`: one model loaded once (its load timed on its own), then its forward
 //! pass timed alone on fixed random inputs, the device synchronised around each evaluation: the
 //! figures `peer_diffusers.py` reports for diffusers (a UNet evaluation with the CFG batch, a VAE
 //! decode), so the two compare directly. No scheduler, no text encoder, no file written.
@@ -8,15 +8,19 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use sdgen::loading::ModelFolder;
+use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
 use sdgen_models::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig, VaeOptions};
 
 /// The pooled text embedding's width in SDXL's additional conditioning (bigG's projection).
 const SDXL_TEXT_EMBEDS_DIM: usize = 1280;
 
+/// Text tokens an SD 3.5 transformer attends over with its default prompt: CLIP's 77 and T5's 256.
+const SD3_CONTEXT_TOKENS: usize = 77 + 256;
+
 /// What to time and how.
 pub struct ComponentRun<'a> {
-    /// `unet` (one evaluation of the CFG batch) or `vae` (one decode).
+    /// `unet` or `transformer` (one evaluation of the CFG batch) or `vae` (one decode).
     pub component: &'a str,
     /// Image width and height in pixels.
     pub size: (usize, usize),
@@ -109,6 +113,25 @@ pub fn run(
             })?;
             Ok(serde_json::json!({ "component": "unet", "batch": rows, "load_ms": load_ms, "timed": timed }))
         }
+        "transformer" => {
+            let cfg: MMDiTConfig = model.config("transformer", "config.json")?;
+            let weights = model.weights("transformer")?;
+            let start = Instant::now();
+            let mmdit = SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)?;
+            device.synchronize()?;
+            let load_ms = start.elapsed().as_secs_f64() * 1e3;
+            let rows = 2 * run.n;
+            let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
+                Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+            };
+            let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
+            let context = randn(&[rows, SD3_CONTEXT_TOKENS, cfg.joint_attention_dim])?;
+            let pooled = randn(&[rows, cfg.pooled_projection_dim])?;
+            let t = Tensor::full(500f32, rows, device)?;
+            let timed =
+                time_it(device, run, "transformer evaluation", || Ok(mmdit.forward(&latents, &t, &context, &pooled)?))?;
+            Ok(serde_json::json!({ "component": "transformer", "batch": rows, "load_ms": load_ms, "timed": timed }))
+        }
         "vae" => {
             let cfg: VaeConfig = model.config("vae", "config.json")?;
             let weights = model.weights("vae")?;
@@ -120,7 +143,7 @@ pub fn run(
             let timed = time_it(device, run, "vae decode", || Ok(vae.decode_with(&z, &VaeOptions::default())?))?;
             Ok(serde_json::json!({ "component": "vae", "batch": run.n, "load_ms": load_ms, "timed": timed }))
         }
-        other => anyhow::bail!("--component {other}: unet or vae"),
+        other => anyhow::bail!("--component {other}: unet, transformer or vae"),
     };
     result.context("component benchmark")
 }

@@ -84,8 +84,8 @@ struct Args {
     /// bytes and stop: prepares a folder without timing anything.
     #[arg(long)]
     write_only: bool,
-    /// Time one component alone instead of whole runs: `unet` (one evaluation of the CFG batch,
-    /// 2·n rows) or `vae` (one decode of n latents), loaded once, inputs random, the device
+    /// Time one component alone instead of whole runs: `unet` or `transformer` (SD 3.5's MMDiT,
+    /// with 77 + 256 text tokens) (one evaluation of the CFG batch, 2·n rows) or `vae` (one decode of n latents), loaded once, inputs random, the device
     /// synchronised around each evaluation (the figures `peer_diffusers.py` reports).
     #[arg(long)]
     component: Option<String>,

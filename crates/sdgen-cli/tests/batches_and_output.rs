@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_refused, decode_png, files_in, generate, stderr, testdata, tiny_model};
+use common::{assert_refused, decode_png, files_in, generate, run_json, sidecar, stderr, testdata, tiny_model};
 
 /// The `(png, json)` pairs in `dir`, by stem, and anything that is not part of a pair.
 fn pairs(dir: &Path) -> (Vec<String>, Vec<PathBuf>) {
@@ -159,7 +159,7 @@ fn a_process_memory_limit_is_part_of_the_budget() {
     let out = dir.path().join("out");
     let o = Command::new("sh")
         .arg("-c")
-        .arg("ulimit -v 70000 && exec \"$0\" x --model \"$1\" --steps 2 --output \"$2\"")
+        .arg("ulimit -v 70000 && exec \"$0\" x --model \"$1\" --steps 2 -W 2048 -H 2048 --output \"$2\"")
         .arg(env!("CARGO_BIN_EXE_generate"))
         .arg(tiny_model())
         .arg(&out)
@@ -294,14 +294,28 @@ fn an_image_does_not_depend_on_its_run() {
 
 /// The seed's console output, line for line and in its order, with the finer per-stage lines
 /// between: startup, before loading, one line per optimisation the plan enables (VAE slicing
-/// here: a budget too small for two decodes at once), after loading, the cleanup before
+/// here: a budget too small for two 384² decodes at once), after loading, the cleanup before
 /// generation, before and after generation, complete. No large-model preparation for a tiny model,
 /// and a small process's memory printed with two decimals.
 #[test]
 fn the_seeds_console_lines_come_in_its_order() {
     let dir = tempfile::tempdir().unwrap();
     let o = generate(
-        &["x", "--model", &tiny_model(), "--steps", "2", "--batch-size", "2", "--max-memory", "70MB"],
+        &[
+            "x",
+            "--model",
+            &tiny_model(),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "-W",
+            "512",
+            "-H",
+            "512",
+            "--max-memory",
+            "50MB",
+        ],
         &dir.path().join("o"),
     );
     let err = stderr(&o);
@@ -357,6 +371,34 @@ fn check_tells_the_truth() {
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success());
     assert!(text.contains("is not downloaded") && !text.contains("downloads are off"), "{text}");
+}
+
+/// The planner's estimates hold for a model of its family's architecture at another width: the
+/// tiny models' stages are planned within a factor of what they measure (their activation
+/// coefficients, fitted on the real models, scale with the width; a fixed floor covers what any
+/// stage allocates), not at 15 times it.
+#[test]
+fn tiny_models_are_planned_near_their_measured_peaks() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["tiny-sd15", "tiny-sdxl", "tiny-sd35-medium"] {
+        let path = testdata().join(model).display().to_string();
+        let out = dir.path().join(model);
+        let (result, _) = run_json(&["x", "--model", &path, "--steps", "2", "--seed", "1", "--json"], &out);
+        let meta = sidecar(&result);
+        let measured: Vec<f64> =
+            meta["extra"]["memory"].as_array().unwrap().iter().map(|m| m["peak_rss_bytes"].as_f64().unwrap()).collect();
+        let planned: Vec<f64> = meta["extra"]["plan"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["peak_bytes"].as_f64().unwrap())
+            .collect();
+        assert_eq!(measured.len(), planned.len(), "{model}: a measurement per planned stage");
+        for (i, (p, m)) in planned.iter().zip(&measured).enumerate() {
+            let ratio = p / m;
+            assert!((0.7..=1.6).contains(&ratio), "{model} stage {i}: planned {p} B, measured {m} B ({ratio:.2}×)");
+        }
+    }
 }
 
 /// `--prompt-file FILE` and `-` (standard input): one job per non-blank line, every other setting

@@ -103,6 +103,42 @@ fn skipped_stages_are_neither_planned_nor_required() {
     assert_eq!(names, ["denoise", "decode"]);
 }
 
+/// Activations scale with the model's width against the standard one the coefficients were
+/// measured on (the real SD 1.5's manifest: unchanged); a narrower model of the same architecture
+/// holds proportionally less, down to a floor for what any stage allocates.
+#[test]
+fn activations_scale_with_the_models_width() {
+    let profile = FamilyProfile::sd15();
+    let full = sd15_manifest(StoredDType::F32);
+    let req = |m| request(&profile, m, &CPU, 512, 1, 64 * GIB, MemoryMode::Auto);
+    let standard = plan(&req(&full)).unwrap();
+    // The same model with its UNet's first convolution (and so every level) at a quarter width.
+    let narrow = |c: &ComponentManifest, factor: usize| {
+        let tensors = c
+            .tensors
+            .iter()
+            .map(|t| {
+                let mut shape = t.shape.clone();
+                if t.name == "conv_in.weight" || t.name == "decoder.conv_in.weight" {
+                    shape[0] /= factor;
+                }
+                TensorEntry::new(t.name.clone(), shape, t.dtype)
+            })
+            .collect();
+        ComponentManifest::new(c.name.clone(), tensors)
+    };
+    let quarter = ModelManifest::new(full.components.iter().map(|c| narrow(c, 4)).collect());
+    let p = plan(&req(&quarter)).unwrap();
+    let act = |p: &Plan, s: &str| p.stage(s).unwrap().activation_bytes as f64;
+    let ratio = act(&p, "denoise") / act(&standard, "denoise");
+    assert!((ratio - 0.25).abs() < 1e-6, "{ratio}");
+    assert_eq!(act(&p, "text_encoder"), act(&standard, "text_encoder"), "its width is the standard one");
+    // A tiny one: the floor.
+    let tiny = ModelManifest::new(full.components.iter().map(|c| narrow(c, 64)).collect());
+    let p = plan(&PlanRequest { width: 64, height: 64, ..req(&tiny) }).unwrap();
+    assert_eq!(p.stage("denoise").unwrap().activation_bytes, sdgen_memory::plan::MIN_SCALED_ACTIVATION_BYTES);
+}
+
 /// How much slower a plan is, for ordering: (fewer images per batch, more options).
 fn strength(p: &Plan) -> (usize, usize) {
     let options = p.stages.iter().map(|s| s.options.describe().len()).sum();

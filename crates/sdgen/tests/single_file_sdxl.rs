@@ -297,7 +297,10 @@ fn base_and_refiner_are_told_apart() {
 fn configs_default_to_sdxls_own() {
     let err = ModelSource::parse(Kind::Base.file().to_str().unwrap()).open().unwrap_err().to_string();
     assert!(err.contains("looks like an SDXL UNet") && err.contains("label_emb.0.0.weight"), "{err}");
-    assert!(err.contains("Stable Diffusion XL refiner"), "names what this build runs: {err}");
+    // An SDXL of another size: what does not match, and the fix (not "cannot run … it runs SDXL").
+    assert!(err.contains("but not the text encoders of the standard SDXL base or refiner"), "{err}");
+    assert!(err.contains("resblocks.9") && err.contains("--config-from DIR"), "{err}");
+    assert!(!err.contains("cannot run"), "{err}");
     for kind in KINDS {
         let (header, _) = real(kind);
         let ckpt = Checkpoint::from_header(&label(kind), header, None).unwrap();

@@ -62,7 +62,9 @@ pub use error::{PlanError, Suggestion};
 pub use fit::{fit_coefficients, fit_scale, relative_errors, FitError, Measurement, Term};
 pub use manifest::{ComponentManifest, ModelManifest, Precision, StoredDType, TensorEntry};
 pub use planner::{plan, Placement, Plan, StageOptions, StagePlan, Tiling, Verdict};
-pub use profile::{ComponentSpec, FamilyProfile, StageOptionsSpec, StageSpec, TilingSpec};
+pub use profile::{
+    ComponentSpec, FamilyProfile, StageOptionsSpec, StageSpec, StageWidth, TilingSpec, MIN_SCALED_ACTIVATION_BYTES,
+};
 pub use request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest, DEFAULT_SAFETY_MARGIN};
 pub use size::{parse_memory_size, ParseSizeError};
 pub use table::format_bytes;

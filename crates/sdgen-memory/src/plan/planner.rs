@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::activation::{ActivationInputs, BatchRule, KernelFamily};
 use super::error::PlanError;
-use super::manifest::Precision;
-use super::profile::{FamilyProfile, StageSpec};
+use super::manifest::{ComponentManifest, Precision};
+use super::profile::{FamilyProfile, StageSpec, MIN_SCALED_ACTIVATION_BYTES};
 use super::request::{BudgetSource, DeviceKind, MemoryMode, PlanRequest};
 
 /// VAE tiling as chosen.
@@ -278,6 +278,22 @@ struct StageCtx<'a> {
     weight_bytes_device: u64,
     /// Weights when run on the host, in f32.
     weight_bytes_host: u64,
+    /// The model's width against the standard one its coefficients were measured on.
+    width_ratio: f64,
+}
+
+/// `spec`'s width ratio ([`StageWidth`]) in `components`' tensors: 1 when it has none or the
+/// tensor is not found.
+fn width_ratio(spec: &StageSpec, components: &[&ComponentManifest]) -> f64 {
+    let Some(w) = &spec.width else { return 1.0 };
+    let found = w
+        .tensors
+        .iter()
+        .find_map(|suffix| components.iter().flat_map(|c| c.tensors.iter()).find(|t| t.name.ends_with(suffix)));
+    match found.and_then(|t| t.shape.get(w.axis)) {
+        Some(&d) if d > 0 && w.standard > 0 => d as f64 / w.standard as f64,
+        _ => 1.0,
+    }
 }
 
 impl<'r, 'a> Ctx<'r, 'a> {
@@ -289,6 +305,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
         for spec in profile.stages.iter().filter(runs) {
             let mut precision = None;
             let (mut device, mut host) = (0u64, 0u64);
+            let mut manifests = Vec::new();
             for &name in &spec.components {
                 let comp = profile.component(name).ok_or_else(|| {
                     PlanError::InvalidRequest(format!(
@@ -311,12 +328,14 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 precision = precision.or(forced).or(manifest.precision);
                 device += manifest.bytes_at(comp.prefixes, forced.unwrap_or(req.precision));
                 host += manifest.select(comp.prefixes).map(|t| t.bytes_at(Precision::F32)).sum::<u64>();
+                manifests.push(manifest);
             }
             stages.push(StageCtx {
                 spec,
                 precision: precision.unwrap_or(req.precision),
                 weight_bytes_device: device,
                 weight_bytes_host: host,
+                width_ratio: width_ratio(spec, &manifests),
             });
         }
         Ok(Self { req, stages })
@@ -427,7 +446,12 @@ impl<'r, 'a> Ctx<'r, 'a> {
             max_score_elements: Some(kernels.max_score_elements()),
             max_column_elements: Some(kernels.max_column_elements()),
         };
-        let activation_bytes = stage.spec.activation.bytes(kernels, precision, req.fast_kernels, &inputs);
+        let standard = stage.spec.activation.bytes(kernels, precision, req.fast_kernels, &inputs);
+        let activation_bytes = if stage.width_ratio < 1.0 {
+            ((standard as f64 * stage.width_ratio).ceil() as u64).max(MIN_SCALED_ACTIVATION_BYTES)
+        } else {
+            (standard as f64 * stage.width_ratio).ceil() as u64
+        };
         let peak_bytes = baseline + weight_bytes + activation_bytes;
         let fits = if options.on_host {
             req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)

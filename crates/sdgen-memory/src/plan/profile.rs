@@ -42,6 +42,50 @@ pub struct StageOptionsSpec {
     pub host_offload: bool,
 }
 
+/// The tensor whose width stands for a stage's activations. Its coefficients are measured on the
+/// family's standard model; a model of the same architecture at another width (a pruned or
+/// distilled one, the tests' tiny models) holds feature maps in proportion, so the estimate
+/// scales by `width / standard` (down to [`MIN_SCALED_ACTIVATION_BYTES`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageWidth {
+    /// Name endings of the tensor (diffusers' and the single-file layouts' names), the first found
+    /// in the stage's components taken.
+    pub tensors: &'static [&'static str],
+    /// Which of its dimensions is the width.
+    pub axis: usize,
+    /// That dimension in the standard model the coefficients were measured on.
+    pub standard: usize,
+}
+
+/// The least a stage whose width is scaled down is estimated to add above the baseline: what any
+/// stage allocates besides its feature maps (the thread pool's and the GEMMs' packing buffers,
+/// the allocator's new arenas, what earlier stages left in its pools): the tiny models' stages measure
+/// 1.5–5.6 MB above the run's starting baseline on the CPU, their peaks 14–19 MB in all.
+pub const MIN_SCALED_ACTIVATION_BYTES: u64 = 8 << 20;
+
+impl StageWidth {
+    /// A CLIP or T5 text encoder: its token embedding's width.
+    pub const fn text(standard: usize) -> Self {
+        Self { tensors: &["token_embedding.weight", "shared.weight"], axis: 1, standard }
+    }
+
+    /// A UNet: its first convolution's output channels (`input_blocks.0.0` in single files).
+    pub const fn unet(standard: usize) -> Self {
+        Self { tensors: &["conv_in.weight", "input_blocks.0.0.weight"], axis: 0, standard }
+    }
+
+    /// An MMDiT: its patch embedding's output width.
+    pub const fn mmdit(standard: usize) -> Self {
+        Self { tensors: &["pos_embed.proj.weight", "x_embedder.proj.weight"], axis: 0, standard }
+    }
+
+    /// The VAE's decoder: its first convolution's output channels (512 in SD's KL VAE).
+    pub const DECODER: Self = Self { tensors: &["decoder.conv_in.weight"], axis: 0, standard: 512 };
+
+    /// The VAE's encoder: its first convolution's output channels (128 in SD's KL VAE).
+    pub const ENCODER: Self = Self { tensors: &["encoder.conv_in.weight"], axis: 0, standard: 128 };
+}
+
 /// One stage of a generation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageSpec {
@@ -55,6 +99,8 @@ pub struct StageSpec {
     pub options: StageOptionsSpec,
     /// Whether it runs only for image-to-image (encoding the init image).
     pub img2img_only: bool,
+    /// What its activations scale with, if a model of another width can be told apart.
+    pub width: Option<StageWidth>,
 }
 
 /// A model family.
@@ -102,8 +148,12 @@ impl FamilyProfile {
         let mut denoise = stage("denoise");
         denoise.activation.attention = Some(AttentionShape { heads: 10, pixels_per_token: 256, extra_tokens: 0 });
         let text_encoder = stage("text_encoder");
-        let text_encoder_2 =
-            StageSpec { name: "text_encoder_2", components: vec!["text_encoder_2"], ..text_encoder.clone() };
+        let text_encoder_2 = StageSpec {
+            name: "text_encoder_2",
+            components: vec!["text_encoder_2"],
+            width: Some(StageWidth::text(1280)),
+            ..text_encoder.clone()
+        };
         Self {
             id: "sdxl",
             name: "SDXL",
@@ -128,6 +178,7 @@ impl FamilyProfile {
         let stage = |name: &str| base.stage(name).expect("SDXL has the stage").clone();
         let mut denoise = stage("denoise");
         denoise.activation.attention = Some(AttentionShape { heads: 12, pixels_per_token: 256, extra_tokens: 0 });
+        denoise.width = Some(StageWidth::unet(384));
         // Its first level is wider (384 channels against 320): measured on an H200 at 1024²
         // (bf16, 1.49 GB above its weights), 1.66× the base's per-pixel term; f32 scaled alike.
         let gpu = &mut denoise.activation.coefficients;
@@ -176,7 +227,12 @@ impl FamilyProfile {
         let sdxl = Self::sdxl();
         let stage = |name: &str| sdxl.stage(name).expect("SDXL has the stage").clone();
         let clip = stage("text_encoder");
-        let mut t5 = StageSpec { name: "text_encoder_3", components: vec!["text_encoder_3"], ..clip.clone() };
+        let mut t5 = StageSpec {
+            name: "text_encoder_3",
+            components: vec!["text_encoder_3"],
+            width: Some(StageWidth::text(4096)),
+            ..clip.clone()
+        };
         let t5_fixed = Coefficients { fixed_bytes: 64.0 * MIB, ..Default::default() };
         t5.activation.coefficients =
             CoefficientTable { cpu_f32: t5_fixed, cpu_half: t5_fixed, gpu_f32: t5_fixed, gpu_half: t5_fixed };
@@ -215,8 +271,14 @@ impl FamilyProfile {
             },
             options: StageOptionsSpec { attention_slicing: true, ..Default::default() },
             img2img_only: false,
+            width: Some(StageWidth::mmdit(width)),
         };
-        let text_encoder_2 = StageSpec { name: "text_encoder_2", components: vec!["text_encoder_2"], ..clip.clone() };
+        let text_encoder_2 = StageSpec {
+            name: "text_encoder_2",
+            components: vec!["text_encoder_2"],
+            width: Some(StageWidth::text(1280)),
+            ..clip.clone()
+        };
         Self {
             id,
             name,
@@ -395,6 +457,7 @@ impl FamilyProfile {
                     activation: text_encoder,
                     options: StageOptionsSpec { host_offload: true, ..Default::default() },
                     img2img_only: false,
+                    width: Some(StageWidth::text(768)),
                 },
                 StageSpec {
                     name: "encode_image",
@@ -406,6 +469,7 @@ impl FamilyProfile {
                         ..Default::default()
                     },
                     img2img_only: true,
+                    width: Some(StageWidth::ENCODER),
                 },
                 StageSpec {
                     name: "denoise",
@@ -413,6 +477,7 @@ impl FamilyProfile {
                     activation: denoise,
                     options: StageOptionsSpec { attention_slicing: true, ..Default::default() },
                     img2img_only: false,
+                    width: Some(StageWidth::unet(320)),
                 },
                 StageSpec {
                     name: "decode",
@@ -420,6 +485,7 @@ impl FamilyProfile {
                     activation: decode,
                     options: StageOptionsSpec { image_slicing: true, tiling: Some(vae_tiling), ..Default::default() },
                     img2img_only: false,
+                    width: Some(StageWidth::DECODER),
                 },
             ],
             size_multiple: 8,

@@ -60,6 +60,9 @@ pub struct Signature {
     pub family: Option<&'static FamilySpec>,
     /// All must hold.
     pub markers: &'static [Marker],
+    /// For a kind this build runs only with its own configs: what to do, said instead of "which
+    /// this build cannot run".
+    pub advice: Option<&'static str>,
 }
 
 pub(super) const LDM_CONV_IN: &str = "model.diffusion_model.input_blocks.0.0.weight";
@@ -71,16 +74,19 @@ pub const SIGNATURES: &[Signature] = &[
     Signature {
         display: "an inpainting checkpoint (9-channel UNet input)",
         family: None,
+        advice: None,
         markers: &[Marker::Dim { key: LDM_CONV_IN, axis: 1, size: 9 }],
     },
     Signature {
         display: "an InstructPix2Pix checkpoint (8-channel UNet input)",
         family: None,
+        advice: None,
         markers: &[Marker::Dim { key: LDM_CONV_IN, axis: 1, size: 8 }],
     },
     Signature {
         display: "a Stable Diffusion 2.x checkpoint",
         family: None,
+        advice: None,
         markers: &[Marker::Dim {
             key: "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
             axis: 1,
@@ -90,37 +96,55 @@ pub const SIGNATURES: &[Signature] = &[
     Signature {
         display: "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)",
         family: None,
+        advice: None,
         markers: &[Marker::Has("cond_stage_model.model.token_embedding.weight")],
     },
-    Signature { display: "a Playground v2.5 checkpoint", family: None, markers: &[Marker::Has("edm_mean")] },
+    Signature {
+        display: "a Playground v2.5 checkpoint",
+        family: None,
+        advice: None,
+        markers: &[Marker::Has("edm_mean")],
+    },
     Signature {
         display: "an SDXL base checkpoint",
         family: Some(&SDXL),
+        advice: None,
         markers: &[Marker::Has("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias")],
     },
     Signature {
         display: "an SDXL refiner checkpoint",
         family: Some(&SDXL_REFINER),
+        advice: None,
         markers: &[Marker::Has("conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias")],
     },
     Signature {
         display: "an SDXL UNet (size/crop conditioning `label_emb`)",
         family: None,
+        advice: Some(
+            "but not the text encoders of the standard SDXL base or refiner (the 10th layer of OpenCLIP bigG, \
+             `conditioner.embedders.1.model.transformer.resblocks.9.*` or `conditioner.embedders.0.…`): an SDXL \
+             of another size, which runs with its own configs: pass `--config-from DIR`, a diffusers folder of \
+             the same model (its model_index.json and each component's config.json, as diffusers' \
+             `from_single_file(config=...)`)",
+        ),
         markers: &[Marker::Has("model.diffusion_model.label_emb.0.0.weight")],
     },
     Signature {
         display: "a Stable Diffusion x4 upscaler checkpoint",
         family: None,
+        advice: None,
         markers: &[Marker::Has("model.diffusion_model.input_blocks.10.0.skip_connection.bias")],
     },
     Signature {
         display: "a ControlNet",
         family: None,
+        advice: None,
         markers: &[Marker::HasAny(&["control_model.time_embed.0.weight", "controlnet_cond_embedding.conv_in.weight"])],
     },
     Signature {
         display: "a Stable Diffusion 3 / 3.5 checkpoint",
         family: None,
+        advice: None,
         markers: &[Marker::HasAny(&[
             "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
             "joint_blocks.0.context_block.adaLN_modulation.1.bias",
@@ -129,6 +153,7 @@ pub const SIGNATURES: &[Signature] = &[
     Signature {
         display: "a FLUX checkpoint",
         family: None,
+        advice: None,
         markers: &[Marker::HasAny(&[
             "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale",
             "double_blocks.0.img_attn.norm.key_norm.scale",
@@ -139,6 +164,7 @@ pub const SIGNATURES: &[Signature] = &[
     Signature {
         display: "a Stable Diffusion 1.x checkpoint",
         family: Some(&SD15),
+        advice: None,
         markers: &[
             Marker::Dim { key: LDM_CONV_IN, axis: 1, size: 4 },
             Marker::Has("model.diffusion_model.time_embed.0.weight"),
@@ -148,21 +174,34 @@ pub const SIGNATURES: &[Signature] = &[
 
 /// Files that are parts of a model, not whole checkpoints (checked after [`SIGNATURES`]).
 pub const PART_SIGNATURES: &[Signature] = &[
-    Signature { display: "a LoRA (`lora_unet_*` tensors)", family: None, markers: &[Marker::Prefix("lora_unet_")] },
-    Signature { display: "a LoRA (`lora_te_*` tensors)", family: None, markers: &[Marker::Prefix("lora_te")] },
+    Signature {
+        display: "a LoRA (`lora_unet_*` tensors)",
+        family: None,
+        advice: None,
+        markers: &[Marker::Prefix("lora_unet_")],
+    },
+    Signature {
+        display: "a LoRA (`lora_te_*` tensors)",
+        family: None,
+        advice: None,
+        markers: &[Marker::Prefix("lora_te")],
+    },
     Signature {
         display: "a lone diffusers UNet file, not a whole checkpoint (open its diffusers folder instead)",
         family: None,
+        advice: None,
         markers: &[Marker::Has("conv_in.weight"), Marker::Has("time_embedding.linear_1.weight")],
     },
     Signature {
         display: "a lone VAE file, not a whole checkpoint",
         family: None,
+        advice: None,
         markers: &[Marker::Has("encoder.conv_in.weight"), Marker::Has("decoder.conv_out.weight")],
     },
     Signature {
         display: "a lone text encoder file, not a whole checkpoint",
         family: None,
+        advice: None,
         markers: &[Marker::HasAny(&[
             "text_model.embeddings.token_embedding.weight",
             "embeddings.token_embedding.weight",
@@ -175,12 +214,14 @@ pub const PART_SIGNATURES: &[Signature] = &[
 pub enum Recognised {
     /// A family this build runs.
     Family(&'static FamilySpec),
-    /// A known kind this build does not run, with the evidence.
+    /// A known kind this build does not run (or runs only with its configs), with the evidence.
     Unsupported {
         /// What it looks like.
         display: &'static str,
         /// The tensors that say so.
         evidence: String,
+        /// What to do, where something can be done ([`Signature::advice`]).
+        advice: Option<&'static str>,
     },
     /// Nothing known.
     Unknown,
@@ -198,6 +239,7 @@ pub fn recognise(tensors: &BTreeMap<String, TensorInfo>) -> Recognised {
         None => Recognised::Unsupported {
             display: sig.display,
             evidence: sig.markers.iter().map(|m| m.describe(tensors)).collect::<Vec<_>>().join(" and "),
+            advice: sig.advice,
         },
     }
 }

@@ -45,7 +45,13 @@ pub(super) fn recognition(
             );
             return Ok(Recognition { family, why });
         }
-        Recognised::Unsupported { display, evidence } => {
+        Recognised::Unsupported { display, evidence, advice: Some(advice) } if config_from.is_none() => {
+            return Err(Error::BadModel(format!(
+                "{} looks like {display} (it has {evidence}) {advice}",
+                path.display()
+            )));
+        }
+        Recognised::Unsupported { display, evidence, .. } => {
             format!("looks like {display} (it has {evidence}), which this build cannot run")
         }
         Recognised::Unknown => {
