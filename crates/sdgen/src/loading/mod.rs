@@ -336,13 +336,15 @@ impl ModelFolder {
                     held.join(", ")
                 ))
             })?;
-            let header = SafetensorsHeader {
-                tensors: view.tensors.clone(),
-                metadata: c.header.metadata.clone(),
-                file_bytes: c.header.file_bytes,
+            // A model beside the checkpoint (SD 3.5's `text_encoders/`) is its own file.
+            let (metadata, file_bytes) = if view.path == c.path {
+                (c.header.metadata.clone(), c.header.file_bytes)
+            } else {
+                (Default::default(), std::fs::metadata(&view.path).map_err(|e| Error::io(&view.path, e))?.len())
             };
+            let header = SafetensorsHeader { tensors: view.tensors.clone(), metadata, file_bytes };
             return Ok(ComponentWeights {
-                files: vec![c.path.clone()],
+                files: vec![view.path.clone()],
                 headers: vec![header],
                 view: Some(view.clone()),
             });

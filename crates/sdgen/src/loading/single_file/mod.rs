@@ -352,7 +352,7 @@ fn locate(
         )));
     };
     let own = SafetensorsHeader::read(&file)?;
-    let why = format!("{}, beside {}, is taken for its {}", file.display(), path.display(), layout.what);
+    let why = format!("{why}; {} beside it is taken for its {}", file.display(), layout.what);
     let v = view(&file, &own.tensors, "", config_dir, family, layout, &why)?;
     check_dtypes(&v, layout, &format!("{} in {}", beside.files[0], dir.display()))?;
     Ok(v)
