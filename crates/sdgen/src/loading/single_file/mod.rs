@@ -361,8 +361,7 @@ fn locate(
 /// Refuses a model stored in a dtype this build does not read (8-bit floats: Stability's
 /// `t5xxl_fp8_e4m3fn.safetensors`, ComfyUI's `*fp8*` checkpoints), naming what to use instead.
 fn check_dtypes(v: &ComponentView, layout: &ComponentLayout, instead: &str) -> Result<()> {
-    const READ: [&str; 4] = ["F32", "F16", "BF16", "F64"];
-    match v.tensors.iter().find(|(_, t)| !READ.contains(&t.dtype.as_str())) {
+    match v.tensors.iter().find(|(_, t)| t.dtype.starts_with("F8_")) {
         Some((name, t)) => Err(Error::InvalidInput(format!(
             "{}: its {} is stored as {} (`{}`, and others), which this build does not read: use {instead}",
             v.path.display(),

@@ -453,7 +453,7 @@ mod tests {
     use super::*;
 
     fn sd15() -> Ctx {
-        Ctx { layers_per_block: 2, levels: 4, up_attention: vec![false, true, true, true] }
+        Ctx { layers_per_block: 2, levels: 4, up_attention: vec![false, true, true, true], ..Ctx::default() }
     }
 
     /// The one target of `key`, as (name, 1×1 conv → linear).
@@ -498,7 +498,7 @@ mod tests {
     /// of the two attention levels in slot 2, 10 transformer blocks deep at the bottom.
     #[test]
     fn sdxl_unet_names_follow_diffusers() {
-        let c = Ctx { layers_per_block: 2, levels: 3, up_attention: vec![true, true, false] };
+        let c = Ctx { layers_per_block: 2, levels: 3, up_attention: vec![true, true, false], ..Ctx::default() };
         let cases = [
             ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
             ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
@@ -585,6 +585,61 @@ mod tests {
             assert_eq!(to_original(LDM_VAE, &c, diffusers).as_deref(), Some(original), "{diffusers}");
         }
         assert!(one(LDM_VAE, &c, "loss.discriminator.main.0.weight").is_none());
+    }
+
+    /// SD 3.5's MMDiT with 24 blocks (Medium's depth): the two streams of a block under one
+    /// diffusers prefix, q/k/v fused, the last block's context modulation and the final one
+    /// swapped, nothing claimed that no leaf names.
+    #[test]
+    fn mmdit_names_follow_diffusers() {
+        let c = Ctx { blocks: 24, ..Ctx::default() };
+        let whole = [
+            ("pos_embed", "pos_embed.pos_embed"),
+            ("x_embedder.proj.weight", "pos_embed.proj.weight"),
+            ("t_embedder.mlp.2.bias", "time_text_embed.timestep_embedder.linear_2.bias"),
+            ("y_embedder.mlp.0.weight", "time_text_embed.text_embedder.linear_1.weight"),
+            ("context_embedder.weight", "context_embedder.weight"),
+            ("final_layer.linear.bias", "proj_out.bias"),
+            ("joint_blocks.3.x_block.attn.ln_q.weight", "transformer_blocks.3.attn.norm_q.weight"),
+            ("joint_blocks.3.context_block.attn.ln_k.weight", "transformer_blocks.3.attn.norm_added_k.weight"),
+            ("joint_blocks.12.x_block.attn2.proj.bias", "transformer_blocks.12.attn2.to_out.0.bias"),
+            ("joint_blocks.0.context_block.attn.proj.weight", "transformer_blocks.0.attn.to_add_out.weight"),
+            ("joint_blocks.22.context_block.adaLN_modulation.1.bias", "transformer_blocks.22.norm1_context.linear.bias"),
+            ("joint_blocks.7.x_block.mlp.fc2.weight", "transformer_blocks.7.ff.net.2.weight"),
+            ("joint_blocks.7.context_block.mlp.fc1.bias", "transformer_blocks.7.ff_context.net.0.proj.bias"),
+        ];
+        for (original, diffusers) in whole {
+            assert_eq!(one(MMDIT, &c, original).map(|x| x.0).as_deref(), Some(diffusers), "{original}");
+            assert_eq!(to_original(MMDIT, &c, diffusers).as_deref(), Some(original), "{diffusers}");
+        }
+        for (original, diffusers) in [
+            ("final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"),
+            ("joint_blocks.23.context_block.adaLN_modulation.1.bias", "transformer_blocks.23.norm1_context.linear.bias"),
+        ] {
+            let t = to_diffusers(MMDIT, &c, original);
+            assert_eq!(t.len(), 1, "{original}");
+            assert_eq!((t[0].name.as_str(), t[0].take), (diffusers, Take::SwapHalves), "{original}");
+            assert_eq!(to_original(MMDIT, &c, diffusers).as_deref(), Some(original), "{diffusers}");
+        }
+        let fused = to_diffusers(MMDIT, &c, "joint_blocks.5.context_block.attn.qkv.bias");
+        let names: Vec<(&str, Take)> = fused.iter().map(|t| (t.name.as_str(), t.take)).collect();
+        assert_eq!(
+            names,
+            [
+                ("transformer_blocks.5.attn.add_q_proj.bias", Take::Chunk { index: 0, of: 3 }),
+                ("transformer_blocks.5.attn.add_k_proj.bias", Take::Chunk { index: 1, of: 3 }),
+                ("transformer_blocks.5.attn.add_v_proj.bias", Take::Chunk { index: 2, of: 3 }),
+            ]
+        );
+        let x = to_diffusers(MMDIT, &c, "joint_blocks.1.x_block.attn2.qkv.weight");
+        assert_eq!(x[2].name, "transformer_blocks.1.attn2.to_v.weight");
+        assert_eq!(
+            to_original(MMDIT, &c, "transformer_blocks.5.attn.to_k.weight").as_deref(),
+            Some("joint_blocks.5.x_block.attn.qkv.weight")
+        );
+        // Neither stream claims the other's names, nor keys no leaf names.
+        assert!(to_diffusers(MMDIT, &c, "joint_blocks.1.x_block.attn.unknown.weight").is_empty());
+        assert!(to_original(MMDIT, &c, "transformer_blocks.1.attn.unknown.weight").is_none());
     }
 
     #[test]
