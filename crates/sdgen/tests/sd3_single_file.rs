@@ -159,7 +159,8 @@ fn components_are_the_folders_tensors() {
             };
             let expected: BTreeSet<String> = cfg.expected().unwrap().into_iter().collect();
             // The position table is a buffer the model can also compute: not required.
-            let names: BTreeSet<String> = held.keys().filter(|k| k.as_str() != "pos_embed.pos_embed").map(|k| k.to_string()).collect();
+            let names: BTreeSet<String> =
+                held.keys().filter(|k| k.as_str() != "pos_embed.pos_embed").map(|k| k.to_string()).collect();
             assert_eq!(expected, names, "{size:?} {component} manifest");
         }
         let mmdit = s.weights("transformer").unwrap();
@@ -195,10 +196,9 @@ fn bundled_transformer_config(size: Size) -> ModelConfig {
 #[test]
 fn real_keys_map_as_diffusers_maps_them() {
     for size in [Size::Large, Size::Medium] {
-        let text = std::fs::read_to_string(
-            testdata().join(format!("tiny-sd35-single/sd35-{}-real-keys.json", size.name())),
-        )
-        .unwrap();
+        let text =
+            std::fs::read_to_string(testdata().join(format!("tiny-sd35-single/sd35-{}-real-keys.json", size.name())))
+                .unwrap();
         let entries: BTreeMap<String, Vec<serde_json::Value>> = serde_json::from_str(&text).unwrap();
         let cfg = bundled_transformer_config(size);
         let ctx: Ctx = cfg.ctx().unwrap();
@@ -258,7 +258,10 @@ fn a_medium_file_where_large_is_named_is_refused_naming_both() {
     assert!(err.contains("give Stable Diffusion 3.5 Medium's configs"), "{err}");
     let err = open(&Size::Large.file(), Size::Medium.folder()).unwrap_err().to_string();
     assert!(err.contains("looks like an SD 3.5 Large checkpoint") && err.contains("no `"), "{err}");
-    assert!(err.contains("is Stable Diffusion 3.5 Medium's") && err.contains("give Stable Diffusion 3.5 Large's"), "{err}");
+    assert!(
+        err.contains("is Stable Diffusion 3.5 Medium's") && err.contains("give Stable Diffusion 3.5 Large's"),
+        "{err}"
+    );
 }
 
 /// Without a config folder the file's own size is recognised and SD 3.5's real configs apply:
@@ -315,7 +318,10 @@ fn eight_bit_t5_is_refused_naming_the_sixteen_bit_file() {
     let mut bytes = 0usize;
     for (name, info) in &header.tensors {
         let n: usize = info.shape.iter().product();
-        json.insert(name.clone(), serde_json::json!({"dtype": "F8_E4M3", "shape": info.shape, "data_offsets": [bytes, bytes + n]}));
+        json.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F8_E4M3", "shape": info.shape, "data_offsets": [bytes, bytes + n]}),
+        );
         bytes += n;
     }
     let head = serde_json::to_vec(&json).unwrap();
@@ -354,7 +360,10 @@ fn truncated_and_corrupt_files_are_refused() {
     let truncated = dir.path().join("sd3.5_large.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let err = ModelFolder::open(&truncated).unwrap_err().to_string();
-    assert!(err.contains("sd3.5_large.safetensors is not a valid safetensors file") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("sd3.5_large.safetensors is not a valid safetensors file") && err.contains("truncated"),
+        "{err}"
+    );
     let corrupt = dir.path().join("corrupt.safetensors");
     let mut garbled = bytes.clone();
     garbled[8..40].fill(b'#');

@@ -124,7 +124,14 @@ const fn sd35_encoder(
     rules: &'static [rules::Rule],
     kind: ModelKind,
 ) -> ComponentLayout {
-    ComponentLayout { component, what, prefix, rules, kind, beside: Some(BesideFile { folder: SD35_ENCODERS_FOLDER, files }) }
+    ComponentLayout {
+        component,
+        what,
+        prefix,
+        rules,
+        kind,
+        beside: Some(BesideFile { folder: SD35_ENCODERS_FOLDER, files }),
+    }
 }
 
 /// SD 3.5's models (`sd3.5_large.safetensors`, `sd3.5_medium.safetensors`): CLIP-L and

@@ -107,9 +107,7 @@ impl ModelConfig {
                 up_attention: c.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect(),
                 blocks: 0,
             },
-            ModelConfig::Vae(c) => {
-                Ctx { layers_per_block, levels: c.block_out_channels.len(), ..Ctx::default() }
-            }
+            ModelConfig::Vae(c) => Ctx { layers_per_block, levels: c.block_out_channels.len(), ..Ctx::default() },
             ModelConfig::MMDiT(c) => Ctx { blocks: c.num_layers, ..Ctx::default() },
             _ => Ctx::default(),
         })

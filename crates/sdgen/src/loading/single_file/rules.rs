@@ -604,7 +604,10 @@ mod tests {
             ("joint_blocks.3.context_block.attn.ln_k.weight", "transformer_blocks.3.attn.norm_added_k.weight"),
             ("joint_blocks.12.x_block.attn2.proj.bias", "transformer_blocks.12.attn2.to_out.0.bias"),
             ("joint_blocks.0.context_block.attn.proj.weight", "transformer_blocks.0.attn.to_add_out.weight"),
-            ("joint_blocks.22.context_block.adaLN_modulation.1.bias", "transformer_blocks.22.norm1_context.linear.bias"),
+            (
+                "joint_blocks.22.context_block.adaLN_modulation.1.bias",
+                "transformer_blocks.22.norm1_context.linear.bias",
+            ),
             ("joint_blocks.7.x_block.mlp.fc2.weight", "transformer_blocks.7.ff.net.2.weight"),
             ("joint_blocks.7.context_block.mlp.fc1.bias", "transformer_blocks.7.ff_context.net.0.proj.bias"),
         ];
@@ -614,7 +617,10 @@ mod tests {
         }
         for (original, diffusers) in [
             ("final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"),
-            ("joint_blocks.23.context_block.adaLN_modulation.1.bias", "transformer_blocks.23.norm1_context.linear.bias"),
+            (
+                "joint_blocks.23.context_block.adaLN_modulation.1.bias",
+                "transformer_blocks.23.norm1_context.linear.bias",
+            ),
         ] {
             let t = to_diffusers(MMDIT, &c, original);
             assert_eq!(t.len(), 1, "{original}");
