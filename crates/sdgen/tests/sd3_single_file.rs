@@ -393,3 +393,37 @@ fn an_mmdit_deeper_than_its_config_is_refused() {
     assert!(err.contains("has no place in the architecture of"), "{err}");
     assert!(err.contains("model.diffusion_model.joint_blocks."), "{err}");
 }
+
+/// A CLIP-L without its projection (diffusers' SD 3 single-file loader ignores it and uses the
+/// identity): served as the identity where the projection is square, refused by name where not.
+#[test]
+fn clip_l_without_its_projection_is_the_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = medium_in(dir.path(), &["clip_l.safetensors"]);
+    let src = testdata().join("tiny-sd35-single/text_encoders/clip_l.safetensors");
+    let beside = dir.path().join("text_encoders");
+    common::files::rewrite_safetensors(
+        &src,
+        &beside,
+        "clip_l.safetensors",
+        |k| k != "text_projection.weight",
+        &[],
+        false,
+    );
+    // The tiny CLIP-L projects 24 to 16: no identity fits.
+    let err = open(&file, Size::Medium.folder()).unwrap_err().to_string();
+    assert!(err.contains("lacks `text_projection.weight`") && err.contains("clip_l.safetensors"), "{err}");
+    // With a square projection (projection_dim = hidden_size) it is the identity.
+    let configs = dir.path().join("configs");
+    common::files::copy_dir(&Size::Medium.folder(), &configs);
+    let path = configs.join("text_encoder/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["projection_dim"] = cfg["hidden_size"].clone();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let model = open(&file, configs).unwrap();
+    let w = model.weights("text_encoder").unwrap();
+    let view = w.single_file_view().unwrap();
+    assert_eq!(view.source("text_projection.weight").unwrap().take, Take::Identity);
+    let p = w.var_builder(DType::F32, &Device::Cpu).unwrap().get((24, 24), "text_projection.weight").unwrap();
+    assert!(values(p) == values(Tensor::eye(24, DType::F32, &Device::Cpu).unwrap()));
+}

@@ -7,7 +7,7 @@
 //! halves swapped (SD 3's `AdaLayerNormContinuous` modulation) need more than a byte range;
 //! [`SingleFileBackend`] reads them as stored and rearranges them, still one tensor at a time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -36,6 +36,8 @@ pub struct SingleFileBackend {
     transposed: HashSet<String>,
     /// Names whose bytes hold the tensor served with the halves of dimension 0 swapped.
     swapped: HashSet<String>,
+    /// Names served as the identity matrix of this size, read from nowhere.
+    identity: HashMap<String, usize>,
 }
 
 impl SingleFileBackend {
@@ -50,18 +52,26 @@ impl SingleFileBackend {
             sources.iter().filter(|(_, s)| s.take == take).map(|(n, _)| n.clone()).collect()
         };
         let (transposed, swapped) = (taken(Take::Transposed), taken(Take::SwapHalves));
+        let identity: HashMap<String, usize> = taken(Take::Identity)
+            .into_iter()
+            .filter_map(|n| Some((n.clone(), *tensors.get(&n)?.shape.first()?)))
+            .collect();
         // The reader reads bytes under the shape they are stored in.
         let mut stored = tensors.clone();
+        stored.retain(|n, _| !identity.contains_key(n));
         for name in &transposed {
             if let Some(info) = stored.get_mut(name) {
                 info.shape.reverse();
             }
         }
         let header = SafetensorsHeader { tensors: stored, metadata: BTreeMap::new(), file_bytes: 0 };
-        Ok(Self { reader: ReadBackend::new(&[path], &[header])?, transposed, swapped })
+        Ok(Self { reader: ReadBackend::new(&[path], &[header])?, transposed, swapped, identity })
     }
 
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(&n) = self.identity.get(name) {
+            return Tensor::eye(n, dtype, dev);
+        }
         let t = self.reader.get_unchecked(name, dtype, dev)?;
         if self.transposed.contains(name) {
             t.t()?.contiguous()
@@ -85,6 +95,6 @@ impl SimpleBackend for SingleFileBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.reader.contains_tensor(name)
+        self.identity.contains_key(name) || self.reader.contains_tensor(name)
     }
 }

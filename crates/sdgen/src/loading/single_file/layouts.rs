@@ -11,6 +11,7 @@ const UNET: ComponentLayout = ComponentLayout {
     rules: rules::LDM_UNET,
     kind: ModelKind::Unet,
     beside: None,
+    identity_if_absent: &[],
 };
 
 const VAE: ComponentLayout = ComponentLayout {
@@ -20,6 +21,7 @@ const VAE: ComponentLayout = ComponentLayout {
     rules: rules::LDM_VAE,
     kind: ModelKind::Vae,
     beside: None,
+    identity_if_absent: &[],
 };
 
 /// SD 1.x: CLIP ViT-L/14, the ldm UNet and the KL-f8 autoencoder.
@@ -32,6 +34,7 @@ pub const SD15: SingleFileLayout = SingleFileLayout {
             rules: rules::CLIP_TEXT,
             kind: ModelKind::ClipText,
             beside: None,
+            identity_if_absent: &[],
         },
         UNET,
         VAE,
@@ -58,6 +61,7 @@ const fn open_clip_big_g(prefix: &'static str) -> ComponentLayout {
         rules: rules::OPEN_CLIP_TEXT,
         kind: ModelKind::ClipTextWithProjection,
         beside: None,
+        identity_if_absent: &[],
     }
 }
 
@@ -73,6 +77,7 @@ pub const SDXL: SingleFileLayout = SingleFileLayout {
             rules: rules::CLIP_TEXT,
             kind: ModelKind::ClipText,
             beside: None,
+            identity_if_absent: &[],
         },
         open_clip_big_g("conditioner.embedders.1.model."),
         UNET,
@@ -131,6 +136,7 @@ const fn sd35_encoder(
         rules,
         kind,
         beside: Some(BesideFile { folder: SD35_ENCODERS_FOLDER, files }),
+        identity_if_absent: &[],
     }
 }
 
@@ -140,14 +146,19 @@ const fn sd35_encoder(
 /// Stability publishes T5 in 16 and 8 bits; the 16-bit file is looked for first (8-bit floats are
 /// refused by name when opened).
 const SD35_COMPONENTS: &[ComponentLayout] = &[
-    sd35_encoder(
-        "text_encoder",
-        "CLIP-L text encoder",
-        "text_encoders.clip_l.transformer.",
-        &["clip_l.safetensors"],
-        rules::CLIP_TEXT,
-        ModelKind::ClipTextWithProjection,
-    ),
+    // SAI's reference does not project CLIP-L's pooled output: a file without its projection
+    // gets the identity, as diffusers' `create_diffusers_clip_model_from_ldm` gives it.
+    ComponentLayout {
+        identity_if_absent: &["text_projection.weight"],
+        ..sd35_encoder(
+            "text_encoder",
+            "CLIP-L text encoder",
+            "text_encoders.clip_l.transformer.",
+            &["clip_l.safetensors"],
+            rules::CLIP_TEXT,
+            ModelKind::ClipTextWithProjection,
+        )
+    },
     sd35_encoder(
         "text_encoder_2",
         "CLIP-G text encoder",
@@ -171,6 +182,7 @@ const SD35_COMPONENTS: &[ComponentLayout] = &[
         rules: rules::MMDIT,
         kind: ModelKind::MMDiT,
         beside: None,
+        identity_if_absent: &[],
     },
     VAE,
 ];

@@ -81,6 +81,8 @@ pub struct ComponentLayout {
     pub kind: ModelKind,
     /// Where it is looked for when the checkpoint has no `prefix*` tensors.
     pub beside: Option<BesideFile>,
+    /// Square matrices served as the identity when the file lacks them (diffusers names).
+    pub identity_if_absent: &'static [&'static str],
 }
 
 /// How a family's single-file checkpoints are laid out.
@@ -403,6 +405,7 @@ fn derive(info: &TensorInfo, target: &Target) -> std::result::Result<(TensorInfo
             }
             info.shape.reverse();
         }
+        Take::Identity => {}
         Take::SwapHalves => {
             if info.shape.first().is_none_or(|&rows| rows == 0 || rows % 2 != 0) {
                 return Err(format!("has shape {:?}, which does not split into a shift and a scale", info.shape));
@@ -452,6 +455,21 @@ fn view(
                 )));
             }
             renamed.insert(target.name, info);
+        }
+    }
+    for &name in layout.identity_if_absent {
+        if renamed.contains_key(name) {
+            continue;
+        }
+        let square = cfg.spot_shapes().into_iter().find(|(n, s)| n == name && s.len() == 2 && s[0] == s[1]);
+        if let Some((_, shape)) = square {
+            let source = Source {
+                original: format!("(the identity: `{prefix}{name}` is not stored)"),
+                reshape: None,
+                take: Take::Identity,
+            };
+            sources.insert(name.to_string(), source);
+            renamed.insert(name.to_string(), TensorInfo { dtype: "F32".into(), shape, data_offsets: (0, 0) });
         }
     }
     if renamed.is_empty() {

@@ -124,6 +124,9 @@ pub enum Take {
     /// The two halves of dimension 0 swapped: SD 3's `AdaLayerNormContinuous` modulation, stored
     /// (shift, scale), served (scale, shift) as diffusers' `swap_scale_shift` does.
     SwapHalves,
+    /// Not stored: the identity (SD 3's CLIP-L, whose pooled output SAI's reference does not
+    /// project; diffusers' single-file loader puts `torch.eye` in its `text_projection`).
+    Identity,
 }
 
 /// A leaf renamed inside a module: `original` (a prefix of what follows the module's prefix)
