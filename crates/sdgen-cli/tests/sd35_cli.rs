@@ -137,3 +137,78 @@ fn sd35_options_are_refused_where_they_do_not_apply() {
     // --pro is SD 3.5 Large from the hub: offline with an empty cache, the repository is named.
     assert_refused(&["x", "--pro", "--offline"], &["stabilityai/stable-diffusion-3.5-large"]);
 }
+
+/// A single-file SD 3.5 Medium (`testdata/tiny-sd35-single`, Stability's layout, its encoders in
+/// `text_encoders/` beside it) with its folder's configs: diffusers' image, the sidecar naming
+/// the file; the Large file (encoders inside) without T5.
+#[test]
+fn sd35_single_file_writes_diffusers_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = testdata().join("tiny-sd35-single");
+    let file = single.join("tiny-sd35-medium.safetensors").display().to_string();
+    let out = dir.path().join("out");
+    let args = [
+        "a lighthouse at dusk",
+        "--model",
+        &file,
+        "--config-from",
+        &medium(),
+        "--seed",
+        "42",
+        "--steps",
+        "6",
+        "--guidance",
+        "5",
+        "--json",
+    ];
+    let (result, log) = run_json(&args, &out);
+    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "medium");
+    let meta = sidecar(&result);
+    assert_eq!(meta["pipeline_type"], "StableDiffusion3Pipeline (SD 3.5)");
+    assert!(meta["model"].as_str().unwrap().ends_with("tiny-sd35-medium.safetensors"), "{meta}");
+    assert!(log.contains("Before text encoder 3 load"), "{log}");
+
+    let file = single.join("tiny-sd35-large.safetensors").display().to_string();
+    let out = dir.path().join("out-large");
+    let args = [
+        "a lighthouse at dusk",
+        "--model",
+        &file,
+        "--config-from",
+        &large(),
+        "--seed",
+        "42",
+        "--steps",
+        "6",
+        "--guidance",
+        "5",
+        "--no-t5",
+        "--json",
+    ];
+    let (result, _) = run_json(&args, &out);
+    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large_no_t5");
+}
+
+/// A Medium file given Large's configs, and a file whose `text_encoders/` lacks CLIP-G: refused
+/// as bad input, naming both sizes, and the missing file with the folder it was looked for in.
+#[test]
+fn sd35_single_file_mismatches_are_refused() {
+    let single = testdata().join("tiny-sd35-single");
+    let file = single.join("tiny-sd35-medium.safetensors").display().to_string();
+    assert_refused(
+        &["x", "--model", &file, "--config-from", &large()],
+        &["SD 3.5 Medium checkpoint", "attn2", "Stable Diffusion 3.5 Large's"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("sd3.5_medium.safetensors");
+    std::fs::copy(&file, &copy).unwrap();
+    std::fs::create_dir(dir.path().join("text_encoders")).unwrap();
+    for f in ["clip_l.safetensors", "t5xxl_fp16.safetensors"] {
+        std::fs::copy(single.join("text_encoders").join(f), dir.path().join("text_encoders").join(f)).unwrap();
+    }
+    let folder = dir.path().join("text_encoders").display().to_string();
+    assert_refused(
+        &["x", "--model", copy.to_str().unwrap(), "--config-from", &medium()],
+        &["clip_g.safetensors", &folder, "text_encoders.clip_g.transformer.*"],
+    );
+}

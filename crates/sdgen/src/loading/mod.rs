@@ -80,6 +80,7 @@ impl ComponentWeights {
     pub fn describe(&self) -> String {
         let files = self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
         match &self.view {
+            Some(v) if v.prefix.is_empty() => format!("{files} (its {})", v.what),
             Some(v) => format!("{files} (its {}, `{}*`)", v.what, v.prefix),
             None => files,
         }
@@ -276,13 +277,21 @@ impl ModelFolder {
         self.overrides.iter().find(|(c, _)| c == component).map(|(_, d)| d.as_path())
     }
 
-    /// Whether the model has `component`: a single-file checkpoint holds it, or the folder's
+    /// Whether the model has `component`: a single-file checkpoint holds it (or should, and
+    /// [`ModelFolder::unavailable`] says why it cannot be loaded), or the folder's
     /// `model_index.json` names it (not null, as diffusers saves a pipeline built without it).
     pub fn has_component(&self, component: &str) -> bool {
         match &self.checkpoint {
-            Some(c) => c.component(component).is_some(),
+            Some(c) => c.component(component).is_some() || c.unavailable(component).is_some(),
             None => self.components.iter().any(|n| n == component),
         }
+    }
+
+    /// Why a component the model has cannot be loaded (a single-file SD 3.5 whose T5 file or
+    /// tokenizer is missing), as the error a run that needs it is refused with.
+    pub fn unavailable(&self, component: &str) -> Option<Error> {
+        let why = self.checkpoint.as_ref()?.unavailable(component)?;
+        Some(Error::InvalidInput(why.to_string()))
     }
 
     /// A component's sub-folder, checked to exist.
@@ -315,6 +324,9 @@ impl ModelFolder {
     /// checkpoint, the component's share of it.
     pub fn weights(&self, component: &str) -> Result<ComponentWeights> {
         if let Some(c) = self.checkpoint.as_ref().filter(|_| self.component_override(component).is_none()) {
+            if let Some(e) = self.unavailable(component) {
+                return Err(e);
+            }
             let view = c.component(component).ok_or_else(|| {
                 let held: Vec<&str> = c.components().map(|v| v.component).collect();
                 Error::BadModel(format!(
@@ -324,13 +336,15 @@ impl ModelFolder {
                     held.join(", ")
                 ))
             })?;
-            let header = SafetensorsHeader {
-                tensors: view.tensors.clone(),
-                metadata: c.header.metadata.clone(),
-                file_bytes: c.header.file_bytes,
+            // A model beside the checkpoint (SD 3.5's `text_encoders/`) is its own file.
+            let (metadata, file_bytes) = if view.path == c.path {
+                (c.header.metadata.clone(), c.header.file_bytes)
+            } else {
+                (Default::default(), std::fs::metadata(&view.path).map_err(|e| Error::io(&view.path, e))?.len())
             };
+            let header = SafetensorsHeader { tensors: view.tensors.clone(), metadata, file_bytes };
             return Ok(ComponentWeights {
-                files: vec![c.path.clone()],
+                files: vec![view.path.clone()],
                 headers: vec![header],
                 view: Some(view.clone()),
             });

@@ -303,6 +303,12 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
     build_scheduler(model, scheduler, steps, width, height)?;
     check_family_options(model, &req.family_options, guidance)?;
     let skipped_encoders = skipped_encoders(model, &req.family_options);
+    // An encoder the run needs but cannot load (a single file's missing T5) is refused now, not
+    // after the others have run.
+    let needed = family.encoders.iter().filter(|e| !skipped_encoders.contains(&e.component));
+    if let Some(e) = needed.filter_map(|e| model.unavailable(e.component)).next() {
+        return Err(e);
+    }
     Ok(Settings { steps, guidance, width, height, scheduler, skipped_encoders })
 }
 

@@ -257,7 +257,7 @@ pub const SD35_LARGE: FamilySpec = FamilySpec {
     default_steps: 28,
     default_guidance: 3.5,
     default_strength: 0.6,
-    single_file: None,
+    single_file: Some(&single_file::SD35_LARGE),
 };
 
 /// Stable Diffusion 3.5 Medium: MMDiT-X. Defaults: Stability's 40 steps at guidance 4.5.
@@ -270,6 +270,7 @@ pub const SD35_MEDIUM: FamilySpec = FamilySpec {
     memory_profile: FamilyProfile::sd35_medium,
     default_steps: 40,
     default_guidance: 4.5,
+    single_file: Some(&single_file::SD35_MEDIUM),
     ..SD35_LARGE
 };
 

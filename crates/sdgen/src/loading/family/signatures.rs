@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{FamilySpec, SD15, SDXL, SDXL_REFINER};
+use super::{FamilySpec, SD15, SD35_LARGE, SD35_MEDIUM, SDXL, SDXL_REFINER};
 use crate::loading::TensorInfo;
 
 /// One condition on a checkpoint's tensors.
@@ -14,6 +14,8 @@ pub enum Marker {
     Has(&'static str),
     /// One of the tensors exists (files with and without the `model.diffusion_model.` prefix).
     HasAny(&'static [&'static str]),
+    /// The tensor does not exist.
+    Lacks(&'static str),
     /// Some tensor's name starts with this.
     Prefix(&'static str),
     /// The tensor exists and its dimension `axis` is `size`.
@@ -33,6 +35,7 @@ impl Marker {
         match self {
             Marker::Has(k) => tensors.contains_key(*k),
             Marker::HasAny(ks) => ks.iter().any(|k| tensors.contains_key(*k)),
+            Marker::Lacks(k) => !tensors.contains_key(*k),
             Marker::Prefix(p) => tensors.range(p.to_string()..).next().is_some_and(|(k, _)| k.starts_with(p)),
             Marker::Dim { key, axis, size } => tensors.get(*key).is_some_and(|t| t.shape.get(*axis) == Some(size)),
         }
@@ -46,6 +49,7 @@ impl Marker {
                 ks.iter().find(|k| tensors.contains_key(**k)).map_or(String::new(), |k| format!("`{k}`"))
             }
             Marker::Prefix(p) => format!("`{p}*` tensors"),
+            Marker::Lacks(k) => format!("no `{k}`"),
             Marker::Dim { key, axis, size } => format!("`{key}` with dimension {axis} = {size}"),
         }
     }
@@ -66,6 +70,12 @@ pub struct Signature {
 }
 
 pub(super) const LDM_CONV_IN: &str = "model.diffusion_model.input_blocks.0.0.weight";
+
+/// SD 3.5's RMS QK-norm (SD 3.0 has none).
+const SAI_MMDIT_QK_NORM: &str = "model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.weight";
+
+/// MMDiT-X's second, image-only attention (3.5 Medium's first 13 blocks; Large has none).
+const SAI_MMDIT_X_ATTN2: &str = "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight";
 
 /// What single-file checkpoints can be, tried in order (diffusers' `infer_diffusers_model_type`
 /// as a table, with its keys): the first whose markers all hold names the checkpoint. The kinds
@@ -141,8 +151,20 @@ pub const SIGNATURES: &[Signature] = &[
         advice: None,
         markers: &[Marker::HasAny(&["control_model.time_embed.0.weight", "controlnet_cond_embedding.conv_in.weight"])],
     },
+    // SD 3.5 by its blocks, whatever its size: Medium's first block has a second attention,
+    // Large's none (their depth and width are checked against the configs).
     Signature {
-        display: "a Stable Diffusion 3 / 3.5 checkpoint",
+        display: "an SD 3.5 Medium checkpoint (MMDiT-X)",
+        family: Some(&SD35_MEDIUM),
+        markers: &[Marker::Has(SAI_MMDIT_QK_NORM), Marker::Has(SAI_MMDIT_X_ATTN2)],
+    },
+    Signature {
+        display: "an SD 3.5 Large checkpoint",
+        family: Some(&SD35_LARGE),
+        markers: &[Marker::Has(SAI_MMDIT_QK_NORM), Marker::Lacks(SAI_MMDIT_X_ATTN2)],
+    },
+    Signature {
+        display: "a Stable Diffusion 3 checkpoint (an MMDiT without QK-norm: SD 3.0, not 3.5) or a lone SD 3 MMDiT",
         family: None,
         advice: None,
         markers: &[Marker::HasAny(&[

@@ -3,11 +3,11 @@
 //! range it occupies in the checkpoint, so the engine's one tensor reader
 //! (`loading::read_backend`) serves them: a 1×1 convolution served as its linear layer is the same
 //! bytes under another shape, and a piece of a fused tensor (OpenCLIP's q/k/v) is a contiguous
-//! run of its rows. Only a transposed tensor (OpenCLIP's `text_projection`) needs more than a byte
-//! range; [`SingleFileBackend`] reads it under its stored shape and transposes it, still one
-//! tensor at a time.
+//! run of its rows. Only a transposed tensor (OpenCLIP's `text_projection`) and one with its
+//! halves swapped (SD 3's `AdaLayerNormContinuous` modulation) need more than a byte range;
+//! [`SingleFileBackend`] reads them as stored and rearranges them, still one tensor at a time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -34,6 +34,10 @@ pub struct SingleFileBackend {
     reader: ReadBackend,
     /// Names whose bytes are the transpose of the tensor served.
     transposed: HashSet<String>,
+    /// Names whose bytes hold the tensor served with the halves of dimension 0 swapped.
+    swapped: HashSet<String>,
+    /// Names served as the identity matrix of this size, read from nowhere.
+    identity: HashMap<String, usize>,
 }
 
 impl SingleFileBackend {
@@ -44,23 +48,37 @@ impl SingleFileBackend {
         tensors: &BTreeMap<String, TensorInfo>,
         sources: &BTreeMap<String, Source>,
     ) -> std::io::Result<Self> {
-        let transposed: HashSet<String> =
-            sources.iter().filter(|(_, s)| s.take == Take::Transposed).map(|(n, _)| n.clone()).collect();
+        let taken = |take: Take| -> HashSet<String> {
+            sources.iter().filter(|(_, s)| s.take == take).map(|(n, _)| n.clone()).collect()
+        };
+        let (transposed, swapped) = (taken(Take::Transposed), taken(Take::SwapHalves));
+        let identity: HashMap<String, usize> = taken(Take::Identity)
+            .into_iter()
+            .filter_map(|n| Some((n.clone(), *tensors.get(&n)?.shape.first()?)))
+            .collect();
         // The reader reads bytes under the shape they are stored in.
         let mut stored = tensors.clone();
+        stored.retain(|n, _| !identity.contains_key(n));
         for name in &transposed {
             if let Some(info) = stored.get_mut(name) {
                 info.shape.reverse();
             }
         }
         let header = SafetensorsHeader { tensors: stored, metadata: BTreeMap::new(), file_bytes: 0 };
-        Ok(Self { reader: ReadBackend::new(&[path], &[header])?, transposed })
+        Ok(Self { reader: ReadBackend::new(&[path], &[header])?, transposed, swapped, identity })
     }
 
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(&n) = self.identity.get(name) {
+            return Tensor::eye(n, dtype, dev);
+        }
         let t = self.reader.get_unchecked(name, dtype, dev)?;
         if self.transposed.contains(name) {
             t.t()?.contiguous()
+        } else if self.swapped.contains(name) {
+            // The shape was checked to split in two when the view was built.
+            let half = t.dim(0)? / 2;
+            Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
         } else {
             Ok(t)
         }
@@ -77,6 +95,6 @@ impl SimpleBackend for SingleFileBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.reader.contains_tensor(name)
+        self.identity.contains_key(name) || self.reader.contains_tensor(name)
     }
 }

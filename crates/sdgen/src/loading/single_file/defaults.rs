@@ -14,6 +14,13 @@
 //! rather than fetched because a single-file checkpoint is usually all a user has (A1111 and
 //! ComfyUI ship these files for the same reason), they cost 0.04% of the 4 GB they come with,
 //! and they keep single files working offline.
+//!
+//! SD 3.5's are stabilityai/stable-diffusion-3.5-large's and -medium's (`sd35/`: the shared
+//! encoder, VAE and scheduler configs, and each size's `model_index.json` and transformer
+//! config), with SDXL's two CLIP tokenizers (SD 3.5's are the same files). Its T5 tokenizer
+//! (`tokenizer_3/`, a 2.4 MB sentencepiece model) is not bundled: this build has no copy of it,
+//! so a single-file SD 3.5 runs T5 with a config folder that has one (`--config-from`), or
+//! without T5 (`--no-t5`), and says so.
 
 use std::path::{Path, PathBuf};
 
@@ -81,6 +88,44 @@ pub const SDXL_REFINER: &[BundledFile] = &[
     ("unet/config.json", include_bytes!("sdxl-refiner/unet/config.json")),
     ("vae/config.json", sdxl!("vae/config.json")),
 ];
+
+macro_rules! sd35 {
+    ($path:expr) => {
+        include_bytes!(concat!("sd35/", $path))
+    };
+}
+
+/// An SD 3.5 folder less the weights and the T5 tokenizer: `$size`'s own `model_index.json` and
+/// transformer config, then what both sizes share.
+macro_rules! sd35_folder {
+    ($size:literal) => {
+        &[
+            ("model_index.json", sd35!(concat!($size, "/model_index.json"))),
+            ("scheduler/scheduler_config.json", sd35!("scheduler/scheduler_config.json")),
+            ("text_encoder/config.json", sd35!("text_encoder/config.json")),
+            ("text_encoder_2/config.json", sd35!("text_encoder_2/config.json")),
+            ("text_encoder_3/config.json", sd35!("text_encoder_3/config.json")),
+            ("tokenizer/merges.txt", clip_tokenizer!("merges.txt")),
+            ("tokenizer/special_tokens_map.json", sdxl!("tokenizer/special_tokens_map.json")),
+            ("tokenizer/tokenizer_config.json", sdxl!("tokenizer/tokenizer_config.json")),
+            ("tokenizer/vocab.json", clip_tokenizer!("vocab.json")),
+            ("tokenizer_2/merges.txt", clip_tokenizer!("merges.txt")),
+            ("tokenizer_2/special_tokens_map.json", sdxl!("tokenizer_2/special_tokens_map.json")),
+            ("tokenizer_2/tokenizer_config.json", sdxl!("tokenizer_2/tokenizer_config.json")),
+            ("tokenizer_2/vocab.json", clip_tokenizer!("vocab.json")),
+            ("transformer/config.json", sd35!(concat!($size, "/transformer/config.json"))),
+            ("vae/config.json", sd35!("vae/config.json")),
+        ]
+    };
+}
+
+/// SD 3.5 Large's folder (stabilityai/stable-diffusion-3.5-large), less the weights and T5's
+/// tokenizer.
+pub const SD35_LARGE: &[BundledFile] = sd35_folder!("large");
+
+/// SD 3.5 Medium's folder (stabilityai/stable-diffusion-3.5-medium), less the weights and T5's
+/// tokenizer.
+pub const SD35_MEDIUM: &[BundledFile] = sd35_folder!("medium");
 
 /// FNV-1a over names and contents: names the folder after what it holds, so a folder written by
 /// another build (or another version of the files) is never mistaken for this one.
@@ -162,7 +207,7 @@ mod tests {
 
     #[test]
     fn sd15_defaults_parse_and_are_written_once() {
-        for (name, bytes) in SD15.iter().chain(SDXL).chain(SDXL_REFINER) {
+        for (name, bytes) in SD15.iter().chain(SDXL).chain(SDXL_REFINER).chain(SD35_LARGE).chain(SD35_MEDIUM) {
             if name.ends_with(".json") {
                 serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
             }

@@ -5,13 +5,15 @@
 //! refused up front too).
 //!
 //! The lists are the `state_dict()` names of diffusers' `UNet2DConditionModel` /
-//! `AutoencoderKL` and transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`
-//! (`text_model.` prefix, as the hub stores it) for the SD 1.x and SDXL architectures;
-//! `tests/single_file.rs` and `tests/single_file_sdxl.rs` check them against the tiny folders'
-//! files and against the real models' names (`testdata/tiny-sd15-single/sd15-real-keys.json`,
-//! `testdata/tiny-sdxl-single/sdxl-*-real-keys.json`).
+//! `AutoencoderKL` / `SD3Transformer2DModel` and transformers' `CLIPTextModel` /
+//! `CLIPTextModelWithProjection` (`text_model.` prefix, as the hub stores it) / `T5EncoderModel`
+//! for the SD 1.x, SDXL and SD 3.5 architectures; `tests/single_file.rs`,
+//! `tests/single_file_sdxl.rs` and `tests/sd3_single_file.rs` check them against the tiny
+//! folders' files and against the real models' names (`testdata/tiny-*-single/*-real-keys.json`).
 
 use sdgen_models::clip::ClipTextConfig;
+use sdgen_models::mmdit::MMDiTConfig;
+use sdgen_models::t5::{FeedForwardProj, T5Config};
 use sdgen_models::unet::UNetConfig;
 use sdgen_models::vae::VaeConfig;
 
@@ -30,6 +32,10 @@ pub enum ModelConfig {
     ClipText(ClipTextConfig),
     /// `text_encoder_2/config.json` of SDXL: the text model and its `text_projection`.
     ClipTextWithProjection(ClipTextConfig),
+    /// `transformer/config.json` of SD 3 / 3.5.
+    MMDiT(MMDiTConfig),
+    /// `text_encoder_3/config.json` of SD 3 / 3.5: T5's encoder.
+    T5(T5Config),
 }
 
 fn weight_bias(out: &mut Vec<String>, prefix: &str, modules: &[&str]) {
@@ -87,7 +93,7 @@ impl ModelConfig {
                 }
             }
             ModelConfig::Vae(c) => Ok(c.layers_per_block),
-            ModelConfig::ClipText(_) | ModelConfig::ClipTextWithProjection(_) => Ok(0),
+            _ => Ok(0),
         }
     }
 
@@ -99,9 +105,11 @@ impl ModelConfig {
                 layers_per_block,
                 levels: c.block_out_channels.len(),
                 up_attention: c.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect(),
+                blocks: 0,
             },
-            ModelConfig::Vae(c) => Ctx { layers_per_block, levels: c.block_out_channels.len(), up_attention: vec![] },
-            ModelConfig::ClipText(_) | ModelConfig::ClipTextWithProjection(_) => Ctx::default(),
+            ModelConfig::Vae(c) => Ctx { layers_per_block, levels: c.block_out_channels.len(), ..Ctx::default() },
+            ModelConfig::MMDiT(c) => Ctx { blocks: c.num_layers, ..Ctx::default() },
+            _ => Ctx::default(),
         })
     }
 
@@ -215,8 +223,39 @@ impl ModelConfig {
                     out.push("text_projection.weight".into());
                 }
             }
+            ModelConfig::MMDiT(c) => mmdit(&mut out, c)?,
+            ModelConfig::T5(c) => {
+                out.push("shared.weight".into());
+                let ff: &[&str] = match c.feed_forward_proj {
+                    FeedForwardProj::Relu => &["wi", "wo"],
+                    FeedForwardProj::GatedGelu => &["wi_0", "wi_1", "wo"],
+                };
+                for i in 0..c.num_layers {
+                    let p = format!("encoder.block.{i}.layer.");
+                    for w in ["q", "k", "v", "o"] {
+                        out.push(format!("{p}0.SelfAttention.{w}.weight"));
+                    }
+                    if i == 0 {
+                        // The relative-position table lives in the first block, shared by all.
+                        out.push(format!("{p}0.SelfAttention.relative_attention_bias.weight"));
+                    }
+                    out.push(format!("{p}0.layer_norm.weight"));
+                    out.extend(ff.iter().map(|w| format!("{p}1.DenseReluDense.{w}.weight")));
+                    out.push(format!("{p}1.layer_norm.weight"));
+                }
+                out.push("encoder.final_layer_norm.weight".into());
+            }
         }
         Ok(out)
+    }
+
+    /// Whether a checkpoint tensor that the config has no place for is refused: an MMDiT's blocks
+    /// and dual attentions are counted by the config, so a block beyond them (or an `attn2` where
+    /// it has none) means another architecture, not leftovers to ignore (as an SD 1.x file's
+    /// EMA copies or `position_ids` are).
+    pub fn refuses_extra(&self, name: &str) -> bool {
+        // The position table is a buffer the model can also compute.
+        matches!(self, ModelConfig::MMDiT(_)) && name != "pos_embed.pos_embed"
     }
 
     /// Shapes that tie the checkpoint to the config: every level's width, the conditioning width,
@@ -269,7 +308,79 @@ impl ModelConfig {
                     out.push(("text_projection.weight".into(), vec![c.projection_dim.unwrap_or(h), h]));
                 }
             }
+            ModelConfig::MMDiT(c) => {
+                let (dim, p) = (c.inner_dim(), c.patch_size);
+                out.push(("pos_embed.proj.weight".into(), vec![dim, c.in_channels, p, p]));
+                out.push(("context_embedder.weight".into(), vec![c.caption_projection_dim, c.joint_attention_dim]));
+                out.push(("time_text_embed.text_embedder.linear_1.weight".into(), vec![dim, c.pooled_projection_dim]));
+                // Shift, scale and gate for attention and feed-forward; three more for `attn2`.
+                let chunks = if c.dual_attention_layers.contains(&0) { 9 } else { 6 };
+                out.push(("transformer_blocks.0.norm1.linear.weight".into(), vec![chunks * dim, dim]));
+                out.push(("proj_out.weight".into(), vec![p * p * c.out_channels(), dim]));
+            }
+            ModelConfig::T5(c) => {
+                out.push(("shared.weight".into(), vec![c.vocab_size, c.d_model]));
+                if c.num_layers > 0 {
+                    let q = "encoder.block.0.layer.0.SelfAttention.q.weight";
+                    out.push((q.into(), vec![c.num_heads * c.d_kv, c.d_model]));
+                }
+            }
         }
         out
     }
+}
+
+/// diffusers' `SD3Transformer2DModel` (`transformer_sd3.py`): the embedders, the joint blocks (the
+/// last one's context stream only feeds the attention: no output projection, feed-forward or
+/// zero-init modulation of its own), the final norm and projection.
+fn mmdit(out: &mut Vec<String>, c: &MMDiTConfig) -> Result<(), String> {
+    if c.num_layers == 0 {
+        return Err("num_layers is 0".into());
+    }
+    if let Some(&i) = c.dual_attention_layers.iter().find(|&&i| i >= c.num_layers) {
+        return Err(format!("dual_attention_layers names block {i} of {}", c.num_layers));
+    }
+    weight_bias(
+        out,
+        "",
+        &[
+            "pos_embed.proj",
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.timestep_embedder.linear_2",
+            "time_text_embed.text_embedder.linear_1",
+            "time_text_embed.text_embedder.linear_2",
+            "context_embedder",
+        ],
+    );
+    for i in 0..c.num_layers {
+        let p = format!("transformer_blocks.{i}.");
+        let last = i + 1 == c.num_layers;
+        weight_bias(out, &p, &["norm1.linear", "norm1_context.linear"]);
+        weight_bias(
+            out,
+            &p,
+            &["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        );
+        weight_bias(out, &p, &["attn.to_out.0"]);
+        if !last {
+            weight_bias(out, &p, &["attn.to_add_out"]);
+        }
+        if c.has_qk_norm() {
+            for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+                out.push(format!("{p}attn.{n}.weight"));
+            }
+        }
+        if c.dual_attention_layers.contains(&i) {
+            weight_bias(out, &p, &["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]);
+            if c.has_qk_norm() {
+                out.extend(["norm_q", "norm_k"].map(|n| format!("{p}attn2.{n}.weight")));
+            }
+        }
+        weight_bias(out, &p, &["ff.net.0.proj", "ff.net.2"]);
+        if !last {
+            weight_bias(out, &p, &["ff_context.net.0.proj", "ff_context.net.2"]);
+        }
+    }
+    weight_bias(out, "", &["norm_out.linear", "proj_out"]);
+    Ok(())
 }

@@ -1,7 +1,10 @@
 //! Single-file checkpoints: one `.safetensors` holding a whole pipeline under the original
 //! names, as A1111 and ComfyUI use them: CompVis' for SD 1.x (`model.diffusion_model.*`,
 //! `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`), Stability's `sgm` for
-//! SDXL (the same UNet and VAE prefixes, the text encoders as `conditioner.embedders.N.*`).
+//! SDXL (the same UNet and VAE prefixes, the text encoders as `conditioner.embedders.N.*`),
+//! SAI's for SD 3.5 (the MMDiT and VAE under the same prefixes, the text encoders as
+//! `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`, or in a `text_encoders/` folder beside
+//! the file, as Stability publishes them).
 //!
 //! Opening one reads only its header: the family comes from its tensors' names and shapes
 //! ([`super::family::SIGNATURES`], see `recognition.rs`), each model's tensors are renamed to
@@ -28,7 +31,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 pub use backend::{SingleFileBackend, Source};
-pub use layouts::{SD15, SDXL, SDXL_REFINER};
+pub use layouts::{SD15, SD35_LARGE, SD35_MEDIUM, SDXL, SDXL_REFINER};
 use manifest::ModelConfig;
 use rules::{Take, Target};
 
@@ -45,8 +48,22 @@ pub enum ModelKind {
     Vae,
     /// transformers' `CLIPTextModel`.
     ClipText,
-    /// transformers' `CLIPTextModelWithProjection` (SDXL's second text encoder).
+    /// transformers' `CLIPTextModelWithProjection` (SDXL's second text encoder, SD 3's CLIPs).
     ClipTextWithProjection,
+    /// diffusers' `SD3Transformer2DModel` (SD 3 / 3.5's MMDiT).
+    MMDiT,
+    /// transformers' `T5EncoderModel` (SD 3's third text encoder).
+    T5,
+}
+
+/// A file beside the checkpoint that holds one of its models when the checkpoint does not, under
+/// the model's own names (SD 3.5's `text_encoders/clip_l.safetensors`).
+#[derive(Debug)]
+pub struct BesideFile {
+    /// The folder, next to the checkpoint.
+    pub folder: &'static str,
+    /// The file names it may have, in order of preference.
+    pub files: &'static [&'static str],
 }
 
 /// Where one model sits in a family's single files.
@@ -62,6 +79,10 @@ pub struct ComponentLayout {
     pub rules: &'static [rules::Rule],
     /// Its kind.
     pub kind: ModelKind,
+    /// Where it is looked for when the checkpoint has no `prefix*` tensors.
+    pub beside: Option<BesideFile>,
+    /// Square matrices served as the identity when the file lacks them (diffusers names).
+    pub identity_if_absent: &'static [&'static str],
 }
 
 /// How a family's single-file checkpoints are laid out.
@@ -78,13 +99,13 @@ pub struct SingleFileLayout {
 /// One model of a checkpoint, under diffusers names.
 #[derive(Debug, Clone)]
 pub struct ComponentView {
-    /// The checkpoint file.
+    /// The checkpoint file (or the file beside it that holds this model).
     pub path: PathBuf,
     /// The diffusers component (`unet`).
     pub component: &'static str,
     /// For messages ("UNet").
     pub what: &'static str,
-    /// The prefix of its keys in the checkpoint.
+    /// The prefix of its keys in `path` (empty in a file of its own).
     pub prefix: &'static str,
     /// Its tensors by diffusers name, with the shape diffusers holds and the byte range they are
     /// read from in the checkpoint (a piece of a fused tensor: the piece's rows): what a planner
@@ -128,6 +149,9 @@ pub struct Checkpoint {
     /// The file's validated header (original names).
     pub header: SafetensorsHeader,
     components: Vec<Arc<ComponentView>>,
+    /// Optional models of the family (SD 3's T5) that cannot be loaded, and why, in a sentence
+    /// that says what to do: a run that needs one is refused before anything loads.
+    unavailable: Vec<(&'static str, String)>,
 }
 
 impl Checkpoint {
@@ -159,13 +183,57 @@ impl Checkpoint {
         let pipeline_class = pipeline_class(&config_dir, family, path)?;
         if config_from.is_some() {
             check_config_dir(&config_dir, family, layout)?;
+            // SD 3.5 Large and Medium share a pipeline class: their denoisers' configs differ.
+            if let Some(other) = recognition::config_family(&config_dir).filter(|f| f.name != family.name) {
+                return Err(Error::InvalidInput(format!(
+                    "{why}, but config folder {} is {}'s (by its {}/config.json): give {}'s configs to --config-from, \
+                     or leave it out to use the bundled ones",
+                    config_dir.display(),
+                    other.display,
+                    other.denoiser.component,
+                    family.display
+                )));
+            }
         }
-        let components = layout
-            .components
-            .iter()
-            .map(|c| view(path, &header.tensors, &config_dir, family, c, &why).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { path: path.to_path_buf(), family, config_dir, pipeline_class, header, components })
+        let mut components = Vec::new();
+        let mut unavailable = Vec::new();
+        for c in layout.components {
+            let encoder = family.encoders.iter().find(|e| e.component == c.component);
+            let optional = encoder.is_some_and(|e| e.optional);
+            match locate(path, &header, &config_dir, family, c, &why) {
+                Ok(v) => components.push(Arc::new(v)),
+                Err(e) if optional => unavailable.push((c.component, format!("{e} (or run without it: --no-t5)"))),
+                Err(e) => return Err(e),
+            }
+            // An optional encoder's tokenizer may be missing from the configs too (SD 3.5's T5
+            // tokenizer is not bundled); a required one's are `required_configs`.
+            let tokenizer = encoder.filter(|e| e.optional).map(|e| e.tokenizer);
+            if let Some(tokenizer) = tokenizer.filter(|t| !config_dir.join(t).is_dir()) {
+                if components.last().is_some_and(|v| v.component == c.component) {
+                    components.pop();
+                    unavailable.push((
+                        c.component,
+                        format!(
+                            "config folder {} has no `{tokenizer}/`, the {}'s tokenizer (this build does not bundle \
+                             {}'s): pass a folder of {} configs that has it to --config-from (the hub's {} without \
+                             its weights is enough), or run without the {}: --no-t5",
+                            config_dir.display(),
+                            c.what,
+                            family.display,
+                            family.display,
+                            family.hub_repo,
+                            c.what
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), family, config_dir, pipeline_class, header, components, unavailable })
+    }
+
+    /// Why an optional model of the family (SD 3's T5) cannot be loaded, if it cannot.
+    pub fn unavailable(&self, component: &str) -> Option<&str> {
+        self.unavailable.iter().find(|(c, _)| *c == component).map(|(_, why)| why.as_str())
     }
 
     /// A model's view, if the family's files hold that component.
@@ -182,8 +250,8 @@ impl Checkpoint {
 fn supported() -> String {
     let names: Vec<&str> = FAMILIES.iter().filter(|f| f.single_file.is_some()).map(|f| f.display).collect();
     format!(
-        "{} in the original layout (`model.diffusion_model.*`, `first_stage_model.*`, and `cond_stage_model.*` or \
-         `conditioner.embedders.*`)",
+        "{} in the original layout (`model.diffusion_model.*`, `first_stage_model.*`, and `cond_stage_model.*`, \
+         `conditioner.embedders.*` or `text_encoders.*`)",
         names.join(", ")
     )
 }
@@ -239,6 +307,74 @@ fn config<T: DeserializeOwned>(config_dir: &Path, component: &str) -> Result<T> 
     read_json(&config_dir.join(component).join("config.json"))
 }
 
+/// A model's config from the config folder, as its kind reads it.
+pub(crate) fn model_config(config_dir: &Path, layout: &ComponentLayout) -> Result<ModelConfig> {
+    let c = layout.component;
+    Ok(match layout.kind {
+        ModelKind::Unet => ModelConfig::Unet(config(config_dir, c)?),
+        ModelKind::Vae => ModelConfig::Vae(config(config_dir, c)?),
+        ModelKind::ClipText => ModelConfig::ClipText(config(config_dir, c)?),
+        ModelKind::ClipTextWithProjection => ModelConfig::ClipTextWithProjection(config(config_dir, c)?),
+        ModelKind::MMDiT => ModelConfig::MMDiT(config(config_dir, c)?),
+        ModelKind::T5 => ModelConfig::T5(config(config_dir, c)?),
+    })
+}
+
+/// Finds one model: in the checkpoint under its prefix, else in the file beside it that the
+/// layout names. A model in neither is refused, naming the file and the folder it was looked
+/// for in.
+fn locate(
+    path: &Path,
+    header: &SafetensorsHeader,
+    config_dir: &Path,
+    family: &FamilySpec,
+    layout: &ComponentLayout,
+    why: &str,
+) -> Result<ComponentView> {
+    let Some(beside) = layout.beside.as_ref().filter(|_| !recognition::has_prefix(&header.tensors, layout.prefix))
+    else {
+        let v = view(path, &header.tensors, layout.prefix, config_dir, family, layout, why)?;
+        check_dtypes(&v, layout, "a checkpoint without 8-bit weights")?;
+        return Ok(v);
+    };
+    let dir = path.parent().unwrap_or(Path::new(".")).join(beside.folder);
+    let Some(file) = beside.files.iter().map(|f| dir.join(f)).find(|f| f.is_file()) else {
+        return Err(Error::InvalidInput(format!(
+            "{} holds no {} (no `{}*` tensors), and {} has no {}, where it is looked for beside the checkpoint: put \
+             the model's `{}/{}` there (from its repository, e.g. {}), or use a checkpoint that includes its text \
+             encoders",
+            path.display(),
+            layout.what,
+            layout.prefix,
+            dir.display(),
+            beside.files.join(" or "),
+            beside.folder,
+            beside.files[0],
+            family.hub_repo
+        )));
+    };
+    let own = SafetensorsHeader::read(&file)?;
+    let why = format!("{why}; {} beside it is taken for its {}", file.display(), layout.what);
+    let v = view(&file, &own.tensors, "", config_dir, family, layout, &why)?;
+    check_dtypes(&v, layout, &format!("{} in {}", beside.files[0], dir.display()))?;
+    Ok(v)
+}
+
+/// Refuses a model stored in a dtype this build does not read (8-bit floats: Stability's
+/// `t5xxl_fp8_e4m3fn.safetensors`, ComfyUI's `*fp8*` checkpoints), naming what to use instead.
+fn check_dtypes(v: &ComponentView, layout: &ComponentLayout, instead: &str) -> Result<()> {
+    match v.tensors.iter().find(|(_, t)| t.dtype.starts_with("F8_")) {
+        Some((name, t)) => Err(Error::InvalidInput(format!(
+            "{}: its {} is stored as {} (`{}`, and others), which this build does not read: use {instead}",
+            v.path.display(),
+            layout.what,
+            t.dtype,
+            v.original_name(name).unwrap_or(name)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The tensor a [`Target`] describes, as the view's header holds it (diffusers shape, the byte
 /// range it is read from), and the shape it is served as when that differs from the stored one.
 fn derive(info: &TensorInfo, target: &Target) -> std::result::Result<(TensorInfo, Option<Vec<usize>>), String> {
@@ -269,6 +405,12 @@ fn derive(info: &TensorInfo, target: &Target) -> std::result::Result<(TensorInfo
             }
             info.shape.reverse();
         }
+        Take::Identity => {}
+        Take::SwapHalves => {
+            if info.shape.first().is_none_or(|&rows| rows == 0 || rows % 2 != 0) {
+                return Err(format!("has shape {:?}, which does not split into a shift and a scale", info.shape));
+            }
+        }
     }
     Ok((info, None))
 }
@@ -278,23 +420,18 @@ fn derive(info: &TensorInfo, target: &Target) -> std::result::Result<(TensorInfo
 fn view(
     path: &Path,
     tensors: &BTreeMap<String, TensorInfo>,
+    prefix: &'static str,
     config_dir: &Path,
     family: &FamilySpec,
     layout: &ComponentLayout,
     why: &str,
 ) -> Result<ComponentView> {
     let config_path = config_dir.join(layout.component).join("config.json");
-    let cfg = match layout.kind {
-        ModelKind::Unet => ModelConfig::Unet(config(config_dir, layout.component)?),
-        ModelKind::Vae => ModelConfig::Vae(config(config_dir, layout.component)?),
-        ModelKind::ClipText => ModelConfig::ClipText(config(config_dir, layout.component)?),
-        ModelKind::ClipTextWithProjection => ModelConfig::ClipTextWithProjection(config(config_dir, layout.component)?),
-    };
+    let cfg = model_config(config_dir, layout)?;
     let unusable = |why: String| Error::BadModel(format!("{}: {why}", config_path.display()));
     let ctx = cfg.ctx().map_err(unusable)?;
     let expected = cfg.expected().map_err(unusable)?;
 
-    let prefix = layout.prefix;
     let mut renamed = BTreeMap::new();
     let mut sources = BTreeMap::new();
     for (key, info) in tensors.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)) {
@@ -318,6 +455,21 @@ fn view(
                 )));
             }
             renamed.insert(target.name, info);
+        }
+    }
+    for &name in layout.identity_if_absent {
+        if renamed.contains_key(name) {
+            continue;
+        }
+        let square = cfg.spot_shapes().into_iter().find(|(n, s)| n == name && s.len() == 2 && s[0] == s[1]);
+        if let Some((_, shape)) = square {
+            let source = Source {
+                original: format!("(the identity: `{prefix}{name}` is not stored)"),
+                reshape: None,
+                take: Take::Identity,
+            };
+            sources.insert(name.to_string(), source);
+            renamed.insert(name.to_string(), TensorInfo { dtype: "F32".into(), shape, data_offsets: (0, 0) });
         }
     }
     if renamed.is_empty() {
@@ -357,6 +509,20 @@ fn view(
             "{} lacks {original} (the {} tensor diffusers calls `{name}`): the checkpoint is incomplete, or not the \
              architecture of {}",
             path.display(),
+            layout.what,
+            config_path.display()
+        )));
+    }
+    // A tensor the config has no place for, where that means another architecture (an MMDiT
+    // deeper than its config, or with `attn2` where its config has none).
+    let expected: std::collections::BTreeSet<&String> = expected.iter().collect();
+    let mut extra = renamed.keys().filter(|n| cfg.refuses_extra(n) && !expected.contains(n));
+    if let Some(name) = extra.next() {
+        return Err(Error::BadModel(format!(
+            "{why}, but `{}` (the {}'s `{name}`) has no place in the architecture of {}: the checkpoint is not the \
+             model these configs describe: give a folder of configs that fits it (--config-from DIR, diffusers' \
+             `config=`)",
+            sources[name].original,
             layout.what,
             config_path.display()
         )));

@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::super::family::{recognise, FamilySpec, Recognised, FAMILIES, SIGNATURES};
+use super::super::family::{detect, recognise, FamilySpec, Recognised, FAMILIES, SIGNATURES};
 use super::super::{read_json, TensorInfo};
-use super::supported;
+use super::{model_config, supported};
 use crate::{Error, Result};
 
 /// A recognised checkpoint: its family, and the clause that says why ("x.safetensors looks like
@@ -91,6 +91,26 @@ pub(super) fn recognition(
     let why =
         format!("{} is, as config folder {} says, a {} checkpoint", path.display(), dir.display(), family.display);
     Ok(Recognition { family, why })
+}
+
+/// The family a config folder is for, judged as a diffusers folder is ([`detect`]): its
+/// pipeline class, the components its `model_index.json` names, and the family's denoiser markers
+/// among the tensors its denoiser's config implies (the manifest in place of the weights). This
+/// tells SD 3.5 Large's configs from Medium's, which share a pipeline class. `None` when no
+/// family fits, or the denoiser's config does not parse.
+pub(super) fn config_family(dir: &Path) -> Option<&'static FamilySpec> {
+    let index: serde_json::Value = read_json(&dir.join("model_index.json")).ok()?;
+    let class = index.get("_class_name")?.as_str()?;
+    FAMILIES.iter().find(|f| {
+        let Some(layout) = f.single_file else { return false };
+        let Some(denoiser) = layout.components.iter().find(|c| c.component == f.denoiser.component) else {
+            return false;
+        };
+        let Some(expected) = model_config(dir, denoiser).ok().and_then(|c| c.expected().ok()) else {
+            return false;
+        };
+        detect(class, |c| names(&index, c), |k| expected.iter().any(|e| e == k)).is_some_and(|d| d.name == f.name)
+    })
 }
 
 /// The family a diffusers folder's `model_index.json` describes (pipeline class and components),

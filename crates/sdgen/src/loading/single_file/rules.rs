@@ -14,8 +14,10 @@
 //! Most tensors are served as stored. OpenCLIP's (SDXL's second text encoder) are not all: its
 //! attention keeps q, k and v in one fused `in_proj_weight` that diffusers holds as three
 //! matrices, and its `text_projection` is applied as `x @ P` where diffusers' `Linear` holds
-//! `Pᵀ`. A row says so with a [`Take`]; several leaves sharing one original are the pieces of a
-//! fused tensor.
+//! `Pᵀ`. SD 3's MMDiT fuses q, k and v the same way (`attn.qkv`), and holds the modulation of
+//! its `AdaLayerNormContinuous` layers as (shift, scale) where diffusers' holds (scale, shift)
+//! (diffusers' `swap_scale_shift`). A row says so with a [`Take`]; several leaves sharing one
+//! original are the pieces of a fused tensor.
 
 use std::fmt::Write;
 
@@ -28,6 +30,8 @@ pub struct Ctx {
     pub levels: usize,
     /// Per up block, whether it has attentions (its upsampler then sits in slot 2, not 1).
     pub up_attention: Vec<bool>,
+    /// Transformer blocks (an MMDiT's `num_layers`): the last one's context stream differs.
+    pub blocks: usize,
 }
 
 /// How a rule's original indices map to its diffusers indices.
@@ -49,6 +53,9 @@ pub enum Index {
     },
     /// VAE `decoder.up.{i}` ↔ `decoder.up_blocks.{levels − 1 − i}`: ldm counts from the bottom.
     Reversed,
+    /// The same number, for the last block only (`i = blocks − 1`): SD 3's last joint block, whose
+    /// context stream only feeds the attention (diffusers' `context_pre_only`).
+    LastBlock,
 }
 
 impl Index {
@@ -64,6 +71,7 @@ impl Index {
             Index::Up => vec![n[0] / per, n[0] % per],
             Index::UpSampler { .. } => vec![n[0] / per],
             Index::Reversed => reversed(n, c)?,
+            Index::LastBlock => last_block(n, c)?,
         })
     }
 
@@ -81,8 +89,13 @@ impl Index {
                 vec![n[0] * per + c.layers_per_block]
             }
             Index::Reversed => reversed(n, c)?,
+            Index::LastBlock => last_block(n, c)?,
         })
     }
+}
+
+fn last_block(n: &[usize], c: &Ctx) -> Option<Vec<usize>> {
+    (c.blocks.checked_sub(1)? == n[0]).then(|| n.to_vec())
 }
 
 fn reversed(n: &[usize], c: &Ctx) -> Option<Vec<usize>> {
@@ -108,6 +121,12 @@ pub enum Take {
     /// The transpose of a stored 2-D matrix (OpenCLIP's `text_projection`, stored `[width,
     /// embed]`, diffusers' `text_projection.weight` `[embed, width]`).
     Transposed,
+    /// The two halves of dimension 0 swapped: SD 3's `AdaLayerNormContinuous` modulation, stored
+    /// (shift, scale), served (scale, shift) as diffusers' `swap_scale_shift` does.
+    SwapHalves,
+    /// Not stored: the identity (SD 3's CLIP-L, whose pooled output SAI's reference does not
+    /// project; diffusers' single-file loader puts `torch.eye` in its `text_projection`).
+    Identity,
 }
 
 /// A leaf renamed inside a module: `original` (a prefix of what follows the module's prefix)
@@ -148,6 +167,10 @@ pub struct Rule {
     pub conv_to_linear: bool,
     /// How a tensor that no leaf renames is taken.
     pub take: Take,
+    /// Whether only the leaves are renamed: a tensor under the prefix that no leaf names is left
+    /// out (SD 3's two streams of a joint block share one diffusers prefix, so neither may claim
+    /// the other's names).
+    pub only_leaves: bool,
 }
 
 /// Where one stored tensor goes: a diffusers name and how to take it.
@@ -162,15 +185,15 @@ pub struct Target {
 }
 
 const fn rule(original: &'static str, diffusers: &'static str) -> Rule {
-    Rule { original, diffusers, index: Index::Same, leaves: &[], conv_to_linear: false, take: Take::Whole }
+    indexed(original, diffusers, Index::Same)
 }
 
 const fn indexed(original: &'static str, diffusers: &'static str, index: Index) -> Rule {
-    Rule { original, diffusers, index, leaves: &[], conv_to_linear: false, take: Take::Whole }
+    with_leaves(original, diffusers, index, &[])
 }
 
 const fn with_leaves(original: &'static str, diffusers: &'static str, index: Index, leaves: &'static [Leaf]) -> Rule {
-    Rule { original, diffusers, index, leaves, conv_to_linear: false, take: Take::Whole }
+    Rule { original, diffusers, index, leaves, conv_to_linear: false, take: Take::Whole, only_leaves: false }
 }
 
 /// `openaimodel.ResBlock` → `ResnetBlock2D` (diffusers' `update_unet_resnet_ldm_to_diffusers`).
@@ -220,7 +243,7 @@ const VAE_ATTENTION: &[Leaf] = &[
 ];
 
 const fn vae_attention(original: &'static str, diffusers: &'static str) -> Rule {
-    Rule { original, diffusers, index: Index::Same, leaves: VAE_ATTENTION, conv_to_linear: true, take: Take::Whole }
+    Rule { conv_to_linear: true, ..with_leaves(original, diffusers, Index::Same, VAE_ATTENTION) }
 }
 
 /// The KL autoencoder (`first_stage_model.*`).
@@ -274,16 +297,89 @@ pub const OPEN_CLIP_TEXT: &[Rule] = &[
     rule("token_embedding.", "text_model.embeddings.token_embedding."),
     rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
     rule("ln_final.", "text_model.final_layer_norm."),
-    Rule {
-        original: "text_projection",
-        diffusers: "text_projection.weight",
-        index: Index::Same,
-        leaves: &[],
-        conv_to_linear: false,
-        take: Take::Transposed,
-    },
+    Rule { take: Take::Transposed, ..rule("text_projection", "text_projection.weight") },
     with_leaves("transformer.resblocks.{}.", "text_model.encoder.layers.{}.", Index::Same, OPEN_CLIP_LAYER),
 ];
+
+/// SD 3's MMDiT x (image) stream of `joint_blocks.{}` → diffusers' `JointTransformerBlock`
+/// (diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`): fused q/k/v, RMS QK-norm, and
+/// 3.5 Medium's second, image-only attention (`attn2`).
+const MMDIT_X_BLOCK: &[Leaf] = &[
+    qkv("attn.qkv.weight", "attn.to_q.weight", 0),
+    qkv("attn.qkv.weight", "attn.to_k.weight", 1),
+    qkv("attn.qkv.weight", "attn.to_v.weight", 2),
+    qkv("attn.qkv.bias", "attn.to_q.bias", 0),
+    qkv("attn.qkv.bias", "attn.to_k.bias", 1),
+    qkv("attn.qkv.bias", "attn.to_v.bias", 2),
+    leaf("attn.ln_q.", "attn.norm_q."),
+    leaf("attn.ln_k.", "attn.norm_k."),
+    leaf("attn.proj.", "attn.to_out.0."),
+    qkv("attn2.qkv.weight", "attn2.to_q.weight", 0),
+    qkv("attn2.qkv.weight", "attn2.to_k.weight", 1),
+    qkv("attn2.qkv.weight", "attn2.to_v.weight", 2),
+    qkv("attn2.qkv.bias", "attn2.to_q.bias", 0),
+    qkv("attn2.qkv.bias", "attn2.to_k.bias", 1),
+    qkv("attn2.qkv.bias", "attn2.to_v.bias", 2),
+    leaf("attn2.ln_q.", "attn2.norm_q."),
+    leaf("attn2.ln_k.", "attn2.norm_k."),
+    leaf("attn2.proj.", "attn2.to_out.0."),
+    leaf("adaLN_modulation.1.", "norm1.linear."),
+    leaf("mlp.fc1.", "ff.net.0.proj."),
+    leaf("mlp.fc2.", "ff.net.2."),
+];
+
+/// The context (text) stream of `joint_blocks.{}`: the same modules under diffusers' `add_` /
+/// `_context` names. The last block has only the modulation and q/k/v.
+const MMDIT_CONTEXT_BLOCK: &[Leaf] = &[
+    qkv("attn.qkv.weight", "attn.add_q_proj.weight", 0),
+    qkv("attn.qkv.weight", "attn.add_k_proj.weight", 1),
+    qkv("attn.qkv.weight", "attn.add_v_proj.weight", 2),
+    qkv("attn.qkv.bias", "attn.add_q_proj.bias", 0),
+    qkv("attn.qkv.bias", "attn.add_k_proj.bias", 1),
+    qkv("attn.qkv.bias", "attn.add_v_proj.bias", 2),
+    leaf("attn.ln_q.", "attn.norm_added_q."),
+    leaf("attn.ln_k.", "attn.norm_added_k."),
+    leaf("attn.proj.", "attn.to_add_out."),
+    leaf("adaLN_modulation.1.", "norm1_context.linear."),
+    leaf("mlp.fc1.", "ff_context.net.0.proj."),
+    leaf("mlp.fc2.", "ff_context.net.2."),
+];
+
+/// SD 3 / 3.5's MMDiT (`model.diffusion_model.*` of `sd3.5_large.safetensors`) → diffusers'
+/// `SD3Transformer2DModel`. The last block's context modulation and `final_layer`'s are
+/// `AdaLayerNormContinuous` in diffusers, their halves swapped.
+pub const MMDIT: &[Rule] = &[
+    rule("pos_embed", "pos_embed.pos_embed"),
+    rule("x_embedder.proj.", "pos_embed.proj."),
+    rule("t_embedder.mlp.0.", "time_text_embed.timestep_embedder.linear_1."),
+    rule("t_embedder.mlp.2.", "time_text_embed.timestep_embedder.linear_2."),
+    rule("y_embedder.mlp.0.", "time_text_embed.text_embedder.linear_1."),
+    rule("y_embedder.mlp.2.", "time_text_embed.text_embedder.linear_2."),
+    rule("context_embedder.", "context_embedder."),
+    rule("final_layer.linear.", "proj_out."),
+    Rule { take: Take::SwapHalves, ..rule("final_layer.adaLN_modulation.1.", "norm_out.linear.") },
+    Rule {
+        take: Take::SwapHalves,
+        ..indexed(
+            "joint_blocks.{}.context_block.adaLN_modulation.1.",
+            "transformer_blocks.{}.norm1_context.linear.",
+            Index::LastBlock,
+        )
+    },
+    Rule {
+        only_leaves: true,
+        ..with_leaves("joint_blocks.{}.x_block.", "transformer_blocks.{}.", Index::Same, MMDIT_X_BLOCK)
+    },
+    Rule {
+        only_leaves: true,
+        ..with_leaves("joint_blocks.{}.context_block.", "transformer_blocks.{}.", Index::Same, MMDIT_CONTEXT_BLOCK)
+    },
+];
+
+/// transformers' `T5EncoderModel` under `text_encoders.t5xxl.transformer.` (or alone, in
+/// `text_encoders/t5xxl_fp16.safetensors`): already transformers' names (`shared.weight`,
+/// `encoder.*`), only the prefix goes (diffusers' `convert_sd3_t5_checkpoint_to_diffusers`).
+pub const T5_ENCODER: &[Rule] = &[rule("", "")];
 
 /// Where an original key goes under diffusers names: one target, several for a fused tensor,
 /// none when no row covers it (a tensor the models do not use).
@@ -296,7 +392,7 @@ pub fn to_diffusers(rules: &[Rule], ctx: &Ctx, key: &str) -> Vec<Target> {
             let base = fill(r.diffusers, &nums);
             let target = |name: String, take: Take| Target { name, take, conv_to_linear: r.conv_to_linear };
             let Some(first) = r.leaves.iter().position(|l| rest.starts_with(l.original)) else {
-                return Some(vec![target(base + rest, r.take)]);
+                return (!r.only_leaves).then(|| vec![target(base + rest, r.take)]);
             };
             let original = r.leaves[first].original;
             let tail = &rest[original.len()..];
@@ -319,6 +415,7 @@ pub fn to_original(rules: &[Rule], ctx: &Ctx, name: &str) -> Option<String> {
         let leaf = r.leaves.iter().find_map(|l| Some((l.original, rest.strip_prefix(l.diffusers)?)));
         let key = match leaf {
             Some((original, tail)) => format!("{}{original}{tail}", fill(r.original, &nums)),
+            None if r.only_leaves => return None,
             None => fill(r.original, &nums) + rest,
         };
         // Only a name the forward direction gives back counts: an earlier row may claim the key.
@@ -359,7 +456,7 @@ mod tests {
     use super::*;
 
     fn sd15() -> Ctx {
-        Ctx { layers_per_block: 2, levels: 4, up_attention: vec![false, true, true, true] }
+        Ctx { layers_per_block: 2, levels: 4, up_attention: vec![false, true, true, true], ..Ctx::default() }
     }
 
     /// The one target of `key`, as (name, 1×1 conv → linear).
@@ -404,7 +501,7 @@ mod tests {
     /// of the two attention levels in slot 2, 10 transformer blocks deep at the bottom.
     #[test]
     fn sdxl_unet_names_follow_diffusers() {
-        let c = Ctx { layers_per_block: 2, levels: 3, up_attention: vec![true, true, false] };
+        let c = Ctx { layers_per_block: 2, levels: 3, up_attention: vec![true, true, false], ..Ctx::default() };
         let cases = [
             ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
             ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
@@ -491,6 +588,67 @@ mod tests {
             assert_eq!(to_original(LDM_VAE, &c, diffusers).as_deref(), Some(original), "{diffusers}");
         }
         assert!(one(LDM_VAE, &c, "loss.discriminator.main.0.weight").is_none());
+    }
+
+    /// SD 3.5's MMDiT with 24 blocks (Medium's depth): the two streams of a block under one
+    /// diffusers prefix, q/k/v fused, the last block's context modulation and the final one
+    /// swapped, nothing claimed that no leaf names.
+    #[test]
+    fn mmdit_names_follow_diffusers() {
+        let c = Ctx { blocks: 24, ..Ctx::default() };
+        let whole = [
+            ("pos_embed", "pos_embed.pos_embed"),
+            ("x_embedder.proj.weight", "pos_embed.proj.weight"),
+            ("t_embedder.mlp.2.bias", "time_text_embed.timestep_embedder.linear_2.bias"),
+            ("y_embedder.mlp.0.weight", "time_text_embed.text_embedder.linear_1.weight"),
+            ("context_embedder.weight", "context_embedder.weight"),
+            ("final_layer.linear.bias", "proj_out.bias"),
+            ("joint_blocks.3.x_block.attn.ln_q.weight", "transformer_blocks.3.attn.norm_q.weight"),
+            ("joint_blocks.3.context_block.attn.ln_k.weight", "transformer_blocks.3.attn.norm_added_k.weight"),
+            ("joint_blocks.12.x_block.attn2.proj.bias", "transformer_blocks.12.attn2.to_out.0.bias"),
+            ("joint_blocks.0.context_block.attn.proj.weight", "transformer_blocks.0.attn.to_add_out.weight"),
+            (
+                "joint_blocks.22.context_block.adaLN_modulation.1.bias",
+                "transformer_blocks.22.norm1_context.linear.bias",
+            ),
+            ("joint_blocks.7.x_block.mlp.fc2.weight", "transformer_blocks.7.ff.net.2.weight"),
+            ("joint_blocks.7.context_block.mlp.fc1.bias", "transformer_blocks.7.ff_context.net.0.proj.bias"),
+        ];
+        for (original, diffusers) in whole {
+            assert_eq!(one(MMDIT, &c, original).map(|x| x.0).as_deref(), Some(diffusers), "{original}");
+            assert_eq!(to_original(MMDIT, &c, diffusers).as_deref(), Some(original), "{diffusers}");
+        }
+        for (original, diffusers) in [
+            ("final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"),
+            (
+                "joint_blocks.23.context_block.adaLN_modulation.1.bias",
+                "transformer_blocks.23.norm1_context.linear.bias",
+            ),
+        ] {
+            let t = to_diffusers(MMDIT, &c, original);
+            assert_eq!(t.len(), 1, "{original}");
+            assert_eq!((t[0].name.as_str(), t[0].take), (diffusers, Take::SwapHalves), "{original}");
+            assert_eq!(to_original(MMDIT, &c, diffusers).as_deref(), Some(original), "{diffusers}");
+        }
+        let fused = to_diffusers(MMDIT, &c, "joint_blocks.5.context_block.attn.qkv.bias");
+        let names: Vec<(&str, Take)> = fused.iter().map(|t| (t.name.as_str(), t.take)).collect();
+        assert_eq!(
+            names,
+            [
+                ("transformer_blocks.5.attn.add_q_proj.bias", Take::Chunk { index: 0, of: 3 }),
+                ("transformer_blocks.5.attn.add_k_proj.bias", Take::Chunk { index: 1, of: 3 }),
+                ("transformer_blocks.5.attn.add_v_proj.bias", Take::Chunk { index: 2, of: 3 }),
+            ]
+        );
+        let x = to_diffusers(MMDIT, &c, "joint_blocks.1.x_block.attn2.qkv.weight");
+        assert_eq!(x[2].name, "transformer_blocks.1.attn2.to_v.weight");
+        assert_eq!(
+            to_original(MMDIT, &c, "transformer_blocks.5.attn.to_k.weight").as_deref(),
+            Some("joint_blocks.5.x_block.attn.qkv.weight")
+        );
+        // Neither stream claims the other's names, nor keys no leaf names.
+        assert!(to_diffusers(MMDIT, &c, "joint_blocks.1.x_block.attn.unknown.weight").is_empty());
+        assert!(to_original(MMDIT, &c, "transformer_blocks.1.attn.unknown.weight").is_none());
     }
 
     #[test]
