@@ -149,9 +149,11 @@ fn open_models(
         .open_with(&resolved.hub, &sdgen::loading::OpenOptions::default(), &mut |p| bar.download(p))
         .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
     bar.finish();
-    // The refiner decodes the image: a --vae replaces its VAE too (as diffusers' fp16-fix recipe
-    // passes `vae=` to both pipelines).
-    if let Some(dir) = &vae_dir {
+    // A refiner that continues the base's latents decodes them: a --vae replaces its VAE too (as
+    // diffusers' fp16-fix recipe passes `vae=` to both pipelines). One of another latent space
+    // (after SD 3.5) keeps its own, which encodes and decodes its half.
+    let shares_latents = refiner.family().handoff_from(model.family()) == Some(sdgen::pipeline::Handoff::Latents);
+    if let Some(dir) = vae_dir.as_ref().filter(|_| shares_latents) {
         refiner = refiner.with_vae(dir).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
     }
     Ok((model, Some(refiner)))

@@ -391,3 +391,20 @@ fn pro_refiner_refusals() {
         &["--refiner-strength", "--refiner-start"],
     );
 }
+
+/// `--vae` with a refiner after SD 3.5 replaces the base's VAE only: the refiner, in another
+/// latent space, keeps its own (the same VAE from its own folder gives diffusers' image).
+#[test]
+fn vae_replaces_only_the_base_s_before_an_image_handoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let vae = testdata().join("tiny-sd35-large/vae").display().to_string();
+    let refiner = testdata().join("tiny-sdxl-refiner").display().to_string();
+    let args =
+        ["a lighthouse at dusk", "--model", &large(), "--vae", &vae, "--refiner", &refiner, "--seed", "42", "--json"];
+    let (result, _) = run_json(&args, &out);
+    assert_matches_in(&png(&result), "refiner.safetensors", "pro_defaults");
+    let meta = sidecar(&result);
+    assert_eq!(meta["extra"]["vae"], vae.as_str());
+    assert_eq!(meta["extra"]["refiner"]["model"], refiner.as_str());
+}
