@@ -89,14 +89,6 @@ impl<'a> RefinerRun<'a> {
             }
         }
     }
-
-    /// The refiner model.
-    pub fn model(&self) -> &'a ModelFolder {
-        match self {
-            Self::Latents(r) => r.model,
-            Self::Image(r) => r.model,
-        }
-    }
 }
 
 /// What a refined run recorded about the refiner's half (for the metadata).
