@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Parser;
 use sdgen::device_memory::DeviceMemory;
+use sdgen::loading::family::Handoff;
 use sdgen::loading::{FamilySpec, ModelFolder, FAMILIES};
 use sdgen::pipeline::{
     img2img, resolve_img2img, txt2img_refined, Generation, Progress, Refiner, Request, Runtime,
@@ -223,13 +224,15 @@ fn main() -> anyhow::Result<()> {
     if !families.contains(&args.family.as_str()) {
         bail!("--family {}: one of {}", args.family, families.join(", "));
     }
-    // The row whose runs finish this family's, if any (SDXL's refiner for SDXL).
-    let refiner_family = FAMILIES.iter().find(|f| f.refines.is_some_and(|base| base.name == args.family));
+    // The row whose runs finish this family's from its latents, if any (SDXL's refiner for SDXL).
+    let refiner_family = FAMILIES
+        .iter()
+        .find(|f| FamilySpec::by_name(&args.family).is_some_and(|base| f.handoff_from(base) == Some(Handoff::Latents)));
     if args.refiner && refiner_family.is_none() {
         bail!("--refiner finishes SDXL base runs; --family is {}", args.family);
     }
     // The refiner on its own runs image-to-image (`--refiner` is the base's, text-to-image).
-    let refiner_alone = FamilySpec::by_name(&args.family).is_some_and(|f| f.refines.is_some());
+    let refiner_alone = FamilySpec::by_name(&args.family).is_some_and(|f| !f.refines.is_empty());
     let model_dir = args.model_dir.clone().unwrap_or_else(|| PathBuf::from("bench-models").join(&args.family));
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,

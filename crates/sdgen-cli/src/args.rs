@@ -48,14 +48,28 @@ pub struct Args {
     /// With --slg: its scale [default: 2.8].
     #[arg(long, value_name = "SCALE", requires = "slg", allow_negative_numbers = true)]
     pub slg_scale: Option<f64>,
-    /// Finish SDXL runs with this refiner (a named model, hub repo or folder, e.g.
-    /// stabilityai/stable-diffusion-xl-refiner-1.0): the base denoises the first part of the
-    /// schedule, is unloaded, and the refiner finishes it (diffusers' ensemble of experts).
+    /// Finish SDXL and SD 3.5 runs with this refiner (a named model, hub repo or folder, e.g.
+    /// stabilityai/stable-diffusion-xl-refiner-1.0 or sdxl-refiner). After SDXL, the base denoises
+    /// the first part of the schedule, is unloaded, and the refiner finishes it from its latents
+    /// (diffusers' ensemble of experts; --refiner-start). After SD 3.5, whose latents the refiner
+    /// cannot read, the base runs all its steps and decodes, the whole SD 3.5 pipeline is
+    /// unloaded, and the refiner encodes the image with its own VAE and reworks it by
+    /// image-to-image (--refiner-strength).
     #[arg(long, value_name = "MODEL")]
     pub refiner: Option<String>,
-    /// With --refiner: the fraction of the steps the base runs before handing over [default: 0.8].
+    /// With --refiner after SDXL: the fraction of the steps the base runs before handing its
+    /// latents over [default: 0.8].
     #[arg(long, value_name = "FRACTION")]
     pub refiner_start: Option<f64>,
+    /// With --refiner after SD 3.5: how much of the finished image the refiner reworks, from 0
+    /// (keep) to 1 (replace): it re-noises the image to that level and runs the last
+    /// strength × steps of its steps [default: the refiner's image-to-image default, 0.3 as
+    /// diffusers' StableDiffusionXLImg2ImgPipeline]. A strength rather than --refiner-start:
+    /// there is no shared schedule to hand over in, and 0.3 is the documented refine of a
+    /// finished image. The refiner runs --steps, --guidance and --scheduler where given, else its
+    /// own defaults (50 steps, guidance 5).
+    #[arg(long, value_name = "STRENGTH", allow_negative_numbers = true)]
+    pub refiner_strength: Option<f64>,
     /// Use this VAE instead of the model's own (a hub repo or a diffusers VAE folder, e.g.
     /// madebyollin/sdxl-vae-fp16-fix).
     #[arg(long, value_name = "REPO|PATH")]
@@ -151,8 +165,8 @@ pub struct Args {
 /// The arguments, resolved.
 pub struct Resolved {
     pub model: ModelSource,
-    /// `--refiner` and the handoff fraction.
-    pub refiner: Option<(ModelSource, f64)>,
+    /// `--refiner` and its knobs.
+    pub refiner: Option<RefinerArgs>,
     /// `--vae`.
     pub vae: Option<ModelSource>,
     pub memory: sdgen::planning::MemoryRequest,
@@ -168,6 +182,16 @@ pub struct Resolved {
     pub prompts: Vec<String>,
     /// The decoded init image and its strength, for an image-to-image run.
     pub img2img: Option<(InitImage, Option<f64>)>,
+}
+
+/// `--refiner` as given: which of its knobs applies depends on the models (see
+/// `sdgen::pipeline::RefinerRun::choose`).
+pub struct RefinerArgs {
+    pub source: ModelSource,
+    /// `--refiner-start`: the handoff point of a latent handoff (SDXL).
+    pub start: Option<f64>,
+    /// `--refiner-strength`: the strength of an image handoff (SD 3.5).
+    pub strength: Option<f64>,
 }
 
 impl Args {
@@ -217,22 +241,33 @@ impl Args {
             }
         };
         let refiner =
-            match (&self.refiner, self.refiner_start) {
-                (None, Some(_)) => return Err(invalid("--refiner-start needs --refiner".into())),
-                (None, None) => None,
-                (Some(_), _) if self.init_image.is_some() => return Err(invalid(
+            match &self.refiner {
+                None if self.refiner_start.is_some() => return Err(invalid("--refiner-start needs --refiner".into())),
+                None if self.refiner_strength.is_some() => {
+                    return Err(invalid("--refiner-strength needs --refiner".into()))
+                }
+                None => None,
+                Some(_) if self.init_image.is_some() => return Err(invalid(
                     "--refiner finishes text-to-image runs; to refine a finished image, pass the refiner as --model \
                      with --init-image"
                         .into(),
                 )),
-                (Some(r), start) => {
-                    let f = start.unwrap_or(sdgen::pipeline::DEFAULT_HIGH_NOISE_FRACTION);
-                    if !(f > 0.0 && f < 1.0) {
+                Some(r) => {
+                    if let Some(f) = self.refiner_start.filter(|f| !(*f > 0.0 && *f < 1.0)) {
                         return Err(invalid(format!(
                         "--refiner-start {f} is not strictly between 0 and 1 (the fraction of the steps the base runs)"
                     )));
                     }
-                    Some((ModelSource::parse(r), f))
+                    if let Some(s) = self.refiner_strength.filter(|s| !(0.0..=1.0).contains(s)) {
+                        return Err(invalid(format!(
+                        "--refiner-strength {s} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"
+                    )));
+                    }
+                    Some(RefinerArgs {
+                        source: ModelSource::parse(r),
+                        start: self.refiner_start,
+                        strength: self.refiner_strength,
+                    })
                 }
             };
         let per_job = self.n.checked_mul(self.batch_size);

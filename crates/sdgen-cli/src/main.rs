@@ -14,8 +14,8 @@ use clap::Parser;
 use sdgen::loading::ModelFolder;
 use sdgen::output::{save_image_to, ImageMetadata};
 use sdgen::pipeline::{
-    check_refiner, img2img, resolve_img2img, txt2img_refined, Generation, Img2ImgRequest, Img2ImgSettings, Refiner,
-    Request, Settings,
+    img2img, resolve_image_refiner, resolve_img2img, txt2img_with_refiner, Generation, Img2ImgRequest, Img2ImgSettings,
+    RefinerRun, Request, Settings,
 };
 use sdgen_memory::plan::Plan;
 
@@ -69,12 +69,9 @@ fn run() -> anyhow::Result<ExitCode> {
     resolved.output.check(all_images)?;
     let mut bar = progress::Reporter::new();
     let (model, refiner_model) = open_models(&resolved, &mut bar)?;
+    // How the refiner takes over (from the base's latents or its images) is the rows' to say.
     let refiner = match (&refiner_model, &resolved.refiner) {
-        (Some(m), Some((_, fraction))) => {
-            let r = Refiner { model: m, high_noise_fraction: *fraction };
-            check_refiner(&model, &r)?;
-            Some(r)
-        }
+        (Some(m), Some(r)) => Some(RefinerRun::choose(&model, m, r.start, r.strength)?),
         _ => None,
     };
     let img2img_request = resolved.img2img.take().map(|(init_image, strength)| Img2ImgRequest {
@@ -110,7 +107,7 @@ fn run() -> anyhow::Result<ExitCode> {
                     &resolved.runtime,
                     &mut |p| bar.report(p),
                 )?,
-                None => txt2img_refined(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
+                None => txt2img_with_refiner(&model, refiner, &part, &resolved.runtime, &mut |p| bar.report(p))?,
             };
             bar.finish();
             saver.save(first, all_images, &part, generation)?;
@@ -147,14 +144,16 @@ fn open_models(
     if let Some(dir) = &vae_dir {
         model = model.with_vae(dir)?;
     }
-    let Some((source, _)) = &resolved.refiner else { return Ok((model, None)) };
+    let Some(args::RefinerArgs { source, .. }) = &resolved.refiner else { return Ok((model, None)) };
     let mut refiner = source
         .open_with(&resolved.hub, &sdgen::loading::OpenOptions::default(), &mut |p| bar.download(p))
         .map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
     bar.finish();
-    // The refiner decodes the image: a --vae replaces its VAE too (as diffusers' fp16-fix recipe
-    // passes `vae=` to both pipelines).
-    if let Some(dir) = &vae_dir {
+    // A refiner that continues the base's latents decodes them: a --vae replaces its VAE too (as
+    // diffusers' fp16-fix recipe passes `vae=` to both pipelines). One of another latent space
+    // (after SD 3.5) keeps its own, which encodes and decodes its half.
+    let shares_latents = refiner.family().handoff_from(model.family()) == Some(sdgen::pipeline::Handoff::Latents);
+    if let Some(dir) = vae_dir.as_ref().filter(|_| shares_latents) {
         refiner = refiner.with_vae(dir).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
     }
     Ok((model, Some(refiner)))
@@ -176,7 +175,7 @@ struct Job {
 /// would help), prints the plan and installs its memory options in the runtime.
 fn plan_job(
     model: &ModelFolder,
-    refiner: Option<&Refiner>,
+    refiner: Option<&RefinerRun>,
     img2img_request: Option<&Img2ImgRequest>,
     resolved: &mut Resolved,
 ) -> anyhow::Result<Job> {
@@ -207,20 +206,40 @@ fn plan_job(
         settings.guidance,
         request.seed
     ));
-    let plan_for = |m: &ModelFolder, img2img: bool| {
+    let plan_for = |m: &ModelFolder, settings: &Settings, img2img: bool| {
         let (device, dtype) = (&resolved.runtime.device, resolved.runtime.dtype);
-        sdgen::planning::plan_run(m, &settings, request.n, img2img, device, dtype, resolved.memory)
+        sdgen::planning::plan_run(m, settings, request.n, img2img, device, dtype, resolved.memory)
     };
-    let plan = plan_for(model, img2img_request.is_some())?;
+    let plan = plan_for(model, &settings, img2img_request.is_some())?;
     log_plan(&plan, resolved.batch_size);
     let mut options = sdgen::planning::stage_options(model, &plan, &settings, false)?;
-    // The refiner runs after the base is unloaded: its stages are planned on their own, and the
-    // run takes the leaner of both plans' options where they share one.
+    // The refiner runs after the base is unloaded: its stages are planned on their own (with its
+    // VAE encoder when it takes the base's images), and the run takes the leaner of both plans'
+    // options where they share one.
     let refiner_plan = match refiner {
-        Some(r) => {
-            let p = plan_for(r.model, false).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
+        Some(run) => {
+            let (r_model, r_settings, takes_images) = match run {
+                RefinerRun::Latents(r) => (r.model, settings.clone(), false),
+                RefinerRun::Image(r) => {
+                    let s = resolve_image_refiner(model, r, request)?;
+                    progress::log(&format!(
+                        "Then refining with {} ({}) from the decoded images: strength {} (the last {} of {} steps), \
+                         {} scheduler, guidance {}",
+                        r.model.family().display,
+                        resolved.refiner.as_ref().map_or(String::new(), |a| a.source.label()),
+                        s.strength,
+                        s.denoising_steps,
+                        s.settings.steps,
+                        s.settings.scheduler,
+                        s.settings.guidance
+                    ));
+                    (r.model, s.settings, true)
+                }
+            };
+            let p =
+                plan_for(r_model, &r_settings, takes_images).map_err(|e| anyhow::Error::new(e).context("--refiner"))?;
             log_plan(&p, resolved.batch_size);
-            let o = sdgen::planning::stage_options(r.model, &p, &settings, false)?;
+            let o = sdgen::planning::stage_options(r_model, &p, &r_settings, false)?;
             options.attention_slice = match (options.attention_slice, o.attention_slice) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -348,8 +367,8 @@ impl Saver<'_> {
         if let Some(r) = &generation.refinement {
             let mut r = r.clone();
             // The model as the user named it (a hub repo, not its cache folder).
-            if let Some((source, _)) = &resolved.refiner {
-                r.model = source.label();
+            if let Some(refiner) = &resolved.refiner {
+                r.model = refiner.source.label();
             }
             extra.insert("refiner".into(), serde_json::to_value(&r)?);
         }

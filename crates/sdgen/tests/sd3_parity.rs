@@ -1,7 +1,8 @@
 //! Whole SD 3.5 pipelines against diffusers on the tiny random-weight SD 3.5 Large- and
 //! Medium-style folders (`tools/reference/make_sd3.py`, `testdata/reference/sd3/`): no, given
 //! and no guidance; a non-square batch; Turbo's guidance 0; without T5; a shorter T5 sequence;
-//! MMDiT-X with skip-layer guidance; image-to-image. Each case's timesteps must be diffusers'.
+//! MMDiT-X with skip-layer guidance; image-to-image; finished by the SDXL refiner from the decoded
+//! images (`tools/reference/make_sd3_refiner.py`). Each case's timesteps must be diffusers'.
 //! Tolerance: the project's pipeline tolerance (`common::assert_image_close`: ≥ 99.5% of
 //! channels within 1/255, none over 8/255).
 
@@ -10,7 +11,8 @@ mod common;
 use common::{assert_close, assert_generation_matches, load, testdata};
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{
-    img2img, txt2img, FamilyOptions, Img2ImgRequest, InitImage, Progress, Request, Runtime, SkipLayerGuidance,
+    img2img, txt2img, txt2img_with_refiner, FamilyOptions, Handoff, Img2ImgRequest, InitImage, Progress, RefinerRun,
+    Request, Runtime, SkipLayerGuidance,
 };
 
 #[derive(serde::Deserialize)]
@@ -97,6 +99,96 @@ fn every_case_matches_diffusers() {
         assert_eq!(t5_ran, !case.no_t5, "{}: {:?}", case.name, gen.timings_ms);
         for stage in ["text_encoder", "text_encoder_2", "transformer", "vae"] {
             assert!(gen.timings_ms.contains_key(stage), "{}: {:?}", case.name, gen.timings_ms);
+        }
+    }
+}
+
+/// What a refined case's run is given (both halves); `None` is each half's default.
+#[derive(serde::Deserialize)]
+struct Given {
+    steps: Option<usize>,
+    guidance: Option<f64>,
+}
+
+/// A case of `reference/sd3/refiner.json`.
+#[derive(serde::Deserialize)]
+struct RefinedCase {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    seeds: Vec<u64>,
+    width: usize,
+    height: usize,
+    request: Given,
+    strength: Option<f64>,
+    base_timesteps: Vec<f64>,
+    refiner_timesteps: Vec<f64>,
+}
+
+/// SD 3.5 Large, decoded, then the SDXL refiner's image-to-image on the float images, as
+/// diffusers' two pipeline calls: the refined images and the base's, each to the pipeline
+/// tolerance; the steps each half ran and the handoff recorded.
+#[test]
+fn refined_by_image_matches_diffusers() {
+    let r = load("reference/sd3/refiner.safetensors");
+    let text = std::fs::read_to_string(testdata().join("reference/sd3/refiner.json")).unwrap();
+    let cases: Vec<RefinedCase> = serde_json::from_str(&text).unwrap();
+    assert!(cases.len() >= 2, "{} cases", cases.len());
+    let base = ModelFolder::open(&testdata().join("tiny-sd35-large")).unwrap();
+    let refiner = ModelFolder::open(&testdata().join("tiny-sdxl-refiner")).unwrap();
+    for case in &cases {
+        let req = Request {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            n: case.seeds.len(),
+            seed: case.seeds[0],
+            steps: case.request.steps,
+            guidance: case.request.guidance,
+            width: Some(case.width),
+            height: Some(case.height),
+            ..Default::default()
+        };
+        let run = RefinerRun::choose(&base, &refiner, None, case.strength).unwrap();
+        assert!(matches!(run, RefinerRun::Image(_)), "{}", case.name);
+        // The base's own images, for the halves to be told apart when a case fails.
+        let alone = txt2img(&base, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
+        assert_generation_matches(
+            &format!("{} base", case.name),
+            &case.seeds,
+            &alone,
+            &r[&format!("{}_base", case.name)],
+        );
+        let mut steps = 0;
+        let mut count = |p: Progress| {
+            if let Progress::Step { .. } = p {
+                steps += 1;
+            }
+        };
+        let gen = txt2img_with_refiner(&base, Some(run), &req, &Runtime::cpu(), &mut count).unwrap();
+        assert_eq!(steps, case.base_timesteps.len() + case.refiner_timesteps.len(), "{}: steps run", case.name);
+        assert_generation_matches(&case.name, &case.seeds, &gen, &r[case.name.as_str()]);
+        let info = gen.refinement.as_ref().expect("the refinement is recorded");
+        assert_eq!(info.handoff, Handoff::Image);
+        assert_eq!(
+            (info.base_steps, info.refiner_steps),
+            (case.base_timesteps.len(), case.refiner_timesteps.len()),
+            "{}",
+            case.name
+        );
+        assert_eq!(info.handoff_timestep, case.refiner_timesteps[0], "{}", case.name);
+        assert_eq!(info.strength, Some(case.strength.unwrap_or(0.3)));
+        assert!(info.base_unloaded && info.high_noise_fraction.is_none());
+        // Both halves' stages, apart: the base decodes, the refiner encodes, denoises and decodes.
+        for stage in [
+            "text_encoder_3",
+            "transformer",
+            "vae",
+            "refiner_text_encoder_2",
+            "refiner_vae_encoder",
+            "refiner_unet",
+            "refiner_vae",
+        ] {
+            assert!(gen.timings_ms.contains_key(stage), "{}: {stage} in {:?}", case.name, gen.timings_ms);
         }
     }
 }

@@ -96,3 +96,33 @@ pub fn sidecar(result: &serde_json::Value) -> serde_json::Value {
     let path = PathBuf::from(result["images"][0]["metadata"].as_str().unwrap());
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// A local server speaking the hub's file URLs, serving each `(repo id, testdata folder)`.
+pub fn hub_server(repos: &[(&str, &str)]) -> hub_test_server::HubServer {
+    let repos = repos.iter().map(|(id, dir)| hub_test_server::FakeRepo::from_dir(id, &testdata().join(dir)).unwrap());
+    hub_test_server::HubServer::start(repos.collect()).unwrap()
+}
+
+/// Runs `generate ARGS --output OUT` against the hub at `endpoint`, its cache in `hf_home`.
+pub fn generate_from_hub(args: &[&str], out: &Path, endpoint: &str, hf_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(args)
+        .arg("--output")
+        .arg(out)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .output()
+        .expect("generate runs")
+}
+
+/// Each of `needles` in `log`, in this order.
+pub fn assert_in_order(log: &str, needles: &[&str]) {
+    let mut at = 0;
+    for needle in needles {
+        let pos = log[at..].find(needle).unwrap_or_else(|| panic!("`{needle}` missing or out of order in:\n{log}"));
+        at += pos + needle.len();
+    }
+}

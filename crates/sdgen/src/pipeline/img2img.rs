@@ -164,10 +164,12 @@ pub fn preprocess(image: &RgbImage, width: usize, height: usize) -> Result<Tenso
     Ok(Tensor::from_vec(values, (1, height, width, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?.contiguous()?)
 }
 
-/// `prepare_latents`: encode the image, sample each image's latents from its generator, scale,
-/// and noise them to the level of `timesteps()[first_step]`.
+/// `prepare_latents` (as the stage `stage_name`): encode the image (`[1, 3, h, w]`, the picture
+/// of every image, or `[n, 3, h, w]`, one per image), sample each image's latents from its
+/// generator, scale, and noise them to the level of `timesteps()[first_step]`.
 #[allow(clippy::too_many_arguments)]
 fn initial_latents(
+    stage_name: &str,
     model: &ModelFolder,
     vae_cfg: &VaeConfig,
     image: &Tensor,
@@ -186,8 +188,8 @@ fn initial_latents(
     let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(vae_dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
     vae.set_attention_options(sdgen_models::attention::AttentionOptions { slice: rt.options.vae_attention_slice });
-    loaded(progress, "vae_encoder");
-    // diffusers encodes image[i : i + 1] once per image; the images are all the init image, so
+    loaded(progress, stage_name);
+    // diffusers encodes image[i : i + 1] once per image; when the images are all the init image,
     // one batch-1 encode gives each of them exactly.
     let dist = vae.encode_with(&image.to_dtype(vae_dtype)?, &vae_options(vae_cfg, rt))?;
     let (_, c, h, w) = dist.mean.dims4()?;
@@ -215,21 +217,41 @@ pub fn img2img(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Generation> {
     let plan = resolve_img2img(model, req)?;
-    let settings = plan.settings.clone();
-    let base = &req.request;
     let mut log = StageLog::default();
     let mut warnings = Vec::new();
-    let cfg_guidance = settings.guidance > 1.0;
-
     super::stages::before_models(rt, progress);
+    // The init image in [-1, 1], the same for every image of the batch.
+    let image = preprocess(&req.init_image.image, plan.settings.width, plan.settings.height)?;
+    let pixels = img2img_stages(model, &req.request, &plan, &image, false, rt, &mut log, &mut warnings, progress)?;
+    let images = into_images(&pixels, &req.request, &plan.settings)?;
+    Ok(log.into_generation(images, plan.settings, warnings))
+}
+
+/// The stages of image-to-image from `image` (`[1, 3, h, w]` for one picture that every image
+/// starts from, or `[n, 3, h, w]`, one each; f32 in [-1, 1]), named `refiner_*` in a refiner's
+/// half. Returns the decoded pixels.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn img2img_stages(
+    model: &ModelFolder,
+    req: &Request,
+    plan: &Img2ImgSettings,
+    image: &Tensor,
+    refiner: bool,
+    rt: &Runtime,
+    log: &mut StageLog,
+    warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
+    let settings = &plan.settings;
+    let cfg_guidance = settings.guidance > 1.0;
+    let name = |stage: &str| if refiner { format!("refiner_{stage}") } else { stage.to_string() };
+
     // 1. Encode the prompts (one stage per text encoder).
     let size = ImageSize { height: settings.height, width: settings.width };
-    let cond = encode_prompts(model, base, cfg_guidance, size, false, rt, &mut log, &mut warnings, progress)?;
+    let cond = encode_prompts(model, req, cfg_guidance, size, refiner, rt, log, warnings, progress)?;
 
-    // 2. The init image in [-1, 1], in the run's dtype.
-    let image = preprocess(&req.init_image.image, settings.width, settings.height)?
-        .to_dtype(rt.dtype)?
-        .to_device(&rt.device)?;
+    // 2. The image in the run's dtype.
+    let image = image.to_dtype(rt.dtype)?.to_device(&rt.device)?;
 
     // 3. Timesteps: the full schedule, entered at t_start · order (`set_begin_index`).
     let build_scheduler =
@@ -240,18 +262,20 @@ pub fn img2img(
     // 4. Initial latents: one generator per image, seeded `seed + i`; the VAE sample, the added
     //    noise and then the ancestral steps all draw from them, in diffusers' order.
     let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
-    let generators = BatchNoise::for_batch_with_noise(base.seed, base.n, TorchNoise::from_env()?);
+    let generators = BatchNoise::for_batch_with_noise(req.seed, req.n, TorchNoise::from_env()?);
+    let encoder = name("vae_encoder");
     // A retried stage starts again from the generators' state before it.
-    let (latents, generators) = stage("vae_encoder", progress, &mut log, rt, |rt, progress| {
+    let (latents, generators) = stage(&encoder, progress, log, rt, |rt, progress| {
         let mut generators = generators.clone();
         let latents = initial_latents(
+            &encoder,
             model,
             &vae_cfg,
             &image,
             scheduler.as_ref(),
             first_step,
             &mut generators,
-            base.n,
+            req.n,
             rt,
             progress,
         )?;
@@ -260,10 +284,10 @@ pub fn img2img(
     drop(image);
 
     // 5. Denoise from the first step on.
-    let denoiser = model.denoiser_component();
-    let latents = stage(denoiser, progress, &mut log, rt, |rt, progress| {
+    let denoiser = name(model.denoiser_component());
+    let latents = stage(&denoiser, progress, log, rt, |rt, progress| {
         denoise(
-            denoiser,
+            &denoiser,
             model,
             build_scheduler()?.as_mut(),
             first_step..usize::MAX,
@@ -275,12 +299,11 @@ pub fn img2img(
             progress,
         )
     })?;
+    drop(cond);
 
     // 6. Decode.
-    let pixels =
-        stage("vae", progress, &mut log, rt, |rt, progress| decode(model, &vae_cfg, latents.clone(), rt, progress))?;
-    let images = into_images(&pixels, base, &settings)?;
-    Ok(log.into_generation(images, settings, warnings))
+    let vae = name("vae");
+    stage(&vae, progress, log, rt, |rt, progress| decode(&vae, model, &vae_cfg, latents.clone(), rt, progress))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 mod conditioning;
 mod img2img;
+mod refine_image;
 mod stages;
 mod txt2img;
 
@@ -11,13 +12,18 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device};
 
+pub use crate::loading::family::Handoff;
 pub use conditioning::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 pub use img2img::{
     check_strength, img2img, preprocess, resolve_img2img, skipped_steps, skipped_steps_flow, skipped_steps_for,
     Img2ImgRequest, Img2ImgSettings, InitImage, DEFAULT_STRENGTH,
 };
+pub use refine_image::{resolve_image_refiner, txt2img_image_refined, ImageRefiner};
 pub use stages::INJECT_OOM_VAR;
-pub use txt2img::{check_refiner, txt2img, txt2img_refined, Refinement, Refiner, DEFAULT_HIGH_NOISE_FRACTION};
+pub use txt2img::{
+    check_refiner, refiner_handoff, txt2img, txt2img_refined, txt2img_with_refiner, Refinement, Refiner, RefinerRun,
+    DEFAULT_HIGH_NOISE_FRACTION,
+};
 
 use crate::loading::family::TextEncoderArch;
 use crate::loading::ModelFolder;

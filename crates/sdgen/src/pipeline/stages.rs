@@ -72,9 +72,9 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
     }
 }
 
-/// [`leaner`] for the VAE stages.
+/// [`leaner`] for the VAE stages (a refiner's `refiner_vae*` as the base's).
 fn leaner_vae(stage: &str, o: &mut StageOptions) -> Option<String> {
-    match stage {
+    match stage.strip_prefix("refiner_").unwrap_or(stage) {
         "vae" | "vae_encoder" if !o.vae_slicing => {
             o.vae_slicing = true;
             Some("VAE slicing".into())
@@ -150,10 +150,11 @@ fn display_name(stage: &str) -> String {
     format!("{refiner}{name}")
 }
 
-/// Reports a memory snapshot at one of the seed's points.
-pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) {
+/// Reports a memory snapshot at one of the seed's points, and returns it.
+pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) -> sdgen_memory::MemoryInfo {
     let info = sdgen_memory::memory_info();
     progress(Progress::Memory { label, info: &info });
+    info
 }
 
 /// The seed's lines before a generation's first model loads: the aggressive cleanup for a large
@@ -295,8 +296,6 @@ pub(super) fn denoise(
     Ok(latents)
 }
 
-/// Decodes latents and post-processes as diffusers: `(x / 2 + 0.5).clamp(0, 1)`, as
-/// `[n, h, w, 3]` f32 on the CPU.
 /// How the denoising loop guides: the classifier-free scale (> 1 guides) and, for the
 /// families that have it, skip-layer guidance over a run of `steps` steps.
 pub(super) struct Guide<'a> {
@@ -329,7 +328,10 @@ fn second_half(cond: &Conditioning) -> Result<Conditioning> {
     })
 }
 
+/// Decodes latents (as the stage `stage_name`) and post-processes as diffusers:
+/// `(x / 2 + 0.5).clamp(0, 1)`, as `[n, h, w, 3]` f32 on the CPU.
 pub(super) fn decode(
+    stage_name: &str,
     model: &ModelFolder,
     vae_cfg: &VaeConfig,
     latents: Tensor,
@@ -341,7 +343,7 @@ pub(super) fn decode(
     let vae = AutoencoderKL::new(vae_cfg, false, true, weights.var_builder(dtype, &rt.device)?)
         .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
     vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
-    loaded(progress, "vae");
+    loaded(progress, stage_name);
     // diffusers casts to the VAE's dtype first (SDXL's f16 upcast), then divides in that dtype
     // with torch's f32 scalar arithmetic.
     let z = div_scalar(&latents.to_dtype(dtype)?, vae_cfg.scaling_factor as f32)?;
@@ -437,6 +439,9 @@ mod tests {
         let mut o = StageOptions::default();
         assert!(leaner("refiner_unet", &mut o).is_some_and(|f| f.contains("attention slicing")));
         assert!(leaner("refiner_text_encoder_2", &mut o).is_some() && o.text_encoder_on_host);
+        // A refiner's own VAE stages (image handoff) fall back as the base's.
+        assert!(leaner("refiner_vae_encoder", &mut o).is_some_and(|f| f.contains("VAE slicing")) && o.vae_slicing);
+        assert_eq!(display_name("refiner_vae"), "refiner VAE");
         assert_eq!(leaner("text_encoder", &mut o), None);
         assert_eq!(leaner("scheduler", &mut o), None);
     }

@@ -1,16 +1,25 @@
 //! Text-to-image, step for step as diffusers' `StableDiffusionPipeline` /
-//! `StableDiffusionXLPipeline`, and SDXL's base → refiner "ensemble of experts": the base
-//! denoises the high-noise part of the schedule (up to `denoising_end`), its latents are handed
-//! to the refiner (`StableDiffusionXLImg2ImgPipeline` with `denoising_start`), which finishes the
-//! schedule and decodes with its own VAE. The base's models are all dropped before the refiner's
-//! load (each stage drops its model when it ends).
+//! `StableDiffusionXLPipeline` / `StableDiffusion3Pipeline`, optionally finished by a refiner in
+//! the way the family rows allow ([`FamilySpec::handoff_from`]):
+//! - by latents, SDXL's base → refiner "ensemble of experts": the base denoises the high-noise
+//!   part of the schedule (up to `denoising_end`), its latents are handed to the refiner
+//!   (`StableDiffusionXLImg2ImgPipeline` with `denoising_start`), which finishes the schedule and
+//!   decodes with its own VAE;
+//! - by image, for a base whose latents the refiner cannot read (SD 3.5): see `refine_image.rs`.
+//!
+//! Either way the base's models are all dropped before the refiner's load (each stage drops its
+//! model when it ends).
 
 use sdgen_models::vae::VaeConfig;
 use serde::Serialize;
 
 use super::conditioning::{encode_prompts, ImageSize};
+use super::refine_image::{txt2img_image_refined, ImageRefiner};
 use super::stages::{decode, denoise, into_images, memory_point, stage, Guide, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
+use crate::loading::family::Handoff;
+#[cfg(doc)]
+use crate::loading::FamilySpec;
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
 use crate::rng::TorchNoise;
@@ -21,25 +30,89 @@ use crate::{Error, Result};
 /// schedule (`denoising_end = 0.8`), the refiner the rest.
 pub const DEFAULT_HIGH_NOISE_FRACTION: f64 = 0.8;
 
-/// A refiner to finish a text-to-image run.
+/// A refiner to finish a text-to-image run from the base's latents (see [`RefinerRun`] for both
+/// ways).
 #[derive(Debug, Clone, Copy)]
 pub struct Refiner<'a> {
     /// The refiner model (a family that [`refines`](crate::loading::FamilySpec::refines) the
-    /// base's).
+    /// base's, in the base's latent space).
     pub model: &'a ModelFolder,
     /// Where the base hands over, as a fraction of the schedule in (0, 1): the base's
     /// `denoising_end` and the refiner's `denoising_start`.
     pub high_noise_fraction: f64,
 }
 
-/// What a refined run recorded about the handoff (for the metadata).
+/// A refiner and how it takes over the base's run, as the family rows decide
+/// ([`FamilySpec::handoff_from`]).
+#[derive(Debug, Clone, Copy)]
+pub enum RefinerRun<'a> {
+    /// From the base's latents, mid-schedule (SDXL).
+    Latents(Refiner<'a>),
+    /// From the base's decoded images, by image-to-image (SD 3.5).
+    Image(ImageRefiner<'a>),
+}
+
+impl<'a> RefinerRun<'a> {
+    /// The way `refiner` finishes `model`'s runs, with the knob of that way: `start`, the handoff
+    /// point of a latent handoff ([`DEFAULT_HIGH_NOISE_FRACTION`] when `None`), or `strength`, the
+    /// image-to-image strength of an image handoff (the refiner's default when `None`). The knob
+    /// of the other way is refused, naming the one that applies.
+    pub fn choose(
+        model: &ModelFolder,
+        refiner: &'a ModelFolder,
+        start: Option<f64>,
+        strength: Option<f64>,
+    ) -> Result<Self> {
+        match refiner_handoff(model, refiner)? {
+            Handoff::Latents => {
+                if let Some(s) = strength {
+                    return Err(Error::InvalidInput(format!(
+                        "--refiner-strength {s}: {} hands the refiner its latents mid-schedule, so there is no \
+                         finished image to rework; set the handoff point with --refiner-start",
+                        model.family().display
+                    )));
+                }
+                let r = Refiner { model: refiner, high_noise_fraction: start.unwrap_or(DEFAULT_HIGH_NOISE_FRACTION) };
+                check_refiner(model, &r)?;
+                Ok(Self::Latents(r))
+            }
+            Handoff::Image => {
+                if let Some(f) = start {
+                    return Err(Error::InvalidInput(format!(
+                        "--refiner-start {f}: {} runs all its steps and hands the refiner its decoded images \
+                         (the refiner cannot read its latents); set how much the refiner reworks them with \
+                         --refiner-strength",
+                        model.family().display
+                    )));
+                }
+                Ok(Self::Image(ImageRefiner { model: refiner, strength }))
+            }
+        }
+    }
+}
+
+/// What a refined run recorded about the refiner's half (for the metadata).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Refinement {
     /// The refiner's folder.
     pub model: String,
-    /// The handoff point (`denoising_end` of the base, `denoising_start` of the refiner).
-    pub high_noise_fraction: f64,
-    /// Steps the base ran (of `settings.steps`).
+    /// The refiner's pipeline, as `pipeline_type` names the base's.
+    pub pipeline_type: String,
+    /// How the refiner took over: from the base's latents or its decoded images.
+    pub handoff: Handoff,
+    /// Latents: the handoff point (`denoising_end` of the base, `denoising_start` of the refiner).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub high_noise_fraction: Option<f64>,
+    /// Image: the image-to-image strength.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// The refiner's schedule length (the base's for latents).
+    pub steps: usize,
+    /// The refiner's guidance scale.
+    pub guidance: f64,
+    /// The refiner's scheduler.
+    pub scheduler: String,
+    /// Steps the base ran (of its `settings.steps`).
     pub base_steps: usize,
     /// Steps the refiner ran.
     pub refiner_steps: usize,
@@ -47,6 +120,8 @@ pub struct Refinement {
     pub handoff_timestep: f64,
     /// The base pipeline was unloaded before the refiner loaded.
     pub base_unloaded: bool,
+    /// Memory once the base pipeline was unloaded, before the refiner loaded.
+    pub memory_after_unload: sdgen_memory::MemoryInfo,
 }
 
 /// diffusers' `discrete_timestep_cutoff`: `int(round(T - fraction · T))`, Python's rounding
@@ -66,21 +141,44 @@ pub fn txt2img(
     txt2img_refined(model, None, req, rt, progress)
 }
 
-/// Checks that `refiner` can finish `model`'s runs before anything is loaded.
-pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
-    let r = refiner.model;
-    let Some(base_family) = r.family().refines else {
+/// How `refiner` finishes `model`'s runs ([`FamilySpec::handoff_from`]); `InvalidInput` naming
+/// both when it is no refiner or does not refine `model`'s family.
+pub fn refiner_handoff(model: &ModelFolder, refiner: &ModelFolder) -> Result<Handoff> {
+    let r = refiner.family();
+    if r.refines.is_empty() {
         return Err(Error::InvalidInput(format!(
             "--refiner {} is {} ({}), not an SDXL refiner (a StableDiffusionXLImg2ImgPipeline with only \
              text_encoder_2, such as stabilityai/stable-diffusion-xl-refiner-1.0)",
-            r.root().display(),
-            r.family().display,
-            r.pipeline_class()
+            refiner.root().display(),
+            r.display,
+            refiner.pipeline_class()
         )));
-    };
-    if base_family.name != model.family().name {
+    }
+    r.handoff_from(model.family()).ok_or_else(|| {
+        // The seed's short names (SDXL, SD 3.5 Large), from the requirement table.
+        let bases: Vec<&str> =
+            r.refines.iter().map(|b| b.memory_profile().requirement.requirement().display_name).collect();
+        let bases = match bases.split_last() {
+            Some((last, [])) => last.to_string(),
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        Error::InvalidInput(format!(
+            "--refiner refines {bases} base runs; {} is {}",
+            model.root().display(),
+            model.family().display
+        ))
+    })
+}
+
+/// Checks that `refiner` can finish `model`'s runs from their latents before anything is loaded.
+pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
+    let r = refiner.model;
+    if refiner_handoff(model, r)? == Handoff::Image {
         return Err(Error::InvalidInput(format!(
-            "--refiner refines SDXL base runs; {} is {}",
+            "--refiner {} cannot continue the latents of {} ({}), whose latent space is not its own: it refines \
+             those runs from their decoded images",
+            r.root().display(),
             model.root().display(),
             model.family().display
         )));
@@ -118,7 +216,22 @@ pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
     Ok(())
 }
 
-/// [`txt2img`], finished by `refiner` when given (SDXL only).
+/// [`txt2img`], finished by `refiner` when given, from the base's latents or its images.
+pub fn txt2img_with_refiner(
+    model: &ModelFolder,
+    refiner: Option<RefinerRun>,
+    req: &Request,
+    rt: &Runtime,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Generation> {
+    match refiner {
+        Some(RefinerRun::Image(r)) => txt2img_image_refined(model, &r, req, rt, progress),
+        Some(RefinerRun::Latents(r)) => txt2img_refined(model, Some(r), req, rt, progress),
+        None => txt2img_refined(model, None, req, rt, progress),
+    }
+}
+
+/// [`txt2img`], finished by `refiner` from the base's latents when given (SDXL).
 pub fn txt2img_refined(
     model: &ModelFolder,
     refiner: Option<Refiner>,
@@ -132,22 +245,64 @@ pub fn txt2img_refined(
     let settings = resolve(model, req)?;
     let mut log = StageLog::default();
     let mut warnings = Vec::new();
-    let cfg_guidance = settings.guidance > 1.0;
     let size = ImageSize { height: settings.height, width: settings.width };
 
     super::stages::before_models(rt, progress);
-    // 1. Encode the prompts (one stage per text encoder).
-    let cond = encode_prompts(model, req, cfg_guidance, size, false, rt, &mut log, &mut warnings, progress)?;
+    // 1.–4. Encode, draw the noise, denoise; with a refiner, up to the handoff point.
+    let handoff = refiner.as_ref().map(|r| r.high_noise_fraction);
+    let (latents, base_end) = base_latents(model, req, &settings, handoff, rt, &mut log, &mut warnings, progress)?;
+    let vae_cfg: VaeConfig = model.config("vae", "config.json")?;
 
-    // 2. Timesteps; with a refiner, the base stops at the handoff point.
+    let Some(refiner) = refiner else {
+        // 5. Decode.
+        let pixels = stage("vae", progress, &mut log, rt, |rt, progress| {
+            decode("vae", model, &vae_cfg, latents.clone(), rt, progress)
+        })?;
+        let images = into_images(&pixels, req, &settings)?;
+        return Ok(log.into_generation(images, settings, warnings));
+    };
+
+    // 5'. The refiner. Every base model is already dropped (each stage drops its own): return
+    //     their memory at once, aggressively, as the seed does before loading the refiner.
+    sdgen_memory::cleanup_memory(true);
+    let unloaded = memory_point(progress, "After main pipeline unload");
+    let (pixels, refinement) =
+        refine_latents(&refiner, latents, req, &settings, size, unloaded, rt, &mut log, &mut warnings, progress)?;
+    memory_point(progress, "After refiner");
+    let images = into_images(&pixels, req, &settings)?;
+    let mut generation = log.into_generation(images, settings, warnings);
+    generation.refinement = Some(Refinement { base_steps: base_end, ..refinement });
+    Ok(generation)
+}
+
+/// Steps 1–4 of a text-to-image run, the base's part of a refined one: the prompts encoded, the
+/// initial noise drawn and denoised up to `handoff` (a fraction of the schedule; all of it for
+/// `None`). Returns the latents and the steps run.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn base_latents(
+    model: &ModelFolder,
+    req: &Request,
+    settings: &Settings,
+    handoff: Option<f64>,
+    rt: &Runtime,
+    log: &mut StageLog,
+    warnings: &mut Vec<String>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(candle_core::Tensor, usize)> {
+    let cfg_guidance = settings.guidance > 1.0;
+    let size = ImageSize { height: settings.height, width: settings.width };
+    // 1. Encode the prompts (one stage per text encoder).
+    let cond = encode_prompts(model, req, cfg_guidance, size, false, rt, log, warnings, progress)?;
+
+    // 2. Timesteps; with a latent handoff, the base stops at the handoff point.
     let scheduler_cfg = scheduler_config(model)?;
     let build_scheduler =
         || super::build_scheduler(model, settings.scheduler, settings.steps, settings.width, settings.height);
     let scheduler = build_scheduler()?;
     let timesteps = scheduler.timesteps().to_vec();
-    let base_end = match &refiner {
-        Some(r) => {
-            let cutoff = timestep_cutoff(&scheduler_cfg, r.high_noise_fraction);
+    let base_end = match handoff {
+        Some(fraction) => {
+            let cutoff = timestep_cutoff(&scheduler_cfg, fraction);
             timesteps.iter().filter(|&&t| t >= cutoff).count()
         }
         None => timesteps.len(),
@@ -167,7 +322,7 @@ pub fn txt2img_refined(
     // 4. Denoise.
     // A retried stage starts again from a fresh scheduler and the generators' state before it.
     let denoiser = model.denoiser_component();
-    let latents = stage(denoiser, progress, &mut log, rt, |rt, progress| {
+    let latents = stage(denoiser, progress, log, rt, |rt, progress| {
         denoise(
             denoiser,
             model,
@@ -175,38 +330,17 @@ pub fn txt2img_refined(
             0..base_end,
             latents.clone(),
             &cond,
-            &Guide::new(&settings, req),
+            &Guide::new(settings, req),
             &mut generators.clone(),
             rt,
             progress,
         )
     })?;
-    drop(cond);
-
-    let Some(refiner) = refiner else {
-        // 5. Decode.
-        let pixels = stage("vae", progress, &mut log, rt, |rt, progress| {
-            decode(model, &vae_cfg, latents.clone(), rt, progress)
-        })?;
-        let images = into_images(&pixels, req, &settings)?;
-        return Ok(log.into_generation(images, settings, warnings));
-    };
-
-    // 5'. The refiner. Every base model is already dropped (each stage drops its own): return
-    //     their memory at once, aggressively, as the seed does before loading the refiner.
-    sdgen_memory::cleanup_memory(true);
-    memory_point(progress, "After main pipeline unload");
-    let (pixels, refinement) =
-        refine_latents(&refiner, latents, req, &settings, size, rt, &mut log, &mut warnings, progress)?;
-    memory_point(progress, "After refiner");
-    let images = into_images(&pixels, req, &settings)?;
-    let mut generation = log.into_generation(images, settings, warnings);
-    generation.refinement = Some(Refinement { base_steps: base_end, ..refinement });
-    Ok(generation)
+    Ok((latents, base_end))
 }
 
 /// The refiner's half of the ensemble: its prompts, the schedule from the handoff point on, its
-/// VAE's decode. Returns the decoded pixels.
+/// VAE's decode. Returns the decoded pixels and the record (`base_steps` left for the caller).
 #[allow(clippy::too_many_arguments)]
 fn refine_latents(
     refiner: &Refiner,
@@ -214,6 +348,7 @@ fn refine_latents(
     req: &Request,
     settings: &Settings,
     size: ImageSize,
+    memory_after_unload: sdgen_memory::MemoryInfo,
     rt: &Runtime,
     log: &mut StageLog,
     warnings: &mut Vec<String>,
@@ -254,14 +389,21 @@ fn refine_latents(
     })?;
     drop(cond);
     let pixels =
-        stage("vae", progress, log, rt, |rt, progress| decode(model, &vae_cfg, latents.clone(), rt, progress))?;
+        stage("vae", progress, log, rt, |rt, progress| decode("vae", model, &vae_cfg, latents.clone(), rt, progress))?;
     let refinement = Refinement {
         model: model.root().display().to_string(),
-        high_noise_fraction: refiner.high_noise_fraction,
+        pipeline_type: model.family().pipeline_type.to_string(),
+        handoff: Handoff::Latents,
+        high_noise_fraction: Some(refiner.high_noise_fraction),
+        strength: None,
+        steps: settings.steps,
+        guidance: settings.guidance,
+        scheduler: settings.scheduler.to_string(),
         base_steps: 0,
         refiner_steps: timesteps.len() - start,
         handoff_timestep: timesteps.get(start).copied().unwrap_or(0.0),
         base_unloaded: true,
+        memory_after_unload,
     };
     Ok((pixels, refinement))
 }

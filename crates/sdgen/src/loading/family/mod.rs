@@ -11,8 +11,8 @@ mod row_tests;
 mod signatures;
 
 pub use parts::{
-    ConditioningSpec, ContextJoin, DenoiserArch, DenoiserSpec, HiddenLayer, MicroConditioning, ProfileFn,
-    TextEncoderArch, TextEncoderSpec, VaeSpec,
+    ConditioningSpec, ContextJoin, DenoiserArch, DenoiserSpec, Handoff, HiddenLayer, LatentSpace, MicroConditioning,
+    ProfileFn, TextEncoderArch, TextEncoderSpec, VaeSpec,
 };
 pub use signatures::{recognise, Marker, Recognised, Signature, PART_SIGNATURES, SIGNATURES};
 
@@ -55,14 +55,17 @@ pub struct FamilySpec {
     pub conditioning: ConditioningSpec,
     /// Channels of the latents the denoiser works on (the initial noise's).
     pub latent_channels: usize,
+    /// The latent space its VAE encodes into: whether a refiner can take its latents.
+    pub latent_space: LatentSpace,
     /// What the pipelines do with the VAE beyond its config.
     pub vae: VaeSpec,
     /// The schedule it was trained with.
     pub schedule: ScheduleKind,
     /// The memory planner's profile.
     pub memory_profile: ProfileFn,
-    /// The family whose text-to-image runs this one finishes, for a refiner.
-    pub refines: Option<&'static FamilySpec>,
+    /// For a refiner, the families whose text-to-image runs it finishes (how: see
+    /// [`FamilySpec::handoff_from`]); empty for the others.
+    pub refines: &'static [&'static FamilySpec],
     /// `pipeline_type` recorded in the metadata.
     pub pipeline_type: &'static str,
     /// Image sides must be multiples of this (VAE factor × patch size).
@@ -88,6 +91,18 @@ impl FamilySpec {
     /// The memory planner's profile of the family.
     pub fn memory_profile(&self) -> FamilyProfile {
         (self.memory_profile)()
+    }
+
+    /// How this refiner takes over `base`'s runs: by latents when both share a latent space, by
+    /// the decoded images otherwise; `None` when it refines no run of `base`'s.
+    pub fn handoff_from(&self, base: &FamilySpec) -> Option<Handoff> {
+        self.refines.iter().any(|b| b.name == base.name).then(|| {
+            if base.latent_space == self.latent_space {
+                Handoff::Latents
+            } else {
+                Handoff::Image
+            }
+        })
     }
 
     /// Whether pipelines feed the denoiser pooled text embeddings (an encoder with projection).
@@ -137,10 +152,11 @@ pub const SD15: FamilySpec = FamilySpec {
     encoders: &[clip_l(HiddenLayer::Last)],
     conditioning: ConditioningSpec { micro: None, zeros_for_empty_negative: false },
     latent_channels: 4,
+    latent_space: LatentSpace::Sd1,
     vae: VaeSpec { honours_force_upcast: false },
     schedule: ScheduleKind::Discrete,
     memory_profile: FamilyProfile::sd15,
-    refines: None,
+    refines: &[],
     pipeline_type: "StableDiffusionPipeline (SD 1.5)",
     size_multiple: 8,
     default_steps: 50,
@@ -164,10 +180,11 @@ pub const SDXL: FamilySpec = FamilySpec {
     encoders: &[clip_l(HiddenLayer::Penultimate), CLIP_BIG_G],
     conditioning: ConditioningSpec { micro: Some(MicroConditioning::TargetSize), zeros_for_empty_negative: true },
     latent_channels: 4,
+    latent_space: LatentSpace::Sdxl,
     vae: VaeSpec { honours_force_upcast: true },
     schedule: ScheduleKind::Discrete,
     memory_profile: FamilyProfile::sdxl,
-    refines: None,
+    refines: &[],
     pipeline_type: "StableDiffusionXLPipeline (SDXL)",
     size_multiple: 8,
     default_steps: 50,
@@ -191,10 +208,13 @@ pub const SDXL_REFINER: FamilySpec = FamilySpec {
     encoders: &[CLIP_BIG_G],
     conditioning: ConditioningSpec { micro: Some(MicroConditioning::AestheticScore), zeros_for_empty_negative: true },
     latent_channels: 4,
+    latent_space: LatentSpace::Sdxl,
     vae: VaeSpec { honours_force_upcast: true },
     schedule: ScheduleKind::Discrete,
     memory_profile: FamilyProfile::sdxl_refiner,
-    refines: Some(&SDXL),
+    // SDXL's runs by latents (its own space); SD 3.5's, whose 16-channel latents it cannot read,
+    // from their decoded images.
+    refines: &[&SDXL, &SD35_LARGE, &SD35_MEDIUM],
     pipeline_type: "StableDiffusionXLImg2ImgPipeline (SDXL refiner)",
     size_multiple: 8,
     default_steps: 50,
@@ -248,10 +268,11 @@ pub const SD35_LARGE: FamilySpec = FamilySpec {
     encoders: SD3_ENCODERS,
     conditioning: ConditioningSpec { micro: None, zeros_for_empty_negative: false },
     latent_channels: 16,
+    latent_space: LatentSpace::Sd3,
     vae: VaeSpec { honours_force_upcast: false },
     schedule: ScheduleKind::FlowMatching,
     memory_profile: FamilyProfile::sd35_large,
-    refines: None,
+    refines: &[],
     pipeline_type: "StableDiffusion3Pipeline (SD 3.5)",
     size_multiple: 16,
     default_steps: 28,

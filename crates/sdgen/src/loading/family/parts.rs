@@ -105,5 +105,30 @@ pub struct VaeSpec {
     pub honours_force_upcast: bool,
 }
 
+/// The latent space a family's VAE encodes into (its channels, scaling and shift, and what the
+/// denoiser learned of it). A base and a refiner of one space hand over latents mid-schedule
+/// (SDXL's ensemble of experts); a refiner of another space takes the base's decoded images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentSpace {
+    /// SD 1.x's VAE: 4 channels, scaling 0.18215.
+    Sd1,
+    /// SDXL's VAE, shared by its base and refiner: 4 channels, scaling 0.13025.
+    Sdxl,
+    /// SD 3's VAE: 16 channels, scaling 1.5305, shift 0.0609.
+    Sd3,
+}
+
+/// How a refiner takes over a base's run ([`super::FamilySpec::handoff_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handoff {
+    /// The base stops at a point of the schedule and the refiner denoises its latents on from
+    /// there (diffusers' ensemble of experts: `denoising_end` / `denoising_start`).
+    Latents,
+    /// The base runs all its steps and decodes; the refiner encodes the images with its own VAE
+    /// and reworks them by image-to-image at a strength.
+    Image,
+}
+
 /// The memory planner's profile of a family (`sdgen_memory` names its constructors itself).
 pub type ProfileFn = fn() -> FamilyProfile;

@@ -35,15 +35,33 @@ fn every_row_conditions_consistently() {
 }
 
 #[test]
-fn refiners_continue_a_base_with_their_latents() {
+fn refiners_continue_a_base_with_their_latents_or_its_images() {
+    // One latent space is one VAE: the same channels (and so the same initial noise's shape).
     for f in FAMILIES {
-        if let Some(base) = f.refines {
-            let row = FamilySpec::by_name(base.name).expect("the base is a row");
-            assert!(row.refines.is_none(), "{} refines a refiner", f.name);
-            assert_eq!(row.latent_channels, f.latent_channels, "{}", f.name);
-            assert_eq!(row.schedule, f.schedule, "{}", f.name);
+        for g in FAMILIES.iter().filter(|g| g.latent_space == f.latent_space) {
+            assert_eq!(f.latent_channels, g.latent_channels, "{} and {}", f.name, g.name);
         }
     }
+    for f in FAMILIES {
+        for base in f.refines {
+            let row = FamilySpec::by_name(base.name).expect("the base is a row");
+            assert!(row.refines.is_empty(), "{} refines a refiner", f.name);
+            match f.handoff_from(row) {
+                // Latents continue one schedule in one space.
+                Some(Handoff::Latents) => assert_eq!(row.schedule, f.schedule, "{}", f.name),
+                Some(Handoff::Image) => assert_ne!(row.latent_space, f.latent_space, "{}", f.name),
+                None => panic!("{} lists {} but does not refine it", f.name, row.name),
+            }
+        }
+    }
+    // SDXL hands its refiner latents, SD 3.5 (16 channels) its images; SD 1.5 is refined by none.
+    let by = |name| FamilySpec::by_name(name).unwrap();
+    let refiner = by("sdxl-refiner");
+    assert_eq!(refiner.handoff_from(by("sdxl")), Some(Handoff::Latents));
+    assert_eq!(refiner.handoff_from(by("sd35-large")), Some(Handoff::Image));
+    assert_eq!(refiner.handoff_from(by("sd35-medium")), Some(Handoff::Image));
+    assert_eq!(refiner.handoff_from(by("sd15")), None);
+    assert_eq!(by("sdxl").handoff_from(by("sdxl")), None);
 }
 
 #[test]

@@ -156,11 +156,13 @@ pub const SIGNATURES: &[Signature] = &[
     Signature {
         display: "an SD 3.5 Medium checkpoint (MMDiT-X)",
         family: Some(&SD35_MEDIUM),
+        advice: None,
         markers: &[Marker::Has(SAI_MMDIT_QK_NORM), Marker::Has(SAI_MMDIT_X_ATTN2)],
     },
     Signature {
         display: "an SD 3.5 Large checkpoint",
         family: Some(&SD35_LARGE),
+        advice: None,
         markers: &[Marker::Has(SAI_MMDIT_QK_NORM), Marker::Lacks(SAI_MMDIT_X_ATTN2)],
     },
     Signature {
