@@ -2,23 +2,32 @@
 # SD 3.5's MMDiT on CUDA beside diffusers, one device call: our transformer evaluation at 1024²
 # with the CFG batch (sdgen-bench --component transformer, loads apart), its per-kernel breakdown
 # (ncu, the last evaluation only) and diffusers' (torch.profiler, peer_profile.py sd35), and
-# diffusers' timing (peer_diffusers.py sd35). MODEL (default sd35-large) picks the family;
-# PARTS (default "bench ncu peer") narrows it; EXTRA passes flags to our runs.
+# diffusers' timing (peer_diffusers.py sd35); `ops` first runs the fused DiT kernels' GPU tests
+# at the real shapes (.carry/gpu_ops.xz). MODEL (default sd35-large) picks the family; PARTS
+# (default "ops bench ncu peer") narrows it; EXTRA passes flags to our runs. A
+# .carry/sdgen-bench-before.xz (an earlier build) is benched beside the current one.
 # Expects .carry/sdgen-bench.xz, .carry/peer_diffusers.py and .whl/; writes $OUT/mmdit/.
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; D="$OUT/mmdit"; mkdir -p "$D"
-PARTS=${PARTS:-bench ncu peer}
+PARTS=${PARTS:-ops bench ncu peer}
 MODEL=${MODEL:-sd35-large}; DIR=/tmp/bench-$MODEL-bf16
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-[ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+for b in sdgen-bench sdgen-bench-before gpu_ops; do
+  [ -x /tmp/$b ] || [ ! -f .carry/$b.xz ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
+done
+if has ops && [ -x /tmp/gpu_ops ]; then
+  echo "== ops: the fused DiT kernels against the stock path at SD 3.5's shapes"
+  /tmp/gpu_ops adaptive_norms packed_heads --test-threads=1 --nocapture > "$D/gpu_ops.log" 2>&1
+  grep -E "fast vs stock|test result|panicked" "$D/gpu_ops.log" | tail -40
+fi
 S=$SECONDS
 [ -f "$DIR/model_index.json" ] || /tmp/sdgen-bench --family "$MODEL" --model-dir "$DIR" --device cuda --dtype bf16 --write-only > /dev/null 2> "$D/write.log" || tail -5 "$D/write.log"
 echo "folder ready ($((SECONDS - S)) s)"
-bench() {  # name [extra...]
-  local name=$1; shift
-  /tmp/sdgen-bench --family "$MODEL" --model-dir "$DIR" --device cuda --dtype bf16 --width 1024 --height 1024 \
+bench() {  # binary name [extra...]
+  local bin=$1 name=$2; shift 2
+  /tmp/$bin --family "$MODEL" --model-dir "$DIR" --device cuda --dtype bf16 --width 1024 --height 1024 \
     --component transformer --iterations 7 "$@" > "$D/$name.json" 2> "$D/$name.log"
   python3 - "$D/$name.json" "$name" <<'PY'
 import json, sys
@@ -33,7 +42,8 @@ PY
 }
 if has bench; then
   echo "== ours: one transformer evaluation (CFG batch), bf16, 1024²"
-  bench "transformer_${MODEL}" ${EXTRA:-}
+  bench sdgen-bench "transformer_${MODEL}" ${EXTRA:-}
+  [ -x /tmp/sdgen-bench-before ] && bench sdgen-bench-before "transformer_${MODEL}_before" ${EXTRA:-}
 fi
 if has ncu; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -272,6 +272,126 @@ __device__ void geglu(const T* __restrict__ x, T* __restrict__ y, int inner, int
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The adaptive layer norms of DiT-type models (SD 3's MMDiT).
+
+// Sum over the block; every thread gets the result. blockDim.x is a multiple of 32, at most 1024.
+__device__ float block_sum(float v) {
+  __shared__ float warps[32];
+  __shared__ float total;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
+  if (lane == 0) warps[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < (int)(blockDim.x >> 5) ? warps[lane] : 0.f;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  float r = total;
+  __syncthreads();  // `total` and `warps` are reused by the next call
+  return r;
+}
+
+// y = LN(x) · (1 + scale) + shift over rows of d elements (a layer norm without affine
+// parameters, then diffusers' `norm(x) * (1 + scale[:, None]) + shift[:, None]`), rounded after
+// the norm, `1 + scale`, the product and the sum, as those separate PyTorch ops round. x, y:
+// [items · rows_per_item, d] contiguous; shift, scale: [items, d] with row stride mod_ld (chunks
+// of the modulation vector). One block per row, LN_MAXV elements per thread in registers.
+#define LN_MAXV 16
+template <typename T>
+__device__ void ln_modulate(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
+                            T* __restrict__ y, int d, int rows_per_item, long long mod_ld, float eps) {
+  const long long row = blockIdx.x;
+  const long long item = row / rows_per_item;
+  const T* xr = x + row * d;
+  float v[LN_MAXV];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < LN_MAXV; ++i) {
+    int j = threadIdx.x + i * blockDim.x;
+    v[i] = j < d ? to_f(xr[j]) : 0.f;
+    sum += v[i];
+  }
+  const float mean = block_sum(sum) / d;
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < LN_MAXV; ++i) {
+    int j = threadIdx.x + i * blockDim.x;
+    float c = v[i] - mean;
+    sq += j < d ? c * c : 0.f;
+  }
+  const float rstd = rsqrtf(block_sum(sq) / d + eps);
+  const T* sh = shift + item * mod_ld;
+  const T* sc = scale + item * mod_ld;
+  T* yr = y + row * d;
+#pragma unroll
+  for (int i = 0; i < LN_MAXV; ++i) {
+    int j = threadIdx.x + i * blockDim.x;
+    if (j < d) {
+      float n = round_to<T>((v[i] - mean) * rstd);
+      float s1 = round_to<T>(1.f + to_f(sc[j]));
+      yr[j] = from_f<T>(round_to<T>(n * s1) + to_f(sh[j]));
+    }
+  }
+}
+
+// out = x + y · gate (adaLN-Zero's gated residual, `x + gate[:, None] * y`), the product rounded
+// before the sum. x, y, out: [items · rows_per_item, d] contiguous, 16-byte aligned, d a multiple
+// of the vector width; gate: [items, d] with row stride gate_ld. One 16-byte vector per thread.
+template <typename T>
+__device__ void gated_add(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gate,
+                          T* __restrict__ out, int d, long long rows_per_item, long long gate_ld, long long n) {
+  constexpr int N = Vec<T>::N;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * N; i < n;
+       i += (long long)gridDim.x * blockDim.x * N) {
+    long long row = i / d;
+    int j = (int)(i - row * d);
+    const T* g = gate + (row / rows_per_item) * gate_ld + j;
+    Vec<T> a, b;
+    a.load(x + i);
+    b.load(y + i);
+#pragma unroll
+    for (int e = 0; e < N; ++e) a.v[e] = a.v[e] + round_to<T>(b.v[e] * to_f(g[e]));
+    a.store(out + i);
+  }
+}
+
+// Attention heads packed for a joint attention: src: [items, rows, heads · d] (row stride
+// src_row, item stride src_item) is written into dst: [items, dst_rows, heads, d] at rows
+// [dst_row0, dst_row0 + rows), each head's d values RMS-normalised when w is given (diffusers'
+// RMSNorm: x · rsqrt(mean(x²) + eps) in f32, rounded to the storage type, then times the weight
+// and rounded again), copied as they are otherwise. One warp per (item, row, head).
+template <typename T>
+__device__ void rms_pack(const T* __restrict__ src, long long src_item, long long src_row, const T* __restrict__ w,
+                         T* __restrict__ dst, int items, int rows, int heads, int d, int dst_rows, int dst_row0,
+                         float eps) {
+  const long long warps = (long long)items * rows * heads;
+  const int lane = threadIdx.x & 31;
+  for (long long wi = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; wi < warps;
+       wi += ((long long)gridDim.x * blockDim.x) >> 5) {
+    int h = (int)(wi % heads);
+    long long r = (wi / heads) % rows, item = wi / ((long long)heads * rows);
+    const T* s = src + item * src_item + r * src_row + (long long)h * d;
+    T* o = dst + ((item * dst_rows + dst_row0 + r) * heads + h) * (long long)d;
+    float inv = 1.f;
+    if (w != nullptr) {
+      float sq = 0.f;
+      for (int e = lane; e < d; e += 32) {
+        float v = to_f(s[e]);
+        sq += v * v;
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, offset);
+      inv = rsqrtf(sq / d + eps);
+    }
+    for (int e = lane; e < d; e += 32) {
+      float v = to_f(s[e]);
+      o[e] = w != nullptr ? from_f<T>(round_to<T>(v * inv) * to_f(w[e])) : s[e];
+    }
+  }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                                   \
   extern "C" __global__ void gn_stats_##SUFFIX(const T* x, const T* add, int C, int HW, int cpg, int G,         \
                                                int splits, float* partial) {                                   \
@@ -292,7 +412,20 @@ __device__ void geglu(const T* __restrict__ x, T* __restrict__ y, int inner, int
     gn_apply<T, true>(x, add, gamma, beta, y, C, HW, cpg, G, splits, partial, eps, silu);                       \
   }                                                                                                              \
   extern "C" __global__ void softmax_rows_##SUFFIX(T* s, int cols) { softmax_rows<T>(s, cols); }                \
-  extern "C" __global__ void geglu_##SUFFIX(const T* x, T* y, int inner, int64_t n) { geglu<T>(x, y, inner, n); }
+  extern "C" __global__ void geglu_##SUFFIX(const T* x, T* y, int inner, int64_t n) { geglu<T>(x, y, inner, n); } \
+  extern "C" __global__ void ln_modulate_##SUFFIX(const T* x, const T* shift, const T* scale, T* y, int d,      \
+                                                  int rows_per_item, long long mod_ld, float eps) {            \
+    ln_modulate<T>(x, shift, scale, y, d, rows_per_item, mod_ld, eps);                                          \
+  }                                                                                                              \
+  extern "C" __global__ void gated_add_##SUFFIX(const T* x, const T* y, const T* gate, T* out, int d,           \
+                                                long long rows_per_item, long long gate_ld, long long n) {     \
+    gated_add<T>(x, y, gate, out, d, rows_per_item, gate_ld, n);                                                \
+  }                                                                                                              \
+  extern "C" __global__ void rms_pack_##SUFFIX(const T* src, long long src_item, long long src_row, const T* w,  \
+                                               T* dst, int items, int rows, int heads, int d, int dst_rows,     \
+                                               int dst_row0, float eps) {                                       \
+    rms_pack<T>(src, src_item, src_row, w, dst, items, rows, heads, d, dst_rows, dst_row0, eps);                \
+  }
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)

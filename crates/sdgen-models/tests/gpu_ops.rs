@@ -1,7 +1,8 @@
 //! The fast CUDA paths of the kernel seam (`sdgen_models::ops`) against the stock path on the
 //! same GPU and against an f32 CPU reference, at the real models' shapes (SD 1.5's and SDXL's
 //! channel counts, resolutions and head dims 40/64/80/128/512; the tiny test models never reach
-//! them). A CUDA build only: run on the GPU machine with one test thread (the tests flip the
+//! them; SD 3.5's MMDiT widths 2432/1536 over 4096 + 333 tokens for its adaptive norms and packed
+//! QK-norm heads). A CUDA build only: run on the GPU machine with one test thread (the tests flip the
 //! process-wide fast-kernel switch):
 //!
 //! `cargo test -p sdgen-models --features cudnn --release --test gpu_ops -- --test-threads=1`
@@ -10,10 +11,10 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use sdgen_models::ops::attention::{attention_with, AttentionOptions};
+use sdgen_models::ops::attention::{attention_with, pack_heads, AttentionOptions};
 use sdgen_models::ops::conv::Conv2d;
 use sdgen_models::ops::linear::Linear;
-use sdgen_models::ops::norm::GroupNorm;
+use sdgen_models::ops::norm::{gated_add, GroupNorm, LayerNorm, RmsNorm};
 use sdgen_models::ops::{geglu, set_fast_kernels};
 
 fn gpu() -> Device {
@@ -236,6 +237,84 @@ fn linear_layers_at_real_shapes() -> Result<()> {
             let reference = Linear::new(cpu32(&w)?, b.as_ref().map(cpu32).transpose()?).forward(&cpu32(&x)?)?;
             let what = format!("linear {shape:?} → {n} bias {with_bias}");
             check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&stock, &reference)?);
+        }
+    }
+    Ok(())
+}
+
+/// The largest difference between `a` and `b` in units of the larger's magnitude (1 = one
+/// rounding step of bf16 at that magnitude is ~2^-8), and the fraction of elements that differ.
+fn ulp_diff(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+    let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (mut worst, mut differing) = (0f64, 0usize);
+    for (x, y) in a.iter().zip(&b) {
+        if x != y {
+            differing += 1;
+            worst = worst.max(((x - y).abs() / x.abs().max(y.abs()).max(1e-6)) as f64);
+        }
+    }
+    Ok((worst, differing as f64 / a.len().max(1) as f64))
+}
+
+/// The fast path against the stock path on the same GPU: at most one rounding step apart on a
+/// few elements (the statistics' summation order differs), none further.
+fn check_close(what: &str, dtype: DType, fast: &Tensor, stock: &Tensor) -> Result<()> {
+    let (worst, share) = ulp_diff(fast, stock)?;
+    let step = match dtype {
+        DType::BF16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+        _ => 1e-5,
+    };
+    println!("{what} {dtype:?}: fast vs stock worst {worst:.2e} relative, {:.4}% of elements differ", 100.0 * share);
+    assert!(worst <= step * 1.01, "{what} {dtype:?}: {worst:e} > one rounding step {step:e}");
+    assert!(share <= 0.01, "{what} {dtype:?}: {share} of the elements differ");
+    Ok(())
+}
+
+/// SD 3.5's adaptive layer norm (`LN(x)·(1 + scale) + shift`, the scale and shift chunks of one
+/// modulation vector) and gated residual at Large's and Medium's widths over 4096 image tokens.
+#[test]
+fn adaptive_norms_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    for (tokens, width) in [(4096usize, 2432usize), (4096, 1536), (333, 2432)] {
+        for dtype in DTYPES {
+            let x = randn(&[2, tokens, width], dtype, &dev)?;
+            let emb = (randn(&[2, 6 * width], dtype, &dev)? * 0.5)?;
+            let c = emb.chunk(6, 1)?;
+            let norm = LayerNorm::no_affine(width, 1e-6);
+            let (fast, stock) = both(|| norm.forward_modulated(&x, &c[0], &c[1]))?;
+            check_close(&format!("ln_modulate [2, {tokens}, {width}]"), dtype, &fast, &stock)?;
+            let y = randn(&[2, tokens, width], dtype, &dev)?;
+            let (fast, stock) = both(|| gated_add(&x, &c[2], &y))?;
+            let (worst, _) = ulp_diff(&fast, &stock)?;
+            assert_eq!(worst, 0.0, "gated_add [2, {tokens}, {width}] {dtype:?}: the same two roundings, bit for bit");
+        }
+    }
+    Ok(())
+}
+
+/// Joint attention's heads packed with their QK RMS-norms: 4096 image and 333 context tokens,
+/// 38 (Large) and 24 (Medium) heads of 64, straight from the projections.
+#[test]
+fn packed_heads_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    for heads in [38usize, 24] {
+        let inner = heads * 64;
+        for dtype in DTYPES {
+            let image = randn(&[2, 4096, inner], dtype, &dev)?;
+            let context = randn(&[2, 333, inner], dtype, &dev)?;
+            let weight = |seed: f64| -> Result<RmsNorm> {
+                let w = ((randn(&[64], DType::F32, &dev)? * 0.1)? + seed)?.to_dtype(dtype)?;
+                RmsNorm::new(64, 1e-6, vb(vec![("weight", w)], dtype, &dev))
+            };
+            let (nq, nc) = (weight(1.0)?, weight(0.9)?);
+            let (fast, stock) = both(|| pack_heads(&[(&image, Some(&nq)), (&context, Some(&nc))], heads))?;
+            assert_eq!(fast.dims(), [2, 4096 + 333, heads, 64]);
+            check_close(&format!("pack_heads QK-norm {heads} heads"), dtype, &fast, &stock)?;
+            let (fast, stock) = both(|| pack_heads(&[(&image, None), (&context, None)], heads))?;
+            let (worst, _) = ulp_diff(&fast, &stock)?;
+            assert_eq!(worst, 0.0, "pack_heads without norms is a copy ({dtype:?})");
         }
     }
     Ok(())

@@ -6,9 +6,9 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::ops::attention::{attention_with, AttentionOptions, AttentionOptionsCell};
+use crate::ops::attention::{attention_with, pack_heads, AttentionOptions, AttentionOptionsCell};
 use crate::ops::linear::{linear, Linear};
-use crate::ops::norm::{modulate, LayerNorm, RmsNorm};
+use crate::ops::norm::{gated_add, LayerNorm, RmsNorm};
 
 /// Epsilon of every norm inside the blocks (`eps=1e-6` throughout diffusers' SD 3 code).
 const EPS: f64 = 1e-6;
@@ -60,11 +60,11 @@ impl AdaNormZero {
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Modulated> {
         let c = chunks(&self.proj.forward(temb)?, self.chunks)?;
-        let normed = self.norm.forward(x)?;
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
-        let x2 = if self.chunks == 9 { Some((modulate(&normed, &c[6], &c[7])?, c[8].clone())) } else { None };
+        let x2 =
+            if self.chunks == 9 { Some((self.norm.forward_modulated(x, &c[6], &c[7])?, c[8].clone())) } else { None };
         Ok(Modulated {
-            x: modulate(&normed, &c[0], &c[1])?,
+            x: self.norm.forward_modulated(x, &c[0], &c[1])?,
             gate_msa: c[2].clone(),
             shift_mlp: c[3].clone(),
             scale_mlp: c[4].clone(),
@@ -90,13 +90,8 @@ impl AdaNormContinuous {
 
     pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let c = chunks(&self.proj.forward(temb)?, 2)?;
-        modulate(&self.norm.forward(x)?, &c[1], &c[0])
+        self.norm.forward_modulated(x, &c[1], &c[0])
     }
-}
-
-/// `x + gate[:, None] · y` (the adaLN-Zero gated residual).
-fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
-    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
 /// `FeedForward(dim, activation_fn="gelu-approximate")`: `Linear(dim → 4·dim)`, tanh GELU,
@@ -158,20 +153,10 @@ impl Qkv {
         })
     }
 
-    /// `x: [b, n, dim]` → q, k, v as `[b, n, heads, head_dim]` (the norms over `head_dim`).
-    fn forward(&self, x: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
-        let (b, n, _) = x.dims3()?;
-        let split = |t: Tensor| t.reshape((b, n, heads, ()));
-        let mut q = split(self.q.forward(x)?)?;
-        let mut k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        if let Some(norm) = &self.norm_q {
-            q = norm.forward(&q)?;
-        }
-        if let Some(norm) = &self.norm_k {
-            k = norm.forward(&k)?;
-        }
-        Ok([q, k, v])
+    /// `x: [b, n, dim]` → the projections q, k, v `[b, n, inner]` (not yet split into heads or
+    /// normalised: [`pack_heads`] does both).
+    fn forward(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        Ok([self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?])
     }
 }
 
@@ -225,14 +210,23 @@ impl JointAttention {
     /// context tokens `c: [b, t, dim]`: `(image output, context output if projected back)`.
     fn forward(&self, x: &Tensor, c: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
         let n = x.dim(1)?;
-        let [mut q, mut k, mut v] = self.image.forward(x, self.heads)?;
-        if let (Some(context), Some(c)) = (&self.context, c) {
-            let [cq, ck, cv] = context.forward(c, self.heads)?;
-            q = Tensor::cat(&[&q, &cq], 1)?;
-            k = Tensor::cat(&[&k, &ck], 1)?;
-            v = Tensor::cat(&[&v, &cv], 1)?;
-        }
-        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let image = self.image.forward(x)?;
+        let context = match (&self.context, c) {
+            (Some(context), Some(c)) => Some(context.forward(c)?),
+            _ => None,
+        };
+        // The image tokens first, then the context's, each stream with its own QK-norms.
+        let pack = |i: usize, norms: [Option<&RmsNorm>; 2]| -> Result<Tensor> {
+            let mut parts = vec![(&image[i], norms[0])];
+            if let Some(c) = &context {
+                parts.push((&c[i], norms[1]));
+            }
+            pack_heads(&parts, self.heads)?.transpose(1, 2)
+        };
+        let context_norms = self.context.as_ref();
+        let q = pack(0, [self.image.norm_q.as_ref(), context_norms.and_then(|c| c.norm_q.as_ref())])?;
+        let k = pack(1, [self.image.norm_k.as_ref(), context_norms.and_then(|c| c.norm_k.as_ref())])?;
+        let v = pack(2, [None, None])?;
         let o = attention_with(&q, &k, &v, self.scale, None, self.options.get())?;
         let (b, heads, len, d) = o.dims4()?;
         let o = o.transpose(1, 2)?.reshape((b, len, heads * d))?;
@@ -322,13 +316,13 @@ impl JointBlock {
         if let (Some(attn2), Some((x2, gate2))) = (&self.attn2, &m.x2) {
             x = gated_add(&x, gate2, &attn2.forward(x2, None)?.0)?;
         }
-        let ff_in = modulate(&self.norm2.forward(&x)?, &m.shift_mlp, &m.scale_mlp)?;
+        let ff_in = self.norm2.forward_modulated(&x, &m.shift_mlp, &m.scale_mlp)?;
         let x = gated_add(&x, &m.gate_mlp, &self.ff.forward(&ff_in)?)?;
 
         let c = match (&self.context, c_mod, c_attn_out) {
             (ContextStream::Full { norm2, ff, .. }, Some(cm), Some(c_attn_out)) => {
                 let c = gated_add(c, &cm.gate_msa, &c_attn_out)?;
-                let ff_in = modulate(&norm2.forward(&c)?, &cm.shift_mlp, &cm.scale_mlp)?;
+                let ff_in = norm2.forward_modulated(&c, &cm.shift_mlp, &cm.scale_mlp)?;
                 Some(gated_add(&c, &cm.gate_mlp, &ff.forward(&ff_in)?)?)
             }
             _ => None,

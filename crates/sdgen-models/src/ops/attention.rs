@@ -13,6 +13,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::norm::RmsNorm;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// How [`attention_with`] bounds the memory of its score matrix; chosen at run time per model
@@ -140,6 +141,34 @@ pub fn attention_with(
         return super::cuda::attention(q, k, v, scale, rows);
     }
     reference(q, k, v, scale, mask, options)
+}
+
+/// The heads of several token sequences, packed for one joint attention: each `x: [b, rows,
+/// heads · d]` split into heads, RMS-normalised per head when it has a norm (SD 3.5's QK-norm),
+/// and the sequences concatenated along the tokens: `[b, Σ rows, heads, d]` (transpose 1 and 2
+/// for [`attention_with`]). One kernel per sequence on CUDA instead of a norm's four passes and
+/// a concatenation's copy.
+pub fn pack_heads(parts: &[(&Tensor, Option<&RmsNorm>)], heads: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if parts.first().is_some_and(|(x, _)| super::fast_cuda(x.device())) && !(parts.len() == 1 && parts[0].1.is_none()) {
+        let sources: Vec<_> =
+            parts.iter().map(|(x, norm)| super::cuda::HeadsSource { x, norm: norm.map(|n| n.parts()) }).collect();
+        if let Some(packed) = super::cuda::pack_heads(&sources, heads)? {
+            return Ok(packed);
+        }
+    }
+    let split = parts
+        .iter()
+        .map(|(x, norm)| {
+            let (b, n, _) = x.dims3()?;
+            let x = x.reshape((b, n, heads, ()))?;
+            norm.map_or(Ok(x.clone()), |norm| norm.forward(&x))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match split.as_slice() {
+        [one] => Ok(one.clone()),
+        many => Tensor::cat(many, 1),
+    }
 }
 
 /// The reference path of [`attention_with`] on every device: matmul, f32 softmax, matmul, the

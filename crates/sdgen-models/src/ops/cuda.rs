@@ -604,3 +604,135 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
     unsafe { l.launch(cfg) }.map_err(wrap)?;
     Ok(Some(into_tensor(out, &[b, q_len, heads, d]).transpose(1, 2)?))
 }
+
+/// `(pointer, row stride)` of a `[items, d]` modulation chunk whose rows are contiguous (a
+/// `chunk` of the modulation vector), or `None` for another layout.
+fn rows_view(t: &Tensor, input: &Input, stream: &CudaStream, d: usize) -> Result<Option<(u64, i64)>> {
+    if t.rank() != 2 || t.dim(1)? != d || t.stride()[1] != 1 {
+        return Ok(None);
+    }
+    Ok(Some((input.ptr(stream, 0)?, t.stride()[0] as i64)))
+}
+
+/// The widest row [`ln_modulate`] keeps in registers (`LN_MAXV` elements × 256 threads).
+const LN_MAX_DIM: usize = 16 * 256;
+
+/// `LN(x) · (1 + scale) + shift` for `x: [b, n, d]`, `shift`, `scale: [b, d]` (see
+/// `kernels/sdgen_ops.cu`); `None` where the kernel does not apply.
+pub(crate) fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let (b, n, d) = x.dims3()?;
+    let dtype = x.dtype();
+    if d > LN_MAX_DIM || b * n > i32::MAX as usize || shift.dtype() != dtype || scale.dtype() != dtype {
+        return Ok(None);
+    }
+    let device = cuda_device(x)?;
+    let stream = device.cuda_stream();
+    let x = x.contiguous()?;
+    let (xi, shi, sci) = (Input::new(&x)?, Input::new(shift)?, Input::new(scale)?);
+    let (Some((shp, sh_ld)), Some((scp, sc_ld))) =
+        (rows_view(shift, &shi, &stream, d)?, rows_view(scale, &sci, &stream, d)?)
+    else {
+        return Ok(None);
+    };
+    if sh_ld != sc_ld {
+        return Ok(None);
+    }
+    let out = alloc(&device, dtype, x.elem_count())?;
+    let (xp, yp) = (xi.ptr(&stream, 0)?, storage_ptr(&out, &stream, 0)?);
+    let f = function(&device, &format!("ln_modulate_{}", suffix(dtype)?))?;
+    let (di, rows, epsf) = (d as i32, n as i32, eps as f32);
+    let cfg = LaunchConfig { grid_dim: ((b * n) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&shp).arg(&scp).arg(&yp).arg(&di).arg(&rows).arg(&sh_ld).arg(&epsf);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+    Ok(Some(into_tensor(out, &[b, n, d])))
+}
+
+/// `x + y · gate` for `x`, `y: [b, n, d]` and `gate: [b, d]` (see `kernels/sdgen_ops.cu`); `None`
+/// where the kernel does not apply (unaligned, `d` not a multiple of the vector width).
+pub(crate) fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+    let (b, n, d) = x.dims3()?;
+    let dtype = x.dtype();
+    let width = 16 / dtype.size_in_bytes();
+    if y.dims() != [b, n, d] || y.dtype() != dtype || gate.dtype() != dtype || !d.is_multiple_of(width) {
+        return Ok(None);
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    if [&x, &y].iter().any(|t| !t.layout().start_offset().is_multiple_of(width)) {
+        return Ok(None);
+    }
+    let device = cuda_device(&x)?;
+    let stream = device.cuda_stream();
+    let (xi, yi, gi) = (Input::new(&x)?, Input::new(&y)?, Input::new(gate)?);
+    let Some((gp, g_ld)) = rows_view(gate, &gi, &stream, d)? else { return Ok(None) };
+    let len = x.elem_count();
+    let out = alloc(&device, dtype, len)?;
+    let (xp, yp, op) = (xi.ptr(&stream, 0)?, yi.ptr(&stream, 0)?, storage_ptr(&out, &stream, 0)?);
+    let f = function(&device, &format!("gated_add_{}", suffix(dtype)?))?;
+    let (di, rows, total) = (d as i32, n as i64, len as i64);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&yp).arg(&gp).arg(&op).arg(&di).arg(&rows).arg(&g_ld).arg(&total);
+    unsafe { l.launch(launch_1d(len / width, 256, 1 << 20)) }.map_err(wrap)?;
+    Ok(Some(into_tensor(out, &[b, n, d])))
+}
+
+/// One source of [`pack_heads`]: `x: [b, rows, heads · d]` (rows contiguous) and the RMS norm
+/// (weight `[d]`, epsilon) its heads get, if any.
+pub(crate) struct HeadsSource<'a> {
+    pub x: &'a Tensor,
+    pub norm: Option<(&'a Tensor, f64)>,
+}
+
+/// The sources' heads written one after another along the token axis of one `[b, Σ rows, heads,
+/// d]` tensor, each RMS-normalised as its source says (see `kernels/sdgen_ops.cu`); `None` where
+/// the kernel does not apply.
+pub(crate) fn pack_heads(sources: &[HeadsSource], heads: usize) -> Result<Option<Tensor>> {
+    let Some(first) = sources.first() else { return Ok(None) };
+    let (b, _, width) = first.x.dims3()?;
+    let dtype = first.x.dtype();
+    if heads == 0 || !width.is_multiple_of(heads) {
+        return Ok(None);
+    }
+    let d = width / heads;
+    let mut rows = Vec::with_capacity(sources.len());
+    for s in sources {
+        let (sb, r, w) = s.x.dims3()?;
+        if sb != b || w != width || s.x.dtype() != dtype || s.x.stride()[2] != 1 {
+            return Ok(None);
+        }
+        if s.norm.is_some_and(|(weight, _)| weight.dims() != [d]) {
+            return Ok(None);
+        }
+        rows.push(r);
+    }
+    let total: usize = rows.iter().sum();
+    if b * total * heads > i32::MAX as usize {
+        return Ok(None);
+    }
+    let device = cuda_device(first.x)?;
+    let stream = device.cuda_stream();
+    let out = alloc(&device, dtype, b * total * heads * d)?;
+    let op = storage_ptr(&out, &stream, 0)?;
+    let f = function(&device, &format!("rms_pack_{}", suffix(dtype)?))?;
+    let mut row0 = 0usize;
+    for (s, &r) in sources.iter().zip(&rows) {
+        let xi = Input::new(s.x)?;
+        let xp = xi.ptr(&stream, 0)?;
+        let weight = s.norm.map(|(w, _)| prepared(w, dtype)).transpose()?;
+        let wi = weight.as_ref().map(Input::new).transpose()?;
+        let wp = match &wi {
+            Some(w) => w.ptr(&stream, 0)?,
+            None => 0u64,
+        };
+        let eps = s.norm.map_or(0.0, |(_, e)| e) as f32;
+        let (item_stride, row_stride) = (s.x.stride()[0] as i64, s.x.stride()[1] as i64);
+        let (bi, ri, hi, di, ti, r0) = (b as i32, r as i32, heads as i32, d as i32, total as i32, row0 as i32);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&xp).arg(&item_stride).arg(&row_stride).arg(&wp).arg(&op);
+        l.arg(&bi).arg(&ri).arg(&hi).arg(&di).arg(&ti).arg(&r0).arg(&eps);
+        // Eight warps (one per head row) a block.
+        unsafe { l.launch(launch_1d(b * r * heads * 32, 256, 1 << 20)) }.map_err(wrap)?;
+        row0 += r;
+    }
+    Ok(Some(into_tensor(out, &[b, total, heads, d])))
+}

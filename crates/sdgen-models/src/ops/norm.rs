@@ -120,6 +120,20 @@ impl LayerNorm {
             }
         }
     }
+
+    /// [`modulate`]`(self.forward(x), shift, scale)` for `x: [b, n, d]`: the adaptive layer
+    /// norms' whole pattern, one kernel on CUDA for a norm without affine parameters (the
+    /// roundings of the separate ops kept).
+    pub fn forward_modulated(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        check_modulation(x, shift, scale)?;
+        #[cfg(feature = "cuda")]
+        if self.affine.is_none() && super::fast_cuda(x.device()) && x.dim(2)? == self.dim {
+            if let Some(y) = super::cuda::ln_modulate(x, shift, scale, self.eps)? {
+                return Ok(y);
+            }
+        }
+        modulate(&self.forward(x)?, shift, scale)
+    }
 }
 
 /// diffusers' `RMSNorm` (`normalization.py`) with its weight: `x / sqrt(mean(x²) + eps)` with the
@@ -142,6 +156,12 @@ impl RmsNorm {
         Ok(Self { weight, ones, eps })
     }
 
+    /// The weight `[dim]` and epsilon, for kernels that fuse the norm into other work.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
@@ -159,6 +179,13 @@ impl RmsNorm {
 /// `norm(x) * (1 + scale[:, None]) + shift[:, None]` is. One function so a fused kernel (with the
 /// layer norm before it) can replace it for every DiT-type model at once.
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    check_modulation(x, shift, scale)?;
+    let scale = (scale + 1.0)?.unsqueeze(1)?;
+    x.broadcast_mul(&scale)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// That `shift` and `scale` are `[b, d]` for `x: [b, n, d]`.
+fn check_modulation(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<()> {
     let (b, _, d) = x.dims3()?;
     if shift.dims() != [b, d] || scale.dims() != [b, d] {
         candle_core::bail!(
@@ -168,8 +195,28 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
             scale.dims()
         );
     }
-    let scale = (scale + 1.0)?.unsqueeze(1)?;
-    x.broadcast_mul(&scale)?.broadcast_add(&shift.unsqueeze(1)?)
+    Ok(())
+}
+
+/// adaLN-Zero's gated residual `x + gate[:, None] · y` for `x`, `y: [b, n, d]` and `gate: [b, d]`,
+/// the product rounded before the sum as diffusers' two ops round; one kernel on CUDA.
+pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let (b, _, d) = x.dims3()?;
+    if gate.dims() != [b, d] || y.dims() != x.dims() {
+        candle_core::bail!(
+            "gated residual {:?} + {:?} · gate {:?}: mismatched shapes",
+            x.dims(),
+            y.dims(),
+            gate.dims()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if super::fast_cuda(x.device()) {
+        if let Some(out) = super::cuda::gated_add(x, gate, y)? {
+            return Ok(out);
+        }
+    }
+    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
 #[cfg(test)]
