@@ -115,6 +115,13 @@ fn refusals_write_nothing() {
     assert_refused(&["x", "--model", &model, "--steps", "0"], &["--steps", "out of range"]);
     assert_refused(&["x", "--model", png.to_str().unwrap()], &["pndm_basic_0.png", "a PNG image, not a model file"]);
     assert_refused(&["x", "--model", "sd15", "--offline"], &["offline"]);
+    // A single-file SDXL of another size than the standard one (the tiny one) without its
+    // configs: what does not match and the fix, not "cannot run … it runs SDXL".
+    let sdxl = testdata().join("tiny-sdxl-single/tiny-sdxl-base.safetensors");
+    assert_refused(
+        &["x", "--model", sdxl.to_str().unwrap()],
+        &["but not the text encoders of the standard SDXL base or refiner", "--config-from DIR"],
+    );
     // Every scheduler's step limit before any model loads (SD's steps_offset 1 puts PNDM's and
     // DDIM's 1000th step past the training schedule).
     for scheduler in ["pndm", "ddim"] {
