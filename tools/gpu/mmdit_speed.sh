@@ -11,7 +11,7 @@ set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; D="$OUT/mmdit"; mkdir -p "$D"
 PARTS=${PARTS:-ops bench ncu peer}
-MODEL=${MODEL:-sd35-large}; DIR=/tmp/bench-$MODEL-bf16
+MODEL=${MODEL:-sd35-large}; DIR=${DIR:-/tmp/bench-$MODEL-bf16}  # DIR: any folder of that family
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for b in sdgen-bench sdgen-bench-before gpu_ops; do
@@ -45,16 +45,16 @@ if has bench; then
   bench sdgen-bench "transformer_${MODEL}" ${EXTRA:-}
   [ -x /tmp/sdgen-bench-before ] && bench sdgen-bench-before "transformer_${MODEL}_before" ${EXTRA:-}
 fi
+if has peer; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  OUT="$D" python3 tools/gpu/peer_profile.py sd35 > "$D/peer_profile.txt" 2>&1; cat "$D/peer_profile.txt" | head -40
+  OUT="$D" python3 .carry/peer_diffusers.py sd35 > "$D/peer.log" 2>&1; grep -E "_ms|_GB" "$D/peer.log"
+fi
 if has ncu; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   SDGEN_PROFILE_LAST=1 timeout 300 "$NCU" --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
     --print-summary per-kernel --csv /tmp/sdgen-bench --family "$MODEL" --model-dir "$DIR" --device cuda --dtype bf16 \
     --width 1024 --height 1024 --component transformer --iterations 1 --warmup 1 ${EXTRA:-} > "$D/ncu.csv" 2> "$D/ncu.log"
   python3 tools/gpu/ncu_summary.py "$D/ncu.csv" "$MODEL transformer (ours)" | tee "$D/ncu.txt"
-fi
-if has peer; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-  OUT="$D" python3 tools/gpu/peer_profile.py sd35 > "$D/peer_profile.txt" 2>&1; cat "$D/peer_profile.txt" | head -40
-  OUT="$D" python3 .carry/peer_diffusers.py sd35 > "$D/peer.log" 2>&1; grep -E "_ms|_GB" "$D/peer.log"
 fi
