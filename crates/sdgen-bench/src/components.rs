@@ -80,6 +80,19 @@ fn time_it(
     Ok(serde_json::json!({ "eval": spread(times), "memory": memory }))
 }
 
+/// `load()` on `device`, synchronised: the loaded model and the milliseconds it took.
+fn load_timed<M>(device: &Device, load: impl FnOnce() -> anyhow::Result<M>) -> anyhow::Result<(M, f64)> {
+    let start = Instant::now();
+    let model = load()?;
+    device.synchronize()?;
+    Ok((model, start.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Normal values of `shape` in `dtype` on `device` (the components' random inputs).
+fn randn(shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
+}
+
 /// Loads the component and times it.
 pub fn run(
     model: &ModelFolder,
@@ -93,14 +106,10 @@ pub fn run(
         "unet" => {
             let cfg: UNetConfig = model.config("unet", "config.json")?;
             let weights = model.weights("unet")?;
-            let start = Instant::now();
-            let unet = UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)?;
-            device.synchronize()?;
-            let load_ms = start.elapsed().as_secs_f64() * 1e3;
+            let (unet, load_ms) =
+                load_timed(device, || Ok(UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
             let rows = 2 * run.n;
-            let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
-                Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
-            };
+            let randn = |shape: &[usize]| randn(shape, dtype, device);
             let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
             let context = randn(&[rows, 77, cfg.cross_attention_dim])?;
             let added = match cfg.time_ids_len(SDXL_TEXT_EMBEDS_DIM) {
@@ -116,14 +125,10 @@ pub fn run(
         "transformer" => {
             let cfg: MMDiTConfig = model.config("transformer", "config.json")?;
             let weights = model.weights("transformer")?;
-            let start = Instant::now();
-            let mmdit = SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)?;
-            device.synchronize()?;
-            let load_ms = start.elapsed().as_secs_f64() * 1e3;
+            let (mmdit, load_ms) =
+                load_timed(device, || Ok(SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
             let rows = 2 * run.n;
-            let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
-                Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
-            };
+            let randn = |shape: &[usize]| randn(shape, dtype, device);
             let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
             let context = randn(&[rows, SD3_CONTEXT_TOKENS, cfg.joint_attention_dim])?;
             let pooled = randn(&[rows, cfg.pooled_projection_dim])?;
@@ -135,11 +140,9 @@ pub fn run(
         "vae" => {
             let cfg: VaeConfig = model.config("vae", "config.json")?;
             let weights = model.weights("vae")?;
-            let start = Instant::now();
-            let vae = AutoencoderKL::new(&cfg, false, true, weights.var_builder(dtype, device)?)?;
-            device.synchronize()?;
-            let load_ms = start.elapsed().as_secs_f64() * 1e3;
-            let z = Tensor::randn(0f32, 1.0, &[run.n, cfg.latent_channels, lh, lw], device)?.to_dtype(dtype)?;
+            let (vae, load_ms) =
+                load_timed(device, || Ok(AutoencoderKL::new(&cfg, false, true, weights.var_builder(dtype, device)?)?))?;
+            let z = randn(&[run.n, cfg.latent_channels, lh, lw], dtype, device)?;
             let timed = time_it(device, run, "vae decode", || Ok(vae.decode_with(&z, &VaeOptions::default())?))?;
             Ok(serde_json::json!({ "component": "vae", "batch": run.n, "load_ms": load_ms, "timed": timed }))
         }
