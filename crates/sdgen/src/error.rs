@@ -20,6 +20,20 @@ pub enum Error {
     /// A model file or folder is not what it should be (missing tensor, wrong shape, bad JSON...).
     #[error("{0}")]
     BadModel(String),
+    /// An error about what one field of the request names (`--refiner`): the field, then the
+    /// cause.
+    #[error("{field}: {source}")]
+    About {
+        /// The field.
+        field: &'static str,
+        /// What went wrong with it.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The job was cancelled (its [`CancelToken`](crate::pipeline::CancelToken)) before it
+    /// finished; the batches delivered before stand, nothing of the one in progress is.
+    #[error("cancelled")]
+    Cancelled,
     /// A failure inside the tensor engine while generating.
     #[error("tensor engine: {0}")]
     Candle(#[from] candle_core::Error),
@@ -31,6 +45,11 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
+    /// `source`, as an error about `field`.
+    pub fn about(field: &'static str, source: Error) -> Self {
+        Error::About { field, source: Box::new(source) }
+    }
+
     /// Whether the error is a device allocation failure (CUDA out of memory), which the pipeline
     /// recovers from by retrying the stage under a leaner plan.
     pub fn is_out_of_memory(&self) -> bool {
@@ -39,13 +58,17 @@ impl Error {
                 let text = e.to_string();
                 text.contains("OUT_OF_MEMORY") || text.to_ascii_lowercase().contains("out of memory")
             }
+            Error::About { source, .. } => source.is_out_of_memory(),
             _ => false,
         }
     }
 
     /// Whether the error is the user's input (as opposed to a failure while generating).
     pub fn is_user_error(&self) -> bool {
-        matches!(self, Error::InvalidInput(_) | Error::BadModel(_) | Error::Io { .. })
+        match self {
+            Error::About { source, .. } => source.is_user_error(),
+            other => matches!(other, Error::InvalidInput(_) | Error::BadModel(_) | Error::Io { .. }),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! stage (text encoders → [VAE encoder →] denoiser → VAE) loaded, used and dropped in its own
 //! scope — the lifecycle the memory manager drives. The stages both share are in `stages.rs`.
 
+mod cancel;
 mod conditioning;
 mod img2img;
 mod refine_image;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device};
 
 pub use crate::loading::family::Handoff;
+pub use cancel::CancelToken;
 pub use conditioning::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 pub use img2img::{
     check_strength, img2img, preprocess, resolve_img2img, skipped_steps, skipped_steps_flow, skipped_steps_for,
@@ -112,12 +114,15 @@ pub struct Runtime {
     pub dtype: DType,
     /// The memory optimisations each stage runs with (chosen by the planner).
     pub options: StageOptions,
+    /// Checked before each stage and after each denoising step: a cancelled run stops there with
+    /// [`Error::Cancelled`].
+    pub cancel: CancelToken,
 }
 
 impl Runtime {
     /// `dtype` on `device` with no memory optimisations.
     pub fn new(device: Device, dtype: DType) -> Self {
-        Self { device, dtype, options: StageOptions::default() }
+        Self { device, dtype, options: StageOptions::default(), cancel: CancelToken::new() }
     }
 
     /// f32 on the CPU.
