@@ -331,6 +331,31 @@ impl Args {
     }
 }
 
+/// The flag that sets each field of the engine's request, for its errors to name.
+const FLAGS: &[(&str, &str)] = &[
+    ("n", "--n"),
+    ("seed", "--seed"),
+    ("steps", "--steps"),
+    ("guidance", "--guidance"),
+    ("width", "--width"),
+    ("height", "--height"),
+    ("scheduler", "--scheduler"),
+    ("strength", "--strength"),
+    ("init_image", "--init-image"),
+    ("vae", "--vae"),
+    ("refiner", "--refiner"),
+    ("refiner_start", "--refiner-start"),
+    ("refiner_strength", "--refiner-strength"),
+    ("no_t5", "--no-t5"),
+    ("max_sequence_length", "--max-sequence-length"),
+    ("skip_layer_guidance", "--slg"),
+];
+
+/// The flag of a request field.
+pub fn flag(field: &'static str) -> Option<&'static str> {
+    FLAGS.iter().find(|(f, _)| *f == field).map(|&(_, flag)| flag)
+}
+
 /// `--seed`: a number, or -1 for a random one (A1111's and stable-diffusion.cpp's convention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seed {
@@ -396,4 +421,20 @@ fn parse_device(value: &str) -> anyhow::Result<(Device, String)> {
         return Ok((Device::new_metal(0)?, "metal".into()));
     }
     bail!(sdgen::Error::InvalidInput(format!("--device {value} is not one of cpu, cuda, cuda:N, metal")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field an engine error can name has its flag, so no message names a JSON field.
+    #[test]
+    fn every_request_field_has_a_flag() {
+        for field in sdgen::engine::FIELDS {
+            assert!(flag(field).is_some(), "{field} has no flag");
+        }
+        let err = sdgen::Error::about("refiner", sdgen::Error::invalid("width", "100 is not a multiple of 8"));
+        assert_eq!(err.describe(&flag), "--refiner: --width 100 is not a multiple of 8");
+        assert_eq!(err.to_string(), "refiner: width 100 is not a multiple of 8");
+    }
 }

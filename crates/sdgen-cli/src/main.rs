@@ -29,11 +29,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// `a: b: c` for an error and its causes, skipping a cause its parent's message already quotes.
+/// `a: b: c` for an error and its causes, skipping a cause its parent's message already quotes;
+/// the engine's errors about a request field name the flag that set it.
 fn chain(err: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in err.chain() {
-        let text = e.to_string();
+        let text = match e.downcast_ref::<sdgen::Error>() {
+            Some(e) => e.describe(&args::flag),
+            None => e.to_string(),
+        };
         if !parts.last().is_some_and(|p| p.ends_with(&text)) {
             parts.push(text);
         }

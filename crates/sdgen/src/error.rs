@@ -9,6 +9,17 @@ pub enum Error {
     /// Bad user input: a request that can never succeed as given (exit code 2 in the CLI).
     #[error("{0}")]
     InvalidInput(String),
+    /// A request field with a value it cannot take: the field as the engine's request names it
+    /// (`width`, `refiner_start`, `skip_layer_guidance`), and what is wrong, worded to follow the
+    /// field's name (`width 100 is not a positive multiple of 8`). The CLI names its flag instead,
+    /// a server its JSON field ([`Error::describe`]).
+    #[error("{field} {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -20,12 +31,14 @@ pub enum Error {
     /// A model file or folder is not what it should be (missing tensor, wrong shape, bad JSON...).
     #[error("{0}")]
     BadModel(String),
-    /// An error about what one field of the request names (`--refiner`): the field, then the
-    /// cause.
-    #[error("{field}: {source}")]
+    /// An error about what one field of the request names (the `refiner`'s model): the field,
+    /// the value when it says which, then the cause.
+    #[error("{field}{}: {source}", .value.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
     About {
         /// The field.
         field: &'static str,
+        /// Its value, when the cause does not name it.
+        value: Option<String>,
         /// What went wrong with it.
         #[source]
         source: Box<Error>,
@@ -47,7 +60,34 @@ impl Error {
 
     /// `source`, as an error about `field`.
     pub fn about(field: &'static str, source: Error) -> Self {
-        Error::About { field, source: Box::new(source) }
+        Error::About { field, value: None, source: Box::new(source) }
+    }
+
+    /// `field`'s value is wrong: `message` says how, worded to follow the field's name.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Error::Invalid { field, message: message.into() }
+    }
+
+    /// The field the error is about, if it is about one.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::Invalid { field, .. } | Error::About { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// The message with each field named as `name` says: a CLI's flags (`width` → `--width`), a
+    /// server's JSON fields. Fields `name` does not know keep the engine's names.
+    pub fn describe(&self, name: &dyn Fn(&'static str) -> Option<&'static str>) -> String {
+        let label = |field: &'static str| name(field).unwrap_or(field);
+        match self {
+            Error::Invalid { field, message } => format!("{} {message}", label(field)),
+            Error::About { field, value, source } => match value {
+                Some(v) => format!("{} {v}: {}", label(field), source.describe(name)),
+                None => format!("{}: {}", label(field), source.describe(name)),
+            },
+            other => other.to_string(),
+        }
     }
 
     /// Whether the error is a device allocation failure (CUDA out of memory), which the pipeline
@@ -67,7 +107,9 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
             Error::About { source, .. } => source.is_user_error(),
-            other => matches!(other, Error::InvalidInput(_) | Error::BadModel(_) | Error::Io { .. }),
+            other => {
+                matches!(other, Error::InvalidInput(_) | Error::Invalid { .. } | Error::BadModel(_) | Error::Io { .. })
+            }
         }
     }
 }

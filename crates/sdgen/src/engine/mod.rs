@@ -23,7 +23,7 @@ use crate::pipeline::{
 use crate::{Error, Result};
 
 pub use crate::pipeline::CancelToken;
-pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, MAX_IMAGES};
+pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, FIELDS, MAX_IMAGES};
 
 use cache::{ModelCache, OpenedModel};
 use request::ModelKey;
@@ -254,7 +254,7 @@ impl Engine {
         vae: Option<&ModelSource>,
         events: &mut dyn FnMut(Event),
     ) -> Result<ModelFolder> {
-        let about = |e| Error::about("--refiner", e);
+        let about = |e| Error::about("refiner", e);
         let options = OpenOptions::default();
         let refiner = self.open(source, &options, None, events).map_err(about)?.folder;
         let shares_latents = refiner.family().handoff_from(base.family()) == Some(Handoff::Latents);

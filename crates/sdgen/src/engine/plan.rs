@@ -96,7 +96,7 @@ pub(super) fn plan_job(
                     (r.model, s.settings, true)
                 }
             };
-            let p = plan_for(r_model, &r_settings, takes_images).map_err(|e| crate::Error::about("--refiner", e))?;
+            let p = plan_for(r_model, &r_settings, takes_images).map_err(|e| crate::Error::about("refiner", e))?;
             report_plan(&p, batch_size, events);
             options = options.merged(crate::planning::stage_options(r_model, &p, &r_settings, false)?);
             Some(p)

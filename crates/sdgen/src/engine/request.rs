@@ -10,6 +10,27 @@ use crate::{Error, Result};
 /// The most images one job makes: more is a mistake or several jobs.
 pub const MAX_IMAGES: usize = 10_000;
 
+/// The fields [`Error::Invalid`] and [`Error::About`] name: the request's, as a server's JSON
+/// spells them (`params.width` is `width`, `refiner.start` is `refiner_start`).
+pub const FIELDS: &[&str] = &[
+    "n",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "scheduler",
+    "strength",
+    "init_image",
+    "vae",
+    "refiner",
+    "refiner_start",
+    "refiner_strength",
+    "no_t5",
+    "max_sequence_length",
+    "skip_layer_guidance",
+];
+
 /// One generation job: the model and what to make with it. Output naming is the caller's.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -81,6 +102,7 @@ impl GenerateRequest {
     /// it is open, still before any weight loads.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidInput(m));
+        let invalid = |field, m: String| Err(Error::invalid(field, m));
         if self.prompts.is_empty() {
             return bad("no prompts: the file or standard input has no non-blank line".into());
         }
@@ -88,42 +110,54 @@ impl GenerateRequest {
             return bad("the prompt is empty: say what to draw".into());
         }
         if self.params.n == 0 {
-            return bad("--n must be at least 1".into());
+            return invalid("n", "must be at least 1".into());
         }
         let all = self.image_count();
         if all > MAX_IMAGES {
-            return bad(format!(
-                "{all} images are more than the {MAX_IMAGES} one run makes: split it into several runs (each with \
-                 its own --seed)"
+            return invalid(
+                "n",
+                format!(
+                "{} × {} is {all} images, more than the {MAX_IMAGES} one run makes: split it into several runs (each with \
+                 its own seed)",
+                self.params.n,
+                super::plural(self.prompts.len(), "prompt")
             ));
         }
         // Image g takes seed + g: the last must not wrap around to seed 0.
         let seed = self.params.seed;
         if seed.checked_add(all as u64 - 1).is_none() {
-            return bad(format!(
-                "--seed {seed} with {all} images would run past the largest seed ({}): use a seed up to {}",
-                u64::MAX,
-                u64::MAX - (all as u64 - 1)
-            ));
+            return invalid(
+                "seed",
+                format!(
+                    "{seed} with {all} images would run past the largest seed ({}): use a seed up to {}",
+                    u64::MAX,
+                    u64::MAX - (all as u64 - 1)
+                ),
+            );
         }
         if let Some(s) = self.img2img.as_ref().and_then(|i| i.strength) {
             check_strength(s)?;
         }
         if let Some(r) = &self.refiner {
             if self.img2img.is_some() {
-                return bad("--refiner finishes text-to-image runs; to refine a finished image, pass the refiner as \
+                return invalid(
+                    "refiner",
+                    "finishes text-to-image runs; to refine a finished image, pass the refiner as \
                             --model with --init-image"
-                    .into());
+                        .into(),
+                );
             }
             if let Some(f) = r.start.filter(|f| !(*f > 0.0 && *f < 1.0)) {
-                return bad(format!(
-                    "--refiner-start {f} is not strictly between 0 and 1 (the fraction of the steps the base runs)"
-                ));
+                return invalid(
+                    "refiner_start",
+                    format!("{f} is not strictly between 0 and 1 (the fraction of the steps the base runs)"),
+                );
             }
             if let Some(s) = r.strength.filter(|s| !(0.0..=1.0).contains(s)) {
-                return bad(format!(
-                    "--refiner-strength {s} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"
-                ));
+                return invalid(
+                    "refiner_strength",
+                    format!("{s} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"),
+                );
             }
         }
         Ok(())

@@ -237,34 +237,40 @@ impl ModelFolder {
     pub fn with_vae(mut self, dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(Error::InvalidInput(format!(
-                "--vae {}: no config.json there; pass a diffusers VAE folder (config.json + \
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{}: no config.json there; pass a diffusers VAE folder (config.json + \
                  diffusion_pytorch_model.safetensors) or a hub repo id such as madebyollin/sdxl-vae-fp16-fix",
-                dir.display()
-            )));
+                    dir.display()
+                ),
+            ));
         }
         let raw: serde_json::Value = read_json(&config_path)?;
         let class = raw.get("_class_name").and_then(|v| v.as_str()).unwrap_or("AutoencoderKL");
         if class != "AutoencoderKL" {
-            return Err(Error::InvalidInput(format!(
-                "--vae {}: its config.json describes a `{class}`, not an AutoencoderKL VAE",
-                dir.display()
-            )));
+            return Err(Error::invalid(
+                "vae",
+                format!("{}: its config.json describes a `{class}`, not an AutoencoderKL VAE", dir.display()),
+            ));
         }
         let vae: sdgen_models::vae::VaeConfig = read_json(&config_path)?;
         let own: sdgen_models::vae::VaeConfig = self.config("vae", "config.json")?;
         let unet = self.denoiser_geometry()?;
         if vae.latent_channels != unet.in_channels || vae.scale_factor() != own.scale_factor() {
-            return Err(Error::InvalidInput(format!(
-                "--vae {}: its latents have {} channels at 1/{} scale, but {}'s UNet works on {} channels at 1/{} \
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{}: its latents have {} channels at 1/{} scale, but {}'s UNet works on {} channels at 1/{} \
                  (a VAE of another model family?)",
-                dir.display(),
-                vae.latent_channels,
-                vae.scale_factor(),
-                self.family.display,
-                unet.in_channels,
-                own.scale_factor()
-            )));
+                    dir.display(),
+                    vae.latent_channels,
+                    vae.scale_factor(),
+                    self.family.display,
+                    unet.in_channels,
+                    own.scale_factor()
+                ),
+            ));
         }
         self.overrides.retain(|(c, _)| c != "vae");
         self.overrides.push(("vae".to_string(), dir.to_path_buf()));
