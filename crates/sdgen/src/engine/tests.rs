@@ -97,3 +97,20 @@ fn a_request_is_refused_before_anything_opens() {
     assert!(err.to_string().contains("past the largest seed"), "{err}");
     assert_eq!(engine.models_opened(), 0);
 }
+
+/// A batch after the first parses nothing: the configs and headers the first read are the open
+/// model's (today's runs read the VAE's config alone about ten times a batch).
+#[test]
+fn later_batches_parse_no_file_again() {
+    let ModelSource::Path(dir) = tiny_sd15() else { unreachable!() };
+    let model = ModelFolder::open(&dir).unwrap();
+    let opened = model.files_parsed();
+    let req = Request { prompt: "a lighthouse".into(), n: 1, steps: Some(2), ..Default::default() };
+    crate::pipeline::txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
+    let first = model.files_parsed();
+    assert!(first > opened, "the first batch parses the stages' configs ({opened} → {first})");
+    for seed in 1..3 {
+        crate::pipeline::txt2img(&model, &Request { seed, ..req.clone() }, &Runtime::cpu(), &mut |_| {}).unwrap();
+    }
+    assert_eq!(model.files_parsed(), first, "batches 2 and 3 parse nothing");
+}

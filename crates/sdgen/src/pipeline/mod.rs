@@ -403,7 +403,8 @@ pub fn build_scheduler(
 
 /// The model's own scheduler configuration.
 pub fn scheduler_config(model: &ModelFolder) -> Result<SchedulerConfig> {
-    SchedulerConfig::from_file(model.component_dir("scheduler")?.join("scheduler_config.json"))
+    model
+        .parse_once(&model.component_dir("scheduler")?.join("scheduler_config.json"), |p| SchedulerConfig::from_file(p))
 }
 
 /// The size the model was trained at: the denoiser's `sample_size` × the VAE's factor.
