@@ -114,14 +114,15 @@ impl GenerateRequest {
         }
         let all = self.image_count();
         if all > MAX_IMAGES {
+            let prompts = super::plural(self.prompts.len(), "prompt");
             return invalid(
                 "n",
                 format!(
-                "{} × {} is {all} images, more than the {MAX_IMAGES} one run makes: split it into several runs (each with \
-                 its own seed)",
-                self.params.n,
-                super::plural(self.prompts.len(), "prompt")
-            ));
+                    "{} × {prompts} is {all} images, more than the {MAX_IMAGES} one run makes: split it into \
+                     several runs (each with its own seed)",
+                    self.params.n
+                ),
+            );
         }
         // Image g takes seed + g: the last must not wrap around to seed 0.
         let seed = self.params.seed;
