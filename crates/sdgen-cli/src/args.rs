@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Parser;
 use sdgen::candle::{DType, Device};
+use sdgen::engine::{EngineConfig, GenerateRequest, Img2ImgInput, RefinerRequest, MAX_IMAGES};
 use sdgen::hub::HubOptions;
 use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL, PRO_MODEL};
 use sdgen::output::OutputTarget;
@@ -162,36 +163,11 @@ pub struct Args {
     pub strength: Option<f64>,
 }
 
-/// The arguments, resolved.
+/// The arguments, resolved: the engine's request and configuration, and where the images go.
 pub struct Resolved {
-    pub model: ModelSource,
-    /// `--refiner` and its knobs.
-    pub refiner: Option<RefinerArgs>,
-    /// `--vae`.
-    pub vae: Option<ModelSource>,
-    pub memory: sdgen::planning::MemoryRequest,
-    pub open: OpenOptions,
-    pub hub: HubOptions,
-    pub request: Request,
-    pub runtime: Runtime,
-    pub device_label: String,
+    pub request: GenerateRequest,
+    pub engine: EngineConfig,
     pub output: OutputTarget,
-    /// Images per batch asked for (`--batch-size`); `request.n` is one job's whole count.
-    pub batch_size: usize,
-    /// The jobs' prompts (one, or a file's or standard input's lines); `request.prompt` is the first.
-    pub prompts: Vec<String>,
-    /// The decoded init image and its strength, for an image-to-image run.
-    pub img2img: Option<(InitImage, Option<f64>)>,
-}
-
-/// `--refiner` as given: which of its knobs applies depends on the models (see
-/// `sdgen::pipeline::RefinerRun::choose`).
-pub struct RefinerArgs {
-    pub source: ModelSource,
-    /// `--refiner-start`: the handoff point of a latent handoff (SDXL).
-    pub start: Option<f64>,
-    /// `--refiner-strength`: the strength of an image handoff (SD 3.5).
-    pub strength: Option<f64>,
 }
 
 impl Args {
@@ -217,9 +193,6 @@ impl Args {
                     .into(),
             ));
         }
-        if !self.check && prompts.iter().all(|p| p.trim().is_empty()) {
-            return Err(invalid("the prompt is empty: say what to draw".into()));
-        }
         // The init image is read now, so a bad path or file costs no model loading.
         let img2img = match (&self.init_image, self.strength) {
             (None, Some(_)) => {
@@ -237,42 +210,24 @@ impl Args {
                     sdgen::Error::Io { .. } => anyhow::Error::new(e).context("--init-image"),
                     other => other.into(),
                 })?;
-                Some((image, strength))
+                Some(Img2ImgInput { image, strength })
             }
         };
-        let refiner =
-            match &self.refiner {
-                None if self.refiner_start.is_some() => return Err(invalid("--refiner-start needs --refiner".into())),
-                None if self.refiner_strength.is_some() => {
-                    return Err(invalid("--refiner-strength needs --refiner".into()))
-                }
-                None => None,
-                Some(_) if self.init_image.is_some() => return Err(invalid(
-                    "--refiner finishes text-to-image runs; to refine a finished image, pass the refiner as --model \
-                     with --init-image"
-                        .into(),
-                )),
-                Some(r) => {
-                    if let Some(f) = self.refiner_start.filter(|f| !(*f > 0.0 && *f < 1.0)) {
-                        return Err(invalid(format!(
-                        "--refiner-start {f} is not strictly between 0 and 1 (the fraction of the steps the base runs)"
-                    )));
-                    }
-                    if let Some(s) = self.refiner_strength.filter(|s| !(0.0..=1.0).contains(s)) {
-                        return Err(invalid(format!(
-                        "--refiner-strength {s} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"
-                    )));
-                    }
-                    Some(RefinerArgs {
-                        source: ModelSource::parse(r),
-                        start: self.refiner_start,
-                        strength: self.refiner_strength,
-                    })
-                }
-            };
+        let refiner = match &self.refiner {
+            None if self.refiner_start.is_some() => return Err(invalid("--refiner-start needs --refiner".into())),
+            None if self.refiner_strength.is_some() => {
+                return Err(invalid("--refiner-strength needs --refiner".into()))
+            }
+            None => None,
+            Some(r) => Some(RefinerRequest {
+                source: ModelSource::parse(r),
+                start: self.refiner_start,
+                strength: self.refiner_strength,
+            }),
+        };
         let per_job = self.n.checked_mul(self.batch_size);
         let all = per_job.and_then(|t| t.checked_mul(prompts.len())).filter(|&t| t <= MAX_IMAGES);
-        let (Some(total), Some(all)) = (per_job, all) else {
+        let (Some(total), Some(_)) = (per_job, all) else {
             return Err(invalid(format!(
                 "--n {} × --batch-size {} × {} is more than the {MAX_IMAGES} images one run makes: split it \
                  into several runs (each with its own --seed)",
@@ -285,14 +240,6 @@ impl Args {
             Some(Seed::Fixed(s)) => s,
             Some(Seed::Random) | None => random_seed(),
         };
-        // Image i takes seed + i: the last must not wrap around to seed 0.
-        if seed.checked_add(all as u64 - 1).is_none() {
-            return Err(invalid(format!(
-                "--seed {seed} with {all} images would run past the largest seed ({}): use a seed up to {}",
-                u64::MAX,
-                u64::MAX - (all as u64 - 1)
-            )));
-        }
         let output = OutputTarget::parse(&self.output)?;
         let mut hub = HubOptions::from_env();
         hub.offline |= self.offline;
@@ -300,24 +247,23 @@ impl Args {
         if dtype != DType::F32 && hub.variant.is_none() {
             hub.variant = Some("fp16".to_string());
         }
-        Ok(Resolved {
-            model: ModelSource::parse(self.model_name()),
-            refiner,
-            vae: self.vae.as_deref().map(ModelSource::parse),
-            memory: sdgen::planning::MemoryRequest {
-                max_memory_bytes: match &self.max_memory {
-                    Some(v) => Some(
-                        // The parser's message names the flag and the value already.
-                        sdgen_memory::plan::parse_memory_size(v).map_err(|e| invalid(e.to_string()))?,
-                    ),
-                    None => None,
-                },
-                mode: self.memory_mode.parse().map_err(|e| invalid(format!("--memory-mode: {e}")))?,
-                max_images_per_batch: Some(self.batch_size),
+        let memory = sdgen::planning::MemoryRequest {
+            max_memory_bytes: match &self.max_memory {
+                Some(v) => Some(
+                    // The parser's message names the flag and the value already.
+                    sdgen_memory::plan::parse_memory_size(v).map_err(|e| invalid(e.to_string()))?,
+                ),
+                None => None,
             },
+            mode: self.memory_mode.parse().map_err(|e| invalid(format!("--memory-mode: {e}")))?,
+            max_images_per_batch: Some(self.batch_size),
+        };
+        let request = GenerateRequest {
+            model: ModelSource::parse(self.model_name()),
             open: OpenOptions { config_from: self.config_from.clone() },
-            hub,
-            request: Request {
+            vae: self.vae.as_deref().map(ModelSource::parse),
+            refiner,
+            params: Request {
                 prompt,
                 negative_prompt: self.negative.clone(),
                 n: total,
@@ -336,13 +282,18 @@ impl Args {
                     }),
                 },
             },
-            runtime: Runtime::new(device, dtype),
-            device_label,
-            output,
-            batch_size: self.batch_size,
             prompts,
             img2img,
-        })
+            memory,
+        };
+        // What needs no model is refused now, before the output is touched (`--check` runs
+        // without a prompt).
+        if !self.check {
+            request.validate()?;
+        }
+        let mut engine = EngineConfig::new(Runtime::new(device, dtype), device_label);
+        engine.hub = hub;
+        Ok(Resolved { request, engine, output })
     }
 }
 
@@ -380,8 +331,30 @@ impl Args {
     }
 }
 
-/// The most images one run makes (`--n` × `--batch-size`): more is a mistake or several runs.
-pub const MAX_IMAGES: usize = 10_000;
+/// The flag that sets each field of the engine's request, for its errors to name.
+const FLAGS: &[(&str, &str)] = &[
+    ("n", "--n"),
+    ("seed", "--seed"),
+    ("steps", "--steps"),
+    ("guidance", "--guidance"),
+    ("width", "--width"),
+    ("height", "--height"),
+    ("scheduler", "--scheduler"),
+    ("strength", "--strength"),
+    ("init_image", "--init-image"),
+    ("vae", "--vae"),
+    ("refiner", "--refiner"),
+    ("refiner_start", "--refiner-start"),
+    ("refiner_strength", "--refiner-strength"),
+    ("no_t5", "--no-t5"),
+    ("max_sequence_length", "--max-sequence-length"),
+    ("skip_layer_guidance", "--slg"),
+];
+
+/// The flag of a request field.
+pub fn flag(field: &'static str) -> Option<&'static str> {
+    FLAGS.iter().find(|(f, _)| *f == field).map(|&(_, flag)| flag)
+}
 
 /// `--seed`: a number, or -1 for a random one (A1111's and stable-diffusion.cpp's convention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -448,4 +421,20 @@ fn parse_device(value: &str) -> anyhow::Result<(Device, String)> {
         return Ok((Device::new_metal(0)?, "metal".into()));
     }
     bail!(sdgen::Error::InvalidInput(format!("--device {value} is not one of cpu, cuda, cuda:N, metal")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field an engine error can name has its flag, so no message names a JSON field.
+    #[test]
+    fn every_request_field_has_a_flag() {
+        for field in sdgen::engine::FIELDS {
+            assert!(flag(field).is_some(), "{field} has no flag");
+        }
+        let err = sdgen::Error::about("refiner", sdgen::Error::invalid("width", "100 is not a multiple of 8"));
+        assert_eq!(err.describe(&flag), "--refiner: --width 100 is not a multiple of 8");
+        assert_eq!(err.to_string(), "refiner: width 100 is not a multiple of 8");
+    }
 }

@@ -14,7 +14,7 @@ use crate::args::Resolved;
 pub fn run(resolved: &Resolved, as_json: bool) -> anyhow::Result<ExitCode> {
     let info = memory_info();
     let (what, available) = match &info.gpu {
-        Some(g) if !resolved.runtime.device.is_cpu() => {
+        Some(g) if !resolved.engine.runtime.device.is_cpu() => {
             (format!("GPU {} free of {}", format_gb(g.free_bytes), format_gb(g.total_bytes)), g.free_bytes)
         }
         _ => (
@@ -26,14 +26,14 @@ pub fn run(resolved: &Resolved, as_json: bool) -> anyhow::Result<ExitCode> {
             info.system_available_bytes + info.process_rss_bytes,
         ),
     };
-    let budget = resolved.memory.max_memory_bytes.map_or(available, |m| m.min(available));
+    let budget = resolved.request.memory.max_memory_bytes.map_or(available, |m| m.min(available));
     let mut out = Report { json: as_json, lines: Vec::new() };
-    out.line(format!("Device {}: {what}; budget {}", resolved.device_label, format_gb(budget)));
+    out.line(format!("Device {}: {what}; budget {}", resolved.engine.device_label, format_gb(budget)));
     let models = requirement_rows(budget, &mut out);
     let (model, fits) = chosen_model(resolved, &mut out)?;
     if as_json {
         let doc = json!({
-            "device": resolved.device_label,
+            "device": resolved.engine.device_label,
             "budget_bytes": budget,
             "memory": info,
             "models": models,
@@ -90,28 +90,36 @@ fn requirement_rows(budget: u64, out: &mut Report) -> Vec<serde_json::Value> {
 /// The chosen model's plan when it is on this machine: `(its JSON, whether it fits)`, the latter
 /// `None` when it is not here to plan.
 fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_json::Value, Option<bool>)> {
-    let label = resolved.model.label();
-    let hub = HubOptions { offline: true, ..resolved.hub.clone() };
-    let model = match resolved.model.open_with(&hub, &resolved.open, &mut |_| {}) {
+    let label = resolved.request.model.label();
+    let hub = HubOptions { offline: true, ..resolved.engine.hub.clone() };
+    let model = match resolved.request.model.open_with(&hub, &resolved.request.open, &mut |_| {}) {
         Ok(model) => model,
         Err(e) => {
             // Only the cache was asked (--check downloads nothing): say that, not the offline
             // error's advice, unless the user did ask for offline.
-            let why = if resolved.hub.offline { format!(" ({e})") } else { String::new() };
+            let why = if resolved.engine.hub.offline { format!(" ({e})") } else { String::new() };
             out.line(format!("\n{label} is not downloaded{why}; a run downloads it, and --check then shows its plan."));
             return Ok((json!({ "name": label, "downloaded": false }), None));
         }
     };
-    let settings = sdgen::pipeline::resolve(&model, &resolved.request)?;
+    let settings = sdgen::pipeline::resolve(&model, &resolved.request.params)?;
     out.line(format!(
         "\n{} ({label}) at {}x{}, {}:",
         model.family().display,
         settings.width,
         settings.height,
-        crate::plural(resolved.request.n, "image")
+        crate::plural(resolved.request.params.n, "image")
     ));
-    let (device, dtype) = (&resolved.runtime.device, resolved.runtime.dtype);
-    match sdgen::planning::plan_run(&model, &settings, resolved.request.n, false, device, dtype, resolved.memory) {
+    let (device, dtype) = (&resolved.engine.runtime.device, resolved.engine.runtime.dtype);
+    match sdgen::planning::plan_run(
+        &model,
+        &settings,
+        resolved.request.params.n,
+        false,
+        device,
+        dtype,
+        resolved.request.memory,
+    ) {
         Ok(plan) => {
             out.line(plan.to_string());
             if let Some(w) = &plan.warning {

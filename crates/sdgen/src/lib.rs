@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod device_memory;
+pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod image_io;

@@ -221,9 +221,13 @@ fn sd35_options_are_refused_where_they_do_not_apply() {
         ..Default::default()
     };
     let refused = [
-        (&sd15, with(FamilyOptions { no_t5: true, ..Default::default() }), "--no-t5"),
-        (&sd15, with(FamilyOptions { max_sequence_length: Some(77), ..Default::default() }), "--max-sequence-length"),
-        (&sd15, with(slg(vec![1])), "--slg"),
+        (&sd15, with(FamilyOptions { no_t5: true, ..Default::default() }), "no_t5 applies"),
+        (
+            &sd15,
+            with(FamilyOptions { max_sequence_length: Some(77), ..Default::default() }),
+            "max_sequence_length applies",
+        ),
+        (&sd15, with(slg(vec![1])), "skip_layer_guidance skips"),
         (&large, with(FamilyOptions { max_sequence_length: Some(513), ..Default::default() }), "512"),
         (&large, with(slg(vec![3])), "layer 3"),
         (&large, Request { guidance: Some(1.0), ..with(slg(vec![1])) }, "--guidance"),
@@ -253,5 +257,5 @@ fn a_missing_shard_and_a_bad_size_are_named() {
     let large = ModelFolder::open(&testdata().join("tiny-sd35-large")).unwrap();
     let req = Request { prompt: "x".into(), n: 1, width: Some(72), height: Some(64), ..Default::default() };
     let err = sdgen::pipeline::resolve(&large, &req).unwrap_err().to_string();
-    assert!(err.contains("--width 72") && err.contains("multiple of 16") && err.contains("80"), "{err}");
+    assert!(err.contains("width 72") && err.contains("multiple of 16") && err.contains("80"), "{err}");
 }

@@ -10,8 +10,11 @@ pub mod safetensors_header;
 pub mod single_file;
 pub mod source;
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -40,6 +43,19 @@ pub struct ModelFolder {
     run_defaults: Option<RunDefaults>,
     /// The components `model_index.json` names (not null), read once when the folder opens.
     components: Vec<String>,
+    /// What the open model has parsed, shared by its clones.
+    parsed: Arc<Parsed>,
+}
+
+/// The files an opened model has parsed, each once: configs by path and type, weight headers by
+/// component (and the folder replacing it). Runs ask for a config many times (the VAE's is read
+/// by the planner, the scheduler, each stage), and a server keeps the model open across jobs.
+#[derive(Debug, Default)]
+struct Parsed {
+    values: Mutex<HashMap<(PathBuf, TypeId), Arc<dyn Any + Send + Sync>>>,
+    weights: Mutex<HashMap<(String, Option<PathBuf>), ComponentWeights>>,
+    /// Files parsed (configs and headers), for tests and stats.
+    files: AtomicUsize,
 }
 
 /// How to open a model.
@@ -134,6 +150,7 @@ impl ModelFolder {
                 overrides: Vec::new(),
                 run_defaults: None,
                 components: Vec::new(),
+                parsed: Arc::default(),
             });
         }
         if let Some(dir) = &options.config_from {
@@ -172,6 +189,7 @@ impl ModelFolder {
             overrides: Vec::new(),
             run_defaults: None,
             components,
+            parsed: Arc::default(),
         };
         let named: Vec<String> = folder.components.clone();
         let has_component = |c: &str| named.iter().any(|n| n == c);
@@ -237,34 +255,40 @@ impl ModelFolder {
     pub fn with_vae(mut self, dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(Error::InvalidInput(format!(
-                "--vae {}: no config.json there; pass a diffusers VAE folder (config.json + \
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{}: no config.json there; pass a diffusers VAE folder (config.json + \
                  diffusion_pytorch_model.safetensors) or a hub repo id such as madebyollin/sdxl-vae-fp16-fix",
-                dir.display()
-            )));
+                    dir.display()
+                ),
+            ));
         }
         let raw: serde_json::Value = read_json(&config_path)?;
         let class = raw.get("_class_name").and_then(|v| v.as_str()).unwrap_or("AutoencoderKL");
         if class != "AutoencoderKL" {
-            return Err(Error::InvalidInput(format!(
-                "--vae {}: its config.json describes a `{class}`, not an AutoencoderKL VAE",
-                dir.display()
-            )));
+            return Err(Error::invalid(
+                "vae",
+                format!("{}: its config.json describes a `{class}`, not an AutoencoderKL VAE", dir.display()),
+            ));
         }
         let vae: sdgen_models::vae::VaeConfig = read_json(&config_path)?;
         let own: sdgen_models::vae::VaeConfig = self.config("vae", "config.json")?;
         let unet = self.denoiser_geometry()?;
         if vae.latent_channels != unet.in_channels || vae.scale_factor() != own.scale_factor() {
-            return Err(Error::InvalidInput(format!(
-                "--vae {}: its latents have {} channels at 1/{} scale, but {}'s UNet works on {} channels at 1/{} \
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{}: its latents have {} channels at 1/{} scale, but {}'s UNet works on {} channels at 1/{} \
                  (a VAE of another model family?)",
-                dir.display(),
-                vae.latent_channels,
-                vae.scale_factor(),
-                self.family.display,
-                unet.in_channels,
-                own.scale_factor()
-            )));
+                    dir.display(),
+                    vae.latent_channels,
+                    vae.scale_factor(),
+                    self.family.display,
+                    unet.in_channels,
+                    own.scale_factor()
+                ),
+            ));
         }
         self.overrides.retain(|(c, _)| c != "vae");
         self.overrides.push(("vae".to_string(), dir.to_path_buf()));
@@ -313,16 +337,56 @@ impl ModelFolder {
         }
     }
 
-    /// Parses `<component>/<file>`.
-    pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
+    /// Parses `<component>/<file>`, once per open model: later calls get the parsed value.
+    pub fn config<T: DeserializeOwned + Clone + Send + Sync + 'static>(
+        &self,
+        component: &str,
+        file: &str,
+    ) -> Result<T> {
         let path = self.component_dir(component)?.join(file);
-        read_json(&path)
+        self.parse_once(&path, read_json)
+    }
+
+    /// `parse(path)`, once per open model and type: later calls get a clone of what it gave.
+    /// For the model's files that are not plain JSON configs (the scheduler's, with Python's
+    /// `Infinity`).
+    pub fn parse_once<T: Clone + Send + Sync + 'static>(
+        &self,
+        path: &Path,
+        parse: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        let key = (path.to_path_buf(), TypeId::of::<T>());
+        if let Some(v) = self.parsed.values.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(v.downcast_ref::<T>().expect("keyed by its type").clone());
+        }
+        let value = parse(path)?;
+        self.parsed.files.fetch_add(1, Ordering::Relaxed);
+        self.parsed.values.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Arc::new(value.clone()));
+        Ok(value)
+    }
+
+    /// Files this open model (with its clones) has parsed: configs and weight headers, each
+    /// counted once however often it is asked for.
+    pub fn files_parsed(&self) -> usize {
+        self.parsed.files.load(Ordering::Relaxed)
     }
 
     /// Finds and validates a component's weight files: the plain `*.safetensors` file, else a
     /// sharded index, else a precision variant (`*.fp16.safetensors`); for a single-file
     /// checkpoint, the component's share of it.
     pub fn weights(&self, component: &str) -> Result<ComponentWeights> {
+        let key = (component.to_string(), self.component_override(component).map(Path::to_path_buf));
+        if let Some(w) = self.parsed.weights.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(w.clone());
+        }
+        let weights = self.read_weights(component)?;
+        self.parsed.files.fetch_add(1, Ordering::Relaxed);
+        self.parsed.weights.lock().unwrap_or_else(|e| e.into_inner()).insert(key, weights.clone());
+        Ok(weights)
+    }
+
+    /// [`ModelFolder::weights`], read from the files.
+    fn read_weights(&self, component: &str) -> Result<ComponentWeights> {
         if let Some(c) = self.checkpoint.as_ref().filter(|_| self.component_override(component).is_none()) {
             if let Some(e) = self.unavailable(component) {
                 return Err(e);

@@ -208,7 +208,7 @@ fn time_id_rows(micro: MicroConditioning, size: ImageSize, cfg_guidance: bool) -
 /// `force_zeros_for_empty_prompt` of the folder's `model_index.json` (diffusers' default: true).
 fn force_zeros_for_empty_prompt(model: &ModelFolder) -> Result<bool> {
     let path = model.root().join("model_index.json");
-    let index: serde_json::Value = crate::loading::read_json(&path)?;
+    let index: serde_json::Value = model.parse_once(&path, crate::loading::read_json)?;
     Ok(index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true))
 }
 

@@ -80,17 +80,20 @@ pub struct Img2ImgSettings {
 }
 
 /// diffusers' `get_timesteps` arithmetic: how many steps of `steps` to skip for `strength`.
-/// Errors (`InvalidInput`) for a strength outside [0, 1] and when no step would remain, where
+/// Errors (`Invalid` about `strength`) for a strength outside [0, 1] and when no step would remain, where
 /// diffusers fails or silently does nothing useful.
 pub fn skipped_steps(steps: usize, strength: f64) -> Result<usize> {
     check_strength(strength)?;
     // Python's int() of the float product: truncation, float rounding included.
     let init_timestep = ((steps as f64 * strength) as usize).min(steps);
     if init_timestep == 0 {
-        return Err(Error::InvalidInput(format!(
-            "--strength {strength} with {steps} steps leaves no step to run (int({steps} × {strength}) = 0): \
+        return Err(Error::invalid(
+            "strength",
+            format!(
+                "{strength} with {steps} steps leaves no step to run (int({steps} × {strength}) = 0): \
              raise --strength or --steps"
-        )));
+            ),
+        ));
     }
     Ok(steps - init_timestep)
 }
@@ -101,9 +104,10 @@ pub fn skipped_steps_flow(steps: usize, strength: f64) -> Result<usize> {
     check_strength(strength)?;
     let t_start = schedulers::img2img_start_step(steps, strength);
     if t_start >= steps {
-        return Err(Error::InvalidInput(format!(
-            "--strength {strength} with {steps} steps leaves no step to run: raise --strength or --steps"
-        )));
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} with {steps} steps leaves no step to run: raise --strength or --steps"),
+        ));
     }
     Ok(t_start)
 }
@@ -116,12 +120,13 @@ pub fn skipped_steps_for(schedule: ScheduleKind, steps: usize, strength: f64) ->
     }
 }
 
-/// Errors (`InvalidInput`, naming `--strength`) unless `strength` is in [0, 1].
+/// Errors (`Invalid` about `strength`) unless `strength` is in [0, 1].
 pub fn check_strength(strength: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&strength) {
-        return Err(Error::InvalidInput(format!(
-            "--strength {strength} is outside [0, 1] (0 keeps the init image, 1 replaces it entirely)"
-        )));
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} is outside [0, 1] (0 keeps the init image, 1 replaces it entirely)"),
+        ));
     }
     Ok(())
 }
@@ -139,15 +144,19 @@ pub fn resolve_img2img(model: &ModelFolder, req: &Img2ImgRequest) -> Result<Img2
     let width = req.request.width.unwrap_or(default_width);
     let height = req.request.height.unwrap_or(default_height);
     if (req.request.width.is_none() && width == 0) || (req.request.height.is_none() && height == 0) {
-        return Err(Error::InvalidInput(format!(
-            "init image {} is {}x{}: each side must be at least {f} pixels (or give --width and --height)",
-            req.init_image.name, img.width, img.height
-        )));
+        return Err(Error::invalid(
+            "init_image",
+            format!(
+                "{} is {}x{}: each side must be at least {f} pixels (or give --width and --height)",
+                req.init_image.name, img.width, img.height
+            ),
+        ));
     }
     let sized = Request { width: Some(width), height: Some(height), ..req.request.clone() };
     if req.request.family_options.skip_layer_guidance.is_some() {
-        return Err(Error::InvalidInput(
-            "--slg (skip-layer guidance) runs in text-to-image only, as in diffusers' SD 3 pipelines".into(),
+        return Err(Error::invalid(
+            "skip_layer_guidance",
+            "(skip-layer guidance) runs in text-to-image only, as in diffusers' SD 3 pipelines",
         ));
     }
     let settings = resolve(model, &sized)?;
@@ -324,8 +333,8 @@ mod tests {
             [(10, 0.0, "no step"), (3, 0.1, "no step"), (10, 1.5, "outside [0, 1]"), (10, -0.1, "outside")]
         {
             let err = skipped_steps(steps, strength).unwrap_err();
-            assert!(matches!(err, Error::InvalidInput(_)), "{err}");
-            assert!(err.to_string().contains("--strength") && err.to_string().contains(needle), "{err}");
+            assert!(matches!(err, Error::Invalid { field: "strength", .. }), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
         }
         assert!(skipped_steps(10, f64::NAN).is_err());
     }

@@ -2,6 +2,7 @@
 //! stage (text encoders → [VAE encoder →] denoiser → VAE) loaded, used and dropped in its own
 //! scope — the lifecycle the memory manager drives. The stages both share are in `stages.rs`.
 
+mod cancel;
 mod conditioning;
 mod img2img;
 mod refine_image;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device};
 
 pub use crate::loading::family::Handoff;
+pub use cancel::CancelToken;
 pub use conditioning::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 pub use img2img::{
     check_strength, img2img, preprocess, resolve_img2img, skipped_steps, skipped_steps_flow, skipped_steps_for,
@@ -112,12 +114,15 @@ pub struct Runtime {
     pub dtype: DType,
     /// The memory optimisations each stage runs with (chosen by the planner).
     pub options: StageOptions,
+    /// Checked before each stage and after each denoising step: a cancelled run stops there with
+    /// [`Error::Cancelled`].
+    pub cancel: CancelToken,
 }
 
 impl Runtime {
     /// `dtype` on `device` with no memory optimisations.
     pub fn new(device: Device, dtype: DType) -> Self {
-        Self { device, dtype, options: StageOptions::default() }
+        Self { device, dtype, options: StageOptions::default(), cancel: CancelToken::new() }
     }
 
     /// f32 on the CPU.
@@ -262,18 +267,18 @@ pub struct Generation {
 /// Fills in the family's defaults and validates the request before anything is loaded.
 pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
     let family = model.family();
-    let bad = |m: String| Err(Error::InvalidInput(m));
+    let bad = |field, m: String| Err(Error::invalid(field, m));
     if req.n == 0 {
-        return bad("--n must be at least 1".into());
+        return bad("n", "must be at least 1".into());
     }
     let defaults = model.run_defaults();
     let steps = req.steps.unwrap_or(defaults.steps);
     if steps == 0 {
-        return bad("--steps must be at least 1".into());
+        return bad("steps", "must be at least 1".into());
     }
     let guidance = req.guidance.unwrap_or(defaults.guidance);
     if !guidance.is_finite() || guidance < 0.0 {
-        return bad(format!("--guidance must be a number ≥ 0, got {guidance}"));
+        return bad("guidance", format!("must be a number ≥ 0, got {guidance}"));
     }
     let (dw, dh) = default_size(model)?;
     let width = req.width.unwrap_or(dw);
@@ -281,14 +286,17 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
     let m = family.size_multiple;
     for (name, v) in [("width", width), ("height", height)] {
         if v == 0 || v % m != 0 {
-            return bad(format!(
-                "--{name} {v} is not a positive multiple of {m}, which {} needs (try {})",
-                family.display,
-                ((v.max(1) + m / 2) / m).max(1) * m
-            ));
+            return bad(
+                name,
+                format!(
+                    "{v} is not a positive multiple of {m}, which {} needs (try {})",
+                    family.display,
+                    ((v.max(1) + m / 2) / m).max(1) * m
+                ),
+            );
         }
         if v > MAX_SIDE_PIXELS {
-            return bad(format!("--{name} {v} is larger than the supported maximum of {MAX_SIDE_PIXELS}"));
+            return bad(name, format!("{v} is larger than the supported maximum of {MAX_SIDE_PIXELS}"));
         }
     }
     let scheduler = match req.scheduler {
@@ -325,46 +333,53 @@ pub fn skipped_encoders(model: &ModelFolder, o: &FamilyOptions) -> Vec<&'static 
     family.filter(|e| o.no_t5 || !model.has_component(e.component)).map(|e| e.component).collect()
 }
 
+/// The request field of skip-layer guidance.
+const SLG: &str = "skip_layer_guidance";
+
 /// Refuses the T5 and skip-layer options for families without a T5 encoder or transformer
 /// blocks, and values the model cannot take.
 fn check_family_options(model: &ModelFolder, o: &FamilyOptions, guidance: f64) -> Result<()> {
     let family = model.family();
-    let bad = |m: String| Err(Error::InvalidInput(m));
+    let bad = |field, m: String| Err(Error::invalid(field, m));
     let has_t5 = family.encoders.iter().any(|e| e.arch == TextEncoderArch::T5);
     if !has_t5 && (o.no_t5 || o.max_sequence_length.is_some()) {
-        let flag = if o.no_t5 { "--no-t5" } else { "--max-sequence-length" };
-        return bad(format!("{flag} applies to models with a T5 encoder (SD 3.5); {} has none", family.display));
+        let field = if o.no_t5 { "no_t5" } else { "max_sequence_length" };
+        return bad(field, format!("applies to models with a T5 encoder (SD 3.5); {} has none", family.display));
     }
     if let Some(len) = o.max_sequence_length {
         if len == 0 || len > T5_MAX_LENGTH {
-            return bad(format!("--max-sequence-length {len} is outside 1..={T5_MAX_LENGTH} (T5's limit)"));
+            return bad("max_sequence_length", format!("{len} is outside 1..={T5_MAX_LENGTH} (T5's limit)"));
         }
     }
     let Some(slg) = &o.skip_layer_guidance else { return Ok(()) };
     let blocks = model.denoiser_geometry()?.blocks;
     let Some(blocks) = blocks else {
-        return bad(format!("--slg skips transformer blocks of an MMDiT (SD 3.5); {} has none", family.display));
+        return bad(SLG, format!("skips transformer blocks of an MMDiT (SD 3.5); {} has none", family.display));
     };
     if guidance <= 1.0 {
-        return bad(format!(
-            "--slg guides alongside classifier-free guidance: it needs --guidance above 1 (got {guidance})"
-        ));
+        return bad(
+            SLG,
+            format!("guides alongside classifier-free guidance: it needs --guidance above 1 (got {guidance})"),
+        );
     }
     if slg.layers.is_empty() {
-        return bad("--slg needs at least one layer".into());
+        return bad(SLG, "needs at least one layer".into());
     }
     if let Some(&l) = slg.layers.iter().find(|&&l| l >= blocks) {
-        return bad(format!("--slg layer {l} does not exist: the transformer has blocks 0..={}", blocks - 1));
+        return bad(SLG, format!("layer {l} does not exist: the transformer has blocks 0..={}", blocks - 1));
     }
     if !(slg.scale.is_finite()
         && (0.0..=1.0).contains(&slg.start)
         && (0.0..=1.0).contains(&slg.stop)
         && slg.start < slg.stop)
     {
-        return bad(format!(
-            "--slg needs a finite scale and 0 ≤ start < stop ≤ 1 (got scale {}, start {}, stop {})",
-            slg.scale, slg.start, slg.stop
-        ));
+        return bad(
+            SLG,
+            format!(
+                "needs a finite scale and 0 ≤ start < stop ≤ 1 (got scale {}, start {}, stop {})",
+                slg.scale, slg.start, slg.stop
+            ),
+        );
     }
     Ok(())
 }
@@ -388,7 +403,8 @@ pub fn build_scheduler(
 
 /// The model's own scheduler configuration.
 pub fn scheduler_config(model: &ModelFolder) -> Result<SchedulerConfig> {
-    SchedulerConfig::from_file(model.component_dir("scheduler")?.join("scheduler_config.json"))
+    model
+        .parse_once(&model.component_dir("scheduler")?.join("scheduler_config.json"), |p| SchedulerConfig::from_file(p))
 }
 
 /// The size the model was trained at: the denoiser's `sample_size` × the VAE's factor.

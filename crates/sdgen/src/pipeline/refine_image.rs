@@ -55,30 +55,39 @@ fn refiner_request(req: &Request, base: &Settings) -> Request {
 pub fn resolve_image_refiner(model: &ModelFolder, refiner: &ImageRefiner, req: &Request) -> Result<Img2ImgSettings> {
     let r = refiner.model;
     if refiner_handoff(model, r)? != Handoff::Image {
-        return Err(Error::InvalidInput(format!(
-            "--refiner {} continues the latents of {} ({}) mid-schedule, not its decoded images",
-            r.root().display(),
-            model.root().display(),
-            model.family().display
-        )));
+        return Err(Error::invalid(
+            "refiner",
+            format!(
+                "{} continues the latents of {} ({}) mid-schedule, not its decoded images",
+                r.root().display(),
+                model.root().display(),
+                model.family().display
+            ),
+        ));
     }
     let strength = refiner.strength.unwrap_or(r.family().default_strength);
     if !(0.0..=1.0).contains(&strength) {
-        return Err(Error::InvalidInput(format!(
-            "--refiner-strength {strength} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"
-        )));
+        return Err(Error::invalid(
+            "refiner_strength",
+            format!("{strength} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"),
+        ));
     }
     let base = resolve(model, req)?;
     let settings = resolve(r, &refiner_request(req, &base)).map_err(|e| match e {
-        Error::InvalidInput(m) => Error::InvalidInput(format!("--refiner {}: {m}", r.root().display())),
+        e @ (Error::InvalidInput(_) | Error::Invalid { .. }) => {
+            Error::About { field: "refiner", value: Some(r.root().display().to_string()), source: Box::new(e) }
+        }
         other => other,
     })?;
     let skipped = skipped_steps_for(r.family().schedule, settings.steps, strength).map_err(|_| {
-        Error::InvalidInput(format!(
-            "--refiner-strength {strength} with {} steps leaves the refiner no step to run: raise \
+        Error::invalid(
+            "refiner_strength",
+            format!(
+                "{strength} with {} steps leaves the refiner no step to run: raise \
              --refiner-strength or --steps",
-            settings.steps
-        ))
+                settings.steps
+            ),
+        )
     })?;
     Ok(Img2ImgSettings { denoising_steps: settings.steps - skipped, settings, strength, skipped_steps: skipped })
 }

@@ -33,14 +33,21 @@ pub(super) struct StageLog {
 }
 
 impl StageOptions {
-    /// Both sets of options at once: what any of the stages used.
-    fn merged(self, other: StageOptions) -> StageOptions {
+    /// The leaner of both, option by option: the smaller slice or tile, any switch that either
+    /// turns on. The one rule for combining options: what a run's stages used (a fallback's on top
+    /// of the plan's), and a refined run's two plans (the base's and the refiner's share one
+    /// runtime).
+    pub fn merged(self, other: StageOptions) -> StageOptions {
+        let leaner = |a: Option<usize>, b: Option<usize>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         StageOptions {
-            attention_slice: self.attention_slice.or(other.attention_slice),
-            vae_attention_slice: self.vae_attention_slice.or(other.vae_attention_slice),
+            attention_slice: leaner(self.attention_slice, other.attention_slice),
+            vae_attention_slice: leaner(self.vae_attention_slice, other.vae_attention_slice),
             text_encoder_on_host: self.text_encoder_on_host || other.text_encoder_on_host,
             vae_slicing: self.vae_slicing || other.vae_slicing,
-            vae_tile_px: self.vae_tile_px.or(other.vae_tile_px),
+            vae_tile_px: leaner(self.vae_tile_px, other.vae_tile_px),
             aggressive_cleanup: self.aggressive_cleanup || other.aggressive_cleanup,
             prepare_large_model: self.prepare_large_model || other.prepare_large_model,
         }
@@ -190,6 +197,8 @@ pub(super) fn stage<T>(
     rt: &Runtime,
     mut body: impl FnMut(&Runtime, &mut dyn FnMut(Progress)) -> Result<T>,
 ) -> Result<T> {
+    // Between stages: nothing of this one is loaded yet.
+    rt.cancel.check()?;
     progress(Progress::StageStart(name));
     memory_point(progress, &format!("Before {} load", display_name(name)));
     let peak = StagePeak::start(name);
@@ -291,6 +300,8 @@ pub(super) fn denoise(
         if done > warmup {
             progress(Progress::Step { index: done - warmup, total: total - warmup });
         }
+        // Between steps: the denoiser is dropped on the way out, and `stage` returns its memory.
+        rt.cancel.check()?;
     }
     memory_point(progress, "After generation");
     Ok(latents)

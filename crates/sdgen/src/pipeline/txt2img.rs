@@ -66,11 +66,14 @@ impl<'a> RefinerRun<'a> {
         match refiner_handoff(model, refiner)? {
             Handoff::Latents => {
                 if let Some(s) = strength {
-                    return Err(Error::InvalidInput(format!(
-                        "--refiner-strength {s}: {} hands the refiner its latents mid-schedule, so there is no \
+                    return Err(Error::invalid(
+                        "refiner_strength",
+                        format!(
+                            "{s}: {} hands the refiner its latents mid-schedule, so there is no \
                          finished image to rework; set the handoff point with --refiner-start",
-                        model.family().display
-                    )));
+                            model.family().display
+                        ),
+                    ));
                 }
                 let r = Refiner { model: refiner, high_noise_fraction: start.unwrap_or(DEFAULT_HIGH_NOISE_FRACTION) };
                 check_refiner(model, &r)?;
@@ -78,12 +81,15 @@ impl<'a> RefinerRun<'a> {
             }
             Handoff::Image => {
                 if let Some(f) = start {
-                    return Err(Error::InvalidInput(format!(
-                        "--refiner-start {f}: {} runs all its steps and hands the refiner its decoded images \
+                    return Err(Error::invalid(
+                        "refiner_start",
+                        format!(
+                            "{f}: {} runs all its steps and hands the refiner its decoded images \
                          (the refiner cannot read its latents); set how much the refiner reworks them with \
                          --refiner-strength",
-                        model.family().display
-                    )));
+                            model.family().display
+                        ),
+                    ));
                 }
                 Ok(Self::Image(ImageRefiner { model: refiner, strength }))
             }
@@ -146,13 +152,16 @@ pub fn txt2img(
 pub fn refiner_handoff(model: &ModelFolder, refiner: &ModelFolder) -> Result<Handoff> {
     let r = refiner.family();
     if r.refines.is_empty() {
-        return Err(Error::InvalidInput(format!(
-            "--refiner {} is {} ({}), not an SDXL refiner (a StableDiffusionXLImg2ImgPipeline with only \
+        return Err(Error::invalid(
+            "refiner",
+            format!(
+                "{} is {} ({}), not an SDXL refiner (a StableDiffusionXLImg2ImgPipeline with only \
              text_encoder_2, such as stabilityai/stable-diffusion-xl-refiner-1.0)",
-            refiner.root().display(),
-            r.display,
-            refiner.pipeline_class()
-        )));
+                refiner.root().display(),
+                r.display,
+                refiner.pipeline_class()
+            ),
+        ));
     }
     r.handoff_from(model.family()).ok_or_else(|| {
         // The seed's short names (SDXL, SD 3.5 Large), from the requirement table.
@@ -163,11 +172,10 @@ pub fn refiner_handoff(model: &ModelFolder, refiner: &ModelFolder) -> Result<Han
             Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
             None => String::new(),
         };
-        Error::InvalidInput(format!(
-            "--refiner refines {bases} base runs; {} is {}",
-            model.root().display(),
-            model.family().display
-        ))
+        Error::invalid(
+            "refiner",
+            format!("refines {bases} base runs; {} is {}", model.root().display(), model.family().display),
+        )
     })
 }
 
@@ -175,13 +183,16 @@ pub fn refiner_handoff(model: &ModelFolder, refiner: &ModelFolder) -> Result<Han
 pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
     let r = refiner.model;
     if refiner_handoff(model, r)? == Handoff::Image {
-        return Err(Error::InvalidInput(format!(
-            "--refiner {} cannot continue the latents of {} ({}), whose latent space is not its own: it refines \
+        return Err(Error::invalid(
+            "refiner",
+            format!(
+                "{} cannot continue the latents of {} ({}), whose latent space is not its own: it refines \
              those runs from their decoded images",
-            r.root().display(),
-            model.root().display(),
-            model.family().display
-        )));
+                r.root().display(),
+                model.root().display(),
+                model.family().display
+            ),
+        ));
     }
     let f = refiner.high_noise_fraction;
     if !(f > 0.0 && f < 1.0) {
@@ -192,7 +203,7 @@ pub fn check_refiner(model: &ModelFolder, refiner: &Refiner) -> Result<()> {
     let base_unet = model.denoiser_geometry()?;
     let refiner_unet = r.denoiser_geometry()?;
     let mismatch = |what: String| {
-        Err(Error::InvalidInput(format!("--refiner {} cannot continue from the base: {what}", r.root().display())))
+        Err(Error::invalid("refiner", format!("{} cannot continue from the base: {what}", r.root().display())))
     };
     if refiner_unet.in_channels != base_unet.out_channels {
         return mismatch(format!(

@@ -1,0 +1,382 @@
+//! The engine: one object a process keeps (the CLI for one run, a server for its lifetime) that
+//! takes a [`GenerateRequest`] and gives back finished images with their metadata, batch by
+//! batch, reporting progress and honouring a [`CancelToken`].
+//!
+//! A job goes: validate the request → open the model, its VAE and refiner (from the engine's
+//! cache when it opened them before) → resolve and plan it against the memory available, before
+//! any weight is read → run it in batches of what fits, each handed to the caller as soon as it
+//! is made (an interrupted run keeps what it finished).
+
+mod cache;
+mod plan;
+mod request;
+
+use std::collections::BTreeMap;
+
+use crate::hub::{DownloadProgress, HubOptions};
+use crate::loading::{ModelFolder, ModelSource, OpenOptions};
+use crate::output::ImageMetadata;
+use crate::pipeline::{
+    img2img, txt2img_with_refiner, GeneratedImage, Generation, Handoff, Img2ImgRequest, Progress, RefinerRun, Request,
+    Runtime, Settings,
+};
+use crate::{Error, Result};
+
+pub use crate::pipeline::CancelToken;
+pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, FIELDS, MAX_IMAGES};
+
+use cache::{ModelCache, OpenedModel};
+use request::ModelKey;
+
+/// How many opened models the engine keeps by default (configs and headers: kilobytes each).
+pub const DEFAULT_CACHED_MODELS: usize = 4;
+
+/// What the engine reports while it works.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A line for the log: what the job makes, its plan.
+    Log(&'a str),
+    /// A line a detailed log shows: the kernels and memory options that run.
+    Detail(&'a str),
+    /// A warning, ready to print (a tight plan, a truncated prompt, a recovered failure).
+    Warning(&'a str),
+    /// A model is being downloaded.
+    Download(&'a DownloadProgress<'a>),
+    /// The pipeline's progress: stages, steps (`index` of `total`), memory snapshots.
+    Pipeline(Progress<'a>),
+}
+
+/// One finished image of a job.
+#[derive(Debug, Clone)]
+pub struct FinishedImage {
+    /// Its index in the whole job, from 0 (its seed is the job's seed + this).
+    pub index: usize,
+    /// The pixels.
+    pub image: GeneratedImage,
+    /// What its sidecar and PNG text record.
+    pub metadata: ImageMetadata,
+}
+
+/// One batch of a job, as it finishes.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Which of the request's prompts it is for.
+    pub prompt_index: usize,
+    /// Images the whole job makes.
+    pub job_images: usize,
+    /// Its images, in seed order.
+    pub images: Vec<FinishedImage>,
+    /// The settings the batch ran with (every default filled in).
+    pub settings: Settings,
+    /// Wall time per stage.
+    pub timings_ms: BTreeMap<String, f64>,
+    /// What the pipeline warned about while making it.
+    pub warnings: Vec<String>,
+    /// The metadata every image of the job shares (plans, kernels, VAE, model hash…), also in
+    /// each image's `metadata.extra`.
+    pub job_metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where the engine runs and how it fetches models.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The device, dtype and (per job, from its plan) memory options.
+    pub runtime: Runtime,
+    /// The device as the metadata names it (`cpu`, `cuda:0`).
+    pub device_label: String,
+    /// Where models come from.
+    pub hub: HubOptions,
+    /// Opened models kept for later jobs.
+    pub cached_models: usize,
+}
+
+impl EngineConfig {
+    /// `runtime` named `device_label`, models from the hub as the environment configures it.
+    pub fn new(runtime: Runtime, device_label: impl Into<String>) -> Self {
+        Self {
+            runtime,
+            device_label: device_label.into(),
+            hub: HubOptions::from_env(),
+            cached_models: DEFAULT_CACHED_MODELS,
+        }
+    }
+}
+
+/// The engine: a device, a dtype, where models come from, and the models it has opened.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    models: ModelCache,
+}
+
+impl Engine {
+    /// An engine with nothing opened yet.
+    pub fn new(config: EngineConfig) -> Self {
+        let models = ModelCache::new(config.cached_models);
+        Self { config, models }
+    }
+
+    /// The runtime jobs run on (without a job's memory options).
+    pub fn runtime(&self) -> &Runtime {
+        &self.config.runtime
+    }
+
+    /// Models opened since the engine started: a job on a model already open opens none.
+    pub fn models_opened(&self) -> usize {
+        self.models.opens
+    }
+
+    /// Runs `req`, collecting every batch.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        events: &mut dyn FnMut(Event),
+        cancel: &CancelToken,
+    ) -> Result<Vec<Batch>> {
+        let mut batches = Vec::new();
+        self.generate_each(req, events, cancel, &mut |b| {
+            batches.push(b);
+            Ok::<_, Error>(())
+        })?;
+        Ok(batches)
+    }
+
+    /// Runs `req`, handing each batch to `on_batch` as soon as it is made; an error from
+    /// `on_batch` (a failed save) ends the job with it. A cancelled job ends with
+    /// [`Error::Cancelled`] at its next step or stage boundary, the batch in progress discarded.
+    pub fn generate_each<E: From<Error>>(
+        &mut self,
+        req: &GenerateRequest,
+        events: &mut dyn FnMut(Event),
+        cancel: &CancelToken,
+        on_batch: &mut dyn FnMut(Batch) -> Result<(), E>,
+    ) -> Result<(), E> {
+        req.validate()?;
+        cancel.check()?;
+        // The model with its VAE, and the refiner, opened before anything loads so a wrong one
+        // costs nothing.
+        let base = self.open(&req.model, &req.open, req.vae.as_ref(), events)?;
+        let refiner_model = match &req.refiner {
+            Some(r) => Some(self.open_refiner(&base.folder, &r.source, req.vae.as_ref(), events)?),
+            None => None,
+        };
+        let model = &base.folder;
+        // How the refiner takes over (from the base's latents or its images) is the rows' to say.
+        let refiner = match (&refiner_model, &req.refiner) {
+            (Some(m), Some(r)) => Some(RefinerRun::choose(model, m, r.start, r.strength)?),
+            _ => None,
+        };
+        let img2img_request = req.img2img.as_ref().map(|i| Img2ImgRequest {
+            request: req.params.clone(),
+            init_image: i.image.clone(),
+            strength: i.strength,
+        });
+        let mut rt = self.config.runtime.clone();
+        rt.cancel = cancel.clone();
+        let job = plan::plan_job(model, refiner.as_ref(), img2img_request.as_ref(), req, &rt, events)?;
+        rt.options = job.options;
+        let model_hash = self.model_hash(&req.model, &req.open, req.vae.as_ref())?;
+        let job_metadata = plan::run_metadata(req, &job, &rt, model_hash.as_deref());
+        let run = Run { req, job: &job, rt: &rt, job_metadata: &job_metadata, device_label: &self.config.device_label };
+
+        // The images, in batches of what fits; image g of the job takes seed + g whatever its
+        // batch, each prompt a job of `params.n` images.
+        let request = &req.params;
+        for (j, prompt) in req.prompts.iter().enumerate() {
+            if req.prompts.len() > 1 {
+                events(Event::Log(&format!("Prompt {} of {}: {prompt}", j + 1, req.prompts.len())));
+            }
+            for start in (0..request.n).step_by(job.per_batch) {
+                cancel.check()?;
+                let first = j * request.n + start;
+                let part = Request {
+                    prompt: prompt.clone(),
+                    n: job.per_batch.min(request.n - start),
+                    seed: request.seed + first as u64,
+                    ..request.clone()
+                };
+                let mut progress = |p: Progress| events(Event::Pipeline(p));
+                let generation = match &img2img_request {
+                    Some(r) => img2img(
+                        model,
+                        &Img2ImgRequest {
+                            request: part.clone(),
+                            init_image: r.init_image.clone(),
+                            strength: r.strength,
+                        },
+                        &rt,
+                        &mut progress,
+                    )?,
+                    None => txt2img_with_refiner(model, refiner, &part, &rt, &mut progress)?,
+                };
+                for w in &generation.warnings {
+                    events(Event::Warning(&format!("⚠️  WARNING: {w}")));
+                }
+                for f in &generation.failures {
+                    events(Event::Warning(&format!("⚠️  WARNING: recovered from running out of memory: {f}")));
+                }
+                on_batch(run.batch(j, first, &part, generation))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The model `source` with `vae` in place of its own, from the cache or opened now.
+    fn open(
+        &mut self,
+        source: &ModelSource,
+        options: &OpenOptions,
+        vae: Option<&ModelSource>,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<OpenedModel> {
+        let key = ModelKey { source: source.clone(), vae: vae.cloned(), config_from: options.config_from.clone() };
+        if let Some(m) = self.models.get(&key) {
+            return Ok(m.clone());
+        }
+        let folder = match vae {
+            None => source.open_with(&self.config.hub, options, &mut |p| events(Event::Download(p)))?,
+            Some(vae) => {
+                let model = self.open(source, options, None, events)?.folder;
+                model.with_vae(&self.vae_dir(vae, events)?)?
+            }
+        };
+        Ok(self.models.insert(key, folder).clone())
+    }
+
+    /// The refiner `source` for `base`'s runs. One that continues the base's latents decodes
+    /// them: a `vae` replaces its VAE too (as diffusers' fp16-fix recipe passes `vae=` to both
+    /// pipelines); one of another latent space (after SD 3.5) keeps its own, which encodes and
+    /// decodes its half.
+    fn open_refiner(
+        &mut self,
+        base: &ModelFolder,
+        source: &ModelSource,
+        vae: Option<&ModelSource>,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<ModelFolder> {
+        let about = |e| Error::about("refiner", e);
+        let options = OpenOptions::default();
+        let refiner = self.open(source, &options, None, events).map_err(about)?.folder;
+        let shares_latents = refiner.family().handoff_from(base.family()) == Some(Handoff::Latents);
+        match vae.filter(|_| shares_latents) {
+            Some(vae) => Ok(self.open(source, &options, Some(vae), events).map_err(about)?.folder),
+            None => Ok(refiner),
+        }
+    }
+
+    /// The folder of a `--vae`: a path as given, a hub repository fetched.
+    fn vae_dir(&self, vae: &ModelSource, events: &mut dyn FnMut(Event)) -> Result<std::path::PathBuf> {
+        match vae {
+            ModelSource::Path(p) => Ok(p.clone()),
+            ModelSource::Repo { repo, .. } => {
+                crate::hub::fetch_component(&self.config.hub, repo, "main", &mut |p| events(Event::Download(p)))
+            }
+        }
+    }
+
+    /// A1111's `Model hash` of an opened model that is a checkpoint file, computed once.
+    fn model_hash(
+        &mut self,
+        source: &ModelSource,
+        options: &OpenOptions,
+        vae: Option<&ModelSource>,
+    ) -> Result<Option<String>> {
+        let Some(file) = plan::checkpoint_file(source) else { return Ok(None) };
+        let key = ModelKey { source: source.clone(), vae: vae.cloned(), config_from: options.config_from.clone() };
+        let hash = match self.models.get(&key).and_then(|m| m.model_hash.clone()) {
+            Some(h) => h,
+            None => crate::output::model_hash(file)?,
+        };
+        if let Some(m) = self.models.get(&key) {
+            m.model_hash = Some(hash.clone());
+        }
+        Ok(Some(hash))
+    }
+}
+
+/// What every batch of a job shares, for making its images' metadata.
+struct Run<'a> {
+    req: &'a GenerateRequest,
+    job: &'a plan::JobPlan,
+    rt: &'a Runtime,
+    job_metadata: &'a serde_json::Map<String, serde_json::Value>,
+    device_label: &'a str,
+}
+
+impl Run<'_> {
+    /// The batch of images `first..` of the job made for `request` by prompt `prompt_index`.
+    fn batch(&self, prompt_index: usize, first: usize, request: &Request, generation: Generation) -> Batch {
+        let (req, job) = (self.req, self.job);
+        let mut extra = self.job_metadata.clone();
+        extra.insert("memory".into(), plan::to_json(&generation.memory));
+        // The encoders that did not run (SD 3.5's T5 with --no-t5 or in a folder without it).
+        if !generation.settings.skipped_encoders.is_empty() {
+            extra.insert("skipped_encoders".into(), plan::to_json(&generation.settings.skipped_encoders));
+        }
+        if let Some(r) = &generation.refinement {
+            let mut r = r.clone();
+            // The model as the user named it (a hub repo, not its cache folder).
+            if let Some(refiner) = &req.refiner {
+                r.model = refiner.source.label();
+            }
+            extra.insert("refiner".into(), plan::to_json(&r));
+        }
+        let warnings: Vec<String> = generation
+            .warnings
+            .iter()
+            .cloned()
+            .chain(job.plan.warning.clone())
+            .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
+            .collect();
+        let images = generation
+            .images
+            .into_iter()
+            .map(|image| {
+                let index = first + image.index;
+                let metadata = ImageMetadata {
+                    model: req.model.label(),
+                    pipeline_type: job.pipeline_type.clone(),
+                    memory_optimizations: generation.options_used.names().join(","),
+                    warnings: warnings.clone(),
+                    failures: generation.failures.clone(),
+                    prompt: request.prompt.clone(),
+                    negative_prompt: request.negative_prompt.clone().unwrap_or_default(),
+                    seed: image.seed,
+                    batch_index: index,
+                    steps: generation.settings.steps,
+                    guidance: generation.settings.guidance,
+                    scheduler: generation.settings.scheduler.to_string(),
+                    width: generation.settings.width,
+                    height: generation.settings.height,
+                    device: self.device_label.to_string(),
+                    dtype: format!("{:?}", self.rt.dtype).to_lowercase(),
+                    timings_ms: generation.timings_ms.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    extra: extra.clone(),
+                };
+                FinishedImage { index, image, metadata }
+            })
+            .collect();
+        Batch {
+            prompt_index,
+            job_images: req.image_count(),
+            images,
+            settings: generation.settings,
+            timings_ms: generation.timings_ms,
+            warnings: generation.warnings,
+            job_metadata: self.job_metadata.clone(),
+        }
+    }
+}
+
+/// `1 image`, `3 images`.
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests;

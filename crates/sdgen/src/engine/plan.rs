@@ -1,0 +1,191 @@
+//! What a job will do, decided from the weights' headers and the memory available before any
+//! weight is read: its settings, its memory plan (and the refiner's), the options its stages run
+//! with, the images per batch, and the metadata every image of the job shares.
+
+use sdgen_memory::plan::Plan;
+
+use super::{plural, Event, GenerateRequest};
+use crate::loading::{ModelFolder, ModelSource};
+use crate::pipeline::{
+    resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, RefinerRun, Runtime, Settings,
+    StageOptions,
+};
+use crate::Result;
+
+/// A job, planned.
+pub(super) struct JobPlan {
+    /// The image-to-image settings (strength, steps skipped) of an image-to-image job.
+    pub img2img: Option<Img2ImgSettings>,
+    /// The base's memory plan.
+    pub plan: Plan,
+    /// The refiner's, planned on its own: it runs after the base is unloaded.
+    pub refiner_plan: Option<Plan>,
+    /// The options every stage runs with: the leaner of both plans' where they share one.
+    pub options: StageOptions,
+    /// Images per batch: what fits both halves with a refiner.
+    pub per_batch: usize,
+    /// diffusers' pipeline class, as the sidecar records it.
+    pub pipeline_type: String,
+}
+
+/// Validates the request against the models, plans it (refusing a job that cannot fit, with the
+/// numbers and what would help) and reports what it will do.
+pub(super) fn plan_job(
+    model: &ModelFolder,
+    refiner: Option<&RefinerRun>,
+    img2img_request: Option<&Img2ImgRequest>,
+    req: &GenerateRequest,
+    rt: &Runtime,
+    events: &mut dyn FnMut(Event),
+) -> Result<JobPlan> {
+    let request = &req.params;
+    let all = req.image_count();
+    let (settings, img2img_settings) = match img2img_request {
+        Some(r) => {
+            let s = resolve_img2img(model, r)?;
+            (s.settings.clone(), Some(s))
+        }
+        None => (crate::pipeline::resolve(model, request)?, None),
+    };
+    let from = match (img2img_request, &img2img_settings) {
+        (Some(r), Some(s)) => format!(
+            " from {} (strength {}: the last {} of {} steps)",
+            r.init_image.name, s.strength, s.denoising_steps, settings.steps
+        ),
+        _ => String::new(),
+    };
+    events(Event::Log(&format!(
+        "Generating {} with {} ({}) at {}x{}, {} steps, {} scheduler, guidance {}, seed {}{from}",
+        plural(all, "image"),
+        model.family().display,
+        req.model.label(),
+        settings.width,
+        settings.height,
+        settings.steps,
+        settings.scheduler,
+        settings.guidance,
+        request.seed
+    )));
+    let plan_for = |m: &ModelFolder, settings: &Settings, img2img: bool| {
+        crate::planning::plan_run(m, settings, request.n, img2img, &rt.device, rt.dtype, req.memory)
+    };
+    let batch_size = req.memory.max_images_per_batch.unwrap_or(request.n);
+    let plan = plan_for(model, &settings, img2img_request.is_some())?;
+    report_plan(&plan, batch_size, events);
+    let mut options = crate::planning::stage_options(model, &plan, &settings, false)?;
+    // The refiner runs after the base is unloaded: its stages are planned on their own (with its
+    // VAE encoder when it takes the base's images), and the run takes the leaner of both plans'
+    // options where they share one.
+    let refiner_plan = match refiner {
+        Some(run) => {
+            let (r_model, r_settings, takes_images) = match run {
+                RefinerRun::Latents(r) => (r.model, settings.clone(), false),
+                RefinerRun::Image(r) => {
+                    let s = resolve_image_refiner(model, r, request)?;
+                    events(Event::Log(&format!(
+                        "Then refining with {} ({}) from the decoded images: strength {} (the last {} of {} steps), \
+                         {} scheduler, guidance {}",
+                        r.model.family().display,
+                        req.refiner.as_ref().map_or(String::new(), |a| a.source.label()),
+                        s.strength,
+                        s.denoising_steps,
+                        s.settings.steps,
+                        s.settings.scheduler,
+                        s.settings.guidance
+                    )));
+                    (r.model, s.settings, true)
+                }
+            };
+            let p = plan_for(r_model, &r_settings, takes_images).map_err(|e| crate::Error::about("refiner", e))?;
+            report_plan(&p, batch_size, events);
+            options = options.merged(crate::planning::stage_options(r_model, &p, &r_settings, false)?);
+            Some(p)
+        }
+        None => None,
+    };
+    events(Event::Detail(&format!("Kernels: {}", crate::kernels::kernel_summary(&rt.device))));
+    let enabled = options.enabled();
+    events(Event::Detail(&format!(
+        "Memory options: {}",
+        if enabled.is_empty() { "none".into() } else { enabled.join(", ") }
+    )));
+    let per_batch = refiner_plan
+        .as_ref()
+        .map_or(plan.images_per_batch, |p| p.images_per_batch.min(plan.images_per_batch))
+        .clamp(1, request.n);
+    // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
+    // (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline).
+    let family_type = model.family().pipeline_type;
+    let pipeline_type = if img2img_request.is_some() && !family_type.contains("Img2Img") {
+        family_type.replacen("Pipeline", "Img2ImgPipeline", 1)
+    } else {
+        family_type.to_string()
+    };
+    Ok(JobPlan { img2img: img2img_settings, plan, refiner_plan, options, per_batch, pipeline_type })
+}
+
+/// Reports a plan, its warning, and why batches are smaller than the batch size asked for.
+fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
+    for line in plan.to_string().lines() {
+        events(Event::Log(line));
+    }
+    if plan.batch_split() {
+        events(Event::Log(&format!(
+            "--batch-size {batch_size} does not fit in the memory available: {} at a time",
+            plural(plan.images_per_batch, "image")
+        )));
+    }
+    if let Some(w) = &plan.warning {
+        events(Event::Warning(w));
+    }
+}
+
+/// The sidecar fields every image of the job shares.
+pub(super) fn run_metadata(
+    req: &GenerateRequest,
+    job: &JobPlan,
+    rt: &Runtime,
+    model_hash: Option<&str>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    extra.insert("plan".into(), to_json(&job.plan));
+    // Which kernels made the image: a wrong image reported with "stock" rules our kernels out.
+    extra.insert("kernels".into(), crate::kernels::kernel_summary(&rt.device).into());
+    if let Some(p) = &job.refiner_plan {
+        extra.insert("refiner_plan".into(), to_json(p));
+    }
+    if let Some(vae) = &req.vae {
+        extra.insert("vae".into(), vae.label().into());
+    }
+    // A1111's `Model hash` is a checkpoint file's (folders and hub repos have none to give).
+    if let Some(hash) = model_hash {
+        extra.insert("model_hash".into(), hash.into());
+    }
+    let o = &req.params.family_options;
+    if let Some(len) = o.max_sequence_length {
+        extra.insert("max_sequence_length".into(), len.into());
+    }
+    if let Some(slg) = &o.skip_layer_guidance {
+        let value = serde_json::json!({"layers": slg.layers, "scale": slg.scale, "start": slg.start, "stop": slg.stop});
+        extra.insert("skip_layer_guidance".into(), value);
+    }
+    if let (Some(i), Some(s)) = (&req.img2img, &job.img2img) {
+        extra.insert("init_image".into(), i.image.name.clone().into());
+        extra.insert("strength".into(), s.strength.into());
+    }
+    extra
+}
+
+/// The checkpoint file a model source names, whose hash A1111's metadata records.
+pub(super) fn checkpoint_file(source: &ModelSource) -> Option<&std::path::Path> {
+    match source {
+        ModelSource::Path(path) if path.is_file() => Some(path),
+        _ => None,
+    }
+}
+
+/// A plain-data value (plans, memory records) as JSON: string keys and finite numbers only, so
+/// it cannot fail.
+pub(super) fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("plain data serializes")
+}

@@ -1,0 +1,174 @@
+//! What a job asks for: the engine's request, as the CLI's flags or a server's JSON say it.
+
+use std::path::PathBuf;
+
+use crate::loading::{ModelSource, OpenOptions};
+use crate::pipeline::{check_strength, InitImage, Request};
+use crate::planning::MemoryRequest;
+use crate::{Error, Result};
+
+/// The most images one job makes: more is a mistake or several jobs.
+pub const MAX_IMAGES: usize = 10_000;
+
+/// The fields [`Error::Invalid`] and [`Error::About`] name: the request's, as a server's JSON
+/// spells them (`params.width` is `width`, `refiner.start` is `refiner_start`).
+pub const FIELDS: &[&str] = &[
+    "n",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "scheduler",
+    "strength",
+    "init_image",
+    "vae",
+    "refiner",
+    "refiner_start",
+    "refiner_strength",
+    "no_t5",
+    "max_sequence_length",
+    "skip_layer_guidance",
+];
+
+/// One generation job: the model and what to make with it. Output naming is the caller's.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The model: a named model, a hub repository, a diffusers folder or a single-file checkpoint.
+    pub model: ModelSource,
+    /// How to open it (a single file's config folder).
+    pub open: OpenOptions,
+    /// A VAE replacing the model's own (a hub repository or a diffusers VAE folder).
+    pub vae: Option<ModelSource>,
+    /// A refiner finishing text-to-image runs.
+    pub refiner: Option<RefinerRequest>,
+    /// The prompts, each a job of `params.n` images; image `g` of the whole run takes
+    /// `params.seed + g`, so the seeds continue from one prompt's images to the next.
+    pub prompts: Vec<String>,
+    /// Everything else, as for one prompt: negative prompt, images per prompt (`n`), seed, steps,
+    /// guidance, size, scheduler, family options. Its `prompt` is not read: each of `prompts`
+    /// takes its place in turn.
+    pub params: Request,
+    /// Image-to-image: the picture every image starts from, and how much to change it.
+    pub img2img: Option<Img2ImgInput>,
+    /// The memory the job may use, how to trade speed for it, and the images per batch asked for.
+    pub memory: MemoryRequest,
+}
+
+/// The starting picture of an image-to-image job.
+#[derive(Debug, Clone)]
+pub struct Img2ImgInput {
+    /// The decoded picture.
+    pub image: InitImage,
+    /// How much to change it, in [0, 1]; `None` is the family's default.
+    pub strength: Option<f64>,
+}
+
+/// A refiner and its knobs; which knob applies depends on the models (see
+/// [`RefinerRun::choose`](crate::pipeline::RefinerRun::choose)).
+#[derive(Debug, Clone)]
+pub struct RefinerRequest {
+    /// The refiner model.
+    pub source: ModelSource,
+    /// The handoff point of a latent handoff (SDXL), a fraction of the steps in (0, 1).
+    pub start: Option<f64>,
+    /// The strength of an image handoff (SD 3.5), in [0, 1].
+    pub strength: Option<f64>,
+}
+
+impl GenerateRequest {
+    /// A text-to-image request for `prompt` on `model`, every other setting the model's default.
+    pub fn new(model: ModelSource, prompt: impl Into<String>) -> Self {
+        let prompt = prompt.into();
+        Self {
+            model,
+            open: OpenOptions::default(),
+            vae: None,
+            refiner: None,
+            prompts: vec![prompt.clone()],
+            params: Request { prompt, n: 1, ..Default::default() },
+            img2img: None,
+            memory: MemoryRequest::default(),
+        }
+    }
+
+    /// Images the whole job makes: `params.n` per prompt.
+    pub fn image_count(&self) -> usize {
+        self.params.n.saturating_mul(self.prompts.len())
+    }
+
+    /// The checks that need no model: prompts, counts, the seed range, the refiner's and the
+    /// init image's knobs. What depends on the model (sizes, steps, schedulers) is checked when
+    /// it is open, still before any weight loads.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidInput(m));
+        let invalid = |field, m: String| Err(Error::invalid(field, m));
+        if self.prompts.is_empty() {
+            return bad("no prompts: the file or standard input has no non-blank line".into());
+        }
+        if self.prompts.iter().all(|p| p.trim().is_empty()) {
+            return bad("the prompt is empty: say what to draw".into());
+        }
+        if self.params.n == 0 {
+            return invalid("n", "must be at least 1".into());
+        }
+        let all = self.image_count();
+        if all > MAX_IMAGES {
+            let prompts = super::plural(self.prompts.len(), "prompt");
+            return invalid(
+                "n",
+                format!(
+                    "{} × {prompts} is {all} images, more than the {MAX_IMAGES} one run makes: split it into \
+                     several runs (each with its own seed)",
+                    self.params.n
+                ),
+            );
+        }
+        // Image g takes seed + g: the last must not wrap around to seed 0.
+        let seed = self.params.seed;
+        if seed.checked_add(all as u64 - 1).is_none() {
+            return invalid(
+                "seed",
+                format!(
+                    "{seed} with {all} images would run past the largest seed ({}): use a seed up to {}",
+                    u64::MAX,
+                    u64::MAX - (all as u64 - 1)
+                ),
+            );
+        }
+        if let Some(s) = self.img2img.as_ref().and_then(|i| i.strength) {
+            check_strength(s)?;
+        }
+        if let Some(r) = &self.refiner {
+            if self.img2img.is_some() {
+                return invalid(
+                    "refiner",
+                    "finishes text-to-image runs; to refine a finished image, pass the refiner as \
+                            --model with --init-image"
+                        .into(),
+                );
+            }
+            if let Some(f) = r.start.filter(|f| !(*f > 0.0 && *f < 1.0)) {
+                return invalid(
+                    "refiner_start",
+                    format!("{f} is not strictly between 0 and 1 (the fraction of the steps the base runs)"),
+                );
+            }
+            if let Some(s) = r.strength.filter(|s| !(0.0..=1.0).contains(s)) {
+                return invalid(
+                    "refiner_strength",
+                    format!("{s} is outside [0, 1] (0 keeps the base's image, 1 replaces it entirely)"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which opened model a cache entry holds: the source as asked for, its VAE and its config folder.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ModelKey {
+    pub source: ModelSource,
+    pub vae: Option<ModelSource>,
+    pub config_from: Option<PathBuf>,
+}
