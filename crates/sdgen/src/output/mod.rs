@@ -123,6 +123,15 @@ pub fn save_image_to(
     save_image_at(target.dir(), stem.as_deref(), meta, rgb, SystemTime::now(), &mut |_| Ok(()))
 }
 
+/// The PNG file [`save_image`] writes for `rgb` (8-bit RGB, `meta.width * meta.height * 3`
+/// bytes), in memory: the pixels with `meta`'s A1111 `parameters` text. A server sends these
+/// bytes, so its images equal the command line's, byte for byte.
+pub fn image_png(meta: &ImageMetadata, rgb: &[u8]) -> Result<Vec<u8>> {
+    let (width, height) = (pixel_dim(meta.width, "width")?, pixel_dim(meta.height, "height")?);
+    let parameters = a1111_parameters(meta);
+    encode_png(rgb, width, height, &[(PARAMETERS_KEYWORD, &parameters)])
+}
+
 /// Image file extensions `--output` might end in; only PNG is written (A1111's metadata lives in
 /// its text chunk), the others are refused rather than taken for a folder name.
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
@@ -273,9 +282,7 @@ fn save_image_at(
     hook: &mut dyn FnMut(SaveStep) -> io::Result<()>,
 ) -> Result<SavedImage> {
     let dir = non_empty(dir);
-    let (width, height) = (pixel_dim(meta.width, "width")?, pixel_dim(meta.height, "height")?);
-    let parameters = a1111_parameters(meta);
-    let png = encode_png(rgb, width, height, &[(PARAMETERS_KEYWORD, &parameters)])?;
+    let png = image_png(meta, rgb)?;
     let mut json = serde_json::to_vec_pretty(meta)
         .map_err(|e| Error::InvalidInput(format!("image metadata cannot be written as JSON: {e}")))?;
     json.push(b'\n');

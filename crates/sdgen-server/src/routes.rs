@@ -1,0 +1,400 @@
+//! The router: shared state, authentication, the body limit, and the server's own API
+//! (`/v1/jobs`, `/v1/memory`, `/metrics`, `/healthz`). The A1111 routes are in `a1111.rs`.
+
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+use std::time::UNIX_EPOCH;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{self, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::jobs::{Api, Cancelled, Job, JobSpec, Queue, QueueRefusal};
+use crate::metrics::Metrics;
+use crate::preflight::Preflight;
+use crate::request::{self, Limits, ModelPolicy, Names, Seed, Settings};
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub queue: Arc<Queue>,
+    pub metrics: Arc<Metrics>,
+    pub preflight: Arc<Preflight>,
+    pub limits: Limits,
+    pub models: ModelPolicy,
+    /// The model a request that names none runs (`--model`; A1111's options switch it).
+    pub default_model: RwLock<String>,
+    /// The bearer token every route but `/healthz` needs, when set.
+    pub api_key: Option<String>,
+    /// `--max-memory`, applied to every job.
+    pub max_memory_bytes: Option<u64>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// The device, as the metadata names it.
+    pub device_label: String,
+}
+
+impl AppState {
+    /// The default model's name.
+    pub fn default_model(&self) -> String {
+        self.default_model.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The whole HTTP API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/images/{index}", get(job_image))
+        .route("/v1/memory", get(memory))
+        .route("/metrics", get(metrics))
+        .merge(crate::a1111::routes())
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        // Outside the authentication: a load balancer's probe carries no key.
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer <key>` when the server has a key; 401 otherwise.
+async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let Some(key) = &state.api_key else { return next.run(request).await };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(request).await,
+        Some(_) => {
+            state.metrics.refused("unauthorized");
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the API key is wrong").into_response()
+        }
+        None => {
+            state.metrics.refused("unauthorized");
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this server needs an API key: send `Authorization: Bearer <key>`",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Compares without stopping at the first difference (the time taken says nothing of the key).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// The request body, or 413 past the limit.
+pub fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than this server's limit of {} bytes", state.max_body_bytes),
+            )
+        } else {
+            ApiError::bad_request(format!("the body cannot be read: {e}"))
+        }
+    })
+}
+
+/// Maps the engine's field names to an API's.
+pub fn field_namer(api: Api) -> impl Fn(&'static str) -> Option<&'static str> {
+    move |field| match api {
+        Api::Jobs => Some(field),
+        Api::A1111 => Some(crate::a1111::field_name(field)),
+    }
+}
+
+/// Checks a request, then queues it: 422/507 from the check, 503 when the queue is full.
+pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str) -> Result<Arc<Job>, ApiError> {
+    spec.request.memory.max_memory_bytes = state.max_memory_bytes;
+    let (preflight, check_spec, model_field_owned) = (state.preflight.clone(), spec.clone(), model_field.to_string());
+    let verdict = tokio::task::spawn_blocking(move || {
+        preflight.check(&check_spec.request, &field_namer(check_spec.api), &model_field_owned)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the check failed: {e}")))?;
+    if let Err(e) = verdict {
+        state.metrics.refused(if e.status == StatusCode::INSUFFICIENT_STORAGE { "does_not_fit" } else { "invalid" });
+        return Err(e);
+    }
+    let job = Job::new(spec);
+    match state.queue.push(job.clone()) {
+        Ok(()) => Ok(job),
+        Err(QueueRefusal::Full) => {
+            state.metrics.refused("queue_full");
+            Err(ApiError::unavailable(
+                "queue_full",
+                format!("the queue is full ({} jobs waiting): retry later", state.queue.capacity),
+                5,
+            ))
+        }
+        Err(QueueRefusal::Closed) => Err(ApiError::unavailable("shutting_down", "the server is shutting down", 30)),
+    }
+}
+
+/// `POST /v1/jobs`'s body: the engine's request, named as its fields are.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobBody {
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    /// Images in all.
+    #[serde(default)]
+    n: Option<usize>,
+    /// Most images made together.
+    #[serde(default)]
+    batch_size: Option<usize>,
+    #[serde(default)]
+    seed: Seed,
+    #[serde(default)]
+    steps: Option<usize>,
+    #[serde(default)]
+    guidance: Option<f64>,
+    #[serde(default)]
+    width: Option<usize>,
+    #[serde(default)]
+    height: Option<usize>,
+    #[serde(default)]
+    scheduler: Option<String>,
+    /// Base64 PNG, JPEG or WebP.
+    #[serde(default)]
+    init_image: Option<String>,
+    #[serde(default)]
+    strength: Option<f64>,
+    #[serde(default)]
+    no_t5: bool,
+    #[serde(default)]
+    max_sequence_length: Option<usize>,
+    #[serde(default)]
+    refiner: Option<String>,
+    #[serde(default)]
+    refiner_start: Option<f64>,
+    #[serde(default)]
+    refiner_strength: Option<f64>,
+}
+
+const JOB_NAMES: Names =
+    Names { width: "width", height: "height", steps: "steps", images: "n", init_image: "init_image" };
+
+/// `POST /v1/jobs` → 202 `{id, state, url, events}`.
+async fn create_job(
+    State(state): State<Arc<AppState>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&state, raw)?;
+    let (b, _) = request::parse_body::<JobBody>(&raw).map_err(unknown_field)?;
+    if b.strength.is_some() && b.init_image.is_none() {
+        return Err(ApiError::invalid("strength", "strength needs init_image: it sets how much of it to change"));
+    }
+    let model = state.models.resolve(b.model.as_deref().unwrap_or(&state.default_model()), "model")?;
+    let refiner = match b.refiner {
+        Some(r) => Some(sdgen::engine::RefinerRequest {
+            source: state.models.resolve(&r, "refiner")?,
+            start: b.refiner_start,
+            strength: b.refiner_strength,
+        }),
+        None if b.refiner_start.is_some() => {
+            return Err(ApiError::invalid("refiner_start", "refiner_start needs refiner"))
+        }
+        None if b.refiner_strength.is_some() => {
+            return Err(ApiError::invalid("refiner_strength", "refiner_strength needs refiner"))
+        }
+        None => None,
+    };
+    let settings = Settings {
+        prompt: b.prompt,
+        negative_prompt: b.negative_prompt,
+        model,
+        images: b.n.unwrap_or(1),
+        batch_size: b.batch_size.unwrap_or(1),
+        seed: b.seed,
+        steps: b.steps,
+        guidance: b.guidance,
+        width: b.width,
+        height: b.height,
+        scheduler: b.scheduler.as_deref().map(|s| request::scheduler(s, "scheduler")).transpose()?,
+        init_image: b.init_image.as_deref().map(|d| request::init_image(d, "init_image")).transpose()?,
+        strength: b.strength,
+        family_options: sdgen::pipeline::FamilyOptions {
+            max_sequence_length: b.max_sequence_length,
+            no_t5: b.no_t5,
+            skip_layer_guidance: None,
+        },
+        refiner,
+    };
+    let request = settings.into_request(&state.limits, &JOB_NAMES)?;
+    let job = submit(&state, JobSpec { request, api: Api::Jobs }, "model").await?;
+    let body = json!({
+        "id": job.id,
+        "state": "queued",
+        "url": format!("/v1/jobs/{}", job.id),
+        "events": format!("/v1/jobs/{}/events", job.id),
+    });
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
+}
+
+/// serde's "unknown field `x`, expected one of …" names the body, not the field: name it.
+fn unknown_field(mut e: ApiError) -> ApiError {
+    if let Some(rest) = e.message.split("unknown field `").nth(1) {
+        if let Some(name) = rest.split('`').next() {
+            e.field = Some(name.to_string());
+            e.message = format!("unknown field `{name}`{}", rest.split_once('`').map_or("", |(_, r)| r));
+        }
+    }
+    e
+}
+
+#[derive(Debug, Deserialize)]
+struct JobQuery {
+    /// `base64` puts each PNG in the answer.
+    #[serde(default)]
+    images: Option<String>,
+}
+
+/// A job by id or 404.
+fn find_job(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
+    state.queue.get(id).ok_or_else(|| ApiError::not_found(format!("no job `{id}` (finished jobs are kept a while)")))
+}
+
+/// `GET /v1/jobs/{id}`: state, progress, images (URLs, or base64 with `?images=base64`), error.
+async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<JobQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let job = find_job(&state, &id)?;
+    Ok(Json(job_json(&job, q.images.as_deref() == Some("base64"))))
+}
+
+/// A job as `GET /v1/jobs/{id}` shows it.
+pub fn job_json(job: &Job, inline: bool) -> Value {
+    let s = job.status();
+    let images: Vec<Value> = s
+        .images
+        .iter()
+        .map(|i| {
+            let mut v = json!({
+                "index": i.index,
+                "seed": i.seed,
+                "url": format!("/v1/jobs/{}/images/{}", job.id, i.index),
+                "parameters": i.parameters,
+                "metadata": i.metadata,
+            });
+            if inline {
+                v["png_base64"] = base64::engine::general_purpose::STANDARD.encode(&i.png).into();
+            }
+            v
+        })
+        .collect();
+    let created_ms = job.created.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    json!({
+        "id": job.id,
+        "state": s.state,
+        "model": job.spec.request.model.label(),
+        "seed": job.spec.request.params.seed,
+        "created_unix_ms": created_ms,
+        "elapsed_ms": s.started.map(|t| s.finished.unwrap_or_else(std::time::Instant::now).duration_since(t).as_millis() as u64),
+        "progress": s.progress,
+        "images": images,
+        "error": s.error.as_ref().map(|e| { let mut b = e.body(); b["status"] = e.status.as_u16().into(); b }),
+    })
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued job now, a running one at its next step (202); 409
+/// when it had already ended.
+async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job = find_job(&state, &id)?;
+    match state.queue.cancel(&job) {
+        Cancelled::AlreadyEnded => {
+            let s = job.status().state;
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_ended",
+                format!("job `{id}` has already ended ({})", s.name()),
+            ));
+        }
+        // The worker counts the running job's end.
+        Cancelled::FromQueue => state.metrics.job_ended("cancelled"),
+        Cancelled::Running => {}
+    }
+    Ok((StatusCode::ACCEPTED, Json(job_json(&job, false))).into_response())
+}
+
+/// `GET /v1/jobs/{id}/events`: the job's events as server-sent events, from its first (queued)
+/// to its last (done, failed or cancelled), then the stream ends.
+async fn job_events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
+    let job = find_job(&state, &id)?;
+    let rx = job.subscribe();
+    let stream = futures_util::stream::unfold((job, rx, 0usize), |(job, mut rx, next)| async move {
+        loop {
+            let (event, ended) = {
+                let s = job.status();
+                (s.events.get(next).cloned(), s.state.is_final())
+            };
+            if let Some(e) = event {
+                let data = serde_json::to_string(&e).expect("plain data serializes");
+                let sse = sse::Event::default().event(e.name()).data(data);
+                return Some((Ok(sse), (job, rx, next + 1)));
+            }
+            if ended || rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(sse::KeepAlive::default()))
+}
+
+/// `GET /v1/jobs/{id}/images/{index}`: the PNG.
+async fn job_image(
+    State(state): State<Arc<AppState>>,
+    Path((id, index)): Path<(String, usize)>,
+) -> Result<Response, ApiError> {
+    let job = find_job(&state, &id)?;
+    let png = job.status().images.iter().find(|i| i.index == index).map(|i| i.png.clone());
+    let png = png.ok_or_else(|| ApiError::not_found(format!("job `{id}` has no image {index} (yet)")))?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}
+
+/// `GET /v1/memory`: the seed's memory fields (process, system, GPU when there is one).
+async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let info = sdgen_memory::memory_info();
+    Json(json!({
+        "device": state.device_label,
+        "memory": info,
+        "max_memory_bytes": state.max_memory_bytes,
+    }))
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(state.queue.depth(), state.queue.running().is_some());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
