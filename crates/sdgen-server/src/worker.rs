@@ -23,21 +23,23 @@ pub fn spawn(config: EngineConfig, queue: Arc<Queue>, metrics: Arc<Metrics>) -> 
             let _device_memory = sdgen::device_memory::DeviceMemory::install(&config.runtime.device);
             let mut engine = Engine::new(config);
             while let Some(job) = queue.next() {
-                run(&mut engine, &job, &metrics);
-                queue.done(&job);
-                // The seed's completion point: what the job held is returned before the next.
+                let (outcome, error) = run(&mut engine, &job, &metrics);
+                // The seed's completion point: what the job held is returned before the job is
+                // reported ended, and the worker is free before anyone hears of it.
                 sdgen_memory::cleanup_memory(true);
+                queue.done(&job);
+                if job.finish(outcome, error) {
+                    metrics.job_ended(outcome.name());
+                }
             }
         })
         .expect("the worker thread starts")
 }
 
-/// Runs one job to its end.
-fn run(engine: &mut Engine, job: &Arc<Job>, metrics: &Metrics) {
+/// Runs one job to its end: how it ended.
+fn run(engine: &mut Engine, job: &Arc<Job>, metrics: &Metrics) -> (JobState, Option<ApiError>) {
     if job.cancel.is_cancelled() {
-        job.finish(JobState::Cancelled, None);
-        metrics.job_ended("cancelled");
-        return;
+        return (JobState::Cancelled, None);
     }
     job.update(Some(JobEvent::Started), |s| {
         s.state = JobState::Running;
@@ -49,18 +51,11 @@ fn run(engine: &mut Engine, job: &Arc<Job>, metrics: &Metrics) {
     let mut on_batch = |batch: Batch| save_batch(job, metrics, batch);
     let result = engine.generate_each(&job.spec.request, &mut events, &job.cancel, &mut on_batch);
     metrics.model_opens.fetch_add((engine.models_opened() - opened) as u64, Ordering::Relaxed);
-    let outcome = match result {
-        Ok(()) => JobState::Done,
-        Err(sdgen::Error::Cancelled) => JobState::Cancelled,
-        Err(e) => {
-            let err = ApiError::from_engine(&e, &field_namer(job.spec.api));
-            job.finish(JobState::Failed, Some(err));
-            metrics.job_ended("failed");
-            return;
-        }
-    };
-    job.finish(outcome, None);
-    metrics.job_ended(outcome.name());
+    match result {
+        Ok(()) => (JobState::Done, None),
+        Err(sdgen::Error::Cancelled) => (JobState::Cancelled, None),
+        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &field_namer(job.spec.api)))),
+    }
 }
 
 /// The engine's report, as the job's events and progress.
