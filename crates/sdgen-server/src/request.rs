@@ -69,9 +69,18 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<(T, serde_json::Va
         return Err(ApiError::invalid("body", "the body must be a JSON object"));
     }
     let parsed = serde_path_to_error::deserialize(&value).map_err(|e| {
-        let field = e.path().to_string();
+        let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        ApiError::invalid(field.clone(), format!("{field}: {inner}"))
+        // A missing field is reported at the object that lacks it: name the field.
+        let missing = inner.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
+        match missing {
+            Some(name) => {
+                let field = if path == "." { name.to_string() } else { format!("{path}.{name}") };
+                ApiError::invalid(field, inner)
+            }
+            None if inner.starts_with("unknown field") => ApiError::invalid(path, inner),
+            None => ApiError::invalid(path.clone(), format!("{path}: {inner}")),
+        }
     })?;
     Ok((parsed, value))
 }

@@ -207,7 +207,7 @@ async fn create_job(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let raw = body(&state, raw)?;
-    let (b, _) = request::parse_body::<JobBody>(&raw).map_err(unknown_field)?;
+    let (b, _) = request::parse_body::<JobBody>(&raw)?;
     if b.strength.is_some() && b.init_image.is_none() {
         return Err(ApiError::invalid("strength", "strength needs init_image: it sets how much of it to change"));
     }
@@ -256,17 +256,6 @@ async fn create_job(
         "events": format!("/v1/jobs/{}/events", job.id),
     });
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(body)).into_response())
-}
-
-/// serde's "unknown field `x`, expected one of …" names the body, not the field: name it.
-fn unknown_field(mut e: ApiError) -> ApiError {
-    if let Some(rest) = e.message.split("unknown field `").nth(1) {
-        if let Some(name) = rest.split('`').next() {
-            e.field = Some(name.to_string());
-            e.message = format!("unknown field `{name}`{}", rest.split_once('`').map_or("", |(_, r)| r));
-        }
-    }
-    e
 }
 
 #[derive(Debug, Deserialize)]
