@@ -401,3 +401,37 @@ async fn memory() -> Json<Value> {
     };
     Json(json!({ "ram": ram, "cuda": cuda }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdgen::schedulers::SchedulerKind;
+
+    #[test]
+    fn samplers_and_schedule_types() {
+        assert_eq!(sampler(None, Some("Automatic")).unwrap(), None);
+        assert_eq!(sampler(Some("Euler a"), None).unwrap(), Some(SchedulerKind::EulerAncestral));
+        assert_eq!(sampler(Some("DPM++ 2M"), Some("Karras")).unwrap(), Some(SchedulerKind::DpmPp2mKarras));
+        assert_eq!(sampler(Some("DPM++ 2M Karras"), Some("automatic")).unwrap(), Some(SchedulerKind::DpmPp2mKarras));
+        assert_eq!(sampler(Some("Euler"), Some("Karras")).unwrap_err().field.as_deref(), Some("scheduler"));
+        assert_eq!(sampler(Some("LMS"), None).unwrap_err().field.as_deref(), Some("sampler_name"));
+    }
+
+    #[test]
+    fn engine_fields_have_a1111_names() {
+        assert_eq!(field_name("guidance"), "cfg_scale");
+        assert_eq!(field_name("init_image"), "init_images");
+        assert_eq!(field_name("width"), "width");
+    }
+
+    #[test]
+    fn job_timestamps_are_utc_civil_time() {
+        let mut job = Job::new(JobSpec {
+            request: sdgen::engine::GenerateRequest::new(sdgen::loading::ModelSource::parse("sd15"), "a cat"),
+            api: Api::A1111,
+        });
+        // 2024-02-29 23:59:58 UTC.
+        Arc::get_mut(&mut job).unwrap().created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_198);
+        assert_eq!(job_timestamp(&job), "20240229235958");
+    }
+}
