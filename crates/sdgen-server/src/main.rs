@@ -58,8 +58,9 @@ struct Args {
     /// Jobs that may wait for the worker; more get 503.
     #[arg(long, default_value_t = 16)]
     queue_size: usize,
-    /// Finished jobs kept for GET /v1/jobs/{id}.
-    #[arg(long, default_value_t = 256)]
+    /// Finished jobs kept for GET /v1/jobs/{id}, with their PNGs in memory (the oldest are
+    /// forgotten first).
+    #[arg(long, default_value_t = 32)]
     keep_jobs: usize,
     /// Largest request body in bytes (base64 init images count).
     #[arg(long, default_value_t = 32 << 20)]
