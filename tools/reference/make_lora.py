@@ -4,6 +4,7 @@
 Writes (relative to the repository root):
   testdata/lora/{sd15,sdxl}_{peft,kohya}.safetensors   the LoRAs (a few KB each)
   testdata/reference/lora/lora.json                     the cases (prompt, seeds, steps, LoRAs, scales)
+  testdata/reference/lora/png/<case>_<i>.png            the images as 8-bit PNGs
   testdata/reference/lora/lora.safetensors              per case: `<case>` the images [n,h,w,3]
                                                         (output_type="np") and `<case>/<component>/<name>`
                                                         every weight the LoRAs changed, as fused
@@ -41,6 +42,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,6 +247,10 @@ def run_case(case) -> tuple[dict[str, torch.Tensor], dict]:
     images = pipe(prompt=[PROMPT] * n, num_inference_steps=f["steps"], guidance_scale=f["guidance"], width=64,
                   height=64, generator=gens(case["seeds"]), output_type="np").images
     out[case["name"]] = torch.from_numpy(images).float()
+    # As make_sdxl.py's numpy_to_png (diffusers' numpy_to_pil), for the CLI tests.
+    (REF_DIR / "png").mkdir(exist_ok=True)
+    for i, im in enumerate((images * 255).round().astype("uint8")):
+        Image.fromarray(im).save(REF_DIR / "png" / f"{case['name']}_{i}.png")
     meta = dict(case, prompt=PROMPT, steps=f["steps"], guidance=f["guidance"], width=64, height=64,
                 loras=[dict(file=f"lora/{file}.safetensors", scale=s) for file, s in case["loras"]])
     return out, meta

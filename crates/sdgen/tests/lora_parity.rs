@@ -9,12 +9,12 @@ mod common;
 use candle_core::{DType, Device};
 use common::files::rewrite_safetensors;
 use common::{assert_close, assert_generation_matches, load, testdata};
-use sdgen::loading::lora::LoraRequest;
+use sdgen::loading::lora::{LoraFile, LoraRequest};
 use sdgen::loading::{ModelFolder, ModelSource};
 use sdgen::pipeline::{txt2img, Request, Runtime};
 
 #[derive(serde::Deserialize)]
-struct LoraFile {
+struct CaseLora {
     file: String,
     scale: f64,
 }
@@ -23,7 +23,7 @@ struct LoraFile {
 struct Case {
     name: String,
     family: String,
-    loras: Vec<LoraFile>,
+    loras: Vec<CaseLora>,
     seeds: Vec<u64>,
     prompt: String,
     steps: usize,
@@ -47,7 +47,7 @@ fn model(family: &str) -> ModelFolder {
 }
 
 fn with_loras(case: &Case) -> ModelFolder {
-    let loras: Vec<_> = case.loras.iter().map(|l| (testdata().join(&l.file), l.scale)).collect();
+    let loras: Vec<_> = case.loras.iter().map(|l| LoraFile::new(testdata().join(&l.file), l.scale)).collect();
     model(&case.family).with_loras(&loras).unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 
@@ -115,7 +115,7 @@ fn applied_loras_say_what_they_change() {
 }
 
 fn refusal(family: &str, lora: &std::path::Path) -> String {
-    model(family).with_loras(&[(lora.to_path_buf(), 1.0)]).expect_err("refused").to_string()
+    model(family).with_loras(&[LoraFile::new(lora, 1.0)]).expect_err("refused").to_string()
 }
 
 #[test]

@@ -316,10 +316,10 @@ impl ModelFolder {
         Ok(self)
     }
 
-    /// The model with `loras` (file, scale) fused into its components as they load, each
+    /// The model with `loras` fused into its components as they load, each
     /// checked against it first ([`lora::LoraSet::resolve`]): a LoRA for another family, or
     /// whose keys match none of its modules, is refused naming both. Replaces any LoRAs it had.
-    pub fn with_loras(mut self, loras: &[(PathBuf, f64)]) -> Result<Self> {
+    pub fn with_loras(mut self, loras: &[lora::LoraFile]) -> Result<Self> {
         self.loras = Arc::default();
         self.loras = Arc::new(lora::LoraSet::resolve(&self, loras)?);
         Ok(self)

@@ -69,10 +69,30 @@ impl LoraRequest {
     }
 }
 
+/// A LoRA file to attach, with its scale and the name A1111's `<lora:name:scale>` gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraFile {
+    /// The `.safetensors` file.
+    pub path: PathBuf,
+    /// Its scale.
+    pub scale: f64,
+    /// Its name: the file's without `.safetensors`, as A1111 names LoRAs, or a hub repo's.
+    pub name: String,
+}
+
+impl LoraFile {
+    /// `path` at `scale`, named after the file.
+    pub fn new(path: impl Into<PathBuf>, scale: f64) -> Self {
+        let path = path.into();
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Self { path, scale, name }
+    }
+}
+
 /// A LoRA attached to a model: what it is and what it changes (for logs and metadata).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AppliedLora {
-    /// Its file name without `.safetensors`: A1111's `<lora:name:scale>` name.
+    /// Its name ([`LoraFile::name`]): A1111's `<lora:name:scale>` name.
     pub name: String,
     /// The file.
     pub path: PathBuf,
@@ -106,13 +126,14 @@ struct FileModule<'k> {
 const CONTEXT_WIDTHS: &[(usize, &FamilySpec)] = &[(768, &SD15), (2048, &SDXL), (1280, &SDXL_REFINER)];
 
 impl LoraSet {
-    /// Checks each of `loras` (file, scale) against `model` and collects their deltas.
-    pub fn resolve(model: &ModelFolder, loras: &[(PathBuf, f64)]) -> Result<Self> {
+    /// Checks each of `loras` against `model` and collects their deltas.
+    pub fn resolve(model: &ModelFolder, loras: &[LoraFile]) -> Result<Self> {
         let mut set = Self::default();
         let mut indexes: HashMap<&'static str, ModuleIndex> = HashMap::new();
         let mut patches: HashMap<&'static str, ComponentPatches> = HashMap::new();
-        for (path, scale) in loras {
-            let applied = resolve_one(model, path, *scale, &mut indexes, &mut patches)?;
+        for lora in loras {
+            let mut applied = resolve_one(model, &lora.path, lora.scale, &mut indexes, &mut patches)?;
+            applied.name = lora.name.clone();
             set.applied.push(applied);
         }
         set.components = patches.into_iter().map(|(c, p)| (c, Arc::new(p))).collect();
@@ -341,9 +362,8 @@ fn resolve_one(
         });
         *counts.entry(component).or_insert(0) += 1;
     }
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(AppliedLora {
-        name,
+        name: String::new(),
         path: path.to_path_buf(),
         scale,
         format: format.unwrap_or("kohya"),
