@@ -108,6 +108,26 @@ fn applied_loras_say_what_they_change() {
     assert!(applied[1].modules["unet"] > applied[0].modules["unet"], "{applied:?}");
     assert_eq!(applied[0].modules["text_encoder"], 3 * 6, "{applied:?}");
     assert_eq!(model.loras().file_bytes(), applied.iter().map(|l| l.file_bytes).sum::<u64>());
+    // The planner's load transient: the largest of the adapted weights fused in f32 with a delta.
+    let unet = model.weights("unet").unwrap();
+    let patches = model.loras().component("unet").unwrap();
+    let elements = |shape: &[usize]| shape.iter().product::<usize>();
+    let expected = patches
+        .patches
+        .iter()
+        .flat_map(|(name, ps)| ps.iter().map(move |p| (name, p)))
+        .map(|(name, p)| {
+            let lora = &patches.files[p.file].1.tensors;
+            let target = elements(&unet.headers[0].tensors[name].shape);
+            sdgen::loading::lora::fuse_transient_bytes(
+                target,
+                elements(&lora[&p.down].shape) + elements(&lora[&p.up].shape),
+            )
+        })
+        .max()
+        .unwrap();
+    assert_eq!(model.loras().load_transient_bytes("unet"), expected);
+    assert_eq!(model.loras().load_transient_bytes("vae"), 0);
     // The VAE has no LoRA; the model without LoRAs loads its plain weights.
     assert!(!model.weights("vae").unwrap().has_lora());
     assert!(model.weights("unet").unwrap().has_lora());

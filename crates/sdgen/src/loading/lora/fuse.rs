@@ -36,6 +36,16 @@ pub struct ComponentPatches {
     pub files: Vec<(std::path::PathBuf, crate::loading::SafetensorsHeader)>,
     /// Weight name → its patches.
     pub patches: HashMap<String, Vec<Patch>>,
+    /// The most memory fusing one of its weights holds beyond the loaded weights
+    /// ([`fuse_transient_bytes`]), for the planner.
+    pub transient_bytes: u64,
+}
+
+/// Bytes fusing a weight of `elements` with a LoRA of `lora_elements` (up and down) holds at
+/// once: the weight, the scaled delta and their sum in f32 (the product before scaling is freed
+/// first), and the two matrices in f32.
+pub fn fuse_transient_bytes(elements: usize, lora_elements: usize) -> u64 {
+    4 * (3 * elements as u64 + lora_elements as u64)
 }
 
 /// A `VarBuilder` backend serving `base`'s tensors with the patches of `patches` fused in.
@@ -63,8 +73,9 @@ impl FusingBackend {
             let up = file.get_unchecked(&p.up, DType::F32, dev)?;
             let down = file.get_unchecked(&p.down, DType::F32, dev)?;
             let (out, rank) = (up.dim(0)?, up.dim(1)?);
-            let delta = up.reshape((out, rank))?.matmul(&down.reshape((rank, ()))?)?;
-            let delta = (delta.reshape(w.shape())? * p.factor)?;
+            // One statement, so the unscaled product is freed before the sum: at most the
+            // weight, the scaled delta and their sum live at once ([`fuse_transient_bytes`]).
+            let delta = (up.reshape((out, rank))?.matmul(&down.reshape((rank, ()))?)?.reshape(w.shape())? * p.factor)?;
             w = (w + delta)?;
         }
         Ok(w)

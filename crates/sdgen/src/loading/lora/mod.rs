@@ -25,7 +25,7 @@ use super::read_backend::ReadBackend;
 use super::single_file::manifest::ModelConfig;
 use super::{ModelFolder, SafetensorsHeader};
 use crate::{Error, Result};
-pub use fuse::{ComponentPatches, FusingBackend, Patch};
+pub use fuse::{fuse_transient_bytes, ComponentPatches, FusingBackend, Patch};
 use keys::{Aliases, ModuleIndex, ParsedKey, Role};
 
 /// A LoRA as a request names it: `PATH|REPO[:SCALE]`.
@@ -150,9 +150,11 @@ impl LoraSet {
         self.applied.iter().map(|l| l.file_bytes).sum()
     }
 
-    /// Bytes of the LoRA files that adapt `component` (read while it loads).
-    pub fn component_file_bytes(&self, component: &str) -> u64 {
-        self.applied.iter().filter(|l| l.modules.contains_key(component)).map(|l| l.file_bytes).sum()
+    /// The most memory fusing `component`'s LoRAs holds at once beyond its loaded weights
+    /// (one weight at a time, the LoRA files read tensor by tensor, never whole): the planner's
+    /// load transient for it.
+    pub fn load_transient_bytes(&self, component: &str) -> u64 {
+        self.components.get(component).map_or(0, |p| p.transient_bytes)
     }
 
     /// Whether no LoRA is attached.
@@ -304,7 +306,9 @@ fn resolve_one(
             continue;
         }
         format.get_or_insert(m.key.format.name);
-        targets.push((component, target.to_string(), m.key.stem, down, up, rank));
+        let lora_elements = ds.iter().product::<usize>() + us.iter().product::<usize>();
+        let transient = fuse_transient_bytes(target_shape.iter().product(), lora_elements);
+        targets.push((component, target.to_string(), m.key.stem, down, up, rank, transient));
     }
     if targets.is_empty() {
         return refuse(both(format!(
@@ -333,7 +337,7 @@ fn resolve_one(
     let reader =
         ReadBackend::new(&[path.to_path_buf()], std::slice::from_ref(&header)).map_err(|e| Error::io(path, e))?;
     let mut counts = BTreeMap::new();
-    for (component, target, stem, down, up, rank) in targets {
+    for (component, target, stem, down, up, rank, transient) in targets {
         let alpha_key = format!("{stem}{}", keys::ALPHA);
         let alpha = if header.tensors.contains_key(&alpha_key) {
             reader
@@ -347,6 +351,7 @@ fn resolve_one(
             rank as f64
         };
         let entry = patches.entry(component).or_default();
+        entry.transient_bytes = entry.transient_bytes.max(transient);
         let file_index = match entry.files.iter().position(|(p, _)| p == path) {
             Some(i) => i,
             None => {
