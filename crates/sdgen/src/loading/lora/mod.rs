@@ -176,7 +176,8 @@ fn some_keys<'a>(keys: impl IntoIterator<Item = &'a str>, n: usize) -> String {
 /// The family a LoRA was made for, as far as its keys say.
 fn guess_family(modules: &[FileModule], header: &SafetensorsHeader) -> Option<&'static FamilySpec> {
     let has = |c: &str| modules.iter().any(|m| m.key.component == c);
-    if has("text_encoder_2") {
+    // A second text encoder, or kohya's numbering of two (`lora_te1_`), is SDXL's.
+    if has("text_encoder_2") || modules.iter().any(|m| m.key.stem.starts_with("lora_te1_")) {
         return Some(&SDXL);
     }
     let context = modules.iter().find_map(|m| {
@@ -245,10 +246,12 @@ fn resolve_one(
         return refuse(format!("{file} has no LoRA tensors"));
     }
     let guessed = guess_family(&modules, &header).filter(|g| g.name != family.name);
-    let both = |why: String| {
-        let lora =
-            guessed.map(|g| format!("a LoRA for {}", g.display)).unwrap_or_else(|| "a LoRA for another model".into());
-        format!("{file} is {lora}, not for {} ({}): {why}", model_name(model), family.display)
+    // Names both families where the keys say which the LoRA is for.
+    let both = |why: String| match guessed {
+        Some(g) => {
+            format!("{file} is a LoRA for {}, not for {} ({}): {why}", g.display, model_name(model), family.display)
+        }
+        None => format!("{file} does not fit {} ({}): {why}", model_name(model), family.display),
     };
 
     // Components the model lacks (SDXL's second text encoder in an SD 1.5).
