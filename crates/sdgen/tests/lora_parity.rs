@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use common::files::rewrite_safetensors;
 use common::{assert_close, assert_generation_matches, load, testdata};
 use sdgen::loading::lora::{LoraFile, LoraRequest};
-use sdgen::loading::{ModelFolder, ModelSource};
+use sdgen::loading::{ModelFolder, ModelSource, OpenOptions};
 use sdgen::pipeline::{txt2img, Request, Runtime};
 
 #[derive(serde::Deserialize)]
@@ -74,6 +74,33 @@ fn fused_weights_match_diffusers() {
         let encoders = if case.family == "sdxl" { 3 } else { 2 };
         assert_eq!(checked.len(), encoders, "{}: UNet and every text encoder checked: {checked:?}", case.name);
         eprintln!("{}: fused weights within 1e-4 · max|ref|: {checked:?}", case.name);
+    }
+}
+
+/// The single-file twins of the tiny models (`make_single_file*.py`: the same weights in the
+/// original layout) take the same LoRAs through their views: the same fused weights.
+#[test]
+fn single_file_checkpoints_take_loras_too() {
+    let reference = load("reference/lora/lora.safetensors");
+    for (case, file) in [
+        ("sd15_kohya", "tiny-sd15-single/tiny-sd15.safetensors"),
+        ("sdxl_kohya", "tiny-sdxl-single/tiny-sdxl-base.safetensors"),
+    ] {
+        let case = cases().into_iter().find(|c| c.name == case).unwrap();
+        let loras: Vec<_> = case.loras.iter().map(|l| LoraFile::new(testdata().join(&l.file), l.scale)).collect();
+        let options = OpenOptions { config_from: Some(model(&case.family).root().to_path_buf()) };
+        let model = ModelFolder::open_with(&testdata().join(file), &options).unwrap().with_loras(&loras).unwrap();
+        let key = format!("{}/unet/mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", case.name);
+        let want = &reference[&key];
+        let vb = model.weights("unet").unwrap().var_builder(DType::F32, &Device::Cpu).unwrap();
+        assert_close(
+            &key,
+            &vb.get(want.dims(), "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight").unwrap(),
+            want,
+        );
+        let key = format!("{}/unet/down_blocks.1.resnets.0.conv1.weight", case.name);
+        let want = &reference[&key];
+        assert_close(&key, &vb.get(want.dims(), "down_blocks.1.resnets.0.conv1.weight").unwrap(), want);
     }
 }
 
