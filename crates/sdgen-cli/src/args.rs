@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Parser;
 use sdgen::candle::{DType, Device};
-use sdgen::engine::{EngineConfig, GenerateRequest, Img2ImgInput, RefinerRequest, MAX_IMAGES};
+use sdgen::engine::{EngineConfig, GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, MAX_IMAGES};
 use sdgen::hub::HubOptions;
 use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL, PRO_MODEL};
 use sdgen::output::OutputTarget;
@@ -58,6 +58,12 @@ pub struct Args {
     /// image-to-image (--refiner-strength).
     #[arg(long, value_name = "MODEL")]
     pub refiner: Option<String>,
+    /// A LoRA fused into the model's UNet and text encoders (SD 1.5 and SDXL): a .safetensors file
+    /// in kohya/A1111 or diffusers/PEFT keys, or a hub repo holding one, with its scale after a
+    /// colon (style.safetensors:0.8) [default scale: 1]. Repeat for several; each is checked
+    /// against the model before anything loads, and recorded as <lora:name:scale>.
+    #[arg(long, value_name = "PATH|REPO[:SCALE]")]
+    pub lora: Vec<String>,
     /// With --refiner after SDXL: the fraction of the steps the base runs before handing its
     /// latents over [default: 0.8].
     #[arg(long, value_name = "FRACTION")]
@@ -263,6 +269,7 @@ impl Args {
             open: OpenOptions { config_from: self.config_from.clone() },
             vae: self.vae.as_deref().map(ModelSource::parse),
             refiner,
+            loras: self.lora.iter().map(|v| LoraRequest::parse(v)).collect::<Result<_, _>>()?,
             params: Request {
                 prompt,
                 negative_prompt: self.negative.clone(),
@@ -349,6 +356,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("no_t5", "--no-t5"),
     ("max_sequence_length", "--max-sequence-length"),
     ("skip_layer_guidance", "--slg"),
+    ("lora", "--lora"),
 ];
 
 /// The flag of a request field.

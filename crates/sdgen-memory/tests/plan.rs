@@ -915,3 +915,21 @@ fn advice_never_asks_for_more_than_the_machine_has() {
     req.budget.machine_bytes = Some(256 * GIB);
     assert!(plan(&req).unwrap_err().to_string().contains("close other programs"));
 }
+
+#[test]
+fn a_load_transient_competes_with_the_activations() {
+    let profile = FamilyProfile::sd15();
+    let manifest = sd15_manifest(StoredDType::F32);
+    let base = request(&profile, &manifest, &CPU, 512, 1, 64 * GIB, MemoryMode::Auto);
+    let plain = plan(&base).unwrap();
+    let denoise = plain.stage("denoise").unwrap().clone();
+    // Smaller than the UNet's activations: no change.
+    let small = PlanRequest { load_transient_bytes: vec![("unet".into(), 1 << 20)], ..base.clone() };
+    assert_eq!(plan(&small).unwrap().stage("denoise").unwrap().peak_bytes, denoise.peak_bytes);
+    // Larger: it sets the stage's peak, over the weights; other stages keep theirs.
+    let big_bytes = denoise.activation_bytes + GIB;
+    let big = PlanRequest { load_transient_bytes: vec![("unet".into(), big_bytes)], ..base.clone() };
+    let p = plan(&big).unwrap();
+    assert_eq!(p.stage("denoise").unwrap().peak_bytes, denoise.peak_bytes - denoise.activation_bytes + big_bytes);
+    assert_eq!(p.stage("decode").unwrap().peak_bytes, plain.stage("decode").unwrap().peak_bytes);
+}

@@ -163,6 +163,13 @@ pub fn plan_run(
         fast_kernels: sdgen_models::ops::fast_cpu(device) || sdgen_models::ops::fast_conv(device),
         // The encoders' stages are named after their components.
         skipped_stages: settings.skipped_encoders.iter().map(|c| c.to_string()).collect(),
+        // LoRAs fused as their components load.
+        load_transient_bytes: manifest
+            .components
+            .iter()
+            .map(|c| (c.name.clone(), model.loras().load_transient_bytes(&c.name)))
+            .filter(|(_, b)| *b > 0)
+            .collect(),
         ..PlanRequest::new(
             &profile,
             &manifest,

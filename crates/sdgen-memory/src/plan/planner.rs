@@ -280,6 +280,8 @@ struct StageCtx<'a> {
     weight_bytes_host: u64,
     /// The model's width against the standard one its coefficients were measured on.
     width_ratio: f64,
+    /// The most its components' loads hold beyond their weights ([`PlanRequest::load_transient_bytes`]).
+    load_transient_bytes: u64,
 }
 
 /// `spec`'s width ratio ([`StageWidth`]) in `components`' tensors: 1 when it has none or the
@@ -306,6 +308,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             let mut precision = None;
             let (mut device, mut host) = (0u64, 0u64);
             let mut manifests = Vec::new();
+            let mut load_transient_bytes = 0;
             for &name in &spec.components {
                 let comp = profile.component(name).ok_or_else(|| {
                     PlanError::InvalidRequest(format!(
@@ -329,6 +332,9 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 device += manifest.bytes_at(comp.prefixes, forced.unwrap_or(req.precision));
                 host += manifest.select(comp.prefixes).map(|t| t.bytes_at(Precision::F32)).sum::<u64>();
                 manifests.push(manifest);
+                // Components load one after another: the largest transient counts.
+                let transient = req.load_transient_bytes.iter().filter(|(c, _)| c == comp.source).map(|(_, b)| *b);
+                load_transient_bytes = transient.fold(load_transient_bytes, u64::max);
             }
             stages.push(StageCtx {
                 spec,
@@ -336,6 +342,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 weight_bytes_device: device,
                 weight_bytes_host: host,
                 width_ratio: width_ratio(spec, &manifests),
+                load_transient_bytes,
             });
         }
         Ok(Self { req, stages })
@@ -452,7 +459,8 @@ impl<'r, 'a> Ctx<'r, 'a> {
         } else {
             (standard as f64 * stage.width_ratio).ceil() as u64
         };
-        let peak_bytes = baseline + weight_bytes + activation_bytes;
+        // The load's transient is gone before the first activation exists.
+        let peak_bytes = baseline + weight_bytes + activation_bytes.max(stage.load_transient_bytes);
         let fits = if options.on_host {
             req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)
         } else {

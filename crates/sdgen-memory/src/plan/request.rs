@@ -190,6 +190,11 @@ pub struct PlanRequest<'a> {
     /// Stages the run leaves out (an optional encoder that does not run: SD 3.5's T5 with
     /// `--no-t5` or in a folder saved without it); their weights are neither loaded nor counted.
     pub skipped_stages: Vec<String>,
+    /// Bytes a component's load holds beyond its weights, by the model folder's component name
+    /// (LoRA fusion: the weight being fused in f32 with its delta, one tensor at a time). A
+    /// stage's load happens before its activations exist, so this competes with them for the
+    /// stage's peak rather than adding to it.
+    pub load_transient_bytes: Vec<(String, u64)>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -223,6 +228,7 @@ impl<'a> PlanRequest<'a> {
             component_precision: Vec::new(),
             fast_kernels: true,
             skipped_stages: Vec::new(),
+            load_transient_bytes: Vec::new(),
         }
     }
 

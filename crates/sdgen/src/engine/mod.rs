@@ -14,6 +14,7 @@ mod request;
 use std::collections::BTreeMap;
 
 use crate::hub::{DownloadProgress, HubOptions};
+use crate::loading::lora::LoraFile;
 use crate::loading::{ModelFolder, ModelSource, OpenOptions};
 use crate::output::ImageMetadata;
 use crate::pipeline::{
@@ -22,6 +23,7 @@ use crate::pipeline::{
 };
 use crate::{Error, Result};
 
+pub use crate::loading::lora::LoraRequest;
 pub use crate::pipeline::CancelToken;
 pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, FIELDS, MAX_IMAGES};
 
@@ -160,7 +162,8 @@ impl Engine {
             Some(r) => Some(self.open_refiner(&base.folder, &r.source, req.vae.as_ref(), events)?),
             None => None,
         };
-        let model = &base.folder;
+        let with_loras = self.attach_loras(&base.folder, &req.loras, events)?;
+        let model = with_loras.as_ref().unwrap_or(&base.folder);
         // How the refiner takes over (from the base's latents or its images) is the rows' to say.
         let refiner = match (&refiner_model, &req.refiner) {
             (Some(m), Some(r)) => Some(RefinerRun::choose(model, m, r.start, r.strength)?),
@@ -176,7 +179,7 @@ impl Engine {
         let job = plan::plan_job(model, refiner.as_ref(), img2img_request.as_ref(), req, &rt, events)?;
         rt.options = job.options;
         let model_hash = self.model_hash(&req.model, &req.open, req.vae.as_ref())?;
-        let job_metadata = plan::run_metadata(req, &job, &rt, model_hash.as_deref());
+        let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref());
         let run = Run { req, job: &job, rt: &rt, job_metadata: &job_metadata, device_label: &self.config.device_label };
 
         // The images, in batches of what fits; image g of the job takes seed + g whatever its
@@ -262,6 +265,56 @@ impl Engine {
             Some(vae) => Ok(self.open(source, &options, Some(vae), events).map_err(about)?.folder),
             None => Ok(refiner),
         }
+    }
+
+    /// `model` with `loras` fused in (a copy: the cached model stays plain), each file found
+    /// (a hub repository fetched) and checked against the model; `None` without LoRAs.
+    fn attach_loras(
+        &self,
+        model: &ModelFolder,
+        loras: &[LoraRequest],
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Option<ModelFolder>> {
+        if loras.is_empty() {
+            return Ok(None);
+        }
+        let mut files = Vec::with_capacity(loras.len());
+        for lora in loras {
+            let file = match &lora.source {
+                ModelSource::Path(p) if p.is_file() => LoraFile::new(p, lora.scale),
+                ModelSource::Path(p) => {
+                    return Err(Error::invalid(
+                        "lora",
+                        format!(
+                        "{}: no such file; pass a LoRA .safetensors file or a hub repository (org/name) holding one",
+                        p.display()
+                    ),
+                    ))
+                }
+                ModelSource::Repo { repo, .. } => {
+                    let path =
+                        crate::hub::fetch_lora(&self.config.hub, repo, "main", &mut |p| events(Event::Download(p)))?;
+                    // Named after the repo: its file is often diffusers' generic name.
+                    let name = repo.rsplit('/').next().unwrap_or(repo).to_string();
+                    LoraFile { name, ..LoraFile::new(path, lora.scale) }
+                }
+            };
+            files.push(file);
+        }
+        let model = model.clone().with_loras(&files)?;
+        for (applied, request) in model.loras().applied.iter().zip(loras) {
+            let modules: Vec<String> = applied.modules.iter().map(|(c, n)| format!("{n} in the {c}")).collect();
+            events(Event::Log(&format!(
+                "LoRA {} ({}, {} format) at scale {}: {} modules fused ({})",
+                applied.name,
+                request.source.label(),
+                applied.format,
+                applied.scale,
+                applied.modules.values().sum::<usize>(),
+                modules.join(", ")
+            )));
+        }
+        Ok(Some(model))
     }
 
     /// The folder of a `--vae`: a path as given, a hub repository fetched.

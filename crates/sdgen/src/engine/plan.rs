@@ -143,6 +143,7 @@ fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
 /// The sidecar fields every image of the job shares.
 pub(super) fn run_metadata(
     req: &GenerateRequest,
+    model: &ModelFolder,
     job: &JobPlan,
     rt: &Runtime,
     model_hash: Option<&str>,
@@ -156,6 +157,23 @@ pub(super) fn run_metadata(
     }
     if let Some(vae) = &req.vae {
         extra.insert("vae".into(), vae.label().into());
+    }
+    // The LoRAs as given (a hub repository, not its cache file) and what each changed; A1111's
+    // `<lora:name:scale>` prompt tags are made from these.
+    if !model.loras().is_empty() {
+        let loras: Vec<serde_json::Value> = model
+            .loras()
+            .applied
+            .iter()
+            .zip(&req.loras)
+            .map(|(l, r)| {
+                serde_json::json!({
+                    "name": l.name, "source": r.source.label(), "scale": l.scale, "format": l.format,
+                    "modules": l.modules, "file_bytes": l.file_bytes,
+                })
+            })
+            .collect();
+        extra.insert("loras".into(), loras.into());
     }
     // A1111's `Model hash` is a checkpoint file's (folders and hub repos have none to give).
     if let Some(hash) = model_hash {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::loading::lora::LoraRequest;
 use crate::loading::{ModelSource, OpenOptions};
 use crate::pipeline::{check_strength, InitImage, Request};
 use crate::planning::MemoryRequest;
@@ -29,6 +30,7 @@ pub const FIELDS: &[&str] = &[
     "no_t5",
     "max_sequence_length",
     "skip_layer_guidance",
+    "lora",
 ];
 
 /// One generation job: the model and what to make with it. Output naming is the caller's.
@@ -42,6 +44,8 @@ pub struct GenerateRequest {
     pub vae: Option<ModelSource>,
     /// A refiner finishing text-to-image runs.
     pub refiner: Option<RefinerRequest>,
+    /// LoRAs fused into the model's UNet and text encoders (not the refiner's), in this order.
+    pub loras: Vec<LoraRequest>,
     /// The prompts, each a job of `params.n` images; image `g` of the whole run takes
     /// `params.seed + g`, so the seeds continue from one prompt's images to the next.
     pub prompts: Vec<String>,
@@ -85,6 +89,7 @@ impl GenerateRequest {
             open: OpenOptions::default(),
             vae: None,
             refiner: None,
+            loras: Vec::new(),
             prompts: vec![prompt.clone()],
             params: Request { prompt, n: 1, ..Default::default() },
             img2img: None,

@@ -30,6 +30,7 @@
 pub mod cache;
 pub mod component;
 pub mod disk;
+pub mod lora;
 pub mod remote;
 pub mod select;
 mod stall;
@@ -44,6 +45,7 @@ use select::{RemoteFile, UNUSED_COMPONENTS};
 use crate::{Error, Result};
 
 pub use component::{fetch_component, find_cached_component};
+pub use lora::fetch_lora;
 
 /// The public hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

@@ -5,6 +5,7 @@
 
 pub mod denoiser;
 pub mod family;
+pub mod lora;
 pub mod read_backend;
 pub mod safetensors_header;
 pub mod single_file;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
@@ -45,6 +47,8 @@ pub struct ModelFolder {
     components: Vec<String>,
     /// What the open model has parsed, shared by its clones.
     parsed: Arc<Parsed>,
+    /// LoRAs fused into its components as they load.
+    loras: Arc<lora::LoraSet>,
 }
 
 /// The files an opened model has parsed, each once: configs by path and type, weight headers by
@@ -79,6 +83,8 @@ pub struct ComponentWeights {
     pub headers: Vec<SafetensorsHeader>,
     /// Set for a share of a single-file checkpoint: how diffusers names map to its keys.
     view: Option<Arc<ComponentView>>,
+    /// LoRA deltas fused into its tensors as they are read.
+    lora: Option<Arc<lora::ComponentPatches>>,
 }
 
 impl ComponentWeights {
@@ -114,12 +120,24 @@ impl ComponentWeights {
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         // A single file's share: its view serves the tensors by diffusers name, through the same
         // reader (a tensor stored transposed, OpenCLIP's `text_projection`, is transposed back).
-        if let Some(view) = &self.view {
-            return view.var_builder(dtype, device);
-        }
-        let backend = read_backend::ReadBackend::new(&self.files, &self.headers)
-            .map_err(|e| Error::BadModel(format!("cannot open {}: {e}", self.describe())))?;
-        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+        let cannot_open = |e: std::io::Error| Error::BadModel(format!("cannot open {}: {e}", self.describe()));
+        let backend: Box<dyn SimpleBackend> = match &self.view {
+            Some(view) => Box::new(view.backend()?),
+            None => Box::new(read_backend::ReadBackend::new(&self.files, &self.headers).map_err(cannot_open)?),
+        };
+        let backend: Box<dyn SimpleBackend> = match &self.lora {
+            Some(patches) => Box::new(
+                lora::FusingBackend::new(backend, patches.clone())
+                    .map_err(|e| Error::BadModel(format!("cannot open the LoRAs of {}: {e}", self.describe())))?,
+            ),
+            None => backend,
+        };
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+    }
+
+    /// Whether LoRA deltas are fused into these weights as they load.
+    pub fn has_lora(&self) -> bool {
+        self.lora.is_some()
     }
 }
 
@@ -151,6 +169,7 @@ impl ModelFolder {
                 run_defaults: None,
                 components: Vec::new(),
                 parsed: Arc::default(),
+                loras: Arc::default(),
             });
         }
         if let Some(dir) = &options.config_from {
@@ -190,6 +209,7 @@ impl ModelFolder {
             run_defaults: None,
             components,
             parsed: Arc::default(),
+            loras: Arc::default(),
         };
         let named: Vec<String> = folder.components.clone();
         let has_component = |c: &str| named.iter().any(|n| n == c);
@@ -296,6 +316,20 @@ impl ModelFolder {
         Ok(self)
     }
 
+    /// The model with `loras` fused into its components as they load, each
+    /// checked against it first ([`lora::LoraSet::resolve`]): a LoRA for another family, or
+    /// whose keys match none of its modules, is refused naming both. Replaces any LoRAs it had.
+    pub fn with_loras(mut self, loras: &[lora::LoraFile]) -> Result<Self> {
+        self.loras = Arc::default();
+        self.loras = Arc::new(lora::LoraSet::resolve(&self, loras)?);
+        Ok(self)
+    }
+
+    /// The LoRAs fused into the model's components.
+    pub fn loras(&self) -> &lora::LoraSet {
+        &self.loras
+    }
+
     /// The folder a component was taken from when it replaces the model's own (`--vae`).
     pub fn component_override(&self, component: &str) -> Option<&Path> {
         self.overrides.iter().find(|(c, _)| c == component).map(|(_, d)| d.as_path())
@@ -376,12 +410,18 @@ impl ModelFolder {
     /// checkpoint, the component's share of it.
     pub fn weights(&self, component: &str) -> Result<ComponentWeights> {
         let key = (component.to_string(), self.component_override(component).map(Path::to_path_buf));
-        if let Some(w) = self.parsed.weights.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(w.clone());
-        }
-        let weights = self.read_weights(component)?;
-        self.parsed.files.fetch_add(1, Ordering::Relaxed);
-        self.parsed.weights.lock().unwrap_or_else(|e| e.into_inner()).insert(key, weights.clone());
+        let cached = self.parsed.weights.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let mut weights = match cached {
+            Some(w) => w,
+            None => {
+                let weights = self.read_weights(component)?;
+                self.parsed.files.fetch_add(1, Ordering::Relaxed);
+                self.parsed.weights.lock().unwrap_or_else(|e| e.into_inner()).insert(key, weights.clone());
+                weights
+            }
+        };
+        // The LoRAs are this model's, not the files': clones without them share the headers.
+        weights.lora = self.loras.component(component);
         Ok(weights)
     }
 
@@ -411,6 +451,7 @@ impl ModelFolder {
                 files: vec![view.path.clone()],
                 headers: vec![header],
                 view: Some(view.clone()),
+                lora: None,
             });
         }
         let dir = self.component_dir(component)?;
@@ -436,7 +477,7 @@ impl ModelFolder {
             )));
         };
         let headers = files.iter().map(|f| SafetensorsHeader::read(f)).collect::<Result<Vec<_>>>()?;
-        Ok(ComponentWeights { files, headers, view: None })
+        Ok(ComponentWeights { files, headers, view: None, lora: None })
     }
 }
 

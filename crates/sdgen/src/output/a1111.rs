@@ -56,7 +56,21 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
     } else {
         format!("\nNegative prompt: {}", meta.negative_prompt)
     };
-    format!("{}{negative}\n{}", meta.prompt, params.join(", ")).trim().to_string()
+    format!("{}{}{negative}\n{}", meta.prompt, lora_tags(meta), params.join(", ")).trim().to_string()
+}
+
+/// A1111's prompt tags for the LoRAs the image was made with, ` <lora:name:scale>` each (A1111
+/// reads LoRAs from the prompt: `extra_networks.parse_prompt`), from the metadata's `loras`.
+fn lora_tags(meta: &ImageMetadata) -> String {
+    let loras = meta.extra.get("loras").and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or_default();
+    loras
+        .iter()
+        .filter_map(|l| {
+            let name = l.get("name")?.as_str()?;
+            let scale = l.get("scale")?.as_f64()?;
+            Some(format!(" <lora:{name}:{scale}>"))
+        })
+        .collect()
 }
 
 /// A1111's sampler name for one of our scheduler names (either our short names like `euler` or

@@ -128,10 +128,14 @@ impl ComponentView {
     /// A `VarBuilder` serving the component by diffusers name, each tensor read when it is
     /// fetched and converted to `dtype` on `device` ([`SingleFileBackend`]).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let backend = SingleFileBackend::new(self.path.clone(), &self.tensors, &self.sources).map_err(|e| {
+        Ok(VarBuilder::from_backend(Box::new(self.backend()?), dtype, device.clone()))
+    }
+
+    /// The backend [`ComponentView::var_builder`] reads through.
+    pub fn backend(&self) -> Result<SingleFileBackend> {
+        SingleFileBackend::new(self.path.clone(), &self.tensors, &self.sources).map_err(|e| {
             Error::BadModel(format!("cannot open {} (its {}, `{}*`): {e}", self.path.display(), self.what, self.prefix))
-        })?;
-        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+        })
     }
 }
 
