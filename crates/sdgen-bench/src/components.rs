@@ -30,6 +30,10 @@ pub struct ComponentRun<'a> {
     pub iterations: usize,
     /// Untimed evaluations first (kernel loading, algorithm choice, pool growth).
     pub warmup: usize,
+    /// The transformer's inputs from a file (a parity check against another framework's forward).
+    pub inputs: Option<&'a std::path::Path>,
+    /// Where the transformer's last output goes (f32 safetensors, tensor `output`).
+    pub dump: Option<&'a std::path::Path>,
 }
 
 /// Median, fastest and slowest of `times_ms`.
@@ -129,12 +133,33 @@ pub fn run(
                 load_timed(device, || Ok(SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
             let rows = 2 * run.n;
             let randn = |shape: &[usize]| randn(shape, dtype, device);
-            let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
-            let context = randn(&[rows, SD3_CONTEXT_TOKENS, cfg.joint_attention_dim])?;
-            let pooled = randn(&[rows, cfg.pooled_projection_dim])?;
-            let t = Tensor::full(500f32, rows, device)?;
-            let timed =
-                time_it(device, run, "transformer evaluation", || Ok(mmdit.forward(&latents, &t, &context, &pooled)?))?;
+            let (latents, t, context, pooled) = match run.inputs {
+                Some(path) => {
+                    let file = candle_core::safetensors::load(path, device)
+                        .with_context(|| format!("--inputs {}", path.display()))?;
+                    let get = |name: &str| -> anyhow::Result<Tensor> {
+                        Ok(file.get(name).with_context(|| format!("--inputs has no `{name}`"))?.to_dtype(dtype)?)
+                    };
+                    let t = file.get("timesteps").context("--inputs has no `timesteps`")?.to_dtype(DType::F32)?;
+                    (get("latents")?, t, get("context")?, get("pooled")?)
+                }
+                None => (
+                    randn(&[rows, cfg.in_channels, lh, lw])?,
+                    Tensor::full(500f32, rows, device)?,
+                    randn(&[rows, SD3_CONTEXT_TOKENS, cfg.joint_attention_dim])?,
+                    randn(&[rows, cfg.pooled_projection_dim])?,
+                ),
+            };
+            let mut last = None;
+            let timed = time_it(device, run, "transformer evaluation", || {
+                let out = mmdit.forward(&latents, &t, &context, &pooled)?;
+                last = Some(out.clone());
+                Ok(out)
+            })?;
+            if let (Some(path), Some(out)) = (run.dump, last) {
+                let out = out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+                candle_core::safetensors::save(&std::collections::HashMap::from([("output", out)]), path)?;
+            }
             Ok(serde_json::json!({ "component": "transformer", "batch": rows, "load_ms": load_ms, "timed": timed }))
         }
         "vae" => {

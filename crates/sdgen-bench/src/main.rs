@@ -93,6 +93,13 @@ struct Args {
     /// With --component: timed evaluations.
     #[arg(long, default_value_t = 5)]
     iterations: usize,
+    /// With --component transformer: the inputs from this safetensors file (`latents`,
+    /// `timesteps`, `context`, `pooled`, as another framework drew them) instead of random ones.
+    #[arg(long)]
+    inputs: Option<std::path::PathBuf>,
+    /// With --component transformer: write the last evaluation's output here (`output`, f32).
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
     /// With --component: untimed evaluations first (kernel loading, algorithm choice, pools).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -283,6 +290,8 @@ fn main() -> anyhow::Result<()> {
             n: args.n,
             iterations: args.iterations,
             warmup: args.warmup,
+            inputs: args.inputs.as_deref(),
+            dump: args.dump.as_deref(),
         };
         let report = serde_json::json!({
             "family": args.family,

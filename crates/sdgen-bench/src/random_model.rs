@@ -190,12 +190,21 @@ fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> an
 }
 
 /// Writes `family` (`sd15`, `sdxl`, `sdxl-refiner`) at its real size into `dir`: the bundled
-/// configs and tokenizer files every time (a few MB), and each component's weights unless its
-/// file is already there. Returns the bytes of weights written (0 when all were there).
+/// configs and tokenizer files (a few MB), and each component's weights unless its file is
+/// already there. A folder that is already a whole model (its `model_index.json` written last,
+/// by this or by diffusers) is left exactly as it is: a model of another layout (sharded weights,
+/// its own tokenizers) must not be overwritten or mixed with ours. Returns the bytes of weights
+/// written (0 when nothing was).
 pub fn write_model(family: &str, dir: &Path, dtype: DType, device: &Device, seed: u64) -> anyhow::Result<u64> {
     let Some((row, files)) = layout(family) else {
         bail!("--family {family}: sdgen-bench can write {}", families().join(", "));
     };
+    const INDEX: &str = "model_index.json";
+    if dir.join(INDEX).is_file() {
+        return Ok(0);
+    }
+    // The index last, so an interrupted write is completed by the next run.
+    let (index, files): (Vec<_>, Vec<_>) = files.iter().partition(|(name, _)| *name == INDEX);
     for (name, bytes) in files {
         let path = dir.join(name);
         let parent = path.parent().expect("a component folder");
@@ -214,6 +223,9 @@ pub fn write_model(family: &str, dir: &Path, dtype: DType, device: &Device, seed
         let b =
             build(component, dir, dtype, device).with_context(|| format!("building {family}'s {}", component.name))?;
         total += save(b, &path)?;
+    }
+    for (name, bytes) in index {
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()))?;
     }
     Ok(total)
 }

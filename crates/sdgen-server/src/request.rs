@@ -204,6 +204,8 @@ impl Settings {
             },
             img2img: self.init_image.map(|image| Img2ImgInput { image, strength: self.strength }),
             memory: MemoryRequest { max_images_per_batch: Some(self.batch_size.max(1)), ..Default::default() },
+            // The server takes no LoRA yet (A1111 names them as `<lora:…>` prompt tags).
+            loras: Vec::new(),
         };
         Ok(request)
     }
