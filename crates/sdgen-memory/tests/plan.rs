@@ -933,3 +933,45 @@ fn a_load_transient_competes_with_the_activations() {
     assert_eq!(p.stage("denoise").unwrap().peak_bytes, denoise.peak_bytes - denoise.activation_bytes + big_bytes);
     assert_eq!(p.stage("decode").unwrap().peak_bytes, plain.stage("decode").unwrap().peak_bytes);
 }
+
+/// SD 3.5 Large at 1024² with the CFG batch, bf16 on a GPU with the fast kernels: each stage's
+/// estimated activations against what the whole 28-step run held above its weights on an H200
+/// (2026-12-06, `tools/gpu/sd35_fullsize.sh`, BENCHMARKS.md), within 15% or on the safe side
+/// by at most a third.
+#[test]
+fn sd35_large_gpu_fast_kernel_estimates_match_the_measurements() {
+    let profile = FamilyProfile::sd35_large();
+    let one = |name: &str, tensor: &str, shape: Vec<usize>| {
+        ComponentManifest::new(name, vec![TensorEntry::new(tensor, shape, StoredDType::BF16)])
+    };
+    // The real parameter counts, one tensor each (the widths are the standard ones).
+    let manifest = ModelManifest::new(vec![
+        one("text_encoder", "w", vec![123_650_304]),
+        one("text_encoder_2", "w", vec![694_659_840]),
+        one("text_encoder_3", "w", vec![4_762_310_656]),
+        one("transformer", "w", vec![8_056_580_000]),
+        ComponentManifest::new(
+            "vae",
+            vec![
+                TensorEntry::new("decoder.w", vec![49_490_199], StoredDType::BF16),
+                TensorEntry::new("encoder.w", vec![34_163_664], StoredDType::BF16),
+            ],
+        ),
+    ]);
+    let req =
+        PlanRequest { fast_kernels: true, ..request(&profile, &manifest, &GPU, 1024, 1, 80 * GIB, MemoryMode::Auto) };
+    let p = plan(&req).unwrap();
+    let measured = [
+        ("text_encoder", 0.15e9),
+        ("text_encoder_2", 0.15e9),
+        ("text_encoder_3", 0.27e9),
+        ("denoise", 1.44e9),
+        ("decode", 3.09e9),
+    ];
+    for (stage, want) in measured {
+        let got = p.stage(stage).unwrap().activation_bytes as f64;
+        let ratio = got / want;
+        println!("{stage}: estimated {:.2} GB, measured {:.2} GB ({ratio:.2}×)", got / 1e9, want / 1e9);
+        assert!((0.85..=1.33).contains(&ratio), "{stage}: {ratio:.2}×");
+    }
+}

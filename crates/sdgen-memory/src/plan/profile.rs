@@ -220,8 +220,13 @@ impl FamilyProfile {
     /// 256² scores (f32 softmax) for one prompt: about 64 MiB. The MMDiT's feature maps, per
     /// image token: the block input, its modulated norm, q/k/v and the attention output
     /// (≈ 6 × width), the 4 × width GELU MLP with its tanh-GELU temporaries (≈ 10 × width):
-    /// about 16 × width elements per 256 pixels. Not yet measured on a GPU (estimates from the
-    /// architecture, as SD 1.5's were before their fits); the VAE is SDXL's, measured.
+    /// about 16 × width elements per 256 pixels from the architecture. The GPU's half-precision
+    /// column with the fast kernels is fitted to SD 3.5 Large at 1024² with the CFG batch (H200,
+    /// 2026-12-06, `tools/gpu/sd35_fullsize.sh`, BENCHMARKS.md): the MMDiT held 1.44 GB above its
+    /// weights — 32 × width elements per 256 pixels, the residual stream, the modulated copies
+    /// and the MLP's input and output living at once — and every text encoder about 150 MB
+    /// (T5: 270 MB) above its weights, the cuBLAS workspaces and the pool's rounding included.
+    /// Medium takes the same per-width terms (its extra attention runs after the joint one).
     fn sd35(id: &'static str, name: &'static str, heads: usize, width: usize, requirement: crate::ModelClass) -> Self {
         const MIB: f64 = 1024.0 * 1024.0;
         let sdxl = Self::sdxl();
@@ -236,8 +241,14 @@ impl FamilyProfile {
         let t5_fixed = Coefficients { fixed_bytes: 64.0 * MIB, ..Default::default() };
         t5.activation.coefficients =
             CoefficientTable { cpu_f32: t5_fixed, cpu_half: t5_fixed, gpu_f32: t5_fixed, gpu_half: t5_fixed };
-        t5.activation.fast = FastCoefficients::default();
+        let fixed = |bytes: f64| Coefficients { fixed_bytes: bytes, ..Default::default() };
+        t5.activation.fast = FastCoefficients { gpu_half: Some(fixed(270e6)), ..Default::default() };
+        // CLIP-L and bigG on the GPU: their measured constant (the bigG's sequence of 77 tokens
+        // is too short for anything to grow with).
+        let mut clip = clip;
+        clip.activation.fast.gpu_half = Some(fixed(150e6));
         let per_pixel = |bytes: f64| 16.0 * width as f64 * bytes / 256.0;
+        let per_pixel_measured = |bytes: f64| 32.0 * width as f64 * bytes / 256.0;
         // The text tokens' share of every activation, whatever the image size.
         let text_fixed = |bytes: f64| 333.0 * 16.0 * width as f64 * bytes + 128.0 * MIB;
         let maps = |bytes: f64, score: f64| Coefficients {
@@ -259,7 +270,7 @@ impl FamilyProfile {
                 fast: FastCoefficients {
                     cpu_f32: Some(maps(4.0, 0.0)),
                     gpu_f32: Some(maps(4.0, 8.0)),
-                    gpu_half: Some(maps(2.0, 0.0)),
+                    gpu_half: Some(Coefficients { bytes_per_pixel: per_pixel_measured(2.0), ..maps(2.0, 0.0) }),
                     ..Default::default()
                 },
                 coefficients: CoefficientTable {
