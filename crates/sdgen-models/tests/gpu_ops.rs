@@ -258,8 +258,9 @@ fn ulp_diff(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
     Ok((worst, differing as f64 / a.len().max(1) as f64))
 }
 
-/// The fast path against the stock path on the same GPU: at most one rounding step apart on a
-/// few elements (the statistics' summation order differs), none further.
+/// The fast path against the stock path on the same GPU: at most two rounding steps apart on a
+/// few elements (the statistics' summation order differs, moving the normalised value by one
+/// step, which the product and the sum after it may each round once more), none further.
 fn check_close(what: &str, dtype: DType, fast: &Tensor, stock: &Tensor) -> Result<()> {
     let (worst, share) = ulp_diff(fast, stock)?;
     let step = match dtype {
@@ -268,7 +269,7 @@ fn check_close(what: &str, dtype: DType, fast: &Tensor, stock: &Tensor) -> Resul
         _ => 1e-5,
     };
     println!("{what} {dtype:?}: fast vs stock worst {worst:.2e} relative, {:.4}% of elements differ", 100.0 * share);
-    assert!(worst <= step * 1.01, "{what} {dtype:?}: {worst:e} > one rounding step {step:e}");
+    assert!(worst <= 2.0 * step * 1.01, "{what} {dtype:?}: {worst:e} > two rounding steps of {step:e}");
     assert!(share <= 0.01, "{what} {dtype:?}: {share} of the elements differ");
     Ok(())
 }
