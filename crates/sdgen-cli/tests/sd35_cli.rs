@@ -484,3 +484,22 @@ fn vae_replaces_only_the_base_s_before_an_image_handoff() {
     assert_eq!(meta["extra"]["vae"], vae.as_str());
     assert_eq!(meta["extra"]["refiner"]["model"], refiner.as_str());
 }
+
+/// Stability's SD 3.5 repositories are gated: `--pro` without a token is refused naming the
+/// repository, where to accept its licence and the token to set — before anything is written.
+#[test]
+fn pro_on_a_gated_repo_without_a_token_says_what_to_do() {
+    let repo = hub_test_server::FakeRepo::from_dir(PRO_REPO, &testdata().join("tiny-sd35-large"))
+        .unwrap()
+        .gated("hf_secret", 401);
+    let server = hub_test_server::HubServer::start(vec![repo]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = generate_from_hub(&["x", "--pro", "--steps", "1"], &out, &server.endpoint(), &dir.path().join("hf"));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for part in [PRO_REPO, &format!("https://huggingface.co/{PRO_REPO}"), "HF_TOKEN"] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
+    assert!(o.stdout.is_empty() && !out.exists(), "{:?}", files_in(&out));
+}
