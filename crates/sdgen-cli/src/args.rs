@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use clap::Parser;
-use sdgen::candle::{DType, Device};
+use sdgen::candle::DType;
 use sdgen::engine::{EngineConfig, GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, MAX_IMAGES};
 use sdgen::hub::HubOptions;
 use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL, PRO_MODEL};
@@ -182,7 +181,7 @@ impl Args {
             Some(s) => Some(s.parse::<SchedulerKind>().map_err(anyhow::Error::new)?),
             None => None,
         };
-        let (device, device_label) = parse_device(&self.device)?;
+        let (device, device_label) = sdgen::engine::open_device(&self.device)?;
         let dtype = match self.dtype.as_deref() {
             None if device.is_cpu() => DType::F32,
             None => DType::BF16,
@@ -357,6 +356,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("max_sequence_length", "--max-sequence-length"),
     ("skip_layer_guidance", "--slg"),
     ("lora", "--lora"),
+    ("device", "--device"),
 ];
 
 /// The flag of a request field.
@@ -399,36 +399,6 @@ fn invalid(message: String) -> anyhow::Error {
 fn random_seed() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     (nanos as u64 ^ (std::process::id() as u64) << 32) % (1 << 32)
-}
-
-fn parse_device(value: &str) -> anyhow::Result<(Device, String)> {
-    let value = value.trim().to_ascii_lowercase();
-    if value == "cpu" {
-        return Ok((Device::Cpu, "cpu".into()));
-    }
-    if let Some(rest) = value.strip_prefix("cuda") {
-        let ordinal = match rest.strip_prefix(':') {
-            Some(n) => n.parse::<usize>().with_context(|| format!("--device {value}: `{n}` is not a GPU number"))?,
-            None if rest.is_empty() => 0,
-            None => return Err(invalid(format!("--device {value} is not one of cpu, cuda, cuda:N, metal"))),
-        };
-        if !sdgen::candle::utils::cuda_is_available() {
-            return Err(invalid(format!(
-                "--device {value}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"
-            )));
-        }
-        let device = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
-        return Ok((device, format!("cuda:{ordinal}")));
-    }
-    if value == "metal" {
-        if !sdgen::candle::utils::metal_is_available() {
-            return Err(invalid(
-                "--device metal: this build has no Metal support (macOS builds with --features metal)".into(),
-            ));
-        }
-        return Ok((Device::new_metal(0)?, "metal".into()));
-    }
-    bail!(sdgen::Error::InvalidInput(format!("--device {value} is not one of cpu, cuda, cuda:N, metal")))
 }
 
 #[cfg(test)]

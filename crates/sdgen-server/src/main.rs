@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use sdgen::candle::{DType, Device};
+use sdgen::candle::DType;
 use sdgen::engine::EngineConfig;
 use sdgen::pipeline::Runtime;
 
@@ -91,7 +91,8 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (device, device_label) = parse_device(&args.device)?;
+    let (device, device_label) = sdgen::engine::open_device(&args.device)
+        .map_err(|e| anyhow::anyhow!(e.describe(&|f| (f == "device").then_some("--device"))))?;
     let dtype = match args.dtype.as_deref() {
         None if device.is_cpu() => DType::F32,
         None => DType::BF16,
@@ -181,25 +182,4 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-}
-
-/// `--device`: cpu, cuda, cuda:N or metal.
-fn parse_device(value: &str) -> anyhow::Result<(Device, String)> {
-    let value = value.trim().to_ascii_lowercase();
-    if value == "cpu" {
-        return Ok((Device::Cpu, "cpu".into()));
-    }
-    if let Some(rest) = value.strip_prefix("cuda") {
-        let ordinal = match rest.strip_prefix(':') {
-            Some(n) => n.parse().with_context(|| format!("--device {value}: bad device number"))?,
-            None if rest.is_empty() => 0,
-            None => bail!("--device {value} is not one of cpu, cuda, cuda:N, metal"),
-        };
-        let device = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
-        return Ok((device, format!("cuda:{ordinal}")));
-    }
-    if value == "metal" {
-        return Ok((Device::new_metal(0)?, "metal".into()));
-    }
-    bail!("--device {value} is not one of cpu, cuda, cuda:N, metal")
 }

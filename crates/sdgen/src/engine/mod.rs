@@ -8,6 +8,7 @@
 //! is made (an interrupted run keeps what it finished).
 
 mod cache;
+mod device;
 mod plan;
 mod request;
 
@@ -25,6 +26,7 @@ use crate::{Error, Result};
 
 pub use crate::loading::lora::LoraRequest;
 pub use crate::pipeline::CancelToken;
+pub use device::open_device;
 pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, FIELDS, MAX_IMAGES};
 
 use cache::{ModelCache, OpenedModel};

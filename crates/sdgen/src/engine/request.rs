@@ -31,6 +31,7 @@ pub const FIELDS: &[&str] = &[
     "max_sequence_length",
     "skip_layer_guidance",
     "lora",
+    "device",
 ];
 
 /// One generation job: the model and what to make with it. Output naming is the caller's.

@@ -1,0 +1,57 @@
+//! The device a process generates on, from its name: `cpu`, `cuda`, `cuda:N` or `metal` (the
+//! CLI's and the server's `--device`).
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+const CHOICES: &str = "is not one of cpu, cuda, cuda:N, metal";
+
+/// Opens the device `name` says: the device and its label for the metadata (`cuda:0`). Errors
+/// are about the request field `device`.
+pub fn open_device(name: &str) -> Result<(Device, String)> {
+    let value = name.trim().to_ascii_lowercase();
+    let invalid = |message: String| Error::invalid("device", message);
+    if value == "cpu" {
+        return Ok((Device::Cpu, "cpu".into()));
+    }
+    if let Some(rest) = value.strip_prefix("cuda") {
+        let ordinal = match rest.strip_prefix(':') {
+            Some(n) => n.parse::<usize>().map_err(|_| invalid(format!("{value}: `{n}` is not a GPU number")))?,
+            None if rest.is_empty() => 0,
+            None => return Err(invalid(format!("{value} {CHOICES}"))),
+        };
+        if !candle_core::utils::cuda_is_available() {
+            return Err(invalid(format!(
+                "{value}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"
+            )));
+        }
+        let device = Device::new_cuda(ordinal)
+            .map_err(|e| invalid(format!("{value}: cannot open CUDA device {ordinal} ({e})")))?;
+        return Ok((device, format!("cuda:{ordinal}")));
+    }
+    if value == "metal" {
+        if !candle_core::utils::metal_is_available() {
+            return Err(invalid(format!(
+                "{value}: this build has no Metal support (macOS builds with --features metal)"
+            )));
+        }
+        let device = Device::new_metal(0).map_err(|e| invalid(format!("{value}: cannot open it ({e})")))?;
+        return Ok((device, "metal".into()));
+    }
+    Err(invalid(format!("{value} {CHOICES}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_read_and_bad_ones_refused_about_the_field() {
+        assert!(matches!(open_device(" CPU ").unwrap(), (Device::Cpu, label) if label == "cpu"));
+        for bad in ["gpu", "cuda:x", "cudax"] {
+            let err = open_device(bad).unwrap_err();
+            assert_eq!(err.field(), Some("device"), "{bad}: {err}");
+        }
+    }
+}
