@@ -10,6 +10,7 @@
 mod cache;
 mod plan;
 mod request;
+pub mod wire;
 
 use std::collections::BTreeMap;
 
