@@ -162,6 +162,15 @@ pub struct Args {
     /// has its size rounded down to a multiple of 8, unless --width/--height say otherwise.
     #[arg(long, value_name = "PATH")]
     pub init_image: Option<PathBuf>,
+    /// Run the job on an sdgen-server (http://host:7860) instead of this machine: the same
+    /// flags, progress shown here, the PNG and sidecar written here as a local run writes them
+    /// (the sidecar's extra.remote says where it ran). The server's default model when
+    /// --model is not given.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// With --remote: the server's API key (also: SDGEN_API_KEY).
+    #[arg(long, value_name = "KEY", requires = "remote")]
+    pub api_key: Option<String>,
     /// With --init-image: how much to change it, from 0 (keep) to 1 (replace entirely); only the
     /// last strength × steps steps run [default: the model's, 0.8 for SD 1.5, 0.3 for SDXL].
     #[arg(long, allow_negative_numbers = true)]

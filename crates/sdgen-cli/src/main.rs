@@ -6,6 +6,7 @@ mod args;
 mod check;
 mod models;
 mod progress;
+mod remote;
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -54,6 +55,11 @@ fn run() -> anyhow::Result<ExitCode> {
         let mut hub = sdgen::hub::HubOptions::from_env();
         hub.offline = true;
         return models::list(&hub);
+    }
+    if let Some(url) = &args.remote {
+        progress::set_quiet(args.quiet);
+        progress::set_verbose(args.verbose);
+        return remote::run(&args, url);
     }
     let resolved = args.resolve()?;
     // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
+pub use sdgen::engine::wire::JobEvent;
 use sdgen::engine::{CancelToken, GenerateRequest};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -49,53 +50,6 @@ impl JobState {
             JobState::Done => "done",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// One thing that happened to a job, as its event stream sends it (the SSE event name is `type`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum JobEvent {
-    /// Accepted into the queue, `position` jobs ahead of it (the running one included).
-    Queued { position: usize },
-    /// The worker took it.
-    Started,
-    /// A pipeline stage began (`text_encoder`, `unet`, `vae`…).
-    StageStart { stage: String },
-    /// A pipeline stage ended.
-    StageEnd { stage: String, elapsed_ms: f64 },
-    /// Denoising step `step` of `steps` of the current batch finished.
-    Step { step: usize, steps: usize, images_done: usize, images: usize },
-    /// An image is ready.
-    Image { index: usize, seed: u64, url: String },
-    /// A line of the engine's log.
-    Log { message: String },
-    /// A warning (a tight plan, a truncated prompt…).
-    Warning { message: String },
-    /// Finished.
-    Done { images: usize },
-    /// Ended by an error.
-    Failed { status: u16, field: Option<String>, message: String },
-    /// Cancelled.
-    Cancelled { images: usize },
-}
-
-impl JobEvent {
-    /// The SSE event name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            JobEvent::Queued { .. } => "queued",
-            JobEvent::Started => "started",
-            JobEvent::StageStart { .. } => "stage_start",
-            JobEvent::StageEnd { .. } => "stage_end",
-            JobEvent::Step { .. } => "step",
-            JobEvent::Image { .. } => "image",
-            JobEvent::Log { .. } => "log",
-            JobEvent::Warning { .. } => "warning",
-            JobEvent::Done { .. } => "done",
-            JobEvent::Failed { .. } => "failed",
-            JobEvent::Cancelled { .. } => "cancelled",
         }
     }
 }

@@ -10,7 +10,6 @@ use sdgen::pipeline::{FamilyOptions, InitImage, Request};
 use sdgen::planning::MemoryRequest;
 use sdgen::schedulers::SchedulerKind;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::jobs::random_u64;
@@ -85,34 +84,12 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<(T, serde_json::Va
     Ok((parsed, value))
 }
 
-/// A seed as A1111 takes it: any non-negative integer, or -1 (and null or absent) for a random
-/// one.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Seed(pub Option<u64>);
+pub use sdgen::engine::wire::Seed;
 
-impl<'de> Deserialize<'de> for Seed {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = Option::<serde_json::Number>::deserialize(d)?;
-        match n {
-            None => Ok(Seed(None)),
-            Some(n) if n.as_i64() == Some(-1) => Ok(Seed(None)),
-            Some(n) => match n.as_u64() {
-                Some(v) => Ok(Seed(Some(v))),
-                None => Err(serde::de::Error::custom(format!(
-                    "{n} is not a seed: use an integer from 0 to {}, or -1 for a random one",
-                    u64::MAX
-                ))),
-            },
-        }
-    }
-}
-
-impl Seed {
-    /// The seed, drawn now when random (recorded in every image's metadata).
-    pub fn value(self) -> u64 {
-        // As the CLI: a random seed stays below 2^32 so A1111's UI can type it back in.
-        self.0.unwrap_or_else(|| random_u64() >> 32)
-    }
+/// The seed, drawn now when random (recorded in every image's metadata).
+pub fn seed_value(seed: Seed) -> u64 {
+    // As the CLI: a random seed stays below 2^32 so A1111's UI can type it back in.
+    seed.0.unwrap_or_else(|| random_u64() >> 32)
 }
 
 /// Everything a request asks for, in the engine's terms with the API's field names for errors.
@@ -194,7 +171,7 @@ impl Settings {
                 prompt,
                 negative_prompt: self.negative_prompt.filter(|n| !n.is_empty()),
                 n: self.images,
-                seed: self.seed.value(),
+                seed: seed_value(self.seed),
                 steps: self.steps,
                 guidance: self.guidance,
                 width: self.width,

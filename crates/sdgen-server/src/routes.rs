@@ -23,7 +23,8 @@ use crate::error::ApiError;
 use crate::jobs::{Api, Cancelled, Job, JobSpec, Queue, QueueRefusal};
 use crate::metrics::Metrics;
 use crate::preflight::Preflight;
-use crate::request::{self, Limits, ModelPolicy, Names, Seed, Settings};
+use crate::request::{self, Limits, ModelPolicy, Names, Settings};
+use sdgen::engine::wire::JobBody;
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -154,50 +155,6 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
     }
 }
 
-/// `POST /v1/jobs`'s body: the engine's request, named as its fields are.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobBody {
-    prompt: String,
-    #[serde(default)]
-    negative_prompt: Option<String>,
-    #[serde(default)]
-    model: Option<String>,
-    /// Images in all.
-    #[serde(default)]
-    n: Option<usize>,
-    /// Most images made together.
-    #[serde(default)]
-    batch_size: Option<usize>,
-    #[serde(default)]
-    seed: Seed,
-    #[serde(default)]
-    steps: Option<usize>,
-    #[serde(default)]
-    guidance: Option<f64>,
-    #[serde(default)]
-    width: Option<usize>,
-    #[serde(default)]
-    height: Option<usize>,
-    #[serde(default)]
-    scheduler: Option<String>,
-    /// Base64 PNG, JPEG or WebP.
-    #[serde(default)]
-    init_image: Option<String>,
-    #[serde(default)]
-    strength: Option<f64>,
-    #[serde(default)]
-    no_t5: bool,
-    #[serde(default)]
-    max_sequence_length: Option<usize>,
-    #[serde(default)]
-    refiner: Option<String>,
-    #[serde(default)]
-    refiner_start: Option<f64>,
-    #[serde(default)]
-    refiner_strength: Option<f64>,
-}
-
 const JOB_NAMES: Names =
     Names { width: "width", height: "height", steps: "steps", images: "n", init_image: "init_image" };
 
@@ -243,7 +200,7 @@ async fn create_job(
         family_options: sdgen::pipeline::FamilyOptions {
             max_sequence_length: b.max_sequence_length,
             no_t5: b.no_t5,
-            skip_layer_guidance: None,
+            skip_layer_guidance: b.skip_layer_guidance.as_ref().map(|s| s.to_guidance()),
         },
         refiner,
     };

@@ -11,6 +11,7 @@ mod cache;
 mod device;
 mod plan;
 mod request;
+pub mod wire;
 
 use std::collections::BTreeMap;
 

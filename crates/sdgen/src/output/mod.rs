@@ -106,7 +106,7 @@ pub struct SavedImage {
 /// Never overwrites: a taken name (PNG or sidecar) moves both to the next `-N` suffix. On error
 /// nothing new is left in `dir`, neither under a final name nor as a temporary.
 pub fn save_image(dir: &Path, meta: &ImageMetadata, rgb: &[u8]) -> Result<SavedImage> {
-    save_image_at(dir, None, meta, rgb, SystemTime::now(), &mut |_| Ok(()))
+    save_png_at(dir, None, meta, &image_png(meta, rgb)?, SystemTime::now(), &mut |_| Ok(()))
 }
 
 /// Saves an image where `target` says: [`save_image`]'s names in a folder, or the file name the
@@ -119,8 +119,20 @@ pub fn save_image_to(
     meta: &ImageMetadata,
     rgb: &[u8],
 ) -> Result<SavedImage> {
+    save_png_to(target, index, total, meta, &image_png(meta, rgb)?)
+}
+
+/// [`save_image_to`] for a PNG already encoded (by [`image_png`], here or on a server): written
+/// as it is, named and published exactly as [`save_image_to`] would, with `meta`'s sidecar.
+pub fn save_png_to(
+    target: &OutputTarget,
+    index: usize,
+    total: usize,
+    meta: &ImageMetadata,
+    png: &[u8],
+) -> Result<SavedImage> {
     let stem = target.file_stem(index, total);
-    save_image_at(target.dir(), stem.as_deref(), meta, rgb, SystemTime::now(), &mut |_| Ok(()))
+    save_png_at(target.dir(), stem.as_deref(), meta, png, SystemTime::now(), &mut |_| Ok(()))
 }
 
 /// The PNG file [`save_image`] writes for `rgb` (8-bit RGB, `meta.width * meta.height * 3`
@@ -262,7 +274,7 @@ pub fn check_output_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Points in [`save_image_at`] where tests inject failures.
+/// Points in [`save_png_at`] where tests inject failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SaveStep {
     /// Both temporaries are written and synced; nothing is published yet.
@@ -271,24 +283,24 @@ enum SaveStep {
     PngPublished,
 }
 
-/// [`save_image`] with the clock and a failure hook supplied by the caller (tests); `exact` is a
-/// file stem to take as it is (an error when taken) instead of the generated names.
-fn save_image_at(
+/// [`save_image`] of an encoded `png`, with the clock and a failure hook supplied by the caller
+/// (tests); `exact` is a file stem to take as it is (an error when taken) instead of the
+/// generated names.
+fn save_png_at(
     dir: &Path,
     exact: Option<&str>,
     meta: &ImageMetadata,
-    rgb: &[u8],
+    png: &[u8],
     now: SystemTime,
     hook: &mut dyn FnMut(SaveStep) -> io::Result<()>,
 ) -> Result<SavedImage> {
     let dir = non_empty(dir);
-    let png = image_png(meta, rgb)?;
     let mut json = serde_json::to_vec_pretty(meta)
         .map_err(|e| Error::InvalidInput(format!("image metadata cannot be written as JSON: {e}")))?;
     json.push(b'\n');
 
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let png_temp = TempFile::write(dir, "png", &png)?;
+    let png_temp = TempFile::write(dir, "png", png)?;
     let json_temp = TempFile::write(dir, "json", &json)?;
     hook(SaveStep::TempsWritten).map_err(|e| Error::io(dir, e))?;
 

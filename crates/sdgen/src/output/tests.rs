@@ -11,6 +11,18 @@ fn fixed_time() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000)
 }
 
+/// `save_image`'s path with the clock and failure hook of the test.
+fn save_image_at(
+    dir: &Path,
+    exact: Option<&str>,
+    meta: &ImageMetadata,
+    rgb: &[u8],
+    now: SystemTime,
+    hook: &mut dyn FnMut(SaveStep) -> io::Result<()>,
+) -> Result<SavedImage> {
+    save_png_at(dir, exact, meta, &image_png(meta, rgb)?, now, hook)
+}
+
 fn meta() -> ImageMetadata {
     let mut timings_ms = BTreeMap::new();
     timings_ms.insert("denoise".to_string(), 1234.5);
