@@ -381,7 +381,10 @@ fn pro_refiner_reworks_the_decoded_image() {
     );
     assert_eq!((r["base_steps"].as_u64(), r["refiner_steps"].as_u64()), (Some(28), Some(15)));
     assert_eq!(r["handoff_timestep"], 281.0);
+    // Measured: what the base left in use after its unload, well under its denoiser's weights
+    // and the allocator's slack.
     assert_eq!(r["base_unloaded"], true);
+    assert!(r["base_resident_bytes"].as_u64().is_some_and(|b| b < 64 << 20), "{r}");
     // Both halves' stages, apart, each with its peak; the unload's snapshot below the base's peaks.
     let stages = stages_with_peaks(&meta);
     let want = [

@@ -62,7 +62,10 @@ fn refiner_finishes_the_base_run_and_is_recorded() {
     assert_eq!(r["high_noise_fraction"], 0.8);
     assert_eq!((r["base_steps"].as_u64(), r["refiner_steps"].as_u64()), (Some(8), Some(2)));
     assert_eq!(r["handoff_timestep"], 101.0);
+    // Measured: what the base left in use after its unload, well under its denoiser's weights
+    // and the allocator's slack.
     assert_eq!(r["base_unloaded"], true);
+    assert!(r["base_resident_bytes"].as_u64().is_some_and(|b| b < 64 << 20), "{r}");
     assert!(meta["extra"]["refiner_plan"]["stages"].is_array(), "{meta}");
     // Both halves' stages are kept apart in the timings.
     for stage in ["text_encoder", "text_encoder_2", "unet", "refiner_text_encoder_2", "refiner_unet", "vae"] {

@@ -105,7 +105,7 @@ pub fn txt2img_image_refined(
     let mut log = StageLog::default();
     let mut warnings = Vec::new();
 
-    before_models(rt, progress);
+    let before = before_models(rt, progress);
     // 1.–4. The base's whole schedule.
     let (latents, base_steps) = base_latents(model, req, &settings, None, rt, &mut log, &mut warnings, progress)?;
     // 5. Its decode: `[n, h, w, 3]` in [0, 1], what `output_type="pt"` gives (channels last).
@@ -118,7 +118,8 @@ pub fn txt2img_image_refined(
     // 6. The whole base pipeline is unloaded (each stage dropped its model): return the memory
     //    at once, aggressively, as the seed does before loading the refiner.
     sdgen_memory::cleanup_memory(true);
-    let memory_after_unload = memory_point(progress, "After main pipeline unload");
+    let after = memory_point(progress, "After main pipeline unload");
+    let unload = super::stages::measure_unload(&before, after, super::txt2img::denoiser_bytes(model)?);
 
     // 7. The refiner's image-to-image on each image: `VaeImageProcessor.preprocess` of a [0, 1]
     //    tensor is `2x − 1` (computed as torch does: the product, then the difference).
@@ -144,8 +145,9 @@ pub fn txt2img_image_refined(
         base_steps,
         refiner_steps: plan.denoising_steps,
         handoff_timestep: scheduler.timesteps().get(first_step).copied().unwrap_or(0.0),
-        base_unloaded: true,
-        memory_after_unload,
+        base_unloaded: unload.unloaded,
+        base_resident_bytes: unload.resident_bytes,
+        memory_after_unload: unload.memory_after,
     };
     let images = into_images(&refined, req, &settings)?;
     let mut generation = log.into_generation(images, settings, warnings);

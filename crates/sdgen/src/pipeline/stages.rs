@@ -167,15 +167,50 @@ pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) -> s
 /// The seed's lines before a generation's first model loads: the aggressive cleanup for a large
 /// model (`🧹 Preparing memory for large model...`, as the plan decided), the snapshot before
 /// loading, and one `  → Enabled …` line per memory optimisation the run enables.
-pub(super) fn before_models(rt: &Runtime, progress: &mut dyn FnMut(Progress)) {
+pub(super) fn before_models(rt: &Runtime, progress: &mut dyn FnMut(Progress)) -> sdgen_memory::MemoryInfo {
     if rt.options.prepare_large_model {
         progress(Progress::Note("🧹 Preparing memory for large model..."));
         sdgen_memory::cleanup_memory(true);
     }
-    memory_point(progress, "Before model load");
+    let before = memory_point(progress, "Before model load");
     for what in rt.options.enabled() {
         progress(Progress::Note(&format!("  → Enabled {what}")));
     }
+    before
+}
+
+/// What a base pipeline left in memory once unloaded, before a refiner loads.
+#[derive(Debug, Clone)]
+pub(super) struct Unload {
+    /// The snapshot after the unload.
+    pub memory_after: sdgen_memory::MemoryInfo,
+    /// In-use memory above what was in use before the base loaded anything: the device's on a
+    /// GPU, the process's resident set otherwise.
+    pub resident_bytes: u64,
+    /// Whether its weights are gone: what is left is under a quarter of its denoiser's weights
+    /// (and under the allocator's slack of [`UNLOAD_SLACK_BYTES`] for small models).
+    pub unloaded: bool,
+}
+
+/// Memory an unloaded pipeline may still show without holding a model: allocator pools and
+/// arenas, library handles, the decoded images.
+pub(super) const UNLOAD_SLACK_BYTES: u64 = 64 << 20;
+
+/// Measures the unload: `before` the base loaded, `after` it was dropped and memory returned,
+/// `denoiser_bytes` the base denoiser's weights.
+pub(super) fn measure_unload(
+    before: &sdgen_memory::MemoryInfo,
+    after: sdgen_memory::MemoryInfo,
+    denoiser_bytes: u64,
+) -> Unload {
+    let in_use = |m: &sdgen_memory::MemoryInfo, gpu: bool| match (&m.gpu, gpu) {
+        (Some(g), true) => g.used_bytes,
+        _ => m.process_rss_bytes,
+    };
+    let gpu = before.gpu.is_some() && after.gpu.is_some();
+    let resident_bytes = in_use(&after, gpu).saturating_sub(in_use(before, gpu));
+    let unloaded = resident_bytes <= (denoiser_bytes / 4).max(UNLOAD_SLACK_BYTES);
+    Unload { memory_after: after, resident_bytes, unloaded }
 }
 
 /// Reports the snapshot right after a stage's model is loaded.
@@ -455,5 +490,41 @@ mod tests {
         assert_eq!(display_name("refiner_vae"), "refiner VAE");
         assert_eq!(leaner("text_encoder", &mut o), None);
         assert_eq!(leaner("scheduler", &mut o), None);
+    }
+}
+
+#[cfg(test)]
+mod unload_tests {
+    use super::*;
+    use sdgen_memory::{GpuMemory, MemoryInfo};
+
+    fn info(rss: u64, gpu_used: Option<u64>) -> MemoryInfo {
+        MemoryInfo {
+            process_rss_bytes: rss,
+            process_vms_bytes: 0,
+            system_used_bytes: 0,
+            system_available_bytes: 0,
+            system_total_bytes: 0,
+            system_percent: 0.0,
+            gpu: gpu_used.map(|used_bytes| GpuMemory { used_bytes, free_bytes: 0, total_bytes: 0 }),
+        }
+    }
+
+    #[test]
+    fn an_unload_is_measured_on_the_memory_that_held_the_model() {
+        const GB: u64 = 1 << 30;
+        // A 5 GB UNet on a GPU, all returned: a few MB of pool left on the device.
+        let u = measure_unload(&info(GB, Some(GB)), info(3 * GB, Some(GB + (10 << 20))), 5 * GB);
+        assert!(u.unloaded && u.resident_bytes == 10 << 20, "{u:?}");
+        // Still resident: the device holds the weights (host memory is not what counts there).
+        let u = measure_unload(&info(GB, Some(GB)), info(GB, Some(6 * GB)), 5 * GB);
+        assert!(!u.unloaded && u.resident_bytes == 5 * GB, "{u:?}");
+        // The CPU: the resident set; a tiny model's allocator slack is not a model.
+        let u = measure_unload(&info(GB, None), info(GB + (5 << 20), None), 1 << 20);
+        assert!(u.unloaded, "{u:?}");
+        let u = measure_unload(&info(GB, None), info(2 * GB, None), 5 * GB);
+        assert!(u.unloaded, "under a quarter of the weights: {u:?}");
+        let u = measure_unload(&info(GB, None), info(4 * GB, None), 5 * GB);
+        assert!(!u.unloaded, "{u:?}");
     }
 }

@@ -124,10 +124,19 @@ pub struct Refinement {
     pub refiner_steps: usize,
     /// The timestep at which the refiner took over.
     pub handoff_timestep: f64,
-    /// The base pipeline was unloaded before the refiner loaded.
+    /// The base pipeline was unloaded before the refiner loaded: measured, what was left in use
+    /// (`base_resident_bytes`) under a quarter of the base denoiser's weights.
     pub base_unloaded: bool,
+    /// In-use memory after the unload above what was in use before the base loaded (the
+    /// device's on a GPU, the process's resident set otherwise).
+    pub base_resident_bytes: u64,
     /// Memory once the base pipeline was unloaded, before the refiner loaded.
     pub memory_after_unload: sdgen_memory::MemoryInfo,
+}
+
+/// The bytes of `model`'s denoiser weights (what an unload must give back).
+pub(super) fn denoiser_bytes(model: &ModelFolder) -> Result<u64> {
+    Ok(model.weights(model.denoiser_component())?.weight_bytes())
 }
 
 /// diffusers' `discrete_timestep_cutoff`: `int(round(T - fraction · T))`, Python's rounding
@@ -258,7 +267,7 @@ pub fn txt2img_refined(
     let mut warnings = Vec::new();
     let size = ImageSize { height: settings.height, width: settings.width };
 
-    super::stages::before_models(rt, progress);
+    let before = super::stages::before_models(rt, progress);
     // 1.–4. Encode, draw the noise, denoise; with a refiner, up to the handoff point.
     let handoff = refiner.as_ref().map(|r| r.high_noise_fraction);
     let (latents, base_end) = base_latents(model, req, &settings, handoff, rt, &mut log, &mut warnings, progress)?;
@@ -276,7 +285,8 @@ pub fn txt2img_refined(
     // 5'. The refiner. Every base model is already dropped (each stage drops its own): return
     //     their memory at once, aggressively, as the seed does before loading the refiner.
     sdgen_memory::cleanup_memory(true);
-    let unloaded = memory_point(progress, "After main pipeline unload");
+    let after = memory_point(progress, "After main pipeline unload");
+    let unloaded = super::stages::measure_unload(&before, after, denoiser_bytes(model)?);
     let (pixels, refinement) =
         refine_latents(&refiner, latents, req, &settings, size, unloaded, rt, &mut log, &mut warnings, progress)?;
     memory_point(progress, "After refiner");
@@ -359,7 +369,7 @@ fn refine_latents(
     req: &Request,
     settings: &Settings,
     size: ImageSize,
-    memory_after_unload: sdgen_memory::MemoryInfo,
+    unload: super::stages::Unload,
     rt: &Runtime,
     log: &mut StageLog,
     warnings: &mut Vec<String>,
@@ -413,8 +423,9 @@ fn refine_latents(
         base_steps: 0,
         refiner_steps: timesteps.len() - start,
         handoff_timestep: timesteps.get(start).copied().unwrap_or(0.0),
-        base_unloaded: true,
-        memory_after_unload,
+        base_unloaded: unload.unloaded,
+        base_resident_bytes: unload.resident_bytes,
+        memory_after_unload: unload.memory_after,
     };
     Ok((pixels, refinement))
 }
