@@ -55,6 +55,10 @@ fn run() -> anyhow::Result<ExitCode> {
         hub.offline = true;
         return models::list(&hub);
     }
+    if args.list_presets {
+        print!("{}", sdgen::presets::table());
+        return Ok(ExitCode::SUCCESS);
+    }
     let resolved = args.resolve()?;
     // GPU memory probe and pool trim for the memory manager (nothing to install on the CPU).
     let _device_memory = sdgen::device_memory::DeviceMemory::install(&resolved.engine.runtime.device);
