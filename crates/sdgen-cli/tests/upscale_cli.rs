@@ -110,6 +110,10 @@ fn quality_4k_runs_its_passes_in_order() {
     let png = PathBuf::from(result["images"][0]["png"].as_str().unwrap());
     let (_, w, h) = decode_png(&png);
     assert_eq!((w, h), (128, 160));
+    assert_eq!(
+        (result["width"].as_u64(), result["height"].as_u64(), result["preset"].as_str()),
+        (Some(128), Some(160), Some("4k"))
+    );
     let meta = sidecar(&result);
     assert_eq!(meta["extra"]["preset"], "4k");
     let passes: Vec<&str> =

@@ -69,8 +69,10 @@ pub struct Batch {
     pub job_images: usize,
     /// Its images, in seed order.
     pub images: Vec<FinishedImage>,
-    /// The settings the batch ran with (every default filled in).
+    /// The settings the batch ran with (every default filled in; its size the first pass's).
     pub settings: Settings,
+    /// The size of its images, width × height: the first pass's, upscaled where the job asks.
+    pub output_size: (usize, usize),
     /// Wall time per stage.
     pub timings_ms: BTreeMap<String, f64>,
     /// What the pipeline warned about while making it.
@@ -391,6 +393,7 @@ impl Run<'_> {
             .cloned()
             .chain(job.plan.warning.clone())
             .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
+            .chain(job.hires_plan.as_ref().and_then(|p| p.warning.clone()))
             .collect();
         let images = generation
             .images
@@ -426,6 +429,7 @@ impl Run<'_> {
             job_images: req.image_count(),
             images,
             settings: generation.settings,
+            output_size: job.output_size,
             timings_ms: generation.timings_ms,
             warnings: generation.warnings,
             job_metadata: self.job_metadata.clone(),
