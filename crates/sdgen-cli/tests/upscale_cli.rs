@@ -181,3 +181,19 @@ fn bad_presets_and_upscales_are_refused() {
         &["--hires-strength", "leaves the hires pass no step"],
     );
 }
+
+/// After SD 3.5 (another latent space, flow matching): the finished image upscaled ×3, and a
+/// hires pass through SD 3's image-to-image, at the output size.
+#[test]
+fn upscale_and_hires_follow_sd35() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = testdata().join("tiny-sd35-medium").display().to_string();
+    let args = ["x", "--model", &model, "--steps", "4", "--guidance", "5", "--upscale", "3", "--json"];
+    let (result, log) = run_json(&args, &dir.path().join("a"));
+    let (_, w, h) = decode_png(&PathBuf::from(result["images"][0]["png"].as_str().unwrap()));
+    assert_eq!((w, h), (192, 192), "the folder's 64² ×3");
+    assert!(log.contains("→ upscale…") && !log.contains("hires_"), "{log}");
+    let (result, log) = run_json(&[&args[..], &["--hires-strength", "0.5"]].concat(), &dir.path().join("b"));
+    assert_eq!(sidecar(&result)["extra"]["passes"][2]["width"], 192);
+    assert_in_order(&log, &["→ upscale…", "→ hires_vae_encoder…", "→ hires_transformer…", "→ hires_vae…"]);
+}
