@@ -197,3 +197,27 @@ fn upscale_and_hires_follow_sd35() {
     assert_eq!(sidecar(&result)["extra"]["passes"][2]["width"], 192);
     assert_in_order(&log, &["→ upscale…", "→ hires_vae_encoder…", "→ hires_transformer…", "→ hires_vae…"]);
 }
+
+/// `--check --quality 4k` plans the hires pass too, at the upscaled size, as the run does.
+#[test]
+fn check_plans_the_hires_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let args =
+        ["--check", "--json", "--model", &tiny_sdxl(), "--quality", "4k", "-W", "64", "-H", "80", "--steps", "4"];
+    let o = generate(&args, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let model = &doc["model"];
+    assert_eq!((model["fits"].as_bool(), model["hires"]["fits"].as_bool()), (Some(true), Some(true)), "{model}");
+    let stages = |p: &serde_json::Value| -> Vec<String> {
+        p["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap().to_string()).collect()
+    };
+    assert!(!stages(&model["plan"]).contains(&"encode_image".to_string()), "{model}");
+    assert!(stages(&model["hires"]["plan"]).contains(&"encode_image".to_string()), "{model}");
+    assert_eq!(
+        (model["hires"]["plan"]["width"].as_u64(), model["hires"]["plan"]["height"].as_u64()),
+        (Some(128), Some(160))
+    );
+    assert!(!out.exists(), "--check writes nothing");
+}
