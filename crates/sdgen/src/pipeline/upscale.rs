@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 use sdgen_memory::StagePeak;
 
 use super::img2img::{img2img_stages, skipped_steps_for};
-use super::stages::{into_images, memory_point, StageLog};
+use super::stages::{before_models, into_images, memory_point, StageLog};
 use super::{resolve, FamilyOptions, GeneratedImage, Generation, Img2ImgSettings, Progress, Request, Runtime};
 use crate::image_io::{resize_lanczos, RgbImage};
 use crate::loading::ModelFolder;
@@ -135,6 +135,9 @@ pub fn hires_pass(
         .permute((0, 3, 1, 2))?
         .contiguous()?;
     let req = Request { n: images.len(), ..hires_request(req, s.width, s.height) };
+    // A pipeline run of its own: the seed's lines before its first model loads, with the memory
+    // options of its plan (`  → Enabled VAE tiling`).
+    before_models(rt, progress);
     let mut log = StageLog::default();
     let mut warnings = Vec::new();
     let pixels = img2img_stages(model, &req, plan, &image, "hires_", rt, &mut log, &mut warnings, progress)?;
