@@ -7,6 +7,11 @@ width), 1-pixel outputs and large factors.
 
   python tools/reference/make_resize.py
   python tools/reference/make_resize.py --sweep /tmp/sweep.safetensors   # random sizes, not committed
+
+Also writes testdata/image_io/upscale_pil.safetensors for `--upscale N` (issue #14): the tiny models'
+finished images (SD 1.5, SDXL base, SDXL base + refiner, a non-square SDXL batch image, from
+testdata/reference/*/png/) as `src.<name>` and PIL's `Image.resize((N·W, N·H), Image.LANCZOS)` of each
+as `out.<name>.x<N>` for N = 2, 3, 4 (run make_sd15.py and make_sdxl.py first).
 """
 import sys
 from pathlib import Path
@@ -57,6 +62,27 @@ def sweep(path: str, count: int = 400) -> None:
     save_file(tensors, path)
 
 
+# The tiny models' finished images that `--upscale` is checked on.
+UPSCALE_SOURCES = {
+    "sd15": "reference/sd15/png/pndm_basic_0.png",
+    "sdxl": "reference/sdxl/png/base_0.png",
+    "sdxl_refined": "reference/sdxl/png/ensemble_0.png",
+    "sdxl_nonsquare": "reference/sdxl/png/base_batch2_nonsquare_1.png",
+}
+
+
+def upscale() -> None:
+    tensors = {}
+    for name, rel in UPSCALE_SOURCES.items():
+        im = Image.open(ROOT / "testdata" / rel).convert("RGB")
+        tensors[f"src.{name}"] = np.asarray(im)
+        for factor in (2, 3, 4):
+            size = (im.width * factor, im.height * factor)
+            tensors[f"out.{name}.x{factor}"] = np.asarray(im.resize(size, Image.LANCZOS))
+    save_file(tensors, str(OUT / "upscale_pil.safetensors"))
+    print(f"upscale: {len(tensors)} tensors, {sum(t.nbytes for t in tensors.values())} bytes")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--sweep":
         return sweep(sys.argv[2])
@@ -70,6 +96,7 @@ def main() -> None:
     save_file(tensors, str(OUT / "lanczos_pil.safetensors"))
     total = sum(t.nbytes for t in tensors.values())
     print(f"{len(tensors)} tensors, {total} bytes")
+    upscale()
 
 
 if __name__ == "__main__":

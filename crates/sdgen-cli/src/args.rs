@@ -5,11 +5,14 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use sdgen::candle::DType;
-use sdgen::engine::{EngineConfig, GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, MAX_IMAGES};
+use sdgen::engine::{
+    EngineConfig, GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, UpscaleRequest, MAX_IMAGES,
+};
 use sdgen::hub::HubOptions;
 use sdgen::loading::{ModelSource, OpenOptions, DEFAULT_MODEL, PRO_MODEL};
 use sdgen::output::OutputTarget;
 use sdgen::pipeline::{check_strength, FamilyOptions, InitImage, Request, Runtime, SkipLayerGuidance};
+use sdgen::presets::Preset;
 use sdgen::schedulers::SchedulerKind;
 
 /// Generate images from a text prompt with Stable Diffusion.
@@ -144,6 +147,24 @@ pub struct Args {
     /// downloaded, then exit.
     #[arg(long)]
     pub list_models: bool,
+    /// A quality preset (default, 4k; see --list-presets): its model, size, steps, guidance,
+    /// scheduler and passes (4k: upscale ×2, then a hires pass at 2048²), each overridable by its
+    /// own flag (--steps 20 --quality 4k runs 20 steps).
+    #[arg(long, value_name = "NAME")]
+    pub quality: Option<String>,
+    /// Print the quality presets with their model, size, steps, guidance, scheduler and passes,
+    /// then exit.
+    #[arg(long)]
+    pub list_presets: bool,
+    /// Upscale the finished images by 2, 3 or 4 (each side) with Lanczos, PIL's exactly (after
+    /// the refiner, if any).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub upscale: Option<u32>,
+    /// After upscaling: rework each upscaled image by image-to-image with the same model at this
+    /// strength, from 0 (keep) to 1 (replace) (A1111's hires fix) [default: none; 0.3 with
+    /// --quality 4k].
+    #[arg(long, value_name = "STRENGTH", allow_negative_numbers = true)]
+    pub hires_strength: Option<f64>,
     /// Only warnings and errors on stderr: no progress, plan or memory lines.
     #[arg(short = 'q', long, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -272,8 +293,10 @@ impl Args {
             mode: self.memory_mode.parse().map_err(|e| invalid(format!("--memory-mode: {e}")))?,
             max_images_per_batch: Some(self.batch_size),
         };
-        let request = GenerateRequest {
-            model: ModelSource::parse(self.model_name()),
+        // A preset is found (or refused, listing them) before anything else is touched.
+        let preset = self.quality.as_deref().map(sdgen::presets::find).transpose()?;
+        let mut request = GenerateRequest {
+            model: ModelSource::parse(self.model_name(preset)),
             open: OpenOptions { config_from: self.config_from.clone() },
             vae: self.vae.as_deref().map(ModelSource::parse),
             refiner,
@@ -300,7 +323,24 @@ impl Args {
             prompts,
             img2img,
             memory,
+            upscale: self.upscale.map(|factor| UpscaleRequest { factor, hires_strength: None }),
+            preset: None,
         };
+        if let Some(p) = preset {
+            p.apply(&mut request)?;
+        }
+        if let Some(s) = self.hires_strength {
+            match &mut request.upscale {
+                Some(u) => u.hires_strength = Some(s),
+                None => {
+                    return Err(invalid(
+                        "--hires-strength needs --upscale (or a --quality preset that upscales): the hires pass \
+                         reworks the upscaled images"
+                            .into(),
+                    ))
+                }
+            }
+        }
         // What needs no model is refused now, before the output is touched (`--check` runs
         // without a prompt).
         if !self.check {
@@ -313,12 +353,13 @@ impl Args {
 }
 
 impl Args {
-    /// The model asked for: `--model`, SD 3.5 Large for `--pro`, else the default.
-    pub fn model_name(&self) -> &str {
+    /// The model asked for: `--model`, SD 3.5 Large for `--pro`, else the preset's, else the
+    /// default.
+    pub fn model_name(&self, preset: Option<&Preset>) -> &str {
         match (&self.model, self.pro) {
             (Some(m), _) => m,
             (None, true) => PRO_MODEL,
-            (None, false) => DEFAULT_MODEL,
+            (None, false) => preset.map_or(DEFAULT_MODEL, |p| p.model),
         }
     }
 
@@ -366,6 +407,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("skip_layer_guidance", "--slg"),
     ("lora", "--lora"),
     ("device", "--device"),
+    ("upscale", "--upscale"),
+    ("hires_strength", "--hires-strength"),
+    ("quality", "--quality"),
 ];
 
 /// The flag of a request field.

@@ -111,25 +111,40 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
         crate::plural(resolved.request.params.n, "image")
     ));
     let (device, dtype) = (&resolved.engine.runtime.device, resolved.engine.runtime.dtype);
-    match sdgen::planning::plan_run(
-        &model,
-        &settings,
-        resolved.request.params.n,
-        false,
-        device,
-        dtype,
-        resolved.request.memory,
-    ) {
-        Ok(plan) => {
-            out.line(plan.to_string());
-            if let Some(w) = &plan.warning {
-                out.line(w.clone());
+    let plan = |settings: &sdgen::pipeline::Settings, img2img: bool, out: &mut Report| {
+        let n = resolved.request.params.n;
+        match sdgen::planning::plan_run(&model, settings, n, img2img, device, dtype, resolved.request.memory) {
+            Ok(plan) => {
+                out.line(plan.to_string());
+                if let Some(w) = &plan.warning {
+                    out.line(w.clone());
+                }
+                json!({ "fits": true, "plan": plan })
             }
-            Ok((json!({ "name": label, "downloaded": true, "fits": true, "plan": plan }), Some(true)))
+            Err(e) => {
+                out.line(format!("❌ {e}"));
+                json!({ "fits": false, "error": e.to_string() })
+            }
         }
-        Err(e) => {
-            out.line(format!("❌ {e}"));
-            Ok((json!({ "name": label, "downloaded": true, "fits": false, "error": e.to_string() }), Some(false)))
-        }
+    };
+    let mut doc = json!({ "name": label, "downloaded": true });
+    let first = plan(&settings, false, out);
+    let mut fits = first["fits"] == true;
+    doc.as_object_mut().unwrap().extend(first.as_object().unwrap().clone());
+    // A hires pass (--quality 4k, --hires-strength) is planned on its own at the upscaled size,
+    // as the run plans it.
+    if let Some((u, strength)) = resolved.request.upscale.as_ref().and_then(|u| Some((u, u.hires_strength?))) {
+        let f = u.factor as usize;
+        let (w, h) = (settings.width * f, settings.height * f);
+        let hires = sdgen::pipeline::resolve_hires(&model, &resolved.request.params, w, h, strength)?;
+        out.line(format!(
+            "
+Then the hires pass at {w}x{h} (upscaled ×{f}, strength {strength}):"
+        ));
+        let second = plan(&hires.settings, true, out);
+        fits &= second["fits"] == true;
+        doc["fits"] = fits.into();
+        doc["hires"] = second;
     }
+    Ok((doc, Some(fits)))
 }

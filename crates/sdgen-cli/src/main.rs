@@ -56,6 +56,10 @@ fn run() -> anyhow::Result<ExitCode> {
         hub.offline = true;
         return models::list(&hub);
     }
+    if args.list_presets {
+        print!("{}", sdgen::presets::table());
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(url) = &args.remote {
         progress::set_quiet(args.quiet);
         progress::set_verbose(args.verbose);
@@ -150,8 +154,12 @@ impl Saver<'_> {
 
     /// The `--json` result: one document on stdout.
     fn print_json(&self) -> anyhow::Result<()> {
-        let Some(Batch { settings, timings_ms, warnings, job_metadata, .. }) = &self.first else { return Ok(()) };
-        let Settings { steps, guidance, scheduler, width, height, .. } = settings;
+        let Some(Batch { settings, output_size, timings_ms, warnings, job_metadata, .. }) = &self.first else {
+            return Ok(());
+        };
+        let Settings { steps, guidance, scheduler, .. } = settings;
+        // The images' size (upscaled where asked); `passes` has the first pass's.
+        let (width, height) = output_size;
         let mut result = serde_json::json!({
             "images": self.outputs,
             "model": self.resolved.request.model.label(),

@@ -975,3 +975,43 @@ fn sd35_large_gpu_fast_kernel_estimates_match_the_measurements() {
         assert!((0.85..=1.33).contains(&ratio), "{stage}: {ratio:.2}×");
     }
 }
+
+/// `--quality 4k`'s hires pass (issue #14): SDXL image-to-image at 2048² after a 1024² first
+/// pass, planned on its own (the SDXL bytes measured in `sdxl_gpu_fast_peaks.jsonl`, bf16 with the
+/// fast kernels, the VAE encoder upcast to f32 as the engine runs it). The planner decides the
+/// VAE's tiling: none on a 24 GiB card; the encoder alone (18.9 GB untiled) tiled on 16 GiB; both
+/// halves on 12 GiB, where the whole pass still fits.
+#[test]
+fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        stage: String,
+        weight_bytes: u64,
+    }
+    let lines: Vec<Line> =
+        data("sdxl_gpu_fast_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let weights = |stage: &str| lines.iter().find(|l| l.stage == stage).unwrap().weight_bytes;
+    let bf16 = |name: &str, bytes: u64| TensorEntry::new(name, vec![(bytes / 2) as usize], StoredDType::BF16);
+    let manifest = ModelManifest::new(vec![
+        ComponentManifest::new("text_encoder", vec![bf16("w", weights("text_encoder"))]),
+        ComponentManifest::new("text_encoder_2", vec![bf16("w", weights("text_encoder_2"))]),
+        ComponentManifest::new("unet", vec![bf16("w", weights("denoise"))]),
+        ComponentManifest::new("vae", vec![bf16("encoder.w", weights("decode")), bf16("decoder.w", weights("decode"))]),
+    ]);
+    let profile = FamilyProfile::sdxl();
+    let tiled = |gib: u64| {
+        let req = PlanRequest {
+            fast_kernels: true,
+            img2img: true,
+            component_precision: vec![("vae_encoder".to_string(), Precision::F32)],
+            ..request(&profile, &manifest, &GPU, 2048, 1, gib * GIB, MemoryMode::Auto)
+        };
+        let p = plan(&req).unwrap();
+        assert!(p.stages.iter().all(|s| s.fits), "{p}");
+        let tile = |stage: &str| p.stage(stage).unwrap().options.tiling.map(|t| t.tile_px);
+        (tile("encode_image"), tile("decode"))
+    };
+    assert_eq!(tiled(24), (None, None));
+    assert_eq!(tiled(16), (Some(512), None));
+    assert_eq!(tiled(12), (Some(512), Some(512)));
+}

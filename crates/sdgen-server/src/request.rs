@@ -183,6 +183,9 @@ impl Settings {
             memory: MemoryRequest { max_images_per_batch: Some(self.batch_size.max(1)), ..Default::default() },
             // The server takes no LoRA yet (A1111 names them as `<lora:…>` prompt tags).
             loras: Vec::new(),
+            // Nor upscaling or presets yet: its size caps would need to bound the upscaled size.
+            upscale: None,
+            preset: None,
         };
         Ok(request)
     }

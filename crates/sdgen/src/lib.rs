@@ -11,6 +11,7 @@ pub mod loading;
 pub mod output;
 pub mod pipeline;
 pub mod planning;
+pub mod presets;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

@@ -251,10 +251,19 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
     if let Some(s) = plan.stage("denoise") {
         options.attention_slice = s.options.attention_slice.map(|k| rows("denoise", k, s.items_per_forward));
     }
-    if let Some(s) = plan.stage("decode") {
-        options.vae_slicing = s.options.image_slicing;
-        options.vae_tile_px = s.options.tiling.map(|t| t.tile_px);
-        options.vae_attention_slice = s.options.attention_slice.map(|k| rows("decode", k, s.items_per_forward));
+    // One set of VAE options serves its encoder and decoder (`pipeline::stages::vae_options`):
+    // the leaner of both stages' plans, so an image-to-image run whose encoder alone needs tiling
+    // (SDXL's, upcast to f32, at 2048² on 16 GiB: `--quality 4k`'s hires pass) gets it.
+    for stage in ["encode_image", "decode"] {
+        if let Some(s) = plan.stage(stage) {
+            let o = StageOptions {
+                vae_slicing: s.options.image_slicing,
+                vae_tile_px: s.options.tiling.map(|t| t.tile_px),
+                vae_attention_slice: s.options.attention_slice.map(|k| rows(stage, k, s.items_per_forward)),
+                ..Default::default()
+            };
+            options = options.merged(o);
+        }
     }
     // Text encoders share one switch: on the host if the plan puts any there.
     let mut encoders = model.family().encoders.iter().map(|e| e.component);
@@ -307,5 +316,57 @@ mod tests {
         assert!(w.starts_with("⚠️  WARNING: Low memory detected (20.0GB available)"), "{w}");
         assert!(w.contains("SD 3.5 Large requires 36GB+ RAM"), "{w}");
         assert_eq!(warn(1000, 20 << 30), None, "a tiny folder");
+    }
+
+    /// An image-to-image plan whose VAE encoder alone needs tiling (SDXL's, upcast to f32, at
+    /// 2048² on 16 GiB: `--quality 4k`'s hires pass) runs its VAE tiled: encoder and decoder share
+    /// one set of options, the leaner of both stages'.
+    #[test]
+    fn the_vae_runs_with_the_leaner_of_its_encoder_and_decoder_plans() {
+        use sdgen_memory::plan::{DeviceKind, Precision};
+        // SDXL's bf16 bytes (sdgen-memory's tests/data/sdxl_gpu_fast_peaks.jsonl), in elements.
+        let one = |c: &str, name: &str, bytes: usize| {
+            ComponentManifest::new(c, vec![TensorEntry::new(name, vec![bytes / 2], StoredDType::BF16)])
+        };
+        let vae = ComponentManifest::new(
+            "vae",
+            vec![
+                TensorEntry::new("encoder.w", vec![98_980_398 / 2], StoredDType::BF16),
+                TensorEntry::new("decoder.w", vec![98_980_398 / 2], StoredDType::BF16),
+            ],
+        );
+        let m = ModelManifest::new(vec![
+            one("text_encoder", "w", 246_120_960),
+            one("text_encoder_2", "w", 1_389_319_680),
+            one("unet", "w", 5_134_927_368),
+            vae,
+        ]);
+        let profile = FamilyProfile::sdxl();
+        let mut budget = Budget::new(16 << 30, BudgetSource::MaxMemory);
+        budget.host_available_bytes = Some(64 << 30);
+        let p = plan(&PlanRequest {
+            img2img: true,
+            guidance: true,
+            device: DeviceKind::DiscreteGpu,
+            precision: Precision::Bf16,
+            fast_kernels: true,
+            component_precision: vec![("vae_encoder".to_string(), Precision::F32)],
+            ..PlanRequest::new(&profile, &m, 2048, 2048, budget)
+        })
+        .unwrap();
+        let tile = |stage: &str| p.stage(stage).unwrap().options.tiling.map(|t| t.tile_px);
+        assert_eq!((tile("encode_image"), tile("decode")), (Some(512), None), "{p}");
+        let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl"));
+        let model = ModelFolder::open(dir).unwrap();
+        let settings = Settings {
+            steps: 30,
+            guidance: 5.0,
+            width: 2048,
+            height: 2048,
+            scheduler: crate::schedulers::SchedulerKind::Euler,
+            skipped_encoders: Vec::new(),
+        };
+        let options = stage_options(&model, &p, &settings, false).unwrap();
+        assert_eq!(options.vae_tile_px, Some(512));
     }
 }

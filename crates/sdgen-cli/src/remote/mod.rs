@@ -65,6 +65,8 @@ fn refuse_local_only(args: &Args) -> anyhow::Result<()> {
         (args.check, "--check", "it reports this machine (the server's memory is at /v1/memory)"),
         (args.vae.is_some(), "--vae", "the job API takes no VAE yet"),
         (!args.lora.is_empty(), "--lora", "the server takes no LoRA yet"),
+        (args.quality.is_some(), "--quality", "the job API takes no preset yet"),
+        (args.upscale.is_some(), "--upscale", "the job API takes no upscaling yet"),
         (args.config_from.is_some(), "--config-from", "it names a folder on this machine"),
         (args.max_memory.is_some(), "--max-memory", "the server's own --max-memory applies"),
         (args.memory_mode != "auto", "--memory-mode", "the server plans its own memory"),
@@ -94,7 +96,7 @@ fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
         prompt: request.prompts[0].clone(),
         negative_prompt: params.negative_prompt.clone(),
         // Without --model (or --pro), the server's default model.
-        model: (args.model.is_some() || args.pro).then(|| args.model_name().to_string()),
+        model: (args.model.is_some() || args.pro).then(|| args.model_name(None).to_string()),
         n: Some(params.n),
         batch_size: Some(args.batch_size),
         seed: Seed(Some(params.seed)),

@@ -4,8 +4,9 @@
 //!
 //! A job goes: validate the request → open the model, its VAE and refiner (from the engine's
 //! cache when it opened them before) → resolve and plan it against the memory available, before
-//! any weight is read → run it in batches of what fits, each handed to the caller as soon as it
-//! is made (an interrupted run keeps what it finished).
+//! any weight is read → run it in batches of what fits, each finished by the passes the request
+//! asks for (upscaling, the hires pass) and handed to the caller as soon as it is made (an
+//! interrupted run keeps what it finished).
 
 mod cache;
 mod device;
@@ -20,15 +21,15 @@ use crate::loading::lora::LoraFile;
 use crate::loading::{ModelFolder, ModelSource, OpenOptions};
 use crate::output::ImageMetadata;
 use crate::pipeline::{
-    img2img, txt2img_with_refiner, GeneratedImage, Generation, Handoff, Img2ImgRequest, Progress, RefinerRun, Request,
-    Runtime, Settings,
+    hires_pass, img2img, txt2img_with_refiner, upscale, GeneratedImage, Generation, Handoff, Img2ImgRequest, Progress,
+    RefinerRun, Request, Runtime, Settings,
 };
 use crate::{Error, Result};
 
 pub use crate::loading::lora::LoraRequest;
 pub use crate::pipeline::CancelToken;
 pub use device::open_device;
-pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, FIELDS, MAX_IMAGES};
+pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, UpscaleRequest, FIELDS, MAX_IMAGES};
 
 use cache::{ModelCache, OpenedModel};
 use request::ModelKey;
@@ -71,8 +72,10 @@ pub struct Batch {
     pub job_images: usize,
     /// Its images, in seed order.
     pub images: Vec<FinishedImage>,
-    /// The settings the batch ran with (every default filled in).
+    /// The settings the batch ran with (every default filled in; its size the first pass's).
     pub settings: Settings,
+    /// The size of its images, width × height: the first pass's, upscaled where the job asks.
+    pub output_size: (usize, usize),
     /// Wall time per stage.
     pub timings_ms: BTreeMap<String, f64>,
     /// What the pipeline warned about while making it.
@@ -202,7 +205,7 @@ impl Engine {
                     ..request.clone()
                 };
                 let mut progress = |p: Progress| events(Event::Pipeline(p));
-                let generation = match &img2img_request {
+                let mut generation = match &img2img_request {
                     Some(r) => img2img(
                         model,
                         &Img2ImgRequest {
@@ -215,6 +218,16 @@ impl Engine {
                     )?,
                     None => txt2img_with_refiner(model, refiner, &part, &rt, &mut progress)?,
                 };
+                // The passes after the image is made: upscaling, then the hires pass with the
+                // options of its own plan (it runs at another size).
+                if let Some(u) = &req.upscale {
+                    upscale(&mut generation, u.factor, &rt, &mut progress)?;
+                }
+                if let Some((settings, options)) = &job.hires {
+                    let hires_rt = Runtime { options: *options, ..rt.clone() };
+                    let pass = hires_pass(model, &part, settings, &generation.images, &hires_rt, &mut progress)?;
+                    generation = generation.followed_by(pass);
+                }
                 for w in &generation.warnings {
                     events(Event::Warning(&format!("⚠️  WARNING: {w}")));
                 }
@@ -383,6 +396,7 @@ impl Run<'_> {
             .cloned()
             .chain(job.plan.warning.clone())
             .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
+            .chain(job.hires_plan.as_ref().and_then(|p| p.warning.clone()))
             .collect();
         let images = generation
             .images
@@ -402,8 +416,8 @@ impl Run<'_> {
                     steps: generation.settings.steps,
                     guidance: generation.settings.guidance,
                     scheduler: generation.settings.scheduler.to_string(),
-                    width: generation.settings.width,
-                    height: generation.settings.height,
+                    width: job.output_size.0,
+                    height: job.output_size.1,
                     device: self.device_label.to_string(),
                     dtype: format!("{:?}", self.rt.dtype).to_lowercase(),
                     timings_ms: generation.timings_ms.clone(),
@@ -418,6 +432,7 @@ impl Run<'_> {
             job_images: req.image_count(),
             images,
             settings: generation.settings,
+            output_size: job.output_size,
             timings_ms: generation.timings_ms,
             warnings: generation.warnings,
             job_metadata: self.job_metadata.clone(),

@@ -7,8 +7,8 @@ use sdgen_memory::plan::Plan;
 use super::{plural, Event, GenerateRequest};
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
-    resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, RefinerRun, Runtime, Settings,
-    StageOptions,
+    resolve_hires, resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, RefinerRun, Runtime,
+    Settings, StageOptions,
 };
 use crate::Result;
 
@@ -26,6 +26,15 @@ pub(super) struct JobPlan {
     pub per_batch: usize,
     /// diffusers' pipeline class, as the sidecar records it.
     pub pipeline_type: String,
+    /// The hires pass after upscaling: its settings and the options of its own plan (it runs
+    /// alone, at the upscaled size, so the first pass keeps its own options).
+    pub hires: Option<(Img2ImgSettings, StageOptions)>,
+    /// The hires pass's memory plan.
+    pub hires_plan: Option<Plan>,
+    /// The first pass's size.
+    pub first_size: (usize, usize),
+    /// The size of the images the job hands back (the first pass's, upscaled).
+    pub output_size: (usize, usize),
 }
 
 /// Validates the request against the models, plans it (refusing a job that cannot fit, with the
@@ -103,15 +112,39 @@ pub(super) fn plan_job(
         }
         None => None,
     };
+    // Upscaling, then the hires pass: resolved and planned on its own at the upscaled size (the
+    // planner decides its VAE tiling); batches are what fits every pass.
+    let first_size = (settings.width, settings.height);
+    let mut output_size = first_size;
+    let mut hires = None;
+    let mut hires_plan = None;
+    if let Some(u) = &req.upscale {
+        let f = u.factor as usize;
+        output_size = (settings.width * f, settings.height * f);
+        events(Event::Log(&format!("Then upscaling ×{f} with Lanczos to {}x{}", output_size.0, output_size.1)));
+        if let Some(strength) = u.hires_strength {
+            let s = resolve_hires(model, request, output_size.0, output_size.1, strength)?;
+            events(Event::Log(&format!(
+                "Then a hires image-to-image pass at {}x{}: strength {} (the last {} of {} steps)",
+                output_size.0, output_size.1, s.strength, s.denoising_steps, s.settings.steps
+            )));
+            let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
+            report_plan(&p, batch_size, events);
+            let o = crate::planning::stage_options(model, &p, &s.settings, false)?;
+            hires = Some((s, o));
+            hires_plan = Some(p);
+        }
+    }
     events(Event::Detail(&format!("Kernels: {}", crate::kernels::kernel_summary(&rt.device))));
     let enabled = options.enabled();
     events(Event::Detail(&format!(
         "Memory options: {}",
         if enabled.is_empty() { "none".into() } else { enabled.join(", ") }
     )));
-    let per_batch = refiner_plan
-        .as_ref()
-        .map_or(plan.images_per_batch, |p| p.images_per_batch.min(plan.images_per_batch))
+    let per_batch = [&refiner_plan, &hires_plan]
+        .into_iter()
+        .flatten()
+        .fold(plan.images_per_batch, |n, p| n.min(p.images_per_batch))
         .clamp(1, request.n);
     // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
     // (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline).
@@ -121,7 +154,18 @@ pub(super) fn plan_job(
     } else {
         family_type.to_string()
     };
-    Ok(JobPlan { img2img: img2img_settings, plan, refiner_plan, options, per_batch, pipeline_type })
+    Ok(JobPlan {
+        img2img: img2img_settings,
+        plan,
+        refiner_plan,
+        options,
+        per_batch,
+        pipeline_type,
+        hires,
+        hires_plan,
+        first_size,
+        output_size,
+    })
 }
 
 /// Reports a plan, its warning, and why batches are smaller than the batch size asked for.
@@ -191,7 +235,36 @@ pub(super) fn run_metadata(
         extra.insert("init_image".into(), i.image.name.clone().into());
         extra.insert("strength".into(), s.strength.into());
     }
+    if let Some(name) = &req.preset {
+        extra.insert("preset".into(), name.clone().into());
+    }
+    if let Some(p) = &job.hires_plan {
+        extra.insert("hires_plan".into(), to_json(p));
+    }
+    if let Some(passes) = passes(req, job) {
+        extra.insert("passes".into(), passes);
+    }
     extra
+}
+
+/// The passes of a job with more than the first, in order, with the size each leaves:
+/// `generate` (its steps), `upscale` (factor, filter), `hires` (strength, steps run of the
+/// schedule's). A1111's `Hires …`/`Postprocess …` fields are made from these.
+fn passes(req: &GenerateRequest, job: &JobPlan) -> Option<serde_json::Value> {
+    let u = req.upscale.as_ref()?;
+    let (w, h) = job.first_size;
+    let mut passes = vec![serde_json::json!({"pass": "generate", "width": w, "height": h})];
+    let (w, h) = job.output_size;
+    passes.push(serde_json::json!({
+        "pass": "upscale", "factor": u.factor, "filter": "lanczos", "width": w, "height": h,
+    }));
+    if let Some((s, _)) = &job.hires {
+        passes.push(serde_json::json!({
+            "pass": "hires", "strength": s.strength, "steps": s.settings.steps,
+            "denoising_steps": s.denoising_steps, "width": w, "height": h,
+        }));
+    }
+    Some(passes.into())
 }
 
 /// The checkpoint file a model source names, whose hash A1111's metadata records.

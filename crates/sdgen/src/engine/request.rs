@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::loading::lora::LoraRequest;
 use crate::loading::{ModelSource, OpenOptions};
-use crate::pipeline::{check_strength, InitImage, Request};
+use crate::pipeline::{check_strength, check_upscale, InitImage, Request};
 use crate::planning::MemoryRequest;
 use crate::{Error, Result};
 
@@ -32,6 +32,9 @@ pub const FIELDS: &[&str] = &[
     "skip_layer_guidance",
     "lora",
     "device",
+    "upscale",
+    "hires_strength",
+    "quality",
 ];
 
 /// One generation job: the model and what to make with it. Output naming is the caller's.
@@ -58,6 +61,22 @@ pub struct GenerateRequest {
     pub img2img: Option<Img2ImgInput>,
     /// The memory the job may use, how to trade speed for it, and the images per batch asked for.
     pub memory: MemoryRequest,
+    /// The passes after each batch is made (after the refiner, if any): Lanczos upscaling, then
+    /// optionally a hires image-to-image pass at the upscaled size.
+    pub upscale: Option<UpscaleRequest>,
+    /// The quality preset the request was filled in from (see [`crate::presets`]), for the
+    /// metadata: the preset's values are already in the fields above.
+    pub preset: Option<String>,
+}
+
+/// Upscaling the finished images, and the hires pass after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpscaleRequest {
+    /// Each side is multiplied by this (2, 3 or 4), with PIL's Lanczos.
+    pub factor: u32,
+    /// Then an image-to-image pass of the same model over the upscaled images, re-noised to this
+    /// strength in [0, 1] (A1111's hires fix); `None`: no such pass.
+    pub hires_strength: Option<f64>,
 }
 
 /// The starting picture of an image-to-image job.
@@ -95,6 +114,8 @@ impl GenerateRequest {
             params: Request { prompt, n: 1, ..Default::default() },
             img2img: None,
             memory: MemoryRequest::default(),
+            upscale: None,
+            preset: None,
         }
     }
 
@@ -144,6 +165,15 @@ impl GenerateRequest {
         }
         if let Some(s) = self.img2img.as_ref().and_then(|i| i.strength) {
             check_strength(s)?;
+        }
+        if let Some(u) = &self.upscale {
+            check_upscale(u.factor)?;
+            if let Some(s) = u.hires_strength.filter(|s| !(0.0..=1.0).contains(s)) {
+                return invalid(
+                    "hires_strength",
+                    format!("{s} is outside [0, 1] (0 keeps the upscaled image, 1 replaces it entirely)"),
+                );
+            }
         }
         if let Some(r) = &self.refiner {
             if self.img2img.is_some() {

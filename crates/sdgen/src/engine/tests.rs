@@ -114,3 +114,105 @@ fn later_batches_parse_no_file_again() {
     }
     assert_eq!(model.files_parsed(), first, "batches 2 and 3 parse nothing");
 }
+
+fn tiny_sdxl() -> ModelSource {
+    ModelSource::Path(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl")).into())
+}
+
+/// `--quality 4k` on the tiny SDXL with its first pass scaled down to 64×80 (explicit sizes win
+/// over the preset's): the passes run in order (first pass, upscale, hires pass), at the right
+/// sizes, and the result is exactly the first pass's image upscaled by PIL's Lanczos and then run
+/// through image-to-image at the preset's strength, as the pipeline runs it alone.
+#[test]
+fn the_4k_preset_runs_its_passes_in_order_at_scaled_down_sizes() {
+    let mut req = GenerateRequest::new(tiny_sdxl(), "a lighthouse at dusk");
+    (req.params.steps, req.params.width, req.params.height, req.params.seed) = (Some(4), Some(64), Some(80), 3);
+    crate::presets::find("4k").unwrap().apply(&mut req).unwrap();
+    let (mut stages, mut lines) = (Vec::new(), Vec::new());
+    let batches = engine()
+        .generate(
+            &req,
+            &mut |e| match e {
+                Event::Pipeline(Progress::StageStart(s)) => stages.push(s.to_string()),
+                Event::Pipeline(Progress::Note(l)) | Event::Log(l) => lines.push(l.to_string()),
+                _ => {}
+            },
+            &CancelToken::new(),
+        )
+        .unwrap();
+    let first = ["text_encoder", "text_encoder_2", "unet", "vae"];
+    let hires = ["hires_text_encoder", "hires_text_encoder_2", "hires_vae_encoder", "hires_unet", "hires_vae"];
+    let want: Vec<&str> = first.iter().copied().chain(["upscale"]).chain(hires).collect();
+    assert_eq!(stages, want);
+    for line in [
+        "Then upscaling ×2 with Lanczos to 128x160",
+        "Then a hires image-to-image pass at 128x160: strength 0.3 (the last 1 of 4 steps)",
+        "🧹 Cleaning memory before upscaling...",
+        "🧹 Cleaning memory after upscaling...",
+    ] {
+        assert!(lines.iter().any(|l| l == line), "no `{line}` in {lines:#?}");
+    }
+
+    let image = &batches[0].images[0];
+    let meta = &image.metadata;
+    assert_eq!((meta.width, meta.height, image.image.rgb8.len()), (128, 160, 128 * 160 * 3));
+    assert_eq!(meta.extra["preset"], "4k");
+    let passes = serde_json::json!([
+        {"pass": "generate", "width": 64, "height": 80},
+        {"pass": "upscale", "factor": 2, "filter": "lanczos", "width": 128, "height": 160},
+        {"pass": "hires", "strength": 0.3, "steps": 4, "denoising_steps": 1, "width": 128, "height": 160},
+    ]);
+    assert_eq!(meta.extra["passes"], passes);
+    for stage in want.iter().filter(|s| !s.starts_with("text_encoder")) {
+        assert!(meta.timings_ms.contains_key(*stage), "{stage} not timed: {:?}", meta.timings_ms.keys());
+    }
+    let a1111 = crate::output::a1111_parameters(meta);
+    assert!(a1111.contains("Size: 64x80") && a1111.contains("Hires upscale: 2, Hires steps: 4"), "{a1111}");
+
+    // The same passes, one by one through the pipeline.
+    let ModelSource::Path(dir) = tiny_sdxl() else { unreachable!() };
+    let model = ModelFolder::open(&dir).unwrap();
+    let rt = Runtime::cpu();
+    let part = Request { prompt: "a lighthouse at dusk".into(), ..req.params.clone() };
+    let base = crate::pipeline::txt2img(&model, &part, &rt, &mut |_| {}).unwrap();
+    let base = crate::image_io::RgbImage::new(64, 80, base.images[0].rgb8.clone()).unwrap();
+    let upscaled = crate::image_io::resize_lanczos(&base, 128, 160).unwrap();
+    let init_image = crate::pipeline::InitImage { name: "upscaled".into(), image: upscaled };
+    let alone = img2img(
+        &model,
+        &Img2ImgRequest { request: Request { width: None, height: None, ..part }, init_image, strength: Some(0.3) },
+        &rt,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(alone.images[0].rgb8 == image.image.rgb8, "the hires pass is img2img of the upscaled image");
+}
+
+/// `--upscale` alone after the SDXL base + refiner: the refined image upscaled, nothing else run.
+#[test]
+fn an_upscale_follows_the_refiner() {
+    let refiner = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl-refiner"));
+    let mut req = GenerateRequest::new(tiny_sdxl(), "a lighthouse at dusk");
+    (req.params.steps, req.params.width, req.params.height) = (Some(4), Some(64), Some(64));
+    req.refiner = Some(RefinerRequest { source: ModelSource::Path(refiner.into()), start: None, strength: None });
+    req.upscale = Some(UpscaleRequest { factor: 3, hires_strength: None });
+    let mut stages = Vec::new();
+    let batches = engine()
+        .generate(
+            &req,
+            &mut |e| {
+                if let Event::Pipeline(Progress::StageStart(s)) = e {
+                    stages.push(s.to_string())
+                }
+            },
+            &CancelToken::new(),
+        )
+        .unwrap();
+    assert_eq!(stages.last().map(String::as_str), Some("upscale"));
+    assert!(stages.iter().any(|s| s == "refiner_unet") && !stages.iter().any(|s| s.starts_with("hires_")));
+    let image = &batches[0].images[0];
+    assert_eq!((image.metadata.width, image.image.rgb8.len()), (192, 192 * 192 * 3));
+    assert!(image.metadata.extra.contains_key("refiner"));
+    let a1111 = crate::output::a1111_parameters(&image.metadata);
+    assert!(a1111.contains("Size: 64x64") && a1111.contains("Postprocess upscale by: 3"), "{a1111}");
+}

@@ -26,7 +26,8 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
         ("Sampler", a1111_sampler_name(&meta.scheduler)),
         ("CFG scale", python_float(meta.guidance)),
         ("Seed", meta.seed.to_string()),
-        ("Size", format!("{}x{}", meta.width, meta.height)),
+        // A1111's Size is the first pass's: a hires or upscaled image records the factor apart.
+        ("Size", format!("{}x{}", first_size(meta).0, first_size(meta).1)),
     ];
     // A1111's order: the model's hash before its name, the VAE after it.
     let extra = |key: &str| meta.extra.get(key).and_then(|v| v.as_str()).map(str::to_string);
@@ -49,6 +50,32 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
             fields.push(("Refiner switch at", python_float(at)));
         }
     }
+    // The passes after the first: A1111's hires fix (`create_infotext` in modules/processing.py:
+    // "Hires upscale", "Hires steps", "Hires upscaler", with its "Denoising strength"), or a plain
+    // upscale as A1111's extras tab records one (scripts/postprocessing_upscale.py: "Postprocess
+    // upscale by", "Postprocess upscaler"), so a reader does not re-run a hires pass that never ran.
+    let passes = meta.extra.get("passes").and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or_default();
+    let pass = |name: &str| passes.iter().find(|p| p.get("pass").and_then(|v| v.as_str()) == Some(name));
+    let factor = pass("upscale").and_then(|p| p.get("factor")).and_then(|v| v.as_u64());
+    match (factor, pass("hires")) {
+        (Some(factor), Some(hires)) => {
+            if !meta.extra.contains_key("strength") {
+                if let Some(strength) = hires.get("strength").and_then(|v| v.as_f64()) {
+                    fields.push(("Denoising strength", python_float(strength)));
+                }
+            }
+            fields.push(("Hires upscale", factor.to_string()));
+            if let Some(steps) = hires.get("steps").and_then(|v| v.as_u64()) {
+                fields.push(("Hires steps", steps.to_string()));
+            }
+            fields.push(("Hires upscaler", "Lanczos".into()));
+        }
+        (Some(factor), None) => {
+            fields.push(("Postprocess upscale by", factor.to_string()));
+            fields.push(("Postprocess upscaler", "Lanczos".into()));
+        }
+        _ => {}
+    }
     fields.push(("Version", version));
     let params: Vec<String> = fields.iter().map(|(key, value)| format!("{key}: {}", quote(value))).collect();
     let negative = if meta.negative_prompt.is_empty() {
@@ -57,6 +84,16 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
         format!("\nNegative prompt: {}", meta.negative_prompt)
     };
     format!("{}{}{negative}\n{}", meta.prompt, lora_tags(meta), params.join(", ")).trim().to_string()
+}
+
+/// The first pass's size: the `generate` pass of the metadata's `passes`, else the image's.
+fn first_size(meta: &ImageMetadata) -> (u64, u64) {
+    let first = meta.extra.get("passes").and_then(|v| v.as_array()).and_then(|p| p.first());
+    let side = |key: &str| first.and_then(|p| p.get(key)).and_then(|v| v.as_u64());
+    match (side("width"), side("height")) {
+        (Some(w), Some(h)) => (w, h),
+        _ => (meta.width as u64, meta.height as u64),
+    }
 }
 
 /// A1111's prompt tags for the LoRAs the image was made with, ` <lora:name:scale>` each (A1111
@@ -140,6 +177,30 @@ mod tests {
             p.contains("Model hash: 31e35c80fc, Model: sdxl.safetensors, VAE: madebyollin/sdxl-vae-fp16-fix"),
             "{p}"
         );
+    }
+
+    /// A hires pass as A1111's hires fix writes it (first-pass Size, the factor, the second
+    /// pass's steps and strength); a plain upscale as its extras tab does.
+    #[test]
+    fn upscaled_images_record_the_first_size_and_the_passes() {
+        let mut meta =
+            ImageMetadata { prompt: "a cat".into(), model: "sdxl".into(), width: 128, height: 160, ..meta() };
+        meta.negative_prompt.clear();
+        let passes = serde_json::json!([
+            {"pass": "generate", "width": 64, "height": 80},
+            {"pass": "upscale", "factor": 2, "filter": "lanczos", "width": 128, "height": 160},
+            {"pass": "hires", "strength": 0.3, "steps": 10, "denoising_steps": 3, "width": 128, "height": 160},
+        ]);
+        meta.extra.insert("passes".into(), passes.clone());
+        let p = a1111_parameters(&meta);
+        assert!(p.contains("Size: 64x80, Model: sdxl, Denoising strength: 0.3, Hires upscale: 2, Hires steps: 10, Hires upscaler: Lanczos, Version"), "{p}");
+        meta.extra.insert("passes".into(), serde_json::json!(passes.as_array().unwrap()[..2]));
+        let p = a1111_parameters(&meta);
+        assert!(
+            p.contains("Size: 64x80, Model: sdxl, Postprocess upscale by: 2, Postprocess upscaler: Lanczos, Version"),
+            "{p}"
+        );
+        assert!(!p.contains("Hires") && !p.contains("Denoising"), "{p}");
     }
 
     fn meta() -> ImageMetadata {

@@ -47,15 +47,16 @@ struct Encoded {
 }
 
 /// Runs the text-encoder stage(s) of `model`, one per encoder of its family, and returns the
-/// conditioning of a batch of `req.n`. `refiner`: the stages are the refiner's half of a base →
-/// refiner run (named `refiner_*`, so the metadata keeps both halves apart).
+/// conditioning of a batch of `req.n`. `pass`: the prefix of the stages' names in a pass after
+/// the base's (`refiner_` for a refiner's half, `hires_` for a hires pass; `""` for the base), so
+/// the metadata keeps the passes apart.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn encode_prompts(
     model: &ModelFolder,
     req: &Request,
     cfg_guidance: bool,
     size: ImageSize,
-    refiner: bool,
+    pass: &str,
     rt: &Runtime,
     log: &mut StageLog,
     warnings: &mut Vec<String>,
@@ -83,7 +84,7 @@ pub(super) fn encode_prompts(
             outputs.push((spec, absent_encoder(model, req, texts.len(), rt)?));
             continue;
         }
-        let name = if refiner { format!("refiner_{}", spec.component) } else { spec.component.to_string() };
+        let name = format!("{pass}{}", spec.component);
         let out = stage(&name, progress, log, rt, |rt, progress| {
             encode_with(&name, model, spec, req, &texts, cfg_guidance, rt, warnings, progress)
         })?;

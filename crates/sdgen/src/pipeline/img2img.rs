@@ -231,21 +231,22 @@ pub fn img2img(
     super::stages::before_models(rt, progress);
     // The init image in [-1, 1], the same for every image of the batch.
     let image = preprocess(&req.init_image.image, plan.settings.width, plan.settings.height)?;
-    let pixels = img2img_stages(model, &req.request, &plan, &image, false, rt, &mut log, &mut warnings, progress)?;
+    let pixels = img2img_stages(model, &req.request, &plan, &image, "", rt, &mut log, &mut warnings, progress)?;
     let images = into_images(&pixels, &req.request, &plan.settings)?;
     Ok(log.into_generation(images, plan.settings, warnings))
 }
 
 /// The stages of image-to-image from `image` (`[1, 3, h, w]` for one picture that every image
-/// starts from, or `[n, 3, h, w]`, one each; f32 in [-1, 1]), named `refiner_*` in a refiner's
-/// half. Returns the decoded pixels.
+/// starts from, or `[n, 3, h, w]`, one each; f32 in [-1, 1]), named with the `pass` prefix after
+/// the base's (`refiner_*` in a refiner's half, `hires_*` in a hires pass). Returns the decoded
+/// pixels.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn img2img_stages(
     model: &ModelFolder,
     req: &Request,
     plan: &Img2ImgSettings,
     image: &Tensor,
-    refiner: bool,
+    pass: &str,
     rt: &Runtime,
     log: &mut StageLog,
     warnings: &mut Vec<String>,
@@ -253,11 +254,11 @@ pub(super) fn img2img_stages(
 ) -> Result<Tensor> {
     let settings = &plan.settings;
     let cfg_guidance = settings.guidance > 1.0;
-    let name = |stage: &str| if refiner { format!("refiner_{stage}") } else { stage.to_string() };
+    let name = |stage: &str| format!("{pass}{stage}");
 
     // 1. Encode the prompts (one stage per text encoder).
     let size = ImageSize { height: settings.height, width: settings.width };
-    let cond = encode_prompts(model, req, cfg_guidance, size, refiner, rt, log, warnings, progress)?;
+    let cond = encode_prompts(model, req, cfg_guidance, size, pass, rt, log, warnings, progress)?;
 
     // 2. The image in the run's dtype.
     let image = image.to_dtype(rt.dtype)?.to_device(&rt.device)?;

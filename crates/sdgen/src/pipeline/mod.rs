@@ -1,6 +1,7 @@
 //! Pipelines (text-to-image, image-to-image): a validated request in, finished images out, each
 //! stage (text encoders → [VAE encoder →] denoiser → VAE) loaded, used and dropped in its own
-//! scope — the lifecycle the memory manager drives. The stages both share are in `stages.rs`.
+//! scope — the lifecycle the memory manager drives. The stages both share are in `stages.rs`;
+//! the passes after an image is made (upscaling, the hires pass) in `upscale.rs`.
 
 mod cancel;
 mod conditioning;
@@ -8,6 +9,7 @@ mod img2img;
 mod refine_image;
 mod stages;
 mod txt2img;
+mod upscale;
 
 use std::collections::BTreeMap;
 
@@ -26,6 +28,7 @@ pub use txt2img::{
     check_refiner, refiner_handoff, txt2img, txt2img_refined, txt2img_with_refiner, Refinement, Refiner, RefinerRun,
     DEFAULT_HIGH_NOISE_FRACTION,
 };
+pub use upscale::{check_upscale, hires_pass, resolve_hires, upscale, UPSCALE_FACTORS, UPSCALE_STAGE};
 
 use crate::loading::family::TextEncoderArch;
 use crate::loading::ModelFolder;

@@ -127,7 +127,7 @@ pub fn txt2img_image_refined(
     drop(pixels);
     let refiner_req = refiner_request(req, &settings);
     let r = refiner.model;
-    let refined = img2img_stages(r, &refiner_req, &plan, &image, true, rt, &mut log, &mut warnings, progress)?;
+    let refined = img2img_stages(r, &refiner_req, &plan, &image, "refiner_", rt, &mut log, &mut warnings, progress)?;
     memory_point(progress, "After refiner");
 
     let s = &plan.settings;

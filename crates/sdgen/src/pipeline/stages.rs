@@ -79,9 +79,9 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
     }
 }
 
-/// [`leaner`] for the VAE stages (a refiner's `refiner_vae*` as the base's).
+/// [`leaner`] for the VAE stages (a refiner's `refiner_vae*` and a hires pass's as the base's).
 fn leaner_vae(stage: &str, o: &mut StageOptions) -> Option<String> {
-    match stage.strip_prefix("refiner_").unwrap_or(stage) {
+    match split_pass(stage).1 {
         "vae" | "vae_encoder" if !o.vae_slicing => {
             o.vae_slicing = true;
             Some("VAE slicing".into())
@@ -130,8 +130,20 @@ enum Role {
     Other,
 }
 
+/// The passes after the base's whose stages are named with a prefix (`refiner_unet`, `hires_vae`),
+/// with how the console names them.
+pub(super) const PASS_PREFIXES: [(&str, &str); 2] = [("refiner_", "refiner "), ("hires_", "hires ")];
+
+/// A stage's pass, as the console names it (`""` for the base's), and its component.
+fn split_pass(stage: &str) -> (&'static str, &str) {
+    PASS_PREFIXES
+        .iter()
+        .find_map(|&(prefix, display)| stage.strip_prefix(prefix).map(|c| (display, c)))
+        .unwrap_or(("", stage))
+}
+
 fn role(stage: &str) -> Role {
-    let component = stage.strip_prefix("refiner_").unwrap_or(stage);
+    let component = split_pass(stage).1;
     if let Some(f) = FAMILIES.iter().find(|f| f.denoiser.component == component) {
         Role::Denoiser(f.denoiser.display)
     } else if FAMILIES.iter().flat_map(|f| f.encoders).any(|e| e.component == component) {
@@ -143,10 +155,7 @@ fn role(stage: &str) -> Role {
 
 /// How a stage is named in the seed's console lines ("text encoder 2", "refiner UNet").
 fn display_name(stage: &str) -> String {
-    let (refiner, component) = match stage.strip_prefix("refiner_") {
-        Some(c) => ("refiner ", c),
-        None => ("", stage),
-    };
+    let (pass, component) = split_pass(stage);
     let name = match (role(stage), component) {
         (Role::Denoiser(display), _) => display.to_string(),
         (Role::TextEncoder, c) => c.replace('_', " "),
@@ -154,7 +163,7 @@ fn display_name(stage: &str) -> String {
         (Role::Other, "vae") => "VAE".into(),
         (Role::Other, _) => return "model".into(),
     };
-    format!("{refiner}{name}")
+    format!("{pass}{name}")
 }
 
 /// Reports a memory snapshot at one of the seed's points, and returns it.
@@ -477,6 +486,8 @@ mod tests {
             ("vae_encoder", "VAE encoder"),
             ("unet", "UNet"),
             ("refiner_unet", "refiner UNet"),
+            ("hires_unet", "hires UNet"),
+            ("hires_vae_encoder", "hires VAE encoder"),
             ("vae", "VAE"),
             ("scheduler", "model"),
         ] {
@@ -490,6 +501,10 @@ mod tests {
         assert_eq!(display_name("refiner_vae"), "refiner VAE");
         assert_eq!(leaner("text_encoder", &mut o), None);
         assert_eq!(leaner("scheduler", &mut o), None);
+        // A hires pass's stages fall back as the base's.
+        let mut o = StageOptions::default();
+        assert!(leaner("hires_vae", &mut o).is_some_and(|f| f.contains("VAE slicing")));
+        assert!(leaner("hires_unet", &mut o).is_some_and(|f| f.contains("attention slicing")));
     }
 }
 

@@ -313,7 +313,7 @@ pub(super) fn base_latents(
     let cfg_guidance = settings.guidance > 1.0;
     let size = ImageSize { height: settings.height, width: settings.width };
     // 1. Encode the prompts (one stage per text encoder).
-    let cond = encode_prompts(model, req, cfg_guidance, size, false, rt, log, warnings, progress)?;
+    let cond = encode_prompts(model, req, cfg_guidance, size, "", rt, log, warnings, progress)?;
 
     // 2. Timesteps; with a latent handoff, the base stops at the handoff point.
     let scheduler_cfg = scheduler_config(model)?;
@@ -377,7 +377,7 @@ fn refine_latents(
 ) -> Result<(candle_core::Tensor, Refinement)> {
     let model = refiner.model;
     let cfg_guidance = settings.guidance > 1.0;
-    let cond = encode_prompts(model, req, cfg_guidance, size, true, rt, log, warnings, progress)?;
+    let cond = encode_prompts(model, req, cfg_guidance, size, "refiner_", rt, log, warnings, progress)?;
     let scheduler_cfg = scheduler_config(model)?;
     let build_scheduler =
         || super::build_scheduler(model, settings.scheduler, settings.steps, settings.width, settings.height);

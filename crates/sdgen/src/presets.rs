@@ -1,0 +1,275 @@
+//! The quality presets (`generate --quality NAME`, `--list-presets`): one table, each row a
+//! model, a first-pass size, steps, guidance, a scheduler and the passes that follow.
+//!
+//! A preset fills in only what the request leaves open: an explicit `--model`, `--steps`,
+//! `--width`, `--upscale`, … wins over the preset's value, flag by flag (so `--quality 4k --width
+//! 512 --height 512` runs the 4k passes from 512²). Values a row leaves `None` are the model's
+//! own defaults (SDXL: 50 steps, guidance 5, its Euler config), as a run without a preset has.
+//!
+//! Rows the engine cannot run yet are kept in the table, marked [`Status::NotYet`], and refused by
+//! name with the reason ([`find`]) rather than run half-way: `4k-ultra` needs MultiDiffusion's
+//! tiled denoising at 4096² and `lcm` needs the LCM-LoRA and the LCM scheduler (issue #14).
+
+use crate::engine::{GenerateRequest, UpscaleRequest};
+use crate::loading::DEFAULT_MODEL;
+use crate::{Error, Result};
+
+/// One quality preset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preset {
+    /// What `--quality` takes.
+    pub name: &'static str,
+    /// One line on what it is for.
+    pub summary: &'static str,
+    /// The model (a named model, see `--list-models`).
+    pub model: &'static str,
+    /// The first pass's size in pixels (width, height).
+    pub size: (usize, usize),
+    /// Denoising steps; `None`: the model's default.
+    pub steps: Option<usize>,
+    /// Guidance scale; `None`: the model's default.
+    pub guidance: Option<f64>,
+    /// The scheduler (as `--scheduler` spells it); `None`: the model's own.
+    pub scheduler: Option<&'static str>,
+    /// What runs after the first pass, in order.
+    pub passes: &'static [Pass],
+    /// Whether the engine can run it.
+    pub status: Status,
+}
+
+/// A pass after the first (text-to-image) one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pass {
+    /// Lanczos upscaling of the finished images by this factor (`--upscale`).
+    Upscale(u32),
+    /// An image-to-image pass of the same model over the upscaled images at this strength, the VAE
+    /// tiled where the planner says so (A1111's hires fix).
+    Hires {
+        /// How much of each upscaled image it reworks (`--hires-strength`).
+        strength: f64,
+    },
+}
+
+/// Whether a preset runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// It runs.
+    Ready,
+    /// It is refused with this reason.
+    NotYet(&'static str),
+}
+
+/// The presets, in the order `--list-presets` prints them.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "default",
+        summary: "SDXL base at 1024², as without --quality",
+        model: DEFAULT_MODEL,
+        size: (1024, 1024),
+        steps: None,
+        guidance: None,
+        scheduler: None,
+        passes: &[],
+        status: Status::Ready,
+    },
+    Preset {
+        name: "4k",
+        summary:
+            "SDXL at 1024², upscaled ×2 (Lanczos), then a hires image-to-image pass at 2048² (VAE tiled as planned)",
+        model: DEFAULT_MODEL,
+        size: (1024, 1024),
+        steps: None,
+        guidance: None,
+        scheduler: None,
+        // Strength 0.3: diffusers' StableDiffusionXLImg2ImgPipeline default, enough to redraw the
+        // detail the upscale blurred without changing the composition.
+        passes: &[Pass::Upscale(2), Pass::Hires { strength: 0.3 }],
+        status: Status::Ready,
+    },
+    Preset {
+        name: "4k-ultra",
+        summary: "SDXL at 1024², up to 4096² with the hires pass denoised in overlapping latent tiles (MultiDiffusion)",
+        model: DEFAULT_MODEL,
+        size: (1024, 1024),
+        steps: None,
+        guidance: None,
+        scheduler: None,
+        passes: &[Pass::Upscale(4), Pass::Hires { strength: 0.3 }],
+        status: Status::NotYet(
+            "needs the hires pass denoised in overlapping latent tiles (MultiDiffusion), which is not built: \
+             SDXL attending over a whole 4096² image is out of its training range and memory; use --quality 4k \
+             (2048²) or --upscale 4",
+        ),
+    },
+    Preset {
+        name: "lcm",
+        summary: "SDXL with the LCM-LoRA fused and the LCM scheduler: 4 steps, guidance 1",
+        model: DEFAULT_MODEL,
+        size: (1024, 1024),
+        steps: Some(4),
+        guidance: Some(1.0),
+        scheduler: Some("lcm"),
+        passes: &[],
+        status: Status::NotYet(
+            "needs the LCM scheduler and the LCM-LoRA (latent-consistency/lcm-lora-sdxl), which are not built yet",
+        ),
+    },
+];
+
+/// The preset named `name` (any case), refused when unknown (the message lists the presets) or
+/// not runnable yet (with the reason): `Invalid` about `quality` either way.
+pub fn find(name: &str) -> Result<&'static Preset> {
+    let preset = PRESETS.iter().find(|p| p.name.eq_ignore_ascii_case(name.trim())).ok_or_else(|| {
+        let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+        Error::invalid("quality", format!("{name} is not a preset: one of {} (see --list-presets)", names.join(", ")))
+    })?;
+    match preset.status {
+        Status::Ready => Ok(preset),
+        Status::NotYet(why) => {
+            Err(Error::invalid("quality", format!("{} is not available yet: it {why}", preset.name)))
+        }
+    }
+}
+
+impl Preset {
+    /// The output size: the first pass's multiplied by the upscale factors.
+    pub fn output_size(&self) -> (usize, usize) {
+        let factor: usize =
+            self.passes.iter().map(|p| if let Pass::Upscale(f) = p { *f as usize } else { 1 }).product();
+        (self.size.0 * factor, self.size.1 * factor)
+    }
+
+    /// Fills in what `req` leaves open with this preset's values (the model is the caller's to
+    /// choose: see [`Preset::model`]) and records the preset's name. An explicit upscale factor
+    /// keeps the preset's hires pass; an explicit hires strength wins over the preset's.
+    pub fn apply(&self, req: &mut GenerateRequest) -> Result<()> {
+        let p = &mut req.params;
+        p.width.get_or_insert(self.size.0);
+        p.height.get_or_insert(self.size.1);
+        p.steps = p.steps.or(self.steps);
+        p.guidance = p.guidance.or(self.guidance);
+        if let (None, Some(s)) = (p.scheduler, self.scheduler) {
+            p.scheduler = Some(s.parse()?);
+        }
+        for pass in self.passes {
+            match *pass {
+                Pass::Upscale(factor) => {
+                    req.upscale.get_or_insert(UpscaleRequest { factor, hires_strength: None });
+                }
+                Pass::Hires { strength } => {
+                    if let Some(u) = &mut req.upscale {
+                        u.hires_strength.get_or_insert(strength);
+                    }
+                }
+            }
+        }
+        req.preset = Some(self.name.to_string());
+        Ok(())
+    }
+}
+
+/// The table `--list-presets` prints.
+pub fn table() -> String {
+    let or_model = |v: Option<String>| v.unwrap_or_else(|| "model's".into());
+    let mut rows = vec![[
+        "preset".to_string(),
+        "model".into(),
+        "size".into(),
+        "steps".into(),
+        "guidance".into(),
+        "scheduler".into(),
+        "passes".into(),
+        "output".into(),
+    ]];
+    for p in PRESETS {
+        let mut passes = vec![format!("generate {}x{}", p.size.0, p.size.1)];
+        passes.extend(p.passes.iter().map(|pass| match pass {
+            Pass::Upscale(f) => format!("upscale ×{f} (Lanczos)"),
+            Pass::Hires { strength } => format!("hires img2img (strength {strength})"),
+        }));
+        let (w, h) = p.output_size();
+        let status = match p.status {
+            Status::Ready => String::new(),
+            Status::NotYet(_) => " (not yet)".into(),
+        };
+        rows.push([
+            format!("{}{status}", p.name),
+            p.model.into(),
+            format!("{}x{}", p.size.0, p.size.1),
+            or_model(p.steps.map(|s| s.to_string())),
+            or_model(p.guidance.map(|g| g.to_string())),
+            or_model(p.scheduler.map(str::to_string)),
+            passes.join(" → "),
+            format!("{w}x{h}"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    for p in PRESETS {
+        out.push_str(&format!("\n{}: {}", p.name, p.summary));
+        if let Status::NotYet(why) = p.status {
+            out.push_str(&format!(" — not yet: it {why}"));
+        }
+    }
+    out.push_str("\n\nEvery value is overridable flag by flag (--model, --width, --steps, --upscale, …); \"model's\" is the model's own default.\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loading::ModelSource;
+
+    fn request() -> GenerateRequest {
+        GenerateRequest::new(ModelSource::parse("sdxl"), "a lighthouse")
+    }
+
+    #[test]
+    fn the_4k_preset_fills_what_is_open_and_explicit_values_win() {
+        let mut req = request();
+        find("4k").unwrap().apply(&mut req).unwrap();
+        assert_eq!((req.params.width, req.params.height, req.params.steps), (Some(1024), Some(1024), None));
+        assert_eq!(req.upscale, Some(UpscaleRequest { factor: 2, hires_strength: Some(0.3) }));
+        assert_eq!(req.preset.as_deref(), Some("4k"));
+        assert_eq!(find("4k").unwrap().output_size(), (2048, 2048));
+
+        let mut req = request();
+        req.params.steps = Some(7);
+        req.params.width = Some(64);
+        req.upscale = Some(UpscaleRequest { factor: 3, hires_strength: None });
+        find("4K").unwrap().apply(&mut req).unwrap();
+        assert_eq!((req.params.width, req.params.height, req.params.steps), (Some(64), Some(1024), Some(7)));
+        assert_eq!(req.upscale, Some(UpscaleRequest { factor: 3, hires_strength: Some(0.3) }), "×3 wins, hires kept");
+
+        let mut req = request();
+        find("default").unwrap().apply(&mut req).unwrap();
+        assert_eq!((req.upscale, req.params.width), (None, Some(1024)));
+    }
+
+    #[test]
+    fn unknown_and_unbuilt_presets_are_refused_by_name() {
+        let err = find("8k").unwrap_err();
+        assert!(matches!(err, Error::Invalid { field: "quality", .. }), "{err}");
+        assert!(err.to_string().contains("8k is not a preset: one of default, 4k, 4k-ultra, lcm"), "{err}");
+        for name in ["4k-ultra", "lcm"] {
+            let err = find(name).unwrap_err();
+            assert!(err.to_string().contains(&format!("{name} is not available yet")), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_table_lists_every_preset_with_its_passes() {
+        let t = table();
+        for p in PRESETS {
+            assert!(t.contains(p.name) && t.contains(p.summary), "{t}");
+        }
+        assert!(t.contains("generate 1024x1024 → upscale ×2 (Lanczos) → hires img2img (strength 0.3)"), "{t}");
+        assert!(t.contains("4k-ultra (not yet)") && t.contains("lcm (not yet)"), "{t}");
+        assert!(t.lines().next().unwrap().starts_with("preset"), "{t}");
+    }
+}
