@@ -115,6 +115,39 @@ fn later_batches_parse_no_file_again() {
     assert_eq!(model.files_parsed(), first, "batches 2 and 3 parse nothing");
 }
 
+/// The tokenizers are the open model's too: a second batch reads no tokenizer file (they are
+/// gone from the folder by then) and gives the same image.
+#[test]
+fn later_batches_read_no_tokenizer_file() {
+    let ModelSource::Path(dir) = tiny_sd15() else { unreachable!() };
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("model");
+    copy_dir(&dir, &copy);
+    let model = ModelFolder::open(&copy).unwrap();
+    let req = Request { prompt: "a lighthouse".into(), n: 1, steps: Some(2), ..Default::default() };
+    let first = crate::pipeline::txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
+    let parsed = model.files_parsed();
+    for entry in std::fs::read_dir(copy.join("tokenizer")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let second = crate::pipeline::txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
+    assert_eq!(model.files_parsed(), parsed, "the second batch parses nothing");
+    assert_eq!(first.images[0].rgb8, second.images[0].rgb8);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 fn tiny_sdxl() -> ModelSource {
     ModelSource::Path(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl")).into())
 }

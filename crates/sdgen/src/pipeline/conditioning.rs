@@ -11,6 +11,8 @@
 //!
 //! Each text encoder is a stage of its own: loaded, used and dropped before the next loads.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 pub use sdgen_models::denoiser::Conditioning;
@@ -231,15 +233,17 @@ fn warn_once(warnings: &mut Vec<String>, warning: String) {
 
 /// A text encoder loaded with its tokenizer, by architecture (a new one is a new variant).
 enum TextEncoder {
-    Clip(ClipTokenizer, ClipTextModel),
+    Clip(Arc<ClipTokenizer>, ClipTextModel),
     /// SD 3's T5 (`_get_t5_prompt_embeds`): `max_len` tokens, padded, `</s>` kept.
-    T5(T5Tokenizer, T5EncoderModel, usize),
+    T5(Arc<T5Tokenizer>, T5EncoderModel, usize),
 }
 
 impl TextEncoder {
     fn load(model: &ModelFolder, spec: &TextEncoderSpec, req: &Request, device: &Device, dtype: DType) -> Result<Self> {
         let weights = model.weights(spec.component)?;
         let vb = weights.var_builder(dtype, device)?;
+        // Tokenizers are parsed once per open model (a server runs many batches on one), shared
+        // by the batches through the model's parse-once cache.
         let tokenizer_dir = model.component_dir(spec.tokenizer)?;
         Ok(match spec.arch {
             TextEncoderArch::Clip => {
@@ -247,14 +251,21 @@ impl TextEncoder {
                 let what = if spec.projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
                 let encoder =
                     ClipTextModel::new(&cfg, spec.projection, vb).map_err(|e| model_error(&weights, what, e))?;
-                TextEncoder::Clip(ClipTokenizer::from_dir(&tokenizer_dir)?, encoder)
+                TextEncoder::Clip(
+                    model.parse_once(&tokenizer_dir, |d| ClipTokenizer::from_dir(d).map(Arc::new))?,
+                    encoder,
+                )
             }
             TextEncoderArch::T5 => {
                 let cfg: T5Config = model.config(spec.component, "config.json")?;
                 let encoder = T5EncoderModel::new(&cfg, vb)
                     .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))?;
                 let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
-                TextEncoder::T5(T5Tokenizer::from_dir(&tokenizer_dir)?, encoder, max_len)
+                TextEncoder::T5(
+                    model.parse_once(&tokenizer_dir, |d| T5Tokenizer::from_dir(d).map(Arc::new))?,
+                    encoder,
+                    max_len,
+                )
             }
         })
     }
