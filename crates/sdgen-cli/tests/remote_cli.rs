@@ -145,6 +145,59 @@ fn a_remote_run_writes_the_local_runs_png_with_a_sidecar_saying_where_it_ran() {
     }
 }
 
+/// `--upscale 2` with a LoRA, and a prompt file: the server (started allowing the LoRA) makes
+/// the same PNGs, byte for byte, as a local run.
+#[test]
+fn upscaling_a_lora_and_a_prompt_file_travel() {
+    let lora = testdata().join("lora/sd15_kohya.safetensors").display().to_string();
+    let server = Server::start(&["--extra-lora", &lora]);
+    let tiny = tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a cat\n\na dog\n").unwrap();
+    let lora_arg = format!("{lora}:0.8");
+    let args = [
+        "--prompt-file",
+        prompts.to_str().unwrap(),
+        "--model",
+        &tiny,
+        "--seed",
+        "4",
+        "--steps",
+        "2",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "--upscale",
+        "2",
+        "--hires-strength",
+        "0.5",
+        "--lora",
+        &lora_arg,
+    ];
+    let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
+    let o = generate(&args, &local, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = generate(&[&args[..], &["--remote", &server.url]].concat(), &remote, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pngs = |dir: &Path| {
+        let mut all: Vec<PathBuf> =
+            files_in(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+        all.sort_by_key(|p| sidecar(p)["seed"].as_u64());
+        all
+    };
+    let (l, r) = (pngs(&local), pngs(&remote));
+    assert_eq!((l.len(), r.len()), (2, 2), "{l:?} {r:?}");
+    for (l, r) in l.iter().zip(&r) {
+        assert!(std::fs::read(l).unwrap() == std::fs::read(r).unwrap(), "{} differs", r.display());
+        let meta = sidecar(r);
+        assert_eq!((meta["width"].as_u64(), meta["height"].as_u64()), (Some(128), Some(128)));
+        assert_eq!(meta["extra"]["loras"][0]["scale"], 0.8);
+    }
+    assert_eq!([sidecar(&r[0])["prompt"].as_str(), sidecar(&r[1])["prompt"].as_str()], [Some("a cat"), Some("a dog")]);
+}
+
 #[test]
 fn bad_flags_exit_2_with_nothing_sent_or_written() {
     let server = Server::start(&[]);
@@ -159,7 +212,11 @@ fn bad_flags_exit_2_with_nothing_sent_or_written() {
     // Refused here, as locally.
     assert_fails(&run(&["--strength", "0.5"]), 2, &out, &["--strength needs --init-image"]);
     assert_fails(&run(&["--steps", "0"]), 2, &out, &["--steps"]);
-    assert_fails(&run(&["--vae", "x/y"]), 2, &out, &["--vae does not apply with --remote"]);
+    assert_fails(&run(&["--check"]), 2, &out, &["--check does not apply with --remote"]);
+    // A VAE or LoRA path the server was not started with is never opened there.
+    assert_fails(&run(&["--vae", "/somewhere/vae"]), 2, &out, &["--vae `/somewhere/vae` is not a VAE this server"]);
+    let lora = ["--lora", "/somewhere/lora.safetensors"];
+    assert_fails(&run(&lora), 2, &out, &["--lora `/somewhere/lora.safetensors` is not a LoRA this server"]);
     // Refused by the server, named as the flag.
     assert_fails(&run(&["-W", "100", "-H", "64"]), 2, &out, &["refused the job", "--width 100"]);
     let o = run_model("/somewhere/else", &[]);

@@ -47,12 +47,21 @@ pub fn field_name(field: &'static str) -> &'static str {
         "init_image" => "init_images",
         "refiner" => "refiner_checkpoint",
         "refiner_start" => "refiner_switch_at",
+        "upscale" => "hr_scale",
+        "hires_strength" => "denoising_strength",
         other => other,
     }
 }
 
-const NAMES: Names =
-    Names { width: "width", height: "height", steps: "steps", images: "n_iter", init_image: "init_images" };
+const NAMES: Names = Names {
+    width: "width",
+    height: "height",
+    steps: "steps",
+    images: "n_iter",
+    init_image: "init_images",
+    upscale: "hr_scale",
+    hires_strength: "denoising_strength",
+};
 
 /// The fields of `StableDiffusionProcessingTxt2Img`/`Img2Img` this server reads; every other
 /// one is ignored, as A1111 ignores what it does not know.
@@ -75,6 +84,10 @@ struct A1111Request {
     init_images: Option<Vec<String>>,
     mask: Option<String>,
     enable_hr: Option<bool>,
+    hr_scale: Option<f64>,
+    hr_upscaler: Option<String>,
+    hr_resize_x: Option<usize>,
+    hr_resize_y: Option<usize>,
     override_settings: Option<Map<String, Value>>,
     refiner_checkpoint: Option<String>,
     refiner_switch_at: Option<f64>,
@@ -109,9 +122,7 @@ async fn generate(
     if r.mask.is_some() {
         return Err(ApiError::invalid("mask", "mask: inpainting is not supported by this server"));
     }
-    if r.enable_hr == Some(true) {
-        return Err(ApiError::invalid("enable_hr", "enable_hr: hires fix is not supported by this server"));
-    }
+    let upscale = if r.enable_hr == Some(true) && !img2img { Some(hires_fix(&r)?) } else { None };
     let model_name = r
         .override_settings
         .as_ref()
@@ -156,7 +167,7 @@ async fn generate(
         _ => None,
     };
     let settings = Settings {
-        prompt: r.prompt,
+        prompts: vec![r.prompt],
         negative_prompt: r.negative_prompt,
         model,
         images,
@@ -171,6 +182,10 @@ async fn generate(
         strength: if img2img { r.denoising_strength } else { None },
         family_options: Default::default(),
         refiner,
+        vae: None,
+        loras: Vec::new(),
+        upscale,
+        quality: None,
     };
     let request = settings.into_request(&state.limits, &NAMES)?;
     let job = submit(&state, JobSpec { request, api: Api::A1111 }, model_field).await?;
@@ -180,6 +195,30 @@ async fn generate(
         echo["init_images"] = Value::Null;
     }
     answer(&job, echo, r.send_images.unwrap_or(true), batch_size)
+}
+
+/// A1111's hires fix (`enable_hr`) as the engine's upscale and hires pass: `hr_scale` (2 when
+/// absent, as A1111's default) a factor the engine has, `hr_upscaler` Lanczos (the only one
+/// here: no latent or ESRGAN upscalers), `denoising_strength` the pass's strength.
+fn hires_fix(r: &A1111Request) -> Result<sdgen::engine::UpscaleRequest, ApiError> {
+    if let Some(u) = r.hr_upscaler.as_deref().filter(|u| !u.eq_ignore_ascii_case("lanczos")) {
+        return Err(ApiError::invalid(
+            "hr_upscaler",
+            format!("hr_upscaler `{u}` is not available on this server: only Lanczos (or none given)"),
+        ));
+    }
+    for (field, v) in [("hr_resize_x", r.hr_resize_x), ("hr_resize_y", r.hr_resize_y)] {
+        if let Some(v) = v.filter(|&v| v != 0) {
+            return Err(ApiError::invalid(field, format!("{field} {v}: give hr_scale instead (2, 3 or 4)")));
+        }
+    }
+    let scale = r.hr_scale.unwrap_or(2.0);
+    if scale.fract() != 0.0 || !(2.0..=4.0).contains(&scale) {
+        return Err(ApiError::invalid("hr_scale", format!("hr_scale {scale} is not 2, 3 or 4")));
+    }
+    // A1111's web UI's default hires denoising strength.
+    let strength = r.denoising_strength.unwrap_or(0.7);
+    Ok(sdgen::engine::UpscaleRequest { factor: scale as u32, hires_strength: Some(strength) })
 }
 
 /// A1111's sampler (and, since 1.9, its separate schedule type: only `Karras` with `DPM++ 2M`

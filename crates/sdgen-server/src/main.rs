@@ -40,6 +40,12 @@ struct Args {
     /// More local models requests may name (folders or checkpoints); hub models need no listing.
     #[arg(long, value_name = "PATH")]
     extra_model: Vec<String>,
+    /// Local VAE folders requests may name as `vae` (hub repositories need no listing).
+    #[arg(long, value_name = "PATH")]
+    extra_vae: Vec<String>,
+    /// Local LoRA files requests may name in `loras` (hub repositories need no listing).
+    #[arg(long, value_name = "PATH")]
+    extra_lora: Vec<String>,
     /// Bearer token every request but /healthz must carry (also: SDGEN_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
@@ -128,7 +134,7 @@ fn run() -> anyhow::Result<()> {
             max_steps: args.max_steps,
             max_images: args.max_images,
         },
-        models: ModelPolicy { paths },
+        models: ModelPolicy { paths, vaes: args.extra_vae.clone(), loras: args.extra_lora.clone() },
         default_model: RwLock::new(args.model.clone()),
         api_key: args.api_key.clone().or_else(|| std::env::var("SDGEN_API_KEY").ok()).filter(|k| !k.is_empty()),
         max_memory_bytes,

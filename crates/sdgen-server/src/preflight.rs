@@ -13,10 +13,12 @@ use std::sync::Mutex;
 use axum::http::StatusCode;
 use sdgen::engine::{EngineConfig, GenerateRequest};
 use sdgen::hub::HubOptions;
+use sdgen::loading::lora::LoraFile;
 use sdgen::loading::{ModelFolder, ModelSource};
-use sdgen::pipeline::Img2ImgRequest;
+use sdgen::pipeline::{resolve_hires, resolve_image_refiner, Img2ImgRequest, RefinerRun, Settings};
 
 use crate::error::ApiError;
+use crate::request::{check_output_size, Limits};
 
 /// Opened models (parsed once, kept while the server runs) and the device to plan for.
 #[derive(Debug)]
@@ -63,13 +65,16 @@ impl Preflight {
         }
     }
 
-    /// Checks `req` (blocking: run it off the async threads). `name` maps the engine's field
-    /// names to the API's.
+    /// Checks `req` (blocking: run it off the async threads) as the engine will run it: the
+    /// model with its local VAE and LoRAs, the first pass, the refiner and the hires pass at the
+    /// upscaled size (within `limits`), each planned on its own as the engine plans them. `name`
+    /// maps the engine's field names to the API's.
     pub fn check(
         &self,
         req: &GenerateRequest,
         name: &dyn Fn(&'static str) -> Option<&'static str>,
         model_field: &str,
+        limits: &Limits,
     ) -> Result<Verdict, ApiError> {
         let engine_error = |e: sdgen::Error| ApiError::from_engine(&e, name);
         req.validate().map_err(engine_error)?;
@@ -83,6 +88,23 @@ impl Preflight {
                 ))
             }
         };
+        // A VAE folder of the server's own replaces the model's (and its weights are planned); a
+        // hub one is fetched by the worker, planned then.
+        let model = match &req.vae {
+            Some(ModelSource::Path(dir)) => model.with_vae(dir).map_err(|e| about("vae", e)).map_err(engine_error)?,
+            _ => model,
+        };
+        // Local LoRAs are checked against the model now (headers only); a hub one when fetched.
+        let local_loras: Vec<LoraFile> = (req.loras.iter())
+            .filter_map(|l| match &l.source {
+                ModelSource::Path(p) => Some(LoraFile::new(p, l.scale)),
+                ModelSource::Repo { .. } => None,
+            })
+            .collect();
+        let model = match local_loras.is_empty() {
+            true => model,
+            false => model.with_loras(&local_loras).map_err(|e| about("lora", e)).map_err(engine_error)?,
+        };
         let settings = match &req.img2img {
             Some(i) => {
                 let r =
@@ -92,25 +114,65 @@ impl Preflight {
             None => sdgen::pipeline::resolve(&model, &req.params).map_err(engine_error)?,
         };
         let rt = &self.config.runtime;
-        let plan = sdgen::planning::plan_run(
-            &model,
-            &settings,
-            req.params.n,
-            req.img2img.is_some(),
-            &rt.device,
-            rt.dtype,
-            req.memory,
-        );
-        match plan {
-            Ok(_) => Ok(Verdict::Fits),
-            Err(e) => Err(ApiError {
-                field: None,
-                ..ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "does_not_fit",
-                    format!("the job does not fit this server's memory: {e}"),
-                )
-            }),
+        let plan = |m: &ModelFolder, s: &Settings, img2img: bool, pass: &str| {
+            sdgen::planning::plan_run(m, s, req.params.n, img2img, &rt.device, rt.dtype, req.memory)
+                .map(|_| ())
+                .map_err(|e| does_not_fit(pass, e))
+        };
+        plan(&model, &settings, req.img2img.is_some(), "")?;
+        // The refiner runs after the base is unloaded: planned on its own, as the engine does.
+        if let Some(r) = &req.refiner {
+            let refiner = match self.open(&r.source) {
+                Ok(Some(m)) => Some(m),
+                Ok(None) => None,
+                Err(e) => return Err(engine_error(about("refiner", e))),
+            };
+            if let Some(refiner) = &refiner {
+                let run = RefinerRun::choose(&model, refiner, r.start, r.strength)
+                    .map_err(|e| about("refiner", e))
+                    .map_err(engine_error)?;
+                match run {
+                    RefinerRun::Latents(l) => plan(l.model, &settings, false, "the refiner: ")?,
+                    RefinerRun::Image(i) => {
+                        let s = resolve_image_refiner(&model, &i, &req.params).map_err(engine_error)?;
+                        plan(i.model, &s.settings, true, "the refiner: ")?
+                    }
+                }
+            }
         }
+        // The upscaled size within the caps (the model's default size is known only now), then
+        // the hires pass planned at it.
+        if let Some(u) = &req.upscale {
+            let field = name("upscale").unwrap_or("upscale");
+            check_output_size(u.factor, (settings.width, settings.height), limits, field)?;
+            if let Some(strength) = u.hires_strength {
+                let f = u.factor as usize;
+                let (w, h) = (settings.width * f, settings.height * f);
+                let s = resolve_hires(&model, &req.params, w, h, strength).map_err(engine_error)?;
+                plan(&model, &s.settings, true, "the hires pass: ")?;
+            }
+        }
+        Ok(Verdict::Fits)
+    }
+}
+
+/// `e` about `field`, unless it names a field already.
+fn about(field: &'static str, e: sdgen::Error) -> sdgen::Error {
+    if e.field().is_some() {
+        e
+    } else {
+        sdgen::Error::about(field, e)
+    }
+}
+
+/// The planner's refusal of a pass (`pass` names it, empty for the first): 507 with its numbers.
+fn does_not_fit(pass: &str, e: sdgen::Error) -> ApiError {
+    ApiError {
+        field: None,
+        ..ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "does_not_fit",
+            format!("the job does not fit this server's memory: {pass}{e}"),
+        )
     }
 }

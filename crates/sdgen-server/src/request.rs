@@ -4,7 +4,7 @@
 //! request costs nothing and gets a 4xx naming the field.
 
 use base64::Engine as _;
-use sdgen::engine::{GenerateRequest, Img2ImgInput, RefinerRequest};
+use sdgen::engine::{GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, UpscaleRequest};
 use sdgen::loading::ModelSource;
 use sdgen::pipeline::{FamilyOptions, InitImage, Request};
 use sdgen::planning::MemoryRequest;
@@ -27,35 +27,60 @@ pub struct Limits {
     pub max_images: usize,
 }
 
-/// The models requests may name: the hub's (named models and repositories, fetched as the
-/// engine's hub options allow) and, on disk, only those the server was started with — a request
-/// must not make the server read any path it names.
-#[derive(Debug, Clone)]
+/// The models, VAEs and LoRAs requests may name: the hub's (named models and repositories,
+/// fetched as the engine's hub options allow) and, on disk, only those the server was started
+/// with — a request must not make the server read any path it names.
+#[derive(Debug, Clone, Default)]
 pub struct ModelPolicy {
     /// The folders and files given with `--model`/`--extra-model`, as given.
     pub paths: Vec<String>,
+    /// The VAE folders given with `--extra-vae`, as given.
+    pub vaes: Vec<String>,
+    /// The LoRA files given with `--extra-lora`, as given.
+    pub loras: Vec<String>,
 }
 
 impl ModelPolicy {
     /// The model a request names (`field` for messages).
     pub fn resolve(&self, name: &str, field: &str) -> Result<ModelSource, ApiError> {
-        let name = name.trim();
-        if name.is_empty() {
-            return Err(ApiError::invalid(field, format!("{field} is empty: name a model (see /sdapi/v1/sd-models)")));
+        let what = "a model this server serves: name one of /sdapi/v1/sd-models, a named model (sdxl, sd15, …) or \
+                    a hub repository (org/name)";
+        allowed(&self.paths, name, field, "a model (see /sdapi/v1/sd-models)", what)
+    }
+
+    /// The VAE a request names.
+    pub fn vae(&self, name: &str, field: &str) -> Result<ModelSource, ApiError> {
+        let what = "a VAE this server may open: name a hub repository (org/name) or a folder the server was \
+                    started with (--extra-vae)";
+        allowed(&self.vaes, name, field, "a VAE", what)
+    }
+
+    /// A LoRA a request names.
+    pub fn lora(&self, name: &str, scale: Option<f64>, field: &str) -> Result<LoraRequest, ApiError> {
+        let what = "a LoRA this server may open: name a hub repository (org/name) holding one, or a file the \
+                    server was started with (--extra-lora)";
+        let source = allowed(&self.loras, name, field, "a LoRA", what)?;
+        let scale = scale.unwrap_or(sdgen::loading::lora::DEFAULT_SCALE);
+        if !scale.is_finite() {
+            return Err(ApiError::invalid(field, format!("{field}: the scale {scale} is not a number")));
         }
-        if let Some(p) = self.paths.iter().find(|p| p.as_str() == name) {
-            return Ok(ModelSource::parse(p));
-        }
-        match ModelSource::parse(name) {
-            source @ ModelSource::Repo { .. } => Ok(source),
-            ModelSource::Path(_) => Err(ApiError::invalid(
-                field,
-                format!(
-                    "{field} `{name}` is not a model this server serves: name one of /sdapi/v1/sd-models, a named \
-                     model (sdxl, sd15, …) or a hub repository (org/name)"
-                ),
-            )),
-        }
+        Ok(LoraRequest { source, scale })
+    }
+}
+
+/// `name` as a source: one of `paths` (as the server was started with them) or a hub repository,
+/// never another path; `kind` and `what` word the refusals.
+fn allowed(paths: &[String], name: &str, field: &str, kind: &str, what: &str) -> Result<ModelSource, ApiError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ApiError::invalid(field, format!("{field} is empty: name {kind}")));
+    }
+    if let Some(p) = paths.iter().find(|p| p.as_str() == name) {
+        return Ok(ModelSource::parse(p));
+    }
+    match ModelSource::parse(name) {
+        source @ ModelSource::Repo { .. } => Ok(source),
+        ModelSource::Path(_) => Err(ApiError::invalid(field, format!("{field} `{name}` is not {what}"))),
     }
 }
 
@@ -95,7 +120,8 @@ pub fn seed_value(seed: Seed) -> u64 {
 /// Everything a request asks for, in the engine's terms with the API's field names for errors.
 #[derive(Debug)]
 pub struct Settings {
-    pub prompt: String,
+    /// One job of `images` images each.
+    pub prompts: Vec<String>,
     pub negative_prompt: Option<String>,
     pub model: ModelSource,
     pub images: usize,
@@ -110,6 +136,11 @@ pub struct Settings {
     pub strength: Option<f64>,
     pub family_options: FamilyOptions,
     pub refiner: Option<RefinerRequest>,
+    pub vae: Option<ModelSource>,
+    pub loras: Vec<LoraRequest>,
+    pub upscale: Option<UpscaleRequest>,
+    /// A quality preset's name.
+    pub quality: Option<String>,
 }
 
 /// The API's names of the fields the caps and checks are about.
@@ -119,54 +150,29 @@ pub struct Names {
     pub steps: &'static str,
     pub images: &'static str,
     pub init_image: &'static str,
+    /// The upscale factor.
+    pub upscale: &'static str,
+    /// The hires pass's strength.
+    pub hires_strength: &'static str,
 }
 
 impl Settings {
-    /// Checks the server's caps, then the engine's own model-free checks, and makes the request.
+    /// Fills in the preset, checks the server's caps (on the upscaled size too), and makes the
+    /// request; the engine's own checks run in the pre-queue check.
     pub fn into_request(self, limits: &Limits, names: &Names) -> Result<GenerateRequest, ApiError> {
-        let cap = |field: &str, value: usize, max: usize, what: &str| {
-            if value == 0 {
-                Err(ApiError::invalid(field, format!("{field} must be at least 1")))
-            } else if value > max {
-                Err(ApiError::invalid(
-                    field,
-                    format!("{field} {value} is more than this server's limit of {max} {what}"),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        if let Some(w) = self.width {
-            cap(names.width, w, limits.max_width, "pixels")?;
-        }
-        if let Some(h) = self.height {
-            cap(names.height, h, limits.max_height, "pixels")?;
-        }
-        if let Some(s) = self.steps {
-            cap(names.steps, s, limits.max_steps, "steps")?;
-        }
-        cap(names.images, self.images, limits.max_images, "images per request")?;
-        if let Some(init) = &self.init_image {
-            // Without a size the output takes the init image's (rounded down to a multiple of 8).
-            let (w, h) = (init.image.width, init.image.height);
-            if (self.width.is_none() && w > limits.max_width) || (self.height.is_none() && h > limits.max_height) {
-                return Err(ApiError::invalid(
-                    names.init_image,
-                    format!(
-                        "{} is {w}x{h}, more than this server's limit of {}x{}: pass a smaller image or a width and \
-                         height to resize it to",
-                        names.init_image, limits.max_width, limits.max_height
-                    ),
-                ));
-            }
-        }
-        let prompt = self.prompt;
-        let request = GenerateRequest {
+        let preset = self
+            .quality
+            .as_deref()
+            .map(sdgen::presets::find)
+            .transpose()
+            .map_err(|e| ApiError::from_engine(&e, &|f| Some(f)))?;
+        let prompt = self.prompts.first().cloned().unwrap_or_default();
+        let mut request = GenerateRequest {
             model: self.model,
             open: Default::default(),
-            vae: None,
+            vae: self.vae,
             refiner: self.refiner,
-            prompts: vec![prompt.clone()],
+            prompts: self.prompts,
             params: Request {
                 prompt,
                 negative_prompt: self.negative_prompt.filter(|n| !n.is_empty()),
@@ -181,14 +187,77 @@ impl Settings {
             },
             img2img: self.init_image.map(|image| Img2ImgInput { image, strength: self.strength }),
             memory: MemoryRequest { max_images_per_batch: Some(self.batch_size.max(1)), ..Default::default() },
-            // The server takes no LoRA yet (A1111 names them as `<lora:…>` prompt tags).
-            loras: Vec::new(),
-            // Nor upscaling or presets yet: its size caps would need to bound the upscaled size.
-            upscale: None,
+            loras: self.loras,
+            upscale: self.upscale,
             preset: None,
         };
+        if let Some(p) = preset {
+            p.apply(&mut request).map_err(|e| ApiError::from_engine(&e, &|f| Some(f)))?;
+        }
+        check_caps(&request, limits, names)?;
         Ok(request)
     }
+}
+
+/// The server's caps on what `req` asks for: size (the first pass's and, upscaled, the output's),
+/// steps, images in all.
+fn check_caps(req: &GenerateRequest, limits: &Limits, names: &Names) -> Result<(), ApiError> {
+    let cap = |field: &str, value: usize, max: usize, what: &str| {
+        if value == 0 {
+            Err(ApiError::invalid(field, format!("{field} must be at least 1")))
+        } else if value > max {
+            Err(ApiError::invalid(field, format!("{field} {value} is more than this server's limit of {max} {what}")))
+        } else {
+            Ok(())
+        }
+    };
+    let p = &req.params;
+    if let Some(w) = p.width {
+        cap(names.width, w, limits.max_width, "pixels")?;
+    }
+    if let Some(h) = p.height {
+        cap(names.height, h, limits.max_height, "pixels")?;
+    }
+    if let Some(s) = p.steps {
+        cap(names.steps, s, limits.max_steps, "steps")?;
+    }
+    cap(names.images, req.image_count(), limits.max_images, "images per request")?;
+    if let Some(init) = req.img2img.as_ref().map(|i| &i.image) {
+        // Without a size the output takes the init image's (rounded down to a multiple of 8).
+        let (w, h) = (init.image.width, init.image.height);
+        if (p.width.is_none() && w > limits.max_width) || (p.height.is_none() && h > limits.max_height) {
+            return Err(ApiError::invalid(
+                names.init_image,
+                format!(
+                    "{} is {w}x{h}, more than this server's limit of {}x{}: pass a smaller image or a width and \
+                     height to resize it to",
+                    names.init_image, limits.max_width, limits.max_height
+                ),
+            ));
+        }
+    }
+    // The output's size where the request says it; a model's default size is checked once the
+    // model is open (the pre-queue check, [`check_output_size`]).
+    if let (Some(u), Some(w), Some(h)) = (&req.upscale, p.width, p.height) {
+        check_output_size(u.factor, (w, h), limits, names.upscale)?;
+    }
+    Ok(())
+}
+
+/// The upscaled size `size × factor` within the caps, or 422 naming `field` (the factor's).
+pub fn check_output_size(factor: u32, size: (usize, usize), limits: &Limits, field: &str) -> Result<(), ApiError> {
+    let f = factor as usize;
+    let (w, h) = (size.0.saturating_mul(f), size.1.saturating_mul(f));
+    if w > limits.max_width || h > limits.max_height {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{field} {factor} makes {}x{} into {w}x{h}, more than this server's limit of {}x{} pixels",
+                size.0, size.1, limits.max_width, limits.max_height
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A scheduler by any of its names (ours or A1111's), or 422 naming `field`.

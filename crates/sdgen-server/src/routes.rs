@@ -122,7 +122,7 @@ pub fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Byt
 /// Maps the engine's field names to an API's.
 pub fn field_namer(api: Api) -> impl Fn(&'static str) -> Option<&'static str> {
     move |field| match api {
-        Api::Jobs => Some(field),
+        Api::Jobs => Some(job_field_name(field)),
         Api::A1111 => Some(crate::a1111::field_name(field)),
     }
 }
@@ -131,8 +131,9 @@ pub fn field_namer(api: Api) -> impl Fn(&'static str) -> Option<&'static str> {
 pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str) -> Result<Arc<Job>, ApiError> {
     spec.request.memory.max_memory_bytes = state.max_memory_bytes;
     let (preflight, check_spec, model_field_owned) = (state.preflight.clone(), spec.clone(), model_field.to_string());
+    let limits = state.limits;
     let verdict = tokio::task::spawn_blocking(move || {
-        preflight.check(&check_spec.request, &field_namer(check_spec.api), &model_field_owned)
+        preflight.check(&check_spec.request, &field_namer(check_spec.api), &model_field_owned, &limits)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the check failed: {e}")))?;
@@ -155,8 +156,26 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
     }
 }
 
-const JOB_NAMES: Names =
-    Names { width: "width", height: "height", steps: "steps", images: "n", init_image: "init_image" };
+const JOB_NAMES: Names = Names {
+    width: "width",
+    height: "height",
+    steps: "steps",
+    images: "n",
+    init_image: "init_image",
+    upscale: "upscale.factor",
+    hires_strength: "upscale.hires_strength",
+};
+
+/// The job API's name of an engine request field: the engine's, but for those the body nests
+/// or spells in the plural.
+pub fn job_field_name(field: &'static str) -> &'static str {
+    match field {
+        "lora" => "loras",
+        "upscale" => JOB_NAMES.upscale,
+        "hires_strength" => JOB_NAMES.hires_strength,
+        other => other,
+    }
+}
 
 /// `POST /v1/jobs` → 202 `{id, state, url, events}`.
 async fn create_job(
@@ -164,7 +183,10 @@ async fn create_job(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let raw = body(&state, raw)?;
-    let (b, _) = request::parse_body::<JobBody>(&raw)?;
+    let (b, value) = request::parse_body::<JobBody>(&raw)?;
+    if b.prompts.is_none() && value.get("prompt").is_none() {
+        return Err(ApiError::invalid("prompt", "missing field `prompt`: say what to draw (or give `prompts`)"));
+    }
     if b.strength.is_some() && b.init_image.is_none() {
         return Err(ApiError::invalid("strength", "strength needs init_image: it sets how much of it to change"));
     }
@@ -183,8 +205,25 @@ async fn create_job(
         }
         None => None,
     };
+    let prompts = match b.prompts {
+        None => vec![b.prompt],
+        Some(_) if !b.prompt.is_empty() => {
+            return Err(ApiError::invalid("prompts", "prompts replaces prompt: give one or the other"))
+        }
+        Some(p) if p.iter().all(|p| p.trim().is_empty()) => {
+            return Err(ApiError::invalid("prompts", "prompts has no prompt: say what to draw"))
+        }
+        // As `--prompt-file`: blank lines are no prompts.
+        Some(p) => p.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
+    };
+    let vae = b.vae.as_deref().map(|v| state.models.vae(v, "vae")).transpose()?;
+    let loras = (b.loras.iter().enumerate())
+        .map(|(i, l)| state.models.lora(&l.source, l.scale, &format!("loras[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let upscale =
+        b.upscale.map(|u| sdgen::engine::UpscaleRequest { factor: u.factor, hires_strength: u.hires_strength });
     let settings = Settings {
-        prompt: b.prompt,
+        prompts,
         negative_prompt: b.negative_prompt,
         model,
         images: b.n.unwrap_or(1),
@@ -203,6 +242,10 @@ async fn create_job(
             skip_layer_guidance: b.skip_layer_guidance.as_ref().map(|s| s.to_guidance()),
         },
         refiner,
+        vae,
+        loras,
+        upscale,
+        quality: b.quality,
     };
     let request = settings.into_request(&state.limits, &JOB_NAMES)?;
     let job = submit(&state, JobSpec { request, api: Api::Jobs }, "model").await?;

@@ -54,7 +54,8 @@ fn malformed_and_mistyped_bodies_name_the_field() {
         "Exponential",
     );
     server.post(a1111, r#"{"prompt": "a cat", "cfg_scale": "high"}"#).assert_refused(422, Some("cfg_scale"), "");
-    server.post(a1111, r#"{"prompt": "a cat", "enable_hr": true}"#).assert_refused(422, Some("enable_hr"), "hires");
+    let latent = r#"{"prompt": "a cat", "enable_hr": true, "hr_upscaler": "Latent"}"#;
+    server.post(a1111, latent).assert_refused(422, Some("hr_upscaler"), "only Lanczos");
     server.assert_alive();
 }
 

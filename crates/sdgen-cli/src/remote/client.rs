@@ -188,6 +188,10 @@ fn flag(field: &str) -> Option<&'static str> {
     match field {
         "model" => Some("--model"),
         "batch_size" => Some("--batch-size"),
+        "prompts" => Some("--prompt-file"),
+        "upscale.factor" => Some("--upscale"),
+        "upscale.hires_strength" => Some("--hires-strength"),
+        f if f == "loras" || f.starts_with("loras[") => Some("--lora"),
         f => sdgen::engine::FIELDS.iter().find(|&&known| known == f).and_then(|&known| crate::args::flag(known)),
     }
 }

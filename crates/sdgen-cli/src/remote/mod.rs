@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use base64::Engine as _;
-use sdgen::engine::wire::{JobBody, JobEvent, Seed, SkipLayers};
+use sdgen::engine::wire::{JobBody, JobEvent, LoraBody, Seed, SkipLayers, UpscaleBody};
 use sdgen::output::{save_png_to, ImageMetadata};
 use sdgen::pipeline::Progress;
 use serde_json::json;
@@ -29,11 +29,6 @@ use client::Server;
 pub fn run(args: &Args, url: &str) -> anyhow::Result<ExitCode> {
     refuse_local_only(args)?;
     let resolved = args.resolve()?;
-    if resolved.request.prompts.len() > 1 {
-        return Err(invalid(
-            "--remote sends one prompt per run: run each line of the file or standard input on its own".into(),
-        ));
-    }
     // As a local run: the output proven usable before anything is sent, nothing created yet.
     resolved.output.check(resolved.request.image_count())?;
     let body = job_body(args, &resolved)?;
@@ -63,10 +58,6 @@ pub fn run(args: &Args, url: &str) -> anyhow::Result<ExitCode> {
 fn refuse_local_only(args: &Args) -> anyhow::Result<()> {
     let local_only = [
         (args.check, "--check", "it reports this machine (the server's memory is at /v1/memory)"),
-        (args.vae.is_some(), "--vae", "the job API takes no VAE yet"),
-        (!args.lora.is_empty(), "--lora", "the server takes no LoRA yet"),
-        (args.quality.is_some(), "--quality", "the job API takes no preset yet"),
-        (args.upscale.is_some(), "--upscale", "the job API takes no upscaling yet"),
         (args.config_from.is_some(), "--config-from", "it names a folder on this machine"),
         (args.max_memory.is_some(), "--max-memory", "the server's own --max-memory applies"),
         (args.memory_mode != "auto", "--memory-mode", "the server plans its own memory"),
@@ -80,8 +71,10 @@ fn refuse_local_only(args: &Args) -> anyhow::Result<()> {
     }
 }
 
-/// The job as the server's API takes it: every setting resolved here (the seed drawn), the
-/// init image's file as it is.
+/// The job as the server's API takes it: every setting resolved here (the seed drawn, a preset's
+/// values filled in, its name sent for the metadata), the init image's file as it is. A VAE or
+/// LoRA path goes as given: the server opens only those it was started with (`--extra-vae`,
+/// `--extra-lora`).
 fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
     let (request, params) = (&resolved.request, &resolved.request.params);
     let init_image = match &args.init_image {
@@ -92,11 +85,21 @@ fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
         ),
         None => None,
     };
+    let preset = args.quality.as_deref().map(sdgen::presets::find).transpose()?;
+    let (prompt, prompts) = match request.prompts.as_slice() {
+        [one] => (one.clone(), None),
+        all => (String::new(), Some(all.to_vec())),
+    };
     Ok(JobBody {
-        prompt: request.prompts[0].clone(),
+        prompt,
+        prompts,
+        vae: args.vae.clone(),
+        loras: (request.loras.iter()).map(|l| LoraBody { source: l.source.label(), scale: Some(l.scale) }).collect(),
+        quality: args.quality.clone(),
+        upscale: request.upscale.as_ref().map(|u| UpscaleBody { factor: u.factor, hires_strength: u.hires_strength }),
         negative_prompt: params.negative_prompt.clone(),
-        // Without --model (or --pro), the server's default model.
-        model: (args.model.is_some() || args.pro).then(|| args.model_name(None).to_string()),
+        // Without --model (or --pro, or a preset's model), the server's default model.
+        model: (args.model.is_some() || args.pro || preset.is_some()).then(|| args.model_name(preset).to_string()),
         n: Some(params.n),
         batch_size: Some(args.batch_size),
         seed: Seed(Some(params.seed)),

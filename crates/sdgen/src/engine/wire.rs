@@ -5,20 +5,41 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /v1/jobs`'s body: one prompt and every setting the engine takes over HTTP. Unknown
-/// fields are refused (a misspelt setting must not be silently ignored).
+/// `POST /v1/jobs`'s body: a prompt (or several) and every setting the engine takes over HTTP.
+/// Unknown fields are refused (a misspelt setting must not be silently ignored).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobBody {
-    /// What to draw.
+    /// What to draw (absent or empty when `prompts` is given).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prompt: String,
+    /// Several prompts instead of `prompt`, `n` images each, in one job: image `g` of the whole
+    /// job takes `seed + g`, so the seeds continue from one prompt's images to the next (as
+    /// `generate --prompt-file` runs them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<Vec<String>>,
     /// What not to draw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
     /// The model, as the server may open it (its default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Images in all (1 when absent).
+    /// A VAE replacing the model's own: a hub repository, or a folder the server was started
+    /// with (`--extra-vae`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
+    /// LoRAs fused into the model, in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraBody>,
+    /// A quality preset (`default`, `4k`; see `generate --list-presets`): it fills in the size,
+    /// steps, guidance, scheduler and passes this body leaves open (not the model: absent, it
+    /// is the server's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<String>,
+    /// Upscaling the finished images, then optionally the hires pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscale: Option<UpscaleBody>,
+    /// Images per prompt (1 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<usize>,
     /// Most images made together (1 when absent).
@@ -66,6 +87,30 @@ pub struct JobBody {
     /// With `refiner` after SD 3.5: how much of the base's image it reworks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refiner_strength: Option<f64>,
+}
+
+/// A LoRA as the job API takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraBody {
+    /// A hub repository holding one `.safetensors` file, or a file the server was started with
+    /// (`--extra-lora`).
+    pub source: String,
+    /// How much of it to apply (1 when absent: the LoRA as trained).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+}
+
+/// Upscaling as the job API takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpscaleBody {
+    /// Each side is multiplied by this (2, 3 or 4), with PIL's Lanczos.
+    pub factor: u32,
+    /// Then a hires image-to-image pass over the upscaled images at this strength in [0, 1];
+    /// absent: none (a `quality` preset's when it has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires_strength: Option<f64>,
 }
 
 /// Skip-layer guidance as the job API takes it: the blocks skipped and, optionally, the scale.
@@ -234,6 +279,27 @@ mod tests {
         let random: JobBody = serde_json::from_str(r#"{"prompt": "x", "seed": -1}"#).unwrap();
         assert_eq!(random.seed, Seed(None));
         assert!(serde_json::from_str::<JobBody>(r#"{"prompt": "x", "sed": 1}"#).is_err());
+    }
+
+    #[test]
+    fn the_passes_loras_and_prompts_read_back_as_written() {
+        let body = JobBody {
+            prompts: Some(vec!["a cat".into(), "a dog".into()]),
+            vae: Some("madebyollin/sdxl-vae-fp16-fix".into()),
+            loras: vec![LoraBody { source: "org/lora".into(), scale: Some(0.5) }],
+            quality: Some("4k".into()),
+            upscale: Some(UpscaleBody { factor: 2, hires_strength: Some(0.3) }),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"prompts": ["a cat", "a dog"], "seed": -1, "vae": "madebyollin/sdxl-vae-fp16-fix",
+                "loras": [{"source": "org/lora", "scale": 0.5}], "quality": "4k",
+                "upscale": {"factor": 2, "hires_strength": 0.3}})
+        );
+        assert_eq!(serde_json::from_value::<JobBody>(json).unwrap(), body);
+        assert!(serde_json::from_str::<JobBody>(r#"{"prompt": "x", "upscale": {"factr": 2}}"#).is_err());
     }
 
     #[test]

@@ -1,0 +1,155 @@
+//! The job API's VAE, LoRAs, presets, upscaling and several prompts, A1111's hires fix, and the
+//! pre-queue check of the refiner and the hires pass, on the real server with the tiny SD 1.5:
+//! each accepted as the CLI runs it, each refusal a 422 naming the JSON field, before queueing.
+
+mod common;
+
+use common::{testdata, wait_for, Server};
+use serde_json::Value;
+
+fn path(rel: &str) -> String {
+    testdata().join(rel).display().to_string()
+}
+
+/// Submits `body` and waits for the job to end: its `GET /v1/jobs/{id}`.
+fn run(server: &Server, body: &str) -> Value {
+    let r = server.post("/v1/jobs", body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let job = wait_for(server, &id, |j| j["state"] != "queued" && j["state"] != "running");
+    assert_eq!(job["state"], "done", "{job}");
+    job
+}
+
+fn size(image: &Value) -> (u64, u64) {
+    (image["metadata"]["width"].as_u64().unwrap(), image["metadata"]["height"].as_u64().unwrap())
+}
+
+#[test]
+fn vae_and_loras_only_from_the_servers_own_set() {
+    let (vae, lora) = (path("tiny-sd15/vae"), path("lora/sd15_kohya.safetensors"));
+    let server = Server::start(&[
+        "--extra-vae",
+        &vae,
+        "--extra-lora",
+        &lora,
+        "--extra-lora",
+        &path("lora/sdxl_kohya.safetensors"),
+    ]);
+    let base = r#""prompt": "a cat", "seed": 1, "steps": 2, "width": 64, "height": 64"#;
+    let job = run(&server, &format!(r#"{{{base}, "vae": "{vae}", "loras": [{{"source": "{lora}", "scale": 0.8}}]}}"#));
+    let meta = &job["images"][0]["metadata"];
+    assert_eq!(meta["extra"]["loras"][0]["scale"], 0.8, "{meta}");
+    assert!(meta["extra"]["loras"][0]["source"].as_str().unwrap().ends_with("sd15_kohya.safetensors"));
+
+    // Paths the server was not started with are never opened.
+    let other = path("tiny-sdxl/vae");
+    server.post("/v1/jobs", &format!(r#"{{{base}, "vae": "{other}"}}"#)).assert_refused(
+        422,
+        Some("vae"),
+        "is not a VAE this server may open",
+    );
+    server
+        .post("/v1/jobs", &format!(r#"{{{base}, "loras": [{{"source": "{lora}"}}, {{"source": "/etc/passwd"}}]}}"#))
+        .assert_refused(422, Some("loras[1]"), "is not a LoRA this server may open");
+    server.post("/v1/jobs", &format!(r#"{{{base}, "loras": [{{"scale": 1}}]}}"#)).assert_refused(
+        422,
+        Some("loras[0].source"),
+        "missing field",
+    );
+    // An allowed LoRA of another family is refused by the check, before it is queued.
+    let sdxl = path("lora/sdxl_kohya.safetensors");
+    server.post("/v1/jobs", &format!(r#"{{{base}, "loras": [{{"source": "{sdxl}"}}]}}"#)).assert_refused(
+        422,
+        Some("loras"),
+        "",
+    );
+    server.assert_alive();
+}
+
+#[test]
+fn upscale_presets_and_several_prompts() {
+    let server = Server::start(&["--max-width", "200", "--max-height", "200"]);
+    let base = r#""seed": 5, "steps": 2, "width": 64, "height": 64"#;
+    // Upscaled ×2, then the hires pass: 128² images.
+    let job =
+        run(&server, &format!(r#"{{"prompt": "a cat", {base}, "upscale": {{"factor": 2, "hires_strength": 0.5}}}}"#));
+    assert_eq!(size(&job["images"][0]), (128, 128));
+    // The 4k preset with the size given: its passes, its name in the metadata; its hires pass
+    // (strength 0.3) checked before queueing, with too few steps to run.
+    refused_steps(&server);
+    let job = run(
+        &server,
+        &format!(r#"{{"prompt": "a cat", {}, "quality": "4k"}}"#, base.replace(r#""steps": 2"#, r#""steps": 4"#)),
+    );
+    assert_eq!(size(&job["images"][0]), (128, 128));
+    assert_eq!(job["images"][0]["metadata"]["extra"]["preset"], "4k", "{job}");
+    // Two prompts, one image each, the seeds continuing.
+    let job = run(&server, &format!(r#"{{"prompts": ["a cat", "", "a dog"], {base}}}"#));
+    let images = job["images"].as_array().unwrap();
+    let got: Vec<(&str, u64)> =
+        images.iter().map(|i| (i["metadata"]["prompt"].as_str().unwrap(), i["seed"].as_u64().unwrap())).collect();
+    assert_eq!(got, [("a cat", 5), ("a dog", 6)]);
+
+    let refused = |body: String, field: &str, needle: &str| {
+        server.post("/v1/jobs", &body).assert_refused(422, Some(field), needle);
+    };
+    refused(format!(r#"{{"prompt": "a cat", {base}, "upscale": {{"factor": 5}}}}"#), "upscale.factor", "5");
+    refused(
+        format!(r#"{{"prompt": "a cat", {base}, "upscale": {{"factor": 2, "hires_strength": 1.5}}}}"#),
+        "upscale.hires_strength",
+        "outside [0, 1]",
+    );
+    // The caps bound the upscaled size: 64 × 4 = 256 > 200.
+    refused(
+        format!(r#"{{"prompt": "a cat", {base}, "upscale": {{"factor": 4}}}}"#),
+        "upscale.factor",
+        "limit of 200x200",
+    );
+    // The 4k preset's own 1024² is past the caps; its unknown and not-yet siblings are named.
+    refused(r#"{"prompt": "a cat", "quality": "4k"}"#.into(), "width", "limit of 200");
+    refused(r#"{"prompt": "a cat", "quality": "8k"}"#.into(), "quality", "not a preset");
+    refused(r#"{"prompt": "a cat", "quality": "4k-ultra"}"#.into(), "quality", "not available yet");
+    refused(format!(r#"{{"prompt": "a cat", "prompts": ["a dog"], {base}}}"#), "prompts", "one or the other");
+    refused(format!(r#"{{"prompts": [" "], {base}}}"#), "prompts", "no prompt");
+    refused(format!(r#"{{"prompts": ["a", "b", "c"], {base}, "n": 6}}"#), "n", "limit of 16 images");
+    server.assert_alive();
+}
+
+fn refused_steps(server: &Server) {
+    let body = r#"{"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "quality": "4k"}"#;
+    server.post("/v1/jobs", body).assert_refused(422, Some("upscale.hires_strength"), "no step to run");
+}
+
+#[test]
+fn a1111_hires_fix_runs_the_hires_pass() {
+    let server = Server::start(&["--max-width", "200", "--max-height", "200"]);
+    let base = r#""prompt": "a cat", "seed": 3, "steps": 2, "width": 64, "height": 64, "enable_hr": true"#;
+    let r = server.post(
+        "/sdapi/v1/txt2img",
+        &format!(r#"{{{base}, "hr_scale": 2, "denoising_strength": 0.5, "hr_upscaler": "Lanczos"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
+    assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(128), Some(128)), "{info}");
+    let png = common::unbase64(r.json()["images"][0].as_str().unwrap());
+    assert_eq!(&png[16..24], &[0, 0, 0, 128, 0, 0, 0, 128], "the PNG is 128×128");
+
+    let refused = |extra: &str, field: &str, needle: &str| {
+        server.post("/sdapi/v1/txt2img", &format!("{{{base}{extra}}}")).assert_refused(422, Some(field), needle);
+    };
+    refused(r#", "hr_upscaler": "Latent""#, "hr_upscaler", "only Lanczos");
+    refused(r#", "hr_scale": 2.5"#, "hr_scale", "not 2, 3 or 4");
+    refused(r#", "hr_scale": 4"#, "hr_scale", "limit of 200x200");
+    refused(r#", "denoising_strength": 2"#, "denoising_strength", "outside [0, 1]");
+    server.assert_alive();
+}
+
+#[test]
+fn the_check_plans_the_refiner_too() {
+    // SD 1.5 cannot hand over to the SDXL refiner: refused before the job is queued.
+    let refiner = path("tiny-sdxl-refiner");
+    let server = Server::start(&["--extra-model", &refiner]);
+    let r = server.post("/v1/jobs", &format!(r#"{{"prompt": "a cat", "steps": 2, "refiner": "{refiner}"}}"#));
+    r.assert_refused(422, Some("refiner"), "");
+}
