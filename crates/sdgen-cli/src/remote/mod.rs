@@ -67,6 +67,8 @@ fn refuse_local_only(args: &Args) -> anyhow::Result<()> {
         (!args.lora.is_empty(), "--lora", "the server takes no LoRA yet"),
         (args.quality.is_some(), "--quality", "the job API takes no preset yet"),
         (args.upscale.is_some(), "--upscale", "the job API takes no upscaling yet"),
+        (args.prompt_style != "a1111", "--prompt-style", "the server reads prompts A1111's way"),
+        (args.clip_skip.is_some(), "--clip-skip", "the job API takes no clip skip yet"),
         (args.config_from.is_some(), "--config-from", "it names a folder on this machine"),
         (args.max_memory.is_some(), "--max-memory", "the server's own --max-memory applies"),
         (args.memory_mode != "auto", "--memory-mode", "the server plans its own memory"),

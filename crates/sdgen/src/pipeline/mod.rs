@@ -62,6 +62,8 @@ pub struct Request {
     pub scheduler: Option<SchedulerKind>,
     /// The options only some families honour (SD 3's T5 and skip-layer guidance).
     pub family_options: FamilyOptions,
+    /// How the prompts are read (A1111's syntax and chunking, or diffusers'), and the clip skip.
+    pub prompt_options: crate::prompt::PromptOptions,
 }
 
 /// Options of the families with a T5 encoder and an MMDiT (SD 3.5); refused for the others.
