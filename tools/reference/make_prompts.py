@@ -3,7 +3,10 @@
 
 Writes (relative to the repository root):
   testdata/reference/prompts/prompts.json         the prompts, their chunks' ids and weights
-  testdata/reference/prompts/prompts.safetensors  per case the text encoder's output, [1, 77·k, d]
+  testdata/reference/prompts/prompts.safetensors  per case the text encoder's output, [1, 77·k, d],
+                                                  and `pipeline_image`: IMAGE_CASE through diffusers'
+                                                  StableDiffusionPipeline with prompt_embeds= and
+                                                  negative_prompt_embeds= these embeddings
 
 A re-implementation of A1111's algorithm on top of transformers' CLIPTextModel, following
 AUTOMATIC1111/stable-diffusion-webui (v1.10):
@@ -226,9 +229,29 @@ CASES = [
 ]
 
 
+# One image: a 3-chunk weighted prompt against a 1-chunk weighted negative (padded to 3), through
+# diffusers with the embeddings passed in (the folder's PNDM scheduler, seed 42).
+IMAGE_CASE = dict(prompt="(" + LONG + ":0.8) BREAK a [[small]] dog, (bright eyes:1.2)",
+                  negative_prompt="blurry, (low quality:1.4)", seed=42, steps=10, guidance=7.5, width=64, height=64)
+
+
+def pipeline_image(tokenizer, model):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    clip = A1111Clip(tokenizer, model)
+    cond, chunks = clip.forward(IMAGE_CASE["prompt"])
+    uncond, _ = clip.forward(IMAGE_CASE["negative_prompt"], len(chunks))
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=IMAGE_CASE["steps"],
+               guidance_scale=IMAGE_CASE["guidance"], width=IMAGE_CASE["width"], height=IMAGE_CASE["height"],
+               generator=torch.Generator("cpu").manual_seed(IMAGE_CASE["seed"]), output_type="np")
+    return torch.from_numpy(out.images).contiguous()
+
+
 def main():
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     tokenizer = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
     model = CLIPTextModel.from_pretrained(MODEL / "text_encoder", torch_dtype=torch.float32).eval()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -243,7 +266,9 @@ def main():
                 "parsed": parse_prompt_attention(prompt),
                 "chunks": [{"ids": c.tokens, "multipliers": c.multipliers} for c in chunks],
             })
+        tensors["pipeline_image"] = pipeline_image(tokenizer, model)
     save_file(tensors, OUT / "prompts.safetensors")
+    (OUT / "image_case.json").write_text(json.dumps(IMAGE_CASE, indent=1) + "\n")
     (OUT / "prompts.json").write_text(json.dumps(meta, indent=1) + "\n")
     for m in meta:
         print(m["name"], len(m["chunks"]), "chunks")
