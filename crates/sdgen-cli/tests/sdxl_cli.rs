@@ -119,6 +119,8 @@ fn vae_replaces_the_models_own() {
     // Not a VAE at all: a UNet folder.
     let unet = testdata().join("tiny-sdxl/unet").display().to_string();
     assert_refused(&["x", "--model", &base(), "--vae", &unet], &["--vae", "not an AutoencoderKL"]);
+    // Clip skip is SD 1.5's setting (SDXL already reads the penultimate layers).
+    assert_refused(&["x", "--model", &base(), "--clip-skip", "2", "--steps", "1"], &["--clip-skip", "SD 1.5"]);
     let missing = dir.path().join("no-such-vae").display().to_string();
     assert_refused(&["x", "--model", &base(), "--vae", &missing], &["--vae", "no config.json"]);
 }

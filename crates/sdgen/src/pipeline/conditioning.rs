@@ -308,17 +308,7 @@ fn encode_with(
     let encoder = TextEncoder::load(model, spec, req, &device, dtype)?;
     loaded(progress, stage_name);
     let options = req.prompt_options;
-    if let Some(skip) = options.clip_skip {
-        if spec.layer != HiddenLayer::Last || spec.arch != TextEncoderArch::Clip {
-            return Err(Error::invalid(
-                "clip_skip",
-                format!("applies to SD 1.5's text encoder; {} conditions on other layers", model.family().display),
-            ));
-        }
-        if skip == 0 {
-            return Err(Error::invalid("clip_skip", "is 1 or more (1 = the last layer, A1111's default)"));
-        }
-    }
+    // The clip skip was checked against the family and the encoder's layers (`check_clip_skip`).
     let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
     let chunked = match &encoder {
         TextEncoder::Clip(tokenizer, _) => prompt::needs_a1111(tokenizer, options.style, texts)?,
