@@ -54,9 +54,9 @@ pub fn parse_prompt_attention(text: &str) -> Vec<Piece> {
             round.push(res.len());
         } else if m == "[" {
             square.push(res.len());
-        } else if weight.is_some() && !round.is_empty() {
+        } else if let Some(w) = weight.filter(|_| !round.is_empty()) {
             let start = round.pop().expect("non-empty");
-            multiply_range(&mut res, start, weight.expect("some"));
+            multiply_range(&mut res, start, w);
         } else if m == ")" && !round.is_empty() {
             let start = round.pop().expect("non-empty");
             multiply_range(&mut res, start, ROUND);
