@@ -86,6 +86,16 @@ pub struct Args {
     /// What not to draw.
     #[arg(long)]
     pub negative: Option<String>,
+    /// How prompts are read: `a1111` (the default) reads A1111's `(word:1.2)`, `(word)`,
+    /// `[word]`, `\(` and `BREAK`, and encodes prompts over 75 tokens in chunks of 75 (a plain
+    /// prompt that fits is encoded exactly as diffusers does); `diffusers` reads brackets as text
+    /// and cuts at 77 tokens, with a warning naming what was cut.
+    #[arg(long, value_name = "STYLE", default_value = "a1111", value_parser = ["a1111", "diffusers"])]
+    pub prompt_style: String,
+    /// A1111's "Clip skip" for SD 1.5: 1 = the text encoder's last layer (the default), 2 = the
+    /// one before (then its final layer norm), and so on.
+    #[arg(long, value_name = "N", value_parser = count, allow_negative_numbers = true)]
+    pub clip_skip: Option<usize>,
     /// Number of batches (A1111's batch count): --n × --batch-size images in all, image i with
     /// seed + i; each batch is saved as soon as it is done.
     #[arg(short = 'n', long, visible_alias = "batch-count", default_value_t = 1, value_parser = count, allow_negative_numbers = true)]
@@ -319,6 +329,13 @@ impl Args {
                         ..SkipLayerGuidance::new(layers)
                     }),
                 },
+                prompt_options: sdgen::prompt::PromptOptions {
+                    style: match self.prompt_style.as_str() {
+                        "diffusers" => sdgen::prompt::PromptStyle::Diffusers,
+                        _ => sdgen::prompt::PromptStyle::A1111,
+                    },
+                    clip_skip: self.clip_skip,
+                },
             },
             prompts,
             img2img,
@@ -405,6 +422,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("no_t5", "--no-t5"),
     ("max_sequence_length", "--max-sequence-length"),
     ("skip_layer_guidance", "--slg"),
+    ("clip_skip", "--clip-skip"),
     ("lora", "--lora"),
     ("device", "--device"),
     ("upscale", "--upscale"),

@@ -63,7 +63,22 @@ fn n_images_get_consecutive_seeds_and_a_long_prompt_warns() {
     let out = dir.path().join("out");
     let long = "a very detailed painting of a lighthouse on a rocky coast at dusk ".repeat(8);
     let o = generate(
-        &[&long, "--model", &tiny_model(), "--seed", "7", "--steps", "2", "--n", "2", "--scheduler", "euler", "--json"],
+        &[
+            &long,
+            "--model",
+            &tiny_model(),
+            "--seed",
+            "7",
+            "--steps",
+            "2",
+            "--n",
+            "2",
+            "--scheduler",
+            "euler",
+            "--prompt-style",
+            "diffusers",
+            "--json",
+        ],
         &out,
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -71,13 +86,28 @@ fn n_images_get_consecutive_seeds_and_a_long_prompt_warns() {
     let seeds: Vec<u64> = result["images"].as_array().unwrap().iter().map(|i| i["seed"].as_u64().unwrap()).collect();
     assert_eq!(seeds, vec![7, 8]);
     assert_eq!(files_in(&out).len(), 4);
-    assert!(stderr(&o).contains("tokens were dropped"), "{}", stderr(&o));
+    // diffusers' cut names where the dropped words begin.
+    assert!(stderr(&o).contains("tokens were dropped (from about \""), "{}", stderr(&o));
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(result["images"][1]["metadata"].as_str().unwrap()).unwrap())
             .unwrap();
     assert_eq!(meta["seed"], 8);
     assert_eq!(meta["scheduler"], "euler");
     assert!(meta["warnings"][0].as_str().unwrap().contains("tokens were dropped"));
+}
+
+/// A1111's reading, the default: a long weighted prompt is encoded whole (no warning); the clip
+/// skip runs on SD 1.5.
+#[test]
+fn long_weighted_prompts_are_chunked_and_clip_skip_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "a very detailed (painting:1.2) of a lighthouse on a [rocky] coast at dusk ".repeat(8) + "BREAK a dog";
+    let o = generate(
+        &[&long, "--model", &tiny_model(), "--seed", "7", "--steps", "2", "--clip-skip", "2"],
+        &dir.path().join("out"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("dropped"), "{}", stderr(&o));
 }
 
 #[test]
@@ -92,6 +122,8 @@ fn bad_input_is_refused_clearly() {
     assert_refused(&["x", "--model", &model, "--scheduler", "dpm9000"], &["dpm9000", "pndm", "ddim", "euler"]);
     assert_refused(&["x", "--model", &model, "--device", "tpu"], &["--device tpu"]);
     assert_refused(&["", "--model", &model], &["prompt is empty"]);
+    assert_refused(&["x", "--model", &model, "--prompt-style", "compel"], &["compel", "a1111", "diffusers"]);
+    assert_refused(&["x", "--model", &model, "--clip-skip", "0"], &["--clip-skip"]);
     assert_refused(&["x", "--model", "sd15", "--offline"], &["stable-diffusion-v1-5/stable-diffusion-v1-5", "offline"]);
 }
 

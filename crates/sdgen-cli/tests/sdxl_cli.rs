@@ -38,6 +38,19 @@ fn sdxl_base_writes_diffusers_image() {
     assert!(log.contains("Before text encoder 2 load"), "{log}");
 }
 
+/// A1111's chunks through both SDXL encoders (side by side per chunk, the pooled text from the
+/// first chunk) against a shorter negative: runs whole, nothing dropped.
+#[test]
+fn sdxl_reads_long_weighted_prompts_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "a (lighthouse:1.3) on a rocky coast at dusk, [fog], ".repeat(10);
+    let (_, log) = run_json(
+        &[&long, "--model", &base(), "--negative", "blurry", "--seed", "1", "--steps", "2", "--json"],
+        &dir.path().join("out"),
+    );
+    assert!(!log.contains("dropped"), "{log}");
+}
+
 #[test]
 fn refiner_finishes_the_base_run_and_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,6 +132,8 @@ fn vae_replaces_the_models_own() {
     // Not a VAE at all: a UNet folder.
     let unet = testdata().join("tiny-sdxl/unet").display().to_string();
     assert_refused(&["x", "--model", &base(), "--vae", &unet], &["--vae", "not an AutoencoderKL"]);
+    // Clip skip is SD 1.5's setting (SDXL already reads the penultimate layers).
+    assert_refused(&["x", "--model", &base(), "--clip-skip", "2", "--steps", "1"], &["--clip-skip", "SD 1.5"]);
     let missing = dir.path().join("no-such-vae").display().to_string();
     assert_refused(&["x", "--model", &base(), "--vae", &missing], &["--vae", "no config.json"]);
 }

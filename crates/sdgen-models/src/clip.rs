@@ -235,6 +235,26 @@ impl ClipTextModel {
         Ok(ClipTextOutput { last_hidden_state, penultimate_hidden_state, pooled, text_embeds })
     }
 
+    /// A1111's "Clip skip" `skip` (1 = the last layer): the hidden state `skip` layers from the end
+    /// (transformers' `hidden_states[-skip]`, the output of the first `layers + 1 - skip` layers),
+    /// then the final LayerNorm (`encode_with_transformers` in A1111's `modules/sd_hijack_clip.py`).
+    pub fn forward_clip_skip(&self, input_ids: &Tensor, skip: usize) -> Result<Tensor> {
+        let n = self.layers.len();
+        if skip == 0 || skip > n {
+            candle_core::bail!("clip skip {skip} is outside 1..={n} (the encoder's layers)")
+        }
+        let (_, seq) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let positions = Tensor::arange(0u32, seq as u32, device)?;
+        let mut x = self.token_embedding.forward(&ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq, device)?.to_dtype(x.dtype())?;
+        for layer in &self.layers[..n + 1 - skip] {
+            x = layer.forward(&x, &mask)?;
+        }
+        self.final_ln.forward(&x)
+    }
+
     /// The pooling position per sequence, as transformers picks it: with the legacy
     /// `eos_token_id == 2` the position of the highest id (the end-of-text token has the highest
     /// id in CLIP's vocabulary), otherwise the first occurrence of `eos_token_id`.

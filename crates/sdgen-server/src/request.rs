@@ -184,6 +184,9 @@ impl Settings {
                 height: self.height,
                 scheduler: self.scheduler,
                 family_options: self.family_options,
+                // Prompts are read A1111's way, the engine's default (the job API has no field for
+                // the style or the clip skip yet).
+                prompt_options: Default::default(),
             },
             img2img: self.init_image.map(|image| Img2ImgInput { image, strength: self.strength }),
             memory: MemoryRequest { max_images_per_batch: Some(self.batch_size.max(1)), ..Default::default() },

@@ -12,6 +12,7 @@ pub mod output;
 pub mod pipeline;
 pub mod planning;
 pub mod presets;
+pub mod prompt;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

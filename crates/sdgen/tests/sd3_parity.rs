@@ -56,6 +56,7 @@ impl Case {
                 no_t5: self.no_t5,
                 skip_layer_guidance: self.skip_guidance_layers.clone().map(SkipLayerGuidance::new),
             },
+            ..Default::default()
         }
     }
 

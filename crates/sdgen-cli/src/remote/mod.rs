@@ -58,6 +58,8 @@ pub fn run(args: &Args, url: &str) -> anyhow::Result<ExitCode> {
 fn refuse_local_only(args: &Args) -> anyhow::Result<()> {
     let local_only = [
         (args.check, "--check", "it reports this machine (the server's memory is at /v1/memory)"),
+        (args.prompt_style != "a1111", "--prompt-style", "the server reads prompts A1111's way"),
+        (args.clip_skip.is_some(), "--clip-skip", "the job API takes no clip skip yet"),
         (args.config_from.is_some(), "--config-from", "it names a folder on this machine"),
         (args.max_memory.is_some(), "--max-memory", "the server's own --max-memory applies"),
         (args.memory_mode != "auto", "--memory-mode", "the server plans its own memory"),

@@ -223,6 +223,14 @@ pub(super) fn run_metadata(
     if let Some(hash) = model_hash {
         extra.insert("model_hash".into(), hash.into());
     }
+    // How the prompt was read, where not the default: A1111's `Clip skip` is made from this.
+    let prompt = req.params.prompt_options;
+    if let Some(skip) = prompt.clip_skip {
+        extra.insert("clip_skip".into(), skip.into());
+    }
+    if prompt.style == crate::prompt::PromptStyle::Diffusers {
+        extra.insert("prompt_style".into(), "diffusers".into());
+    }
     let o = &req.params.family_options;
     if let Some(len) = o.max_sequence_length {
         extra.insert("max_sequence_length".into(), len.into());

@@ -42,6 +42,10 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
     if let Some(strength) = meta.extra.get("strength").and_then(|v| v.as_f64()) {
         fields.push(("Denoising strength", python_float(strength)));
     }
+    // A1111 writes its clip skip only above 1 (`create_infotext`), after the denoising strength.
+    if let Some(skip) = meta.extra.get("clip_skip").and_then(|v| v.as_u64()).filter(|&s| s > 1) {
+        fields.push(("Clip skip", skip.to_string()));
+    }
     if let Some(refiner) = meta.extra.get("refiner") {
         if let Some(model) = refiner.get("model").and_then(|v| v.as_str()) {
             fields.push(("Refiner", model.to_string()));
@@ -240,6 +244,15 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn clip_skip_above_one_is_recorded() {
+        let mut m = meta();
+        m.extra.insert("clip_skip".into(), 2.into());
+        assert!(a1111_parameters(&m).contains(", Clip skip: 2, Version: "), "{}", a1111_parameters(&m));
+        m.extra.insert("clip_skip".into(), 1.into());
+        assert!(!a1111_parameters(&m).contains("Clip skip"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use super::stages::{loaded, stage, StageLog};
 use super::{Progress, Request, Runtime};
 use crate::loading::family::{ContextJoin, HiddenLayer, MicroConditioning, TextEncoderArch, TextEncoderSpec};
 use crate::loading::{model_error, ModelFolder};
+use crate::prompt::{self, PromptChunk};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer, Tokenized, T5_DEFAULT_MAX_LENGTH, T5_MAX_LENGTH};
 use crate::{Error, Result};
 
@@ -317,30 +318,145 @@ fn encode_with(
         if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
     let encoder = TextEncoder::load(model, spec, req, &device, dtype)?;
     loaded(progress, stage_name);
+    let options = req.prompt_options;
+    // The clip skip was checked against the family and the encoder's layers (`check_clip_skip`).
     let mut out = Encoded { hidden: Vec::new(), pooled: Vec::new() };
+    let chunked = match &encoder {
+        TextEncoder::Clip(tokenizer, _) => prompt::needs_a1111(tokenizer, options.style, texts)?,
+        TextEncoder::T5(..) => false,
+    };
+    if chunked {
+        let TextEncoder::Clip(tokenizer, clip) = &encoder else { unreachable!("chunked is CLIP only") };
+        for (hidden, pooled) in encode_a1111(clip, tokenizer, texts, spec.layer, options.clip_skip, &device)? {
+            out.hidden.push(hidden.to_dtype(rt.dtype)?.to_device(&rt.device)?);
+            if spec.projection {
+                let pooled = pooled.ok_or_else(|| no_projection(model, spec))?;
+                out.pooled.push(pooled.to_dtype(rt.dtype)?.to_device(&rt.device)?);
+            }
+        }
+        return Ok(out);
+    }
     for (i, text) in texts.iter().enumerate() {
         let (tokens, limit) = encoder.tokenize(text)?;
         if tokens.dropped_tokens > 0 {
             let which = if cfg_guidance && i == 0 { "negative prompt" } else { "prompt" };
             let dropped = tokens.dropped_tokens;
-            warn_once(warnings, format!("the {which} is longer than {limit}: its last {dropped} tokens were dropped"));
+            let cut = match &encoder {
+                TextEncoder::Clip(tokenizer, _) => dropped_text(tokenizer, text)?,
+                TextEncoder::T5(..) => String::new(),
+            };
+            warn_once(
+                warnings,
+                format!("the {which} is longer than {limit}: its last {dropped} tokens were dropped{cut}"),
+            );
         }
         let ids = Tensor::new(tokens.ids.as_slice(), &device)?.unsqueeze(0)?;
-        let (hidden, pooled) = encoder.forward(&ids, spec.layer)?;
+        let (hidden, pooled) = match (&encoder, options.clip_skip) {
+            (TextEncoder::Clip(_, clip), Some(skip)) if skip > 1 => (clip.forward_clip_skip(&ids, skip)?, None),
+            _ => encoder.forward(&ids, spec.layer)?,
+        };
         out.hidden.push(hidden.to_dtype(rt.dtype)?.to_device(&rt.device)?);
         if spec.projection {
-            let pooled = pooled.ok_or_else(|| {
-                Error::BadModel(format!(
-                    "{}'s {} has no text projection, which {} needs",
-                    model.root().display(),
-                    spec.component,
-                    model.family().display
-                ))
-            })?;
+            let pooled = pooled.ok_or_else(|| no_projection(model, spec))?;
             out.pooled.push(pooled.to_dtype(rt.dtype)?.to_device(&rt.device)?);
         }
     }
     Ok(out)
+}
+
+/// The error of a family that needs a projection its encoder lacks.
+fn no_projection(model: &ModelFolder, spec: &TextEncoderSpec) -> Error {
+    Error::BadModel(format!(
+        "{}'s {} has no text projection, which {} needs",
+        model.root().display(),
+        spec.component,
+        model.family().display
+    ))
+}
+
+/// The prompts read A1111's way (`crate::prompt`): per text its chunks' hidden states
+/// concatenated along the tokens `[1, 77·k, d]`, and the pooled output of its first chunk
+/// (A1111's `zs[0].pooled`, SDXL's). All texts get as many chunks: the shorter padded with empty
+/// ones, as A1111 pads the unconditional side with the empty prompt's encoding.
+fn encode_a1111(
+    clip: &ClipTextModel,
+    tokenizer: &ClipTokenizer,
+    texts: &[String],
+    layer: HiddenLayer,
+    clip_skip: Option<usize>,
+    device: &Device,
+) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    let per_text: Vec<Vec<PromptChunk>> =
+        texts.iter().map(|t| prompt::a1111_chunks(tokenizer, t)).collect::<Result<_>>()?;
+    let count = per_text.iter().map(Vec::len).max().unwrap_or(1);
+    let empty = PromptChunk::empty(tokenizer.chunk_frame()?);
+    let mut out = Vec::with_capacity(texts.len());
+    for chunks in per_text {
+        let mut hidden = Vec::with_capacity(count);
+        let mut first_pooled = None;
+        for chunk in chunks.iter().chain(std::iter::repeat(&empty)).take(count) {
+            let (h, pooled) = encode_chunk(clip, chunk, layer, clip_skip, device)?;
+            hidden.push(h);
+            first_pooled.get_or_insert(pooled);
+        }
+        out.push((Tensor::cat(&hidden, 1)?, first_pooled.flatten()));
+    }
+    Ok(out)
+}
+
+/// One A1111 chunk through CLIP: the hidden state (`layer`, or the clip skip's) with the chunk's
+/// emphasis applied (skipped where every weight is 1, where it is the identity), and the
+/// projected pooled output.
+fn encode_chunk(
+    clip: &ClipTextModel,
+    chunk: &PromptChunk,
+    layer: HiddenLayer,
+    clip_skip: Option<usize>,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let ids = Tensor::new(chunk.ids.as_slice(), device)?.unsqueeze(0)?;
+    let o = clip.forward(&ids)?;
+    let hidden = match (clip_skip, layer) {
+        (Some(skip), _) if skip > 1 => clip.forward_clip_skip(&ids, skip)?,
+        (_, HiddenLayer::Last) => o.last_hidden_state,
+        (_, HiddenLayer::Penultimate) => o.penultimate_hidden_state,
+    };
+    let hidden = if chunk.unweighted() { hidden } else { prompt::apply_emphasis(&hidden, &chunk.multipliers)? };
+    Ok((hidden, o.text_embeds))
+}
+
+/// What diffusers' cut at 77 tokens drops, for the warning: `: "…"` with the words cut (each
+/// token decoded is not at hand, so the words are found by re-tokenizing word prefixes), and the
+/// way to keep them.
+fn dropped_text(tokenizer: &ClipTokenizer, text: &str) -> Result<String> {
+    let keep = tokenizer.max_length() - 2;
+    // The shortest prefix of words whose tokens overflow: the words from there on are cut.
+    let words: Vec<(usize, &str)> =
+        text.split_whitespace().map(|w| (w.as_ptr() as usize - text.as_ptr() as usize, w)).collect();
+    let mut cut_at = None;
+    for &(start, w) in &words {
+        let end = start + w.len();
+        if tokenizer.content_ids(&text[..end])?.len() > keep {
+            cut_at = Some(start);
+            break;
+        }
+    }
+    Ok(match cut_at {
+        Some(start) => format!(
+            " (from about \"{}\"; --prompt-style a1111 encodes all of it in chunks of 75)",
+            abbreviate(&text[start..], 60)
+        ),
+        None => String::new(),
+    })
+}
+
+/// `text` cut to `max_chars` characters with an ellipsis.
+fn abbreviate(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        text.to_owned()
+    } else {
+        format!("{}…", text.chars().take(max_chars).collect::<String>())
+    }
 }
 
 #[cfg(test)]
@@ -391,3 +507,7 @@ mod tests {
         assert_eq!(hidden[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 }
+
+#[cfg(test)]
+#[path = "conditioning_prompt_tests.rs"]
+mod prompt_tests;

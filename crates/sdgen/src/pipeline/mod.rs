@@ -30,7 +30,7 @@ pub use txt2img::{
 };
 pub use upscale::{check_upscale, hires_pass, resolve_hires, upscale, UPSCALE_FACTORS, UPSCALE_STAGE};
 
-use crate::loading::family::TextEncoderArch;
+use crate::loading::family::{HiddenLayer, TextEncoderArch};
 use crate::loading::ModelFolder;
 use crate::schedulers::{RunInputs, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::T5_MAX_LENGTH;
@@ -62,6 +62,8 @@ pub struct Request {
     pub scheduler: Option<SchedulerKind>,
     /// The options only some families honour (SD 3's T5 and skip-layer guidance).
     pub family_options: FamilyOptions,
+    /// How the prompts are read (A1111's syntax and chunking, or diffusers'), and the clip skip.
+    pub prompt_options: crate::prompt::PromptOptions,
 }
 
 /// Options of the families with a T5 encoder and an MMDiT (SD 3.5); refused for the others.
@@ -319,6 +321,7 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
     // The schedule itself is checked now (each scheduler's step limits), not after the models load.
     build_scheduler(model, scheduler, steps, width, height)?;
     check_family_options(model, &req.family_options, guidance)?;
+    check_clip_skip(model, req.prompt_options.clip_skip)?;
     let skipped_encoders = skipped_encoders(model, &req.family_options);
     // An encoder the run needs but cannot load (a single file's missing T5) is refused now, not
     // after the others have run.
@@ -338,6 +341,28 @@ pub fn skipped_encoders(model: &ModelFolder, o: &FamilyOptions) -> Vec<&'static 
 
 /// The request field of skip-layer guidance.
 const SLG: &str = "skip_layer_guidance";
+
+/// A1111's clip skip is SD 1.5's setting: refused for families whose encoders are not one CLIP
+/// read at its last layer (SDXL already reads the penultimate ones), and outside 1..=layers.
+fn check_clip_skip(model: &ModelFolder, clip_skip: Option<usize>) -> Result<()> {
+    let Some(skip) = clip_skip else { return Ok(()) };
+    let family = model.family();
+    let sd15_like = matches!(family.encoders, [e] if e.arch == TextEncoderArch::Clip && e.layer == HiddenLayer::Last);
+    if !sd15_like {
+        return Err(Error::invalid(
+            "clip_skip",
+            format!("applies to SD 1.5's text encoder; {} conditions on other layers", family.display),
+        ));
+    }
+    let cfg: sdgen_models::clip::ClipTextConfig = model.config(family.encoders[0].component, "config.json")?;
+    if skip == 0 || skip > cfg.num_hidden_layers {
+        return Err(Error::invalid(
+            "clip_skip",
+            format!("{skip} is outside 1..={} (1 = the last layer, A1111's default)", cfg.num_hidden_layers),
+        ));
+    }
+    Ok(())
+}
 
 /// Refuses the T5 and skip-layer options for families without a T5 encoder or transformer
 /// blocks, and values the model cannot take.

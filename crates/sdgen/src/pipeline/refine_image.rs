@@ -39,12 +39,14 @@ pub struct ImageRefiner<'a> {
 }
 
 /// The refiner's request: the base's prompts, batch, seed and size (`base`'s); steps, guidance
-/// and scheduler as `req` asks, else the refiner's own defaults; no family options.
+/// and scheduler as `req` asks, else the refiner's own defaults; no family options, no clip skip
+/// (an SD 1.5 setting; the prompt style carries over).
 fn refiner_request(req: &Request, base: &Settings) -> Request {
     Request {
         width: Some(base.width),
         height: Some(base.height),
         family_options: FamilyOptions::default(),
+        prompt_options: crate::prompt::PromptOptions { clip_skip: None, ..req.prompt_options },
         ..req.clone()
     }
 }

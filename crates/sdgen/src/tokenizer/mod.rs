@@ -236,8 +236,17 @@ impl ClipTokenizer {
         Ok(Tokenized { ids, dropped_tokens })
     }
 
+    /// The ids that frame A1111's chunks (`crate::prompt`), and the id of `,`.
+    pub fn chunk_frame(&self) -> Result<crate::prompt::ChunkFrame> {
+        let comma = match self.content_ids(",")?.as_slice() {
+            [id] => Some(*id),
+            _ => None,
+        };
+        Ok(crate::prompt::ChunkFrame { bos: self.frame.bos, eos: self.frame.eos, pad: self.frame.pad, comma })
+    }
+
     /// The prompt's tokens, unframed and untruncated.
-    fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
+    pub fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
         match &self.engine {
             Engine::Slow(e) => e.content_ids(text),
             Engine::Fast(e) => e.content_ids(text),

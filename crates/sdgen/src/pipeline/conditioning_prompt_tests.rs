@@ -1,0 +1,105 @@
+//! A1111's long and weighted prompts on the tiny SD 1.5 against `tools/reference/make_prompts.py`
+//! (a re-implementation of A1111's `sd_hijack_clip.py`/`sd_emphasis.py` on transformers'
+//! `CLIPTextModel`): the same chunks (ids and weights) and the same embeddings (f32, ≤ 1e-5
+//! relative to the largest magnitude).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
+
+use super::encode_a1111;
+use crate::loading::family::HiddenLayer;
+use crate::prompt::{self, PromptChunk};
+use crate::tokenizer::ClipTokenizer;
+
+fn testdata() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata"))
+}
+
+fn tiny_clip() -> (ClipTokenizer, ClipTextModel) {
+    let dir = testdata().join("tiny-sd15");
+    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
+    let cfg: ClipTextConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("text_encoder/config.json")).unwrap()).unwrap();
+    let weights = dir.join("text_encoder/model.safetensors");
+    // SAFETY: the test data is not modified while mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap() };
+    (tokenizer, ClipTextModel::new(&cfg, false, vb).unwrap())
+}
+
+#[test]
+fn chunks_and_embeddings_match_a1111_reference() {
+    let dir = testdata().join("reference/prompts");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("prompts.json")).unwrap()).unwrap();
+    let reference = candle_core::safetensors::load(dir.join("prompts.safetensors"), &Device::Cpu).unwrap();
+    let (tokenizer, clip) = tiny_clip();
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let text = case["prompt"].as_str().unwrap();
+        let want: Vec<(Vec<u32>, Vec<f64>)> = case["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    serde_json::from_value(c["ids"].clone()).unwrap(),
+                    serde_json::from_value(c["multipliers"].clone()).unwrap(),
+                )
+            })
+            .collect();
+        let mut got = prompt::a1111_chunks(&tokenizer, text).unwrap();
+        let pad_to = case["pad_to_chunks"].as_u64().map_or(got.len(), |n| n as usize);
+        got.resize(pad_to, PromptChunk::empty(tokenizer.chunk_frame().unwrap()));
+        assert_eq!(got.len(), want.len(), "{name}: chunk count");
+        for (i, (g, (ids, weights))) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.ids, ids, "{name}: chunk {i} ids");
+            for (a, b) in g.multipliers.iter().zip(weights) {
+                assert!((a - b).abs() <= 1e-12, "{name}: chunk {i} weights {a} vs {b}");
+            }
+        }
+        // A padded case is the negative side of a longer prompt: encode it beside one.
+        let skip = case["clip_skip"].as_u64().map(|n| n as usize);
+        let mut texts = vec![text.to_owned()];
+        if pad_to > 1 && case["pad_to_chunks"].is_u64() {
+            // `pad_to` chunks: one word between BREAKs.
+            texts.push(vec!["word"; pad_to].join(" BREAK "));
+        }
+        let (hidden, _) =
+            encode_a1111(&clip, &tokenizer, &texts, HiddenLayer::Last, skip, &Device::Cpu).unwrap().remove(0);
+        let want = &reference[name];
+        assert_eq!(hidden.dims(), want.dims(), "{name}: shape");
+        let max_ref = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (hidden - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5 * max_ref, "{name}: max |Δ| {diff} (largest value {max_ref})");
+    }
+}
+
+/// The cases exercise what they are for: more than one chunk, weights other than 1, a BREAK,
+/// the clip skip (a test that passes on one chunk of ones would prove little).
+#[test]
+fn reference_cases_cover_chunking_and_weights() {
+    let (tokenizer, _) = tiny_clip();
+    let long = prompt::a1111_chunks(&tokenizer, &"a lighthouse at dusk, ".repeat(12)).unwrap();
+    assert!(long.len() >= 2);
+    let weighted = prompt::a1111_chunks(&tokenizer, "a (red:1.3) house BREAK [sky]").unwrap();
+    assert_eq!(weighted.len(), 2);
+    assert!(!weighted[0].unweighted() && !weighted[1].unweighted());
+}
+
+/// The same tokens give the same state whether encoded diffusers' way or as one A1111 chunk.
+#[test]
+fn plain_short_prompt_is_diffusers_encoding() {
+    let (tokenizer, clip) = tiny_clip();
+    let text = "a lighthouse".to_owned();
+    assert!(!prompt::needs_a1111(&tokenizer, prompt::PromptStyle::A1111, std::slice::from_ref(&text)).unwrap());
+    let ids = tokenizer.encode(&text).unwrap().ids;
+    let chunk = prompt::a1111_chunks(&tokenizer, &text).unwrap();
+    assert_eq!(chunk[0].ids, ids);
+    let one = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    assert_eq!(clip.forward(&one).unwrap().last_hidden_state.dims(), &[1, 77, 32]);
+}
