@@ -103,3 +103,37 @@ fn plain_short_prompt_is_diffusers_encoding() {
     let one = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     assert_eq!(clip.forward(&one).unwrap().last_hidden_state.dims(), &[1, 77, 32]);
 }
+
+/// SD 3.5's joint conditioning from all three encoders — CLIP-L's and bigG's penultimate states
+/// padded to T5's width beside T5's 256 tokens, and the two pooled projections side by side —
+/// against diffusers' `StableDiffusion3Pipeline.encode_prompt` (tiny Large, `make_sd3.py`'s
+/// `components.safetensors`: the negative "" first, then the prompt).
+#[test]
+fn sd35_conditioning_matches_diffusers_encode_prompt() {
+    use super::super::stages::StageLog;
+    use super::super::{Request, Runtime};
+    use super::{encode_prompts, ImageSize};
+    let model = crate::loading::ModelFolder::open(&testdata().join("tiny-sd35-large")).unwrap();
+    let req = Request {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: Some(String::new()),
+        n: 1,
+        ..Default::default()
+    };
+    let size = ImageSize { height: 64, width: 96 };
+    let (mut log, mut warnings) = (StageLog::default(), Vec::new());
+    let cond =
+        encode_prompts(&model, &req, true, size, "", &Runtime::cpu(), &mut log, &mut warnings, &mut |_| {}).unwrap();
+    let r =
+        candle_core::safetensors::load(testdata().join("reference/sd3/components.safetensors"), &Device::Cpu).unwrap();
+    let close = |name: &str, got: &Tensor| {
+        let want = &r[name];
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        let diff = (got.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5 * scale.max(1.0), "{name}: max difference {diff} (scale {scale})");
+    };
+    close("context", &cond.context);
+    close("pooled", cond.pooled.as_ref().expect("SD 3.5 has pooled text"));
+}
