@@ -153,7 +153,11 @@ pub fn run(
             let mut last = None;
             let timed = time_it(device, run, "transformer evaluation", || {
                 let out = mmdit.forward(&latents, &t, &context, &pooled)?;
-                last = Some(out.clone());
+                // Kept only to be written: an output held into the next evaluation would count in
+                // its peak.
+                if run.dump.is_some() {
+                    last = Some(out.clone());
+                }
                 Ok(out)
             })?;
             if let (Some(path), Some(out)) = (run.dump, last) {

@@ -29,6 +29,19 @@ fn medium() -> String {
     testdata().join("tiny-sd35-medium").display().to_string()
 }
 
+/// `generate`'s arguments for a reference case (`make_sd3.py`'s prompt, seed 42, guidance 5):
+/// the model's, the steps and `extra` flags, with `--json`.
+fn reference_run(model: &[&str], steps: &str, extra: &[&str]) -> Vec<String> {
+    let common = ["--seed", "42", "--steps", steps, "--guidance", "5"];
+    std::iter::once("a lighthouse at dusk")
+        .chain(model.iter().copied())
+        .chain(common)
+        .chain(extra.iter().copied())
+        .chain(["--json"])
+        .map(String::from)
+        .collect()
+}
+
 /// The PNG against diffusers' float image of case `key` (`reference/sd3/pipeline.safetensors`),
 /// to the pipeline tolerance (99.5% of channels within 1/255 after rounding, none over 8).
 fn assert_matches_case(png: &Path, key: &str) {
@@ -56,7 +69,7 @@ fn sd35_large_writes_diffusers_image() {
     let (result, log) = run_json(&args, &out);
     // The folder's own size: sample_size 8 × the VAE's 8.
     assert_eq!((result["width"].as_u64(), result["height"].as_u64()), (Some(64), Some(64)));
-    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large");
+    assert_matches_case(&png(&result), "large");
     let meta = sidecar(&result);
     assert_eq!(meta["pipeline_type"], "StableDiffusion3Pipeline (SD 3.5)");
     assert_eq!(meta["scheduler"], "flow-euler");
@@ -71,21 +84,9 @@ fn sd35_large_writes_diffusers_image() {
 fn no_t5_skips_the_encoder_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let args = [
-        "a lighthouse at dusk",
-        "--model",
-        &large(),
-        "--seed",
-        "42",
-        "--steps",
-        "6",
-        "--guidance",
-        "5",
-        "--no-t5",
-        "--json",
-    ];
-    let (result, log) = run_json(&args, &out);
-    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large_no_t5");
+    let args = reference_run(&["--model", &large()], "6", &["--no-t5"]);
+    let (result, log) = run_json(&args.iter().map(String::as_str).collect::<Vec<_>>(), &out);
+    assert_matches_case(&png(&result), "large_no_t5");
     let meta = sidecar(&result);
     assert_eq!(meta["extra"]["skipped_encoders"], serde_json::json!(["text_encoder_3"]));
     assert!(meta["timings_ms"].get("text_encoder_3").is_none(), "{meta}");
@@ -99,22 +100,9 @@ fn no_t5_skips_the_encoder_and_says_so() {
 fn skip_layer_guidance_and_sequence_length_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let args = [
-        "a lighthouse at dusk",
-        "--model",
-        &medium(),
-        "--seed",
-        "42",
-        "--steps",
-        "10",
-        "--guidance",
-        "5",
-        "--slg",
-        "1",
-        "--json",
-    ];
-    let (result, _) = run_json(&args, &out);
-    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "medium_slg");
+    let args = reference_run(&["--model", &medium()], "10", &["--slg", "1"]);
+    let (result, _) = run_json(&args.iter().map(String::as_str).collect::<Vec<_>>(), &out);
+    assert_matches_case(&png(&result), "medium_slg");
     let meta = sidecar(&result);
     assert_eq!(meta["extra"]["skip_layer_guidance"]["layers"], serde_json::json!([1]));
     assert_eq!(meta["extra"]["skip_layer_guidance"]["scale"], 2.8);
@@ -137,7 +125,7 @@ fn skip_layer_guidance_and_sequence_length_are_recorded() {
         "--json",
     ];
     let (result, _) = run_json(&args, &out);
-    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large_t5_77");
+    assert_matches_case(&png(&result), "large_t5_77");
     assert_eq!(sidecar(&result)["extra"]["max_sequence_length"], 77);
 }
 
@@ -164,22 +152,9 @@ fn sd35_single_file_writes_diffusers_image() {
     let single = testdata().join("tiny-sd35-single");
     let file = single.join("tiny-sd35-medium.safetensors").display().to_string();
     let out = dir.path().join("out");
-    let args = [
-        "a lighthouse at dusk",
-        "--model",
-        &file,
-        "--config-from",
-        &medium(),
-        "--seed",
-        "42",
-        "--steps",
-        "6",
-        "--guidance",
-        "5",
-        "--json",
-    ];
-    let (result, log) = run_json(&args, &out);
-    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "medium");
+    let args = reference_run(&["--model", &file, "--config-from", &medium()], "6", &[]);
+    let (result, log) = run_json(&args.iter().map(String::as_str).collect::<Vec<_>>(), &out);
+    assert_matches_case(&png(&result), "medium");
     let meta = sidecar(&result);
     assert_eq!(meta["pipeline_type"], "StableDiffusion3Pipeline (SD 3.5)");
     assert!(meta["model"].as_str().unwrap().ends_with("tiny-sd35-medium.safetensors"), "{meta}");
@@ -187,23 +162,9 @@ fn sd35_single_file_writes_diffusers_image() {
 
     let file = single.join("tiny-sd35-large.safetensors").display().to_string();
     let out = dir.path().join("out-large");
-    let args = [
-        "a lighthouse at dusk",
-        "--model",
-        &file,
-        "--config-from",
-        &large(),
-        "--seed",
-        "42",
-        "--steps",
-        "6",
-        "--guidance",
-        "5",
-        "--no-t5",
-        "--json",
-    ];
-    let (result, _) = run_json(&args, &out);
-    assert_matches_case(Path::new(result["images"][0]["png"].as_str().unwrap()), "large_no_t5");
+    let args = reference_run(&["--model", &file, "--config-from", &large()], "6", &["--no-t5"]);
+    let (result, _) = run_json(&args.iter().map(String::as_str).collect::<Vec<_>>(), &out);
+    assert_matches_case(&png(&result), "large_no_t5");
 }
 
 /// A Medium file given Large's configs, and a file whose `text_encoders/` lacks CLIP-G: refused

@@ -259,11 +259,17 @@ pub trait Scheduler: Send {
     /// the Runge-Kutta warm-up (`skip_prk_steps: false`).
     fn timesteps(&self) -> &[f64];
 
-    /// Standard deviation of the initial noise: the pipeline multiplies its N(0, 1) latents by it.
-    fn init_noise_sigma(&self) -> f64;
+    /// Standard deviation of the initial noise: the pipeline multiplies its N(0, 1) latents by it
+    /// (1 unless the schedule's sigmas say otherwise, as Euler's do).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// The UNet input for `sample` at `timesteps()[step_index]`.
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    /// The UNet input for `sample` at `timesteps()[step_index]` (the sample itself unless the
+    /// scheduler scales it, as Euler's `1 / sqrt(σ² + 1)` does).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// One denoising step at `timesteps()[step_index]`: returns the previous (less noisy) sample,
     /// in `model_output`'s dtype (PNDM and DDIM need `sample` in that dtype too; Euler, Euler
