@@ -4,8 +4,9 @@
 #   ops      the GPU test binary: every fast kernel against the stock path and an f32 CPU reference
 #            at SD 1.5's and SDXL's real shapes (crates/sdgen-models/tests/gpu_ops.rs);
 #   bench    `sdgen-bench --component` (loads apart, device synchronised per evaluation): the SDXL
-#            UNet evaluation at 1024² with the CFG batch, the SDXL VAE decode at 1024², the SD 1.5
-#            UNet at 512², each with the fast kernels and with --no-fast-kernels;
+#            UNet evaluation at 1024² with the CFG batch, the SDXL VAE decode at 1024² (also with
+#            its decoder channels-first, SDGEN_CHANNELS_LAST=0), the SD 1.5 UNet at 512², each with
+#            the fast kernels and with --no-fast-kernels; peaks device-wide and allocated;
 #   peer     peer_diffusers.py sdxl sd15 (the same figures for diffusers);
 #   ncu      per-kernel breakdown of one evaluation each, ours (ncu, the last evaluation only)
 #            and diffusers' (torch.profiler, tools/gpu/peer_profile.py);
@@ -59,8 +60,9 @@ except Exception as e:
     print(f"  {sys.argv[2]}: no result ({e})"); sys.exit()
 res = r["result"]; ev = res["timed"]["eval"]; mem = res["timed"]["memory"]
 peak = (mem.get("peak_gpu_bytes") or 0) / 1e9
+allocated = (mem.get("peak_gpu_allocated_bytes") or 0) / 1e9
 print(f"  {sys.argv[2]:<28} median {ev['median_ms']:8.1f} ms (min {ev['min_ms']:.1f}, max {ev['max_ms']:.1f}), "
-      f"load {res['load_ms'] / 1e3:.2f} s, GPU peak {peak:.2f} GB  [{r['kernels']}]")
+      f"load {res['load_ms'] / 1e3:.2f} s, GPU peak {peak:.2f} GB device-wide, {allocated:.2f} GB allocated  [{r['kernels']}]")
 PY
 }
 
@@ -73,7 +75,10 @@ if has bench; then
   for k in ${BENCH_KINDS:-fast stock}; do
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
     component "sdxl_unet_1024_b2_$k" sdxl /tmp/sdxl 1024 unet "${extra[@]}"
-    case " ${COMPONENTS:-unet vae} " in *" vae "*) component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}";; esac
+    case " ${COMPONENTS:-unet vae} " in *" vae "*) component "sdxl_vae_1024_$k" sdxl /tmp/sdxl 1024 vae "${extra[@]}"
+      # The decoder channels-first as before (SDGEN_CHANNELS_LAST=0), beside the default.
+      [ $k = fast ] && SDGEN_CHANNELS_LAST=0 component "sdxl_vae_1024_fast_channels_first" sdxl /tmp/sdxl 1024 vae;;
+    esac
     case " ${FAMILIES:-sdxl sd15} " in *" sd15 "*) component "sd15_unet_512_b2_$k" sd15 /tmp/sd15 512 unet "${extra[@]}";; esac
   done
   [ -z "${QUICK:-}" ] && SDGEN_ATTENTION=cublas component "sdxl_unet_1024_b2_fast_cublas_attention" sdxl /tmp/sdxl 1024 unet
@@ -105,17 +110,23 @@ if has ncu; then
   fi
 fi
 if has pipeline; then
-  echo "== pipeline: whole SDXL runs (bf16, 1024², 30 steps)"
+  echo "== pipeline: whole runs (bf16; SDXL 1024², 30 steps; SD 1.5 512², 20 steps), loads apart"
   for k in ${BENCH_KINDS:-fast stock}; do
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
-    /tmp/sdgen-bench --family sdxl --model-dir /tmp/sdxl --device cuda --dtype bf16 --width 1024 --height 1024 --steps 30 \
-      "${extra[@]}" > "$S_DIR/pipeline_sdxl_$k.json" 2> "$S_DIR/pipeline_sdxl_$k.log"
-    python3 - "$S_DIR/pipeline_sdxl_$k.json" $k <<'PY'
+    for spec in ${PIPELINES:-sdxl:1024:30:/tmp/sdxl sd15:512:20:/tmp/sd15}; do
+      IFS=: read -r fam px steps dir <<< "$spec"
+      /tmp/sdgen-bench --family $fam --model-dir $dir --device cuda --dtype bf16 --width $px --height $px --steps $steps \
+        "${extra[@]}" > "$S_DIR/pipeline_${fam}_$k.json" 2> "$S_DIR/pipeline_${fam}_$k.log"
+      python3 - "$S_DIR/pipeline_${fam}_$k.json" "$fam $k" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); run = r["runs"][0]; c = run["clock"]
-print(f"  {sys.argv[2]}: total {run['total_ms'] / 1e3:.2f} s, stages { {k: round(v) for k, v in run['timings_ms'].items()} } ms, "
-      f"loads { {k: round(v) for k, v in c['load_ms'].items()} } ms, {c['evaluations']} evaluations, median {c['evaluation_median_ms']:.1f} ms")
+loads = sum(c["load_ms"].values())
+peaks = {m["label"]: round((m.get("peak_gpu_allocated_bytes") or 0) / 1e9, 2) for m in run.get("memory", [])}
+print(f"  {sys.argv[2]}: total {run['total_ms'] / 1e3:.2f} s, without loads {(run['total_ms'] - loads) / 1e3:.2f} s, "
+      f"stages { {k: round(v) for k, v in run['timings_ms'].items()} } ms, loads { {k: round(v) for k, v in c['load_ms'].items()} } ms, "
+      f"{c['evaluations']} evaluations, median {c['evaluation_median_ms']:.1f} ms, allocated peaks GB {peaks}")
 PY
+    done
   done
 fi
 if has parity; then

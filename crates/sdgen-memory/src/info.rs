@@ -39,6 +39,13 @@ pub trait GpuProbe: Send + Sync {
     fn peak_used_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// Peak bytes held by live allocations since the last reset (no cached blocks, no context or
+    /// library memory outside the allocator): the figure PyTorch calls `max_memory_allocated`,
+    /// so a stage's own working set can be set beside a peer's.
+    fn peak_allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 static GPU_PROBE: RwLock<Option<Arc<dyn GpuProbe>>> = RwLock::new(None);

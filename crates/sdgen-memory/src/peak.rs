@@ -39,6 +39,10 @@ pub struct StageMemory {
     /// Highest GPU memory in use during the stage (sampled, or the device's own counter when
     /// the probe keeps one), when a GPU probe is registered.
     pub peak_gpu_bytes: Option<u64>,
+    /// Highest GPU memory held by live allocations during the stage (PyTorch's
+    /// `max_memory_allocated`: no context, no cached blocks), where the probe counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_allocated_bytes: Option<u64>,
     /// How `peak_rss_bytes` was measured.
     pub peak_source: PeakSource,
     /// Wall time of the stage.
@@ -53,6 +57,8 @@ struct Accumulator {
     rss_bytes: AtomicU64,
     /// 0 = nothing seen (a GPU using 0 bytes is not worth distinguishing).
     gpu_bytes: AtomicU64,
+    /// The same for the allocated peak.
+    gpu_allocated_bytes: AtomicU64,
 }
 
 /// Open stages, oldest first. Guarded by this lock: reading the peaks, folding them in and
@@ -102,10 +108,11 @@ impl StagePeak {
     /// Ends the stage: stops the sampler, reads the peaks and takes the closing snapshot.
     pub fn finish(mut self) -> StageMemory {
         let timeline = self.sampler.take().map(Sampler::stop).unwrap_or_default();
-        let (kernel_rss, device_gpu) = {
+        let (kernel_rss, device_gpu, allocated_gpu) = {
             let _open = OPEN_STAGES.lock().unwrap_or_else(|e| e.into_inner());
             let kernel = if self.hwm_reset { read_hwm_bytes() } else { None };
-            (kernel, self.probe.as_deref().and_then(|p| p.peak_used_bytes()))
+            let probe = self.probe.as_deref();
+            (kernel, probe.and_then(|p| p.peak_used_bytes()), probe.and_then(|p| p.peak_allocated_bytes()))
         };
         let after = memory_info_with(self.probe.as_deref());
         let elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
@@ -138,12 +145,16 @@ impl StagePeak {
             None
         };
 
+        let folded_allocated = Some(self.accumulator.gpu_allocated_bytes.load(Ordering::Acquire)).filter(|&b| b > 0);
+        let peak_gpu_allocated_bytes = allocated_gpu.map(|a| folded_allocated.map_or(a, |f| f.max(a)));
+
         StageMemory {
             label: std::mem::take(&mut self.label),
             before: self.before.clone(),
             after,
             peak_rss_bytes,
             peak_gpu_bytes,
+            peak_gpu_allocated_bytes,
             peak_source,
             elapsed_ms,
             timeline,
@@ -172,12 +183,13 @@ fn fold_into_open_stages(open: &mut Vec<Weak<Accumulator>>, probe: Option<&dyn G
     }
     let rss = read_hwm_bytes();
     let gpu = probe.and_then(|p| p.peak_used_bytes());
+    let allocated = probe.and_then(|p| p.peak_allocated_bytes());
     for stage in open.iter().filter_map(Weak::upgrade) {
-        if let Some(rss) = rss {
-            stage.rss_bytes.fetch_max(rss, Ordering::AcqRel);
-        }
-        if let Some(gpu) = gpu {
-            stage.gpu_bytes.fetch_max(gpu, Ordering::AcqRel);
+        for (slot, value) in [(&stage.rss_bytes, rss), (&stage.gpu_bytes, gpu), (&stage.gpu_allocated_bytes, allocated)]
+        {
+            if let Some(v) = value {
+                slot.fetch_max(v, Ordering::AcqRel);
+            }
         }
     }
 }

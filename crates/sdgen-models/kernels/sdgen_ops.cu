@@ -202,6 +202,115 @@ __device__ void gn_apply(const T* __restrict__ x, const T* __restrict__ add, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// GroupNorm over channels-last x: [B, HW, C] (contiguous), G groups of cpg = C/G consecutive
+// channels, optionally of (x + add) with add: [B, C]. The same statistics and roundings as
+// gn_stats/gn_apply, in three passes, each reading rows of 16-byte channel vectors:
+// Pass 1 (gnl_stats): grid (splits, B), 256 threads. Thread t takes channel vector v = t % V of
+// the V = C/N vectors (N channels of 16 bytes) in pixel rows r = t / V, stepping R = 256 / V rows;
+// each of its N channels keeps a Welford. The R rows are merged per channel in shared memory
+// ([R][C][3] floats, 256·N·12 bytes) into partial[((b·splits + split)·C + c)·3 + {0,1,2}].
+template <typename T>
+__device__ void gnl_stats(const T* __restrict__ x, const T* __restrict__ add, int C, int HW, int splits,
+                          float* __restrict__ partial) {
+  constexpr int N = Vec<T>::N;
+  extern __shared__ __align__(16) unsigned char gnl_smem[];
+  float* smem = reinterpret_cast<float*>(gnl_smem);
+  int V = C / N, R = blockDim.x / V;
+  int t = threadIdx.x, v = t % V, r = t / V;
+  int b = blockIdx.y, split = blockIdx.x;
+  int64_t chunk = ((int64_t)HW + splits - 1) / splits;
+  int64_t p0 = chunk * split, p1 = min(p0 + chunk, (int64_t)HW);
+  if (r < R) {
+    Welford w[N];
+    float extra[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      w[j] = Welford{0.f, 0.f, 0.f};
+      extra[j] = add != nullptr ? to_f(add[(int64_t)b * C + v * N + j]) : 0.f;
+    }
+    for (int64_t p = p0 + r; p < p1; p += R) {
+      Vec<T> vec;
+      vec.load(x + ((int64_t)b * HW + p) * C + v * N);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        float val = add != nullptr ? round_to<T>(vec.v[j] + extra[j]) : vec.v[j];
+        w[j].n += 1.f;
+        float delta = val - w[j].mean;
+        w[j].mean += delta / w[j].n;
+        w[j].m2 += delta * (val - w[j].mean);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float* o = smem + ((int64_t)r * C + v * N + j) * 3;
+      o[0] = w[j].n;
+      o[1] = w[j].mean;
+      o[2] = w[j].m2;
+    }
+  }
+  __syncthreads();
+  for (int c = t; c < C; c += blockDim.x) {
+    Welford m{0.f, 0.f, 0.f};
+    for (int i = 0; i < R; ++i) {
+      const float* o = smem + ((int64_t)i * C + c) * 3;
+      m = welford_merge(m, Welford{o[0], o[1], o[2]});
+    }
+    float* out = partial + (((int64_t)b * splits + split) * C + c) * 3;
+    out[0] = m.n;
+    out[1] = m.mean;
+    out[2] = m.m2;
+  }
+}
+
+// Pass 2 (gnl_finalize): grid (B·G), a multiple of 32 threads: merges the group's splits × cpg
+// channel partials into stats[bg·2 + {0, 1}] = (mean, rstd).
+extern "C" __global__ void gnl_finalize(const float* __restrict__ partial, int C, int cpg, int G, int splits,
+                                        float eps, float* __restrict__ stats) {
+  int bg = blockIdx.x, b = bg / G, g = bg % G;
+  Welford w{0.f, 0.f, 0.f};
+  for (int i = threadIdx.x; i < splits * cpg; i += blockDim.x) {
+    int split = i / cpg, c = g * cpg + i % cpg;
+    const float* p = partial + (((int64_t)b * splits + split) * C + c) * 3;
+    w = welford_merge(w, Welford{p[0], p[1], p[2]});
+  }
+  w = block_merge(w);
+  if (threadIdx.x == 0) {
+    float var = w.n > 0.f ? w.m2 / w.n : 0.f;
+    stats[bg * 2] = w.mean;
+    stats[bg * 2 + 1] = rsqrtf(var + eps);
+  }
+}
+
+// Pass 3 (gnl_apply): grid (blocks, B); threads stride over the item's 16-byte vectors: y = x·a + s with a = rstd·γ,
+// s = β − a·mean (gn_apply's form and roundings), then SiLU when asked.
+template <typename T>
+__device__ void gnl_apply(const T* __restrict__ x, const T* __restrict__ add, const T* __restrict__ gamma,
+                          const T* __restrict__ beta, T* __restrict__ y, int C, int64_t HW, int cpg, int G,
+                          const float* __restrict__ stats, int silu) {
+  constexpr int N = Vec<T>::N;
+  int V = C / N;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < HW * V; i += (int64_t)gridDim.x * blockDim.x) {
+    int b = blockIdx.y;
+    int v = i % V;
+    int64_t at = ((int64_t)b * HW * V + i) * N;
+    Vec<T> vec;
+    vec.load(x + at);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      int c = v * N + j, bg = b * G + c / cpg;
+      float mean = stats[bg * 2], rstd = stats[bg * 2 + 1];
+      float a = rstd * (gamma != nullptr ? to_f(gamma[c]) : 1.f);
+      float s = (beta != nullptr ? to_f(beta[c]) : 0.f) - a * mean;
+      float val = add != nullptr ? round_to<T>(vec.v[j] + to_f(add[(int64_t)b * C + c])) : vec.v[j];
+      float o = round_to<T>(val * a + s);
+      if (silu) o = o / (1.f + expf(-o));
+      vec.v[j] = o;
+    }
+    vec.store(y + at);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Row softmax in place: s: [rows, cols] (rows contiguous), f32 arithmetic, one block per row.
 // The scores are already scaled (the GEMM's alpha). Two passes over the row: an online max/sum,
 // then the normalised write (the row is in L1/L2 by then).
@@ -410,6 +519,15 @@ __device__ void rms_pack(const T* __restrict__ src, long long src_item, long lon
                                                    T* y, int C, int HW, int cpg, int G, int splits,             \
                                                    const float* partial, float eps, int silu) {                 \
     gn_apply<T, true>(x, add, gamma, beta, y, C, HW, cpg, G, splits, partial, eps, silu);                       \
+  }                                                                                                              \
+  extern "C" __global__ void gnl_stats_##SUFFIX(const T* x, const T* add, int C, int HW, int splits,            \
+                                                float* partial) {                                              \
+    gnl_stats<T>(x, add, C, HW, splits, partial);                                                               \
+  }                                                                                                              \
+  extern "C" __global__ void gnl_apply_##SUFFIX(const T* x, const T* add, const T* gamma, const T* beta, T* y,  \
+                                                int C, long long HW, int cpg, int G, const float* stats,        \
+                                                int silu) {                                                     \
+    gnl_apply<T>(x, add, gamma, beta, y, C, HW, cpg, G, stats, silu);                                           \
   }                                                                                                              \
   extern "C" __global__ void softmax_rows_##SUFFIX(T* s, int cols) { softmax_rows<T>(s, cols); }                \
   extern "C" __global__ void geglu_##SUFFIX(const T* x, T* y, int inner, int64_t n) { geglu<T>(x, y, inner, n); } \

@@ -44,6 +44,18 @@ impl ResnetBlock2D {
         })
     }
 
+    /// The same block over channels-last activations `[b, h, w, c]`.
+    pub fn into_channels_last(self) -> Result<Self> {
+        Ok(Self {
+            norm1: self.norm1.into_channels_last(),
+            conv1: self.conv1.into_channels_last()?,
+            time_emb_proj: self.time_emb_proj,
+            norm2: self.norm2.into_channels_last(),
+            conv2: self.conv2.into_channels_last()?,
+            shortcut: self.shortcut.map(Conv2d::into_channels_last).transpose()?,
+        })
+    }
+
     /// Applies the block; `temb` is the (un-activated) time embedding `[b, temb_channels]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
@@ -85,17 +97,37 @@ impl Downsample2D {
 #[derive(Debug)]
 pub struct Upsample2D {
     conv: Conv2d,
+    channels_last: bool,
 }
 
 impl Upsample2D {
     /// Loads `conv`.
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv3x3(channels, channels, vb.pp("conv"))? })
+        Ok(Self { conv: conv3x3(channels, channels, vb.pp("conv"))?, channels_last: false })
+    }
+
+    /// The same over channels-last activations `[b, h, w, c]`.
+    pub fn into_channels_last(self) -> Result<Self> {
+        Ok(Self { conv: self.conv.into_channels_last()?, channels_last: true })
     }
 
     /// Upsamples to `size` (h, w) when given, else doubles. Nearest-neighbour with PyTorch's
     /// index rule `floor(dst · in / out)`, which candle's kernel uses too.
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        if self.channels_last {
+            let (b, h, w, c) = x.dims4()?;
+            let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+            let up = if (th, tw) == (2 * h, 2 * w) {
+                // Each pixel repeated over a 2×2 block: one broadcast copy, no transposes.
+                x.reshape((b, h, 1, w, 1, c))?
+                    .broadcast_as((b, h, 2, w, 2, c))?
+                    .contiguous()?
+                    .reshape((b, th, tw, c))?
+            } else {
+                x.permute((0, 3, 1, 2))?.upsample_nearest2d(th, tw)?.permute((0, 2, 3, 1))?.contiguous()?
+            };
+            return self.conv.forward(&up);
+        }
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)

@@ -106,6 +106,7 @@ struct MidAttention {
     v: Linear,
     out: Linear,
     options: AttentionOptionsCell,
+    channels_last: bool,
 }
 
 impl MidAttention {
@@ -125,18 +126,35 @@ impl MidAttention {
             v: lin(names[2])?,
             out: lin(names[3])?,
             options: AttentionOptionsCell::default(),
+            channels_last: false,
         })
     }
 
+    fn into_channels_last(self) -> Self {
+        Self { norm: self.norm.into_channels_last(), channels_last: true, ..self }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            // `[b, h, w, c]` is already the sequence layout `[b, hw, c]`: no transposes.
+            let (b, h, w, c) = x.dims4()?;
+            let t = self.norm.forward(x)?.reshape((b, h * w, c))?;
+            let o = self.attend(&t, c)?;
+            return self.out.forward(&o)?.reshape((b, h, w, c))? + x;
+        }
         let (b, c, h, w) = x.dims4()?;
         let t = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let q = self.q.forward(&t)?.unsqueeze(1)?;
-        let k = self.k.forward(&t)?.unsqueeze(1)?;
-        let v = self.v.forward(&t)?.unsqueeze(1)?;
-        let o = attention_with(&q, &k, &v, (c as f64).powf(-0.5), None, self.options.get())?.squeeze(1)?;
+        let o = self.attend(&t, c)?;
         let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
+    }
+
+    /// Single-head attention of the normalised sequence `t: [b, hw, c]`, before `out`.
+    fn attend(&self, t: &Tensor, c: usize) -> Result<Tensor> {
+        let q = self.q.forward(t)?.unsqueeze(1)?;
+        let k = self.k.forward(t)?.unsqueeze(1)?;
+        let v = self.v.forward(t)?.unsqueeze(1)?;
+        attention_with(&q, &k, &v, (c as f64).powf(-0.5), None, self.options.get())?.squeeze(1)
     }
 }
 
@@ -165,6 +183,14 @@ impl Mid {
             resnet0: ResnetBlock2D::new(c, c, None, groups, 1e-6, vb.pp("resnets.0"))?,
             attn: MidAttention::new(c, groups, vb.pp("attentions.0"))?,
             resnet1: ResnetBlock2D::new(c, c, None, groups, 1e-6, vb.pp("resnets.1"))?,
+        })
+    }
+
+    fn into_channels_last(self) -> Result<Self> {
+        Ok(Self {
+            resnet0: self.resnet0.into_channels_last()?,
+            attn: self.attn.into_channels_last(),
+            resnet1: self.resnet1.into_channels_last()?,
         })
     }
 
@@ -253,6 +279,8 @@ pub struct Decoder {
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Activations `[b, h, w, c]` between the latent and the image ([`Self::into_channels_last`]).
+    channels_last: bool,
 }
 
 impl Decoder {
@@ -294,11 +322,45 @@ impl Decoder {
             blocks,
             norm_out: GroupNorm::new(g, cout, 1e-6, dvb.pp("conv_norm_out"))?,
             conv_out: conv3x3(cout, cfg.out_channels, dvb.pp("conv_out"))?,
+            channels_last: false,
+        })
+    }
+
+    /// The same decoder running channels-last inside (latents in and image out stay
+    /// `[b, c, h, w]`): cuDNN's tensor-core kernels then read and write the activations as they
+    /// are, where channels-first data costs them transposed copies of the full-resolution
+    /// tensors in their workspace (1 GiB for SDXL at 1024²).
+    pub fn into_channels_last(self) -> Result<Self> {
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|(resnets, up)| {
+                let resnets = resnets.into_iter().map(ResnetBlock2D::into_channels_last).collect::<Result<Vec<_>>>()?;
+                Ok((resnets, up.map(Upsample2D::into_channels_last).transpose()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            post_quant_conv: self.post_quant_conv.map(Conv2d::into_channels_last).transpose()?,
+            conv_in: self.conv_in.into_channels_last()?,
+            mid: self.mid.into_channels_last()?,
+            blocks,
+            norm_out: self.norm_out.into_channels_last(),
+            conv_out: self.conv_out.into_channels_last()?,
+            channels_last: true,
         })
     }
 
     /// Decodes already-unscaled latents.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            let image = self.layers(&z.permute((0, 2, 3, 1))?.contiguous()?)?;
+            return image.permute((0, 3, 1, 2))?.contiguous();
+        }
+        self.layers(z)
+    }
+
+    /// The decoder's layers in its own activation layout.
+    fn layers(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z)?,
             None => z.clone(),
@@ -360,7 +422,16 @@ impl AutoencoderKL {
     pub fn new(cfg: &VaeConfig, encoder: bool, decoder: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             encoder: if encoder { Some(Encoder::new(cfg, vb.clone())?) } else { None },
-            decoder: if decoder { Some(Decoder::new(cfg, vb)?) } else { None },
+            decoder: if decoder {
+                let d = Decoder::new(cfg, vb.clone())?;
+                Some(if crate::ops::prefers_channels_last(vb.device(), vb.dtype()) {
+                    d.into_channels_last()?
+                } else {
+                    d
+                })
+            } else {
+                None
+            },
             cfg: cfg.clone(),
         })
     }
@@ -460,4 +531,38 @@ impl AutoencoderKL {
 fn per_image(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let outs = (0..x.dim(0)?).map(|i| f(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
     Tensor::cat(&outs, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// The channels-last decoder (every convolution, norm, upsampler and the mid attention
+    /// reordered) decodes exactly what the channels-first one does: a small random decoder with
+    /// the real structure (two levels, shortcut convolutions, mid attention, post-quant conv).
+    /// On the CPU each channels-last op runs the channels-first one between transposes, so the
+    /// two must agree to the bit; the GPU test binary checks cuDNN's NHWC kernels.
+    #[test]
+    fn channels_last_decoder_equals_channels_first() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg: VaeConfig = serde_json::from_value(serde_json::json!({
+            "block_out_channels": [16, 32], "norm_num_groups": 8, "layers_per_block": 1, "latent_channels": 4
+        }))
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let varmap = VarMap::new();
+        let first = Decoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+        for var in varmap.all_vars() {
+            var.set(&Tensor::randn(0f32, 0.3, var.shape(), &dev)?)?;
+        }
+        let z = Tensor::randn(0f32, 1.0, (2, 4, 6, 5), &dev)?;
+        let want = first.forward(&z)?;
+        let last = first.into_channels_last()?;
+        let got = last.forward(&z)?;
+        assert_eq!(got.dims(), [2, 3, 12, 10]);
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
 }

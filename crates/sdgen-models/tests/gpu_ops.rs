@@ -321,3 +321,87 @@ fn packed_heads_at_real_shapes() -> Result<()> {
     }
     Ok(())
 }
+
+/// `x: [b, c, h, w]` → channels-last `[b, h, w, c]`, and back.
+fn to_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()
+}
+fn to_first(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 3, 1, 2))?.contiguous()
+}
+
+/// The channels-last paths (the `gnl_*` GroupNorm kernels, cuDNN's NHWC convolutions) at the VAE
+/// decoder's real shapes, against the channels-first f32 result on the same GPU; "stock" here is
+/// the channels-first half-precision path they replace (the tests above tie both to the CPU).
+#[test]
+fn channels_last_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    set_fast_kernels(true);
+    // (shape [b, c, h, w], groups, with the per-channel add, silu)
+    let norms: [(&[usize], usize, bool, bool); 5] = [
+        (&[1, 512, 128, 128], 32, false, true),   // VAE mid block, 1024² image
+        (&[1, 256, 1024, 1024], 32, false, true), // up_blocks.3's first resnet
+        (&[1, 128, 1024, 1024], 32, false, false),
+        (&[2, 320, 64, 64], 32, true, true), // a UNet-like norm with the time embedding folded in
+        (&[1, 48, 8, 8], 16, false, true),   // 3 channels per group: vectors span groups
+    ];
+    for (shape, groups, with_add, silu) in norms {
+        let c = shape[1];
+        for dtype in DTYPES {
+            let w = (randn(&[c], DType::F32, &dev)? * 0.5)?.affine(1.0, 1.0)?;
+            let b = (randn(&[c], DType::F32, &dev)? * 0.1)?;
+            let x = randn(shape, DType::F32, &dev)?.affine(2.0, 3.0)?.to_dtype(dtype)?;
+            let add = if with_add { Some(randn(&[shape[0], c], dtype, &dev)?) } else { None };
+            let load = |dt: DType| {
+                let ws = vec![("weight", w.to_dtype(dt)?), ("bias", b.to_dtype(dt)?)];
+                GroupNorm::new(groups, c, 1e-6, vb(ws, dt, &dev))
+            };
+            let norm = load(dtype)?;
+            let last = norm.clone().into_channels_last();
+            let fast = to_first(&last.forward_with(&to_last(&x)?, add.as_ref(), silu)?)?;
+            let first = norm.forward_with(&x, add.as_ref(), silu)?;
+            // The add in the storage dtype first, as the kernels do.
+            let xa = match &add {
+                Some(a) => x.broadcast_add(&a.reshape((shape[0], c, 1, 1))?)?,
+                None => x.clone(),
+            };
+            let xa = xa.to_dtype(DType::F32)?;
+            let reference = load(DType::F32)?.forward_with(&xa, None, silu)?;
+            let what = format!("channels-last group norm {shape:?} add {with_add} silu {silu}");
+            check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&first, &reference)?);
+        }
+    }
+    // (input [b, c, h, w], cout, kernel, padding, stride, pad right/bottom)
+    type Case<'a> = (&'a [usize], usize, usize, usize, usize, bool);
+    let convs: [Case; 8] = [
+        (&[1, 4, 128, 128], 4, 1, 0, 1, false),       // post_quant_conv
+        (&[1, 4, 128, 128], 512, 3, 1, 1, false),     // SDXL conv_in
+        (&[1, 16, 128, 128], 512, 3, 1, 1, false),    // SD 3's conv_in
+        (&[1, 512, 256, 256], 512, 3, 1, 1, false),   // up_blocks.1
+        (&[1, 256, 1024, 1024], 256, 3, 1, 1, false), // up_blocks.2's upsampler conv
+        (&[1, 256, 1024, 1024], 128, 1, 0, 1, false), // up_blocks.3's shortcut
+        (&[1, 128, 1024, 1024], 3, 3, 1, 1, false),   // conv_out
+        (&[1, 128, 256, 256], 128, 3, 0, 2, true),    // an encoder downsampler
+    ];
+    for (shape, cout, k, padding, stride, pad_rb) in convs {
+        let cin = shape[1];
+        for dtype in DTYPES {
+            let scale = 1.0 / ((cin * k * k) as f64).sqrt();
+            let w = (randn(&[cout, cin, k, k], DType::F32, &dev)? * scale)?;
+            let b = randn(&[cout], DType::F32, &dev)?;
+            let x = randn(shape, dtype, &dev)?;
+            let load = |dt: DType| {
+                let ws = vec![("weight", w.to_dtype(dt)?), ("bias", b.to_dtype(dt)?)];
+                Conv2d::load(cin, cout, k, padding, stride, pad_rb, vb(ws, dt, &dev))
+            };
+            let conv = load(dtype)?;
+            let first = conv.forward(&x)?;
+            let fast = to_first(&conv.into_channels_last()?.forward(&to_last(&x)?)?)?;
+            assert_eq!(fast.dims(), first.dims());
+            let reference = load(DType::F32)?.forward(&x.to_dtype(DType::F32)?)?;
+            let what = format!("channels-last conv {shape:?} → {cout}, {k}×{k} pad {padding} stride {stride}");
+            check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&first, &reference)?);
+        }
+    }
+    Ok(())
+}

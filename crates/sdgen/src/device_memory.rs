@@ -151,5 +151,9 @@ mod cuda {
             let high = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?;
             Some(self.outside_pool_bytes.load(Ordering::Relaxed) + high)
         }
+
+        fn peak_allocated_bytes(&self) -> Option<u64> {
+            self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+        }
     }
 }

@@ -44,6 +44,9 @@ pub struct Conv2d {
     /// An extra zero row and column at the bottom and right first (the VAE encoder's
     /// downsamplers: diffusers pads `(0, 1, 0, 1)` before a stride-2, padding-0 convolution).
     pad_right_bottom: bool,
+    /// Channels-last activations (`[b, h, w, c]` in and out) and the weight stored
+    /// `[cout, k, k, cin]` ([`Self::into_channels_last`]).
+    channels_last: bool,
 }
 
 impl Conv2d {
@@ -59,16 +62,29 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
         let bias = Some(vb.get(cout, "bias")?);
-        Ok(Self { weight, bias, kernel, padding, stride, pad_right_bottom })
+        Ok(Self { weight, bias, kernel, padding, stride, pad_right_bottom, channels_last: false })
     }
 
-    /// The weight `[cout, cin, k, k]`.
+    /// The weight: `[cout, cin, k, k]`, or `[cout, k, k, cin]` when channels-last.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
-    /// Convolves `x: [b, cin, h, w]`.
+    /// The same convolution over channels-last activations (`[b, h, w, c]` in and out), the
+    /// weight reordered once to `[cout, k, k, cin]` (and the channels-first copy dropped).
+    pub fn into_channels_last(self) -> Result<Self> {
+        if self.channels_last {
+            return Ok(self);
+        }
+        let weight = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+        Ok(Self { weight, channels_last: true, ..self })
+    }
+
+    /// Convolves `x: [b, cin, h, w]` (channels-last: `[b, h, w, cin]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            return self.forward_channels_last(x);
+        }
         if super::cpu_bf16(x) {
             // No CPU bf16 matmul in candle: convolve in f32, round once.
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
@@ -79,7 +95,7 @@ impl Conv2d {
         let x = if self.pad_right_bottom { x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)? } else { x.clone() };
         #[cfg(feature = "cudnn")]
         if super::fast_conv(x.device()) {
-            return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride);
+            return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride, false);
         }
         if super::fast_cpu(x.device()) {
             if let Some(y) = super::cpu::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride)? {
@@ -87,6 +103,19 @@ impl Conv2d {
             }
         }
         self.forward_bounded(&x, max_conv_column_elements(x.device()))
+    }
+
+    /// [`Self::forward`] of channels-last `x: [b, h, w, cin]`: cuDNN's channels-last kernels,
+    /// else the channels-first path between two transposes (every device, every dtype).
+    fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if super::fast_conv(x.device()) {
+            let x = if self.pad_right_bottom { x.pad_with_zeros(1, 0, 1)?.pad_with_zeros(2, 0, 1)? } else { x.clone() };
+            return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride, true);
+        }
+        let first =
+            Self { weight: self.weight.permute((0, 3, 1, 2))?.contiguous()?, channels_last: false, ..self.clone() };
+        first.forward(&x.permute((0, 3, 1, 2))?.contiguous()?)?.permute((0, 2, 3, 1))?.contiguous()
     }
 
     /// The reference convolution of `x` (its right/bottom padding already added), with every
@@ -207,6 +236,22 @@ mod tests {
         use candle_core::Module;
         assert!(max_diff(&conv.forward_bounded(&x, 1).unwrap(), &stock.forward(&x).unwrap()) < 1e-5);
         assert_eq!(max_diff(&conv.forward_bounded(&x, usize::MAX).unwrap(), &stock.forward(&x).unwrap()), 0.0);
+    }
+
+    /// A channels-last convolution equals the channels-first one on transposed data, for every
+    /// kind the models use (here the transposing path; `gpu_ops` checks cuDNN's NHWC kernels).
+    #[test]
+    fn channels_last_equals_channels_first() {
+        for (k, padding, stride, pad_rb) in [(3, 1, 1, false), (3, 1, 2, false), (3, 0, 2, true), (1, 0, 1, false)] {
+            let conv = Conv2d::load(5, 4, k, padding, stride, pad_rb, weights(5, 4, k)).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, 5, 7, 6), &Device::Cpu).unwrap();
+            let first = conv.forward(&x).unwrap();
+            let last = conv.into_channels_last().unwrap();
+            assert_eq!(last.weight().dims(), [4, k, k, 5]);
+            let y = last.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap();
+            let y = y.permute((0, 3, 1, 2)).unwrap();
+            assert_eq!(max_diff(&y, &first), 0.0, "k {k} padding {padding} stride {stride}");
+        }
     }
 
     /// The CPU's banded unfold-and-multiply equals the reference: every kind of convolution the

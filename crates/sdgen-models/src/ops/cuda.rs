@@ -229,6 +229,88 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
     Ok(Some(into_tensor(out, &dims)))
 }
 
+/// GroupNorm of channels-last `x: [b, h, w, c]` (see [`group_norm`] and `gnl_*` in
+/// `kernels/sdgen_ops.cu`). `None` where the kernels do not apply (channels not a whole number of
+/// 16-byte vectors, more than 256 vectors per pixel, an unaligned view): the caller transposes.
+pub(crate) fn group_norm_nhwc(
+    norm: &GroupNorm,
+    x: &Tensor,
+    add: Option<&Tensor>,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    const THREADS: usize = 256;
+    let device = cuda_device(x)?;
+    let dtype = x.dtype();
+    let sfx = suffix(dtype)?;
+    let dims = x.dims().to_vec();
+    let (b, c, groups) = (dims[0], dims[dims.len() - 1], norm.groups);
+    let hw: usize = dims[1..dims.len() - 1].iter().product();
+    let n = 16 / dtype.size_in_bytes();
+    let x = prepared(x, dtype)?;
+    if !c.is_multiple_of(n)
+        || c / n > THREADS
+        || hw > i32::MAX as usize
+        || b > 65_535
+        || x.layout().start_offset() % n != 0
+    {
+        return Ok(None);
+    }
+    let add = add.map(|a| prepared(a, dtype)).transpose()?;
+    let (weight, bias) = (prepared(&norm.weight, dtype)?, prepared(&norm.bias, dtype)?);
+    let stream = device.cuda_stream();
+    // Enough blocks to fill the GPU, each reading at least 64 pixel rows.
+    let splits = 1024usize.div_ceil(b).clamp(1, 1024).min(hw.div_ceil(64).max(1));
+    let partial: CudaSlice<f32> = unsafe { device.alloc::<f32>(b * splits * c * 3)? };
+    let stats: CudaSlice<f32> = unsafe { device.alloc::<f32>(b * groups * 2)? };
+    let out = alloc(&device, dtype, x.elem_count())?;
+
+    let xi = Input::new(&x)?;
+    let xp = xi.ptr(&stream, 0)?;
+    let ai = add.as_ref().map(Input::new).transpose()?;
+    let ap = match &ai {
+        Some(a) => a.ptr(&stream, 0)?,
+        None => 0u64,
+    };
+    let (wi, bi) = (Input::new(&weight)?, Input::new(&bias)?);
+    let (wp, bp) = (wi.ptr(&stream, 0)?, bi.ptr(&stream, 0)?);
+    let (pp, _) = partial.device_ptr(&stream);
+    let (sp, _) = stats.device_ptr(&stream);
+    let yp = storage_ptr(&out, &stream, 0)?;
+    let (ci, hwi, cpgi, gi, si) = (c as i32, hw as i32, (c / groups) as i32, groups as i32, splits as i32);
+
+    let f = function(&device, &format!("gnl_stats_{sfx}"))?;
+    let smem = (THREADS * n * 3 * 4) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (splits as u32, b as u32, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&ap).arg(&ci).arg(&hwi).arg(&si).arg(&pp);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+
+    let f = function(&device, "gnl_finalize")?;
+    let cfg = LaunchConfig { grid_dim: ((b * groups) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let epsf = norm.eps as f32;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&pp).arg(&ci).arg(&cpgi).arg(&gi).arg(&si).arg(&epsf).arg(&sp);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+
+    let f = function(&device, &format!("gnl_apply_{sfx}"))?;
+    let vectors = hw * (c / n);
+    let cfg = LaunchConfig {
+        grid_dim: (vectors.div_ceil(THREADS).min(4096) as u32, b as u32, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (hwl, siluf) = (hw as i64, silu as i32);
+    let mut l = stream.launch_builder(&f);
+    l.arg(&xp).arg(&ap).arg(&wp).arg(&bp).arg(&yp).arg(&ci).arg(&hwl).arg(&cpgi).arg(&gi).arg(&sp).arg(&siluf);
+    unsafe { l.launch(cfg) }.map_err(wrap)?;
+    drop((partial, stats));
+    Ok(Some(into_tensor(out, &dims)))
+}
+
 /// GEGLU of `x: [.., 2·inner]` (see [`super::geglu`]).
 pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     let device = cuda_device(x)?;

@@ -1,4 +1,5 @@
-//! Convolutions through cuDNN, as PyTorch runs them for diffusers: NCHW tensors, f32 compute
+//! Convolutions through cuDNN, as PyTorch runs them for diffusers: NCHW tensors (or channels-last
+//! NHWC ones, whose tensor-core kernels need no transposed copies in their workspace), f32 compute
 //! for half-precision data with tensor-op math (f32 data keeps FMA math, no TF32, so f32 runs stay
 //! as exact as the CPU reference), the bias added by `cudnnAddTensor`.
 //!
@@ -78,11 +79,12 @@ impl Drop for Plan {
     }
 }
 
-/// (dtype, x `[n, c, h, w]`, weight `[k, c, r, s]`, padding, stride).
-type Key = (DType, [usize; 4], [usize; 4], usize, usize);
+/// (dtype, x `[n, c, h, w]`, weight `[k, c, r, s]`, padding, stride, channels last): the
+/// dimensions are the logical ones whatever the memory order.
+type Key = (DType, [usize; 4], [usize; 4], usize, usize, bool);
 
 /// The output `[n, k, h', w']` of a convolution shape.
-fn out_dims(&(_, x, w, padding, stride): &Key) -> [usize; 4] {
+fn out_dims(&(_, x, w, padding, stride, _): &Key) -> [usize; 4] {
     let out_len = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride + 1;
     [x[0], w[0], out_len(x[2], w[2]), out_len(x[3], w[3])]
 }
@@ -118,13 +120,18 @@ fn int(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("convolution size {v} too large for cuDNN")))
 }
 
-fn tensor_desc(dt: sys::cudnnDataType_t, dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
+/// A descriptor of the logical `[n, c, h, w]` tensor, stored NCHW or (`channels_last`) NHWC.
+fn tensor_desc(
+    dt: sys::cudnnDataType_t,
+    dims: [usize; 4],
+    channels_last: bool,
+) -> Result<sys::cudnnTensorDescriptor_t> {
     let mut d = std::ptr::null_mut();
     let [n, c, h, w] = dims;
     // SAFETY: plain descriptor creation and setting, checked.
     unsafe {
         check(sys::cudnnCreateTensorDescriptor(&mut d), "create tensor descriptor")?;
-        let strides = [c * h * w, h * w, w, 1];
+        let strides = if channels_last { [h * w * c, 1, w * c, c] } else { [c * h * w, h * w, w, 1] };
         check(
             sys::cudnnSetTensor4dDescriptorEx(
                 d,
@@ -146,27 +153,24 @@ fn tensor_desc(dt: sys::cudnnDataType_t, dims: [usize; 4]) -> Result<sys::cudnnT
 
 impl Plan {
     fn new(handle: sys::cudnnHandle_t, key: &Key, ptrs: Option<(u64, u64, u64, u64)>) -> Result<Self> {
-        let (dtype, x, w, padding, stride) = *key;
+        let (dtype, x, w, padding, stride, channels_last) = *key;
         let dt = data_type(dtype)?;
         let out = out_dims(key);
-        let xd = tensor_desc(dt, x)?;
-        let yd = tensor_desc(dt, out)?;
-        let bd = tensor_desc(dt, [1, w[0], 1, 1])?;
+        let xd = tensor_desc(dt, x, channels_last)?;
+        let yd = tensor_desc(dt, out, channels_last)?;
+        let bd = tensor_desc(dt, [1, w[0], 1, 1], false)?;
+        let filter_format = if channels_last {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
         let mut wd = std::ptr::null_mut();
         let mut cd = std::ptr::null_mut();
         // SAFETY: descriptor creation and setting, checked; the plan owns them from here (Drop).
         let mut plan = unsafe {
             check(sys::cudnnCreateFilterDescriptor(&mut wd), "create filter descriptor")?;
             check(
-                sys::cudnnSetFilter4dDescriptor(
-                    wd,
-                    dt,
-                    sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                    int(w[0])?,
-                    int(w[1])?,
-                    int(w[2])?,
-                    int(w[3])?,
-                ),
+                sys::cudnnSetFilter4dDescriptor(wd, dt, filter_format, int(w[0])?, int(w[1])?, int(w[2])?, int(w[3])?),
                 "set filter descriptor",
             )?;
             check(sys::cudnnCreateConvolutionDescriptor(&mut cd), "create convolution descriptor")?;
@@ -228,7 +232,8 @@ impl Plan {
         plan.workspace_bytes = bytes;
         if std::env::var("SDGEN_CUDNN_LOG").is_ok_and(|v| v == "1") {
             eprintln!(
-                "cudnn {dtype:?} x {x:?} w {w:?} pad {padding} stride {stride}: {algo:?} {math:?}, workspace {} MiB of {} MiB",
+                "cudnn {dtype:?} x {x:?} w {w:?} pad {padding} stride {stride}{}: {algo:?} {math:?}, workspace {} MiB of {} MiB",
+                if channels_last { " NHWC" } else { "" },
                 bytes >> 20,
                 plan.cap >> 20
             );
@@ -318,13 +323,15 @@ impl Plan {
 }
 
 /// `conv2d(x, weight) + bias` with zero `padding` on every side and `stride`, for
-/// `x: [n, c, h, w]`, `weight: [k, c, r, s]`.
+/// `x: [n, c, h, w]`, `weight: [k, c, r, s]`, or with `channels_last` for `x: [n, h, w, c]`,
+/// `weight: [k, r, s, c]` (the output then `[n, h', w', k]`).
 pub(crate) fn conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
+    channels_last: bool,
 ) -> Result<Tensor> {
     use super::cuda::{cuda_device, prepared, storage_ptr, Input};
     let device = cuda_device(x)?;
@@ -332,12 +339,14 @@ pub(crate) fn conv2d(
     let dtype = x.dtype();
     let (x, weight) = (x.contiguous()?, prepared(weight, dtype)?);
     let bias = bias.map(|b| prepared(b, dtype)).transpose()?;
-    let xd: [usize; 4] = x.dims4()?.into();
-    let wd: [usize; 4] = weight.dims4()?.into();
+    // Logical [n, c, h, w] / [k, c, r, s] whatever the memory order.
+    let logical = |d: [usize; 4]| if channels_last { [d[0], d[3], d[1], d[2]] } else { d };
+    let xd = logical(x.dims4()?.into());
+    let wd = logical(weight.dims4()?.into());
     if xd[1] != wd[1] {
         bail!("convolution of {} input channels with a weight for {}", xd[1], wd[1]);
     }
-    let key: Key = (dtype, xd, wd, padding, stride);
+    let key: Key = (dtype, xd, wd, padding, stride, channels_last);
     let find = std::env::var(FIND_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     let (x_in, w_in) = (Input::new(&x)?, Input::new(&weight)?);
     let b_in = bias.as_ref().map(Input::new).transpose()?;
@@ -419,6 +428,8 @@ pub(crate) fn conv2d(
             }
         }
         drop(workspace);
-        Ok(Tensor::from_storage(Storage::Cuda(out), out_dims.to_vec(), BackpropOp::none(), false))
+        let [n, k, h, w] = out_dims;
+        let shape = if channels_last { vec![n, h, w, k] } else { out_dims.to_vec() };
+        Ok(Tensor::from_storage(Storage::Cuda(out), shape, BackpropOp::none(), false))
     })
 }

@@ -11,7 +11,7 @@
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`norm::RmsNorm`] | candle's fused RMS norm (half precision: in f32 with a unit scale, rounded, then × weight, diffusers' rule) | the same |
 //! | [`norm::modulate`] (adaLN `x·(1 + scale) + shift`) | three broadcast ops | the same (one function, so a fused LayerNorm + modulate kernel can replace it) |
-//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision |
+//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision; channels-last (NHWC) stacks where [`prefers_channels_last`] says (the VAE decoder), the norms and upsampling then channels-last too |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
 //! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue |
 //!
@@ -111,6 +111,17 @@ pub fn fast_cpu(device: &Device) -> bool {
 /// Whether convolutions on `device` go through cuDNN now (a build with the `cudnn` feature).
 pub fn fast_conv(device: &Device) -> bool {
     cfg!(feature = "cudnn") && fast_cuda(device)
+}
+
+/// `SDGEN_CHANNELS_LAST=0`: keep every convolution stack channels-first (to compare the two).
+pub const CHANNELS_LAST_ENV: &str = "SDGEN_CHANNELS_LAST";
+
+/// Whether a convolution stack loaded for `device` in `dtype` should keep its activations
+/// channels-last (`[b, h, w, c]`): on cuDNN in half precision, whose tensor-core kernels read
+/// NHWC natively. Decided once at load: the weights are stored in the matching order.
+pub fn prefers_channels_last(device: &Device, dtype: candle_core::DType) -> bool {
+    let off = std::env::var(CHANNELS_LAST_ENV).is_ok_and(|v| v == "0");
+    fast_conv(device) && dtype != candle_core::DType::F32 && !off
 }
 
 /// The kernels operations on `device` use, as recorded in a generation's metadata.

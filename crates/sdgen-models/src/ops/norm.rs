@@ -6,7 +6,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Group normalisation over `[b, c, ...]` (statistics in f32 for half-precision inputs).
+/// Group normalisation over `[b, c, ...]`, or channels-last `[b, h, w, c]`
+/// ([`Self::into_channels_last`]); statistics in f32 for half-precision inputs.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -16,6 +17,7 @@ pub struct GroupNorm {
     pub(crate) bias: Tensor,
     pub(crate) groups: usize,
     pub(crate) eps: f64,
+    channels_last: bool,
 }
 
 impl GroupNorm {
@@ -24,7 +26,12 @@ impl GroupNorm {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
         let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-        Ok(Self { inner, weight, bias, groups, eps })
+        Ok(Self { inner, weight, bias, groups, eps, channels_last: false })
+    }
+
+    /// The same norm over channels-last activations `[b, h, w, c]`.
+    pub fn into_channels_last(self) -> Self {
+        Self { channels_last: true, ..self }
     }
 
     /// Normalises `x`.
@@ -41,10 +48,14 @@ impl GroupNorm {
     /// as a separate add would round it), then SiLU when `silu`.
     pub fn forward_with(&self, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Tensor> {
         if let Some(a) = add {
-            let (b, c) = (x.dim(0)?, x.dim(1)?);
+            let channel_axis = if self.channels_last { x.rank().saturating_sub(1) } else { 1 };
+            let (b, c) = (x.dim(0)?, x.dim(channel_axis)?);
             if a.dims() != [b, c] {
                 candle_core::bail!("group norm add term {:?} for input {:?}: expected [{b}, {c}]", a.dims(), x.dims());
             }
+        }
+        if self.channels_last {
+            return self.forward_channels_last(x, add, silu);
         }
         if super::fast_cpu(x.device()) && x.rank() >= 3 {
             if let Some(y) = super::cpu::group_norm(self, x, add, silu)? {
@@ -58,6 +69,23 @@ impl GroupNorm {
             }
         }
         self.reference(x, add, silu)
+    }
+
+    /// [`Self::forward_with`] of channels-last `x: [b, h, w, c]`: one set of kernels on CUDA,
+    /// elsewhere the channels-first paths between two transposes.
+    fn forward_channels_last(&self, x: &Tensor, add: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+        if x.rank() != 4 {
+            candle_core::bail!("channels-last group norm of {:?}: expected [b, h, w, c]", x.dims());
+        }
+        #[cfg(feature = "cuda")]
+        if super::fast_cuda(x.device()) {
+            if let Some(y) = super::cuda::group_norm_nhwc(self, x, add, silu)? {
+                return Ok(y);
+            }
+        }
+        let first = Self { channels_last: false, ..self.clone() };
+        let y = first.forward_with(&x.permute((0, 3, 1, 2))?.contiguous()?, add, silu)?;
+        y.permute((0, 2, 3, 1))?.contiguous()
     }
 
     /// The reference path of [`Self::forward_with`]: candle's GroupNorm, then `silu`.
