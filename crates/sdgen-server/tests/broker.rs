@@ -101,6 +101,15 @@ impl Worker {
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// SIGTERM, then waits for it to exit: its exit status and log.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        (status, self.log())
+    }
 }
 
 impl Drop for Worker {
@@ -207,13 +216,31 @@ fn a_killed_workers_job_is_finished_by_another_worker_without_duplicates() {
     let second = Worker::start(&redis, "rescuer");
     let job = ended(&server, &id);
     assert_eq!(job["state"], "done", "{job}");
-    assert!(second.log().contains(&format!("running {id}")), "{}", second.log());
+    let log = second.log();
+    assert!(log.contains("taking over entry") && log.contains(&format!("running {id}")), "{log}");
     let indexes: Vec<u64> = job["images"].as_array().unwrap().iter().map(|i| i["index"].as_u64().unwrap()).collect();
     assert_eq!(indexes, [0, 1, 2, 3, 4, 5]);
     // The same images and the same events as one run in-process: nothing lost, nothing twice.
     let (want_pngs, want_events) = in_process(BATCHES);
     assert_eq!(pngs(&server, &job), want_pngs);
     assert_eq!(milestones(&server, &id), want_events);
+}
+
+#[test]
+fn a_worker_stopped_by_sigterm_finishes_its_job_first() {
+    let redis = Redis::start();
+    let server = broker_server(&redis, &[]);
+    let worker = Worker::start(&redis, "w1");
+    let id = submit(&server, BATCHES);
+    wait_for(&server, &id, |j| j["progress"]["step"].as_u64().unwrap_or(0) > 0);
+    let next = submit(&server, r#"{"prompt": "a dog", "seed": 1, "steps": 2}"#);
+    let (status, log) = worker.terminate();
+    assert!(status.success() && log.contains("stopped"), "{log}");
+    assert_eq!(ended(&server, &id)["state"], "done");
+    // The job after it stays queued for the next worker.
+    assert_eq!(server.get(&format!("/v1/jobs/{next}")).json()["state"], "queued");
+    let _worker = Worker::start(&redis, "w2");
+    assert_eq!(ended(&server, &next)["state"], "done");
 }
 
 #[test]
