@@ -298,6 +298,20 @@ fn acknowledge(conn: &mut Connection, entry: &str) -> RedisResult<()> {
     redis::pipe().cmd("XACK").arg(&[JOBS, GROUP, entry][..]).cmd("XDEL").arg(&[JOBS, entry][..]).query(conn)
 }
 
+/// Applies one entry of a job's events stream.
+fn apply(conn: &mut Connection, job: &Job, entry: &StreamId, metrics: &Metrics) -> RedisResult<()> {
+    let Some(event) = entry.get::<String>("e").and_then(|t| serde_json::from_str::<JobEvent>(&t).ok()) else {
+        eprintln!("sdgen-server: job {}: event {} is not one this server reads; skipped", job.id, entry.id);
+        return Ok(());
+    };
+    let image = match &event {
+        JobEvent::Image { index, .. } => load_image(conn, &job.id, *index)?,
+        _ => None,
+    };
+    job.apply(event, image, metrics);
+    Ok(())
+}
+
 /// The server's side: jobs go into Redis; the jobs this server is asked about are mirrored from
 /// their events.
 #[derive(Debug)]
@@ -356,9 +370,9 @@ impl RedisBroker {
         cursor
     }
 
-    /// Applies `job`'s new events (the cursor locked: one reader at a time); forgets it as live
-    /// once it has ended, or detaches it when its keys have expired.
-    fn sync(&self, conn: &mut Connection, job: &Job, cursor: &Mutex<String>) -> RedisResult<()> {
+    /// Applies `job`'s new events (the cursor locked: one reader at a time), counted in
+    /// `metrics`; forgets it as live once it has ended, or detaches it when its keys have expired.
+    fn sync(&self, conn: &mut Connection, job: &Job, cursor: &Mutex<String>, metrics: &Metrics) -> RedisResult<()> {
         let mut cursor = cursor.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let start = if cursor.is_empty() { "-".to_string() } else { format!("({cursor}") };
@@ -375,7 +389,7 @@ impl RedisBroker {
             let read = reply.ids.len();
             for entry in reply.ids {
                 *cursor = entry.id.clone();
-                self.apply(conn, job, &entry)?;
+                apply(conn, job, &entry, metrics)?;
             }
             if !exists && !job.status().state.is_final() {
                 job.detach();
@@ -392,27 +406,15 @@ impl RedisBroker {
         }
     }
 
-    /// Applies one entry of a job's events stream.
-    fn apply(&self, conn: &mut Connection, job: &Job, entry: &StreamId) -> RedisResult<()> {
-        let Some(event) = entry.get::<String>("e").and_then(|t| serde_json::from_str::<JobEvent>(&t).ok()) else {
-            eprintln!("sdgen-server: job {}: event {} is not one this server reads; skipped", job.id, entry.id);
-            return Ok(());
-        };
-        let image = match &event {
-            JobEvent::Image { index, .. } => load_image(conn, &job.id, *index)?,
-            _ => None,
-        };
-        job.apply(event, image, &self.metrics);
-        Ok(())
-    }
-
     /// Reads the events of every live job, every [`POLL`], until the broker is closed.
     fn poll(&self) {
         let mut failing = false;
         while !self.closed.load(Ordering::Relaxed) {
             std::thread::sleep(POLL);
             let live: Vec<_> = self.mirrors().live.values().cloned().collect();
-            let result = self.pool.with(|conn| live.iter().try_for_each(|(job, cursor)| self.sync(conn, job, cursor)));
+            let result = self
+                .pool
+                .with(|conn| live.iter().try_for_each(|(job, cursor)| self.sync(conn, job, cursor, &self.metrics)));
             match &result {
                 Err(e) if !failing => eprintln!("sdgen-server: {} (retrying)", self.unreachable(e)),
                 Ok(()) if failing => eprintln!("sdgen-server: the broker at {} answers again", self.url),
@@ -437,7 +439,8 @@ impl RedisBroker {
             drop(m);
             self.watch(job.clone(), String::new())
         };
-        self.pool.with(|c| self.sync(c, &job, &cursor))?;
+        // Its past was counted by the server that watched it (or this one, before it forgot it).
+        self.pool.with(|c| self.sync(c, &job, &cursor, &Metrics::default()))?;
         Ok(Some(job))
     }
 }
@@ -499,7 +502,7 @@ impl Broker for RedisBroker {
                 // Ended (or expired): show how, before answering.
                 let cursor = self.mirrors().live.get(&job.id).map(|(_, c)| c.clone());
                 if let Some(cursor) = cursor {
-                    let _ = self.pool.with(|c| self.sync(c, job, &cursor));
+                    let _ = self.pool.with(|c| self.sync(c, job, &cursor, &self.metrics));
                 }
                 Cancelled::AlreadyEnded
             }

@@ -255,7 +255,7 @@ fn a_restarted_server_loses_no_job_that_was_in_redis() {
     assert!(status.success(), "{log}");
 
     // Another server process on the same Redis, then a worker: every job runs and is served.
-    let server = broker_server(&redis, &[]);
+    let server = broker_server(&redis, &["--keep-jobs", "1"]);
     assert!(server.get("/metrics").text().contains("sdgen_queue_depth 3"));
     assert_eq!(server.get(&format!("/v1/jobs/{}", ids[0])).json()["state"], "queued");
     let _worker = Worker::start(&redis, "w1");
@@ -268,6 +268,16 @@ fn a_restarted_server_loses_no_job_that_was_in_redis() {
     }
     assert!(server.get("/metrics").text().contains("sdgen_queue_depth 0"));
     assert_eq!(server.get("/v1/jobs/job-1-0000000000000000").status, 404);
+    // A job this server forgot (--keep-jobs 1) is read again from Redis, its past not counted twice.
+    let counted = |text: String| {
+        text.lines()
+            .filter(|l| l.starts_with("sdgen_jobs_total") || l.starts_with("sdgen_images_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = counted(server.get("/metrics").text());
+    assert_eq!(server.get(&format!("/v1/jobs/{}", ids[0])).json()["state"], "done");
+    assert_eq!(counted(server.get("/metrics").text()), before);
 }
 
 #[test]
