@@ -103,8 +103,9 @@ struct Args {
     /// instead of in this process.
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
-    /// Run the --broker's jobs (no HTTP): any number of workers, on any machines that see the
-    /// same model paths (or hub cache).
+    /// Run the --broker's jobs (no HTTP: the flags about requests do not apply; --device,
+    /// --dtype, --offline and --max-memory do): any number of workers, on any machines that see
+    /// the same model paths (or hub cache).
     #[arg(long, requires = "broker")]
     worker: bool,
     /// A worker's name in the broker's consumer group (default: host-pid).
@@ -155,7 +156,7 @@ fn run() -> anyhow::Result<()> {
         engine.hub.variant = Some("fp16".to_string());
     }
     if args.worker {
-        return run_worker(&args, engine);
+        return run_worker(&args, engine, max_memory_bytes);
     }
     let timeout = seconds(args.job_timeout.unwrap_or(DEFAULT_JOB_TIMEOUT_S), "--job-timeout")?;
     let mut paths = args.extra_model.clone();
@@ -229,7 +230,7 @@ fn run() -> anyhow::Result<()> {
 
 /// `--worker`: runs the broker's jobs until SIGINT/SIGTERM, which lets the running job finish (a
 /// second one stops at once; the job is then taken over by another worker).
-fn run_worker(args: &Args, engine: EngineConfig) -> anyhow::Result<()> {
+fn run_worker(args: &Args, engine: EngineConfig, max_memory_bytes: Option<u64>) -> anyhow::Result<()> {
     let url = args.broker.as_deref().context("--worker needs --broker redis://HOST:PORT[/DB]")?;
     let claim_idle = seconds(args.claim_idle, "--claim-idle")?;
     if claim_idle < Duration::from_millis(400) {
@@ -243,7 +244,7 @@ fn run_worker(args: &Args, engine: EngineConfig) -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let source = RedisSource::connect(url, name.clone(), claim_idle, stop.clone())?;
+    let source = RedisSource::connect(url, name.clone(), claim_idle, max_memory_bytes, stop.clone())?;
     // The tests wait for this line.
     eprintln!("sdgen-server worker {name} taking jobs from {}", redacted(url));
     std::thread::spawn(move || {

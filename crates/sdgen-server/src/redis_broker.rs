@@ -28,8 +28,10 @@
 //! A worker numbers its run's milestone events — everything but log lines and warnings:
 //! `started` is 1, and so on, the same sequence for the same request. The job's `hwm` holds the
 //! highest number appended: a milestone at or below it was already sent by an earlier run and is
-//! dropped. A run's log lines are appended only once it has appended a milestone of its own (the
-//! dead run's lines up to there stand). Each transition — enqueue, start, append, finish,
+//! dropped. An image's event is sent once per index, whatever its number (should two runs'
+//! sequences differ, as another plan on another machine may batch differently, every image is
+//! still announced once). A run's log lines are appended only once it has appended a milestone
+//! of its own (the dead run's lines up to there stand). Each transition — enqueue, start, append, finish,
 //! cancel — is one Lua script, atomic in Redis; the final event is appended once, and nothing
 //! after it.
 //!
@@ -126,18 +128,24 @@ static START: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Appends an event unless the job has ended or (a milestone, ARGV[1] > 0) an earlier run sent
-/// it: 1 if appended. KEYS: job hash, events. ARGV: milestone number (0: a log line), event.
+/// Appends an event unless the job has ended or an earlier run sent it: 1 if appended. A
+/// milestone (ARGV[1] > 0) was sent when its number is at most `hwm`; an image's event (ARGV[3]
+/// its index) when that image's was, whatever its number — so an image is announced once even
+/// where two runs' sequences differ (another plan on another machine).
+/// KEYS: job hash, events. ARGV: milestone number (0: a log line), event, image index or ''.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
         local state = redis.call('HGET', KEYS[1], 'state')
         if not state or state == 'done' or state == 'failed' or state == 'cancelled' then return 0 end
         local n = tonumber(ARGV[1])
-        if n > 0 then
-            if n <= tonumber(redis.call('HGET', KEYS[1], 'hwm') or '0') then return 0 end
-            redis.call('HSET', KEYS[1], 'hwm', n)
+        local hwm = tonumber(redis.call('HGET', KEYS[1], 'hwm') or '0')
+        if ARGV[3] ~= '' then
+            if redis.call('HSETNX', KEYS[1], 'image:' .. ARGV[3], 1) == 0 then return 0 end
+        elseif n > 0 and n <= hwm then
+            return 0
         end
+        if n > hwm then redis.call('HSET', KEYS[1], 'hwm', n) end
         redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
         return 1
         "#,
@@ -331,6 +339,16 @@ struct Mirrors {
     live: HashMap<String, (Arc<Job>, Arc<Mutex<String>>)>,
 }
 
+impl Mirrors {
+    /// Watches `job` from the event after `cursor`.
+    fn watch(&mut self, job: Arc<Job>, cursor: String) -> Arc<Mutex<String>> {
+        let cursor = Arc::new(Mutex::new(cursor));
+        self.jobs.insert(job.clone());
+        self.live.insert(job.id.clone(), (job, cursor.clone()));
+        cursor
+    }
+}
+
 impl RedisBroker {
     /// Connects to `url` and starts reading the events of the jobs it watches.
     pub fn connect(
@@ -359,15 +377,6 @@ impl RedisBroker {
 
     fn unreachable(&self, e: &redis::RedisError) -> String {
         format!("the broker at {} cannot be reached: {e}", self.url)
-    }
-
-    /// Watches `job` from the event after `cursor`.
-    fn watch(&self, job: Arc<Job>, cursor: String) -> Arc<Mutex<String>> {
-        let cursor = Arc::new(Mutex::new(cursor));
-        let mut m = self.mirrors();
-        m.jobs.insert(job.clone());
-        m.live.insert(job.id.clone(), (job, cursor.clone()));
-        cursor
     }
 
     /// Applies `job`'s new events (the cursor locked: one reader at a time), counted in
@@ -432,12 +441,12 @@ impl RedisBroker {
         let created = UNIX_EPOCH + Duration::from_millis(created_ms.unwrap_or_default());
         let job = Job::restore(id.to_string(), spec, created);
         let cursor = {
-            let m = self.mirrors();
+            let mut m = self.mirrors();
+            // Another request may have read it meanwhile.
             if let Some(job) = m.jobs.get(id) {
                 return Ok(Some(job));
             }
-            drop(m);
-            self.watch(job.clone(), String::new())
+            m.watch(job.clone(), String::new())
         };
         // Its past was counted by the server that watched it (or this one, before it forgot it).
         self.pool.with(|c| self.sync(c, &job, &cursor, &Metrics::default()))?;
@@ -465,7 +474,7 @@ impl Broker for RedisBroker {
             .map_err(|e| QueueRefusal::Unreachable(self.unreachable(&e)))?;
         let (position, entry) = queued.ok_or(QueueRefusal::Full)?;
         job.apply(JobEvent::Queued { position }, None, &self.metrics);
-        self.watch(job, entry);
+        self.mirrors().watch(job, entry);
         Ok(())
     }
 
@@ -542,6 +551,8 @@ pub struct RedisSource {
     /// This worker's consumer name.
     pub name: String,
     claim_idle: Duration,
+    /// This worker's `--max-memory`: a job's own budget (the server's) is lowered to it.
+    max_memory_bytes: Option<u64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -553,10 +564,17 @@ struct Entry {
 
 impl RedisSource {
     /// Connects as consumer `name`; a job idle for `claim_idle` on a dead worker is taken over;
-    /// `stop` ends [`JobSource::next`].
-    pub fn connect(url: &str, name: String, claim_idle: Duration, stop: Arc<AtomicBool>) -> anyhow::Result<Self> {
+    /// jobs run within `max_memory_bytes` (and their own budget); `stop` ends
+    /// [`JobSource::next`].
+    pub fn connect(
+        url: &str,
+        name: String,
+        claim_idle: Duration,
+        max_memory_bytes: Option<u64>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
         let client = open(url)?;
-        Ok(Self { client, conn: Mutex::new(None), url: redacted(url), name, claim_idle, stop })
+        Ok(Self { client, conn: Mutex::new(None), url: redacted(url), name, claim_idle, max_memory_bytes, stop })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> RedisResult<T> {
@@ -622,10 +640,14 @@ impl RedisSource {
             // Cancelled while queued, ended by another worker, or expired.
             _ => None,
         };
-        let Some(spec) = spec else {
+        let Some(mut spec) = spec else {
             self.with(|c| acknowledge(c, &entry.entry))?;
             return Ok(None);
         };
+        if let Some(limit) = self.max_memory_bytes {
+            let budget = &mut spec.request.memory.max_memory_bytes;
+            *budget = Some(budget.map_or(limit, |b| b.min(limit)));
+        }
         let conn = connect(&self.client)?;
         let reporter = RedisReporter {
             conn: Mutex::new(conn),
@@ -715,8 +737,10 @@ impl RedisReporter {
             return Ok(());
         }
         let text = serde_json::to_string(&event).expect("plain data serializes");
-        let appended: i64 =
-            self.with(|c| APPEND.key(job_key(&self.id)).key(events_key(&self.id)).arg(n).arg(text).invoke(c))?;
+        let image_index = image.map_or(String::new(), |i| i.index.to_string());
+        let appended: i64 = self.with(|c| {
+            APPEND.key(job_key(&self.id)).key(events_key(&self.id)).arg(n).arg(text).arg(image_index).invoke(c)
+        })?;
         if milestone {
             self.live.store(appended == 1, Ordering::Relaxed);
         }

@@ -83,9 +83,14 @@ struct Worker {
 impl Worker {
     /// A worker named `name` on `redis`, taking over dead workers' jobs after 1 s.
     fn start(redis: &Redis, name: &str) -> Worker {
+        Self::start_with(redis, name, &[])
+    }
+
+    /// As [`Worker::start`], with more flags.
+    fn start_with(redis: &Redis, name: &str, args: &[&str]) -> Worker {
         let home = tempfile::tempdir().unwrap();
         let mut cmd = sdgen_server(home.path());
-        cmd.args(["--worker", "--broker", &redis.url, "--worker-name", name, "--claim-idle", "1"]);
+        cmd.args(["--worker", "--broker", &redis.url, "--worker-name", name, "--claim-idle", "1"]).args(args);
         let mut child = cmd.spawn().expect("sdgen-server --worker starts");
         let (line, log) = first_line_then_drain(&mut child);
         assert!(line.starts_with(&format!("sdgen-server worker {name} taking jobs from redis://")), "{line}");
@@ -333,4 +338,16 @@ fn a_job_past_its_time_limit_fails_in_process_and_through_redis() {
     let server = broker_server(&redis, &["--job-timeout", "1"]);
     let _worker = Worker::start(&redis, "w1");
     times_out(&server);
+}
+
+#[test]
+fn a_workers_max_memory_bounds_the_jobs_it_runs() {
+    let redis = Redis::start();
+    let server = broker_server(&redis, &[]);
+    let _worker = Worker::start_with(&redis, "small", &["--max-memory", "1MB"]);
+    // The server's own check passes (no limit there); the worker plans within its 1 MB and refuses.
+    let id = submit(&server, r#"{"prompt": "a cat", "seed": 1, "steps": 2}"#);
+    let job = ended(&server, &id);
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"]["message"].as_str().unwrap().contains("MB"), "{job}");
 }
