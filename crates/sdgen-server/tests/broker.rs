@@ -351,3 +351,25 @@ fn a_workers_max_memory_bounds_the_jobs_it_runs() {
     assert_eq!(job["state"], "failed", "{job}");
     assert!(job["error"]["message"].as_str().unwrap().contains("MB"), "{job}");
 }
+
+#[test]
+fn a_job_whose_workers_keep_dying_fails_after_three_runs() {
+    let redis = Redis::start();
+    let server = broker_server(&redis, &[]);
+    let id = submit(&server, LONG);
+    for run in 1..=3 {
+        let worker = Worker::start(&redis, &format!("doomed-{run}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !worker.log().contains(&format!("running {id}")) {
+            assert!(Instant::now() < deadline, "run {run} never started: {}", worker.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        worker.kill();
+    }
+    // The fourth worker does not run it again: the job fails, saying why.
+    let _worker = Worker::start(&redis, "last");
+    let job = ended(&server, &id);
+    assert_eq!(job["state"], "failed", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("stopped 3 times while running it"), "{message}");
+}
