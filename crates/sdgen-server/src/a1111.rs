@@ -188,7 +188,7 @@ async fn generate(
         quality: None,
     };
     let request = settings.into_request(&state.limits, &NAMES)?;
-    let job = submit(&state, JobSpec { request, api: Api::A1111 }, model_field).await?;
+    let job = submit(&state, JobSpec { request, api: Api::A1111, timeout_ms: None }, model_field).await?;
     job.wait().await;
     // A1111 echoes the request, its init images left out.
     if img2img {
@@ -244,6 +244,17 @@ fn answer(job: &Job, parameters: Value, send_images: bool, batch_size: usize) ->
     let s = job.status();
     if s.state == JobState::Failed {
         return Err(s.error.clone().unwrap_or_else(|| ApiError::bad_request("the job failed")));
+    }
+    if !s.state.is_final() {
+        // The server is stopping while the broker's workers go on with the job.
+        return Err(ApiError::unavailable(
+            "shutting_down",
+            format!(
+                "the server stopped before job {} ended; it goes on: GET /v1/jobs/{} on a server of this broker",
+                job.id, job.id
+            ),
+            5,
+        ));
     }
     // Interrupted (`/sdapi/v1/interrupt`): as A1111, what was finished is the answer.
     let images: Vec<String> = if send_images {
@@ -468,6 +479,7 @@ mod tests {
         let mut job = Job::new(JobSpec {
             request: sdgen::engine::GenerateRequest::new(sdgen::loading::ModelSource::parse("sd15"), "a cat"),
             api: Api::A1111,
+            timeout_ms: None,
         });
         // 2024-02-29 23:59:58 UTC.
         Arc::get_mut(&mut job).unwrap().created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_198);

@@ -66,6 +66,34 @@ impl ApiError {
         }
     }
 
+    /// 504: the job ran past the server's time limit (`--job-timeout`) and was stopped, with
+    /// `images_done` of its `images` made (they stay).
+    pub fn timed_out(limit_ms: u64, images_done: usize, images: usize) -> Self {
+        let limit = format!("{} s", limit_ms as f64 / 1000.0);
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timed_out",
+            format!(
+                "the job ran past this server's time limit of {limit} (--job-timeout) and was stopped after \
+                 {images_done} of its {images} images: ask for fewer images or steps, or ask the server's operator \
+                 for a longer limit"
+            ),
+        )
+    }
+
+    /// The error a `failed` event reports (from a worker, maybe in another process): its kind
+    /// follows from the status, as [`ApiError::from_engine`] and [`ApiError::timed_out`] chose it.
+    pub fn from_failed(status: u16, field: Option<String>, message: String) -> Self {
+        const KINDS: [(StatusCode, &str); 3] = [
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            (StatusCode::GATEWAY_TIMEOUT, "timed_out"),
+            (StatusCode::CONFLICT, "cancelled"),
+        ];
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = KINDS.iter().find(|(s, _)| *s == status).map_or("generation_failed", |(_, k)| *k);
+        Self { field, ..Self::new(status, kind, message) }
+    }
+
     /// The JSON body, `detail` included.
     pub fn body(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("plain data serializes");

@@ -1,24 +1,25 @@
-//! Jobs and the queue between the HTTP side and the engine's worker thread.
+//! Jobs as the HTTP side sees them, and the seam to where they wait and run: the [`Broker`]
+//! trait, implemented by the in-process queue ([`crate::queue`], the default) and by a Redis
+//! broker with workers in other processes ([`crate::redis_broker`]).
 //!
-//! A job is shared (`Arc<Job>`) by the handler that made it, the queue, the worker and whoever
-//! watches it. Everything that happens to it is appended to its event log, and its `version`
-//! (a `watch` channel) is bumped, so a late subscriber to its event stream replays the log and
-//! then waits for more without missing any.
-//!
-//! The queue is bounded: a job that does not fit is refused at once (503), never buffered
-//! without limit. The worker takes one job at a time (one per device).
+//! A job is shared (`Arc<Job>`) by the handler that made it, the broker and whoever watches it.
+//! Everything that happens to it arrives as a [`JobEvent`] (from the in-process worker directly,
+//! or read back from Redis) and goes through [`Job::apply`], which updates its state and
+//! progress, appends the event to its log and bumps its `version` (a `watch` channel), so a late
+//! subscriber to its event stream replays the log and then waits for more without missing any.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 pub use sdgen::engine::wire::JobEvent;
 use sdgen::engine::{CancelToken, GenerateRequest};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 /// Where a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,19 +99,35 @@ pub struct JobStatus {
     pub finished: Option<Instant>,
     /// Images per batch, for the progress fraction.
     pub per_batch: usize,
+    /// When the last step (or stage) began, for the step latency.
+    pub last_step: Instant,
+    /// The server stopped watching it before it ended (a broker's job goes on without this
+    /// server): its event streams and waiting requests end.
+    pub detached: bool,
 }
 
-/// What a job asks for, as the engine takes it, plus what the responses report.
-#[derive(Debug, Clone)]
+impl JobStatus {
+    /// Whether nothing more will be heard of the job here.
+    pub fn is_settled(&self) -> bool {
+        self.state.is_final() || self.detached
+    }
+}
+
+/// What a job asks for, as the engine takes it, plus what the responses report. A broker
+/// carries it to its workers as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobSpec {
     /// The engine's request (the model, the prompt, every setting, the seed drawn).
     pub request: GenerateRequest,
     /// Which API made it: its field names go in error messages.
     pub api: Api,
+    /// The longest the job may run on a worker (`--job-timeout`); `None`: no limit.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The API a job came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Api {
     /// `/v1/jobs`.
     Jobs,
@@ -134,11 +151,18 @@ pub struct Job {
 }
 
 impl Job {
-    /// A queued job with a fresh id.
+    /// A queued job with a fresh id (unique across servers sharing a broker: the random part is
+    /// 64 bits).
     pub fn new(spec: JobSpec) -> Arc<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("job-{n}-{:08x}", random_u64() as u32);
+        let id = format!("job-{n}-{:016x}", random_u64());
+        Self::restore(id, spec, SystemTime::now())
+    }
+
+    /// The job `id` made at `created`, as its events will tell the rest (a broker's job this
+    /// server has not seen yet).
+    pub fn restore(id: String, spec: JobSpec, created: SystemTime) -> Arc<Self> {
         let images = spec.request.image_count();
         let status = JobStatus {
             state: JobState::Queued,
@@ -149,12 +173,14 @@ impl Job {
             started: None,
             finished: None,
             per_batch: spec.request.memory.max_images_per_batch.unwrap_or(1).max(1),
+            last_step: Instant::now(),
+            detached: false,
         };
         Arc::new(Self {
             id,
             spec,
             cancel: CancelToken::new(),
-            created: SystemTime::now(),
+            created,
             status: Mutex::new(status),
             version: watch::channel(0).0,
         })
@@ -185,16 +211,7 @@ impl Job {
                 return;
             }
             ended = true;
-            let images = s.images.len();
-            let event = match state {
-                JobState::Done => JobEvent::Done { images },
-                JobState::Cancelled => JobEvent::Cancelled { images },
-                _ => {
-                    let e = error.clone().unwrap_or_else(|| ApiError::bad_request("failed"));
-                    JobEvent::Failed { status: e.status.as_u16(), field: e.field.clone(), message: e.message.clone() }
-                }
-            };
-            s.events.push(event);
+            s.events.push(final_event(state, s.images.len(), error.as_ref()));
             s.state = state;
             s.error = error;
             s.finished = Some(Instant::now());
@@ -203,15 +220,86 @@ impl Job {
         ended
     }
 
+    /// [`Job::finish`], counted in `metrics` when it ended the job.
+    pub fn end(&self, state: JobState, error: Option<ApiError>, metrics: &Metrics) {
+        if self.finish(state, error) {
+            metrics.job_ended(state.name());
+        }
+    }
+
+    /// One event as a worker reported it (an `image` event with its image): the state, the
+    /// progress and the metrics follow, and the event is logged; a final event ends the job.
+    pub fn apply(&self, event: JobEvent, image: Option<JobImage>, metrics: &Metrics) {
+        let end = match &event {
+            JobEvent::Done { .. } => Some((JobState::Done, None)),
+            JobEvent::Cancelled { .. } => Some((JobState::Cancelled, None)),
+            JobEvent::Failed { status, field, message } => {
+                Some((JobState::Failed, Some(ApiError::from_failed(*status, field.clone(), message.clone()))))
+            }
+            _ => None,
+        };
+        if let Some((state, error)) = end {
+            return self.end(state, error, metrics);
+        }
+        if let JobEvent::StageStart { stage } = &event {
+            metrics.stage(stage);
+        }
+        let (mut step_s, mut new_image) = (None, false);
+        self.update(Some(event.clone()), |s| match event {
+            JobEvent::Started => {
+                s.state = JobState::Running;
+                s.started = Some(Instant::now());
+            }
+            JobEvent::StageStart { stage } => {
+                s.progress.stage = Some(stage);
+                s.last_step = Instant::now();
+            }
+            JobEvent::StageEnd { .. } => s.progress.stage = None,
+            JobEvent::Step { step, steps, .. } => {
+                step_s = Some(s.last_step.elapsed().as_secs_f64());
+                s.last_step = Instant::now();
+                let per_batch = s.per_batch;
+                let p = &mut s.progress;
+                (p.step, p.steps) = (step, steps);
+                let batch = per_batch.min(p.images.saturating_sub(p.images_done)).max(1);
+                let done = p.images_done as f64 + batch as f64 * step as f64 / steps.max(1) as f64;
+                p.fraction = (done / p.images.max(1) as f64).min(1.0);
+            }
+            JobEvent::Image { .. } => {
+                // Keyed by index: an image made again (a broker's job re-run) is not added twice.
+                if let Some(image) = image.filter(|i| !s.images.iter().any(|have| have.index == i.index)) {
+                    s.images.push(image);
+                    new_image = true;
+                }
+                s.progress.images_done = s.images.len();
+                s.progress.fraction = s.images.len() as f64 / s.progress.images.max(1) as f64;
+                s.progress.step = 0;
+            }
+            _ => {}
+        });
+        if new_image {
+            metrics.images.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(seconds) = step_s {
+            metrics.step(seconds);
+        }
+    }
+
+    /// Stops watching the job here without ending it (its events streams and waiting requests
+    /// end): a broker's job goes on while this server stops.
+    pub fn detach(&self) {
+        self.update(None, |s| s.detached = true);
+    }
+
     /// A receiver that sees every later update.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
 
-    /// Waits until the job has ended.
+    /// Waits until the job has ended (or is no longer watched here).
     pub async fn wait(&self) {
         let mut rx = self.subscribe();
-        while !self.status().state.is_final() {
+        while !self.status().is_settled() {
             if rx.changed().await.is_err() {
                 return;
             }
@@ -219,8 +307,20 @@ impl Job {
     }
 }
 
+/// A job's last event: how it ended.
+pub fn final_event(state: JobState, images: usize, error: Option<&ApiError>) -> JobEvent {
+    match state {
+        JobState::Done => JobEvent::Done { images },
+        JobState::Cancelled => JobEvent::Cancelled { images },
+        _ => {
+            let e = error.cloned().unwrap_or_else(|| ApiError::bad_request("failed"));
+            JobEvent::Failed { status: e.status.as_u16(), field: e.field.clone(), message: e.message.clone() }
+        }
+    }
+}
+
 /// What cancelling a job did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancelled {
     /// It was waiting: it left the queue, cancelled.
     FromQueue,
@@ -228,6 +328,8 @@ pub enum Cancelled {
     Running,
     /// It had already ended: nothing changed.
     AlreadyEnded,
+    /// The broker could not be reached: nothing changed.
+    Unreachable(String),
 }
 
 /// Why a job was not queued.
@@ -237,138 +339,66 @@ pub enum QueueRefusal {
     Full,
     /// The server is stopping.
     Closed,
+    /// The broker could not be reached (what went wrong).
+    Unreachable(String),
 }
 
-/// The jobs waiting for the worker, the one it runs, and every job still remembered.
-#[derive(Debug)]
-pub struct Queue {
-    inner: Mutex<QueueInner>,
-    ready: Condvar,
-    /// Waiting jobs allowed (the running one not counted).
-    pub capacity: usize,
-    /// Finished jobs remembered for `GET /v1/jobs/{id}`.
-    pub keep_finished: usize,
-}
-
-#[derive(Debug, Default)]
-struct QueueInner {
-    waiting: VecDeque<Arc<Job>>,
-    running: Option<Arc<Job>>,
-    closed: bool,
-    all: HashMap<String, Arc<Job>>,
-    /// Finished jobs, oldest first, forgotten past `keep_finished`.
-    finished: VecDeque<String>,
-}
-
-impl Queue {
-    /// An empty queue of `capacity` waiting jobs.
-    pub fn new(capacity: usize, keep_finished: usize) -> Self {
-        Self { inner: Mutex::default(), ready: Condvar::new(), capacity, keep_finished }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, QueueInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
+/// Where jobs wait for a worker, and how the server hears what happens to them: the one seam
+/// between the HTTP side and the workers. The in-process [`crate::queue::Queue`] hands jobs to a
+/// thread of this process; [`crate::redis_broker::RedisBroker`] to `sdgen-server --worker`
+/// processes through a Redis Stream. The routes see only this.
+pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Queues `job` (its `queued` event says how many are ahead), or says why not.
-    pub fn push(&self, job: Arc<Job>) -> Result<(), QueueRefusal> {
-        let mut q = self.lock();
-        if q.closed {
-            return Err(QueueRefusal::Closed);
-        }
-        if q.waiting.len() >= self.capacity {
-            return Err(QueueRefusal::Full);
-        }
-        let position = q.waiting.len() + usize::from(q.running.is_some());
-        q.all.insert(job.id.clone(), job.clone());
-        q.waiting.push_back(job.clone());
-        job.update(Some(JobEvent::Queued { position }), |_| {});
-        drop(q);
-        self.ready.notify_one();
-        Ok(())
+    fn push(&self, job: Arc<Job>) -> Result<(), QueueRefusal>;
+    /// A job by id (one this server made, or, with a broker, any the broker still holds).
+    fn get(&self, id: &str) -> Option<Arc<Job>>;
+    /// Cancels `job`: a queued one leaves the queue now (cancelled), a running one stops at its
+    /// next step or stage boundary.
+    fn cancel(&self, job: &Arc<Job>) -> Cancelled;
+    /// Jobs waiting.
+    fn depth(&self) -> usize;
+    /// A running job (the longest-running, where several workers run jobs).
+    fn running(&self) -> Option<Arc<Job>>;
+    /// Jobs allowed to wait.
+    fn capacity(&self) -> usize;
+    /// Refuses new jobs: shutdown. The in-process queue cancels its jobs (they die with the
+    /// process); a broker's jobs go on, and this server stops watching them.
+    fn close(&self);
+}
+
+/// The jobs a server remembers: every job not yet ended, and the last `keep` that ended.
+#[derive(Debug)]
+pub struct Registry {
+    all: HashMap<String, Arc<Job>>,
+    /// Ended jobs, oldest first, forgotten past `keep`.
+    finished: VecDeque<String>,
+    keep: usize,
+}
+
+impl Registry {
+    /// Remembers `keep` ended jobs.
+    pub fn new(keep: usize) -> Self {
+        Self { all: HashMap::new(), finished: VecDeque::new(), keep }
     }
 
-    /// The worker's next job: waits for one; `None` once the queue is closed.
-    pub fn next(&self) -> Option<Arc<Job>> {
-        let mut q = self.lock();
-        loop {
-            if q.closed {
-                return None;
-            }
-            if let Some(job) = q.waiting.pop_front() {
-                q.running = Some(job.clone());
-                return Some(job);
-            }
-            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// The worker finished its job.
-    pub fn done(&self, job: &Job) {
-        let mut q = self.lock();
-        if q.running.as_ref().is_some_and(|r| r.id == job.id) {
-            q.running = None;
-        }
-        self.remember(&mut q, &job.id);
-    }
-
-    fn remember(&self, q: &mut QueueInner, id: &str) {
-        q.finished.push_back(id.to_string());
-        while q.finished.len() > self.keep_finished {
-            if let Some(old) = q.finished.pop_front() {
-                q.all.remove(&old);
-            }
-        }
+    /// Remembers `job`.
+    pub fn insert(&mut self, job: Arc<Job>) {
+        self.all.insert(job.id.clone(), job);
     }
 
     /// A job by id.
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        self.lock().all.get(id).cloned()
+        self.all.get(id).cloned()
     }
 
-    /// The running job.
-    pub fn running(&self) -> Option<Arc<Job>> {
-        self.lock().running.clone()
-    }
-
-    /// Jobs waiting.
-    pub fn depth(&self) -> usize {
-        self.lock().waiting.len()
-    }
-
-    /// Cancels `job`: a queued one leaves the queue now (cancelled), a running one stops at its
-    /// next step or stage boundary.
-    pub fn cancel(&self, job: &Arc<Job>) -> Cancelled {
-        job.cancel.cancel();
-        let mut q = self.lock();
-        if let Some(pos) = q.waiting.iter().position(|j| j.id == job.id) {
-            q.waiting.remove(pos);
-            job.finish(JobState::Cancelled, None);
-            self.remember(&mut q, &job.id);
-            return Cancelled::FromQueue;
+    /// `id` ended: the oldest ended jobs past the limit are forgotten.
+    pub fn ended(&mut self, id: &str) {
+        self.finished.push_back(id.to_string());
+        while self.finished.len() > self.keep {
+            if let Some(old) = self.finished.pop_front() {
+                self.all.remove(&old);
+            }
         }
-        if job.status().state.is_final() {
-            Cancelled::AlreadyEnded
-        } else {
-            Cancelled::Running
-        }
-    }
-
-    /// Refuses new jobs, cancels the waiting ones and the running one, and lets the worker
-    /// stop: shutdown.
-    pub fn close(&self) {
-        let mut q = self.lock();
-        q.closed = true;
-        let waiting: Vec<_> = q.waiting.drain(..).collect();
-        for job in waiting {
-            job.cancel.cancel();
-            job.finish(JobState::Cancelled, None);
-        }
-        if let Some(job) = &q.running {
-            job.cancel.cancel();
-        }
-        drop(q);
-        self.ready.notify_all();
     }
 }
 
@@ -379,4 +409,65 @@ pub fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Arc<Job> {
+        let mut request = GenerateRequest::new(sdgen::loading::ModelSource::parse("sd15"), "a cat");
+        request.params.n = 2;
+        Job::new(JobSpec { request, api: Api::Jobs, timeout_ms: None })
+    }
+
+    fn image(index: usize) -> JobImage {
+        JobImage {
+            index,
+            seed: index as u64,
+            png: vec![index as u8],
+            parameters: String::new(),
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn events_drive_the_state_and_an_image_made_twice_is_kept_once() {
+        let (job, metrics) = (job(), Metrics::default());
+        job.apply(JobEvent::Queued { position: 0 }, None, &metrics);
+        job.apply(JobEvent::Started, None, &metrics);
+        assert_eq!(job.status().state, JobState::Running);
+        job.apply(JobEvent::Step { step: 1, steps: 4, images_done: 0, images: 2 }, None, &metrics);
+        assert_eq!(job.status().progress.fraction, 0.125);
+        let event = JobEvent::Image { index: 0, seed: 0, url: "/v1/jobs/x/images/0".into() };
+        job.apply(event.clone(), Some(image(0)), &metrics);
+        job.apply(event, Some(image(0)), &metrics);
+        assert_eq!(job.status().images.len(), 1);
+        assert_eq!(metrics.images.load(Ordering::Relaxed), 1);
+        job.apply(JobEvent::Done { images: 1 }, None, &metrics);
+        assert_eq!(job.status().state, JobState::Done);
+        // Nothing changes an ended job.
+        job.apply(JobEvent::Failed { status: 500, field: None, message: "late".into() }, None, &metrics);
+        assert_eq!(job.status().state, JobState::Done);
+        assert!(metrics.render(0, false).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
+    }
+
+    #[test]
+    fn a_failed_event_gives_back_the_error_it_was_made_from() {
+        for error in [
+            ApiError::timed_out(1500, 1, 4),
+            ApiError::invalid("width", "width 7 is odd"),
+            ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", "out of memory"),
+        ] {
+            let JobEvent::Failed { status, field, message } = final_event(JobState::Failed, 0, Some(&error)) else {
+                panic!("not a failed event")
+            };
+            let back = ApiError::from_failed(status, field, message);
+            assert_eq!(
+                (back.status, back.error, back.field, back.message),
+                (error.status, error.error, error.field, error.message)
+            );
+        }
+        assert!(ApiError::timed_out(1500, 1, 4).message.contains("time limit of 1.5 s (--job-timeout)"));
+    }
 }

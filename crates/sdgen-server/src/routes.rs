@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::jobs::{Api, Cancelled, Job, JobSpec, Queue, QueueRefusal};
+use crate::jobs::{Api, Broker, Cancelled, Job, JobSpec, QueueRefusal};
 use crate::metrics::Metrics;
 use crate::preflight::Preflight;
 use crate::request::{self, Limits, ModelPolicy, Names, Settings};
@@ -29,7 +29,8 @@ use sdgen::engine::wire::JobBody;
 /// What every handler shares.
 #[derive(Debug)]
 pub struct AppState {
-    pub queue: Arc<Queue>,
+    /// Where jobs wait and run: the in-process queue or a Redis broker.
+    pub queue: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub preflight: Arc<Preflight>,
     pub limits: Limits,
@@ -40,6 +41,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// `--max-memory`, applied to every job.
     pub max_memory_bytes: Option<u64>,
+    /// `--job-timeout`, applied to every job.
+    pub job_timeout_ms: Option<u64>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// The device, as the metadata names it.
@@ -130,6 +133,7 @@ pub fn field_namer(api: Api) -> impl Fn(&'static str) -> Option<&'static str> {
 /// Checks a request, then queues it: 422/507 from the check, 503 when the queue is full.
 pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str) -> Result<Arc<Job>, ApiError> {
     spec.request.memory.max_memory_bytes = state.max_memory_bytes;
+    spec.timeout_ms = state.job_timeout_ms;
     let (preflight, check_spec, model_field_owned) = (state.preflight.clone(), spec.clone(), model_field.to_string());
     let limits = state.limits;
     let verdict = tokio::task::spawn_blocking(move || {
@@ -148,11 +152,12 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
             state.metrics.refused("queue_full");
             Err(ApiError::unavailable(
                 "queue_full",
-                format!("the queue is full ({} jobs waiting): retry later", state.queue.capacity),
+                format!("the queue is full ({} jobs waiting): retry later", state.queue.capacity()),
                 5,
             ))
         }
         Err(QueueRefusal::Closed) => Err(ApiError::unavailable("shutting_down", "the server is shutting down", 30)),
+        Err(QueueRefusal::Unreachable(message)) => Err(ApiError::unavailable("broker_unreachable", message, 5)),
     }
 }
 
@@ -248,7 +253,7 @@ async fn create_job(
         quality: b.quality,
     };
     let request = settings.into_request(&state.limits, &JOB_NAMES)?;
-    let job = submit(&state, JobSpec { request, api: Api::Jobs }, "model").await?;
+    let job = submit(&state, JobSpec { request, api: Api::Jobs, timeout_ms: None }, "model").await?;
     let body = json!({
         "id": job.id,
         "state": "queued",
@@ -330,12 +335,14 @@ async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
         // The worker counts the running job's end.
         Cancelled::FromQueue => state.metrics.job_ended("cancelled"),
         Cancelled::Running => {}
+        Cancelled::Unreachable(message) => return Err(ApiError::unavailable("broker_unreachable", message, 5)),
     }
     Ok((StatusCode::ACCEPTED, Json(job_json(&job, false))).into_response())
 }
 
 /// `GET /v1/jobs/{id}/events`: the job's events as server-sent events, from its first (queued)
-/// to its last (done, failed or cancelled), then the stream ends.
+/// to its last (done, failed or cancelled), then the stream ends (also when the server stops
+/// while a broker's job goes on).
 async fn job_events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -346,7 +353,7 @@ async fn job_events(
         loop {
             let (event, ended) = {
                 let s = job.status();
-                (s.events.get(next).cloned(), s.state.is_final())
+                (s.events.get(next).cloned(), s.is_settled())
             };
             if let Some(e) = event {
                 let data = serde_json::to_string(&e).expect("plain data serializes");

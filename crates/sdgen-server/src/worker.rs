@@ -1,118 +1,153 @@
-//! The worker: one thread that owns the engine (so models stay open between jobs) and runs the
-//! queue's jobs one at a time, turning the engine's events into the job's and each finished
-//! image into the PNG the command line would write.
+//! The worker: one thread that owns the engine (so models stay open between jobs) and runs jobs
+//! one at a time, from wherever they wait — the in-process queue, or a Redis broker in
+//! `sdgen-server --worker`. It turns the engine's events into the job's, each finished image
+//! into the PNG the command line would write, and enforces the job's time limit; where the
+//! reports go is the [`Reporter`]'s business.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
-use sdgen::engine::{Batch, Engine, EngineConfig, Event};
+use sdgen::engine::{Batch, CancelToken, Engine, EngineConfig, Event};
 use sdgen::pipeline::Progress;
 
 use crate::error::ApiError;
-use crate::jobs::{Job, JobEvent, JobImage, JobState, Queue};
-use crate::metrics::Metrics;
+use crate::jobs::{JobEvent, JobImage, JobSpec, JobState};
 use crate::routes::field_namer;
 
-/// Starts the worker thread; it ends once the queue is closed and its job is done.
-pub fn spawn(config: EngineConfig, queue: Arc<Queue>, metrics: Arc<Metrics>) -> std::thread::JoinHandle<()> {
+/// How often a running job's watcher looks at its clock and its reporter (a cancellation made
+/// on another machine, a broker's keep-alive).
+const TICK: Duration = Duration::from_millis(100);
+
+/// A job handed to the worker.
+pub struct Task {
+    /// The job's id.
+    pub id: String,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Set to stop it (by a cancellation, its time limit or shutdown).
+    pub cancel: CancelToken,
+    /// Where its events and its end go.
+    pub reporter: Box<dyn Reporter>,
+}
+
+/// Where a running job's reports go.
+pub trait Reporter: Send + Sync {
+    /// Something happened (an `image` event comes with its image).
+    fn event(&self, event: JobEvent, image: Option<JobImage>);
+    /// Called every [`TICK`] while the job runs (from another thread): whether it was cancelled
+    /// somewhere the token does not reach. A broker also keeps its claim on the job alive here.
+    fn tick(&self) -> bool {
+        false
+    }
+    /// The engine opened `n` more models for this job.
+    fn models_opened(&self, _n: usize) {}
+    /// The job ended.
+    fn finish(&self, state: JobState, error: Option<ApiError>);
+}
+
+/// Where the worker takes its jobs from.
+pub trait JobSource: Send + Sync {
+    /// The next job: waits for one; `None` once the worker should stop.
+    fn next(&self) -> Option<Task>;
+}
+
+/// Starts the worker thread; it ends once `source` has no more jobs for it.
+pub fn spawn(config: EngineConfig, source: impl JobSource + 'static) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("sdgen-worker".into())
-        .spawn(move || {
-            // GPU memory probe and pool trim for the memory manager (nothing on the CPU).
-            let _device_memory = sdgen::device_memory::DeviceMemory::install(&config.runtime.device);
-            let mut engine = Engine::new(config);
-            while let Some(job) = queue.next() {
-                let (outcome, error) = run(&mut engine, &job, &metrics);
-                // The seed's completion point: what the job held is returned before the job is
-                // reported ended, and the worker is free before anyone hears of it.
-                sdgen_memory::cleanup_memory(true);
-                queue.done(&job);
-                if job.finish(outcome, error) {
-                    metrics.job_ended(outcome.name());
-                }
-            }
-        })
+        .spawn(move || serve(config, &source))
         .expect("the worker thread starts")
 }
 
-/// Runs one job to its end: how it ended.
-fn run(engine: &mut Engine, job: &Arc<Job>, metrics: &Metrics) -> (JobState, Option<ApiError>) {
-    if job.cancel.is_cancelled() {
-        return (JobState::Cancelled, None);
-    }
-    job.update(Some(JobEvent::Started), |s| {
-        s.state = JobState::Running;
-        s.started = Some(Instant::now());
-    });
-    let opened = engine.models_opened();
-    let mut last_step = Instant::now();
-    let mut events = |e: Event| on_event(job, metrics, &mut last_step, e);
-    let mut on_batch = |batch: Batch| save_batch(job, metrics, batch);
-    let result = engine.generate_each(&job.spec.request, &mut events, &job.cancel, &mut on_batch);
-    metrics.model_opens.fetch_add((engine.models_opened() - opened) as u64, Ordering::Relaxed);
-    match result {
-        Ok(()) => (JobState::Done, None),
-        Err(sdgen::Error::Cancelled) => (JobState::Cancelled, None),
-        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &field_namer(job.spec.api)))),
+/// Runs `source`'s jobs one at a time until it has no more.
+pub fn serve(config: EngineConfig, source: &dyn JobSource) {
+    // GPU memory probe and pool trim for the memory manager (nothing on the CPU).
+    let _device_memory = sdgen::device_memory::DeviceMemory::install(&config.runtime.device);
+    let mut engine = Engine::new(config);
+    while let Some(task) = source.next() {
+        let (outcome, error) = run(&mut engine, &task);
+        // The seed's completion point: what the job held is returned before the job is
+        // reported ended.
+        sdgen_memory::cleanup_memory(true);
+        task.reporter.finish(outcome, error);
     }
 }
 
-/// The engine's report, as the job's events and progress.
-fn on_event(job: &Job, metrics: &Metrics, last_step: &mut Instant, event: Event) {
-    let (event, stage): (JobEvent, Option<Option<String>>) = match event {
-        Event::Log(line) => (JobEvent::Log { message: line.to_string() }, None),
-        Event::Warning(line) => (JobEvent::Warning { message: line.to_string() }, None),
+/// Runs one job to its end: how it ended.
+fn run(engine: &mut Engine, task: &Task) -> (JobState, Option<ApiError>) {
+    if task.cancel.is_cancelled() {
+        return (JobState::Cancelled, None);
+    }
+    let reporter = &*task.reporter;
+    reporter.event(JobEvent::Started, None);
+    let opened = engine.models_opened();
+    let timed_out = AtomicBool::new(false);
+    let images = task.spec.request.image_count();
+    let images_done = Cell::new(0);
+    let result = std::thread::scope(|scope| {
+        let (done, watching) = mpsc::channel::<()>();
+        scope.spawn(|| watch(task, &timed_out, watching));
+        let mut events = |e: Event| on_event(reporter, &images_done, images, e);
+        let mut on_batch = |batch: Batch| save_batch(&task.id, reporter, &images_done, batch);
+        let result = engine.generate_each(&task.spec.request, &mut events, &task.cancel, &mut on_batch);
+        drop(done);
+        result
+    });
+    reporter.models_opened(engine.models_opened() - opened);
+    match result {
+        Ok(()) => (JobState::Done, None),
+        Err(sdgen::Error::Cancelled) if timed_out.load(Ordering::Relaxed) => {
+            let limit_ms = task.spec.timeout_ms.unwrap_or_default();
+            (JobState::Failed, Some(ApiError::timed_out(limit_ms, images_done.get(), images)))
+        }
+        Err(sdgen::Error::Cancelled) => (JobState::Cancelled, None),
+        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &field_namer(task.spec.api)))),
+    }
+}
+
+/// Watches a running job until `done` closes: past its time limit, or cancelled where its token
+/// does not reach, it is cancelled (stopping at its next step or stage boundary).
+fn watch(task: &Task, timed_out: &AtomicBool, done: mpsc::Receiver<()>) {
+    let deadline = task.spec.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(TICK) {
+        if task.reporter.tick() {
+            task.cancel.cancel();
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) && !timed_out.swap(true, Ordering::Relaxed) {
+            task.cancel.cancel();
+        }
+    }
+}
+
+/// The engine's report, as the job's events.
+fn on_event(reporter: &dyn Reporter, images_done: &Cell<usize>, images: usize, event: Event) {
+    let event = match event {
+        Event::Log(line) => JobEvent::Log { message: line.to_string() },
+        Event::Warning(line) => JobEvent::Warning { message: line.to_string() },
         Event::Detail(_) | Event::Download(_) => return,
         Event::Pipeline(p) => match p {
-            Progress::StageStart(stage) => {
-                metrics.stage(stage);
-                *last_step = Instant::now();
-                (JobEvent::StageStart { stage: stage.to_string() }, Some(Some(stage.to_string())))
-            }
-            Progress::StageEnd { stage, elapsed_ms } => {
-                (JobEvent::StageEnd { stage: stage.to_string(), elapsed_ms }, Some(None))
-            }
+            Progress::StageStart(stage) => JobEvent::StageStart { stage: stage.to_string() },
+            Progress::StageEnd { stage, elapsed_ms } => JobEvent::StageEnd { stage: stage.to_string(), elapsed_ms },
             Progress::Step { index, total } => {
-                metrics.step(last_step.elapsed().as_secs_f64());
-                *last_step = Instant::now();
-                let mut images = (0, 0);
-                job.update(None, |s| {
-                    let p = &mut s.progress;
-                    (p.step, p.steps) = (index, total);
-                    let batch = s.per_batch.min(p.images.saturating_sub(p.images_done)).max(1);
-                    let done = p.images_done as f64 + batch as f64 * index as f64 / total.max(1) as f64;
-                    p.fraction = (done / p.images.max(1) as f64).min(1.0);
-                    images = (p.images_done, p.images);
-                });
-                let (images_done, images) = images;
-                (JobEvent::Step { step: index, steps: total, images_done, images }, None)
+                JobEvent::Step { step: index, steps: total, images_done: images_done.get(), images }
             }
             Progress::Note(_) | Progress::Memory { .. } => return,
         },
     };
-    job.update(Some(event), |s| {
-        if let Some(stage) = stage {
-            s.progress.stage = stage;
-        }
-    });
+    reporter.event(event, None);
 }
 
 /// A finished batch: each image encoded as the command line saves it.
-fn save_batch(job: &Job, metrics: &Metrics, batch: Batch) -> Result<(), sdgen::Error> {
+fn save_batch(id: &str, reporter: &dyn Reporter, images_done: &Cell<usize>, batch: Batch) -> Result<(), sdgen::Error> {
     for image in batch.images {
         let png = sdgen::output::image_png(&image.metadata, &image.image.rgb8)?;
         let parameters = sdgen::output::a1111_parameters(&image.metadata);
-        let seed = image.image.seed;
-        let index = image.index;
-        let url = format!("/v1/jobs/{}/images/{index}", job.id);
-        metrics.images.fetch_add(1, Ordering::Relaxed);
-        job.update(Some(JobEvent::Image { index, seed, url }), |s| {
-            s.images.push(JobImage { index, seed, png, parameters, metadata: image.metadata });
-            s.progress.images_done = s.images.len();
-            s.progress.fraction = s.images.len() as f64 / s.progress.images.max(1) as f64;
-            s.progress.step = 0;
-        });
+        let (index, seed) = (image.index, image.image.seed);
+        let event = JobEvent::Image { index, seed, url: format!("/v1/jobs/{id}/images/{index}") };
+        images_done.set(images_done.get() + 1);
+        reporter.event(event, Some(JobImage { index, seed, png, parameters, metadata: image.metadata }));
     }
     Ok(())
 }

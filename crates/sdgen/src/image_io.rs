@@ -18,8 +18,11 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::{Error, Result};
 
-/// An 8-bit RGB image, rows top to bottom, `width × height × 3` bytes.
-#[derive(Clone, PartialEq, Eq)]
+/// An 8-bit RGB image, rows top to bottom, `width × height × 3` bytes. Serialized (inside a
+/// request a broker carries) as its size and its pixels in one base64 string — a JSON array of
+/// numbers would be four times the size — and checked by [`RgbImage::new`] when read back.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "SerializedRgb", into = "SerializedRgb")]
 pub struct RgbImage {
     /// Width in pixels.
     pub width: usize,
@@ -27,6 +30,33 @@ pub struct RgbImage {
     pub height: usize,
     /// The pixels, `[r, g, b]` per pixel, row-major.
     pub data: Vec<u8>,
+}
+
+/// [`RgbImage`] as serde formats write it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SerializedRgb {
+    width: usize,
+    height: usize,
+    rgb_base64: String,
+}
+
+impl From<RgbImage> for SerializedRgb {
+    fn from(image: RgbImage) -> Self {
+        use base64::Engine as _;
+        let rgb_base64 = base64::engine::general_purpose::STANDARD.encode(&image.data);
+        Self { width: image.width, height: image.height, rgb_base64 }
+    }
+}
+
+impl TryFrom<SerializedRgb> for RgbImage {
+    type Error = Error;
+
+    fn try_from(s: SerializedRgb) -> Result<Self> {
+        use base64::Engine as _;
+        let data = (base64::engine::general_purpose::STANDARD.decode(&s.rgb_base64))
+            .map_err(|e| Error::InvalidInput(format!("an RGB image's pixels are not base64: {e}")))?;
+        RgbImage::new(s.width, s.height, data)
+    }
 }
 
 impl fmt::Debug for RgbImage {

@@ -18,7 +18,7 @@ use crate::{Error, Result};
 pub const LARGE_MODEL_BYTES: u64 = 4 << 30;
 
 /// What the user said about memory.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct MemoryRequest {
     /// `--max-memory` in bytes (device memory on a GPU, process memory on the CPU).
     pub max_memory_bytes: Option<u64>,

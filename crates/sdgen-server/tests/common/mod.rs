@@ -38,36 +38,18 @@ impl Server {
     /// As [`Server::start`], with more environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let home = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdgen-server"));
-        cmd.args(["--listen", "127.0.0.1:0", "--model", &tiny_model()])
-            .args(args)
-            .env("HF_HOME", home.path().join("hf-home"))
-            .env("HF_ENDPOINT", "http://127.0.0.1:9")
-            .env("HF_HUB_OFFLINE", "1")
-            .env_remove("HF_HUB_CACHE")
-            .env_remove("SDGEN_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut cmd = sdgen_server(home.path());
+        cmd.args(["--listen", "127.0.0.1:0", "--model", &tiny_model()]).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("sdgen-server starts");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
+        let (line, log) = first_line_then_drain(&mut child);
         let addr = line
             .trim()
             .strip_prefix("sdgen-server listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
             .to_string();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(line));
-        let sink = log.clone();
-        // Drain stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for l in stderr.lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(l + "\n"));
-            }
-        });
         Server { child, addr, _home: home, log }
     }
 
@@ -86,6 +68,11 @@ impl Server {
         self.call("POST", path, Some(body))
     }
 
+    /// What it has printed on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Sends SIGTERM and waits for the process to exit: its exit status and log.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -101,6 +88,36 @@ impl Server {
         let r = self.get("/healthz");
         assert_eq!(r.status, 200, "the server stopped answering: {}", r.text());
     }
+}
+
+/// `sdgen-server` with the hub out of reach: its cache in `home`, offline, no API key from the
+/// environment; stderr piped.
+pub fn sdgen_server(home: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdgen-server"));
+    cmd.env("HF_HOME", home.join("hf-home"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("SDGEN_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The first line `child` printed on stderr, and everything it prints, as it prints it (stderr
+/// is drained so the child never blocks on a full pipe).
+pub fn first_line_then_drain(child: &mut Child) -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
+    (line, log)
 }
 
 impl Drop for Server {

@@ -38,7 +38,7 @@ pub const FIELDS: &[&str] = &[
 ];
 
 /// One generation job: the model and what to make with it. Output naming is the caller's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerateRequest {
     /// The model: a named model, a hub repository, a diffusers folder or a single-file checkpoint.
     pub model: ModelSource,
@@ -70,7 +70,7 @@ pub struct GenerateRequest {
 }
 
 /// Upscaling the finished images, and the hires pass after it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UpscaleRequest {
     /// Each side is multiplied by this (2, 3 or 4), with PIL's Lanczos.
     pub factor: u32,
@@ -80,7 +80,7 @@ pub struct UpscaleRequest {
 }
 
 /// The starting picture of an image-to-image job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Img2ImgInput {
     /// The decoded picture.
     pub image: InitImage,
@@ -90,7 +90,7 @@ pub struct Img2ImgInput {
 
 /// A refiner and its knobs; which knob applies depends on the models (see
 /// [`RefinerRun::choose`](crate::pipeline::RefinerRun::choose)).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RefinerRequest {
     /// The refiner model.
     pub source: ModelSource,

@@ -110,3 +110,16 @@ fn lanczos_matches_pil_on_a_random_sweep() {
     }
     eprintln!("{checked} resizes equal to PIL's");
 }
+
+/// A request carrying an init image crosses a broker as JSON: the pixels as one base64 string,
+/// read back exactly; a size that does not match the pixels is refused.
+#[test]
+fn rgb_images_serialize_as_base64_and_are_checked_when_read() {
+    let image = RgbImage::new(2, 1, vec![0, 1, 2, 253, 254, 255]).unwrap();
+    let json = serde_json::to_value(&image).unwrap();
+    assert_eq!(json, serde_json::json!({"width": 2, "height": 1, "rgb_base64": "AAEC/f7/"}));
+    assert_eq!(serde_json::from_value::<RgbImage>(json).unwrap(), image);
+    let wrong = serde_json::json!({"width": 3, "height": 1, "rgb_base64": "AAEC/f7/"});
+    let err = serde_json::from_value::<RgbImage>(wrong).unwrap_err().to_string();
+    assert!(err.contains("needs 9 bytes, got 6"), "{err}");
+}

@@ -63,7 +63,7 @@ struct Parsed {
 }
 
 /// How to open a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct OpenOptions {
     /// For a single-file checkpoint: a diffusers folder to take the configs, scheduler and
     /// tokenizer from instead of the family's bundled ones (for checkpoints whose architecture

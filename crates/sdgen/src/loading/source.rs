@@ -72,7 +72,7 @@ pub const DEFAULT_MODEL: &str = SDXL.name;
 pub const PRO_MODEL: &str = SD35_LARGE.name;
 
 /// A `--model` value, classified.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ModelSource {
     /// A folder on disk.
     Path(PathBuf),

@@ -34,7 +34,7 @@ use crate::{Error, Result};
 pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 /// The starting picture of an image-to-image run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InitImage {
     /// How the image is named in messages (its path, for a file).
     pub name: String,

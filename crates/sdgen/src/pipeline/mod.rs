@@ -40,7 +40,7 @@ use crate::{Error, Result};
 pub const MAX_SIDE_PIXELS: usize = 16384;
 
 /// What the user asked for. `None` fields take the model family's defaults.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Request {
     /// The prompt.
     pub prompt: String,
@@ -67,7 +67,7 @@ pub struct Request {
 }
 
 /// Options of the families with a T5 encoder and an MMDiT (SD 3.5); refused for the others.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FamilyOptions {
     /// Tokens the T5 encoder reads (diffusers' `max_sequence_length`, default 256, at most 512).
     pub max_sequence_length: Option<usize>,
@@ -82,7 +82,7 @@ pub struct FamilyOptions {
 /// Skip-layer guidance: between `start` and `stop` (fractions of the steps), each guided step
 /// also runs the denoiser on the prompt with `layers` skipped and pushes the prediction away from
 /// it: `pred += (pred_text − pred_skip) · scale`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SkipLayerGuidance {
     /// The transformer blocks skipped (Stability's choice for 3.5 Medium: 7, 8, 9).
     pub layers: Vec<usize>,

@@ -19,7 +19,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::Result;
 
 /// How prompts are read (`--prompt-style`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum PromptStyle {
     /// A1111's syntax and chunking, for the prompts that need it (weights, `BREAK`, over 75
     /// tokens); the default.
@@ -30,7 +30,7 @@ pub enum PromptStyle {
 }
 
 /// The text-encoder options of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct PromptOptions {
     /// How prompts are read.
     pub style: PromptStyle,

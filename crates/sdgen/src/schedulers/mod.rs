@@ -80,7 +80,7 @@ impl ScheduleKind {
 }
 
 /// The scheduler algorithms sdgen implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum SchedulerKind {
     /// diffusers' `PNDMScheduler` (Stable Diffusion 1.x's default, run as PLMS).
     Pndm,

@@ -29,7 +29,7 @@ pub use fuse::{fuse_transient_bytes, ComponentPatches, FusingBackend, Patch};
 use keys::{Aliases, ModuleIndex, ParsedKey, Role};
 
 /// A LoRA as a request names it: `PATH|REPO[:SCALE]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraRequest {
     /// The `.safetensors` file, or a hub repository holding one.
     pub source: super::ModelSource,
