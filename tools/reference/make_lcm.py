@@ -41,14 +41,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import diffusers
 import torch
-import transformers
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_lora import gens, setup_determinism  # noqa: E402  (one copy of the runs' set-up)
 
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO / "testdata"
@@ -75,18 +77,6 @@ CASES = [
     dict(name="sdxl_turbo_4steps", model="sdxl_turbo", seeds=[33], steps=4, guidance=0.0),
 ]
 SCHEDULER = {"sd15_lcm": "lcm", "sdxl_lcm_lora": "lcm", "sdxl_turbo": "euler-a"}
-
-
-def setup_determinism() -> None:
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
-    torch.use_deterministic_algorithms(True)
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.set_verbosity_error()
-
-
-def gens(seeds):
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
 def write_json(path: Path, value) -> None:
