@@ -7,7 +7,11 @@ Writes (relative to the repository root):
                                             LatentConsistencyModelPipeline whose UNet has a guidance
                                             embedding (`time_cond_proj_dim` 256, its `cond_proj`
                                             seeded), LCMScheduler config as published
-                                            (testdata/scheduler-configs/lcm-dreamshaper-v7.json)
+                                            (testdata/scheduler-configs/lcm-dreamshaper-v7.json),
+                                            the other components symlinks to tiny-sd15's
+  testdata/tiny-sdxl-lcm/                   the tiny SDXL with an LCM UNet (as latent-consistency/lcm-sdxl
+                                            swapped into SDXL base: StableDiffusionXLPipeline, LCM
+                                            scheduler), the other components symlinks to tiny-sdxl's
   testdata/tiny-sdxl-turbo/                 the tiny SDXL as stabilityai/sdxl-turbo's folder: its
                                             model_index.json and scheduler config, the components
                                             symlinks to tiny-sdxl's
@@ -25,6 +29,8 @@ Cases, each as a user runs diffusers (`from_pretrained` of the folder; CPU, f32,
 deterministic algorithms, `generator=[Generator("cpu").manual_seed(s) for s in seeds]`):
 - sd15_lcm*: LatentConsistencyModelPipeline.from_pretrained(tiny-sd15-lcm), guidance embedded
   (w = guidance − 1), no CFG, the LCM scheduler re-noising between steps from the generators;
+- sdxl_lcm_unet: StableDiffusionXLPipeline.from_pretrained(tiny-sdxl-lcm) (its `timestep_cond`
+  path: guidance embedded, no CFG);
 - sdxl_lcm_lora*: StableDiffusionXLPipeline.from_pretrained(tiny-sdxl) with
   `scheduler = LCMScheduler.from_config(scheduler.config)`, `load_lora_weights(file)` +
   `fuse_lora()`, guidance 1 (the `--quality lcm` settings: no CFG) and guidance 2 (CFG);
@@ -58,6 +64,7 @@ SD15_DIR = TESTDATA / "tiny-sd15"
 SDXL_DIR = TESTDATA / "tiny-sdxl"
 LCM_DIR = TESTDATA / "tiny-sd15-lcm"
 TURBO_DIR = TESTDATA / "tiny-sdxl-turbo"
+SDXL_LCM_DIR = TESTDATA / "tiny-sdxl-lcm"
 LORA_FILE = TESTDATA / "lora" / "sdxl_lcm.safetensors"
 REF_DIR = TESTDATA / "reference" / "lcm"
 CONFIGS = TESTDATA / "scheduler-configs"
@@ -71,39 +78,51 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 CASES = [
     dict(name="sd15_lcm", model="sd15_lcm", seeds=[11, 12], steps=4, guidance=8.0),
     dict(name="sd15_lcm_2steps", model="sd15_lcm", seeds=[13], steps=2, guidance=3.0),
+    dict(name="sdxl_lcm_unet", model="sdxl_lcm_unet", seeds=[41, 42], steps=4, guidance=8.0),
     dict(name="sdxl_lcm_lora", model="sdxl_lcm_lora", seeds=[21, 22], steps=4, guidance=1.0),
     dict(name="sdxl_lcm_lora_cfg", model="sdxl_lcm_lora", seeds=[23], steps=3, guidance=2.0),
     dict(name="sdxl_turbo", model="sdxl_turbo", seeds=[31, 32], steps=1, guidance=0.0),
     dict(name="sdxl_turbo_4steps", model="sdxl_turbo", seeds=[33], steps=4, guidance=0.0),
 ]
-SCHEDULER = {"sd15_lcm": "lcm", "sdxl_lcm_lora": "lcm", "sdxl_turbo": "euler-a"}
+SCHEDULER = {"sd15_lcm": "lcm", "sdxl_lcm_unet": "lcm", "sdxl_lcm_lora": "lcm", "sdxl_turbo": "euler-a"}
 
 
 def write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def make_lcm_folder() -> None:
-    """tiny-sd15 with an LCM UNet: the same weights plus a seeded `time_embedding.cond_proj`, the
-    published LCM scheduler config, and LCM Dreamshaper's pipeline class."""
-    if LCM_DIR.exists():
-        shutil.rmtree(LCM_DIR)
-    shutil.copytree(SD15_DIR, LCM_DIR)
-    plain = UNet2DConditionModel.from_pretrained(SD15_DIR / "unet")
+def lcm_unet(plain_dir: Path, seed: int) -> UNet2DConditionModel:
+    """The UNet of `plain_dir` with a guidance embedding: the same weights plus a seeded
+    `time_embedding.cond_proj` (`time_cond_proj_dim` 256, LCM Dreamshaper v7's and lcm-sdxl's)."""
+    plain = UNet2DConditionModel.from_pretrained(plain_dir / "unet")
     unet = UNet2DConditionModel.from_config({**plain.config, "time_cond_proj_dim": TIME_COND_PROJ_DIM})
     missing, unexpected = unet.load_state_dict(plain.state_dict(), strict=False)
     assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
-    g = torch.Generator().manual_seed(501)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         w = unet.time_embedding.cond_proj.weight
         w.copy_(torch.randn(w.shape, generator=g) * 0.05)
-    shutil.rmtree(LCM_DIR / "unet")
-    unet.save_pretrained(LCM_DIR / "unet")
-    shutil.copy(CONFIGS / "lcm-dreamshaper-v7.json", LCM_DIR / "scheduler" / "scheduler_config.json")
-    index = json.loads((SD15_DIR / "model_index.json").read_text())
-    index.update({"_class_name": "LatentConsistencyModelPipeline", "scheduler": ["diffusers", "LCMScheduler"]})
-    index.pop("image_encoder", None)
-    write_json(LCM_DIR / "model_index.json", index)
+    return unet
+
+
+def make_lcm_folder(folder: Path, plain_dir: Path, pipeline_class: str, seed: int) -> None:
+    """`plain_dir` as an LCM-distilled folder: an LCM UNet, the published LCM scheduler config,
+    `pipeline_class` in model_index.json, the other components relative symlinks to `plain_dir`'s."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "scheduler").mkdir(parents=True)
+    lcm_unet(plain_dir, seed).save_pretrained(folder / "unet")
+    for f in (folder / "unet").iterdir():
+        f.chmod(0o644)
+    shutil.copy(CONFIGS / "lcm-dreamshaper-v7.json", folder / "scheduler" / "scheduler_config.json")
+    index = json.loads((plain_dir / "model_index.json").read_text())
+    index.update({"_class_name": pipeline_class, "scheduler": ["diffusers", "LCMScheduler"]})
+    if pipeline_class.startswith("LatentConsistency"):
+        index.pop("image_encoder", None)
+    write_json(folder / "model_index.json", index)
+    for part in sorted(index):
+        if isinstance(index[part], list) and index[part][0] is not None and part not in ("unet", "scheduler"):
+            (folder / part).symlink_to(Path("..") / plain_dir.name / part)
 
 
 def make_lcm_lora(unet) -> None:
@@ -150,6 +169,9 @@ def load(model: str):
     if model == "sd15_lcm":
         pipe = LatentConsistencyModelPipeline.from_pretrained(LCM_DIR, dtype=torch.float32)
         assert isinstance(pipe.scheduler, LCMScheduler)
+    elif model == "sdxl_lcm_unet":
+        pipe = StableDiffusionXLPipeline.from_pretrained(SDXL_LCM_DIR, dtype=torch.float32, add_watermarker=False)
+        assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == TIME_COND_PROJ_DIM
     elif model == "sdxl_lcm_lora":
         pipe = StableDiffusionXLPipeline.from_pretrained(SDXL_DIR, dtype=torch.float32, add_watermarker=False)
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -172,7 +194,8 @@ def load(model: str):
 @torch.no_grad()
 def main() -> None:
     setup_determinism()
-    make_lcm_folder()
+    make_lcm_folder(LCM_DIR, SD15_DIR, "LatentConsistencyModelPipeline", 501)
+    make_lcm_folder(SDXL_LCM_DIR, SDXL_DIR, "StableDiffusionXLPipeline", 502)
     REF_DIR.mkdir(parents=True, exist_ok=True)
     (REF_DIR / "png").mkdir(exist_ok=True)
     make_lcm_lora(UNet2DConditionModel.from_pretrained(SDXL_DIR / "unet"))

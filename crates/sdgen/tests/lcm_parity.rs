@@ -2,7 +2,8 @@
 //! (`tools/reference/make_lcm.py`, each reference made by `from_pretrained` of the folder):
 //! - an LCM UNet (`tiny-sd15-lcm`: `time_cond_proj_dim`, LCM scheduler config) vs
 //!   `LatentConsistencyModelPipeline`: guidance through the w-embedding, no CFG, the scheduler's
-//!   noise between steps from the per-image generators;
+//!   noise between steps from the per-image generators; an SDXL LCM UNet (`tiny-sdxl-lcm`, as
+//!   lcm-sdxl in SDXL base) vs `StableDiffusionXLPipeline`'s `timestep_cond`;
 //! - SDXL with an LCM-LoRA (`lora/sdxl_lcm.safetensors`, lcm-lora-sdxl's key format) fused and the
 //!   LCM scheduler vs `load_lora_weights` + `fuse_lora` + `LCMScheduler.from_config`, at guidance 1
 //!   (`--quality lcm`) and with CFG;
@@ -41,6 +42,7 @@ fn model(name: &str) -> ModelFolder {
     let open = |dir: &str| ModelFolder::open(&testdata().join(dir)).unwrap();
     match name {
         "sd15_lcm" => open("tiny-sd15-lcm"),
+        "sdxl_lcm_unet" => open("tiny-sdxl-lcm"),
         "sdxl_turbo" => open("tiny-sdxl-turbo"),
         "sdxl_lcm_lora" => {
             open("tiny-sdxl").with_loras(&[LoraFile::new(testdata().join("lora/sdxl_lcm.safetensors"), 1.0)]).unwrap()
@@ -53,7 +55,7 @@ fn model(name: &str) -> ModelFolder {
 fn lcm_and_turbo_images_match_diffusers() {
     let reference = load("reference/lcm/pipelines.safetensors");
     let cases = cases();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), 7);
     for case in cases {
         let model = model(&case.model);
         let request = Request {
