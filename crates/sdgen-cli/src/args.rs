@@ -28,8 +28,8 @@ pub struct Args {
     /// setting, the seeds continuing from one job's images to the next.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_flag"])]
     pub prompt_file: Option<PathBuf>,
-    /// A named model (sdxl, sdxl-refiner, sd15, sd35-large, sd35-large-turbo, sd35-medium; see
-    /// --list-models), a hub repo id (org/name), a diffusers model folder or a single-file
+    /// A named model (sdxl, sdxl-refiner, sdxl-turbo, sd15, sd15-lcm, sd35-large,
+    /// sd35-large-turbo, sd35-medium; see --list-models), a hub repo id (org/name), a diffusers model folder or a single-file
     /// .safetensors checkpoint [default: sdxl].
     #[arg(short = 'm', long)]
     pub model: Option<String>,
@@ -119,9 +119,9 @@ pub struct Args {
     /// Image height in pixels (model default when omitted).
     #[arg(short = 'H', long, value_parser = count, allow_negative_numbers = true)]
     pub height: Option<usize>,
-    /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m or dpm++2m-karras, or A1111's names (PLMS,
-    /// DDIM, Euler, "Euler a", "DPM++ 2M", "DPM++ 2M Karras"), any case (the model's own when
-    /// omitted).
+    /// Scheduler: pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras or lcm, or A1111's names
+    /// (PLMS, DDIM, Euler, "Euler a", "DPM++ 2M", "DPM++ 2M Karras", LCM), any case (the model's
+    /// own when omitted).
     #[arg(long, visible_aliases = ["sampler", "sampling-method"])]
     pub scheduler: Option<String>,
     /// Folder for the images and their metadata (created when the first image is saved), or a
@@ -157,9 +157,10 @@ pub struct Args {
     /// downloaded, then exit.
     #[arg(long)]
     pub list_models: bool,
-    /// A quality preset (default, 4k; see --list-presets): its model, size, steps, guidance,
-    /// scheduler and passes (4k: upscale ×2, then a hires pass at 2048²), each overridable by its
-    /// own flag (--steps 20 --quality 4k runs 20 steps).
+    /// A quality preset (default, 4k, lcm; see --list-presets): its model, LoRAs, size, steps,
+    /// guidance, scheduler and passes (4k: upscale ×2, then a hires pass at 2048²; lcm: SDXL with
+    /// the LCM-LoRA, 4 LCM steps at guidance 1), each overridable by its own flag (--steps 20
+    /// --quality 4k runs 20 steps).
     #[arg(long, value_name = "NAME")]
     pub quality: Option<String>,
     /// Print the quality presets with their model, size, steps, guidance, scheduler and passes,
@@ -175,6 +176,12 @@ pub struct Args {
     /// --quality 4k].
     #[arg(long, value_name = "STRENGTH", allow_negative_numbers = true)]
     pub hires_strength: Option<f64>,
+    /// Re-run the settings of an image: its A1111 `parameters` text (this tool's or A1111's) and
+    /// its JSON sidecar where there is one beside it: prompt, negative prompt, seed, size, steps,
+    /// sampler, guidance, model, LoRAs, VAE, clip skip, refiner, upscale and hires pass, preset.
+    /// Any other flag given wins over the image's value.
+    #[arg(long, value_name = "FILE.png")]
+    pub from_png: Option<PathBuf>,
     /// Only warnings and errors on stderr: no progress, plan or memory lines.
     #[arg(short = 'q', long, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -428,6 +435,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("upscale", "--upscale"),
     ("hires_strength", "--hires-strength"),
     ("quality", "--quality"),
+    ("from_png", "--from-png"),
 ];
 
 /// The flag of a request field.

@@ -4,6 +4,7 @@
 
 mod args;
 mod check;
+mod from_png;
 mod models;
 mod progress;
 mod remote;
@@ -47,7 +48,12 @@ fn chain(err: &anyhow::Error) -> String {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(png) = args.from_png.clone() {
+        for warning in from_png::apply(&mut args, &png)? {
+            progress::warn(&warning);
+        }
+    }
     if args.no_fast_kernels {
         sdgen::kernels::set_fast_kernels(false);
     }

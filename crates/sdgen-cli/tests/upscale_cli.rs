@@ -146,14 +146,9 @@ fn list_presets_prints_the_table_and_writes_nothing() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8(o.stdout).unwrap();
     assert!(table.starts_with("preset"), "{table}");
-    for row in [
-        "default ",
-        "4k ",
-        "4k-ultra (not yet)",
-        "lcm (not yet)",
-        "→ upscale ×2 (Lanczos) → hires img2img (strength 0.3)",
-        "2048x2048",
-    ] {
+    for row in
+        ["default ", "4k ", "4k-ultra (not yet)", "→ upscale ×2 (Lanczos) → hires img2img (strength 0.3)", "2048x2048"]
+    {
         assert!(table.contains(row), "`{row}` not in\n{table}");
     }
     assert!(files_in(&out).is_empty() && !out.exists());
@@ -168,7 +163,6 @@ fn bad_presets_and_upscales_are_refused() {
     let with = |extra: &[&'static str]| -> Vec<&str> { m.iter().copied().chain(extra.iter().copied()).collect() };
     assert_refused(&with(&["--quality", "8k"]), &["--quality 8k is not a preset: one of default, 4k, 4k-ultra, lcm"]);
     assert_refused(&with(&["--quality", "4k-ultra"]), &["--quality 4k-ultra is not available yet", "MultiDiffusion"]);
-    assert_refused(&with(&["--quality", "lcm"]), &["--quality lcm is not available yet", "LCM scheduler"]);
     for factor in ["0", "1", "9"] {
         let args = with(&["--upscale", factor]);
         assert_refused(&args, &[&format!("--upscale {factor} is not one of 2, 3, 4")]);

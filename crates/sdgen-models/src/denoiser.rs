@@ -19,6 +19,9 @@ pub struct Conditioning {
     pub pooled: Option<Tensor>,
     /// Micro-conditioning numbers `[B, k]` (SDXL's `time_ids`: sizes, crop, aesthetic score).
     pub time_ids: Option<Tensor>,
+    /// The guidance embedding `[B, d]` of an LCM UNet (`time_cond_proj_dim`: guidance distilled
+    /// into the model, so the batch is `[positive × n]`); `None` for every other denoiser.
+    pub timestep_cond: Option<Tensor>,
 }
 
 /// A denoiser: one forward per sampling step.

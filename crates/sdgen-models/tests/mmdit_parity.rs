@@ -178,7 +178,12 @@ fn the_denoiser_seam_takes_context_and_pooled_and_requires_pooled() -> Result<()
     let x = inputs(&refs, &Device::Cpu);
     let model = load_model("large", DType::F32, &Device::Cpu)?;
     let denoiser: &dyn Denoiser = &model;
-    let cond = Conditioning { context: x.context.clone(), pooled: Some(x.pooled.clone()), time_ids: None };
+    let cond = Conditioning {
+        context: x.context.clone(),
+        pooled: Some(x.pooled.clone()),
+        time_ids: None,
+        timestep_cond: None,
+    };
     let out = denoiser.forward(&x.latents, &x.timesteps, &cond)?;
     assert_close("denoiser large_f32", &out, &refs["large_f32"], F32_REL);
 

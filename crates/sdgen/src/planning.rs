@@ -152,7 +152,7 @@ pub fn plan_run(
         component_precision,
         n_images: n,
         max_images_per_batch: memory.max_images_per_batch,
-        guidance: settings.guidance > 1.0,
+        guidance: crate::pipeline::classifier_free(model, settings.guidance)?,
         img2img,
         precision: precision(dtype),
         device: device_kind(device),

@@ -8,10 +8,11 @@
 //!
 //! Rows the engine cannot run yet are kept in the table, marked [`Status::NotYet`], and refused by
 //! name with the reason ([`find`]) rather than run half-way: `4k-ultra` needs MultiDiffusion's
-//! tiled denoising at 4096² and `lcm` needs the LCM-LoRA and the LCM scheduler (issue #14).
+//! tiled denoising at 4096² (issue #14).
 
 use crate::engine::{GenerateRequest, UpscaleRequest};
-use crate::loading::DEFAULT_MODEL;
+use crate::loading::lora::LoraRequest;
+use crate::loading::{FamilySpec, DEFAULT_MODEL, NAMED_MODELS};
 use crate::{Error, Result};
 
 /// One quality preset.
@@ -23,6 +24,10 @@ pub struct Preset {
     pub summary: &'static str,
     /// The model (a named model, see `--list-models`).
     pub model: &'static str,
+    /// LoRAs fused into it at load (hub repositories or files, `PATH|REPO[:SCALE]` as `--lora`
+    /// takes them), before any `--lora` of the request; they are the model family's, so another
+    /// family's model is refused ([`check_model`]).
+    pub loras: &'static [&'static str],
     /// The first pass's size in pixels (width, height).
     pub size: (usize, usize),
     /// Denoising steps; `None`: the model's default.
@@ -65,6 +70,7 @@ pub const PRESETS: &[Preset] = &[
         name: "default",
         summary: "SDXL base at 1024², as without --quality",
         model: DEFAULT_MODEL,
+        loras: &[],
         size: (1024, 1024),
         steps: None,
         guidance: None,
@@ -77,6 +83,7 @@ pub const PRESETS: &[Preset] = &[
         summary:
             "SDXL at 1024², upscaled ×2 (Lanczos), then a hires image-to-image pass at 2048² (VAE tiled as planned)",
         model: DEFAULT_MODEL,
+        loras: &[],
         size: (1024, 1024),
         steps: None,
         guidance: None,
@@ -90,6 +97,7 @@ pub const PRESETS: &[Preset] = &[
         name: "4k-ultra",
         summary: "SDXL at 1024², up to 4096² with the hires pass denoised in overlapping latent tiles (MultiDiffusion)",
         model: DEFAULT_MODEL,
+        loras: &[],
         size: (1024, 1024),
         steps: None,
         guidance: None,
@@ -105,14 +113,16 @@ pub const PRESETS: &[Preset] = &[
         name: "lcm",
         summary: "SDXL with the LCM-LoRA fused and the LCM scheduler: 4 steps, guidance 1",
         model: DEFAULT_MODEL,
+        // The LCM-LoRA of SDXL base (latent-consistency/lcm-lora-sdxl: `pytorch_lora_weights.
+        // safetensors`, kohya-style `lora_unet_…` keys with diffusers' module names) at scale 1,
+        // as its model card runs it: fused, LCMScheduler, 4 steps, guidance 1 (no CFG).
+        loras: &["latent-consistency/lcm-lora-sdxl"],
         size: (1024, 1024),
         steps: Some(4),
         guidance: Some(1.0),
         scheduler: Some("lcm"),
         passes: &[],
-        status: Status::NotYet(
-            "needs the LCM scheduler and the LCM-LoRA (latent-consistency/lcm-lora-sdxl), which are not built yet",
-        ),
+        status: Status::Ready,
     },
 ];
 
@@ -163,10 +173,48 @@ impl Preset {
                 }
             }
         }
+        // The preset's LoRAs first (their deltas add in order), then the request's; one the
+        // request names too is not fused twice.
+        let mut loras = Vec::with_capacity(self.loras.len() + req.loras.len());
+        for value in self.loras {
+            let lora = LoraRequest::parse(value)?;
+            if !req.loras.iter().any(|l| l.source == lora.source) {
+                loras.push(lora);
+            }
+        }
+        loras.append(&mut req.loras);
+        req.loras = loras;
         req.preset = Some(self.name.to_string());
         Ok(())
     }
+
+    /// The family the preset is made for: its model's.
+    fn family(&self) -> Option<&'static FamilySpec> {
+        NAMED_MODELS.iter().find(|m| m.name == self.model).map(|m| m.family)
+    }
 }
+
+/// Refuses a model the preset `name` cannot run on: one of another family than the preset's
+/// model when the preset fuses LoRAs (they are that family's: `--quality lcm --model sd15`),
+/// before any LoRA is fetched.
+pub fn check_model(name: &str, family: &FamilySpec) -> Result<()> {
+    let Some(preset) = PRESETS.iter().find(|p| p.name == name) else { return Ok(()) };
+    match preset.family() {
+        Some(own) if !preset.loras.is_empty() && own.name != family.name => Err(Error::invalid(
+            "quality",
+            format!(
+                "{} fuses {}, made for {}; the model is {}: leave out --model (or give an SDXL model) to run it",
+                preset.name,
+                preset.loras.join(", "),
+                own.display,
+                family.display
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl Preset {}
 
 /// The table `--list-presets` prints.
 pub fn table() -> String {
@@ -183,6 +231,9 @@ pub fn table() -> String {
     ]];
     for p in PRESETS {
         let mut passes = vec![format!("generate {}x{}", p.size.0, p.size.1)];
+        if !p.loras.is_empty() {
+            passes[0] = format!("{} with LoRA {}", passes[0], p.loras.join(" + "));
+        }
         passes.extend(p.passes.iter().map(|pass| match pass {
             Pass::Upscale(f) => format!("upscale ×{f} (Lanczos)"),
             Pass::Hires { strength } => format!("hires img2img (strength {strength})"),
@@ -256,10 +307,34 @@ mod tests {
         let err = find("8k").unwrap_err();
         assert!(matches!(err, Error::Invalid { field: "quality", .. }), "{err}");
         assert!(err.to_string().contains("8k is not a preset: one of default, 4k, 4k-ultra, lcm"), "{err}");
-        for name in ["4k-ultra", "lcm"] {
-            let err = find(name).unwrap_err();
-            assert!(err.to_string().contains(&format!("{name} is not available yet")), "{err}");
-        }
+        let err = find("4k-ultra").unwrap_err();
+        assert!(err.to_string().contains("4k-ultra is not available yet"), "{err}");
+    }
+
+    #[test]
+    fn the_lcm_preset_fuses_its_lora_first_and_refuses_other_families() {
+        let mut req = request();
+        req.loras.push(LoraRequest::parse("style.safetensors:0.5").unwrap());
+        find("lcm").unwrap().apply(&mut req).unwrap();
+        let sources: Vec<String> = req.loras.iter().map(|l| l.source.label()).collect();
+        assert_eq!(sources, ["latent-consistency/lcm-lora-sdxl", "style.safetensors"]);
+        assert_eq!((req.params.steps, req.params.guidance), (Some(4), Some(1.0)));
+        assert_eq!(req.params.scheduler, Some(crate::schedulers::SchedulerKind::Lcm));
+        // Named by the user too (at another scale): theirs, once.
+        let mut req = request();
+        req.loras.push(LoraRequest::parse("latent-consistency/lcm-lora-sdxl:0.7").unwrap());
+        find("lcm").unwrap().apply(&mut req).unwrap();
+        assert_eq!((req.loras.len(), req.loras[0].scale), (1, 0.7));
+
+        use crate::loading::family::{SD15, SDXL};
+        check_model("lcm", &SDXL).unwrap();
+        check_model("4k", &SD15).unwrap();
+        let err = check_model("lcm", &SD15).unwrap_err().to_string();
+        assert!(
+            err.contains("lcm fuses latent-consistency/lcm-lora-sdxl, made for Stable Diffusion XL")
+                && err.contains("the model is Stable Diffusion 1.5"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -269,7 +344,8 @@ mod tests {
             assert!(t.contains(p.name) && t.contains(p.summary), "{t}");
         }
         assert!(t.contains("generate 1024x1024 → upscale ×2 (Lanczos) → hires img2img (strength 0.3)"), "{t}");
-        assert!(t.contains("4k-ultra (not yet)") && t.contains("lcm (not yet)"), "{t}");
+        assert!(t.contains("4k-ultra (not yet)") && !t.contains("lcm (not yet)"), "{t}");
+        assert!(t.contains("generate 1024x1024 with LoRA latent-consistency/lcm-lora-sdxl"), "{t}");
         assert!(t.lines().next().unwrap().starts_with("preset"), "{t}");
     }
 }

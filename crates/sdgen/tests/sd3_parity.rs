@@ -205,6 +205,7 @@ fn the_loaded_transformer_is_diffusers() {
         context: r["context"].clone(),
         pooled: Some(r["pooled"].clone()),
         time_ids: None,
+        timestep_cond: None,
     };
     let out = denoiser.forward(&r["transformer_latents"], &r["transformer_timesteps"], &cond).unwrap();
     assert_close("transformer", &out, &r["transformer_out"]);

@@ -117,7 +117,8 @@ pub struct UNetConfig {
     /// Class-conditioning (unused by the supported families).
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// LCM's guidance embedding width.
+    /// LCM's guidance embedding width (`time_embedding.cond_proj`'s input; LCM-distilled UNets
+    /// such as LCM Dreamshaper v7: 256).
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     /// Time-embedding scale-shift mode of the resnets (only "default" is supported).
@@ -194,9 +195,6 @@ impl UNetConfig {
         }
         if let Some(c) = &self.class_embed_type {
             return unsupported(format!("class_embed_type {c}"));
-        }
-        if self.time_cond_proj_dim.is_some() {
-            return unsupported("time_cond_proj_dim (LCM guidance embedding)".into());
         }
         if let Some(m) = &self.resnet_time_scale_shift {
             if m != "default" {

@@ -14,9 +14,23 @@ use candle_nn::VarBuilder;
 use crate::attention::AttentionOptions;
 use crate::denoiser::{Conditioning, Denoiser};
 use crate::ops::conv::{conv3x3, Conv2d};
-use crate::ops::linear::{linear, Linear};
+use crate::ops::linear::{linear, linear_no_bias, Linear};
 use crate::ops::norm::GroupNorm;
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+
+/// diffusers' `get_guidance_scale_embedding` (the LCM pipelines' `w_embedding`, from VDM's
+/// `get_timestep_embedding`): the guidance `w` (the pipelines pass `guidance_scale − 1`) times
+/// 1000, embedded as `[sin, cos]` of `w·1000 · exp(−ln(10⁴)/(half − 1) · i)`, in f32 as the
+/// pipelines compute it: `[n, dim]` for `n` images, odd widths padded with a zero.
+pub fn guidance_scale_embedding(w: f64, n: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let w = w as f32 * 1000.0;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    row.resize(dim, 0.0);
+    Tensor::from_vec(row.repeat(n), (n, dim), device)
+}
 
 /// diffusers' `get_timestep_embedding`, computed in f32 as diffusers does: `[n, dim]`.
 pub fn timestep_embedding(
@@ -96,6 +110,9 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// LCM's guidance embedding into the time embedding (`time_embedding.cond_proj`, no bias),
+    /// for UNets with `time_cond_proj_dim`.
+    time_cond_proj: Option<Linear>,
     add_embedding: Option<AddEmbedding>,
     down: Vec<DownBlock>,
     mid: MidBlock,
@@ -207,6 +224,10 @@ impl UNet2DConditionModel {
             conv_in: conv3x3(cfg.in_channels, boc[0], vb.pp("conv_in"))?,
             time_linear_1: linear(boc[0], temb, vb.pp("time_embedding.linear_1"))?,
             time_linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            time_cond_proj: cfg
+                .time_cond_proj_dim
+                .map(|dim| linear_no_bias(dim, boc[0], vb.pp("time_embedding.cond_proj")))
+                .transpose()?,
             add_embedding,
             down,
             mid,
@@ -254,7 +275,7 @@ impl UNet2DConditionModel {
     /// `timestep`, conditioned on `context: [b, tokens, cross_attention_dim]`, for models without
     /// additional conditioning (SD 1.x/2.x); see [`Self::forward_with`].
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        self.forward_with(sample, timestep, context, None)
+        self.forward_at(sample, &vec![timestep; sample.dim(0)?], context, None, None)
     }
 
     /// [`Self::forward`] with SDXL's additional conditioning, which models that take it
@@ -266,16 +287,19 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
-        self.forward_at(sample, &vec![timestep; sample.dim(0)?], context, added)
+        self.forward_at(sample, &vec![timestep; sample.dim(0)?], context, added, None)
     }
 
-    /// [`Self::forward_with`] with one timestep per batch entry.
+    /// [`Self::forward_with`] with one timestep per batch entry and, for an LCM UNet, the
+    /// guidance embedding `timestep_cond: [b, time_cond_proj_dim]` added to the timestep's
+    /// before the time MLP (diffusers' `TimestepEmbedding(sample, condition)`).
     fn forward_at(
         &self,
         sample: &Tensor,
         timesteps: &[f64],
         context: &Tensor,
         added: Option<&AddedConditioning>,
+        timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         if timesteps.len() != b {
@@ -285,6 +309,14 @@ impl UNet2DConditionModel {
         let boc0 = self.cfg.block_out_channels[0];
         let t = timestep_embedding(timesteps, boc0, self.cfg.flip_sin_to_cos, self.cfg.freq_shift, sample.device())?
             .to_dtype(dtype)?;
+        let t = match (&self.time_cond_proj, timestep_cond) {
+            (Some(proj), Some(cond)) => (t + proj.forward(&cond.to_dtype(dtype)?)?)?,
+            (None, None) => t,
+            (Some(_), None) => {
+                candle_core::bail!("this UNet (LCM) needs its guidance embedding (timestep_cond)")
+            }
+            (None, Some(_)) => candle_core::bail!("this UNet takes no guidance embedding (timestep_cond)"),
+        };
         let mut emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
         match (&self.add_embedding, added) {
             (Some(add), Some(added)) => emb = (emb + self.added_embedding(add, added, b, dtype)?)?,
@@ -358,7 +390,7 @@ impl Denoiser for UNet2DConditionModel {
             (None, None) => None,
             _ => candle_core::bail!("a UNet's added conditioning is the pooled text and the time ids together"),
         };
-        self.forward_at(latents, &t, &cond.context, added.as_ref())
+        self.forward_at(latents, &t, &cond.context, added.as_ref(), cond.timestep_cond.as_ref())
     }
 
     fn set_attention_options(&self, options: AttentionOptions) {

@@ -164,6 +164,9 @@ impl Engine {
         // The model with its VAE, and the refiner, opened before anything loads so a wrong one
         // costs nothing.
         let base = self.open(&req.model, &req.open, req.vae.as_ref(), events)?;
+        if let Some(preset) = &req.preset {
+            crate::presets::check_model(preset, base.folder.family())?;
+        }
         let refiner_model = match &req.refiner {
             Some(r) => Some(self.open_refiner(&base.folder, &r.source, req.vae.as_ref(), events)?),
             None => None,

@@ -27,6 +27,9 @@ pub struct DenoiserGeometry {
     pub blocks: Option<usize>,
     /// Latent pixels per side of one token (an MMDiT's patches; 1 for a UNet).
     pub patch_size: usize,
+    /// The width of its guidance embedding, for a denoiser with guidance distilled into it (an
+    /// LCM UNet's `time_cond_proj_dim`): it takes the scale instead of classifier-free guidance.
+    pub guidance_embedding_dim: Option<usize>,
 }
 
 impl ModelFolder {
@@ -48,6 +51,7 @@ impl ModelFolder {
                     context_width: c.cross_attention_dim,
                     blocks: None,
                     patch_size: 1,
+                    guidance_embedding_dim: c.time_cond_proj_dim,
                 })
             }
             DenoiserArch::SD3Transformer2D => {
@@ -59,6 +63,7 @@ impl ModelFolder {
                     context_width: c.joint_attention_dim,
                     blocks: Some(c.num_layers),
                     patch_size: c.patch_size,
+                    guidance_embedding_dim: None,
                 })
             }
         }

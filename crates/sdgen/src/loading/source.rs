@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use super::family::{FamilySpec, SD15, SD35_LARGE, SD35_MEDIUM, SDXL, SDXL_REFINER};
 use super::{ModelFolder, OpenOptions};
 use crate::hub::{fetch_pipeline, find_cached, DownloadProgress, HubOptions};
+use crate::schedulers::SchedulerKind;
 use crate::Result;
 
 /// Run defaults that differ from the family's: a distilled model of the same architecture
@@ -16,6 +17,10 @@ pub struct RunDefaults {
     pub steps: usize,
     /// Guidance scale.
     pub guidance: f64,
+    /// The image side in pixels, where the model was trained at another size than its
+    /// denoiser's `sample_size` says (SDXL-Turbo: 512², in SDXL's 1024² UNet config); `None`:
+    /// the config's.
+    pub side: Option<usize>,
 }
 
 /// A named model: the name `--model` takes, the hub repository it stands for, its family, and
@@ -30,12 +35,27 @@ pub struct NamedModel {
     pub family: &'static FamilySpec,
     /// Defaults of its own, else the family's.
     pub defaults: Option<RunDefaults>,
+    /// The scheduler its folder ships with, where not the family's, for `--list-models` (the run
+    /// reads the folder's `scheduler_config.json` as always).
+    pub scheduler: Option<SchedulerKind>,
 }
 
 impl NamedModel {
     /// A family row by its own name and repository.
     const fn row(family: &'static FamilySpec) -> Self {
-        Self { name: family.name, repo: family.hub_repo, family, defaults: None }
+        Self { name: family.name, repo: family.hub_repo, family, defaults: None, scheduler: None }
+    }
+
+    /// Its own defaults for `--list-models` (`1 step, guidance 0, 512², euler-a`), or "" where
+    /// they are its family's.
+    pub fn defaults_summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(d) = self.defaults {
+            parts.push(format!("{} step{}, guidance {}", d.steps, if d.steps == 1 { "" } else { "s" }, d.guidance));
+            parts.extend(d.side.map(|s| format!("{s}²")));
+        }
+        parts.extend(self.scheduler.map(|k| k.name().to_string()));
+        parts.join(", ")
     }
 
     /// The named model whose repository is `repo` (any case), if any.
@@ -55,9 +75,38 @@ pub static NAMED_MODELS: &[NamedModel] = &[
         repo: "stabilityai/stable-diffusion-3.5-large-turbo",
         family: &SD35_LARGE,
         // Stability's model card: 4 steps, guidance 0.
-        defaults: Some(RunDefaults { steps: 4, guidance: 0.0 }),
+        defaults: Some(RunDefaults { steps: 4, guidance: 0.0, side: None }),
+        scheduler: None,
     },
     NamedModel::row(&SD35_MEDIUM),
+    NamedModel {
+        name: "sdxl-turbo",
+        repo: "stabilityai/sdxl-turbo",
+        family: &SDXL,
+        // Stability's model card and diffusers' SDXL-Turbo guide: trained at 512² by adversarial
+        // diffusion distillation, 1 step (up to 4) with guidance 0 (`guidance_scale=0.0`, no
+        // CFG). Its folder is a StableDiffusionXLPipeline whose scheduler_config.json (as
+        // published) is EulerAncestralDiscreteScheduler with `timestep_spacing: "trailing"`
+        // (SDXL's other values: scaled_linear 0.00085–0.012, steps_offset 1, epsilon), so one
+        // step starts at timestep 999. Assumed, not downloaded here: that its UNet config keeps
+        // SDXL base's `sample_size` 128, hence the explicit 512².
+        defaults: Some(RunDefaults { steps: 1, guidance: 0.0, side: Some(512) }),
+        scheduler: Some(SchedulerKind::EulerAncestral),
+    },
+    NamedModel {
+        name: "sd15-lcm",
+        repo: "SimianLuo/LCM_Dreamshaper_v7",
+        family: &SD15,
+        // The LCM paper's model (Dreamshaper v7 distilled; its model card and diffusers' LCM
+        // guide): 4 steps (1–8) at guidance 8, embedded into the UNet (`time_cond_proj_dim`
+        // 256), not classifier-free. Its folder is a LatentConsistencyModelPipeline
+        // (text_encoder, tokenizer, unet, vae, scheduler, safety_checker, feature_extractor) with
+        // an LCMScheduler config: original_inference_steps 50, timestep_scaling 10,
+        // scaled_linear 0.00085–0.012, set_alpha_to_one true, epsilon (as recalled from the hub;
+        // LCMScheduler's defaults besides steps_offset 1).
+        defaults: Some(RunDefaults { steps: 4, guidance: 8.0, side: None }),
+        scheduler: Some(SchedulerKind::Lcm),
+    },
 ];
 
 /// The named models, for messages: `sdxl, sdxl-refiner, sd15, …`.

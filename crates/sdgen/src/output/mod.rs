@@ -15,6 +15,7 @@
 //! first image is saved.
 
 mod a1111;
+mod a1111_read;
 mod atomic;
 mod model_hash;
 mod naming;
@@ -29,6 +30,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 pub use a1111::{a1111_parameters, a1111_sampler_name};
+pub use a1111_read::{parse_parameters, recall_png, Recalled};
 pub use model_hash::model_hash;
 pub use png_io::{encode_png, read_png_text};
 

@@ -68,6 +68,13 @@ pub(super) fn encode_prompts(
     let mut texts = Vec::new();
     if cfg_guidance {
         texts.push(req.negative_prompt.clone().unwrap_or_default());
+    } else if req.negative_prompt.as_deref().is_some_and(|n| !n.trim().is_empty()) {
+        // diffusers drops it silently; say so (guidance ≤ 1, or guidance distilled into the UNet).
+        warn_once(
+            warnings,
+            "the negative prompt is not used: this run does not guide classifier-free (guidance ≤ 1, or a              model with its guidance distilled in, such as an LCM UNet)"
+                .into(),
+        );
     }
     texts.push(req.prompt.clone());
     let mut outputs = Vec::new();
@@ -117,7 +124,7 @@ pub(super) fn encode_prompts(
         (Some(micro), Some(pooled)) => Some(time_ids(model, micro, size, cfg_guidance, n, pooled.dim(1)?, rt)?),
         _ => None,
     };
-    Ok(Conditioning { context, pooled, time_ids })
+    Ok(Conditioning { context, pooled, time_ids, timestep_cond: None })
 }
 
 /// Per prompt, the context and the pooled text from the encoders' outputs, as their specs say:

@@ -253,7 +253,7 @@ pub(super) fn img2img_stages(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let settings = &plan.settings;
-    let cfg_guidance = settings.guidance > 1.0;
+    let cfg_guidance = super::classifier_free(model, settings.guidance)?;
     let name = |stage: &str| format!("{pass}{stage}");
 
     // 1. Encode the prompts (one stage per text encoder).

@@ -339,6 +339,14 @@ pub fn skipped_encoders(model: &ModelFolder, o: &FamilyOptions) -> Vec<&'static 
     family.filter(|e| o.no_t5 || !model.has_component(e.component)).map(|e| e.component).collect()
 }
 
+/// Whether a run of `model` at `guidance` guides classifier-free (a doubled batch, negative
+/// first): above 1, as diffusers, unless the denoiser has guidance distilled into it (an LCM UNet:
+/// `time_cond_proj_dim`), which takes the scale as an embedding instead (diffusers'
+/// `do_classifier_free_guidance`: `guidance_scale > 1 and time_cond_proj_dim is None`).
+pub fn classifier_free(model: &ModelFolder, guidance: f64) -> Result<bool> {
+    Ok(guidance > 1.0 && model.denoiser_geometry()?.guidance_embedding_dim.is_none())
+}
+
 /// The request field of skip-layer guidance.
 const SLG: &str = "skip_layer_guidance";
 
@@ -437,6 +445,9 @@ pub fn scheduler_config(model: &ModelFolder) -> Result<SchedulerConfig> {
 
 /// The size the model was trained at: the denoiser's `sample_size` × the VAE's factor.
 fn default_size(model: &ModelFolder) -> Result<(usize, usize)> {
+    if let Some(side) = model.run_defaults().side {
+        return Ok((side, side));
+    }
     let denoiser = model.denoiser_geometry()?;
     let vae: sdgen_models::vae::VaeConfig = model.config("vae", "config.json")?;
     let side = denoiser.sample_size.unwrap_or(64) * vae.scale_factor();

@@ -297,11 +297,22 @@ pub(super) fn denoise(
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let (guidance, cfg_guidance) = (guide.scale, guide.scale > 1.0);
+    let (guidance, cfg_guidance) = (guide.scale, super::classifier_free(model, guide.scale)?);
     // Skip-layer guidance runs on the prompt's half of the conditioning.
     let positive = match guide.skip_layers {
         Some(_) if cfg_guidance => Some(second_half(cond)?),
         _ => None,
+    };
+    // A denoiser with distilled guidance (LCM) takes the scale as an embedding, made once before
+    // the loop as diffusers' pipelines make `timestep_cond` from `guidance_scale − 1`.
+    let embedded;
+    let cond = match model.denoiser_geometry()?.guidance_embedding_dim {
+        Some(dim) => {
+            let w = sdgen_models::unet::guidance_scale_embedding(guidance - 1.0, latents.dim(0)?, dim, &rt.device)?;
+            embedded = Conditioning { timestep_cond: Some(w.to_dtype(rt.dtype)?), ..cond.clone() };
+            &embedded
+        }
+        None => cond,
     };
     let denoiser = model.load_denoiser(rt.dtype, &rt.device)?;
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
@@ -380,6 +391,7 @@ fn second_half(cond: &Conditioning) -> Result<Conditioning> {
         context: half(&cond.context)?,
         pooled: cond.pooled.as_ref().map(half).transpose()?,
         time_ids: cond.time_ids.as_ref().map(half).transpose()?,
+        timestep_cond: cond.timestep_cond.as_ref().map(half).transpose()?,
     })
 }
 

@@ -310,7 +310,7 @@ pub(super) fn base_latents(
     warnings: &mut Vec<String>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(candle_core::Tensor, usize)> {
-    let cfg_guidance = settings.guidance > 1.0;
+    let cfg_guidance = super::classifier_free(model, settings.guidance)?;
     let size = ImageSize { height: settings.height, width: settings.width };
     // 1. Encode the prompts (one stage per text encoder).
     let cond = encode_prompts(model, req, cfg_guidance, size, "", rt, log, warnings, progress)?;
@@ -376,7 +376,7 @@ fn refine_latents(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(candle_core::Tensor, Refinement)> {
     let model = refiner.model;
-    let cfg_guidance = settings.guidance > 1.0;
+    let cfg_guidance = super::classifier_free(model, settings.guidance)?;
     let cond = encode_prompts(model, req, cfg_guidance, size, "refiner_", rt, log, warnings, progress)?;
     let scheduler_cfg = scheduler_config(model)?;
     let build_scheduler =

@@ -5,7 +5,7 @@
 //! letting the others fall back to *that class's* defaults. SD 1.5's PNDM config, for example, has
 //! no `timestep_spacing`, so PNDM and DDIM get `"leading"` while Euler gets `"linspace"`. Hence the
 //! config stays raw here, and each scheduler resolves the fields it takes with its own defaults
-//! (see `pndm.rs`, `ddim.rs`, `euler.rs`, `euler_ancestral.rs`, `dpm_solver.rs`, `flow_match.rs`). Fields no class
+//! (see `pndm.rs`, `ddim.rs`, `euler.rs`, `euler_ancestral.rs`, `dpm_solver.rs`, `flow_match.rs`, `lcm.rs`). Fields no class
 //! we implement takes are ignored.
 //!
 //! diffusers writes its configs with Python's `json.dumps`, which spells non-finite floats as the
@@ -111,6 +111,12 @@ pub struct SchedulerConfig {
     pub shift_terminal: Option<f64>,
     /// Flow matching: re-noise every step (not implemented: building with it set is an error).
     pub stochastic_sampling: Option<bool>,
+    /// LCM: the length of the distillation schedule the inference timesteps are taken from
+    /// (default 50: `T / 50 · k − 1` for k = 1..=50).
+    pub original_inference_steps: Option<usize>,
+    /// LCM: the factor on the timestep in the consistency boundary condition `c_skip`, `c_out`
+    /// (default 10).
+    pub timestep_scaling: Option<f64>,
 }
 
 impl SchedulerConfig {

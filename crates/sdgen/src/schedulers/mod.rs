@@ -1,8 +1,8 @@
 //! Diffusion schedulers, numerically equal to diffusers': PNDM (PLMS, and the PRK warm-up), DDIM,
 //! Euler (`EulerDiscreteScheduler`), Euler ancestral (`EulerAncestralDiscreteScheduler`),
-//! DPM-Solver++ 2M (`DPMSolverMultistepScheduler`, optionally with Karras sigmas) and, for flow
-//! matching models (SD 3 / 3.5), Euler on the flow (`FlowMatchEulerDiscreteScheduler`), one
-//! algorithm per file.
+//! DPM-Solver++ 2M (`DPMSolverMultistepScheduler`, optionally with Karras sigmas), latent
+//! consistency sampling (`LCMScheduler`) and, for flow matching models (SD 3 / 3.5), Euler on the
+//! flow (`FlowMatchEulerDiscreteScheduler`), one algorithm per file.
 //!
 //! A scheduler is built from a model's `scheduler/scheduler_config.json` ([`SchedulerConfig`]) for
 //! a fixed number of inference steps, and the pipeline loops over [`Scheduler::timesteps`]:
@@ -38,6 +38,7 @@ mod dpm_solver;
 mod euler;
 mod euler_ancestral;
 mod flow_match;
+mod lcm;
 mod noise;
 mod pndm;
 #[cfg(test)]
@@ -54,6 +55,7 @@ pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
 pub use flow_match::{calculate_shift, dynamic_shift_mu, img2img_start_step, FlowMatchEulerScheduler};
+pub use lcm::LcmScheduler;
 pub use pndm::PndmScheduler;
 
 use crate::rng::batch::BatchNoise;
@@ -96,6 +98,10 @@ pub enum SchedulerKind {
     /// `DPMSolverMultistepScheduler` with `use_karras_sigmas=True` set on top of the model's
     /// config ("DPM++ 2M Karras").
     DpmPp2mKarras,
+    /// diffusers' `LCMScheduler` (A1111's "LCM"): for latent consistency models (LCM UNets, an
+    /// LCM-LoRA fused into SD 1.5 or SDXL) in a few steps; re-noises between steps from the
+    /// per-image generators.
+    Lcm,
     /// diffusers' `FlowMatchEulerDiscreteScheduler`: Euler on a rectified flow, the only sampler
     /// of flow-matching models (SD 3 / 3.5's default).
     FlowMatchEuler,
@@ -103,18 +109,19 @@ pub enum SchedulerKind {
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 8] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::Lcm,
         SchedulerKind::FlowMatchEuler,
     ];
 
     /// The short name used on the command line (`pndm`, `ddim`, `euler`, `euler-a`, `dpm++2m`,
-    /// `dpm++2m-karras`, `flow-euler`).
+    /// `dpm++2m-karras`, `lcm`, `flow-euler`).
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Pndm => "pndm",
@@ -123,6 +130,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPp2m => "dpm++2m",
             SchedulerKind::DpmPp2mKarras => "dpm++2m-karras",
+            SchedulerKind::Lcm => "lcm",
             SchedulerKind::FlowMatchEuler => "flow-euler",
         }
     }
@@ -140,6 +148,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "Euler a",
             SchedulerKind::DpmPp2m => "DPM++ 2M",
             SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+            SchedulerKind::Lcm => "LCM",
             SchedulerKind::FlowMatchEuler => "Euler",
         }
     }
@@ -148,7 +157,7 @@ impl SchedulerKind {
     /// names, hence the `dpmpp` forms).
     pub fn aliases(self) -> &'static [&'static str] {
         match self {
-            SchedulerKind::Pndm | SchedulerKind::Ddim | SchedulerKind::Euler => &[],
+            SchedulerKind::Pndm | SchedulerKind::Ddim | SchedulerKind::Euler | SchedulerKind::Lcm => &[],
             SchedulerKind::EulerAncestral => &["euler_a", "euler-ancestral"],
             SchedulerKind::DpmPp2m => &["dpmpp-2m", "dpmpp_2m"],
             SchedulerKind::DpmPp2mKarras => &["dpmpp-2m-karras", "dpmpp_2m_karras"],
@@ -165,6 +174,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
             SchedulerKind::FlowMatchEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
@@ -177,7 +187,8 @@ impl SchedulerKind {
             | SchedulerKind::Euler
             | SchedulerKind::EulerAncestral
             | SchedulerKind::DpmPp2m
-            | SchedulerKind::DpmPp2mKarras => ScheduleKind::Discrete,
+            | SchedulerKind::DpmPp2mKarras
+            | SchedulerKind::Lcm => ScheduleKind::Discrete,
             SchedulerKind::FlowMatchEuler => ScheduleKind::FlowMatching,
         }
     }
@@ -214,7 +225,7 @@ impl SchedulerKind {
 
     /// Whether steps draw random noise (from the [`BatchNoise`] passed to [`Scheduler::step`]).
     pub fn is_stochastic(self) -> bool {
-        matches!(self, SchedulerKind::EulerAncestral)
+        matches!(self, SchedulerKind::EulerAncestral | SchedulerKind::Lcm)
     }
 }
 
@@ -344,6 +355,7 @@ pub fn build_with(
             let karras = SchedulerConfig { use_karras_sigmas: Some(true), ..config.clone() };
             Box::new(DpmSolverMultistepScheduler::new_as(kind, &karras, num_inference_steps)?)
         }
+        SchedulerKind::Lcm => Box::new(LcmScheduler::new(config, num_inference_steps)?),
         SchedulerKind::FlowMatchEuler => {
             Box::new(FlowMatchEulerScheduler::new(config, num_inference_steps, inputs.mu)?)
         }
@@ -478,7 +490,7 @@ mod tests {
         let err = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
         assert!(
             err.contains("\"dpm++\"")
-                && err.contains("pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, flow-euler"),
+                && err.contains("pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lcm, flow-euler"),
             "{err}"
         );
     }
@@ -503,6 +515,8 @@ mod tests {
         assert_eq!(SchedulerKind::from_class_name("DPMSolverMultistepScheduler"), Some(DpmPp2m));
         assert_eq!(DpmPp2mKarras.class_name(), "DPMSolverMultistepScheduler");
         assert!(EulerAncestral.is_stochastic() && !DpmPp2m.is_stochastic() && !Euler.is_stochastic());
+        assert_eq!(("LCM".parse::<SchedulerKind>().unwrap(), Lcm.class_name()), (Lcm, "LCMScheduler"));
+        assert!(Lcm.is_stochastic());
     }
 
     /// bf16 has no reference run; check it keeps its dtype and tracks the f32 result.
@@ -545,7 +559,7 @@ mod tests {
         assert_eq!(SchedulerKind::for_schedule(FlowMatchEuler, flow).unwrap(), FlowMatchEuler);
         assert_eq!("flow-euler".parse::<SchedulerKind>().unwrap(), FlowMatchEuler);
         assert_eq!(SchedulerKind::from_class_name("FlowMatchEulerDiscreteScheduler"), Some(FlowMatchEuler));
-        for kind in [Pndm, Ddim, EulerAncestral, DpmPp2m, DpmPp2mKarras] {
+        for kind in [Pndm, Ddim, EulerAncestral, DpmPp2m, DpmPp2mKarras, Lcm] {
             let err = SchedulerKind::for_schedule(kind, flow).unwrap_err();
             let text = err.to_string();
             assert!(matches!(err, Error::InvalidInput(_)), "{text}");
@@ -555,7 +569,7 @@ mod tests {
             );
             assert!(text.contains("use flow-euler, or euler"), "{text}");
         }
-        for kind in [Pndm, Ddim, Euler, EulerAncestral, DpmPp2m, DpmPp2mKarras] {
+        for kind in [Pndm, Ddim, Euler, EulerAncestral, DpmPp2m, DpmPp2mKarras, Lcm] {
             assert_eq!(SchedulerKind::for_schedule(kind, ScheduleKind::Discrete).unwrap(), kind);
         }
         let err = SchedulerKind::for_schedule(FlowMatchEuler, ScheduleKind::Discrete).unwrap_err().to_string();

@@ -41,9 +41,19 @@ pub struct Reference {
 
 impl Reference {
     pub fn load() -> Self {
-        let tensors = candle_core::safetensors::load(format!("{DIR}/schedulers.safetensors"), &Device::Cpu)
-            .expect("testdata/reference/schedulers.safetensors (run tools/reference/make_schedulers.py)");
-        let text = std::fs::read_to_string(format!("{DIR}/schedulers.json")).expect("schedulers.json");
+        Self::load_dir(DIR)
+    }
+
+    /// The reference in `testdata/reference/<sub>/` (the same layout, from another script: e.g.
+    /// `make_lcm_scheduler.py` into `lcm/`).
+    pub fn load_from(sub: &str) -> Self {
+        Self::load_dir(&format!("{DIR}/{sub}"))
+    }
+
+    fn load_dir(dir: &str) -> Self {
+        let tensors = candle_core::safetensors::load(format!("{dir}/schedulers.safetensors"), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{dir}/schedulers.safetensors (run its tools/reference script): {e}"));
+        let text = std::fs::read_to_string(format!("{dir}/schedulers.json")).expect("schedulers.json");
         let meta: serde_json::Value = serde_json::from_str(&text).expect("schedulers.json is JSON");
         let configs = meta["configs"]
             .as_object()

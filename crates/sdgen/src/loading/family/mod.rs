@@ -143,7 +143,14 @@ pub const SD15: FamilySpec = FamilySpec {
     name: "sd15",
     display: "Stable Diffusion 1.5",
     hub_repo: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    pipeline_classes: &["StableDiffusionPipeline"],
+    // LCM-distilled SD 1.5 folders (SimianLuo/LCM_Dreamshaper_v7) are saved as the LCM pipelines:
+    // the same components, a UNet with a guidance embedding (`time_cond_proj_dim`) and an
+    // LCMScheduler config.
+    pipeline_classes: &[
+        "StableDiffusionPipeline",
+        "LatentConsistencyModelPipeline",
+        "LatentConsistencyModelImg2ImgPipeline",
+    ],
     denoiser_markers: &["conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight"],
     denoiser_excludes: &["add_embedding.linear_1.weight"],
     components: &["text_encoder", "tokenizer", "unet", "vae", "scheduler"],

@@ -86,7 +86,7 @@ fn named_models_are_rows() {
     // Every row by its own name and repository; the other names are of a row's architecture.
     for f in FAMILIES {
         let m = NAMED_MODELS.iter().find(|m| m.name == f.name).expect("every row is named");
-        assert_eq!((m.repo, m.family.name, m.defaults), (f.hub_repo, f.name, None), "{}", f.name);
+        assert_eq!((m.repo, m.family.name, m.defaults, m.scheduler), (f.hub_repo, f.name, None, None), "{}", f.name);
     }
     for (i, m) in NAMED_MODELS.iter().enumerate() {
         assert!(NAMED_MODELS[..i].iter().all(|o| o.name != m.name && o.repo != m.repo), "{} twice", m.name);
