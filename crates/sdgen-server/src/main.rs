@@ -4,12 +4,15 @@
 //! server's own job API (progress events, cancellation) share that queue.
 
 mod a1111;
+#[cfg(test)]
+mod decode_fuzz;
 mod error;
 mod jobs;
 mod metrics;
 mod preflight;
 mod request;
 mod routes;
+mod web;
 mod worker;
 
 use std::net::SocketAddr;
