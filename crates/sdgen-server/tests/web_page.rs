@@ -1,9 +1,9 @@
 //! The web page at `/`, driven in headless Chromium over the DevTools protocol against the real
 //! server (with an API key) on the tiny SD 1.5: the key typed in, an API error shown, the form
 //! filled and Generate clicked, the progress bar moved by the event stream, and the image shown
-//! the PNG the job API gives for the same settings. Its screenshot is written to
-//! `$CARGO_TARGET_TMPDIR/web-page.png` (and to `SDGEN_WEB_SCREENSHOT` when set: that is how
-//! docs/web-page.png is made).
+//! the PNG the job API gives for the same settings; then a running job cancelled from the page.
+//! The screenshot after the generation is written to `$CARGO_TARGET_TMPDIR/web-page.png` (and to
+//! `SDGEN_WEB_SCREENSHOT` when set: that is how docs/web-page.png is made).
 
 mod cdp;
 mod common;
@@ -124,5 +124,21 @@ fn an_image_generated_through_the_page_in_headless_chromium() {
     if let Some(path) = std::env::var_os("SDGEN_WEB_SCREENSHOT") {
         std::fs::write(path, &screenshot).unwrap();
     }
+
+    // Cancel stops a running job (seconds a step at 256²): the page says so, no image is added.
+    page.type_into("#width", "256");
+    page.type_into("#height", "256");
+    page.type_into("#steps", "150");
+    page.click("#generate");
+    page.wait_for(&format!("{}.textContent.startsWith('Step ')", el("progress-text")), "the first step");
+    page.click("#cancel");
+    page.wait_for(&format!("{}.textContent === 'Cancelled'", el("progress-text")), "the cancel");
+    assert_eq!(page.eval("document.querySelectorAll('#images figure').length"), json!(1));
+    // The worker counts the job's end just after its last event.
+    let cancelled = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        api(&server, "GET", "/metrics", None).text().contains("sdgen_jobs_total{outcome=\"cancelled\"} 1")
+    });
+    assert!(cancelled, "the server never counted the job cancelled");
     server.assert_alive();
 }
