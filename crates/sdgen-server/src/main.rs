@@ -5,6 +5,8 @@
 //! queue is a Redis Stream and the jobs run in `sdgen-server --worker` processes.
 
 mod a1111;
+#[cfg(test)]
+mod decode_fuzz;
 mod error;
 mod jobs;
 mod metrics;
@@ -13,6 +15,7 @@ mod queue;
 mod redis_broker;
 mod request;
 mod routes;
+mod web;
 mod worker;
 
 use std::net::SocketAddr;

@@ -69,8 +69,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(crate::a1111::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        // Outside the authentication: a load balancer's probe carries no key.
+        // Outside the authentication: a load balancer's probe carries no key, and the web page
+        // holds no data (the key is typed into it; its every call carries the key).
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/", get(crate::web::page))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -23,7 +23,7 @@ fn malformed_and_mistyped_bodies_name_the_field() {
         server.post(path, r#"{"prompt": "a cat", "steps": 100000}"#).assert_refused(422, Some("steps"), "limit of 150");
         server.post(path, r#"{"prompt": "a cat", "seed": -7}"#).assert_refused(422, Some("seed"), "not a seed");
         server.post(path, r#"{"prompt": "a cat", "seed": 1e30}"#).assert_refused(422, Some("seed"), "not a seed");
-        server.post(path, r#"{"prompt": ""}"#).assert_refused(422, None, "prompt is empty");
+        server.post(path, r#"{"prompt": ""}"#).assert_refused(422, Some("prompt"), "prompt is empty");
         // A size the model cannot take (not a multiple of 8) is the engine's refusal, named.
         server.post(path, r#"{"prompt": "a cat", "width": 100}"#).assert_refused(422, Some("width"), "100");
         server.assert_alive();

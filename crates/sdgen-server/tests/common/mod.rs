@@ -37,8 +37,16 @@ impl Server {
 
     /// As [`Server::start`], with more environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_in(None, args, env)
+    }
+
+    /// As [`Server::start_with_env`], in the working directory `dir` when given.
+    pub fn start_in(dir: Option<&std::path::Path>, args: &[&str], env: &[(&str, &str)]) -> Server {
         let home = tempfile::tempdir().unwrap();
         let mut cmd = sdgen_server(home.path());
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
         cmd.args(["--listen", "127.0.0.1:0", "--model", &tiny_model()]).args(args);
         for (k, v) in env {
             cmd.env(k, v);
