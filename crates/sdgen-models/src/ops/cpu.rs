@@ -340,47 +340,74 @@ pub(super) fn scaled_exp(row: &mut [f32], scale: f32) -> f32 {
         // SAFETY: the processor has AVX-512F, checked just above.
         return unsafe { scaled_exp_avx512(row, scale) };
     }
-    scaled_exp_portable(row, scale)
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
+    row.iter_mut().fold(0.0, |sum, s| {
+        *s = exp(*s * scale - max);
+        sum + *s
+    })
 }
 
-/// [`scaled_exp_portable`] compiled for AVX-512 (the compiler vectorises its loops 16 wide).
+/// [`scaled_exp`] 16 lanes at a time ([`exp16`]; the tail by [`exp`], the same arithmetic).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn scaled_exp_avx512(row: &mut [f32], scale: f32) -> f32 {
-    scaled_exp_portable(row, scale)
-}
-
-/// [`scaled_exp`] in plain loops the compiler can vectorise: the maximum, then [`exp`] and the sum
-/// in 16 partial sums (a vector's lanes; summing in order would serialise the additions).
-#[inline(always)]
-fn scaled_exp_portable(row: &mut [f32], scale: f32) -> f32 {
+    use std::arch::x86_64::*;
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
-    let mut sums = [0f32; 16];
+    let (scales, maxes) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
+    let mut sums = _mm512_setzero_ps();
     let mut chunks = row.chunks_exact_mut(16);
     for chunk in chunks.by_ref() {
-        for (s, lane) in chunk.iter_mut().zip(sums.iter_mut()) {
-            *s = exp(*s * scale - max);
-            *lane += *s;
-        }
+        let at = chunk.as_mut_ptr();
+        let e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(at), scales), maxes));
+        _mm512_storeu_ps(at, e);
+        sums = _mm512_add_ps(sums, e);
     }
-    for (s, lane) in chunks.into_remainder().iter_mut().zip(sums.iter_mut()) {
+    chunks.into_remainder().iter_mut().fold(_mm512_reduce_add_ps(sums), |sum, s| {
         *s = exp(*s * scale - max);
-        *lane += *s;
-    }
-    sums.iter().sum()
+        sum + *s
+    })
 }
+
+/// [`exp`] of 16 lanes, operation for operation (no fused multiply-adds, so each lane equals it).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = _mm512_set1_ps;
+    // max/min return their second operand when either is NaN: a NaN stays NaN.
+    let x = _mm512_min_ps(c(EXP_MAX), _mm512_max_ps(c(EXP_MIN), x));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        c(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, c(LN2_HI))), _mm512_mul_ps(n, c(LN2_LO)));
+    let mut p = c(EXP_TAYLOR[0]);
+    for &coefficient in &EXP_TAYLOR[1..] {
+        p = _mm512_add_ps(c(coefficient), _mm512_mul_ps(r, p));
+    }
+    let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(two_n))
+}
+
+/// ln 2 in two parts: `n · LN2_HI` is exact for the `n` [`exp`] sees.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// [`exp`]'s argument range: below it f32 has no normal result, above it overflows.
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.7;
+/// `e^r`'s Taylor coefficients from degree 6 down, for Horner's rule.
+const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// `e^x` to within 2 ulp for the softmax's arguments (`x ≤ 0`; 0 below −87.3, where f32 has no
 /// normal result): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its degree-6 Taylor
-/// polynomial, `2^n` built in the exponent bits. Branch-free, so a loop over it vectorises.
+/// polynomial, `2^n` built in the exponent bits ([`exp16`] computes the same 16 at a time).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.clamp(-87.3, 88.7);
+    let x = x.clamp(EXP_MIN, EXP_MAX);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &coefficient| coefficient + r * p);
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 

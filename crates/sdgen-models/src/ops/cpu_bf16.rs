@@ -127,7 +127,7 @@ const ATTENTION_ROWS: usize = 64;
 /// a `[b, q_len, heads, d]` buffer, like the f32 path. `None` for an odd head dim.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     let last_contiguous = |t: &Tensor| t.stride()[3] == 1;
-    if !applies(&[q, k, v]) || !(last_contiguous(q) && last_contiguous(k) && last_contiguous(v)) {
+    if !(applies(&[q, k, v]) && last_contiguous(q) && last_contiguous(k) && last_contiguous(v)) {
         return Ok(None);
     }
     let (b, heads, q_len, d) = q.dims4()?;
@@ -188,8 +188,8 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
                 // SAFETY: `at..at + d` lies inside `out` (its shape is `[b, q_len, heads, d]`);
                 // each task writes only its own rows of its own head, so no two tasks write one
                 // element, and `out` outlives the parallel loop.
-                let dst = unsafe { std::slice::from_raw_parts_mut((out_at as *mut bf16).add(at), d) };
-                dst.iter_mut().zip(row).for_each(|(o, &v)| *o = bf16::from_f32(v));
+                let dst = unsafe { std::slice::from_raw_parts_mut((out_at as *mut u16).add(at), d) };
+                bf16_gemm::to_bf16_scaled(row, 1.0, dst);
             }
         },
     );
@@ -201,9 +201,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 /// `probs` (zeros past `scores.len()`: the pad that makes the value rows an even count).
 fn softmax_to_bf16(scores: &mut [f32], scale: f32, probs: &mut [u16]) {
     let inv = 1.0 / super::cpu::scaled_exp(scores, scale);
-    for (p, &e) in probs.iter_mut().zip(scores.iter()) {
-        *p = bf16_gemm::to_bf16_bits(e * inv);
-    }
+    bf16_gemm::to_bf16_scaled(scores, inv, probs);
     probs[scores.len()..].fill(0);
 }
 

@@ -6,14 +6,14 @@
 //!
 //! | op | reference | CUDA fast path |
 //! |---|---|---|
-//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | CUDA, half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel. CPU (f32): 64 query rows per task on all cores, scores kept in cache |
-//! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32) |
+//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | CUDA, half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel. CPU: 64 query rows per task on all cores, scores kept in cache (bf16: both products through `bf16_gemm`, the probabilities rounded to bf16 as PyTorch does) |
+//! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32; bf16 normalised in f32, rounded once) |
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`norm::RmsNorm`] | candle's fused RMS norm (half precision: in f32 with a unit scale, rounded, then × weight, diffusers' rule) | the same |
 //! | [`norm::modulate`] (adaLN `x·(1 + scale) + shift`) | three broadcast ops | the same (one function, so a fused LayerNorm + modulate kernel can replace it) |
-//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision |
+//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision. CPU: bands of the column unfolded and multiplied into the output (bf16: unfolded pair-interleaved for `bf16_gemm`) |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
-//! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue |
+//! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue. CPU bf16: `bf16_gemm` into rows that start as the bias |
 //!
 //! bf16 on the CPU: candle 0.11.1 has no CPU matrix product for bf16 ("unsupported dtype BF16 for
 //! op matmul"). On processors with AVX512-BF16 ([`cpu_bf16_supported`]) [`attention`],
