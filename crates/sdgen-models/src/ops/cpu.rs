@@ -77,7 +77,7 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
 /// multiplied one at a time, so the column (2.4 G elements for the VAE decoder's 256-channel
 /// convolutions at 1024²) never exists whole, while each product stays large enough to run at the
 /// matrix kernel's full speed.
-const CONV_BAND_BYTES: usize = 16 << 20;
+pub(super) const CONV_BAND_BYTES: usize = 16 << 20;
 
 /// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
 /// `padding` on every side: per image, bands of output rows are unfolded into a `[c·kh·kw, pixels]`
@@ -93,26 +93,18 @@ pub(crate) fn conv2d(
     stride: usize,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) || stride == 0 {
+    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) {
         return Ok(None);
     }
-    let (b, c, h, w) = x.dims4()?;
-    let (o, wc, kh, kw) = weight.dims4()?;
-    if wc != c || h + 2 * padding < kh || w + 2 * padding < kw {
+    let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
         return Ok(None);
-    }
-    let geometry = ConvGeometry::new(c, h, w, kh, kw, padding, stride);
+    };
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let bias = bias.map(Tensor::contiguous).transpose()?;
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
-    let b_in = bias.as_ref().map(CpuInput::new).transpose()?;
     let (xs, ws) = (x_in.f32s()?, w_in.f32s()?);
     let pixels = geometry.ho * geometry.wo;
-    let mut out = vec![0f32; b * o * pixels];
-    if let Some(bias) = b_in.as_ref().map(CpuInput::f32s).transpose()? {
-        out.par_chunks_mut(pixels.max(1)).enumerate().for_each(|(i, plane)| plane.fill(bias[i % o]));
-    }
-    for (xi, yi) in xs.chunks(c * h * w).zip(out.chunks_mut(o * pixels)) {
+    let mut out = geometry.output(b, o, bias)?;
+    for (xi, yi) in xs.chunks(geometry.c * geometry.h * geometry.w).zip(out.chunks_mut(o * pixels)) {
         geometry.image(xi, ws, o, yi, bias.is_some());
     }
     Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?))
@@ -132,10 +124,29 @@ pub(super) struct ConvGeometry {
 }
 
 impl ConvGeometry {
-    /// The geometry of a `kh × kw` kernel over `c × h × w` (the kernel fits the padded input).
-    pub fn new(c: usize, h: usize, w: usize, kh: usize, kw: usize, padding: usize, stride: usize) -> Self {
+    /// The batch, output channels and geometry of convolving `x: [b, c, h, w]` by `weight:
+    /// [o, c, kh, kw]`; `None` when the channels differ, the kernel is larger than the padded
+    /// input or the stride is 0 (the reference path reports those).
+    pub fn of(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Option<(usize, usize, Self)>> {
+        let (b, c, h, w) = x.dims4()?;
+        let (o, wc, kh, kw) = weight.dims4()?;
+        if wc != c || h + 2 * padding < kh || w + 2 * padding < kw || stride == 0 {
+            return Ok(None);
+        }
         let (ho, wo) = ((h + 2 * padding - kh) / stride + 1, (w + 2 * padding - kw) / stride + 1);
-        Self { c, h, w, kh, kw, padding, stride, ho, wo }
+        Ok(Some((b, o, Self { c, h, w, kh, kw, padding, stride, ho, wo })))
+    }
+
+    /// The f32 output `[b, o, ho, wo]` the products add into: each plane starts as its bias (in
+    /// f32 whatever the bias's dtype), or zeros.
+    pub fn output(&self, b: usize, o: usize, bias: Option<&Tensor>) -> Result<Vec<f32>> {
+        let pixels = self.ho * self.wo;
+        let mut out = vec![0f32; b * o * pixels];
+        if let Some(bias) = bias {
+            let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+            out.par_chunks_mut(pixels.max(1)).enumerate().for_each(|(i, plane)| plane.fill(bias[i % o]));
+        }
+        Ok(out)
     }
 
     /// Convolves one image `x` (`c·h·w`) with `weights` (`o × c·kh·kw`) into `y` (`o × ho·wo`),

@@ -10,7 +10,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Lhs, Rhs};
-use super::cpu::{ConvGeometry, CpuInput};
+use super::cpu::{ConvGeometry, CpuInput, CONV_BAND_BYTES};
 
 /// Whether every tensor is bf16 on the CPU and the processor multiplies bf16 itself.
 fn applies(tensors: &[&Tensor]) -> bool {
@@ -57,9 +57,6 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     Ok(Some(rounded(&out, shape)?))
 }
 
-/// Bytes of one band of the interleaved column (as the f32 convolution's band, `cpu.rs`).
-const CONV_BAND_BYTES: usize = 16 << 20;
-
 /// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: the f32
 /// convolution's bands (`cpu::conv2d`), each unfolded straight into the interleaved layout the
 /// bf16 product reads (`[c·kh·kw / 2, pixels]`: column rows `2p` and `2p + 1` side by side) and
@@ -72,25 +69,22 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[b])) || stride == 0 {
+    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[b])) {
         return Ok(None);
     }
-    let (b, c, h, w) = x.dims4()?;
-    let (o, wc, kh, kw) = weight.dims4()?;
-    let k = c * kh * kw;
-    if wc != c || h + 2 * padding < kh || w + 2 * padding < kw || k % 2 == 1 {
+    let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
+        return Ok(None);
+    };
+    let (c, h, w) = (geometry.c, geometry.h, geometry.w);
+    let k = c * geometry.kh * geometry.kw;
+    if k % 2 == 1 {
         return Ok(None);
     }
-    let geometry = ConvGeometry::new(c, h, w, kh, kw, padding, stride);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
     let (xs, ws) = (bits(&x_in)?, bits(&w_in)?);
     let pixels = geometry.ho * geometry.wo;
-    let mut out = vec![0f32; b * o * pixels];
-    if let Some(bias) = bias {
-        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
-        out.par_chunks_mut(pixels.max(1)).enumerate().for_each(|(i, plane)| plane.fill(bias[i % o]));
-    }
+    let mut out = geometry.output(b, o, bias)?;
     let band_rows = (CONV_BAND_BYTES / (2 * k * geometry.wo).max(1)).clamp(1, geometry.ho.max(1));
     let mut column = vec![0u32; k / 2 * band_rows * geometry.wo];
     for (xi, yi) in xs.chunks(c * h * w).zip(out.chunks_mut(o * pixels)) {
