@@ -1,6 +1,6 @@
 """diffusers on this machine's CPU, on the same folder sdgen-bench wrote (SD 1.5 at its real size,
-random weights): one UNet evaluation of the CFG batch at 512² and one VAE decode at 512², loads
-excluded, on the same thread count as ours. Prints one JSON document.
+random weights): one UNet evaluation of the CFG batch at 512² and one VAE decode at 512² (f32 and
+bf16), loads excluded, on the same thread count as ours. Prints one JSON document.
 Usage: python3 peer_cpu.py MODEL_DIR [THREADS]   (torch + diffusers installed)"""
 import json, os, sys, time
 import torch
@@ -32,9 +32,11 @@ def main():
         ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
         result[f"unet_eval_512_b2_{name}_ms"] = timed(lambda: unet(x, 500, encoder_hidden_states=ctx).sample)
         del unet
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32).eval()
-    z = torch.randn(1, 4, 64, 64, generator=g)
-    result["vae_decode_512_f32_ms"] = timed(lambda: vae.decode(z).sample, warm=1, iters=1)
+    for dtype, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16")]:
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).eval()
+        z = torch.randn(1, 4, 64, 64, generator=g).to(dtype)
+        result[f"vae_decode_512_{name}_ms"] = timed(lambda: vae.decode(z).sample, warm=1, iters=2)
+        del vae
     print(json.dumps(result))
 
 

@@ -6,6 +6,7 @@
 //! on a synthetic picture (see `sdxl.rs`).
 
 mod components;
+mod ops;
 mod random_model;
 mod sd35_files;
 mod sdxl;
@@ -87,7 +88,9 @@ struct Args {
     write_only: bool,
     /// Time one component alone instead of whole runs: `unet` or `transformer` (SD 3.5's MMDiT,
     /// with 77 + 256 text tokens) (one evaluation of the CFG batch, 2·n rows) or `vae` (one decode of n latents), loaded once, inputs random, the device
-    /// synchronised around each evaluation (the figures `peer_diffusers.py` reports).
+    /// synchronised around each evaluation (the figures `peer_diffusers.py` reports); or `ops`:
+    /// the kernel seam's linears, convolutions and attention alone at SD 1.5's shapes, no model
+    /// (the figures `tools/cpu/peer_ops.py` reports).
     #[arg(long)]
     component: Option<String>,
     /// With --component: timed evaluations.
@@ -259,6 +262,17 @@ fn main() -> anyhow::Result<()> {
         sdgen_models::ops::set_fast_kernels(false);
     }
     let _memory = DeviceMemory::install(&device);
+    if args.component.as_deref() == Some("ops") {
+        let report = serde_json::json!({
+            "device": args.device,
+            "dtype": args.dtype,
+            "kernels": sdgen_models::ops::kernel_summary(&device),
+            "threads": std::thread::available_parallelism().map_or(1, usize::from),
+            "result": ops::run(&device, dtype, args.warmup, args.iterations)?,
+        });
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     let Prepared { model, written_bytes: mut written, mut write_ms, mut weights } =
         prepare(&args.family, &model_dir, dtype, &device, args.seed)?;
     let refiner_model = if let Some(refiner) = refiner_family.filter(|_| args.refiner) {

@@ -239,12 +239,7 @@ impl Args {
         };
         let prompts = self.prompts()?;
         let prompt = prompts[0].clone();
-        if device.is_cpu() && dtype == DType::BF16 {
-            return Err(invalid(
-                "--dtype bf16 is not supported on the CPU (candle's CPU matrix product has no bf16): use f32 or f16"
-                    .into(),
-            ));
-        }
+        sdgen::engine::check_dtype(&device, dtype)?;
         // The init image is read now, so a bad path or file costs no model loading.
         let img2img = match (&self.init_image, self.strength) {
             (None, Some(_)) => {
@@ -432,6 +427,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("clip_skip", "--clip-skip"),
     ("lora", "--lora"),
     ("device", "--device"),
+    ("dtype", "--dtype"),
     ("upscale", "--upscale"),
     ("hires_strength", "--hires-strength"),
     ("quality", "--quality"),

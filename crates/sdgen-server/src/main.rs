@@ -144,9 +144,11 @@ fn run() -> anyhow::Result<()> {
         None => DType::BF16,
         Some("f32") => DType::F32,
         Some("f16") => DType::F16,
-        Some("bf16") if !device.is_cpu() => DType::BF16,
-        Some(other) => bail!("--dtype {other} is not one of f32, f16 (and bf16 on GPUs)"),
+        Some("bf16") => DType::BF16,
+        Some(other) => bail!("--dtype {other} is not one of f32, f16, bf16"),
     };
+    sdgen::engine::check_dtype(&device, dtype)
+        .map_err(|e| anyhow::anyhow!(e.describe(&|f| (f == "dtype").then_some("--dtype"))))?;
     let max_memory_bytes = args
         .max_memory
         .as_deref()

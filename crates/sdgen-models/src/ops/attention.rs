@@ -117,6 +117,11 @@ pub fn attention_with(
         candle_core::bail!("attention slice of 0 query rows: use None for unsliced attention");
     }
     if super::cpu_bf16(q) {
+        if mask.is_none() && super::fast_cpu(q.device()) {
+            if let Some(out) = super::cpu_bf16::attention(q, k, v, scale)? {
+                return Ok(out);
+            }
+        }
         // No CPU bf16 matmul in candle: attend in f32 (scores are f32 anyway), round once.
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let mask = mask.map(f32).transpose()?;

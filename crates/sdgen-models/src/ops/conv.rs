@@ -1,5 +1,6 @@
-//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU (f32) our banded
-//! unfold-and-multiply (`cpu::conv2d`); elsewhere candle's im2col convolution with every call's
+//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU our banded
+//! unfold-and-multiply (`cpu::conv2d` in f32, `cpu_bf16::conv2d` in bf16 where the processor has
+//! AVX512-BF16); elsewhere candle's im2col convolution with every call's
 //! column buffer bounded (banded), which is also the reference the fast paths are tested against.
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -85,14 +86,25 @@ impl Conv2d {
         if self.channels_last {
             return self.forward_channels_last(x);
         }
-        if super::cpu_bf16(x) {
-            // No CPU bf16 matmul in candle: convolve in f32, round once.
-            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-            let conv =
-                Self { weight: f32(&self.weight)?, bias: self.bias.as_ref().map(f32).transpose()?, ..self.clone() };
-            return conv.forward(&f32(x)?)?.to_dtype(DType::BF16);
-        }
         let x = if self.pad_right_bottom { x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)? } else { x.clone() };
+        if super::cpu_bf16(&x) {
+            if super::fast_cpu(x.device()) {
+                if let Some(y) =
+                    super::cpu_bf16::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride)?
+                {
+                    return Ok(y);
+                }
+            }
+            // No bf16 product here: convolve in f32 (the input already padded), round once.
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let conv = Self {
+                weight: f32(&self.weight)?,
+                bias: self.bias.as_ref().map(f32).transpose()?,
+                pad_right_bottom: false,
+                ..self.clone()
+            };
+            return conv.forward(&f32(&x)?)?.to_dtype(DType::BF16);
+        }
         #[cfg(feature = "cudnn")]
         if super::fast_conv(x.device()) {
             return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride, false);

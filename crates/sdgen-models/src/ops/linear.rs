@@ -1,5 +1,6 @@
 //! Linear layers, and the seam where quantised weights will come in. Half precision on CUDA runs
-//! one cuBLASLt GEMM with the bias in its epilogue (as PyTorch's `addmm`); everything else runs
+//! one cuBLASLt GEMM with the bias in its epilogue (as PyTorch's `addmm`); bf16 on a CPU with
+//! AVX512-BF16 runs our bf16 GEMM (`cpu_bf16::linear`), on other CPUs in f32; everything else runs
 //! candle's `Linear` (its matmul, then the bias added over the output).
 
 use candle_core::{DType, Module, Result, Tensor};
@@ -23,6 +24,11 @@ impl Linear {
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if super::cpu_bf16(x) {
+            if super::fast_cpu(x.device()) {
+                if let Some(y) = super::cpu_bf16::linear(x, self.0.weight(), self.0.bias())? {
+                    return Ok(y);
+                }
+            }
             // No CPU bf16 matmul in candle: multiply in f32, round once (bias included).
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             let layer = candle_nn::Linear::new(f32(self.0.weight())?, self.0.bias().map(f32).transpose()?);

@@ -6,26 +6,30 @@
 //!
 //! | op | reference | CUDA fast path |
 //! |---|---|---|
-//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | CUDA, half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel. CPU (f32): 64 query rows per task on all cores, scores kept in cache |
-//! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32) |
+//! | [`attention`] | matmul → f32 softmax → matmul, query rows in bounded chunks | CUDA, half precision, head dims up to 128: our flash-attention kernel (tensor cores, no score matrix in memory); otherwise strided cuBLAS GEMMs straight from the heads' layout (no permute copies), scale in the GEMM, one in-place softmax kernel. CPU: 64 query rows per task on all cores, scores kept in cache (bf16: both products through `bf16_gemm`, the probabilities rounded to bf16 as PyTorch does) |
+//! | [`norm::GroupNorm`] (+ SiLU, + a per-channel add before it) | candle's GroupNorm, then `silu` | two kernels (Welford statistics, normalise + affine + SiLU); on the CPU, one pass per group on all cores (f32; bf16 normalised in f32, rounded once) |
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`norm::RmsNorm`] | candle's fused RMS norm (half precision: in f32 with a unit scale, rounded, then × weight, diffusers' rule) | the same |
 //! | [`norm::modulate`] (adaLN `x·(1 + scale) + shift`) | three broadcast ops | the same (one function, so a fused LayerNorm + modulate kernel can replace it) |
-//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision; channels-last (NHWC) stacks where [`prefers_channels_last`] says (the VAE decoder), the norms and upsampling then channels-last too |
+//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision; channels-last (NHWC) stacks where [`prefers_channels_last`] says (the VAE decoder), the norms and upsampling then channels-last too. CPU: bands of the column unfolded and multiplied into the output (bf16: unfolded pair-interleaved for `bf16_gemm`) |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
-//! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue |
+//! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue. CPU bf16: `bf16_gemm` into rows that start as the bias |
 //!
 //! bf16 on the CPU: candle 0.11.1 has no CPU matrix product for bf16 ("unsupported dtype BF16 for
-//! op matmul"), so [`attention`], [`linear::Linear`] and [`conv::Conv2d`] compute such inputs in
-//! f32 and round the result to bf16 once (as PyTorch's CPU bf16 GEMMs accumulate in f32).
+//! op matmul"). On processors with AVX512-BF16 ([`cpu_bf16_supported`]) [`attention`],
+//! [`linear::Linear`] and [`conv::Conv2d`] multiply bf16 operands with `vdpbf16ps` (our GEMM,
+//! `bf16_gemm`, f32 sums; `cpu_bf16`); elsewhere, or with the fast kernels off, they compute such
+//! inputs in f32 and round the result to bf16 once (as PyTorch's CPU bf16 GEMMs accumulate in f32).
 //!
 //! [`set_fast_kernels`] (or `SDGEN_NO_FAST_KERNELS=1`) turns every fast path off, so a user can
 //! rule our kernels out when reporting a wrong image; `SDGEN_FAST_KERNELS=1` turns the CUDA ones
 //! on while they are not yet the default ([`CUDA_FAST_BY_DEFAULT`]).
 
 pub mod attention;
+pub(crate) mod bf16_gemm;
 pub mod conv;
 pub(crate) mod cpu;
+pub(crate) mod cpu_bf16;
 pub mod linear;
 pub mod norm;
 
@@ -80,10 +84,20 @@ fn switch_state() -> u8 {
     }
 }
 
-/// Whether `x` is bf16 on the CPU, whose products the seam runs in f32 (candle has no CPU bf16
-/// matmul): see the module's overview.
+/// Whether `x` is bf16 on the CPU, whose products the seam runs through [`cpu_bf16`] or in f32:
+/// see the module's overview.
 pub(crate) fn cpu_bf16(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::BF16 && x.device().is_cpu()
+}
+
+/// The processor feature bf16 on the CPU needs (AVX512-BF16's `vdpbf16ps`), as `/proc/cpuinfo`
+/// names it.
+pub const CPU_BF16_FEATURE: &str = "avx512_bf16";
+
+/// Whether this processor multiplies bf16 itself ([`CPU_BF16_FEATURE`]), so bf16 runs on the CPU
+/// at bf16's speed; elsewhere the seam would compute every bf16 product in f32, slower than f32.
+pub fn cpu_bf16_supported() -> bool {
+    bf16_gemm::supported()
 }
 
 /// Whether fast kernels may be used at all (they are unless turned off); a device without them

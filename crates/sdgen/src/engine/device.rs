@@ -1,7 +1,7 @@
 //! The device a process generates on, from its name: `cpu`, `cuda`, `cuda:N` or `metal` (the
-//! CLI's and the server's `--device`).
+//! CLI's and the server's `--device`), and whether it computes in a dtype (`--dtype`).
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::{Error, Result};
 
@@ -42,6 +42,23 @@ pub fn open_device(name: &str) -> Result<(Device, String)> {
     Err(invalid(format!("{value} {CHOICES}")))
 }
 
+/// Checks that `device` runs `dtype` at that dtype's speed: bf16 on the CPU needs a processor
+/// that multiplies bf16 itself (AVX512-BF16; without it every product would run in f32, slower
+/// than f32 itself). Errors are about the request field `dtype`.
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 && !sdgen_models::ops::cpu_bf16_supported() {
+        return Err(Error::invalid(
+            "dtype",
+            format!(
+                "bf16 on the CPU needs a processor with AVX512-BF16 (the `{}` flag in /proc/cpuinfo), which this \
+                 one lacks: use f32, the CPU's default",
+                sdgen_models::ops::CPU_BF16_FEATURE
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +69,19 @@ mod tests {
         for bad in ["gpu", "cuda:x", "cudax"] {
             let err = open_device(bad).unwrap_err();
             assert_eq!(err.field(), Some("device"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_is_refused_only_without_avx512_bf16() {
+        assert!(check_dtype(&Device::Cpu, DType::F32).is_ok());
+        match check_dtype(&Device::Cpu, DType::BF16) {
+            Ok(()) => assert!(sdgen_models::ops::cpu_bf16_supported()),
+            Err(err) => {
+                assert!(!sdgen_models::ops::cpu_bf16_supported());
+                assert_eq!(err.field(), Some("dtype"));
+                assert!(err.to_string().contains("avx512_bf16"), "{err}");
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::{Error, Result};
 
 pub use crate::loading::lora::LoraRequest;
 pub use crate::pipeline::CancelToken;
-pub use device::open_device;
+pub use device::{check_dtype, open_device};
 pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, UpscaleRequest, FIELDS, MAX_IMAGES};
 
 use cache::{ModelCache, OpenedModel};

@@ -1,0 +1,412 @@
+//! bf16 matrix products on x86-64 processors with AVX512-BF16: `vdpbf16ps` multiplies 16 pairs of
+//! bf16 values from each operand and adds both products of a pair to one of 16 f32 accumulators,
+//! twice the multiply-adds of an f32 FMA per instruction, from half the bytes. Products are
+//! exact (8-bit significands) and sums are f32, as PyTorch's oneDNN bf16 GEMMs accumulate.
+//!
+//! Operands are read where they lie, in the layouts the callers make for them (no packing here):
+//! `A` (`m × k`, bf16) row-major with `k` contiguous, read as 32-bit pairs `(a[i, 2p], a[i, 2p+1])`
+//! and broadcast; `B` (`k × n`) "pair-interleaved" (oneDNN's VNNI layout): row `p` holds
+//! `(b[2p, j], b[2p+1, j])` as one 32-bit word per column `j`, so 16 columns are one vector load.
+//! The convolution unfolds its column straight into that layout and the linears and attention
+//! interleave their right-hand operand once per call ([`interleave_rows`], [`interleave_cols`]).
+//! `C` (`m × n`, f32) is written or added to.
+//!
+//! Each [`MR`] × [`NR`] tile of `C` is held in 24 of the 32 vector registers over a block of
+//! [`KC`] pairs; tiles are grouped into [`MC`] × [`NC`] blocks, one rayon task each.
+
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of `C` per register tile.
+pub(crate) const MR: usize = 8;
+/// 16-column vectors of `C` per register tile.
+pub(crate) const NV: usize = 3;
+/// Columns of `C` per register tile.
+pub(crate) const NR: usize = 16 * NV;
+/// Pairs of `k` per pass over a tile: its `B` panel (`KC · NR` words, 24 KiB) stays in the L1
+/// cache while every row tile of the block passes over it.
+const KC: usize = 128;
+/// Rows of `C` per task.
+const MC: usize = MR * 12;
+/// Columns of `C` per task.
+const NC: usize = NR * 8;
+/// Multiply-adds below which one call runs on the calling thread (rayon's hand-off costs more).
+const SERIAL_WORK: usize = 1 << 21;
+
+/// Whether this processor has AVX512-BF16 (and AVX512-F), detected once.
+pub(crate) fn supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The left operand: `m` rows of `2 · pairs` bf16 values, row `i` starting at `i · ld`.
+#[derive(Clone, Copy)]
+pub(crate) struct Lhs<'a> {
+    pub data: &'a [u16],
+    pub ld: usize,
+}
+
+/// The right operand, pair-interleaved: `pairs` rows of `n` 32-bit words, row `p` at `p · ld`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rhs<'a> {
+    pub data: &'a [u32],
+    pub ld: usize,
+}
+
+/// `c[i, j] (+)= Σ_p a[i, 2p]·b[2p, j] + a[i, 2p+1]·b[2p+1, j]` for `i < m`, `j < n`, `p < pairs`,
+/// with `c`'s rows `ldc` apart; added to what `c` holds when `accumulate`. On all cores when
+/// `parallel` and the product is large enough. Panics if the processor lacks AVX512-BF16
+/// (callers check [`supported`]) or an operand is too short for its shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    pairs: usize,
+    a: Lhs,
+    b: Rhs,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(supported(), "bf16 GEMM on a processor without AVX512-BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.data.len() >= (m - 1) * a.ld + 2 * pairs && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    assert!(pairs == 0 || b.data.len() >= (pairs - 1) * b.ld + n);
+    if pairs == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
+    let c_at = c.as_mut_ptr() as usize;
+    let block = |task: usize| {
+        let (i0, j0) = ((task / col_blocks) * MC, (task % col_blocks) * NC);
+        let (rows, cols) = (MC.min(m - i0), NC.min(n - j0));
+        // SAFETY: the assertions above keep every tile of this block inside the operands (the
+        // tile reads `a` rows i0.., `b` columns j0.. under masks for partial tiles); blocks
+        // are disjoint in `c`, so no two tasks write one element; the processor was checked.
+        unsafe {
+            block(
+                rows,
+                cols,
+                pairs,
+                a.data.as_ptr().add(i0 * a.ld),
+                a.ld,
+                b,
+                j0,
+                (c_at as *mut f32).add(i0 * ldc + j0),
+                ldc,
+                accumulate,
+            )
+        }
+    };
+    let tasks = row_blocks * col_blocks;
+    if parallel && tasks > 1 && m * n * pairs * 2 >= SERIAL_WORK {
+        (0..tasks).into_par_iter().for_each(block);
+    } else {
+        (0..tasks).for_each(block);
+    }
+}
+
+/// One task's block: `rows × cols` of `c` (already offset), `b`'s columns from `j0`. Per block
+/// of [`KC`] pairs, each [`NR`]-column panel of `b` is copied into a contiguous `[pair][NR]`
+/// that every row tile then reads from L1 (rows of `b` a power of two apart would otherwise
+/// map to the same few L1 sets). `a` is read in place (each tile reads `MR` row streams).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block(
+    rows: usize,
+    cols: usize,
+    pairs: usize,
+    a: *const u16,
+    lda: usize,
+    b: Rhs,
+    j0: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.resize(KC * NR, 0);
+        let b_pack = &mut scratch[..];
+        for p0 in (0..pairs).step_by(KC) {
+            let kc = KC.min(pairs - p0);
+            let add = accumulate || p0 > 0;
+            for j in (0..cols).step_by(NR) {
+                let width = NR.min(cols - j);
+                for p in 0..kc {
+                    let src = &b.data[(p0 + p) * b.ld + j0 + j..][..width];
+                    b_pack[p * NR..p * NR + width].copy_from_slice(src);
+                }
+                for i in (0..rows).step_by(MR) {
+                    let ap = a.add(i * lda + 2 * p0);
+                    tile_any(MR.min(rows - i), width, kc, ap, lda, b_pack.as_ptr(), c.add(i * ldc + j), ldc, add);
+                }
+            }
+        }
+    })
+}
+
+/// A tile of `height ≤ MR` rows and `width ≤ NR` columns, through the kernel of its size.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_any(
+    height: usize,
+    width: usize,
+    kc: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    macro_rules! by_height {
+        ($nv:literal) => {
+            match height {
+                8 => tile::<8, $nv>(kc, a, lda, b, c, ldc, width, add),
+                7 => tile::<7, $nv>(kc, a, lda, b, c, ldc, width, add),
+                6 => tile::<6, $nv>(kc, a, lda, b, c, ldc, width, add),
+                5 => tile::<5, $nv>(kc, a, lda, b, c, ldc, width, add),
+                4 => tile::<4, $nv>(kc, a, lda, b, c, ldc, width, add),
+                3 => tile::<3, $nv>(kc, a, lda, b, c, ldc, width, add),
+                2 => tile::<2, $nv>(kc, a, lda, b, c, ldc, width, add),
+                _ => tile::<1, $nv>(kc, a, lda, b, c, ldc, width, add),
+            }
+        };
+    }
+    match width.div_ceil(16) {
+        3 => by_height!(3),
+        2 => by_height!(2),
+        _ => by_height!(1),
+    }
+}
+
+/// The register tile: `R` rows × `V` vectors of `c`, over `kc` pairs of `a` (rows `lda` apart)
+/// and the packed `b` (`[pair][NR]`); columns from `width` on are neither read nor written.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile<const R: usize, const V: usize>(
+    kc: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    width: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut masks = [0xffffu16; V];
+    for (v, mask) in masks.iter_mut().enumerate() {
+        let lanes = width.saturating_sub(16 * v).min(16);
+        *mask = ((1u32 << lanes) - 1) as u16;
+    }
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for p in 0..kc {
+        let bp = b.add(p * NR);
+        let mut bv = [_mm512_setzero_si512(); V];
+        for (v, vector) in bv.iter_mut().enumerate() {
+            *vector = _mm512_loadu_si512(bp.add(16 * v) as *const __m512i);
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let pair = (a.add(i * lda + 2 * p) as *const u32).read_unaligned();
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+            for v in 0..V {
+                row[v] = _mm512_dpbf16_ps(row[v], ai, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for v in 0..V {
+            let cp = c.add(i * ldc + 16 * v);
+            let sum = if add { _mm512_add_ps(row[v], _mm512_maskz_loadu_ps(masks[v], cp)) } else { row[v] };
+            _mm512_mask_storeu_ps(cp, masks[v], sum);
+        }
+    }
+}
+
+/// `dst[p·n + j] = (src[2p][j], src[2p+1][j])` for the `rows × n` bf16 matrix `src` (rows `ld`
+/// apart): a row-major right-hand operand interleaved (the attention's values, `rows` their
+/// tokens), a zero second half for the last pair when `rows` is odd.
+pub(crate) fn interleave_rows(src: &[u16], rows: usize, n: usize, ld: usize, dst: &mut [u32]) {
+    for (p, out) in dst.chunks_mut(n).take(rows.div_ceil(2)).enumerate() {
+        let lo = &src[2 * p * ld..2 * p * ld + n];
+        if 2 * p + 1 < rows {
+            let hi = &src[(2 * p + 1) * ld..(2 * p + 1) * ld + n];
+            out.iter_mut().zip(lo.iter().zip(hi)).for_each(|(o, (&l, &h))| *o = l as u32 | (h as u32) << 16);
+        } else {
+            out.iter_mut().zip(lo).for_each(|(o, &l)| *o = l as u32);
+        }
+    }
+}
+
+/// `dst[p·ldd + j] = (src[j][2p], src[j][2p+1])` for `n` rows of `2·pairs` bf16 values (rows `ld`
+/// apart): a transposed right-hand operand interleaved (a linear's weight `[out, in]`, the
+/// attention's keys), `dst` rows `ldd ≥ n` apart.
+pub(crate) fn interleave_cols(src: &[u16], n: usize, pairs: usize, ld: usize, dst: &mut [u32], ldd: usize) {
+    // Blocks of 16 source rows: each reads 16 short runs and writes whole output rows' pieces.
+    const BLOCK: usize = 16;
+    for j0 in (0..n).step_by(BLOCK) {
+        let rows = BLOCK.min(n - j0);
+        for p in 0..pairs {
+            let out = &mut dst[p * ldd + j0..p * ldd + j0 + rows];
+            for (r, o) in out.iter_mut().enumerate() {
+                let at = (j0 + r) * ld + 2 * p;
+                *o = src[at] as u32 | (src[at + 1] as u32) << 16;
+            }
+        }
+    }
+}
+
+/// `src[i] · scale` rounded to bf16 (nearest even) into `dst`, 16 at a time with
+/// `vcvtneps2bf16`, which flushes subnormal values (below 1.2e-38) to zero as oneDNN's conversion
+/// does; a short tail through `half`. Panics without AVX512-BF16 (callers check [`supported`]).
+pub(crate) fn to_bf16_scaled(src: &[f32], scale: f32, dst: &mut [u16]) {
+    assert!(supported() && dst.len() >= src.len(), "bf16 conversion without AVX512-BF16 or room");
+    // SAFETY: the processor has AVX512-BF16 and `dst` holds `src.len()` values (checked above).
+    unsafe { to_bf16_avx512(src, scale, dst) }
+}
+
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn to_bf16_avx512(src: &[f32], scale: f32, dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let scales = _mm512_set1_ps(scale);
+    let mut chunks = src.chunks_exact(16);
+    for (i, chunk) in chunks.by_ref().enumerate() {
+        let rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(chunk.as_ptr()), scales));
+        _mm256_storeu_si256(
+            dst.as_mut_ptr().add(16 * i) as *mut __m256i,
+            std::mem::transmute::<__m256bh, __m256i>(rounded),
+        );
+    }
+    let done = src.len() - chunks.remainder().len();
+    for (d, &x) in dst[done..].iter_mut().zip(chunks.remainder()) {
+        *d = half::bf16::from_f32(x * scale).to_bits();
+    }
+}
+
+/// `src` rounded to bf16 into `dst` ([`to_bf16_scaled`]), on all cores for long slices.
+pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    use half::slice::HalfFloatSliceExt;
+    const CHUNK: usize = 1 << 16;
+    let dst: &mut [u16] = dst.reinterpret_cast_mut();
+    let convert = |(s, d): (&[f32], &mut [u16])| to_bf16_scaled(s, 1.0, d);
+    if src.len() > CHUNK {
+        src.par_chunks(CHUNK).zip(dst.par_chunks_mut(CHUNK)).for_each(convert);
+    } else {
+        convert((src, dst));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values in [−0.5, 0.5) rounded to bf16, from a xorshift (reproducible, no RNG crate).
+    fn values(n: usize, seed: u64) -> Vec<bf16> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            })
+            .collect()
+    }
+
+    /// The product against f64 sums of the same bf16 values, over every edge the blocking has:
+    /// partial row and column tiles, a reduction past one 128-pair block and not a multiple of
+    /// it, `a` read at an odd offset with padded rows, `b` interleaved from row-major and from
+    /// transposed storage into rows wider than `n`, `c` rows wider than `n` (untouched past
+    /// `n`), writing or adding, serial and threaded: within 1e-4·√k (f32 sums of k products
+    /// of magnitude ≤ 1/4).
+    #[test]
+    fn the_product_equals_f64_sums_on_every_edge() {
+        if !supported() {
+            return;
+        }
+        for (m, n, k) in [(1, 1, 2), (7, 17, 6), (9, 49, 258), (100, 500, 300), (200, 33, 4098), (13, 5, 10)] {
+            for (accumulate, parallel, transposed) in
+                [(false, true, false), (true, false, false), (false, false, true), (true, true, true)]
+            {
+                let (a, b) = (values(m * k + 3, 1), values(k * n, 2));
+                let (a_bits, b_bits): (Vec<u16>, Vec<u16>) =
+                    (a.iter().map(|v| v.to_bits()).collect(), b.iter().map(|v| v.to_bits()).collect());
+                let (pairs, ldb) = (k / 2, n + 5);
+                let mut packed = vec![0u32; pairs * ldb];
+                if transposed {
+                    let bt: Vec<u16> =
+                        (0..n).flat_map(|j| (0..k).map(move |r| (j, r))).map(|(j, r)| b_bits[r * n + j]).collect();
+                    interleave_cols(&bt, n, pairs, k, &mut packed, ldb);
+                } else {
+                    let mut rows = vec![0u32; pairs * n];
+                    interleave_rows(&b_bits, k, n, n, &mut rows);
+                    for p in 0..pairs {
+                        packed[p * ldb..p * ldb + n].copy_from_slice(&rows[p * n..(p + 1) * n]);
+                    }
+                }
+                let ldc = n + 3;
+                let init: Vec<f32> = (0..m * ldc).map(|i| (i % 7) as f32 * 0.25).collect();
+                let mut c = init.clone();
+                gemm(
+                    m,
+                    n,
+                    pairs,
+                    Lhs { data: &a_bits[1..], ld: k },
+                    Rhs { data: &packed, ld: ldb },
+                    &mut c,
+                    ldc,
+                    accumulate,
+                    parallel,
+                );
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let want = if j < n {
+                            let sum: f64 = (0..k).map(|r| a[1 + i * k + r].to_f64() * b[r * n + j].to_f64()).sum();
+                            sum as f32 + if accumulate { init[i * ldc + j] } else { 0.0 }
+                        } else {
+                            init[i * ldc + j]
+                        };
+                        let got = c[i * ldc + j];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (k as f32).sqrt(),
+                            "{m}×{n}×{k} at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// An odd number of rows leaves the last pair's second half zero.
+    #[test]
+    fn odd_rows_pad_the_last_pair_with_zero() {
+        let src: Vec<u16> = (0..15).collect();
+        let mut dst = vec![7u32; 2 * 5];
+        interleave_rows(&src, 3, 5, 5, &mut dst);
+        assert_eq!(dst[..5], [5 << 16, 1 | 6 << 16, 2 | 7 << 16, 3 | 8 << 16, 4 | 9 << 16]);
+        assert_eq!(dst[5..], [10, 11, 12, 13, 14]);
+    }
+}
