@@ -23,9 +23,11 @@ use sdgen::pipeline::Runtime;
 use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
-use crate::jobs::{JobState, Queue};
+use crate::jobs::JobState;
+use crate::queue::Queue;
 use crate::request::{Limits, ModelPolicy};
 use crate::routes::AppState;
+use crate::worker::JobSource;
 
 /// Bodies past this are refused with 413 (small, so the fuzzer reaches it).
 const MAX_BODY_BYTES: usize = 64 << 10;
@@ -53,23 +55,24 @@ fn server() -> &'static (tokio::runtime::Runtime, Router) {
     SERVER.get_or_init(|| {
         let mut engine = EngineConfig::new(Runtime::new(Device::Cpu, DType::F32), "cpu");
         engine.hub.offline = true;
-        let queue = Arc::new(Queue::new(1 << 16, 16));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let queue = Arc::new(Queue::new(1 << 16, 16, metrics.clone()));
         let worker_queue = queue.clone();
         std::thread::spawn(move || {
-            while let Some(job) = worker_queue.next() {
-                worker_queue.done(&job);
-                job.finish(JobState::Cancelled, None);
+            while let Some(task) = worker_queue.next() {
+                task.reporter.finish(JobState::Cancelled, None);
             }
         });
         let state = Arc::new(AppState {
             queue,
-            metrics: Default::default(),
+            metrics,
             preflight: Arc::new(crate::preflight::Preflight::new(engine)),
             limits: Limits { max_width: 256, max_height: 256, max_steps: 8, max_images: 4 },
             models: ModelPolicy { paths: vec![tiny_model()], ..Default::default() },
             default_model: RwLock::new(tiny_model()),
             api_key: None,
             max_memory_bytes: None,
+            job_timeout_ms: None,
             max_body_bytes: MAX_BODY_BYTES,
             device_label: "cpu".into(),
         });
