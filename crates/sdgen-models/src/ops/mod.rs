@@ -127,15 +127,26 @@ pub fn fast_conv(device: &Device) -> bool {
     cfg!(feature = "cudnn") && fast_cuda(device)
 }
 
-/// `SDGEN_CHANNELS_LAST=0`: keep every convolution stack channels-first (to compare the two).
+/// `SDGEN_CHANNELS_LAST=1` / `=0`: run convolution stacks channels-last where cuDNN can, or
+/// never (overrides [`CHANNELS_LAST_BY_DEFAULT`]).
 pub const CHANNELS_LAST_ENV: &str = "SDGEN_CHANNELS_LAST";
+
+/// Whether channels-last stacks are on without being asked. Off until the GPU test binary's
+/// `channels_last_at_real_shapes` and the full-size images have passed with it on a GPU machine
+/// (a fast path is only the default once it is proven at real shapes).
+pub const CHANNELS_LAST_BY_DEFAULT: bool = false;
 
 /// Whether a convolution stack loaded for `device` in `dtype` should keep its activations
 /// channels-last (`[b, h, w, c]`): on cuDNN in half precision, whose tensor-core kernels read
-/// NHWC natively. Decided once at load: the weights are stored in the matching order.
+/// NHWC natively (given NCHW they transpose the full-resolution tensors in their workspace).
+/// Decided once at load: the weights are stored in the matching order.
 pub fn prefers_channels_last(device: &Device, dtype: candle_core::DType) -> bool {
-    let off = std::env::var(CHANNELS_LAST_ENV).is_ok_and(|v| v == "0");
-    fast_conv(device) && dtype != candle_core::DType::F32 && !off
+    let on = match std::env::var(CHANNELS_LAST_ENV).as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => CHANNELS_LAST_BY_DEFAULT,
+    };
+    on && fast_conv(device) && dtype != candle_core::DType::F32
 }
 
 /// The kernels operations on `device` use, as recorded in a generation's metadata.
