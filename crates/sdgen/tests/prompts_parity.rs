@@ -1,5 +1,5 @@
-//! A1111's long, weighted prompts through the whole SD 1.5 pipeline, against diffusers'
-//! `StableDiffusionPipeline` given the embeddings of `tools/reference/make_prompts.py`'s
+//! A1111's long, weighted prompts through the whole SD 1.5 and SDXL pipelines, against diffusers'
+//! `StableDiffusionPipeline` / `StableDiffusionXLPipeline` given the embeddings of `tools/reference/make_prompts.py`'s
 //! re-implementation of A1111's algorithm (`prompt_embeds=`, `negative_prompt_embeds=`): a
 //! 3-chunk prompt with weights and a BREAK against a 1-chunk negative padded to 3. Image
 //! tolerance as the other parity tests: 99.5% of channels within 1/255, none over 8/255.
@@ -33,4 +33,32 @@ fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
     let want: Vec<f32> =
         load("reference/prompts/prompts.safetensors")["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
     assert_image_close("A1111 prompt image", &gen.images[0].pixels, &want);
+}
+
+/// SDXL: the same prompt and negative against `StableDiffusionXLPipeline` given the embeddings and
+/// pooled texts of A1111's algorithm (`make_prompts.py sdxl`: both encoders chunked, the pooled
+/// text from the first chunk), seed 42, 10 steps, guidance 5, 64².
+#[test]
+fn long_weighted_prompt_sdxl_image_matches_diffusers_with_a1111_embeddings() {
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/prompts/sdxl.json")).unwrap())
+            .unwrap();
+    let model = ModelFolder::open(&testdata().join("tiny-sdxl")).unwrap();
+    let n = |k: &str| case[k].as_u64().unwrap() as usize;
+    let req = Request {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: Some(case["negative_prompt"].as_str().unwrap().into()),
+        n: 1,
+        seed: case["seed"].as_u64().unwrap(),
+        steps: Some(n("steps")),
+        guidance: Some(case["guidance"].as_f64().unwrap()),
+        width: Some(n("width")),
+        height: Some(n("height")),
+        ..Default::default()
+    };
+    let gen = txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
+    assert!(gen.warnings.iter().all(|w| !w.contains("dropped")), "nothing cut: {:?}", gen.warnings);
+    let want: Vec<f32> =
+        load("reference/prompts/sdxl.safetensors")["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_image_close("A1111 prompt SDXL image", &gen.images[0].pixels, &want);
 }
