@@ -10,12 +10,13 @@ use common::{assert_image_close, load, testdata};
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{txt2img, Request, Runtime};
 
-#[test]
-fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
+/// The image of `case` (a JSON file under `reference/prompts/`: prompt, negative, seed, steps,
+/// guidance, size) on the tiny model `model`, against the `pipeline_image` of `refs`.
+fn a1111_prompt_image_matches(model: &str, case: &str, refs: &str) {
     let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/prompts/image_case.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/prompts").join(case)).unwrap())
             .unwrap();
-    let model = ModelFolder::open(&testdata().join("tiny-sd15")).unwrap();
+    let model = ModelFolder::open(&testdata().join(model)).unwrap();
     let n = |k: &str| case[k].as_u64().unwrap() as usize;
     let req = Request {
         prompt: case["prompt"].as_str().unwrap().into(),
@@ -31,8 +32,13 @@ fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
     let gen = txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
     assert!(gen.warnings.iter().all(|w| !w.contains("dropped")), "nothing cut: {:?}", gen.warnings);
     let want: Vec<f32> =
-        load("reference/prompts/prompts.safetensors")["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
-    assert_image_close("A1111 prompt image", &gen.images[0].pixels, &want);
+        load(&format!("reference/prompts/{refs}"))["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_image_close(&format!("A1111 prompt image on {}", model.root().display()), &gen.images[0].pixels, &want);
+}
+
+#[test]
+fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
+    a1111_prompt_image_matches("tiny-sd15", "image_case.json", "prompts.safetensors");
 }
 
 /// SDXL: the same prompt and negative against `StableDiffusionXLPipeline` given the embeddings and
@@ -40,25 +46,5 @@ fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
 /// text from the first chunk), seed 42, 10 steps, guidance 5, 64².
 #[test]
 fn long_weighted_prompt_sdxl_image_matches_diffusers_with_a1111_embeddings() {
-    let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/prompts/sdxl.json")).unwrap())
-            .unwrap();
-    let model = ModelFolder::open(&testdata().join("tiny-sdxl")).unwrap();
-    let n = |k: &str| case[k].as_u64().unwrap() as usize;
-    let req = Request {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: Some(case["negative_prompt"].as_str().unwrap().into()),
-        n: 1,
-        seed: case["seed"].as_u64().unwrap(),
-        steps: Some(n("steps")),
-        guidance: Some(case["guidance"].as_f64().unwrap()),
-        width: Some(n("width")),
-        height: Some(n("height")),
-        ..Default::default()
-    };
-    let gen = txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
-    assert!(gen.warnings.iter().all(|w| !w.contains("dropped")), "nothing cut: {:?}", gen.warnings);
-    let want: Vec<f32> =
-        load("reference/prompts/sdxl.safetensors")["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
-    assert_image_close("A1111 prompt SDXL image", &gen.images[0].pixels, &want);
+    a1111_prompt_image_matches("tiny-sdxl", "sdxl.json", "sdxl.safetensors");
 }
