@@ -67,7 +67,7 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
         |name: &'static str| passes.iter().filter(move |p| p.get("pass").and_then(|v| v.as_str()) == Some(name));
     let factors: Vec<u64> = named("upscale").filter_map(|p| p.get("factor").and_then(|v| v.as_u64())).collect();
     let factor = (!factors.is_empty()).then(|| factors.iter().product::<u64>());
-    let last_hires = named("hires").last();
+    let last_hires = named("hires").next_back();
     match (factor, last_hires) {
         (Some(factor), Some(hires)) => {
             if !meta.extra.contains_key("strength") {

@@ -5,7 +5,7 @@ use super::*;
 use crate::pipeline::{hires_pass, resolve_hires, GeneratedImage, Progress, Request, Runtime};
 
 fn tiny_sdxl() -> ModelFolder {
-    ModelFolder::open(&std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl"))).unwrap()
+    ModelFolder::open(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl"))).unwrap()
 }
 
 /// A smooth picture to rework (as an upscaled image is): slow sines, a different phase per
