@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Reference embeddings of prompts read as AUTOMATIC1111's web UI reads them, on the tiny SD 1.5.
+"""Reference embeddings of prompts read as AUTOMATIC1111's web UI reads them, on the tiny SD 1.5
+and the tiny SDXL.
 
 Writes (relative to the repository root):
   testdata/reference/prompts/prompts.json         the prompts, their chunks' ids and weights
@@ -7,6 +8,13 @@ Writes (relative to the repository root):
                                                   and `pipeline_image`: IMAGE_CASE through diffusers'
                                                   StableDiffusionPipeline with prompt_embeds= and
                                                   negative_prompt_embeds= these embeddings
+  testdata/reference/prompts/sdxl.json            SDXL: the prompt, the negative and their chunks
+  testdata/reference/prompts/sdxl.safetensors     SDXL: `context.prompt`/`context.negative`
+                                                  [1, 77·k, 768 + 1280] (both encoders' penultimate
+                                                  states side by side), `pooled.prompt`/
+                                                  `pooled.negative` [1, 1280] (the second
+                                                  encoder's, first chunk), and `pipeline_image`
+                                                  through StableDiffusionXLPipeline given them
 
 A re-implementation of A1111's algorithm on top of transformers' CLIPTextModel, following
 AUTOMATIC1111/stable-diffusion-webui (v1.10):
@@ -17,7 +25,14 @@ AUTOMATIC1111/stable-diffusion-webui (v1.10):
     FrozenCLIPEmbedderWithCustomWordsBase;
   - encode_with_transformers with CLIP_stop_at_last_layers ("Clip skip"): the same file,
     FrozenCLIPEmbedderWithCustomWords;
-  - EmphasisOriginal.after_transformers (the default "Original" emphasis): modules/sd_emphasis.py.
+  - EmphasisOriginal.after_transformers (the default "Original" emphasis): modules/sd_emphasis.py;
+  - SDXL: FrozenCLIPEmbedderForSDXLWithCustomWords (CLIP-L: the penultimate hidden state, padded
+    with its end token, modules/sd_hijack_clip.py) and FrozenOpenCLIPEmbedder2WithCustomWords
+    (OpenCLIP bigG: the penultimate state, padded with id 0, its projected pooled output attached
+    to each chunk's z and kept through the emphasis, modules/sd_hijack_open_clip.py);
+    FrozenCLIPEmbedderWithCustomWordsBase.forward returns `zs[0].pooled`, the first chunk's; the
+    conditioner (repositories/generative-models, sgm/modules/encoders/modules.py
+    GeneralConditioner) concatenates the two encoders' outputs along the channels.
 Not reproduced: textual-inversion embeddings and prompt editing/scheduling ([a:b:0.5]), which
 are not part of this feature.
 
@@ -248,13 +263,95 @@ def pipeline_image(tokenizer, model):
     return torch.from_numpy(out.images).contiguous()
 
 
+# --- SDXL ----------------------------------------------------------------------------------------
+SDXL = ROOT / "testdata/tiny-sdxl"
+SDXL_CASE = dict(prompt="(" + LONG + ":0.8) BREAK a [[small]] dog, (bright eyes:1.2)",
+                 negative_prompt="blurry, (low quality:1.4)", seed=42, steps=10, guidance=5.0, width=64, height=64)
+
+
+class A1111ClipSdxl(A1111Clip):
+    """One of SDXL's encoders as A1111 runs it: the penultimate hidden state, pads of `id_pad`
+    after the first end token, and (the projected encoder) the pooled output of each chunk,
+    computed before the emphasis and kept through it."""
+
+    def __init__(self, tokenizer, model, id_pad):
+        super().__init__(tokenizer, model)
+        self.id_pad = id_pad
+
+    def process_tokens_pooled(self, tokens, multipliers):
+        tokens = torch.asarray([tokens])
+        if self.id_end != self.id_pad:
+            index = tokens[0].tolist().index(self.id_end)
+            tokens[0, index + 1:] = self.id_pad
+        out = self.model(input_ids=tokens, output_hidden_states=True)
+        z = out.hidden_states[-2]
+        pooled = getattr(out, "text_embeds", None)
+        multipliers = torch.asarray([multipliers])
+        original_mean = z.mean()
+        z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
+        new_mean = z.mean()
+        z = z * (original_mean / new_mean)
+        return z, pooled
+
+    def forward_pooled(self, text, chunk_count=None):
+        chunks = self.tokenize_line(text)
+        count = max(len(chunks), chunk_count or 0)
+        chunks = chunks + [self.empty_chunk() for _ in range(count - len(chunks))]
+        zs = [self.process_tokens_pooled(c.tokens, c.multipliers) for c in chunks]
+        return torch.hstack([z for z, _ in zs]), zs[0][1], chunks
+
+
+def sdxl():
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+    tok1 = CLIPTokenizer.from_pretrained(SDXL / "tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(SDXL / "tokenizer_2")
+    enc1 = CLIPTextModel.from_pretrained(SDXL / "text_encoder", torch_dtype=torch.float32).eval()
+    enc2 = CLIPTextModelWithProjection.from_pretrained(SDXL / "text_encoder_2", torch_dtype=torch.float32).eval()
+    clip_l = A1111ClipSdxl(tok1, enc1, tok1.eos_token_id)
+    clip_g = A1111ClipSdxl(tok2, enc2, 0)
+
+    def conditioning(text, chunk_count=None):
+        z1, _, chunks = clip_l.forward_pooled(text, chunk_count)
+        z2, pooled, chunks2 = clip_g.forward_pooled(text, chunk_count)
+        assert [c.tokens[:1 + c.tokens.index(tok1.eos_token_id)] for c in chunks] == \
+            [c.tokens[:1 + c.tokens.index(tok1.eos_token_id)] for c in chunks2], "the encoders' chunks differ"
+        return torch.cat([z1, z2], dim=-1), pooled, chunks
+
+    cond, pooled, chunks = conditioning(SDXL_CASE["prompt"])
+    uncond, upooled, nchunks = conditioning(SDXL_CASE["negative_prompt"], len(chunks))
+    pipe = StableDiffusionXLPipeline.from_pretrained(SDXL, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+               negative_pooled_prompt_embeds=upooled, num_inference_steps=SDXL_CASE["steps"],
+               guidance_scale=SDXL_CASE["guidance"], width=SDXL_CASE["width"], height=SDXL_CASE["height"],
+               generator=torch.Generator("cpu").manual_seed(SDXL_CASE["seed"]), output_type="np")
+    tensors = {"context.prompt": cond, "pooled.prompt": pooled, "context.negative": uncond,
+               "pooled.negative": upooled, "pipeline_image": torch.from_numpy(out.images)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, OUT / "sdxl.safetensors")
+    meta = dict(SDXL_CASE, chunks=[{"ids": c.tokens, "multipliers": c.multipliers} for c in chunks],
+                negative_chunks=[{"ids": c.tokens, "multipliers": c.multipliers} for c in nchunks])
+    (OUT / "sdxl.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print("sdxl", len(chunks), "chunks, context", tuple(cond.shape), "pooled", tuple(pooled.shape))
+
+
 def main():
+    import sys
     torch.manual_seed(0)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    parts = sys.argv[1:] or ["sd15", "sdxl"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    if "sdxl" in parts:
+        with torch.no_grad():
+            sdxl()
+    if "sd15" in parts:
+        sd15()
+
+
+def sd15():
     tokenizer = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
     model = CLIPTextModel.from_pretrained(MODEL / "text_encoder", torch_dtype=torch.float32).eval()
-    OUT.mkdir(parents=True, exist_ok=True)
     tensors, meta = {}, []
     with torch.no_grad():
         for name, prompt, skip, pad_to in CASES:

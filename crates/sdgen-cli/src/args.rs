@@ -342,23 +342,26 @@ impl Args {
             prompts,
             img2img,
             memory,
-            upscale: self.upscale.map(|factor| UpscaleRequest { factor, hires_strength: None }),
+            upscale: self
+                .upscale
+                .map(|factor| UpscaleRequest { factor, hires_strength: None, tiled: false })
+                .into_iter()
+                .collect(),
             preset: None,
         };
         if let Some(p) = preset {
             p.apply(&mut request)?;
         }
         if let Some(s) = self.hires_strength {
-            match &mut request.upscale {
-                Some(u) => u.hires_strength = Some(s),
-                None => {
-                    return Err(invalid(
-                        "--hires-strength needs --upscale (or a --quality preset that upscales): the hires pass \
-                         reworks the upscaled images"
-                            .into(),
-                    ))
-                }
+            if request.upscale.is_empty() {
+                return Err(invalid(
+                    "--hires-strength needs --upscale (or a --quality preset that upscales): the hires pass \
+                     reworks the upscaled images"
+                        .into(),
+                ));
             }
+            // Every hires pass of the preset's chain (4k-ultra has two).
+            request.upscale.iter_mut().for_each(|u| u.hires_strength = Some(s));
         }
         // What needs no model is refused now, before the output is touched (`--check` runs
         // without a prompt).

@@ -131,20 +131,33 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
     let first = plan(&settings, false, out);
     let mut fits = first["fits"] == true;
     doc.as_object_mut().unwrap().extend(first.as_object().unwrap().clone());
-    // A hires pass (--quality 4k, --hires-strength) is planned on its own at the upscaled size,
-    // as the run plans it.
-    if let Some((u, strength)) = resolved.request.upscale.as_ref().and_then(|u| Some((u, u.hires_strength?))) {
+    // Each hires pass (--quality 4k and 4k-ultra, --hires-strength) is planned on its own at its
+    // upscaled size, as the run plans it (a tiled one's denoiser at its tile's size).
+    let (mut w, mut h) = (settings.width, settings.height);
+    let mut hires_plans = Vec::new();
+    for u in &resolved.request.upscale {
         let f = u.factor as usize;
-        let (w, h) = (settings.width * f, settings.height * f);
-        let hires = sdgen::pipeline::resolve_hires(&model, &resolved.request.params, w, h, strength)?;
+        (w, h) = (w * f, h * f);
+        let Some(strength) = u.hires_strength else { continue };
+        let hires = sdgen::pipeline::resolve_hires(&model, &resolved.request.params, w, h, strength, u.tiled)?;
+        let tiles = match hires.settings.denoise_tiles {
+            Some(t) => format!(", denoised in {} (MultiDiffusion)", t.layout_px(w, h).describe()),
+            None => String::new(),
+        };
         out.line(format!(
             "
-Then the hires pass at {w}x{h} (upscaled ×{f}, strength {strength}):"
+Then the hires pass at {w}x{h} (upscaled ×{f}, strength {strength}{tiles}):"
         ));
-        let second = plan(&hires.settings, true, out);
-        fits &= second["fits"] == true;
-        doc["fits"] = fits.into();
-        doc["hires"] = second;
+        let next = plan(&hires.settings, true, out);
+        fits &= next["fits"] == true;
+        hires_plans.push(next);
+    }
+    doc["fits"] = fits.into();
+    // One pass as `hires`; a chain's (4k-ultra) as `hires_passes`, in order.
+    match hires_plans.len() {
+        0 => {}
+        1 => doc["hires"] = hires_plans.remove(0),
+        _ => doc["hires_passes"] = hires_plans.into(),
     }
     Ok((doc, Some(fits)))
 }

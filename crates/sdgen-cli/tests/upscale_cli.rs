@@ -138,6 +138,79 @@ fn quality_4k_runs_its_passes_in_order() {
     assert_eq!(sidecar(&result)["extra"]["passes"][2]["denoising_steps"], 2);
 }
 
+/// `--quality 4k-ultra` on the tiny SDXL (native size 64², 8 latent cells), its first pass scaled
+/// down to 64²: ×2 and a hires pass in MultiDiffusion's tiles at 128² (3 × 3 tiles of 64²), ×2
+/// and a second at 256² (5 × 5), in that order, each step's stages named apart, the tiles in the
+/// log, the sidecar, the A1111 string and `--check`'s plans.
+#[test]
+fn quality_4k_ultra_runs_two_tiled_hires_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_sdxl();
+    let size = ["--model", &model, "--quality", "4k-ultra", "--width", "64", "--height", "64", "--steps", "4"];
+    let args = [&["x"][..], &size, &["--seed", "5", "--json"]].concat();
+    let (result, log) = run_json(&args, &dir.path().join("out"));
+    assert_in_order(
+        &log,
+        &[
+            "at 64x64, 4 steps",
+            "Then upscaling ×2 with Lanczos to 128x128",
+            "Then a hires image-to-image pass at 128x128: strength 0.3 (the last 1 of 4 steps), denoised in 9 tiles \
+             of 8×8 latents (64×64 px), overlapping by at least 4 (MultiDiffusion)",
+            "Then upscaling ×2 with Lanczos to 256x256",
+            "Then a hires image-to-image pass at 256x256: strength 0.3 (the last 1 of 4 steps), denoised in 25 tiles",
+            "→ unet…",
+            "→ upscale…",
+            "→ hires_unet…",
+            "MultiDiffusion: 9 tiles of 8×8 latents",
+            "→ hires_vae…",
+            "→ upscale_2…",
+            "→ hires2_vae_encoder…",
+            "→ hires2_unet…",
+            "MultiDiffusion: 25 tiles of 8×8 latents",
+            "→ hires2_vae…",
+            "Saved",
+        ],
+    );
+    let png = PathBuf::from(result["images"][0]["png"].as_str().unwrap());
+    assert_eq!(decode_png(&png).1, 256);
+    let meta = sidecar(&result);
+    assert_eq!((meta["width"].as_u64(), meta["extra"]["preset"].as_str()), (Some(256), Some("4k-ultra")));
+    let passes = meta["extra"]["passes"].as_array().unwrap();
+    let names: Vec<&str> = passes.iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    assert_eq!(names, ["generate", "upscale", "hires", "upscale", "hires"]);
+    let tiles = serde_json::json!({"method": "MultiDiffusion", "count": 25, "tile_latents": 8, "overlap_latents": 2,
+        "tile_px": 64, "overlap_px": 16});
+    assert_eq!((passes[2]["tiles"]["count"].as_u64(), &passes[4]["tiles"]), (Some(9), &tiles));
+    let plans = meta["extra"]["hires_plans"].as_array().unwrap();
+    assert_eq!(plans.len(), 2);
+    let denoise = plans[1]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "denoise").unwrap();
+    assert_eq!(denoise["denoise_tiles"], serde_json::json!({"tile_px": 64, "overlap_px": 16}));
+    for stage in ["upscale", "upscale_2", "hires_unet", "hires2_unet", "hires2_vae"] {
+        assert!(meta["timings_ms"].get(stage).is_some(), "{stage}: {meta}");
+    }
+    let params = parameters(&png);
+    assert!(
+        params.contains("Size: 64x64")
+            && params.contains("Hires upscale: 4, Hires steps: 4, Hires upscaler: Lanczos, Tiled Diffusion method: \
+                 MultiDiffusion, Tiled Diffusion tile width: 8, Tiled Diffusion tile height: 8, Tiled Diffusion overlap: 2"),
+        "{params}"
+    );
+
+    // --check plans both passes, each denoiser at its tile's size.
+    let o = generate(&[&["--check"][..], &size].concat(), &dir.path().join("check"));
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert!(o.status.success(), "{text}");
+    assert_in_order(
+        &text,
+        &[
+            "Then the hires pass at 128x128 (upscaled ×2, strength 0.3, denoised in 9 tiles",
+            "MultiDiffusion tiles (64px, overlap 16px)",
+            "Then the hires pass at 256x256 (upscaled ×2, strength 0.3, denoised in 25 tiles",
+            "MultiDiffusion tiles (64px, overlap 16px)",
+        ],
+    );
+}
+
 #[test]
 fn list_presets_prints_the_table_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,9 +219,16 @@ fn list_presets_prints_the_table_and_writes_nothing() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8(o.stdout).unwrap();
     assert!(table.starts_with("preset"), "{table}");
-    for row in
-        ["default ", "4k ", "4k-ultra (not yet)", "→ upscale ×2 (Lanczos) → hires img2img (strength 0.3)", "2048x2048"]
-    {
+    for row in [
+        "default ",
+        "4k ",
+        "4k-ultra ",
+        "lcm ",
+        "→ upscale ×2 (Lanczos) → hires img2img (strength 0.3)",
+        "2048x2048",
+        "→ hires img2img in MultiDiffusion tiles (strength 0.3)",
+        "4096x4096",
+    ] {
         assert!(table.contains(row), "`{row}` not in\n{table}");
     }
     assert!(files_in(&out).is_empty() && !out.exists());
@@ -162,7 +242,6 @@ fn bad_presets_and_upscales_are_refused() {
     let m = ["x", "--model", sdxl.as_str()];
     let with = |extra: &[&'static str]| -> Vec<&str> { m.iter().copied().chain(extra.iter().copied()).collect() };
     assert_refused(&with(&["--quality", "8k"]), &["--quality 8k is not a preset: one of default, 4k, 4k-ultra, lcm"]);
-    assert_refused(&with(&["--quality", "4k-ultra"]), &["--quality 4k-ultra is not available yet", "MultiDiffusion"]);
     for factor in ["0", "1", "9"] {
         let args = with(&["--upscale", factor]);
         assert_refused(&args, &[&format!("--upscale {factor} is not one of 2, 3, 4")]);

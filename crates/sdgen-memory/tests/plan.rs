@@ -6,7 +6,7 @@ use sdgen_memory::plan::plan as plan_fn;
 use sdgen_memory::plan::{
     fit_coefficients, plan, relative_errors, ActivationInputs, Budget, BudgetSource, ComponentManifest, DeviceKind,
     FamilyProfile, KernelFamily, Measurement, MemoryMode, ModelManifest, Placement, Plan, PlanError, PlanRequest,
-    Precision, StoredDType, TensorEntry, Term, Verdict,
+    Precision, StoredDType, TensorEntry, Term, Tiling, Verdict,
 };
 
 const GIB: u64 = 1 << 30;
@@ -976,13 +976,9 @@ fn sd35_large_gpu_fast_kernel_estimates_match_the_measurements() {
     }
 }
 
-/// `--quality 4k`'s hires pass (issue #14): SDXL image-to-image at 2048² after a 1024² first
-/// pass, planned on its own (the SDXL bytes measured in `sdxl_gpu_fast_peaks.jsonl`, bf16 with the
-/// fast kernels, the VAE encoder upcast to f32 as the engine runs it). The planner decides the
-/// VAE's tiling: none on a 24 GiB card; the encoder alone (18.9 GB untiled) tiled on 16 GiB; both
-/// halves on 12 GiB, where the whole pass still fits.
-#[test]
-fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
+/// SDXL's components as one bf16 tensor each of the bytes measured in
+/// `sdxl_gpu_fast_peaks.jsonl`.
+fn sdxl_bf16_manifest() -> ModelManifest {
     #[derive(serde::Deserialize)]
     struct Line {
         stage: String,
@@ -992,12 +988,22 @@ fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
         data("sdxl_gpu_fast_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let weights = |stage: &str| lines.iter().find(|l| l.stage == stage).unwrap().weight_bytes;
     let bf16 = |name: &str, bytes: u64| TensorEntry::new(name, vec![(bytes / 2) as usize], StoredDType::BF16);
-    let manifest = ModelManifest::new(vec![
+    ModelManifest::new(vec![
         ComponentManifest::new("text_encoder", vec![bf16("w", weights("text_encoder"))]),
         ComponentManifest::new("text_encoder_2", vec![bf16("w", weights("text_encoder_2"))]),
         ComponentManifest::new("unet", vec![bf16("w", weights("denoise"))]),
         ComponentManifest::new("vae", vec![bf16("encoder.w", weights("decode")), bf16("decoder.w", weights("decode"))]),
-    ]);
+    ])
+}
+
+/// `--quality 4k`'s hires pass (issue #14): SDXL image-to-image at 2048² after a 1024² first
+/// pass, planned on its own (the SDXL bytes measured in `sdxl_gpu_fast_peaks.jsonl`, bf16 with the
+/// fast kernels, the VAE encoder upcast to f32 as the engine runs it). The planner decides the
+/// VAE's tiling: none on a 24 GiB card; the encoder alone (18.9 GB untiled) tiled on 16 GiB; both
+/// halves on 12 GiB, where the whole pass still fits.
+#[test]
+fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
+    let manifest = sdxl_bf16_manifest();
     let profile = FamilyProfile::sdxl();
     let tiled = |gib: u64| {
         let req = PlanRequest {
@@ -1014,4 +1020,40 @@ fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
     assert_eq!(tiled(24), (None, None));
     assert_eq!(tiled(16), (Some(512), None));
     assert_eq!(tiled(12), (Some(512), Some(512)));
+}
+
+/// `--quality 4k-ultra`'s second hires pass: SDXL image-to-image at 4096² denoised in
+/// MultiDiffusion's 1024² tiles, one after another. The UNet's activations are one tile's, those
+/// of a 1024² pass, not the whole latent's (which at 4096² needs sixteen times the pixels and
+/// 256 times the score matrices); the VAE stages stay at the whole 4096², the planner tiling them
+/// as it does without MultiDiffusion. The table shows the tiles.
+#[test]
+fn a_multidiffusion_pass_plans_its_denoiser_at_one_tiles_size() {
+    let manifest = sdxl_bf16_manifest();
+    let profile = FamilyProfile::sdxl();
+    let tiles = Tiling { tile_px: 1024, overlap_px: 256 };
+    let at = |side: usize, denoise_tiling: Option<Tiling>, gib: u64| {
+        plan(&PlanRequest {
+            fast_kernels: true,
+            img2img: true,
+            component_precision: vec![("vae_encoder".to_string(), Precision::F32)],
+            denoise_tiling,
+            ..request(&profile, &manifest, &GPU, side, 1, gib * GIB, MemoryMode::Auto)
+        })
+        .unwrap()
+    };
+    let (ultra, native, whole) = (at(4096, Some(tiles), 1024), at(1024, None, 1024), at(4096, None, 1024));
+    let denoise = |p: &Plan| p.stage("denoise").unwrap().clone();
+    assert_eq!(denoise(&ultra).activation_bytes, denoise(&native).activation_bytes, "{ultra}\n{native}");
+    assert_eq!((denoise(&ultra).denoise_tiles, denoise(&native).denoise_tiles), (Some(tiles), None));
+    assert!(denoise(&whole).activation_bytes > 4 * denoise(&ultra).activation_bytes, "{whole}\n{ultra}");
+    for stage in ["encode_image", "decode"] {
+        assert_eq!(ultra.stage(stage), whole.stage(stage), "{stage}: the VAE at the whole size");
+    }
+    assert!(ultra.to_string().contains("MultiDiffusion tiles (1024px, overlap 256px)"), "{ultra}");
+    // On a 24 GiB card the tiled pass fits with its VAE tiled; its UNet needs no option.
+    let card = at(4096, Some(tiles), 24);
+    assert!(card.stages.iter().all(|s| s.fits), "{card}");
+    assert_eq!(denoise(&card).options, Default::default(), "{card}");
+    assert!(card.stage("decode").unwrap().options.tiling.is_some(), "{card}");
 }

@@ -122,7 +122,7 @@ async fn generate(
     if r.mask.is_some() {
         return Err(ApiError::invalid("mask", "mask: inpainting is not supported by this server"));
     }
-    let upscale = if r.enable_hr == Some(true) && !img2img { Some(hires_fix(&r)?) } else { None };
+    let upscale = if r.enable_hr == Some(true) && !img2img { vec![hires_fix(&r)?] } else { Vec::new() };
     let model_name = r
         .override_settings
         .as_ref()
@@ -218,7 +218,7 @@ fn hires_fix(r: &A1111Request) -> Result<sdgen::engine::UpscaleRequest, ApiError
     }
     // A1111's web UI's default hires denoising strength.
     let strength = r.denoising_strength.unwrap_or(0.7);
-    Ok(sdgen::engine::UpscaleRequest { factor: scale as u32, hires_strength: Some(strength) })
+    Ok(sdgen::engine::UpscaleRequest { factor: scale as u32, hires_strength: Some(strength), tiled: false })
 }
 
 /// A1111's sampler (and, since 1.9, its separate schedule type: only `Karras` with `DPM++ 2M`

@@ -18,7 +18,7 @@ use sdgen::loading::{ModelFolder, ModelSource};
 use sdgen::pipeline::{resolve_hires, resolve_image_refiner, Img2ImgRequest, RefinerRun, Settings};
 
 use crate::error::ApiError;
-use crate::request::{check_output_size, Limits};
+use crate::request::{check_output_size, upscale_factor, Limits};
 
 /// Opened models (parsed once, kept while the server runs) and the device to plan for.
 #[derive(Debug)]
@@ -142,13 +142,15 @@ impl Preflight {
         }
         // The upscaled size within the caps (the model's default size is known only now), then
         // the hires pass planned at it.
-        if let Some(u) = &req.upscale {
+        if !req.upscale.is_empty() {
             let field = name("upscale").unwrap_or("upscale");
-            check_output_size(u.factor, (settings.width, settings.height), limits, field)?;
+            check_output_size(upscale_factor(req), (settings.width, settings.height), limits, field)?;
+        }
+        let (mut w, mut h) = (settings.width, settings.height);
+        for u in &req.upscale {
+            (w, h) = (w * u.factor as usize, h * u.factor as usize);
             if let Some(strength) = u.hires_strength {
-                let f = u.factor as usize;
-                let (w, h) = (settings.width * f, settings.height * f);
-                let s = resolve_hires(&model, &req.params, w, h, strength).map_err(engine_error)?;
+                let s = resolve_hires(&model, &req.params, w, h, strength, u.tiled).map_err(engine_error)?;
                 plan(&model, &s.settings, true, "the hires pass: ")?;
             }
         }

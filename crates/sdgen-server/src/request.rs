@@ -138,7 +138,7 @@ pub struct Settings {
     pub refiner: Option<RefinerRequest>,
     pub vae: Option<ModelSource>,
     pub loras: Vec<LoraRequest>,
-    pub upscale: Option<UpscaleRequest>,
+    pub upscale: Vec<UpscaleRequest>,
     /// A quality preset's name.
     pub quality: Option<String>,
 }
@@ -245,10 +245,15 @@ fn check_caps(req: &GenerateRequest, limits: &Limits, names: &Names) -> Result<(
     }
     // The output's size where the request says it; a model's default size is checked once the
     // model is open (the pre-queue check, [`check_output_size`]).
-    if let (Some(u), Some(w), Some(h)) = (&req.upscale, p.width, p.height) {
-        check_output_size(u.factor, (w, h), limits, names.upscale)?;
+    if let (false, Some(w), Some(h)) = (req.upscale.is_empty(), p.width, p.height) {
+        check_output_size(upscale_factor(req), (w, h), limits, names.upscale)?;
     }
     Ok(())
+}
+
+/// The factor all of `req`'s upscaling steps multiply each side by (1 without any).
+pub fn upscale_factor(req: &GenerateRequest) -> u32 {
+    req.upscale.iter().map(|u| u.factor).product()
 }
 
 /// The upscaled size `size × factor` within the caps, or 422 naming `field` (the factor's).

@@ -227,8 +227,9 @@ async fn create_job(
     let loras = (b.loras.iter().enumerate())
         .map(|(i, l)| state.models.lora(&l.source, l.scale, &format!("loras[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    let upscale =
-        b.upscale.map(|u| sdgen::engine::UpscaleRequest { factor: u.factor, hires_strength: u.hires_strength });
+    let upscale = (b.upscale.into_iter())
+        .map(|u| sdgen::engine::UpscaleRequest { factor: u.factor, hires_strength: u.hires_strength, tiled: u.tiled })
+        .collect();
     let settings = Settings {
         prompts,
         negative_prompt: b.negative_prompt,

@@ -84,6 +84,16 @@ fn upscale_presets_and_several_prompts() {
     );
     assert_eq!(size(&job["images"][0]), (128, 128));
     assert_eq!(job["images"][0]["metadata"]["extra"]["preset"], "4k", "{job}");
+    // 4k-ultra from 32²: ×2 and a tiled hires pass twice, to 128²; and its chain as a list of steps,
+    // as `generate --remote` sends it.
+    let ultra = base.replace(r#""steps": 2, "width": 64, "height": 64"#, r#""steps": 4, "width": 32, "height": 32"#);
+    let job = run(&server, &format!(r#"{{"prompt": "a cat", {ultra}, "quality": "4k-ultra"}}"#));
+    assert_eq!(size(&job["images"][0]), (128, 128));
+    let passes = &job["images"][0]["metadata"]["extra"]["passes"];
+    assert!(passes[2]["tiles"].is_object() && passes[4]["tiles"].is_object(), "{passes}");
+    let step = r#"{"factor": 2, "hires_strength": 0.3, "tiled": true}"#;
+    let job = run(&server, &format!(r#"{{"prompt": "a cat", {ultra}, "upscale": [{step}, {step}]}}"#));
+    assert_eq!(&job["images"][0]["metadata"]["extra"]["passes"], passes);
     // Two prompts, one image each, the seeds continuing.
     let job = run(&server, &format!(r#"{{"prompts": ["a cat", "", "a dog"], {base}}}"#));
     let images = job["images"].as_array().unwrap();
@@ -106,10 +116,10 @@ fn upscale_presets_and_several_prompts() {
         "upscale.factor",
         "limit of 200x200",
     );
-    // The 4k preset's own 1024² is past the caps; its unknown and not-yet siblings are named.
+    // The 4k presets' own 1024² is past the caps; an unknown preset is named.
     refused(r#"{"prompt": "a cat", "quality": "4k"}"#.into(), "width", "limit of 200");
     refused(r#"{"prompt": "a cat", "quality": "8k"}"#.into(), "quality", "not a preset");
-    refused(r#"{"prompt": "a cat", "quality": "4k-ultra"}"#.into(), "quality", "not available yet");
+    refused(r#"{"prompt": "a cat", "quality": "4k-ultra"}"#.into(), "width", "limit of 200");
     refused(format!(r#"{{"prompt": "a cat", "prompts": ["a dog"], {base}}}"#), "prompts", "one or the other");
     refused(format!(r#"{{"prompts": [" "], {base}}}"#), "prompts", "no prompt");
     refused(format!(r#"{{"prompts": ["a", "b", "c"], {base}, "n": 6}}"#), "n", "limit of 16 images");

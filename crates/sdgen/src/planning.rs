@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 use sdgen_memory::plan::{
     plan, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest, Precision,
-    StoredDType, TensorEntry,
+    StoredDType, TensorEntry, Tiling,
 };
 
 use crate::loading::ModelFolder;
@@ -170,6 +170,10 @@ pub fn plan_run(
             .map(|c| (c.name.clone(), model.loras().load_transient_bytes(&c.name)))
             .filter(|(_, b)| *b > 0)
             .collect(),
+        // A MultiDiffusion pass's denoiser sees one tile at a time.
+        denoise_tiling: settings
+            .denoise_tiles
+            .map(|t| Tiling { tile_px: t.tile * t.scale, overlap_px: t.overlap * t.scale }),
         ..PlanRequest::new(
             &profile,
             &manifest,
@@ -236,9 +240,12 @@ fn max_memory_warning(device: &Device, max_memory_bytes: Option<u64>) -> Option<
 /// that hold the same bytes in the largest attention layer (every other layer then holds less).
 pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggressive: bool) -> Result<StageOptions> {
     let profile = model.family().memory_profile();
-    let pixels = settings.height * settings.width;
-    // Query rows of the stage's largest attention that hold `matrices` of its score matrices.
+    // Query rows of the stage's largest attention that hold `matrices` of its score matrices
+    // (over one tile's pixels for a MultiDiffusion denoiser).
     let rows = |stage: &str, matrices: usize, items: usize| -> usize {
+        let tile = settings.denoise_tiles.filter(|_| stage == "denoise").map(|t| t.tile * t.scale);
+        let pixels = tile.map_or(settings.width, |t| t.min(settings.width))
+            * tile.map_or(settings.height, |t| t.min(settings.height));
         let shape = profile.stage(stage).and_then(|s| s.activation.attention);
         let (heads, tokens) = shape.map_or((1, pixels / 64), |a| (a.heads, pixels / a.pixels_per_token.max(1)));
         (matrices * tokens).div_ceil((items * heads).max(1)).clamp(1, tokens.max(1))
@@ -365,6 +372,7 @@ mod tests {
             height: 2048,
             scheduler: crate::schedulers::SchedulerKind::Euler,
             skipped_encoders: Vec::new(),
+            denoise_tiles: None,
         };
         let options = stage_options(&model, &p, &settings, false).unwrap();
         assert_eq!(options.vae_tile_px, Some(512));

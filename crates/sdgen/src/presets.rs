@@ -7,8 +7,7 @@
 //! own defaults (SDXL: 50 steps, guidance 5, its Euler config), as a run without a preset has.
 //!
 //! Rows the engine cannot run yet are kept in the table, marked [`Status::NotYet`], and refused by
-//! name with the reason ([`find`]) rather than run half-way: `4k-ultra` needs MultiDiffusion's
-//! tiled denoising at 4096² (issue #14).
+//! name with the reason ([`find`]) rather than run half-way (none today).
 
 use crate::engine::{GenerateRequest, UpscaleRequest};
 use crate::loading::lora::LoraRequest;
@@ -52,6 +51,10 @@ pub enum Pass {
     Hires {
         /// How much of each upscaled image it reworks (`--hires-strength`).
         strength: f64,
+        /// Denoised in MultiDiffusion's overlapping tiles of the model's native size
+        /// ([`crate::pipeline::DenoiseTiles::native`], overlap [`crate::pipeline::TILE_OVERLAP`])
+        /// rather than over the whole latent.
+        tiled: bool,
     },
 }
 
@@ -90,24 +93,33 @@ pub const PRESETS: &[Preset] = &[
         scheduler: None,
         // Strength 0.3: diffusers' StableDiffusionXLImg2ImgPipeline default, enough to redraw the
         // detail the upscale blurred without changing the composition.
-        passes: &[Pass::Upscale(2), Pass::Hires { strength: 0.3 }],
+        passes: &[Pass::Upscale(2), Pass::Hires { strength: 0.3, tiled: false }],
         status: Status::Ready,
     },
     Preset {
         name: "4k-ultra",
-        summary: "SDXL at 1024², up to 4096² with the hires pass denoised in overlapping latent tiles (MultiDiffusion)",
+        summary: "SDXL at 1024², then twice: upscaled ×2 (Lanczos) and a hires pass denoised in overlapping \
+                  1024² tiles (MultiDiffusion): 2048², then 4096²",
         model: DEFAULT_MODEL,
         loras: &[],
         size: (1024, 1024),
         steps: None,
         guidance: None,
         scheduler: None,
-        passes: &[Pass::Upscale(4), Pass::Hires { strength: 0.3 }],
-        status: Status::NotYet(
-            "needs the hires pass denoised in overlapping latent tiles (MultiDiffusion), which is not built: \
-             SDXL attending over a whole 4096² image is out of its training range and memory; use --quality 4k \
-             (2048²) or --upscale 4",
-        ),
+        // Two ×2 steps rather than one ×4: each hires pass then reworks an image only twice as
+        // soft as its tiles' detail, which strength 0.3 can redraw (a ×4 Lanczos image is four
+        // times as soft, and 0.3 leaves most of that blur), as `4k` does for 2048². Both passes
+        // are tiled, so no model attends over more than a 1024² tile's tokens (4096² untiled
+        // would be 65,536 at SDXL's first attention level, out of its training range); the
+        // cost is 9 + 25 tiles of 15 steps (50 × 0.3) at SDXL's 1024² each, within the seed's
+        // "4k-ultra: 3 minutes" on a GPU (tools/gpu/presets_4k.sh measures it).
+        passes: &[
+            Pass::Upscale(2),
+            Pass::Hires { strength: 0.3, tiled: true },
+            Pass::Upscale(2),
+            Pass::Hires { strength: 0.3, tiled: true },
+        ],
+        status: Status::Ready,
     },
     Preset {
         name: "lcm",
@@ -150,8 +162,10 @@ impl Preset {
     }
 
     /// Fills in what `req` leaves open with this preset's values (the model is the caller's to
-    /// choose: see [`Preset::model`]) and records the preset's name. An explicit upscale factor
-    /// keeps the preset's hires pass; an explicit hires strength wins over the preset's.
+    /// choose: see [`Preset::model`]) and records the preset's name. Without upscaling in `req`,
+    /// the preset's steps are taken in order; an explicit one (`--upscale 3`) stays the only
+    /// step and gets the preset's first hires pass (tiled as the preset's is). An explicit hires
+    /// strength wins over the preset's.
     pub fn apply(&self, req: &mut GenerateRequest) -> Result<()> {
         let p = &mut req.params;
         p.width.get_or_insert(self.size.0);
@@ -161,14 +175,22 @@ impl Preset {
         if let (None, Some(s)) = (p.scheduler, self.scheduler) {
             p.scheduler = Some(s.parse()?);
         }
+        let explicit = !req.upscale.is_empty();
+        let mut step = 0;
         for pass in self.passes {
             match *pass {
-                Pass::Upscale(factor) => {
-                    req.upscale.get_or_insert(UpscaleRequest { factor, hires_strength: None });
+                Pass::Upscale(factor) if !explicit => {
+                    req.upscale.push(UpscaleRequest { factor, hires_strength: None, tiled: false });
+                    step = req.upscale.len() - 1;
                 }
-                Pass::Hires { strength } => {
-                    if let Some(u) = &mut req.upscale {
+                Pass::Upscale(_) => {}
+                Pass::Hires { strength, tiled } => {
+                    if let Some(u) = req.upscale.get_mut(step) {
                         u.hires_strength.get_or_insert(strength);
+                        u.tiled |= tiled;
+                    }
+                    if explicit {
+                        break;
                     }
                 }
             }
@@ -236,7 +258,10 @@ pub fn table() -> String {
         }
         passes.extend(p.passes.iter().map(|pass| match pass {
             Pass::Upscale(f) => format!("upscale ×{f} (Lanczos)"),
-            Pass::Hires { strength } => format!("hires img2img (strength {strength})"),
+            Pass::Hires { strength, tiled: false } => format!("hires img2img (strength {strength})"),
+            Pass::Hires { strength, tiled: true } => {
+                format!("hires img2img in MultiDiffusion tiles (strength {strength})")
+            }
         }));
         let (w, h) = p.output_size();
         let status = match p.status {
@@ -285,21 +310,49 @@ mod tests {
         let mut req = request();
         find("4k").unwrap().apply(&mut req).unwrap();
         assert_eq!((req.params.width, req.params.height, req.params.steps), (Some(1024), Some(1024), None));
-        assert_eq!(req.upscale, Some(UpscaleRequest { factor: 2, hires_strength: Some(0.3) }));
+        assert_eq!(req.upscale, [UpscaleRequest { factor: 2, hires_strength: Some(0.3), tiled: false }]);
         assert_eq!(req.preset.as_deref(), Some("4k"));
         assert_eq!(find("4k").unwrap().output_size(), (2048, 2048));
 
         let mut req = request();
         req.params.steps = Some(7);
         req.params.width = Some(64);
-        req.upscale = Some(UpscaleRequest { factor: 3, hires_strength: None });
+        req.upscale = vec![UpscaleRequest { factor: 3, hires_strength: None, tiled: false }];
         find("4K").unwrap().apply(&mut req).unwrap();
         assert_eq!((req.params.width, req.params.height, req.params.steps), (Some(64), Some(1024), Some(7)));
-        assert_eq!(req.upscale, Some(UpscaleRequest { factor: 3, hires_strength: Some(0.3) }), "×3 wins, hires kept");
+        assert_eq!(req.upscale, [UpscaleRequest { factor: 3, hires_strength: Some(0.3), tiled: false }], "×3 wins");
 
         let mut req = request();
         find("default").unwrap().apply(&mut req).unwrap();
-        assert_eq!((req.upscale, req.params.width), (None, Some(1024)));
+        assert_eq!((req.upscale, req.params.width), (vec![], Some(1024)));
+    }
+
+    /// `4k-ultra`: 1024², then ×2 and a tiled hires pass twice, to 4096²; an explicit `--upscale`
+    /// is the only step and keeps the preset's tiled pass; an explicit size runs the same chain
+    /// from it (the tests' scaled-down runs).
+    #[test]
+    fn the_4k_ultra_preset_runs_two_tiled_hires_passes_to_4096() {
+        let ultra = find("4k-ultra").unwrap();
+        assert_eq!(ultra.output_size(), (4096, 4096));
+        let tiled = |factor| UpscaleRequest { factor, hires_strength: Some(0.3), tiled: true };
+        let mut req = request();
+        ultra.apply(&mut req).unwrap();
+        assert_eq!(req.upscale, [tiled(2), tiled(2)]);
+        assert_eq!(
+            (req.params.width, req.params.height, req.preset.as_deref()),
+            (Some(1024), Some(1024), Some("4k-ultra"))
+        );
+
+        let mut req = request();
+        req.params.width = Some(64);
+        req.params.height = Some(64);
+        ultra.apply(&mut req).unwrap();
+        assert_eq!((req.upscale.len(), req.params.width), (2, Some(64)));
+
+        let mut req = request();
+        req.upscale = vec![UpscaleRequest { factor: 3, hires_strength: None, tiled: false }];
+        ultra.apply(&mut req).unwrap();
+        assert_eq!(req.upscale, [tiled(3)]);
     }
 
     #[test]
@@ -307,8 +360,6 @@ mod tests {
         let err = find("8k").unwrap_err();
         assert!(matches!(err, Error::Invalid { field: "quality", .. }), "{err}");
         assert!(err.to_string().contains("8k is not a preset: one of default, 4k, 4k-ultra, lcm"), "{err}");
-        let err = find("4k-ultra").unwrap_err();
-        assert!(err.to_string().contains("4k-ultra is not available yet"), "{err}");
     }
 
     #[test]
@@ -344,8 +395,15 @@ mod tests {
             assert!(t.contains(p.name) && t.contains(p.summary), "{t}");
         }
         assert!(t.contains("generate 1024x1024 → upscale ×2 (Lanczos) → hires img2img (strength 0.3)"), "{t}");
-        assert!(t.contains("4k-ultra (not yet)") && !t.contains("lcm (not yet)"), "{t}");
+        assert!(!t.contains("(not yet)"), "{t}");
         assert!(t.contains("generate 1024x1024 with LoRA latent-consistency/lcm-lora-sdxl"), "{t}");
+        assert!(
+            t.contains(
+                "upscale ×2 (Lanczos) → hires img2img in MultiDiffusion tiles (strength 0.3) → upscale ×2 (Lanczos) → \
+                 hires img2img in MultiDiffusion tiles (strength 0.3)  4096x4096"
+            ),
+            "{t}"
+        );
         assert!(t.lines().next().unwrap().starts_with("preset"), "{t}");
     }
 }

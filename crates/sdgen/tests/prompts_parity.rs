@@ -1,5 +1,5 @@
-//! A1111's long, weighted prompts through the whole SD 1.5 pipeline, against diffusers'
-//! `StableDiffusionPipeline` given the embeddings of `tools/reference/make_prompts.py`'s
+//! A1111's long, weighted prompts through the whole SD 1.5 and SDXL pipelines, against diffusers'
+//! `StableDiffusionPipeline` / `StableDiffusionXLPipeline` given the embeddings of `tools/reference/make_prompts.py`'s
 //! re-implementation of A1111's algorithm (`prompt_embeds=`, `negative_prompt_embeds=`): a
 //! 3-chunk prompt with weights and a BREAK against a 1-chunk negative padded to 3. Image
 //! tolerance as the other parity tests: 99.5% of channels within 1/255, none over 8/255.
@@ -10,12 +10,13 @@ use common::{assert_image_close, load, testdata};
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{txt2img, Request, Runtime};
 
-#[test]
-fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
+/// The image of `case` (a JSON file under `reference/prompts/`: prompt, negative, seed, steps,
+/// guidance, size) on the tiny model `model`, against the `pipeline_image` of `refs`.
+fn a1111_prompt_image_matches(model: &str, case: &str, refs: &str) {
     let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/prompts/image_case.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/prompts").join(case)).unwrap())
             .unwrap();
-    let model = ModelFolder::open(&testdata().join("tiny-sd15")).unwrap();
+    let model = ModelFolder::open(&testdata().join(model)).unwrap();
     let n = |k: &str| case[k].as_u64().unwrap() as usize;
     let req = Request {
         prompt: case["prompt"].as_str().unwrap().into(),
@@ -31,6 +32,19 @@ fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
     let gen = txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
     assert!(gen.warnings.iter().all(|w| !w.contains("dropped")), "nothing cut: {:?}", gen.warnings);
     let want: Vec<f32> =
-        load("reference/prompts/prompts.safetensors")["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
-    assert_image_close("A1111 prompt image", &gen.images[0].pixels, &want);
+        load(&format!("reference/prompts/{refs}"))["pipeline_image"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_image_close(&format!("A1111 prompt image on {}", model.root().display()), &gen.images[0].pixels, &want);
+}
+
+#[test]
+fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
+    a1111_prompt_image_matches("tiny-sd15", "image_case.json", "prompts.safetensors");
+}
+
+/// SDXL: the same prompt and negative against `StableDiffusionXLPipeline` given the embeddings and
+/// pooled texts of A1111's algorithm (`make_prompts.py sdxl`: both encoders chunked, the pooled
+/// text from the first chunk), seed 42, 10 steps, guidance 5, 64².
+#[test]
+fn long_weighted_prompt_sdxl_image_matches_diffusers_with_a1111_embeddings() {
+    a1111_prompt_image_matches("tiny-sdxl", "sdxl.json", "sdxl.safetensors");
 }

@@ -98,7 +98,9 @@ fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
         vae: args.vae.clone(),
         loras: (request.loras.iter()).map(|l| LoraBody { source: l.source.label(), scale: Some(l.scale) }).collect(),
         quality: args.quality.clone(),
-        upscale: request.upscale.as_ref().map(|u| UpscaleBody { factor: u.factor, hires_strength: u.hires_strength }),
+        upscale: (request.upscale.iter())
+            .map(|u| UpscaleBody { factor: u.factor, hires_strength: u.hires_strength, tiled: u.tiled })
+            .collect(),
         negative_prompt: params.negative_prompt.clone(),
         // Without --model (or --pro, or a preset's model), the server's default model.
         model: (args.model.is_some() || args.pro || preset.is_some()).then(|| args.model_name(preset).to_string()),

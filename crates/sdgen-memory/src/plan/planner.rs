@@ -98,6 +98,10 @@ pub struct StagePlan {
     pub peak_bytes: u64,
     /// Options chosen.
     pub options: StageOptions,
+    /// The denoiser's MultiDiffusion tiles, when the pass runs tile by tile
+    /// ([`PlanRequest::denoise_tiling`]): not an option the planner chooses, the pass's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoise_tiles: Option<Tiling>,
     /// Whether the peak is within the usable budget (of the host when placed there).
     pub fits: bool,
 }
@@ -443,13 +447,15 @@ impl<'r, 'a> Ctx<'r, 'a> {
         } else {
             (req.device.kernels(), stage.precision, stage.weight_bytes_device, req.budget.baseline_bytes)
         };
+        // A tiled denoiser's forward takes one tile (of the guided batch) at a time.
+        let denoise_tiles = req.denoise_tiling.filter(|_| stage.spec.activation.batch == BatchRule::GuidedImages);
         let inputs = ActivationInputs {
             width: req.width,
             height: req.height,
             items,
             images: per_batch,
             attention_slice: options.attention_slice,
-            tile_px: options.tiling.map(|t| (t.tile_px, t.tile_px)),
+            tile_px: options.tiling.or(denoise_tiles).map(|t| (t.tile_px, t.tile_px)),
             max_score_elements: Some(kernels.max_score_elements()),
             max_column_elements: Some(kernels.max_column_elements()),
         };
@@ -476,6 +482,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             activation_bytes,
             peak_bytes,
             options,
+            denoise_tiles,
             fits,
         }
     }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::activation::KernelFamily;
 use super::manifest::{ModelManifest, Precision};
+use super::planner::Tiling;
 use super::profile::FamilyProfile;
 
 /// The fraction of the budget kept free by default: estimates are fits, allocators fragment,
@@ -195,6 +196,10 @@ pub struct PlanRequest<'a> {
     /// stage's load happens before its activations exist, so this competes with them for the
     /// stage's peak rather than adding to it.
     pub load_transient_bytes: Vec<(String, u64)>,
+    /// The denoiser runs tile by tile over the latent (MultiDiffusion: tiles of the model's
+    /// native size, one after another): its activations are one tile's batch, not the whole
+    /// image's. Sizes in pixels.
+    pub denoise_tiling: Option<Tiling>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -229,6 +234,7 @@ impl<'a> PlanRequest<'a> {
             fast_kernels: true,
             skipped_stages: Vec::new(),
             load_transient_bytes: Vec::new(),
+            denoise_tiling: None,
         }
     }
 

@@ -81,6 +81,9 @@ impl fmt::Display for Plan {
             .iter()
             .map(|s| {
                 let mut options = s.options.describe();
+                if let Some(t) = s.denoise_tiles {
+                    options.push(format!("MultiDiffusion tiles ({}px, overlap {}px)", t.tile_px, t.overlap_px));
+                }
                 if !s.fits {
                     options.push("over budget".into());
                 }

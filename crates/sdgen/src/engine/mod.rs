@@ -22,7 +22,7 @@ use crate::loading::{ModelFolder, ModelSource, OpenOptions};
 use crate::output::ImageMetadata;
 use crate::pipeline::{
     hires_pass, img2img, txt2img_with_refiner, upscale, GeneratedImage, Generation, Handoff, Img2ImgRequest, Progress,
-    RefinerRun, Request, Runtime, Settings,
+    RefinerRun, Request, Runtime, Settings, UPSCALE_STEPS,
 };
 use crate::{Error, Result};
 
@@ -221,15 +221,18 @@ impl Engine {
                     )?,
                     None => txt2img_with_refiner(model, refiner, &part, &rt, &mut progress)?,
                 };
-                // The passes after the image is made: upscaling, then the hires pass with the
-                // options of its own plan (it runs at another size).
-                if let Some(u) = &req.upscale {
-                    upscale(&mut generation, u.factor, &rt, &mut progress)?;
-                }
-                if let Some((settings, options)) = &job.hires {
-                    let hires_rt = Runtime { options: *options, ..rt.clone() };
-                    let pass = hires_pass(model, &part, settings, &generation.images, &hires_rt, &mut progress)?;
-                    generation = generation.followed_by(pass);
+                // The passes after the image is made: each upscaling step, then its hires pass with
+                // the options of its own plan (it runs at another size).
+                let mut size = job.first_size;
+                for (step, &(stage, prefix)) in job.upscales.iter().zip(&UPSCALE_STEPS) {
+                    upscale(&mut generation, size, step.factor, stage, &rt, &mut progress)?;
+                    size = step.size;
+                    if let Some(h) = &step.hires {
+                        let hires_rt = Runtime { options: h.options, ..rt.clone() };
+                        let images = &generation.images;
+                        let pass = hires_pass(model, &part, &h.settings, images, prefix, &hires_rt, &mut progress)?;
+                        generation = generation.followed_by(pass);
+                    }
                 }
                 for w in &generation.warnings {
                     events(Event::Warning(&format!("⚠️  WARNING: {w}")));
@@ -399,7 +402,7 @@ impl Run<'_> {
             .cloned()
             .chain(job.plan.warning.clone())
             .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
-            .chain(job.hires_plan.as_ref().and_then(|p| p.warning.clone()))
+            .chain(job.hires_plans().filter_map(|p| p.warning.clone()))
             .collect();
         let images = generation
             .images

@@ -26,15 +26,40 @@ pub(super) struct JobPlan {
     pub per_batch: usize,
     /// diffusers' pipeline class, as the sidecar records it.
     pub pipeline_type: String,
-    /// The hires pass after upscaling: its settings and the options of its own plan (it runs
-    /// alone, at the upscaled size, so the first pass keeps its own options).
-    pub hires: Option<(Img2ImgSettings, StageOptions)>,
-    /// The hires pass's memory plan.
-    pub hires_plan: Option<Plan>,
+    /// The upscaling steps after the first pass, in order, each with its hires pass.
+    pub upscales: Vec<UpscalePlan>,
     /// The first pass's size.
     pub first_size: (usize, usize),
     /// The size of the images the job hands back (the first pass's, upscaled).
     pub output_size: (usize, usize),
+}
+
+/// One upscaling step of a job, planned.
+pub(super) struct UpscalePlan {
+    /// Each side multiplied by this.
+    pub factor: u32,
+    /// The size it leaves.
+    pub size: (usize, usize),
+    /// The hires pass after it.
+    pub hires: Option<HiresPlan>,
+}
+
+/// A hires pass, planned on its own at its size (it runs alone, so the first pass keeps its own
+/// options).
+pub(super) struct HiresPlan {
+    /// Its settings (its tiles with MultiDiffusion).
+    pub settings: Img2ImgSettings,
+    /// The options of its plan.
+    pub options: StageOptions,
+    /// Its memory plan.
+    pub plan: Plan,
+}
+
+impl JobPlan {
+    /// The hires passes' plans, in order.
+    pub fn hires_plans(&self) -> impl Iterator<Item = &Plan> {
+        self.upscales.iter().filter_map(|u| u.hires.as_ref().map(|h| &h.plan))
+    }
 }
 
 /// Validates the request against the models, plans it (refusing a job that cannot fit, with the
@@ -112,28 +137,35 @@ pub(super) fn plan_job(
         }
         None => None,
     };
-    // Upscaling, then the hires pass: resolved and planned on its own at the upscaled size (the
-    // planner decides its VAE tiling); batches are what fits every pass.
+    // Upscaling, each step followed by its hires pass: resolved and planned on its own at the
+    // upscaled size (the planner decides its VAE tiling); batches are what fits every pass.
     let first_size = (settings.width, settings.height);
     let mut output_size = first_size;
-    let mut hires = None;
-    let mut hires_plan = None;
-    if let Some(u) = &req.upscale {
+    let mut upscales = Vec::new();
+    for u in &req.upscale {
         let f = u.factor as usize;
-        output_size = (settings.width * f, settings.height * f);
+        output_size = (output_size.0 * f, output_size.1 * f);
         events(Event::Log(&format!("Then upscaling ×{f} with Lanczos to {}x{}", output_size.0, output_size.1)));
-        if let Some(strength) = u.hires_strength {
-            let s = resolve_hires(model, request, output_size.0, output_size.1, strength)?;
-            events(Event::Log(&format!(
-                "Then a hires image-to-image pass at {}x{}: strength {} (the last {} of {} steps)",
-                output_size.0, output_size.1, s.strength, s.denoising_steps, s.settings.steps
-            )));
-            let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
-            report_plan(&p, batch_size, events);
-            let o = crate::planning::stage_options(model, &p, &s.settings, false)?;
-            hires = Some((s, o));
-            hires_plan = Some(p);
-        }
+        let hires = match u.hires_strength {
+            Some(strength) => {
+                let (w, h) = output_size;
+                let s = resolve_hires(model, request, w, h, strength, u.tiled)?;
+                let tiles = match s.settings.denoise_tiles {
+                    Some(t) => format!(", denoised in {} (MultiDiffusion)", t.layout_px(w, h).describe()),
+                    None => String::new(),
+                };
+                events(Event::Log(&format!(
+                    "Then a hires image-to-image pass at {w}x{h}: strength {} (the last {} of {} steps){tiles}",
+                    s.strength, s.denoising_steps, s.settings.steps
+                )));
+                let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
+                report_plan(&p, batch_size, events);
+                let options = crate::planning::stage_options(model, &p, &s.settings, false)?;
+                Some(HiresPlan { settings: s, options, plan: p })
+            }
+            None => None,
+        };
+        upscales.push(UpscalePlan { factor: u.factor, size: output_size, hires });
     }
     events(Event::Detail(&format!("Kernels: {}", crate::kernels::kernel_summary(&rt.device))));
     let enabled = options.enabled();
@@ -141,9 +173,7 @@ pub(super) fn plan_job(
         "Memory options: {}",
         if enabled.is_empty() { "none".into() } else { enabled.join(", ") }
     )));
-    let per_batch = [&refiner_plan, &hires_plan]
-        .into_iter()
-        .flatten()
+    let per_batch = (refiner_plan.iter().chain(upscales.iter().filter_map(|u| u.hires.as_ref().map(|h| &h.plan))))
         .fold(plan.images_per_batch, |n, p| n.min(p.images_per_batch))
         .clamp(1, request.n);
     // diffusers names its image-to-image classes by inserting "Img2Img" before "Pipeline"
@@ -161,8 +191,7 @@ pub(super) fn plan_job(
         options,
         per_batch,
         pipeline_type,
-        hires,
-        hires_plan,
+        upscales,
         first_size,
         output_size,
     })
@@ -246,10 +275,17 @@ pub(super) fn run_metadata(
     if let Some(name) = &req.preset {
         extra.insert("preset".into(), name.clone().into());
     }
-    if let Some(p) = &job.hires_plan {
-        extra.insert("hires_plan".into(), to_json(p));
+    // One hires pass's plan as `hires_plan`; a chain's (`4k-ultra`) as `hires_plans`, in order.
+    match job.hires_plans().collect::<Vec<_>>().as_slice() {
+        [] => {}
+        [one] => {
+            extra.insert("hires_plan".into(), to_json(one));
+        }
+        all => {
+            extra.insert("hires_plans".into(), to_json(all));
+        }
     }
-    if let Some(passes) = passes(req, job) {
+    if let Some(passes) = passes(job) {
         extra.insert("passes".into(), passes);
     }
     extra
@@ -258,19 +294,31 @@ pub(super) fn run_metadata(
 /// The passes of a job with more than the first, in order, with the size each leaves:
 /// `generate` (its steps), `upscale` (factor, filter), `hires` (strength, steps run of the
 /// schedule's). A1111's `Hires …`/`Postprocess …` fields are made from these.
-fn passes(req: &GenerateRequest, job: &JobPlan) -> Option<serde_json::Value> {
-    let u = req.upscale.as_ref()?;
+fn passes(job: &JobPlan) -> Option<serde_json::Value> {
+    if job.upscales.is_empty() {
+        return None;
+    }
     let (w, h) = job.first_size;
     let mut passes = vec![serde_json::json!({"pass": "generate", "width": w, "height": h})];
-    let (w, h) = job.output_size;
-    passes.push(serde_json::json!({
-        "pass": "upscale", "factor": u.factor, "filter": "lanczos", "width": w, "height": h,
-    }));
-    if let Some((s, _)) = &job.hires {
+    for u in &job.upscales {
+        let (w, h) = u.size;
         passes.push(serde_json::json!({
-            "pass": "hires", "strength": s.strength, "steps": s.settings.steps,
-            "denoising_steps": s.denoising_steps, "width": w, "height": h,
+            "pass": "upscale", "factor": u.factor, "filter": "lanczos", "width": w, "height": h,
         }));
+        if let Some(HiresPlan { settings: s, .. }) = &u.hires {
+            let mut pass = serde_json::json!({
+                "pass": "hires", "strength": s.strength, "steps": s.settings.steps,
+                "denoising_steps": s.denoising_steps, "width": w, "height": h,
+            });
+            // MultiDiffusion's tiles, in latent cells and in pixels.
+            if let Some(t) = s.settings.denoise_tiles {
+                pass["tiles"] = serde_json::json!({
+                    "method": "MultiDiffusion", "count": t.layout_px(w, h).tiles.len(), "tile_latents": t.tile,
+                    "overlap_latents": t.overlap, "tile_px": t.tile * t.scale, "overlap_px": t.overlap * t.scale,
+                });
+            }
+            passes.push(pass);
+        }
     }
     Some(passes.into())
 }
@@ -285,6 +333,6 @@ pub(super) fn checkpoint_file(source: &ModelSource) -> Option<&std::path::Path> 
 
 /// A plain-data value (plans, memory records) as JSON: string keys and finite numbers only, so
 /// it cannot fail.
-pub(super) fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+pub(super) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("plain data serializes")
 }

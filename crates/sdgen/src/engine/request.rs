@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::loading::lora::LoraRequest;
 use crate::loading::{ModelSource, OpenOptions};
-use crate::pipeline::{check_strength, check_upscale, InitImage, Request};
+use crate::pipeline::{check_strength, check_upscale, InitImage, Request, UPSCALE_STEPS};
 use crate::planning::MemoryRequest;
 use crate::{Error, Result};
 
@@ -61,9 +61,10 @@ pub struct GenerateRequest {
     pub img2img: Option<Img2ImgInput>,
     /// The memory the job may use, how to trade speed for it, and the images per batch asked for.
     pub memory: MemoryRequest,
-    /// The passes after each batch is made (after the refiner, if any): Lanczos upscaling, then
-    /// optionally a hires image-to-image pass at the upscaled size.
-    pub upscale: Option<UpscaleRequest>,
+    /// The passes after each batch is made (after the refiner, if any), in order: each a Lanczos
+    /// upscale, then optionally a hires image-to-image pass at the upscaled size (`--upscale`
+    /// makes one step; the `4k-ultra` preset two).
+    pub upscale: Vec<UpscaleRequest>,
     /// The quality preset the request was filled in from (see [`crate::presets`]), for the
     /// metadata: the preset's values are already in the fields above.
     pub preset: Option<String>,
@@ -77,6 +78,9 @@ pub struct UpscaleRequest {
     /// Then an image-to-image pass of the same model over the upscaled images, re-noised to this
     /// strength in [0, 1] (A1111's hires fix); `None`: no such pass.
     pub hires_strength: Option<f64>,
+    /// The hires pass denoises in MultiDiffusion's overlapping tiles of the model's native size
+    /// ([`crate::pipeline::DenoiseTiles::native`]) rather than the whole latent at once.
+    pub tiled: bool,
 }
 
 /// The starting picture of an image-to-image job.
@@ -114,7 +118,7 @@ impl GenerateRequest {
             params: Request { prompt, n: 1, ..Default::default() },
             img2img: None,
             memory: MemoryRequest::default(),
-            upscale: None,
+            upscale: Vec::new(),
             preset: None,
         }
     }
@@ -166,7 +170,13 @@ impl GenerateRequest {
         if let Some(s) = self.img2img.as_ref().and_then(|i| i.strength) {
             check_strength(s)?;
         }
-        if let Some(u) = &self.upscale {
+        if self.upscale.len() > UPSCALE_STEPS.len() {
+            return invalid(
+                "upscale",
+                format!("{} upscaling steps asked for; a job runs at most {}", self.upscale.len(), UPSCALE_STEPS.len()),
+            );
+        }
+        for u in &self.upscale {
             check_upscale(u.factor)?;
             if let Some(s) = u.hires_strength.filter(|s| !(0.0..=1.0).contains(s)) {
                 return invalid(

@@ -228,7 +228,7 @@ fn an_upscale_follows_the_refiner() {
     let mut req = GenerateRequest::new(tiny_sdxl(), "a lighthouse at dusk");
     (req.params.steps, req.params.width, req.params.height) = (Some(4), Some(64), Some(64));
     req.refiner = Some(RefinerRequest { source: ModelSource::Path(refiner.into()), start: None, strength: None });
-    req.upscale = Some(UpscaleRequest { factor: 3, hires_strength: None });
+    req.upscale = vec![UpscaleRequest { factor: 3, hires_strength: None, tiled: false }];
     let mut stages = Vec::new();
     let batches = engine()
         .generate(

@@ -36,9 +36,10 @@ pub struct JobBody {
     /// is the server's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<String>,
-    /// Upscaling the finished images, then optionally the hires pass.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upscale: Option<UpscaleBody>,
+    /// Upscaling the finished images, then optionally the hires pass: one step, or a list of
+    /// steps run in order (a `4k-ultra` chain as `generate --remote` resolves it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "one_or_many")]
+    pub upscale: Vec<UpscaleBody>,
     /// Images per prompt (1 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<usize>,
@@ -111,6 +112,35 @@ pub struct UpscaleBody {
     /// absent: none (a `quality` preset's when it has one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires_strength: Option<f64>,
+    /// The hires pass denoises in MultiDiffusion's overlapping tiles of the model's native size.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tiled: bool,
+}
+
+/// A list written as its one element when it has one (the job API's `upscale` is one step in
+/// the common case), read from either form.
+mod one_or_many {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            all => all.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany<T> {
+            One(T),
+            Many(Vec<T>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(all) => all,
+        })
+    }
 }
 
 /// Skip-layer guidance as the job API takes it: the blocks skipped and, optionally, the scale.
@@ -288,7 +318,7 @@ mod tests {
             vae: Some("madebyollin/sdxl-vae-fp16-fix".into()),
             loras: vec![LoraBody { source: "org/lora".into(), scale: Some(0.5) }],
             quality: Some("4k".into()),
-            upscale: Some(UpscaleBody { factor: 2, hires_strength: Some(0.3) }),
+            upscale: vec![UpscaleBody { factor: 2, hires_strength: Some(0.3), tiled: false }],
             ..Default::default()
         };
         let json = serde_json::to_value(&body).unwrap();
@@ -300,6 +330,15 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<JobBody>(json).unwrap(), body);
         assert!(serde_json::from_str::<JobBody>(r#"{"prompt": "x", "upscale": {"factr": 2}}"#).is_err());
+        // A chain (4k-ultra's) as a list, its tiled passes marked.
+        let chain = vec![UpscaleBody { factor: 2, hires_strength: Some(0.3), tiled: true }; 2];
+        let body = JobBody { upscale: chain, ..Default::default() };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json["upscale"],
+            serde_json::json!([{"factor": 2, "hires_strength": 0.3, "tiled": true}, {"factor": 2, "hires_strength": 0.3, "tiled": true}])
+        );
+        assert_eq!(serde_json::from_value::<JobBody>(json).unwrap(), body);
     }
 
     #[test]

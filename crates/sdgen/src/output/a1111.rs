@@ -58,10 +58,17 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
     // "Hires upscale", "Hires steps", "Hires upscaler", with its "Denoising strength"), or a plain
     // upscale as A1111's extras tab records one (scripts/postprocessing_upscale.py: "Postprocess
     // upscale by", "Postprocess upscaler"), so a reader does not re-run a hires pass that never ran.
+    // A chain of steps (`4k-ultra`: ×2, hires, ×2, hires) is recorded as its whole factor with
+    // its last hires pass; tiled passes add the Tiled Diffusion extension's fields
+    // (multidiffusion-upscaler-for-automatic1111, scripts/tilediffusion.py: method, tile
+    // width/height and overlap in latent cells).
     let passes = meta.extra.get("passes").and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or_default();
-    let pass = |name: &str| passes.iter().find(|p| p.get("pass").and_then(|v| v.as_str()) == Some(name));
-    let factor = pass("upscale").and_then(|p| p.get("factor")).and_then(|v| v.as_u64());
-    match (factor, pass("hires")) {
+    let named =
+        |name: &'static str| passes.iter().filter(move |p| p.get("pass").and_then(|v| v.as_str()) == Some(name));
+    let factors: Vec<u64> = named("upscale").filter_map(|p| p.get("factor").and_then(|v| v.as_u64())).collect();
+    let factor = (!factors.is_empty()).then(|| factors.iter().product::<u64>());
+    let last_hires = named("hires").next_back();
+    match (factor, last_hires) {
         (Some(factor), Some(hires)) => {
             if !meta.extra.contains_key("strength") {
                 if let Some(strength) = hires.get("strength").and_then(|v| v.as_f64()) {
@@ -73,6 +80,13 @@ pub fn a1111_parameters(meta: &ImageMetadata) -> String {
                 fields.push(("Hires steps", steps.to_string()));
             }
             fields.push(("Hires upscaler", "Lanczos".into()));
+            if let Some(tiles) = hires.get("tiles") {
+                let cells = |key: &str| tiles.get(key).and_then(|v| v.as_u64()).unwrap_or_default().to_string();
+                fields.push(("Tiled Diffusion method", "MultiDiffusion".into()));
+                fields.push(("Tiled Diffusion tile width", cells("tile_latents")));
+                fields.push(("Tiled Diffusion tile height", cells("tile_latents")));
+                fields.push(("Tiled Diffusion overlap", cells("overlap_latents")));
+            }
         }
         (Some(factor), None) => {
             fields.push(("Postprocess upscale by", factor.to_string()));
@@ -205,6 +219,34 @@ mod tests {
             "{p}"
         );
         assert!(!p.contains("Hires") && !p.contains("Denoising"), "{p}");
+    }
+
+    /// `4k-ultra`'s chain: the whole factor, the last hires pass, its MultiDiffusion tiles in the
+    /// Tiled Diffusion extension's fields.
+    #[test]
+    fn a_chain_of_tiled_hires_passes_records_its_whole_factor_and_its_tiles() {
+        let mut meta =
+            ImageMetadata { prompt: "a cat".into(), model: "sdxl".into(), width: 256, height: 256, ..meta() };
+        meta.negative_prompt.clear();
+        let tiles =
+            serde_json::json!({"method": "MultiDiffusion", "count": 9, "tile_latents": 8, "overlap_latents": 2});
+        let passes = serde_json::json!([
+            {"pass": "generate", "width": 64, "height": 64},
+            {"pass": "upscale", "factor": 2, "width": 128, "height": 128},
+            {"pass": "hires", "strength": 0.3, "steps": 10, "width": 128, "height": 128, "tiles": tiles},
+            {"pass": "upscale", "factor": 2, "width": 256, "height": 256},
+            {"pass": "hires", "strength": 0.4, "steps": 10, "width": 256, "height": 256, "tiles": tiles},
+        ]);
+        meta.extra.insert("passes".into(), passes);
+        let p = a1111_parameters(&meta);
+        assert!(
+            p.contains(
+                "Size: 64x64, Model: sdxl, Denoising strength: 0.4, Hires upscale: 4, Hires steps: 10, Hires upscaler: \
+                 Lanczos, Tiled Diffusion method: MultiDiffusion, Tiled Diffusion tile width: 8, Tiled Diffusion tile \
+                 height: 8, Tiled Diffusion overlap: 2, Version"
+            ),
+            "{p}"
+        );
     }
 
     fn meta() -> ImageMetadata {

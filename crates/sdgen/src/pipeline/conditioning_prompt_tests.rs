@@ -137,3 +137,45 @@ fn sd35_conditioning_matches_diffusers_encode_prompt() {
     close("context", &cond.context);
     close("pooled", cond.pooled.as_ref().expect("SD 3.5 has pooled text"));
 }
+
+/// SDXL's conditioning of a long, weighted prompt with a BREAK (3 chunks) against a weighted
+/// negative padded to 3, as A1111 builds it (`make_prompts.py`'s SDXL part: CLIP-L's and bigG's
+/// penultimate states side by side, each chunk weighted with its mean restored; bigG's pooled
+/// text from the first chunk): the same chunks and the same context and pooled text (f32,
+/// ≤ 1e-5 of the largest value), the negative first.
+#[test]
+fn sdxl_long_weighted_prompt_matches_a1111_reference() {
+    use super::super::stages::StageLog;
+    use super::super::{Request, Runtime};
+    use super::{encode_prompts, ImageSize};
+    let dir = testdata().join("reference/prompts");
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sdxl.json")).unwrap()).unwrap();
+    let r = candle_core::safetensors::load(dir.join("sdxl.safetensors"), &Device::Cpu).unwrap();
+    let model = crate::loading::ModelFolder::open(&testdata().join("tiny-sdxl")).unwrap();
+    let text = |k: &str| case[k].as_str().unwrap().to_string();
+    // Both tokenizers cut the same chunks (the ids up to each chunk's end token, then pads).
+    let tokenizer = ClipTokenizer::from_dir(&testdata().join("tiny-sdxl/tokenizer")).unwrap();
+    let chunks = prompt::a1111_chunks(&tokenizer, &text("prompt")).unwrap();
+    assert_eq!(chunks.len(), 3);
+    for (got, want) in chunks.iter().zip(case["chunks"].as_array().unwrap()) {
+        assert_eq!(got.ids, serde_json::from_value::<Vec<u32>>(want["ids"].clone()).unwrap());
+        let weights: Vec<f64> = serde_json::from_value(want["multipliers"].clone()).unwrap();
+        assert!(got.multipliers.iter().zip(&weights).all(|(a, b)| (a - b).abs() <= 1e-12));
+    }
+    let req =
+        Request { prompt: text("prompt"), negative_prompt: Some(text("negative_prompt")), n: 1, ..Default::default() };
+    let size = ImageSize { height: 64, width: 64 };
+    let (mut log, mut warnings) = (StageLog::default(), Vec::new());
+    let cond =
+        encode_prompts(&model, &req, true, size, "", &Runtime::cpu(), &mut log, &mut warnings, &mut |_| {}).unwrap();
+    let both = |key: &str| Tensor::cat(&[&r[&format!("{key}.negative")], &r[&format!("{key}.prompt")]], 0).unwrap();
+    let close = |name: &str, got: &Tensor, want: &Tensor| {
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5 * scale.max(1.0), "{name}: max difference {diff} (scale {scale})");
+    };
+    close("context", &cond.context, &both("context"));
+    close("pooled", cond.pooled.as_ref().expect("SDXL has pooled text"), &both("pooled"));
+}

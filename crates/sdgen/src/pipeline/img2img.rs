@@ -303,7 +303,12 @@ pub(super) fn img2img_stages(
             first_step..usize::MAX,
             latents.clone(),
             &cond,
-            &Guide { scale: settings.guidance, skip_layers: None, steps: settings.steps },
+            &Guide {
+                scale: settings.guidance,
+                skip_layers: None,
+                steps: settings.steps,
+                tiles: settings.denoise_tiles,
+            },
             &mut generators.clone(),
             rt,
             progress,

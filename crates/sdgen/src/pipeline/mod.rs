@@ -8,6 +8,7 @@ mod conditioning;
 mod img2img;
 mod refine_image;
 mod stages;
+mod tiles;
 mod txt2img;
 mod upscale;
 
@@ -24,11 +25,12 @@ pub use img2img::{
 };
 pub use refine_image::{resolve_image_refiner, txt2img_image_refined, ImageRefiner};
 pub use stages::INJECT_OOM_VAR;
+pub use tiles::{tile_starts, DenoiseTiles, Tile, TileLayout, TILE_OVERLAP};
 pub use txt2img::{
     check_refiner, refiner_handoff, txt2img, txt2img_refined, txt2img_with_refiner, Refinement, Refiner, RefinerRun,
     DEFAULT_HIGH_NOISE_FRACTION,
 };
-pub use upscale::{check_upscale, hires_pass, resolve_hires, upscale, UPSCALE_FACTORS, UPSCALE_STAGE};
+pub use upscale::{check_upscale, hires_pass, resolve_hires, upscale, UPSCALE_FACTORS, UPSCALE_STAGE, UPSCALE_STEPS};
 
 use crate::loading::family::{HiddenLayer, TextEncoderArch};
 use crate::loading::ModelFolder;
@@ -201,6 +203,9 @@ pub struct Settings {
     /// The optional encoders that do not run (`text_encoder_3` for `--no-t5` or a folder
     /// without T5): zeros take their place.
     pub skipped_encoders: Vec<&'static str>,
+    /// MultiDiffusion's tiles where the pass denoises tile by tile (the `4k-ultra` preset's
+    /// hires passes); `None`: the whole latent at once.
+    pub denoise_tiles: Option<DenoiseTiles>,
 }
 
 /// Progress reported while generating.
@@ -329,7 +334,7 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
     if let Some(e) = needed.filter_map(|e| model.unavailable(e.component)).next() {
         return Err(e);
     }
-    Ok(Settings { steps, guidance, width, height, scheduler, skipped_encoders })
+    Ok(Settings { steps, guidance, width, height, scheduler, skipped_encoders, denoise_tiles: None })
 }
 
 /// The optional encoders of `model`'s family that a run with `o` leaves out: all of them for

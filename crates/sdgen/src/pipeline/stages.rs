@@ -13,6 +13,7 @@ use sdgen_models::attention::AttentionOptions;
 use sdgen_models::vae::{VaeOptions, VaeTiling};
 
 use super::conditioning::Conditioning;
+use super::tiles::DenoiseTiles;
 use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, SkipLayerGuidance, StageOptions};
 use crate::loading::{model_error, ModelFolder, FAMILIES};
 use crate::rng::batch::BatchNoise;
@@ -132,7 +133,8 @@ enum Role {
 
 /// The passes after the base's whose stages are named with a prefix (`refiner_unet`, `hires_vae`),
 /// with how the console names them.
-pub(super) const PASS_PREFIXES: [(&str, &str); 2] = [("refiner_", "refiner "), ("hires_", "hires ")];
+pub(super) const PASS_PREFIXES: [(&str, &str); 3] =
+    [("refiner_", "refiner "), ("hires_", "hires "), ("hires2_", "second hires ")];
 
 /// A stage's pass, as the console names it (`""` for the base's), and its component.
 fn split_pass(stage: &str) -> (&'static str, &str) {
@@ -330,25 +332,37 @@ pub(super) fn denoise(
     // timestep) are not steps of their own, as in diffusers' bar (`num_warmup_steps`, the run's
     // timesteps less its steps, also for image-to-image's shorter runs).
     let warmup = scheduler.warmup_evaluations().min(total.saturating_sub(1));
+    // MultiDiffusion: a pass above the model's native size denoises tile by tile.
+    let (_, _, height, width) = latents.dims4()?;
+    let tiles = guide.tiles.map(|t| t.layout(height, width));
+    if let Some(layout) = &tiles {
+        progress(Progress::Note(&format!("  → MultiDiffusion: {} per step", layout.describe())));
+    }
     for (i, &t) in timesteps.iter().enumerate().take(steps.end).skip(first_step) {
-        let input = if cfg_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-        let input = scheduler.scale_model_input(&input, i)?;
-        // The timestep as f64 values, exactly as the scheduler holds it.
-        let timesteps = Tensor::full(t, input.dim(0)?, &Device::Cpu)?;
-        let pred = denoiser.forward(&input, &timesteps, cond)?;
-        let pred = if cfg_guidance {
+        // The guided prediction for `x`, the whole latent or one tile of it.
+        let predict = |x: &Tensor| -> Result<Tensor> {
+            let input = if cfg_guidance { Tensor::cat(&[x, x], 0)? } else { x.clone() };
+            let input = scheduler.scale_model_input(&input, i)?;
+            // The timestep as f64 values, exactly as the scheduler holds it.
+            let timesteps = Tensor::full(t, input.dim(0)?, &Device::Cpu)?;
+            let pred = denoiser.forward(&input, &timesteps, cond)?;
+            if !cfg_guidance {
+                return Ok(pred);
+            }
             let parts = pred.chunk(2, 0)?;
             let guided = (&parts[0] + ((&parts[1] - &parts[0])? * guidance)?)?;
-            match (guide.skip_layers, &positive) {
+            Ok(match (guide.skip_layers, &positive) {
                 (Some(slg), Some(positive)) if slg.applies(i, guide.steps) => {
-                    let t = Tensor::full(t, latents.dim(0)?, &Device::Cpu)?;
-                    let skipped = denoiser.forward_skipping(&latents, &t, positive, &slg.layers)?;
+                    let t = Tensor::full(t, x.dim(0)?, &Device::Cpu)?;
+                    let skipped = denoiser.forward_skipping(x, &t, positive, &slg.layers)?;
                     (guided + ((&parts[1] - skipped)? * slg.scale)?)?
                 }
                 _ => guided,
-            }
-        } else {
-            pred
+            })
+        };
+        let pred = match &tiles {
+            Some(layout) => layout.blend(&latents, predict)?,
+            None => predict(&latents)?,
         };
         latents = scheduler.step(&pred, i, &latents, generators)?;
         let done = i + 1 - first_step;
@@ -363,11 +377,13 @@ pub(super) fn denoise(
 }
 
 /// How the denoising loop guides: the classifier-free scale (> 1 guides) and, for the
-/// families that have it, skip-layer guidance over a run of `steps` steps.
+/// families that have it, skip-layer guidance over a run of `steps` steps; and whether it
+/// denoises in MultiDiffusion's tiles (a pass above the model's native size).
 pub(super) struct Guide<'a> {
     pub scale: f64,
     pub skip_layers: Option<&'a SkipLayerGuidance>,
     pub steps: usize,
+    pub tiles: Option<DenoiseTiles>,
 }
 
 impl<'a> Guide<'a> {
@@ -377,6 +393,7 @@ impl<'a> Guide<'a> {
             scale: settings.guidance,
             skip_layers: req.family_options.skip_layer_guidance.as_ref(),
             steps: settings.steps,
+            tiles: settings.denoise_tiles,
         }
     }
 }

@@ -402,7 +402,7 @@ fn refine_latents(
             start..timesteps.len(),
             latents.clone(),
             &cond,
-            &Guide { scale: settings.guidance, skip_layers: None, steps: settings.steps },
+            &Guide { scale: settings.guidance, skip_layers: None, steps: settings.steps, tiles: None },
             &mut generators.clone(),
             rt,
             progress,

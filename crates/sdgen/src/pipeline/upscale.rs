@@ -20,6 +20,7 @@ use sdgen_memory::StagePeak;
 
 use super::img2img::{img2img_stages, skipped_steps_for};
 use super::stages::{before_models, into_images, memory_point, StageLog};
+use super::tiles::DenoiseTiles;
 use super::{resolve, FamilyOptions, GeneratedImage, Generation, Img2ImgSettings, Progress, Request, Runtime};
 use crate::image_io::{resize_lanczos, RgbImage};
 use crate::loading::ModelFolder;
@@ -30,6 +31,10 @@ pub const UPSCALE_FACTORS: [u32; 3] = [2, 3, 4];
 
 /// The upscale stage's name in timings, memory records and progress.
 pub const UPSCALE_STAGE: &str = "upscale";
+
+/// The names of each step of an upscaling chain (`4k-ultra` has two): its upscale stage and the
+/// prefix of its hires pass's stages, so that each step keeps its own timings and memory records.
+pub const UPSCALE_STEPS: [(&str, &str); 2] = [(UPSCALE_STAGE, "hires_"), ("upscale_2", "hires2_")];
 
 /// Errors (`Invalid` about `upscale`) unless `factor` is one of [`UPSCALE_FACTORS`].
 pub fn check_upscale(factor: u32) -> Result<()> {
@@ -42,23 +47,24 @@ pub fn check_upscale(factor: u32) -> Result<()> {
     Ok(())
 }
 
-/// Upscales every image of `generation` (of `generation.settings`' size) by `factor`, as the stage
-/// [`UPSCALE_STAGE`]: its time and memory go into the generation's records.
+/// Upscales every image of `generation`, `width × height` each, by `factor`, as the stage
+/// `stage` ([`UPSCALE_STEPS`]): its time and memory go into the generation's records.
 pub fn upscale(
     generation: &mut Generation,
+    (width, height): (usize, usize),
     factor: u32,
+    stage: &str,
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
     check_upscale(factor)?;
     rt.cancel.check()?;
-    let (width, height) = (generation.settings.width, generation.settings.height);
     let (to_width, to_height) = (width * factor as usize, height * factor as usize);
-    progress(Progress::StageStart(UPSCALE_STAGE));
+    progress(Progress::StageStart(stage));
     progress(Progress::Note("🧹 Cleaning memory before upscaling..."));
     sdgen_memory::cleanup_memory(rt.options.aggressive_cleanup);
     memory_point(progress, "Before upscaling");
-    let peak = StagePeak::start(UPSCALE_STAGE);
+    let peak = StagePeak::start(stage);
     let start = Instant::now();
     for image in &mut generation.images {
         let source = RgbImage::new(width, height, std::mem::take(&mut image.rgb8))?;
@@ -70,8 +76,8 @@ pub fn upscale(
     progress(Progress::Note("🧹 Cleaning memory after upscaling..."));
     sdgen_memory::cleanup_memory(rt.options.aggressive_cleanup);
     generation.memory.push(peak.finish());
-    generation.timings_ms.insert(UPSCALE_STAGE.to_string(), elapsed_ms);
-    progress(Progress::StageEnd { stage: UPSCALE_STAGE, elapsed_ms });
+    generation.timings_ms.insert(stage.to_string(), elapsed_ms);
+    progress(Progress::StageEnd { stage, elapsed_ms });
     memory_point(progress, "After upscaling");
     Ok(())
 }
@@ -83,7 +89,8 @@ fn hires_request(req: &Request, width: usize, height: usize) -> Request {
     Request { width: Some(width), height: Some(height), family_options, ..req.clone() }
 }
 
-/// Resolves the hires pass of `req` at `width × height` and `strength` before anything loads.
+/// Resolves the hires pass of `req` at `width × height` and `strength`, denoised in
+/// MultiDiffusion's tiles of the model's native size when `tiled`, before anything loads.
 /// Errors name `hires_strength` for a strength outside [0, 1] or one that leaves no step.
 pub fn resolve_hires(
     model: &ModelFolder,
@@ -91,6 +98,7 @@ pub fn resolve_hires(
     width: usize,
     height: usize,
     strength: f64,
+    tiled: bool,
 ) -> Result<Img2ImgSettings> {
     let bad_strength = |m: String| Error::invalid("hires_strength", m);
     if !(0.0..=1.0).contains(&strength) {
@@ -98,7 +106,8 @@ pub fn resolve_hires(
             "{strength} is outside [0, 1] (0 keeps the upscaled image, 1 replaces it entirely)"
         )));
     }
-    let settings = resolve(model, &hires_request(req, width, height))?;
+    let mut settings = resolve(model, &hires_request(req, width, height))?;
+    settings.denoise_tiles = if tiled { Some(DenoiseTiles::native(model)?) } else { None };
     let skipped = skipped_steps_for(model.family().schedule, settings.steps, strength).map_err(|_| {
         bad_strength(format!(
             "{strength} with {} steps leaves the hires pass no step to run: raise it or --steps",
@@ -109,12 +118,14 @@ pub fn resolve_hires(
 }
 
 /// Runs the hires pass `plan` (from [`resolve_hires`]) of `model` over `images` (upscaled to
-/// `plan.settings`' size, image `i` of the batch seeded `req.seed + i`).
+/// `plan.settings`' size, image `i` of the batch seeded `req.seed + i`), its stages named with
+/// `prefix` ([`UPSCALE_STEPS`]).
 pub fn hires_pass(
     model: &ModelFolder,
     req: &Request,
     plan: &Img2ImgSettings,
     images: &[GeneratedImage],
+    prefix: &str,
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Generation> {
@@ -140,7 +151,7 @@ pub fn hires_pass(
     before_models(rt, progress);
     let mut log = StageLog::default();
     let mut warnings = Vec::new();
-    let pixels = img2img_stages(model, &req, plan, &image, "hires_", rt, &mut log, &mut warnings, progress)?;
+    let pixels = img2img_stages(model, &req, plan, &image, prefix, rt, &mut log, &mut warnings, progress)?;
     memory_point(progress, "After hires pass");
     let images = into_images(&pixels, &req, s)?;
     Ok(log.into_generation(images, s.clone(), warnings))
@@ -185,6 +196,7 @@ mod tests {
             height,
             scheduler: SchedulerKind::Euler,
             skipped_encoders: Vec::new(),
+            denoise_tiles: None,
         };
         StageLog::default().into_generation(images, settings, Vec::new())
     }
@@ -210,7 +222,7 @@ mod tests {
                 Progress::Memory { label, .. } => lines.push(format!("[{label}]")),
                 _ => {}
             };
-            upscale(&mut g, factor.parse().unwrap(), &Runtime::cpu(), &mut progress).unwrap();
+            upscale(&mut g, (w, h), factor.parse().unwrap(), UPSCALE_STAGE, &Runtime::cpu(), &mut progress).unwrap();
             let (got, want) = (&g.images[0].rgb8, bytes(want));
             assert_eq!(got.len(), want.len(), "{key}");
             let within = got.iter().zip(&want).filter(|(a, b)| a.abs_diff(**b) <= 1).count();
@@ -248,10 +260,10 @@ mod tests {
     fn a_hires_strength_that_runs_no_step_is_refused_before_loading() {
         let model = ModelFolder::open(&testdata().join("tiny-sdxl")).unwrap();
         let req = Request { prompt: "a lighthouse".into(), n: 1, steps: Some(4), ..Default::default() };
-        let plan = resolve_hires(&model, &req, 128, 128, 0.5).unwrap();
+        let plan = resolve_hires(&model, &req, 128, 128, 0.5, false).unwrap();
         assert_eq!((plan.settings.width, plan.settings.height, plan.denoising_steps), (128, 128, 2));
         for (strength, needle) in [(0.1, "no step"), (1.5, "outside [0, 1]")] {
-            let err = resolve_hires(&model, &req, 128, 128, strength).unwrap_err();
+            let err = resolve_hires(&model, &req, 128, 128, strength, false).unwrap_err();
             assert!(matches!(err, Error::Invalid { field: "hires_strength", .. }), "{err}");
             assert!(err.to_string().contains(needle), "{err}");
         }
