@@ -85,7 +85,16 @@ fn cancelling_a_running_job_returns_its_memory_and_leaves_no_files() {
     let job = wait_for(&server, &id, |j| j["state"] != "running");
     assert_eq!(job["state"], "cancelled", "{job}");
     assert_eq!(job["images"].as_array().unwrap().len(), 0, "cancelled in its first batch: {job}");
-    let after = rss(&server);
+    // Read until it is back, for up to 3 s: on a loaded machine the allocator's trim and the
+    // threads' exit can trail the cancelled state by a moment; memory that stays is a leak.
+    let mut after = rss(&server);
+    for _ in 0..30 {
+        if after <= before + TOLERANCE_BYTES {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = after.min(rss(&server));
+    }
 
     let mb = |b: u64| b as f64 / 1e6;
     eprintln!(
