@@ -208,12 +208,21 @@ fn requirement_warning(
     device: &Device,
     max_memory_bytes: Option<u64>,
 ) -> Option<String> {
+    let available = sdgen_memory::memory_info().system_available_bytes;
+    requirement_warning_for(profile, plan, device, max_memory_bytes.map_or(available, |m| m.min(available)))
+}
+
+/// [`requirement_warning`] with `available` bytes of memory for the run.
+fn requirement_warning_for(
+    profile: &sdgen_memory::plan::FamilyProfile,
+    plan: &Plan,
+    device: &Device,
+    available: u64,
+) -> Option<String> {
     let weights: u64 = plan.stages.iter().map(|s| s.weight_bytes).sum();
     if weights < LARGE_MODEL_BYTES || device_kind(device) == DeviceKind::DiscreteGpu {
         return None;
     }
-    let available = sdgen_memory::memory_info().system_available_bytes;
-    let available = max_memory_bytes.map_or(available, |m| m.min(available));
     profile.requirement.requirement().low_memory_warning(available)
 }
 
@@ -313,11 +322,12 @@ mod tests {
     fn the_requirement_warning_is_for_real_sizes_below_the_minimum() {
         let profile = FamilyProfile::sd35_large();
         let budget = Budget::new(1 << 50, BudgetSource::MaxMemory);
-        let warn = |elements: usize, max: u64| {
+        // The memory available is given, not read: the machine's own may be anything.
+        let warn = |elements: usize, available: u64| {
             let m = manifest(elements);
             let p =
                 plan(&PlanRequest { guidance: true, ..PlanRequest::new(&profile, &m, 1024, 1024, budget) }).unwrap();
-            requirement_warning(&profile, &p, &Device::Cpu, Some(max))
+            requirement_warning_for(&profile, &p, &Device::Cpu, available)
         };
         let w = warn(2_000_000_000, 20 << 30).expect("4 × 4 GB of weights on 20 GB");
         assert!(w.starts_with("⚠️  WARNING: Low memory detected (20.0GB available)"), "{w}");
