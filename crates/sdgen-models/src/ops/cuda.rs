@@ -162,6 +162,24 @@ fn launch_1d(n: usize, threads: u32, max_blocks: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// A group norm's per-channel operands in `dtype`, contiguous: the add term (when given), the
+/// weight and the bias.
+fn norm_operands(norm: &GroupNorm, add: Option<&Tensor>, dtype: DType) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    Ok((add.map(|a| prepared(a, dtype)).transpose()?, prepared(&norm.weight, dtype)?, prepared(&norm.bias, dtype)?))
+}
+
+/// The device addresses of a group norm's input, add term (0 when none), weight and bias.
+fn norm_pointers(
+    stream: &CudaStream,
+    x: &Tensor,
+    add: Option<&Tensor>,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<[u64; 4]> {
+    let ptr = |t: &Tensor| Input::new(t)?.ptr(stream, 0);
+    Ok([ptr(x)?, add.map(ptr).transpose()?.unwrap_or(0), ptr(weight)?, ptr(bias)?])
+}
+
 /// GroupNorm of `x: [b, c, ...]` over `groups` groups, of `x + add` (`add: [b, c]`) when given,
 /// then SiLU when `silu` (see `kernels/sdgen_ops.cu`). `None` where the kernels do not apply
 /// (more than 65 535 channel planes, planes over 2^31 elements): the caller takes the reference
@@ -178,8 +196,7 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
     }
     let cpg = c / groups;
     let x = prepared(x, dtype)?;
-    let add = add.map(|a| prepared(a, dtype)).transpose()?;
-    let (weight, bias) = (prepared(&norm.weight, dtype)?, prepared(&norm.bias, dtype)?);
+    let (add, weight, bias) = norm_operands(norm, add, dtype)?;
     let stream = device.cuda_stream();
 
     // Enough blocks to fill the GPU, each reducing at least 1024 elements.
@@ -188,15 +205,7 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
     let partial: CudaSlice<f32> = unsafe { device.alloc::<f32>(b * groups * splits * 3)? };
     let out = alloc(&device, dtype, x.elem_count())?;
 
-    let xi = Input::new(&x)?;
-    let xp = xi.ptr(&stream, 0)?;
-    let ai = add.as_ref().map(Input::new).transpose()?;
-    let ap = match &ai {
-        Some(a) => a.ptr(&stream, 0)?,
-        None => 0u64,
-    };
-    let (wi, bi) = (Input::new(&weight)?, Input::new(&bias)?);
-    let (wp, bp) = (wi.ptr(&stream, 0)?, bi.ptr(&stream, 0)?);
+    let [xp, ap, wp, bp] = norm_pointers(&stream, &x, add.as_ref(), &weight, &bias)?;
     let (pp, _) = partial.device_ptr(&stream);
     let yp = storage_ptr(&out, &stream, 0)?;
     let (ci, hwi, cpgi, gi, si) = (c as i32, hw as i32, cpg as i32, groups as i32, splits as i32);
@@ -255,8 +264,7 @@ pub(crate) fn group_norm_nhwc(
     {
         return Ok(None);
     }
-    let add = add.map(|a| prepared(a, dtype)).transpose()?;
-    let (weight, bias) = (prepared(&norm.weight, dtype)?, prepared(&norm.bias, dtype)?);
+    let (add, weight, bias) = norm_operands(norm, add, dtype)?;
     let stream = device.cuda_stream();
     // Enough blocks to fill the GPU, each reading at least 64 pixel rows.
     let splits = 1024usize.div_ceil(b).clamp(1, 1024).min(hw.div_ceil(64).max(1));
@@ -264,15 +272,7 @@ pub(crate) fn group_norm_nhwc(
     let stats: CudaSlice<f32> = unsafe { device.alloc::<f32>(b * groups * 2)? };
     let out = alloc(&device, dtype, x.elem_count())?;
 
-    let xi = Input::new(&x)?;
-    let xp = xi.ptr(&stream, 0)?;
-    let ai = add.as_ref().map(Input::new).transpose()?;
-    let ap = match &ai {
-        Some(a) => a.ptr(&stream, 0)?,
-        None => 0u64,
-    };
-    let (wi, bi) = (Input::new(&weight)?, Input::new(&bias)?);
-    let (wp, bp) = (wi.ptr(&stream, 0)?, bi.ptr(&stream, 0)?);
+    let [xp, ap, wp, bp] = norm_pointers(&stream, &x, add.as_ref(), &weight, &bias)?;
     let (pp, _) = partial.device_ptr(&stream);
     let (sp, _) = stats.device_ptr(&stream);
     let yp = storage_ptr(&out, &stream, 0)?;
