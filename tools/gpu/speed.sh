@@ -66,7 +66,7 @@ print(f"  {sys.argv[2]:<28} median {ev['median_ms']:8.1f} ms (min {ev['min_ms']:
 PY
 }
 
-if has bench || has ncu || has pipeline; then
+if has bench || has ncu; then
   timed write sdxl /tmp/sdxl
   case " ${FAMILIES:-sdxl sd15} " in *" sd15 "*) timed write sd15 /tmp/sd15;; esac
 fi
@@ -115,6 +115,7 @@ if has pipeline; then
     extra=(); [ $k = stock ] && extra=(--no-fast-kernels)
     for spec in ${PIPELINES:-sdxl:1024:30:/tmp/sdxl sd15:512:20:/tmp/sd15}; do
       IFS=: read -r fam px steps dir <<< "$spec"
+      write "$fam" "$dir"  # random weights unless the folder is already a model
       /tmp/sdgen-bench --family $fam --model-dir $dir --device cuda --dtype bf16 --width $px --height $px --steps $steps \
         "${extra[@]}" > "$S_DIR/pipeline_${fam}_$k.json" 2> "$S_DIR/pipeline_${fam}_$k.log"
       python3 - "$S_DIR/pipeline_${fam}_$k.json" "$fam $k" <<'PY'
