@@ -32,6 +32,7 @@ pub(crate) mod cpu;
 pub(crate) mod cpu_bf16;
 pub mod linear;
 pub mod norm;
+pub mod quantised;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
