@@ -298,3 +298,33 @@ fn a_gguf_of_another_model_is_refused_naming_what_it_is() {
         "sd35-medium"
     );
 }
+
+/// Through the engine (what the CLI and the server run): `weights` in the request quantises the
+/// job's model, not the cached one, and the metadata records it; a GGUF job records its types.
+#[test]
+fn the_engine_quantises_per_job_and_records_it() {
+    use sdgen::engine::{CancelToken, Engine, EngineConfig, GenerateRequest};
+    use sdgen::loading::ModelSource;
+    let mut config = EngineConfig::new(Runtime::cpu(), "cpu");
+    config.hub.offline = true;
+    let mut engine = Engine::new(config);
+    let mut run = |model: PathBuf, configs: Option<&str>, weights: Option<Quantise>| {
+        let mut req = GenerateRequest::new(ModelSource::Path(model), "a lighthouse");
+        req.params.steps = Some(2);
+        req.params.width = Some(64);
+        req.params.height = Some(64);
+        req.open.config_from = configs.map(|c| testdata().join(c));
+        req.open.weights = weights;
+        let batches = engine.generate(&req, &mut |_| {}, &CancelToken::default()).unwrap();
+        (batches[0].images[0].image.rgb8.clone(), batches[0].job_metadata.get("weights").cloned())
+    };
+    let single = testdata().join("tiny-sd35-single/tiny-sd35-large.safetensors");
+    let (q8, recorded) = run(single.clone(), Some("tiny-sd35-large"), Some(Quantise::Q8));
+    assert_eq!(recorded, Some(serde_json::json!("q8")));
+    let (plain, recorded) = run(single, Some("tiny-sd35-large"), None);
+    assert_eq!(recorded, None, "the cached model stays unquantised");
+    assert_ne!(q8, plain);
+    let (gguf, recorded) = run(gguf_file("tiny-sd35-large-Q8_0.gguf"), Some("tiny-sd35-large"), None);
+    assert_eq!(recorded, Some(serde_json::json!({ "gguf": { "F32": 56, "Q8_0": 27 } })));
+    assert_eq!(gguf, q8, "--weights q8 and the Q8_0 GGUF make the same image");
+}

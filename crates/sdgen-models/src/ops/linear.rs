@@ -37,9 +37,10 @@ pub enum QuantisedPath {
     Dequantise,
 }
 
-/// The path per device and activation dtype: the faster one where both are exact enough
-/// (measured at SD 3.5 Medium's shapes, BENCHMARKS.md "Quantised linears"); f16 on the CPU has no
-/// candle kernel worth the name (a scalar loop), so it dequantises. [`set_quantised_path`]
+/// The path per device and activation dtype (BENCHMARKS.md, "Quantised linears"): CUDA's
+/// kernels (MMQ/MMVQ: no copy of the weight, a per-device workspace for the activations' 8-bit
+/// blocks that grows to the largest product's); on the CPU, [`QUANTISED_PATH`]. f16 on the CPU has
+/// no candle kernel worth the name (a scalar loop), so it dequantises. [`set_quantised_path`]
 /// overrides it on the calling thread.
 pub fn quantised_path(device: &Device, dtype: DType) -> QuantisedPath {
     if let Some(path) = PATH_OVERRIDE.with(Cell::get) {
@@ -63,8 +64,15 @@ pub fn set_quantised_path(path: Option<QuantisedPath>) {
     PATH_OVERRIDE.with(|p| p.set(path));
 }
 
-/// The CPU's path for f32 and bf16 activations (see [`quantised_path`]).
-pub const QUANTISED_PATH: QuantisedPath = QuantisedPath::Kernel;
+/// The CPU's path for f32 and bf16 activations. Dequantising: measured at SD 3.5 Medium's
+/// shapes (1536 → 4608 and 6144 over 4096 tokens, 2 loaded cores), candle's kernels are 1.3–1.6×
+/// faster than the f32 GEMM of the dequantised weight, but on AVX-VNNI / AVX512-VNNI processors
+/// they keep a repacked copy of every Q8_0 / Q4_K / Q6_K matrix whose rows are whole 256-element
+/// blocks beside its blocks (measured: +1.0× the Q8_0 blocks, +1.33× the Q4_K ones), which gives
+/// back most of the memory quantising saved (a Q8_0 layer then holds more than its bf16 weight).
+/// Dequantising holds the blocks alone plus one layer's dense weight while it multiplies, at the
+/// dense f32 layer's speed and with less error (the activations stay in f32).
+pub const QUANTISED_PATH: QuantisedPath = QuantisedPath::Dequantise;
 
 impl Linear {
     /// A layer from its weight `[out, in]` and optional bias `[out]`.
