@@ -50,9 +50,10 @@ const fn unsupported(id: u32, name: &'static str) -> GgmlType {
     GgmlType { id, name, storage: Storage::Unsupported }
 }
 
-/// Every GGML type a GGUF file may hold, by number (ggml.h). `Q8_1` and `Q8_K` are the
-/// activations' types of llama.cpp's dot products, never a stored weight's: refused like the
-/// i-quants.
+/// Every GGML type a GGUF file may hold, by number (ggml.h): the float types and the block types
+/// candle reads are read; `Q8_1` and `Q8_K` (the activations' types of llama.cpp's dot
+/// products, never a stored weight's), the i-quants, ternary and FP4 types and the integers are
+/// refused by name.
 pub const GGML_TYPES: &[GgmlType] = &[
     GgmlType { id: 0, name: "F32", storage: Storage::Float(DType::F32) },
     GgmlType { id: 1, name: "F16", storage: Storage::Float(DType::F16) },
@@ -80,7 +81,7 @@ pub const GGML_TYPES: &[GgmlType] = &[
     unsupported(25, "I16"),
     unsupported(26, "I32"),
     unsupported(27, "I64"),
-    unsupported(28, "F64"),
+    GgmlType { id: 28, name: "F64", storage: Storage::Float(DType::F64) },
     unsupported(29, "IQ1_M"),
     GgmlType { id: 30, name: "BF16", storage: Storage::Float(DType::BF16) },
     unsupported(34, "TQ1_0"),

@@ -158,15 +158,16 @@ impl ComponentWeights {
     /// quantised: a GGUF's matrix of whole-block rows (what a linear layer keeps), or a weight
     /// `--weights` quantises. The planner counts those at their block size.
     pub fn held_quantised(&self, name: &str, info: &TensorInfo) -> Option<candle_core::quantized::GgmlDType> {
+        use sdgen_models::ops::quantised::{row_bytes, GgmlType, Storage};
+        // A patched (LoRA) weight is fused dense.
+        if self.lora.as_ref().is_some_and(|p| p.patches.contains_key(name)) {
+            return None;
+        }
         if let Some(d) = self.quantise.as_ref().and_then(|p| p.get(name)) {
             return Some(d);
         }
-        let stored = sdgen_models::ops::quantised::GgmlType::by_name(&info.dtype)?;
-        let sdgen_models::ops::quantised::Storage::Blocks(d) = stored.storage else { return None };
-        let linear = info.shape.len() == 2 && sdgen_models::ops::quantised::row_bytes(d, info.shape[1]).is_some();
-        // A patched (LoRA) weight is fused dense.
-        let patched = self.lora.as_ref().is_some_and(|p| p.patches.contains_key(name));
-        (linear && !patched).then_some(d)
+        let Storage::Blocks(d) = GgmlType::by_name(&info.dtype)?.storage else { return None };
+        (info.shape.len() == 2 && row_bytes(d, info.shape[1]).is_some()).then_some(d)
     }
 }
 
