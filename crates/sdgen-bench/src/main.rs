@@ -7,6 +7,7 @@
 
 mod components;
 mod ops;
+mod quantised;
 mod random_model;
 mod sd35_files;
 mod sdxl;
@@ -90,7 +91,8 @@ struct Args {
     /// with 77 + 256 text tokens) (one evaluation of the CFG batch, 2·n rows) or `vae` (one decode of n latents), loaded once, inputs random, the device
     /// synchronised around each evaluation (the figures `peer_diffusers.py` reports); or `ops`:
     /// the kernel seam's linears, convolutions and attention alone at SD 1.5's shapes, no model
-    /// (the figures `tools/cpu/peer_ops.py` reports).
+    /// (the figures `tools/cpu/peer_ops.py` reports); or `quantised`: one linear at SD 3.5
+    /// Medium's shapes, dense and in GGML blocks, both ways of multiplying them (CPU).
     #[arg(long)]
     component: Option<String>,
     /// With --component: timed evaluations.
@@ -262,6 +264,14 @@ fn main() -> anyhow::Result<()> {
         sdgen_models::ops::set_fast_kernels(false);
     }
     let _memory = DeviceMemory::install(&device);
+    if args.component.as_deref() == Some("quantised") {
+        let report = serde_json::json!({
+            "threads": std::thread::available_parallelism().map_or(1, usize::from),
+            "result": quantised::run(args.warmup, args.iterations)?,
+        });
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     if args.component.as_deref() == Some("ops") {
         let report = serde_json::json!({
             "device": args.device,

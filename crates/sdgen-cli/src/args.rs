@@ -142,6 +142,10 @@ pub struct Args {
     /// instead of the family's standard ones.
     #[arg(long, value_name = "DIR")]
     pub config_from: Option<PathBuf>,
+    /// Quantise the denoiser's linear weights as they load: q8 (Q8_0, near-lossless, ~half of
+    /// bf16) or q4 (Q4_K, ~a quarter). A GGUF file is quantised already.
+    #[arg(long, value_name = "q8|q4")]
+    pub weights: Option<String>,
     /// Memory the run may use, e.g. 8GB (GB = 2^30 bytes as the console prints; device memory on a
     /// GPU, process memory on the CPU). Default: what is free.
     #[arg(long, value_name = "SIZE")]
@@ -313,7 +317,15 @@ impl Args {
         let preset = self.quality.as_deref().map(sdgen::presets::find).transpose()?;
         let mut request = GenerateRequest {
             model: ModelSource::parse(self.model_name(preset)),
-            open: OpenOptions { config_from: self.config_from.clone() },
+            open: OpenOptions {
+                config_from: self.config_from.clone(),
+                weights: self
+                    .weights
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(|e| invalid(format!("--weights: {e}")))?,
+            },
             vae: self.vae.as_deref().map(ModelSource::parse),
             refiner,
             loras: self.lora.iter().map(|v| LoraRequest::parse(v)).collect::<Result<_, _>>()?,
@@ -433,6 +445,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("skip_layer_guidance", "--slg"),
     ("clip_skip", "--clip-skip"),
     ("lora", "--lora"),
+    ("weights", "--weights"),
     ("device", "--device"),
     ("dtype", "--dtype"),
     ("upscale", "--upscale"),

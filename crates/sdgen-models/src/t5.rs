@@ -264,7 +264,7 @@ impl FeedForward {
             FeedForward::GatedGelu { wi_0, wi_1, wo } => ((gelu_new(&wi_0.forward(x)?)? * wi_1.forward(x)?)?, wo),
         };
         // transformers casts the input to `wo`'s dtype when they differ (the f32 `wo` of f16 models).
-        wo.forward(&h.to_dtype(wo.weight().dtype())?)
+        wo.forward(&h.to_dtype(wo.weight().map_or(h.dtype(), Tensor::dtype))?)
     }
 }
 

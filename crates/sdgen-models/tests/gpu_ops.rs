@@ -242,6 +242,53 @@ fn linear_layers_at_real_shapes() -> Result<()> {
     Ok(())
 }
 
+/// Linear layers with quantised weights (GGUF blocks, `--weights`) through candle's CUDA kernels
+/// (MMQ/MMVQ: the activations quantised to 8-bit blocks) at SD 3.5's widths, against the f32 CPU
+/// layer of the dequantised weight: within the activations' 8-bit blocks' error (measured on the
+/// CPU kernels: 6–7e-3), in every activation dtype; and the dequantising path (the CPU's) within
+/// the dtype's rounding.
+#[test]
+fn quantised_linears_at_real_shapes() -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use sdgen_models::ops::linear::QuantisedPath;
+    let dev = gpu();
+    // (input shape, outputs, block types whose blocks fit the rows)
+    let cases: [(&[usize], usize, &[GgmlDType]); 4] = [
+        (&[2, 4096, 1536], 4608, &[GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K, GgmlDType::Q5K]), // Medium q/k/v
+        (&[2, 4096, 1536], 6144, &[GgmlDType::Q8_0, GgmlDType::Q4K]),                                  // Medium MLP up
+        (&[2, 4096, 2432], 2432, &[GgmlDType::Q8_0, GgmlDType::Q4_0]), // Large attention out (rows of 2432)
+        (&[2, 1, 2432], 14592, &[GgmlDType::Q8_0]),                    // Large adaLN (one row per image)
+    ];
+    for (shape, n, types) in cases {
+        let k = *shape.last().expect("a shape");
+        let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)? / (k as f64).sqrt())?;
+        let b = Tensor::randn(0f32, 1.0, n, &Device::Cpu)?;
+        for &ty in types {
+            let q = QTensor::quantize(&w, ty)?;
+            let dense = q.dequantize(&Device::Cpu)?;
+            let on_gpu = QTensor::quantize_onto(&w, ty, &dev)?;
+            for dtype in DTYPES {
+                let layer = Linear::quantised(on_gpu_clone(&on_gpu, &dev)?, Some(b.to_device(&dev)?.to_dtype(dtype)?));
+                let x = randn(shape, dtype, &dev)?;
+                let reference = Linear::new(dense.clone(), Some(b.clone())).forward(&cpu32(&x)?)?;
+                let what = format!("{ty:?} linear {shape:?} → {n} {dtype:?}");
+                let kernel = rel_l2(&layer.forward_via(&x, QuantisedPath::Kernel)?, &reference)?;
+                assert!(kernel < 1.5e-2, "{what} kernel: {kernel:e}");
+                let dequantised = rel_l2(&layer.forward_via(&x, QuantisedPath::Dequantise)?, &reference)?;
+                check(&format!("{what} dequantised"), dtype, dequantised, dequantised);
+                println!("{what}: kernel {kernel:.2e}, dequantised {dequantised:.2e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A second `QTensor` with the same blocks on `dev` (a layer owns its weight).
+fn on_gpu_clone(q: &candle_core::quantized::QTensor, dev: &Device) -> Result<candle_core::quantized::QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    sdgen_models::ops::quantised::qtensor(&q.data()?, q.dtype(), (rows, cols), dev)
+}
+
 /// The largest difference between `a` and `b` relative to the larger's magnitude, or to 1 where
 /// both are smaller (a sum that cancels to near zero differs from its twin by the rounding of its
 /// unit-sized operands, not of its own size), and the fraction of elements that differ.

@@ -5,13 +5,14 @@
 
 use candle_core::{DType, Device};
 use sdgen_memory::plan::{
-    plan, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest, Precision,
-    StoredDType, TensorEntry, Tiling,
+    plan, Blocks, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest,
+    Precision, StoredDType, TensorEntry, Tiling,
 };
 
 use crate::loading::ModelFolder;
 use crate::pipeline::{Settings, StageOptions};
 use crate::{Error, Result};
+use sdgen_models::ops::quantised::GgmlType;
 
 /// Weights (at the run's precision) from which a model counts as large — SDXL's 5–14 GB, SD 3.5's,
 /// not SD 1.5's 2–4 GB: the seed prepares memory aggressively before loading one.
@@ -46,7 +47,14 @@ pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
             .iter()
             .flat_map(|h| h.tensors.iter())
             .filter_map(|(n, t)| {
-                StoredDType::from_safetensors(&t.dtype).map(|d| TensorEntry::new(n.clone(), t.shape.clone(), d))
+                // A GGUF's GGML blocks dequantise to f32 (and on to the run's precision) unless a
+                // linear layer keeps them: then they count at their block size.
+                let dtype = StoredDType::from_safetensors(&t.dtype)
+                    .or_else(|| GgmlType::by_name(&t.dtype).map(|_| StoredDType::F32))?;
+                let held = weights
+                    .held_quantised(n, t)
+                    .map(|d| Blocks { elements: d.block_size() as u64, bytes: d.type_size() as u64 });
+                Some(TensorEntry::new(n.clone(), t.shape.clone(), dtype).held_in(held))
             })
             .collect();
         components.push(ComponentManifest::new(name, tensors));

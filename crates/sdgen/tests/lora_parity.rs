@@ -88,7 +88,7 @@ fn single_file_checkpoints_take_loras_too() {
     ] {
         let case = cases().into_iter().find(|c| c.name == case).unwrap();
         let loras: Vec<_> = case.loras.iter().map(|l| LoraFile::new(testdata().join(&l.file), l.scale)).collect();
-        let options = OpenOptions { config_from: Some(model(&case.family).root().to_path_buf()) };
+        let options = OpenOptions { config_from: Some(model(&case.family).root().to_path_buf()), ..Default::default() };
         let model = ModelFolder::open_with(&testdata().join(file), &options).unwrap().with_loras(&loras).unwrap();
         let key = format!("{}/unet/mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight", case.name);
         let want = &reference[&key];

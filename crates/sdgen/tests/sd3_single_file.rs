@@ -52,7 +52,7 @@ impl Size {
 }
 
 fn configs_of(dir: PathBuf) -> OpenOptions {
-    OpenOptions { config_from: Some(dir) }
+    OpenOptions { config_from: Some(dir), ..Default::default() }
 }
 
 fn open(file: &Path, configs: PathBuf) -> sdgen::Result<ModelFolder> {

@@ -20,7 +20,7 @@ fn checkpoint_path() -> PathBuf {
 }
 
 fn tiny_configs() -> OpenOptions {
-    OpenOptions { config_from: Some(testdata().join("tiny-sd15")) }
+    OpenOptions { config_from: Some(testdata().join("tiny-sd15")), ..Default::default() }
 }
 
 fn single() -> ModelFolder {
@@ -307,7 +307,7 @@ fn configs_default_to_the_familys_and_must_fit() {
 #[test]
 fn config_folders_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = OpenOptions { config_from: Some(dir.path().to_path_buf()) };
+    let opts = OpenOptions { config_from: Some(dir.path().to_path_buf()), ..Default::default() };
     let err = ModelFolder::open_with(&checkpoint_path(), &opts).unwrap_err().to_string();
     assert!(err.contains("lacks text_encoder/config.json") && err.contains("tokenizer/vocab.json"), "{err}");
     let err = ModelFolder::open_with(&testdata().join("tiny-sd15"), &tiny_configs()).unwrap_err().to_string();

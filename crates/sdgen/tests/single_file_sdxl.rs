@@ -69,7 +69,7 @@ impl Kind {
 }
 
 fn configs_of(dir: PathBuf) -> OpenOptions {
-    OpenOptions { config_from: Some(dir) }
+    OpenOptions { config_from: Some(dir), ..Default::default() }
 }
 
 fn single(kind: Kind) -> ModelFolder {

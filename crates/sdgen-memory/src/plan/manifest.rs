@@ -108,6 +108,15 @@ impl StoredDType {
     }
 }
 
+/// GGML blocks a quantised weight is held in: `bytes` for every `elements` (Q8_0: 34 per 32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocks {
+    /// Elements per block.
+    pub elements: u64,
+    /// Bytes per block.
+    pub bytes: u64,
+}
+
 /// One tensor of a component.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorEntry {
@@ -115,14 +124,23 @@ pub struct TensorEntry {
     pub name: String,
     /// The shape.
     pub shape: Vec<usize>,
-    /// The dtype in the file.
+    /// The dtype in the file; for a GGUF tensor in GGML blocks, `F32`, what it dequantises to.
     pub dtype: StoredDType,
+    /// The blocks it stays in once loaded (a linear layer's quantised weight: a GGUF's, or one
+    /// `--weights` quantises); `None`: converted to the run's precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Blocks>,
 }
 
 impl TensorEntry {
     /// A tensor entry.
     pub fn new(name: impl Into<String>, shape: Vec<usize>, dtype: StoredDType) -> Self {
-        Self { name: name.into(), shape, dtype }
+        Self { name: name.into(), shape, dtype, held: None }
+    }
+
+    /// The entry of a tensor held in `blocks` once loaded.
+    pub fn held_in(self, blocks: Option<Blocks>) -> Self {
+        Self { held: blocks, ..self }
     }
 
     /// Number of elements.
@@ -135,10 +153,12 @@ impl TensorEntry {
         self.element_count() * self.dtype.size_bytes()
     }
 
-    /// Bytes once loaded at `precision`: floats are converted (an fp32 file run in bf16 counts
-    /// half), other tensors keep their size.
+    /// Bytes once loaded at `precision`: quantised weights their blocks' size, floats are
+    /// converted (an fp32 file run in bf16 counts half), other tensors keep their size.
     pub fn bytes_at(&self, precision: Precision) -> u64 {
-        if self.dtype.is_float() {
+        if let Some(b) = self.held {
+            self.element_count().div_ceil(b.elements) * b.bytes
+        } else if self.dtype.is_float() {
             self.element_count() * precision.size_bytes()
         } else {
             self.stored_bytes()
@@ -208,6 +228,11 @@ mod tests {
         assert_eq!(t.bytes_at(Precision::F32), t.stored_bytes());
         let ids = TensorEntry::new("position_ids", vec![1, 77], StoredDType::I64);
         assert_eq!(ids.bytes_at(Precision::Bf16), 77 * 8);
+        // Q8_0: 34 bytes per 32 weights, whatever the run's precision.
+        let q8 = TensorEntry::new("w", vec![1536, 1536], StoredDType::BF16)
+            .held_in(Some(Blocks { elements: 32, bytes: 34 }));
+        assert_eq!(q8.bytes_at(Precision::Bf16), 1536 * 1536 / 32 * 34);
+        assert_eq!(q8.bytes_at(Precision::F32), q8.bytes_at(Precision::Bf16));
     }
 
     #[test]

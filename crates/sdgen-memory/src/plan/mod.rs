@@ -60,7 +60,7 @@ pub use activation::{
 };
 pub use error::{PlanError, Suggestion};
 pub use fit::{fit_coefficients, fit_scale, relative_errors, FitError, Measurement, Term};
-pub use manifest::{ComponentManifest, ModelManifest, Precision, StoredDType, TensorEntry};
+pub use manifest::{Blocks, ComponentManifest, ModelManifest, Precision, StoredDType, TensorEntry};
 pub use planner::{plan, Placement, Plan, StageOptions, StagePlan, Tiling, Verdict};
 pub use profile::{
     ComponentSpec, FamilyProfile, StageOptionsSpec, StageSpec, StageWidth, TilingSpec, MIN_SCALED_ACTIVATION_BYTES,

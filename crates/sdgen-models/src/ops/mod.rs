@@ -14,6 +14,7 @@
 //! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision; channels-last (NHWC) stacks where [`prefers_channels_last`] says (the VAE decoder), the norms and upsampling then channels-last too. CPU: bands of the column unfolded and multiplied into the output (bf16: unfolded pair-interleaved for `bf16_gemm`) |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
 //! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue. CPU bf16: `bf16_gemm` into rows that start as the bias |
+//! | [`linear::Linear`] with a quantised weight ([`quantised`]: GGUF blocks, `--weights`) | the blocks dequantised to the activations' dtype for the product, then the dense path (the CPU's choice: [`linear::QUANTISED_PATH`]) | candle's quantised kernels (`QMatMul`: MMQ/MMVQ, f32/f16/bf16 activations) |
 //!
 //! bf16 on the CPU: candle 0.11.1 has no CPU matrix product for bf16 ("unsupported dtype BF16 for
 //! op matmul"). On processors with AVX512-BF16 ([`cpu_bf16_supported`]) [`attention`],
@@ -32,6 +33,7 @@ pub(crate) mod cpu;
 pub(crate) mod cpu_bf16;
 pub mod linear;
 pub mod norm;
+pub mod quantised;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

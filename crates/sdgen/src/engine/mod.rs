@@ -173,6 +173,8 @@ impl Engine {
         };
         let with_loras = self.attach_loras(&base.folder, &req.loras, events)?;
         let model = with_loras.as_ref().unwrap_or(&base.folder);
+        let quantised = req.open.weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
+        let model = quantised.as_ref().unwrap_or(model);
         // How the refiner takes over (from the base's latents or its images) is the rows' to say.
         let refiner = match (&refiner_model, &req.refiner) {
             (Some(m), Some(r)) => Some(RefinerRun::choose(model, m, r.start, r.strength)?),

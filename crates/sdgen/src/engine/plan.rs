@@ -250,6 +250,16 @@ pub(super) fn run_metadata(
             .collect();
         extra.insert("loras".into(), loras.into());
     }
+    // Quantised weights: `--weights`, or a GGUF's types (how many tensors each).
+    if let Some(q) = model.quantise() {
+        extra.insert("weights".into(), q.name().into());
+    } else if let Some(c) = model.checkpoint().filter(|c| c.is_gguf()) {
+        let mut types = std::collections::BTreeMap::<&str, usize>::new();
+        for t in c.header.tensors.values() {
+            *types.entry(t.dtype.as_str()).or_default() += 1;
+        }
+        extra.insert("weights".into(), serde_json::json!({ "gguf": types }));
+    }
     // A1111's `Model hash` is a checkpoint file's (folders and hub repos have none to give).
     if let Some(hash) = model_hash {
         extra.insert("model_hash".into(), hash.into());

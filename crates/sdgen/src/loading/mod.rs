@@ -5,7 +5,9 @@
 
 pub mod denoiser;
 pub mod family;
+pub mod gguf;
 pub mod lora;
+pub mod quantise;
 pub mod read_backend;
 pub mod safetensors_header;
 pub mod single_file;
@@ -49,6 +51,8 @@ pub struct ModelFolder {
     parsed: Arc<Parsed>,
     /// LoRAs fused into its components as they load.
     loras: Arc<lora::LoraSet>,
+    /// `--weights`: the denoiser's linear weights quantised as they load.
+    quantise: Option<quantise::Quantise>,
 }
 
 /// The files an opened model has parsed, each once: configs by path and type, weight headers by
@@ -70,6 +74,10 @@ pub struct OpenOptions {
     /// differs from the family's standard size; diffusers' `from_single_file(config=...)`). Its
     /// weights, if any, are not used. Refused for a diffusers folder, which has its own.
     pub config_from: Option<PathBuf>,
+    /// `--weights q8|q4`: the denoiser's linear weights quantised as they load (`None`: as
+    /// stored). Applied to each job's model, not the cached one ([`ModelFolder::with_quantise`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<quantise::Quantise>,
 }
 
 /// The weights of one component: its files (several when sharded), or its share of a single-file
@@ -85,6 +93,8 @@ pub struct ComponentWeights {
     view: Option<Arc<ComponentView>>,
     /// LoRA deltas fused into its tensors as they are read.
     lora: Option<Arc<lora::ComponentPatches>>,
+    /// Its weights quantised as they are read (`--weights`).
+    quantise: Option<Arc<quantise::QuantisePlan>>,
 }
 
 impl ComponentWeights {
@@ -125,6 +135,10 @@ impl ComponentWeights {
             Some(view) => Box::new(view.backend()?),
             None => Box::new(read_backend::ReadBackend::new(&self.files, &self.headers).map_err(cannot_open)?),
         };
+        let backend: Box<dyn SimpleBackend> = match &self.quantise {
+            Some(plan) => Box::new(quantise::QuantisingBackend::new(backend, plan.clone())),
+            None => backend,
+        };
         let backend: Box<dyn SimpleBackend> = match &self.lora {
             Some(patches) => Box::new(
                 lora::FusingBackend::new(backend, patches.clone())
@@ -138,6 +152,22 @@ impl ComponentWeights {
     /// Whether LoRA deltas are fused into these weights as they load.
     pub fn has_lora(&self) -> bool {
         self.lora.is_some()
+    }
+
+    /// The GGML block type `name` (whose entry is `info`) is held in once loaded, if it stays
+    /// quantised: a GGUF's matrix of whole-block rows (what a linear layer keeps), or a weight
+    /// `--weights` quantises. The planner counts those at their block size.
+    pub fn held_quantised(&self, name: &str, info: &TensorInfo) -> Option<candle_core::quantized::GgmlDType> {
+        use sdgen_models::ops::quantised::{row_bytes, GgmlType, Storage};
+        // A patched (LoRA) weight is fused dense.
+        if self.lora.as_ref().is_some_and(|p| p.patches.contains_key(name)) {
+            return None;
+        }
+        if let Some(d) = self.quantise.as_ref().and_then(|p| p.get(name)) {
+            return Some(d);
+        }
+        let Storage::Blocks(d) = GgmlType::by_name(&info.dtype)?.storage else { return None };
+        (info.shape.len() == 2 && row_bytes(d, info.shape[1]).is_some()).then_some(d)
     }
 }
 
@@ -160,16 +190,20 @@ impl ModelFolder {
         }
         if !root.is_dir() {
             let checkpoint = Checkpoint::open(root, options.config_from.as_deref())?;
+            // A GGUF's other models are the config folder's, served as `--vae` serves its VAE.
+            let overrides =
+                checkpoint.from_config_dir().iter().map(|c| (c.to_string(), checkpoint.config_dir.join(c))).collect();
             return Ok(Self {
                 root: checkpoint.config_dir.clone(),
                 family: checkpoint.family,
                 pipeline_class: checkpoint.pipeline_class.clone(),
                 checkpoint: Some(Arc::new(checkpoint)),
-                overrides: Vec::new(),
+                overrides,
                 run_defaults: None,
                 components: Vec::new(),
                 parsed: Arc::default(),
                 loras: Arc::default(),
+                quantise: None,
             });
         }
         if let Some(dir) = &options.config_from {
@@ -210,6 +244,7 @@ impl ModelFolder {
             components,
             parsed: Arc::default(),
             loras: Arc::default(),
+            quantise: None,
         };
         let named: Vec<String> = folder.components.clone();
         let has_component = |c: &str| named.iter().any(|n| n == c);
@@ -331,6 +366,29 @@ impl ModelFolder {
         &self.loras
     }
 
+    /// The model with its denoiser's linear weights quantised as they load (`--weights q8|q4`;
+    /// `None`: as stored). Refused for a GGUF, whose weights are quantised already.
+    pub fn with_quantise(mut self, quantise: Option<quantise::Quantise>) -> Result<Self> {
+        if let (Some(q), Some(c)) = (quantise, self.checkpoint.as_ref().filter(|c| c.is_gguf())) {
+            return Err(Error::invalid(
+                "weights",
+                format!(
+                    "{} is a GGUF, quantised already: --weights {} quantises 16/32-bit weights as they load; leave it \
+                     out (or give the model's safetensors)",
+                    c.path.display(),
+                    q.name()
+                ),
+            ));
+        }
+        self.quantise = quantise;
+        Ok(self)
+    }
+
+    /// `--weights`, if the model quantises its denoiser as it loads.
+    pub fn quantise(&self) -> Option<quantise::Quantise> {
+        self.quantise
+    }
+
     /// The folder a component was taken from when it replaces the model's own (`--vae`).
     pub fn component_override(&self, component: &str) -> Option<&Path> {
         self.overrides.iter().find(|(c, _)| c == component).map(|(_, d)| d.as_path())
@@ -341,7 +399,11 @@ impl ModelFolder {
     /// `model_index.json` names it (not null, as diffusers saves a pipeline built without it).
     pub fn has_component(&self, component: &str) -> bool {
         match &self.checkpoint {
-            Some(c) => c.component(component).is_some() || c.unavailable(component).is_some(),
+            Some(c) => {
+                c.component(component).is_some()
+                    || c.unavailable(component).is_some()
+                    || self.component_override(component).is_some()
+            }
             None => self.components.iter().any(|n| n == component),
         }
     }
@@ -423,6 +485,14 @@ impl ModelFolder {
         };
         // The LoRAs are this model's, not the files': clones without them share the headers.
         weights.lora = self.loras.component(component);
+        weights.quantise = match self.quantise {
+            Some(q) if component == self.family.denoiser.component => Some(Arc::new(quantise::QuantisePlan::new(
+                self.family.denoiser.arch,
+                q,
+                weights.headers.iter().flat_map(|h| h.tensors.iter()),
+            ))),
+            _ => None,
+        };
         Ok(weights)
     }
 
@@ -453,6 +523,7 @@ impl ModelFolder {
                 headers: vec![header],
                 view: Some(view.clone()),
                 lora: None,
+                quantise: None,
             });
         }
         let dir = self.component_dir(component)?;
@@ -478,7 +549,7 @@ impl ModelFolder {
             )));
         };
         let headers = files.iter().map(|f| SafetensorsHeader::read(f)).collect::<Result<Vec<_>>>()?;
-        Ok(ComponentWeights { files, headers, view: None, lora: None })
+        Ok(ComponentWeights { files, headers, view: None, lora: None, quantise: None })
     }
 }
 

@@ -6,6 +6,11 @@
 //! short-lived buffer leaves the file in the page cache (which the kernel can drop) and bounds the
 //! process's peak to the converted weights plus one tensor in flight — and to one tensor in flight
 //! when the weights go to a GPU.
+//!
+//! GGUF files ([`super::gguf`]) are read the same way: their headers record absolute offsets,
+//! float tensors convert like safetensors ones, a tensor in GGML blocks is dequantised when asked
+//! for by name, and served as its raw blocks under its companion name (`name@Q8_0`,
+//! [`sdgen_models::ops::quantised`]) to a linear layer that keeps it quantised.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,6 +20,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
+use sdgen_models::ops::quantised::{self, GgmlType, Storage};
 
 use super::safetensors_header::{SafetensorsHeader, TensorInfo};
 
@@ -55,7 +61,8 @@ impl ReadBackend {
             let file = File::open(path)?;
             let mut len = [0u8; 8];
             file.read_exact_at(&mut len, 0)?;
-            let data_start = 8 + u64::from_le_bytes(len);
+            // A GGUF header's offsets are already the file's (see `gguf::read`).
+            let data_start = if len.starts_with(super::gguf::MAGIC) { 0 } else { 8 + u64::from_le_bytes(len) };
             for (name, info) in &header.tensors {
                 tensors.insert(
                     name.clone(),
@@ -68,20 +75,45 @@ impl ReadBackend {
     }
 
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some((base, ty)) = quantised::split_companion(name) {
+            let loc = self
+                .companion(base, ty)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+            return quantised::blocks_tensor(&self.bytes(base, loc)?, loc.info.shape[0], dev);
+        }
         let loc = self
             .tensors
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
-        let stored = candle_dtype(&loc.info.dtype).ok_or_else(|| {
-            candle_core::Error::Msg(format!("tensor `{name}` has unsupported dtype {}", loc.info.dtype))
-        })?;
+        let storage = candle_dtype(&loc.info.dtype)
+            .map(Storage::Float)
+            .or_else(|| GgmlType::by_name(&loc.info.dtype).map(|t| t.storage))
+            .unwrap_or(Storage::Unsupported);
+        let buf = self.bytes(name, loc)?;
+        let tensor = match storage {
+            Storage::Float(stored) => Tensor::from_raw_buffer(&buf, stored, &loc.info.shape, dev)?,
+            Storage::Blocks(blocks) => quantised::dequantise(&buf, blocks, &loc.info.shape, dev)?,
+            Storage::Unsupported => candle_core::bail!("tensor `{name}` has unsupported dtype {}", loc.info.dtype),
+        };
+        drop(buf);
+        tensor.to_dtype(dtype)
+    }
+
+    /// The tensor's bytes, read into a short-lived buffer.
+    fn bytes(&self, name: &str, loc: &Location) -> candle_core::Result<Vec<u8>> {
         let (path, file) = &self.files[loc.file];
         let mut buf = vec![0u8; loc.info.byte_len() as usize];
         file.read_exact_at(&mut buf, loc.offset)
             .map_err(|e| candle_core::Error::Msg(format!("{}: reading `{name}`: {e}", path.display())))?;
-        let tensor = Tensor::from_raw_buffer(&buf, stored, &loc.info.shape, dev)?;
-        drop(buf);
-        tensor.to_dtype(dtype)
+        Ok(buf)
+    }
+
+    /// Where `name` is stored as a matrix of `ty`'s blocks with whole blocks per row, the only
+    /// form a linear layer can keep quantised.
+    fn companion(&self, name: &str, ty: &GgmlType) -> Option<&Location> {
+        let loc = self.tensors.get(name).filter(|l| l.info.dtype == ty.name && l.info.shape.len() == 2)?;
+        let Storage::Blocks(blocks) = ty.storage else { return None };
+        quantised::row_bytes(blocks, loc.info.shape[1]).map(|_| loc)
     }
 }
 
@@ -109,6 +141,9 @@ impl SimpleBackend for ReadBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match quantised::split_companion(name) {
+            Some((base, ty)) => self.companion(base, ty).is_some(),
+            None => self.tensors.contains_key(name),
+        }
     }
 }

@@ -105,6 +105,10 @@ impl SimpleBackend for FusingBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.base.contains_tensor(name)
+        // A patched weight is fused dense: its quantised blocks (a companion name) are not served.
+        match sdgen_models::ops::quantised::split_companion(name) {
+            Some((base, _)) if self.patches.patches.contains_key(base) => false,
+            _ => self.base.contains_tensor(name),
+        }
     }
 }

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
+use sdgen_models::ops::quantised;
 
 use super::rules::Take;
 use crate::loading::read_backend::ReadBackend;
@@ -73,9 +74,12 @@ impl SingleFileBackend {
             return Tensor::eye(n, dtype, dev);
         }
         let t = self.reader.get_unchecked(name, dtype, dev)?;
+        // A quantised matrix's raw blocks (a companion name) are served only untransposed; their
+        // rows swap like the dequantised tensor's.
+        let base = quantised::split_companion(name).map_or(name, |(base, _)| base);
         if self.transposed.contains(name) {
             t.t()?.contiguous()
-        } else if self.swapped.contains(name) {
+        } else if self.swapped.contains(base) {
             // The shape was checked to split in two when the view was built.
             let half = t.dim(0)? / 2;
             Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
@@ -95,6 +99,9 @@ impl SimpleBackend for SingleFileBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if let Some((base, _)) = quantised::split_companion(name) {
+            return !self.transposed.contains(base) && self.reader.contains_tensor(name);
+        }
         self.identity.contains_key(name) || self.reader.contains_tensor(name)
     }
 }

@@ -26,6 +26,7 @@ const VAE: ComponentLayout = ComponentLayout {
 
 /// SD 1.x: CLIP ViT-L/14, the ldm UNet and the KL-f8 autoencoder.
 pub const SD15: SingleFileLayout = SingleFileLayout {
+    gguf_architecture: "sd1",
     components: &[
         ComponentLayout {
             component: "text_encoder",
@@ -69,6 +70,7 @@ const fn open_clip_big_g(prefix: &'static str) -> ComponentLayout {
 /// transformers' names, as SD 1.x stores it), OpenCLIP bigG as `conditioner.embedders.1` (in
 /// OpenCLIP's), the UNet and the VAE under their SD 1.x prefixes.
 pub const SDXL: SingleFileLayout = SingleFileLayout {
+    gguf_architecture: "sdxl",
     components: &[
         ComponentLayout {
             component: "text_encoder",
@@ -102,6 +104,7 @@ pub const SDXL: SingleFileLayout = SingleFileLayout {
 /// SDXL refiner (`sd_xl_refiner_1.0.safetensors`): OpenCLIP bigG alone, as
 /// `conditioner.embedders.0`, its 4-level UNet and the VAE.
 pub const SDXL_REFINER: SingleFileLayout = SingleFileLayout {
+    gguf_architecture: "sdxl",
     components: &[open_clip_big_g("conditioner.embedders.0.model."), UNET, VAE],
     defaults: defaults::SDXL_REFINER,
     required_configs: &[
@@ -205,6 +208,7 @@ const SD35_REQUIRED_CONFIGS: &[&str] = &[
 
 /// SD 3.5 Large (and Large Turbo: the same network).
 pub const SD35_LARGE: SingleFileLayout = SingleFileLayout {
+    gguf_architecture: "sd3",
     components: SD35_COMPONENTS,
     defaults: defaults::SD35_LARGE,
     required_configs: SD35_REQUIRED_CONFIGS,

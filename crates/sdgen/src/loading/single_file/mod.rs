@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod defaults;
+mod gguf_denoiser;
 pub mod layouts;
 pub mod manifest;
 mod recognition;
@@ -94,6 +95,9 @@ pub struct SingleFileLayout {
     pub defaults: &'static [defaults::BundledFile],
     /// What a configuration folder given instead must hold.
     pub required_configs: &'static [&'static str],
+    /// The `general.architecture` of its denoiser's GGUF conversions (city96's converter:
+    /// `sd1`, `sdxl`, `sd3`).
+    pub gguf_architecture: &'static str,
 }
 
 /// One model of a checkpoint, under diffusers names.
@@ -156,6 +160,9 @@ pub struct Checkpoint {
     /// Optional models of the family (SD 3's T5) that cannot be loaded, and why, in a sentence
     /// that says what to do: a run that needs one is refused before anything loads.
     unavailable: Vec<(&'static str, String)>,
+    /// Models read from the config folder's own weights: a GGUF holds only the denoiser
+    /// ([`Checkpoint::open_gguf`]); empty for a whole checkpoint.
+    from_config_dir: Vec<&'static str>,
 }
 
 impl Checkpoint {
@@ -169,6 +176,9 @@ impl Checkpoint {
                  use the model's .safetensors file",
                 path.display()
             )));
+        }
+        if super::gguf::is_gguf(path) {
+            return Self::open_gguf(path, config_from);
         }
         let header = SafetensorsHeader::read(path)?;
         Self::from_header(path, header, config_from)
@@ -232,7 +242,16 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Self { path: path.to_path_buf(), family, config_dir, pipeline_class, header, components, unavailable })
+        Ok(Self {
+            path: path.to_path_buf(),
+            family,
+            config_dir,
+            pipeline_class,
+            header,
+            components,
+            unavailable,
+            from_config_dir: Vec::new(),
+        })
     }
 
     /// Why an optional model of the family (SD 3's T5) cannot be loaded, if it cannot.
@@ -243,6 +262,16 @@ impl Checkpoint {
     /// A model's view, if the family's files hold that component.
     pub fn component(&self, component: &str) -> Option<&Arc<ComponentView>> {
         self.components.iter().find(|c| c.component == component)
+    }
+
+    /// The models the config folder's weights provide (all but the denoiser, for a GGUF).
+    pub fn from_config_dir(&self) -> &[&'static str] {
+        &self.from_config_dir
+    }
+
+    /// Whether the file is a GGUF denoiser (the only kind whose other models are the folder's).
+    pub fn is_gguf(&self) -> bool {
+        !self.from_config_dir.is_empty()
     }
 
     /// The components, in load order.

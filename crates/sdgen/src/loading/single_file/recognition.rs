@@ -115,7 +115,7 @@ pub(super) fn config_family(dir: &Path) -> Option<&'static FamilySpec> {
 
 /// The family a diffusers folder's `model_index.json` describes (pipeline class and components),
 /// among those with single files.
-fn family_of_folder(dir: &Path) -> Option<&'static FamilySpec> {
+pub(super) fn family_of_folder(dir: &Path) -> Option<&'static FamilySpec> {
     let index: serde_json::Value = read_json(&dir.join("model_index.json")).ok()?;
     let class = index.get("_class_name")?.as_str()?;
     FAMILIES.iter().find(|f| {
