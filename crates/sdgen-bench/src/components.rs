@@ -9,6 +9,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use sdgen::loading::ModelFolder;
 use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
+use sdgen_models::stream::Residency;
 use sdgen_models::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig, VaeOptions};
 
@@ -34,6 +35,8 @@ pub struct ComponentRun<'a> {
     pub inputs: Option<&'a std::path::Path>,
     /// Where the transformer's last output goes (f32 safetensors, tensor `output`).
     pub dump: Option<&'a std::path::Path>,
+    /// How the UNet or transformer holds its blocks (resident, or streamed).
+    pub residency: Residency,
 }
 
 /// Median, fastest and slowest of `times_ms`.
@@ -110,8 +113,15 @@ pub fn run(
         "unet" => {
             let cfg: UNetConfig = model.config("unet", "config.json")?;
             let weights = model.weights("unet")?;
-            let (unet, load_ms) =
-                load_timed(device, || Ok(UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
+            let (unet, load_ms) = load_timed(device, || {
+                let streamed = weights.streamed_var_builder(dtype, device)?;
+                Ok(UNet2DConditionModel::new_streamed(
+                    &cfg,
+                    weights.var_builder(dtype, device)?,
+                    streamed,
+                    run.residency,
+                )?)
+            })?;
             let rows = 2 * run.n;
             let randn = |shape: &[usize]| randn(shape, dtype, device);
             let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
@@ -124,13 +134,22 @@ pub fn run(
             let timed = time_it(device, run, "unet evaluation", || {
                 Ok(unet.forward_with(&latents, 500.0, &context, added.as_ref())?)
             })?;
-            Ok(serde_json::json!({ "component": "unet", "batch": rows, "load_ms": load_ms, "timed": timed }))
+            Ok(
+                serde_json::json!({ "component": "unet", "batch": rows, "load_ms": load_ms, "residency": format!("{:?}", run.residency), "timed": timed }),
+            )
         }
         "transformer" => {
             let cfg: MMDiTConfig = model.config("transformer", "config.json")?;
             let weights = model.weights("transformer")?;
-            let (mmdit, load_ms) =
-                load_timed(device, || Ok(SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
+            let (mmdit, load_ms) = load_timed(device, || {
+                let streamed = weights.streamed_var_builder(dtype, device)?;
+                Ok(SD3Transformer2DModel::new_streamed(
+                    &cfg,
+                    weights.var_builder(dtype, device)?,
+                    streamed,
+                    run.residency,
+                )?)
+            })?;
             let rows = 2 * run.n;
             let randn = |shape: &[usize]| randn(shape, dtype, device);
             let (latents, t, context, pooled) = match run.inputs {

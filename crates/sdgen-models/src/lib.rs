@@ -13,6 +13,7 @@ pub mod denoiser;
 pub mod mmdit;
 pub mod ops;
 pub mod resnet;
+pub mod stream;
 pub mod t5;
 pub mod unet;
 pub mod vae;

@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 use crate::attention::AttentionOptions;
 use crate::denoiser::{Conditioning, Denoiser};
 use crate::ops::linear::{linear, Linear};
+use crate::stream::{Block, BlockWeights, Residency};
 use block::{AdaNormContinuous, JointBlock};
 use embed::{cast, PatchEmbed, TimeTextEmbed};
 
@@ -34,7 +35,7 @@ pub struct SD3Transformer2DModel {
     pos_embed: PatchEmbed,
     time_text_embed: TimeTextEmbed,
     context_embedder: Linear,
-    blocks: Vec<JointBlock>,
+    blocks: Vec<Block<JointBlock>>,
     norm_out: AdaNormContinuous,
     proj_out: Linear,
     cfg: MMDiTConfig,
@@ -45,22 +46,40 @@ impl SD3Transformer2DModel {
     /// Loads the model in `vb`'s dtype; `cfg` is usually `transformer/config.json`. A missing
     /// tensor is an error naming its key.
     pub fn new(cfg: &MMDiTConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, BlockWeights::resident(vb))
+    }
+
+    /// [`Self::new`] with its joint blocks held as `residency` says ([`crate::stream`]): the
+    /// streamed ones read from `streamed` on every use.
+    pub fn new_streamed(
+        cfg: &MMDiTConfig,
+        vb: VarBuilder,
+        streamed: VarBuilder<'static>,
+        residency: Residency,
+    ) -> Result<Self> {
+        Self::build(cfg, BlockWeights::new(vb, streamed, residency, &Self::stream_blocks(cfg)))
+    }
+
+    /// The blocks that can be streamed, by checkpoint prefix, in forward order: the joint blocks.
+    pub fn stream_blocks(cfg: &MMDiTConfig) -> Vec<String> {
+        (0..cfg.num_layers).map(|i| format!("transformer_blocks.{i}")).collect()
+    }
+
+    fn build(cfg: &MMDiTConfig, weights: BlockWeights) -> Result<Self> {
         cfg.validate()?;
         let dim = cfg.inner_dim();
         let (heads, head_dim) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let qk_norm = cfg.has_qk_norm();
         let blocks = (0..cfg.num_layers)
             .map(|i| {
-                JointBlock::new(
-                    dim,
-                    heads,
-                    head_dim,
-                    cfg.has_qk_norm(),
-                    i + 1 == cfg.num_layers,
-                    cfg.dual_attention_layers.contains(&i),
-                    vb.pp(format!("transformer_blocks.{i}")),
-                )
+                let (last, dual) = (i + 1 == cfg.num_layers, cfg.dual_attention_layers.contains(&i));
+                weights.block(format!("transformer_blocks.{i}"), move |vb| {
+                    JointBlock::new(dim, heads, head_dim, qk_norm, last, dual, vb)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
+        weights.check_built(&Self::stream_blocks(cfg))?;
+        let vb = weights.vb();
         let patch = cfg.patch_size;
         Ok(Self {
             pos_embed: PatchEmbed::new(
@@ -181,7 +200,7 @@ impl SD3Transformer2DModel {
                 // Only the last block drops the context, and nothing follows it.
                 candle_core::bail!("block {i} has no context: an earlier block was context_pre_only");
             };
-            let (c, out) = block.forward(&x, c, &temb)?;
+            let (c, out) = block.with(|b| b.forward(&x, c, &temb))?;
             ctx = c;
             x = out;
         }
