@@ -316,7 +316,8 @@ fn low_memory_mode_streams_the_denoiser_and_says_so() {
     }
     let meta = common::sidecar(&low);
     assert!(meta["memory_optimizations"].as_str().unwrap().contains("block_streaming"), "{meta}");
-    let denoise = meta["plan"]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "denoise").unwrap().clone();
+    let denoise =
+        meta["extra"]["plan"]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "denoise").unwrap().clone();
     let streaming = &denoise["options"]["streaming"];
     assert_eq!(streaming["resident_blocks"], 0, "{denoise}");
     assert!(streaming["blocks"].as_u64().unwrap() > 2 && streaming["streamed_bytes"].as_u64().unwrap() > 0);

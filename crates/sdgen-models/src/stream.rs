@@ -146,12 +146,15 @@ pub struct BlockWeights<'a> {
     streaming: Option<Streaming>,
     /// Every block built, by prefix, in construction order (checked against the model's list).
     built: Arc<Mutex<Vec<String>>>,
+    /// The model's own prefix in `vb` (block names are relative to it).
+    root: Arc<str>,
 }
 
 impl<'a> BlockWeights<'a> {
     /// Every block resident, read from `vb`.
     pub fn resident(vb: VarBuilder<'a>) -> Self {
-        Self { vb, streaming: None, built: Arc::default() }
+        let root = vb.prefix().into();
+        Self { vb, streaming: None, built: Arc::default(), root }
     }
 
     /// `residency` over `blocks` (the model's block prefixes in forward order): resident parts
@@ -165,7 +168,8 @@ impl<'a> BlockWeights<'a> {
                 resident: Arc::new(blocks.iter().take(resident_blocks).cloned().collect()),
             }),
         };
-        Self { vb, streaming, built: Arc::default() }
+        let root = vb.prefix().into();
+        Self { vb, streaming, built: Arc::default(), root }
     }
 
     /// The weights under `s` (as `VarBuilder::pp`).
@@ -175,6 +179,7 @@ impl<'a> BlockWeights<'a> {
             vb: self.vb.pp(&s),
             streaming: self.streaming.as_ref().map(|st| Streaming { vb: st.vb.pp(&s), resident: st.resident.clone() }),
             built: self.built.clone(),
+            root: self.root.clone(),
         }
     }
 
@@ -191,7 +196,11 @@ impl<'a> BlockWeights<'a> {
         F: for<'v> Fn(VarBuilder<'v>) -> Result<M> + Send + Sync + 'static,
     {
         let at = self.pp(name);
-        let prefix = at.vb.prefix();
+        let full = at.vb.prefix();
+        let prefix = match full.strip_prefix(&*self.root).and_then(|p| p.strip_prefix('.')) {
+            Some(relative) if !self.root.is_empty() => relative.to_string(),
+            _ => full,
+        };
         self.built.lock().unwrap_or_else(|e| e.into_inner()).push(prefix.clone());
         match at.streaming {
             Some(st) if !st.resident.contains(&prefix) => {

@@ -65,14 +65,16 @@ pub struct StreamBandwidth {
 pub const STREAM_BANDWIDTH: [StreamBandwidth; 3] = [
     StreamBandwidth {
         device: DeviceKind::Cpu,
-        bytes_per_second: 2.0e9,
-        source: "positioned reads of a 5.1 GB safetensors file into tensors (read_backend), page cache warm, on \
-                 the 2-core development VM (2026-12-07, BENCHMARKS.md \"Block streaming on the CPU\"); a cold \
-                 read from its disk measured 1.2 GB/s",
+        bytes_per_second: 1.0e9,
+        source: "measured: SDXL's UNet in bf16 with every block streamed (5.1 GB read and rebuilt per evaluation, \
+                 positioned reads, page cache warm) took 4.6-5.3 s more per 512² evaluation than resident \
+                 (22.1/25.4 s), on the 2-core development VM at load average ~7 (2026-12-07, BENCHMARKS.md \
+                 \"Block streaming on the CPU\"); a cold read of the file from its disk runs at the same 0.96 GB/s \
+                 (dd iflag=direct), a warm one at 8 GB/s",
     },
     StreamBandwidth {
         device: DeviceKind::UnifiedGpu,
-        bytes_per_second: 2.0e9,
+        bytes_per_second: 1.0e9,
         source: "the CPU's figure: unified memory reads the file the same way (not measured on a Mac)",
     },
     StreamBandwidth {

@@ -221,7 +221,8 @@ fn report_streaming(plan: &Plan, steps: usize, events: &mut dyn FnMut(Event)) {
         let Some(st) = s.options.streaming else { continue };
         let evaluations = plan.batch_count * if s.stage == "denoise" { steps } else { 1 };
         events(Event::Log(&format!(
-            "Block streaming: {} keeps {} of {} blocks resident and streams {} per evaluation: about {:.0} s more over              {}",
+            "Block streaming: {} keeps {} of {} blocks resident and streams {} per evaluation: about {:.0} s more over \
+             {}",
             s.stage,
             st.resident_blocks,
             st.blocks,
