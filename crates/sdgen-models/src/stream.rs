@@ -129,6 +129,38 @@ impl<M: StreamBlock> Block<M> {
     }
 }
 
+/// A model whose blocks can be streamed: its block list and its constructor over
+/// [`BlockWeights`]; loading either way is provided.
+pub trait StreamableModel: Sized {
+    /// Its configuration.
+    type Config;
+
+    /// The blocks that can be streamed, by checkpoint prefix (relative to the model's own), in
+    /// forward order: what [`Residency::Streamed`] counts and the planner sizes from the headers.
+    fn stream_blocks(cfg: &Self::Config) -> Vec<String>;
+
+    /// Builds the model, its blocks through `weights` ([`BlockWeights::block`]) in forward order.
+    fn build(cfg: &Self::Config, weights: BlockWeights) -> Result<Self>;
+
+    /// [`Self::build`], checking that the blocks built are [`Self::stream_blocks`].
+    fn load(cfg: &Self::Config, weights: BlockWeights) -> Result<Self> {
+        let model = Self::build(cfg, weights.clone())?;
+        weights.check_built(&Self::stream_blocks(cfg))?;
+        Ok(model)
+    }
+
+    /// The model with its blocks held as `residency` says: resident parts from `vb`, streamed
+    /// blocks from `streamed` on every use (see the module docs for what each device gives).
+    fn new_streamed(
+        cfg: &Self::Config,
+        vb: VarBuilder,
+        streamed: VarBuilder<'static>,
+        residency: Residency,
+    ) -> Result<Self> {
+        Self::load(cfg, BlockWeights::new(vb, streamed, residency, &Self::stream_blocks(cfg)))
+    }
+}
+
 /// The streamed side of [`BlockWeights`].
 #[derive(Clone)]
 struct Streaming {

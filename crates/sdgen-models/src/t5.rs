@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::ops::linear::{linear_no_bias, Linear};
-use crate::stream::{Block, BlockWeights, Residency, StreamBlock};
+use crate::stream::{Block, BlockWeights, StreamBlock, StreamableModel};
 
 /// The feed-forward layer's form (`feed_forward_proj`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -323,22 +323,15 @@ impl T5EncoderModel {
     /// the `layer_norm`s and `final_layer_norm`). With an f16 `vb`, `wo` is loaded in f32 (see
     /// the module docs).
     pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
-        Self::build(cfg, BlockWeights::resident(vb))
+        Self::load(cfg, BlockWeights::resident(vb))
     }
+}
 
-    /// [`Self::new`] with its blocks held as `residency` says ([`crate::stream`]): the streamed
-    /// ones read from `streamed` on every use.
-    pub fn new_streamed(
-        cfg: &T5Config,
-        vb: VarBuilder,
-        streamed: VarBuilder<'static>,
-        residency: Residency,
-    ) -> Result<Self> {
-        Self::build(cfg, BlockWeights::new(vb, streamed, residency, &Self::stream_blocks(cfg)))
-    }
+impl StreamableModel for T5EncoderModel {
+    type Config = T5Config;
 
-    /// The blocks that can be streamed, by checkpoint prefix, in forward order.
-    pub fn stream_blocks(cfg: &T5Config) -> Vec<String> {
+    /// The encoder's blocks (layers).
+    fn stream_blocks(cfg: &T5Config) -> Vec<String> {
         (0..cfg.num_layers).map(|i| format!("encoder.block.{i}")).collect()
     }
 
@@ -356,7 +349,6 @@ impl T5EncoderModel {
                 enc.block(format!("block.{i}"), move |vb| T5Block::new(&cfg, vb))
             })
             .collect::<Result<Vec<_>>>()?;
-        weights.check_built(&Self::stream_blocks(cfg))?;
         Ok(Self {
             embed_tokens: candle_nn::embedding(cfg.vocab_size, cfg.d_model, embed_vb)?,
             relative_attention_bias: candle_nn::embedding(
@@ -369,7 +361,9 @@ impl T5EncoderModel {
             cfg: cfg.clone(),
         })
     }
+}
 
+impl T5EncoderModel {
     /// The configuration the model was built with.
     pub fn config(&self) -> &T5Config {
         &self.cfg

@@ -8,6 +8,7 @@ use sdgen_memory::plan::{
     plan, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest, Precision,
     StoredDType, StreamableBlocks, TensorEntry, Tiling,
 };
+use sdgen_models::stream::StreamableModel;
 use sdgen_models::t5::{T5Config, T5EncoderModel};
 
 use crate::loading::family::TextEncoderArch;
@@ -305,9 +306,9 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
         }
     }
     // Block streaming: the resident blocks the plan chose for the denoiser and for T5.
-    let resident_blocks = |stage: &str| plan.stage(stage).and_then(|s| s.options.streaming).map(|s| s.resident_blocks);
-    options.denoiser_resident_blocks = resident_blocks("denoise");
-    options.t5_resident_blocks = t5_encoder(model).and_then(resident_blocks);
+    let resident_blocks = |stage: Option<&str>| plan.stage(stage?)?.options.streaming.map(|s| s.resident_blocks);
+    options.denoiser_resident_blocks = resident_blocks(Some("denoise"));
+    options.t5_resident_blocks = resident_blocks(t5_encoder(model));
     // Text encoders share one switch: on the host if the plan puts any there.
     let mut encoders = model.family().encoders.iter().map(|e| e.component);
     options.text_encoder_on_host = encoders.any(|name| plan.stage(name).is_some_and(|s| s.options.on_host));

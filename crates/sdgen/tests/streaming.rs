@@ -11,7 +11,7 @@ use common::testdata;
 use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{txt2img, Request, Runtime, StageOptions};
 use sdgen_models::denoiser::Conditioning;
-use sdgen_models::stream::Residency;
+use sdgen_models::stream::{Residency, StreamableModel};
 use sdgen_models::t5::{T5Config, T5EncoderModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 

@@ -25,7 +25,7 @@ use candle_nn::VarBuilder;
 use crate::attention::AttentionOptions;
 use crate::denoiser::{Conditioning, Denoiser};
 use crate::ops::linear::{linear, Linear};
-use crate::stream::{Block, BlockWeights, Residency};
+use crate::stream::{Block, BlockWeights, StreamableModel};
 use block::{AdaNormContinuous, JointBlock};
 use embed::{cast, PatchEmbed, TimeTextEmbed};
 
@@ -46,22 +46,15 @@ impl SD3Transformer2DModel {
     /// Loads the model in `vb`'s dtype; `cfg` is usually `transformer/config.json`. A missing
     /// tensor is an error naming its key.
     pub fn new(cfg: &MMDiTConfig, vb: VarBuilder) -> Result<Self> {
-        Self::build(cfg, BlockWeights::resident(vb))
+        Self::load(cfg, BlockWeights::resident(vb))
     }
+}
 
-    /// [`Self::new`] with its joint blocks held as `residency` says ([`crate::stream`]): the
-    /// streamed ones read from `streamed` on every use.
-    pub fn new_streamed(
-        cfg: &MMDiTConfig,
-        vb: VarBuilder,
-        streamed: VarBuilder<'static>,
-        residency: Residency,
-    ) -> Result<Self> {
-        Self::build(cfg, BlockWeights::new(vb, streamed, residency, &Self::stream_blocks(cfg)))
-    }
+impl StreamableModel for SD3Transformer2DModel {
+    type Config = MMDiTConfig;
 
-    /// The blocks that can be streamed, by checkpoint prefix, in forward order: the joint blocks.
-    pub fn stream_blocks(cfg: &MMDiTConfig) -> Vec<String> {
+    /// The joint blocks.
+    fn stream_blocks(cfg: &MMDiTConfig) -> Vec<String> {
         (0..cfg.num_layers).map(|i| format!("transformer_blocks.{i}")).collect()
     }
 
@@ -78,7 +71,6 @@ impl SD3Transformer2DModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        weights.check_built(&Self::stream_blocks(cfg))?;
         let vb = weights.vb();
         let patch = cfg.patch_size;
         Ok(Self {
@@ -99,7 +91,9 @@ impl SD3Transformer2DModel {
             dtype: vb.dtype(),
         })
     }
+}
 
+impl SD3Transformer2DModel {
     /// The configuration the model was built with.
     pub fn config(&self) -> &MMDiTConfig {
         &self.cfg

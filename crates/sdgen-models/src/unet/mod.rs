@@ -17,7 +17,7 @@ use crate::ops::conv::{conv3x3, Conv2d};
 use crate::ops::linear::{linear, linear_no_bias, Linear};
 use crate::ops::norm::GroupNorm;
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-use crate::stream::{Block, BlockWeights, Residency};
+use crate::stream::{Block, BlockWeights, StreamableModel};
 
 /// diffusers' `get_guidance_scale_embedding` (the LCM pipelines' `w_embedding`, from VDM's
 /// `get_timestep_embedding`): the guidance `w` (the pipelines pass `guidance_scale − 1`) times
@@ -126,25 +126,18 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Loads the model; `cfg` is usually `unet/config.json`.
     pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
-        Self::build(cfg, BlockWeights::resident(vb))
+        Self::load(cfg, BlockWeights::resident(vb))
     }
+}
 
-    /// [`Self::new`] with its blocks held as `residency` says ([`crate::stream`]): the streamed
-    /// ones read from `streamed` on every use.
-    pub fn new_streamed(
-        cfg: &UNetConfig,
-        vb: VarBuilder,
-        streamed: VarBuilder<'static>,
-        residency: Residency,
-    ) -> Result<Self> {
-        Self::build(cfg, BlockWeights::new(vb, streamed, residency, &Self::stream_blocks(cfg)))
-    }
+impl StreamableModel for UNet2DConditionModel {
+    type Config = UNetConfig;
 
-    /// The blocks that can be streamed, by checkpoint prefix, in forward order: every resnet,
-    /// every transformer block inside the attentions (SDXL's deepest attentions hold ten each),
-    /// every down/up sampler. What stays resident: the time and added embeddings, `conv_in`,
-    /// `conv_norm_out`, `conv_out` and the attentions' norms and projections.
-    pub fn stream_blocks(cfg: &UNetConfig) -> Vec<String> {
+    /// Every resnet, every transformer block inside the attentions (SDXL's deepest attentions
+    /// hold ten each), every down/up sampler. What stays resident: the time and added
+    /// embeddings, `conv_in`, `conv_norm_out`, `conv_out` and the attentions' norms and
+    /// projections.
+    fn stream_blocks(cfg: &UNetConfig) -> Vec<String> {
         let n = cfg.block_out_channels.len();
         let layers = cfg.layers_per_block.expand(n);
         let tlayers = cfg.transformer_layers_per_block.expand(n);
@@ -179,7 +172,6 @@ impl UNet2DConditionModel {
         out
     }
 
-    /// Builds the model, its blocks in forward order (the order [`Self::stream_blocks`] lists).
     fn build(cfg: &UNetConfig, weights: BlockWeights) -> Result<Self> {
         cfg.validate()?;
         let vb = weights.vb().clone();
@@ -262,8 +254,6 @@ impl UNet2DConditionModel {
             up.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        weights.check_built(&Self::stream_blocks(cfg))?;
-
         let add_embedding = match (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
             (Some(time_dim), Some(input_dim)) if cfg.addition_embed_type.as_deref() == Some("text_time") => {
                 Some(AddEmbedding {
@@ -292,7 +282,9 @@ impl UNet2DConditionModel {
             cfg: cfg.clone(),
         })
     }
+}
 
+impl UNet2DConditionModel {
     /// The configuration the model was built with.
     pub fn config(&self) -> &UNetConfig {
         &self.cfg

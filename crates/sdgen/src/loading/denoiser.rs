@@ -5,7 +5,7 @@
 use candle_core::{DType, Device};
 use sdgen_models::denoiser::Denoiser;
 use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
-use sdgen_models::stream::Residency;
+use sdgen_models::stream::{Residency, StreamableModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 
 use super::family::DenoiserArch;

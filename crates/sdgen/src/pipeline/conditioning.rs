@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 pub use sdgen_models::denoiser::Conditioning;
-use sdgen_models::stream::Residency;
+use sdgen_models::stream::{Residency, StreamableModel};
 use sdgen_models::t5::{T5Config, T5EncoderModel};
 
 use super::stages::{loaded, stage, StageLog};
