@@ -23,19 +23,19 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Random inputs of the model's geometry: a guided batch of 2 at 16×16 latents.
-fn inputs(model: &ModelFolder) -> (Tensor, Tensor, Conditioning) {
+/// Random inputs of the model's geometry on `dev`: a guided batch of 2 at 16×16 latents.
+fn inputs(model: &ModelFolder, dev: &Device) -> (Tensor, Tensor, Conditioning) {
     let g = model.denoiser_geometry().unwrap();
-    let dev = Device::Cpu;
-    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_device(dev).unwrap();
     let latents = randn(&[2, g.in_channels, 16, 16]);
-    let timesteps = Tensor::new(&[500f64, 500.0], &dev).unwrap();
+    let timesteps = Tensor::new(&[500f64, 500.0], &Device::Cpu).unwrap();
     let family = model.family().name;
     let (pooled, time_ids) = match family {
         "sdxl" => {
             let unet: UNetConfig = model.config("unet", "config.json").unwrap();
             let text = unet.projection_class_embeddings_input_dim.unwrap() - 6 * unet.addition_time_embed_dim.unwrap();
-            (Some(randn(&[2, text])), Some(Tensor::new(&[[256f32, 256., 0., 0., 256., 256.]; 2], &dev).unwrap()))
+            let ids = Tensor::new(&[[256f32, 256., 0., 0., 256., 256.]; 2], dev).unwrap();
+            (Some(randn(&[2, text])), Some(ids))
         }
         "sd35-large" | "sd35-medium" => {
             let cfg: sdgen_models::mmdit::MMDiTConfig = model.config("transformer", "config.json").unwrap();
@@ -47,19 +47,18 @@ fn inputs(model: &ModelFolder) -> (Tensor, Tensor, Conditioning) {
     (latents, timesteps, cond)
 }
 
-#[test]
-fn streamed_denoisers_match_the_resident_ones_bit_for_bit() {
+/// The denoisers streamed (K = 0, half, all but one) against resident on `dev` in `dtype`.
+fn streamed_denoisers_match(dev: &Device, dtype: DType) {
     for name in ["tiny-sd15", "tiny-sdxl", "tiny-sd35-large", "tiny-sd35-medium"] {
         let model = open(name);
         let blocks = model.denoiser_stream_blocks().unwrap().len();
         assert!(blocks > 2, "{name}: {blocks} blocks");
-        let (latents, t, cond) = inputs(&model);
-        let resident = model.load_denoiser(DType::F32, &Device::Cpu).unwrap();
+        let (latents, t, cond) = inputs(&model, dev);
+        let resident = model.load_denoiser(dtype, dev).unwrap();
         let expected = values(&resident.forward(&latents, &t, &cond).unwrap());
         drop(resident);
         for resident_blocks in [0, blocks / 2, blocks - 1] {
-            let streamed =
-                model.load_denoiser_with(DType::F32, &Device::Cpu, Residency::Streamed { resident_blocks }).unwrap();
+            let streamed = model.load_denoiser_with(dtype, dev, Residency::Streamed { resident_blocks }).unwrap();
             // Twice: a streamed block is rebuilt for every use.
             for _ in 0..2 {
                 let got = values(&streamed.forward(&latents, &t, &cond).unwrap());
@@ -70,9 +69,26 @@ fn streamed_denoisers_match_the_resident_ones_bit_for_bit() {
 }
 
 #[test]
+fn streamed_denoisers_match_the_resident_ones_bit_for_bit() {
+    streamed_denoisers_match(&Device::Cpu, DType::F32);
+}
+
+/// CUDA: streamed blocks are host copies uploaded per use (`loading::stream::upload`). Run on the
+/// GPU machine: `cargo test --features cuda -p sdgen --test streaming -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA device and a CUDA build"]
+fn streamed_denoisers_and_pipelines_match_on_cuda() {
+    let dev = Device::new_cuda(0).expect("a CUDA device (build with --features cuda)");
+    for dtype in [DType::F32, DType::BF16] {
+        streamed_denoisers_match(&dev, dtype);
+        streamed_pipelines_match(|| Runtime::new(dev.clone(), dtype));
+    }
+}
+
+#[test]
 fn streamed_skip_layer_guidance_matches_the_resident_model() {
     let model = open("tiny-sd35-medium");
-    let (latents, t, cond) = inputs(&model);
+    let (latents, t, cond) = inputs(&model, &Device::Cpu);
     let resident = model.load_denoiser(DType::F32, &Device::Cpu).unwrap();
     let expected = values(&resident.forward_skipping(&latents, &t, &cond, &[1]).unwrap());
     let streamed =
@@ -103,8 +119,8 @@ fn a_streamed_t5_matches_the_resident_one_bit_for_bit() {
     }
 }
 
-#[test]
-fn streamed_pipelines_make_the_resident_images() {
+/// Whole runs with the planner's streaming options (K = 0 and a third) against resident ones.
+fn streamed_pipelines_match(runtime: impl Fn() -> Runtime) {
     for name in ["tiny-sd15", "tiny-sdxl", "tiny-sd35-large"] {
         let model = open(name);
         let req = Request {
@@ -116,10 +132,10 @@ fn streamed_pipelines_make_the_resident_images() {
             height: Some(64),
             ..Default::default()
         };
-        let resident = txt2img(&model, &req, &Runtime::cpu(), &mut |_| {}).unwrap();
+        let resident = txt2img(&model, &req, &runtime(), &mut |_| {}).unwrap();
         let blocks = model.denoiser_stream_blocks().unwrap().len();
         for k in [0, blocks / 3] {
-            let mut rt = Runtime::cpu();
+            let mut rt = runtime();
             rt.options = StageOptions {
                 denoiser_resident_blocks: Some(k),
                 t5_resident_blocks: Some(k.min(1)),
@@ -131,6 +147,11 @@ fn streamed_pipelines_make_the_resident_images() {
             assert!(streamed.options_used.names().contains(&"block_streaming"), "{name}");
         }
     }
+}
+
+#[test]
+fn streamed_pipelines_make_the_resident_images() {
+    streamed_pipelines_match(Runtime::cpu);
 }
 
 /// SDXL's UNet at full size (the family's bundled config): its streamable blocks are every
