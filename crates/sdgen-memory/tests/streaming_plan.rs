@@ -167,3 +167,79 @@ fn a_gpu_streams_only_what_host_memory_holds() {
     let tight = gpu(GIB).unwrap();
     assert!(tight.stage("denoise").unwrap().options.streaming.is_none(), "{tight}");
 }
+
+/// SD 3.5 Large's shapes (bf16): CLIP-L, bigG, T5-XXL's 24 layers, the MMDiT's 38 joint blocks,
+/// the VAE, each block one tensor of its real size.
+fn sd35_large() -> (ModelManifest, Vec<StreamableBlocks>) {
+    let t = |name: String, shape: Vec<usize>| TensorEntry::new(name, shape, StoredDType::BF16);
+    let blocks = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}.{i}")).collect::<Vec<_>>();
+    let (t5, mmdit) = (blocks("encoder.block", 24), blocks("transformer_blocks", 38));
+    let with_blocks = |first: Vec<TensorEntry>, blocks: &[String], params: usize| {
+        first.into_iter().chain(blocks.iter().map(|b| t(format!("{b}.w"), vec![params]))).collect::<Vec<_>>()
+    };
+    let manifest = ModelManifest::new(vec![
+        ComponentManifest::new(
+            "text_encoder",
+            vec![
+                t("text_model.embeddings.token_embedding.weight".into(), vec![49408, 768]),
+                t("w".into(), vec![85_000_000]),
+            ],
+        ),
+        ComponentManifest::new(
+            "text_encoder_2",
+            vec![
+                t("text_model.embeddings.token_embedding.weight".into(), vec![49408, 1280]),
+                t("w".into(), vec![630_000_000]),
+            ],
+        ),
+        ComponentManifest::new(
+            "text_encoder_3",
+            with_blocks(vec![t("shared.weight".into(), vec![32128, 4096])], &t5, 197_000_000),
+        ),
+        ComponentManifest::new(
+            "transformer",
+            with_blocks(vec![t("pos_embed.proj.weight".into(), vec![2432, 16, 2, 2])], &mmdit, 212_000_000),
+        ),
+        ComponentManifest::new(
+            "vae",
+            vec![
+                t("encoder.conv_in.weight".into(), vec![128, 3, 3, 3]),
+                t("encoder.w".into(), vec![34_000_000]),
+                t("decoder.conv_in.weight".into(), vec![512, 16, 3, 3]),
+                t("decoder.w".into(), vec![49_000_000]),
+            ],
+        ),
+    ]);
+    let streamable = vec![
+        StreamableBlocks { component: "text_encoder_3".into(), blocks: t5 },
+        StreamableBlocks { component: "transformer".into(), blocks: mmdit },
+    ];
+    (manifest, streamable)
+}
+
+/// SD 3.5 Large at 1024² (16 GB of MMDiT, 9.5 GB of T5 in bf16): on the CPU under 8 and 4 GB both
+/// stream; on a GPU under 8 GB the MMDiT streams and T5 takes the rung before (the host).
+#[test]
+fn sd35_large_streams_its_mmdit_and_t5_to_fit_small_budgets() {
+    let (m, streamable) = sd35_large();
+    let p = FamilyProfile::sd35_large();
+    for (device, gb) in [(DeviceKind::Cpu, 8), (DeviceKind::Cpu, 4), (DeviceKind::DiscreteGpu, 8)] {
+        let mut budget = Budget::new(gb * GIB, BudgetSource::MaxMemory);
+        budget.host_available_bytes = Some(48 * GIB);
+        let req = PlanRequest {
+            device,
+            precision: Precision::Bf16,
+            streamable: streamable.clone(),
+            ..PlanRequest::new(&p, &m, 1024, 1024, budget)
+        };
+        let chosen = plan(&req).unwrap_or_else(|e| panic!("{device:?} {gb} GB: {e}"));
+        assert!(chosen.stages.iter().all(|s| s.fits && s.device_bytes() <= chosen.usable_bytes), "{chosen}");
+        let streams = |stage: &str| chosen.stage(stage).unwrap().options.streaming.is_some();
+        assert!(streams("denoise"), "{chosen}");
+        let t5 = chosen.stage("text_encoder_3").unwrap();
+        match device {
+            DeviceKind::Cpu => assert!(streams("text_encoder_3"), "{chosen}"),
+            _ => assert!(t5.options.on_host && t5.options.streaming.is_none(), "{chosen}"),
+        }
+    }
+}
