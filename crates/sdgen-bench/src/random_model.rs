@@ -138,12 +138,13 @@ fn components(family: &FamilySpec) -> Vec<Component> {
 const OWN_FILES: &[(&str, &[BundledFile])] =
     &[("sd35-large", &crate::sd35_files::SD35_LARGE), ("sd35-medium", &crate::sd35_files::SD35_MEDIUM)];
 
-/// The row of `family` and its non-weight files: those of its single-file checkpoints, else the
-/// bench's own.
+/// The row of `family` and its non-weight files: the bench's own where it has them (SD 3.5's:
+/// the engine's single-file defaults leave out the T5 tokenizer, which a folder needs), else
+/// those of its single-file checkpoints.
 fn layout(family: &str) -> Option<(&'static FamilySpec, &'static [BundledFile])> {
     let row = FamilySpec::by_name(family)?;
-    let own = || OWN_FILES.iter().find(|(name, _)| *name == family).map(|(_, files)| *files);
-    Some((row, row.single_file.map(|s| s.defaults).or_else(own)?))
+    let own = OWN_FILES.iter().find(|(name, _)| *name == family).map(|(_, files)| *files);
+    Some((row, own.or_else(|| row.single_file.map(|s| s.defaults))?))
 }
 
 /// The families [`write_model`] knows: every row with bundled files or files of the bench's own.
@@ -228,4 +229,30 @@ pub fn write_model(family: &str, dir: &Path, dtype: DType, device: &Device, seed
         std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()))?;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family the bench writes gets each tokenizer folder its `model_index.json` names and
+    /// each weighted component's config (SD 3.5's `tokenizer_3/` went missing once, and only a
+    /// GPU run found out).
+    #[test]
+    fn every_tokenizer_and_config_the_index_needs_is_written() {
+        for family in families() {
+            let (_, files) = layout(family).unwrap();
+            let has = |name: &str| files.iter().any(|(file, _)| file.starts_with(name));
+            let index = files.iter().find(|(name, _)| *name == "model_index.json").expect("an index");
+            let index: serde_json::Value = serde_json::from_slice(index.1).unwrap();
+            for (component, value) in index.as_object().unwrap() {
+                if component.starts_with("tokenizer") && !value[0].is_null() {
+                    assert!(has(&format!("{component}/")), "{family}: nothing in {component}/");
+                }
+            }
+            for component in weighted_components(family) {
+                assert!(has(&format!("{component}/config.json")), "{family}: no {component}/config.json");
+            }
+        }
+    }
 }

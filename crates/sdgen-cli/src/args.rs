@@ -191,6 +191,10 @@ pub struct Args {
     /// Print one machine-readable JSON result on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Threads for the work done on the CPU (the CPU device's stages, loading, image encoding).
+    /// Default: every core (or RAYON_NUM_THREADS).
+    #[arg(long, value_name = "N", value_parser = count, allow_negative_numbers = true)]
+    pub threads: Option<usize>,
     /// Run candle's stock kernels instead of the fast CUDA ones (cuDNN convolutions, fused
     /// GroupNorm/softmax/GEGLU, copy-free attention), to rule them out when reporting a problem
     /// (also: SDGEN_NO_FAST_KERNELS=1).

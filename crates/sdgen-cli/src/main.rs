@@ -57,6 +57,10 @@ fn run() -> anyhow::Result<ExitCode> {
     if args.no_fast_kernels {
         sdgen::kernels::set_fast_kernels(false);
     }
+    if let Some(threads) = args.threads {
+        sdgen::kernels::set_cpu_threads(threads)
+            .map_err(|e| sdgen::Error::InvalidInput(format!("--threads {threads}: {e}")))?;
+    }
     if args.list_models {
         let mut hub = sdgen::hub::HubOptions::from_env();
         hub.offline = true;

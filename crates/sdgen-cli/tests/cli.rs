@@ -5,7 +5,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_png_close, assert_refused, decode_png, files_in, generate, stderr, testdata, tiny_model};
+use common::{
+    assert_png_close, assert_refused, decode_png, files_in, generate, run_json, sidecar, stderr, testdata, tiny_model,
+};
 
 #[test]
 fn generates_the_reference_image_with_metadata_and_json() {
@@ -298,6 +300,37 @@ fn the_sidecar_records_the_kernels_and_the_switch_turns_them_off() {
         let png = Path::new(result["images"][0]["png"].as_str().unwrap());
         assert_png_close(png, &testdata().join("reference/sd15/png/pndm_basic_0.png"));
     }
+}
+
+/// `--threads N` sizes the CPU's pool (the sidecar records it) without changing a pixel (every
+/// CPU kernel splits its work across threads without splitting a sum); 0 threads is refused
+/// naming the flag.
+#[test]
+fn threads_set_the_cpu_pool_and_keep_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let mut images = Vec::new();
+    for threads in ["1", "3"] {
+        let args = [
+            "a lighthouse at dusk",
+            "--model",
+            &model,
+            "--seed",
+            "42",
+            "--steps",
+            "10",
+            "--threads",
+            threads,
+            "--json",
+        ];
+        let (result, log) = run_json(&args, &dir.path().join(threads));
+        assert_eq!(sidecar(&result)["extra"]["cpu_threads"].to_string(), threads, "{log}");
+        let png = PathBuf::from(result["images"][0]["png"].as_str().unwrap());
+        assert_png_close(&png, &testdata().join("reference/sd15/png/pndm_basic_0.png"));
+        images.push(decode_png(&png).0);
+    }
+    assert!(images[0] == images[1], "the image changed with the thread count");
+    assert_refused(&["a lighthouse", "--model", &model, "--threads", "0"], &["--threads", "0"]);
 }
 
 /// `--memory-mode low` takes the leanest plan, which streams the denoiser's blocks: the plan

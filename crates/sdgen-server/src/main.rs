@@ -75,6 +75,9 @@ struct Args {
     /// Use only the local Hugging Face cache.
     #[arg(long)]
     offline: bool,
+    /// Threads for the work done on the CPU (default: every core, or RAYON_NUM_THREADS).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Jobs that may wait for the worker; more get 503.
     #[arg(long, default_value_t = 16)]
     queue_size: usize,
@@ -137,6 +140,9 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(threads) = args.threads {
+        sdgen::kernels::set_cpu_threads(threads).map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+    }
     let (device, device_label) = sdgen::engine::open_device(&args.device)
         .map_err(|e| anyhow::anyhow!(e.describe(&|f| (f == "device").then_some("--device"))))?;
     let dtype = match args.dtype.as_deref() {

@@ -22,8 +22,8 @@ pub use candle_core as candle;
 /// The kernel seam's process-wide switch and what a device runs (see `sdgen_models::ops`).
 pub mod kernels {
     pub use sdgen_models::ops::{
-        fast_kernels_enabled, kernel_summary, set_fast_kernels, CUDA_FAST_BY_DEFAULT, FAST_KERNELS_ENV,
-        NO_FAST_KERNELS_ENV,
+        cpu_threads, fast_kernels_enabled, kernel_summary, set_cpu_threads, set_fast_kernels, CUDA_FAST_BY_DEFAULT,
+        FAST_KERNELS_ENV, NO_FAST_KERNELS_ENV,
     };
 }
 pub use error::{Error, Result};

@@ -147,6 +147,12 @@ impl FamilyProfile {
         let stage = |name: &str| sd15.stage(name).expect("SD 1.5 has the stage").clone();
         let mut denoise = stage("denoise");
         denoise.activation.attention = Some(AttentionShape { heads: 10, pixels_per_token: 256, extra_tokens: 0 });
+        // With the fast kernels SDXL's UNet holds 170–184 bytes per item-pixel in half precision
+        // against SD 1.5's 254 (H100, 768²–1280², 2 and 4 items, `sdxl_gpu_fast_peaks.jsonl`): its
+        // full-resolution level has no attention.
+        if let Some(half) = denoise.activation.fast.gpu_half.as_mut() {
+            half.bytes_per_pixel *= 0.72;
+        }
         let text_encoder = stage("text_encoder");
         let text_encoder_2 = StageSpec {
             name: "text_encoder_2",
@@ -404,15 +410,18 @@ impl FamilyProfile {
             attention: vae_attention,
             // 256 channels × 9 taps: the full-resolution 3×3 convolutions after the last upsampling.
             conv_column_elements_per_pixel: Some(256 * 9),
-            // The fast kernels, measured (`tests/data/sd15_{cpu,gpu}_fast_peaks.jsonl`). CUDA: cuDNN
-            // builds no column buffer, but its tensor-core kernels take a workspace of each
-            // convolution's own tensors (NHWC copies), which the per-pixel term absorbs; the
-            // 512-wide mid attention still scores through cuBLAS. CPU: 16 MiB column bands and the
+            // The fast kernels, measured (`tests/data/sd15_{cpu,gpu}_fast_peaks.jsonl`,
+            // `sdxl_gpu_fast_peaks.jsonl`). CUDA: cuDNN builds no column buffer; in f32 its
+            // tensor-core kernels take a workspace of each convolution's own tensors (NHWC
+            // copies), which the per-pixel term absorbs, while half precision runs channels-last
+            // and needs none; the 512-wide mid attention still scores through cuBLAS. CPU: 16 MiB column bands and the
             // blocked attention, so the feature maps alone grow with the image.
             fast: FastCoefficients {
                 cpu_f32: Some(SD15_DECODE_CPU_F32_FAST),
                 gpu_f32: Some(c(3_430.0, d.bytes_per_pixel_at_attention, 8.0, 0.0, 4.0 * MIB)),
-                gpu_half: Some(c(2_790.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 0.0, 41.0 * MIB)),
+                // Half precision runs channels-last on cuDNN: no NHWC copies in the workspace
+                // (H100, 2026-12-07: 512²–1280², 1–4 images, SD 1.5's and SDXL's decoders).
+                gpu_half: Some(c(1_700.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 0.0, 80.0 * MIB)),
                 ..Default::default()
             },
             coefficients: CoefficientTable {

@@ -16,7 +16,6 @@
 
 use std::sync::OnceLock;
 
-use half::bf16;
 use rayon::prelude::*;
 
 /// Rows of `C` per register tile.
@@ -80,46 +79,155 @@ pub(crate) fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    assert!(m == 0 || n == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
+    run(m, n, pairs, a, b, Sink::F32 { c: c.as_mut_ptr() as usize, ldc, accumulate }, parallel);
+}
+
+/// A bias added to the sums before they are rounded: one value per row of the product (a
+/// convolution's output channels) or per column (a linear's outputs).
+#[derive(Clone, Copy)]
+pub(crate) enum Bias<'a> {
+    None,
+    PerRow(&'a [f32]),
+    PerColumn(&'a [f32]),
+}
+
+/// The product of [`gemm`] plus `bias`, rounded once to bf16 (nearest even) into `out` (rows
+/// `ldo` apart): each task sums its block over every pair in an f32 scratch that stays in cache
+/// and rounds it as it is finished, so no f32 copy of the whole output is ever written, filled
+/// with the bias first or read back to round — at a linear's 8192 × 1280 outputs that f32
+/// matrix cost more than the product (42 MB, a fresh mapping per call). The sum is
+/// `(Σ products) + bias`, oneDNN's order. Same panics as [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_to_bf16(
+    m: usize,
+    n: usize,
+    pairs: usize,
+    a: Lhs,
+    b: Rhs,
+    out: &mut [u16],
+    ldo: usize,
+    bias: Bias,
+    parallel: bool,
+) {
+    assert!(m == 0 || n == 0 || (ldo >= n && out.len() >= (m - 1) * ldo + n));
+    match bias {
+        Bias::PerRow(v) => assert!(v.len() >= m, "a bias per row needs {m} values"),
+        Bias::PerColumn(v) => assert!(v.len() >= n, "a bias per column needs {n} values"),
+        Bias::None => {}
+    }
+    run(m, n, pairs, a, b, Sink::Bf16 { out: out.as_mut_ptr() as usize, ldo, bias }, parallel);
+}
+
+/// Where a task's sums go (addresses as integers, so the closure run on every thread is `Sync`).
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    F32 { c: usize, ldc: usize, accumulate: bool },
+    Bf16 { out: usize, ldo: usize, bias: Bias<'a> },
+}
+
+/// The product split into [`MC`] × [`NC`] blocks, one task each, delivered to `sink`. The
+/// callers checked that the output holds `m` rows of `n`.
+fn run(m: usize, n: usize, pairs: usize, a: Lhs, b: Rhs, sink: Sink, parallel: bool) {
     assert!(supported(), "bf16 GEMM on a processor without AVX512-BF16");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.data.len() >= (m - 1) * a.ld + 2 * pairs && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    assert!(a.data.len() >= (m - 1) * a.ld + 2 * pairs);
     assert!(pairs == 0 || b.data.len() >= (pairs - 1) * b.ld + n);
-    if pairs == 0 {
-        if !accumulate {
-            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
-        }
+    if let (0, Sink::F32 { c, ldc, accumulate: false }) = (pairs, sink) {
+        // SAFETY: the caller checked that `c` holds `m` rows of `n`, `ldc` apart.
+        let c = unsafe { std::slice::from_raw_parts_mut(c as *mut f32, (m - 1) * ldc + n) };
+        c.chunks_mut(ldc).for_each(|row| row[..n].fill(0.0));
         return;
     }
     let (row_blocks, col_blocks) = (m.div_ceil(MC), n.div_ceil(NC));
-    let c_at = c.as_mut_ptr() as usize;
-    let block = |task: usize| {
+    let task = |task: usize| {
         let (i0, j0) = ((task / col_blocks) * MC, (task % col_blocks) * NC);
         let (rows, cols) = (MC.min(m - i0), NC.min(n - j0));
+        let a_rows = &a.data[i0 * a.ld..];
         // SAFETY: the assertions above keep every tile of this block inside the operands (the
-        // tile reads `a` rows i0.., `b` columns j0.. under masks for partial tiles); blocks
-        // are disjoint in `c`, so no two tasks write one element; the processor was checked.
+        // tile reads `a` rows i0.., `b` columns j0.. under masks for partial tiles) and the
+        // output (checked by the callers); blocks are disjoint in the output, so no two tasks
+        // write one element; the processor was checked.
         unsafe {
-            block(
-                rows,
-                cols,
-                pairs,
-                a.data.as_ptr().add(i0 * a.ld),
-                a.ld,
-                b,
-                j0,
-                (c_at as *mut f32).add(i0 * ldc + j0),
-                ldc,
-                accumulate,
-            )
+            match sink {
+                Sink::F32 { c, ldc, accumulate } => {
+                    let c = (c as *mut f32).add(i0 * ldc + j0);
+                    block(rows, cols, pairs, a_rows.as_ptr(), a.ld, b, j0, c, ldc, accumulate);
+                }
+                Sink::Bf16 { out, ldo, bias } => {
+                    let out = (out as *mut u16).add(i0 * ldo + j0);
+                    SUMS.with_borrow_mut(|sums| {
+                        sums.resize(MC * NC, 0.0);
+                        if pairs == 0 {
+                            sums.fill(0.0); // no product: the bias alone
+                        }
+                        block(rows, cols, pairs, a_rows.as_ptr(), a.ld, b, j0, sums.as_mut_ptr(), NC, false);
+                        round_block(&sums[..], rows, cols, bias, i0, j0, out, ldo);
+                    });
+                }
+            }
         }
     };
     let tasks = row_blocks * col_blocks;
     if parallel && tasks > 1 && m * n * pairs * 2 >= SERIAL_WORK {
-        (0..tasks).into_par_iter().for_each(block);
+        (0..tasks).into_par_iter().for_each(task);
     } else {
-        (0..tasks).for_each(block);
+        (0..tasks).for_each(task);
+    }
+}
+
+thread_local! {
+    /// A task's f32 sums for [`gemm_to_bf16`] ([`MC`] × [`NC`], 144 KiB: in the L2 cache).
+    static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rounds a finished block of sums (rows [`NC`] apart) plus its bias to bf16 into `out`.
+///
+/// # Safety
+/// `out` must hold `rows` rows of `cols` values, `ldo` apart, written by no one else; the
+/// processor must have AVX512-BF16.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_block(
+    sums: &[f32],
+    rows: usize,
+    cols: usize,
+    bias: Bias,
+    i0: usize,
+    j0: usize,
+    out: *mut u16,
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
+    for r in 0..rows {
+        let src = &sums[r * NC..r * NC + cols];
+        let dst = std::slice::from_raw_parts_mut(out.add(r * ldo), cols);
+        let bias_at = |j: usize| match bias {
+            Bias::None => 0.0,
+            Bias::PerRow(b) => b[i0 + r],
+            Bias::PerColumn(b) => b[j0 + j],
+        };
+        let mut j = 0;
+        while j + 16 <= cols {
+            let mut v = _mm512_loadu_ps(src.as_ptr().add(j));
+            match bias {
+                Bias::None => {}
+                Bias::PerRow(b) => v = _mm512_add_ps(v, _mm512_set1_ps(b[i0 + r])),
+                Bias::PerColumn(b) => v = _mm512_add_ps(v, _mm512_loadu_ps(b[j0 + j..j0 + j + 16].as_ptr())),
+            }
+            let rounded = _mm512_cvtneps_pbh(v);
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().add(j) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(rounded),
+            );
+            j += 16;
+        }
+        // The last columns (under 16) through `half`, as `to_bf16_scaled` rounds its tail.
+        for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate().skip(j) {
+            *d = half::bf16::from_f32(x + bias_at(j)).to_bits();
+        }
     }
 }
 
@@ -306,22 +414,10 @@ unsafe fn to_bf16_avx512(src: &[f32], scale: f32, dst: &mut [u16]) {
     }
 }
 
-/// `src` rounded to bf16 into `dst` ([`to_bf16_scaled`]), on all cores for long slices.
-pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [bf16]) {
-    use half::slice::HalfFloatSliceExt;
-    const CHUNK: usize = 1 << 16;
-    let dst: &mut [u16] = dst.reinterpret_cast_mut();
-    let convert = |(s, d): (&[f32], &mut [u16])| to_bf16_scaled(s, 1.0, d);
-    if src.len() > CHUNK {
-        src.par_chunks(CHUNK).zip(dst.par_chunks_mut(CHUNK)).for_each(convert);
-    } else {
-        convert((src, dst));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     /// Values in [−0.5, 0.5) rounded to bf16, from a xorshift (reproducible, no RNG crate).
     fn values(n: usize, seed: u64) -> Vec<bf16> {
@@ -393,6 +489,54 @@ mod tests {
                         assert!(
                             (got - want).abs() <= 1e-4 * (k as f32).sqrt(),
                             "{m}×{n}×{k} at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rounded product with its bias (per row, per column, none) against f64 sums of the
+    /// same values plus the bias, rounded to bf16: within one bf16 step (the f32 sum may land
+    /// on the other side of a rounding boundary) and the f32 sum's error, on partial tiles, several tasks, a reduction
+    /// past one pair block, output rows wider than `n` (untouched past `n`), serial and threaded.
+    #[test]
+    fn the_rounded_product_adds_the_bias_once() {
+        if !supported() {
+            return;
+        }
+        for (m, n, k) in [(1, 1, 2), (9, 49, 258), (100, 500, 300), (200, 33, 64), (5, 7, 0)] {
+            for (kind, parallel) in [(0, true), (1, false), (2, true)] {
+                let (a, b) = (values(m * k, 3), values(k * n, 4));
+                let (a_bits, b_bits): (Vec<u16>, Vec<u16>) =
+                    (a.iter().map(|v| v.to_bits()).collect(), b.iter().map(|v| v.to_bits()).collect());
+                let mut packed = vec![0u32; k / 2 * n];
+                interleave_rows(&b_bits, k, n, n, &mut packed);
+                let rows: Vec<f32> = (0..m).map(|i| i as f32 * 0.125 - 3.0).collect();
+                let cols: Vec<f32> = (0..n).map(|j| 2.0 - j as f32 * 0.0625).collect();
+                let (bias, bias_at): (Bias, Box<dyn Fn(usize, usize) -> f64>) = match kind {
+                    0 => (Bias::None, Box::new(|_, _| 0.0)),
+                    1 => (Bias::PerRow(&rows), Box::new(|i, _| rows[i] as f64)),
+                    _ => (Bias::PerColumn(&cols), Box::new(|_, j| cols[j] as f64)),
+                };
+                let ldo = n + 2;
+                let mut out = vec![0x7fc1u16; m * ldo];
+                let (lhs, rhs) = (Lhs { data: &a_bits, ld: k }, Rhs { data: &packed, ld: n });
+                gemm_to_bf16(m, n, k / 2, lhs, rhs, &mut out, ldo, bias, parallel);
+                for i in 0..m {
+                    for j in n..ldo {
+                        assert_eq!(out[i * ldo + j], 0x7fc1, "{m}×{n}×{k}: ({i}, {j}) past n was written");
+                    }
+                    for j in 0..n {
+                        let sum: f64 = (0..k).map(|r| a[i * k + r].to_f64() * b[r * n + j].to_f64()).sum();
+                        let want = bf16::from_f64(sum + bias_at(i, j));
+                        let got = bf16::from_bits(out[i * ldo + j]);
+                        // One bf16 step (2^-7 relative), plus the f32 sum's own error where the
+                        // bias cancels the sum to near zero.
+                        let step = want.to_f32().abs() / 128.0 + 1e-4 * (k as f32).sqrt();
+                        assert!(
+                            (got.to_f32() - want.to_f32()).abs() <= step,
+                            "{m}×{n}×{k}, bias {kind}, at ({i}, {j}): {got} vs {want}"
                         );
                     }
                 }

@@ -7,9 +7,10 @@
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Lhs, Rhs};
+use super::bf16_gemm::{self, Bias, Lhs, Rhs};
 use super::cpu::{ConvGeometry, CpuInput, CONV_BAND_BYTES};
 
 /// Whether every tensor is bf16 on the CPU and the processor multiplies bf16 itself.
@@ -22,15 +23,14 @@ fn bits<'a>(input: &'a CpuInput<'a>) -> Result<&'a [u16]> {
     Ok(input.elements::<bf16>()?.reinterpret_cast())
 }
 
-/// `f32` results rounded to a bf16 tensor of `shape`.
-fn rounded(values: &[f32], shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
-    let mut out = vec![bf16::ZERO; values.len()];
-    bf16_gemm::round_to_bf16(values, &mut out);
-    Tensor::from_vec(out, shape, &Device::Cpu)
+/// A bias as f32 values (added to the f32 sums before they are rounded).
+fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()
 }
 
 /// `x·Wᵀ + b` for bf16 `x: [.., in]`, `weight: [out, in]`, `bias: [out]`: the weight interleaved
-/// once per call (`[in/2, out]`), the product on all cores into f32 rows that start as the bias.
+/// once per call (`[in/2, out]`), the product on all cores, the bias added and each result
+/// rounded as its block of sums is finished.
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let (n, k) = weight.dims2()?;
     if !applies(&[x, weight])
@@ -45,23 +45,21 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
     let mut packed = vec![0u32; k / 2 * n];
     bf16_gemm::interleave_cols(bits(&w_in)?, n, k / 2, k, &mut packed, n);
-    let mut out = vec![0f32; m * n];
-    if let Some(bias) = bias {
-        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
-        out.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(&bias));
-    }
+    let bias = bias_values(bias)?;
+    let bias = bias.as_deref().map_or(Bias::None, Bias::PerColumn);
+    let mut out = vec![0u16; m * n];
     let (a, b) = (Lhs { data: bits(&x_in)?, ld: k }, Rhs { data: &packed, ld: n });
-    bf16_gemm::gemm(m, n, k / 2, a, b, &mut out, n, bias.is_some(), true);
+    bf16_gemm::gemm_to_bf16(m, n, k / 2, a, b, &mut out, n, bias, true);
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("x has the in dimension") = n;
-    Ok(Some(rounded(&out, shape)?))
+    Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), shape, &Device::Cpu)?))
 }
 
 /// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: the f32
 /// convolution's bands (`cpu::conv2d`), each unfolded straight into the interleaved layout the
 /// bf16 product reads (`[c·kh·kw / 2, pixels]`: column rows `2p` and `2p + 1` side by side) and
-/// multiplied by the weight as it lies (`[o, c·kh·kw]`) into an f32 output that starts as the
-/// bias, rounded to bf16 once. `None` when `c·kh·kw` is odd.
+/// multiplied by the weight as it lies (`[o, c·kh·kw]`), the bias added and each output rounded
+/// to bf16 once, straight into the bf16 output. `None` when `c·kh·kw` is odd.
 pub(crate) fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -84,7 +82,9 @@ pub(crate) fn conv2d(
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
     let (xs, ws) = (bits(&x_in)?, bits(&w_in)?);
     let pixels = geometry.ho * geometry.wo;
-    let mut out = geometry.output(b, o, bias)?;
+    let bias = bias_values(bias)?;
+    let bias = bias.as_deref().map_or(Bias::None, Bias::PerRow);
+    let mut out = vec![0u16; b * o * pixels];
     let band_rows = (CONV_BAND_BYTES / (2 * k * geometry.wo).max(1)).clamp(1, geometry.ho.max(1));
     let mut column = vec![0u32; k / 2 * band_rows * geometry.wo];
     for (xi, yi) in xs.chunks(c * h * w).zip(out.chunks_mut(o * pixels)) {
@@ -103,10 +103,10 @@ pub(crate) fn conv2d(
                 },
             );
             let (a, bm) = (Lhs { data: ws, ld: k }, Rhs { data: column, ld: n });
-            bf16_gemm::gemm(o, n, k / 2, a, bm, &mut yi[r0 * geometry.wo..], pixels, bias.is_some(), true);
+            bf16_gemm::gemm_to_bf16(o, n, k / 2, a, bm, &mut yi[r0 * geometry.wo..], pixels, bias, true);
         }
     }
-    Ok(Some(rounded(&out, (b, o, geometry.ho, geometry.wo))?))
+    Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), (b, o, geometry.ho, geometry.wo), &Device::Cpu)?))
 }
 
 /// Query rows per task of [`attention`] (as the f32 attention's, `cpu.rs`).

@@ -100,6 +100,29 @@ pub fn cpu_bf16_supported() -> bool {
     bf16_gemm::supported()
 }
 
+/// Sets how many threads the CPU's work uses, ours and candle's alike: rayon's global pool (our
+/// kernels, and `gemm` through `Parallelism::Rayon(0)`) and `RAYON_NUM_THREADS`, which candle's
+/// CPU matmul reads on every call (`candle_core::utils::get_num_threads`). Without it both take
+/// every logical core, and a process sharing the machine oversubscribes it. Call it first thing
+/// in `main`: the pool can be built once, and the environment may only be written while the
+/// process has a single thread.
+pub fn set_cpu_threads(threads: usize) -> std::result::Result<(), String> {
+    if threads == 0 {
+        return Err("at least one thread is needed".into());
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| format!("the CPU thread pool is already running ({e}): set the thread count before any work"))?;
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    Ok(())
+}
+
+/// The threads the CPU's work runs on (rayon's global pool, which [`set_cpu_threads`] sizes).
+pub fn cpu_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Whether fast kernels may be used at all (they are unless turned off); a device without them
 /// runs the reference path regardless.
 pub fn fast_kernels_enabled() -> bool {
@@ -131,10 +154,12 @@ pub fn fast_conv(device: &Device) -> bool {
 /// never (overrides [`CHANNELS_LAST_BY_DEFAULT`]).
 pub const CHANNELS_LAST_ENV: &str = "SDGEN_CHANNELS_LAST";
 
-/// Whether channels-last stacks are on without being asked. Off until the GPU test binary's
-/// `channels_last_at_real_shapes` and the full-size images have passed with it on a GPU machine
-/// (a fast path is only the default once it is proven at real shapes).
-pub const CHANNELS_LAST_BY_DEFAULT: bool = false;
+/// Whether channels-last stacks are on without being asked. On since the GPU test binary's
+/// `channels_last_at_real_shapes` passed on an H100 (every conv and norm at the VAE's real shapes
+/// exactly as close to the f32 reference as the channels-first path) and the SDXL decode ran
+/// faster at a lower peak (45.4 ms and 1.74 GB allocated against 49.3 ms and 2.42 GB; BENCHMARKS.md,
+/// 2026-12-07). Turn it off while a channels-last kernel is reworked until the binary passes again.
+pub const CHANNELS_LAST_BY_DEFAULT: bool = true;
 
 /// Whether a convolution stack loaded for `device` in `dtype` should keep its activations
 /// channels-last (`[b, h, w, c]`): on cuDNN in half precision, whose tensor-core kernels read

@@ -245,6 +245,8 @@ pub(super) fn run_metadata(
     extra.insert("plan".into(), to_json(&job.plan));
     // Which kernels made the image: a wrong image reported with "stock" rules our kernels out.
     extra.insert("kernels".into(), crate::kernels::kernel_summary(&rt.device).into());
+    // The CPU's stages (and a GPU run's host work) take as long as the threads they had.
+    extra.insert("cpu_threads".into(), crate::kernels::cpu_threads().into());
     if let Some(p) = &job.refiner_plan {
         extra.insert("refiner_plan".into(), to_json(p));
     }
