@@ -9,6 +9,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use sdgen::loading::ModelFolder;
 use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
+use sdgen_models::stream::{Residency, StreamableModel};
 use sdgen_models::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
 use sdgen_models::vae::{AutoencoderKL, VaeConfig, VaeOptions};
 
@@ -34,6 +35,8 @@ pub struct ComponentRun<'a> {
     pub inputs: Option<&'a std::path::Path>,
     /// Where the transformer's last output goes (f32 safetensors, tensor `output`).
     pub dump: Option<&'a std::path::Path>,
+    /// How the UNet or transformer holds its blocks (resident, or streamed).
+    pub residency: Residency,
 }
 
 /// Median, fastest and slowest of `times_ms`.
@@ -92,6 +95,22 @@ fn load_timed<M>(device: &Device, load: impl FnOnce() -> anyhow::Result<M>) -> a
     Ok((model, start.elapsed().as_secs_f64() * 1e3))
 }
 
+/// Loads `component`'s model with its blocks as `run.residency` says, timed.
+fn load_model<M: StreamableModel>(
+    model: &ModelFolder,
+    component: &str,
+    cfg: &M::Config,
+    run: &ComponentRun,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<(M, f64)> {
+    let weights = model.weights(component)?;
+    load_timed(device, || {
+        let streamed = weights.streamed_var_builder(dtype, device)?;
+        Ok(M::new_streamed(cfg, weights.var_builder(dtype, device)?, streamed, run.residency)?)
+    })
+}
+
 /// Normal values of `shape` in `dtype` on `device` (the components' random inputs).
 fn randn(shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
@@ -109,9 +128,7 @@ pub fn run(
     let result: anyhow::Result<serde_json::Value> = match run.component {
         "unet" => {
             let cfg: UNetConfig = model.config("unet", "config.json")?;
-            let weights = model.weights("unet")?;
-            let (unet, load_ms) =
-                load_timed(device, || Ok(UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
+            let (unet, load_ms) = load_model::<UNet2DConditionModel>(model, "unet", &cfg, run, device, dtype)?;
             let rows = 2 * run.n;
             let randn = |shape: &[usize]| randn(shape, dtype, device);
             let latents = randn(&[rows, cfg.in_channels, lh, lw])?;
@@ -124,13 +141,13 @@ pub fn run(
             let timed = time_it(device, run, "unet evaluation", || {
                 Ok(unet.forward_with(&latents, 500.0, &context, added.as_ref())?)
             })?;
-            Ok(serde_json::json!({ "component": "unet", "batch": rows, "load_ms": load_ms, "timed": timed }))
+            Ok(
+                serde_json::json!({ "component": "unet", "batch": rows, "load_ms": load_ms, "residency": format!("{:?}", run.residency), "timed": timed }),
+            )
         }
         "transformer" => {
             let cfg: MMDiTConfig = model.config("transformer", "config.json")?;
-            let weights = model.weights("transformer")?;
-            let (mmdit, load_ms) =
-                load_timed(device, || Ok(SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)?))?;
+            let (mmdit, load_ms) = load_model::<SD3Transformer2DModel>(model, "transformer", &cfg, run, device, dtype)?;
             let rows = 2 * run.n;
             let randn = |shape: &[usize]| randn(shape, dtype, device);
             let (latents, t, context, pooled) = match run.inputs {

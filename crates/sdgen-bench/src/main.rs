@@ -108,6 +108,11 @@ struct Args {
     /// With --component: untimed evaluations first (kernel loading, algorithm choice, pools).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// With --component unet or transformer: stream the model's blocks, this many of them resident
+    /// (the rest read per use: from the file on the CPU, from host copies on CUDA), as the
+    /// planner's streaming rung runs it (`generate --check --max-memory …` prints its choice).
+    #[arg(long)]
+    resident_blocks: Option<usize>,
     /// Run the stock candle kernels instead of the fast ones (as `generate --no-fast-kernels`).
     #[arg(long)]
     no_fast_kernels: bool,
@@ -316,6 +321,7 @@ fn main() -> anyhow::Result<()> {
             warmup: args.warmup,
             inputs: args.inputs.as_deref(),
             dump: args.dump.as_deref(),
+            residency: sdgen::pipeline::residency(args.resident_blocks),
         };
         let report = serde_json::json!({
             "family": args.family,

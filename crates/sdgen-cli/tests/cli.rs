@@ -332,3 +332,31 @@ fn threads_set_the_cpu_pool_and_keep_the_image() {
     assert!(images[0] == images[1], "the image changed with the thread count");
     assert_refused(&["a lighthouse", "--model", &model, "--threads", "0"], &["--threads", "0"]);
 }
+
+/// `--memory-mode low` takes the leanest plan, which streams the denoiser's blocks: the plan
+/// table, the seed's `→ Enabled` line, the run's expected cost and the sidecar say so, and the
+/// image is the resident run's, bit for bit.
+#[test]
+fn low_memory_mode_streams_the_denoiser_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let args = |mode: &'static str| -> Vec<&str> {
+        vec!["a lighthouse at dusk", "--model", &model, "--seed", "42", "--steps", "3", "--memory-mode", mode, "--json"]
+    };
+    let (low, log) = common::run_json(&args("low"), &dir.path().join("low"));
+    for needle in ["block streaming (0 of ", "→ Enabled block streaming", "Block streaming: denoise keeps 0 of "] {
+        assert!(log.contains(needle), "{needle} missing from {log}");
+    }
+    let meta = common::sidecar(&low);
+    assert!(meta["memory_optimizations"].as_str().unwrap().contains("block_streaming"), "{meta}");
+    let denoise =
+        meta["extra"]["plan"]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "denoise").unwrap().clone();
+    let streaming = &denoise["options"]["streaming"];
+    assert_eq!(streaming["resident_blocks"], 0, "{denoise}");
+    assert!(streaming["blocks"].as_u64().unwrap() > 2 && streaming["streamed_bytes"].as_u64().unwrap() > 0);
+
+    let (auto, log) = common::run_json(&args("auto"), &dir.path().join("auto"));
+    assert!(!log.contains("block streaming"), "{log}");
+    let png = |r: &serde_json::Value| decode_png(Path::new(r["images"][0]["png"].as_str().unwrap())).0;
+    assert!(png(&low) == png(&auto), "the streamed run's image differs");
+}

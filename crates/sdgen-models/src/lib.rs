@@ -6,6 +6,8 @@
 //! Model code never sees paths, the hub or the command line. Every attention, normalisation,
 //! convolution and linear layer goes through the kernel seam [`ops`], which picks the fast CUDA
 //! kernels or the reference path per device, so a faster kernel applies to every family at once.
+//! The denoisers and T5 can be built with their blocks streamed ([`stream`]): resident parts and
+//! the first K blocks in memory, every other block rebuilt from its weights for each use.
 #![deny(missing_docs)]
 
 pub mod clip;
@@ -13,6 +15,7 @@ pub mod denoiser;
 pub mod mmdit;
 pub mod ops;
 pub mod resnet;
+pub mod stream;
 pub mod t5;
 pub mod unet;
 pub mod vae;

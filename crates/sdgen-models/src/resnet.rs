@@ -74,6 +74,10 @@ impl ResnetBlock2D {
     }
 }
 
+impl crate::stream::StreamBlock for ResnetBlock2D {}
+impl crate::stream::StreamBlock for Downsample2D {}
+impl crate::stream::StreamBlock for Upsample2D {}
+
 /// `Downsample2D` with a convolution: stride 2, padding 1 in the UNet; padding 0 after an
 /// asymmetric (right/bottom) zero pad in the VAE encoder.
 #[derive(Debug)]

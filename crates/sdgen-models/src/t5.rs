@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 use crate::attention::{attention, merge_heads, split_heads};
 use crate::ops::linear::{linear_no_bias, Linear};
+use crate::stream::{Block, BlockWeights, StreamBlock, StreamableModel};
 
 /// The feed-forward layer's form (`feed_forward_proj`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -172,44 +173,31 @@ struct SelfAttention {
     v: Linear,
     o: Linear,
     heads: usize,
-    /// Block 0 only: `[buckets, heads]`.
-    relative_attention_bias: Option<Embedding>,
+}
+
+/// transformers' `compute_bias`: the relative-position bias `[1, heads, seq, seq]` from the
+/// table `[buckets, heads]` (block 0's `relative_attention_bias`, shared by every block), in the
+/// table's dtype.
+fn compute_bias(table: &Embedding, cfg: &T5Config, seq: usize, device: &Device) -> Result<Tensor> {
+    let (nb, md) = (cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance);
+    let buckets: Vec<u32> = (0..seq as i64)
+        .flat_map(|q| (0..seq as i64).map(move |k| relative_position_bucket(k - q, nb, md) as u32))
+        .collect();
+    let buckets = Tensor::from_vec(buckets, (seq, seq), device)?;
+    // [seq, seq, heads] → [1, heads, seq, seq]
+    table.forward(&buckets)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()
 }
 
 impl SelfAttention {
-    fn new(cfg: &T5Config, has_bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
-        let relative_attention_bias = if has_bias {
-            Some(candle_nn::embedding(
-                cfg.relative_attention_num_buckets,
-                cfg.num_heads,
-                vb.pp("relative_attention_bias"),
-            )?)
-        } else {
-            None
-        };
         Ok(Self {
             q: linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
             k: linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
             v: linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
             o: linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
             heads: cfg.num_heads,
-            relative_attention_bias,
         })
-    }
-
-    /// The position bias `[1, heads, seq, seq]` in the bias table's dtype (`compute_bias`).
-    fn compute_bias(&self, cfg: &T5Config, seq: usize, device: &Device) -> Result<Option<Tensor>> {
-        let Some(table) = &self.relative_attention_bias else {
-            return Ok(None);
-        };
-        let (nb, md) = (cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance);
-        let buckets: Vec<u32> = (0..seq as i64)
-            .flat_map(|q| (0..seq as i64).map(move |k| relative_position_bucket(k - q, nb, md) as u32))
-            .collect();
-        let buckets = Tensor::from_vec(buckets, (seq, seq), device)?;
-        // [seq, seq, heads] → [1, heads, seq, seq]
-        Ok(Some(table.forward(&buckets)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?))
     }
 
     fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -287,19 +275,22 @@ fn gelu_new(x: &Tensor) -> Result<Tensor> {
 }
 
 #[derive(Debug)]
-struct Block {
+struct T5Block {
     attn_norm: T5LayerNorm,
     attn: SelfAttention,
     ff_norm: T5LayerNorm,
     ff: FeedForward,
 }
 
-impl Block {
-    fn new(cfg: &T5Config, index: usize, vb: VarBuilder) -> Result<Self> {
+impl StreamBlock for T5Block {}
+
+impl T5Block {
+    /// A block's weights; block 0's relative-position table is read by the model (it is shared).
+    fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
         let (attn_vb, ff_vb) = (vb.pp("layer.0"), vb.pp("layer.1"));
         Ok(Self {
             attn_norm: T5LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, attn_vb.pp("layer_norm"))?,
-            attn: SelfAttention::new(cfg, index == 0, attn_vb.pp("SelfAttention"))?,
+            attn: SelfAttention::new(cfg, attn_vb.pp("SelfAttention"))?,
             ff_norm: T5LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, ff_vb.pp("layer_norm"))?,
             ff: FeedForward::new(cfg, ff_vb.pp("DenseReluDense"))?,
         })
@@ -317,7 +308,9 @@ impl Block {
 #[derive(Debug)]
 pub struct T5EncoderModel {
     embed_tokens: Embedding,
-    blocks: Vec<Block>,
+    /// Block 0's relative-position table `[buckets, heads]`, resident: every block uses its bias.
+    relative_attention_bias: Embedding,
+    blocks: Vec<Block<T5Block>>,
     final_layer_norm: T5LayerNorm,
     cfg: T5Config,
 }
@@ -330,19 +323,47 @@ impl T5EncoderModel {
     /// the `layer_norm`s and `final_layer_norm`). With an f16 `vb`, `wo` is loaded in f32 (see
     /// the module docs).
     pub fn new(cfg: &T5Config, vb: VarBuilder) -> Result<Self> {
-        let enc = vb.pp("encoder");
-        let embed_vb = if vb.contains_tensor("shared.weight") { vb.pp("shared") } else { enc.pp("embed_tokens") };
+        Self::load(cfg, BlockWeights::resident(vb))
+    }
+}
+
+impl StreamableModel for T5EncoderModel {
+    type Config = T5Config;
+
+    /// The encoder's blocks (layers).
+    fn stream_blocks(cfg: &T5Config) -> Vec<String> {
+        (0..cfg.num_layers).map(|i| format!("encoder.block.{i}")).collect()
+    }
+
+    fn build(cfg: &T5Config, weights: BlockWeights) -> Result<Self> {
+        if cfg.num_layers == 0 {
+            candle_core::bail!("T5 encoder without blocks (num_layers 0)");
+        }
+        let vb = weights.vb().clone();
+        let enc = weights.pp("encoder");
+        let embed_vb =
+            if vb.contains_tensor("shared.weight") { vb.pp("shared") } else { vb.pp("encoder.embed_tokens") };
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(cfg, i, enc.pp(format!("block.{i}"))))
+            .map(|i| {
+                let cfg = cfg.clone();
+                enc.block(format!("block.{i}"), move |vb| T5Block::new(&cfg, vb))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: candle_nn::embedding(cfg.vocab_size, cfg.d_model, embed_vb)?,
+            relative_attention_bias: candle_nn::embedding(
+                cfg.relative_attention_num_buckets,
+                cfg.num_heads,
+                vb.pp("encoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
+            )?,
             blocks,
-            final_layer_norm: T5LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, enc.pp("final_layer_norm"))?,
+            final_layer_norm: T5LayerNorm::new(cfg.d_model, cfg.layer_norm_epsilon, vb.pp("encoder.final_layer_norm"))?,
             cfg: cfg.clone(),
         })
     }
+}
 
+impl T5EncoderModel {
     /// The configuration the model was built with.
     pub fn config(&self) -> &T5Config {
         &self.cfg
@@ -361,11 +382,7 @@ impl T5EncoderModel {
         let (b, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mut x = self.embed_tokens.forward(&input_ids.to_dtype(DType::U32)?)?;
-        let first = self.blocks.first().ok_or_else(|| candle_core::Error::Msg("T5 encoder without blocks".into()))?;
-        let bias = first
-            .attn
-            .compute_bias(&self.cfg, seq, device)?
-            .ok_or_else(|| candle_core::Error::Msg("T5 encoder: block 0 has no relative_attention_bias".into()))?;
+        let bias = compute_bias(&self.relative_attention_bias, &self.cfg, seq, device)?;
         let bias = match attention_mask {
             None => bias,
             Some(mask) => {
@@ -389,7 +406,7 @@ impl T5EncoderModel {
             }
         };
         for block in &self.blocks {
-            x = block.forward(&x, &bias)?;
+            x = block.with(|b| b.forward(&x, &bias))?;
         }
         self.final_layer_norm.forward(&x)
     }

@@ -6,9 +6,12 @@
 use candle_core::{DType, Device};
 use sdgen_memory::plan::{
     plan, Blocks, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest,
-    Precision, StoredDType, TensorEntry, Tiling,
+    Precision, StoredDType, StreamableBlocks, TensorEntry, Tiling,
 };
+use sdgen_models::stream::StreamableModel;
+use sdgen_models::t5::{T5Config, T5EncoderModel};
 
+use crate::loading::family::TextEncoderArch;
 use crate::loading::ModelFolder;
 use crate::pipeline::{Settings, StageOptions};
 use crate::{Error, Result};
@@ -182,6 +185,7 @@ pub fn plan_run(
         denoise_tiling: settings
             .denoise_tiles
             .map(|t| Tiling { tile_px: t.tile * t.scale, overlap_px: t.overlap * t.scale }),
+        streamable: streamable(model, settings)?,
         ..PlanRequest::new(
             &profile,
             &manifest,
@@ -204,6 +208,26 @@ pub fn plan_run(
         });
     }
     Ok(plan)
+}
+
+/// The model's components whose blocks the planner may stream: the denoiser's, and T5's where it
+/// runs (the family's T5 encoder not skipped).
+fn streamable(model: &ModelFolder, settings: &Settings) -> Result<Vec<StreamableBlocks>> {
+    let mut out = vec![StreamableBlocks {
+        component: model.denoiser_component().into(),
+        blocks: model.denoiser_stream_blocks()?,
+    }];
+    let t5 = t5_encoder(model).filter(|c| !settings.skipped_encoders.contains(c));
+    if let Some(component) = t5 {
+        let cfg: T5Config = model.config(component, "config.json")?;
+        out.push(StreamableBlocks { component: component.into(), blocks: T5EncoderModel::stream_blocks(&cfg) });
+    }
+    Ok(out)
+}
+
+/// The family's T5 encoder component (its stage has the same name), if it has one.
+fn t5_encoder(model: &ModelFolder) -> Option<&'static str> {
+    model.family().encoders.iter().find(|e| e.arch == TextEncoderArch::T5).map(|e| e.component)
 }
 
 /// The seed's low-memory warning (`⚠️  WARNING: Low memory detected …`, from the requirement
@@ -289,6 +313,10 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
             options = options.merged(o);
         }
     }
+    // Block streaming: the resident blocks the plan chose for the denoiser and for T5.
+    let resident_blocks = |stage: Option<&str>| plan.stage(stage?)?.options.streaming.map(|s| s.resident_blocks);
+    options.denoiser_resident_blocks = resident_blocks(Some("denoise"));
+    options.t5_resident_blocks = resident_blocks(t5_encoder(model));
     // Text encoders share one switch: on the host if the plan puts any there.
     let mut encoders = model.family().encoders.iter().map(|e| e.component);
     options.text_encoder_on_host = encoders.any(|name| plan.stage(name).is_some_and(|s| s.options.on_host));

@@ -8,17 +8,9 @@ use super::request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest};
 use super::table::format_bytes;
 use crate::console::BYTES_PER_GB;
 
-fn ladder(mode: MemoryMode) -> Ladder {
-    if mode == MemoryMode::Fast {
-        Ladder::Free
-    } else {
-        Ladder::Full
-    }
-}
-
 /// Whether `req` has a plan under its mode (low fits exactly when balanced does: same options).
 fn feasible(req: &PlanRequest) -> bool {
-    Ctx::new(req).ok().and_then(|c| c.search(ladder(req.mode))).is_some()
+    Ctx::new(req).ok().and_then(|c| c.best(req.mode)).is_some()
 }
 
 /// Whether `req` fits at full speed: no slower option, all images in one batch.
@@ -66,7 +58,7 @@ fn max_memory_value(bytes: f64) -> String {
 /// The refusal for a request with no plan under its mode.
 pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
     let req = ctx.req;
-    let mut plan = ctx.leanest(ladder(req.mode));
+    let mut plan = ctx.leanest(Ladder::of(req.mode));
     plan.verdict = Verdict::DoesNotFit;
     let failing = plan.stages.iter().find(|s| !s.fits).unwrap_or(&plan.stages[0]);
     let (stage, need_bytes) = (failing.stage.clone(), failing.peak_bytes);

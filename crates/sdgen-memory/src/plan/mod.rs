@@ -51,6 +51,7 @@ mod planner;
 mod profile;
 mod request;
 mod size;
+mod stream;
 mod table;
 
 pub use activation::{
@@ -67,4 +68,5 @@ pub use profile::{
 };
 pub use request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest, DEFAULT_SAFETY_MARGIN};
 pub use size::{parse_memory_size, ParseSizeError};
+pub use stream::{stream_bandwidth, StreamBandwidth, StreamableBlocks, Streaming, BLOCKS_IN_FLIGHT, STREAM_BANDWIDTH};
 pub use table::format_bytes;

@@ -7,6 +7,10 @@
 //! slice first) → VAE tiling (largest tile first) → fewer images per batch → text encoders on
 //! the CPU. The last is independent of the batch (a stage of its own), so trying it last for
 //! its stage is the same as trying it after smaller batches.
+//!
+//! Only when no batch size fits resident does the search try block streaming
+//! ([`super::stream`]): streaming costs reading on every evaluation, smaller batches almost
+//! nothing.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +19,7 @@ use super::error::PlanError;
 use super::manifest::{ComponentManifest, Precision};
 use super::profile::{FamilyProfile, StageSpec, MIN_SCALED_ACTIVATION_BYTES};
 use super::request::{BudgetSource, DeviceKind, MemoryMode, PlanRequest};
+use super::stream::{BlockSizes, Streaming};
 
 /// VAE tiling as chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,12 +45,15 @@ pub struct StageOptions {
     /// Run on the host (CPU, f32) instead of the GPU.
     #[serde(default)]
     pub on_host: bool,
+    /// Block streaming: the model's blocks beyond the first few read per use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<Streaming>,
 }
 
 impl StageOptions {
     /// Whether any chosen option costs speed (VAE slicing does not).
     pub fn is_slower(&self) -> bool {
-        self.attention_slice.is_some() || self.tiling.is_some() || self.on_host
+        self.attention_slice.is_some() || self.tiling.is_some() || self.on_host || self.streaming.is_some()
     }
 
     /// The options in words (`attention slicing (4)`, `VAE tiling (512px, overlap 128px)`).
@@ -62,6 +70,9 @@ impl StageOptions {
         }
         if let Some(t) = self.tiling {
             out.push(format!("VAE tiling ({}px, overlap {}px)", t.tile_px, t.overlap_px));
+        }
+        if let Some(s) = self.streaming {
+            out.push(s.describe());
         }
         out
     }
@@ -196,6 +207,9 @@ impl Plan {
         if any(|o| o.on_host) {
             out.push("text_encoder_on_cpu");
         }
+        if any(|o| o.streaming.is_some()) {
+            out.push("block_streaming");
+        }
         if self.batch_split() {
             out.push("batch_splitting");
         }
@@ -215,6 +229,9 @@ impl Plan {
             }
             if let Some(n) = o.attention_slice {
                 out.push(format!("attention slicing ({n})"));
+            }
+            if let Some(st) = o.streaming {
+                out.push(format!("{} streamed ({} of {} blocks resident)", s.stage, st.resident_blocks, st.blocks));
             }
             if let Some(t) = o.tiling {
                 out.push(format!(
@@ -242,11 +259,11 @@ impl Plan {
 /// [`PlanError::DoesNotFit`] with the numbers and what would help. Pure: reads nothing.
 pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
     let ctx = Ctx::new(request)?;
-    let auto = ctx.search(Ladder::Full);
+    let auto = ctx.best(MemoryMode::Balanced);
     let chosen = match request.mode {
         MemoryMode::Auto | MemoryMode::Balanced => auto.clone(),
-        MemoryMode::Fast => ctx.search(Ladder::Free),
-        MemoryMode::Low => Some(ctx.leanest(Ladder::Full)).filter(|p| p.stages.iter().all(|s| s.fits)),
+        MemoryMode::Fast => ctx.best(MemoryMode::Fast),
+        MemoryMode::Low => Some(ctx.leanest(Ladder::Streamed)).filter(|p| p.stages.iter().all(|s| s.fits)),
     };
     match chosen {
         Some(mut plan) => {
@@ -265,8 +282,21 @@ pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
 pub(crate) enum Ladder {
     /// Only free options (VAE slicing) and batch splitting: `--memory-mode fast`.
     Free,
-    /// Everything.
+    /// Every resident option.
     Full,
+    /// Every option, block streaming too.
+    Streamed,
+}
+
+impl Ladder {
+    /// The ladder a mode searches last (its leanest plans).
+    pub(crate) fn of(mode: MemoryMode) -> Self {
+        if mode == MemoryMode::Fast {
+            Ladder::Free
+        } else {
+            Ladder::Streamed
+        }
+    }
 }
 
 /// A request with its stages resolved (weights summed, options enumerated).
@@ -286,6 +316,8 @@ struct StageCtx<'a> {
     width_ratio: f64,
     /// The most its components' loads hold beyond their weights ([`PlanRequest::load_transient_bytes`]).
     load_transient_bytes: u64,
+    /// Its model's streamable blocks ([`PlanRequest::streamable`]), if any.
+    blocks: Option<BlockSizes>,
 }
 
 /// `spec`'s width ratio ([`StageWidth`]) in `components`' tensors: 1 when it has none or the
@@ -313,6 +345,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             let (mut device, mut host) = (0u64, 0u64);
             let mut manifests = Vec::new();
             let mut load_transient_bytes = 0;
+            let mut blocks = None;
             for &name in &spec.components {
                 let comp = profile.component(name).ok_or_else(|| {
                     PlanError::InvalidRequest(format!(
@@ -332,6 +365,11 @@ impl<'r, 'a> Ctx<'r, 'a> {
                     });
                 };
                 let forced = req.component_precision.iter().find(|(c, _)| c == name).map(|(_, p)| *p);
+                // A stage streams its one streamable component's blocks.
+                let streamable = req.streamable.iter().find(|s| s.component == comp.source && comp.prefixes.is_empty());
+                blocks = blocks.or_else(|| {
+                    streamable.and_then(|s| BlockSizes::of(manifest, &s.blocks, forced.unwrap_or(req.precision)))
+                });
                 precision = precision.or(forced).or(manifest.precision);
                 device += manifest.bytes_at(comp.prefixes, forced.unwrap_or(req.precision));
                 host += manifest.select(comp.prefixes).map(|t| t.bytes_at(Precision::F32)).sum::<u64>();
@@ -347,9 +385,19 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 weight_bytes_host: host,
                 width_ratio: width_ratio(spec, &manifests),
                 load_transient_bytes,
+                blocks,
             });
         }
         Ok(Self { req, stages })
+    }
+
+    /// The fastest plan `mode` allows: resident if any batch size fits so, else streamed (fast
+    /// mode never streams).
+    pub(crate) fn best(&self, mode: MemoryMode) -> Option<Plan> {
+        match mode {
+            MemoryMode::Fast => self.search(Ladder::Free),
+            _ => self.search(Ladder::Full).or_else(|| self.search(Ladder::Streamed)),
+        }
     }
 
     /// The fastest plan that fits: for each batch size from the one asked for down, the first
@@ -404,7 +452,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
         if slicing {
             sets.push(StageOptions { image_slicing: true, ..Default::default() });
         }
-        if ladder == Ladder::Full {
+        if ladder != Ladder::Free {
             let base = StageOptions { image_slicing: slicing, ..Default::default() };
             if let (true, Some(att)) = (spec.attention_slicing, &stage.spec.activation.attention) {
                 // Halving from half the score matrices down to one at a time (diffusers'
@@ -427,7 +475,24 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 sets.push(StageOptions { on_host: true, ..Default::default() });
             }
         }
-        sets.into_iter().map(|o| self.estimate(stage, per_batch, o)).collect()
+        let mut plans: Vec<StagePlan> = sets.iter().map(|&o| self.estimate(stage, per_batch, o)).collect();
+        // The streaming rung: each device option set again, with as many blocks resident as fit,
+        // then with every block streamed (the leanest: any resident block adds to the peak at
+        // least what it saves from the largest streamed one).
+        if let (Ladder::Streamed, Some(blocks)) = (ladder, &stage.blocks) {
+            for &o in sets.iter().filter(|o| !o.on_host) {
+                let with = |k: usize| {
+                    let (_, _, streaming) = blocks.split(k, self.req.device);
+                    self.estimate(stage, per_batch, StageOptions { streaming: Some(streaming), ..o })
+                };
+                // Keeping every block resident is the resident plan, not this rung.
+                if let Some(most) = (1..blocks.count()).rev().map(with).find(|p| p.fits) {
+                    plans.push(most);
+                }
+                plans.push(with(0));
+            }
+        }
+        plans
     }
 
     fn items(&self, stage: &StageCtx, per_batch: usize, image_slicing: bool) -> usize {
@@ -442,11 +507,21 @@ impl<'r, 'a> Ctx<'r, 'a> {
     fn estimate(&self, stage: &StageCtx, per_batch: usize, options: StageOptions) -> StagePlan {
         let req = self.req;
         let items = self.items(stage, per_batch, options.image_slicing);
-        let (kernels, precision, weight_bytes, baseline) = if options.on_host {
+        let (kernels, precision, mut weight_bytes, baseline) = if options.on_host {
             (KernelFamily::Cpu, Precision::F32, stage.weight_bytes_host, 0)
         } else {
             (req.device.kernels(), stage.precision, stage.weight_bytes_device, req.budget.baseline_bytes)
         };
+        // Streamed: the blocks past the resident ones leave the weights; those in flight come back.
+        let mut host_bytes = 0;
+        if let (Some(s), Some(blocks)) = (options.streaming, &stage.blocks) {
+            let (streamed, in_flight, _) = blocks.split(s.resident_blocks, req.device);
+            weight_bytes = weight_bytes - streamed + in_flight;
+            // A discrete GPU's streamed blocks wait in host memory.
+            if req.device == DeviceKind::DiscreteGpu {
+                host_bytes = streamed;
+            }
+        }
         // A tiled denoiser's forward takes one tile (of the guided batch) at a time.
         let denoise_tiles = req.denoise_tiling.filter(|_| stage.spec.activation.batch == BatchRule::GuidedImages);
         let inputs = ActivationInputs {
@@ -470,7 +545,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
         let fits = if options.on_host {
             req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)
         } else {
-            peak_bytes <= req.usable_bytes()
+            peak_bytes <= req.usable_bytes() && req.usable_host_bytes().is_none_or(|h| host_bytes <= h)
         };
         StagePlan {
             stage: stage.spec.name.to_string(),

@@ -7,6 +7,7 @@ use super::activation::KernelFamily;
 use super::manifest::{ModelManifest, Precision};
 use super::planner::Tiling;
 use super::profile::FamilyProfile;
+use super::stream::StreamableBlocks;
 
 /// The fraction of the budget kept free by default: estimates are fits, allocators fragment,
 /// and other processes move.
@@ -200,6 +201,9 @@ pub struct PlanRequest<'a> {
     /// native size, one after another): its activations are one tile's batch, not the whole
     /// image's. Sizes in pixels.
     pub denoise_tiling: Option<Tiling>,
+    /// Components whose blocks can be streamed (the denoiser's, T5's), with their blocks in
+    /// forward order: the planner's last rung before refusing ([`super::stream`]).
+    pub streamable: Vec<StreamableBlocks>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -235,6 +239,7 @@ impl<'a> PlanRequest<'a> {
             skipped_stages: Vec::new(),
             load_transient_bytes: Vec::new(),
             denoise_tiling: None,
+            streamable: Vec::new(),
         }
     }
 

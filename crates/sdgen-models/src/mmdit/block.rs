@@ -259,6 +259,15 @@ pub(crate) struct JointBlock {
     ff: FeedForward,
 }
 
+impl crate::stream::StreamBlock for JointBlock {
+    fn set_attention_options(&self, options: AttentionOptions) {
+        self.attn.options.set(options);
+        if let Some(attn2) = &self.attn2 {
+            attn2.options.set(options);
+        }
+    }
+}
+
 impl JointBlock {
     pub(crate) fn new(
         dim: usize,
@@ -291,13 +300,6 @@ impl JointBlock {
             norm2: LayerNorm::no_affine(dim, EPS),
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
-    }
-
-    pub(crate) fn set_attention_options(&self, options: AttentionOptions) {
-        self.attn.options.set(options);
-        if let Some(attn2) = &self.attn2 {
-            attn2.options.set(options);
-        }
     }
 
     /// `(context, image)` → the updated `(context, image)`; the context is `None` after the last

@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 use crate::attention::AttentionOptions;
 use crate::denoiser::{Conditioning, Denoiser};
 use crate::ops::linear::{linear, Linear};
+use crate::stream::{Block, BlockWeights, StreamableModel};
 use block::{AdaNormContinuous, JointBlock};
 use embed::{cast, PatchEmbed, TimeTextEmbed};
 
@@ -34,7 +35,7 @@ pub struct SD3Transformer2DModel {
     pos_embed: PatchEmbed,
     time_text_embed: TimeTextEmbed,
     context_embedder: Linear,
-    blocks: Vec<JointBlock>,
+    blocks: Vec<Block<JointBlock>>,
     norm_out: AdaNormContinuous,
     proj_out: Linear,
     cfg: MMDiTConfig,
@@ -45,22 +46,32 @@ impl SD3Transformer2DModel {
     /// Loads the model in `vb`'s dtype; `cfg` is usually `transformer/config.json`. A missing
     /// tensor is an error naming its key.
     pub fn new(cfg: &MMDiTConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load(cfg, BlockWeights::resident(vb))
+    }
+}
+
+impl StreamableModel for SD3Transformer2DModel {
+    type Config = MMDiTConfig;
+
+    /// The joint blocks.
+    fn stream_blocks(cfg: &MMDiTConfig) -> Vec<String> {
+        (0..cfg.num_layers).map(|i| format!("transformer_blocks.{i}")).collect()
+    }
+
+    fn build(cfg: &MMDiTConfig, weights: BlockWeights) -> Result<Self> {
         cfg.validate()?;
         let dim = cfg.inner_dim();
         let (heads, head_dim) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let qk_norm = cfg.has_qk_norm();
         let blocks = (0..cfg.num_layers)
             .map(|i| {
-                JointBlock::new(
-                    dim,
-                    heads,
-                    head_dim,
-                    cfg.has_qk_norm(),
-                    i + 1 == cfg.num_layers,
-                    cfg.dual_attention_layers.contains(&i),
-                    vb.pp(format!("transformer_blocks.{i}")),
-                )
+                let (last, dual) = (i + 1 == cfg.num_layers, cfg.dual_attention_layers.contains(&i));
+                weights.block(format!("transformer_blocks.{i}"), move |vb| {
+                    JointBlock::new(dim, heads, head_dim, qk_norm, last, dual, vb)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
+        let vb = weights.vb();
         let patch = cfg.patch_size;
         Ok(Self {
             pos_embed: PatchEmbed::new(
@@ -80,7 +91,9 @@ impl SD3Transformer2DModel {
             dtype: vb.dtype(),
         })
     }
+}
 
+impl SD3Transformer2DModel {
     /// The configuration the model was built with.
     pub fn config(&self) -> &MMDiTConfig {
         &self.cfg
@@ -181,7 +194,7 @@ impl SD3Transformer2DModel {
                 // Only the last block drops the context, and nothing follows it.
                 candle_core::bail!("block {i} has no context: an earlier block was context_pre_only");
             };
-            let (c, out) = block.forward(&x, c, &temb)?;
+            let (c, out) = block.with(|b| b.forward(&x, c, &temb))?;
             ctx = c;
             x = out;
         }

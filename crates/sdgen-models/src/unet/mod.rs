@@ -17,6 +17,7 @@ use crate::ops::conv::{conv3x3, Conv2d};
 use crate::ops::linear::{linear, linear_no_bias, Linear};
 use crate::ops::norm::GroupNorm;
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::stream::{Block, BlockWeights, StreamableModel};
 
 /// diffusers' `get_guidance_scale_embedding` (the LCM pipelines' `w_embedding`, from VDM's
 /// `get_timestep_embedding`): the guidance `w` (the pipelines pass `guidance_scale − 1`) times
@@ -67,21 +68,21 @@ pub fn timestep_embedding(
 
 #[derive(Debug)]
 struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Block<ResnetBlock2D>>,
     attentions: Vec<Transformer2D>,
-    downsampler: Option<Downsample2D>,
+    downsampler: Option<Block<Downsample2D>>,
 }
 
 #[derive(Debug)]
 struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Block<ResnetBlock2D>>,
     attentions: Vec<Transformer2D>,
-    upsampler: Option<Upsample2D>,
+    upsampler: Option<Block<Upsample2D>>,
 }
 
 #[derive(Debug)]
 struct MidBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Block<ResnetBlock2D>>,
     attentions: Vec<Transformer2D>,
 }
 
@@ -125,7 +126,55 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Loads the model; `cfg` is usually `unet/config.json`.
     pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load(cfg, BlockWeights::resident(vb))
+    }
+}
+
+impl StreamableModel for UNet2DConditionModel {
+    type Config = UNetConfig;
+
+    /// Every resnet, every transformer block inside the attentions (SDXL's deepest attentions
+    /// hold ten each), every down/up sampler. What stays resident: the time and added
+    /// embeddings, `conv_in`, `conv_norm_out`, `conv_out` and the attentions' norms and
+    /// projections.
+    fn stream_blocks(cfg: &UNetConfig) -> Vec<String> {
+        let n = cfg.block_out_channels.len();
+        let layers = cfg.layers_per_block.expand(n);
+        let tlayers = cfg.transformer_layers_per_block.expand(n);
+        let attention = |prefix: String, level: usize| Transformer2D::stream_blocks(tlayers[level], &prefix);
+        let mut out = Vec::new();
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            for j in 0..layers[i] {
+                out.push(format!("down_blocks.{i}.resnets.{j}"));
+                if kind.starts_with("CrossAttn") {
+                    out.extend(attention(format!("down_blocks.{i}.attentions.{j}"), i));
+                }
+            }
+            if i + 1 < n {
+                out.push(format!("down_blocks.{i}.downsamplers.0"));
+            }
+        }
+        out.push("mid_block.resnets.0".into());
+        out.extend(attention("mid_block.attentions.0".into(), n - 1));
+        out.push("mid_block.resnets.1".into());
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let level = n - 1 - i;
+            for j in 0..layers[level] + 1 {
+                out.push(format!("up_blocks.{i}.resnets.{j}"));
+                if kind.starts_with("CrossAttn") {
+                    out.extend(attention(format!("up_blocks.{i}.attentions.{j}"), level));
+                }
+            }
+            if i + 1 < n {
+                out.push(format!("up_blocks.{i}.upsamplers.0"));
+            }
+        }
+        out
+    }
+
+    fn build(cfg: &UNetConfig, weights: BlockWeights) -> Result<Self> {
         cfg.validate()?;
+        let vb = weights.vb().clone();
         let boc = &cfg.block_out_channels;
         let n = boc.len();
         let temb = boc[0] * 4;
@@ -145,8 +194,11 @@ impl UNet2DConditionModel {
         };
 
         let mut down = Vec::with_capacity(n);
+        let resnet = |w: &BlockWeights, name: String, cin: usize, cout: usize| {
+            w.block(name, move |vb| ResnetBlock2D::new(cin, cout, Some(temb), groups, eps, vb))
+        };
         for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let vb = vb.pp(format!("down_blocks.{i}"));
+            let w = weights.pp(format!("down_blocks.{i}"));
             let cout = boc[i];
             let cin = if i == 0 { boc[0] } else { boc[i - 1] };
             let cross = kind.starts_with("CrossAttn");
@@ -154,34 +206,33 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..layers[i] {
                 let c = if j == 0 { cin } else { cout };
-                resnets.push(ResnetBlock2D::new(c, cout, Some(temb), groups, eps, vb.pp(format!("resnets.{j}")))?);
+                resnets.push(resnet(&w, format!("resnets.{j}"), c, cout)?);
                 if cross {
-                    attentions.push(Transformer2D::new(spec(cout, i), vb.pp(format!("attentions.{j}")))?);
+                    attentions.push(Transformer2D::new(spec(cout, i), &w.pp(format!("attentions.{j}")))?);
                 }
             }
+            let padding = cfg.downsample_padding;
             let downsampler = if i + 1 < n {
-                Some(Downsample2D::new(cout, cfg.downsample_padding, vb.pp("downsamplers.0"))?)
+                Some(w.block("downsamplers.0", move |vb| Downsample2D::new(cout, padding, vb))?)
             } else {
                 None
             };
             down.push(DownBlock { resnets, attentions, downsampler });
         }
 
+        // Built in forward order: resnet, attention, resnet.
         let c = boc[n - 1];
-        let mvb = vb.pp("mid_block");
-        let mid = MidBlock {
-            resnets: vec![
-                ResnetBlock2D::new(c, c, Some(temb), groups, eps, mvb.pp("resnets.0"))?,
-                ResnetBlock2D::new(c, c, Some(temb), groups, eps, mvb.pp("resnets.1"))?,
-            ],
-            attentions: vec![Transformer2D::new(spec(c, n - 1), mvb.pp("attentions.0"))?],
-        };
+        let mw = weights.pp("mid_block");
+        let resnet_0 = resnet(&mw, "resnets.0".into(), c, c)?;
+        let attention = Transformer2D::new(spec(c, n - 1), &mw.pp("attentions.0"))?;
+        let mid =
+            MidBlock { resnets: vec![resnet_0, resnet(&mw, "resnets.1".into(), c, c)?], attentions: vec![attention] };
 
         let rev: Vec<usize> = boc.iter().rev().copied().collect();
         let mut up = Vec::with_capacity(n);
         let mut out_c = rev[0];
         for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let vb = vb.pp(format!("up_blocks.{i}"));
+            let w = weights.pp(format!("up_blocks.{i}"));
             let prev_out = out_c;
             out_c = rev[i];
             let in_c = rev[(i + 1).min(n - 1)];
@@ -193,19 +244,13 @@ impl UNet2DConditionModel {
             for j in 0..num {
                 let skip = if j + 1 == num { in_c } else { out_c };
                 let rin = if j == 0 { prev_out } else { out_c };
-                resnets.push(ResnetBlock2D::new(
-                    rin + skip,
-                    out_c,
-                    Some(temb),
-                    groups,
-                    eps,
-                    vb.pp(format!("resnets.{j}")),
-                )?);
+                resnets.push(resnet(&w, format!("resnets.{j}"), rin + skip, out_c)?);
                 if cross {
-                    attentions.push(Transformer2D::new(spec(out_c, level), vb.pp(format!("attentions.{j}")))?);
+                    attentions.push(Transformer2D::new(spec(out_c, level), &w.pp(format!("attentions.{j}")))?);
                 }
             }
-            let upsampler = if i + 1 < n { Some(Upsample2D::new(out_c, vb.pp("upsamplers.0"))?) } else { None };
+            let upsampler =
+                if i + 1 < n { Some(w.block("upsamplers.0", move |vb| Upsample2D::new(out_c, vb))?) } else { None };
             up.push(UpBlock { resnets, attentions, upsampler });
         }
 
@@ -237,7 +282,9 @@ impl UNet2DConditionModel {
             cfg: cfg.clone(),
         })
     }
+}
 
+impl UNet2DConditionModel {
     /// The configuration the model was built with.
     pub fn config(&self) -> &UNetConfig {
         &self.cfg
@@ -338,28 +385,28 @@ impl UNet2DConditionModel {
         let mut skips = vec![x.clone()];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(&x, Some(&emb))?;
+                x = resnet.with(|r| r.forward(&x, Some(&emb)))?;
                 if let Some(attn) = block.attentions.get(j) {
                     x = attn.forward(&x, &context)?;
                 }
                 skips.push(x.clone());
             }
             if let Some(ds) = &block.downsampler {
-                x = ds.forward(&x)?;
+                x = ds.with(|d| d.forward(&x))?;
                 skips.push(x.clone());
             }
         }
 
-        x = self.mid.resnets[0].forward(&x, Some(&emb))?;
+        x = self.mid.resnets[0].with(|r| r.forward(&x, Some(&emb)))?;
         x = self.mid.attentions[0].forward(&x, &context)?;
-        x = self.mid.resnets[1].forward(&x, Some(&emb))?;
+        x = self.mid.resnets[1].with(|r| r.forward(&x, Some(&emb)))?;
 
         for block in &self.up {
             let res = skips.split_off(skips.len() - block.resnets.len());
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = &res[res.len() - 1 - j];
                 x = Tensor::cat(&[&x, skip], 1)?;
-                x = resnet.forward(&x, Some(&emb))?;
+                x = resnet.with(|r| r.forward(&x, Some(&emb)))?;
                 if let Some(attn) = block.attentions.get(j) {
                     x = attn.forward(&x, &context)?;
                 }
@@ -372,7 +419,7 @@ impl UNet2DConditionModel {
                     }
                     _ => None,
                 };
-                x = us.forward(&x, size)?;
+                x = us.with(|u| u.forward(&x, size))?;
             }
         }
         let x = self.norm_out.forward_silu(&x)?;

@@ -8,6 +8,7 @@ use crate::ops::attention::{attention_with, merge_heads, split_heads, AttentionO
 use crate::ops::conv::{conv1x1, Conv2d};
 use crate::ops::linear::{linear, linear_no_bias, Linear};
 use crate::ops::norm::{GroupNorm, LayerNorm};
+use crate::stream::{Block, BlockWeights, StreamBlock};
 
 /// diffusers' `Attention` as used in UNets: bias-free q/k/v, an output projection with bias.
 #[derive(Debug)]
@@ -96,15 +97,17 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn set_attention_options(&self, options: AttentionOptions) {
-        self.attn1.set_attention_options(options);
-        self.attn2.set_attention_options(options);
-    }
-
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+impl StreamBlock for BasicTransformerBlock {
+    fn set_attention_options(&self, options: AttentionOptions) {
+        self.attn1.set_attention_options(options);
+        self.attn2.set_attention_options(options);
     }
 }
 
@@ -121,7 +124,9 @@ enum Projection {
 pub struct Transformer2D {
     norm: GroupNorm,
     proj_in: Projection,
-    blocks: Vec<BasicTransformerBlock>,
+    /// Streamable one by one (at SDXL's deepest levels ten of them hold ~0.7 GB in bf16); the
+    /// norm and projections around them are small and stay resident.
+    blocks: Vec<Block<BasicTransformerBlock>>,
     proj_out: Projection,
 }
 
@@ -143,8 +148,14 @@ pub struct TransformerSpec {
 }
 
 impl Transformer2D {
-    /// Loads the module.
-    pub fn new(spec: TransformerSpec, vb: VarBuilder) -> Result<Self> {
+    /// The block prefixes of a transformer of `layers` blocks at `prefix`, in forward order.
+    pub fn stream_blocks(layers: usize, prefix: &str) -> Vec<String> {
+        (0..layers).map(|i| format!("{prefix}.transformer_blocks.{i}")).collect()
+    }
+
+    /// Loads the module, its transformer blocks as `weights` holds blocks.
+    pub fn new(spec: TransformerSpec, weights: &BlockWeights) -> Result<Self> {
+        let vb = weights.vb();
         let c = spec.channels;
         let proj = |name: &str| -> Result<Projection> {
             Ok(if spec.linear_projection {
@@ -154,15 +165,12 @@ impl Transformer2D {
             })
         };
         let head_dim = c / spec.heads;
+        let (context_dim, heads) = (spec.context_dim, spec.heads);
         let blocks = (0..spec.layers)
             .map(|i| {
-                BasicTransformerBlock::new(
-                    c,
-                    spec.context_dim,
-                    spec.heads,
-                    head_dim,
-                    vb.pp(format!("transformer_blocks.{i}")),
-                )
+                weights.block(format!("transformer_blocks.{i}"), move |vb| {
+                    BasicTransformerBlock::new(c, context_dim, heads, head_dim, vb)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -191,7 +199,7 @@ impl Transformer2D {
             Projection::Linear(lin) => lin.forward(&to_tokens(&x)?)?,
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.with(|b| b.forward(&tokens, context))?;
         }
         let to_map = |t: &Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous() };
         let out = match &self.proj_out {

@@ -106,6 +106,7 @@ pub(super) fn plan_job(
     let batch_size = req.memory.max_images_per_batch.unwrap_or(request.n);
     let plan = plan_for(model, &settings, img2img_request.is_some())?;
     report_plan(&plan, batch_size, events);
+    report_streaming(&plan, settings.steps, events);
     let mut options = crate::planning::stage_options(model, &plan, &settings, false)?;
     // The refiner runs after the base is unloaded: its stages are planned on their own (with its
     // VAE encoder when it takes the base's images), and the run takes the leaner of both plans'
@@ -210,6 +211,25 @@ fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
     }
     if let Some(w) = &plan.warning {
         events(Event::Warning(w));
+    }
+}
+
+/// What block streaming adds to the run: each streamed stage's expected time per evaluation
+/// over the denoiser's `steps` per batch (the encoders run once a batch).
+fn report_streaming(plan: &Plan, steps: usize, events: &mut dyn FnMut(Event)) {
+    for s in &plan.stages {
+        let Some(st) = s.options.streaming else { continue };
+        let evaluations = plan.batch_count * if s.stage == "denoise" { steps } else { 1 };
+        events(Event::Log(&format!(
+            "Block streaming: {} keeps {} of {} blocks resident and streams {} per evaluation: about {:.0} s more over \
+             {}",
+            s.stage,
+            st.resident_blocks,
+            st.blocks,
+            sdgen_memory::plan::format_bytes(st.streamed_bytes),
+            (st.expected_ms_per_forward * evaluations as u64) as f64 / 1000.0,
+            plural(evaluations, "evaluation")
+        )));
     }
 }
 

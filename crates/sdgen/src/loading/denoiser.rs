@@ -5,6 +5,7 @@
 use candle_core::{DType, Device};
 use sdgen_models::denoiser::Denoiser;
 use sdgen_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
+use sdgen_models::stream::{Residency, StreamableModel};
 use sdgen_models::unet::{UNet2DConditionModel, UNetConfig};
 
 use super::family::DenoiserArch;
@@ -69,14 +70,36 @@ impl ModelFolder {
         }
     }
 
-    /// Loads the denoiser with its weights in `dtype` on `device`.
+    /// Loads the denoiser with its weights in `dtype` on `device`, every block resident.
     pub fn load_denoiser(&self, dtype: DType, device: &Device) -> Result<Box<dyn Denoiser>> {
+        self.load_denoiser_with(dtype, device, Residency::Resident)
+    }
+
+    /// The denoiser's streamable blocks by checkpoint prefix, in forward order (what the planner
+    /// sizes from the headers, and what [`Residency::Streamed`] counts).
+    pub fn denoiser_stream_blocks(&self) -> Result<Vec<String>> {
+        let component = self.denoiser_component();
+        Ok(match self.family().denoiser.arch {
+            DenoiserArch::UNet2DCondition => {
+                UNet2DConditionModel::stream_blocks(&self.config(component, "config.json")?)
+            }
+            DenoiserArch::SD3Transformer2D => {
+                SD3Transformer2DModel::stream_blocks(&self.config(component, "config.json")?)
+            }
+        })
+    }
+
+    /// [`Self::load_denoiser`] with its blocks held as `residency` says (streamed blocks read
+    /// from the weights' streamed source on `device`: see [`super::stream`]).
+    pub fn load_denoiser_with(&self, dtype: DType, device: &Device, residency: Residency) -> Result<Box<dyn Denoiser>> {
         let component = self.denoiser_component();
         let weights = self.weights(component)?;
+        let vb = weights.var_builder(dtype, device)?;
+        let streamed = weights.streamed_var_builder(dtype, device)?;
         match self.family().denoiser.arch {
             DenoiserArch::UNet2DCondition => {
                 let cfg: UNetConfig = self.config(component, "config.json")?;
-                let unet = UNet2DConditionModel::new(&cfg, weights.var_builder(dtype, device)?)
+                let unet = UNet2DConditionModel::new_streamed(&cfg, vb, streamed, residency)
                     .map_err(|e| model_error(&weights, "a UNet2DConditionModel", e))?;
                 Ok(Box::new(unet))
             }
@@ -85,7 +108,7 @@ impl ModelFolder {
                 cfg.validate().map_err(|e| {
                     crate::Error::BadModel(format!("{}/{component}/config.json: {e}", self.root().display()))
                 })?;
-                let mmdit = SD3Transformer2DModel::new(&cfg, weights.var_builder(dtype, device)?)
+                let mmdit = SD3Transformer2DModel::new_streamed(&cfg, vb, streamed, residency)
                     .map_err(|e| model_error(&weights, "an SD3Transformer2DModel (MMDiT)", e))?;
                 Ok(Box::new(mmdit))
             }

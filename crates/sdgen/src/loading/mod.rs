@@ -12,6 +12,7 @@ pub mod read_backend;
 pub mod safetensors_header;
 pub mod single_file;
 pub mod source;
+pub mod stream;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -128,6 +129,18 @@ impl ComponentWeights {
     /// positioned reads rather than mapped, so the process never holds the file's pages and the
     /// converted weights at once (see `read_backend`).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        Ok(VarBuilder::from_backend(self.backend(false)?, dtype, device.clone()))
+    }
+
+    /// The `VarBuilder` streamed blocks are read from on `device` (see [`stream`]): the file on
+    /// every use on the CPU and unified memory, host copies uploaded on every use on CUDA.
+    pub fn streamed_var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        Ok(VarBuilder::from_backend(self.backend(stream::holds_host_copies(device))?, dtype, device.clone()))
+    }
+
+    /// The reader of these weights, with the LoRAs fused over it (over the host copies, if held,
+    /// so a fused weight is made on the device as a resident load makes it).
+    fn backend(&self, host_copies: bool) -> Result<Box<dyn SimpleBackend>> {
         // A single file's share: its view serves the tensors by diffusers name, through the same
         // reader (a tensor stored transposed, OpenCLIP's `text_projection`, is transposed back).
         let cannot_open = |e: std::io::Error| Error::BadModel(format!("cannot open {}: {e}", self.describe()));
@@ -139,14 +152,15 @@ impl ComponentWeights {
             Some(plan) => Box::new(quantise::QuantisingBackend::new(backend, plan.clone())),
             None => backend,
         };
-        let backend: Box<dyn SimpleBackend> = match &self.lora {
+        let backend: Box<dyn SimpleBackend> =
+            if host_copies { Box::new(stream::HostCopies::new(backend)) } else { backend };
+        Ok(match &self.lora {
             Some(patches) => Box::new(
                 lora::FusingBackend::new(backend, patches.clone())
                     .map_err(|e| Error::BadModel(format!("cannot open the LoRAs of {}: {e}", self.describe())))?,
             ),
             None => backend,
-        };
-        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+        })
     }
 
     /// Whether LoRA deltas are fused into these weights as they load.

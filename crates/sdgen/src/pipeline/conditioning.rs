@@ -16,6 +16,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 pub use sdgen_models::denoiser::Conditioning;
+use sdgen_models::stream::{Residency, StreamableModel};
 use sdgen_models::t5::{T5Config, T5EncoderModel};
 
 use super::stages::{loaded, stage, StageLog};
@@ -247,7 +248,14 @@ enum TextEncoder {
 }
 
 impl TextEncoder {
-    fn load(model: &ModelFolder, spec: &TextEncoderSpec, req: &Request, device: &Device, dtype: DType) -> Result<Self> {
+    /// Loads the encoder; T5 holds its blocks as `t5_residency` says.
+    fn load(
+        model: &ModelFolder,
+        spec: &TextEncoderSpec,
+        req: &Request,
+        (device, dtype): (&Device, DType),
+        t5_residency: Residency,
+    ) -> Result<Self> {
         let weights = model.weights(spec.component)?;
         let vb = weights.var_builder(dtype, device)?;
         // Tokenizers are parsed once per open model (a server runs many batches on one), shared
@@ -266,7 +274,8 @@ impl TextEncoder {
             }
             TextEncoderArch::T5 => {
                 let cfg: T5Config = model.config(spec.component, "config.json")?;
-                let encoder = T5EncoderModel::new(&cfg, vb)
+                let streamed = weights.streamed_var_builder(dtype, device)?;
+                let encoder = T5EncoderModel::new_streamed(&cfg, vb, streamed, t5_residency)
                     .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))?;
                 let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
                 TextEncoder::T5(
@@ -323,7 +332,8 @@ fn encode_with(
     // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
     let (device, dtype) =
         if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
-    let encoder = TextEncoder::load(model, spec, req, &device, dtype)?;
+    let encoder =
+        TextEncoder::load(model, spec, req, (&device, dtype), super::residency(rt.options.t5_resident_blocks))?;
     loaded(progress, stage_name);
     let options = req.prompt_options;
     // The clip skip was checked against the family and the encoder's layers (`check_clip_skip`).

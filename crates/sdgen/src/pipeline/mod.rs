@@ -157,17 +157,33 @@ pub struct StageOptions {
     /// before its first stage loads (the seed's `🧹 Preparing memory for large model...`).
     #[serde(default)]
     pub prepare_large_model: bool,
+    /// Block streaming of the denoiser (`sdgen_models::stream`): its first this many blocks
+    /// resident, the others read per use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoiser_resident_blocks: Option<usize>,
+    /// Block streaming of T5 (SD 3's third text encoder), likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t5_resident_blocks: Option<usize>,
 }
 
 /// The optimisations a run can enable, in the seed's order: whether it is on, its
 /// `memory_optimizations` name, and its console phrase (`  → Enabled …`).
 type Optimisation = (fn(&StageOptions) -> bool, &'static str, &'static str);
-const OPTIMISATIONS: [Optimisation; 4] = [
+const OPTIMISATIONS: [Optimisation; 5] = [
     (|o| o.attention_slice.is_some() || o.vae_attention_slice.is_some(), "attention_slicing", "attention slicing"),
     (|o| o.vae_slicing, "vae_slicing", "VAE slicing"),
     (|o| o.vae_tile_px.is_some(), "vae_tiling", "VAE tiling"),
     (|o| o.text_encoder_on_host, "text_encoder_on_cpu", "the text encoder on the CPU"),
+    (|o| o.denoiser_resident_blocks.is_some() || o.t5_resident_blocks.is_some(), "block_streaming", "block streaming"),
 ];
+
+/// How a model with `resident_blocks` from the options holds its blocks.
+pub fn residency(resident_blocks: Option<usize>) -> sdgen_models::stream::Residency {
+    match resident_blocks {
+        Some(resident_blocks) => sdgen_models::stream::Residency::Streamed { resident_blocks },
+        None => sdgen_models::stream::Residency::Resident,
+    }
+}
 
 impl StageOptions {
     /// The optimisations the run enables, as the seed's console lines name them

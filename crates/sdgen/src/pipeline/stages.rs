@@ -51,6 +51,8 @@ impl StageOptions {
             vae_tile_px: leaner(self.vae_tile_px, other.vae_tile_px),
             aggressive_cleanup: self.aggressive_cleanup || other.aggressive_cleanup,
             prepare_large_model: self.prepare_large_model || other.prepare_large_model,
+            denoiser_resident_blocks: leaner(self.denoiser_resident_blocks, other.denoiser_resident_blocks),
+            t5_resident_blocks: leaner(self.t5_resident_blocks, other.t5_resident_blocks),
         }
     }
 }
@@ -72,10 +74,18 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
             o.text_encoder_on_host = true;
             Some("the text encoder on the CPU".into())
         }
-        Role::Denoiser(_) => {
-            o.attention_slice = next(o.attention_slice)?.into();
-            Some(format!("attention slicing ({} query rows at a time)", o.attention_slice?))
-        }
+        Role::Denoiser(_) => match next(o.attention_slice) {
+            Some(rows) => {
+                o.attention_slice = Some(rows);
+                Some(format!("attention slicing ({rows} query rows at a time)"))
+            }
+            // Past the finest slicing: every block streamed.
+            None if o.denoiser_resident_blocks != Some(0) => {
+                o.denoiser_resident_blocks = Some(0);
+                Some("block streaming (every block read per use)".into())
+            }
+            None => None,
+        },
         _ => leaner_vae(stage, o),
     }
 }
@@ -316,7 +326,8 @@ pub(super) fn denoise(
         }
         None => cond,
     };
-    let denoiser = model.load_denoiser(rt.dtype, &rt.device)?;
+    let denoiser =
+        model.load_denoiser_with(rt.dtype, &rt.device, super::residency(rt.options.denoiser_resident_blocks))?;
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);
     // The seed's points around the denoising loop: the model is loaded, memory is cleaned, and

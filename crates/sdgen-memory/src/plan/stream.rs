@@ -1,0 +1,169 @@
+//! The streaming rung of the ladder (`sdgen_models::stream` is the mechanism): after every
+//! resident placement, a stage whose model has streamable blocks (a denoiser's, T5's) runs with
+//! its first `K` blocks resident and the rest read per use, `K` as large as the budget allows.
+//!
+//! Its peak: the resident parts, the resident blocks, the streamed blocks in flight (one while
+//! uploads are synchronous; two once the GPU prefetches into a ring, [`BLOCKS_IN_FLIGHT`]) with
+//! the read's transient, and the activations. Its cost: the bytes streamed per evaluation at the
+//! device's measured read or copy bandwidth ([`STREAM_BANDWIDTH`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{ComponentManifest, Precision};
+use super::request::DeviceKind;
+use super::table::format_bytes;
+
+/// Block streaming as chosen for a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Streaming {
+    /// Blocks kept resident (the first ones in forward order).
+    pub resident_blocks: usize,
+    /// The model's streamable blocks.
+    pub blocks: usize,
+    /// Bytes read (CPU) or copied to the device (GPU) per evaluation.
+    pub streamed_bytes: u64,
+    /// The time that adds to each evaluation, at [`stream_bandwidth`].
+    pub expected_ms_per_forward: u64,
+}
+
+impl Streaming {
+    /// In words: `block streaming (12 of 90 blocks resident, 3.1GB streamed per evaluation, ~1.8 s
+    /// more each)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "block streaming ({} of {} blocks resident, {} streamed per evaluation, ~{:.1} s more each)",
+            self.resident_blocks,
+            self.blocks,
+            format_bytes(self.streamed_bytes),
+            self.expected_ms_per_forward as f64 / 1000.0
+        )
+    }
+}
+
+/// A model folder component whose blocks can be streamed: its block prefixes in forward order
+/// (the model's own list, e.g. `UNet2DConditionModel::stream_blocks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamableBlocks {
+    /// The model folder's component (`unet`, `transformer`, `text_encoder_3`).
+    pub component: String,
+    /// Its blocks' tensor-name prefixes, in forward order.
+    pub blocks: Vec<String>,
+}
+
+/// A measured bandwidth at which streamed weights reach the compute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamBandwidth {
+    /// The device kind it applies to.
+    pub device: DeviceKind,
+    /// Bytes per second.
+    pub bytes_per_second: f64,
+    /// Where the figure comes from.
+    pub source: &'static str,
+}
+
+/// What streaming reads per evaluation costs, per device.
+pub const STREAM_BANDWIDTH: [StreamBandwidth; 3] = [
+    StreamBandwidth {
+        device: DeviceKind::Cpu,
+        bytes_per_second: 1.0e9,
+        source: "measured: SDXL's UNet in bf16 with every block streamed (5.1 GB read and rebuilt per evaluation, \
+                 positioned reads, page cache warm) took 4.6-5.3 s more per 512² evaluation than resident \
+                 (22.1/25.4 s), on the 2-core development VM at load average ~7 (2026-12-07, BENCHMARKS.md \
+                 \"Block streaming on the CPU\"); a cold read of the file from its disk runs at the same 0.96 GB/s \
+                 (dd iflag=direct), a warm one at 8 GB/s",
+    },
+    StreamBandwidth {
+        device: DeviceKind::UnifiedGpu,
+        bytes_per_second: 1.0e9,
+        source: "the CPU's figure: unified memory reads the file the same way (not measured on a Mac)",
+    },
+    StreamBandwidth {
+        device: DeviceKind::DiscreteGpu,
+        bytes_per_second: 10.0e9,
+        source: "synchronous host-to-device copies from pageable memory over PCIe 5 (an estimate, about a fifth of \
+                 the link: to be measured on the GPU machine; pinned memory on a copy stream reaches ~50 GB/s)",
+    },
+];
+
+/// The bandwidth streaming gets on `device`.
+pub fn stream_bandwidth(device: DeviceKind) -> f64 {
+    STREAM_BANDWIDTH.iter().find(|b| b.device == device).map_or(1.0e9, |b| b.bytes_per_second)
+}
+
+/// Streamed blocks materialised at once: one while uploads are synchronous (`upload` in the
+/// engine's `loading::stream`); 2 once the GPU prefetches the next block into a ring.
+pub const BLOCKS_IN_FLIGHT: u64 = 1;
+
+/// The sizes of a stage's streamable blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BlockSizes {
+    /// Each block's weights at the stage's precision, in forward order.
+    bytes: Vec<u64>,
+    /// Each block's read transient on the host: its largest tensor read into a buffer and turned
+    /// into a tensor (both at once, the stored size) before it is converted.
+    read_bytes: Vec<u64>,
+}
+
+impl BlockSizes {
+    /// The blocks of `manifest` named `blocks`, at `precision`; `None` when it has none of them.
+    pub(crate) fn of(manifest: &ComponentManifest, blocks: &[String], precision: Precision) -> Option<Self> {
+        let precision = manifest.precision.unwrap_or(precision);
+        let (mut bytes, mut read_bytes) = (Vec::new(), Vec::new());
+        for block in blocks {
+            let prefix = format!("{block}.");
+            let tensors = || manifest.tensors.iter().filter(|t| t.name.starts_with(&prefix));
+            bytes.push(tensors().map(|t| t.bytes_at(precision)).sum());
+            read_bytes.push(2 * tensors().map(|t| t.stored_bytes()).max().unwrap_or(0));
+        }
+        bytes.iter().any(|&b| b > 0).then_some(Self { bytes, read_bytes })
+    }
+
+    /// The streamable blocks.
+    pub(crate) fn count(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// With the first `resident` blocks resident on `device`: the bytes the streamed blocks take
+    /// out of the stage's weights, the bytes they add back in flight, and the choice.
+    pub(crate) fn split(&self, resident: usize, device: DeviceKind) -> (u64, u64, Streaming) {
+        let streamed = &self.bytes[resident.min(self.bytes.len())..];
+        let streamed_bytes: u64 = streamed.iter().sum();
+        let largest = streamed.iter().copied().max().unwrap_or(0);
+        // On the CPU each tensor is read on the host, next to the block; a GPU's copies are
+        // made on the host, outside the device budget.
+        let read = match device {
+            DeviceKind::DiscreteGpu => 0,
+            _ => self.read_bytes[resident.min(self.bytes.len())..].iter().copied().max().unwrap_or(0),
+        };
+        let expected_ms_per_forward = (streamed_bytes as f64 / stream_bandwidth(device) * 1e3).round() as u64;
+        let choice =
+            Streaming { resident_blocks: resident, blocks: self.count(), streamed_bytes, expected_ms_per_forward };
+        (streamed_bytes, largest * BLOCKS_IN_FLIGHT + read, choice)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{StoredDType, TensorEntry};
+
+    #[test]
+    fn blocks_are_sized_from_the_manifest_by_prefix() {
+        let t = |name: &str, n: usize| TensorEntry::new(name, vec![n], StoredDType::F32);
+        let m = ComponentManifest::new(
+            "unet",
+            vec![t("conv_in.weight", 10), t("b.0.w", 100), t("b.0.v", 20), t("b.1.w", 300), t("b.10.w", 50)],
+        );
+        let blocks: Vec<String> = ["b.0", "b.1", "b.10"].map(String::from).to_vec();
+        let sizes = BlockSizes::of(&m, &blocks, Precision::Bf16).unwrap();
+        // `b.1.` does not take `b.10.`'s tensors.
+        assert_eq!(sizes.bytes, [240, 600, 100]);
+        assert_eq!(sizes.read_bytes, [800, 2400, 400]);
+        let (out, in_flight, s) = sizes.split(1, DeviceKind::Cpu);
+        assert_eq!((out, in_flight), (700, 600 + 2400));
+        assert_eq!((s.resident_blocks, s.blocks, s.streamed_bytes), (1, 3, 700));
+        let (_, in_flight, _) = sizes.split(0, DeviceKind::DiscreteGpu);
+        assert_eq!(in_flight, 600);
+        assert!(BlockSizes::of(&m, &["x.0".to_string()], Precision::F32).is_none());
+    }
+}

@@ -1,0 +1,112 @@
+//! Where streamed blocks' weights come from on each device (`sdgen_models::stream` holds the
+//! mechanism and the GPU design: pinned host copies, a ring of two device buffers, a copy stream
+//! with prefetch).
+//!
+//! - CPU and unified memory: the component's ordinary reader, which reads every tensor from the
+//!   file with positioned reads on each use (`read_backend`): nothing of a streamed block stays in
+//!   the process between uses.
+//! - CUDA: [`HostCopies`], which keeps each tensor it has served in host memory (read from the
+//!   file once, when the model loads and validates its streamed blocks) and copies it to the device
+//!   on every use through [`upload`], the one function the GPU work replaces.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+
+/// Copies a host tensor to `device`: synchronous, from pageable memory, for now. The GPU machine
+/// turns this into a copy from pinned memory on a second stream into the block ring (see
+/// `sdgen_models::stream`).
+pub fn upload(host: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
+    host.to_device(device)
+}
+
+/// Whether streamed weights are held in host memory and uploaded per use (a discrete GPU), rather
+/// than read from the file per use (the CPU and unified memory, where host memory is the budget).
+pub fn holds_host_copies(device: &Device) -> bool {
+    device.is_cuda()
+}
+
+/// A backend that serves `inner`'s tensors from host copies, each read once (in the dtype asked
+/// for, converted on the host: the same rounding as on the device) and uploaded on every use.
+pub struct HostCopies {
+    inner: Box<dyn SimpleBackend>,
+    held: Mutex<HashMap<(String, DType), Tensor>>,
+}
+
+impl HostCopies {
+    /// Wraps `inner`, holding nothing yet.
+    pub fn new(inner: Box<dyn SimpleBackend>) -> Self {
+        Self { inner, held: Mutex::default() }
+    }
+
+    fn host(
+        &self,
+        name: &str,
+        dtype: DType,
+        read: impl FnOnce(&dyn SimpleBackend) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let key = (name.to_string(), dtype);
+        if let Some(t) = self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(t.clone());
+        }
+        let t = read(self.inner.as_ref())?;
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for HostCopies {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        upload(&self.host(name, dtype, |b| b.get(s, name, h, dtype, &Device::Cpu))?, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        upload(&self.host(name, dtype, |b| b.get_unchecked(name, dtype, &Device::Cpu))?, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Counts the reads that reach the file.
+    struct Counting(Arc<AtomicUsize>);
+    impl SimpleBackend for Counting {
+        fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            assert_eq!(name, "w");
+            Tensor::ones(s, dtype, dev)
+        }
+        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.get(Shape::from(2), name, Init::Const(0.0), dtype, dev)
+        }
+        fn contains_tensor(&self, name: &str) -> bool {
+            name == "w"
+        }
+    }
+
+    #[test]
+    fn host_copies_read_each_tensor_once_per_dtype() -> candle_core::Result<()> {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let b = HostCopies::new(Box::new(Counting(reads.clone())));
+        for _ in 0..3 {
+            let t = b.get(Shape::from(2), "w", Init::Const(0.0), DType::F32, &Device::Cpu)?;
+            assert_eq!(t.to_vec1::<f32>()?, [1.0, 1.0]);
+        }
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+        b.get_unchecked("w", DType::BF16, &Device::Cpu)?;
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
+        assert!(b.contains_tensor("w") && !b.contains_tensor("v"));
+        Ok(())
+    }
+}
