@@ -189,13 +189,19 @@ fn initial_latents(
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let weights = model.weights("vae")?;
     // SDXL's img2img pipelines (families that honour `force_upcast`) encode with the VAE in f32
     // when its config says so, whatever the run's dtype; SD 1.5's encodes in the run's dtype.
     let upcast = model.family().vae.honours_force_upcast && vae_cfg.force_upcast.unwrap_or(true);
     let vae_dtype = if upcast { DType::F32 } else { rt.dtype };
-    let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(vae_dtype, &rt.device)?)
-        .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
+    let vae = rt.load_weights(
+        stage_name,
+        || super::WeightKey::new(model, "vae_encoder", vae_dtype, &rt.device),
+        || {
+            let weights = model.weights("vae")?;
+            AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(vae_dtype, &rt.device)?)
+                .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))
+        },
+    )?;
     vae.set_attention_options(sdgen_models::attention::AttentionOptions { slice: rt.options.vae_attention_slice });
     loaded(progress, stage_name);
     // diffusers encodes image[i : i + 1] once per image; when the images are all the init image,
