@@ -413,7 +413,8 @@ async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `POST /sdapi/v1/options`: `sd_model_checkpoint` switches the default model (checked first:
-/// an unknown one is refused); other options are ignored.
+/// an unknown one is refused), and, as A1111 unloads the checkpoint it leaves, drops the warm
+/// weights; other options are ignored.
 async fn set_options(
     State(state): State<Arc<AppState>>,
     raw: Result<Bytes, BytesRejection>,
@@ -432,7 +433,18 @@ async fn set_options(
         opened.map_err(|e| {
             ApiError::invalid("sd_model_checkpoint", format!("sd_model_checkpoint `{name}` cannot be opened: {e}"))
         })?;
-        *state.default_model.write().unwrap_or_else(|e| e.into_inner()) = name.trim().to_string();
+        let name = name.trim().to_string();
+        let previous =
+            std::mem::replace(&mut *state.default_model.write().unwrap_or_else(|e| e.into_inner()), name.clone());
+        if let Some(warm) = state.warm.clone().filter(|_| previous != name) {
+            let reason = format!("the default model switched from {previous} to {name}");
+            let dropped = tokio::task::spawn_blocking(move || warm.clear(&reason))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+            if let Some(eviction) = dropped {
+                eprintln!("sdgen-server: {eviction}");
+            }
+        }
     }
     Ok(Json(Value::Null))
 }

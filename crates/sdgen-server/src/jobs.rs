@@ -449,7 +449,7 @@ mod tests {
         // Nothing changes an ended job.
         job.apply(JobEvent::Failed { status: 500, field: None, message: "late".into() }, None, &metrics);
         assert_eq!(job.status().state, JobState::Done);
-        assert!(metrics.render(0, false).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
+        assert!(metrics.render(0, false, None).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
     }
 
     #[test]

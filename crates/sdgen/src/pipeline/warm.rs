@@ -197,6 +197,8 @@ struct Entry {
 
 #[derive(Default)]
 struct Store {
+    /// Whether anything is kept (a store that keeps nothing counts the loads).
+    keeps: bool,
     /// Least recently used first.
     entries: Vec<Entry>,
     /// The running job's stages; `None` between jobs (nothing is kept then).
@@ -235,6 +237,7 @@ fn job_bytes(stages: &[JobStage], key: &WeightKey) -> Option<u64> {
 }
 
 /// The engine's warm weights: a handle the engine, its pipelines and a server's routes share.
+/// `Default` is [`WarmWeights::counting_only`].
 #[derive(Clone, Default)]
 pub struct WarmWeights(Arc<Mutex<Store>>);
 
@@ -260,8 +263,14 @@ fn in_use_bytes() -> u64 {
 }
 
 impl WarmWeights {
-    /// An empty store.
+    /// An empty store that keeps what jobs load while their plans have room.
     pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(Store { keeps: true, ..Store::default() })))
+    }
+
+    /// A store that keeps nothing (every stage drops its model when it ends, as without one)
+    /// but counts the loads and records them in the jobs' metadata: a server's `--no-keep-warm`.
+    pub fn counting_only() -> Self {
         Self::default()
     }
 
@@ -361,7 +370,7 @@ impl WarmWeights {
         let model = Arc::new(load()?);
         let mut store = self.lock();
         store.count(&key).loads += 1;
-        let keep = match store.job.as_deref() {
+        let keep = match store.job.as_deref().filter(|_| store.keeps) {
             Some(stages) => job_bytes(stages, &key).filter(|_| {
                 let (residency, bytes) = store.residency(stages, Some(&key));
                 fits_with(&residency, &bytes, &vec![true; bytes.len()])
