@@ -88,6 +88,7 @@ struct A1111Request {
     hr_upscaler: Option<String>,
     hr_resize_x: Option<usize>,
     hr_resize_y: Option<usize>,
+    hr_second_pass_steps: Option<usize>,
     override_settings: Option<Map<String, Value>>,
     refiner_checkpoint: Option<String>,
     refiner_switch_at: Option<f64>,
@@ -211,6 +212,15 @@ fn hires_fix(r: &A1111Request) -> Result<sdgen::engine::UpscaleRequest, ApiError
         if let Some(v) = v.filter(|&v| v != 0) {
             return Err(ApiError::invalid(field, format!("{field} {v}: give hr_scale instead (2, 3 or 4)")));
         }
+    }
+    // A1111's hires pass schedules `hr_second_pass_steps` steps (0: the first pass's); ours
+    // always the first pass's: another number is refused, never dropped.
+    if let Some(n) = r.hr_second_pass_steps.filter(|&n| n != 0 && Some(n) != r.steps) {
+        let first = r.steps.map_or("the model's default".to_string(), |s| format!("steps, {s}"));
+        return Err(ApiError::invalid(
+            "hr_second_pass_steps",
+            format!("hr_second_pass_steps {n}: the hires pass here runs the first pass's steps ({first}); give 0 or leave it out"),
+        ));
     }
     let scale = r.hr_scale.unwrap_or(2.0);
     if scale.fract() != 0.0 || !(2.0..=4.0).contains(&scale) {

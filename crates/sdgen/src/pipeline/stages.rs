@@ -442,17 +442,7 @@ pub(super) fn decode(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
     let dtype = decode_dtype(model, vae_cfg, rt.dtype);
-    let vae = rt.load_weights(
-        stage_name,
-        || super::WeightKey::new(model, "vae_decoder", dtype, &rt.device),
-        || {
-            let weights = model.weights("vae")?;
-            AutoencoderKL::new(vae_cfg, false, true, weights.var_builder(dtype, &rt.device)?)
-                .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))
-        },
-    )?;
-    vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
-    loaded(progress, stage_name);
+    let vae = load_vae(stage_name, model, vae_cfg, VaePart::Decoder, dtype, rt, progress)?;
     // diffusers casts to the VAE's dtype first (SDXL's f16 upcast), then divides in that dtype
     // with torch's f32 scalar arithmetic.
     let z = div_scalar(&latents.to_dtype(dtype)?, vae_cfg.scaling_factor as f32)?;
@@ -466,6 +456,45 @@ pub(super) fn decode(
         .permute((0, 2, 3, 1))?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?)
+}
+
+/// The half of the VAE a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum VaePart {
+    /// Image-to-image's encoding of the init image.
+    Encoder,
+    /// The decode of the latents.
+    Decoder,
+}
+
+/// `model`'s VAE half `part` in `dtype` for the stage `stage_name` (warm when the engine keeps
+/// it: the planner's `vae_encoder` and `vae_decoder` are components of their own), with the
+/// run's attention slicing, reported loaded.
+pub(super) fn load_vae(
+    stage_name: &str,
+    model: &ModelFolder,
+    vae_cfg: &VaeConfig,
+    part: VaePart,
+    dtype: DType,
+    rt: &Runtime,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<std::sync::Arc<AutoencoderKL>> {
+    let (component, encoder) = match part {
+        VaePart::Encoder => ("vae_encoder", true),
+        VaePart::Decoder => ("vae_decoder", false),
+    };
+    let vae = rt.load_weights(
+        stage_name,
+        || super::WeightKey::new(model, component, dtype, &rt.device),
+        || {
+            let weights = model.weights("vae")?;
+            AutoencoderKL::new(vae_cfg, encoder, !encoder, weights.var_builder(dtype, &rt.device)?)
+                .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))
+        },
+    )?;
+    vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
+    loaded(progress, stage_name);
+    Ok(vae)
 }
 
 /// The dtype the VAE decodes in: the families that honour `force_upcast` (SDXL's pipelines)
