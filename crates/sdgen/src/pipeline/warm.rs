@@ -256,10 +256,14 @@ fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// In-use memory of the pool weights live in: the GPU's when there is one, else the process's.
-fn in_use_bytes() -> u64 {
+/// In-use memory of the pool the weights live in: the GPU's for weights on one (when it can be
+/// read), else the process's.
+fn in_use_bytes(on_gpu: bool) -> u64 {
     let info = sdgen_memory::memory_info();
-    info.gpu.map_or(info.process_rss_bytes, |g| g.used_bytes)
+    match info.gpu {
+        Some(g) if on_gpu => g.used_bytes,
+        _ => info.process_rss_bytes,
+    }
 }
 
 impl WarmWeights {
@@ -325,7 +329,8 @@ impl WarmWeights {
 
     /// Drops `entries` (they are out of the store already), returns their memory and measures it.
     fn drop_entries(&self, entries: Vec<Entry>, reason: String) -> Eviction {
-        let before = in_use_bytes();
+        let on_gpu = entries.iter().any(|e| e.key.device != DeviceLocation::Cpu);
+        let before = in_use_bytes(on_gpu);
         let mut evicted = Vec::new();
         {
             let mut store = self.lock();
@@ -336,7 +341,7 @@ impl WarmWeights {
         }
         drop(entries);
         sdgen_memory::cleanup_memory(false);
-        Eviction { reason, evicted, freed_bytes: before.saturating_sub(in_use_bytes()) }
+        Eviction { reason, evicted, freed_bytes: before.saturating_sub(in_use_bytes(on_gpu)) }
     }
 
     /// How each stage since the last call came by its weights, in order.
