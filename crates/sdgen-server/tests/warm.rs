@@ -161,8 +161,9 @@ fn a_model_switch_returns_the_memory_and_a_budget_for_one_model_evicts_the_other
     let (a, b) = (a.display().to_string(), b.display().to_string());
     let models = ["--extra-model", a.as_str(), "--extra-model", b.as_str()];
 
-    // No budget: the memory with the wide model warm, and after a model switch drops it.
-    let server = Server::start(&models);
+    // No budget: the memory with the wide model warm, and after a model switch drops it (one
+    // malloc arena, as `cancel_memory.rs` says why: the weights' pages, not glibc's arenas).
+    let server = Server::start_with_env(&models, &[("MALLOC_ARENA_MAX", "1")]);
     run_job(&server, &job(&tiny_model(), 1));
     let baseline = rss(&server);
     let first_a = run_job(&server, &job(&a, 1));
