@@ -153,6 +153,11 @@ pub struct Args {
     /// How the memory planner trades speed for memory: auto, fast, balanced or low.
     #[arg(long, default_value = "auto")]
     pub memory_mode: String,
+    /// Keep each stage's loaded weights for the next batch or prompt while the memory plan has
+    /// room for them (evicted least recently used when a stage needs it), instead of dropping
+    /// them when the stage ends: faster runs of several batches (--n, --prompt-file).
+    #[arg(long)]
+    pub keep_warm: bool,
     /// Print this machine's memory, what each model family needs and whether and how it would run
     /// here, then exit.
     #[arg(long)]
@@ -312,6 +317,7 @@ impl Args {
             },
             mode: self.memory_mode.parse().map_err(|e| invalid(format!("--memory-mode: {e}")))?,
             max_images_per_batch: Some(self.batch_size),
+            ..Default::default()
         };
         // A preset is found (or refused, listing them) before anything else is touched.
         let preset = self.quality.as_deref().map(sdgen::presets::find).transpose()?;
@@ -386,6 +392,7 @@ impl Args {
         }
         let mut engine = EngineConfig::new(Runtime::new(device, dtype), device_label);
         engine.hub = hub;
+        engine.warm = self.keep_warm.then(sdgen::engine::WarmWeights::new);
         Ok(Resolved { request, engine, output })
     }
 }

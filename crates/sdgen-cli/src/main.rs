@@ -123,6 +123,10 @@ fn report(bar: &mut progress::Reporter, event: Event) {
             bar.finish();
             progress::warn(line);
         }
+        Event::Evicted(eviction) => {
+            bar.finish();
+            progress::log(&eviction.to_string());
+        }
         Event::Download(p) => bar.download(p),
         Event::Pipeline(p) => bar.report(p),
     }

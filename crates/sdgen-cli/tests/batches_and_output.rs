@@ -75,6 +75,28 @@ fn n_batches_of_batch_size_images_with_consecutive_seeds() {
     assert_eq!(files_in(&out).len(), 8);
 }
 
+/// `--keep-warm`: the second batch takes the first's weights (its sidecar says so) and the
+/// images are byte for byte those of a run that reads them for every batch.
+#[test]
+fn keep_warm_reuses_the_weights_across_batches_with_the_same_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["x", "--model", &tiny_model(), "--seed", "5", "--steps", "2", "--n", "2", "--json"];
+    let (cold, _) = run_json(&args, &dir.path().join("cold"));
+    let (warm, _) = run_json(&[&args[..], &["--keep-warm"]].concat(), &dir.path().join("warm"));
+    let weights = |result: &serde_json::Value, i: usize| {
+        let path = PathBuf::from(result["images"][i]["metadata"].as_str().unwrap());
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        meta["extra"]["weights"].clone()
+    };
+    let uses = |u: &str| serde_json::json!({"text_encoder": u, "unet": u, "vae": u});
+    assert_eq!((weights(&warm, 0), weights(&warm, 1)), (uses("loaded_kept"), uses("reused")));
+    assert_eq!(weights(&cold, 1), serde_json::Value::Null, "one-shot runs drop every stage's weights");
+    for i in 0..2 {
+        let png = |r: &serde_json::Value| std::fs::read(r["images"][i]["png"].as_str().unwrap()).unwrap();
+        assert!(png(&warm) == png(&cold), "image {i} differs with --keep-warm");
+    }
+}
+
 #[test]
 fn output_may_name_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,8 +24,9 @@ pub struct Conditioning {
     pub timestep_cond: Option<Tensor>,
 }
 
-/// A denoiser: one forward per sampling step.
-pub trait Denoiser {
+/// A denoiser: one forward per sampling step. `Send + Sync`: a long-lived engine keeps loaded
+/// denoisers between jobs, where a server's routes may drop them.
+pub trait Denoiser: Send + Sync {
     /// The model's prediction (noise, v or velocity, as its schedule defines) for
     /// `latents: [B, C, H, W]` at `timesteps: [B]` (one per batch entry, as values in the
     /// scheduler's units; any dtype and device), conditioned on `cond`.

@@ -88,6 +88,7 @@ struct A1111Request {
     hr_upscaler: Option<String>,
     hr_resize_x: Option<usize>,
     hr_resize_y: Option<usize>,
+    hr_second_pass_steps: Option<usize>,
     override_settings: Option<Map<String, Value>>,
     refiner_checkpoint: Option<String>,
     refiner_switch_at: Option<f64>,
@@ -211,6 +212,15 @@ fn hires_fix(r: &A1111Request) -> Result<sdgen::engine::UpscaleRequest, ApiError
         if let Some(v) = v.filter(|&v| v != 0) {
             return Err(ApiError::invalid(field, format!("{field} {v}: give hr_scale instead (2, 3 or 4)")));
         }
+    }
+    // A1111's hires pass schedules `hr_second_pass_steps` steps (0: the first pass's); ours
+    // always the first pass's: another number is refused, never dropped.
+    if let Some(n) = r.hr_second_pass_steps.filter(|&n| n != 0 && Some(n) != r.steps) {
+        let first = r.steps.map_or("the model's default".to_string(), |s| format!("steps, {s}"));
+        return Err(ApiError::invalid(
+            "hr_second_pass_steps",
+            format!("hr_second_pass_steps {n}: the hires pass here runs the first pass's steps ({first}); give 0 or leave it out"),
+        ));
     }
     let scale = r.hr_scale.unwrap_or(2.0);
     if scale.fract() != 0.0 || !(2.0..=4.0).contains(&scale) {
@@ -413,7 +423,8 @@ async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `POST /sdapi/v1/options`: `sd_model_checkpoint` switches the default model (checked first:
-/// an unknown one is refused); other options are ignored.
+/// an unknown one is refused), and, as A1111 unloads the checkpoint it leaves, drops the warm
+/// weights; other options are ignored.
 async fn set_options(
     State(state): State<Arc<AppState>>,
     raw: Result<Bytes, BytesRejection>,
@@ -432,7 +443,18 @@ async fn set_options(
         opened.map_err(|e| {
             ApiError::invalid("sd_model_checkpoint", format!("sd_model_checkpoint `{name}` cannot be opened: {e}"))
         })?;
-        *state.default_model.write().unwrap_or_else(|e| e.into_inner()) = name.trim().to_string();
+        let name = name.trim().to_string();
+        let previous =
+            std::mem::replace(&mut *state.default_model.write().unwrap_or_else(|e| e.into_inner()), name.clone());
+        if let Some(warm) = state.warm.clone().filter(|_| previous != name) {
+            let reason = format!("the default model switched from {previous} to {name}");
+            let dropped = tokio::task::spawn_blocking(move || warm.clear(&reason))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+            if let Some(eviction) = dropped {
+                eprintln!("sdgen-server: {eviction}");
+            }
+        }
     }
     Ok(Json(Value::Null))
 }

@@ -66,6 +66,7 @@ fn server() -> &'static (tokio::runtime::Runtime, Router) {
         let state = Arc::new(AppState {
             queue,
             metrics,
+            warm: None,
             preflight: Arc::new(crate::preflight::Preflight::new(engine)),
             limits: Limits { max_width: 256, max_height: 256, max_steps: 8, max_images: 4 },
             models: ModelPolicy { paths: vec![tiny_model()], ..Default::default() },

@@ -205,10 +205,24 @@ impl Job {
 
     /// Ends the job in `state` with its final event (once: a job already ended stays as it was).
     pub fn finish(&self, state: JobState, error: Option<ApiError>) -> bool {
+        self.finish_counted(state, error, None)
+    }
+
+    /// [`Job::finish`], counted in `metrics` when it ended the job.
+    pub fn end(&self, state: JobState, error: Option<ApiError>, metrics: &Metrics) {
+        self.finish_counted(state, error, Some(metrics));
+    }
+
+    /// Ends the job, counted before the end can be seen: a client that sees it ended and then
+    /// reads `/metrics` finds it counted.
+    fn finish_counted(&self, state: JobState, error: Option<ApiError>, metrics: Option<&Metrics>) -> bool {
         let mut ended = false;
         self.update(None, |s| {
             if s.state.is_final() {
                 return;
+            }
+            if let Some(m) = metrics {
+                m.job_ended(state.name());
             }
             ended = true;
             s.events.push(final_event(state, s.images.len(), error.as_ref()));
@@ -218,13 +232,6 @@ impl Job {
             s.progress.stage = None;
         });
         ended
-    }
-
-    /// [`Job::finish`], counted in `metrics` when it ended the job.
-    pub fn end(&self, state: JobState, error: Option<ApiError>, metrics: &Metrics) {
-        if self.finish(state, error) {
-            metrics.job_ended(state.name());
-        }
     }
 
     /// One event as a worker reported it (an `image` event with its image): the state, the
@@ -449,7 +456,7 @@ mod tests {
         // Nothing changes an ended job.
         job.apply(JobEvent::Failed { status: 500, field: None, message: "late".into() }, None, &metrics);
         assert_eq!(job.status().state, JobState::Done);
-        assert!(metrics.render(0, false).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
+        assert!(metrics.render(0, false, None).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
     }
 
     #[test]

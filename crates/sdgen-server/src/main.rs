@@ -121,6 +121,11 @@ struct Args {
     /// this) before another worker takes the job over and runs it again.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "worker")]
     claim_idle: f64,
+    /// Drop each stage's weights when it ends instead of keeping them loaded for the next jobs
+    /// (by default they stay while the memory plan of each job has room for them, and the least
+    /// recently used are evicted when a job needs it); the loads are still counted.
+    #[arg(long)]
+    no_keep_warm: bool,
 }
 
 /// `value` seconds as a duration: finite and not negative, or an error naming `flag`.
@@ -163,6 +168,10 @@ fn run() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut engine = EngineConfig::new(Runtime::new(device, dtype), device_label.clone());
     engine.hub.offline |= args.offline;
+    engine.warm = Some(match args.no_keep_warm {
+        false => sdgen::engine::WarmWeights::new(),
+        true => sdgen::engine::WarmWeights::counting_only(),
+    });
     if dtype != DType::F32 && engine.hub.variant.is_none() {
         engine.hub.variant = Some("fp16".to_string());
     }
@@ -177,7 +186,11 @@ fn run() -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let (capacity, keep) = (args.queue_size.max(1), args.keep_jobs.max(1));
     let (queue, worker): (Arc<dyn Broker>, _) = match &args.broker {
-        Some(url) => (RedisBroker::connect(url, capacity, keep, metrics.clone())?, None),
+        // The jobs and their warm weights are the workers'.
+        Some(url) => {
+            engine.warm = None;
+            (RedisBroker::connect(url, capacity, keep, metrics.clone())?, None)
+        }
         None => {
             let queue = Arc::new(Queue::new(capacity, keep, metrics.clone()));
             (queue.clone(), Some(worker::spawn(engine.clone(), queue)))
@@ -186,6 +199,7 @@ fn run() -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         queue: queue.clone(),
         metrics: metrics.clone(),
+        warm: engine.warm.clone(),
         preflight: Arc::new(preflight::Preflight::new(engine.clone())),
         limits: Limits {
             max_width: args.max_width,

@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use sdgen::engine::{WarmReport, WeightCounts};
+
 /// Step latency histogram bounds, in seconds: tiny test models take milliseconds a step, SDXL
 /// on a CPU tens of seconds.
 const STEP_BUCKETS_S: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -23,7 +25,7 @@ pub struct Metrics {
     step_sum_us: AtomicU64,
     /// Models the engine opened (configs and headers parsed; later jobs reuse them).
     pub model_opens: AtomicU64,
-    /// Stages run, by name: each loads its component's weights.
+    /// Stages run, by name (each loads its component's weights or takes them warm).
     stage_runs: Mutex<BTreeMap<String, u64>>,
     /// Images made.
     pub images: AtomicU64,
@@ -56,8 +58,9 @@ impl Metrics {
         *self.stage_runs.lock().unwrap_or_else(|e| e.into_inner()).entry(stage.to_string()).or_default() += 1;
     }
 
-    /// The text for `/metrics`, with the queue's depth and the memory figures of now.
-    pub fn render(&self, queue_depth: usize, running: bool) -> String {
+    /// The text for `/metrics`, with the queue's depth, the memory figures of now and the warm
+    /// weights' (when the server keeps them).
+    pub fn render(&self, queue_depth: usize, running: bool, warm: Option<&WarmReport>) -> String {
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
@@ -107,11 +110,14 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP sdgen_stage_loads_total Pipeline stages run, each loading its component's weights.\n\
+            "# HELP sdgen_stage_loads_total Pipeline stages run (sdgen_weight_loads_total: the weights read).\n\
              # TYPE sdgen_stage_loads_total counter"
         );
         for (stage, n) in self.stage_runs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "sdgen_stage_loads_total{{stage=\"{stage}\"}} {n}");
+        }
+        if let Some(warm) = warm {
+            render_warm(&mut out, warm);
         }
         let _ = writeln!(
             out,
@@ -119,5 +125,29 @@ impl Metrics {
             self.images.load(Ordering::Relaxed)
         );
         out
+    }
+}
+
+/// One of a component's counts.
+type Count = fn(&WeightCounts) -> u64;
+
+/// The warm weights' gauge and, per component, their loads, reuses and evictions.
+fn render_warm(out: &mut String, warm: &WarmReport) {
+    let _ = writeln!(
+        out,
+        "# HELP sdgen_warm_weight_bytes Weights kept loaded between jobs.\n# TYPE sdgen_warm_weight_bytes gauge\n\
+         sdgen_warm_weight_bytes {}",
+        warm.bytes
+    );
+    let counters: [(&str, &str, Count); 3] = [
+        ("sdgen_weight_loads_total", "Weights read from the files, by component.", |c| c.loads),
+        ("sdgen_weight_reuses_total", "Stages that took their weights warm, by component.", |c| c.reuses),
+        ("sdgen_weight_evictions_total", "Warm weights dropped to make room, by component.", |c| c.evictions),
+    ];
+    for (name, help, count) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (component, c) in &warm.counts {
+            let _ = writeln!(out, "{name}{{component=\"{component}\"}} {}", count(c));
+        }
     }
 }

@@ -114,8 +114,11 @@ impl Preflight {
             None => sdgen::pipeline::resolve(&model, &req.params).map_err(engine_error)?,
         };
         let rt = &self.config.runtime;
+        // Planned as the engine plans it: the warm weights count as free (evicted if need be).
+        let warm_bytes = self.config.warm.as_ref().map_or(0, |w| w.bytes());
+        let memory = sdgen::planning::MemoryRequest { warm_bytes, ..req.memory };
         let plan = |m: &ModelFolder, s: &Settings, img2img: bool, pass: &str| {
-            sdgen::planning::plan_run(m, s, req.params.n, img2img, &rt.device, rt.dtype, req.memory)
+            sdgen::planning::plan_run(m, s, req.params.n, img2img, &rt.device, rt.dtype, memory)
                 .map(|_| ())
                 .map_err(|e| does_not_fit(pass, e))
         };

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::preflight::Preflight;
 use crate::request::{self, Limits, ModelPolicy, Names, Settings};
 use sdgen::engine::wire::JobBody;
+use sdgen::engine::WarmWeights;
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -32,6 +33,9 @@ pub struct AppState {
     /// Where jobs wait and run: the in-process queue or a Redis broker.
     pub queue: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
+    /// The in-process worker's warm weights (none kept with `--no-keep-warm`; `None` with a
+    /// broker, whose workers hold them).
+    pub warm: Option<WarmWeights>,
     pub preflight: Arc<Preflight>,
     pub limits: Limits,
     pub models: ModelPolicy,
@@ -382,18 +386,21 @@ async fn job_image(
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
-/// `GET /v1/memory`: the seed's memory fields (process, system, GPU when there is one).
+/// `GET /v1/memory`: the seed's memory fields (process, system, GPU when there is one) and the
+/// weights kept warm, with their loads, reuses and evictions (`null` with a broker).
 async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
     let info = sdgen_memory::memory_info();
     Json(json!({
         "device": state.device_label,
         "memory": info,
         "max_memory_bytes": state.max_memory_bytes,
+        "warm": state.warm.as_ref().map(WarmWeights::report),
     }))
 }
 
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(state.queue.depth(), state.queue.running().is_some());
+    let warm = state.warm.as_ref().map(WarmWeights::report);
+    let text = state.metrics.render(state.queue.depth(), state.queue.running().is_some(), warm.as_ref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

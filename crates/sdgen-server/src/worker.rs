@@ -127,6 +127,11 @@ fn on_event(reporter: &dyn Reporter, images_done: &Cell<usize>, images: usize, e
         Event::Log(line) => JobEvent::Log { message: line.to_string() },
         Event::Warning(line) => JobEvent::Warning { message: line.to_string() },
         Event::Detail(_) | Event::Download(_) => return,
+        // The server's log says when and why it evicts; the job's too.
+        Event::Evicted(eviction) => {
+            eprintln!("sdgen-server: {eviction}");
+            JobEvent::Log { message: eviction.to_string() }
+        }
         Event::Pipeline(p) => match p {
             Progress::StageStart(stage) => JobEvent::StageStart { stage: stage.to_string() },
             Progress::StageEnd { stage, elapsed_ms } => JobEvent::StageEnd { stage: stage.to_string(), elapsed_ms },

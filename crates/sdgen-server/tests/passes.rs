@@ -152,6 +152,12 @@ fn a1111_hires_fix_runs_the_hires_pass() {
     refused(r#", "hr_scale": 2.5"#, "hr_scale", "not 2, 3 or 4");
     refused(r#", "hr_scale": 4"#, "hr_scale", "limit of 200x200");
     refused(r#", "denoising_strength": 2"#, "denoising_strength", "outside [0, 1]");
+    // A1111's own number of hires steps: only the first pass's (or 0, its default) runs here.
+    refused(r#", "hr_second_pass_steps": 5"#, "hr_second_pass_steps", "runs the first pass's steps (steps, 2)");
+    for same in [0, 2] {
+        let r = server.post("/sdapi/v1/txt2img", &format!(r#"{{{base}, "hr_second_pass_steps": {same}}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     server.assert_alive();
 }
 

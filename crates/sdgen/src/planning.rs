@@ -31,6 +31,12 @@ pub struct MemoryRequest {
     /// `--batch-size`: the most images one batch may hold (lowered by the plan where it does not
     /// fit); `None` = all of them.
     pub max_images_per_batch: Option<usize>,
+    /// Set by the engine, not the user: bytes of the weights it keeps loaded from earlier jobs
+    /// ("warm") in the budget's pool. The budget counts them as free, so the plan is the one
+    /// without them; the engine then evicts what the plan's stages need room for
+    /// (`sdgen_memory::plan::evictions`).
+    #[serde(skip)]
+    pub warm_bytes: u64,
 }
 
 /// The model's tensors, per component its family's profile names, from the headers read when it
@@ -73,6 +79,15 @@ fn precision(dtype: DType) -> Precision {
     }
 }
 
+/// The dtype a stage planned at `precision` loads its weights in.
+pub(crate) fn dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    }
+}
+
 fn device_kind(device: &Device) -> DeviceKind {
     match device {
         Device::Cpu => DeviceKind::Cpu,
@@ -88,10 +103,21 @@ fn device_kind(device: &Device) -> DeviceKind {
 pub const CUDA_RUNTIME_BYTES: u64 = 512 << 20;
 
 /// The memory the run may use: `--max-memory`, else free GPU memory on a discrete GPU, else
-/// available system memory; on the CPU the process's current size counts against it.
-pub fn budget(device: &Device, max_memory_bytes: Option<u64>) -> Budget {
+/// available system memory; on the CPU the process's current size counts against it. `warm_bytes`
+/// of weights kept loaded from earlier jobs count as free: they are evicted when a stage needs
+/// their room ([`MemoryRequest::warm_bytes`]).
+pub fn budget(device: &Device, max_memory_bytes: Option<u64>, warm_bytes: u64) -> Budget {
     let info = sdgen_memory::memory_info();
-    let gpu = sdgen_memory::gpu_probe().and_then(|p| p.memory());
+    let discrete = device_kind(device) == DeviceKind::DiscreteGpu;
+    // Warm weights are free memory to be: on a GPU, its memory; elsewhere the process's, which
+    // less them is the baseline (the budget, what the process may grow to, stays).
+    let gpu = sdgen_memory::gpu_probe().and_then(|p| p.memory()).map(|mut g| {
+        if discrete {
+            g.free_bytes += warm_bytes;
+        }
+        g
+    });
+    let baseline = info.process_rss_bytes.saturating_sub(if discrete { 0 } else { warm_bytes });
     let mut b = match (device_kind(device), gpu, max_memory_bytes) {
         (DeviceKind::DiscreteGpu, Some(g), Some(max)) => {
             let mut b = Budget::new(max.min(g.total_bytes), BudgetSource::MaxMemory);
@@ -105,13 +131,13 @@ pub fn budget(device: &Device, max_memory_bytes: Option<u64>) -> Budget {
         }
         (_, _, Some(max)) => {
             let mut b = Budget::new(max, BudgetSource::MaxMemory);
-            b.baseline_bytes = info.process_rss_bytes;
+            b.baseline_bytes = baseline;
             b
         }
         (_, _, None) => {
             let mut b =
                 Budget::new(info.system_available_bytes + info.process_rss_bytes, BudgetSource::SystemAvailable);
-            b.baseline_bytes = info.process_rss_bytes;
+            b.baseline_bytes = baseline;
             b
         }
     };
@@ -121,7 +147,7 @@ pub fn budget(device: &Device, max_memory_bytes: Option<u64>) -> Budget {
     if let Some(limit) = sdgen_memory::process_memory_limit() {
         host = host.min(limit.room_bytes);
         let cap = info.process_rss_bytes + limit.room_bytes;
-        if device_kind(device) != DeviceKind::DiscreteGpu && cap < b.bytes {
+        if !discrete && cap < b.bytes {
             b.bytes = cap;
             b.source = BudgetSource::ProcessLimit;
         }
@@ -191,7 +217,7 @@ pub fn plan_run(
             &manifest,
             settings.width,
             settings.height,
-            budget(device, memory.max_memory_bytes),
+            budget(device, memory.max_memory_bytes, memory.warm_bytes),
         )
     };
     let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.to_string()))?;

@@ -66,6 +66,7 @@ fn refuse_local_only(args: &Args) -> anyhow::Result<()> {
         (args.device != "cpu", "--device", "the server runs on its own device (sdgen-server --device)"),
         (args.dtype.is_some(), "--dtype", "the server runs its own dtype (sdgen-server --dtype)"),
         (args.no_fast_kernels, "--no-fast-kernels", "the server chooses its kernels"),
+        (args.keep_warm, "--keep-warm", "the server keeps its own weights warm (sdgen-server --no-keep-warm)"),
     ];
     match local_only.iter().find(|(given, ..)| *given) {
         Some((_, flag, why)) => Err(invalid(format!("{flag} does not apply with --remote: {why}"))),

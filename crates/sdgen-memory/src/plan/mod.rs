@@ -13,6 +13,9 @@
 //!   SD 3.5 plug in as new profiles, not new planner code.
 //! - One rule ([`Verdict`]) decides both the refusal ("does not fit": an error before loading)
 //!   and the warning ("fits only with slower options", [`Plan::warning`]).
+//! - A long-lived engine's warm weights (kept loaded between jobs) do not change a plan: the
+//!   budget counts them as free, and [`evictions`] says which must go for every stage to fit
+//!   beside the rest ([`StageResidency`]).
 //! - `--memory-mode` is [`MemoryMode`] (`FromStr`), `--max-memory` is [`parse_memory_size`]
 //!   (binary units: "GB" is GiB, as the console prints it).
 //!
@@ -50,6 +53,7 @@ mod manifest;
 mod planner;
 mod profile;
 mod request;
+mod resident;
 mod size;
 mod stream;
 mod table;
@@ -67,6 +71,7 @@ pub use profile::{
     ComponentSpec, FamilyProfile, StageOptionsSpec, StageSpec, StageWidth, TilingSpec, MIN_SCALED_ACTIVATION_BYTES,
 };
 pub use request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest, DEFAULT_SAFETY_MARGIN};
+pub use resident::{evictions, fits_with, StageResidency};
 pub use size::{parse_memory_size, ParseSizeError};
 pub use stream::{stream_bandwidth, StreamBandwidth, StreamableBlocks, Streaming, BLOCKS_IN_FLIGHT, STREAM_BANDWIDTH};
 pub use table::format_bytes;

@@ -4,9 +4,10 @@
 //!
 //! A job goes: validate the request → open the model, its VAE and refiner (from the engine's
 //! cache when it opened them before) → resolve and plan it against the memory available, before
-//! any weight is read → run it in batches of what fits, each finished by the passes the request
-//! asks for (upscaling, the hires pass) and handed to the caller as soon as it is made (an
-//! interrupted run keeps what it finished).
+//! any weight is read → (an engine that keeps weights warm: evict what the plan needs room for)
+//! → run it in batches of what fits, each finished by the passes the request asks for
+//! (upscaling, the hires pass) and handed to the caller as soon as it is made (an interrupted
+//! run keeps what it finished).
 
 mod cache;
 mod device;
@@ -27,7 +28,7 @@ use crate::pipeline::{
 use crate::{Error, Result};
 
 pub use crate::loading::lora::LoraRequest;
-pub use crate::pipeline::CancelToken;
+pub use crate::pipeline::{CancelToken, Eviction, WarmReport, WarmWeights, WeightCounts, WeightUse};
 pub use device::{check_dtype, open_device};
 pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, UpscaleRequest, FIELDS, MAX_IMAGES};
 
@@ -50,6 +51,9 @@ pub enum Event<'a> {
     Download(&'a DownloadProgress<'a>),
     /// The pipeline's progress: stages, steps (`index` of `total`), memory snapshots.
     Pipeline(Progress<'a>),
+    /// Warm weights were dropped to make room for the job: what, why, and the memory given back
+    /// (a line for the log, and for a server's own).
+    Evicted(&'a Eviction),
 }
 
 /// One finished image of a job.
@@ -96,6 +100,10 @@ pub struct EngineConfig {
     pub hub: HubOptions,
     /// Opened models kept for later jobs.
     pub cached_models: usize,
+    /// Loaded weights kept for later stages and jobs while the memory plan has room for them
+    /// (a server's default; the command line's `--keep-warm`); `None`: every stage drops its
+    /// model when it ends.
+    pub warm: Option<WarmWeights>,
 }
 
 impl EngineConfig {
@@ -106,6 +114,7 @@ impl EngineConfig {
             device_label: device_label.into(),
             hub: HubOptions::from_env(),
             cached_models: DEFAULT_CACHED_MODELS,
+            warm: None,
         }
     }
 }
@@ -132,6 +141,11 @@ impl Engine {
     /// Models opened since the engine started: a job on a model already open opens none.
     pub fn models_opened(&self) -> usize {
         self.models.opens
+    }
+
+    /// The weights it keeps warm, when it keeps them.
+    pub fn warm(&self) -> Option<&WarmWeights> {
+        self.config.warm.as_ref()
     }
 
     /// Runs `req`, collecting every batch.
@@ -187,8 +201,21 @@ impl Engine {
         });
         let mut rt = self.config.runtime.clone();
         rt.cancel = cancel.clone();
+        rt.warm = self.config.warm.clone();
         let job = plan::plan_job(model, refiner.as_ref(), img2img_request.as_ref(), req, &rt, events)?;
         rt.options = job.options;
+        // Warm weights the plan's stages need the room of go now; what the job loads is kept
+        // while they all still fit (until the job ends, however it ends).
+        let _job_warmth = match self.config.warm.clone() {
+            Some(warm) => {
+                let stages = plan::warm_stages(model, refiner_model.as_ref(), &job, &rt)?;
+                if let Some(eviction) = warm.begin_job(stages) {
+                    events(Event::Evicted(&eviction));
+                }
+                Some(JobWarmth(warm))
+            }
+            None => None,
+        };
         let model_hash = self.model_hash(&req.model, &req.open, req.vae.as_ref())?;
         let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref());
         let run = Run { req, job: &job, rt: &rt, job_metadata: &job_metadata, device_label: &self.config.device_label };
@@ -371,6 +398,15 @@ impl Engine {
     }
 }
 
+/// Ends the warm store's job when the job ends, whichever way.
+struct JobWarmth(WarmWeights);
+
+impl Drop for JobWarmth {
+    fn drop(&mut self) {
+        self.0.end_job();
+    }
+}
+
 /// What every batch of a job shares, for making its images' metadata.
 struct Run<'a> {
     req: &'a GenerateRequest,
@@ -386,6 +422,10 @@ impl Run<'_> {
         let (req, job) = (self.req, self.job);
         let mut extra = self.job_metadata.clone();
         extra.insert("memory".into(), plan::to_json(&generation.memory));
+        // With warm weights: which stages loaded theirs and which reused them.
+        if !generation.weights.is_empty() {
+            extra.insert("weights".into(), plan::to_json(&generation.weights));
+        }
         // The encoders that did not run (SD 3.5's T5 with --no-t5 or in a folder without it).
         if !generation.settings.skipped_encoders.is_empty() {
             extra.insert("skipped_encoders".into(), plan::to_json(&generation.settings.skipped_encoders));
@@ -459,3 +499,5 @@ pub fn plural(n: usize, noun: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod warm_tests;

@@ -2,14 +2,15 @@
 //! weight is read: its settings, its memory plan (and the refiner's), the options its stages run
 //! with, the images per batch, and the metadata every image of the job shares.
 
-use sdgen_memory::plan::Plan;
+use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
-    resolve_hires, resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, RefinerRun, Runtime,
-    Settings, StageOptions,
+    resolve_hires, resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, JobStage, RefinerRun,
+    Runtime, Settings, StageOptions, WeightKey,
 };
+use crate::planning::MemoryRequest;
 use crate::Result;
 
 /// A job, planned.
@@ -100,8 +101,10 @@ pub(super) fn plan_job(
         settings.guidance,
         request.seed
     )));
+    // Planned as if no weight were warm: warm ones the plan needs the room of are evicted.
+    let memory = MemoryRequest { warm_bytes: rt.warm_bytes(), ..req.memory };
     let plan_for = |m: &ModelFolder, settings: &Settings, img2img: bool| {
-        crate::planning::plan_run(m, settings, request.n, img2img, &rt.device, rt.dtype, req.memory)
+        crate::planning::plan_run(m, settings, request.n, img2img, &rt.device, rt.dtype, memory)
     };
     let batch_size = req.memory.max_images_per_batch.unwrap_or(request.n);
     let plan = plan_for(model, &settings, img2img_request.is_some())?;
@@ -196,6 +199,40 @@ pub(super) fn plan_job(
         first_size,
         output_size,
     })
+}
+
+/// The job's stages as the warm store sees them, every plan's (the base's, the refiner's with
+/// its model, each hires pass's), each with the weights it loads and their bytes. A stage on the
+/// host of a GPU (its weights are not in the budget's pool) or of several components (one figure
+/// for all) lists none: its weights are never kept.
+pub(super) fn warm_stages(
+    model: &ModelFolder,
+    refiner: Option<&ModelFolder>,
+    job: &JobPlan,
+    rt: &Runtime,
+) -> Result<Vec<JobStage>> {
+    let base = std::iter::once((model, &job.plan, ""));
+    let refined = job.refiner_plan.iter().zip(refiner).map(|(p, m)| (m, p, "refiner "));
+    let hires = job.hires_plans().map(|p| (model, p, "hires "));
+    let mut stages = Vec::new();
+    for (m, plan, pass) in base.chain(refined).chain(hires) {
+        for s in &plan.stages {
+            let loads = match (s.placement, s.components.as_slice()) {
+                (Placement::Device, [component]) => {
+                    let dtype = crate::planning::dtype(s.precision);
+                    vec![(WeightKey::new(m, component, dtype, &rt.device)?, s.weight_bytes)]
+                }
+                _ => Vec::new(),
+            };
+            stages.push(JobStage {
+                name: format!("{pass}{}", s.stage),
+                peak_bytes: s.device_bytes(),
+                usable_bytes: plan.usable_bytes,
+                loads,
+            });
+        }
+    }
+    Ok(stages)
 }
 
 /// Reports a plan, its warning, and why batches are smaller than the batch size asked for.

@@ -242,22 +242,24 @@ fn warn_once(warnings: &mut Vec<String>, warning: String) {
 
 /// A text encoder loaded with its tokenizer, by architecture (a new one is a new variant).
 enum TextEncoder {
-    Clip(Arc<ClipTokenizer>, ClipTextModel),
+    Clip(Arc<ClipTokenizer>, Arc<ClipTextModel>),
     /// SD 3's T5 (`_get_t5_prompt_embeds`): `max_len` tokens, padded, `</s>` kept.
-    T5(Arc<T5Tokenizer>, T5EncoderModel, usize),
+    T5(Arc<T5Tokenizer>, Arc<T5EncoderModel>, usize),
 }
 
 impl TextEncoder {
-    /// Loads the encoder; T5 holds its blocks as `t5_residency` says.
+    /// The encoder of `spec` for the stage `stage`, in `dtype` on `device` (warm when the engine
+    /// keeps it); T5 holds its blocks as the plan says (`t5_resident_blocks`).
     fn load(
+        stage: &str,
         model: &ModelFolder,
         spec: &TextEncoderSpec,
         req: &Request,
         (device, dtype): (&Device, DType),
-        t5_residency: Residency,
+        rt: &Runtime,
     ) -> Result<Self> {
         let weights = model.weights(spec.component)?;
-        let vb = weights.var_builder(dtype, device)?;
+        let key = || super::WeightKey::new(model, spec.component, dtype, device);
         // Tokenizers are parsed once per open model (a server runs many batches on one), shared
         // by the batches through the model's parse-once cache.
         let tokenizer_dir = model.component_dir(spec.tokenizer)?;
@@ -265,8 +267,10 @@ impl TextEncoder {
             TextEncoderArch::Clip => {
                 let cfg: ClipTextConfig = model.config(spec.component, "config.json")?;
                 let what = if spec.projection { "a CLIP text encoder with projection" } else { "a CLIP text encoder" };
-                let encoder =
-                    ClipTextModel::new(&cfg, spec.projection, vb).map_err(|e| model_error(&weights, what, e))?;
+                let encoder = rt.load_weights(stage, key, || {
+                    ClipTextModel::new(&cfg, spec.projection, weights.var_builder(dtype, device)?)
+                        .map_err(|e| model_error(&weights, what, e))
+                })?;
                 TextEncoder::Clip(
                     model.parse_once(&tokenizer_dir, |d| ClipTokenizer::from_dir(d).map(Arc::new))?,
                     encoder,
@@ -274,9 +278,17 @@ impl TextEncoder {
             }
             TextEncoderArch::T5 => {
                 let cfg: T5Config = model.config(spec.component, "config.json")?;
-                let streamed = weights.streamed_var_builder(dtype, device)?;
-                let encoder = T5EncoderModel::new_streamed(&cfg, vb, streamed, t5_residency)
-                    .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))?;
+                let residency = super::residency(rt.options.t5_resident_blocks);
+                let build = || {
+                    let streamed = weights.streamed_var_builder(dtype, device)?;
+                    T5EncoderModel::new_streamed(&cfg, weights.var_builder(dtype, device)?, streamed, residency)
+                        .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))
+                };
+                // A streamed encoder holds only part of its weights: it is never kept warm.
+                let encoder = match residency {
+                    Residency::Resident => rt.load_weights(stage, key, build)?,
+                    Residency::Streamed { .. } => Arc::new(build()?),
+                };
                 let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
                 TextEncoder::T5(
                     model.parse_once(&tokenizer_dir, |d| T5Tokenizer::from_dir(d).map(Arc::new))?,
@@ -332,8 +344,7 @@ fn encode_with(
     // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
     let (device, dtype) =
         if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
-    let encoder =
-        TextEncoder::load(model, spec, req, (&device, dtype), super::residency(rt.options.t5_resident_blocks))?;
+    let encoder = TextEncoder::load(stage_name, model, spec, req, (&device, dtype), rt)?;
     loaded(progress, stage_name);
     let options = req.prompt_options;
     // The clip skip was checked against the family and the encoder's layers (`check_clip_skip`).

@@ -17,13 +17,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdgen_models::vae::{AutoencoderKL, VaeConfig};
+use sdgen_models::vae::VaeConfig;
 
 use super::conditioning::{encode_prompts, ImageSize};
-use super::stages::{decode, denoise, into_images, loaded, stage, vae_options, Guide, StageLog};
+use super::stages::{decode, denoise, into_images, load_vae, stage, vae_options, Guide, StageLog, VaePart};
 use super::{resolve, Generation, Progress, Request, Runtime, Settings};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
-use crate::loading::{model_error, ModelFolder};
+use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
 use crate::rng::TorchNoise;
 use crate::schedulers::mul_scalar;
@@ -189,15 +189,11 @@ fn initial_latents(
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let weights = model.weights("vae")?;
     // SDXL's img2img pipelines (families that honour `force_upcast`) encode with the VAE in f32
     // when its config says so, whatever the run's dtype; SD 1.5's encodes in the run's dtype.
     let upcast = model.family().vae.honours_force_upcast && vae_cfg.force_upcast.unwrap_or(true);
     let vae_dtype = if upcast { DType::F32 } else { rt.dtype };
-    let vae = AutoencoderKL::new(vae_cfg, true, false, weights.var_builder(vae_dtype, &rt.device)?)
-        .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
-    vae.set_attention_options(sdgen_models::attention::AttentionOptions { slice: rt.options.vae_attention_slice });
-    loaded(progress, stage_name);
+    let vae = load_vae(stage_name, model, vae_cfg, VaePart::Encoder, vae_dtype, rt, progress)?;
     // diffusers encodes image[i : i + 1] once per image; when the images are all the init image,
     // one batch-1 encode gives each of them exactly.
     let dist = vae.encode_with(&image.to_dtype(vae_dtype)?, &vae_options(vae_cfg, rt))?;

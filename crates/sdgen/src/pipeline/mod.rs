@@ -11,6 +11,7 @@ mod stages;
 mod tiles;
 mod txt2img;
 mod upscale;
+mod warm;
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,7 @@ pub use txt2img::{
     DEFAULT_HIGH_NOISE_FRACTION,
 };
 pub use upscale::{check_upscale, hires_pass, resolve_hires, upscale, UPSCALE_FACTORS, UPSCALE_STAGE, UPSCALE_STEPS};
+pub use warm::{Eviction, JobStage, WarmEntry, WarmReport, WarmWeights, WeightCounts, WeightKey, WeightUse};
 
 use crate::loading::family::{HiddenLayer, TextEncoderArch};
 use crate::loading::ModelFolder;
@@ -124,12 +126,20 @@ pub struct Runtime {
     /// Checked before each stage and after each denoising step: a cancelled run stops there with
     /// [`Error::Cancelled`].
     pub cancel: CancelToken,
+    /// The engine's warm weights, when it keeps models loaded between jobs; `None`: every stage
+    /// drops its model when it ends.
+    pub warm: Option<WarmWeights>,
 }
 
 impl Runtime {
     /// `dtype` on `device` with no memory optimisations.
     pub fn new(device: Device, dtype: DType) -> Self {
-        Self { device, dtype, options: StageOptions::default(), cancel: CancelToken::new() }
+        Self { device, dtype, options: StageOptions::default(), cancel: CancelToken::new(), warm: None }
+    }
+
+    /// Bytes of the warm weights (0 without a store).
+    pub fn warm_bytes(&self) -> u64 {
+        self.warm.as_ref().map_or(0, WarmWeights::bytes)
     }
 
     /// f32 on the CPU.
@@ -288,6 +298,9 @@ pub struct Generation {
     pub options_used: StageOptions,
     /// The refiner's part, when one finished the run.
     pub refinement: Option<Refinement>,
+    /// How each stage came by its weights (loaded, or reused warm), by stage; empty when the
+    /// engine keeps no weights warm.
+    pub weights: BTreeMap<String, WeightUse>,
 }
 
 /// Fills in the family's defaults and validates the request before anything is loaded.

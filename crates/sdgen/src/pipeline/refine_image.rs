@@ -107,7 +107,7 @@ pub fn txt2img_image_refined(
     let mut log = StageLog::default();
     let mut warnings = Vec::new();
 
-    let before = before_models(rt, progress);
+    let (before, warm_before) = (before_models(rt, progress), rt.warm_bytes());
     // 1.–4. The base's whole schedule.
     let (latents, base_steps) = base_latents(model, req, &settings, None, rt, &mut log, &mut warnings, progress)?;
     // 5. Its decode: `[n, h, w, 3]` in [0, 1], what `output_type="pt"` gives (channels last).
@@ -121,7 +121,8 @@ pub fn txt2img_image_refined(
     //    at once, aggressively, as the seed does before loading the refiner.
     sdgen_memory::cleanup_memory(true);
     let after = memory_point(progress, "After main pipeline unload");
-    let unload = super::stages::measure_unload(&before, after, super::txt2img::denoiser_bytes(model)?);
+    let kept = rt.warm_bytes().saturating_sub(warm_before);
+    let unload = super::stages::measure_unload(&before, after, super::txt2img::denoiser_bytes(model)?, kept);
 
     // 7. The refiner's image-to-image on each image: `VaeImageProcessor.preprocess` of a [0, 1]
     //    tensor is `2x − 1` (computed as torch does: the product, then the difference).

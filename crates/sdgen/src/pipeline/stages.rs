@@ -31,6 +31,8 @@ pub(super) struct StageLog {
     pub failures: Vec<String>,
     /// The options the stages actually ran with, merged (the planned ones plus any fallback).
     pub options_used: StageOptions,
+    /// How each stage came by its weights, when the engine keeps weights warm.
+    pub weights: BTreeMap<String, super::WeightUse>,
 }
 
 impl StageOptions {
@@ -127,6 +129,7 @@ impl StageLog {
             failures: self.failures,
             options_used: self.options_used,
             refinement: None,
+            weights: self.weights,
         }
     }
 }
@@ -218,18 +221,20 @@ pub(super) struct Unload {
 pub(super) const UNLOAD_SLACK_BYTES: u64 = 64 << 20;
 
 /// Measures the unload: `before` the base loaded, `after` it was dropped and memory returned,
-/// `denoiser_bytes` the base denoiser's weights.
+/// `denoiser_bytes` the base denoiser's weights, `kept_bytes` the weights its stages kept warm
+/// on purpose (a long-lived engine's, which the plan has room for beside the refiner).
 pub(super) fn measure_unload(
     before: &sdgen_memory::MemoryInfo,
     after: sdgen_memory::MemoryInfo,
     denoiser_bytes: u64,
+    kept_bytes: u64,
 ) -> Unload {
     let in_use = |m: &sdgen_memory::MemoryInfo, gpu: bool| match (&m.gpu, gpu) {
         (Some(g), true) => g.used_bytes,
         _ => m.process_rss_bytes,
     };
     let gpu = before.gpu.is_some() && after.gpu.is_some();
-    let resident_bytes = in_use(&after, gpu).saturating_sub(in_use(before, gpu));
+    let resident_bytes = in_use(&after, gpu).saturating_sub(in_use(before, gpu)).saturating_sub(kept_bytes);
     let unloaded = resident_bytes <= (denoiser_bytes / 4).max(UNLOAD_SLACK_BYTES);
     Unload { memory_after: after, resident_bytes, unloaded }
 }
@@ -269,11 +274,20 @@ pub(super) fn stage<T>(
         } else {
             body(&run, progress)
         };
-        // The stage's model is gone: return its memory whether the stage succeeded or not.
+        // The stage's model is gone (or warm, on purpose): return its memory whether the stage
+        // succeeded or not.
         sdgen_memory::cleanup_memory(run.options.aggressive_cleanup || result.is_err());
+        if let Some(warm) = &rt.warm {
+            log.weights.extend(warm.take_uses());
+        }
         match result {
             Err(e) if e.is_out_of_memory() => match leaner(name, &mut run.options) {
                 Some(fallback) => {
+                    // Nothing warm stays in the way of the retry.
+                    if let Some(eviction) = rt.warm.as_ref().and_then(|w| w.clear(&format!("{name} ran out of memory")))
+                    {
+                        progress(Progress::Note(&eviction.to_string()));
+                    }
                     // The first line only: candle may append a backtrace to device errors.
                     let what = e.to_string();
                     let what = what.lines().next().unwrap_or_default().trim_end();
@@ -326,8 +340,16 @@ pub(super) fn denoise(
         }
         None => cond,
     };
-    let denoiser =
-        model.load_denoiser_with(rt.dtype, &rt.device, super::residency(rt.options.denoiser_resident_blocks))?;
+    let residency = super::residency(rt.options.denoiser_resident_blocks);
+    let load = || model.load_denoiser_with(rt.dtype, &rt.device, residency);
+    // A streamed denoiser holds only part of its weights: it is never kept warm.
+    let denoiser = match residency {
+        sdgen_models::stream::Residency::Resident => {
+            let component = model.denoiser_component();
+            rt.load_weights(stage_name, || super::WeightKey::new(model, component, rt.dtype, &rt.device), load)?
+        }
+        sdgen_models::stream::Residency::Streamed { .. } => std::sync::Arc::new(load()?),
+    };
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);
     // The seed's points around the denoising loop: the model is loaded, memory is cleaned, and
@@ -433,12 +455,8 @@ pub(super) fn decode(
     rt: &Runtime,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let weights = model.weights("vae")?;
     let dtype = decode_dtype(model, vae_cfg, rt.dtype);
-    let vae = AutoencoderKL::new(vae_cfg, false, true, weights.var_builder(dtype, &rt.device)?)
-        .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))?;
-    vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
-    loaded(progress, stage_name);
+    let vae = load_vae(stage_name, model, vae_cfg, VaePart::Decoder, dtype, rt, progress)?;
     // diffusers casts to the VAE's dtype first (SDXL's f16 upcast), then divides in that dtype
     // with torch's f32 scalar arithmetic.
     let z = div_scalar(&latents.to_dtype(dtype)?, vae_cfg.scaling_factor as f32)?;
@@ -452,6 +470,45 @@ pub(super) fn decode(
         .permute((0, 2, 3, 1))?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?)
+}
+
+/// The half of the VAE a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum VaePart {
+    /// Image-to-image's encoding of the init image.
+    Encoder,
+    /// The decode of the latents.
+    Decoder,
+}
+
+/// `model`'s VAE half `part` in `dtype` for the stage `stage_name` (warm when the engine keeps
+/// it: the planner's `vae_encoder` and `vae_decoder` are components of their own), with the
+/// run's attention slicing, reported loaded.
+pub(super) fn load_vae(
+    stage_name: &str,
+    model: &ModelFolder,
+    vae_cfg: &VaeConfig,
+    part: VaePart,
+    dtype: DType,
+    rt: &Runtime,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<std::sync::Arc<AutoencoderKL>> {
+    let (component, encoder) = match part {
+        VaePart::Encoder => ("vae_encoder", true),
+        VaePart::Decoder => ("vae_decoder", false),
+    };
+    let vae = rt.load_weights(
+        stage_name,
+        || super::WeightKey::new(model, component, dtype, &rt.device),
+        || {
+            let weights = model.weights("vae")?;
+            AutoencoderKL::new(vae_cfg, encoder, !encoder, weights.var_builder(dtype, &rt.device)?)
+                .map_err(|e| model_error(&weights, "an AutoencoderKL VAE", e))
+        },
+    )?;
+    vae.set_attention_options(AttentionOptions { slice: rt.options.vae_attention_slice });
+    loaded(progress, stage_name);
+    Ok(vae)
 }
 
 /// The dtype the VAE decodes in: the families that honour `force_upcast` (SDXL's pipelines)
@@ -569,17 +626,20 @@ mod unload_tests {
     fn an_unload_is_measured_on_the_memory_that_held_the_model() {
         const GB: u64 = 1 << 30;
         // A 5 GB UNet on a GPU, all returned: a few MB of pool left on the device.
-        let u = measure_unload(&info(GB, Some(GB)), info(3 * GB, Some(GB + (10 << 20))), 5 * GB);
+        let u = measure_unload(&info(GB, Some(GB)), info(3 * GB, Some(GB + (10 << 20))), 5 * GB, 0);
         assert!(u.unloaded && u.resident_bytes == 10 << 20, "{u:?}");
         // Still resident: the device holds the weights (host memory is not what counts there).
-        let u = measure_unload(&info(GB, Some(GB)), info(GB, Some(6 * GB)), 5 * GB);
+        let u = measure_unload(&info(GB, Some(GB)), info(GB, Some(6 * GB)), 5 * GB, 0);
         assert!(!u.unloaded && u.resident_bytes == 5 * GB, "{u:?}");
         // The CPU: the resident set; a tiny model's allocator slack is not a model.
-        let u = measure_unload(&info(GB, None), info(GB + (5 << 20), None), 1 << 20);
+        let u = measure_unload(&info(GB, None), info(GB + (5 << 20), None), 1 << 20, 0);
         assert!(u.unloaded, "{u:?}");
-        let u = measure_unload(&info(GB, None), info(2 * GB, None), 5 * GB);
+        let u = measure_unload(&info(GB, None), info(2 * GB, None), 5 * GB, 0);
         assert!(u.unloaded, "under a quarter of the weights: {u:?}");
-        let u = measure_unload(&info(GB, None), info(4 * GB, None), 5 * GB);
+        let u = measure_unload(&info(GB, None), info(4 * GB, None), 5 * GB, 0);
         assert!(!u.unloaded, "{u:?}");
+        // The same, of which the engine kept 3 GB warm on purpose: nothing else was left.
+        let u = measure_unload(&info(GB, None), info(4 * GB, None), 5 * GB, 3 * GB);
+        assert!(u.unloaded && u.resident_bytes == 0, "{u:?}");
     }
 }

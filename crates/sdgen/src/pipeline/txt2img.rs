@@ -267,7 +267,7 @@ pub fn txt2img_refined(
     let mut warnings = Vec::new();
     let size = ImageSize { height: settings.height, width: settings.width };
 
-    let before = super::stages::before_models(rt, progress);
+    let (before, warm_before) = (super::stages::before_models(rt, progress), rt.warm_bytes());
     // 1.–4. Encode, draw the noise, denoise; with a refiner, up to the handoff point.
     let handoff = refiner.as_ref().map(|r| r.high_noise_fraction);
     let (latents, base_end) = base_latents(model, req, &settings, handoff, rt, &mut log, &mut warnings, progress)?;
@@ -286,7 +286,8 @@ pub fn txt2img_refined(
     //     their memory at once, aggressively, as the seed does before loading the refiner.
     sdgen_memory::cleanup_memory(true);
     let after = memory_point(progress, "After main pipeline unload");
-    let unloaded = super::stages::measure_unload(&before, after, denoiser_bytes(model)?);
+    let kept = rt.warm_bytes().saturating_sub(warm_before);
+    let unloaded = super::stages::measure_unload(&before, after, denoiser_bytes(model)?, kept);
     let (pixels, refinement) =
         refine_latents(&refiner, latents, req, &settings, size, unloaded, rt, &mut log, &mut warnings, progress)?;
     memory_point(progress, "After refiner");

@@ -171,6 +171,7 @@ impl Generation {
             }
         }
         self.failures.extend(next.failures);
+        self.weights.extend(next.weights);
         self.options_used = self.options_used.merged(next.options_used);
         self
     }
