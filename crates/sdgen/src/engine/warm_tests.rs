@@ -133,3 +133,21 @@ fn a_refined_run_keeps_both_models() {
     let cold = run(&mut engine(false), &req);
     assert!(cold[0].images[0].image.rgb8 == second[0].images[0].image.rgb8);
 }
+
+/// A streamed denoiser (`--memory-mode low`) holds only part of its weights, so it is never kept
+/// warm: the low job loads its UNet without keeping it, the next resident job reads it again, and
+/// both images are a cold engine's (streaming changes no number).
+#[test]
+fn a_streamed_denoiser_is_never_kept_warm() {
+    let mut warm = engine(true);
+    let mut low = request();
+    low.memory.mode = sdgen_memory::plan::MemoryMode::Low;
+    let streamed = run(&mut warm, &low);
+    assert_eq!(weights(&streamed[0])["unet"], "loaded", "{}", weights(&streamed[0]));
+    let resident = run(&mut warm, &request());
+    assert_eq!(weights(&resident[0])["unet"], "loaded_kept", "{}", weights(&resident[0]));
+    assert_eq!(loads(&warm, "unet"), 2, "the streamed UNet was read, and the resident one again");
+    let cold = run(&mut engine(false), &request());
+    assert!(streamed[0].images[0].image.rgb8 == cold[0].images[0].image.rgb8, "streaming changed the image");
+    assert!(resident[0].images[0].image.rgb8 == cold[0].images[0].image.rgb8);
+}

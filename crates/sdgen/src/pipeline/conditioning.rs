@@ -287,7 +287,7 @@ impl TextEncoder {
                 // A streamed encoder holds only part of its weights: it is never kept warm.
                 let encoder = match residency {
                     Residency::Resident => rt.load_weights(stage, key, build)?,
-                    Residency::Streamed { .. } => Arc::new(build()?),
+                    Residency::Streamed { .. } => rt.load_unkept_weights(stage, key, build)?,
                 };
                 let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
                 TextEncoder::T5(

@@ -342,13 +342,11 @@ pub(super) fn denoise(
     };
     let residency = super::residency(rt.options.denoiser_resident_blocks);
     let load = || model.load_denoiser_with(rt.dtype, &rt.device, residency);
+    let key = || super::WeightKey::new(model, model.denoiser_component(), rt.dtype, &rt.device);
     // A streamed denoiser holds only part of its weights: it is never kept warm.
     let denoiser = match residency {
-        sdgen_models::stream::Residency::Resident => {
-            let component = model.denoiser_component();
-            rt.load_weights(stage_name, || super::WeightKey::new(model, component, rt.dtype, &rt.device), load)?
-        }
-        sdgen_models::stream::Residency::Streamed { .. } => std::sync::Arc::new(load()?),
+        sdgen_models::stream::Residency::Resident => rt.load_weights(stage_name, key, load)?,
+        sdgen_models::stream::Residency::Streamed { .. } => rt.load_unkept_weights(stage_name, key, load)?,
     };
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);

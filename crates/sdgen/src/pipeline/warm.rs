@@ -395,6 +395,14 @@ impl WarmWeights {
         store.uses.push((stage.to_string(), used));
         Ok(model)
     }
+
+    /// Records a load of `key` for `stage` that is never kept (a streamed model holds only part
+    /// of its weights): counted, and recorded as loaded in the job's metadata.
+    pub(crate) fn record_unkept_load(&self, stage: &str, key: &WeightKey) {
+        let mut store = self.lock();
+        store.count(key).loads += 1;
+        store.uses.push((stage.to_string(), WeightUse::Loaded));
+    }
 }
 
 /// Why warm weights must go: the stage furthest over its limit with them beside it.
@@ -429,6 +437,21 @@ impl super::Runtime {
             Some(warm) => warm.get_or_load(stage, key()?, load),
             None => Ok(Arc::new(load()?)),
         }
+    }
+
+    /// The model of `key` for the stage `stage`, loaded afresh and never kept warm (a streamed
+    /// model holds only part of its weights); the engine's store counts and records the load.
+    pub(super) fn load_unkept_weights<T>(
+        &self,
+        stage: &str,
+        key: impl FnOnce() -> Result<WeightKey>,
+        load: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        let model = Arc::new(load()?);
+        if let Some(warm) = &self.warm {
+            warm.record_unkept_load(stage, &key()?);
+        }
+        Ok(model)
     }
 }
 
@@ -564,5 +587,19 @@ mod tests {
         let f16 = WeightKey::new(&model, "unet", DType::F16, &Device::Cpu).unwrap();
         assert_ne!(key(&model, "unet"), f16);
         assert!(WeightKey::new(&model, "transformer", DType::F32, &Device::Cpu).is_err());
+    }
+
+    /// `--weights q8` makes another denoiser (its linears are Q8_0 blocks), never served to a
+    /// full-precision job or the reverse; the components it does not quantise stay shared.
+    #[test]
+    fn quantised_weights_are_another_denoiser() {
+        use crate::loading::quantise::Quantise;
+        let model = ModelFolder::open(&testdata("tiny-sd15")).unwrap();
+        let q8 = model.clone().with_quantise(Some(Quantise::Q8)).unwrap();
+        let q4 = model.clone().with_quantise(Some(Quantise::Q4)).unwrap();
+        assert_ne!(key(&model, "unet"), key(&q8, "unet"));
+        assert_ne!(key(&q8, "unet"), key(&q4, "unet"));
+        assert_eq!(key(&model, "text_encoder"), key(&q8, "text_encoder"));
+        assert_eq!(key(&model, "vae_decoder"), key(&q8, "vae_decoder"));
     }
 }
