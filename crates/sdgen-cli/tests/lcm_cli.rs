@@ -128,6 +128,25 @@ fn sdxl_turbo_runs_one_step_without_guidance_at_512() {
     assert_eq!((meta["width"].as_u64(), meta["height"].as_u64()), (Some(512), Some(512)), "{meta}");
 }
 
+/// More steps than SDXL-Turbo is made for (1–4) run, with a warning on the console and in the
+/// sidecar; its own 4 steps run without one.
+#[test]
+fn sdxl_turbo_past_four_steps_warns() {
+    let repos = [("stabilityai/sdxl-turbo", "tiny-sdxl-turbo")];
+    for (steps, warns) in [("6", true), ("4", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hub_server(&repos);
+        let args = ["a lighthouse", "--model", "sdxl-turbo", "--steps", steps, "-W", "64", "-H", "64", "--json"];
+        let o = generate_from_hub(&args, &dir.path().join("out"), &server.endpoint(), &dir.path().join("hf"));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let result: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let warning = "sdxl-turbo is distilled for at most 4 steps";
+        assert_eq!(stderr(&o).contains(warning), warns, "--steps {steps}: {}", stderr(&o));
+        let recorded = sidecar(&result)["warnings"].to_string();
+        assert_eq!(recorded.contains(warning), warns, "--steps {steps}: {recorded}");
+    }
+}
+
 #[test]
 fn lists_show_the_new_models_and_the_lcm_preset() {
     let dir = tempfile::tempdir().unwrap();

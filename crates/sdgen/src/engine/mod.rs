@@ -442,6 +442,7 @@ impl Run<'_> {
             .warnings
             .iter()
             .cloned()
+            .chain(job.warnings.iter().cloned())
             .chain(job.plan.warning.clone())
             .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
             .chain(job.hires_plans().filter_map(|p| p.warning.clone()))

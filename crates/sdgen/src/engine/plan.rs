@@ -31,6 +31,9 @@ pub(super) struct JobPlan {
     pub upscales: Vec<UpscalePlan>,
     /// The first pass's size.
     pub first_size: (usize, usize),
+    /// What the request asks that the model is not made for (steps past a distilled model's),
+    /// said before the run and recorded with the images.
+    pub warnings: Vec<String>,
     /// The size of the images the job hands back (the first pass's, upscaled).
     pub output_size: (usize, usize),
 }
@@ -63,6 +66,17 @@ impl JobPlan {
     }
 }
 
+/// A warning when `steps` is past what a distilled model is made for (`RunDefaults::max_steps`).
+pub(super) fn steps_warning(model: &ModelFolder, name: &str, steps: usize) -> Option<String> {
+    let defaults = model.run_defaults();
+    let max = defaults.max_steps.filter(|&max| steps > max)?;
+    Some(format!(
+        "{name} is distilled for at most {max} steps; {steps} take longer and make a worse image, not a better one \
+         (its default is {}: leave --steps out)",
+        defaults.steps
+    ))
+}
+
 /// Validates the request against the models, plans it (refusing a job that cannot fit, with the
 /// numbers and what would help) and reports what it will do.
 pub(super) fn plan_job(
@@ -89,6 +103,10 @@ pub(super) fn plan_job(
         ),
         _ => String::new(),
     };
+    let warnings: Vec<String> = steps_warning(model, &req.model.label(), settings.steps).into_iter().collect();
+    for w in &warnings {
+        events(Event::Warning(&format!("⚠️  WARNING: {w}")));
+    }
     events(Event::Log(&format!(
         "Generating {} with {} ({}) at {}x{}, {} steps, {} scheduler, guidance {}, seed {}{from}",
         plural(all, "image"),
@@ -197,6 +215,7 @@ pub(super) fn plan_job(
         pipeline_type,
         upscales,
         first_size,
+        warnings,
         output_size,
     })
 }

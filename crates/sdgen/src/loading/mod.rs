@@ -303,8 +303,12 @@ impl ModelFolder {
     /// The steps and guidance a run takes when the request gives none: a named model's own
     /// (SD 3.5 Large Turbo's 4 steps without guidance), else the family's.
     pub fn run_defaults(&self) -> RunDefaults {
-        let family =
-            RunDefaults { steps: self.family.default_steps, guidance: self.family.default_guidance, side: None };
+        let family = RunDefaults {
+            steps: self.family.default_steps,
+            guidance: self.family.default_guidance,
+            side: None,
+            max_steps: None,
+        };
         self.run_defaults.unwrap_or(family)
     }
 

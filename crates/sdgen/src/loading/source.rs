@@ -17,6 +17,10 @@ pub struct RunDefaults {
     pub steps: usize,
     /// Guidance scale.
     pub guidance: f64,
+    /// The most steps a distilled model is made for, where it has such a limit (SDXL-Turbo's 4,
+    /// LCM's 8): past it a run takes longer and the image gets worse, not better, so the run
+    /// warns.
+    pub max_steps: Option<usize>,
     /// The image side in pixels, where the model was trained at another size than its
     /// denoiser's `sample_size` says (SDXL-Turbo: 512², in SDXL's 1024² UNet config); `None`:
     /// the config's.
@@ -75,7 +79,7 @@ pub static NAMED_MODELS: &[NamedModel] = &[
         repo: "stabilityai/stable-diffusion-3.5-large-turbo",
         family: &SD35_LARGE,
         // Stability's model card: 4 steps, guidance 0.
-        defaults: Some(RunDefaults { steps: 4, guidance: 0.0, side: None }),
+        defaults: Some(RunDefaults { steps: 4, guidance: 0.0, side: None, max_steps: None }),
         scheduler: None,
     },
     NamedModel::row(&SD35_MEDIUM),
@@ -90,7 +94,7 @@ pub static NAMED_MODELS: &[NamedModel] = &[
         // (SDXL's other values: scaled_linear 0.00085–0.012, steps_offset 1, epsilon), so one
         // step starts at timestep 999. Assumed, not downloaded here: that its UNet config keeps
         // SDXL base's `sample_size` 128, hence the explicit 512².
-        defaults: Some(RunDefaults { steps: 1, guidance: 0.0, side: Some(512) }),
+        defaults: Some(RunDefaults { steps: 1, guidance: 0.0, side: Some(512), max_steps: Some(4) }),
         scheduler: Some(SchedulerKind::EulerAncestral),
     },
     NamedModel {
@@ -104,7 +108,7 @@ pub static NAMED_MODELS: &[NamedModel] = &[
         // an LCMScheduler config: original_inference_steps 50, timestep_scaling 10,
         // scaled_linear 0.00085–0.012, set_alpha_to_one true, epsilon (as recalled from the hub;
         // LCMScheduler's defaults besides steps_offset 1).
-        defaults: Some(RunDefaults { steps: 4, guidance: 8.0, side: None }),
+        defaults: Some(RunDefaults { steps: 4, guidance: 8.0, side: None, max_steps: Some(8) }),
         scheduler: Some(SchedulerKind::Lcm),
     },
 ];
