@@ -142,8 +142,7 @@ impl ConvGeometry {
     pub fn output(&self, b: usize, o: usize, bias: Option<&Tensor>) -> Result<Vec<f32>> {
         let pixels = self.ho * self.wo;
         let mut out = vec![0f32; b * o * pixels];
-        if let Some(bias) = bias {
-            let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(bias) = bias_values(bias)? {
             out.par_chunks_mut(pixels.max(1)).enumerate().for_each(|(i, plane)| plane.fill(bias[i % o]));
         }
         Ok(out)
@@ -420,6 +419,12 @@ fn exp(x: f32) -> f32 {
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = EXP_TAYLOR[1..].iter().fold(EXP_TAYLOR[0], |p, &coefficient| coefficient + r * p);
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// A bias as f32 values (the convolutions' outputs start as it, or their f32 sums add it before
+/// they are rounded).
+pub(crate) fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()
 }
 
 /// A contiguous CPU tensor's storage, read-locked while its elements are borrowed.

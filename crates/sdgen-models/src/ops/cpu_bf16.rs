@@ -11,7 +11,7 @@ use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, Rhs};
-use super::cpu::{ConvGeometry, CpuInput, CONV_BAND_BYTES};
+use super::cpu::{bias_values, ConvGeometry, CpuInput, CONV_BAND_BYTES};
 
 /// Whether every tensor is bf16 on the CPU and the processor multiplies bf16 itself.
 fn applies(tensors: &[&Tensor]) -> bool {
@@ -21,11 +21,6 @@ fn applies(tensors: &[&Tensor]) -> bool {
 /// A contiguous bf16 tensor's elements as their bits.
 fn bits<'a>(input: &'a CpuInput<'a>) -> Result<&'a [u16]> {
     Ok(input.elements::<bf16>()?.reinterpret_cast())
-}
-
-/// A bias as f32 values (added to the f32 sums before they are rounded).
-fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
-    bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()
 }
 
 /// `x·Wᵀ + b` for bf16 `x: [.., in]`, `weight: [out, in]`, `bias: [out]`: the weight interleaved

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use sdgen_models::clip::{ClipTextConfig, ClipTextModel};
 pub use sdgen_models::denoiser::Conditioning;
-use sdgen_models::stream::{Residency, StreamableModel};
+use sdgen_models::stream::StreamableModel;
 use sdgen_models::t5::{T5Config, T5EncoderModel};
 
 use super::stages::{loaded, stage, StageLog};
@@ -284,11 +284,7 @@ impl TextEncoder {
                     T5EncoderModel::new_streamed(&cfg, weights.var_builder(dtype, device)?, streamed, residency)
                         .map_err(|e| model_error(&weights, "a T5 encoder (T5EncoderModel)", e))
                 };
-                // A streamed encoder holds only part of its weights: it is never kept warm.
-                let encoder = match residency {
-                    Residency::Resident => rt.load_weights(stage, key, build)?,
-                    Residency::Streamed { .. } => rt.load_unkept_weights(stage, key, build)?,
-                };
+                let encoder = rt.load_weights_as(stage, residency, key, build)?;
                 let max_len = req.family_options.max_sequence_length.unwrap_or(T5_DEFAULT_MAX_LENGTH);
                 TextEncoder::T5(
                     model.parse_once(&tokenizer_dir, |d| T5Tokenizer::from_dir(d).map(Arc::new))?,

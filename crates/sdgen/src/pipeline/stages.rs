@@ -343,11 +343,7 @@ pub(super) fn denoise(
     let residency = super::residency(rt.options.denoiser_resident_blocks);
     let load = || model.load_denoiser_with(rt.dtype, &rt.device, residency);
     let key = || super::WeightKey::new(model, model.denoiser_component(), rt.dtype, &rt.device);
-    // A streamed denoiser holds only part of its weights: it is never kept warm.
-    let denoiser = match residency {
-        sdgen_models::stream::Residency::Resident => rt.load_weights(stage_name, key, load)?,
-        sdgen_models::stream::Residency::Streamed { .. } => rt.load_unkept_weights(stage_name, key, load)?,
-    };
+    let denoiser = rt.load_weights_as(stage_name, residency, key, load)?;
     denoiser.set_attention_options(AttentionOptions { slice: rt.options.attention_slice });
     loaded(progress, stage_name);
     // The seed's points around the denoising loop: the model is loaded, memory is cleaned, and

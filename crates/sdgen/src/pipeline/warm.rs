@@ -439,14 +439,19 @@ impl super::Runtime {
         }
     }
 
-    /// The model of `key` for the stage `stage`, loaded afresh and never kept warm (a streamed
-    /// model holds only part of its weights); the engine's store counts and records the load.
-    pub(super) fn load_unkept_weights<T>(
+    /// The model of `key` for the stage `stage`, held as `residency` says: a resident one as
+    /// [`Self::load_weights`] gives it; a streamed one (it holds only part of its weights) loaded
+    /// afresh and never kept warm, its load still counted and recorded by the engine's store.
+    pub(super) fn load_weights_as<T: Any + Send + Sync>(
         &self,
         stage: &str,
+        residency: sdgen_models::stream::Residency,
         key: impl FnOnce() -> Result<WeightKey>,
         load: impl FnOnce() -> Result<T>,
     ) -> Result<Arc<T>> {
+        if residency == sdgen_models::stream::Residency::Resident {
+            return self.load_weights(stage, key, load);
+        }
         let model = Arc::new(load()?);
         if let Some(warm) = &self.warm {
             warm.record_unkept_load(stage, &key()?);
