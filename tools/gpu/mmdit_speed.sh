@@ -37,7 +37,8 @@ except Exception as e:
     print(f"  {sys.argv[2]}: no result ({e})"); sys.exit()
 res = r["result"]; ev = res["timed"]["eval"]; mem = res["timed"]["memory"]
 print(f"  {sys.argv[2]:<28} median {ev['median_ms']:8.1f} ms (min {ev['min_ms']:.1f}, max {ev['max_ms']:.1f}), "
-      f"load {res['load_ms'] / 1e3:.2f} s, GPU peak {(mem.get('peak_gpu_bytes') or 0) / 1e9:.2f} GB  [{r['kernels']}]")
+      f"load {res['load_ms'] / 1e3:.2f} s, GPU peak {(mem.get('peak_gpu_bytes') or 0) / 1e9:.2f} GB device-wide, "
+      f"{(mem.get('peak_gpu_allocated_bytes') or 0) / 1e9:.2f} GB allocated  [{r['kernels']}]")
 PY
 }
 if has bench; then

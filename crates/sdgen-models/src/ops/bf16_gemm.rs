@@ -13,6 +13,9 @@
 //!
 //! Each [`MR`] × [`NR`] tile of `C` is held in 24 of the 32 vector registers over a block of
 //! [`KC`] pairs; tiles are grouped into [`MC`] × [`NC`] blocks, one rayon task each.
+//!
+//! [`gemm_f32`] runs f32 products through the same blocks and tiles, one FMA per value of `k`
+//! where the bf16 kernel takes a pair: the f32 convolutions and linears of the CPU path.
 
 use std::sync::OnceLock;
 
@@ -56,11 +59,79 @@ pub(crate) struct Lhs<'a> {
     pub ld: usize,
 }
 
-/// The right operand, pair-interleaved: `pairs` rows of `n` 32-bit words, row `p` at `p · ld`.
+/// The right operand, `depth` units deep (bf16 pairs, interleaved; or f32 values as their bits).
 #[derive(Clone, Copy)]
-pub(crate) struct Rhs<'a> {
-    pub data: &'a [u32],
-    pub ld: usize,
+pub(crate) enum Rhs<'a> {
+    /// `depth` rows of `n` words, row `p` at `p · ld`: read where it lies, each task copying the
+    /// panels it multiplies into the kernels' order first.
+    Rows { data: &'a [u32], ld: usize },
+    /// Already in the kernels' order: [`NR`]-column panels, each `[depth][NR]` ([`pack_panels`],
+    /// [`PanelWriter`]), read in place. The convolutions unfold straight into it and the linears
+    /// pack their weight into it, so no task copies a panel (once per 96 rows of the product, 8%
+    /// of a bf16 convolution's time).
+    Panels { data: &'a [u32], depth: usize },
+}
+
+/// Words an operand of `n` columns, `depth` units deep, takes as [`Rhs::Panels`] (the last panel
+/// padded to [`NR`] columns).
+pub(crate) fn panels_len(n: usize, depth: usize) -> usize {
+    n.div_ceil(NR) * depth * NR
+}
+
+/// Fills `panels` ([`panels_len`] words) with the operand whose unit `p` of column `j` is
+/// `word(j, p)`, one panel per task on all cores.
+pub(crate) fn pack_panels(n: usize, depth: usize, panels: &mut [u32], word: impl Fn(usize, usize) -> u32 + Sync) {
+    if depth == 0 {
+        return;
+    }
+    panels.par_chunks_mut(depth * NR).take(n.div_ceil(NR)).enumerate().for_each(|(q, panel)| {
+        for lane in 0..NR.min(n - q * NR) {
+            for p in 0..depth {
+                panel[p * NR + lane] = word(q * NR + lane, p);
+            }
+        }
+    });
+}
+
+/// Writes whole unit rows of an [`Rhs::Panels`] operand from several threads at once (a
+/// convolution unfolds each row of its column on its own task).
+pub(crate) struct PanelWriter {
+    panels: usize,
+    n: usize,
+    depth: usize,
+}
+
+impl PanelWriter {
+    /// A writer into `panels` for `n` columns, `depth` units deep.
+    pub fn new(panels: &mut [u32], n: usize, depth: usize) -> Self {
+        assert!(panels.len() >= panels_len(n, depth), "panels too short for {n} columns × {depth}");
+        Self { panels: panels.as_mut_ptr() as usize, n, depth }
+    }
+
+    /// Unit row `p` of the operand: `row`'s `n` words into their panels.
+    ///
+    /// # Safety
+    /// No two calls for the same `p` may run at once, and the buffer given to [`Self::new`] must
+    /// outlive the calls and not be read meanwhile.
+    pub unsafe fn write_row(&self, p: usize, row: &[u32]) {
+        assert!(
+            p < self.depth && row.len() >= self.n,
+            "row {p} of {} with {} of {} words",
+            self.depth,
+            row.len(),
+            self.n
+        );
+        let base = self.panels as *mut u32;
+        for (q, chunk) in row[..self.n].chunks(NR).enumerate() {
+            std::ptr::copy_nonoverlapping(chunk.as_ptr(), base.add(q * self.depth * NR + p * NR), chunk.len());
+        }
+    }
+}
+
+/// An f32 slice as the bits the kernels read.
+pub(crate) fn f32_bits(x: &[f32]) -> &[u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is a u32.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u32, x.len()) }
 }
 
 /// `c[i, j] (+)= Σ_p a[i, 2p]·b[2p, j] + a[i, 2p+1]·b[2p+1, j]` for `i < m`, `j < n`, `p < pairs`,
@@ -80,7 +151,32 @@ pub(crate) fn gemm(
     parallel: bool,
 ) {
     assert!(m == 0 || n == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
-    run(m, n, pairs, a, b, Sink::F32 { c: c.as_mut_ptr() as usize, ldc, accumulate }, parallel);
+    let sink = Sink::F32 { c: c.as_mut_ptr() as usize, ldc, accumulate };
+    run::<false>(m, n, pairs, a.units(m, pairs), b, sink, parallel);
+}
+
+/// The f32 product `c[i, j] (+)= Σ_p a[i, p]·b[p, j]` (`a` rows `lda` apart, `b` as its bits
+/// ([`f32_bits`]), `k` units deep, `c` rows `ldc` apart) through the same blocking as the bf16 one, one FMA per `p`
+/// instead of a pair: about twice the rate of the `gemm` crate's f32 kernels on the
+/// convolutions' shapes on Zen 5. Same panics as [`gemm`] (it needs AVX512-BF16's [`supported`]
+/// too: one family of kernels, compiled for one feature set).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, lda): (&[f32], usize),
+    b: Rhs,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(m == 0 || n == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
+    assert!(m == 0 || a.len() >= (m - 1) * lda + k, "a is too short for {m} rows of {k}");
+    let a = Units { data: a.as_ptr() as usize, ld_bytes: 4 * lda };
+    let sink = Sink::F32 { c: c.as_mut_ptr() as usize, ldc, accumulate };
+    run::<true>(m, n, k, a, b, sink, parallel);
 }
 
 /// A bias added to the sums before they are rounded: one value per row of the product (a
@@ -116,7 +212,25 @@ pub(crate) fn gemm_to_bf16(
         Bias::PerColumn(v) => assert!(v.len() >= n, "a bias per column needs {n} values"),
         Bias::None => {}
     }
-    run(m, n, pairs, a, b, Sink::Bf16 { out: out.as_mut_ptr() as usize, ldo, bias }, parallel);
+    let sink = Sink::Bf16 { out: out.as_mut_ptr() as usize, ldo, bias };
+    run::<false>(m, n, pairs, a.units(m, pairs), b, sink, parallel);
+}
+
+impl Lhs<'_> {
+    /// The operand as the kernels read it, checked to hold `m` rows of `pairs` pairs.
+    fn units(&self, m: usize, pairs: usize) -> Units {
+        assert!(m == 0 || self.data.len() >= (m - 1) * self.ld + 2 * pairs, "a is too short for {m} rows");
+        Units { data: self.data.as_ptr() as usize, ld_bytes: 2 * self.ld }
+    }
+}
+
+/// A left operand as the kernels read it: rows of 32-bit units (a bf16 pair, or one f32) that
+/// each product's step broadcasts, rows `ld_bytes` apart from the address `data`. The callers
+/// checked its length.
+#[derive(Clone, Copy)]
+struct Units {
+    data: usize,
+    ld_bytes: usize,
 }
 
 /// Where a task's sums go (addresses as integers, so the closure run on every thread is `Sync`).
@@ -126,15 +240,18 @@ enum Sink<'a> {
     Bf16 { out: usize, ldo: usize, bias: Bias<'a> },
 }
 
-/// The product split into [`MC`] × [`NC`] blocks, one task each, delivered to `sink`. The
-/// callers checked that the output holds `m` rows of `n`.
-fn run(m: usize, n: usize, pairs: usize, a: Lhs, b: Rhs, sink: Sink, parallel: bool) {
+/// The product split into [`MC`] × [`NC`] blocks, one task each, delivered to `sink`; `pairs`
+/// units deep (bf16 pairs, or f32 values when `F32`). The callers checked that `a` holds `m`
+/// rows and the output `m` rows of `n`.
+fn run<const F32: bool>(m: usize, n: usize, pairs: usize, a: Units, b: Rhs, sink: Sink, parallel: bool) {
     assert!(supported(), "bf16 GEMM on a processor without AVX512-BF16");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.data.len() >= (m - 1) * a.ld + 2 * pairs);
-    assert!(pairs == 0 || b.data.len() >= (pairs - 1) * b.ld + n);
+    match b {
+        Rhs::Rows { data, ld } => assert!(pairs == 0 || data.len() >= (pairs - 1) * ld + n),
+        Rhs::Panels { data, depth } => assert!(depth >= pairs && data.len() >= panels_len(n, depth)),
+    }
     if let (0, Sink::F32 { c, ldc, accumulate: false }) = (pairs, sink) {
         // SAFETY: the caller checked that `c` holds `m` rows of `n`, `ldc` apart.
         let c = unsafe { std::slice::from_raw_parts_mut(c as *mut f32, (m - 1) * ldc + n) };
@@ -145,7 +262,7 @@ fn run(m: usize, n: usize, pairs: usize, a: Lhs, b: Rhs, sink: Sink, parallel: b
     let task = |task: usize| {
         let (i0, j0) = ((task / col_blocks) * MC, (task % col_blocks) * NC);
         let (rows, cols) = (MC.min(m - i0), NC.min(n - j0));
-        let a_rows = &a.data[i0 * a.ld..];
+        let a_rows = (a.data as *const u8).wrapping_add(i0 * a.ld_bytes);
         // SAFETY: the assertions above keep every tile of this block inside the operands (the
         // tile reads `a` rows i0.., `b` columns j0.. under masks for partial tiles) and the
         // output (checked by the callers); blocks are disjoint in the output, so no two tasks
@@ -154,7 +271,7 @@ fn run(m: usize, n: usize, pairs: usize, a: Lhs, b: Rhs, sink: Sink, parallel: b
             match sink {
                 Sink::F32 { c, ldc, accumulate } => {
                     let c = (c as *mut f32).add(i0 * ldc + j0);
-                    block(rows, cols, pairs, a_rows.as_ptr(), a.ld, b, j0, c, ldc, accumulate);
+                    block::<F32>(rows, cols, pairs, a_rows, a.ld_bytes, b, j0, c, ldc, accumulate);
                 }
                 Sink::Bf16 { out, ldo, bias } => {
                     let out = (out as *mut u16).add(i0 * ldo + j0);
@@ -163,7 +280,7 @@ fn run(m: usize, n: usize, pairs: usize, a: Lhs, b: Rhs, sink: Sink, parallel: b
                         if pairs == 0 {
                             sums.fill(0.0); // no product: the bias alone
                         }
-                        block(rows, cols, pairs, a_rows.as_ptr(), a.ld, b, j0, sums.as_mut_ptr(), NC, false);
+                        block::<F32>(rows, cols, pairs, a_rows, a.ld_bytes, b, j0, sums.as_mut_ptr(), NC, false);
                         round_block(&sums[..], rows, cols, bias, i0, j0, out, ldo);
                     });
                 }
@@ -231,17 +348,18 @@ unsafe fn round_block(
     }
 }
 
-/// One task's block: `rows × cols` of `c` (already offset), `b`'s columns from `j0`. Per block
-/// of [`KC`] pairs, each [`NR`]-column panel of `b` is copied into a contiguous `[pair][NR]`
-/// that every row tile then reads from L1 (rows of `b` a power of two apart would otherwise
-/// map to the same few L1 sets). `a` is read in place (each tile reads `MR` row streams).
+/// One task's block: `rows × cols` of `c` (already offset), `b`'s columns from `j0`, `a`'s rows
+/// `lda` bytes apart. Per block of [`KC`] units, each [`NR`]-column panel of `b` is a contiguous
+/// `[unit][NR]` that every row tile then reads from L1: copied so from [`Rhs::Rows`] (rows of
+/// `b` a power of two apart would otherwise map to the same few L1 sets), in place from
+/// [`Rhs::Panels`]. `a` is read in place (each tile reads `MR` row streams).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block(
+unsafe fn block<const F32: bool>(
     rows: usize,
     cols: usize,
     pairs: usize,
-    a: *const u16,
+    a: *const u8,
     lda: usize,
     b: Rhs,
     j0: usize,
@@ -260,13 +378,20 @@ unsafe fn block(
             let add = accumulate || p0 > 0;
             for j in (0..cols).step_by(NR) {
                 let width = NR.min(cols - j);
-                for p in 0..kc {
-                    let src = &b.data[(p0 + p) * b.ld + j0 + j..][..width];
-                    b_pack[p * NR..p * NR + width].copy_from_slice(src);
-                }
+                let panel = match b {
+                    Rhs::Rows { data, ld } => {
+                        for p in 0..kc {
+                            let src = &data[(p0 + p) * ld + j0 + j..][..width];
+                            b_pack[p * NR..p * NR + width].copy_from_slice(src);
+                        }
+                        b_pack.as_ptr()
+                    }
+                    // `j0 + j` is a multiple of NR (NC is), so the tile starts a panel.
+                    Rhs::Panels { data, depth } => data.as_ptr().add((j0 + j) / NR * depth * NR + p0 * NR),
+                };
                 for i in (0..rows).step_by(MR) {
-                    let ap = a.add(i * lda + 2 * p0);
-                    tile_any(MR.min(rows - i), width, kc, ap, lda, b_pack.as_ptr(), c.add(i * ldc + j), ldc, add);
+                    let ap = a.add(i * lda + 4 * p0);
+                    tile_any::<F32>(MR.min(rows - i), width, kc, ap, lda, panel, c.add(i * ldc + j), ldc, add);
                 }
             }
         }
@@ -277,11 +402,11 @@ unsafe fn block(
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_any(
+unsafe fn tile_any<const F32: bool>(
     height: usize,
     width: usize,
     kc: usize,
-    a: *const u16,
+    a: *const u8,
     lda: usize,
     b: *const u32,
     c: *mut f32,
@@ -291,14 +416,14 @@ unsafe fn tile_any(
     macro_rules! by_height {
         ($nv:literal) => {
             match height {
-                8 => tile::<8, $nv>(kc, a, lda, b, c, ldc, width, add),
-                7 => tile::<7, $nv>(kc, a, lda, b, c, ldc, width, add),
-                6 => tile::<6, $nv>(kc, a, lda, b, c, ldc, width, add),
-                5 => tile::<5, $nv>(kc, a, lda, b, c, ldc, width, add),
-                4 => tile::<4, $nv>(kc, a, lda, b, c, ldc, width, add),
-                3 => tile::<3, $nv>(kc, a, lda, b, c, ldc, width, add),
-                2 => tile::<2, $nv>(kc, a, lda, b, c, ldc, width, add),
-                _ => tile::<1, $nv>(kc, a, lda, b, c, ldc, width, add),
+                8 => tile::<8, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                7 => tile::<7, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                6 => tile::<6, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                5 => tile::<5, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                4 => tile::<4, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                3 => tile::<3, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                2 => tile::<2, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
+                _ => tile::<1, $nv, F32>(kc, a, lda, b, c, ldc, width, add),
             }
         };
     }
@@ -309,14 +434,15 @@ unsafe fn tile_any(
     }
 }
 
-/// The register tile: `R` rows × `V` vectors of `c`, over `kc` pairs of `a` (rows `lda` apart)
-/// and the packed `b` (`[pair][NR]`); columns from `width` on are neither read nor written.
+/// The register tile: `R` rows × `V` vectors of `c`, over `kc` units of `a` (rows `lda` bytes
+/// apart) and the packed `b` (`[unit][NR]`); columns from `width` on are neither read nor
+/// written. A unit is a bf16 pair (one `vdpbf16ps`), or one f32 when `F32` (one FMA).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile<const R: usize, const V: usize>(
+unsafe fn tile<const R: usize, const V: usize, const F32: bool>(
     kc: usize,
-    a: *const u16,
+    a: *const u8,
     lda: usize,
     b: *const u32,
     c: *mut f32,
@@ -338,10 +464,17 @@ unsafe fn tile<const R: usize, const V: usize>(
             *vector = _mm512_loadu_si512(bp.add(16 * v) as *const __m512i);
         }
         for (i, row) in acc.iter_mut().enumerate() {
-            let pair = (a.add(i * lda + 2 * p) as *const u32).read_unaligned();
-            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
-            for v in 0..V {
-                row[v] = _mm512_dpbf16_ps(row[v], ai, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
+            let unit = (a.add(i * lda + 4 * p) as *const u32).read_unaligned();
+            if F32 {
+                let ai = _mm512_set1_ps(f32::from_bits(unit));
+                for v in 0..V {
+                    row[v] = _mm512_fmadd_ps(ai, _mm512_castsi512_ps(bv[v]), row[v]);
+                }
+            } else {
+                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(unit as i32));
+                for v in 0..V {
+                    row[v] = _mm512_dpbf16_ps(row[v], ai, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
+                }
             }
         }
     }
@@ -471,7 +604,7 @@ mod tests {
                     n,
                     pairs,
                     Lhs { data: &a_bits[1..], ld: k },
-                    Rhs { data: &packed, ld: ldb },
+                    Rhs::Rows { data: &packed, ld: ldb },
                     &mut c,
                     ldc,
                     accumulate,
@@ -521,7 +654,7 @@ mod tests {
                 };
                 let ldo = n + 2;
                 let mut out = vec![0x7fc1u16; m * ldo];
-                let (lhs, rhs) = (Lhs { data: &a_bits, ld: k }, Rhs { data: &packed, ld: n });
+                let (lhs, rhs) = (Lhs { data: &a_bits, ld: k }, Rhs::Rows { data: &packed, ld: n });
                 gemm_to_bf16(m, n, k / 2, lhs, rhs, &mut out, ldo, bias, parallel);
                 for i in 0..m {
                     for j in n..ldo {
@@ -537,6 +670,46 @@ mod tests {
                         assert!(
                             (got.to_f32() - want.to_f32()).abs() <= step,
                             "{m}×{n}×{k}, bias {kind}, at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The f32 product against f64 sums on the same edges: partial tiles, a reduction past one
+    /// 128-unit block, padded rows of `a`, `b` and `c` (untouched past `n`), writing or adding,
+    /// serial and threaded: within f32 rounding of the sums (k products of magnitude ≤ 1/4).
+    #[test]
+    fn the_f32_product_equals_f64_sums_on_every_edge() {
+        if !supported() {
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (7, 17, 3), (9, 49, 129), (100, 500, 300), (200, 33, 2049), (13, 5, 0)] {
+            for (accumulate, parallel) in [(false, true), (true, false), (true, true)] {
+                let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
+                let a: Vec<f32> = values(m * lda + 1, 5).iter().map(|v| v.to_f32()).collect();
+                let b: Vec<f32> = values(k * ldb + 1, 6).iter().map(|v| v.to_f32()).collect();
+                let init: Vec<f32> = (0..m * ldc).map(|i| (i % 5) as f32 * 0.5).collect();
+                let mut c = init.clone();
+                // `b` as rows, and packed into panels (every third case).
+                let rows = Rhs::Rows { data: f32_bits(&b[1..]), ld: ldb };
+                let mut panels = vec![0u32; panels_len(n, k)];
+                pack_panels(n, k, &mut panels, |j, p| b[1 + p * ldb + j].to_bits());
+                let rhs = if accumulate && parallel { Rhs::Panels { data: &panels, depth: k } } else { rows };
+                gemm_f32(m, n, k, (&a[1..], lda), rhs, &mut c, ldc, accumulate, parallel);
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let want = if j < n {
+                            let sum: f64 = (0..k).map(|r| a[1 + i * lda + r] as f64 * b[1 + r * ldb + j] as f64).sum();
+                            sum as f32 + if accumulate { init[i * ldc + j] } else { 0.0 }
+                        } else {
+                            init[i * ldc + j]
+                        };
+                        let got = c[i * ldc + j];
+                        assert!(
+                            (got - want).abs() <= 2e-7 * (k as f32 + 8.0),
+                            "{m}×{n}×{k} at ({i}, {j}): {got} vs {want}"
                         );
                     }
                 }

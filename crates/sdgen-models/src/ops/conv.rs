@@ -272,7 +272,8 @@ mod tests {
     fn the_cpu_convolution_equals_the_reference() {
         let cases = [(3, 1, 1, false), (3, 1, 2, false), (3, 0, 2, true), (1, 0, 1, false), (1, 0, 2, false)];
         for (k, padding, stride, pad_rb) in cases {
-            for (cin, cout, h, w, b) in [(5, 4, 7, 9, 2), (3, 8, 8, 6, 1), (64, 16, 128, 128, 1)] {
+            for (cin, cout, h, w, b) in [(5, 4, 7, 9, 2), (3, 8, 8, 6, 1), (64, 16, 128, 128, 1), (320, 320, 24, 24, 2)]
+            {
                 let conv = Conv2d::load(cin, cout, k, padding, stride, pad_rb, weights(cin, cout, k)).unwrap();
                 let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
                 let padded = if pad_rb {

@@ -10,7 +10,7 @@ use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Bias, Lhs, Rhs};
+use super::bf16_gemm::{self, Bias, Lhs, PanelWriter, Rhs};
 use super::cpu::{bias_values, ConvGeometry, CpuInput, CONV_BAND_BYTES};
 
 /// Whether every tensor is bf16 on the CPU and the processor multiplies bf16 itself.
@@ -24,7 +24,7 @@ fn bits<'a>(input: &'a CpuInput<'a>) -> Result<&'a [u16]> {
 }
 
 /// `x·Wᵀ + b` for bf16 `x: [.., in]`, `weight: [out, in]`, `bias: [out]`: the weight interleaved
-/// once per call (`[in/2, out]`), the product on all cores, the bias added and each result
+/// into the product's panels once per call, the product on all cores, the bias added and each result
 /// rounded as its block of sums is finished.
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let (n, k) = weight.dims2()?;
@@ -38,12 +38,13 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let m = x.elem_count() / k.max(1);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
-    let mut packed = vec![0u32; k / 2 * n];
-    bf16_gemm::interleave_cols(bits(&w_in)?, n, k / 2, k, &mut packed, n);
+    let w = bits(&w_in)?;
+    let mut packed = vec![0u32; bf16_gemm::panels_len(n, k / 2)];
+    bf16_gemm::pack_panels(n, k / 2, &mut packed, |j, p| w[j * k + 2 * p] as u32 | (w[j * k + 2 * p + 1] as u32) << 16);
     let bias = bias_values(bias)?;
     let bias = bias.as_deref().map_or(Bias::None, Bias::PerColumn);
     let mut out = vec![0u16; m * n];
-    let (a, b) = (Lhs { data: bits(&x_in)?, ld: k }, Rhs { data: &packed, ld: n });
+    let (a, b) = (Lhs { data: bits(&x_in)?, ld: k }, Rhs::Panels { data: &packed, depth: k / 2 });
     bf16_gemm::gemm_to_bf16(m, n, k / 2, a, b, &mut out, n, bias, true);
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("x has the in dimension") = n;
@@ -81,23 +82,27 @@ pub(crate) fn conv2d(
     let bias = bias.as_deref().map_or(Bias::None, Bias::PerRow);
     let mut out = vec![0u16; b * o * pixels];
     let band_rows = (CONV_BAND_BYTES / (2 * k * geometry.wo).max(1)).clamp(1, geometry.ho.max(1));
-    let mut column = vec![0u32; k / 2 * band_rows * geometry.wo];
+    let pairs = k / 2;
+    let mut column = vec![0u32; bf16_gemm::panels_len(band_rows * geometry.wo, pairs)];
     for (xi, yi) in xs.chunks(c * h * w).zip(out.chunks_mut(o * pixels)) {
         for r0 in (0..geometry.ho).step_by(band_rows) {
             let rows = band_rows.min(geometry.ho - r0);
             let n = rows * geometry.wo;
-            let column = &mut column[..k / 2 * n];
-            column.par_chunks_mut(n).enumerate().for_each_init(
-                || (vec![0u16; n], vec![0u16; n]),
-                |(lo, hi), (p, dst)| {
+            let panels = PanelWriter::new(&mut column, n, pairs);
+            (0..pairs).into_par_iter().for_each_init(
+                || (vec![0u16; n], vec![0u16; n], vec![0u32; n]),
+                |(lo, hi, row), p| {
                     geometry.unfold(xi, 2 * p, r0, rows, lo);
                     geometry.unfold(xi, 2 * p + 1, r0, rows, hi);
-                    dst.iter_mut()
+                    row.iter_mut()
                         .zip(lo.iter().zip(hi.iter()))
                         .for_each(|(d, (&l, &h))| *d = l as u32 | (h as u32) << 16);
+                    // SAFETY: each pair's row is written by this task alone, and the column is
+                    // read only after every task has finished.
+                    unsafe { panels.write_row(p, row) };
                 },
             );
-            let (a, bm) = (Lhs { data: ws, ld: k }, Rhs { data: column, ld: n });
+            let (a, bm) = (Lhs { data: ws, ld: k }, Rhs::Panels { data: &column, depth: pairs });
             bf16_gemm::gemm_to_bf16(o, n, k / 2, a, bm, &mut yi[r0 * geometry.wo..], pixels, bias, true);
         }
     }
@@ -164,13 +169,13 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             let r0 = block * ATTENTION_ROWS;
             let rows = ATTENTION_ROWS.min(q_len - r0);
             let q_rows = Lhs { data: &qd[qo + bi * qst[0] + h * qst[1] + r0 * qst[2]..], ld: qst[2] };
-            let key_rhs = Rhs { data: &keys[bh * key_words..(bh + 1) * key_words], ld: kv_len };
+            let key_rhs = Rhs::Rows { data: &keys[bh * key_words..(bh + 1) * key_words], ld: kv_len };
             bf16_gemm::gemm(rows, kv_len, pairs, q_rows, key_rhs, scores, kv_len, false, false);
             for (row, p) in scores.chunks_mut(kv_len).zip(probs.chunks_mut(probs_ld)).take(rows) {
                 softmax_to_bf16(row, scale, p);
             }
             let p_rows = Lhs { data: probs, ld: probs_ld };
-            let value_rhs = Rhs { data: &values[bh * value_words..(bh + 1) * value_words], ld: d };
+            let value_rhs = Rhs::Rows { data: &values[bh * value_words..(bh + 1) * value_words], ld: d };
             bf16_gemm::gemm(rows, d, kv_pairs, p_rows, value_rhs, acc, d, false, false);
             for (r, row) in acc.chunks(d).take(rows).enumerate() {
                 let at = (bi * q_len + r0 + r) * heads * d + h * d;

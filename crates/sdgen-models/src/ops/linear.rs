@@ -138,6 +138,11 @@ fn dense(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let layer = candle_nn::Linear::new(f32(weight)?, bias.map(f32).transpose()?);
         return layer.forward(&f32(x)?)?.to_dtype(DType::BF16);
     }
+    if super::fast_cpu(x.device()) {
+        if let Some(y) = super::cpu::linear(x, weight, bias)? {
+            return Ok(y);
+        }
+    }
     #[cfg(feature = "cuda")]
     if super::fast_cuda(x.device()) && matches!(x.dtype(), DType::BF16 | DType::F16) {
         if let Some(y) = super::cuda::linear(x, weight, bias)? {
