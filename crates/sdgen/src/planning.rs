@@ -55,14 +55,17 @@ pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
             .headers
             .iter()
             .flat_map(|h| h.tensors.iter())
+            // An fp8 weight's scale (one f32, `name@scale`) is no model tensor.
+            .filter(|(n, _)| sdgen_models::ops::quantised::companion_base(n).is_none())
             .filter_map(|(n, t)| {
                 // A GGUF's GGML blocks dequantise to f32 (and on to the run's precision) unless a
                 // linear layer keeps them: then they count at their block size.
                 let dtype = StoredDType::from_safetensors(&t.dtype)
                     .or_else(|| GgmlType::by_name(&t.dtype).map(|_| StoredDType::F32))?;
-                let held = weights
-                    .held_quantised(n, t)
-                    .map(|d| Blocks { elements: d.block_size() as u64, bytes: d.type_size() as u64 });
+                let held = weights.held_quantised(n, t).map(|h| {
+                    let (elements, bytes) = h.block();
+                    Blocks { elements, bytes }
+                });
                 Some(TensorEntry::new(n.clone(), t.shape.clone(), dtype).held_in(held))
             })
             .collect();

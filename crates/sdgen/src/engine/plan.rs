@@ -326,9 +326,11 @@ pub(super) fn run_metadata(
             .collect();
         extra.insert("loras".into(), loras.into());
     }
-    // Quantised weights: `--weights`, or a GGUF's types (how many tensors each).
+    // Quantised weights: `--weights`, an fp8 file's, or a GGUF's types (how many tensors each).
     if let Some(q) = model.quantise() {
         extra.insert("weights".into(), q.name().into());
+    } else if model.checkpoint().is_some_and(|c| c.fp8_tensors() > 0) {
+        extra.insert("weights".into(), crate::loading::quantise::Quantise::Fp8.name().into());
     } else if let Some(c) = model.checkpoint().filter(|c| c.is_gguf()) {
         let mut types = std::collections::BTreeMap::<&str, usize>::new();
         for t in c.header.tensors.values() {
