@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 use sdgen_memory::plan::{
     plan, Blocks, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest,
-    Precision, StoredDType, StreamableBlocks, TensorEntry, Tiling,
+    Precision, QuantisedWeights, StoredDType, StreamableBlocks, TensorEntry, Tiling, QUANTISED_KINDS,
 };
 use sdgen_models::stream::StreamableModel;
 use sdgen_models::t5::{T5Config, T5EncoderModel};
@@ -215,6 +215,7 @@ pub fn plan_run(
             .denoise_tiles
             .map(|t| Tiling { tile_px: t.tile * t.scale, overlap_px: t.overlap * t.scale }),
         streamable: streamable(model, settings)?,
+        quantised: quantised_options(model)?,
         ..PlanRequest::new(
             &profile,
             &manifest,
@@ -237,6 +238,23 @@ pub fn plan_run(
         });
     }
     Ok(plan)
+}
+
+/// The ways the planner may hold the model's weights quantised when nothing fits at full
+/// precision (its last rung), best image first: none when the user chose the weights
+/// (`--weights`) or the file is quantised already (a GGUF, an fp8 checkpoint).
+fn quantised_options(model: &ModelFolder) -> Result<Vec<QuantisedWeights>> {
+    if model.quantise().is_some() || model.checkpoint().is_some_and(|c| c.quantised_kind().is_some()) {
+        return Ok(Vec::new());
+    }
+    QUANTISED_KINDS
+        .iter()
+        .map(|kind| {
+            // The table's names are `--weights`'s.
+            let weights: crate::loading::quantise::Quantise = kind.name.parse().map_err(Error::InvalidInput)?;
+            Ok(QuantisedWeights { kind, manifest: manifest(&model.clone().with_quantise(Some(weights))?)? })
+        })
+        .collect()
 }
 
 /// The model's components whose blocks the planner may stream: the denoiser's, and T5's where it

@@ -7,6 +7,7 @@ use super::activation::KernelFamily;
 use super::manifest::{ModelManifest, Precision};
 use super::planner::Tiling;
 use super::profile::FamilyProfile;
+use super::quantised::QuantisedWeights;
 use super::stream::StreamableBlocks;
 
 /// The fraction of the budget kept free by default: estimates are fits, allocators fragment,
@@ -204,6 +205,10 @@ pub struct PlanRequest<'a> {
     /// Components whose blocks can be streamed (the denoiser's, T5's), with their blocks in
     /// forward order: the planner's last rung before refusing ([`super::stream`]).
     pub streamable: Vec<StreamableBlocks>,
+    /// The ways the engine can hold the weights quantised, best image first (empty when the user
+    /// chose the weights or the file is quantised already): the rung after streaming
+    /// ([`super::quantised`]).
+    pub quantised: Vec<QuantisedWeights>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -240,6 +245,7 @@ impl<'a> PlanRequest<'a> {
             load_transient_bytes: Vec::new(),
             denoise_tiling: None,
             streamable: Vec::new(),
+            quantised: Vec::new(),
         }
     }
 

@@ -5,6 +5,7 @@
 use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
+use crate::loading::quantise::Quantise;
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
     resolve_hires, resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, JobStage, RefinerRun,
@@ -36,6 +37,9 @@ pub(super) struct JobPlan {
     pub warnings: Vec<String>,
     /// The size of the images the job hands back (the first pass's, upscaled).
     pub output_size: (usize, usize),
+    /// The weights the planner quantised because nothing fit at full precision: the job runs
+    /// the model with them.
+    pub weights: Option<Quantise>,
 }
 
 /// One upscaling step of a job, planned.
@@ -128,6 +132,11 @@ pub(super) fn plan_job(
     let plan = plan_for(model, &settings, img2img_request.is_some())?;
     report_plan(&plan, batch_size, events);
     report_streaming(&plan, settings.steps, events);
+    // The planner's last rung quantised the weights: the rest of the job plans and runs with them.
+    let weights = plan.quantised.as_ref().map(|q| q.weights.parse::<Quantise>()).transpose();
+    let weights = weights.map_err(crate::Error::InvalidInput)?;
+    let quantised = weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
+    let model = quantised.as_ref().unwrap_or(model);
     let mut options = crate::planning::stage_options(model, &plan, &settings, false)?;
     // The refiner runs after the base is unloaded: its stages are planned on their own (with its
     // VAE encoder when it takes the base's images), and the run takes the leaner of both plans'
@@ -217,6 +226,7 @@ pub(super) fn plan_job(
         first_size,
         warnings,
         output_size,
+        weights,
     })
 }
 
@@ -273,6 +283,15 @@ fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
 /// What block streaming adds to the run: each streamed stage's expected time per evaluation
 /// over the denoiser's `steps` per batch (the encoders run once a batch).
 fn report_streaming(plan: &Plan, steps: usize, events: &mut dyn FnMut(Event)) {
+    if let Some(q) = &plan.quantised {
+        let evaluations = plan.batch_count * steps;
+        events(Event::Log(&format!(
+            "Quantised weights: the denoiser runs on {} weights, about {:.0} s more over {}",
+            q.weights,
+            (q.expected_ms_per_forward * evaluations as u64) as f64 / 1000.0,
+            plural(evaluations, "evaluation")
+        )));
+    }
     for s in &plan.stages {
         let Some(st) = s.options.streaming else { continue };
         let evaluations = plan.batch_count * if s.stage == "denoise" { steps } else { 1 };
