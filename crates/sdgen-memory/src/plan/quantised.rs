@@ -25,8 +25,7 @@ pub struct QuantisedKind {
     pub name: &'static str,
     /// What it does to the image, in words.
     pub quality: &'static str,
-    /// Dequantising on the CPU, nanoseconds per weight (single-threaded figure divided by the
-    /// cores the measurement had).
+    /// Dequantising on the CPU, nanoseconds per weight (on 2 cores: the development VM).
     pub cpu_ns_per_weight: f64,
     /// Dequantising on a GPU, nanoseconds per weight (0: its kernels multiply the blocks).
     pub gpu_ns_per_weight: f64,
@@ -35,26 +34,29 @@ pub struct QuantisedKind {
 /// The kinds, best image first. Errors: the tiny SD 3.5 MMDiT's forward against its 16/32-bit
 /// weights (relative L2; `crates/sdgen/tests/gguf.rs`, `fp8.rs`), beside the published
 /// expectation (city96's and ComfyUI's: Q8_0 indistinguishable, fp8 close, Q4 visibly softer).
-/// Speeds: BENCHMARKS.md "Quantised products" (this CPU, 2 cores); on a GPU, CUDA's fp8 cast is
-/// one pass over the weight at memory bandwidth (~0.3 ns a weight read and written on an H100,
-/// an estimate), and GGML blocks multiply in candle's kernels.
+/// Speeds: dequantising alone at SD 3.5 Medium's shapes (`sdgen-bench --component quantised`,
+/// BENCHMARKS.md "Quantised and fp8 products", 2 loaded cores, 2026-12-07): Q8_0 0.6–1.1 ns a
+/// weight, Q4_K 0.4–0.5, fp8 (a table lookup) 0.26–0.32; the product itself runs at the dense
+/// layer's speed, within this VM's noise. On a GPU, CUDA's fp8 cast and scale are two passes
+/// over the weight at memory bandwidth (~0.01 ns a weight on an H100: an estimate, rounded up to
+/// 0.05 for the launch overheads), and GGML blocks multiply in candle's kernels (no dequantising).
 pub const QUANTISED_KINDS: [QuantisedKind; 3] = [
     QuantisedKind {
         name: "q8",
         quality: "Q8_0, near-lossless (tiny MMDiT 8.0e-3 relative L2)",
-        cpu_ns_per_weight: 1.0,
+        cpu_ns_per_weight: 1.1,
         gpu_ns_per_weight: 0.0,
     },
     QuantisedKind {
         name: "fp8",
         quality: "fp8 E4M3 with per-tensor scales, close (tiny MMDiT 2.9e-2 relative L2)",
-        cpu_ns_per_weight: 0.5,
-        gpu_ns_per_weight: 0.3,
+        cpu_ns_per_weight: 0.32,
+        gpu_ns_per_weight: 0.05,
     },
     QuantisedKind {
         name: "q4",
         quality: "Q4_K/Q4_0, coarser (tiny MMDiT 1.2e-1 relative L2)",
-        cpu_ns_per_weight: 1.0,
+        cpu_ns_per_weight: 0.5,
         gpu_ns_per_weight: 0.0,
     },
 ];
@@ -165,7 +167,7 @@ mod tests {
         assert_eq!(dequantise_bytes(fp8, Precision::Bf16, DeviceKind::DiscreteGpu), 4);
         assert_eq!(quantised_weights(&m), n + 2432 * 2432);
         let q = Quantised::new(QuantisedKind::by_name("q8").unwrap(), DeviceKind::Cpu, 8_000_000_000);
-        assert_eq!(q.expected_ms_per_forward, 8000);
+        assert_eq!(q.expected_ms_per_forward, 8800);
         assert!(q.describe().starts_with("weights quantised to q8 (Q8_0"), "{}", q.describe());
         assert_eq!(QUANTISED_KINDS.map(|k| k.name), ["q8", "fp8", "q4"]);
     }
