@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{load, testdata};
+use common::{load, rel_l2, testdata, tiny_request};
 use sdgen::loading::quantise::Quantise;
 use sdgen::loading::read_backend::ReadBackend;
 use sdgen::loading::{ModelFolder, OpenOptions, SafetensorsHeader};
-use sdgen::pipeline::{txt2img, Request, Runtime};
+use sdgen::pipeline::{txt2img, Runtime};
 use sdgen_models::denoiser::Conditioning;
 use sdgen_models::ops::fp8;
 
@@ -43,14 +43,6 @@ fn bits(t: &Tensor) -> Vec<u32> {
     let v: Vec<f32> = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     // Every NaN is the same NaN (E4M3's two NaN bytes).
     v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect()
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / den).sqrt()
 }
 
 /// Every E4M3 byte times a scale, as the loader serves a weight by name and as a linear layer
@@ -172,19 +164,6 @@ fn the_planner_counts_one_byte_a_weight() {
     assert!(held > 27, "{held}");
     assert_eq!(bytes(&quantised), (file, held));
     assert!(file < dense, "fp8 {file} vs bf16 {dense}");
-}
-
-fn tiny_request() -> Request {
-    Request {
-        prompt: "a lighthouse at dusk".into(),
-        n: 1,
-        seed: 7,
-        steps: Some(3),
-        guidance: Some(4.0),
-        width: Some(64),
-        height: Some(64),
-        ..Default::default()
-    }
 }
 
 /// Whole text-to-image runs from the fp8 files (SD 3.5 with its text encoders inside, SD 1.5 with
