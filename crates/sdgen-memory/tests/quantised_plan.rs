@@ -45,7 +45,7 @@ fn smallest_budget(r: &PlanRequest) -> u64 {
 /// An 8 GB GPU with 8 GB of RAM free: SD 3.5 Large's MMDiT (16 GB in bf16) cannot stream (its
 /// streamed blocks would not fit in host memory), so the planner runs it on Q8_0 weights (8.7 GB,
 /// streamed), says so and what it costs; with 64 GB of RAM it streams in bf16 instead. Low mode
-/// takes the leanest weights, Q4.
+/// takes the leanest weights, Q4; fast mode refuses.
 #[test]
 fn sd35_large_on_an_8gb_gpu_with_8gb_of_ram_runs_on_q8_weights() {
     let (m, s) = sd35_large_real();
@@ -65,6 +65,7 @@ fn sd35_large_on_an_8gb_gpu_with_8gb_of_ram_runs_on_q8_weights() {
 
     let low = plan(&PlanRequest { mode: MemoryMode::Low, ..offered.clone() }).unwrap();
     assert_eq!(weights(&low), Some("q4"), "{low}");
+    assert!(plan(&PlanRequest { mode: MemoryMode::Fast, ..offered.clone() }).is_err(), "fast mode never quantises");
     let roomy =
         plan(&PlanRequest { budget: Budget { host_available_bytes: Some(64 * GIB), ..offered.budget }, ..offered })
             .unwrap();

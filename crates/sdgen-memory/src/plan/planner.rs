@@ -274,6 +274,10 @@ impl Plan {
 pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
     let stored = plan_as_held(request);
     let Err(PlanError::DoesNotFit { .. }) = &stored else { return stored };
+    // Fast mode takes nothing that costs speed: dequantising does (on the CPU).
+    if request.mode == MemoryMode::Fast {
+        return stored;
+    }
     let as_held = |q: &quantised::QuantisedWeights| {
         let r = PlanRequest { manifest: &q.manifest, quantised: Vec::new(), ..request.clone() };
         let weights: u64 = q.manifest.components.iter().map(quantised::quantised_weights).sum();

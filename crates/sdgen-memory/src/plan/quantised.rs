@@ -7,7 +7,7 @@
 //! The order is [`QUANTISED_KINDS`]'s, best image first: Q8_0 (near-lossless), then fp8 (E4M3
 //! with a per-tensor scale: 6% smaller than Q8_0 and about 3.5× its error), then Q4 (a quarter
 //! of bf16, an order coarser). Auto and balanced take the first that fits; low takes the leanest
-//! that fits. Each kind's expected slowdown is its dequantisation per evaluation (the CPU and
+//! that fits; fast never quantises (dequantising costs time on the CPU). Each kind's expected slowdown is its dequantisation per evaluation (the CPU and
 //! fp8 multiply a transient dense copy of each weight; CUDA multiplies GGML blocks in place).
 //!
 //! The transient: a layer whose weight is held quantised dequantises it for its product, so a

@@ -22,14 +22,16 @@ pub enum MemoryMode {
     #[default]
     Auto,
     /// Only options that cost no speed (VAE slicing) and running the images in several batches;
-    /// refuses rather than slice attention, tile the VAE or move encoders to the CPU.
+    /// refuses rather than slice attention, tile the VAE, move encoders to the CPU, stream blocks
+    /// or quantise the weights.
     Fast,
     /// The fastest plan that fits, using every option when needed.
     Balanced,
     /// The leanest plan, even when a faster one fits: one image per batch and, per stage, the
     /// option set with the smallest estimated peak (ties to the faster one: an option that
     /// saves nothing, such as attention slicing on a GPU whose engine already chunks the scores,
-    /// is left off), for sharing the machine or a budget the estimates may overrun.
+    /// is left off), for sharing the machine or a budget the estimates may overrun. Where nothing
+    /// fits at full precision, the leanest quantised weights (the planner's last rung).
     Low,
 }
 
