@@ -237,4 +237,15 @@ mod tests {
         assert_eq!(split_companion("a.weight@scale"), Some(("a.weight", true)));
         assert_eq!(split_companion("a.weight@Q8_0"), None);
     }
+
+    /// A loader rearranges fp8 bytes as it does any tensor (SD 3's swapped modulation halves).
+    #[test]
+    fn fp8_bytes_narrow_and_concatenate() {
+        let bytes: Vec<u8> = (0..16).collect();
+        let t = bytes_tensor(&bytes, &[4, 4], &Device::Cpu).unwrap();
+        let swapped = Tensor::cat(&[t.narrow(0, 2, 2).unwrap(), t.narrow(0, 0, 2).unwrap()], 0).unwrap();
+        let w = Fp8Weight::new(swapped, 1.0).unwrap().dequantise(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        let want = |b: u8| F8E4M3::from_bits(b).to_f32();
+        assert_eq!((w[0][0], w[3][3]), (want(8), want(7)));
+    }
 }

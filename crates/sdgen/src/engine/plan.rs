@@ -162,6 +162,7 @@ pub(super) fn plan_job(
                 }
             };
             let p = plan_for(r_model, &r_settings, takes_images).map_err(|e| crate::Error::about("refiner", e))?;
+            only_at_full_precision(&p, "refiner", "the refiner", |_| "or run without --refiner".into())?;
             report_plan(&p, batch_size, events);
             options = options.merged(crate::planning::stage_options(r_model, &p, &r_settings, false)?);
             Some(p)
@@ -190,6 +191,9 @@ pub(super) fn plan_job(
                     s.strength, s.denoising_steps, s.settings.steps
                 )));
                 let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
+                only_at_full_precision(&p, "hires_strength", "the hires pass", |w| {
+                    format!("pass --weights {w} to run the whole job so, or upscale without it")
+                })?;
                 report_plan(&p, batch_size, events);
                 let options = crate::planning::stage_options(model, &p, &s.settings, false)?;
                 Some(HiresPlan { settings: s, options, plan: p })
@@ -228,6 +232,29 @@ pub(super) fn plan_job(
         output_size,
         weights,
     })
+}
+
+/// Refuses a later pass's plan (the refiner's, a hires pass's) that fits only with quantised
+/// weights: the planner quantises the job's first pass alone (its model is the one the job then
+/// runs), so such a pass would run over the budget.
+fn only_at_full_precision(
+    plan: &Plan,
+    field: &'static str,
+    what: &str,
+    instead: impl Fn(&str) -> String,
+) -> Result<()> {
+    match &plan.quantised {
+        Some(q) => Err(crate::Error::invalid(
+            field,
+            format!(
+                "{what} fits in the memory available only with the weights quantised to {}, which the planner does \
+                 for the first pass alone: give more --max-memory, {}",
+                q.weights,
+                instead(&q.weights)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The job's stages as the warm store sees them, every plan's (the base's, the refiner's with
@@ -444,4 +471,49 @@ pub(super) fn checkpoint_file(source: &ModelSource) -> Option<&std::path::Path> 
 /// it cannot fail.
 pub(super) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("plain data serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use sdgen_memory::plan::{
+        plan, Blocks, Budget, BudgetSource, ComponentManifest, FamilyProfile, ModelManifest, PlanRequest,
+        QuantisedWeights, StoredDType, TensorEntry, QUANTISED_KINDS,
+    };
+
+    use super::only_at_full_precision;
+
+    /// A later pass whose plan fits only with quantised weights is refused naming the field, the
+    /// weights and what to do; a plan at full precision passes.
+    #[test]
+    fn a_later_pass_that_fits_only_quantised_is_refused() {
+        let t = |name: &str, n: usize| TensorEntry::new(name, vec![n, 1024], StoredDType::F32);
+        let m = ModelManifest::new(vec![
+            ComponentManifest::new("text_encoder", vec![t("w.weight", 16)]),
+            ComponentManifest::new(
+                "unet",
+                (0..64).map(|i| t(&format!("down_blocks.0.w{i}.weight"), 16 << 10)).collect(),
+            ),
+            ComponentManifest::new("vae", vec![t("encoder.w.weight", 16), t("decoder.w.weight", 16)]),
+        ]);
+        let mut q8 = m.clone();
+        for w in &mut q8.components[1].tensors {
+            w.held = Some(Blocks { elements: 32, bytes: 34 });
+        }
+        let p = FamilyProfile::sd15();
+        // 4 GB of f32 UNet in a 3 GB budget; its Q8_0 blocks take 1.1 GB.
+        let request = PlanRequest {
+            quantised: vec![QuantisedWeights { kind: &QUANTISED_KINDS[0], manifest: q8 }],
+            ..PlanRequest::new(&p, &m, 512, 512, Budget::new(3 << 30, BudgetSource::MaxMemory))
+        };
+        let quantised = plan(&request).unwrap();
+        let e = only_at_full_precision(&quantised, "hires_strength", "the hires pass", |w| format!("--weights {w}"))
+            .unwrap_err();
+        assert_eq!(e.field(), Some("hires_strength"));
+        let text = e.to_string();
+        assert!(
+            text.contains("the hires pass fits") && text.contains("quantised to q8") && text.contains("--weights q8")
+        );
+        let roomy = PlanRequest { budget: Budget::new(64 << 30, BudgetSource::MaxMemory), ..request };
+        assert!(only_at_full_precision(&plan(&roomy).unwrap(), "refiner", "the refiner", |_| String::new()).is_ok());
+    }
 }
