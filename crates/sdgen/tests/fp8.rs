@@ -3,7 +3,8 @@
 //! for every E4M3 byte and for a fused q/k/v served as three matrices; our quantisation equals
 //! torch's byte for byte; the tiny MMDiT's forward on the fp8 file equals torch's forward of the
 //! same weights, and its distance from the 16-bit weights' forward is stated and bounded; `--weights
-//! fp8` equals loading the fp8-scaled file bit for bit; the planner counts one byte a weight;
+//! fp8` equals loading the fp8-scaled file bit for bit; streaming changes no number on fp8
+//! weights; the planner counts one byte a weight;
 //! whole pipelines run from the files; and bad files are refused by name.
 
 mod common;
@@ -145,6 +146,29 @@ fn weights_fp8_equals_the_fp8_scaled_file_bit_for_bit() {
         let e = file.clone().with_quantise(Some(q)).unwrap_err();
         assert_eq!(e.field(), Some("weights"), "{e}");
         assert!(e.to_string().contains("an fp8 checkpoint, quantised already"), "{e}");
+    }
+}
+
+/// Streaming changes no number on fp8 weights either: the fp8 file's MMDiT and `--weights fp8`'s,
+/// with every block streamed (re-read per use) or one resident, give the resident forward's bits.
+#[test]
+fn streamed_fp8_weights_match_the_resident_ones() {
+    use sdgen_models::stream::Residency;
+    let r = reference();
+    let cond = Conditioning {
+        context: r["mmdit.context"].clone(),
+        pooled: Some(r["mmdit.pooled"].clone()),
+        time_ids: None,
+        timestep_cond: None,
+    };
+    let quantised = open(&sd35(false), "tiny-sd35-large").unwrap().with_quantise(Some(Quantise::Fp8)).unwrap();
+    for model in [open(&sd35(true), "tiny-sd35-large").unwrap(), quantised] {
+        let expected = bits(&mmdit_forward(&model, DType::F32));
+        for resident_blocks in [0, 1] {
+            let streamed = model.load_denoiser_with(DType::F32, &Device::Cpu, Residency::Streamed { resident_blocks });
+            let out = streamed.unwrap().forward(&r["mmdit.latents"], &r["mmdit.timesteps"], &cond).unwrap();
+            assert!(bits(&out) == expected, "{resident_blocks} blocks resident: the outputs differ");
+        }
     }
 }
 
