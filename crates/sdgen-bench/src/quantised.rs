@@ -1,14 +1,15 @@
 //! `--component quantised`: one linear layer at SD 3.5 Medium's shapes (4096 image tokens of
 //! 1536 channels: the fused q/k/v 1536 → 4608, the MLP 1536 → 6144, and a 1024-token one) with
-//! its weight dense in f32 and bf16 and in GGML blocks (Q8_0, Q4_K) multiplied both ways
+//! its weight dense in f32 and bf16, in GGML blocks (Q8_0, Q4_K) multiplied both ways
 //! (`sdgen_models::ops::linear::QuantisedPath`: candle's kernels, or dequantised for each
-//! product), on the CPU: the time, the weight's bytes in memory and the error against the f32
+//! product), and in fp8 (E4M3 with a per-tensor scale, dequantised for each product), on the CPU: the time, the weight's bytes in memory and the error against the f32
 //! layer of the same (dequantised) weight. What `QUANTISED_PATH` was chosen from.
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use sdgen_models::ops::fp8::{self, Fp8Weight};
 use sdgen_models::ops::linear::{Linear, QuantisedPath};
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
@@ -90,6 +91,30 @@ pub fn run(warmup: usize, iterations: usize) -> anyhow::Result<serde_json::Value
             record(
                 &format!("{dtype:?} dequantising alone (the error: the blocks')"),
                 bytes,
+                ms,
+                rel_l2(&exact, &reference)?,
+            );
+        }
+        let (bytes, scale) = fp8::quantise(&w)?;
+        let weight = Fp8Weight::new(fp8::bytes_tensor(&bytes, &[n, k], &dev)?, scale)?;
+        let exact = Linear::new(weight.dequantise(DType::F32)?, Some(bias.clone())).forward(&x)?;
+        let layer = Linear::fp8(weight.clone(), Some(bias.clone()));
+        for (activations, xa) in [("f32", x.clone()), ("bf16", x.to_dtype(DType::BF16)?)] {
+            if activations == "bf16" && !sdgen_models::ops::cpu_bf16_supported() {
+                continue;
+            }
+            let err = rel_l2(&layer.forward(&xa)?, &reference)?;
+            record(
+                &format!("fp8, {activations} activations"),
+                n * k,
+                time(warmup, iterations, || layer.forward(&xa))?,
+                err,
+            );
+            let dtype = xa.dtype();
+            let ms = time(warmup, iterations, || weight.dequantise(dtype))?;
+            record(
+                &format!("fp8 dequantising alone to {activations} (the error: the bytes')"),
+                n * k,
                 ms,
                 rel_l2(&exact, &reference)?,
             );

@@ -143,8 +143,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub config_from: Option<PathBuf>,
     /// Quantise the denoiser's linear weights as they load: q8 (Q8_0, near-lossless, ~half of
-    /// bf16) or q4 (Q4_K, ~a quarter). A GGUF file is quantised already.
-    #[arg(long, value_name = "q8|q4")]
+    /// bf16), fp8 (E4M3 with a scale per tensor, half of bf16) or q4 (Q4_K, ~a quarter). A GGUF or
+    /// fp8 file is quantised already.
+    #[arg(long, value_name = "q8|fp8|q4")]
     pub weights: Option<String>,
     /// Memory the run may use, e.g. 8GB (GB = 2^30 bytes as the console prints; device memory on a
     /// GPU, process memory on the CPU). Default: what is free.

@@ -102,6 +102,8 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
             return Ok((json!({ "name": label, "downloaded": false }), None));
         }
     };
+    // `--weights` quantises the denoiser as a run would (the engine applies it per job).
+    let model = model.with_quantise(resolved.request.open.weights)?;
     let settings = sdgen::pipeline::resolve(&model, &resolved.request.params)?;
     out.line(format!(
         "\n{} ({label}) at {}x{}, {}:",

@@ -3,6 +3,9 @@
 //! low mode; never in fast mode; refused below its minimum with the smallest budget that works;
 //! on a GPU only when host memory holds the streamed blocks.
 
+mod common;
+
+use common::{sd35_large, unet_blocks};
 use sdgen_memory::plan::{
     plan, Budget, BudgetSource, ComponentManifest, DeviceKind, FamilyProfile, MemoryMode, ModelManifest, Plan,
     PlanError, PlanRequest, Precision, StoredDType, StreamableBlocks, TensorEntry,
@@ -26,26 +29,6 @@ fn manifest() -> ModelManifest {
         })
         .collect();
     ModelManifest::new(components)
-}
-
-/// The UNet's blocks as the model lists them (resnets, transformer blocks, samplers), taken from
-/// the tensor names in the order they first appear.
-fn unet_blocks(m: &ModelManifest) -> Vec<String> {
-    let mut blocks: Vec<String> = Vec::new();
-    for t in &m.component("unet").unwrap().tensors {
-        let parts: Vec<&str> = t.name.split('.').collect();
-        let end = ["resnets", "transformer_blocks", "downsamplers", "upsamplers"]
-            .iter()
-            .filter_map(|k| parts.iter().position(|p| p == k))
-            .max();
-        if let Some(i) = end {
-            let prefix = parts[..=i + 1].join(".");
-            if !blocks.contains(&prefix) {
-                blocks.push(prefix);
-            }
-        }
-    }
-    blocks
 }
 
 fn request<'a>(m: &'a ModelManifest, p: &'a FamilyProfile, budget_bytes: u64, mode: MemoryMode) -> PlanRequest<'a> {
@@ -166,55 +149,6 @@ fn a_gpu_streams_only_what_host_memory_holds() {
     // The streamed UNet (1.6 GB in f16) does not fit 1 GB of host memory.
     let tight = gpu(GIB).unwrap();
     assert!(tight.stage("denoise").unwrap().options.streaming.is_none(), "{tight}");
-}
-
-/// SD 3.5 Large's shapes (bf16): CLIP-L, bigG, T5-XXL's 24 layers, the MMDiT's 38 joint blocks,
-/// the VAE, each block one tensor of its real size.
-fn sd35_large() -> (ModelManifest, Vec<StreamableBlocks>) {
-    let t = |name: String, shape: Vec<usize>| TensorEntry::new(name, shape, StoredDType::BF16);
-    let blocks = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}.{i}")).collect::<Vec<_>>();
-    let (t5, mmdit) = (blocks("encoder.block", 24), blocks("transformer_blocks", 38));
-    let with_blocks = |first: Vec<TensorEntry>, blocks: &[String], params: usize| {
-        first.into_iter().chain(blocks.iter().map(|b| t(format!("{b}.w"), vec![params]))).collect::<Vec<_>>()
-    };
-    let manifest = ModelManifest::new(vec![
-        ComponentManifest::new(
-            "text_encoder",
-            vec![
-                t("text_model.embeddings.token_embedding.weight".into(), vec![49408, 768]),
-                t("w".into(), vec![85_000_000]),
-            ],
-        ),
-        ComponentManifest::new(
-            "text_encoder_2",
-            vec![
-                t("text_model.embeddings.token_embedding.weight".into(), vec![49408, 1280]),
-                t("w".into(), vec![630_000_000]),
-            ],
-        ),
-        ComponentManifest::new(
-            "text_encoder_3",
-            with_blocks(vec![t("shared.weight".into(), vec![32128, 4096])], &t5, 197_000_000),
-        ),
-        ComponentManifest::new(
-            "transformer",
-            with_blocks(vec![t("pos_embed.proj.weight".into(), vec![2432, 16, 2, 2])], &mmdit, 212_000_000),
-        ),
-        ComponentManifest::new(
-            "vae",
-            vec![
-                t("encoder.conv_in.weight".into(), vec![128, 3, 3, 3]),
-                t("encoder.w".into(), vec![34_000_000]),
-                t("decoder.conv_in.weight".into(), vec![512, 16, 3, 3]),
-                t("decoder.w".into(), vec![49_000_000]),
-            ],
-        ),
-    ]);
-    let streamable = vec![
-        StreamableBlocks { component: "text_encoder_3".into(), blocks: t5 },
-        StreamableBlocks { component: "transformer".into(), blocks: mmdit },
-    ];
-    (manifest, streamable)
 }
 
 /// SD 3.5 Large at 1024² (16 GB of MMDiT, 9.5 GB of T5 in bf16): on the CPU under 8 and 4 GB both

@@ -283,6 +283,42 @@ fn quantised_linears_at_real_shapes() -> Result<()> {
     Ok(())
 }
 
+/// fp8 weights (E4M3 with a per-tensor scale, `ops::fp8`) at SD 3.5 Large's shapes: on CUDA
+/// (candle's fp8 cast, then the scale in the compute dtype) the dequantised weight equals the
+/// CPU's table bit for bit in every dtype, and the layer multiplies as a dense layer of it (each
+/// dtype's own rounding, against the f32 CPU product).
+#[test]
+fn fp8_linears_at_real_shapes() -> Result<()> {
+    use sdgen_models::ops::fp8::{self, Fp8Weight};
+    let dev = gpu();
+    let cases: [(&[usize], usize); 3] = [
+        (&[2, 4096, 2432], 7296), // Large q/k/v (fused in the file: one scale)
+        (&[2, 4096, 2432], 9728), // Large MLP up
+        (&[2, 1, 2432], 14592),   // Large adaLN (one row per image)
+    ];
+    for (shape, n) in cases {
+        let k = *shape.last().expect("a shape");
+        let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)? / (k as f64).sqrt())?;
+        let b = Tensor::randn(0f32, 1.0, n, &Device::Cpu)?;
+        let (bytes, scale) = fp8::quantise(&w)?;
+        let on_cpu = Fp8Weight::new(fp8::bytes_tensor(&bytes, &[n, k], &Device::Cpu)?, scale)?;
+        let on_gpu = Fp8Weight::new(fp8::bytes_tensor(&bytes, &[n, k], &dev)?, scale)?;
+        for dtype in DTYPES {
+            let what = format!("fp8 linear {shape:?} → {n} {dtype:?}");
+            let (g, c) =
+                (on_gpu.dequantise(dtype)?.to_dtype(DType::F32)?, on_cpu.dequantise(dtype)?.to_dtype(DType::F32)?);
+            let (g, c): (Vec<f32>, Vec<f32>) = (g.flatten_all()?.to_vec1()?, c.flatten_all()?.to_vec1()?);
+            assert!(g.iter().zip(&c).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: dequantised weights differ");
+            let layer = Linear::fp8(on_gpu.clone(), Some(b.to_device(&dev)?.to_dtype(dtype)?));
+            let x = randn(shape, dtype, &dev)?;
+            let reference = Linear::new(on_cpu.dequantise(DType::F32)?, Some(b.clone())).forward(&cpu32(&x)?)?;
+            let err = rel_l2(&layer.forward(&x)?, &reference)?;
+            check(&what, dtype, err, err);
+        }
+    }
+    Ok(())
+}
+
 /// A second `QTensor` with the same blocks on `dev` (a layer owns its weight).
 fn on_gpu_clone(q: &candle_core::quantized::QTensor, dev: &Device) -> Result<candle_core::quantized::QTensor> {
     let (rows, cols) = q.shape().dims2()?;

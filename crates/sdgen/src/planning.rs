@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 use sdgen_memory::plan::{
     plan, Blocks, Budget, BudgetSource, ComponentManifest, DeviceKind, MemoryMode, ModelManifest, Plan, PlanRequest,
-    Precision, StoredDType, StreamableBlocks, TensorEntry, Tiling,
+    Precision, QuantisedWeights, StoredDType, StreamableBlocks, TensorEntry, Tiling, QUANTISED_KINDS,
 };
 use sdgen_models::stream::StreamableModel;
 use sdgen_models::t5::{T5Config, T5EncoderModel};
@@ -55,14 +55,17 @@ pub fn manifest(model: &ModelFolder) -> Result<ModelManifest> {
             .headers
             .iter()
             .flat_map(|h| h.tensors.iter())
+            // An fp8 weight's scale (one f32, `name@scale`) is no model tensor.
+            .filter(|(n, _)| sdgen_models::ops::quantised::companion_base(n).is_none())
             .filter_map(|(n, t)| {
                 // A GGUF's GGML blocks dequantise to f32 (and on to the run's precision) unless a
                 // linear layer keeps them: then they count at their block size.
                 let dtype = StoredDType::from_safetensors(&t.dtype)
                     .or_else(|| GgmlType::by_name(&t.dtype).map(|_| StoredDType::F32))?;
-                let held = weights
-                    .held_quantised(n, t)
-                    .map(|d| Blocks { elements: d.block_size() as u64, bytes: d.type_size() as u64 });
+                let held = weights.held_quantised(n, t).map(|h| {
+                    let (elements, bytes) = h.block();
+                    Blocks { elements, bytes }
+                });
                 Some(TensorEntry::new(n.clone(), t.shape.clone(), dtype).held_in(held))
             })
             .collect();
@@ -212,6 +215,7 @@ pub fn plan_run(
             .denoise_tiles
             .map(|t| Tiling { tile_px: t.tile * t.scale, overlap_px: t.overlap * t.scale }),
         streamable: streamable(model, settings)?,
+        quantised: quantised_options(model)?,
         ..PlanRequest::new(
             &profile,
             &manifest,
@@ -234,6 +238,23 @@ pub fn plan_run(
         });
     }
     Ok(plan)
+}
+
+/// The ways the planner may hold the model's weights quantised when nothing fits at full
+/// precision (its last rung), best image first: none when the user chose the weights
+/// (`--weights`) or the file is quantised already (a GGUF, an fp8 checkpoint).
+fn quantised_options(model: &ModelFolder) -> Result<Vec<QuantisedWeights>> {
+    if model.quantise().is_some() || model.checkpoint().is_some_and(|c| c.quantised_kind().is_some()) {
+        return Ok(Vec::new());
+    }
+    QUANTISED_KINDS
+        .iter()
+        .map(|kind| {
+            // The table's names are `--weights`'s.
+            let weights: crate::loading::quantise::Quantise = kind.name.parse().map_err(Error::InvalidInput)?;
+            Ok(QuantisedWeights { kind, manifest: manifest(&model.clone().with_quantise(Some(weights))?)? })
+        })
+        .collect()
 }
 
 /// The model's components whose blocks the planner may stream: the denoiser's, and T5's where it

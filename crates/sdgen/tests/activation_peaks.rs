@@ -200,3 +200,39 @@ fn sd15_vae_peaks() {
         report.push("encode_image", px, px, 1, bytes, ms);
     }
 }
+
+/// The transient a quantised linear layer holds while it dequantises its weight for a product
+/// (the planner's `sdgen_memory::plan` quantised rung counts it): SD 3.5 Large's largest layer
+/// (the adaLN modulation, 2432 → 14592, 35.5 M weights) on one token per image, so the peak above
+/// the resident weight is the dequantised copy, against the dense layer's own peak. Prints
+/// `{"layer", "dtype", "bytes", "per_weight"}` lines; seconds, ~1 GB:
+///
+/// ```text
+/// cargo test -p sdgen --test activation_peaks quantised -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "a measurement, printed"]
+fn quantised_product_transients() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use sdgen_models::ops::fp8::{self, Fp8Weight};
+    use sdgen_models::ops::linear::{Linear, QuantisedPath};
+    let (n, k) = (14592, 2432);
+    let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap() / (k as f64).sqrt()).unwrap();
+    let q8 = Linear::quantised(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), None);
+    let (bytes, scale) = fp8::quantise(&w).unwrap();
+    let fp8 =
+        Linear::fp8(Fp8Weight::new(fp8::bytes_tensor(&bytes, &[n, k], &Device::Cpu).unwrap(), scale).unwrap(), None);
+    for dtype in [DType::F32, DType::BF16] {
+        let dense = Linear::new(w.to_dtype(dtype).unwrap(), None);
+        let x = Tensor::randn(0f32, 1.0, (2, 1, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        for (layer, name) in [(&dense, "dense"), (&q8, "Q8_0"), (&fp8, "fp8")] {
+            let _ = layer.forward_via(&x, QuantisedPath::Dequantise).unwrap();
+            let (bytes, _) = measure(|| layer.forward_via(&x, QuantisedPath::Dequantise));
+            let line = serde_json::json!({
+                "layer": name, "dtype": format!("{dtype:?}"), "bytes": bytes,
+                "per_weight": bytes as f64 / (n * k) as f64,
+            });
+            println!("{line}");
+        }
+    }
+}

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{load, testdata};
+use common::{load, rel_l2, testdata, tiny_request};
 use sdgen::loading::quantise::Quantise;
 use sdgen::loading::read_backend::ReadBackend;
 use sdgen::loading::{gguf, ModelFolder, OpenOptions};
-use sdgen::pipeline::{txt2img, Request, Runtime};
+use sdgen::pipeline::{txt2img, Runtime};
 use sdgen_models::denoiser::Conditioning;
 use sdgen_models::ops::linear::{linear_no_bias, set_quantised_path, QuantisedPath};
 
@@ -25,14 +25,6 @@ fn gguf_file(name: &str) -> PathBuf {
 
 fn open(file: &Path, configs: &str) -> sdgen::Result<ModelFolder> {
     ModelFolder::open_with(file, &OpenOptions { config_from: Some(testdata().join(configs)), ..Default::default() })
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / den).sqrt()
 }
 
 /// A `VarBuilder` over a GGUF file's tensors, by their names in the file.
@@ -181,19 +173,6 @@ fn the_planner_counts_the_blocks() {
     assert!(held > 27, "{held}");
     assert_eq!((q8, held_q8), (gguf, held));
     assert!(gguf * 2 < dense, "Q8_0 {gguf} vs f32 {dense}");
-}
-
-fn tiny_request() -> Request {
-    Request {
-        prompt: "a lighthouse at dusk".into(),
-        n: 1,
-        seed: 7,
-        steps: Some(3),
-        guidance: Some(4.0),
-        width: Some(64),
-        height: Some(64),
-        ..Default::default()
-    }
 }
 
 /// A whole text-to-image run from a GGUF denoiser, the rest of the pipeline from the config

@@ -67,6 +67,10 @@ impl std::fmt::Display for PlanError {
                     _ => String::new(),
                 };
                 let per_batch = if plan.n_images > 1 { ", one image per batch" } else { "" };
+                let with = match &plan.quantised {
+                    Some(q) => format!("{with} and its weights quantised to {}", q.weights),
+                    None => with,
+                };
                 write!(
                     f,
                     "{} at {}×{} does not fit in {} ({}; {} usable after the {:.0}% safety margin): the {stage} stage \

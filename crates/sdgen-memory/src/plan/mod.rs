@@ -11,6 +11,8 @@
 //!   ([`fit_coefficients`]).
 //! - Families are data ([`FamilyProfile`]: components, stages, formulas, options), so SDXL and
 //!   SD 3.5 plug in as new profiles, not new planner code.
+//! - After streaming, the weights held quantised ([`QuantisedWeights`], what `--weights` loads),
+//!   best image first, only when nothing at full precision fits ([`quantised`]'s module doc).
 //! - One rule ([`Verdict`]) decides both the refusal ("does not fit": an error before loading)
 //!   and the warning ("fits only with slower options", [`Plan::warning`]).
 //! - A long-lived engine's warm weights (kept loaded between jobs) do not change a plan: the
@@ -52,6 +54,7 @@ mod fit;
 mod manifest;
 mod planner;
 mod profile;
+mod quantised;
 mod request;
 mod resident;
 mod size;
@@ -70,6 +73,7 @@ pub use planner::{plan, Placement, Plan, StageOptions, StagePlan, Tiling, Verdic
 pub use profile::{
     ComponentSpec, FamilyProfile, StageOptionsSpec, StageSpec, StageWidth, TilingSpec, MIN_SCALED_ACTIVATION_BYTES,
 };
+pub use quantised::{Quantised, QuantisedKind, QuantisedWeights, QUANTISED_KINDS};
 pub use request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest, DEFAULT_SAFETY_MARGIN};
 pub use resident::{evictions, fits_with, StageResidency};
 pub use size::{parse_memory_size, ParseSizeError};

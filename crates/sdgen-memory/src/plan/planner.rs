@@ -10,7 +10,8 @@
 //!
 //! Only when no batch size fits resident does the search try block streaming
 //! ([`super::stream`]): streaming costs reading on every evaluation, smaller batches almost
-//! nothing.
+//! nothing. Only when nothing fits at full precision does [`plan`] try the weights quantised
+//! ([`super::quantised`]): that changes the image.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,7 @@ use super::activation::{ActivationInputs, BatchRule, KernelFamily};
 use super::error::PlanError;
 use super::manifest::{ComponentManifest, Precision};
 use super::profile::{FamilyProfile, StageSpec, MIN_SCALED_ACTIVATION_BYTES};
+use super::quantised::{self, Quantised};
 use super::request::{BudgetSource, DeviceKind, MemoryMode, PlanRequest};
 use super::stream::{BlockSizes, Streaming};
 
@@ -176,6 +178,10 @@ pub struct Plan {
     pub peak_bytes: u64,
     /// The verdict.
     pub verdict: Verdict,
+    /// The weights held quantised by the planner's last rung (none when the weights are as
+    /// stored or as `--weights` chose them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantised: Option<Quantised>,
     /// The warning to print and record when the verdict is
     /// [`FitsWithSlowerOptions`](Verdict::FitsWithSlowerOptions) (not in low mode, which asks
     /// for slower options).
@@ -210,6 +216,9 @@ impl Plan {
         if any(|o| o.streaming.is_some()) {
             out.push("block_streaming");
         }
+        if self.quantised.is_some() {
+            out.push("quantised_weights");
+        }
         if self.batch_split() {
             out.push("batch_splitting");
         }
@@ -219,6 +228,9 @@ impl Plan {
     /// The options that cost speed, in words, with the batch split first.
     pub fn slower_options(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(q) = &self.quantised {
+            out.push(format!("weights quantised to {}", q.weights));
+        }
         if self.batch_split() {
             out.push(format!("{} batches of {}", self.batch_count, self.images_per_batch));
         }
@@ -245,7 +257,7 @@ impl Plan {
     }
 
     pub(crate) fn is_slower(&self) -> bool {
-        self.batch_split() || self.stages.iter().any(|s| s.options.is_slower())
+        self.batch_split() || self.quantised.is_some() || self.stages.iter().any(|s| s.options.is_slower())
     }
 
     /// Whether memory made the run take more batches than the batch size asked for needs (not
@@ -255,9 +267,69 @@ impl Plan {
     }
 }
 
-/// Plans a generation: the fastest plan that fits under the request's mode, or
-/// [`PlanError::DoesNotFit`] with the numbers and what would help. Pure: reads nothing.
+/// Plans a generation: the fastest plan that fits under the request's mode at full precision,
+/// else with the weights quantised ([`PlanRequest::quantised`]: the first kind that fits, the
+/// leanest in low mode), or [`PlanError::DoesNotFit`] with the numbers and what would help (for
+/// the leanest quantised weights where there are any). Pure: reads nothing.
 pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
+    let stored = plan_as_held(request);
+    let Err(PlanError::DoesNotFit { .. }) = &stored else { return stored };
+    // Fast mode takes nothing that costs speed: dequantising does (on the CPU).
+    if request.mode == MemoryMode::Fast {
+        return stored;
+    }
+    let as_held = |q: &quantised::QuantisedWeights| {
+        let r = PlanRequest { manifest: &q.manifest, quantised: Vec::new(), ..request.clone() };
+        let weights: u64 = q.manifest.components.iter().map(quantised::quantised_weights).sum();
+        let choice = Quantised::new(q.kind, request.device, weights);
+        plan_as_held(&r).map(|mut p| {
+            let other = p.warning.take();
+            p.warning = Some(quantised_warning(&p, &choice, other));
+            p.quantised = Some(choice.clone());
+            p
+        })
+    };
+    // Best image first; low mode: the leanest weights first.
+    let weight_bytes = |q: &&quantised::QuantisedWeights| -> u64 {
+        q.manifest.components.iter().map(|c| c.bytes_at(&[], request.precision)).sum()
+    };
+    let mut order: Vec<&quantised::QuantisedWeights> = request.quantised.iter().collect();
+    if request.mode == MemoryMode::Low {
+        order.sort_by_key(weight_bytes);
+    }
+    if let Some(p) = order.iter().find_map(|q| as_held(q).ok()) {
+        return Ok(p);
+    }
+    // The refusal names what the leanest weights would need.
+    let leanest = request.quantised.iter().min_by_key(weight_bytes);
+    match leanest.map(as_held) {
+        Some(Err(PlanError::DoesNotFit { stage, need_bytes, budget_bytes, usable_bytes, suggestions, mut plan })) => {
+            plan.quantised = leanest.map(|q| Quantised::new(q.kind, request.device, 0));
+            Err(PlanError::DoesNotFit { stage, need_bytes, budget_bytes, usable_bytes, suggestions, plan })
+        }
+        _ => stored,
+    }
+}
+
+/// The warning of a plan whose weights the planner quantised (before any other it has).
+fn quantised_warning(plan: &Plan, choice: &Quantised, other: Option<String>) -> String {
+    let text = format!(
+        "⚠️  WARNING: {} at {}×{} does not fit in {} usable at full precision: its weights are quantised to {} ({}),          which changes the image; pass --weights to choose, or more --max-memory",
+        plan.family,
+        plan.width,
+        plan.height,
+        super::table::format_bytes(plan.usable_bytes),
+        choice.weights,
+        choice.quality
+    );
+    match other {
+        Some(o) => format!("{text}\n{o}"),
+        None => text,
+    }
+}
+
+/// [`plan`] with the weights as the manifest holds them.
+fn plan_as_held(request: &PlanRequest) -> Result<Plan, PlanError> {
     let ctx = Ctx::new(request)?;
     let auto = ctx.best(MemoryMode::Balanced);
     let chosen = match request.mode {
@@ -318,6 +390,8 @@ struct StageCtx<'a> {
     load_transient_bytes: u64,
     /// Its model's streamable blocks ([`PlanRequest::streamable`]), if any.
     blocks: Option<BlockSizes>,
+    /// The most a product holds while it dequantises a quantised weight (on the device).
+    dequantise_bytes: u64,
 }
 
 /// `spec`'s width ratio ([`StageWidth`]) in `components`' tensors: 1 when it has none or the
@@ -378,9 +452,11 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 let transient = req.load_transient_bytes.iter().filter(|(c, _)| c == comp.source).map(|(_, b)| *b);
                 load_transient_bytes = transient.fold(load_transient_bytes, u64::max);
             }
+            let precision = precision.unwrap_or(req.precision);
             stages.push(StageCtx {
                 spec,
-                precision: precision.unwrap_or(req.precision),
+                precision,
+                dequantise_bytes: quantised::transient_bytes(&manifests, precision, req.device),
                 weight_bytes_device: device,
                 weight_bytes_host: host,
                 width_ratio: width_ratio(spec, &manifests),
@@ -540,8 +616,10 @@ impl<'r, 'a> Ctx<'r, 'a> {
         } else {
             (standard as f64 * stage.width_ratio).ceil() as u64
         };
-        // The load's transient is gone before the first activation exists.
-        let peak_bytes = baseline + weight_bytes + activation_bytes.max(stage.load_transient_bytes);
+        // The load's transient is gone before the first activation exists; a dequantised weight
+        // lives beside them while its product runs.
+        let dequantise = if options.on_host { 0 } else { stage.dequantise_bytes };
+        let peak_bytes = baseline + weight_bytes + (activation_bytes + dequantise).max(stage.load_transient_bytes);
         let fits = if options.on_host {
             req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)
         } else {
@@ -586,6 +664,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             peak_bytes: stages.iter().map(StagePlan::device_bytes).max().unwrap_or(0),
             stages,
             verdict: if fits { Verdict::Fits } else { Verdict::DoesNotFit },
+            quantised: None,
             warning: None,
         }
     }

@@ -7,6 +7,7 @@ use super::activation::KernelFamily;
 use super::manifest::{ModelManifest, Precision};
 use super::planner::Tiling;
 use super::profile::FamilyProfile;
+use super::quantised::QuantisedWeights;
 use super::stream::StreamableBlocks;
 
 /// The fraction of the budget kept free by default: estimates are fits, allocators fragment,
@@ -21,14 +22,16 @@ pub enum MemoryMode {
     #[default]
     Auto,
     /// Only options that cost no speed (VAE slicing) and running the images in several batches;
-    /// refuses rather than slice attention, tile the VAE or move encoders to the CPU.
+    /// refuses rather than slice attention, tile the VAE, move encoders to the CPU, stream blocks
+    /// or quantise the weights.
     Fast,
     /// The fastest plan that fits, using every option when needed.
     Balanced,
     /// The leanest plan, even when a faster one fits: one image per batch and, per stage, the
     /// option set with the smallest estimated peak (ties to the faster one: an option that
     /// saves nothing, such as attention slicing on a GPU whose engine already chunks the scores,
-    /// is left off), for sharing the machine or a budget the estimates may overrun.
+    /// is left off), for sharing the machine or a budget the estimates may overrun. Where nothing
+    /// fits at full precision, the leanest quantised weights (the planner's last rung).
     Low,
 }
 
@@ -204,6 +207,10 @@ pub struct PlanRequest<'a> {
     /// Components whose blocks can be streamed (the denoiser's, T5's), with their blocks in
     /// forward order: the planner's last rung before refusing ([`super::stream`]).
     pub streamable: Vec<StreamableBlocks>,
+    /// The ways the engine can hold the weights quantised, best image first (empty when the user
+    /// chose the weights or the file is quantised already): the rung after streaming
+    /// ([`super::quantised`]).
+    pub quantised: Vec<QuantisedWeights>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -240,6 +247,7 @@ impl<'a> PlanRequest<'a> {
             load_transient_bytes: Vec::new(),
             denoise_tiling: None,
             streamable: Vec::new(),
+            quantised: Vec::new(),
         }
     }
 

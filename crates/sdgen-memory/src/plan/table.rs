@@ -123,6 +123,9 @@ impl fmt::Display for Plan {
         for row in &rows {
             line(f, [&row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6]])?;
         }
+        if let Some(q) = &self.quantised {
+            writeln!(f, "Weights: {}", q.describe())?;
+        }
         match self.verdict {
             Verdict::Fits if self.slower_options().is_empty() => write!(f, "Verdict: fits"),
             // Low mode takes slower options on purpose.

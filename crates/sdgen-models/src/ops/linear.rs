@@ -6,7 +6,8 @@
 //! A weight the backend holds quantised ([`super::quantised`]: a GGUF file's blocks, or
 //! `--weights q8|q4`) stays quantised in memory; [`QUANTISED_PATH`] says how each device
 //! multiplies it (candle's `QMatMul` kernels, or the blocks dequantised into a transient dense
-//! weight for the paths above), as measured.
+//! weight for the paths above), as measured. An fp8 weight ([`super::fp8`]) stays one byte a
+//! weight and is dequantised (`w·scale` in the activations' dtype) for each product.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::fp8::Fp8Weight;
 
 /// `y = x·Wᵀ + b` over the last dimension of `x`.
 #[derive(Debug, Clone)]
@@ -24,6 +27,8 @@ enum Weight {
     Dense(candle_nn::Linear),
     /// GGML blocks `[out, in]`, and the bias in the run's dtype.
     Quantised(Arc<QTensor>, Option<Tensor>),
+    /// fp8 bytes `[out, in]` with their scale, and the bias in the run's dtype.
+    Fp8(Arc<Fp8Weight>, Option<Tensor>),
 }
 
 /// How a quantised weight is multiplied.
@@ -85,11 +90,16 @@ impl Linear {
         Self(Weight::Quantised(Arc::new(weight), bias))
     }
 
-    /// The dense weight `[out, in]`; `None` for a quantised layer.
+    /// A layer whose weight `[out, in]` stays in fp8.
+    pub fn fp8(weight: Fp8Weight, bias: Option<Tensor>) -> Self {
+        Self(Weight::Fp8(Arc::new(weight), bias))
+    }
+
+    /// The dense weight `[out, in]`; `None` for a quantised or fp8 layer.
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.0 {
             Weight::Dense(l) => Some(l.weight()),
-            Weight::Quantised(..) => None,
+            Weight::Quantised(..) | Weight::Fp8(..) => None,
         }
     }
 
@@ -97,7 +107,15 @@ impl Linear {
     pub fn quantised_weight(&self) -> Option<&QTensor> {
         match &self.0 {
             Weight::Quantised(w, _) => Some(w),
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::Fp8(..) => None,
+        }
+    }
+
+    /// The fp8 weight, if the layer's weight is held in fp8.
+    pub fn fp8_weight(&self) -> Option<&Fp8Weight> {
+        match &self.0 {
+            Weight::Fp8(w, _) => Some(w),
+            Weight::Dense(_) | Weight::Quantised(..) => None,
         }
     }
 
@@ -121,6 +139,7 @@ impl Linear {
                 }
                 QuantisedPath::Dequantise => dense(x, &w.dequantize(x.device())?.to_dtype(x.dtype())?, bias.as_ref()),
             },
+            Weight::Fp8(w, bias) => dense(x, &w.dequantise(x.dtype())?, bias.as_ref()),
         }
     }
 }
@@ -158,18 +177,41 @@ impl Module for Linear {
     }
 }
 
-/// Loads `weight` `[out, in]` (quantised where the backend holds it so) and `bias` `[out]`.
+/// Loads `weight` `[out, in]` (quantised or fp8 where the backend holds it so) and `bias` `[out]`.
 pub fn linear(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Linear> {
-    match super::quantised::load(outputs, inputs, &vb)? {
-        Some(w) => Ok(Linear::quantised(w, Some(vb.get(outputs, "bias")?))),
+    match held(inputs, outputs, &vb)? {
+        Some(w) => Ok(Linear(w.with_bias(Some(vb.get(outputs, "bias")?)))),
         None => Ok(Linear(Weight::Dense(candle_nn::linear(inputs, outputs, vb)?))),
     }
 }
 
-/// Loads `weight` `[out, in]` only (quantised where the backend holds it so).
+/// Loads `weight` `[out, in]` only (quantised or fp8 where the backend holds it so).
 pub fn linear_no_bias(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Linear> {
-    match super::quantised::load(outputs, inputs, &vb)? {
-        Some(w) => Ok(Linear::quantised(w, None)),
+    match held(inputs, outputs, &vb)? {
+        Some(w) => Ok(Linear(w.with_bias(None))),
         None => Ok(Linear(Weight::Dense(candle_nn::linear_no_bias(inputs, outputs, vb)?))),
     }
+}
+
+/// A weight the backend holds other than dense.
+enum Held {
+    Blocks(QTensor),
+    Fp8(Fp8Weight),
+}
+
+impl Held {
+    fn with_bias(self, bias: Option<Tensor>) -> Weight {
+        match self {
+            Held::Blocks(w) => Weight::Quantised(Arc::new(w), bias),
+            Held::Fp8(w) => Weight::Fp8(Arc::new(w), bias),
+        }
+    }
+}
+
+/// The layer's weight as the backend holds it, when it holds it in GGML blocks or fp8.
+fn held(inputs: usize, outputs: usize, vb: &VarBuilder) -> Result<Option<Held>> {
+    if let Some(w) = super::quantised::load(outputs, inputs, vb)? {
+        return Ok(Some(Held::Blocks(w)));
+    }
+    Ok(super::fp8::load(outputs, inputs, vb)?.map(Held::Fp8))
 }

@@ -15,6 +15,7 @@
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
 //! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue. CPU bf16: `bf16_gemm` into rows that start as the bias |
 //! | [`linear::Linear`] with a quantised weight ([`quantised`]: GGUF blocks, `--weights`) | the blocks dequantised to the activations' dtype for the product, then the dense path (the CPU's choice: [`linear::QUANTISED_PATH`]) | candle's quantised kernels (`QMatMul`: MMQ/MMVQ, f32/f16/bf16 activations) |
+//! | [`linear::Linear`] with an fp8 weight ([`fp8`]: fp8-scaled files, `--weights fp8`) | the bytes dequantised (`w·scale` in the activations' dtype, a 256-entry table) for the product, then the dense path | candle's fp8 cast, × the scale, then the dense path |
 //!
 //! bf16 on the CPU: candle 0.11.1 has no CPU matrix product for bf16 ("unsupported dtype BF16 for
 //! op matmul"). On processors with AVX512-BF16 ([`cpu_bf16_supported`]) [`attention`],
@@ -31,6 +32,7 @@ pub(crate) mod bf16_gemm;
 pub mod conv;
 pub(crate) mod cpu;
 pub(crate) mod cpu_bf16;
+pub mod fp8;
 pub mod linear;
 pub mod norm;
 pub mod quantised;

@@ -138,6 +138,12 @@ pub fn split_companion(name: &str) -> Option<(&str, &'static GgmlType)> {
     Some((base, ty))
 }
 
+/// The tensor any companion name stands for (GGML blocks, or an fp8 weight's bytes or scale,
+/// [`super::fp8`]); `None` for a plain name.
+pub fn companion_base(name: &str) -> Option<&str> {
+    split_companion(name).map(|(base, _)| base).or_else(|| super::fp8::split_companion(name).map(|(base, _)| base))
+}
+
 /// Bytes per row of a `[rows, cols]` matrix of blocks of `dtype`, when its rows are whole blocks
 /// (GGML quantises row by row: a row that is not is stored some other way).
 pub fn row_bytes(dtype: GgmlDType, cols: usize) -> Option<usize> {

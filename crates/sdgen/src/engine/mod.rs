@@ -203,6 +203,9 @@ impl Engine {
         rt.cancel = cancel.clone();
         rt.warm = self.config.warm.clone();
         let job = plan::plan_job(model, refiner.as_ref(), img2img_request.as_ref(), req, &rt, events)?;
+        // Weights the planner quantised to fit (its last rung).
+        let planned = job.weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
+        let model = planned.as_ref().unwrap_or(model);
         rt.options = job.options;
         // Warm weights the plan's stages need the room of go now; what the job loads is kept
         // while they all still fit (until the job ends, however it ends).

@@ -5,6 +5,7 @@
 use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
+use crate::loading::quantise::Quantise;
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
     resolve_hires, resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, JobStage, RefinerRun,
@@ -36,6 +37,9 @@ pub(super) struct JobPlan {
     pub warnings: Vec<String>,
     /// The size of the images the job hands back (the first pass's, upscaled).
     pub output_size: (usize, usize),
+    /// The weights the planner quantised because nothing fit at full precision: the job runs
+    /// the model with them.
+    pub weights: Option<Quantise>,
 }
 
 /// One upscaling step of a job, planned.
@@ -128,6 +132,11 @@ pub(super) fn plan_job(
     let plan = plan_for(model, &settings, img2img_request.is_some())?;
     report_plan(&plan, batch_size, events);
     report_streaming(&plan, settings.steps, events);
+    // The planner's last rung quantised the weights: the rest of the job plans and runs with them.
+    let weights = plan.quantised.as_ref().map(|q| q.weights.parse::<Quantise>()).transpose();
+    let weights = weights.map_err(crate::Error::InvalidInput)?;
+    let quantised = weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
+    let model = quantised.as_ref().unwrap_or(model);
     let mut options = crate::planning::stage_options(model, &plan, &settings, false)?;
     // The refiner runs after the base is unloaded: its stages are planned on their own (with its
     // VAE encoder when it takes the base's images), and the run takes the leaner of both plans'
@@ -153,6 +162,7 @@ pub(super) fn plan_job(
                 }
             };
             let p = plan_for(r_model, &r_settings, takes_images).map_err(|e| crate::Error::about("refiner", e))?;
+            only_at_full_precision(&p, "refiner", "the refiner", |_| "or run without --refiner".into())?;
             report_plan(&p, batch_size, events);
             options = options.merged(crate::planning::stage_options(r_model, &p, &r_settings, false)?);
             Some(p)
@@ -181,6 +191,9 @@ pub(super) fn plan_job(
                     s.strength, s.denoising_steps, s.settings.steps
                 )));
                 let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
+                only_at_full_precision(&p, "hires_strength", "the hires pass", |w| {
+                    format!("pass --weights {w} to run the whole job so, or upscale without it")
+                })?;
                 report_plan(&p, batch_size, events);
                 let options = crate::planning::stage_options(model, &p, &s.settings, false)?;
                 Some(HiresPlan { settings: s, options, plan: p })
@@ -217,7 +230,31 @@ pub(super) fn plan_job(
         first_size,
         warnings,
         output_size,
+        weights,
     })
+}
+
+/// Refuses a later pass's plan (the refiner's, a hires pass's) that fits only with quantised
+/// weights: the planner quantises the job's first pass alone (its model is the one the job then
+/// runs), so such a pass would run over the budget.
+fn only_at_full_precision(
+    plan: &Plan,
+    field: &'static str,
+    what: &str,
+    instead: impl Fn(&str) -> String,
+) -> Result<()> {
+    match &plan.quantised {
+        Some(q) => Err(crate::Error::invalid(
+            field,
+            format!(
+                "{what} fits in the memory available only with the weights quantised to {}, which the planner does \
+                 for the first pass alone: give more --max-memory, {}",
+                q.weights,
+                instead(&q.weights)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The job's stages as the warm store sees them, every plan's (the base's, the refiner's with
@@ -273,6 +310,15 @@ fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
 /// What block streaming adds to the run: each streamed stage's expected time per evaluation
 /// over the denoiser's `steps` per batch (the encoders run once a batch).
 fn report_streaming(plan: &Plan, steps: usize, events: &mut dyn FnMut(Event)) {
+    if let Some(q) = &plan.quantised {
+        let evaluations = plan.batch_count * steps;
+        events(Event::Log(&format!(
+            "Quantised weights: the denoiser runs on {} weights, about {:.0} s more over {}",
+            q.weights,
+            (q.expected_ms_per_forward * evaluations as u64) as f64 / 1000.0,
+            plural(evaluations, "evaluation")
+        )));
+    }
     for s in &plan.stages {
         let Some(st) = s.options.streaming else { continue };
         let evaluations = plan.batch_count * if s.stage == "denoise" { steps } else { 1 };
@@ -326,9 +372,11 @@ pub(super) fn run_metadata(
             .collect();
         extra.insert("loras".into(), loras.into());
     }
-    // Quantised weights: `--weights`, or a GGUF's types (how many tensors each).
+    // Quantised weights: `--weights`, an fp8 file's, or a GGUF's types (how many tensors each).
     if let Some(q) = model.quantise() {
         extra.insert("weights".into(), q.name().into());
+    } else if model.checkpoint().is_some_and(|c| c.fp8_tensors() > 0) {
+        extra.insert("weights".into(), crate::loading::quantise::Quantise::Fp8.name().into());
     } else if let Some(c) = model.checkpoint().filter(|c| c.is_gguf()) {
         let mut types = std::collections::BTreeMap::<&str, usize>::new();
         for t in c.header.tensors.values() {
@@ -423,4 +471,49 @@ pub(super) fn checkpoint_file(source: &ModelSource) -> Option<&std::path::Path> 
 /// it cannot fail.
 pub(super) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("plain data serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use sdgen_memory::plan::{
+        plan, Blocks, Budget, BudgetSource, ComponentManifest, FamilyProfile, ModelManifest, PlanRequest,
+        QuantisedWeights, StoredDType, TensorEntry, QUANTISED_KINDS,
+    };
+
+    use super::only_at_full_precision;
+
+    /// A later pass whose plan fits only with quantised weights is refused naming the field, the
+    /// weights and what to do; a plan at full precision passes.
+    #[test]
+    fn a_later_pass_that_fits_only_quantised_is_refused() {
+        let t = |name: &str, n: usize| TensorEntry::new(name, vec![n, 1024], StoredDType::F32);
+        let m = ModelManifest::new(vec![
+            ComponentManifest::new("text_encoder", vec![t("w.weight", 16)]),
+            ComponentManifest::new(
+                "unet",
+                (0..64).map(|i| t(&format!("down_blocks.0.w{i}.weight"), 16 << 10)).collect(),
+            ),
+            ComponentManifest::new("vae", vec![t("encoder.w.weight", 16), t("decoder.w.weight", 16)]),
+        ]);
+        let mut q8 = m.clone();
+        for w in &mut q8.components[1].tensors {
+            w.held = Some(Blocks { elements: 32, bytes: 34 });
+        }
+        let p = FamilyProfile::sd15();
+        // 4 GB of f32 UNet in a 3 GB budget; its Q8_0 blocks take 1.1 GB.
+        let request = PlanRequest {
+            quantised: vec![QuantisedWeights { kind: &QUANTISED_KINDS[0], manifest: q8 }],
+            ..PlanRequest::new(&p, &m, 512, 512, Budget::new(3 << 30, BudgetSource::MaxMemory))
+        };
+        let quantised = plan(&request).unwrap();
+        let e = only_at_full_precision(&quantised, "hires_strength", "the hires pass", |w| format!("--weights {w}"))
+            .unwrap_err();
+        assert_eq!(e.field(), Some("hires_strength"));
+        let text = e.to_string();
+        assert!(
+            text.contains("the hires pass fits") && text.contains("quantised to q8") && text.contains("--weights q8")
+        );
+        let roomy = PlanRequest { budget: Budget::new(64 << 30, BudgetSource::MaxMemory), ..request };
+        assert!(only_at_full_precision(&plan(&roomy).unwrap(), "refiner", "the refiner", |_| String::new()).is_ok());
+    }
 }

@@ -75,7 +75,7 @@ pub struct OpenOptions {
     /// differs from the family's standard size; diffusers' `from_single_file(config=...)`). Its
     /// weights, if any, are not used. Refused for a diffusers folder, which has its own.
     pub config_from: Option<PathBuf>,
-    /// `--weights q8|q4`: the denoiser's linear weights quantised as they load (`None`: as
+    /// `--weights q8|q4|fp8`: the denoiser's linear weights quantised as they load (`None`: as
     /// stored). Applied to each job's model, not the cached one ([`ModelFolder::with_quantise`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<quantise::Quantise>,
@@ -168,10 +168,10 @@ impl ComponentWeights {
         self.lora.is_some()
     }
 
-    /// The GGML block type `name` (whose entry is `info`) is held in once loaded, if it stays
-    /// quantised: a GGUF's matrix of whole-block rows (what a linear layer keeps), or a weight
-    /// `--weights` quantises. The planner counts those at their block size.
-    pub fn held_quantised(&self, name: &str, info: &TensorInfo) -> Option<candle_core::quantized::GgmlDType> {
+    /// What `name` (whose entry is `info`) is held as once loaded, if it stays quantised: a GGUF's
+    /// matrix of whole-block rows or an fp8 file's matrix (what a linear layer keeps), or a weight
+    /// `--weights` quantises. The planner counts those at their stored size.
+    pub fn held_quantised(&self, name: &str, info: &TensorInfo) -> Option<quantise::HeldAs> {
         use sdgen_models::ops::quantised::{row_bytes, GgmlType, Storage};
         // A patched (LoRA) weight is fused dense.
         if self.lora.as_ref().is_some_and(|p| p.patches.contains_key(name)) {
@@ -180,8 +180,11 @@ impl ComponentWeights {
         if let Some(d) = self.quantise.as_ref().and_then(|p| p.get(name)) {
             return Some(d);
         }
+        if single_file::fp8::held_in_fp8(name, info) {
+            return Some(quantise::HeldAs::Fp8);
+        }
         let Storage::Blocks(d) = GgmlType::by_name(&info.dtype)?.storage else { return None };
-        (info.shape.len() == 2 && row_bytes(d, info.shape[1]).is_some()).then_some(d)
+        (info.shape.len() == 2 && row_bytes(d, info.shape[1]).is_some()).then_some(quantise::HeldAs::Blocks(d))
     }
 }
 
@@ -384,15 +387,17 @@ impl ModelFolder {
         &self.loras
     }
 
-    /// The model with its denoiser's linear weights quantised as they load (`--weights q8|q4`;
-    /// `None`: as stored). Refused for a GGUF, whose weights are quantised already.
+    /// The model with its denoiser's linear weights quantised as they load (`--weights
+    /// q8|q4|fp8`; `None`: as stored). Refused for a GGUF or an fp8 file, whose weights are
+    /// quantised already.
     pub fn with_quantise(mut self, quantise: Option<quantise::Quantise>) -> Result<Self> {
-        if let (Some(q), Some(c)) = (quantise, self.checkpoint.as_ref().filter(|c| c.is_gguf())) {
+        let quantised = self.checkpoint.as_ref().and_then(|c| c.quantised_kind().map(|k| (c, k)));
+        if let (Some(q), Some((c, kind))) = (quantise, quantised) {
             return Err(Error::invalid(
                 "weights",
                 format!(
-                    "{} is a GGUF, quantised already: --weights {} quantises 16/32-bit weights as they load; leave it \
-                     out (or give the model's safetensors)",
+                    "{} is {kind}, quantised already: --weights {} quantises 16/32-bit weights as they load; leave it \
+                     out (or give the model's 16-bit safetensors)",
                     c.path.display(),
                     q.name()
                 ),
@@ -504,11 +509,20 @@ impl ModelFolder {
         // The LoRAs are this model's, not the files': clones without them share the headers.
         weights.lora = self.loras.component(component);
         weights.quantise = match self.quantise {
-            Some(q) if component == self.family.denoiser.component => Some(Arc::new(quantise::QuantisePlan::new(
-                self.family.denoiser.arch,
-                q,
-                weights.headers.iter().flat_map(|h| h.tensors.iter()),
-            ))),
+            Some(q) if component == self.family.denoiser.component => {
+                let plan = quantise::QuantisePlan::new(
+                    self.family.denoiser.arch,
+                    q,
+                    weights.headers.iter().flat_map(|h| h.tensors.iter()),
+                );
+                // A single file's fused q/k/v is one stored tensor: one fp8 scale for its pieces.
+                let view = weights.view.clone();
+                let stored_as = |name: &str| {
+                    let source = view.as_ref()?.source(name)?;
+                    matches!(source.take, single_file::rules::Take::Chunk { .. }).then(|| source.original.clone())
+                };
+                Some(Arc::new(plan.with_shared_scales(stored_as)))
+            }
             _ => None,
         };
         Ok(weights)

@@ -10,7 +10,10 @@
 //! GGUF files ([`super::gguf`]) are read the same way: their headers record absolute offsets,
 //! float tensors convert like safetensors ones, a tensor in GGML blocks is dequantised when asked
 //! for by name, and served as its raw blocks under its companion name (`name@Q8_0`,
-//! [`sdgen_models::ops::quantised`]) to a linear layer that keeps it quantised.
+//! [`sdgen_models::ops::quantised`]) to a linear layer that keeps it quantised. An fp8 weight
+//! (`F8_E4M3`) is served the same way: its bytes under `name@F8_E4M3`, its scale under
+//! `name@scale` (an entry of the header where the file has one, else 1), and dequantised
+//! (`w·scale` in the dtype asked for, [`sdgen_models::ops::fp8`]) when asked for by name.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,6 +23,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
+use sdgen_models::ops::fp8::{self, Fp8Weight};
 use sdgen_models::ops::quantised::{self, GgmlType, Storage};
 
 use super::safetensors_header::{SafetensorsHeader, TensorInfo};
@@ -81,6 +85,9 @@ impl ReadBackend {
                 .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
             return quantised::blocks_tensor(&self.bytes(base, loc)?, loc.info.shape[0], dev);
         }
+        if let Some(t) = self.read_fp8(name, dtype, dev)? {
+            return Ok(t);
+        }
         let loc = self
             .tensors
             .get(name)
@@ -97,6 +104,42 @@ impl ReadBackend {
         };
         drop(buf);
         tensor.to_dtype(dtype)
+    }
+
+    /// An fp8 weight's bytes or scale (companion names), or the weight dequantised (its own name);
+    /// `None` for any other tensor.
+    fn read_fp8(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Option<Tensor>> {
+        match fp8::split_companion(name) {
+            // The file's scale, where it has one, is an entry of its own, read as any tensor.
+            Some((_, true)) if self.tensors.contains_key(name) => Ok(None),
+            Some((base, true)) => match self.fp8(base) {
+                Some(_) => Ok(Some(Tensor::new(1f32, dev)?)),
+                None => Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt()),
+            },
+            Some((base, false)) => {
+                let loc = self
+                    .fp8(base)
+                    .filter(|l| l.info.shape.len() == 2)
+                    .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+                Ok(Some(fp8::bytes_tensor(&self.bytes(base, loc)?, &loc.info.shape, dev)?))
+            }
+            None => {
+                let Some(loc) = self.fp8(name) else { return Ok(None) };
+                let bytes = fp8::bytes_tensor(&self.bytes(name, loc)?, &loc.info.shape, &Device::Cpu)?;
+                let scale = match self.tensors.contains_key(&fp8::scale_name(name)) {
+                    true => self.read(&fp8::scale_name(name), DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1()?[0],
+                    false => 1.0,
+                };
+                // The product rounded once in the dtype asked for, as the layer would compute it.
+                let at = if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) { dtype } else { DType::F32 };
+                Ok(Some(Fp8Weight::new(bytes, scale)?.dequantise(at)?.to_dtype(dtype)?.to_device(dev)?))
+            }
+        }
+    }
+
+    /// Where `name` is stored as fp8 (E4M3).
+    fn fp8(&self, name: &str) -> Option<&Location> {
+        self.tensors.get(name).filter(|l| l.info.dtype == fp8::STORED)
     }
 
     /// The tensor's bytes, read into a short-lived buffer.
@@ -141,8 +184,11 @@ impl SimpleBackend for ReadBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        match quantised::split_companion(name) {
-            Some((base, ty)) => self.companion(base, ty).is_some(),
+        if let Some((base, ty)) = quantised::split_companion(name) {
+            return self.companion(base, ty).is_some();
+        }
+        match fp8::split_companion(name) {
+            Some((base, _)) => self.fp8(base).is_some_and(|l| l.info.shape.len() == 2),
             None => self.tensors.contains_key(name),
         }
     }

@@ -114,3 +114,26 @@ pub fn pipeline_cases() -> Vec<Case> {
     let text = std::fs::read_to_string(testdata().join("reference/sd15/pipeline.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// `‖a − b‖ / ‖b‖`, in f64.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (num / den).sqrt()
+}
+
+/// One tiny text-to-image run: 64², 3 steps, guidance 4, seed 7 (the quantised-weights tests).
+pub fn tiny_request() -> sdgen::pipeline::Request {
+    sdgen::pipeline::Request {
+        prompt: "a lighthouse at dusk".into(),
+        n: 1,
+        seed: 7,
+        steps: Some(3),
+        guidance: Some(4.0),
+        width: Some(64),
+        height: Some(64),
+        ..Default::default()
+    }
+}

@@ -105,9 +105,10 @@ impl SimpleBackend for FusingBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        // A patched weight is fused dense: its quantised blocks (a companion name) are not served.
-        match sdgen_models::ops::quantised::split_companion(name) {
-            Some((base, _)) if self.patches.patches.contains_key(base) => false,
+        // A patched weight is fused dense: its quantised blocks or fp8 bytes (a companion name)
+        // are not served.
+        match sdgen_models::ops::quantised::companion_base(name) {
+            Some(base) if self.patches.patches.contains_key(base) => false,
             _ => self.base.contains_tensor(name),
         }
     }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
-use sdgen_models::ops::quantised;
+use sdgen_models::ops::{fp8, quantised};
 
 use super::rules::Take;
 use crate::loading::read_backend::ReadBackend;
@@ -76,7 +76,10 @@ impl SingleFileBackend {
         let t = self.reader.get_unchecked(name, dtype, dev)?;
         // A quantised matrix's raw blocks (a companion name) are served only untransposed; their
         // rows swap like the dequantised tensor's.
-        let base = quantised::split_companion(name).map_or(name, |(base, _)| base);
+        let base = quantised::split_companion(name)
+            .map(|(base, _)| base)
+            .or_else(|| fp8::split_companion(name).filter(|(_, scale)| !scale).map(|(base, _)| base))
+            .unwrap_or(name);
         if self.transposed.contains(name) {
             t.t()?.contiguous()
         } else if self.swapped.contains(base) {
@@ -99,7 +102,7 @@ impl SimpleBackend for SingleFileBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        if let Some((base, _)) = quantised::split_companion(name) {
+        if let Some(base) = quantised::companion_base(name) {
             return !self.transposed.contains(base) && self.reader.contains_tensor(name);
         }
         self.identity.contains_key(name) || self.reader.contains_tensor(name)

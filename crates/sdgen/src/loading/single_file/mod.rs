@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod defaults;
+pub(crate) mod fp8;
 mod gguf_denoiser;
 pub mod layouts;
 pub mod manifest;
@@ -274,6 +275,23 @@ impl Checkpoint {
         !self.from_config_dir.is_empty()
     }
 
+    /// How many of the denoiser's tensors are stored in fp8 (an fp8-scaled or plain fp8 file).
+    pub fn fp8_tensors(&self) -> usize {
+        let denoiser = self.component(self.family.denoiser.component);
+        denoiser.map_or(0, |v| v.tensors.values().filter(|t| fp8::is_fp8(&t.dtype)).count())
+    }
+
+    /// What kind of quantised file this is ("a GGUF", "an fp8 checkpoint"), if it is one.
+    pub fn quantised_kind(&self) -> Option<&'static str> {
+        if self.is_gguf() {
+            Some("a GGUF")
+        } else if self.fp8_tensors() > 0 {
+            Some("an fp8 checkpoint")
+        } else {
+            None
+        }
+    }
+
     /// The components, in load order.
     pub fn components(&self) -> impl Iterator<Item = &Arc<ComponentView>> {
         self.components.iter()
@@ -367,7 +385,10 @@ fn locate(
     let Some(beside) = layout.beside.as_ref().filter(|_| !recognition::has_prefix(&header.tensors, layout.prefix))
     else {
         let v = view(path, &header.tensors, layout.prefix, config_dir, family, layout, why)?;
-        check_dtypes(&v, layout, "a checkpoint without 8-bit weights")?;
+        // A denoiser's fp8 weights are read (`fp8.rs` checked them); another model's are not.
+        if layout.component != family.denoiser.component {
+            check_dtypes(&v, layout, "a checkpoint without 8-bit weights")?;
+        }
         return Ok(v);
     };
     let dir = path.parent().unwrap_or(Path::new(".")).join(beside.folder);
@@ -393,10 +414,11 @@ fn locate(
     Ok(v)
 }
 
-/// Refuses a model stored in a dtype this build does not read (8-bit floats: Stability's
-/// `t5xxl_fp8_e4m3fn.safetensors`, ComfyUI's `*fp8*` checkpoints), naming what to use instead.
+/// Refuses a text encoder or VAE stored in 8-bit floats (Stability's
+/// `t5xxl_fp8_e4m3fn.safetensors`, the text encoders of ComfyUI's `*fp8*` checkpoints), which this
+/// build reads for denoisers only, naming what to use instead.
 fn check_dtypes(v: &ComponentView, layout: &ComponentLayout, instead: &str) -> Result<()> {
-    match v.tensors.iter().find(|(_, t)| t.dtype.starts_with("F8_")) {
+    match v.tensors.iter().find(|(_, t)| fp8::is_fp8(&t.dtype)) {
         Some((name, t)) => Err(Error::InvalidInput(format!(
             "{}: its {} is stored as {} (`{}`, and others), which this build does not read: use {instead}",
             v.path.display(),
@@ -468,6 +490,9 @@ fn view(
     let mut renamed = BTreeMap::new();
     let mut sources = BTreeMap::new();
     for (key, info) in tensors.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)) {
+        if fp8::is_extra(&key[prefix.len()..]) {
+            continue;
+        }
         for target in rules::to_diffusers(layout.rules, &ctx, &key[prefix.len()..]) {
             let (info, reshape) = derive(info, &target).map_err(|e| {
                 Error::BadModel(format!(
@@ -559,6 +584,10 @@ fn view(
             layout.what,
             config_path.display()
         )));
+    }
+    // A denoiser's fp8 weights get their scales beside them (checked against the format).
+    if layout.component == family.denoiser.component {
+        renamed.extend(fp8::scales(path, tensors, prefix, &renamed, &sources)?);
     }
     Ok(ComponentView {
         path: path.to_path_buf(),
