@@ -153,13 +153,14 @@ mod tests {
     #[test]
     fn beats_keep_a_slow_worker_alive_and_silence_gives_up() {
         let slow = |beats: Beats<()>| {
-            for _ in 0..6 {
+            for _ in 0..12 {
                 std::thread::sleep(Duration::from_millis(50));
                 beats.send(Beat::Bytes(1));
             }
         };
-        // 300 ms of work, never 100 ms without a beat.
-        assert_eq!(watch(Duration::from_millis(100), &mut |_| {}, slow).unwrap(), Some(()));
+        // 600 ms of work, never 250 ms without a beat (5× the beat interval: a loaded machine
+        // may stretch a 50 ms sleep).
+        assert_eq!(watch(Duration::from_millis(250), &mut |_| {}, slow).unwrap(), Some(()));
 
         let unwound = Arc::new(AtomicBool::new(false));
         let (flag, (go_tx, go_rx)) = (unwound.clone(), mpsc::channel::<()>());
