@@ -8,6 +8,7 @@ mod a1111;
 #[cfg(test)]
 mod decode_fuzz;
 mod error;
+mod fields;
 mod jobs;
 mod metrics;
 mod preflight;

@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::jobs::{Api, Broker, Cancelled, Job, JobSpec, QueueRefusal};
 use crate::metrics::Metrics;
 use crate::preflight::Preflight;
-use crate::request::{self, Limits, ModelPolicy, Names, Settings};
+use crate::request::{self, Limits, ModelPolicy, Settings};
 use sdgen::engine::wire::JobBody;
 use sdgen::engine::WarmWeights;
 
@@ -128,14 +128,6 @@ pub fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Byt
     })
 }
 
-/// Maps the engine's field names to an API's.
-pub fn field_namer(api: Api) -> impl Fn(&'static str) -> Option<&'static str> {
-    move |field| match api {
-        Api::Jobs => Some(job_field_name(field)),
-        Api::A1111 => Some(crate::a1111::field_name(field)),
-    }
-}
-
 /// Checks a request, then queues it: 422/507 from the check, 503 when the queue is full.
 pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str) -> Result<Arc<Job>, ApiError> {
     spec.request.memory.max_memory_bytes = state.max_memory_bytes;
@@ -143,7 +135,7 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
     let (preflight, check_spec, model_field_owned) = (state.preflight.clone(), spec.clone(), model_field.to_string());
     let limits = state.limits;
     let verdict = tokio::task::spawn_blocking(move || {
-        preflight.check(&check_spec.request, &field_namer(check_spec.api), &model_field_owned, &limits)
+        preflight.check(&check_spec.request, &check_spec.api.field_names(), &model_field_owned, &limits)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the check failed: {e}")))?;
@@ -164,27 +156,6 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
         }
         Err(QueueRefusal::Closed) => Err(ApiError::unavailable("shutting_down", "the server is shutting down", 30)),
         Err(QueueRefusal::Unreachable(message)) => Err(ApiError::unavailable("broker_unreachable", message, 5)),
-    }
-}
-
-const JOB_NAMES: Names = Names {
-    width: "width",
-    height: "height",
-    steps: "steps",
-    images: "n",
-    init_image: "init_image",
-    upscale: "upscale.factor",
-    hires_strength: "upscale.hires_strength",
-};
-
-/// The job API's name of an engine request field: the engine's, but for those the body nests
-/// or spells in the plural.
-pub fn job_field_name(field: &'static str) -> &'static str {
-    match field {
-        "lora" => "loras",
-        "upscale" => JOB_NAMES.upscale,
-        "hires_strength" => JOB_NAMES.hires_strength,
-        other => other,
     }
 }
 
@@ -259,7 +230,7 @@ async fn create_job(
         upscale,
         quality: b.quality,
     };
-    let request = settings.into_request(&state.limits, &JOB_NAMES)?;
+    let request = settings.into_request(&state.limits, Api::Jobs)?;
     let job = submit(&state, JobSpec { request, api: Api::Jobs, timeout_ms: None }, "model").await?;
     let body = json!({
         "id": job.id,

@@ -14,7 +14,6 @@ use sdgen::pipeline::Progress;
 
 use crate::error::ApiError;
 use crate::jobs::{JobEvent, JobImage, JobSpec, JobState};
-use crate::routes::field_namer;
 
 /// How often a running job's watcher looks at its clock and its reporter (a cancellation made
 /// on another machine, a broker's keep-alive).
@@ -81,6 +80,8 @@ fn run(engine: &mut Engine, task: &Task) -> (JobState, Option<ApiError>) {
         return (JobState::Cancelled, None);
     }
     let reporter = &*task.reporter;
+    // The job's warnings and log lines name its fields as the API it came through does.
+    engine.set_field_names(task.spec.api.field_names());
     reporter.event(JobEvent::Started, None);
     let opened = engine.models_opened();
     let timed_out = AtomicBool::new(false);
@@ -103,7 +104,7 @@ fn run(engine: &mut Engine, task: &Task) -> (JobState, Option<ApiError>) {
             (JobState::Failed, Some(ApiError::timed_out(limit_ms, images_done.get(), images)))
         }
         Err(sdgen::Error::Cancelled) => (JobState::Cancelled, None),
-        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &field_namer(task.spec.api)))),
+        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &task.spec.api.field_names()))),
     }
 }
 

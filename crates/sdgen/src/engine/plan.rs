@@ -5,6 +5,7 @@
 use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
+use crate::error::field::{BATCH_SIZE, STEPS};
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
     resolve_hires, resolve_image_refiner, resolve_img2img, Img2ImgRequest, Img2ImgSettings, JobStage, RefinerRun,
@@ -72,7 +73,7 @@ pub(super) fn steps_warning(model: &ModelFolder, name: &str, steps: usize) -> Op
     let max = defaults.max_steps.filter(|&max| steps > max)?;
     Some(format!(
         "{name} is distilled for at most {max} steps; {steps} take longer and make a worse image, not a better one \
-         (its default is {}: leave --steps out)",
+         (its default is {}: leave {STEPS} out)",
         defaults.steps
     ))
 }
@@ -261,7 +262,7 @@ fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
     }
     if plan.batch_split() {
         events(Event::Log(&format!(
-            "--batch-size {batch_size} does not fit in the memory available: {} at a time",
+            "{BATCH_SIZE} {batch_size} does not fit in the memory available: {} at a time",
             plural(plan.images_per_batch, "image")
         )));
     }
