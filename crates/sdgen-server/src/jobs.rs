@@ -371,6 +371,11 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Refuses new jobs: shutdown. The in-process queue cancels its jobs (they die with the
     /// process); a broker's jobs go on, and this server stops watching them.
     fn close(&self);
+    /// A broker's live workers, as their last heartbeats describe them; `None` where the jobs
+    /// run in this process.
+    fn workers(&self) -> Option<Vec<crate::metrics::WorkerReport>> {
+        None
+    }
 }
 
 /// The jobs a server remembers: every job not yet ended, and the last `keep` that ended.
@@ -456,7 +461,9 @@ mod tests {
         // Nothing changes an ended job.
         job.apply(JobEvent::Failed { status: 500, field: None, message: "late".into() }, None, &metrics);
         assert_eq!(job.status().state, JobState::Done);
-        assert!(metrics.render(0, false, None).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
+        assert!(metrics
+            .render(0, &metrics.figures(false, None), None)
+            .contains("sdgen_jobs_total{outcome=\"done\"} 1"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::jobs::{Api, Broker, Cancelled, Job, JobSpec, QueueRefusal};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerReport};
 use crate::preflight::Preflight;
 use crate::request::{self, Limits, ModelPolicy, Settings};
 use sdgen::engine::wire::JobBody;
@@ -358,20 +358,42 @@ async fn job_image(
 }
 
 /// `GET /v1/memory`: the seed's memory fields (process, system, GPU when there is one) and the
-/// weights kept warm, with their loads, reuses and evictions (`null` with a broker).
+/// weights kept warm, with their loads, reuses and evictions (`null` with a broker); with a
+/// broker, `workers`: each live worker's memory, peaks and warm weights.
 async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
     let info = sdgen_memory::memory_info();
-    Json(json!({
+    let workers = state.queue.workers().map(|workers| {
+        let worker = |w: &WorkerReport| {
+            json!({
+                "name": w.name,
+                "device": w.device,
+                "updated_unix_ms": w.updated_unix_ms,
+                "running": w.figures.running,
+                "memory": w.figures.memory,
+                "max_memory_bytes": w.max_memory_bytes,
+                "peak_rss_bytes": w.figures.counts.peak_rss_bytes,
+                "peak_gpu_bytes": w.figures.counts.peak_gpu_bytes,
+                "warm": w.figures.warm,
+            })
+        };
+        workers.iter().map(worker).collect::<Vec<Value>>()
+    });
+    let mut body = json!({
         "device": state.device_label,
         "memory": info,
         "max_memory_bytes": state.max_memory_bytes,
         "warm": state.warm.as_ref().map(WarmWeights::report),
-    }))
+    });
+    if let Some(workers) = workers {
+        body["workers"] = workers.into();
+    }
+    Json(body)
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: Prometheus text (with a broker, its live workers' beside this server's).
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let warm = state.warm.as_ref().map(WarmWeights::report);
-    let text = state.metrics.render(state.queue.depth(), state.queue.running().is_some(), warm.as_ref());
+    let own = state.metrics.figures(state.queue.running().is_some(), state.warm.as_ref().map(WarmWeights::report));
+    let workers = state.queue.workers();
+    let text = state.metrics.render(state.queue.depth(), &own, workers.as_deref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

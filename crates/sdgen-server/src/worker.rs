@@ -42,6 +42,8 @@ pub trait Reporter: Send + Sync {
     }
     /// The engine opened `n` more models for this job.
     fn models_opened(&self, _n: usize) {}
+    /// A memory snapshot the engine took (at a model load, before and after generating).
+    fn memory(&self, _info: &sdgen_memory::MemoryInfo) {}
     /// The job ended.
     fn finish(&self, state: JobState, error: Option<ApiError>);
 }
@@ -139,7 +141,8 @@ fn on_event(reporter: &dyn Reporter, images_done: &Cell<usize>, images: usize, e
             Progress::Step { index, total } => {
                 JobEvent::Step { step: index, steps: total, images_done: images_done.get(), images }
             }
-            Progress::Note(_) | Progress::Memory { .. } => return,
+            Progress::Memory { info, .. } => return reporter.memory(info),
+            Progress::Note(_) => return,
         },
     };
     reporter.event(event, None);
