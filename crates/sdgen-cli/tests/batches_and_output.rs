@@ -86,7 +86,7 @@ fn keep_warm_reuses_the_weights_across_batches_with_the_same_images() {
     let weights = |result: &serde_json::Value, i: usize| {
         let path = PathBuf::from(result["images"][i]["metadata"].as_str().unwrap());
         let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        meta["extra"]["weights"].clone()
+        meta["extra"]["weight_use"].clone()
     };
     let uses = |u: &str| serde_json::json!({"text_encoder": u, "unet": u, "vae": u});
     assert_eq!((weights(&warm, 0), weights(&warm, 1)), (uses("loaded_kept"), uses("reused")));

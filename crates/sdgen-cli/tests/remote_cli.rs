@@ -148,7 +148,7 @@ fn a_remote_run_writes_the_local_runs_png_with_a_sidecar_saying_where_it_ran() {
 /// `--upscale 2` with a LoRA, and a prompt file: the server (started allowing the LoRA) makes
 /// the same PNGs, byte for byte, as a local run.
 #[test]
-fn upscaling_a_lora_and_a_prompt_file_travel() {
+fn upscaling_a_lora_quantised_weights_and_a_prompt_file_travel() {
     let lora = testdata().join("lora/sd15_kohya.safetensors").display().to_string();
     let server = Server::start(&["--extra-lora", &lora]);
     let tiny = tiny_model();
@@ -175,6 +175,8 @@ fn upscaling_a_lora_and_a_prompt_file_travel() {
         "0.5",
         "--lora",
         &lora_arg,
+        "--weights",
+        "q8",
     ];
     let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
     let o = generate(&args, &local, &[]);
@@ -194,6 +196,7 @@ fn upscaling_a_lora_and_a_prompt_file_travel() {
         let meta = sidecar(r);
         assert_eq!((meta["width"].as_u64(), meta["height"].as_u64()), (Some(128), Some(128)));
         assert_eq!(meta["extra"]["loras"][0]["scale"], 0.8);
+        assert_eq!(meta["extra"]["weights"], "q8");
     }
     assert_eq!([sidecar(&r[0])["prompt"].as_str(), sidecar(&r[1])["prompt"].as_str()], [Some("a cat"), Some("a dog")]);
 }

@@ -161,6 +161,8 @@ async fn generate(
         loras: Vec::new(),
         upscale,
         quality: None,
+        // A1111 has no such field: its checkpoints are quantised or not as stored.
+        weights: None,
     };
     let request = settings.into_request(&state.limits, Api::A1111)?;
     let job = submit(&state, JobSpec { request, api: Api::A1111, timeout_ms: None }, model_field).await?;

@@ -5,7 +5,8 @@
 
 use base64::Engine as _;
 use sdgen::engine::{GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, UpscaleRequest};
-use sdgen::loading::ModelSource;
+use sdgen::loading::quantise::Quantise;
+use sdgen::loading::{ModelSource, OpenOptions};
 use sdgen::pipeline::{FamilyOptions, InitImage, Request};
 use sdgen::planning::MemoryRequest;
 use sdgen::schedulers::SchedulerKind;
@@ -141,6 +142,8 @@ pub struct Settings {
     pub upscale: Vec<UpscaleRequest>,
     /// A quality preset's name.
     pub quality: Option<String>,
+    /// The denoiser's weights quantised as they load.
+    pub weights: Option<Quantise>,
 }
 
 impl Settings {
@@ -160,7 +163,7 @@ impl Settings {
         let prompt = self.prompts.first().cloned().unwrap_or_default();
         let mut request = GenerateRequest {
             model: self.model,
-            open: Default::default(),
+            open: OpenOptions { weights: self.weights, ..Default::default() },
             vae: self.vae,
             refiner: self.refiner,
             prompts: self.prompts,
@@ -259,6 +262,11 @@ pub fn check_output_size(factor: u32, size: (usize, usize), limits: &Limits, fie
         ));
     }
     Ok(())
+}
+
+/// A quantisation by its name (`q8`, `q4`), or 422 naming `field`.
+pub fn weights(name: &str, field: &str) -> Result<Quantise, ApiError> {
+    name.parse().map_err(|e: String| ApiError::invalid(field, format!("{field}: {e}")))
 }
 
 /// A scheduler by any of its names (ours or A1111's), or 422 naming `field`.

@@ -229,6 +229,7 @@ async fn create_job(
         loras,
         upscale,
         quality: b.quality,
+        weights: b.weights.as_deref().map(|w| request::weights(w, "weights")).transpose()?,
     };
     let request = settings.into_request(&state.limits, Api::Jobs)?;
     let job = submit(&state, JobSpec { request, api: Api::Jobs, timeout_ms: None }, "model").await?;

@@ -121,6 +121,7 @@ fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
         refiner: args.refiner.clone(),
         refiner_start: args.refiner_start,
         refiner_strength: args.refiner_strength,
+        weights: request.open.weights.map(|q| q.name().to_string()),
     })
 }
 

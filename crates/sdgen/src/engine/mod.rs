@@ -458,7 +458,7 @@ impl Run<'_> {
         extra.insert("memory".into(), plan::to_json(&generation.memory));
         // With warm weights: which stages loaded theirs and which reused them.
         if !generation.weights.is_empty() {
-            extra.insert("weights".into(), plan::to_json(&generation.weights));
+            extra.insert("weight_use".into(), plan::to_json(&generation.weights));
         }
         // The encoders that did not run (SD 3.5's T5 with --no-t5 or in a folder without it).
         if !generation.settings.skipped_encoders.is_empty() {

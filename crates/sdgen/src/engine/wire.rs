@@ -88,6 +88,11 @@ pub struct JobBody {
     /// With `refiner` after SD 3.5: how much of the base's image it reworks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refiner_strength: Option<f64>,
+    /// The denoiser's linear weights quantised as they load (`q8` or `q4`, as `--weights`);
+    /// absent: as stored. A quantised model is its own warm entry, never served to a
+    /// full-precision job (nor the reverse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 /// A LoRA as the job API takes it.
