@@ -222,6 +222,10 @@ fn bad_flags_exit_2_with_nothing_sent_or_written() {
     assert_fails(&run(&lora), 2, &out, &["--lora `/somewhere/lora.safetensors` is not a LoRA this server"]);
     // Refused by the server, named as the flag.
     assert_fails(&run(&["-W", "100", "-H", "64"]), 2, &out, &["refused the job", "--width 100"]);
+    // Every field the server's message names (the engine's references) as the flag.
+    let init = testdata().join("reference/sd15/img2img_init.png");
+    let strength = ["--init-image", init.to_str().unwrap(), "--strength", "0.1"];
+    assert_fails(&run(&strength), 2, &out, &["refused the job", "--strength 0.1", "raise --strength or --steps"]);
     let o = run_model("/somewhere/else", &[]);
     assert_fails(&o, 2, &out, &["--model `/somewhere/else` is not a model this server serves"]);
     let init = testdata().join("does-not-exist.png");

@@ -417,7 +417,8 @@ async fn set_options(
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
         opened.map_err(|e| {
-            ApiError::invalid("sd_model_checkpoint", format!("sd_model_checkpoint `{name}` cannot be opened: {e}"))
+            let why = e.describe(&Api::A1111.field_names());
+            ApiError::invalid("sd_model_checkpoint", format!("sd_model_checkpoint `{name}` cannot be opened: {why}"))
         })?;
         let name = name.trim().to_string();
         let previous =

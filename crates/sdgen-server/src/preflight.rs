@@ -84,7 +84,7 @@ impl Preflight {
             Err(e) => {
                 return Err(ApiError::invalid(
                     model_field,
-                    format!("{model_field} `{}` cannot be opened: {e}", req.model.label()),
+                    format!("{model_field} `{}` cannot be opened: {}", req.model.label(), e.describe(name)),
                 ))
             }
         };

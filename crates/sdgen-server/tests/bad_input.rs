@@ -182,8 +182,12 @@ fn engine_refusals_name_the_apis_fields() {
     let server = Server::start(&["--extra-model", &sd35, "--extra-model", &refiner]);
     // A strength that leaves no step to run.
     let png = base64(&common::test_png(64, 64));
-    let body = format!(r#"{{"prompt": "a cat", "init_image": "{png}", "strength": 0.1, "steps": 4}}"#);
-    server.post("/v1/jobs", &body).assert_refused(422, Some("strength"), "raise strength or steps");
+    let body = format!(r#"{{"prompt": "a cat", "init_image": "{png}", "strength": 0.1, "steps": 2}}"#);
+    let r = server.post("/v1/jobs", &body);
+    r.assert_refused(422, Some("strength"), "raise strength or steps");
+    // Beside it, the message with the fields it names left for the client to word.
+    let template = "{strength} 0.1 with 2 steps leaves no step to run (int(2 × 0.1) = 0): raise {strength} or {steps}";
+    assert_eq!(r.json()["template"], template);
     let body = format!(r#"{{"prompt": "a cat", "init_images": ["{png}"], "denoising_strength": 0.1, "steps": 4}}"#);
     server.post("/sdapi/v1/img2img", &body).assert_refused(
         422,

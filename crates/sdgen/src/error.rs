@@ -101,6 +101,11 @@ pub type FieldNames = fn(&'static str) -> Option<&'static str>;
 /// `text` with each field reference spelled as `name` says (a field it does not know keeps the
 /// engine's name); an unclosed marker is dropped.
 pub fn render(text: &str, name: &dyn Fn(&'static str) -> Option<&'static str>) -> String {
+    spell(text, &|f| name(f).unwrap_or(f).to_string())
+}
+
+/// `text` with each field reference written as `spelled` writes the field.
+fn spell(text: &str, spelled: &dyn Fn(&'static str) -> String) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
@@ -113,7 +118,10 @@ pub fn render(text: &str, name: &dyn Fn(&'static str) -> Option<&'static str>) -
         let given = &after[..end];
         let known = field::ALL.iter().find(|&&f| f == given);
         debug_assert!(known.is_some(), "`{given}` is referred to in a message but is not in field::ALL");
-        out.push_str(known.and_then(|&f| name(f)).unwrap_or(given));
+        match known {
+            Some(&f) => out.push_str(&spelled(f)),
+            None => out.push_str(given),
+        }
         rest = &after[end + CLOSE.len_utf8()..];
     }
     out.push_str(rest);
@@ -123,6 +131,31 @@ pub fn render(text: &str, name: &dyn Fn(&'static str) -> Option<&'static str>) -
 /// `text` with each field reference spelled as the engine names the field.
 pub fn plain(text: &str) -> String {
     render(text, &|_| None)
+}
+
+/// A [`Error::template`] with each `{field}` (a field of [`field::ALL`]) named as `name` says:
+/// how a client of a server words the server's message with its own names (`generate --remote`
+/// its flags). Other braces stay as they are.
+pub fn fill(template: &str, name: &dyn Fn(&'static str) -> Option<&'static str>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let known = after.find('}').and_then(|end| field::ALL.iter().find(|&&f| f == &after[..end]));
+        match known {
+            Some(&f) => {
+                out.push_str(name(f).unwrap_or(f));
+                rest = &after[f.len() + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Everything that can go wrong in the engine.
@@ -202,13 +235,24 @@ impl Error {
     /// as `name` says: a CLI's flags (`width` → `--width`), a server's JSON fields. Fields `name`
     /// does not know keep the engine's names.
     pub fn describe(&self, name: &dyn Fn(&'static str) -> Option<&'static str>) -> String {
-        let label = |field: &'static str| name(field).unwrap_or(field);
+        self.spelled(&|f| name(f).unwrap_or(f).to_string())
+    }
+
+    /// The message with each field it names written `{field}`, by the engine's name: what a
+    /// server sends beside the message it words with its own names, for a client to word with
+    /// its own ([`fill`]).
+    pub fn template(&self) -> String {
+        self.spelled(&|f| format!("{{{f}}}"))
+    }
+
+    /// The message with each field it names written as `spelled` writes it.
+    fn spelled(&self, spelled: &dyn Fn(&'static str) -> String) -> String {
         match self {
-            Error::Invalid { field, message } => format!("{} {}", label(field), render(message, name)),
-            Error::InvalidInput(text) | Error::BadModel(text) => render(text, name),
+            Error::Invalid { field, message } => format!("{} {}", spelled(field), spell(message, spelled)),
+            Error::InvalidInput(text) | Error::BadModel(text) => spell(text, spelled),
             Error::About { field, value, source } => match value {
-                Some(v) => format!("{} {v}: {}", label(field), source.describe(name)),
-                None => format!("{}: {}", label(field), source.describe(name)),
+                Some(v) => format!("{} {v}: {}", spelled(field), source.spelled(spelled)),
+                None => format!("{}: {}", spelled(field), source.spelled(spelled)),
             },
             other => other.to_string(),
         }
@@ -261,6 +305,17 @@ mod tests {
         let wrapped = Error::about("refiner", Error::InvalidInput(format!("pass {STEPS}")));
         assert_eq!(wrapped.describe(&|f| (f == "steps").then_some("--steps")), "refiner: pass --steps");
         assert_eq!(wrapped.to_string(), "refiner: pass steps");
+    }
+
+    /// A server sends the template; its client fills it in with its own names.
+    #[test]
+    fn templates_are_filled_with_a_clients_names() {
+        let err = Error::invalid("strength", format!("0.1 with 4 steps: raise {STRENGTH} or {STEPS}"));
+        let template = err.template();
+        assert_eq!(template, "{strength} 0.1 with 4 steps: raise {strength} or {steps}");
+        let flags = |f: &'static str| Some(if f == "strength" { "--strength" } else { "--steps" });
+        assert_eq!(fill(&template, &flags), "--strength 0.1 with 4 steps: raise --strength or --steps");
+        assert_eq!(fill("{not_a_field} {x", &flags), "{not_a_field} {x");
     }
 
     #[test]

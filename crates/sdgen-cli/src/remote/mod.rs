@@ -165,9 +165,9 @@ impl RemoteJob<'_> {
                     self.save(index)?;
                 }
                 JobEvent::Done { .. } => return Ok(()),
-                JobEvent::Failed { status, field, message } => {
+                JobEvent::Failed { status, field, message, template } => {
                     bar.finish();
-                    let message = client::flag_message(field.as_deref(), &message);
+                    let message = client::flag_message(field.as_deref(), &message, template.as_deref());
                     let url = &self.server.url;
                     // A 4xx is the request's fault (found once the model was open): exit 2.
                     return Err(if (400..500).contains(&status) {

@@ -265,6 +265,10 @@ pub enum JobEvent {
         field: Option<String>,
         /// What went wrong.
         message: String,
+        /// The message with each field it names written `{field}` (the engine's names), for a
+        /// client to word with its own ([`crate::error::fill`]); absent when it names none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
     },
     /// Cancelled.
     Cancelled {
@@ -348,7 +352,12 @@ mod tests {
 
     #[test]
     fn events_read_back_as_sent() {
-        let e = JobEvent::Failed { status: 422, field: Some("width".into()), message: "width 7 is odd".into() };
+        let e = JobEvent::Failed {
+            status: 422,
+            field: Some("width".into()),
+            message: "width 7 is odd".into(),
+            template: Some("{width} 7 is odd".into()),
+        };
         let text = serde_json::to_string(&e).unwrap();
         assert!(text.starts_with(r#"{"type":"failed""#), "{text}");
         assert_eq!(serde_json::from_str::<JobEvent>(&text).unwrap(), e);
