@@ -48,8 +48,9 @@ macro_rules! fields {
 }
 
 /// A field reference inside a string literal (a message in a `const` table, built with
-/// `concat!`): the same marker as [`FieldRef`]'s. [`render`] checks (in debug builds) that it
-/// names a field of [`field::ALL`].
+/// `concat!`): the same marker as [`FieldRef`]'s, for a field of [`field::ALL`] (unlike the
+/// constants, the name is not checked when it compiles: one not in the list is written as
+/// given).
 #[macro_export]
 macro_rules! field_ref {
     ($name:literal) => {
@@ -117,7 +118,7 @@ fn spell(text: &str, spelled: &dyn Fn(&'static str) -> String) -> String {
         };
         let given = &after[..end];
         let known = field::ALL.iter().find(|&&f| f == given);
-        debug_assert!(known.is_some(), "`{given}` is referred to in a message but is not in field::ALL");
+        // Not a field (the markers in a user's text, quoted back): the text as it was given.
         match known {
             Some(&f) => out.push_str(&spelled(f)),
             None => out.push_str(given),
@@ -322,6 +323,8 @@ mod tests {
     fn literal_references_and_unclosed_markers() {
         assert_eq!(plain(concat!("see ", crate::field_ref!("config_from"), " DIR")), "see config_from DIR");
         assert_eq!(plain(&format!("a {OPEN}steps")), "a steps");
+        // Markers around what is no field (a user's text quoted back) leave its text.
+        assert_eq!(render(&format!("{OPEN}prompt{CLOSE}"), &|_| Some("--x")), "prompt");
         assert_eq!(plain("no references"), "no references");
     }
 }
