@@ -320,3 +320,15 @@ fn ctrl_c_cancels_the_job_on_the_server_and_exits_130() {
     assert_eq!(status.code(), Some(130), "{log}");
     common::assert_in_order(&log, &["step 10/150", "Cancelling job job-", "Interrupted: job job-"]);
 }
+
+/// The server's warnings (the engine's, naming fields) show with the flags, as a local run's.
+#[test]
+fn a_servers_warnings_name_the_flags() {
+    let model = testdata().join("tiny-sd35-medium-no-t5").display().to_string();
+    let server = Server::start(&["--extra-model", &model]);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["a cat", "--model", &model, "--steps", "1", "-W", "64", "-H", "64", "--remote", &server.url];
+    let o = generate(&args, &dir.path().join("out"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the prompt is read by the other encoders only (as --no-t5)"), "{}", stderr(&o));
+}

@@ -184,6 +184,9 @@ fn warnings_name_the_job_apis_fields() {
     let warned =
         events.iter().filter(|(n, _)| n == "warning").any(|(_, d)| d["message"].as_str().unwrap().contains(warning));
     assert!(warned, "{events:?}");
+    // Beside each line, its template: the fields it names left for the client to word.
+    let templated = events.iter().any(|(_, d)| d["template"].as_str().is_some_and(|t| t.contains("(as {no_t5})")));
+    assert!(templated, "{events:?}");
     let job = server.get(&format!("/v1/jobs/{id}")).json();
     assert_eq!(job["state"], "done", "{job}");
     assert!(job["images"][0]["metadata"]["warnings"].to_string().contains(warning), "{job}");

@@ -44,6 +44,8 @@ macro_rules! fields {
         /// Every field an engine message or error can name, by the engine's name: each caller's
         /// table names them all (the CLI's flags; the server's JSON fields, where it has them).
         pub const ALL: &[&str] = &[$($name),*];
+        /// Each of [`ALL`] written `{field}`, as templates write them ([`super::as_template`]).
+        pub const TEMPLATES: &[&str] = &[$(concat!("{", $name, "}")),*];
     };
 }
 
@@ -132,6 +134,12 @@ fn spell(text: &str, spelled: &dyn Fn(&'static str) -> String) -> String {
 /// `text` with each field reference spelled as the engine names the field.
 pub fn plain(text: &str) -> String {
     render(text, &|_| None)
+}
+
+/// The field written `{field}`, as [`Error::template`] writes it: the [`FieldNames`] of an engine
+/// whose lines a server words for each client (each line's template, filled in with [`fill`]).
+pub fn as_template(field: &'static str) -> Option<&'static str> {
+    field::ALL.iter().position(|&f| f == field).map(|i| field::TEMPLATES[i])
 }
 
 /// A [`Error::template`] with each `{field}` (a field of [`field::ALL`]) named as `name` says:
@@ -243,7 +251,7 @@ impl Error {
     /// server sends beside the message it words with its own names, for a client to word with
     /// its own ([`fill`]).
     pub fn template(&self) -> String {
-        self.spelled(&|f| format!("{{{f}}}"))
+        self.describe(&as_template)
     }
 
     /// The message with each field it names written as `spelled` writes it.

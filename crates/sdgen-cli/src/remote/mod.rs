@@ -125,6 +125,11 @@ fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
     })
 }
 
+/// A server's line, its `template` filled in with the flags where it has one.
+fn flagged(message: String, template: Option<String>) -> String {
+    template.map_or(message, |t| sdgen::error::fill(&t, &crate::args::flag))
+}
+
 /// A job on the server, followed to its end.
 struct RemoteJob<'a> {
     server: &'a Server,
@@ -152,13 +157,14 @@ impl RemoteJob<'_> {
                     bar.report(Progress::StageEnd { stage: &stage, elapsed_ms })
                 }
                 JobEvent::Step { step, steps, .. } => bar.report(Progress::Step { index: step, total: steps }),
-                JobEvent::Log { message } => {
+                // Worded with the flags where the line names fields, as a local run words it.
+                JobEvent::Log { message, template } => {
                     bar.finish();
-                    progress::log(&message);
+                    progress::log(&flagged(message, template));
                 }
-                JobEvent::Warning { message } => {
+                JobEvent::Warning { message, template } => {
                     bar.finish();
-                    progress::warn(&message);
+                    progress::warn(&flagged(message, template));
                 }
                 JobEvent::Image { index, .. } => {
                     bar.finish();

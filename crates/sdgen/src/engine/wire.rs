@@ -246,11 +246,18 @@ pub enum JobEvent {
     Log {
         /// The line.
         message: String,
+        /// The line with each field it names written `{field}` (as [`JobEvent::Failed`]'s);
+        /// absent when it names none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
     },
     /// A warning (a tight plan, a truncated prompt…).
     Warning {
         /// The warning.
         message: String,
+        /// The warning with each field it names written `{field}`; absent when it names none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
     },
     /// Finished.
     Done {
