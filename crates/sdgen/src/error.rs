@@ -104,11 +104,6 @@ pub type FieldNames = fn(&'static str) -> Option<&'static str>;
 /// `text` with each field reference spelled as `name` says (a field it does not know keeps the
 /// engine's name); an unclosed marker is dropped.
 pub fn render(text: &str, name: &dyn Fn(&'static str) -> Option<&'static str>) -> String {
-    spell(text, &|f| name(f).unwrap_or(f).to_string())
-}
-
-/// `text` with each field reference written as `spelled` writes the field.
-fn spell(text: &str, spelled: &dyn Fn(&'static str) -> String) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
@@ -121,10 +116,7 @@ fn spell(text: &str, spelled: &dyn Fn(&'static str) -> String) -> String {
         let given = &after[..end];
         let known = field::ALL.iter().find(|&&f| f == given);
         // Not a field (the markers in a user's text, quoted back): the text as it was given.
-        match known {
-            Some(&f) => out.push_str(&spelled(f)),
-            None => out.push_str(given),
-        }
+        out.push_str(known.and_then(|&f| name(f)).unwrap_or(given));
         rest = &after[end + CLOSE.len_utf8()..];
     }
     out.push_str(rest);
@@ -244,7 +236,16 @@ impl Error {
     /// as `name` says: a CLI's flags (`width` → `--width`), a server's JSON fields. Fields `name`
     /// does not know keep the engine's names.
     pub fn describe(&self, name: &dyn Fn(&'static str) -> Option<&'static str>) -> String {
-        self.spelled(&|f| name(f).unwrap_or(f).to_string())
+        let label = |field: &'static str| name(field).unwrap_or(field);
+        match self {
+            Error::Invalid { field, message } => format!("{} {}", label(field), render(message, name)),
+            Error::InvalidInput(text) | Error::BadModel(text) => render(text, name),
+            Error::About { field, value, source } => match value {
+                Some(v) => format!("{} {v}: {}", label(field), source.describe(name)),
+                None => format!("{}: {}", label(field), source.describe(name)),
+            },
+            other => other.to_string(),
+        }
     }
 
     /// The message with each field it names written `{field}`, by the engine's name: what a
@@ -252,19 +253,6 @@ impl Error {
     /// its own ([`fill`]).
     pub fn template(&self) -> String {
         self.describe(&as_template)
-    }
-
-    /// The message with each field it names written as `spelled` writes it.
-    fn spelled(&self, spelled: &dyn Fn(&'static str) -> String) -> String {
-        match self {
-            Error::Invalid { field, message } => format!("{} {}", spelled(field), spell(message, spelled)),
-            Error::InvalidInput(text) | Error::BadModel(text) => spell(text, spelled),
-            Error::About { field, value, source } => match value {
-                Some(v) => format!("{} {v}: {}", spelled(field), source.spelled(spelled)),
-                None => format!("{}: {}", spelled(field), source.spelled(spelled)),
-            },
-            other => other.to_string(),
-        }
     }
 
     /// Whether the error is a device allocation failure (CUDA out of memory), which the pipeline
