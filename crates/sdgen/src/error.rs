@@ -13,6 +13,10 @@
 //! error's own `Display` with the engine's names. The markers are two private-use characters
 //! ([`OPEN`], [`CLOSE`]), which no message has otherwise.
 //!
+//! A server sends each message also as a *template*, every field written `{field}` by the
+//! engine's name ([`Error::template`]; an engine's lines with [`as_template`] as its names), which
+//! its client fills in with its own names ([`fill`]): `generate --remote` shows its flags.
+//!
 //! Messages about what no request field sets (a rebuild with `--features cuda`, `HF_HUB_OFFLINE`)
 //! keep their text.
 
