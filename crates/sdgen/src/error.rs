@@ -6,7 +6,7 @@
 //! request field, and each caller spells its fields its own way: the CLI as flags (`--steps`), the
 //! server's job API as JSON fields (`steps`), its A1111 routes as A1111 does (`denoising_strength`).
 //! So the engine never writes a field's name into its text: it writes a *field reference*, one of
-//! the [`field`] constants (`format!("raise {STRENGTH} or {STEPS}")`), which [`Display`]s as a
+//! the [`field`] constants (`format!("raise {STRENGTH} or {STEPS}")`), which `Display`s as a
 //! marker around the engine's name of the field. [`render`] replaces each marker with the field
 //! as a caller's name table spells it ([`Error::describe`] for errors; the engine renders its
 //! warnings and log lines with [`EngineConfig::field_names`](crate::engine::EngineConfig)), and an
