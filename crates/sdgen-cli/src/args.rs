@@ -394,6 +394,7 @@ impl Args {
         let mut engine = EngineConfig::new(Runtime::new(device, dtype), device_label);
         engine.hub = hub;
         engine.warm = self.keep_warm.then(sdgen::engine::WarmWeights::new);
+        engine.field_names = flag;
         Ok(Resolved { request, engine, output })
     }
 }
@@ -433,9 +434,13 @@ impl Args {
     }
 }
 
-/// The flag that sets each field of the engine's request, for its errors to name.
+/// The flag that sets each field of the engine's request, for its errors, warnings and log
+/// lines to name (the engine's field references, `sdgen::error`).
 const FLAGS: &[(&str, &str)] = &[
+    ("model", "--model"),
+    ("config_from", "--config-from"),
     ("n", "--n"),
+    ("batch_size", "--batch-size"),
     ("seed", "--seed"),
     ("steps", "--steps"),
     ("guidance", "--guidance"),
@@ -451,6 +456,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("no_t5", "--no-t5"),
     ("max_sequence_length", "--max-sequence-length"),
     ("skip_layer_guidance", "--slg"),
+    ("prompt_style", "--prompt-style"),
     ("clip_skip", "--clip-skip"),
     ("lora", "--lora"),
     ("weights", "--weights"),
@@ -460,6 +466,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("hires_strength", "--hires-strength"),
     ("quality", "--quality"),
     ("from_png", "--from-png"),
+    ("output", "--output"),
 ];
 
 /// The flag of a request field.

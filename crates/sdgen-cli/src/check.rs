@@ -97,7 +97,10 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
         Err(e) => {
             // Only the cache was asked (--check downloads nothing): say that, not the offline
             // error's advice, unless the user did ask for offline.
-            let why = if resolved.engine.hub.offline { format!(" ({e})") } else { String::new() };
+            let why = match resolved.engine.hub.offline {
+                true => format!(" ({})", e.describe(&crate::args::flag)),
+                false => String::new(),
+            };
             out.line(format!("\n{label} is not downloaded{why}; a run downloads it, and --check then shows its plan."));
             return Ok((json!({ "name": label, "downloaded": false }), None));
         }
@@ -124,8 +127,9 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
                 json!({ "fits": true, "plan": plan })
             }
             Err(e) => {
+                let e = e.describe(&crate::args::flag);
                 out.line(format!("❌ {e}"));
-                json!({ "fits": false, "error": e.to_string() })
+                json!({ "fits": false, "error": e })
             }
         }
     };

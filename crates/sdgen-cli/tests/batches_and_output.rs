@@ -86,7 +86,7 @@ fn keep_warm_reuses_the_weights_across_batches_with_the_same_images() {
     let weights = |result: &serde_json::Value, i: usize| {
         let path = PathBuf::from(result["images"][i]["metadata"].as_str().unwrap());
         let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        meta["extra"]["weights"].clone()
+        meta["extra"]["weight_use"].clone()
     };
     let uses = |u: &str| serde_json::json!({"text_encoder": u, "unet": u, "vae": u});
     assert_eq!((weights(&warm, 0), weights(&warm, 1)), (uses("loaded_kept"), uses("reused")));
@@ -127,6 +127,28 @@ fn output_may_name_the_file() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("x.jpg") && stderr(&o).contains(".png"), "{}", stderr(&o));
     assert!(!jpg.exists());
+}
+
+/// The engine's messages that name a setting name it as the flag that sets it: an output that
+/// cannot be written, a batch the memory does not hold at once.
+#[test]
+fn messages_name_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    // A path through a regular file stops everyone, root included.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let o = generate(&["x", "--model", &tiny_model(), "--steps", "1"], &file.join("sub"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pass a writable --output folder"), "{}", stderr(&o));
+    // `--memory-mode low` takes one image at a time, whatever the batch size.
+    let args = ["x", "--model", &tiny_model(), "--steps", "1", "-W", "64", "-H", "64", "--batch-size", "2"];
+    let o = generate(&[&args[..], &["--memory-mode", "low"]].concat(), &dir.path().join("o"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--batch-size 2 does not fit in the memory available: 1 image at a time"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -94,6 +94,8 @@ fn bad_img2img_input_is_refused_clearly() {
     run(&["--init-image", &init, "--strength", "1.5"], &["--strength 1.5", "[0, 1]"]);
     run(&["--init-image", &init, "--strength", "-0.1"], &["--strength -0.1", "[0, 1]"]);
     run(&["--init-image", &init, "--strength", "0"], &["--strength 0", "no step"]);
+    // The fix names the flags (the engine refers to the fields; a server names its JSON's).
+    run(&["--init-image", &init, "--strength", "0.1"], &["--strength 0.1", "raise --strength or --steps"]);
     run(&["--strength", "0.5"], &["--strength", "--init-image"]);
 
     let dir = tempfile::tempdir().unwrap();

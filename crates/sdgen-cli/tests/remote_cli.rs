@@ -148,7 +148,7 @@ fn a_remote_run_writes_the_local_runs_png_with_a_sidecar_saying_where_it_ran() {
 /// `--upscale 2` with a LoRA, and a prompt file: the server (started allowing the LoRA) makes
 /// the same PNGs, byte for byte, as a local run.
 #[test]
-fn upscaling_a_lora_and_a_prompt_file_travel() {
+fn upscaling_a_lora_quantised_weights_and_a_prompt_file_travel() {
     let lora = testdata().join("lora/sd15_kohya.safetensors").display().to_string();
     let server = Server::start(&["--extra-lora", &lora]);
     let tiny = tiny_model();
@@ -175,6 +175,8 @@ fn upscaling_a_lora_and_a_prompt_file_travel() {
         "0.5",
         "--lora",
         &lora_arg,
+        "--weights",
+        "q8",
     ];
     let (local, remote) = (dir.path().join("local"), dir.path().join("remote"));
     let o = generate(&args, &local, &[]);
@@ -194,6 +196,7 @@ fn upscaling_a_lora_and_a_prompt_file_travel() {
         let meta = sidecar(r);
         assert_eq!((meta["width"].as_u64(), meta["height"].as_u64()), (Some(128), Some(128)));
         assert_eq!(meta["extra"]["loras"][0]["scale"], 0.8);
+        assert_eq!(meta["extra"]["weights"], "q8");
     }
     assert_eq!([sidecar(&r[0])["prompt"].as_str(), sidecar(&r[1])["prompt"].as_str()], [Some("a cat"), Some("a dog")]);
 }
@@ -219,6 +222,10 @@ fn bad_flags_exit_2_with_nothing_sent_or_written() {
     assert_fails(&run(&lora), 2, &out, &["--lora `/somewhere/lora.safetensors` is not a LoRA this server"]);
     // Refused by the server, named as the flag.
     assert_fails(&run(&["-W", "100", "-H", "64"]), 2, &out, &["refused the job", "--width 100"]);
+    // Every field the server's message names (the engine's references) as the flag.
+    let init = testdata().join("reference/sd15/img2img_init.png");
+    let strength = ["--init-image", init.to_str().unwrap(), "--strength", "0.1"];
+    assert_fails(&run(&strength), 2, &out, &["refused the job", "--strength 0.1", "raise --strength or --steps"]);
     let o = run_model("/somewhere/else", &[]);
     assert_fails(&o, 2, &out, &["--model `/somewhere/else` is not a model this server serves"]);
     let init = testdata().join("does-not-exist.png");
@@ -312,4 +319,16 @@ fn ctrl_c_cancels_the_job_on_the_server_and_exits_130() {
     let log = log.join().unwrap();
     assert_eq!(status.code(), Some(130), "{log}");
     common::assert_in_order(&log, &["step 10/150", "Cancelling job job-", "Interrupted: job job-"]);
+}
+
+/// The server's warnings (the engine's, naming fields) show with the flags, as a local run's.
+#[test]
+fn a_servers_warnings_name_the_flags() {
+    let model = testdata().join("tiny-sd35-medium-no-t5").display().to_string();
+    let server = Server::start(&["--extra-model", &model]);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["a cat", "--model", &model, "--steps", "1", "-W", "64", "-H", "64", "--remote", &server.url];
+    let o = generate(&args, &dir.path().join("out"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the prompt is read by the other encoders only (as --no-t5)"), "{}", stderr(&o));
 }

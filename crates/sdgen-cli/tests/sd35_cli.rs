@@ -96,6 +96,19 @@ fn no_t5_skips_the_encoder_and_says_so() {
     assert!(!plan.contains("text_encoder_3"), "{plan}");
 }
 
+/// A folder without T5 runs on the CLIP encoders, and the warning names the flag that says so.
+#[test]
+fn a_folder_without_t5_warns_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = testdata().join("tiny-sd35-medium-no-t5").display().to_string();
+    let (result, log) =
+        run_json(&["x", "--model", &model, "--steps", "1", "-W", "64", "-H", "64", "--json"], &dir.path().join("o"));
+    let warning = "has no text encoder 3: the prompt is read by the other encoders only (as --no-t5)";
+    assert!(log.contains(warning), "{log}");
+    let meta = sidecar(&result);
+    assert!(meta["warnings"].to_string().contains(warning), "{meta}");
+}
+
 #[test]
 fn skip_layer_guidance_and_sequence_length_are_recorded() {
     let dir = tempfile::tempdir().unwrap();

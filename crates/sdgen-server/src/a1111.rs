@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::jobs::{Api, Job, JobSpec, JobState};
-use crate::request::{self, Names, Seed, Settings};
+use crate::request::{self, Seed, Settings};
 use crate::routes::{body, submit, AppState};
 
 /// The A1111 routes.
@@ -36,32 +36,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/sdapi/v1/options", get(get_options).post(set_options))
         .route("/sdapi/v1/memory", get(memory))
 }
-
-/// The A1111 name of an engine request field.
-pub fn field_name(field: &'static str) -> &'static str {
-    match field {
-        "n" => "n_iter",
-        "guidance" => "cfg_scale",
-        "scheduler" => "sampler_name",
-        "strength" => "denoising_strength",
-        "init_image" => "init_images",
-        "refiner" => "refiner_checkpoint",
-        "refiner_start" => "refiner_switch_at",
-        "upscale" => "hr_scale",
-        "hires_strength" => "denoising_strength",
-        other => other,
-    }
-}
-
-const NAMES: Names = Names {
-    width: "width",
-    height: "height",
-    steps: "steps",
-    images: "n_iter",
-    init_image: "init_images",
-    upscale: "hr_scale",
-    hires_strength: "denoising_strength",
-};
 
 /// The fields of `StableDiffusionProcessingTxt2Img`/`Img2Img` this server reads; every other
 /// one is ignored, as A1111 ignores what it does not know.
@@ -187,8 +161,10 @@ async fn generate(
         loras: Vec::new(),
         upscale,
         quality: None,
+        // A1111 has no such field: its checkpoints are quantised or not as stored.
+        weights: None,
     };
-    let request = settings.into_request(&state.limits, &NAMES)?;
+    let request = settings.into_request(&state.limits, Api::A1111)?;
     let job = submit(&state, JobSpec { request, api: Api::A1111, timeout_ms: None }, model_field).await?;
     job.wait().await;
     // A1111 echoes the request, its init images left out.
@@ -441,7 +417,8 @@ async fn set_options(
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
         opened.map_err(|e| {
-            ApiError::invalid("sd_model_checkpoint", format!("sd_model_checkpoint `{name}` cannot be opened: {e}"))
+            let why = e.describe(&Api::A1111.field_names());
+            ApiError::invalid("sd_model_checkpoint", format!("sd_model_checkpoint `{name}` cannot be opened: {why}"))
         })?;
         let name = name.trim().to_string();
         let previous =
@@ -487,13 +464,6 @@ mod tests {
         assert_eq!(sampler(Some("DPM++ 2M Karras"), Some("automatic")).unwrap(), Some(SchedulerKind::DpmPp2mKarras));
         assert_eq!(sampler(Some("Euler"), Some("Karras")).unwrap_err().field.as_deref(), Some("scheduler"));
         assert_eq!(sampler(Some("LMS"), None).unwrap_err().field.as_deref(), Some("sampler_name"));
-    }
-
-    #[test]
-    fn engine_fields_have_a1111_names() {
-        assert_eq!(field_name("guidance"), "cfg_scale");
-        assert_eq!(field_name("init_image"), "init_images");
-        assert_eq!(field_name("width"), "width");
     }
 
     #[test]

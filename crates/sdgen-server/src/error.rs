@@ -20,6 +20,11 @@ pub struct ApiError {
     pub field: Option<String>,
     /// What is wrong, and where there is one, what to do.
     pub message: String,
+    /// An engine error's message with each field it names written `{field}` by the engine's
+    /// name (`{strength} 0.1 with 4 steps…: raise {strength} or {steps}`), for a client to word
+    /// with its own names (`generate --remote`: its flags; `sdgen::error::fill`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// Seconds after which a retry may succeed (a full queue).
     #[serde(skip)]
     pub retry_after_s: Option<u64>,
@@ -28,7 +33,7 @@ pub struct ApiError {
 impl ApiError {
     /// An error of `status` and `kind`.
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, error: kind, field: None, message: message.into(), retry_after_s: None }
+        Self { status, error: kind, field: None, message: message.into(), template: None, retry_after_s: None }
     }
 
     /// 422: `field`'s value is wrong; `message` names it.
@@ -56,13 +61,15 @@ impl ApiError {
     pub fn from_engine(err: &sdgen::Error, name: &dyn Fn(&'static str) -> Option<&'static str>) -> Self {
         let message = err.describe(name);
         let field = err.field().map(|f| name(f).unwrap_or(f).to_string());
+        // Only where the message names a field: otherwise it is the template.
+        let template = Some(err.template()).filter(|t| *t != err.to_string());
         if matches!(err, sdgen::Error::Cancelled) {
             return Self::new(StatusCode::CONFLICT, "cancelled", "the job was cancelled");
         }
         if err.is_user_error() {
-            Self { field, ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message) }
+            Self { field, template, ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message) }
         } else {
-            Self { field, ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", message) }
+            Self { field, template, ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", message) }
         }
     }
 
@@ -83,7 +90,7 @@ impl ApiError {
 
     /// The error a `failed` event reports (from a worker, maybe in another process): its kind
     /// follows from the status, as [`ApiError::from_engine`] and [`ApiError::timed_out`] chose it.
-    pub fn from_failed(status: u16, field: Option<String>, message: String) -> Self {
+    pub fn from_failed(status: u16, field: Option<String>, message: String, template: Option<String>) -> Self {
         const KINDS: [(StatusCode, &str); 3] = [
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             (StatusCode::GATEWAY_TIMEOUT, "timed_out"),
@@ -91,7 +98,7 @@ impl ApiError {
         ];
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let kind = KINDS.iter().find(|(s, _)| *s == status).map_or("generation_failed", |(_, k)| *k);
-        Self { field, ..Self::new(status, kind, message) }
+        Self { field, template, ..Self::new(status, kind, message) }
     }
 
     /// The JSON body, `detail` included.

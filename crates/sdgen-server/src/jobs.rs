@@ -240,8 +240,9 @@ impl Job {
         let end = match &event {
             JobEvent::Done { .. } => Some((JobState::Done, None)),
             JobEvent::Cancelled { .. } => Some((JobState::Cancelled, None)),
-            JobEvent::Failed { status, field, message } => {
-                Some((JobState::Failed, Some(ApiError::from_failed(*status, field.clone(), message.clone()))))
+            JobEvent::Failed { status, field, message, template } => {
+                let error = ApiError::from_failed(*status, field.clone(), message.clone(), template.clone());
+                Some((JobState::Failed, Some(error)))
             }
             _ => None,
         };
@@ -321,7 +322,7 @@ pub fn final_event(state: JobState, images: usize, error: Option<&ApiError>) -> 
         JobState::Cancelled => JobEvent::Cancelled { images },
         _ => {
             let e = error.cloned().unwrap_or_else(|| ApiError::bad_request("failed"));
-            JobEvent::Failed { status: e.status.as_u16(), field: e.field.clone(), message: e.message.clone() }
+            JobEvent::Failed { status: e.status.as_u16(), field: e.field, message: e.message, template: e.template }
         }
     }
 }
@@ -371,6 +372,11 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Refuses new jobs: shutdown. The in-process queue cancels its jobs (they die with the
     /// process); a broker's jobs go on, and this server stops watching them.
     fn close(&self);
+    /// A broker's live workers, as their last heartbeats describe them; `None` where the jobs
+    /// run in this process.
+    fn workers(&self) -> Option<Vec<crate::metrics::WorkerReport>> {
+        None
+    }
 }
 
 /// The jobs a server remembers: every job not yet ended, and the last `keep` that ended.
@@ -454,25 +460,29 @@ mod tests {
         job.apply(JobEvent::Done { images: 1 }, None, &metrics);
         assert_eq!(job.status().state, JobState::Done);
         // Nothing changes an ended job.
-        job.apply(JobEvent::Failed { status: 500, field: None, message: "late".into() }, None, &metrics);
+        let late = JobEvent::Failed { status: 500, field: None, message: "late".into(), template: None };
+        job.apply(late, None, &metrics);
         assert_eq!(job.status().state, JobState::Done);
-        assert!(metrics.render(0, false, None).contains("sdgen_jobs_total{outcome=\"done\"} 1"));
+        assert!(metrics
+            .render(0, &metrics.figures(false, None), None)
+            .contains("sdgen_jobs_total{outcome=\"done\"} 1"));
     }
 
     #[test]
     fn a_failed_event_gives_back_the_error_it_was_made_from() {
         for error in [
             ApiError::timed_out(1500, 1, 4),
-            ApiError::invalid("width", "width 7 is odd"),
+            ApiError::from_engine(&sdgen::Error::invalid("width", "7 is odd"), &|_| None),
             ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", "out of memory"),
         ] {
-            let JobEvent::Failed { status, field, message } = final_event(JobState::Failed, 0, Some(&error)) else {
+            let JobEvent::Failed { status, field, message, template } = final_event(JobState::Failed, 0, Some(&error))
+            else {
                 panic!("not a failed event")
             };
-            let back = ApiError::from_failed(status, field, message);
+            let back = ApiError::from_failed(status, field, message, template);
             assert_eq!(
-                (back.status, back.error, back.field, back.message),
-                (error.status, error.error, error.field, error.message)
+                (back.status, back.error, back.field, back.message, back.template),
+                (error.status, error.error, error.field, error.message, error.template)
             );
         }
         assert!(ApiError::timed_out(1500, 1, 4).message.contains("time limit of 1.5 s (--job-timeout)"));

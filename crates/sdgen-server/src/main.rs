@@ -8,6 +8,7 @@ mod a1111;
 #[cfg(test)]
 mod decode_fuzz;
 mod error;
+mod fields;
 mod jobs;
 mod metrics;
 mod preflight;
@@ -32,7 +33,7 @@ use sdgen::pipeline::Runtime;
 
 use jobs::Broker;
 use queue::Queue;
-use redis_broker::{redacted, RedisBroker, RedisSource};
+use redis_broker::{redacted, Heartbeat, RedisBroker, RedisSource, WorkerStats};
 use request::{Limits, ModelPolicy};
 use routes::AppState;
 
@@ -176,7 +177,7 @@ fn run() -> anyhow::Result<()> {
         engine.hub.variant = Some("fp16".to_string());
     }
     if args.worker {
-        return run_worker(&args, engine, max_memory_bytes);
+        return run_worker(&args, engine, &device_label, max_memory_bytes);
     }
     let timeout = seconds(args.job_timeout.unwrap_or(DEFAULT_JOB_TIMEOUT_S), "--job-timeout")?;
     let mut paths = args.extra_model.clone();
@@ -255,7 +256,7 @@ fn run() -> anyhow::Result<()> {
 
 /// `--worker`: runs the broker's jobs until SIGINT/SIGTERM, which lets the running job finish (a
 /// second one stops at once; the job is then taken over by another worker).
-fn run_worker(args: &Args, engine: EngineConfig, max_memory_bytes: Option<u64>) -> anyhow::Result<()> {
+fn run_worker(args: &Args, engine: EngineConfig, device: &str, max_memory_bytes: Option<u64>) -> anyhow::Result<()> {
     let url = args.broker.as_deref().context("--worker needs --broker redis://HOST:PORT[/DB]")?;
     let claim_idle = seconds(args.claim_idle, "--claim-idle")?;
     if claim_idle < Duration::from_millis(400) {
@@ -269,7 +270,10 @@ fn run_worker(args: &Args, engine: EngineConfig, max_memory_bytes: Option<u64>) 
         format!("{}-{}", host.trim(), std::process::id())
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let source = RedisSource::connect(url, name.clone(), claim_idle, max_memory_bytes, stop.clone())?;
+    let stats = Arc::new(WorkerStats::new(&name, device, max_memory_bytes, engine.warm.clone()));
+    let source = RedisSource::connect(url, name.clone(), claim_idle, max_memory_bytes, stop.clone(), stats.clone())?;
+    // Its counts and memory for the servers' /metrics, alive as long as a job's claim.
+    let heartbeat = Heartbeat::start(source.client().clone(), stats, claim_idle)?;
     // The tests wait for this line.
     eprintln!("sdgen-server worker {name} taking jobs from {}", redacted(url));
     std::thread::spawn(move || {
@@ -281,6 +285,7 @@ fn run_worker(args: &Args, engine: EngineConfig, max_memory_bytes: Option<u64>) 
         std::process::exit(130);
     });
     worker::serve(engine, &source);
+    heartbeat.retire();
     eprintln!("sdgen-server worker {name}: stopped");
     Ok(())
 }

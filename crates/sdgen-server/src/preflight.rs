@@ -84,9 +84,15 @@ impl Preflight {
             Err(e) => {
                 return Err(ApiError::invalid(
                     model_field,
-                    format!("{model_field} `{}` cannot be opened: {e}", req.model.label()),
+                    format!("{model_field} `{}` cannot be opened: {}", req.model.label(), e.describe(name)),
                 ))
             }
+        };
+        // Quantised as the engine quantises it (a GGUF is refused here, naming the field), so the
+        // plan counts the denoiser's quantised bytes.
+        let model = match req.open.weights {
+            Some(q) => model.with_quantise(Some(q)).map_err(engine_error)?,
+            None => model,
         };
         // A VAE folder of the server's own replaces the model's (and its weights are planned); a
         // hub one is fetched by the worker, planned then.

@@ -155,6 +155,10 @@ impl Reporter for LocalReporter {
         self.queue.metrics.model_opens.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn memory(&self, info: &sdgen_memory::MemoryInfo) {
+        self.queue.metrics.memory_seen(info);
+    }
+
     /// The worker is free before anyone hears that the job ended.
     fn finish(&self, state: JobState, error: Option<ApiError>) {
         self.queue.done(&self.job);

@@ -5,14 +5,15 @@
 
 use base64::Engine as _;
 use sdgen::engine::{GenerateRequest, Img2ImgInput, LoraRequest, RefinerRequest, UpscaleRequest};
-use sdgen::loading::ModelSource;
+use sdgen::loading::quantise::Quantise;
+use sdgen::loading::{ModelSource, OpenOptions};
 use sdgen::pipeline::{FamilyOptions, InitImage, Request};
 use sdgen::planning::MemoryRequest;
 use sdgen::schedulers::SchedulerKind;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::jobs::random_u64;
+use crate::jobs::{random_u64, Api};
 
 /// The per-request caps (`--max-width`, …): what one request may ask of this server.
 #[derive(Debug, Clone, Copy)]
@@ -141,25 +142,14 @@ pub struct Settings {
     pub upscale: Vec<UpscaleRequest>,
     /// A quality preset's name.
     pub quality: Option<String>,
-}
-
-/// The API's names of the fields the caps and checks are about.
-pub struct Names {
-    pub width: &'static str,
-    pub height: &'static str,
-    pub steps: &'static str,
-    pub images: &'static str,
-    pub init_image: &'static str,
-    /// The upscale factor.
-    pub upscale: &'static str,
-    /// The hires pass's strength.
-    pub hires_strength: &'static str,
+    /// The denoiser's weights quantised as they load.
+    pub weights: Option<Quantise>,
 }
 
 impl Settings {
     /// Fills in the preset, checks the server's caps (on the upscaled size too), and makes the
     /// request; the engine's own checks run in the pre-queue check.
-    pub fn into_request(self, limits: &Limits, names: &Names) -> Result<GenerateRequest, ApiError> {
+    pub fn into_request(self, limits: &Limits, api: Api) -> Result<GenerateRequest, ApiError> {
         // The engine refuses it too, but without a field: both APIs call it `prompt`.
         if self.prompts.iter().all(|p| p.trim().is_empty()) {
             return Err(ApiError::invalid("prompt", "the prompt is empty: say what to draw"));
@@ -169,11 +159,11 @@ impl Settings {
             .as_deref()
             .map(sdgen::presets::find)
             .transpose()
-            .map_err(|e| ApiError::from_engine(&e, &|f| Some(f)))?;
+            .map_err(|e| ApiError::from_engine(&e, &api.field_names()))?;
         let prompt = self.prompts.first().cloned().unwrap_or_default();
         let mut request = GenerateRequest {
             model: self.model,
-            open: Default::default(),
+            open: OpenOptions { weights: self.weights, ..Default::default() },
             vae: self.vae,
             refiner: self.refiner,
             prompts: self.prompts,
@@ -199,16 +189,16 @@ impl Settings {
             preset: None,
         };
         if let Some(p) = preset {
-            p.apply(&mut request).map_err(|e| ApiError::from_engine(&e, &|f| Some(f)))?;
+            p.apply(&mut request).map_err(|e| ApiError::from_engine(&e, &api.field_names()))?;
         }
-        check_caps(&request, limits, names)?;
+        check_caps(&request, limits, api)?;
         Ok(request)
     }
 }
 
 /// The server's caps on what `req` asks for: size (the first pass's and, upscaled, the output's),
-/// steps, images in all.
-fn check_caps(req: &GenerateRequest, limits: &Limits, names: &Names) -> Result<(), ApiError> {
+/// steps, images in all; errors name the fields as `api` does.
+fn check_caps(req: &GenerateRequest, limits: &Limits, api: Api) -> Result<(), ApiError> {
     let cap = |field: &str, value: usize, max: usize, what: &str| {
         if value == 0 {
             Err(ApiError::invalid(field, format!("{field} must be at least 1")))
@@ -220,25 +210,27 @@ fn check_caps(req: &GenerateRequest, limits: &Limits, names: &Names) -> Result<(
     };
     let p = &req.params;
     if let Some(w) = p.width {
-        cap(names.width, w, limits.max_width, "pixels")?;
+        cap(api.field("width"), w, limits.max_width, "pixels")?;
     }
     if let Some(h) = p.height {
-        cap(names.height, h, limits.max_height, "pixels")?;
+        cap(api.field("height"), h, limits.max_height, "pixels")?;
     }
     if let Some(s) = p.steps {
-        cap(names.steps, s, limits.max_steps, "steps")?;
+        cap(api.field("steps"), s, limits.max_steps, "steps")?;
     }
-    cap(names.images, req.image_count(), limits.max_images, "images per request")?;
+    cap(api.field("n"), req.image_count(), limits.max_images, "images per request")?;
     if let Some(init) = req.img2img.as_ref().map(|i| &i.image) {
         // Without a size the output takes the init image's (rounded down to a multiple of 8).
         let (w, h) = (init.image.width, init.image.height);
         if (p.width.is_none() && w > limits.max_width) || (p.height.is_none() && h > limits.max_height) {
             return Err(ApiError::invalid(
-                names.init_image,
+                api.field("init_image"),
                 format!(
                     "{} is {w}x{h}, more than this server's limit of {}x{}: pass a smaller image or a width and \
                      height to resize it to",
-                    names.init_image, limits.max_width, limits.max_height
+                    api.field("init_image"),
+                    limits.max_width,
+                    limits.max_height
                 ),
             ));
         }
@@ -246,7 +238,7 @@ fn check_caps(req: &GenerateRequest, limits: &Limits, names: &Names) -> Result<(
     // The output's size where the request says it; a model's default size is checked once the
     // model is open (the pre-queue check, [`check_output_size`]).
     if let (false, Some(w), Some(h)) = (req.upscale.is_empty(), p.width, p.height) {
-        check_output_size(upscale_factor(req), (w, h), limits, names.upscale)?;
+        check_output_size(upscale_factor(req), (w, h), limits, api.field("upscale"))?;
     }
     Ok(())
 }
@@ -270,6 +262,11 @@ pub fn check_output_size(factor: u32, size: (usize, usize), limits: &Limits, fie
         ));
     }
     Ok(())
+}
+
+/// A quantisation by its name (`q8`, `q4`), or 422 naming `field`.
+pub fn weights(name: &str, field: &str) -> Result<Quantise, ApiError> {
+    name.parse().map_err(|e: String| ApiError::invalid(field, format!("{field}: {e}")))
 }
 
 /// A scheduler by any of its names (ours or A1111's), or 422 naming `field`.

@@ -21,9 +21,9 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::jobs::{Api, Broker, Cancelled, Job, JobSpec, QueueRefusal};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerReport};
 use crate::preflight::Preflight;
-use crate::request::{self, Limits, ModelPolicy, Names, Settings};
+use crate::request::{self, Limits, ModelPolicy, Settings};
 use sdgen::engine::wire::JobBody;
 use sdgen::engine::WarmWeights;
 
@@ -128,14 +128,6 @@ pub fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Byt
     })
 }
 
-/// Maps the engine's field names to an API's.
-pub fn field_namer(api: Api) -> impl Fn(&'static str) -> Option<&'static str> {
-    move |field| match api {
-        Api::Jobs => Some(job_field_name(field)),
-        Api::A1111 => Some(crate::a1111::field_name(field)),
-    }
-}
-
 /// Checks a request, then queues it: 422/507 from the check, 503 when the queue is full.
 pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str) -> Result<Arc<Job>, ApiError> {
     spec.request.memory.max_memory_bytes = state.max_memory_bytes;
@@ -143,7 +135,7 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
     let (preflight, check_spec, model_field_owned) = (state.preflight.clone(), spec.clone(), model_field.to_string());
     let limits = state.limits;
     let verdict = tokio::task::spawn_blocking(move || {
-        preflight.check(&check_spec.request, &field_namer(check_spec.api), &model_field_owned, &limits)
+        preflight.check(&check_spec.request, &check_spec.api.field_names(), &model_field_owned, &limits)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the check failed: {e}")))?;
@@ -164,27 +156,6 @@ pub async fn submit(state: &Arc<AppState>, mut spec: JobSpec, model_field: &str)
         }
         Err(QueueRefusal::Closed) => Err(ApiError::unavailable("shutting_down", "the server is shutting down", 30)),
         Err(QueueRefusal::Unreachable(message)) => Err(ApiError::unavailable("broker_unreachable", message, 5)),
-    }
-}
-
-const JOB_NAMES: Names = Names {
-    width: "width",
-    height: "height",
-    steps: "steps",
-    images: "n",
-    init_image: "init_image",
-    upscale: "upscale.factor",
-    hires_strength: "upscale.hires_strength",
-};
-
-/// The job API's name of an engine request field: the engine's, but for those the body nests
-/// or spells in the plural.
-pub fn job_field_name(field: &'static str) -> &'static str {
-    match field {
-        "lora" => "loras",
-        "upscale" => JOB_NAMES.upscale,
-        "hires_strength" => JOB_NAMES.hires_strength,
-        other => other,
     }
 }
 
@@ -258,8 +229,9 @@ async fn create_job(
         loras,
         upscale,
         quality: b.quality,
+        weights: b.weights.as_deref().map(|w| request::weights(w, "weights")).transpose()?,
     };
-    let request = settings.into_request(&state.limits, &JOB_NAMES)?;
+    let request = settings.into_request(&state.limits, Api::Jobs)?;
     let job = submit(&state, JobSpec { request, api: Api::Jobs, timeout_ms: None }, "model").await?;
     let body = json!({
         "id": job.id,
@@ -387,20 +359,42 @@ async fn job_image(
 }
 
 /// `GET /v1/memory`: the seed's memory fields (process, system, GPU when there is one) and the
-/// weights kept warm, with their loads, reuses and evictions (`null` with a broker).
+/// weights kept warm, with their loads, reuses and evictions (`null` with a broker); with a
+/// broker, `workers`: each live worker's memory, peaks and warm weights.
 async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
     let info = sdgen_memory::memory_info();
-    Json(json!({
+    let workers = state.queue.workers().map(|workers| {
+        let worker = |w: &WorkerReport| {
+            json!({
+                "name": w.name,
+                "device": w.device,
+                "updated_unix_ms": w.updated_unix_ms,
+                "running": w.figures.running,
+                "memory": w.figures.memory,
+                "max_memory_bytes": w.max_memory_bytes,
+                "peak_rss_bytes": w.figures.counts.peak_rss_bytes,
+                "peak_gpu_bytes": w.figures.counts.peak_gpu_bytes,
+                "warm": w.figures.warm,
+            })
+        };
+        workers.iter().map(worker).collect::<Vec<Value>>()
+    });
+    let mut body = json!({
         "device": state.device_label,
         "memory": info,
         "max_memory_bytes": state.max_memory_bytes,
         "warm": state.warm.as_ref().map(WarmWeights::report),
-    }))
+    });
+    if let Some(workers) = workers {
+        body["workers"] = workers.into();
+    }
+    Json(body)
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: Prometheus text (with a broker, its live workers' beside this server's).
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let warm = state.warm.as_ref().map(WarmWeights::report);
-    let text = state.metrics.render(state.queue.depth(), state.queue.running().is_some(), warm.as_ref());
+    let own = state.metrics.figures(state.queue.running().is_some(), state.warm.as_ref().map(WarmWeights::report));
+    let workers = state.queue.workers();
+    let text = state.metrics.render(state.queue.depth(), &own, workers.as_deref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

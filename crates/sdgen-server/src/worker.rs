@@ -10,11 +10,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use sdgen::engine::{Batch, CancelToken, Engine, EngineConfig, Event};
+use sdgen::error::FieldNames;
 use sdgen::pipeline::Progress;
 
 use crate::error::ApiError;
 use crate::jobs::{JobEvent, JobImage, JobSpec, JobState};
-use crate::routes::field_namer;
 
 /// How often a running job's watcher looks at its clock and its reporter (a cancellation made
 /// on another machine, a broker's keep-alive).
@@ -43,6 +43,8 @@ pub trait Reporter: Send + Sync {
     }
     /// The engine opened `n` more models for this job.
     fn models_opened(&self, _n: usize) {}
+    /// A memory snapshot the engine took (at a model load, before and after generating).
+    fn memory(&self, _info: &sdgen_memory::MemoryInfo) {}
     /// The job ended.
     fn finish(&self, state: JobState, error: Option<ApiError>);
 }
@@ -81,6 +83,11 @@ fn run(engine: &mut Engine, task: &Task) -> (JobState, Option<ApiError>) {
         return (JobState::Cancelled, None);
     }
     let reporter = &*task.reporter;
+    // The engine writes the fields its lines name as templates (`{steps}`): each event carries
+    // the line worded as the job's API names them and the template, for a client to word with
+    // its own names (`generate --remote`: its flags).
+    engine.set_field_names(sdgen::error::as_template);
+    let names = task.spec.api.field_names();
     reporter.event(JobEvent::Started, None);
     let opened = engine.models_opened();
     let timed_out = AtomicBool::new(false);
@@ -89,8 +96,8 @@ fn run(engine: &mut Engine, task: &Task) -> (JobState, Option<ApiError>) {
     let result = std::thread::scope(|scope| {
         let (done, watching) = mpsc::channel::<()>();
         scope.spawn(|| watch(task, &timed_out, watching));
-        let mut events = |e: Event| on_event(reporter, &images_done, images, e);
-        let mut on_batch = |batch: Batch| save_batch(&task.id, reporter, &images_done, batch);
+        let mut events = |e: Event| on_event(reporter, names, &images_done, images, e);
+        let mut on_batch = |batch: Batch| save_batch(&task.id, reporter, names, &images_done, batch);
         let result = engine.generate_each(&task.spec.request, &mut events, &task.cancel, &mut on_batch);
         drop(done);
         result
@@ -103,7 +110,7 @@ fn run(engine: &mut Engine, task: &Task) -> (JobState, Option<ApiError>) {
             (JobState::Failed, Some(ApiError::timed_out(limit_ms, images_done.get(), images)))
         }
         Err(sdgen::Error::Cancelled) => (JobState::Cancelled, None),
-        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &field_namer(task.spec.api)))),
+        Err(e) => (JobState::Failed, Some(ApiError::from_engine(&e, &task.spec.api.field_names()))),
     }
 }
 
@@ -121,16 +128,30 @@ fn watch(task: &Task, timed_out: &AtomicBool, done: mpsc::Receiver<()>) {
     }
 }
 
-/// The engine's report, as the job's events.
-fn on_event(reporter: &dyn Reporter, images_done: &Cell<usize>, images: usize, event: Event) {
+/// A line the engine wrote with its fields as templates: as the job's API (`names`) words it, and
+/// its template where it names a field.
+fn worded(line: &str, names: FieldNames) -> (String, Option<String>) {
+    let message = sdgen::error::fill(line, &names);
+    let template = (message != line).then(|| line.to_string());
+    (message, template)
+}
+
+/// The engine's report, as the job's events (fields named as `names` does).
+fn on_event(reporter: &dyn Reporter, names: FieldNames, images_done: &Cell<usize>, images: usize, event: Event) {
     let event = match event {
-        Event::Log(line) => JobEvent::Log { message: line.to_string() },
-        Event::Warning(line) => JobEvent::Warning { message: line.to_string() },
+        Event::Log(line) => {
+            let (message, template) = worded(line, names);
+            JobEvent::Log { message, template }
+        }
+        Event::Warning(line) => {
+            let (message, template) = worded(line, names);
+            JobEvent::Warning { message, template }
+        }
         Event::Detail(_) | Event::Download(_) => return,
         // The server's log says when and why it evicts; the job's too.
         Event::Evicted(eviction) => {
             eprintln!("sdgen-server: {eviction}");
-            JobEvent::Log { message: eviction.to_string() }
+            JobEvent::Log { message: eviction.to_string(), template: None }
         }
         Event::Pipeline(p) => match p {
             Progress::StageStart(stage) => JobEvent::StageStart { stage: stage.to_string() },
@@ -138,15 +159,26 @@ fn on_event(reporter: &dyn Reporter, images_done: &Cell<usize>, images: usize, e
             Progress::Step { index, total } => {
                 JobEvent::Step { step: index, steps: total, images_done: images_done.get(), images }
             }
-            Progress::Note(_) | Progress::Memory { .. } => return,
+            Progress::Memory { info, .. } => return reporter.memory(info),
+            Progress::Note(_) => return,
         },
     };
     reporter.event(event, None);
 }
 
-/// A finished batch: each image encoded as the command line saves it.
-fn save_batch(id: &str, reporter: &dyn Reporter, images_done: &Cell<usize>, batch: Batch) -> Result<(), sdgen::Error> {
-    for image in batch.images {
+/// A finished batch: each image encoded as the command line saves it, the warnings it records
+/// naming fields as `names` does.
+fn save_batch(
+    id: &str,
+    reporter: &dyn Reporter,
+    names: FieldNames,
+    images_done: &Cell<usize>,
+    batch: Batch,
+) -> Result<(), sdgen::Error> {
+    for mut image in batch.images {
+        for w in &mut image.metadata.warnings {
+            *w = sdgen::error::fill(w, &names);
+        }
         let png = sdgen::output::image_png(&image.metadata, &image.image.rgb8)?;
         let parameters = sdgen::output::a1111_parameters(&image.metadata);
         let (index, seed) = (image.index, image.image.seed);

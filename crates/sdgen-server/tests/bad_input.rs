@@ -172,3 +172,35 @@ fn the_api_key_guards_everything_but_healthz() {
     assert_eq!(server.get("/v1/memory").status, 401);
     assert_eq!(request(&server.addr, "GET", "/v1/memory", &[("Authorization", "Bearer k2")], None).status, 200);
 }
+
+/// The engine's refusals name the fields as the API called does — in `field` and inside the
+/// message — never as `generate`'s flags.
+#[test]
+fn engine_refusals_name_the_apis_fields() {
+    let (sd35, refiner) = (common::testdata().join("tiny-sd35-medium"), common::testdata().join("tiny-sdxl-refiner"));
+    let (sd35, refiner) = (sd35.display().to_string(), refiner.display().to_string());
+    let server = Server::start(&["--extra-model", &sd35, "--extra-model", &refiner]);
+    // A strength that leaves no step to run.
+    let png = base64(&common::test_png(64, 64));
+    let body = format!(r#"{{"prompt": "a cat", "init_image": "{png}", "strength": 0.1, "steps": 2}}"#);
+    let r = server.post("/v1/jobs", &body);
+    r.assert_refused(422, Some("strength"), "raise strength or steps");
+    // Beside it, the message with the fields it names left for the client to word.
+    let template = "{strength} 0.1 with 2 steps leaves no step to run (int(2 × 0.1) = 0): raise {strength} or {steps}";
+    assert_eq!(r.json()["template"], template);
+    let body = format!(r#"{{"prompt": "a cat", "init_images": ["{png}"], "denoising_strength": 0.1, "steps": 4}}"#);
+    server.post("/sdapi/v1/img2img", &body).assert_refused(
+        422,
+        Some("denoising_strength"),
+        "denoising_strength 0.1 with 4 steps leaves no step to run (int(4 × 0.1) = 0): raise denoising_strength or steps",
+    );
+    // A handoff point for a refiner that reworks the decoded image instead.
+    let body = format!(r#"{{"prompt": "a cat", "model": "{sd35}", "refiner": "{refiner}", "refiner_start": 0.8}}"#);
+    server.post("/v1/jobs", &body).assert_refused(422, Some("refiner_start"), "reworks them with refiner_strength");
+    let body = format!(
+        r#"{{"prompt": "a cat", "override_settings": {{"sd_model_checkpoint": "{sd35}"}},
+            "refiner_checkpoint": "{refiner}", "refiner_switch_at": 0.8}}"#
+    );
+    server.post("/sdapi/v1/txt2img", &body).assert_refused(422, Some("refiner_switch_at"), "refiner_switch_at 0.8: ");
+    server.assert_alive();
+}

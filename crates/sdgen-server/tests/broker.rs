@@ -373,3 +373,78 @@ fn a_job_whose_workers_keep_dying_fails_after_three_runs() {
     let message = job["error"]["message"].as_str().unwrap();
     assert!(message.contains("stopped 3 times while running it"), "{message}");
 }
+
+/// A worker's sample of `family` in `/metrics` text (`labels` after its `worker` label).
+fn worker_sample(metrics: &str, family: &str, worker: &str, labels: &str) -> Option<u64> {
+    let prefix = format!("{family}{{worker=\"{worker}\"{labels}}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.parse().unwrap())
+}
+
+/// `/metrics` once `ready` accepts it (at most 10 s: a worker publishes as each job ends).
+fn metrics_when(server: &Server, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = server.get("/metrics").text();
+        if ready(&text) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_servers_metrics_and_memory_show_each_live_workers() {
+    let redis = Redis::start();
+    let server = broker_server(&redis, &[]);
+    let (w1, w2) = (Worker::start(&redis, "w1"), Worker::start(&redis, "w2"));
+    // Queued at once: each worker takes one at a time, so both run some.
+    let jobs = 6;
+    let ids: Vec<String> = (0..jobs)
+        .map(|seed| {
+            submit(
+                &server,
+                &format!(r#"{{"prompt": "a boat", "seed": {seed}, "steps": 20, "width": 64, "height": 64}}"#),
+            )
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(ended(&server, id)["state"], "done");
+    }
+    let done = |text: &str, w: &str| worker_sample(text, "sdgen_jobs_total", w, ",outcome=\"done\"").unwrap_or(0);
+    let metrics = metrics_when(&server, |m| done(m, "w1") + done(m, "w2") == jobs);
+    assert_eq!(done(&metrics, "w1") + done(&metrics, "w2"), jobs, "{metrics}");
+    assert!(done(&metrics, "w1") > 0 && done(&metrics, "w2") > 0, "both workers ran jobs:\n{metrics}");
+    let sum = |family: &str| {
+        worker_sample(&metrics, family, "w1", "").unwrap() + worker_sample(&metrics, family, "w2", "").unwrap()
+    };
+    assert_eq!(sum("sdgen_images_total"), jobs);
+    assert_eq!(sum("sdgen_step_seconds_count"), jobs * 20);
+    for line in ["sdgen_workers 2", "sdgen_jobs_running{worker=\"w1\"} 0"] {
+        assert!(metrics.lines().any(|l| l == line), "`{line}` not in:\n{metrics}");
+    }
+    for w in ["w1", "w2"] {
+        assert!(worker_sample(&metrics, "sdgen_process_rss_peak_bytes", w, "").unwrap() > 0, "{metrics}");
+        assert!(
+            worker_sample(&metrics, "sdgen_weight_loads_total", w, ",component=\"unet\"").unwrap() >= 1,
+            "{metrics}"
+        );
+    }
+    let memory = server.get("/v1/memory").json();
+    let workers = memory["workers"].as_array().unwrap();
+    assert_eq!(workers.iter().map(|w| w["name"].as_str().unwrap()).collect::<Vec<_>>(), ["w1", "w2"], "{memory}");
+    assert!(workers.iter().all(|w| w["memory"]["process_rss_bytes"].as_u64().unwrap() > 0), "{memory}");
+    assert!(workers.iter().all(|w| w["warm"]["bytes"].as_u64().is_some()), "{memory}");
+
+    // A killed worker drops out once its heartbeat expires (its --claim-idle, 1 s).
+    w1.kill();
+    let metrics = metrics_when(&server, |m| m.lines().any(|l| l == "sdgen_workers 1"));
+    assert!(metrics.lines().any(|l| l == "sdgen_workers 1"), "{metrics}");
+    assert!(!metrics.contains("worker=\"w1\""), "{metrics}");
+    assert!(done(&metrics, "w2") > 0, "{metrics}");
+    // One stopped cleanly leaves at once.
+    let (status, log) = w2.terminate();
+    assert!(status.success(), "{log}");
+    let metrics = server.get("/metrics").text();
+    assert!(metrics.lines().any(|l| l == "sdgen_workers 0") && !metrics.contains("worker=\""), "{metrics}");
+    assert_eq!(server.get("/v1/memory").json()["workers"], json!([]));
+}

@@ -170,3 +170,25 @@ fn sigterm_cancels_the_running_job_and_stops_cleanly() {
     let events = stream.join().unwrap();
     assert_eq!(events.last().unwrap().0, "cancelled");
 }
+
+/// A job's warnings refer to fields as the job API names them, in its events and in its images'
+/// metadata: a model folder without T5 runs on the CLIP encoders "as `no_t5`", never `--no-t5`.
+#[test]
+fn warnings_name_the_job_apis_fields() {
+    let model = common::testdata().join("tiny-sd35-medium-no-t5").display().to_string();
+    let server = Server::start(&["--extra-model", &model]);
+    let body = json!({"prompt": "a cat", "model": model, "steps": 1, "width": 64, "height": 64}).to_string();
+    let id = submit(&server, &body);
+    let events = sse(&server.addr, &format!("/v1/jobs/{id}/events"));
+    let warning = "has no text encoder 3: the prompt is read by the other encoders only (as no_t5)";
+    let warned =
+        events.iter().filter(|(n, _)| n == "warning").any(|(_, d)| d["message"].as_str().unwrap().contains(warning));
+    assert!(warned, "{events:?}");
+    // Beside each line, its template: the fields it names left for the client to word.
+    let templated = events.iter().any(|(_, d)| d["template"].as_str().is_some_and(|t| t.contains("(as {no_t5})")));
+    assert!(templated, "{events:?}");
+    let job = server.get(&format!("/v1/jobs/{id}")).json();
+    assert_eq!(job["state"], "done", "{job}");
+    assert!(job["images"][0]["metadata"]["warnings"].to_string().contains(warning), "{job}");
+    common::assert_names_no_cli_flag(&serde_json::to_string(&events).unwrap());
+}

@@ -60,8 +60,8 @@ fn the_second_job_reads_no_weight_and_makes_the_same_png_as_a_cold_run() {
     assert_eq!(counter(&server, "sdgen_weight_reuses_total", "unet"), 1);
     let kept = json!({"text_encoder": "loaded_kept", "unet": "loaded_kept", "vae": "loaded_kept"});
     let reused = json!({"text_encoder": "reused", "unet": "reused", "vae": "reused"});
-    assert_eq!(first["images"][0]["metadata"]["extra"]["weights"], kept);
-    assert_eq!(second["images"][0]["metadata"]["extra"]["weights"], reused);
+    assert_eq!(first["images"][0]["metadata"]["extra"]["weight_use"], kept);
+    assert_eq!(second["images"][0]["metadata"]["extra"]["weight_use"], reused);
     let png = png(&server, &first);
     assert!(png == self::png(&server, &second), "the warm job's PNG differs from the first's");
 
@@ -97,10 +97,10 @@ fn the_second_job_reads_no_weight_and_makes_the_same_png_as_a_cold_run() {
     let mut with_lora = job(&tiny_model(), 5);
     with_lora["loras"] = json!([{"source": lora, "scale": 1.0}]);
     let lora_job = run_job(&server, &with_lora);
-    assert_eq!(lora_job["images"][0]["metadata"]["extra"]["weights"]["unet"], "loaded_kept");
+    assert_eq!(lora_job["images"][0]["metadata"]["extra"]["weight_use"]["unet"], "loaded_kept");
     assert_eq!(counter(&server, "sdgen_weight_loads_total", "unet"), 2);
     let plain = run_job(&server, &job(&tiny_model(), 5));
-    assert_eq!(plain["images"][0]["metadata"]["extra"]["weights"]["unet"], "reused");
+    assert_eq!(plain["images"][0]["metadata"]["extra"]["weight_use"]["unet"], "reused");
     assert!(self::png(&server, &plain) == png);
 }
 
@@ -110,7 +110,7 @@ fn with_no_keep_warm_every_job_reads_its_weights() {
     let loaded = json!({"text_encoder": "loaded", "unet": "loaded", "vae": "loaded"});
     for _ in 0..2 {
         let done = run_job(&server, &job(&tiny_model(), 1));
-        assert_eq!(done["images"][0]["metadata"]["extra"]["weights"], loaded);
+        assert_eq!(done["images"][0]["metadata"]["extra"]["weight_use"], loaded);
     }
     assert_eq!(counter(&server, "sdgen_weight_loads_total", "unet"), 2);
     assert_eq!(counter(&server, "sdgen_weight_reuses_total", "unet"), 0);
@@ -190,9 +190,9 @@ fn a_model_switch_returns_the_memory_and_a_budget_for_one_model_evicts_the_other
     args.extend(["--max-memory", &max_memory]);
     let server = Server::start(&args);
     let on_a = run_job(&server, &job(&a, 2));
-    assert_eq!(on_a["images"][0]["metadata"]["extra"]["weights"]["unet"], "loaded_kept", "A fits warm");
+    assert_eq!(on_a["images"][0]["metadata"]["extra"]["weight_use"]["unet"], "loaded_kept", "A fits warm");
     let on_b = run_job(&server, &job(&b, 2));
-    assert_eq!(on_b["images"][0]["metadata"]["extra"]["weights"]["unet"], "loaded_kept", "{on_b}");
+    assert_eq!(on_b["images"][0]["metadata"]["extra"]["weight_use"]["unet"], "loaded_kept", "{on_b}");
     assert_eq!(counter(&server, "sdgen_weight_evictions_total", "unet"), 1);
     let warm = &memory(&server)["warm"];
     let unets: Vec<&str> = (warm["entries"].as_array().unwrap().iter())
@@ -209,4 +209,34 @@ fn a_model_switch_returns_the_memory_and_a_budget_for_one_model_evicts_the_other
         line.rsplit("; ").next().and_then(|t| t.strip_suffix("MB given back")).unwrap_or_else(|| panic!("{line}"));
     let freed_bytes = (freed.parse::<f64>().unwrap() * (1 << 20) as f64) as u64;
     assert!(freed_bytes > unet_bytes / 2, "{line}");
+}
+
+/// `weights` through the job API: a bad value is a 422 naming the field; a `q8` job runs
+/// quantised (its metadata, the sidecar's, says `weights: q8`), and a `q8` and a full-precision
+/// job of one model are never served each other's warm UNet: each loads its own, then reuses it.
+#[test]
+fn quantised_weights_are_their_own_warm_entry() {
+    let server = Server::start(&[]);
+    server.post("/v1/jobs", r#"{"prompt": "a cat", "weights": "q3"}"#).assert_refused(
+        422,
+        Some("weights"),
+        "weights: `q3` is not a weight format: q8",
+    );
+    let mut q8 = job(&tiny_model(), 5);
+    q8["weights"] = "q8".into();
+    let use_of = |job: &Value| job["images"][0]["metadata"]["extra"]["weight_use"]["unet"].clone();
+    let first = run_job(&server, &q8);
+    assert_eq!(first["images"][0]["metadata"]["extra"]["weights"], "q8", "{first}");
+    assert_eq!(use_of(&first), "loaded_kept");
+    let full = run_job(&server, &job(&tiny_model(), 5));
+    assert_eq!(use_of(&full), "loaded_kept", "the full-precision job reads its own UNet");
+    assert!(full["images"][0]["metadata"]["extra"].get("weights").is_none(), "{full}");
+    let again = run_job(&server, &q8);
+    assert_eq!(use_of(&again), "reused", "the q8 job takes its own warm UNet");
+    assert_eq!(use_of(&run_job(&server, &job(&tiny_model(), 5))), "reused");
+    assert_eq!(counter(&server, "sdgen_weight_loads_total", "unet"), 2);
+    assert!(png(&server, &first) == png(&server, &again), "the warm q8 job's PNG differs from the first's");
+    let warm = memory(&server)["warm"]["entries"].clone();
+    let unets = warm.as_array().unwrap().iter().filter(|e| e["component"] == "unet").count();
+    assert_eq!(unets, 2, "{warm}");
 }

@@ -313,6 +313,8 @@ fn max_memory_warning(device: &Device, max_memory_bytes: Option<u64>) -> Option<
         DeviceKind::DiscreteGpu => (sdgen_memory::gpu_probe().and_then(|p| p.memory())?.total_bytes, "GPU memory"),
         _ => (sdgen_memory::memory_info().system_total_bytes, "RAM"),
     };
+    // `--max-memory` is the process's own flag here (the CLI's, or the server's applied to every
+    // job), not a request field: the text stays as it is.
     (max > have).then(|| {
         format!(
             "⚠️  WARNING: --max-memory {} is more than this machine's {} of {what}: the plan is made for memory \

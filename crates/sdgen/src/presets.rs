@@ -10,6 +10,7 @@
 //! name with the reason ([`find`]) rather than run half-way (none today).
 
 use crate::engine::{GenerateRequest, UpscaleRequest};
+use crate::error::field::MODEL;
 use crate::loading::lora::LoraRequest;
 use crate::loading::{FamilySpec, DEFAULT_MODEL, NAMED_MODELS};
 use crate::{Error, Result};
@@ -71,6 +72,8 @@ pub enum Status {
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "default",
+        // The summaries are `generate --list-presets`' text (the CLI's only): flags, not field
+        // references.
         summary: "SDXL base at 1024², as without --quality",
         model: DEFAULT_MODEL,
         loras: &[],
@@ -143,7 +146,7 @@ pub const PRESETS: &[Preset] = &[
 pub fn find(name: &str) -> Result<&'static Preset> {
     let preset = PRESETS.iter().find(|p| p.name.eq_ignore_ascii_case(name.trim())).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
-        Error::invalid("quality", format!("{name} is not a preset: one of {} (see --list-presets)", names.join(", ")))
+        Error::invalid("quality", format!("{name} is not a preset: one of {}", names.join(", ")))
     })?;
     match preset.status {
         Status::Ready => Ok(preset),
@@ -225,7 +228,7 @@ pub fn check_model(name: &str, family: &FamilySpec) -> Result<()> {
         Some(own) if !preset.loras.is_empty() && own.name != family.name => Err(Error::invalid(
             "quality",
             format!(
-                "{} fuses {}, made for {}; the model is {}: leave out --model (or give an SDXL model) to run it",
+                "{} fuses {}, made for {}; the model is {}: leave out {MODEL} (or give an SDXL model) to run it",
                 preset.name,
                 preset.loras.join(", "),
                 own.display,

@@ -270,7 +270,7 @@ fn a_gguf_of_another_model_is_refused_naming_what_it_is() {
     assert!(e.contains("Medium") && e.contains("Large"), "{e}");
     // Without a folder for the rest of the pipeline.
     let e = ModelFolder::open(&gguf_file("tiny-sd35-large-Q8_0.gguf")).unwrap_err().to_string();
-    assert!(e.contains("holds only the denoiser") && e.contains("--config-from"), "{e}");
+    assert!(e.contains("holds only the denoiser") && e.contains("config_from"), "{e}");
     // Medium with its own folder opens.
     assert_eq!(
         open(&gguf_file("tiny-sd35-medium-Q8_0.gguf"), "tiny-sd35-medium").unwrap().family().name,

@@ -232,7 +232,7 @@ fn sd35_options_are_refused_where_they_do_not_apply() {
         (&sd15, with(slg(vec![1])), "skip_layer_guidance skips"),
         (&large, with(FamilyOptions { max_sequence_length: Some(513), ..Default::default() }), "512"),
         (&large, with(slg(vec![3])), "layer 3"),
-        (&large, Request { guidance: Some(1.0), ..with(slg(vec![1])) }, "--guidance"),
+        (&large, Request { guidance: Some(1.0), ..with(slg(vec![1])) }, "needs guidance above 1"),
     ];
     for (model, req, needle) in refused {
         let err = sdgen::pipeline::resolve(model, &req).unwrap_err().to_string();

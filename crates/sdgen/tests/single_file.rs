@@ -292,7 +292,7 @@ fn missing_tensors_are_refused_naming_the_first_missing_key() {
 fn configs_default_to_the_familys_and_must_fit() {
     let err = ModelSource::parse(checkpoint_path().to_str().unwrap()).open().unwrap_err().to_string();
     assert!(err.contains("token_embedding.weight` has shape [1014, 32]"), "{err}");
-    assert!(err.contains("[49408, 768]") && err.contains("--config-from"), "{err}");
+    assert!(err.contains("[49408, 768]") && err.contains("config_from"), "{err}");
     // The defaults are SD 1.5's own folder, less the weights.
     let (header, _) = real_sd15();
     let ckpt = Checkpoint::from_header(Path::new("real.safetensors"), header, None).unwrap();

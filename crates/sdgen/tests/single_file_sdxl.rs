@@ -299,7 +299,7 @@ fn configs_default_to_sdxls_own() {
     assert!(err.contains("looks like an SDXL UNet") && err.contains("label_emb.0.0.weight"), "{err}");
     // An SDXL of another size: what does not match, and the fix (not "cannot run … it runs SDXL").
     assert!(err.contains("but not the text encoders of the standard SDXL base or refiner"), "{err}");
-    assert!(err.contains("resblocks.9") && err.contains("--config-from DIR"), "{err}");
+    assert!(err.contains("resblocks.9") && err.contains("config_from DIR"), "{err}");
     assert!(!err.contains("cannot run"), "{err}");
     for kind in KINDS {
         let (header, _) = real(kind);

@@ -33,6 +33,8 @@ struct Refusal {
     field: Option<String>,
     #[serde(default)]
     message: String,
+    #[serde(default)]
+    template: Option<String>,
 }
 
 impl Server {
@@ -150,9 +152,10 @@ impl Server {
             401 => user(format!("the server at {url} needs an API key: pass --api-key KEY or set SDGEN_API_KEY")),
             // The job's fields (422), its size (413), a body the server cannot take (400), and a
             // job too big for the server's memory (507, with the planner's numbers).
-            400 | 413 | 422 | 507 => {
-                user(format!("the server at {url} refused the job: {}", flag_message(r.field.as_deref(), &r.message)))
-            }
+            400 | 413 | 422 | 507 => user(format!(
+                "the server at {url} refused the job: {}",
+                flag_message(r.field.as_deref(), &r.message, r.template.as_deref())
+            )),
             404 if r.error == "not_found" && r.message == "no such endpoint" => {
                 anyhow!("{url} has no job API: is it an sdgen-server?")
             }
@@ -170,9 +173,14 @@ fn read_refusal(response: ureq::Response) -> Refusal {
         .unwrap_or(Refusal { message: text.trim().to_string(), ..Default::default() })
 }
 
-/// `message` (about the job API's `field`) with the field named as the CLI's flag for it:
+/// The server's message worded with the CLI's flags: its `template` filled in where it sent
+/// one (an engine error, every field it names a flag: "raise --strength or --steps"); else the
+/// `message` (about the job API's `field`) with the field named as the flag for it:
 /// "width 100 is not a multiple of 8" → "--width 100 is not a multiple of 8".
-pub fn flag_message(field: Option<&str>, message: &str) -> String {
+pub fn flag_message(field: Option<&str>, message: &str, template: Option<&str>) -> String {
+    if let Some(t) = template {
+        return sdgen::error::fill(t, &crate::args::flag);
+    }
     let Some((field, flag)) = field.and_then(|f| flag(f).map(|flag| (f, flag))) else {
         return message.to_string();
     };
@@ -245,20 +253,29 @@ mod tests {
     #[test]
     fn refusals_name_the_flag() {
         assert_eq!(
-            flag_message(Some("width"), "width 100 is not a multiple of 8"),
+            flag_message(Some("width"), "width 100 is not a multiple of 8", None),
             "--width 100 is not a multiple of 8"
         );
         assert_eq!(
-            flag_message(Some("n"), "n 20 is more than this server's limit"),
+            flag_message(Some("n"), "n 20 is more than this server's limit", None),
             "--n 20 is more than this server's limit"
         );
         assert_eq!(
-            flag_message(Some("model"), "model `x` is not a model this server serves"),
+            flag_message(Some("model"), "model `x` is not a model this server serves", None),
             "--model `x` is not a model this server serves"
         );
-        assert_eq!(flag_message(Some("skip_layer_guidance"), "needs SD 3.5"), "--slg: needs SD 3.5");
-        assert_eq!(flag_message(Some("body"), "the body must be a JSON object"), "the body must be a JSON object");
-        assert_eq!(flag_message(None, "the job does not fit"), "the job does not fit");
+        assert_eq!(flag_message(Some("skip_layer_guidance"), "needs SD 3.5", None), "--slg: needs SD 3.5");
+        assert_eq!(
+            flag_message(Some("body"), "the body must be a JSON object", None),
+            "the body must be a JSON object"
+        );
+        assert_eq!(flag_message(None, "the job does not fit", None), "the job does not fit");
+        // An engine error's template: every field it names is a flag.
+        let template = "{strength} 0.1 with 4 steps leaves no step to run: raise {strength} or {steps}";
+        assert_eq!(
+            flag_message(Some("strength"), "strength 0.1 … raise strength or steps", Some(template)),
+            "--strength 0.1 with 4 steps leaves no step to run: raise --strength or --steps"
+        );
     }
 
     #[test]

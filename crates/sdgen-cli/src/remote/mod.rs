@@ -121,7 +121,13 @@ fn job_body(args: &Args, resolved: &Resolved) -> anyhow::Result<JobBody> {
         refiner: args.refiner.clone(),
         refiner_start: args.refiner_start,
         refiner_strength: args.refiner_strength,
+        weights: request.open.weights.map(|q| q.name().to_string()),
     })
+}
+
+/// A server's line, its `template` filled in with the flags where it has one.
+fn flagged(message: String, template: Option<String>) -> String {
+    template.map_or(message, |t| sdgen::error::fill(&t, &crate::args::flag))
 }
 
 /// A job on the server, followed to its end.
@@ -151,22 +157,23 @@ impl RemoteJob<'_> {
                     bar.report(Progress::StageEnd { stage: &stage, elapsed_ms })
                 }
                 JobEvent::Step { step, steps, .. } => bar.report(Progress::Step { index: step, total: steps }),
-                JobEvent::Log { message } => {
+                // Worded with the flags where the line names fields, as a local run words it.
+                JobEvent::Log { message, template } => {
                     bar.finish();
-                    progress::log(&message);
+                    progress::log(&flagged(message, template));
                 }
-                JobEvent::Warning { message } => {
+                JobEvent::Warning { message, template } => {
                     bar.finish();
-                    progress::warn(&message);
+                    progress::warn(&flagged(message, template));
                 }
                 JobEvent::Image { index, .. } => {
                     bar.finish();
                     self.save(index)?;
                 }
                 JobEvent::Done { .. } => return Ok(()),
-                JobEvent::Failed { status, field, message } => {
+                JobEvent::Failed { status, field, message, template } => {
                     bar.finish();
-                    let message = client::flag_message(field.as_deref(), &message);
+                    let message = client::flag_message(field.as_deref(), &message, template.as_deref());
                     let url = &self.server.url;
                     // A 4xx is the request's fault (found once the model was open): exit 2.
                     return Err(if (400..500).contains(&status) {

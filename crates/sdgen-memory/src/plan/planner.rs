@@ -314,7 +314,7 @@ pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
 /// The warning of a plan whose weights the planner quantised (before any other it has).
 fn quantised_warning(plan: &Plan, choice: &Quantised, other: Option<String>) -> String {
     let text = format!(
-        "⚠️  WARNING: {} at {}×{} does not fit in {} usable at full precision: its weights are quantised to {} ({}),          which changes the image; pass --weights to choose, or more --max-memory",
+        "⚠️  WARNING: {} at {}×{} does not fit in {} usable at full precision: its weights are quantised to {} ({}), which changes the image; pass --weights to choose, or more --max-memory",
         plan.family,
         plan.width,
         plan.height,

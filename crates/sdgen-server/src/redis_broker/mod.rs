@@ -22,6 +22,9 @@
 //! - `sdgen:queued` and `sdgen:running`: sorted sets of job ids by time: the queue's depth (its
 //!   bound is `--queue-size`, checked as the job is added) and the running jobs.
 //!
+//! - `sdgen:workers` and `sdgen:worker:{name}`: the workers' heartbeats, their counts and memory
+//!   for the servers' `/metrics` and `/v1/memory` ([`heartbeat`]).
+//!
 //! Ended jobs' keys expire after [`FINISHED_TTL_S`]; queued and running jobs never do.
 //!
 //! # Re-runs the client does not see twice
@@ -40,6 +43,7 @@
 //! running job's worker sees the flag within a [`crate::worker`] tick and stops at its next step.
 //! A job's time limit travels in its spec and is kept by the worker.
 
+mod heartbeat;
 mod server;
 mod worker;
 
@@ -49,6 +53,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::{Connection, RedisResult, Script};
 use serde::{Deserialize, Serialize};
 
+pub use heartbeat::{Heartbeat, WorkerStats};
 pub use server::RedisBroker;
 pub use worker::RedisSource;
 

@@ -11,7 +11,7 @@ use redis::{Connection, RedisResult};
 
 use super::*;
 use crate::jobs::{Broker, Cancelled, Job, JobEvent, JobImage, JobSpec, JobState, QueueRefusal, Registry};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerReport};
 
 /// Reads the image `index` of job `id`.
 fn load_image(conn: &mut Connection, id: &str, index: usize) -> RedisResult<Option<JobImage>> {
@@ -266,6 +266,18 @@ impl Broker for RedisBroker {
         let live: Vec<_> = self.mirrors().live.drain().map(|(_, (job, _))| job).collect();
         for job in live {
             job.detach();
+        }
+    }
+
+    /// The workers whose heartbeat is alive (none, said on the log, while Redis cannot be
+    /// reached).
+    fn workers(&self) -> Option<Vec<WorkerReport>> {
+        match self.pool.with(heartbeat::live_workers) {
+            Ok(workers) => Some(workers),
+            Err(e) => {
+                eprintln!("sdgen-server: reading the workers' heartbeats: {}", self.unreachable(&e));
+                Some(Vec::new())
+            }
         }
     }
 }

@@ -13,6 +13,8 @@ use crate::error::ApiError;
 use crate::jobs::{final_event, JobEvent, JobImage, JobSpec, JobState};
 use crate::worker::{JobSource, Reporter, Task};
 
+use super::heartbeat::WorkerStats;
+
 /// Ends job `id` in Redis with `state` (once); `images` made.
 fn finish_job(
     conn: &mut Connection,
@@ -46,6 +48,8 @@ pub struct RedisSource {
     /// This worker's `--max-memory`: a job's own budget (the server's) is lowered to it.
     max_memory_bytes: Option<u64>,
     stop: Arc<AtomicBool>,
+    /// What it counts for its heartbeat.
+    stats: Arc<WorkerStats>,
 }
 
 /// One entry of the jobs stream: its entry id and the job's.
@@ -56,17 +60,24 @@ struct Entry {
 
 impl RedisSource {
     /// Connects as consumer `name`; a job idle for `claim_idle` on a dead worker is taken over;
-    /// jobs run within `max_memory_bytes` (and their own budget); `stop` ends
-    /// [`JobSource::next`].
+    /// jobs run within `max_memory_bytes` (and their own budget), counted in `stats`; `stop`
+    /// ends [`JobSource::next`].
     pub fn connect(
         url: &str,
         name: String,
         claim_idle: Duration,
         max_memory_bytes: Option<u64>,
         stop: Arc<AtomicBool>,
+        stats: Arc<WorkerStats>,
     ) -> anyhow::Result<Self> {
         let client = open(url)?;
-        Ok(Self { client, conn: Mutex::new(None), url: redacted(url), name, claim_idle, max_memory_bytes, stop })
+        let url = redacted(url);
+        Ok(Self { client, conn: Mutex::new(None), url, name, claim_idle, max_memory_bytes, stop, stats })
+    }
+
+    /// The Redis client it takes jobs through.
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> RedisResult<T> {
@@ -151,7 +162,10 @@ impl RedisSource {
             beat_every: self.claim_idle / 4,
             last_beat: Mutex::new(Instant::now()),
             client: self.client.clone(),
+            stats: self.stats.clone(),
+            last_step: Mutex::new(Instant::now()),
         };
+        self.stats.job_started();
         eprintln!("sdgen-server worker {}: running {}", self.name, entry.id);
         Ok(Some(Task { id: entry.id, spec, cancel: Default::default(), reporter: Box::new(reporter) }))
     }
@@ -192,6 +206,10 @@ struct RedisReporter {
     live: AtomicBool,
     beat_every: Duration,
     last_beat: Mutex<Instant>,
+    /// The worker's counts (its heartbeat's).
+    stats: Arc<WorkerStats>,
+    /// When the job's last step or stage began (its step latency).
+    last_step: Mutex<Instant>,
 }
 
 impl RedisReporter {
@@ -246,6 +264,7 @@ impl RedisReporter {
 
 impl Reporter for RedisReporter {
     fn event(&self, event: JobEvent, image: Option<JobImage>) {
+        self.stats.metrics.job_event(&event, &self.last_step);
         if let Err(e) = self.report(event, image) {
             self.complain("cannot report to the broker", &e);
         }
@@ -279,7 +298,16 @@ impl Reporter for RedisReporter {
         }
     }
 
+    fn models_opened(&self, n: usize) {
+        self.stats.metrics.model_opens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn memory(&self, info: &sdgen_memory::MemoryInfo) {
+        self.stats.metrics.memory_seen(info);
+    }
+
     fn finish(&self, state: JobState, error: Option<ApiError>) {
+        self.stats.job_ended(state);
         let result = self.with(|c| {
             let images: usize = redis::cmd("HLEN").arg(images_key(&self.id)).query(c)?;
             finish_job(c, &self.id, state, images, error.as_ref())?;

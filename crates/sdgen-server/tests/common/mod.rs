@@ -159,12 +159,36 @@ impl Response {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
-    /// A 4xx whose JSON names `field` and whose message contains `needle`.
+    /// A 4xx whose JSON names `field` and whose message contains `needle` — and, as every
+    /// refusal the server tests check, names no `generate` flag ([`assert_names_no_cli_flag`]).
     pub fn assert_refused(&self, status: u16, field: Option<&str>, needle: &str) {
         assert_eq!(self.status, status, "{}", self.text());
         let v = self.json();
         assert_eq!(v["field"].as_str(), field, "{v}");
         assert!(v["message"].as_str().unwrap().contains(needle), "`{needle}` not in {v}");
+        assert_names_no_cli_flag(&self.text());
+    }
+}
+
+/// The server's own flags, which an answer may name (what to ask the server's operator for).
+const SERVER_FLAGS: &[&str] =
+    &["--extra-model", "--extra-vae", "--extra-lora", "--job-timeout", "--max-memory", "--offline"];
+
+/// `text` (a server's answer) names no `--flag` but the server's own: a client of the server
+/// sends JSON fields, and the engine's messages refer to fields, which the server names as its
+/// API does.
+pub fn assert_names_no_cli_flag(text: &str) {
+    for (at, _) in text.match_indices("--") {
+        // Inside a word (a hub cache folder, `models--org--name`) it is no flag.
+        if text[..at].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '-') {
+            continue;
+        }
+        let name: String = text[at + 2..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '-').collect();
+        let flag = format!("--{name}");
+        assert!(
+            name.is_empty() || SERVER_FLAGS.contains(&flag.as_str()),
+            "`{flag}` named in a server's answer: {text}"
+        );
     }
 }
 

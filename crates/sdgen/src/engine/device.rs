@@ -22,6 +22,7 @@ pub fn open_device(name: &str) -> Result<(Device, String)> {
             None => return Err(invalid(format!("{value} {CHOICES}"))),
         };
         if !candle_core::utils::cuda_is_available() {
+            // How to build, not a request field: the text stays as it is for every caller.
             return Err(invalid(format!(
                 "{value}: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"
             )));
@@ -32,6 +33,7 @@ pub fn open_device(name: &str) -> Result<(Device, String)> {
     }
     if value == "metal" {
         if !candle_core::utils::metal_is_available() {
+            // How to build, not a request field.
             return Err(invalid(format!(
                 "{value}: this build has no Metal support (macOS builds with --features metal)"
             )));

@@ -17,6 +17,7 @@ pub mod wire;
 
 use std::collections::BTreeMap;
 
+use crate::error::{render, FieldNames};
 use crate::hub::{DownloadProgress, HubOptions};
 use crate::loading::lora::LoraFile;
 use crate::loading::{ModelFolder, ModelSource, OpenOptions};
@@ -104,6 +105,11 @@ pub struct EngineConfig {
     /// (a server's default; the command line's `--keep-warm`); `None`: every stage drops its
     /// model when it ends.
     pub warm: Option<WarmWeights>,
+    /// How the caller names the request's fields where a warning or a log line refers to one
+    /// (and in the warnings the images record): the CLI's flags, a server's JSON fields; the
+    /// engine's names by default. Errors carry their references and are named by their reader
+    /// ([`Error::describe`]).
+    pub field_names: FieldNames,
 }
 
 impl EngineConfig {
@@ -115,6 +121,7 @@ impl EngineConfig {
             hub: HubOptions::from_env(),
             cached_models: DEFAULT_CACHED_MODELS,
             warm: None,
+            field_names: |_| None,
         }
     }
 }
@@ -148,6 +155,12 @@ impl Engine {
         self.config.warm.as_ref()
     }
 
+    /// Names the request's fields in the warnings and log lines of the jobs from now on as
+    /// `names` does (a server's jobs come from APIs that name them differently).
+    pub fn set_field_names(&mut self, names: FieldNames) {
+        self.config.field_names = names;
+    }
+
     /// Runs `req`, collecting every batch.
     pub fn generate(
         &mut self,
@@ -175,6 +188,15 @@ impl Engine {
     ) -> Result<(), E> {
         req.validate()?;
         cancel.check()?;
+        let names = self.config.field_names;
+        // The engine's lines name fields by reference: spelled here as the caller names them.
+        let mut named_events = |e: Event| match e {
+            Event::Log(text) => events(Event::Log(&render(text, &names))),
+            Event::Detail(text) => events(Event::Detail(&render(text, &names))),
+            Event::Warning(text) => events(Event::Warning(&render(text, &names))),
+            other => events(other),
+        };
+        let events: &mut dyn FnMut(Event) = &mut named_events;
         // The model with its VAE, and the refiner, opened before anything loads so a wrong one
         // costs nothing.
         let base = self.open(&req.model, &req.open, req.vae.as_ref(), events)?;
@@ -221,7 +243,14 @@ impl Engine {
         };
         let model_hash = self.model_hash(&req.model, &req.open, req.vae.as_ref())?;
         let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref());
-        let run = Run { req, job: &job, rt: &rt, job_metadata: &job_metadata, device_label: &self.config.device_label };
+        let run = Run {
+            req,
+            job: &job,
+            rt: &rt,
+            job_metadata: &job_metadata,
+            device_label: &self.config.device_label,
+            names,
+        };
 
         // The images, in batches of what fits; image g of the job takes seed + g whatever its
         // batch, each prompt a job of `params.n` images.
@@ -265,6 +294,9 @@ impl Engine {
                         let pass = hires_pass(model, &part, &h.settings, images, prefix, &hires_rt, &mut progress)?;
                         generation = generation.followed_by(pass);
                     }
+                }
+                for w in &mut generation.warnings {
+                    *w = render(w, &names);
                 }
                 for w in &generation.warnings {
                     events(Event::Warning(&format!("⚠️  WARNING: {w}")));
@@ -417,6 +449,8 @@ struct Run<'a> {
     rt: &'a Runtime,
     job_metadata: &'a serde_json::Map<String, serde_json::Value>,
     device_label: &'a str,
+    /// How the caller names fields in the warnings the images record.
+    names: FieldNames,
 }
 
 impl Run<'_> {
@@ -427,7 +461,7 @@ impl Run<'_> {
         extra.insert("memory".into(), plan::to_json(&generation.memory));
         // With warm weights: which stages loaded theirs and which reused them.
         if !generation.weights.is_empty() {
-            extra.insert("weights".into(), plan::to_json(&generation.weights));
+            extra.insert("weight_use".into(), plan::to_json(&generation.weights));
         }
         // The encoders that did not run (SD 3.5's T5 with --no-t5 or in a folder without it).
         if !generation.settings.skipped_encoders.is_empty() {
@@ -449,6 +483,7 @@ impl Run<'_> {
             .chain(job.plan.warning.clone())
             .chain(job.refiner_plan.as_ref().and_then(|p| p.warning.clone()))
             .chain(job.hires_plans().filter_map(|p| p.warning.clone()))
+            .map(|w| render(&w, &self.names))
             .collect();
         let images = generation
             .images

@@ -5,6 +5,7 @@
 use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
+use crate::error::field::{BATCH_SIZE, REFINER, STEPS, WEIGHTS};
 use crate::loading::quantise::Quantise;
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
@@ -76,7 +77,7 @@ pub(super) fn steps_warning(model: &ModelFolder, name: &str, steps: usize) -> Op
     let max = defaults.max_steps.filter(|&max| steps > max)?;
     Some(format!(
         "{name} is distilled for at most {max} steps; {steps} take longer and make a worse image, not a better one \
-         (its default is {}: leave --steps out)",
+         (its default is {}: leave {STEPS} out)",
         defaults.steps
     ))
 }
@@ -162,7 +163,7 @@ pub(super) fn plan_job(
                 }
             };
             let p = plan_for(r_model, &r_settings, takes_images).map_err(|e| crate::Error::about("refiner", e))?;
-            only_at_full_precision(&p, "refiner", "the refiner", |_| "or run without --refiner".into())?;
+            only_at_full_precision(&p, "refiner", "the refiner", |_| format!("or run without {REFINER}"))?;
             report_plan(&p, batch_size, events);
             options = options.merged(crate::planning::stage_options(r_model, &p, &r_settings, false)?);
             Some(p)
@@ -192,7 +193,7 @@ pub(super) fn plan_job(
                 )));
                 let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
                 only_at_full_precision(&p, "hires_strength", "the hires pass", |w| {
-                    format!("pass --weights {w} to run the whole job so, or upscale without it")
+                    format!("pass {WEIGHTS} {w} to run the whole job so, or upscale without it")
                 })?;
                 report_plan(&p, batch_size, events);
                 let options = crate::planning::stage_options(model, &p, &s.settings, false)?;
@@ -298,7 +299,7 @@ fn report_plan(plan: &Plan, batch_size: usize, events: &mut dyn FnMut(Event)) {
     }
     if plan.batch_split() {
         events(Event::Log(&format!(
-            "--batch-size {batch_size} does not fit in the memory available: {} at a time",
+            "{BATCH_SIZE} {batch_size} does not fit in the memory available: {} at a time",
             plural(plan.images_per_batch, "image")
         )));
     }
@@ -506,12 +507,13 @@ mod tests {
             ..PlanRequest::new(&p, &m, 512, 512, Budget::new(3 << 30, BudgetSource::MaxMemory))
         };
         let quantised = plan(&request).unwrap();
-        let e = only_at_full_precision(&quantised, "hires_strength", "the hires pass", |w| format!("--weights {w}"))
+        let e = only_at_full_precision(&quantised, "hires_strength", "the hires pass", |w| format!("{WEIGHTS} {w}"))
             .unwrap_err();
         assert_eq!(e.field(), Some("hires_strength"));
-        let text = e.to_string();
+        let text = e.describe(&|f| (f == "weights").then_some("--weights"));
         assert!(
-            text.contains("the hires pass fits") && text.contains("quantised to q8") && text.contains("--weights q8")
+            text.contains("the hires pass fits") && text.contains("quantised to q8") && text.contains("--weights q8"),
+            "{text}"
         );
         let roomy = PlanRequest { budget: Budget::new(64 << 30, BudgetSource::MaxMemory), ..request };
         assert!(only_at_full_precision(&plan(&roomy).unwrap(), "refiner", "the refiner", |_| String::new()).is_ok());

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::error::field::{INIT_IMAGE, MODEL};
 use crate::loading::lora::LoraRequest;
 use crate::loading::{ModelSource, OpenOptions};
 use crate::pipeline::{check_strength, check_upscale, InitImage, Request, UPSCALE_STEPS};
@@ -11,31 +12,10 @@ use crate::{Error, Result};
 /// The most images one job makes: more is a mistake or several jobs.
 pub const MAX_IMAGES: usize = 10_000;
 
-/// The fields [`Error::Invalid`] and [`Error::About`] name: the request's, as a server's JSON
-/// spells them (`params.width` is `width`, `refiner.start` is `refiner_start`).
-pub const FIELDS: &[&str] = &[
-    "n",
-    "seed",
-    "steps",
-    "guidance",
-    "width",
-    "height",
-    "scheduler",
-    "strength",
-    "init_image",
-    "vae",
-    "refiner",
-    "refiner_start",
-    "refiner_strength",
-    "no_t5",
-    "max_sequence_length",
-    "skip_layer_guidance",
-    "lora",
-    "device",
-    "upscale",
-    "hires_strength",
-    "quality",
-];
+/// The fields [`Error::Invalid`] and [`Error::About`] name, and those messages refer to
+/// ([`crate::error::field`]): the request's, as a server's JSON spells them (`params.width` is
+/// `width`, `refiner.start` is `refiner_start`).
+pub const FIELDS: &[&str] = crate::error::field::ALL;
 
 /// One generation job: the model and what to make with it. Output naming is the caller's.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -189,9 +169,10 @@ impl GenerateRequest {
             if self.img2img.is_some() {
                 return invalid(
                     "refiner",
-                    "finishes text-to-image runs; to refine a finished image, pass the refiner as \
-                            --model with --init-image"
-                        .into(),
+                    format!(
+                        "finishes text-to-image runs; to refine a finished image, pass the refiner as {MODEL} \
+                         with {INIT_IMAGE}"
+                    ),
                 );
             }
             if let Some(f) = r.start.filter(|f| !(*f > 0.0 && *f < 1.0)) {

@@ -249,3 +249,34 @@ fn an_upscale_follows_the_refiner() {
     let a1111 = crate::output::a1111_parameters(&image.metadata);
     assert!(a1111.contains("Size: 64x64") && a1111.contains("Postprocess upscale by: 3"), "{a1111}");
 }
+
+/// The engine's log lines and warnings refer to fields, named as the engine's caller names them
+/// (`EngineConfig::field_names`): the CLI's flags, a server's JSON fields.
+#[test]
+fn log_lines_name_fields_as_the_caller_does() {
+    let mut engine = engine();
+    let mut req = request();
+    req.params.steps = Some(1);
+    (req.params.width, req.params.height) = (Some(64), Some(64));
+    // The leanest plan takes one image at a time, whatever the batch size.
+    req.memory.max_images_per_batch = Some(2);
+    req.memory.mode = sdgen_memory::plan::MemoryMode::Low;
+    let logs = |engine: &mut Engine| {
+        let mut lines = Vec::new();
+        engine
+            .generate(
+                &req,
+                &mut |e| {
+                    if let Event::Log(l) = e {
+                        lines.push(l.to_string())
+                    }
+                },
+                &CancelToken::new(),
+            )
+            .unwrap();
+        lines.into_iter().find(|l| l.contains("does not fit in the memory available")).expect("the batch size's line")
+    };
+    assert_eq!(logs(&mut engine), "batch_size 2 does not fit in the memory available: 1 image at a time");
+    engine.set_field_names(|f| (f == "batch_size").then_some("--batch-size"));
+    assert_eq!(logs(&mut engine), "--batch-size 2 does not fit in the memory available: 1 image at a time");
+}

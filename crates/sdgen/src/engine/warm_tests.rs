@@ -31,7 +31,7 @@ fn run(engine: &mut Engine, req: &GenerateRequest) -> Vec<Batch> {
 
 /// The sidecar's record of how each stage came by its weights.
 fn weights(batch: &Batch) -> Value {
-    batch.images[0].metadata.extra.get("weights").cloned().unwrap_or(Value::Null)
+    batch.images[0].metadata.extra.get("weight_use").cloned().unwrap_or(Value::Null)
 }
 
 fn loads(engine: &Engine, component: &str) -> u64 {

@@ -88,6 +88,11 @@ pub struct JobBody {
     /// With `refiner` after SD 3.5: how much of the base's image it reworks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refiner_strength: Option<f64>,
+    /// The denoiser's linear weights quantised as they load (`q8` or `q4`, as `--weights`);
+    /// absent: as stored. A quantised model is its own warm entry, never served to a
+    /// full-precision job (nor the reverse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 /// A LoRA as the job API takes it.
@@ -241,11 +246,18 @@ pub enum JobEvent {
     Log {
         /// The line.
         message: String,
+        /// The line with each field it names written `{field}` (as [`JobEvent::Failed`]'s);
+        /// absent when it names none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
     },
     /// A warning (a tight plan, a truncated prompt…).
     Warning {
         /// The warning.
         message: String,
+        /// The warning with each field it names written `{field}`; absent when it names none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
     },
     /// Finished.
     Done {
@@ -260,6 +272,10 @@ pub enum JobEvent {
         field: Option<String>,
         /// What went wrong.
         message: String,
+        /// The message with each field it names written `{field}` (the engine's names), for a
+        /// client to word with its own ([`crate::error::fill`]); absent when it names none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        template: Option<String>,
     },
     /// Cancelled.
     Cancelled {
@@ -343,7 +359,12 @@ mod tests {
 
     #[test]
     fn events_read_back_as_sent() {
-        let e = JobEvent::Failed { status: 422, field: Some("width".into()), message: "width 7 is odd".into() };
+        let e = JobEvent::Failed {
+            status: 422,
+            field: Some("width".into()),
+            message: "width 7 is odd".into(),
+            template: Some("{width} 7 is odd".into()),
+        };
         let text = serde_json::to_string(&e).unwrap();
         assert!(text.starts_with(r#"{"type":"failed""#), "{text}");
         assert_eq!(serde_json::from_str::<JobEvent>(&text).unwrap(), e);

@@ -237,6 +237,8 @@ pub fn fetch_pipeline(
 /// The error for a repo not (fully) in the cache while downloads are off, naming the missing file.
 fn offline_refusal(cache: &RepoCache, repo: &str, missing: &str) -> Error {
     let state = if cache.root().exists() { "not fully" } else { "not" };
+    // Downloads are the process's setting (`--offline` of the CLI or the server, the environment),
+    // never a request field: the text stays as it is.
     Error::InvalidInput(format!(
         "model `{repo}` is {state} in the Hugging Face cache ({}): `{missing}` is missing, and downloads are off \
          (--offline or HF_HUB_OFFLINE): run once without --offline and with HF_HUB_OFFLINE unset to download it",

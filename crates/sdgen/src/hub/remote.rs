@@ -199,6 +199,8 @@ impl Remote {
             ApiError::RequestError(inner) => {
                 let text = inner.to_string();
                 let Some(response) = inner.into_response() else {
+                    // `--offline` is the process's (the CLI's or the server's own flag), never a
+                    // request field: the text stays as it is.
                     return Error::io(
                         url,
                         std::io::Error::other(format!(

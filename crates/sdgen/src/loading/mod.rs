@@ -31,6 +31,7 @@ pub use safetensors_header::{SafetensorsHeader, TensorInfo};
 pub use single_file::{Checkpoint, ComponentView};
 pub use source::{ModelSource, NamedModel, RunDefaults, DEFAULT_MODEL, NAMED_MODELS, PRO_MODEL};
 
+use crate::error::field::{MODEL, WEIGHTS};
 use crate::{Error, Result};
 
 /// A model whose family has been recognised: a diffusers pipeline folder, or a single-file
@@ -200,7 +201,7 @@ impl ModelFolder {
         if !root.exists() {
             return Err(Error::InvalidInput(format!(
                 "model path {} does not exist: pass a named model ({}), a hub repository id (org/name), a diffusers \
-                 model folder (with model_index.json) or a single-file .safetensors checkpoint to --model",
+                 model folder (with model_index.json) or a single-file .safetensors checkpoint to {MODEL}",
                 root.display(),
                 source::named_model_list()
             )));
@@ -396,7 +397,7 @@ impl ModelFolder {
             return Err(Error::invalid(
                 "weights",
                 format!(
-                    "{} is {kind}, quantised already: --weights {} quantises 16/32-bit weights as they load; leave it \
+                    "{} is {kind}, quantised already: {WEIGHTS} {} quantises 16/32-bit weights as they load; leave it \
                      out (or give the model's 16-bit safetensors)",
                     c.path.display(),
                     q.name()

@@ -61,7 +61,16 @@ fn other_format(magic: &[u8; 8]) -> Option<&'static str> {
         (b"\x89PNG", "a PNG image"),
         (b"\xFF\xD8\xFF", "a JPEG image"),
         (b"GIF8", "a GIF image"),
-        (b"GGUF", "a GGUF file (a quantised denoiser: pass it to --model, with --config-from DIR)"),
+        (
+            b"GGUF",
+            concat!(
+                "a GGUF file (a quantised denoiser: pass it to ",
+                crate::field_ref!("model"),
+                ", with ",
+                crate::field_ref!("config_from"),
+                " DIR)"
+            ),
+        ),
         (b"PK\x03\x04", "a zip archive (a PyTorch .ckpt/.pt pickle?)"),
         (b"version ", "a Git LFS pointer (the weights were not fetched: `git lfs pull`)"),
         (b"<!DOCTYPE", "an HTML page (a download that returned a web page?)"),

@@ -34,6 +34,7 @@ pub use a1111_read::{parse_parameters, recall_png, Recalled};
 pub use model_hash::model_hash;
 pub use png_io::{encode_png, read_png_text};
 
+use crate::error::field::OUTPUT;
 use crate::{Error, Result};
 use atomic::{publish, unpublish, TempFile};
 
@@ -185,7 +186,7 @@ impl OutputTarget {
                     .filter(|s| !bare_extension && !s.is_empty() && !s.starts_with('.'));
                 let Some(stem) = stem else {
                     return Err(Error::InvalidInput(format!(
-                        "--output {}: not a usable file name; name a file like `result.png` or a folder",
+                        "{OUTPUT} {}: not a usable file name; name a file like `result.png` or a folder",
                         path.display()
                     )));
                 };
@@ -193,7 +194,7 @@ impl OutputTarget {
                 Ok(Self::File { dir, stem: stem.to_string() })
             }
             Some(e) if IMAGE_EXTENSIONS.contains(&e) => Err(Error::InvalidInput(format!(
-                "--output {}: only PNG files are written (the generation settings live in the PNG's text \
+                "{OUTPUT} {}: only PNG files are written (the generation settings live in the PNG's text \
                  chunk); name a `.png` file or a folder",
                 path.display()
             ))),
@@ -228,7 +229,7 @@ impl OutputTarget {
                 let path = self.dir().join(format!("{stem}.{ext}"));
                 if path.symlink_metadata().is_ok() {
                     return Err(Error::InvalidInput(format!(
-                        "`{}` already exists and is never overwritten: pass another --output, or move it away",
+                        "`{}` already exists and is never overwritten: pass another {OUTPUT}, or move it away",
                         path.display()
                     )));
                 }
@@ -248,7 +249,7 @@ pub fn check_output_dir(dir: &Path) -> Result<()> {
     let dir = non_empty(dir);
     let unusable = |what: &str, why: &dyn std::fmt::Display| {
         Error::InvalidInput(format!(
-            "output folder `{}` {what} ({why}): pass a writable --output folder",
+            "output folder `{}` {what} ({why}): pass a writable {OUTPUT} folder",
             dir.display()
         ))
     };
@@ -340,7 +341,7 @@ fn save_png_at(
     // (The temporaries are removed as they drop.)
     if exact.is_some() {
         return Err(Error::InvalidInput(format!(
-            "`{}` already exists and is never overwritten: pass another --output, or move it away",
+            "`{}` already exists and is never overwritten: pass another {OUTPUT}, or move it away",
             dir.join(format!("{base}.png")).display()
         )));
     }

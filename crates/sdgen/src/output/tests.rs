@@ -202,7 +202,10 @@ fn check_output_dir_rejects_unusable_folders() {
         assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains(&dir.display().to_string()), "{msg}");
-        assert!(msg.contains("writable --output folder"), "{msg}");
+        assert!(msg.contains("writable output folder"), "{msg}");
+        // The field is a reference: a caller names it its own way.
+        let named = err.describe(&|f| (f == "output").then_some("--output"));
+        assert!(named.contains("writable --output folder"), "{named}");
     }
     assert_eq!(fs::read(&file).unwrap(), b"x");
 }

@@ -21,6 +21,7 @@ use sdgen_models::t5::{T5Config, T5EncoderModel};
 
 use super::stages::{loaded, stage, StageLog};
 use super::{Progress, Request, Runtime};
+use crate::error::field::{MAX_SEQUENCE_LENGTH, NO_T5, PROMPT_STYLE};
 use crate::loading::family::{ContextJoin, HiddenLayer, MicroConditioning, TextEncoderArch, TextEncoderSpec};
 use crate::loading::{model_error, ModelFolder};
 use crate::prompt::{self, PromptChunk};
@@ -86,7 +87,7 @@ pub(super) fn encode_prompts(
                 warn_once(
                     warnings,
                     format!(
-                        "{} has no {}: the prompt is read by the other encoders only (as --no-t5)",
+                        "{} has no {}: the prompt is read by the other encoders only (as {NO_T5})",
                         model.root().display(),
                         spec.component.replace('_', " ")
                     ),
@@ -303,7 +304,7 @@ impl TextEncoder {
             }
             TextEncoder::T5(tokenizer, _, max_len) => (
                 tokenizer.encode(text, *max_len)?,
-                format!("T5's {max_len} tokens (--max-sequence-length, at most {T5_MAX_LENGTH})"),
+                format!("T5's {max_len} tokens ({MAX_SEQUENCE_LENGTH}, at most {T5_MAX_LENGTH})"),
             ),
         })
     }
@@ -467,7 +468,7 @@ fn dropped_text(tokenizer: &ClipTokenizer, text: &str) -> Result<String> {
     }
     Ok(match cut_at {
         Some(start) => format!(
-            " (from about \"{}\"; --prompt-style a1111 encodes all of it in chunks of 75)",
+            " (from about \"{}\"; {PROMPT_STYLE} a1111 encodes all of it in chunks of 75)",
             abbreviate(&text[start..], 60)
         ),
         None => String::new(),

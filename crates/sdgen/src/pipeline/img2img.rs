@@ -22,6 +22,7 @@ use sdgen_models::vae::VaeConfig;
 use super::conditioning::{encode_prompts, ImageSize};
 use super::stages::{decode, denoise, into_images, load_vae, stage, vae_options, Guide, StageLog, VaePart};
 use super::{resolve, Generation, Progress, Request, Runtime, Settings};
+use crate::error::field::{HEIGHT, STEPS, STRENGTH, WIDTH};
 use crate::image_io::{load_rgb, resize_lanczos, RgbImage};
 use crate::loading::ModelFolder;
 use crate::rng::batch::BatchNoise;
@@ -91,7 +92,7 @@ pub fn skipped_steps(steps: usize, strength: f64) -> Result<usize> {
             "strength",
             format!(
                 "{strength} with {steps} steps leaves no step to run (int({steps} × {strength}) = 0): \
-             raise --strength or --steps"
+                 raise {STRENGTH} or {STEPS}"
             ),
         ));
     }
@@ -106,7 +107,7 @@ pub fn skipped_steps_flow(steps: usize, strength: f64) -> Result<usize> {
     if t_start >= steps {
         return Err(Error::invalid(
             "strength",
-            format!("{strength} with {steps} steps leaves no step to run: raise --strength or --steps"),
+            format!("{strength} with {steps} steps leaves no step to run: raise {STRENGTH} or {STEPS}"),
         ));
     }
     Ok(t_start)
@@ -147,7 +148,7 @@ pub fn resolve_img2img(model: &ModelFolder, req: &Img2ImgRequest) -> Result<Img2
         return Err(Error::invalid(
             "init_image",
             format!(
-                "{} is {}x{}: each side must be at least {f} pixels (or give --width and --height)",
+                "{} is {}x{}: each side must be at least {f} pixels (or give {WIDTH} and {HEIGHT})",
                 req.init_image.name, img.width, img.height
             ),
         ));

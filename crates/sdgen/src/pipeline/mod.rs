@@ -34,6 +34,7 @@ pub use txt2img::{
 pub use upscale::{check_upscale, hires_pass, resolve_hires, upscale, UPSCALE_FACTORS, UPSCALE_STAGE, UPSCALE_STEPS};
 pub use warm::{Eviction, JobStage, WarmEntry, WarmReport, WarmWeights, WeightCounts, WeightKey, WeightUse};
 
+use crate::error::field::{GUIDANCE, SCHEDULER};
 use crate::loading::family::{HiddenLayer, TextEncoderArch};
 use crate::loading::ModelFolder;
 use crate::schedulers::{RunInputs, SchedulerConfig, SchedulerKind};
@@ -346,7 +347,7 @@ pub fn resolve(model: &ModelFolder, req: &Request) -> Result<Settings> {
             let class = cfg.class_name().unwrap_or("PNDMScheduler").to_string();
             SchedulerKind::from_class_name(&class).ok_or_else(|| {
                 Error::BadModel(format!(
-                    "{}/scheduler/scheduler_config.json names `{class}`, which is not supported; choose one with --scheduler",
+                    "{}/scheduler/scheduler_config.json names `{class}`, which is not supported; choose one with {SCHEDULER}",
                     model.root().display()
                 ))
             })?
@@ -429,7 +430,7 @@ fn check_family_options(model: &ModelFolder, o: &FamilyOptions, guidance: f64) -
     if guidance <= 1.0 {
         return bad(
             SLG,
-            format!("guides alongside classifier-free guidance: it needs --guidance above 1 (got {guidance})"),
+            format!("guides alongside classifier-free guidance: it needs {GUIDANCE} above 1 (got {guidance})"),
         );
     }
     if slg.layers.is_empty() {

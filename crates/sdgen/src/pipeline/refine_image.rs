@@ -23,6 +23,7 @@ use super::img2img::{img2img_stages, skipped_steps_for};
 use super::stages::{before_models, decode, into_images, memory_point, stage, StageLog};
 use super::txt2img::{base_latents, refiner_handoff, Refinement};
 use super::{resolve, FamilyOptions, Generation, Img2ImgSettings, Progress, Request, Runtime, Settings};
+use crate::error::field::{REFINER_STRENGTH, STEPS};
 use crate::loading::family::Handoff;
 use crate::loading::ModelFolder;
 use crate::{Error, Result};
@@ -85,8 +86,7 @@ pub fn resolve_image_refiner(model: &ModelFolder, refiner: &ImageRefiner, req: &
         Error::invalid(
             "refiner_strength",
             format!(
-                "{strength} with {} steps leaves the refiner no step to run: raise \
-             --refiner-strength or --steps",
+                "{strength} with {} steps leaves the refiner no step to run: raise {REFINER_STRENGTH} or {STEPS}",
                 settings.steps
             ),
         )

@@ -17,6 +17,7 @@ use super::conditioning::{encode_prompts, ImageSize};
 use super::refine_image::{txt2img_image_refined, ImageRefiner};
 use super::stages::{decode, denoise, into_images, memory_point, stage, Guide, StageLog};
 use super::{resolve, scheduler_config, Generation, Progress, Request, Runtime, Settings};
+use crate::error::field::{REFINER_START, REFINER_STRENGTH};
 use crate::loading::family::Handoff;
 #[cfg(doc)]
 use crate::loading::FamilySpec;
@@ -70,7 +71,7 @@ impl<'a> RefinerRun<'a> {
                         "refiner_strength",
                         format!(
                             "{s}: {} hands the refiner its latents mid-schedule, so there is no \
-                         finished image to rework; set the handoff point with --refiner-start",
+                         finished image to rework; set the handoff point with {REFINER_START}",
                             model.family().display
                         ),
                     ));
@@ -86,7 +87,7 @@ impl<'a> RefinerRun<'a> {
                         format!(
                             "{f}: {} runs all its steps and hands the refiner its decoded images \
                          (the refiner cannot read its latents); set how much the refiner reworks them with \
-                         --refiner-strength",
+                         {REFINER_STRENGTH}",
                             model.family().display
                         ),
                     ));

@@ -22,6 +22,7 @@ use super::img2img::{img2img_stages, skipped_steps_for};
 use super::stages::{before_models, into_images, memory_point, StageLog};
 use super::tiles::DenoiseTiles;
 use super::{resolve, FamilyOptions, GeneratedImage, Generation, Img2ImgSettings, Progress, Request, Runtime};
+use crate::error::field::STEPS;
 use crate::image_io::{resize_lanczos, RgbImage};
 use crate::loading::ModelFolder;
 use crate::{Error, Result};
@@ -110,7 +111,7 @@ pub fn resolve_hires(
     settings.denoise_tiles = if tiled { Some(DenoiseTiles::native(model)?) } else { None };
     let skipped = skipped_steps_for(model.family().schedule, settings.steps, strength).map_err(|_| {
         bad_strength(format!(
-            "{strength} with {} steps leaves the hires pass no step to run: raise it or --steps",
+            "{strength} with {} steps leaves the hires pass no step to run: raise it or {STEPS}",
             settings.steps
         ))
     })?;

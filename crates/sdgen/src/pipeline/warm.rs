@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, DeviceLocation};
 use sdgen_memory::plan::{evictions, fits_with, StageResidency};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::loading::ModelFolder;
 use crate::{Error, Result};
@@ -129,7 +129,7 @@ pub enum WeightUse {
 }
 
 /// Loads, reuses and evictions of one component.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WeightCounts {
     /// Times its weights were read from the files.
     pub loads: u64,
@@ -140,7 +140,7 @@ pub struct WeightCounts {
 }
 
 /// A warm entry, for reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WarmEntry {
     /// The model (folder or checkpoint).
     pub model: String,
@@ -157,7 +157,7 @@ pub struct WarmEntry {
 }
 
 /// What the store holds and has done, for `/v1/memory` and `/metrics`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WarmReport {
     /// Bytes of all warm weights.
     pub bytes: u64,

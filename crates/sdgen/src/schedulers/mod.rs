@@ -58,6 +58,7 @@ pub use flow_match::{calculate_shift, dynamic_shift_mu, img2img_start_step, Flow
 pub use lcm::LcmScheduler;
 pub use pndm::PndmScheduler;
 
+use crate::error::field::STEPS;
 use crate::rng::batch::BatchNoise;
 use crate::{Error, Result};
 
@@ -391,7 +392,7 @@ fn check_offset_schedule(kind: SchedulerKind, n: usize, params: &config::CommonP
     }
     let max = (1..n).rev().find(|&m| last(m) < t_train as i64).unwrap_or(0);
     Err(Error::InvalidInput(format!(
-        "{kind}: --steps {n} reaches timestep {}, past the model's {t_train} training timesteps (its scheduler's \
+        "{kind}: {STEPS} {n} reaches timestep {}, past the model's {t_train} training timesteps (its scheduler's \
          steps_offset is {}): use at most {max} steps",
         last(n),
         params.steps_offset

@@ -130,13 +130,14 @@ pub const SIGNATURES: &[Signature] = &[
     Signature {
         display: "an SDXL UNet (size/crop conditioning `label_emb`)",
         family: None,
-        advice: Some(
+        advice: Some(concat!(
             "but not the text encoders of the standard SDXL base or refiner (the 10th layer of OpenCLIP bigG, \
              `conditioner.embedders.1.model.transformer.resblocks.9.*` or `conditioner.embedders.0.…`): an SDXL \
-             of another size, which runs with its own configs: pass `--config-from DIR`, a diffusers folder of \
-             the same model (its model_index.json and each component's config.json, as diffusers' \
-             `from_single_file(config=...)`)",
-        ),
+             of another size, which runs with its own configs: pass ",
+            crate::field_ref!("config_from"),
+            " DIR, a diffusers folder of the same model (its model_index.json and each component's config.json, \
+             as diffusers' `from_single_file(config=...)`)",
+        )),
         markers: &[Marker::Has("model.diffusion_model.label_emb.0.0.weight")],
     },
     Signature {

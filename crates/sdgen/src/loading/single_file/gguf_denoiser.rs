@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::super::family::{recognise, FamilySpec, Recognised, FAMILIES};
 use super::super::gguf;
 use super::{check_config_dir, pipeline_class, recognition, view, Checkpoint, SafetensorsHeader};
+use crate::error::field::{CONFIG_FROM, NO_T5};
 use crate::{Error, Result};
 
 /// The GGUF architectures this build runs, with the families they belong to, for messages.
@@ -58,7 +59,7 @@ impl Checkpoint {
         let Some(config_dir) = config_from else {
             return Err(Error::InvalidInput(format!(
                 "{} is {what}: a GGUF holds only the denoiser, so the rest of the pipeline (configs, tokenizers, VAE \
-                 and text encoders) comes from a diffusers folder of the same model: pass one to --config-from DIR \
+                 and text encoders) comes from a diffusers folder of the same model: pass one to {CONFIG_FROM} DIR \
                  (e.g. the hub's {} downloaded)",
                 path.display(),
                 families.first().map_or("model", |f| f.hub_repo)
@@ -138,7 +139,7 @@ impl Checkpoint {
                 c.what
             );
             match family.encoders.iter().find(|e| e.component == c.component) {
-                Some(e) if e.optional => unavailable.push((c.component, format!("{why} (or run without it: --no-t5)"))),
+                Some(e) if e.optional => unavailable.push((c.component, format!("{why} (or run without it: {NO_T5})"))),
                 _ => return Err(Error::InvalidInput(why)),
             }
         }

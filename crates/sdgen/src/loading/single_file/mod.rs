@@ -39,6 +39,7 @@ use rules::{Take, Target};
 
 use super::family::{FamilySpec, FAMILIES};
 use super::{read_json, SafetensorsHeader, TensorInfo};
+use crate::error::field::{CONFIG_FROM, NO_T5};
 use crate::{Error, Result};
 
 /// Which kind of model a component is (selects its config type and its manifest).
@@ -201,7 +202,7 @@ impl Checkpoint {
             // SD 3.5 Large and Medium share a pipeline class: their denoisers' configs differ.
             if let Some(other) = recognition::config_family(&config_dir).filter(|f| f.name != family.name) {
                 return Err(Error::InvalidInput(format!(
-                    "{why}, but config folder {} is {}'s (by its {}/config.json): give {}'s configs to --config-from, \
+                    "{why}, but config folder {} is {}'s (by its {}/config.json): give {}'s configs to {CONFIG_FROM}, \
                      or leave it out to use the bundled ones",
                     config_dir.display(),
                     other.display,
@@ -217,7 +218,7 @@ impl Checkpoint {
             let optional = encoder.is_some_and(|e| e.optional);
             match locate(path, &header, &config_dir, family, c, &why) {
                 Ok(v) => components.push(Arc::new(v)),
-                Err(e) if optional => unavailable.push((c.component, format!("{e} (or run without it: --no-t5)"))),
+                Err(e) if optional => unavailable.push((c.component, format!("{e} (or run without it: {NO_T5})"))),
                 Err(e) => return Err(e),
             }
             // An optional encoder's tokenizer may be missing from the configs too (SD 3.5's T5
@@ -230,8 +231,8 @@ impl Checkpoint {
                         c.component,
                         format!(
                             "config folder {} has no `{tokenizer}/`, the {}'s tokenizer (this build does not bundle \
-                             {}'s): pass a folder of {} configs that has it to --config-from (the hub's {} without \
-                             its weights is enough), or run without the {}: --no-t5",
+                             {}'s): pass a folder of {} configs that has it to {CONFIG_FROM} (the hub's {} without \
+                             its weights is enough), or run without the {}: {NO_T5}",
                             config_dir.display(),
                             c.what,
                             family.display,
@@ -553,7 +554,7 @@ fn view(
             };
             return Err(Error::BadModel(format!(
                 "{why}, but `{}`{as_named} has shape {got:?} where {} makes it {want:?}: the checkpoint is not the \
-                 architecture of these configs: give a folder of configs that fits it (--config-from DIR, diffusers' \
+                 architecture of these configs: give a folder of configs that fits it ({CONFIG_FROM} DIR, diffusers' \
                  `config=`)",
                 source.original,
                 config_path.display()
@@ -578,7 +579,7 @@ fn view(
     if let Some(name) = extra.next() {
         return Err(Error::BadModel(format!(
             "{why}, but `{}` (the {}'s `{name}`) has no place in the architecture of {}: the checkpoint is not the \
-             model these configs describe: give a folder of configs that fits it (--config-from DIR, diffusers' \
+             model these configs describe: give a folder of configs that fits it ({CONFIG_FROM} DIR, diffusers' \
              `config=`)",
             sources[name].original,
             layout.what,

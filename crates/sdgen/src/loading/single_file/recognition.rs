@@ -13,6 +13,7 @@ use std::path::Path;
 use super::super::family::{detect, recognise, FamilySpec, Recognised, FAMILIES, SIGNATURES};
 use super::super::{read_json, TensorInfo};
 use super::{model_config, supported};
+use crate::error::field::CONFIG_FROM;
 use crate::{Error, Result};
 
 /// A recognised checkpoint: its family, and the clause that says why ("x.safetensors looks like
@@ -65,10 +66,12 @@ pub(super) fn recognition(
     };
     let Some((dir, family)) = config_from.and_then(|dir| Some((dir, family_of_folder(dir)?))) else {
         let hint = if config_from.is_none() {
-            " (one of another size than its family's standard is recognised by its configs: --config-from DIR, \
-             diffusers' `config=`)"
+            format!(
+                " (one of another size than its family's standard is recognised by its configs: {CONFIG_FROM} DIR, \
+                 diffusers' `config=`)"
+            )
         } else {
-            ""
+            String::new()
         };
         return Err(Error::BadModel(format!(
             "{} {refusal}; single-file checkpoints it runs: {}{hint}",
