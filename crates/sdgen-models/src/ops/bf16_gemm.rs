@@ -156,10 +156,10 @@ pub(crate) fn gemm(
 }
 
 /// The f32 product `c[i, j] (+)= Σ_p a[i, p]·b[p, j]` (`a` rows `lda` apart, `b` as its bits
-/// ([`f32_bits`]), `k` units deep, `c` rows `ldc` apart) through the same blocking as the bf16 one, one FMA per `p`
-/// instead of a pair: about twice the rate of the `gemm` crate's f32 kernels on the
-/// convolutions' shapes on Zen 5. Same panics as [`gemm`] (it needs AVX512-BF16's [`supported`]
-/// too: one family of kernels, compiled for one feature set).
+/// ([`f32_bits`]), `k` units deep, `c` rows `ldc` apart) through the same blocks and tiles as
+/// the bf16 one, one FMA per `p` instead of a pair. Same panics as [`gemm`]: it needs
+/// AVX512-BF16's [`supported`] too (one family of kernels, compiled for one feature set;
+/// processors with AVX-512 but no bf16 keep the `gemm` crate).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f32(
     m: usize,

@@ -348,10 +348,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     (0..b * heads * row_blocks).into_par_iter().for_each_init(
         || vec![0f32; ATTENTION_ROWS * kv_len],
         |scores, task| {
-            let (bh, block) = (task / row_blocks, task % row_blocks);
-            let (bi, h) = (bh / heads, bh % heads);
-            let r0 = block * ATTENTION_ROWS;
-            let rows = ATTENTION_ROWS.min(q_len - r0);
+            let (_, bi, h, r0, rows) = attention_task(task, row_blocks, heads, q_len);
             let q_at = qo + bi * qst[0] + h * qst[1] + r0 * qst[2];
             let k_at = ko + bi * kst[0] + h * kst[1];
             let v_at = vo + bi * vst[0] + h * vst[1];
@@ -418,6 +415,14 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     Ok(Some(Tensor::from_vec(out, (b, q_len, heads, d), &Device::Cpu)?.transpose(1, 2)?))
 }
 
+/// Task `task` of an attention split into [`ATTENTION_ROWS`]-row blocks of `q_len` queries per
+/// head: its (batch, head) index, batch, head, first query row and row count.
+fn attention_task(task: usize, row_blocks: usize, heads: usize, q_len: usize) -> (usize, usize, usize, usize, usize) {
+    let (bh, block) = (task / row_blocks, task % row_blocks);
+    let r0 = block * ATTENTION_ROWS;
+    (bh, bh / heads, bh % heads, r0, ATTENTION_ROWS.min(q_len - r0))
+}
+
 /// The operands of [`attention`] as they lie: `q`, `k`, `v`'s storage, strides and offsets.
 type AttentionOperands<'a> =
     (&'a [f32], &'a [f32], &'a [f32], &'a [usize], &'a [usize], &'a [usize], usize, usize, usize);
@@ -448,10 +453,7 @@ fn attention_in_panels(
     (0..b * heads * row_blocks).into_par_iter().for_each_init(
         || vec![0f32; ATTENTION_ROWS * kv_len],
         |scores, task| {
-            let (bh, block) = (task / row_blocks, task % row_blocks);
-            let (bi, h) = (bh / heads, bh % heads);
-            let r0 = block * ATTENTION_ROWS;
-            let rows = ATTENTION_ROWS.min(q_len - r0);
+            let (bh, bi, h, r0, rows) = attention_task(task, row_blocks, heads, q_len);
             let q_rows = (&qd[qo + bi * qst[0] + h * qst[1] + r0 * qst[2]..], qst[2]);
             let key_panels = Rhs::Panels { data: &keys[bh * key_words..(bh + 1) * key_words], depth: d };
             bf16_gemm::gemm_f32(rows, kv_len, d, q_rows, key_panels, scores, kv_len, false, false);
