@@ -21,8 +21,9 @@ Writes (relative to the repository root):
   testdata/fp8/t5xxl_fp8_e4m3fn_scaled.safetensors, testdata/fp8/t5xxl_fp8_e4m3fn.safetensors
       the tiny T5 encoder beside tiny-sd35-large.safetensors (text_encoders/t5xxl_fp16.safetensors)
       as ComfyUI's standalone T5 files: its linear weights (attention q/k/v/o, the gated MLP's
-      wi_0/wi_1/wo) in fp8, with a `scale_weight` each and the top-level `scaled_fp8` marker, or
-      (plain) cast to fp8 at scale 1; the embeddings and norms as they were;
+      wi_0/wi_1/wo) in fp8, with a `scale_weight` each and the top-level `scaled_fp8` marker, the
+      embeddings and norms as they were; or (plain) every tensor cast to fp8 at scale 1, norms and
+      embedding tables too, as in the published plain file;
   testdata/fp8/t5_reference.safetensors
       `t5.ids` [1, 8] and transformers' T5EncoderModel forward (f32) on each file's dequantised
       weights: `t5.scaled_out`, `t5.plain_out`, and `t5.f32_out` on the 16-bit file's;
@@ -137,16 +138,17 @@ T5_LINEARS = tuple(f".{n}.weight" for n in ("q", "k", "v", "o", "wi_0", "wi_1", 
 
 
 def t5_fp8(scaled: bool) -> dict[str, torch.Tensor]:
-    """The tiny T5 as ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (scaled) or
-    `t5xxl_fp8_e4m3fn.safetensors` (plain: each linear weight cast to fp8 as it is)."""
+    """The tiny T5 as ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (scaled: the linear weights)
+    or `t5xxl_fp8_e4m3fn.safetensors` (plain: every tensor cast to fp8 as it is, as that file
+    holds even its layer norms in F8_E4M3)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in load_file(str(T5_SOURCE)).items():
-        if not k.endswith(T5_LINEARS):
-            out[k] = v
-        elif scaled:
+        if not scaled:
+            out[k] = v.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        elif k.endswith(T5_LINEARS):
             out[k], out[k[: -len("weight")] + "scale_weight"] = quantise(v)
         else:
-            out[k] = v.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            out[k] = v
     if scaled:
         out["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
     name = "t5xxl_fp8_e4m3fn_scaled.safetensors" if scaled else "t5xxl_fp8_e4m3fn.safetensors"
