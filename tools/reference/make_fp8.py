@@ -18,6 +18,15 @@ Writes (relative to the repository root):
       - `mmdit.latents` [2, 16, 8, 8], `mmdit.timesteps` [2], `mmdit.context` [2, 7, 64],
         `mmdit.pooled` [2, 40] (seeded) and `mmdit.fp8_out`: SD3Transformer2DModel's forward on the
         fp8 file's dequantised weights (f32), `mmdit.f32_out` on the 16-bit file's;
+  testdata/fp8/t5xxl_fp8_e4m3fn_scaled.safetensors, testdata/fp8/t5xxl_fp8_e4m3fn.safetensors
+      the tiny T5 encoder beside tiny-sd35-large.safetensors (text_encoders/t5xxl_fp16.safetensors)
+      as ComfyUI's standalone T5 files: its linear weights (attention q/k/v/o, the gated MLP's
+      wi_0/wi_1/wo) in fp8, with a `scale_weight` each and the top-level `scaled_fp8` marker, the
+      embeddings and norms as they were; or (plain) every tensor cast to fp8 at scale 1, norms and
+      embedding tables too, as in the published plain file;
+  testdata/fp8/t5_reference.safetensors
+      `t5.ids` [1, 8] and transformers' T5EncoderModel forward (f32) on each file's dequantised
+      weights: `t5.scaled_out`, `t5.plain_out`, and `t5.f32_out` on the 16-bit file's;
   testdata/fp8/README.md
 
 The layout, as ComfyUI reads it (comfy/model_detection.py, comfy/ops.py `scaled_fp8_ops`):
@@ -99,12 +108,13 @@ def to_fp8_scaled(src: Path, dst: Path, arch: str) -> dict[str, torch.Tensor]:
 
 
 def dequantised_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file as f32 weights, each fp8 one times its scale (what a forward multiplies)."""
+    """The file as f32 weights, each fp8 one times its scale (1 in a plain fp8 file: what a
+    forward multiplies)."""
     out = {}
     for k, v in sd.items():
         if k.endswith("scale_weight") or k.endswith("scaled_fp8"):
             continue
-        scale = sd.get(k[: -len("weight")] + "scale_weight")
+        scale = sd.get(k[: -len("weight")] + "scale_weight", torch.tensor(1.0))
         out[k] = dequantise(v, scale, torch.float32) if v.dtype == torch.float8_e4m3fn else v
     return out
 
@@ -119,6 +129,44 @@ def mmdit_forward(ckpt: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
                                                        torch_dtype=torch.float32)
     return model(hidden_states=inputs["latents"], timestep=inputs["timesteps"],
                  encoder_hidden_states=inputs["context"], pooled_projections=inputs["pooled"]).sample
+
+
+T5_SOURCE = ROOT / "testdata" / "tiny-sd35-single" / "text_encoders" / "t5xxl_fp16.safetensors"
+T5_CONFIG = ROOT / "testdata" / "tiny-sd35-large" / "text_encoder_3"
+# T5's linear layers, which ComfyUI's fp8 T5 files hold in fp8 (its scaled ops replace Linear only).
+T5_LINEARS = tuple(f".{n}.weight" for n in ("q", "k", "v", "o", "wi_0", "wi_1", "wo"))
+
+
+def t5_fp8(scaled: bool) -> dict[str, torch.Tensor]:
+    """The tiny T5 as ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (scaled: the linear weights)
+    or `t5xxl_fp8_e4m3fn.safetensors` (plain: every tensor cast to fp8 as it is, as that file
+    holds even its layer norms in F8_E4M3)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in load_file(str(T5_SOURCE)).items():
+        if not scaled:
+            out[k] = v.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        elif k.endswith(T5_LINEARS):
+            out[k], out[k[: -len("weight")] + "scale_weight"] = quantise(v)
+        else:
+            out[k] = v
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    name = "t5xxl_fp8_e4m3fn_scaled.safetensors" if scaled else "t5xxl_fp8_e4m3fn.safetensors"
+    save_file(out, str(OUT / name))
+    print(f"{(OUT / name).relative_to(ROOT)}: {sum(v.dtype == torch.float8_e4m3fn for v in out.values())} fp8 tensors")
+    return out
+
+
+@torch.no_grad()
+def t5_forward(sd: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config.from_pretrained(str(T5_CONFIG))).float().eval()
+    missing, unexpected = model.load_state_dict(dequantised_file(sd), strict=False)
+    if unexpected or set(missing) - {"encoder.embed_tokens.weight"}:
+        sys.exit(f"the tiny T5's weights do not fit its config: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model(input_ids=ids).last_hidden_state
 
 
 def main() -> None:
@@ -159,10 +207,20 @@ def main() -> None:
     diff = (ref["mmdit.fp8_out"] - ref["mmdit.f32_out"]).norm() / ref["mmdit.f32_out"].norm()
     print(f"MMDiT forward, fp8 against f32 weights (torch): relative L2 {diff:.3e}")
     save_file({k: v.contiguous() for k, v in ref.items()}, str(OUT / "reference.safetensors"))
+
+    ids = torch.tensor([[3, 17, 5, 42, 250, 1, 0, 0]])
+    t5 = {"t5.ids": ids, "t5.f32_out": t5_forward(load_file(str(T5_SOURCE)), ids)}
+    for scaled, key in ((True, "t5.scaled_out"), (False, "t5.plain_out")):
+        t5[key] = t5_forward(t5_fp8(scaled), ids)
+        diff = (t5[key] - t5["t5.f32_out"]).norm() / t5["t5.f32_out"].norm()
+        print(f"T5 forward, {key[3:-4]} fp8 against f32 weights (torch): relative L2 {diff:.3e}")
+    save_file({k: v.contiguous() for k, v in t5.items()}, str(OUT / "t5_reference.safetensors"))
     (OUT / "README.md").write_text(
         "Reference data for fp8 weights written by tools/reference/make_fp8.py (torch's float8_e4m3fn, ComfyUI's\n"
         "scaled-fp8 layout); the fp8 single files themselves sit beside their 16-bit ones in\n"
-        "../tiny-sd35-single/ and ../tiny-sd15-single/. Read the script's docstring for what each tensor is.\n"
+        "../tiny-sd35-single/ and ../tiny-sd15-single/; the tiny T5 as ComfyUI's standalone fp8 T5 files\n"
+        "(t5xxl_fp8_e4m3fn_scaled.safetensors, t5xxl_fp8_e4m3fn.safetensors) and its forwards\n"
+        "(t5_reference.safetensors) are here. Read the script's docstring for what each tensor is.\n"
         "Used by crates/sdgen/tests/fp8.rs.\n"
     )
 

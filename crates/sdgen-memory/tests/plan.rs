@@ -999,32 +999,118 @@ fn sdxl_bf16_manifest() -> ModelManifest {
     ])
 }
 
-/// `--quality 4k`'s hires pass (issue #14): SDXL image-to-image at 2048² after a 1024² first
-/// pass, planned on its own (the SDXL bytes measured in `sdxl_gpu_fast_peaks.jsonl`, bf16 with the
-/// fast kernels, the VAE encoder upcast to f32 as the engine runs it). The planner decides the
-/// VAE's tiling: none on a 24 GiB card; the encoder alone (18.9 GB untiled) tiled on 16, 12 and 8
-/// GiB, where the whole pass still fits: the channels-last decoder needs less at 2048² than the
-/// UNet, so it never has to tile where the pass fits at all.
-#[test]
-fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
+/// An SDXL hires pass at `side`² as the engine plans it (issue #14): image-to-image after a
+/// first pass, bf16 with the fast kernels, the VAE encoder upcast to f32 as the engine runs it,
+/// with guidance, denoised whole or in MultiDiffusion's `tiles`, on a card of `gib` GiB (the
+/// SDXL bytes measured in `sdxl_gpu_fast_peaks.jsonl`).
+fn sdxl_hires_plan(side: usize, tiles: Option<Tiling>, gib: u64) -> Plan {
     let manifest = sdxl_bf16_manifest();
     let profile = FamilyProfile::sdxl();
+    plan(&PlanRequest {
+        fast_kernels: true,
+        img2img: true,
+        guidance: true,
+        component_precision: vec![("vae_encoder".to_string(), Precision::F32)],
+        denoise_tiling: tiles,
+        ..request(&profile, &manifest, &GPU, side, 1, gib * GIB, MemoryMode::Auto)
+    })
+    .unwrap()
+}
+
+/// The tile sides the plan chose for the VAE's encoder and decoder.
+fn vae_tiles(p: &Plan) -> (Option<usize>, Option<usize>) {
+    let tile = |stage: &str| p.stage(stage).unwrap().options.tiling.map(|t| t.tile_px);
+    (tile("encode_image"), tile("decode"))
+}
+
+/// `--quality 4k-ultra`'s MultiDiffusion tiles: SDXL's native 1024², a quarter overlapping.
+const ULTRA_TILES: Tiling = Tiling { tile_px: 1024, overlap_px: 256 };
+
+/// `--quality 4k`'s hires pass at 2048²: the planner decides the VAE's tiling. The f32 encoder
+/// (8.4 GB at 2048², measured) needs more than the channels-last decoder, so it is the one that
+/// tiles first, on 8 GiB, where the whole pass still fits; the decoder then runs in the same
+/// tiles (the engine's one set of VAE options), and the plan says so.
+#[test]
+fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
     let tiled = |gib: u64| {
-        let req = PlanRequest {
-            fast_kernels: true,
-            img2img: true,
-            component_precision: vec![("vae_encoder".to_string(), Precision::F32)],
-            ..request(&profile, &manifest, &GPU, 2048, 1, gib * GIB, MemoryMode::Auto)
-        };
-        let p = plan(&req).unwrap();
+        let p = sdxl_hires_plan(2048, None, gib);
         assert!(p.stages.iter().all(|s| s.fits), "{p}");
-        let tile = |stage: &str| p.stage(stage).unwrap().options.tiling.map(|t| t.tile_px);
-        (tile("encode_image"), tile("decode"))
+        vae_tiles(&p)
     };
     assert_eq!(tiled(24), (None, None));
-    assert_eq!(tiled(16), (Some(512), None));
-    assert_eq!(tiled(12), (Some(512), None));
-    assert_eq!(tiled(8), (Some(512), None));
+    assert_eq!(tiled(16), (None, None));
+    assert_eq!(tiled(12), (None, None));
+    assert_eq!(tiled(8), (Some(512), Some(512)));
+}
+
+/// The engine runs the VAE's encoder and decoder with one set of options, the leaner of their
+/// plans (`sdgen::planning::stage_options`): the plan must estimate both stages with it. At
+/// 4096² on 32 GiB the f32 encoder (35 GB whole) must tile and the decoder (29 GB whole) need
+/// not; the decoder runs in the encoder's tiles all the same, so it is planned in them. (Before,
+/// the decoder was planned whole while the run tiled it: `--quality 4k-ultra`'s 4096² decode
+/// measured 0.88 GiB against 44.2 GiB planned.)
+#[test]
+fn the_vae_stages_are_planned_with_the_options_the_engine_runs() {
+    let p = sdxl_hires_plan(4096, Some(ULTRA_TILES), 32);
+    assert!(p.stages.iter().all(|s| s.fits), "{p}");
+    assert_eq!(vae_tiles(&p), (Some(512), Some(512)), "{p}");
+    let (encode, decode) = (p.stage("encode_image").unwrap(), p.stage("decode").unwrap());
+    assert_eq!(encode.options, decode.options, "{p}");
+    // The decode's estimate is the tiled one: far below the whole decode's.
+    let whole = sdxl_hires_plan(4096, Some(ULTRA_TILES), 80);
+    assert_eq!(vae_tiles(&whole), (None, None), "{whole}");
+    assert!(decode.activation_bytes * 10 < whole.stage("decode").unwrap().activation_bytes, "{p}\n{whole}");
+}
+
+/// The presets' VAE stages against what `tools/gpu/presets_4k.sh` measured on an H100
+/// (2026-12-07, SDXL random weights at full size, bf16; BENCHMARKS.md, "The quality presets on
+/// the GPU"): each stage's peak above the run's floor, weights included, in GiB as the script
+/// prints them. Estimates within ±15% of the activations (the peak less the weights):
+///
+/// - the 2048² encode (f32, whole): 8.45 GiB in `--quality 4k`, 8.41 in `4k-ultra`'s first
+///   hires pass — the points the encoder's fast f32 column is fitted to;
+/// - the 4096² decode in 512 px tiles (bf16): 0.88 GiB — the run tiled it because its encoder
+///   tiled (planned 44.2 GiB whole then, with the pre-refit decoder column).
+///
+/// Not measured: the 4096² VAE stages whole, which the refitted plan now chooses on an 80 GiB
+/// card (encoder 33 GiB, decoder 27 GiB), and the encoder in 512 px tiles. Their estimates are
+/// bounded here by the measured points: every feature map grows with the pixels, so the whole
+/// 4096² stages hold at least 16× the 2048² measurements' per-pixel share, and a tiled stage
+/// holds one tile's work beside the whole image.
+#[test]
+fn the_4k_presets_vae_stages_are_planned_within_15_percent_of_their_measured_peaks() {
+    const ENCODER_F32_WEIGHTS: f64 = 136_654_656.0; // `sdxl_gpu_peaks.jsonl`
+    const DECODER_BF16_WEIGHTS: f64 = 98_980_398.0; // `sdxl_gpu_fast_peaks.jsonl`
+    let gib = GIB as f64;
+    let check = |what: &str, estimated: u64, measured_gib: f64, weights: f64| {
+        let measured = measured_gib * gib - weights;
+        let ratio = estimated as f64 / measured;
+        println!("{what}: estimated {:.3} GB, measured {:.3} GB ({ratio:.3}×)", estimated as f64 / 1e9, measured / 1e9);
+        assert!((0.85..=1.15).contains(&ratio), "{what}: {ratio:.3}×");
+    };
+    let four_k = sdxl_hires_plan(2048, None, 80);
+    assert_eq!(vae_tiles(&four_k), (None, None), "{four_k}");
+    let encode_2048 = four_k.stage("encode_image").unwrap().activation_bytes;
+    check("4k: 2048² encode, f32", encode_2048, 8.45, ENCODER_F32_WEIGHTS);
+    check("4k-ultra: 2048² encode, f32", encode_2048, 8.41, ENCODER_F32_WEIGHTS);
+    // The 4096² pass with its VAE in 512 px tiles (any card where its encoder must tile).
+    let ultra = sdxl_hires_plan(4096, Some(ULTRA_TILES), 24);
+    assert_eq!(vae_tiles(&ultra), (Some(512), Some(512)), "{ultra}");
+    check(
+        "4k-ultra: 4096² decode in 512 px tiles, bf16",
+        ultra.stage("decode").unwrap().activation_bytes,
+        0.88,
+        DECODER_BF16_WEIGHTS,
+    );
+    // The points not measured, bounded by the measured ones.
+    let whole = sdxl_hires_plan(4096, Some(ULTRA_TILES), 80);
+    assert_eq!(vae_tiles(&whole), (None, None), "{whole}");
+    let measured_2048 = 8.41 * gib - ENCODER_F32_WEIGHTS;
+    let whole_encode = whole.stage("encode_image").unwrap().activation_bytes as f64;
+    assert!(whole_encode >= 0.85 * 4.0 * measured_2048, "{whole}");
+    let tiled_encode = ultra.stage("encode_image").unwrap().activation_bytes as f64;
+    let tile_alone = sdxl_hires_plan(512, None, 80).stage("encode_image").unwrap().activation_bytes as f64;
+    assert!(tiled_encode > tile_alone && tiled_encode < whole_encode / 10.0, "{ultra}");
 }
 
 /// `--quality 4k-ultra`'s second hires pass: SDXL image-to-image at 4096² denoised in
@@ -1034,31 +1120,19 @@ fn the_4k_hires_pass_tiles_its_vae_where_the_budget_says() {
 /// as it does without MultiDiffusion. The table shows the tiles.
 #[test]
 fn a_multidiffusion_pass_plans_its_denoiser_at_one_tiles_size() {
-    let manifest = sdxl_bf16_manifest();
-    let profile = FamilyProfile::sdxl();
-    let tiles = Tiling { tile_px: 1024, overlap_px: 256 };
-    let at = |side: usize, denoise_tiling: Option<Tiling>, gib: u64| {
-        plan(&PlanRequest {
-            fast_kernels: true,
-            img2img: true,
-            component_precision: vec![("vae_encoder".to_string(), Precision::F32)],
-            denoise_tiling,
-            ..request(&profile, &manifest, &GPU, side, 1, gib * GIB, MemoryMode::Auto)
-        })
-        .unwrap()
-    };
-    let (ultra, native, whole) = (at(4096, Some(tiles), 1024), at(1024, None, 1024), at(4096, None, 1024));
+    let at = |side: usize, tiles: Option<Tiling>, gib: u64| sdxl_hires_plan(side, tiles, gib);
+    let (ultra, native, whole) = (at(4096, Some(ULTRA_TILES), 1024), at(1024, None, 1024), at(4096, None, 1024));
     let denoise = |p: &Plan| p.stage("denoise").unwrap().clone();
     assert_eq!(denoise(&ultra).activation_bytes, denoise(&native).activation_bytes, "{ultra}\n{native}");
-    assert_eq!((denoise(&ultra).denoise_tiles, denoise(&native).denoise_tiles), (Some(tiles), None));
+    assert_eq!((denoise(&ultra).denoise_tiles, denoise(&native).denoise_tiles), (Some(ULTRA_TILES), None));
     assert!(denoise(&whole).activation_bytes > 4 * denoise(&ultra).activation_bytes, "{whole}\n{ultra}");
     for stage in ["encode_image", "decode"] {
         assert_eq!(ultra.stage(stage), whole.stage(stage), "{stage}: the VAE at the whole size");
     }
     assert!(ultra.to_string().contains("MultiDiffusion tiles (1024px, overlap 256px)"), "{ultra}");
     // On a 24 GiB card the tiled pass fits with its VAE tiled; its UNet needs no option.
-    let card = at(4096, Some(tiles), 24);
+    let card = at(4096, Some(ULTRA_TILES), 24);
     assert!(card.stages.iter().all(|s| s.fits), "{card}");
     assert_eq!(denoise(&card).options, Default::default(), "{card}");
-    assert!(card.stage("decode").unwrap().options.tiling.is_some(), "{card}");
+    assert_eq!(vae_tiles(&card), (Some(512), Some(512)), "{card}");
 }

@@ -349,18 +349,12 @@ pub fn stage_options(model: &ModelFolder, plan: &Plan, settings: &Settings, aggr
         options.attention_slice = s.options.attention_slice.map(|k| rows("denoise", k, s.items_per_forward));
     }
     // One set of VAE options serves its encoder and decoder (`pipeline::stages::vae_options`):
-    // the leaner of both stages' plans, so an image-to-image run whose encoder alone needs tiling
-    // (SDXL's, upcast to f32, at 2048² on 16 GiB: `--quality 4k`'s hires pass) gets it.
-    for stage in ["encode_image", "decode"] {
-        if let Some(s) = plan.stage(stage) {
-            let o = StageOptions {
-                vae_slicing: s.options.image_slicing,
-                vae_tile_px: s.options.tiling.map(|t| t.tile_px),
-                vae_attention_slice: s.options.attention_slice.map(|k| rows(stage, k, s.items_per_forward)),
-                ..Default::default()
-            };
-            options = options.merged(o);
-        }
+    // the planner gives both stages that one set (`sdgen_memory::plan::StageOptions::vae_shared`,
+    // the leaner of their choices) and estimates both with it, so the decode's plan is the run's.
+    if let Some(s) = plan.stage("decode") {
+        options.vae_slicing = s.options.image_slicing;
+        options.vae_tile_px = s.options.tiling.map(|t| t.tile_px);
+        options.vae_attention_slice = s.options.attention_slice.map(|k| rows("decode", k, s.items_per_forward));
     }
     // Block streaming: the resident blocks the plan chose for the denoiser and for T5.
     let resident_blocks = |stage: Option<&str>| plan.stage(stage?)?.options.streaming.map(|s| s.resident_blocks);
@@ -421,8 +415,8 @@ mod tests {
     }
 
     /// An image-to-image plan whose VAE encoder alone needs tiling (SDXL's, upcast to f32, at
-    /// 2048² on 16 GiB: `--quality 4k`'s hires pass) runs its VAE tiled: encoder and decoder share
-    /// one set of options, the leaner of both stages'.
+    /// 2048² on 8 GiB: `--quality 4k`'s hires pass) runs its VAE tiled: encoder and decoder share
+    /// one set of options, the leaner of both stages', and the plan shows it on both.
     #[test]
     fn the_vae_runs_with_the_leaner_of_its_encoder_and_decoder_plans() {
         use sdgen_memory::plan::{DeviceKind, Precision};
@@ -444,7 +438,7 @@ mod tests {
             vae,
         ]);
         let profile = FamilyProfile::sdxl();
-        let mut budget = Budget::new(16 << 30, BudgetSource::MaxMemory);
+        let mut budget = Budget::new(8 << 30, BudgetSource::MaxMemory);
         budget.host_available_bytes = Some(64 << 30);
         let p = plan(&PlanRequest {
             img2img: true,
@@ -457,7 +451,7 @@ mod tests {
         })
         .unwrap();
         let tile = |stage: &str| p.stage(stage).unwrap().options.tiling.map(|t| t.tile_px);
-        assert_eq!((tile("encode_image"), tile("decode")), (Some(512), None), "{p}");
+        assert_eq!((tile("encode_image"), tile("decode")), (Some(512), Some(512)), "{p}");
         let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/tiny-sdxl"));
         let model = ModelFolder::open(dir).unwrap();
         let settings = Settings {

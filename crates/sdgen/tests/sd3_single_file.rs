@@ -5,8 +5,9 @@
 //! checks diffusers' `from_single_file` gives the folders' images bit for bit, so the folders'
 //! references hold); the real MMDiTs' key lists rename as diffusers renames them; Large and
 //! Medium are told apart by their blocks, also against a config folder of the other size; a
-//! missing `text_encoders/` file, 8-bit T5, T5 without its tokenizer and a truncated file are
-//! refused by name. Tolerance: tensors exactly; images the pipeline tolerance
+//! missing `text_encoders/` file, an 8-bit CLIP (a T5 fp8 file where a CLIP is looked for), T5
+//! without its tokenizer and a truncated file are refused by name; ComfyUI's fp8 T5 files beside
+//! the checkpoint are read (`tools/reference/make_fp8.py`: their forward equals torch's). Tolerance: tensors exactly; images the pipeline tolerance
 //! (`common::assert_image_close`: ≥ 99.5% of channels within 1/255, none over 8/255).
 
 mod common;
@@ -302,18 +303,141 @@ fn a_missing_text_encoders_file_is_named_with_its_folder() {
     let file = medium_in(dir.path(), &["t5xxl_fp16.safetensors"]);
     let model = open(&file, Size::Medium.folder()).unwrap();
     let err = resolve(&model, &request(42, false)).unwrap_err().to_string();
-    assert!(err.contains("t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors"), "{err}");
+    assert!(
+        err.contains("t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn_scaled.safetensors or t5xxl_fp8_e4m3fn.safetensors"),
+        "{err}"
+    );
     assert!(err.contains(&dir.path().join("text_encoders").display().to_string()) && err.contains("no_t5"), "{err}");
     assert!(resolve(&model, &request(42, true)).is_ok());
 }
 
-/// Stability's 8-bit T5, alone beside the file: refused by its dtype, naming the 16-bit file.
+/// The tiny Medium with `t5` (a file of `testdata/fp8/`) beside it as its only T5 file, named
+/// `as_name`.
+fn medium_with_t5(dir: &Path, t5: &str, as_name: &str) -> PathBuf {
+    let file = medium_in(dir, &["t5xxl_fp16.safetensors"]);
+    std::fs::copy(testdata().join("fp8").join(t5), dir.join("text_encoders").join(as_name)).unwrap();
+    file
+}
+
+/// ComfyUI's standalone fp8 T5 files (`t5xxl_fp8_e4m3fn_scaled.safetensors`: E4M3 linear weights
+/// with a `scale_weight` each and the `scaled_fp8` marker; `t5xxl_fp8_e4m3fn.safetensors`: plain,
+/// at scale 1) beside the checkpoint: T5's forward on them equals transformers' forward on the
+/// same dequantised weights (f32, 1e-5 relative L2: only the summation order differs) and streamed
+/// gives its numbers exactly, its linear weights are held one byte each and counted so by the
+/// planner, and a whole run takes them.
 #[test]
-fn eight_bit_t5_is_refused_naming_the_sixteen_bit_file() {
+fn comfyui_fp8_t5_files_equal_torch_and_are_held_in_fp8() {
+    use sdgen_models::stream::StreamableModel;
+    use sdgen_models::t5::{T5Config, T5EncoderModel};
+    let reference = load("fp8/t5_reference.safetensors");
+    let ids = reference["t5.ids"].to_dtype(DType::U32).unwrap();
+    let t5_bytes = |model: &ModelFolder| {
+        let manifest = sdgen::planning::manifest(model).unwrap();
+        let t5 = manifest.component("text_encoder_3").unwrap();
+        (t5.bytes_at(&[], sdgen_memory::plan::Precision::Bf16), t5.tensors.iter().filter(|t| t.held.is_some()).count())
+    };
     let dir = tempfile::tempdir().unwrap();
-    let file = medium_in(dir.path(), &["t5xxl_fp16.safetensors"]);
-    let src = testdata().join("tiny-sd35-single/text_encoders/t5xxl_fp16.safetensors");
-    let header = sdgen::loading::SafetensorsHeader::read(&src).unwrap();
+    let dense = open(&medium_in(dir.path(), &[]), Size::Medium.folder()).unwrap();
+    let (dense_bytes, none) = t5_bytes(&dense);
+    assert_eq!(none, 0);
+    for (file, key) in
+        [("t5xxl_fp8_e4m3fn_scaled.safetensors", "t5.scaled_out"), ("t5xxl_fp8_e4m3fn.safetensors", "t5.plain_out")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let model = open(&medium_with_t5(dir.path(), file, file), Size::Medium.folder()).unwrap();
+        let cfg: T5Config = model.config("text_encoder_3", "config.json").unwrap();
+        let weights = model.weights("text_encoder_3").unwrap();
+        let vb = weights.var_builder(DType::F32, &Device::Cpu).unwrap();
+        let got = T5EncoderModel::new(&cfg, vb).unwrap().forward(&ids).unwrap();
+        // Streamed (every block read per use, as the planner may choose): the same numbers.
+        let streamed = T5EncoderModel::new_streamed(
+            &cfg,
+            weights.var_builder(DType::F32, &Device::Cpu).unwrap(),
+            weights.streamed_var_builder(DType::F32, &Device::Cpu).unwrap(),
+            sdgen_models::stream::Residency::Streamed { resident_blocks: 0 },
+        )
+        .unwrap();
+        assert!(values(streamed.forward(&ids).unwrap()) == values(got.clone()), "{file}: streamed");
+        let err = common::rel_l2(&got, &reference[key]);
+        let from_16_bit = common::rel_l2(&got, &reference["t5.f32_out"]);
+        println!("{file}: {err:.2e} from torch's forward, {from_16_bit:.3} from the 16-bit weights'");
+        assert!(err < 1e-5, "{file}: {err:.2e}");
+        // Seven linear layers in each of the two blocks, one byte a weight.
+        let (bytes, held) = t5_bytes(&model);
+        assert_eq!(held, 14, "{file}");
+        assert!(bytes < dense_bytes, "{file}: {bytes} vs {dense_bytes}");
+    }
+    // A whole run with the scaled file, near the 16-bit T5's image.
+    let dir = tempfile::tempdir().unwrap();
+    let file = medium_with_t5(dir.path(), "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors");
+    let got = txt2img(&open(&file, Size::Medium.folder()).unwrap(), &request(42, false), &Runtime::cpu(), &mut |_| {})
+        .unwrap();
+    let want = txt2img(&dense, &request(42, false), &Runtime::cpu(), &mut |_| {}).unwrap();
+    let (a, b) = (&got.images[0].pixels, &want.images[0].pixels);
+    let mean = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64;
+    println!("fp8 T5: image mean |Δ| = {:.3}/255 from the 16-bit T5's", mean * 255.0);
+    assert!(mean > 0.0 && mean * 255.0 < 10.0, "{:.3}/255", mean * 255.0);
+}
+
+/// `file` with `other`'s tensors added under `prefix` (their data after its own), at `out`.
+fn with_tensors_of(file: &Path, other: &Path, prefix: &str, out: &Path) {
+    type Header = BTreeMap<String, serde_json::Value>;
+    let split = |bytes: &[u8]| -> (Header, Vec<u8>) {
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        (serde_json::from_slice(&bytes[8..8 + len]).unwrap(), bytes[8 + len..].to_vec())
+    };
+    let (mut header, mut data) = split(&std::fs::read(file).unwrap());
+    let (theirs, their_data) = split(&std::fs::read(other).unwrap());
+    let shift = data.len() as u64;
+    for (name, mut entry) in theirs.into_iter().filter(|(n, _)| n != "__metadata__") {
+        let offsets: Vec<u64> = serde_json::from_value(entry["data_offsets"].clone()).unwrap();
+        entry["data_offsets"] = serde_json::json!([offsets[0] + shift, offsets[1] + shift]);
+        header.insert(format!("{prefix}{name}"), entry);
+    }
+    data.extend_from_slice(&their_data);
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&text);
+    bytes.extend_from_slice(&data);
+    std::fs::write(out, bytes).unwrap();
+}
+
+/// A checkpoint holding the scaled fp8 T5 inside, under `text_encoders.t5xxl.transformer.` with
+/// its marker there (ComfyUI's SD 3.5 fp8 checkpoints with encoders): read as the file beside.
+#[test]
+fn an_fp8_t5_inside_the_checkpoint_is_read() {
+    use sdgen_models::t5::{T5Config, T5EncoderModel};
+    let reference = load("fp8/t5_reference.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let plain = medium_in(dir.path(), &["t5xxl_fp16.safetensors"]);
+    let file = dir.path().join("sd3.5_medium_fp8_t5.safetensors");
+    let t5 = testdata().join("fp8/t5xxl_fp8_e4m3fn_scaled.safetensors");
+    with_tensors_of(&plain, &t5, "text_encoders.t5xxl.transformer.", &file);
+    let model = open(&file, Size::Medium.folder()).unwrap();
+    let cfg: T5Config = model.config("text_encoder_3", "config.json").unwrap();
+    let vb = model.weights("text_encoder_3").unwrap().var_builder(DType::F32, &Device::Cpu).unwrap();
+    let got =
+        T5EncoderModel::new(&cfg, vb).unwrap().forward(&reference["t5.ids"].to_dtype(DType::U32).unwrap()).unwrap();
+    let err = common::rel_l2(&got, &reference["t5.scaled_out"]);
+    assert!(err < 1e-5, "{err:.2e}");
+    let manifest = sdgen::planning::manifest(&model).unwrap();
+    assert_eq!(manifest.component("text_encoder_3").unwrap().tensors.iter().filter(|t| t.held.is_some()).count(), 14);
+}
+
+/// Refused by name: a T5 fp8 file put where a CLIP file is looked for (no CLIP is read in fp8),
+/// and a scaled fp8 T5 with a scale missing.
+#[test]
+fn an_fp8_clip_or_a_t5_scale_missing_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = medium_in(dir.path(), &["clip_g.safetensors"]);
+    let clip = dir.path().join("text_encoders/clip_g.safetensors");
+    std::fs::copy(testdata().join("fp8/t5xxl_fp8_e4m3fn_scaled.safetensors"), &clip).unwrap();
+    let err = open(&file, Size::Medium.folder()).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains(&clip.display().to_string()) && err.contains("CLIP-G"), "{err}");
+    // CLIP-G itself in fp8 (every tensor relabelled F8_E4M3): refused by its dtype.
+    let header =
+        sdgen::loading::SafetensorsHeader::read(&testdata().join("tiny-sd35-single/text_encoders/clip_g.safetensors"))
+            .unwrap();
     let mut json = serde_json::Map::new();
     let mut bytes = 0usize;
     for (name, info) in &header.tensors {
@@ -328,12 +452,35 @@ fn eight_bit_t5_is_refused_naming_the_sixteen_bit_file() {
     let mut out = (head.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&head);
     out.resize(out.len() + bytes, 0);
-    std::fs::write(dir.path().join("text_encoders/t5xxl_fp8_e4m3fn.safetensors"), out).unwrap();
-    let model = open(&file, Size::Medium.folder()).unwrap();
-    let err = resolve(&model, &request(42, false)).unwrap_err().to_string();
-    assert!(err.contains("t5xxl_fp8_e4m3fn.safetensors") && err.contains("stored as F8_E4M3"), "{err}");
-    assert!(err.contains("use t5xxl_fp16.safetensors in"), "{err}");
-    assert!(resolve(&model, &request(42, true)).is_ok());
+    std::fs::write(&clip, out).unwrap();
+    let err = open(&file, Size::Medium.folder()).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("its CLIP-G text encoder is stored as F8_E4M3"), "{err}");
+    assert!(err.contains("use a 16-bit clip_g.safetensors in"), "{err}");
+
+    // The scaled T5 without the scale of its first query weight.
+    let src = testdata().join("fp8/t5xxl_fp8_e4m3fn_scaled.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header.remove("encoder.block.0.layer.0.SelfAttention.q.scale_weight").unwrap();
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = medium_in(dir.path(), &["t5xxl_fp16.safetensors"]);
+    std::fs::write(dir.path().join("text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors"), out).unwrap();
+    let err = open(&file, Size::Medium.folder())
+        .and_then(|m| resolve(&m, &request(42, false)).map(|_| m))
+        .and_then(|m| m.weights("text_encoder_3").map(|_| ()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("t5xxl_fp8_e4m3fn_scaled.safetensors")
+            && err.contains("`encoder.block.0.layer.0.SelfAttention.q.weight` is fp8 in a scaled file")
+            && err.contains("is missing"),
+        "{err}"
+    );
 }
 
 /// A config folder without T5's tokenizer (as the bundled ones are): T5 is unavailable, said

@@ -58,6 +58,28 @@ impl StageOptions {
         self.attention_slice.is_some() || self.tiling.is_some() || self.on_host || self.streaming.is_some()
     }
 
+    /// The one option set of the VAE's two stages (encode, decode) from each one's choice: the
+    /// leaner of both, option by option (slicing if either slices, the smaller tile and
+    /// attention slice). The engine holds one set of VAE options for its encoder and decoder
+    /// (`sdgen::pipeline::stages::vae_options`), so this is what both stages run with: the
+    /// planner estimates both with it, and the engine reads it from the plan.
+    pub fn vae_shared(self, other: StageOptions) -> StageOptions {
+        let smaller = |a: Option<usize>, b: Option<usize>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let tiling = match (self.tiling, other.tiling) {
+            (Some(a), Some(b)) => Some(if b.tile_px < a.tile_px { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        StageOptions {
+            attention_slice: smaller(self.attention_slice, other.attention_slice),
+            image_slicing: self.image_slicing || other.image_slicing,
+            tiling,
+            ..self
+        }
+    }
+
     /// The options in words (`attention slicing (4)`, `VAE tiling (512px, overlap 128px)`).
     pub fn describe(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -640,8 +662,26 @@ impl<'r, 'a> Ctx<'r, 'a> {
         }
     }
 
+    /// The VAE's stages (encode, decode) re-estimated with their one option set
+    /// ([`StageOptions::vae_shared`]): a stage whose own choice was faster runs the other's
+    /// leaner options all the same (a 4096² image-to-image pass whose f32 encoder must tile
+    /// decodes in the same tiles), and the plan must say so.
+    fn share_vae_options(&self, per_batch: usize, mut stages: Vec<StagePlan>) -> Vec<StagePlan> {
+        let vae: Vec<usize> = (0..self.stages.len()).filter(|&i| self.stages[i].spec.options.is_vae()).collect();
+        let Some(shared) = vae.iter().map(|&i| stages[i].options).reduce(StageOptions::vae_shared) else {
+            return stages;
+        };
+        for i in vae {
+            if stages[i].options != shared {
+                stages[i] = self.estimate(&self.stages[i], per_batch, shared);
+            }
+        }
+        stages
+    }
+
     fn assemble(&self, per_batch: usize, stages: Vec<StagePlan>) -> Plan {
         let req = self.req;
+        let stages = self.share_vae_options(per_batch, stages);
         let fits = stages.iter().all(|s| s.fits);
         Plan {
             family: req.profile.name.to_string(),

@@ -42,6 +42,15 @@ pub struct StageOptionsSpec {
     pub host_offload: bool,
 }
 
+impl StageOptionsSpec {
+    /// Whether the stage runs one half of the VAE (it admits VAE slicing or tiling): the engine
+    /// runs the VAE's encoder and decoder with one set of options
+    /// ([`StageOptions::vae_shared`](super::StageOptions::vae_shared)).
+    pub fn is_vae(&self) -> bool {
+        self.image_slicing || self.tiling.is_some()
+    }
+}
+
 /// The tensor whose width stands for a stage's activations. Its coefficients are measured on the
 /// family's standard model; a model of the same architecture at another width (a pruned or
 /// distilled one, the tests' tiny models) holds feature maps in proportion, so the estimate
@@ -416,12 +425,21 @@ impl FamilyProfile {
             // copies), which the per-pixel term absorbs, while half precision runs channels-last
             // and needs none; the 512-wide mid attention still scores through cuBLAS. CPU: 16 MiB column bands and the
             // blocked attention, so the feature maps alone grow with the image.
+            //
+            // The decoded image is held whole however it is decoded (`pipeline::stages::decode`):
+            // tiles are stitched into it (the cropped rows, then their concatenation), then
+            // `(x / 2 + 0.5).clamp(0, 1)` and its f32 copy for the host — 18 bytes per output
+            // pixel in half precision (3 channels: 6 + 12), 24 in f32 (12 + 12). Untiled it
+            // was inside the per-pixel term, which gives it back (the fitted sums are
+            // unchanged); tiled it is most of the stage: `--quality 4k-ultra`'s 4096² decode
+            // in 512 px tiles measured 0.88 GiB with its weights on an H100 (2026-12-07,
+            // `tools/gpu/presets_4k.sh`), the tile's 1,700 B/px + 80 MiB alone 0.63 of it.
             fast: FastCoefficients {
                 cpu_f32: Some(SD15_DECODE_CPU_F32_FAST),
-                gpu_f32: Some(c(3_430.0, d.bytes_per_pixel_at_attention, 8.0, 0.0, 4.0 * MIB)),
+                gpu_f32: Some(c(3_430.0 - 24.0, d.bytes_per_pixel_at_attention, 8.0, 24.0, 4.0 * MIB)),
                 // Half precision runs channels-last on cuDNN: no NHWC copies in the workspace
                 // (H100, 2026-12-07: 512²–1280², 1–4 images, SD 1.5's and SDXL's decoders).
-                gpu_half: Some(c(1_700.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 0.0, 80.0 * MIB)),
+                gpu_half: Some(c(1_700.0 - 18.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 18.0, 80.0 * MIB)),
                 ..Default::default()
             },
             coefficients: CoefficientTable {
@@ -448,7 +466,20 @@ impl FamilyProfile {
             batch: BatchRule::Images,
             attention: vae_attention,
             conv_column_elements_per_pixel: None,
-            fast: FastCoefficients { cpu_f32: Some(SD15_ENCODE_CPU_F32_FAST), ..Default::default() },
+            // The fast kernels on CUDA in f32 (cuDNN, channels-first; SDXL's img2img encodes in
+            // f32 whatever the run's dtype): fitted to the mean of `--quality 4k`'s 2048² encode
+            // in two runs, 8.45 and 8.41 GiB with the 137 MB of weights (H100, 2026-12-07,
+            // `tools/gpu/presets_4k.sh`: the 4k preset's hires pass and 4k-ultra's first one;
+            // the only fast-kernel encode measured), the decoder's f32 constant taken for the
+            // fixed term. (The stock column's one point, 1024² in `sdxl_gpu_peaks.jsonl`, was
+            // measured with candle's im2col convolutions.) The image is held whole on
+            // the device in the run's dtype and in f32 (6 + 12 bytes a pixel in a half-precision
+            // run), tiled or not. Half precision: not measured (the stock column).
+            fast: FastCoefficients {
+                cpu_f32: Some(SD15_ENCODE_CPU_F32_FAST),
+                gpu_f32: Some(c(2_106.0, e.bytes_per_pixel_at_attention, 8.0, 18.0, 4.0 * MIB)),
+                ..Default::default()
+            },
             coefficients: CoefficientTable {
                 cpu_f32: e,
                 cpu_half: c(e.bytes_per_pixel, 0.6 * e.bytes_per_pixel_at_attention, 12.0, 0.0, e.fixed_bytes),

@@ -483,6 +483,7 @@ mod tests {
     };
 
     use super::only_at_full_precision;
+    use crate::error::field::WEIGHTS;
 
     /// A later pass whose plan fits only with quantised weights is refused naming the field, the
     /// weights and what to do; a plan at full precision passes.

@@ -42,10 +42,18 @@ pub(crate) fn is_fp8(dtype: &str) -> bool {
     dtype.starts_with("F8_")
 }
 
+/// Name endings (diffusers' names) of the matrices read as embedding tables, not linear layers:
+/// dequantised once as they load, so never held in fp8 (ComfyUI's plain fp8 T5 stores its token
+/// and relative-position tables in fp8 too).
+const EMBEDDING_TABLES: &[&str] = &["shared.weight", "embed_tokens.weight", "relative_attention_bias.weight"];
+
 /// Whether a tensor stored as `info` under the diffusers name `name` is held as fp8 bytes once
-/// loaded: an E4M3 matrix that is a layer's weight (what `linear()` keeps).
+/// loaded: an E4M3 matrix that is a linear layer's weight (what `linear()` keeps).
 pub(crate) fn held_in_fp8(name: &str, info: &TensorInfo) -> bool {
-    info.dtype == fp8::STORED && info.shape.len() == 2 && name.ends_with(".weight")
+    info.dtype == fp8::STORED
+        && info.shape.len() == 2
+        && name.ends_with(".weight")
+        && !EMBEDDING_TABLES.iter().any(|table| name.ends_with(table))
 }
 
 /// Checks a denoiser's fp8 tensors against the format and returns the scale entries to serve
@@ -148,6 +156,12 @@ mod tests {
         assert!(held_in_fp8("a.to_q.weight", &w("F8_E4M3", &[8, 8])));
         assert!(!held_in_fp8("a.conv.weight", &w("F8_E4M3", &[8, 8, 3, 3])));
         assert!(!held_in_fp8("a.to_q.weight", &w("BF16", &[8, 8])));
+        // T5's embedding tables are dequantised as they load.
+        assert!(!held_in_fp8("shared.weight", &w("F8_E4M3", &[8, 8])));
+        assert!(!held_in_fp8(
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            &w("F8_E4M3", &[8, 8])
+        ));
         assert!(check_scalar("s", &w("F32", &[])).is_ok() && check_scalar("s", &w("F32", &[1])).is_ok());
         assert!(check_scalar("s", &w("F32", &[2])).is_err() && check_scalar("s", &w("I64", &[])).is_err());
     }

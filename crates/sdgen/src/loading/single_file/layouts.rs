@@ -146,8 +146,8 @@ const fn sd35_encoder(
 /// SD 3.5's models (`sd3.5_large.safetensors`, `sd3.5_medium.safetensors`): CLIP-L and
 /// OpenCLIP bigG with projections and T5-XXL's encoder, in transformers' names (inside the file
 /// or beside it), the MMDiT under `model.diffusion_model.` in SAI's names, the VAE as SD 1.x's.
-/// Stability publishes T5 in 16 and 8 bits; the 16-bit file is looked for first (8-bit floats are
-/// refused by name when opened).
+/// Stability publishes T5 in 16 and 8 bits, ComfyUI also a scaled 8-bit one; the 16-bit file is
+/// looked for first, then the scaled 8-bit one (its per-layer scales keep more of the weights).
 const SD35_COMPONENTS: &[ComponentLayout] = &[
     // SAI's reference does not project CLIP-L's pooled output: a file without its projection
     // gets the identity, as diffusers' `create_diffusers_clip_model_from_ldm` gives it.
@@ -174,7 +174,7 @@ const SD35_COMPONENTS: &[ComponentLayout] = &[
         "text_encoder_3",
         "T5-XXL text encoder",
         "text_encoders.t5xxl.transformer.",
-        &["t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors"],
+        &["t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl_fp8_e4m3fn.safetensors"],
         rules::T5_ENCODER,
         ModelKind::T5,
     ),

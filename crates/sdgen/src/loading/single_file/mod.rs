@@ -59,6 +59,16 @@ pub enum ModelKind {
     T5,
 }
 
+impl ModelKind {
+    /// Whether its fp8 weights are read (held one byte a weight, each linear layer's dequantised
+    /// for its own product; `fp8.rs` checks the format): the denoisers' (Stability's and
+    /// ComfyUI's fp8 checkpoints) and T5's (ComfyUI's `t5xxl_fp8_e4m3fn.safetensors` and
+    /// `t5xxl_fp8_e4m3fn_scaled.safetensors`). CLIP and VAE weights in fp8 are refused by name.
+    fn reads_fp8(self) -> bool {
+        matches!(self, ModelKind::Unet | ModelKind::MMDiT | ModelKind::T5)
+    }
+}
+
 /// A file beside the checkpoint that holds one of its models when the checkpoint does not, under
 /// the model's own names (SD 3.5's `text_encoders/clip_l.safetensors`).
 #[derive(Debug)]
@@ -386,10 +396,7 @@ fn locate(
     let Some(beside) = layout.beside.as_ref().filter(|_| !recognition::has_prefix(&header.tensors, layout.prefix))
     else {
         let v = view(path, &header.tensors, layout.prefix, config_dir, family, layout, why)?;
-        // A denoiser's fp8 weights are read (`fp8.rs` checked them); another model's are not.
-        if layout.component != family.denoiser.component {
-            check_dtypes(&v, layout, "a checkpoint without 8-bit weights")?;
-        }
+        check_dtypes(&v, layout, "a checkpoint without 8-bit weights")?;
         return Ok(v);
     };
     let dir = path.parent().unwrap_or(Path::new(".")).join(beside.folder);
@@ -411,14 +418,17 @@ fn locate(
     let own = SafetensorsHeader::read(&file)?;
     let why = format!("{why}; {} beside it is taken for its {}", file.display(), layout.what);
     let v = view(&file, &own.tensors, "", config_dir, family, layout, &why)?;
-    check_dtypes(&v, layout, &format!("{} in {}", beside.files[0], dir.display()))?;
+    check_dtypes(&v, layout, &format!("a 16-bit {} in {}", beside.files[0], dir.display()))?;
     Ok(v)
 }
 
-/// Refuses a text encoder or VAE stored in 8-bit floats (Stability's
-/// `t5xxl_fp8_e4m3fn.safetensors`, the text encoders of ComfyUI's `*fp8*` checkpoints), which this
-/// build reads for denoisers only, naming what to use instead.
+/// Refuses a model stored in 8-bit floats whose fp8 weights this build does not read
+/// ([`ModelKind::reads_fp8`]: a CLIP text encoder or a VAE, e.g. a T5 fp8 file put where a CLIP
+/// file is looked for), naming what to use instead.
 fn check_dtypes(v: &ComponentView, layout: &ComponentLayout, instead: &str) -> Result<()> {
+    if layout.kind.reads_fp8() {
+        return Ok(());
+    }
     match v.tensors.iter().find(|(_, t)| fp8::is_fp8(&t.dtype)) {
         Some((name, t)) => Err(Error::InvalidInput(format!(
             "{}: its {} is stored as {} (`{}`, and others), which this build does not read: use {instead}",
@@ -586,8 +596,8 @@ fn view(
             config_path.display()
         )));
     }
-    // A denoiser's fp8 weights get their scales beside them (checked against the format).
-    if layout.component == family.denoiser.component {
+    // A denoiser's or T5's fp8 weights get their scales beside them (checked against the format).
+    if layout.kind.reads_fp8() {
         renamed.extend(fp8::scales(path, tensors, prefix, &renamed, &sources)?);
     }
     Ok(ComponentView {
