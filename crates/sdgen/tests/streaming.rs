@@ -23,10 +23,13 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Random inputs of the model's geometry on `dev`: a guided batch of 2 at 16×16 latents.
-fn inputs(model: &ModelFolder, dev: &Device) -> (Tensor, Tensor, Conditioning) {
+/// Random inputs of the model's geometry on `dev` in `dtype` (as the pipelines hand them to the
+/// denoiser): a guided batch of 2 at 16×16 latents.
+fn inputs(model: &ModelFolder, dev: &Device, dtype: DType) -> (Tensor, Tensor, Conditioning) {
     let g = model.denoiser_geometry().unwrap();
-    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_device(dev).unwrap();
+    let randn = |shape: &[usize]| {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(dev).unwrap()
+    };
     let latents = randn(&[2, g.in_channels, 16, 16]);
     let timesteps = Tensor::new(&[500f64, 500.0], &Device::Cpu).unwrap();
     let family = model.family().name;
@@ -34,7 +37,7 @@ fn inputs(model: &ModelFolder, dev: &Device) -> (Tensor, Tensor, Conditioning) {
         "sdxl" => {
             let unet: UNetConfig = model.config("unet", "config.json").unwrap();
             let text = unet.projection_class_embeddings_input_dim.unwrap() - 6 * unet.addition_time_embed_dim.unwrap();
-            let ids = Tensor::new(&[[256f32, 256., 0., 0., 256., 256.]; 2], dev).unwrap();
+            let ids = Tensor::new(&[[256f32, 256., 0., 0., 256., 256.]; 2], dev).unwrap().to_dtype(dtype).unwrap();
             (Some(randn(&[2, text])), Some(ids))
         }
         "sd35-large" | "sd35-medium" => {
@@ -53,7 +56,7 @@ fn streamed_denoisers_match(dev: &Device, dtype: DType) {
         let model = open(name);
         let blocks = model.denoiser_stream_blocks().unwrap().len();
         assert!(blocks > 2, "{name}: {blocks} blocks");
-        let (latents, t, cond) = inputs(&model, dev);
+        let (latents, t, cond) = inputs(&model, dev, dtype);
         let resident = model.load_denoiser(dtype, dev).unwrap();
         let expected = values(&resident.forward(&latents, &t, &cond).unwrap());
         drop(resident);
@@ -71,6 +74,10 @@ fn streamed_denoisers_match(dev: &Device, dtype: DType) {
 #[test]
 fn streamed_denoisers_match_the_resident_ones_bit_for_bit() {
     streamed_denoisers_match(&Device::Cpu, DType::F32);
+    // bf16 as the GPU runs it (inputs in the model's dtype), where this processor has bf16.
+    if sdgen_models::ops::cpu_bf16_supported() {
+        streamed_denoisers_match(&Device::Cpu, DType::BF16);
+    }
 }
 
 /// CUDA: streamed blocks are host copies uploaded per use (`loading::stream::upload`). Run on the
@@ -88,7 +95,7 @@ fn streamed_denoisers_and_pipelines_match_on_cuda() {
 #[test]
 fn streamed_skip_layer_guidance_matches_the_resident_model() {
     let model = open("tiny-sd35-medium");
-    let (latents, t, cond) = inputs(&model, &Device::Cpu);
+    let (latents, t, cond) = inputs(&model, &Device::Cpu, DType::F32);
     let resident = model.load_denoiser(DType::F32, &Device::Cpu).unwrap();
     let expected = values(&resident.forward_skipping(&latents, &t, &cond, &[1]).unwrap());
     let streamed =
