@@ -467,6 +467,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("quality", "--quality"),
     ("from_png", "--from-png"),
     ("output", "--output"),
+    ("max_memory", "--max-memory"),
+    ("memory_mode", "--memory-mode"),
 ];
 
 /// The flag of a request field.

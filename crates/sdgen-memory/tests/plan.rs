@@ -376,10 +376,10 @@ fn refusal_names_stage_numbers_and_what_would_help() {
     assert_eq!(stage, "denoise");
     assert_eq!((*budget_bytes, *usable_bytes), (budget, (budget as f64 * 0.9) as u64));
     assert!(*need_bytes > *usable_bytes);
-    let flags: Vec<&str> = suggestions.iter().filter_map(|s| s.flag.as_deref()).collect();
+    let flags: Vec<String> = suggestions.iter().filter_map(|s| s.flags()).collect();
     assert!(flags.iter().any(|f| f.starts_with("--width ") && f.contains(" --height ")), "{flags:?}");
     assert!(flags.iter().any(|f| f.starts_with("--max-memory ")), "{flags:?}");
-    assert!(flags.contains(&"--device cpu"), "{flags:?}");
+    assert!(flags.iter().any(|f| f == "--device cpu"), "{flags:?}");
     // The suggested size does fit, and it is the largest that does.
     let size = flags.iter().find(|f| f.starts_with("--width")).unwrap();
     let nums: Vec<usize> = size.split(' ').filter_map(|t| t.parse().ok()).collect();
@@ -390,6 +390,11 @@ fn refusal_names_stage_numbers_and_what_would_help() {
     let max = flags.iter().find(|f| f.starts_with("--max-memory")).unwrap();
     let bytes = sdgen_memory::plan::parse_memory_size(max.trim_start_matches("--max-memory ")).unwrap();
     assert!(plan(&request(&profile, &manifest, &GPU, 1024, 1, bytes, MemoryMode::Auto)).is_ok(), "{max}");
+    // A caller names the fields its own way (a server's JSON fields); the planner's Display, the
+    // command line's flags.
+    let json = err.describe(&|f| format!("`{f}`"));
+    assert!(json.contains("`max_memory` ") && json.contains("`width` ") && !json.contains("--width"), "{json}");
+    assert!(err.to_string().contains("--max-memory "), "{err}");
     assert_eq!(leanest.verdict, Verdict::DoesNotFit);
     let text = err.to_string();
     assert!(
@@ -409,7 +414,7 @@ fn refusal_names_stage_numbers_and_what_would_help() {
     // so none is suggested (a suggestion is made only where it makes the plan fit).
     let err = plan(&request(&profile, &manifest, &GPU, 1024, 1, 2 * GIB, MemoryMode::Auto)).unwrap_err();
     let PlanError::DoesNotFit { suggestions, .. } = &err else { panic!("{err}") };
-    let flags: Vec<&str> = suggestions.iter().filter_map(|s| s.flag.as_deref()).collect();
+    let flags: Vec<String> = suggestions.iter().filter_map(|s| s.flags()).collect();
     assert!(!flags.iter().any(|f| f.starts_with("--width")), "{flags:?}");
     assert!(!fits(64, 2 * GIB), "64² fits in 2GB: a size should have been suggested");
     assert!(flags.iter().any(|f| f.starts_with("--max-memory ")), "{flags:?}");

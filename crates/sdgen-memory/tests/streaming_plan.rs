@@ -125,7 +125,7 @@ fn a_budget_below_streaming_is_refused_naming_the_smallest_that_works() {
     assert_eq!((stage.as_str(), *need_bytes), ("denoise", streamed), "{err}");
     // The leanest plan it reports streams the denoiser.
     assert_eq!(leanest.stage("denoise").unwrap().options.streaming.unwrap().resident_blocks, 0, "{leanest}");
-    let flag = suggestions.iter().filter_map(|s| s.flag.as_deref()).find(|f| f.starts_with("--max-memory")).unwrap();
+    let flag = suggestions.iter().filter_map(|s| s.flags()).find(|f| f.starts_with("--max-memory")).unwrap();
     let gb: f64 = flag.trim_start_matches("--max-memory ").trim_end_matches("GB").parse().unwrap();
     let at = |gb: f64| plan(&request(&m, &p, (gb * GIB as f64) as u64, MemoryMode::Auto));
     let fits = at(gb).unwrap();

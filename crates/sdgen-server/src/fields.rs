@@ -26,8 +26,16 @@ const A1111_FIELDS: &[(&str, &str)] = &[
     ("hires_strength", "denoising_strength"),
 ];
 
+/// Fields no request sets on this server: its own flags, which its operator sets (the planner's
+/// advice for a job that does not fit may name them).
+const SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("max_memory", "the server's --max-memory"),
+    ("dtype", "the server's --dtype"),
+    ("device", "the server's --device"),
+];
+
 fn lookup(table: &[(&str, &'static str)], field: &'static str) -> &'static str {
-    table.iter().find(|(f, _)| *f == field).map_or(field, |&(_, name)| name)
+    table.iter().chain(SERVER_SETTINGS).find(|(f, _)| *f == field).map_or(field, |&(_, name)| name)
 }
 
 /// The job API's name of an engine field.

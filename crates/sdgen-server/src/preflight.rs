@@ -126,7 +126,7 @@ impl Preflight {
         let plan = |m: &ModelFolder, s: &Settings, img2img: bool, pass: &str| {
             sdgen::planning::plan_run(m, s, req.params.n, img2img, &rt.device, rt.dtype, memory)
                 .map(|_| ())
-                .map_err(|e| does_not_fit(pass, e))
+                .map_err(|e| does_not_fit(pass, &e, name))
         };
         plan(&model, &settings, req.img2img.is_some(), "")?;
         // The refiner runs after the base is unloaded: planned on its own, as the engine does.
@@ -176,14 +176,14 @@ fn about(field: &'static str, e: sdgen::Error) -> sdgen::Error {
     }
 }
 
-/// The planner's refusal of a pass (`pass` names it, empty for the first): 507 with its numbers.
-fn does_not_fit(pass: &str, e: sdgen::Error) -> ApiError {
+/// The planner's refusal of a pass (`pass` names it, empty for the first): 507 with its numbers,
+/// the fields its advice would change named as the API (`name`) names them.
+fn does_not_fit(pass: &str, e: &sdgen::Error, name: &dyn Fn(&'static str) -> Option<&'static str>) -> ApiError {
+    let engine = ApiError::from_engine(e, name);
+    let lead = "the job does not fit this server's memory: ";
     ApiError {
         field: None,
-        ..ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "does_not_fit",
-            format!("the job does not fit this server's memory: {pass}{e}"),
-        )
+        template: engine.template.map(|t| format!("{lead}{pass}{t}")),
+        ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "does_not_fit", format!("{lead}{pass}{}", engine.message))
     }
 }

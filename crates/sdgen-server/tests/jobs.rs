@@ -122,9 +122,13 @@ fn a_job_too_big_for_the_budget_is_refused_before_it_is_queued() {
     assert_eq!(r.status, 507, "{}", r.text());
     let v = r.json();
     assert_eq!(v["error"], "does_not_fit");
-    // The planner's numbers.
-    assert!(v["message"].as_str().unwrap().contains("MB"), "{v}");
-    assert_eq!(server.post("/sdapi/v1/txt2img", r#"{"prompt": "a cat", "steps": 2}"#).status, 507);
+    // The planner's numbers, and its advice naming the server's own setting (no generate flag).
+    let message = v["message"].as_str().unwrap();
+    assert!(message.contains("MB") && message.contains("the server's --max-memory "), "{v}");
+    common::assert_names_no_cli_flag(&r.text());
+    let a1111 = server.post("/sdapi/v1/txt2img", r#"{"prompt": "a cat", "steps": 2}"#);
+    assert_eq!(a1111.status, 507);
+    common::assert_names_no_cli_flag(&a1111.text());
     let metrics = server.get("/metrics").text();
     assert!(metrics.contains("sdgen_queue_depth 0") && metrics.contains("reason=\"does_not_fit\"} 2"), "{metrics}");
 }

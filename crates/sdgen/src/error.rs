@@ -98,6 +98,18 @@ pub mod field {
         HIRES_STRENGTH = "hires_strength",
         QUALITY = "quality",
         OUTPUT = "output",
+        MAX_MEMORY = "max_memory",
+        MEMORY_MODE = "memory_mode",
+    }
+}
+
+/// A field named at run time (the planner's advice names the fields it would change) as a
+/// reference callers spell their own way; one that is not a request field keeps its flag
+/// spelling (`--name`).
+pub fn field_ref_named(name: &str) -> String {
+    match field::ALL.iter().find(|&&f| f == name) {
+        Some(&known) => FieldRef(known).to_string(),
+        None => sdgen_memory::plan::flag_name(name),
     }
 }
 

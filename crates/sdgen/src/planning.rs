@@ -224,7 +224,7 @@ pub fn plan_run(
             budget(device, memory.max_memory_bytes, memory.warm_bytes),
         )
     };
-    let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.describe(&crate::error::field_ref_named)))?;
     if let Some(w) = requirement_warning(&profile, &plan, device, memory.max_memory_bytes) {
         plan.warning = Some(match plan.warning.take() {
             Some(other) => format!("{w}\n{other}"),

@@ -1,7 +1,7 @@
 //! What would help: the refusal's suggestions and the slower-options warning, each checked by
 //! planning the changed request (a suggestion is made only when it makes the plan fit).
 
-use super::error::{PlanError, Suggestion};
+use super::error::{Fix, PlanError, Suggestion};
 use super::manifest::Precision;
 use super::planner::{Ctx, Ladder, Plan, Verdict};
 use super::request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest};
@@ -66,24 +66,26 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
     let mut suggestions = Vec::new();
     if let Some(balanced) = balanced.filter(|_| req.mode == MemoryMode::Fast) {
         suggestions.push(Suggestion {
-            flag: Some("--memory-mode balanced".into()),
+            fixes: vec![Fix::new("memory_mode", "balanced")],
             detail: format!("fits with {}", balanced.slower_options().join(", ")),
         });
     }
     if let Some((w, h)) = largest_size(req, feasible) {
-        suggestions.push(Suggestion { flag: Some(format!("--width {w} --height {h}")), detail: "fits".into() });
+        let fixes = vec![Fix::new("width", w.to_string()), Fix::new("height", h.to_string())];
+        suggestions.push(Suggestion { fixes, detail: "fits".into() });
     }
     if req.precision == Precision::F32 && feasible(&PlanRequest { precision: Precision::Bf16, ..req.clone() }) {
-        suggestions.push(Suggestion { flag: Some("--dtype bf16".into()), detail: "half the weight memory".into() });
+        suggestions
+            .push(Suggestion { fixes: vec![Fix::new("dtype", "bf16")], detail: "half the weight memory".into() });
     }
     let need_all = plan.peak_bytes.max(need_bytes) as f64 / (1.0 - req.safety_margin);
     match req.budget.source {
         BudgetSource::MaxMemory => suggestions.push(Suggestion {
-            flag: Some(format!("--max-memory {}", max_memory_value(need_all))),
+            fixes: vec![Fix::new("max_memory", max_memory_value(need_all))],
             detail: "if the machine has it".into(),
         }),
         BudgetSource::ProcessLimit => suggestions.push(Suggestion {
-            flag: None,
+            fixes: Vec::new(),
             detail: format!(
                 "raise this process's memory limit (ulimit -v, or the container's or service's memory limit) so \
                  that {} are free under it",
@@ -93,7 +95,7 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
         BudgetSource::GpuFree | BudgetSource::SystemAvailable => match req.budget.machine_bytes {
             // Freeing memory cannot reach more than the machine has.
             Some(machine) if need_all > machine as f64 => suggestions.push(Suggestion {
-                flag: None,
+                fixes: Vec::new(),
                 detail: format!(
                     "this machine has {} in all, less than the {} this needs: a machine with more memory",
                     format_bytes(machine),
@@ -101,7 +103,7 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
                 ),
             }),
             _ => suggestions.push(Suggestion {
-                flag: None,
+                fixes: Vec::new(),
                 detail: format!(
                     "free memory: close other programs until {} is available",
                     format_bytes(need_all.ceil() as u64)
@@ -120,14 +122,14 @@ pub(crate) fn does_not_fit(ctx: &Ctx, balanced: Option<&Plan>) -> PlanError {
             };
             if feasible(&cpu) {
                 suggestions.push(Suggestion {
-                    flag: Some("--device cpu".into()),
+                    fixes: vec![Fix::new("device", "cpu")],
                     detail: format!("fits in {} of RAM, much slower", format_bytes(host)),
                 });
             }
         }
     }
     if let Some(model) = req.profile.smaller_model {
-        suggestions.push(Suggestion { flag: Some(format!("--model {model}")), detail: "a smaller model".into() });
+        suggestions.push(Suggestion { fixes: vec![Fix::new("model", model)], detail: "a smaller model".into() });
     }
     PlanError::DoesNotFit {
         stage,

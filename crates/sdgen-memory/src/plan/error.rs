@@ -6,22 +6,63 @@ use serde::{Deserialize, Serialize};
 use super::planner::Plan;
 use super::table::format_bytes;
 
+/// A request field a suggestion changes and the value to give it. The field is the engine
+/// request's name (`max_memory`); each caller spells it its own way ([`Suggestion::describe`]: a
+/// command line's flag, a server's JSON field), so the advice names what its reader can send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fix {
+    /// The field (`width`).
+    pub field: String,
+    /// Its value (`512`).
+    pub value: String,
+}
+
+impl Fix {
+    /// `field` set to `value`.
+    pub fn new(field: &str, value: impl Into<String>) -> Self {
+        Self { field: field.into(), value: value.into() }
+    }
+}
+
+/// A field spelled as `generate`'s flag (`max_memory` → `--max-memory`): how the planner's own
+/// `Display` names fields, for the command line and the logs.
+pub fn flag_name(field: &str) -> String {
+    format!("--{}", field.replace('_', "-"))
+}
+
 /// Something that would make a refused generation fit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Suggestion {
-    /// The flag(s) to pass (`--width 512 --height 512`), when it is a flag.
-    pub flag: Option<String>,
-    /// Why, or what to do when it is not a flag.
+    /// The fields to change (`width` 512 and `height` 512), when it is a change of fields.
+    pub fixes: Vec<Fix>,
+    /// Why, or what to do when it is not a change of fields.
     pub detail: String,
+}
+
+impl Suggestion {
+    /// The suggestion with each field named as `name` says.
+    pub fn describe(&self, name: &dyn Fn(&str) -> String) -> String {
+        match (self.flags_named(name), self.detail.is_empty()) {
+            (Some(fixes), true) => fixes,
+            (Some(fixes), false) => format!("{fixes} ({})", self.detail),
+            (None, _) => self.detail.clone(),
+        }
+    }
+
+    /// The flags to pass (`--width 512 --height 512`), when it is a change of fields.
+    pub fn flags(&self) -> Option<String> {
+        self.flags_named(&flag_name)
+    }
+
+    fn flags_named(&self, name: &dyn Fn(&str) -> String) -> Option<String> {
+        let fixes: Vec<String> = self.fixes.iter().map(|f| format!("{} {}", name(&f.field), f.value)).collect();
+        (!fixes.is_empty()).then(|| fixes.join(" "))
+    }
 }
 
 impl std::fmt::Display for Suggestion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.flag {
-            Some(flag) if self.detail.is_empty() => f.write_str(flag),
-            Some(flag) => write!(f, "{flag} ({})", self.detail),
-            None => f.write_str(&self.detail),
-        }
+        f.write_str(&self.describe(&flag_name))
     }
 }
 
@@ -59,6 +100,24 @@ pub enum PlanError {
 
 impl std::fmt::Display for PlanError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.write_named(f, &flag_name)
+    }
+}
+
+impl PlanError {
+    /// The message with each field its suggestions change named as `name` says (its `Display`
+    /// names them as `generate`'s flags).
+    pub fn describe(&self, name: &dyn Fn(&str) -> String) -> String {
+        struct Named<'a>(&'a PlanError, &'a dyn Fn(&str) -> String);
+        impl std::fmt::Display for Named<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.write_named(f, self.1)
+            }
+        }
+        Named(self, name).to_string()
+    }
+
+    fn write_named(&self, f: &mut std::fmt::Formatter<'_>, name: &dyn Fn(&str) -> String) -> std::fmt::Result {
         match self {
             PlanError::DoesNotFit { stage, need_bytes, budget_bytes, usable_bytes, suggestions, plan } => {
                 let slower = plan.stages.iter().find(|s| s.stage == *stage).map(|s| s.options.describe());
@@ -85,7 +144,7 @@ impl std::fmt::Display for PlanError {
                     format_bytes(*need_bytes),
                 )?;
                 if !suggestions.is_empty() {
-                    let list: Vec<String> = suggestions.iter().map(|s| s.to_string()).collect();
+                    let list: Vec<String> = suggestions.iter().map(|s| s.describe(name)).collect();
                     write!(f, ". What would help: {}", list.join("; "))?;
                 }
                 Ok(())

@@ -66,7 +66,7 @@ pub use activation::{
     Features, KernelFamily, ENGINE_MAX_CONV_COLUMN_ELEMENTS, ENGINE_MAX_CONV_COLUMN_ELEMENTS_GPU,
     ENGINE_MAX_SCORE_ELEMENTS, ENGINE_MAX_SCORE_ELEMENTS_GPU,
 };
-pub use error::{PlanError, Suggestion};
+pub use error::{flag_name, Fix, PlanError, Suggestion};
 pub use fit::{fit_coefficients, fit_scale, relative_errors, FitError, Measurement, Term};
 pub use manifest::{Blocks, ComponentManifest, ModelManifest, Precision, StoredDType, TensorEntry};
 pub use planner::{plan, Placement, Plan, StageOptions, StagePlan, Tiling, Verdict};

@@ -171,8 +171,16 @@ impl Response {
 }
 
 /// The server's own flags, which an answer may name (what to ask the server's operator for).
-const SERVER_FLAGS: &[&str] =
-    &["--extra-model", "--extra-vae", "--extra-lora", "--job-timeout", "--max-memory", "--offline"];
+const SERVER_FLAGS: &[&str] = &[
+    "--extra-model",
+    "--extra-vae",
+    "--extra-lora",
+    "--job-timeout",
+    "--max-memory",
+    "--offline",
+    "--dtype",
+    "--device",
+];
 
 /// `text` (a server's answer) names no `--flag` but the server's own: a client of the server
 /// sends JSON fields, and the engine's messages refer to fields, which the server names as its

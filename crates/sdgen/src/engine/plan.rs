@@ -476,7 +476,6 @@ pub(super) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Va
 
 #[cfg(test)]
 mod tests {
-    use crate::error::field::WEIGHTS;
     use sdgen_memory::plan::{
         plan, Blocks, Budget, BudgetSource, ComponentManifest, FamilyProfile, ModelManifest, PlanRequest,
         QuantisedWeights, StoredDType, TensorEntry, QUANTISED_KINDS,
