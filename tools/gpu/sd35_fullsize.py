@@ -51,7 +51,7 @@ COMPONENT_CONFIGS = (("scheduler", "scheduler_config.json"), ("text_encoder", "c
                      ("text_encoder_2", "config.json"), ("text_encoder_3", "config.json"),
                      ("transformer", "config.json"), ("vae", "config.json"))
 # The sidecar's memory labels against the plan's stage names.
-STAGE_OF_LABEL = {"transformer": "denoise", "vae": "decode", "vae_encoder": "encode_image"}
+STAGE_OF_LABEL = {"transformer": "denoise", "unet": "denoise", "vae": "decode", "vae_encoder": "encode_image"}
 GIB = 2 ** 30
 # --max-memory's units are binary (sdgen-memory's plan/size.rs: GB = GiB).
 UNITS = {"B": 1, "KB": 2 ** 10, "KIB": 2 ** 10, "MB": 2 ** 20, "MIB": 2 ** 20, "GB": GIB, "GIB": GIB}

@@ -15,7 +15,7 @@ use sdgen_models::ops::attention::{attention_with, pack_heads, AttentionOptions}
 use sdgen_models::ops::conv::Conv2d;
 use sdgen_models::ops::linear::Linear;
 use sdgen_models::ops::norm::{gated_add, GroupNorm, LayerNorm, RmsNorm};
-use sdgen_models::ops::{geglu, set_fast_kernels};
+use sdgen_models::ops::{geglu, gelu_in_place, set_fast_kernels};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device")
@@ -485,6 +485,22 @@ fn channels_last_at_real_shapes() -> Result<()> {
             let what = format!("channels-last conv {shape:?} → {cout}, {k}×{k} pad {padding} stride {stride}");
             check(&what, dtype, rel_l2(&fast, &reference)?, rel_l2(&first, &reference)?);
         }
+    }
+    Ok(())
+}
+
+/// The in-place tanh GELU (the MMDiT's MLP, SD 3.5 Large's hidden width at 1024² with CFG)
+/// equals candle's `gelu` bit for bit in every dtype: it is candle's kernel, run over its own output.
+#[test]
+fn gelu_in_place_equals_gelu_at_real_shapes() -> Result<()> {
+    let dev = gpu();
+    for dtype in DTYPES {
+        let x = (randn(&[2, 4429, 9728], dtype, &dev)? * 3.0)?;
+        let want: Vec<f32> = x.gelu()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let got: Vec<f32> = gelu_in_place(x.copy()?)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+        println!("gelu in place {dtype:?}: bit-identical {same}");
+        assert!(same, "{dtype:?}: in-place GELU differs from gelu");
     }
     Ok(())
 }

@@ -2,9 +2,9 @@
 //! resident placement, a stage whose model has streamable blocks (a denoiser's, T5's) runs with
 //! its first `K` blocks resident and the rest read per use, `K` as large as the budget allows.
 //!
-//! Its peak: the resident parts, the resident blocks, the streamed blocks in flight (one while
-//! uploads are synchronous; two once the GPU prefetches into a ring, [`BLOCKS_IN_FLIGHT`]) with
-//! the read's transient, and the activations. Its cost: the bytes streamed per evaluation at the
+//! Its peak: the resident parts, the resident blocks, the streamed blocks in flight
+//! ([`blocks_in_flight`]: one where blocks are read when used, two on a discrete GPU, which builds
+//! the next block while this one computes) with the read's transient, and the activations. Its cost: the bytes streamed per evaluation at the
 //! device's measured read or copy bandwidth ([`STREAM_BANDWIDTH`]).
 
 use serde::{Deserialize, Serialize};
@@ -90,9 +90,15 @@ pub fn stream_bandwidth(device: DeviceKind) -> f64 {
     STREAM_BANDWIDTH.iter().find(|b| b.device == device).map_or(1.0e9, |b| b.bytes_per_second)
 }
 
-/// Streamed blocks materialised at once: one while uploads are synchronous (`upload` in the
-/// engine's `loading::stream`); 2 once the GPU prefetches the next block into a ring.
-pub const BLOCKS_IN_FLIGHT: u64 = 1;
+/// Streamed blocks materialised at once on `device`: one where a block is read when it is used
+/// (the CPU, unified memory); two on a discrete GPU, whose next block is copied while this one
+/// computes (`sdgen_models::stream`).
+pub fn blocks_in_flight(device: DeviceKind) -> u64 {
+    match device {
+        DeviceKind::DiscreteGpu => 2,
+        DeviceKind::Cpu | DeviceKind::UnifiedGpu => 1,
+    }
+}
 
 /// The sizes of a stage's streamable blocks.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,7 +144,7 @@ impl BlockSizes {
         let expected_ms_per_forward = (streamed_bytes as f64 / stream_bandwidth(device) * 1e3).round() as u64;
         let choice =
             Streaming { resident_blocks: resident, blocks: self.count(), streamed_bytes, expected_ms_per_forward };
-        (streamed_bytes, largest * BLOCKS_IN_FLIGHT + read, choice)
+        (streamed_bytes, largest * blocks_in_flight(device) + read, choice)
     }
 }
 
@@ -162,8 +168,9 @@ mod tests {
         let (out, in_flight, s) = sizes.split(1, DeviceKind::Cpu);
         assert_eq!((out, in_flight), (700, 600 + 2400));
         assert_eq!((s.resident_blocks, s.blocks, s.streamed_bytes), (1, 3, 700));
+        // A GPU holds the block computing and the one arriving; its copies wait on the host.
         let (_, in_flight, _) = sizes.split(0, DeviceKind::DiscreteGpu);
-        assert_eq!(in_flight, 600);
+        assert_eq!(in_flight, 2 * 600);
         assert!(BlockSizes::of(&m, &["x.0".to_string()], Precision::F32).is_none());
     }
 }

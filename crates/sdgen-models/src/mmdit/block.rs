@@ -111,8 +111,9 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (PyTorch's `approximate="tanh"`).
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        // candle's `gelu` is the tanh approximation (PyTorch's `approximate="tanh"`); in place, so
+        // the 4×-wide hidden activation is held once.
+        self.proj_out.forward(&crate::ops::gelu_in_place(self.proj_in.forward(x)?)?)
     }
 }
 

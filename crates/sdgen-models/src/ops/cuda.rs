@@ -13,7 +13,7 @@ use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
 use super::norm::GroupNorm;
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sdgen_ops.fatbin"));
@@ -335,6 +335,46 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     l.arg(&xp).arg(&yp).arg(&inner_i).arg(&n_i);
     unsafe { l.launch(launch_1d(n, 256, 1 << 20)) }.map_err(wrap)?;
     Ok(into_tensor(out, &dims))
+}
+
+/// The bytes of a one-byte tensor (fp8 weights) as a `U8` tensor of its shape, by a device copy:
+/// candle 0.11.1 cannot cast `F8E4M3` on CUDA (it asks for `cast_f8e4m3_*`, its kernels are named
+/// `cast_f8_e4m3_*`), so fp8 weights are looked up by byte instead (`ops::fp8`).
+pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
+    let device = cuda_device(t)?;
+    let t = t.contiguous()?;
+    let n = t.elem_count();
+    let stream = device.cuda_stream();
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else { bail!("not a CUDA tensor") };
+    let src = match s.dtype() {
+        DType::F8E4M3 => s.as_cuda_slice::<float8::F8E4M3>()?.device_ptr(&stream).0,
+        DType::U8 => s.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
+        d => bail!("{d:?} is not a one-byte dtype"),
+    } + layout.start_offset() as u64;
+    // Safety: filled by the copy below before any use, in stream order.
+    let mut dst = unsafe { stream.alloc::<u8>(n) }.map_err(wrap)?;
+    let (dp, _) = dst.device_ptr_mut(&stream);
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dp, src, n, stream.cu_stream()) }.map_err(wrap)?;
+    Ok(into_tensor(CudaStorage::wrap_cuda_slice(dst, device.clone()), t.dims()))
+}
+
+/// [`super::gelu_in_place`]: candle's `ugelu_*` kernel with no input, which its kernels read as
+/// "in place" (`x = inp ? inp[i] : out[i]`), so the numbers are `gelu`'s to the bit.
+pub(crate) fn gelu_in_place(x: Tensor) -> Result<Tensor> {
+    let device = cuda_device(&x)?;
+    let name = format!("ugelu_{}", x.dtype().as_str());
+    let f = device.get_or_load_func(&name, &candle_core::cuda_backend::kernels::UNARY)?;
+    let stream = device.cuda_stream();
+    let n = x.elem_count();
+    let out = Input::new(&x)?.ptr(&stream, 0)?;
+    let (numel, dims, info, inp) = (n, 0usize, 0u64, 0u64);
+    let mut l = f.builder();
+    l.arg(&numel).arg(&dims).arg(&info).arg(&inp).arg(&out);
+    // Safety: `x` is contiguous and solely ours (the caller's contract); every element is read
+    // and written by the same thread.
+    unsafe { l.launch(launch_1d(n, 256, 1 << 20)) }.map_err(wrap)?;
+    Ok(x)
 }
 
 /// `(cudaDataType, element bytes)` of a dtype for cuBLAS.

@@ -19,6 +19,8 @@
 //! candle's fp8 cast then the scale on CUDA). Every other reader asks for the plain name and gets
 //! the weight dequantised once.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use float8::F8E4M3;
@@ -54,8 +56,11 @@ pub fn split_companion(name: &str) -> Option<(&str, bool)> {
 /// A matrix held as fp8 bytes with its per-tensor scale.
 #[derive(Debug, Clone)]
 pub struct Fp8Weight {
+    /// `F8E4M3`; on CUDA the same bytes as `U8` (see [`Self::dequantise`]).
     bytes: Tensor,
     scale: f32,
+    /// On CUDA, the dequantisation table in each dtype asked for (256 values, made once).
+    tables: Arc<Mutex<Vec<Tensor>>>,
 }
 
 impl Fp8Weight {
@@ -67,10 +72,12 @@ impl Fp8Weight {
         if !scale.is_finite() {
             candle_core::bail!("an fp8 weight's scale must be finite, not {scale}")
         }
-        Ok(Self { bytes, scale })
+        #[cfg(feature = "cuda")]
+        let bytes = if bytes.device().is_cuda() { super::cuda::bytes_as_u8(&bytes)? } else { bytes };
+        Ok(Self { bytes, scale, tables: Arc::default() })
     }
 
-    /// The stored bytes.
+    /// The stored bytes (`F8E4M3`; `U8` on CUDA).
     pub fn bytes(&self) -> &Tensor {
         &self.bytes
     }
@@ -85,11 +92,40 @@ impl Fp8Weight {
     pub fn dequantise(&self, dtype: DType) -> Result<Tensor> {
         match self.bytes.device() {
             Device::Cpu => self.dequantise_cpu(dtype),
+            // Each byte looked up in the CPU's table, uploaded once: the same values bit for bit.
+            dev @ Device::Cuda(_) => {
+                let table = self.table_on(dtype, dev)?;
+                table.index_select(&self.bytes.flatten_all()?, 0)?.reshape(self.bytes.shape())
+            }
             dev => {
                 let scale = Tensor::new(self.scale, dev)?.to_dtype(dtype)?;
                 self.bytes.to_dtype(dtype)?.broadcast_mul(&scale)
             }
         }
+    }
+
+    /// The 256-value table of this weight in `dtype`, on `dev` (kept after the first use).
+    fn table_on(&self, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tables.iter().find(|t| t.dtype() == dtype) {
+            return Ok(t.clone());
+        }
+        let scale = self.scale;
+        let host = match dtype {
+            DType::F32 => Tensor::new(&table(|v| v * scale), &Device::Cpu)?,
+            DType::BF16 => {
+                let s = bf16::from_f32(scale).to_f32();
+                Tensor::new(&table(|v| bf16::from_f32(v * s)), &Device::Cpu)?
+            }
+            DType::F16 => {
+                let s = f16::from_f32(scale).to_f32();
+                Tensor::new(&table(|v| f16::from_f32(v * s)), &Device::Cpu)?
+            }
+            other => candle_core::bail!("fp8 weights dequantise to f32, f16 or bf16, not {other:?}"),
+        };
+        let t = host.to_device(dev)?;
+        tables.push(t.clone());
+        Ok(t)
     }
 
     fn dequantise_cpu(&self, dtype: DType) -> Result<Tensor> {

@@ -217,6 +217,18 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     &chunks[0] * chunks[1].gelu_erf()?
 }
 
+/// The tanh GELU of `x` (PyTorch's `approximate="tanh"`, candle's `gelu`), taking `x` by value:
+/// on CUDA, a contiguous `x` is overwritten with the result (candle's own kernel, run in place),
+/// so an MLP's 4×-wide hidden activation is held once rather than twice (the MMDiT's largest
+/// transient). The caller must hold the only handle to `x`'s storage (a layer's fresh output).
+pub fn gelu_in_place(x: Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fast_cuda(x.device()) && x.is_contiguous() {
+        return cuda::gelu_in_place(x);
+    }
+    x.gelu()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,9 +5,11 @@
 //! - CPU and unified memory: the component's ordinary reader, which reads every tensor from the
 //!   file with positioned reads on each use (`read_backend`): nothing of a streamed block stays in
 //!   the process between uses.
-//! - CUDA: [`HostCopies`], which keeps each tensor it has served in host memory (read from the
-//!   file once, when the model loads and validates its streamed blocks) and copies it to the device
-//!   on every use through [`upload`], the one function the GPU work replaces.
+//! - CUDA: [`HostCopies`], which keeps each tensor it has served in pinned host memory (read from
+//!   the file once, when the model loads and validates its streamed blocks) and copies it to the
+//!   device on every use on a second stream (`sdgen_models::stream::copy`), so the model can build
+//!   the next block while this one computes. A dtype the pinned path does not cover is held in
+//!   ordinary memory and copied synchronously ([`upload`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,11 +18,40 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
 
-/// Copies a host tensor to `device`: synchronous, from pageable memory, for now. The GPU machine
-/// turns this into a copy from pinned memory on a second stream into the block ring (see
-/// `sdgen_models::stream`).
+/// Copies a host tensor held in ordinary memory to `device`, synchronously.
 pub fn upload(host: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
     host.to_device(device)
+}
+
+/// A streamed tensor as held between uses.
+#[derive(Clone)]
+enum Held {
+    /// In ordinary memory (the CPU tests, a dtype without a pinned path).
+    Host(Tensor),
+    /// In pinned memory, copied on the device's copy stream.
+    #[cfg(feature = "cuda")]
+    Pinned(std::sync::Arc<sdgen_models::stream::copy::Pinned>),
+}
+
+impl Held {
+    fn new(host: Tensor, device: &Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            if let Some(p) = sdgen_models::stream::copy::Pinned::new(&host, device)? {
+                return Ok(Self::Pinned(std::sync::Arc::new(p)));
+            }
+        }
+        let _ = device;
+        Ok(Self::Host(host))
+    }
+
+    fn upload(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Host(t) => upload(t, device),
+            #[cfg(feature = "cuda")]
+            Self::Pinned(p) => p.upload(device),
+        }
+    }
 }
 
 /// Whether streamed weights are held in host memory and uploaded per use (a discrete GPU), rather
@@ -33,7 +64,7 @@ pub fn holds_host_copies(device: &Device) -> bool {
 /// for, converted on the host: the same rounding as on the device) and uploaded on every use.
 pub struct HostCopies {
     inner: Box<dyn SimpleBackend>,
-    held: Mutex<HashMap<(String, DType), Tensor>>,
+    held: Mutex<HashMap<(String, DType), Held>>,
 }
 
 impl HostCopies {
@@ -42,29 +73,36 @@ impl HostCopies {
         Self { inner, held: Mutex::default() }
     }
 
-    fn host(
+    /// `name` in `dtype` on `dev`: its held copy uploaded, read (by `read`, on the CPU) and held
+    /// first if this is its first use.
+    fn upload(
         &self,
         name: &str,
         dtype: DType,
+        dev: &Device,
         read: impl FnOnce(&dyn SimpleBackend) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let key = (name.to_string(), dtype);
-        if let Some(t) = self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(t.clone());
-        }
-        let t = read(self.inner.as_ref())?;
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
-        Ok(t)
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let held = match held {
+            Some(h) => h,
+            None => {
+                let h = Held::new(read(self.inner.as_ref())?, dev)?;
+                self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(key, h.clone());
+                h
+            }
+        };
+        held.upload(dev)
     }
 }
 
 impl SimpleBackend for HostCopies {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        upload(&self.host(name, dtype, |b| b.get(s, name, h, dtype, &Device::Cpu))?, dev)
+        self.upload(name, dtype, dev, |b| b.get(s, name, h, dtype, &Device::Cpu))
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        upload(&self.host(name, dtype, |b| b.get_unchecked(name, dtype, &Device::Cpu))?, dev)
+        self.upload(name, dtype, dev, |b| b.get_unchecked(name, dtype, &Device::Cpu))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

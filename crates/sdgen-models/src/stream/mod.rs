@@ -22,33 +22,34 @@
 //!   positioned reads on every use: the file stays in the page cache (which the kernel can
 //!   drop), not in the process's memory, and the peak is the resident parts, one block and the
 //!   activations;
-//! - on CUDA, a reader that keeps each streamed tensor in host memory after its first read and
-//!   copies it to the device on every use, through the loader's one upload function
-//!   (`sdgen::loading::stream::upload`), synchronously for now.
+//! - on CUDA, a reader that keeps each streamed tensor in pinned host memory after its first read
+//!   and copies it to the device on every use, on a second stream ([`copy`]).
 //!
-//! # Design for the GPU: copies overlapping compute
+//! # On the GPU: copies overlapping compute
 //!
-//! A synchronous upload leaves the GPU idle while a block crosses PCIe. The plan for the GPU
-//! machine, which changes only the upload function and [`Block::with`]'s streamed arm:
+//! A block's constructor run over the CUDA reader only *enqueues* copies, so the next streamed
+//! block in forward order is built while this one computes: [`Block::with`] runs the block, then
+//! builds the next one (its copies start on the copy stream at once and run beside this block's
+//! kernels), then releases this block's weights behind its work ([`copy`]'s ordering rules). A
+//! forward holds the resident parts, at most two streamed blocks (the one computing, the one
+//! arriving: the planner's "two streamed blocks with prefetch") and the activations. The order is
+//! static (a forward visits blocks in the same order every time, skipping only skip-layer
+//! guidance's blocks), so the next block needs no prediction; after the last one the first is
+//! fetched, for the next forward. A block fetched for nothing (a skipped one) is dropped and the
+//! block wanted is built then, so the order only ever costs time, never a wrong weight.
 //!
-//! 1. host copies in pinned (page-locked) memory (`cudaHostAlloc`), filled once at load, so a
-//!    copy runs at the link's full rate and can be asynchronous;
-//! 2. a fixed ring of two device buffers, each the size of the largest streamed block, into
-//!    which blocks are copied (no allocation per use, so the device peak is exactly resident +
-//!    two blocks + activations: the planner's "two streamed blocks with prefetch");
-//! 3. a second CUDA stream for the copies: while block `i` computes on the main stream, block
-//!    `i + 1` is copied into the other ring slot; an event recorded after the copy is waited on
-//!    by the main stream before block `i + 1` runs, and an event after block `i`'s last kernel
-//!    releases its slot for block `i + 2`.
-//!
-//! The block order is static (a forward visits blocks in the same order every time, skipping
-//! only skip-layer guidance's blocks), so the prefetch needs no prediction: the next streamed
-//! block in forward order.
+//! Elsewhere (the CPU, unified memory) building a block reads the file then and there, so nothing
+//! is fetched ahead: it would hold a second block without hiding anything.
 
+#[cfg(feature = "cuda")]
+pub mod copy;
+
+use std::any::Any;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::Result;
+use candle_core::{Device, Result};
 use candle_nn::VarBuilder;
 
 use crate::attention::{AttentionOptions, AttentionOptionsCell};
@@ -75,7 +76,13 @@ pub trait StreamBlock {
     }
 }
 
-type Build<M> = Box<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
+type Build<M> = Arc<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
+
+/// A streamed block of some type, built.
+type Built = Box<dyn Any + Send>;
+
+/// Builds one streamed block from its weights.
+type Builder = Arc<dyn Fn() -> Result<Built> + Send + Sync>;
 
 enum Slot<M> {
     Resident(M),
@@ -84,7 +91,69 @@ enum Slot<M> {
         build: Build<M>,
         /// The options to give each materialised copy.
         options: AttentionOptionsCell,
+        /// Its place among the model's streamed blocks, in forward order.
+        index: usize,
+        ahead: Arc<Ahead>,
     },
+}
+
+/// One model's streamed blocks in forward order, and the next one, built ahead of its use.
+#[derive(Default)]
+struct Ahead {
+    /// Each streamed block's constructor over its weights, by index.
+    builders: Mutex<Vec<Builder>>,
+    /// The block built ahead, with its index.
+    next: Mutex<Option<(usize, Built)>>,
+    /// Whether blocks are built ahead (where building one only enqueues copies).
+    enabled: AtomicBool,
+}
+
+impl Ahead {
+    fn register(&self, builder: Builder) -> usize {
+        let mut builders = self.builders.lock().unwrap_or_else(|e| e.into_inner());
+        builders.push(builder);
+        builders.len() - 1
+    }
+
+    /// The block built ahead if it is block `index`; one built for another index is dropped
+    /// (after any work reading it, on `device`).
+    fn take(&self, index: usize, device: &Device) -> Result<Option<Built>> {
+        match self.next.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some((i, block)) if i == index => Ok(Some(block)),
+            Some((_, stale)) => {
+                release_after_compute(device)?;
+                drop(stale);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Builds the streamed block after `index` (the first after the last), if building ahead.
+    fn build_after(&self, index: usize) -> Result<()> {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let builder = {
+            let builders = self.builders.lock().unwrap_or_else(|e| e.into_inner());
+            let next = (index + 1) % builders.len().max(1);
+            builders.get(next).map(|b| (next, b.clone()))
+        };
+        if let Some((next, build)) = builder {
+            let block = build()?;
+            *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some((next, block));
+        }
+        Ok(())
+    }
+}
+
+/// Orders the drop of a streamed block's weights after the work enqueued on them (CUDA's copy
+/// stream, [`copy::release_after_compute`]); nothing to order elsewhere.
+fn release_after_compute(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    copy::release_after_compute(device)?;
+    let _ = device;
+    Ok(())
 }
 
 /// One block of a model, resident or streamed.
@@ -101,16 +170,27 @@ impl<M: std::fmt::Debug> std::fmt::Debug for Block<M> {
     }
 }
 
-impl<M: StreamBlock> Block<M> {
+impl<M: StreamBlock + Send + 'static> Block<M> {
     /// Runs `f` on the block: the resident one, or a copy materialised from its weights for the
-    /// call and dropped after it.
+    /// call (or built ahead while the previous block ran) and dropped after it, once the next
+    /// streamed block has been built ahead where that pays (see the module docs).
     pub fn with<R>(&self, f: impl FnOnce(&M) -> Result<R>) -> Result<R> {
         match &self.slot {
             Slot::Resident(m) => f(m),
-            Slot::Streamed { vb, build, options } => {
-                let m = build(vb.clone())?;
+            Slot::Streamed { vb, build, options, index, ahead } => {
+                let m = match ahead.take(*index, vb.device())? {
+                    Some(built) => *built.downcast::<M>().map_err(|_| {
+                        candle_core::Error::Msg(format!("internal error: streamed block {index} changed type"))
+                    })?,
+                    None => build(vb.clone())?,
+                };
                 m.set_attention_options(options.get());
-                f(&m)
+                let out = f(&m);
+                let next = ahead.build_after(*index);
+                release_after_compute(vb.device())?;
+                drop(m);
+                next?;
+                out
             }
         }
     }
@@ -167,6 +247,7 @@ struct Streaming {
     vb: VarBuilder<'static>,
     /// Prefixes of the blocks kept resident.
     resident: Arc<HashSet<String>>,
+    ahead: Arc<Ahead>,
 }
 
 /// The weights a streamable model is built from: the resident parts' [`VarBuilder`] and, when
@@ -195,10 +276,15 @@ impl<'a> BlockWeights<'a> {
     pub fn new(vb: VarBuilder<'a>, streamed: VarBuilder<'static>, residency: Residency, blocks: &[String]) -> Self {
         let streaming = match residency {
             Residency::Resident => None,
-            Residency::Streamed { resident_blocks } => Some(Streaming {
-                vb: streamed,
-                resident: Arc::new(blocks.iter().take(resident_blocks).cloned().collect()),
-            }),
+            Residency::Streamed { resident_blocks } => {
+                let ahead = Ahead::default();
+                ahead.enabled.store(streamed.device().is_cuda(), Ordering::Relaxed);
+                Some(Streaming {
+                    vb: streamed,
+                    resident: Arc::new(blocks.iter().take(resident_blocks).cloned().collect()),
+                    ahead: Arc::new(ahead),
+                })
+            }
         };
         let root = vb.prefix().into();
         Self { vb, streaming, built: Arc::default(), root }
@@ -209,7 +295,11 @@ impl<'a> BlockWeights<'a> {
         let s = s.to_string();
         Self {
             vb: self.vb.pp(&s),
-            streaming: self.streaming.as_ref().map(|st| Streaming { vb: st.vb.pp(&s), resident: st.resident.clone() }),
+            streaming: self.streaming.as_ref().map(|st| Streaming {
+                vb: st.vb.pp(&s),
+                resident: st.resident.clone(),
+                ahead: st.ahead.clone(),
+            }),
             built: self.built.clone(),
             root: self.root.clone(),
         }
@@ -224,7 +314,7 @@ impl<'a> BlockWeights<'a> {
     /// resident blocks. A streamed block is built once here (validating its weights) and dropped.
     pub fn block<M, F>(&self, name: impl ToString, build: F) -> Result<Block<M>>
     where
-        M: StreamBlock,
+        M: StreamBlock + Send + 'static,
         F: for<'v> Fn(VarBuilder<'v>) -> Result<M> + Send + Sync + 'static,
     {
         let at = self.pp(name);
@@ -236,17 +326,35 @@ impl<'a> BlockWeights<'a> {
         self.built.lock().unwrap_or_else(|e| e.into_inner()).push(prefix.clone());
         match at.streaming {
             Some(st) if !st.resident.contains(&prefix) => {
-                drop(build(st.vb.clone())?);
+                let validated = build(st.vb.clone())?;
+                release_after_compute(st.vb.device())?;
+                drop(validated);
+                let build: Build<M> = Arc::new(build);
+                let index = st.ahead.register({
+                    let (vb, build) = (st.vb.clone(), build.clone());
+                    Arc::new(move || Ok(Box::new(build(vb.clone())?) as Built))
+                });
                 Ok(Block {
                     slot: Slot::Streamed {
                         vb: st.vb,
-                        build: Box::new(build),
+                        build,
                         options: AttentionOptionsCell::default(),
+                        index,
+                        ahead: st.ahead,
                     },
                 })
             }
             _ => Ok(Block { slot: Slot::Resident(build(at.vb)?) }),
         }
+    }
+
+    /// Builds each streamed block ahead of its use (the default where the streamed weights are on
+    /// a CUDA device, whose reader only enqueues copies), or not. For tests elsewhere.
+    pub fn building_ahead(self, on: bool) -> Self {
+        if let Some(st) = &self.streaming {
+            st.ahead.enabled.store(on, Ordering::Relaxed);
+        }
+        self
     }
 
     /// Checks that the blocks built are `blocks`, in order: the list the planner and the
@@ -283,12 +391,10 @@ mod tests {
         VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
     }
 
-    #[test]
-    fn streamed_blocks_are_built_per_use_and_resident_ones_once() -> Result<()> {
-        let names = vec!["b.0".to_string(), "b.1".to_string()];
-        let bw = BlockWeights::new(weights(), weights(), Residency::Streamed { resident_blocks: 1 }, &names);
-        let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
-        let blocks = (0..2)
+    /// Blocks `b.0`..`b.{n-1}`, each a probe of its weight `w` counting its builds.
+    fn probes(bw: &BlockWeights, n: usize) -> Result<(Vec<Block<Probe>>, Vec<Arc<AtomicUsize>>)> {
+        let counts: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        let blocks = (0..n)
             .map(|i| {
                 let count = counts[i].clone();
                 bw.pp("b").block(i, move |vb| {
@@ -297,6 +403,14 @@ mod tests {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        Ok((blocks, counts))
+    }
+
+    #[test]
+    fn streamed_blocks_are_built_per_use_and_resident_ones_once() -> Result<()> {
+        let names = vec!["b.0".to_string(), "b.1".to_string()];
+        let bw = BlockWeights::new(weights(), weights(), Residency::Streamed { resident_blocks: 1 }, &names);
+        let (blocks, counts) = probes(&bw, 2)?;
         bw.check_built(&names)?;
         // Built once each at load (the streamed one to validate it).
         assert_eq!([counts[0].load(Ordering::Relaxed), counts[1].load(Ordering::Relaxed)], [1, 1]);
@@ -310,6 +424,36 @@ mod tests {
         assert_eq!(blocks[1].with(|p| Ok(p.1.load(Ordering::Relaxed)))?, 5);
         // A list that is not what was built is refused.
         assert!(bw.check_built(&names[..1]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn blocks_built_ahead_are_the_ones_used_next() -> Result<()> {
+        let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
+        let map: HashMap<String, Tensor> = (0..3).map(|i| (format!("b.{i}.w"), t(i as f32))).collect();
+        let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+        let names: Vec<String> = (0..3).map(|i| format!("b.{i}")).collect();
+        let bw =
+            BlockWeights::new(vb.clone(), vb, Residency::Streamed { resident_blocks: 0 }, &names).building_ahead(true);
+        let (blocks, counts) = probes(&bw, 3)?;
+        let built = || counts.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>();
+        let run = |order: &[usize]| -> Result<()> {
+            for &i in order {
+                assert_eq!(blocks[i].with(|p| p.0.to_vec1::<f32>())?, [i as f32], "block {i}");
+            }
+            Ok(())
+        };
+        assert_eq!(built(), [1, 1, 1]); // validated at load
+                                        // The first use builds on demand; every use then builds the next (the first after the last).
+        run(&[0, 1, 2])?;
+        assert_eq!(built(), [3, 2, 2]);
+        run(&[0, 1, 2])?;
+        assert_eq!(built(), [4, 3, 3]);
+        // A skipped block's early build is dropped and the block wanted built then: right weights.
+        run(&[0, 2])?;
+        assert_eq!(built(), [5, 4, 4]);
+        run(&[0])?;
+        assert_eq!(built(), [5, 5, 4]);
         Ok(())
     }
 
