@@ -391,8 +391,10 @@ mod tests {
         VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
     }
 
+    type Probes = (Vec<Block<Probe>>, Vec<Arc<AtomicUsize>>);
+
     /// Blocks `b.0`..`b.{n-1}`, each a probe of its weight `w` counting its builds.
-    fn probes(bw: &BlockWeights, n: usize) -> Result<(Vec<Block<Probe>>, Vec<Arc<AtomicUsize>>)> {
+    fn probes(bw: &BlockWeights, n: usize) -> Result<Probes> {
         let counts: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let blocks = (0..n)
             .map(|i| {
