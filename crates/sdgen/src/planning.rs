@@ -163,7 +163,7 @@ pub fn budget(device: &Device, max_memory_bytes: Option<u64>, warm_bytes: u64) -
     b
 }
 
-/// Plans a run of `n` images; `Err(InvalidInput)` with the planner's numbers and suggestions when
+/// Plans a run of `n` images; `Err(DoesNotFit)` with the planner's numbers and suggestions when
 /// nothing fits.
 pub fn plan_run(
     model: &ModelFolder,
@@ -224,7 +224,13 @@ pub fn plan_run(
             budget(device, memory.max_memory_bytes, memory.warm_bytes),
         )
     };
-    let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.describe(&crate::error::field_ref_named)))?;
+    let mut plan = plan(&request).map_err(|e| {
+        let text = e.describe(&crate::error::field_ref_named);
+        match e {
+            sdgen_memory::plan::PlanError::DoesNotFit { .. } => Error::DoesNotFit(text),
+            _ => Error::InvalidInput(text),
+        }
+    })?;
     if let Some(w) = requirement_warning(&profile, &plan, device, memory.max_memory_bytes) {
         plan.warning = Some(match plan.warning.take() {
             Some(other) => format!("{w}\n{other}"),
