@@ -216,6 +216,9 @@ pub fn plan_run(
             .map(|t| Tiling { tile_px: t.tile * t.scale, overlap_px: t.overlap * t.scale }),
         streamable: streamable(model, settings)?,
         quantised: quantised_options(model)?,
+        // The warnings' advice names fields as references, which each reader of the plan spells
+        // its own way ([`named`]; the engine's lines as its caller names fields).
+        field_name: crate::error::field_ref_named,
         ..PlanRequest::new(
             &profile,
             &manifest,
@@ -244,6 +247,13 @@ pub fn plan_run(
         });
     }
     Ok(plan)
+}
+
+/// `plan` with the fields its warning names spelled as `name` says (the CLI's flags, a server's
+/// JSON fields): how a plan from [`plan_run`] is shown or recorded outside the engine's lines.
+pub fn named(mut plan: Plan, name: &dyn Fn(&'static str) -> Option<&'static str>) -> Plan {
+    plan.warning = plan.warning.map(|w| crate::error::render(&w, name));
+    plan
 }
 
 /// The ways the planner may hold the model's weights quantised when nothing fits at full

@@ -234,7 +234,7 @@ impl Engine {
             None => None,
         };
         let model_hash = self.model_hash(&req.model, &req.open, req.vae.as_ref())?;
-        let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref());
+        let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref(), names);
         let run = Run {
             req,
             job: &job,

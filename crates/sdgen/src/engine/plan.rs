@@ -10,6 +10,7 @@ use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
 use crate::error::field::{BATCH_SIZE, MAX_MEMORY, REFINER, STEPS, WEIGHTS};
+use crate::error::FieldNames;
 use crate::loading::quantise::Quantise;
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
@@ -421,22 +422,25 @@ fn report_streaming(plan: &Plan, steps: usize, events: &mut dyn FnMut(Event)) {
     }
 }
 
-/// The sidecar fields every image of the job shares.
+/// The sidecar fields every image of the job shares; the plans' warnings name fields as `names`
+/// does.
 pub(super) fn run_metadata(
     req: &GenerateRequest,
     model: &ModelFolder,
     job: &JobPlan,
     rt: &Runtime,
     model_hash: Option<&str>,
+    names: FieldNames,
 ) -> serde_json::Map<String, serde_json::Value> {
+    let plan_json = |p: &Plan| to_json(&crate::planning::named(p.clone(), &names));
     let mut extra = serde_json::Map::new();
-    extra.insert("plan".into(), to_json(&job.plan));
+    extra.insert("plan".into(), plan_json(&job.plan));
     // Which kernels made the image: a wrong image reported with "stock" rules our kernels out.
     extra.insert("kernels".into(), crate::kernels::kernel_summary(&rt.device).into());
     // The CPU's stages (and a GPU run's host work) take as long as the threads they had.
     extra.insert("cpu_threads".into(), crate::kernels::cpu_threads().into());
     if let Some(p) = &job.refiner_plan {
-        extra.insert("refiner_plan".into(), to_json(p));
+        extra.insert("refiner_plan".into(), plan_json(p));
     }
     if let Some(vae) = &req.vae {
         extra.insert("vae".into(), vae.label().into());
@@ -501,10 +505,10 @@ pub(super) fn run_metadata(
     match job.hires_plans().collect::<Vec<_>>().as_slice() {
         [] => {}
         [one] => {
-            extra.insert("hires_plan".into(), to_json(one));
+            extra.insert("hires_plan".into(), plan_json(one));
         }
         all => {
-            extra.insert("hires_plans".into(), to_json(all));
+            extra.insert("hires_plans".into(), all.iter().map(|p| plan_json(p)).collect());
         }
     }
     if let Some(passes) = passes(job) {
