@@ -393,7 +393,7 @@ async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 /// `GET /metrics`: Prometheus text (with a broker, its live workers' beside this server's).
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let own = state.metrics.figures(state.queue.running().is_some(), state.warm.as_ref().map(WarmWeights::report));
+    let own = state.metrics.figures(!state.queue.running().is_empty(), state.warm.as_ref().map(WarmWeights::report));
     let workers = state.queue.workers();
     let text = state.metrics.render(state.queue.depth(), &own, workers.as_deref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

@@ -175,6 +175,12 @@ fn interrupt_stops_the_running_request_and_progress_shows_it_running() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(seen["state"]["sampling_steps"].as_u64(), Some(500), "{seen}");
+    // In process one job runs, on no broker's worker.
+    assert_eq!(seen["running"][0]["job"], seen["state"]["job"], "{seen}");
+    assert_eq!(
+        (seen["running"].as_array().unwrap().len(), &seen["running"][0]["worker"]),
+        (1, &serde_json::Value::Null)
+    );
     assert!(seen["progress"].as_f64().unwrap() > 0.0);
     assert_eq!(server.post("/sdapi/v1/interrupt", "").status, 200);
     let r = long.join().unwrap();
