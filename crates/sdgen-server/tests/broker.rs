@@ -273,6 +273,7 @@ fn a_restarted_server_loses_no_job_that_was_in_redis() {
     }
     assert!(server.get("/metrics").text().contains("sdgen_queue_depth 0"));
     assert_eq!(server.get("/v1/jobs/job-1-0000000000000000").status, 404);
+
     // A job this server forgot (--keep-jobs 1) is read again from Redis, its past not counted twice.
     let counted = |text: String| {
         text.lines()
@@ -283,6 +284,19 @@ fn a_restarted_server_loses_no_job_that_was_in_redis() {
     let before = counted(server.get("/metrics").text());
     assert_eq!(server.get(&format!("/v1/jobs/{}", ids[0])).json()["state"], "done");
     assert_eq!(counted(server.get("/metrics").text()), before);
+
+    // A job running while its server restarts goes on on its worker; the new server reports it
+    // whole: every image and every event, as one run in process.
+    let running = submit(&server, BATCHES);
+    wait_for(&server, &running, |j| j["progress"]["step"].as_u64().unwrap_or(0) > 0);
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
+    let server = broker_server(&redis, &["--keep-jobs", "1"]);
+    let job = ended(&server, &running);
+    assert_eq!(job["state"], "done", "{job}");
+    let (want_pngs, want_events) = in_process(BATCHES);
+    assert_eq!(pngs(&server, &job), want_pngs);
+    assert_eq!(milestones(&server, &running), want_events);
 }
 
 #[test]
