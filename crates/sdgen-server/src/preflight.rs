@@ -108,8 +108,19 @@ impl Preflight {
             true => model,
             false => model.with_loras(&local_loras).map_err(|e| about("lora", e)).map_err(engine_error)?,
         };
+        // The refiner with the VAE the engine gives it (the request's local one where it decodes
+        // the base's latents).
         let refiner = match &req.refiner {
             Some(r) => self.open(&r.source).map_err(|e| engine_error(about("refiner", e)))?,
+            None => None,
+        };
+        let refiner = match refiner {
+            Some(m) => match sdgen::engine::refiner_vae(&model, &m, req.vae.as_ref()) {
+                Some(ModelSource::Path(dir)) => {
+                    Some(m.with_vae(dir).map_err(|e| about("refiner", e)).map_err(engine_error)?)
+                }
+                _ => Some(m),
+            },
             None => None,
         };
         // Planned as the engine plans it: the warm weights count as free (evicted if need be).

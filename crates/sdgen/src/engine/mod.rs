@@ -338,8 +338,7 @@ impl Engine {
         let about = |e| Error::about("refiner", e);
         let options = OpenOptions::default();
         let refiner = self.open(source, &options, None, events).map_err(about)?.folder;
-        let shares_latents = refiner.family().handoff_from(base.family()) == Some(Handoff::Latents);
-        match vae.filter(|_| shares_latents) {
+        match refiner_vae(base, &refiner, vae) {
             Some(vae) => Ok(self.open(source, &options, Some(vae), events).map_err(about)?.folder),
             None => Ok(refiner),
         }
@@ -423,6 +422,17 @@ impl Engine {
         }
         Ok(Some(hash))
     }
+}
+
+/// The VAE a job's `vae` gives its refiner: the request's where the refiner continues `base`'s
+/// latents and decodes them (as diffusers' fp16-fix recipe passes `vae=` to both pipelines);
+/// none for a refiner of another latent space, which keeps its own.
+pub fn refiner_vae<'v>(
+    base: &ModelFolder,
+    refiner: &ModelFolder,
+    vae: Option<&'v ModelSource>,
+) -> Option<&'v ModelSource> {
+    vae.filter(|_| refiner.family().handoff_from(base.family()) == Some(Handoff::Latents))
 }
 
 /// Ends the warm store's job when the job ends, whichever way.

@@ -314,11 +314,28 @@ fn plan_lists_every_pass_and_refuses_as_the_job_does() {
     let refused = plan(&base, Some(&refiner), &req, &rt, &mut |_| {}).unwrap_err();
     assert!(refused.is_does_not_fit() && refused.is_user_error(), "{refused}");
     let ran = engine().generate(&req, &mut |_| {}, &CancelToken::new()).unwrap_err();
-    assert_eq!(ran.to_string(), refused.to_string());
+    // The same refusal, up to the figures: the process's own memory (the tests around this one
+    // run in it) counts against the budget, measured at each planning.
+    let figures_out = |e: &Error| e.to_string().replace(|c: char| c.is_ascii_digit(), "#");
+    assert!(ran.is_does_not_fit(), "{ran}");
+    assert_eq!(figures_out(&ran), figures_out(&refused));
     // A preset made for another family is refused by the plan too (not only by a run).
     let mut lcm = GenerateRequest::new(tiny_sd15(), "a lighthouse");
     crate::presets::find("lcm").unwrap().apply(&mut lcm).unwrap();
     let sd15 = tiny_sd15().open_with(&hub, &Default::default(), &mut |_| {}).unwrap();
     let e = plan(&sd15, None, &lcm, &rt, &mut |_| {}).unwrap_err();
     assert_eq!(e.field(), Some("quality"), "{e}");
+}
+
+/// A refiner that decodes the base's latents takes the request's VAE; one of another latent
+/// space (after SD 3.5) keeps its own. The engine's opening and a server's check share this.
+#[test]
+fn the_refiner_takes_the_requests_vae_only_where_it_decodes_the_bases_latents() {
+    let hub = HubOptions { offline: true, ..HubOptions::from_env() };
+    let open = |name: &str| testdata(name).open_with(&hub, &Default::default(), &mut |_| {}).unwrap();
+    let (sdxl, sd35, refiner) = (open("tiny-sdxl"), open("tiny-sd35-medium"), open("tiny-sdxl-refiner"));
+    let vae = testdata("tiny-sdxl/vae");
+    assert_eq!(refiner_vae(&sdxl, &refiner, Some(&vae)), Some(&vae));
+    assert_eq!(refiner_vae(&sd35, &refiner, Some(&vae)), None);
+    assert_eq!(refiner_vae(&sdxl, &refiner, None), None);
 }
