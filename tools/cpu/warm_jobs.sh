@@ -17,6 +17,8 @@ SERVER=${SERVER:-target/release/sdgen-server}
 MODEL=${MODEL:-testdata/tiny-sd15}
 BODY=${BODY:-'{"prompt": "a lighthouse at dusk", "seed": 1, "steps": 4, "width": 64, "height": 64}'}
 JOBS=${JOBS:-2}
+# shellcheck source=tools/cpu/server.sh
+source "$(dirname "$0")/server.sh"
 
 # Runs $JOBS jobs on a server started with "$@"; prints a line per job.
 run() {
@@ -24,15 +26,8 @@ run() {
     shift
     local log
     log=$(mktemp)
-    HF_HUB_OFFLINE=1 "$SERVER" --model "$MODEL" --listen 127.0.0.1:0 "$@" 2> "$log" &
-    local pid=$!
-    local addr=""
-    for _ in $(seq 1 200); do
-        addr=$(sed -n 's|^sdgen-server listening on http://||p' "$log" | head -1)
-        [ -n "$addr" ] && break
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { cat "$log" >&2; kill "$pid"; exit 1; }
+    local pid addr
+    start_server "$log" "$@"
     for job in $(seq 1 "$JOBS"); do
         local id
         id=$(curl -sf "http://$addr/v1/jobs" -d "$BODY" | python3 -c 'import sys, json; print(json.load(sys.stdin)["id"])')

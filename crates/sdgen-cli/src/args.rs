@@ -425,7 +425,18 @@ impl Args {
                     .map_err(|e| invalid(format!("reading prompts from standard input: {e}")))?;
                 lines(text)
             }
-            (None, p) => vec![p.map(str::to_string).or_else(|| self.prompt_flag.clone()).unwrap_or_default()],
+            // An empty prompt is a prompt (diffusers encodes "" as it does any text: an image of
+            // no prompt, A1111's default); no prompt at all is a forgotten one.
+            (None, p) => match p.map(str::to_string).or_else(|| self.prompt_flag.clone()) {
+                Some(p) => vec![p],
+                // `--check` plans without one.
+                None if self.check => vec![String::new()],
+                None => return Err(invalid(
+                    "no prompt: say what to draw (generate \"a lighthouse at dusk\"), or pass \"\" for an image of \
+                         no prompt"
+                        .into(),
+                )),
+            },
         };
         if prompts.is_empty() {
             return Err(invalid("no prompts: the file or standard input has no non-blank line".into()));

@@ -120,6 +120,7 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
         let n = resolved.request.params.n;
         match sdgen::planning::plan_run(&model, settings, n, img2img, device, dtype, resolved.request.memory) {
             Ok(plan) => {
+                let plan = sdgen::planning::named(plan, &crate::args::flag);
                 out.line(plan.to_string());
                 if let Some(w) = &plan.warning {
                     out.line(w.clone());

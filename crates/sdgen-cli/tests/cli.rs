@@ -98,6 +98,20 @@ fn n_images_get_consecutive_seeds_and_a_long_prompt_warns() {
     assert!(meta["warnings"][0].as_str().unwrap().contains("tokens were dropped"));
 }
 
+/// `generate ""` is a prompt, as diffusers reads one: an image of no prompt (its pixels against
+/// diffusers' are the engine's parity test, `the_empty_prompt_image_matches_diffusers`), its
+/// sidecar's prompt empty.
+#[test]
+fn an_empty_prompt_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("empty.png");
+    let o = generate(&["", "--model", &tiny_model(), "--seed", "7", "--steps", "2", "-W", "64", "-H", "64"], &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(meta["prompt"], "", "{meta}");
+}
+
 /// A1111's reading, the default: a long weighted prompt is encoded whole (no warning); the clip
 /// skip runs on SD 1.5.
 #[test]
@@ -123,7 +137,8 @@ fn bad_input_is_refused_clearly() {
     assert_refused(&["x", "--model", &model, "--n", "0"], &["--n"]);
     assert_refused(&["x", "--model", &model, "--scheduler", "dpm9000"], &["dpm9000", "pndm", "ddim", "euler"]);
     assert_refused(&["x", "--model", &model, "--device", "tpu"], &["--device tpu"]);
-    assert_refused(&["", "--model", &model], &["prompt is empty"]);
+    // No prompt at all is a forgotten one ("" is a prompt: see `an_empty_prompt_runs`).
+    assert_refused(&["--model", &model], &["no prompt", "or pass \"\" for an image of no prompt"]);
     assert_refused(&["x", "--model", &model, "--prompt-style", "compel"], &["compel", "a1111", "diffusers"]);
     assert_refused(&["x", "--model", &model, "--clip-skip", "0"], &["--clip-skip"]);
     assert_refused(&["x", "--model", "sd15", "--offline"], &["stable-diffusion-v1-5/stable-diffusion-v1-5", "offline"]);

@@ -329,6 +329,15 @@ fn modes_bias_the_choice() {
     let warning = balanced.warning.as_deref().unwrap();
     assert!(warning.starts_with("⚠️  WARNING: Memory is tight for SD 1.5 at 768×768 (7.2GB usable)\n   "), "{warning}");
     assert!(warning.contains("attention slicing ("), "{warning}");
+    assert!(warning.contains("Consider using --width "), "{warning}");
+    // A caller that names fields its own way gets its names in the advice.
+    let named = plan(&PlanRequest {
+        field_name: |f| format!("`{f}`"),
+        ..request(&profile, &manifest, &CPU, 768, 4, 8 * GIB, MemoryMode::Balanced)
+    })
+    .unwrap();
+    let advice = named.warning.as_deref().unwrap().lines().last().unwrap().to_string();
+    assert!(advice.starts_with("   Consider using `width` ") && advice.contains(" `height` "), "{advice}");
     let fast = at(&CPU, 768, 4, MemoryMode::Fast, 8).unwrap_err();
     let text = fast.to_string();
     assert!(text.contains("--memory-mode balanced"), "{text}");

@@ -61,7 +61,11 @@ fn sd35_large_on_an_8gb_gpu_with_8gb_of_ram_runs_on_q8_weights() {
     assert!(chosen.memory_optimizations().contains(&"quantised_weights"));
     assert!(chosen.to_string().contains("Weights: weights quantised to q8 (Q8_0, near-lossless"), "{chosen}");
     let warning = chosen.warning.as_deref().unwrap();
-    assert!(warning.contains("its weights are quantised to q8") && warning.contains("--weights"), "{warning}");
+    assert!(warning.contains("pass --weights to choose, or more --max-memory"), "{warning}");
+    // A caller that names fields its own way gets its names in the warning.
+    let json = plan(&PlanRequest { field_name: |f| format!("`{f}`"), ..offered.clone() }).unwrap();
+    let warning = json.warning.as_deref().unwrap();
+    assert!(warning.contains("pass `weights` to choose, or more `max_memory`"), "{warning}");
 
     let low = plan(&PlanRequest { mode: MemoryMode::Low, ..offered.clone() }).unwrap();
     assert_eq!(weights(&low), Some("q4"), "{low}");

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::jobs::{Api, Job, JobSpec, JobState};
+use crate::jobs::{Api, Job, JobSpec, JobState, Running};
 use crate::request::{self, Seed, Settings};
 use crate::routes::{body, submit, AppState};
 
@@ -347,10 +347,15 @@ async fn samplers() -> Json<Value> {
     Json(Value::Array(list))
 }
 
-/// `GET /sdapi/v1/progress`: the running job's progress, as A1111's `ProgressResponse`.
+/// `GET /sdapi/v1/progress`: A1111's `ProgressResponse`, which has one current job. With several
+/// workers (a broker) several jobs run at once: the current one is the longest-running — the one
+/// A1111's single queue would be on, and the one `interrupt` stops — and `state.job_count`
+/// counts every job running or queued. Each running job, with its worker and its own progress,
+/// is listed in `running` (longest-running first), a field A1111 clients ignore.
 async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
     let depth = state.queue.depth();
-    let Some(job) = state.queue.running() else {
+    let running = state.queue.running();
+    let Some(current) = running.first() else {
         return Json(json!({
             "progress": 0.0,
             "eta_relative": 0.0,
@@ -360,35 +365,48 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
             },
             "current_image": null,
             "textinfo": null,
+            "running": [],
         }));
     };
-    let s = job.status();
-    let p = &s.progress;
-    let elapsed = s.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    let eta = if p.fraction > 0.0 { elapsed / p.fraction - elapsed } else { 0.0 };
+    let job = &current.job;
+    let now = job_progress(current);
     Json(json!({
-        "progress": p.fraction,
-        "eta_relative": eta,
+        "progress": now["progress"],
+        "eta_relative": now["eta_relative"],
         "state": {
             "skipped": false,
             "interrupted": job.cancel.is_cancelled(),
             "job": job.id,
-            "job_count": depth + 1,
-            "job_timestamp": job_timestamp(&job),
-            "job_no": p.images_done,
-            "sampling_step": p.step,
-            "sampling_steps": p.steps,
+            "job_count": depth + running.len(),
+            "job_timestamp": job_timestamp(job),
+            "job_no": now["job_no"],
+            "sampling_step": now["sampling_step"],
+            "sampling_steps": now["sampling_steps"],
         },
         "current_image": null,
-        "textinfo": p.stage,
+        "textinfo": now["textinfo"],
+        "running": running.iter().map(job_progress).collect::<Vec<_>>(),
     }))
 }
 
-/// `POST /sdapi/v1/interrupt`: stops the running job at its next step (its finished images
-/// stand).
+/// Where a running job is, in A1111's words: its progress in [0, 1], the seconds left at its
+/// pace so far, the image it is on, its step of the batch's steps, its stage.
+fn job_progress(running: &Running) -> Value {
+    let s = running.job.status();
+    let p = &s.progress;
+    let elapsed = s.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let eta = if p.fraction > 0.0 { elapsed / p.fraction - elapsed } else { 0.0 };
+    json!({
+        "job": running.job.id, "worker": running.worker, "progress": p.fraction, "eta_relative": eta,
+        "job_no": p.images_done, "sampling_step": p.step, "sampling_steps": p.steps, "textinfo": p.stage,
+    })
+}
+
+/// `POST /sdapi/v1/interrupt`: stops the current job — the one `progress` reports, the
+/// longest-running — at its next step (its finished images stand).
 async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
-    if let Some(job) = state.queue.running() {
-        state.queue.cancel(&job);
+    if let Some(current) = state.queue.running().first() {
+        state.queue.cancel(&current.job);
     }
     Json(json!({}))
 }

@@ -57,7 +57,8 @@ impl ApiError {
     }
 
     /// The engine's error for a request whose fields `name` maps from the engine's names to the
-    /// API's: 422 for the user's input (naming the field), 500 for a failure while generating.
+    /// API's: 507 for the memory planner's refusal (its numbers, the fields its advice changes),
+    /// 422 for the user's input (naming the field), 500 for a failure while generating.
     pub fn from_engine(err: &sdgen::Error, name: &dyn Fn(&'static str) -> Option<&'static str>) -> Self {
         let message = err.describe(name);
         let field = err.field().map(|f| name(f).unwrap_or(f).to_string());
@@ -66,7 +67,9 @@ impl ApiError {
         if matches!(err, sdgen::Error::Cancelled) {
             return Self::new(StatusCode::CONFLICT, "cancelled", "the job was cancelled");
         }
-        if err.is_user_error() {
+        if err.is_does_not_fit() {
+            Self { field, template, ..Self::new(StatusCode::INSUFFICIENT_STORAGE, "does_not_fit", message) }
+        } else if err.is_user_error() {
             Self { field, template, ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message) }
         } else {
             Self { field, template, ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", message) }
@@ -91,8 +94,9 @@ impl ApiError {
     /// The error a `failed` event reports (from a worker, maybe in another process): its kind
     /// follows from the status, as [`ApiError::from_engine`] and [`ApiError::timed_out`] chose it.
     pub fn from_failed(status: u16, field: Option<String>, message: String, template: Option<String>) -> Self {
-        const KINDS: [(StatusCode, &str); 3] = [
+        const KINDS: [(StatusCode, &str); 4] = [
             (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            (StatusCode::INSUFFICIENT_STORAGE, "does_not_fit"),
             (StatusCode::GATEWAY_TIMEOUT, "timed_out"),
             (StatusCode::CONFLICT, "cancelled"),
         ];

@@ -365,8 +365,9 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn cancel(&self, job: &Arc<Job>) -> Cancelled;
     /// Jobs waiting.
     fn depth(&self) -> usize;
-    /// A running job (the longest-running, where several workers run jobs).
-    fn running(&self) -> Option<Arc<Job>>;
+    /// The running jobs, the longest-running first: one at most in process, one per busy
+    /// worker with a broker.
+    fn running(&self) -> Vec<Running>;
     /// Jobs allowed to wait.
     fn capacity(&self) -> usize;
     /// Refuses new jobs: shutdown. The in-process queue cancels its jobs (they die with the
@@ -377,6 +378,15 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn workers(&self) -> Option<Vec<crate::metrics::WorkerReport>> {
         None
     }
+}
+
+/// A running job and the worker running it.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The job.
+    pub job: Arc<Job>,
+    /// The broker's worker that runs it (`--worker-name`); `None` in process.
+    pub worker: Option<String>,
 }
 
 /// The jobs a server remembers: every job not yet ended, and the last `keep` that ended.

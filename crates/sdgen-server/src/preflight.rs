@@ -4,8 +4,10 @@
 //! refused at once with the planner's numbers (507), never queued to fail or run out of memory
 //! later; a setting the model cannot take gets 422 naming the field.
 //!
-//! The engine plans every job again before it loads a weight (the budget may have changed by
-//! then); this check is the early answer a client waits for, as `generate --check` is the CLI's.
+//! The check is the engine's own planning ([`sdgen::engine::plan`]), so a job is refused here
+//! exactly when the engine would refuse it with the same models and memory. The engine plans
+//! every job again before it loads a weight (the budget may have changed by then); this check
+//! is the early answer a client waits for, as `generate --check` is the CLI's.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,7 +17,7 @@ use sdgen::engine::{EngineConfig, GenerateRequest};
 use sdgen::hub::HubOptions;
 use sdgen::loading::lora::LoraFile;
 use sdgen::loading::{ModelFolder, ModelSource};
-use sdgen::pipeline::{resolve_hires, resolve_image_refiner, Img2ImgRequest, RefinerRun, Settings};
+use sdgen::pipeline::Runtime;
 
 use crate::error::ApiError;
 use crate::request::{check_output_size, upscale_factor, Limits};
@@ -65,9 +67,10 @@ impl Preflight {
         }
     }
 
-    /// Checks `req` (blocking: run it off the async threads) as the engine will run it: the
-    /// model with its local VAE and LoRAs, the first pass, the refiner and the hires pass at the
-    /// upscaled size (within `limits`), each planned on its own as the engine plans them. `name`
+    /// Checks `req` (blocking: run it off the async threads) with the engine's own planning
+    /// ([`sdgen::engine::plan`]) on the models as they are here: the model with its local VAE and
+    /// LoRAs, the refiner when it is here (a hub one not downloaded yet is planned by the worker),
+    /// every pass planned as the engine plans it, then the upscaled size within `limits`. `name`
     /// maps the engine's field names to the API's.
     pub fn check(
         &self,
@@ -88,12 +91,6 @@ impl Preflight {
                 ))
             }
         };
-        // Quantised as the engine quantises it (a GGUF is refused here, naming the field), so the
-        // plan counts the denoiser's quantised bytes.
-        let model = match req.open.weights {
-            Some(q) => model.with_quantise(Some(q)).map_err(engine_error)?,
-            None => model,
-        };
         // A VAE folder of the server's own replaces the model's (and its weights are planned); a
         // hub one is fetched by the worker, planned then.
         let model = match &req.vae {
@@ -111,57 +108,29 @@ impl Preflight {
             true => model,
             false => model.with_loras(&local_loras).map_err(|e| about("lora", e)).map_err(engine_error)?,
         };
-        let settings = match &req.img2img {
-            Some(i) => {
-                let r =
-                    Img2ImgRequest { request: req.params.clone(), init_image: i.image.clone(), strength: i.strength };
-                sdgen::pipeline::resolve_img2img(&model, &r).map_err(engine_error)?.settings
-            }
-            None => sdgen::pipeline::resolve(&model, &req.params).map_err(engine_error)?,
+        // The refiner with the VAE the engine gives it (the request's local one where it decodes
+        // the base's latents).
+        let refiner = match &req.refiner {
+            Some(r) => self.open(&r.source).map_err(|e| engine_error(about("refiner", e)))?,
+            None => None,
         };
-        let rt = &self.config.runtime;
-        // Planned as the engine plans it: the warm weights count as free (evicted if need be).
-        let warm_bytes = self.config.warm.as_ref().map_or(0, |w| w.bytes());
-        let memory = sdgen::planning::MemoryRequest { warm_bytes, ..req.memory };
-        let plan = |m: &ModelFolder, s: &Settings, img2img: bool, pass: &str| {
-            sdgen::planning::plan_run(m, s, req.params.n, img2img, &rt.device, rt.dtype, memory)
-                .map(|_| ())
-                .map_err(|e| does_not_fit(pass, &e, name))
-        };
-        plan(&model, &settings, req.img2img.is_some(), "")?;
-        // The refiner runs after the base is unloaded: planned on its own, as the engine does.
-        if let Some(r) = &req.refiner {
-            let refiner = match self.open(&r.source) {
-                Ok(Some(m)) => Some(m),
-                Ok(None) => None,
-                Err(e) => return Err(engine_error(about("refiner", e))),
-            };
-            if let Some(refiner) = &refiner {
-                let run = RefinerRun::choose(&model, refiner, r.start, r.strength)
-                    .map_err(|e| about("refiner", e))
-                    .map_err(engine_error)?;
-                match run {
-                    RefinerRun::Latents(l) => plan(l.model, &settings, false, "the refiner: ")?,
-                    RefinerRun::Image(i) => {
-                        let s = resolve_image_refiner(&model, &i, &req.params).map_err(engine_error)?;
-                        plan(i.model, &s.settings, true, "the refiner: ")?
-                    }
+        let refiner = match refiner {
+            Some(m) => match sdgen::engine::refiner_vae(&model, &m, req.vae.as_ref()) {
+                Some(ModelSource::Path(dir)) => {
+                    Some(m.with_vae(dir).map_err(|e| about("refiner", e)).map_err(engine_error)?)
                 }
-            }
-        }
-        // The upscaled size within the caps (the model's default size is known only now), then
-        // the hires pass planned at it.
+                _ => Some(m),
+            },
+            None => None,
+        };
+        // Planned as the engine plans it: the warm weights count as free (evicted if need be).
+        let rt = Runtime { warm: self.config.warm.clone(), ..self.config.runtime.clone() };
+        let job =
+            sdgen::engine::plan(&model, refiner.as_ref(), req, &rt, &mut |_| {}).map_err(|e| refused(&e, name))?;
+        // The upscaled size within the caps (the model's default size is known only now).
         if !req.upscale.is_empty() {
             let field = name("upscale").unwrap_or("upscale");
-            check_output_size(upscale_factor(req), (settings.width, settings.height), limits, field)?;
-        }
-        let (mut w, mut h) = (settings.width, settings.height);
-        for u in &req.upscale {
-            (w, h) = (w * u.factor as usize, h * u.factor as usize);
-            if let Some(strength) = u.hires_strength {
-                let s = resolve_hires(&model, &req.params, w, h, strength, u.tiled).map_err(engine_error)?;
-                plan(&model, &s.settings, true, "the hires pass: ")?;
-            }
+            check_output_size(upscale_factor(req), job.first_size, limits, field)?;
         }
         Ok(Verdict::Fits)
     }
@@ -176,14 +145,17 @@ fn about(field: &'static str, e: sdgen::Error) -> sdgen::Error {
     }
 }
 
-/// The planner's refusal of a pass (`pass` names it, empty for the first): 507 with its numbers,
-/// the fields its advice would change named as the API (`name`) names them.
-fn does_not_fit(pass: &str, e: &sdgen::Error, name: &dyn Fn(&'static str) -> Option<&'static str>) -> ApiError {
+/// The engine's refusal of the job as the API answers it; the planner's (507; a later pass's
+/// about its field) says it is this server's memory.
+fn refused(e: &sdgen::Error, name: &dyn Fn(&'static str) -> Option<&'static str>) -> ApiError {
     let engine = ApiError::from_engine(e, name);
+    if engine.status != StatusCode::INSUFFICIENT_STORAGE {
+        return engine;
+    }
     let lead = "the job does not fit this server's memory: ";
     ApiError {
-        field: None,
-        template: engine.template.map(|t| format!("{lead}{pass}{t}")),
-        ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "does_not_fit", format!("{lead}{pass}{}", engine.message))
+        message: format!("{lead}{}", engine.message),
+        template: engine.template.as_ref().map(|t| format!("{lead}{t}")),
+        ..engine
     }
 }

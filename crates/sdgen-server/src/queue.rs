@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::ApiError;
-use crate::jobs::{Broker, Cancelled, Job, JobEvent, JobImage, JobState, QueueRefusal, Registry};
+use crate::jobs::{Broker, Cancelled, Job, JobEvent, JobImage, JobState, QueueRefusal, Registry, Running};
 use crate::metrics::Metrics;
 use crate::worker::{JobSource, Reporter, Task};
 
@@ -95,8 +95,8 @@ impl Broker for Queue {
         self.lock().waiting.len()
     }
 
-    fn running(&self) -> Option<Arc<Job>> {
-        self.lock().running.clone()
+    fn running(&self) -> Vec<Running> {
+        self.lock().running.iter().map(|job| Running { job: job.clone(), worker: None }).collect()
     }
 
     fn capacity(&self) -> usize {

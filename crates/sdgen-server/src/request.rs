@@ -150,10 +150,6 @@ impl Settings {
     /// Fills in the preset, checks the server's caps (on the upscaled size too), and makes the
     /// request; the engine's own checks run in the pre-queue check.
     pub fn into_request(self, limits: &Limits, api: Api) -> Result<GenerateRequest, ApiError> {
-        // The engine refuses it too, but without a field: both APIs call it `prompt`.
-        if self.prompts.iter().all(|p| p.trim().is_empty()) {
-            return Err(ApiError::invalid("prompt", "the prompt is empty: say what to draw"));
-        }
         let preset = self
             .quality
             .as_deref()

@@ -165,10 +165,7 @@ async fn create_job(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let raw = body(&state, raw)?;
-    let (b, value) = request::parse_body::<JobBody>(&raw)?;
-    if b.prompts.is_none() && value.get("prompt").is_none() {
-        return Err(ApiError::invalid("prompt", "missing field `prompt`: say what to draw (or give `prompts`)"));
-    }
+    let (b, _) = request::parse_body::<JobBody>(&raw)?;
     if b.strength.is_some() && b.init_image.is_none() {
         return Err(ApiError::invalid("strength", "strength needs init_image: it sets how much of it to change"));
     }
@@ -187,17 +184,20 @@ async fn create_job(
         }
         None => None,
     };
-    let prompts = match b.prompts {
-        None => vec![b.prompt],
-        Some(_) if !b.prompt.is_empty() => {
-            return Err(ApiError::invalid("prompts", "prompts replaces prompt: give one or the other"))
-        }
-        Some(p) if p.iter().all(|p| p.trim().is_empty()) => {
-            return Err(ApiError::invalid("prompts", "prompts has no prompt: say what to draw"))
-        }
-        // As `--prompt-file`: blank lines are no prompts.
-        Some(p) => p.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
-    };
+    let prompts =
+        match b.prompts {
+            None => vec![b.prompt],
+            Some(_) if !b.prompt.is_empty() => {
+                return Err(ApiError::invalid("prompts", "prompts replaces prompt: give one or the other"))
+            }
+            Some(p) if p.iter().all(|p| p.trim().is_empty()) => return Err(ApiError::invalid(
+                "prompts",
+                "prompts has no prompt (its blank ones are skipped, as a prompt file's lines): say what to draw, or \
+                 give \"prompt\": \"\" for an image of no prompt",
+            )),
+            // As `--prompt-file`: blank lines are no prompts.
+            Some(p) => p.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
+        };
     let vae = b.vae.as_deref().map(|v| state.models.vae(v, "vae")).transpose()?;
     let loras = (b.loras.iter().enumerate())
         .map(|(i, l)| state.models.lora(&l.source, l.scale, &format!("loras[{i}]")))
@@ -393,7 +393,7 @@ async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 /// `GET /metrics`: Prometheus text (with a broker, its live workers' beside this server's).
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let own = state.metrics.figures(state.queue.running().is_some(), state.warm.as_ref().map(WarmWeights::report));
+    let own = state.metrics.figures(!state.queue.running().is_empty(), state.warm.as_ref().map(WarmWeights::report));
     let workers = state.queue.workers();
     let text = state.metrics.render(state.queue.depth(), &own, workers.as_deref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

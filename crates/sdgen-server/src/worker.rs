@@ -71,8 +71,12 @@ pub fn serve(config: EngineConfig, source: &dyn JobSource) {
     while let Some(task) = source.next() {
         let (outcome, error) = run(&mut engine, &task);
         // The seed's completion point: what the job held is returned before the job is
-        // reported ended.
-        sdgen_memory::cleanup_memory(true);
+        // reported ended. One pass, not the aggressive two with the seed's 0.5 s between
+        // (which capped a server at ~2 jobs a second): everything the job held was dropped on
+        // this thread before `run` returned, the trim reaches every thread's arena, and the
+        // device hook synchronises its stream before trimming the pool, so no free is still in
+        // flight for a second pass to catch (the load and cancel tests measure the return).
+        sdgen_memory::cleanup_memory(false);
         task.reporter.finish(outcome, error);
     }
 }
@@ -179,6 +183,9 @@ fn save_batch(
         for w in &mut image.metadata.warnings {
             *w = sdgen::error::fill(w, &names);
         }
+        for plan in image.metadata.extra.values_mut() {
+            fill_plan_warnings(plan, names);
+        }
         let png = sdgen::output::image_png(&image.metadata, &image.image.rgb8)?;
         let parameters = sdgen::output::a1111_parameters(&image.metadata);
         let (index, seed) = (image.index, image.image.seed);
@@ -187,4 +194,45 @@ fn save_batch(
         reporter.event(event, Some(JobImage { index, seed, png, parameters, metadata: image.metadata }));
     }
     Ok(())
+}
+
+/// The plans a job's metadata records (`plan`, `refiner_plan`, `hires_plan`, each of
+/// `hires_plans`): their `warning`, written with templates, worded as `names` does.
+fn fill_plan_warnings(value: &mut serde_json::Value, names: FieldNames) {
+    match value {
+        serde_json::Value::Object(plan) => {
+            if let Some(serde_json::Value::String(w)) = plan.get_mut("warning") {
+                *w = sdgen::error::fill(w, &names);
+            }
+        }
+        serde_json::Value::Array(plans) => plans.iter_mut().for_each(|p| fill_plan_warnings(p, names)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_plan_warnings;
+    use serde_json::json;
+
+    /// The plans' warnings the engine wrote with templates read as the job's API names fields;
+    /// other values stay as they are.
+    #[test]
+    fn the_recorded_plans_warnings_name_the_apis_fields() {
+        let warning = "Consider using {width} 656 {height} 656 or {max_memory} 0.3GB instead";
+        let mut extra = json!({
+            "plan": {"warning": warning, "width": 1024},
+            "hires_plans": [{"warning": "pass {weights} to choose"}, {"stages": []}],
+            "kernels": "fast {width}",
+        });
+        for value in extra.as_object_mut().unwrap().values_mut() {
+            fill_plan_warnings(value, crate::jobs::Api::A1111.field_names());
+        }
+        assert_eq!(
+            extra["plan"]["warning"],
+            "Consider using width 656 height 656 or the server's --max-memory 0.3GB instead"
+        );
+        assert_eq!(extra["hires_plans"][0]["warning"], "pass weights to choose");
+        assert_eq!(extra["kernels"], "fast {width}");
+    }
 }

@@ -175,6 +175,12 @@ fn interrupt_stops_the_running_request_and_progress_shows_it_running() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(seen["state"]["sampling_steps"].as_u64(), Some(500), "{seen}");
+    // In process one job runs, on no broker's worker.
+    assert_eq!(seen["running"][0]["job"], seen["state"]["job"], "{seen}");
+    assert_eq!(
+        (seen["running"].as_array().unwrap().len(), &seen["running"][0]["worker"]),
+        (1, &serde_json::Value::Null)
+    );
     assert!(seen["progress"].as_f64().unwrap() > 0.0);
     assert_eq!(server.post("/sdapi/v1/interrupt", "").status, 200);
     let r = long.join().unwrap();
@@ -184,4 +190,37 @@ fn interrupt_stops_the_running_request_and_progress_shows_it_running() {
     let info: serde_json::Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["interrupted"], true);
     server.assert_alive();
+}
+
+/// A1111's default prompt is "", and a body without one takes it: an image of no prompt, as
+/// diffusers and `generate ""` make it (the engine's parity test), on both APIs alike.
+#[test]
+fn an_empty_or_missing_prompt_makes_an_image_on_both_apis() {
+    let server = Server::start(&[]);
+    let settings = r#""seed": 3, "steps": 2, "width": 64, "height": 64"#;
+    let a1111 = |body: String| {
+        let r = server.post("/sdapi/v1/txt2img", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let info: serde_json::Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+        assert_eq!(info["prompt"], "", "{info}");
+        unbase64(v["images"][0].as_str().unwrap())
+    };
+    let empty = a1111(format!(r#"{{"prompt": "", {settings}}}"#));
+    assert!(a1111(format!("{{{settings}}}")) == empty, "a missing prompt is not the empty one");
+    let job = |body: String| {
+        let r = server.post("/v1/jobs", &body);
+        assert_eq!(r.status, 202, "{}", r.text());
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let job = common::wait_for(&server, &id, |j| j["state"] != "queued" && j["state"] != "running");
+        assert_eq!(job["state"], "done", "{job}");
+        assert_eq!(job["images"][0]["metadata"]["prompt"], "", "{job}");
+        server.get(job["images"][0]["url"].as_str().unwrap()).body
+    };
+    let job_empty = job(format!(r#"{{"prompt": "", {settings}}}"#));
+    assert!(job(format!("{{{settings}}}")) == job_empty, "a missing prompt is not the empty one");
+    assert!(job_empty == empty, "the job API's image of no prompt differs from A1111's");
+    // Not the image of a prompt.
+    let cat = server.post("/sdapi/v1/txt2img", &format!(r#"{{"prompt": "a cat", {settings}}}"#)).json();
+    assert!(unbase64(cat["images"][0].as_str().unwrap()) != empty);
 }

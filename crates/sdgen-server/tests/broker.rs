@@ -273,6 +273,7 @@ fn a_restarted_server_loses_no_job_that_was_in_redis() {
     }
     assert!(server.get("/metrics").text().contains("sdgen_queue_depth 0"));
     assert_eq!(server.get("/v1/jobs/job-1-0000000000000000").status, 404);
+
     // A job this server forgot (--keep-jobs 1) is read again from Redis, its past not counted twice.
     let counted = |text: String| {
         text.lines()
@@ -283,6 +284,19 @@ fn a_restarted_server_loses_no_job_that_was_in_redis() {
     let before = counted(server.get("/metrics").text());
     assert_eq!(server.get(&format!("/v1/jobs/{}", ids[0])).json()["state"], "done");
     assert_eq!(counted(server.get("/metrics").text()), before);
+
+    // A job running while its server restarts goes on on its worker; the new server reports it
+    // whole: every image and every event, as one run in process.
+    let running = submit(&server, BATCHES);
+    wait_for(&server, &running, |j| j["progress"]["step"].as_u64().unwrap_or(0) > 0);
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
+    let server = broker_server(&redis, &["--keep-jobs", "1"]);
+    let job = ended(&server, &running);
+    assert_eq!(job["state"], "done", "{job}");
+    let (want_pngs, want_events) = in_process(BATCHES);
+    assert_eq!(pngs(&server, &job), want_pngs);
+    assert_eq!(milestones(&server, &running), want_events);
 }
 
 #[test]
@@ -447,4 +461,48 @@ fn the_servers_metrics_and_memory_show_each_live_workers() {
     let metrics = server.get("/metrics").text();
     assert!(metrics.lines().any(|l| l == "sdgen_workers 0") && !metrics.contains("worker=\""), "{metrics}");
     assert_eq!(server.get("/v1/memory").json()["workers"], json!([]));
+}
+
+/// A1111's `/progress` with two workers running a job each and one queued: its one current job
+/// is the longest-running, `job_count` counts all three, and `running` lists both running jobs
+/// with their workers and their own progress; `interrupt` stops the current one only.
+#[test]
+fn a1111_progress_reports_every_workers_job() {
+    let redis = Redis::start();
+    let server = broker_server(&redis, &[]);
+    let (_w1, _w2) = (Worker::start(&redis, "w1"), Worker::start(&redis, "w2"));
+    let ids: Vec<String> = (0..3).map(|_| submit(&server, LONG)).collect();
+    for id in &ids[..2] {
+        wait_for(&server, id, |j| j["progress"]["step"].as_u64().unwrap_or(0) > 0);
+    }
+    assert_eq!(server.get(&format!("/v1/jobs/{}", ids[2])).json()["state"], "queued");
+    let p = server.get("/sdapi/v1/progress").json();
+    assert_eq!(p["state"]["job_count"], 3, "{p}");
+    let running = p["running"].as_array().unwrap();
+    let mut jobs: Vec<&str> = running.iter().map(|r| r["job"].as_str().unwrap()).collect();
+    let mut workers: Vec<&str> = running.iter().map(|r| r["worker"].as_str().unwrap()).collect();
+    jobs.sort();
+    workers.sort();
+    assert_eq!((jobs, workers), (vec![ids[0].as_str(), ids[1].as_str()], vec!["w1", "w2"]), "{p}");
+    assert!(running.iter().all(|r| r["sampling_step"].as_u64().unwrap() > 0 && r["sampling_steps"] == 150), "{p}");
+    // The current job is the first listed, the one started first.
+    let current = p["state"]["job"].as_str().unwrap().to_string();
+    assert_eq!(running[0]["job"], current.as_str(), "{p}");
+    let other = if current == ids[0] { &ids[1] } else { &ids[0] };
+
+    // Interrupt stops the current job; the other worker's goes on, and the queued one takes the
+    // freed worker.
+    assert_eq!(server.post("/sdapi/v1/interrupt", "").status, 200);
+    assert_eq!(ended(&server, &current)["state"], "cancelled");
+    wait_for(&server, &ids[2], |j| j["progress"]["step"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(server.get(&format!("/v1/jobs/{other}")).json()["state"], "running");
+    let p = server.get("/sdapi/v1/progress").json();
+    assert_eq!(p["state"]["job_count"], 2, "{p}");
+    assert_eq!(p["state"]["job"], other.as_str(), "the longest-running is current now: {p}");
+    for id in [other, &ids[2]] {
+        server.call("DELETE", &format!("/v1/jobs/{id}"), None);
+        assert_eq!(ended(&server, id)["state"], "cancelled");
+    }
+    let p = server.get("/sdapi/v1/progress").json();
+    assert_eq!((p["state"]["job_count"].as_u64(), p["running"].as_array().map(Vec::len)), (Some(0), Some(0)), "{p}");
 }

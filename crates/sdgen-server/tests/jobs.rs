@@ -196,3 +196,33 @@ fn warnings_name_the_job_apis_fields() {
     assert!(job["images"][0]["metadata"]["warnings"].to_string().contains(warning), "{job}");
     common::assert_names_no_cli_flag(&serde_json::to_string(&events).unwrap());
 }
+
+/// The memory planner's own warning names fields as the job API does: 4 images at 768² that fit
+/// the server's budget only in smaller batches, VAE-tiled, are told which `width` and `height`, or
+/// which of the server's `--max-memory`, would run them at full speed — never `generate`'s flags
+/// — and its template leaves the fields for the client to word.
+#[test]
+fn the_planners_warning_names_the_job_apis_fields() {
+    // 58 MB usable: a batch of 4 plans ~65 MB in the denoiser and ~230 MB in an untiled decode
+    // (fast kernels), one image ~30 MB beside the server's own ~15 MB.
+    let server = Server::start(&["--max-memory", "64MB"]);
+    let body = r#"{"prompt": "a cat", "seed": 1, "steps": 150, "n": 4, "batch_size": 4, "width": 768, "height": 768}"#;
+    let id = submit(&server, body);
+    // Its warning comes with its plan, before the first stage; the rest need not run (the cancel
+    // lands at the next stage or step).
+    wait_for(&server, &id, |j| j["progress"]["stage"].is_string());
+    assert_eq!(server.call("DELETE", &format!("/v1/jobs/{id}"), None).status, 202);
+    let events = sse(&server.addr, &format!("/v1/jobs/{id}/events"));
+    let (_, warning) = events
+        .iter()
+        .find(|(n, d)| n == "warning" && d["message"].as_str().unwrap().contains("Memory is tight"))
+        .unwrap_or_else(|| panic!("no memory warning in {events:?}"));
+    let message = warning["message"].as_str().unwrap();
+    let template = warning["template"].as_str().unwrap();
+    assert!(
+        message.contains("Consider using width ") && message.contains(" or the server's --max-memory "),
+        "{message}"
+    );
+    assert!(template.contains("Consider using {width} ") && template.contains(" or {max_memory} "), "{template}");
+    common::assert_names_no_cli_flag(message);
+}

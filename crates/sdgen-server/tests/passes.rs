@@ -161,11 +161,36 @@ fn a1111_hires_fix_runs_the_hires_pass() {
     server.assert_alive();
 }
 
+/// The check before queueing is the engine's own plan: what a run would refuse is refused before
+/// the job is queued — the refiner's handoff, and a preset made for another family (a check the
+/// server's own copy of the planning once missed: such a job was queued, then failed) — and the
+/// budget applies to every pass.
 #[test]
-fn the_check_plans_the_refiner_too() {
-    // SD 1.5 cannot hand over to the SDXL refiner: refused before the job is queued.
+fn the_check_refuses_what_the_engine_would_before_queueing() {
+    // SD 1.5 cannot hand over to the SDXL refiner.
     let refiner = path("tiny-sdxl-refiner");
     let server = Server::start(&["--extra-model", &refiner]);
     let r = server.post("/v1/jobs", &format!(r#"{{"prompt": "a cat", "steps": 2, "refiner": "{refiner}"}}"#));
-    r.assert_refused(422, Some("refiner"), "");
+    r.assert_refused(422, Some("refiner"), "base runs; ");
+    // The lcm preset fuses an SDXL LoRA: not on the server's SD 1.5 (its LoRA, a hub one, is
+    // never fetched for the check).
+    let lcm = r#"{"prompt": "a cat", "quality": "lcm", "width": 64, "height": 64}"#;
+    server.post("/v1/jobs", lcm).assert_refused(422, Some("quality"), "made for Stable Diffusion XL");
+    let metrics = server.get("/metrics").text();
+    for line in ["sdgen_requests_refused_total{reason=\"invalid\"} 2", "sdgen_jobs_total{outcome=\"failed\"} 0"] {
+        assert!(metrics.lines().any(|l| l == line), "`{line}` not in:\n{metrics}");
+    }
+    server.assert_alive();
+
+    // An SDXL job with its refiner and a hires pass in a budget where none fits: refused whole,
+    // with the planner's numbers, as the engine refuses it.
+    let sdxl = path("tiny-sdxl");
+    let server = Server::start(&["--extra-model", &sdxl, "--extra-model", &refiner, "--max-memory", "1MB"]);
+    let body = format!(
+        r#"{{"prompt": "a cat", "model": "{sdxl}", "refiner": "{refiner}", "width": 64, "height": 64,
+            "upscale": {{"factor": 2, "hires_strength": 0.5}}}}"#
+    );
+    let r = server.post("/v1/jobs", &body);
+    r.assert_refused(507, None, "the job does not fit this server's memory: SDXL at 64×64 does not fit in 1MB");
+    assert_eq!(r.json()["error"], "does_not_fit");
 }

@@ -203,6 +203,12 @@ pub enum Error {
     /// A model file or folder is not what it should be (missing tensor, wrong shape, bad JSON...).
     #[error("{}", plain(.0))]
     BadModel(String),
+    /// The memory planner found no plan that fits the budget: its numbers and what would help
+    /// (the fields its advice changes as references). A request that can never run as given
+    /// here, like [`Error::InvalidInput`], told apart so a server answers it as a lack of memory
+    /// (507), not a wrong field.
+    #[error("{}", plain(.0))]
+    DoesNotFit(String),
     /// An error about what one field of the request names (the `refiner`'s model): the field,
     /// the value when it says which, then the cause.
     #[error("{field}{}: {source}", .value.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
@@ -255,7 +261,7 @@ impl Error {
         let label = |field: &'static str| name(field).unwrap_or(field);
         match self {
             Error::Invalid { field, message } => format!("{} {}", label(field), render(message, name)),
-            Error::InvalidInput(text) | Error::BadModel(text) => render(text, name),
+            Error::InvalidInput(text) | Error::BadModel(text) | Error::DoesNotFit(text) => render(text, name),
             Error::About { field, value, source } => match value {
                 Some(v) => format!("{} {v}: {}", label(field), source.describe(name)),
                 None => format!("{}: {}", label(field), source.describe(name)),
@@ -288,9 +294,23 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
             Error::About { source, .. } => source.is_user_error(),
-            other => {
-                matches!(other, Error::InvalidInput(_) | Error::Invalid { .. } | Error::BadModel(_) | Error::Io { .. })
-            }
+            other => matches!(
+                other,
+                Error::InvalidInput(_)
+                    | Error::Invalid { .. }
+                    | Error::BadModel(_)
+                    | Error::Io { .. }
+                    | Error::DoesNotFit(_)
+            ),
+        }
+    }
+
+    /// Whether the error is the memory planner's refusal ([`Error::DoesNotFit`]), of the job or
+    /// of one of its passes.
+    pub fn is_does_not_fit(&self) -> bool {
+        match self {
+            Error::About { source, .. } => source.is_does_not_fit(),
+            other => matches!(other, Error::DoesNotFit(_)),
         }
     }
 }

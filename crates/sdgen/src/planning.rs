@@ -163,7 +163,7 @@ pub fn budget(device: &Device, max_memory_bytes: Option<u64>, warm_bytes: u64) -
     b
 }
 
-/// Plans a run of `n` images; `Err(InvalidInput)` with the planner's numbers and suggestions when
+/// Plans a run of `n` images; `Err(DoesNotFit)` with the planner's numbers and suggestions when
 /// nothing fits.
 pub fn plan_run(
     model: &ModelFolder,
@@ -216,6 +216,9 @@ pub fn plan_run(
             .map(|t| Tiling { tile_px: t.tile * t.scale, overlap_px: t.overlap * t.scale }),
         streamable: streamable(model, settings)?,
         quantised: quantised_options(model)?,
+        // The warnings' advice names fields as references, which each reader of the plan spells
+        // its own way ([`named`]; the engine's lines as its caller names fields).
+        field_name: crate::error::field_ref_named,
         ..PlanRequest::new(
             &profile,
             &manifest,
@@ -224,7 +227,13 @@ pub fn plan_run(
             budget(device, memory.max_memory_bytes, memory.warm_bytes),
         )
     };
-    let mut plan = plan(&request).map_err(|e| Error::InvalidInput(e.describe(&crate::error::field_ref_named)))?;
+    let mut plan = plan(&request).map_err(|e| {
+        let text = e.describe(&crate::error::field_ref_named);
+        match e {
+            sdgen_memory::plan::PlanError::DoesNotFit { .. } => Error::DoesNotFit(text),
+            _ => Error::InvalidInput(text),
+        }
+    })?;
     if let Some(w) = requirement_warning(&profile, &plan, device, memory.max_memory_bytes) {
         plan.warning = Some(match plan.warning.take() {
             Some(other) => format!("{w}\n{other}"),
@@ -238,6 +247,13 @@ pub fn plan_run(
         });
     }
     Ok(plan)
+}
+
+/// `plan` with the fields its warning names spelled as `name` says (the CLI's flags, a server's
+/// JSON fields): how a plan from [`plan_run`] is shown or recorded outside the engine's lines.
+pub fn named(mut plan: Plan, name: &dyn Fn(&'static str) -> Option<&'static str>) -> Plan {
+    plan.warning = plan.warning.map(|w| crate::error::render(&w, name));
+    plan
 }
 
 /// The ways the planner may hold the model's weights quantised when nothing fits at full

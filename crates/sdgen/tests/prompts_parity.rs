@@ -48,3 +48,38 @@ fn long_weighted_prompt_image_matches_diffusers_with_a1111_embeddings() {
 fn long_weighted_prompt_sdxl_image_matches_diffusers_with_a1111_embeddings() {
     a1111_prompt_image_matches("tiny-sdxl", "sdxl.json", "sdxl.safetensors");
 }
+
+/// The empty prompt, through the engine as `generate ""` and a server's `"prompt": ""` run it,
+/// against `pipe(prompt="")` (`tools/reference/make_empty_prompt.py`: no negative prompt, the
+/// folder's scheduler): diffusers encodes "" as it does any text, start and end tokens then
+/// padding — A1111's default prompt. On SDXL the negative side is zeros
+/// (`force_zeros_for_empty_prompt`), the prompt's side the encoders' output for "".
+#[test]
+fn the_empty_prompt_image_matches_diffusers() {
+    use sdgen::engine::{CancelToken, Engine, EngineConfig, GenerateRequest};
+    use sdgen::loading::ModelSource;
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(testdata().join("reference/empty_prompt/cases.json")).unwrap())
+            .unwrap();
+    let mut config = EngineConfig::new(Runtime::cpu(), "cpu");
+    config.hub.offline = true;
+    let mut engine = Engine::new(config);
+    for name in ["sd15", "sdxl"] {
+        let case = &cases[name];
+        let model = testdata().join(case["model"].as_str().unwrap().trim_start_matches("testdata/"));
+        let mut req = GenerateRequest::new(ModelSource::Path(model), "");
+        req.params.seed = case["seed"].as_u64().unwrap();
+        req.params.steps = Some(case["steps"].as_u64().unwrap() as usize);
+        req.params.guidance = Some(case["guidance"].as_f64().unwrap());
+        (req.params.width, req.params.height) = (Some(64), Some(64));
+        let batches = engine.generate(&req, &mut |_| {}, &CancelToken::new()).unwrap();
+        let image = &batches[0].images[0];
+        let want: Vec<f32> = load(&format!("reference/empty_prompt/{name}.safetensors"))["pipeline_image"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_image_close(&format!("the empty prompt on the tiny {name}"), &image.image.pixels, &want);
+        assert_eq!(image.metadata.prompt, "");
+    }
+}

@@ -175,8 +175,9 @@ impl RemoteJob<'_> {
                     bar.finish();
                     let message = client::flag_message(field.as_deref(), &message, template.as_deref());
                     let url = &self.server.url;
-                    // A 4xx is the request's fault (found once the model was open): exit 2.
-                    return Err(if (400..500).contains(&status) {
+                    // A 4xx is the request's fault (found once the model was open), a 507 a job
+                    // the worker's memory cannot hold (as the server's own check answers it): exit 2.
+                    return Err(if (400..500).contains(&status) || status == 507 {
                         invalid(format!("the server at {url} refused the job: {message}"))
                     } else {
                         anyhow!("the job failed on the server at {url}: {message}")

@@ -167,11 +167,15 @@ pub(crate) fn warning(ctx: &Ctx, plan: &Plan) -> Option<String> {
     );
     let mut fixes = Vec::new();
     if let Some((w, h)) = largest_size(req, fits_full_speed) {
-        fixes.push(format!("--width {w} --height {h}"));
+        fixes.push(vec![Fix::new("width", w.to_string()), Fix::new("height", h.to_string())]);
     }
     if req.budget.source == BudgetSource::MaxMemory {
-        fixes.push(format!("--max-memory {}", max_memory_value(full_speed as f64 / (1.0 - req.safety_margin))));
+        let value = max_memory_value(full_speed as f64 / (1.0 - req.safety_margin));
+        fixes.push(vec![Fix::new("max_memory", value)]);
     }
+    // The fields named as the request says: flags for the command line, references for others.
+    let fixes: Vec<String> =
+        fixes.into_iter().map(|fixes| Suggestion { fixes, detail: String::new() }.describe(&req.field_name)).collect();
     if !fixes.is_empty() {
         text.push_str(&format!("\n   Consider using {} instead for better performance.", fixes.join(" or ")));
     }

@@ -306,7 +306,7 @@ pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
         let choice = Quantised::new(q.kind, request.device, weights);
         plan_as_held(&r).map(|mut p| {
             let other = p.warning.take();
-            p.warning = Some(quantised_warning(&p, &choice, other));
+            p.warning = Some(quantised_warning(&p, &choice, other, request.field_name));
             p.quantised = Some(choice.clone());
             p
         })
@@ -333,16 +333,19 @@ pub fn plan(request: &PlanRequest) -> Result<Plan, PlanError> {
     }
 }
 
-/// The warning of a plan whose weights the planner quantised (before any other it has).
-fn quantised_warning(plan: &Plan, choice: &Quantised, other: Option<String>) -> String {
+/// The warning of a plan whose weights the planner quantised (before any other it has), the
+/// fields it names as `name` spells them ([`PlanRequest::field_name`]).
+fn quantised_warning(plan: &Plan, choice: &Quantised, other: Option<String>, name: fn(&str) -> String) -> String {
     let text = format!(
-        "⚠️  WARNING: {} at {}×{} does not fit in {} usable at full precision: its weights are quantised to {} ({}), which changes the image; pass --weights to choose, or more --max-memory",
+        "⚠️  WARNING: {} at {}×{} does not fit in {} usable at full precision: its weights are quantised to {} ({}), which changes the image; pass {} to choose, or more {}",
         plan.family,
         plan.width,
         plan.height,
         super::table::format_bytes(plan.usable_bytes),
         choice.weights,
-        choice.quality
+        choice.quality,
+        name("weights"),
+        name("max_memory")
     );
     match other {
         Some(o) => format!("{text}\n{o}"),

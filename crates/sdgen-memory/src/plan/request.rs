@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::activation::KernelFamily;
+use super::error::flag_name;
 use super::manifest::{ModelManifest, Precision};
 use super::planner::Tiling;
 use super::profile::FamilyProfile;
@@ -211,6 +212,12 @@ pub struct PlanRequest<'a> {
     /// chose the weights or the file is quantised already): the rung after streaming
     /// ([`super::quantised`]).
     pub quantised: Vec<QuantisedWeights>,
+    /// How the plan's warnings name the request fields their advice changes (`width`,
+    /// `max_memory`, `weights`): `generate`'s flags by default ([`flag_name`]); a caller that
+    /// shows them to readers who name fields otherwise (a server's JSON fields) passes a function
+    /// that writes references it spells later. (A refusal's fields are named when it is
+    /// described: [`super::PlanError::describe`].)
+    pub field_name: fn(&str) -> String,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -248,6 +255,7 @@ impl<'a> PlanRequest<'a> {
             denoise_tiling: None,
             streamable: Vec::new(),
             quantised: Vec::new(),
+            field_name: flag_name,
         }
     }
 

@@ -10,7 +10,7 @@ use redis::streams::{StreamId, StreamRangeReply};
 use redis::{Connection, RedisResult};
 
 use super::*;
-use crate::jobs::{Broker, Cancelled, Job, JobEvent, JobImage, JobSpec, JobState, QueueRefusal, Registry};
+use crate::jobs::{Broker, Cancelled, Job, JobEvent, JobImage, JobSpec, JobState, QueueRefusal, Registry, Running};
 use crate::metrics::{Metrics, WorkerReport};
 
 /// Reads the image `index` of job `id`.
@@ -250,9 +250,27 @@ impl Broker for RedisBroker {
         self.pool.with(|c| redis::cmd("ZCARD").arg(QUEUED).query(c)).unwrap_or(0)
     }
 
-    fn running(&self) -> Option<Arc<Job>> {
-        let ids: Vec<String> = self.pool.with(|c| redis::cmd("ZRANGE").arg(RUNNING).arg(0).arg(0).query(c)).ok()?;
-        ids.first().and_then(|id| self.get(id))
+    /// Every job in the running set, by start time, with the worker its hash names (a job
+    /// another server queued too: every server of the broker reports the same).
+    fn running(&self) -> Vec<Running> {
+        let ids: RedisResult<Vec<String>> =
+            self.pool.with(|c| redis::cmd("ZRANGE").arg(RUNNING).arg(0).arg(-1).query(c));
+        let ids = ids.unwrap_or_else(|e| {
+            eprintln!("sdgen-server: reading the running jobs: {}", self.unreachable(&e));
+            Vec::new()
+        });
+        let workers: Vec<Option<String>> = match ids.is_empty() {
+            true => Vec::new(),
+            false => {
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.cmd("HGET").arg(job_key(id)).arg("worker");
+                }
+                self.pool.with(|c| pipe.query(c)).unwrap_or_else(|_| vec![None; ids.len()])
+            }
+        };
+        let found = ids.iter().zip(workers).filter_map(|(id, worker)| Some(Running { job: self.get(id)?, worker }));
+        found.collect()
     }
 
     fn capacity(&self) -> usize {

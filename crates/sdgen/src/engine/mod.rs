@@ -24,13 +24,14 @@ use crate::loading::{ModelFolder, ModelSource, OpenOptions};
 use crate::output::ImageMetadata;
 use crate::pipeline::{
     hires_pass, img2img, txt2img_with_refiner, upscale, GeneratedImage, Generation, Handoff, Img2ImgRequest, Progress,
-    RefinerRun, Request, Runtime, Settings, UPSCALE_STEPS,
+    Request, Runtime, Settings, UPSCALE_STEPS,
 };
 use crate::{Error, Result};
 
 pub use crate::loading::lora::LoraRequest;
 pub use crate::pipeline::{CancelToken, Eviction, WarmReport, WarmWeights, WeightCounts, WeightUse};
 pub use device::{check_dtype, open_device};
+pub use plan::{plan, HiresPlan, JobPlan, Pass, UpscalePlan};
 pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, UpscaleRequest, FIELDS, MAX_IMAGES};
 
 use cache::{ModelCache, OpenedModel};
@@ -201,6 +202,7 @@ impl Engine {
         // costs nothing.
         let base = self.open(&req.model, &req.open, req.vae.as_ref(), events)?;
         if let Some(preset) = &req.preset {
+            // Before any LoRA of the preset is fetched (`plan` checks it again, for its callers).
             crate::presets::check_model(preset, base.folder.family())?;
         }
         let refiner_model = match &req.refiner {
@@ -209,22 +211,12 @@ impl Engine {
         };
         let with_loras = self.attach_loras(&base.folder, &req.loras, events)?;
         let model = with_loras.as_ref().unwrap_or(&base.folder);
-        let quantised = req.open.weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
-        let model = quantised.as_ref().unwrap_or(model);
-        // How the refiner takes over (from the base's latents or its images) is the rows' to say.
-        let refiner = match (&refiner_model, &req.refiner) {
-            (Some(m), Some(r)) => Some(RefinerRun::choose(model, m, r.start, r.strength)?),
-            _ => None,
-        };
-        let img2img_request = req.img2img.as_ref().map(|i| Img2ImgRequest {
-            request: req.params.clone(),
-            init_image: i.image.clone(),
-            strength: i.strength,
-        });
         let mut rt = self.config.runtime.clone();
         rt.cancel = cancel.clone();
         rt.warm = self.config.warm.clone();
-        let job = plan::plan_job(model, refiner.as_ref(), img2img_request.as_ref(), req, &rt, events)?;
+        let ready = plan::ready(model, refiner_model.as_ref(), req, &rt, events)?;
+        let (model, refiner, img2img_request, job) =
+            (ready.quantised.as_ref().unwrap_or(model), ready.refiner, ready.img2img, ready.job);
         // Weights the planner quantised to fit (its last rung).
         let planned = job.weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
         let model = planned.as_ref().unwrap_or(model);
@@ -242,7 +234,7 @@ impl Engine {
             None => None,
         };
         let model_hash = self.model_hash(&req.model, &req.open, req.vae.as_ref())?;
-        let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref());
+        let job_metadata = plan::run_metadata(req, model, &job, &rt, model_hash.as_deref(), names);
         let run = Run {
             req,
             job: &job,
@@ -346,8 +338,7 @@ impl Engine {
         let about = |e| Error::about("refiner", e);
         let options = OpenOptions::default();
         let refiner = self.open(source, &options, None, events).map_err(about)?.folder;
-        let shares_latents = refiner.family().handoff_from(base.family()) == Some(Handoff::Latents);
-        match vae.filter(|_| shares_latents) {
+        match refiner_vae(base, &refiner, vae) {
             Some(vae) => Ok(self.open(source, &options, Some(vae), events).map_err(about)?.folder),
             None => Ok(refiner),
         }
@@ -431,6 +422,17 @@ impl Engine {
         }
         Ok(Some(hash))
     }
+}
+
+/// The VAE a job's `vae` gives its refiner: the request's where the refiner continues `base`'s
+/// latents and decodes them (as diffusers' fp16-fix recipe passes `vae=` to both pipelines);
+/// none for a refiner of another latent space, which keeps its own.
+pub fn refiner_vae<'v>(
+    base: &ModelFolder,
+    refiner: &ModelFolder,
+    vae: Option<&'v ModelSource>,
+) -> Option<&'v ModelSource> {
+    vae.filter(|_| refiner.family().handoff_from(base.family()) == Some(Handoff::Latents))
 }
 
 /// Ends the warm store's job when the job ends, whichever way.

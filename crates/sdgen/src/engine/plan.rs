@@ -1,11 +1,16 @@
 //! What a job will do, decided from the weights' headers and the memory available before any
 //! weight is read: its settings, its memory plan (and the refiner's), the options its stages run
 //! with, the images per batch, and the metadata every image of the job shares.
+//!
+//! [`plan`] is the whole decision for opened models, the one the engine runs before a job: a
+//! server asks it before queueing a job, so a job is refused there exactly when the engine would
+//! refuse it.
 
 use sdgen_memory::plan::{Placement, Plan};
 
 use super::{plural, Event, GenerateRequest};
-use crate::error::field::{BATCH_SIZE, REFINER, STEPS, WEIGHTS};
+use crate::error::field::{BATCH_SIZE, MAX_MEMORY, REFINER, STEPS, WEIGHTS};
+use crate::error::FieldNames;
 use crate::loading::quantise::Quantise;
 use crate::loading::{ModelFolder, ModelSource};
 use crate::pipeline::{
@@ -15,8 +20,10 @@ use crate::pipeline::{
 use crate::planning::MemoryRequest;
 use crate::Result;
 
-/// A job, planned.
-pub(super) struct JobPlan {
+/// A job, planned: every pass's memory plan (each with its verdict), the options its stages run
+/// with, its batches and sizes.
+#[derive(Debug)]
+pub struct JobPlan {
     /// The image-to-image settings (strength, steps skipped) of an image-to-image job.
     pub img2img: Option<Img2ImgSettings>,
     /// The base's memory plan.
@@ -44,7 +51,8 @@ pub(super) struct JobPlan {
 }
 
 /// One upscaling step of a job, planned.
-pub(super) struct UpscalePlan {
+#[derive(Debug)]
+pub struct UpscalePlan {
     /// Each side multiplied by this.
     pub factor: u32,
     /// The size it leaves.
@@ -55,7 +63,8 @@ pub(super) struct UpscalePlan {
 
 /// A hires pass, planned on its own at its size (it runs alone, so the first pass keeps its own
 /// options).
-pub(super) struct HiresPlan {
+#[derive(Debug)]
+pub struct HiresPlan {
     /// Its settings (its tiles with MultiDiffusion).
     pub settings: Img2ImgSettings,
     /// The options of its plan.
@@ -64,11 +73,88 @@ pub(super) struct HiresPlan {
     pub plan: Plan,
 }
 
+/// One pass of a job, as [`JobPlan::passes`] lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The first pass: the model's text-to-image or image-to-image run.
+    Base,
+    /// The refiner's, after the base is unloaded.
+    Refiner,
+    /// The hires pass after upscaling step `i` (from 0).
+    Hires(usize),
+}
+
 impl JobPlan {
     /// The hires passes' plans, in order.
     pub fn hires_plans(&self) -> impl Iterator<Item = &Plan> {
         self.upscales.iter().filter_map(|u| u.hires.as_ref().map(|h| &h.plan))
     }
+
+    /// Every pass's memory plan, in the order they run, each planned on its own (the one before
+    /// is unloaded) with its verdict.
+    pub fn passes(&self) -> Vec<(Pass, &Plan)> {
+        let hires =
+            self.upscales.iter().enumerate().filter_map(|(i, u)| u.hires.as_ref().map(|h| (Pass::Hires(i), &h.plan)));
+        std::iter::once((Pass::Base, &self.plan))
+            .chain(self.refiner_plan.as_ref().map(|p| (Pass::Refiner, p)))
+            .chain(hires)
+            .collect()
+    }
+}
+
+/// A job made ready to run: the models as it runs them and its plan.
+pub(super) struct Ready<'r> {
+    /// The base quantised as the request asks (`weights`), where it does.
+    pub quantised: Option<ModelFolder>,
+    /// How the refiner takes over, with a refiner.
+    pub refiner: Option<RefinerRun<'r>>,
+    /// The image-to-image request, for an image-to-image job.
+    pub img2img: Option<Img2ImgRequest>,
+    /// The plan.
+    pub job: JobPlan,
+}
+
+/// Plans `req` on its opened models as the engine plans it before it loads a weight: `model`
+/// with the request's VAE and LoRAs attached, `refiner` the refiner (with its VAE) when the
+/// request has one. Everything that can refuse the job before it runs is here — the preset
+/// against the model, the quantisation, the refiner's handoff, each pass's settings, each
+/// pass's memory plan (the planner's refusal is [`crate::Error::DoesNotFit`], a later pass's
+/// about its field) — and the lines the engine logs for it go to `events`.
+pub fn plan(
+    model: &ModelFolder,
+    refiner: Option<&ModelFolder>,
+    req: &GenerateRequest,
+    rt: &Runtime,
+    events: &mut dyn FnMut(Event),
+) -> Result<JobPlan> {
+    Ok(ready(model, refiner, req, rt, events)?.job)
+}
+
+/// [`plan`], keeping what the run needs beside the plan.
+pub(super) fn ready<'r>(
+    model: &ModelFolder,
+    refiner: Option<&'r ModelFolder>,
+    req: &GenerateRequest,
+    rt: &Runtime,
+    events: &mut dyn FnMut(Event),
+) -> Result<Ready<'r>> {
+    if let Some(preset) = &req.preset {
+        crate::presets::check_model(preset, model.family())?;
+    }
+    let quantised = req.open.weights.map(|q| model.clone().with_quantise(Some(q))).transpose()?;
+    let model = quantised.as_ref().unwrap_or(model);
+    // How the refiner takes over (from the base's latents or its images) is the rows' to say.
+    let refiner = match (refiner, &req.refiner) {
+        (Some(m), Some(r)) => Some(RefinerRun::choose(model, m, r.start, r.strength)?),
+        _ => None,
+    };
+    let img2img = req.img2img.as_ref().map(|i| Img2ImgRequest {
+        request: req.params.clone(),
+        init_image: i.image.clone(),
+        strength: i.strength,
+    });
+    let job = plan_job(model, refiner.as_ref(), img2img.as_ref(), req, rt, events)?;
+    Ok(Ready { quantised, refiner, img2img, job })
 }
 
 /// A warning when `steps` is past what a distilled model is made for (`RunDefaults::max_steps`).
@@ -84,7 +170,7 @@ pub(super) fn steps_warning(model: &ModelFolder, name: &str, steps: usize) -> Op
 
 /// Validates the request against the models, plans it (refusing a job that cannot fit, with the
 /// numbers and what would help) and reports what it will do.
-pub(super) fn plan_job(
+fn plan_job(
     model: &ModelFolder,
     refiner: Option<&RefinerRun>,
     img2img_request: Option<&Img2ImgRequest>,
@@ -245,14 +331,14 @@ fn only_at_full_precision(
     instead: impl Fn(&str) -> String,
 ) -> Result<()> {
     match &plan.quantised {
-        Some(q) => Err(crate::Error::invalid(
+        Some(q) => Err(crate::Error::about(
             field,
-            format!(
+            crate::Error::DoesNotFit(format!(
                 "{what} fits in the memory available only with the weights quantised to {}, which the planner does \
-                 for the first pass alone: give more --max-memory, {}",
+                 for the first pass alone: give more {MAX_MEMORY}, {}",
                 q.weights,
                 instead(&q.weights)
-            ),
+            )),
         )),
         None => Ok(()),
     }
@@ -336,22 +422,25 @@ fn report_streaming(plan: &Plan, steps: usize, events: &mut dyn FnMut(Event)) {
     }
 }
 
-/// The sidecar fields every image of the job shares.
+/// The sidecar fields every image of the job shares; the plans' warnings name fields as `names`
+/// does.
 pub(super) fn run_metadata(
     req: &GenerateRequest,
     model: &ModelFolder,
     job: &JobPlan,
     rt: &Runtime,
     model_hash: Option<&str>,
+    names: FieldNames,
 ) -> serde_json::Map<String, serde_json::Value> {
+    let plan_json = |p: &Plan| to_json(&crate::planning::named(p.clone(), &names));
     let mut extra = serde_json::Map::new();
-    extra.insert("plan".into(), to_json(&job.plan));
+    extra.insert("plan".into(), plan_json(&job.plan));
     // Which kernels made the image: a wrong image reported with "stock" rules our kernels out.
     extra.insert("kernels".into(), crate::kernels::kernel_summary(&rt.device).into());
     // The CPU's stages (and a GPU run's host work) take as long as the threads they had.
     extra.insert("cpu_threads".into(), crate::kernels::cpu_threads().into());
     if let Some(p) = &job.refiner_plan {
-        extra.insert("refiner_plan".into(), to_json(p));
+        extra.insert("refiner_plan".into(), plan_json(p));
     }
     if let Some(vae) = &req.vae {
         extra.insert("vae".into(), vae.label().into());
@@ -416,10 +505,10 @@ pub(super) fn run_metadata(
     match job.hires_plans().collect::<Vec<_>>().as_slice() {
         [] => {}
         [one] => {
-            extra.insert("hires_plan".into(), to_json(one));
+            extra.insert("hires_plan".into(), plan_json(one));
         }
         all => {
-            extra.insert("hires_plans".into(), to_json(all));
+            extra.insert("hires_plans".into(), all.iter().map(|p| plan_json(p)).collect());
         }
     }
     if let Some(passes) = passes(job) {

@@ -117,9 +117,6 @@ impl GenerateRequest {
         if self.prompts.is_empty() {
             return bad("no prompts: the file or standard input has no non-blank line".into());
         }
-        if self.prompts.iter().all(|p| p.trim().is_empty()) {
-            return bad("the prompt is empty: say what to draw".into());
-        }
         if self.params.n == 0 {
             return invalid("n", "must be at least 1".into());
         }

@@ -88,9 +88,9 @@ fn a_job_cancelled_after_its_first_step_stops_and_the_engine_goes_on() {
 fn a_request_is_refused_before_anything_opens() {
     let mut engine = engine();
     let mut req = request();
-    req.prompts = vec!["  ".into()];
+    req.prompts = Vec::new();
     let err = engine.generate(&req, &mut |_| {}, &CancelToken::new()).unwrap_err();
-    assert!(err.to_string().contains("the prompt is empty"), "{err}");
+    assert!(err.to_string().contains("no prompts"), "{err}");
     let mut req = request();
     req.params.seed = u64::MAX;
     let err = engine.generate(&req, &mut |_| {}, &CancelToken::new()).unwrap_err();
@@ -279,4 +279,63 @@ fn log_lines_name_fields_as_the_caller_does() {
     assert_eq!(logs(&mut engine), "batch_size 2 does not fit in the memory available: 1 image at a time");
     engine.set_field_names(|f| (f == "batch_size").then_some("--batch-size"));
     assert_eq!(logs(&mut engine), "--batch-size 2 does not fit in the memory available: 1 image at a time");
+}
+
+fn testdata(name: &str) -> ModelSource {
+    ModelSource::Path(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata")).join(name))
+}
+
+/// `plan` lists every pass the job runs, each planned with its verdict; where a pass does not
+/// fit it refuses with the planner's error, the one the job itself ends with: the same function
+/// decides both.
+#[test]
+fn plan_lists_every_pass_and_refuses_as_the_job_does() {
+    use sdgen_memory::plan::Verdict;
+    let hub = HubOptions { offline: true, ..HubOptions::from_env() };
+    let open = |name: &str| testdata(name).open_with(&hub, &Default::default(), &mut |_| {}).unwrap();
+    let (base, refiner) = (open("tiny-sdxl"), open("tiny-sdxl-refiner"));
+    let mut req = GenerateRequest::new(testdata("tiny-sdxl"), "a lighthouse");
+    req.params.steps = Some(4);
+    (req.params.width, req.params.height) = (Some(64), Some(64));
+    req.refiner = Some(RefinerRequest { source: testdata("tiny-sdxl-refiner"), start: None, strength: None });
+    req.upscale = vec![UpscaleRequest { factor: 2, hires_strength: Some(0.5), tiled: false }];
+    let rt = Runtime::cpu();
+    let job = plan(&base, Some(&refiner), &req, &rt, &mut |_| {}).unwrap();
+    let passes: Vec<Pass> = job.passes().iter().map(|(p, _)| *p).collect();
+    assert_eq!(passes, [Pass::Base, Pass::Refiner, Pass::Hires(0)]);
+    assert!(job.passes().iter().all(|(_, p)| p.verdict != Verdict::DoesNotFit));
+    assert_eq!((job.first_size, job.output_size), ((64, 64), (128, 128)));
+    // Without the refiner model (a hub one not downloaded yet, for a server) its pass is left out.
+    let job = plan(&base, None, &req, &rt, &mut |_| {}).unwrap();
+    assert_eq!(job.passes().iter().map(|(p, _)| *p).collect::<Vec<_>>(), [Pass::Base, Pass::Hires(0)]);
+
+    // In 1 MB nothing fits: the planner's refusal, and the job's own error is the same.
+    req.memory.max_memory_bytes = Some(1 << 20);
+    let refused = plan(&base, Some(&refiner), &req, &rt, &mut |_| {}).unwrap_err();
+    assert!(refused.is_does_not_fit() && refused.is_user_error(), "{refused}");
+    let ran = engine().generate(&req, &mut |_| {}, &CancelToken::new()).unwrap_err();
+    // The same refusal, up to the figures: the process's own memory (the tests around this one
+    // run in it) counts against the budget, measured at each planning.
+    let figures_out = |e: &Error| e.to_string().replace(|c: char| c.is_ascii_digit(), "#");
+    assert!(ran.is_does_not_fit(), "{ran}");
+    assert_eq!(figures_out(&ran), figures_out(&refused));
+    // A preset made for another family is refused by the plan too (not only by a run).
+    let mut lcm = GenerateRequest::new(tiny_sd15(), "a lighthouse");
+    crate::presets::find("lcm").unwrap().apply(&mut lcm).unwrap();
+    let sd15 = tiny_sd15().open_with(&hub, &Default::default(), &mut |_| {}).unwrap();
+    let e = plan(&sd15, None, &lcm, &rt, &mut |_| {}).unwrap_err();
+    assert_eq!(e.field(), Some("quality"), "{e}");
+}
+
+/// A refiner that decodes the base's latents takes the request's VAE; one of another latent
+/// space (after SD 3.5) keeps its own. The engine's opening and a server's check share this.
+#[test]
+fn the_refiner_takes_the_requests_vae_only_where_it_decodes_the_bases_latents() {
+    let hub = HubOptions { offline: true, ..HubOptions::from_env() };
+    let open = |name: &str| testdata(name).open_with(&hub, &Default::default(), &mut |_| {}).unwrap();
+    let (sdxl, sd35, refiner) = (open("tiny-sdxl"), open("tiny-sd35-medium"), open("tiny-sdxl-refiner"));
+    let vae = testdata("tiny-sdxl/vae");
+    assert_eq!(refiner_vae(&sdxl, &refiner, Some(&vae)), Some(&vae));
+    assert_eq!(refiner_vae(&sd35, &refiner, Some(&vae)), None);
+    assert_eq!(refiner_vae(&sdxl, &refiner, None), None);
 }
