@@ -447,7 +447,9 @@ fn write_gguf(path: &Path, architecture: &str, tensors: &[OriginalTensor]) -> Re
         w.write_all(bytes).map_err(io)?;
         w.write_all(&zeros[..bytes.len().next_multiple_of(ALIGNMENT) - bytes.len()]).map_err(io)?;
     }
-    w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+    // No fsync: the rename below is what keeps an interrupted write from looking finished.
+    w.flush().map_err(io)?;
+    drop(w);
     std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
 }
 
