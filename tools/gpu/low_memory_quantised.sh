@@ -12,6 +12,11 @@
 #  3. error: per format, `sdgen-bench --component transformer --weights-file FILE` at 1024² with
 #     CFG (one evaluation after one warm-up; the bf16 forward first, on the same inputs): relative
 #     L2, the quantised evaluation's time and allocated peak, both loads;
+#     the inputs are `sd35_forward.py inputs`' seeded ones, so that
+#  3b. peer: diffusers' forward of the same bf16 folder and of our Q8_0 GGUF (its `gguf`-package
+#     reader, an independent check of the file) on the same inputs, timed, with the relative L2
+#     between them: the Q8_0 expectation on these very weights (`peer_quantised.py`; needs .whl/
+#     with the diffusers and gguf wheels: `pip download --no-deps gguf`, pure Python, 120 kB);
 #  4. resident: `generate` on the bf16 folder, no budget: the reference image;
 #  5. budgets: per budget, per format, `generate --model FILE --config-from FOLDER --max-memory B`:
 #     exit, per-stage time and measured peak above the floor against the budget
@@ -20,26 +25,31 @@
 # Order is priority: a step not started by DEADLINE_S (540 s from the start) is skipped with a
 # line saying so, and each command is cut off there, so the summary ($OUT/quantised_summary.json,
 # printed) is always written inside the 10-minute call. FORMATS ("q8_0 fp8-scaled") and PARTS
-# ("export error resident budgets") pick what runs.
-# Expects .carry/generate.xz and .carry/sdgen-bench.xz (CUDA builds); no wheel (numpy and PIL, for
-# the summaries, are the machine's). Writes into $OUT: logs, --json results, sidecars, one PNG
-# per run.
+# ("export error peer resident budgets") pick what runs.
+# Expects .carry/generate.xz and .carry/sdgen-bench.xz (CUDA builds), and .whl/ for the peer step
+# (torch, numpy and PIL are the machine's). Writes into $OUT: logs, --json results, sidecars, one
+# PNG per run.
 # Smoke test on this CPU (the tiny SD 3.5 Large, its folder used as it is; f32: quick):
 #   DEVICE=cpu DTYPE=f32 SIDE=64 STEPS=2 MODEL_DIR=testdata/tiny-sd35-large FILES_DIR=/tmp/q15-files
 #   BUDGETS="1GB 300MB" GENERATE=target/debug/generate BENCH=target/debug/sdgen-bench
 #   PY=/tmp/torchenv/bin/python OUT=/tmp/q15-out bash tools/gpu/low_memory_quantised.sh
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
-DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bf16}; SIDE=${SIDE:-1024}; STEPS=${STEPS:-28}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}; export OUT DEVICE; DTYPE=${DTYPE:-bf16}; SIDE=${SIDE:-1024}; STEPS=${STEPS:-28}
 BUDGETS=${BUDGETS:-"8GB 4GB"}; FORMATS=${FORMATS:-"q8_0 fp8-scaled"}
-PARTS=${PARTS:-"export error resident budgets"}
+PARTS=${PARTS:-"export error peer resident budgets"}
 M=${MODEL_DIR:-/tmp/bench-sd35-large-bf16}; Q=${FILES_DIR:-/tmp/sd35-large-quantised}
 PY=${PY:-python3}; DEADLINE=${DEADLINE_S:-540}
 G=${GENERATE:-/tmp/generate}; B=${BENCH:-/tmp/sdgen-bench}
 for b in generate sdgen-bench; do
   [ -x /tmp/$b ] || [ ! -f .carry/$b.xz ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
 done
+if ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 rm -f "$OUT/steps.jsonl"
 
@@ -88,12 +98,21 @@ if has export; then
   ls -la "$Q" "$Q/fp8" "$Q/fp8/text_encoders" 2>/dev/null
 fi
 
-# 3. one MMDiT forward's error against bf16, with its time and peak.
+# 3. one MMDiT forward's error against bf16, with its time and peak, on seeded inputs (random ones
+# if torch cannot write them); 3b. diffusers' on the same inputs.
+INPUTS=()
+OUT=$OUT SIDE=$SIDE $PY tools/gpu/sd35_forward.py inputs "$M" > "$OUT/inputs.log" 2>&1 \
+  && INPUTS=(--inputs "$OUT/inputs.safetensors")
 if has error; then
   for f in $FORMATS; do
     run "error_$f" "$OUT/error_$f.log" "$B" --family sd35-large --model-dir "$M" --device "$DEVICE" --dtype "$DTYPE" \
-      --component transformer --width "$SIDE" --height "$SIDE" --iterations 1 --warmup 1 --weights-file "$(file_of "$f")"
+      --component transformer --width "$SIDE" --height "$SIDE" --iterations 1 --warmup 1 "${INPUTS[@]}" \
+      --weights-file "$(file_of "$f")"
   done
+fi
+if has peer && [ ${#INPUTS[@]} -gt 0 ]; then
+  run peer "$OUT/peer.log" $PY tools/gpu/peer_quantised.py "$M" "$(file_of q8_0)"
+  rm -f "$OUT/peer.json"  # its print is in the log; the figures in peer_quantised.json
 fi
 
 # 4. the bf16 resident image, 5. each file under each budget.
@@ -117,6 +136,7 @@ if has budgets; then
   done
 fi
 
+rm -f "$OUT/inputs.safetensors"  # 13 MB at 1024², not worth bringing back
 # The summary: every figure above in one JSON, and a compact print.
 $PY - "$OUT" "$BUDGETS" "$FORMATS" <<'EOF'
 import json, os, sys
@@ -126,7 +146,12 @@ def load(name):
     try:
         with open(os.path.join(out, name)) as f:
             text = f.read().strip()
-        return json.loads(text.splitlines()[-1]) if text else None
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:  # a --json result: its last line
+            return json.loads(text.splitlines()[-1])
     except (OSError, ValueError) as e:
         return {"unreadable": str(e)}
 
@@ -139,7 +164,7 @@ def lines(name):
 steps = {s["step"]: s for s in lines("steps.jsonl")}
 summary = {"expectation": "Q8_0 near-lossless: relative L2 of the MMDiT output ~1e-3..1e-2 against 16-bit "
                           "(city96's conversions; the tiny model's 3.5e-3..8e-3); fp8 about 2..5x Q8_0's",
-           "steps": steps, "formats": {}}
+           "steps": steps, "peer_diffusers": load("peer_quantised.json"), "formats": {}}
 for f in formats:
     row = {"export": (load(f"export_{f}.json") or {}).get("exported"),
            "export_ms": (load(f"export_{f}.json") or {}).get("export_ms")}
@@ -157,6 +182,9 @@ for f in formats:
 with open(os.path.join(out, "quantised_summary.json"), "w") as fh:
     json.dump(summary, fh, indent=1)
 print("expectation:", summary["expectation"])
+peer = summary["peer_diffusers"] or {}
+print(f"diffusers on the same inputs: Q8_0 GGUF vs bf16 relative L2 {peer.get('relative_l2_q8_0_vs_bf16')}, "
+      f"bf16 {peer.get('bf16')}, Q8_0 {peer.get('q8_0')}")
 for f, row in summary["formats"].items():
     e, m = row["export"] or {}, row["mmdit"]
     print(f"{f}: file {e.get('file_bytes', 0) / 1e9:.2f} GB written in {(row['export_ms'] or 0) / 1e3:.1f} s "
