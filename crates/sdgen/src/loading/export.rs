@@ -475,6 +475,48 @@ mod tests {
         assert!(e.contains("`q4_k`") && e.contains("q8_0") && e.contains("fp8-scaled"), "{e}");
     }
 
+    /// At SD 3.5 Large's real size (the released `sd3.5_large.safetensors`' 923 MMDiT tensors,
+    /// `testdata/tiny-sd35-single/sd35-large-real-keys.json`): diffusers' tensors give back exactly
+    /// the released file's keys, each fused q/k/v from its three pieces in order; and the rule
+    /// quantises exactly the stored tensors city96's converter does (the 2-D weights but the
+    /// embeddings and the final layer; `make_gguf.py`'s list, in the original names).
+    #[test]
+    fn the_released_large_layout_is_written_back_whole() {
+        use serde_json::Value;
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-sd35-single/sd35-large-real-keys.json");
+        let real: BTreeMap<String, Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let pieces_of = |v: &Value| -> Vec<String> {
+            match &v[2] {
+                Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+                x => vec![x.as_str().unwrap().to_string()],
+            }
+        };
+        let names: Vec<String> = real.values().flat_map(pieces_of).collect();
+        let ctx = Ctx { blocks: 38, ..Ctx::default() };
+        let stored = stored_keys(rules::MMDIT, &ctx, names.iter().map(String::as_str)).unwrap();
+        let prefix = "model.diffusion_model.";
+        let keys: Vec<String> = real.keys().map(|k| k.strip_prefix(prefix).unwrap().to_string()).collect();
+        assert_eq!(stored.keys().cloned().collect::<Vec<_>>(), keys);
+        const CITY96_KEEPS: [&str; 6] =
+            ["t_embedder.", "y_embedder.", "context_embedder.", "x_embedder.", "pos_embed", "final_layer."];
+        let mut quantised = 0;
+        for (key, pieces) in &stored {
+            let v = &real[&format!("{prefix}{key}")];
+            assert_eq!(pieces.iter().map(|p| p.name.clone()).collect::<Vec<_>>(), pieces_of(v), "{key}");
+            let shape: Vec<usize> = v[1].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let info = super::super::TensorInfo { dtype: v[0].as_str().unwrap().into(), shape, data_offsets: (0, 0) };
+            let q = quantise::quantised_type(DenoiserArch::SD3Transformer2D, Quantise::Q8, &pieces[0].name, &info);
+            let city96 =
+                info.shape.len() == 2 && key.ends_with("weight") && !CITY96_KEEPS.iter().any(|p| key.starts_with(p));
+            assert_eq!(q.is_some(), city96, "{key}");
+            quantised += usize::from(city96);
+        }
+        // 38 blocks × (x and context: qkv, proj, fc1, fc2, adaLN), but the last context block
+        // (qkv and adaLN only).
+        assert_eq!(quantised, 38 * 10 - 3);
+    }
+
     /// Each take's inverse gives back the stored tensor the forward rules read.
     #[test]
     fn assembling_inverts_each_take() {
