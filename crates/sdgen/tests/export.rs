@@ -135,3 +135,20 @@ fn models_that_cannot_be_written_are_refused_by_name() {
     assert!(e.contains("is not supported: only SD 3.5's MMDiT"), "{e}");
     assert!(!out.exists());
 }
+
+/// A folder saved without T5 (SD 3.5 Medium here) gives a checkpoint with the two CLIPs beside it
+/// and no T5 file, which opens as that folder does (T5 unavailable, `--no-t5`) and runs.
+#[test]
+fn a_folder_without_t5_is_written_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = ModelFolder::open(&testdata().join("tiny-sd35-medium-no-t5")).unwrap();
+    let out = tmp.path().join("sd3.5_medium_fp8_scaled.safetensors");
+    let written = export(&model, ExportFormat::Fp8Scaled, &out).unwrap();
+    let names: Vec<String> =
+        written.beside.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["clip_l.safetensors", "clip_g.safetensors"]);
+    let opened = open(&out, "tiny-sd35-medium");
+    assert_eq!(opened.family().name, "sd35-medium");
+    assert!(opened.unavailable("text_encoder_3").is_some());
+    assert!(forward(&opened).iter().all(|v| v.is_finite()));
+}

@@ -119,42 +119,50 @@ pub fn export(model: &ModelFolder, format: ExportFormat, out: &Path) -> Result<E
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let denoiser = component_layout(layout.components, family.denoiser.component);
     match format {
         ExportFormat::GgufQ8_0 => {
+            let denoiser = component_layout(layout.components, family.denoiser.component);
             let tensors = original_tensors(model, denoiser, Some(format.quantise()))?;
             let types = count_types(&tensors);
             write_gguf(out, layout.gguf_architecture, &tensors)?;
             Ok(Exported { path: out.to_path_buf(), file_bytes: file_bytes(out)?, types, beside: Vec::new() })
         }
-        ExportFormat::Fp8Scaled => {
-            let mut file = HashMap::new();
-            let mut types = BTreeMap::new();
-            let mut beside = Vec::new();
-            for c in layout.components {
-                if let Some(b) = &c.beside {
-                    let dest = out.parent().unwrap_or(Path::new(".")).join(b.folder).join(b.files[0]);
-                    // A folder without an optional encoder (T5) is written without it.
-                    if model.weights(c.component).is_ok() {
-                        write_beside(model, c, &dest)?;
-                        beside.push(dest);
-                    }
-                    continue;
-                }
-                let quantise = (c.component == family.denoiser.component).then(|| format.quantise());
-                let tensors = original_tensors(model, c, quantise)?;
-                if quantise.is_some() {
-                    types = count_types(&tensors);
-                    file.insert(format!("{}scaled_fp8", c.prefix), fp8::bytes_tensor(&[0, 0], &[2], &Device::Cpu)?);
-                }
-                for t in tensors {
-                    t.insert_into(&mut file, c.prefix)?;
-                }
+        ExportFormat::Fp8Scaled => write_fp8_checkpoint(model, layout.components, format.quantise(), out),
+    }
+}
+
+/// The fp8-scaled checkpoint: the models the layout keeps in the file under their prefixes (the
+/// denoiser quantised, with the `scaled_fp8` marker), those it keeps beside it in their files.
+fn write_fp8_checkpoint(
+    model: &ModelFolder,
+    components: &'static [ComponentLayout],
+    quantise: Quantise,
+    out: &Path,
+) -> Result<Exported> {
+    let denoiser = model.family().denoiser.component;
+    let (mut file, mut types, mut beside) = (HashMap::new(), BTreeMap::new(), Vec::new());
+    for c in components {
+        if let Some(b) = &c.beside {
+            // A folder without an optional encoder (T5) is written without it.
+            if model.has_component(c.component) && model.unavailable(c.component).is_none() {
+                let dest = out.parent().unwrap_or(Path::new(".")).join(b.folder).join(b.files[0]);
+                write_beside(model, c, &dest)?;
+                beside.push(dest);
             }
-            save_safetensors(&file, out)?;
-            Ok(Exported { path: out.to_path_buf(), file_bytes: file_bytes(out)?, types, beside })
+            continue;
+        }
+        let quantise = (c.component == denoiser).then_some(quantise);
+        let tensors = original_tensors(model, c, quantise)?;
+        if quantise.is_some() {
+            types = count_types(&tensors);
+            file.insert(format!("{}scaled_fp8", c.prefix), fp8::bytes_tensor(&[0, 0], &[2], &Device::Cpu)?);
+        }
+        for t in tensors {
+            t.insert_into(&mut file, c.prefix)?;
         }
     }
+    save_safetensors(&file, out)?;
+    Ok(Exported { path: out.to_path_buf(), file_bytes: file_bytes(out)?, types, beside })
 }
 
 fn component_layout(components: &'static [ComponentLayout], component: &str) -> &'static ComponentLayout {
