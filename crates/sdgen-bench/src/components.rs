@@ -37,6 +37,9 @@ pub struct ComponentRun<'a> {
     pub dump: Option<&'a std::path::Path>,
     /// How the UNet or transformer holds its blocks (resident, or streamed).
     pub residency: Residency,
+    /// The transformer's unquantised model, when the one timed is quantised: its forward on the
+    /// same inputs is what the timed one's output is compared with (relative L2).
+    pub reference: Option<&'a ModelFolder>,
 }
 
 /// Median, fastest and slowest of `times_ms`.
@@ -116,6 +119,14 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tenso
     Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
 }
 
+/// `‖a − b‖ / ‖b‖` in f64 (the quantised output `a` against the unquantised `b`).
+fn relative_l2(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    Ok((diff / norm).sqrt())
+}
+
 /// Loads the component and times it.
 pub fn run(
     model: &ModelFolder,
@@ -147,7 +158,6 @@ pub fn run(
         }
         "transformer" => {
             let cfg: MMDiTConfig = model.config("transformer", "config.json")?;
-            let (mmdit, load_ms) = load_model::<SD3Transformer2DModel>(model, "transformer", &cfg, run, device, dtype)?;
             let rows = 2 * run.n;
             let randn = |shape: &[usize]| randn(shape, dtype, device);
             let (latents, t, context, pooled) = match run.inputs {
@@ -167,21 +177,48 @@ pub fn run(
                     randn(&[rows, cfg.pooled_projection_dim])?,
                 ),
             };
+            // The unquantised forward first, its model dropped before the timed one loads.
+            let reference = match run.reference {
+                Some(reference) => {
+                    let (mmdit, load_ms) =
+                        load_model::<SD3Transformer2DModel>(reference, "transformer", &cfg, run, device, dtype)?;
+                    let start = Instant::now();
+                    let out = mmdit.forward(&latents, &t, &context, &pooled)?.to_device(&Device::Cpu)?;
+                    Some((out, load_ms, start.elapsed().as_secs_f64() * 1e3))
+                }
+                None => None,
+            };
+            let (mmdit, load_ms) = load_model::<SD3Transformer2DModel>(model, "transformer", &cfg, run, device, dtype)?;
             let mut last = None;
+            let keep = run.dump.is_some() || reference.is_some();
             let timed = time_it(device, run, "transformer evaluation", || {
                 let out = mmdit.forward(&latents, &t, &context, &pooled)?;
-                // Kept only to be written: an output held into the next evaluation would count in
-                // its peak.
-                if run.dump.is_some() {
+                // Kept only to be written or compared: an output held into the next evaluation
+                // would count in its peak.
+                if keep {
                     last = Some(out.clone());
                 }
                 Ok(out)
             })?;
-            if let (Some(path), Some(out)) = (run.dump, last) {
-                let out = out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-                candle_core::safetensors::save(&std::collections::HashMap::from([("output", out)]), path)?;
+            let last = last.map(|out| out.to_dtype(DType::F32)?.to_device(&Device::Cpu)).transpose()?;
+            if let (Some(path), Some(out)) = (run.dump, &last) {
+                candle_core::safetensors::save(&std::collections::HashMap::from([("output", out.clone())]), path)?;
             }
-            Ok(serde_json::json!({ "component": "transformer", "batch": rows, "load_ms": load_ms, "timed": timed }))
+            let compared = match (reference, &last) {
+                (Some((want, load_ms, eval_ms)), Some(got)) => serde_json::json!({
+                    "relative_l2": relative_l2(got, &want)?,
+                    "reference_load_ms": load_ms,
+                    "reference_eval_ms": eval_ms,
+                }),
+                _ => serde_json::Value::Null,
+            };
+            Ok(serde_json::json!({
+                "component": "transformer",
+                "batch": rows,
+                "load_ms": load_ms,
+                "timed": timed,
+                "against_unquantised": compared,
+            }))
         }
         "vae" => {
             let cfg: VaeConfig = model.config("vae", "config.json")?;

@@ -20,7 +20,7 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use sdgen::device_memory::DeviceMemory;
 use sdgen::loading::family::Handoff;
-use sdgen::loading::{FamilySpec, ModelFolder, FAMILIES};
+use sdgen::loading::{FamilySpec, ModelFolder, OpenOptions, FAMILIES};
 use sdgen::pipeline::{
     img2img, resolve_img2img, txt2img_refined, Generation, Progress, Refiner, Request, Runtime,
     DEFAULT_HIGH_NOISE_FRACTION,
@@ -116,6 +116,24 @@ struct Args {
     /// Run the stock candle kernels instead of the fast ones (as `generate --no-fast-kernels`).
     #[arg(long)]
     no_fast_kernels: bool,
+    /// Write the folder's denoiser as this quantised file and stop: `q8_0` (a Q8_0 GGUF in
+    /// city96's layout, run with `generate --model FILE --config-from FOLDER`) or `fp8-scaled`
+    /// (an fp8-scaled checkpoint in Stability's/ComfyUI's layout, its text encoders linked into
+    /// `text_encoders/` beside it). SD 3.5 only. Needs --export-to.
+    #[arg(long, requires = "export_to")]
+    export: Option<String>,
+    /// With --export: the file to write (its folder is created).
+    #[arg(long, requires = "export")]
+    export_to: Option<PathBuf>,
+    /// With --component transformer: run this quantised file (a GGUF or an fp8 checkpoint, its
+    /// configs from the folder) instead of the folder's weights, and report the relative L2 of
+    /// its output against the folder's forward on the same inputs.
+    #[arg(long, conflicts_with = "weights")]
+    weights_file: Option<PathBuf>,
+    /// With --component transformer: quantise the folder's weights as they load (q8, fp8 or q4,
+    /// as `generate --weights`), and report the relative L2 against the unquantised forward.
+    #[arg(long)]
+    weights: Option<String>,
 }
 
 /// Timestamps of one pipeline run's progress events, the device synchronised at each denoising
@@ -301,6 +319,22 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    if let (Some(format), Some(out)) = (&args.export, &args.export_to) {
+        let format: sdgen::loading::export::ExportFormat = format.parse().map_err(anyhow::Error::msg)?;
+        let start = Instant::now();
+        let exported = sdgen::loading::export::export(&model, format, out)
+            .with_context(|| format!("--export {} --export-to {}", format.name(), out.display()))?;
+        let report = serde_json::json!({
+            "family": args.family,
+            "model_dir": model_dir,
+            "export": format.name(),
+            "exported": exported,
+            "export_ms": start.elapsed().as_secs_f64() * 1e3,
+            "model_write_ms": write_ms,
+        });
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     if args.write_only {
         let report = serde_json::json!({
             "family": args.family,
@@ -311,6 +345,18 @@ fn main() -> anyhow::Result<()> {
         });
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
+    }
+    // The quantised model a component runs, if not the folder's own weights (compared with them).
+    let quantised = match (&args.weights_file, &args.weights) {
+        (Some(file), _) => Some(
+            ModelFolder::open_with(file, &OpenOptions { config_from: Some(model_dir.clone()), ..Default::default() })
+                .with_context(|| format!("--weights-file {}", file.display()))?,
+        ),
+        (None, Some(q)) => Some(model.clone().with_quantise(Some(q.parse().map_err(anyhow::Error::msg)?))?),
+        (None, None) => None,
+    };
+    if quantised.is_some() && args.component.as_deref() != Some("transformer") {
+        bail!("--weights and --weights-file run with --component transformer (one MMDiT evaluation, compared with the folder's)");
     }
     if let Some(component) = &args.component {
         let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
@@ -323,6 +369,7 @@ fn main() -> anyhow::Result<()> {
             inputs: args.inputs.as_deref(),
             dump: args.dump.as_deref(),
             residency: sdgen::pipeline::residency(args.resident_blocks),
+            reference: quantised.as_ref().map(|_| &model),
         };
         let report = serde_json::json!({
             "family": args.family,
@@ -333,7 +380,8 @@ fn main() -> anyhow::Result<()> {
             "height": settings.height,
             "n": args.n,
             "weights_bytes": weights,
-            "result": components::run(&model, &run, &device, dtype)?,
+            "weights": args.weights_file.as_ref().map(|f| f.display().to_string()).or(args.weights.clone()),
+            "result": components::run(quantised.as_ref().unwrap_or(&model), &run, &device, dtype)?,
         });
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());

@@ -4,6 +4,7 @@
 //! dtype and device (never a whole-model f32 copy).
 
 pub mod denoiser;
+pub mod export;
 pub mod family;
 pub mod gguf;
 pub mod lora;
