@@ -1,7 +1,8 @@
-//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU our banded
-//! unfold-and-multiply (`cpu::conv2d` in f32, `cpu_bf16::conv2d` in bf16 where the processor has
-//! AVX512-BF16); elsewhere candle's im2col convolution with every call's
-//! column buffer bounded (banded), which is also the reference the fast paths are tested against.
+//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU our direct 3×3
+//! convolution (`direct_conv`) and banded unfold-and-multiply for the other kernels
+//! (`cpu::conv2d` in f32, `cpu_bf16::conv2d` in bf16 where the processor has AVX512-BF16);
+//! elsewhere candle's im2col convolution with every call's column buffer bounded (banded), which
+//! is also the reference the fast paths are tested against.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -263,6 +264,51 @@ mod tests {
             let y = last.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap();
             let y = y.permute((0, 3, 1, 2)).unwrap();
             assert_eq!(max_diff(&y, &first), 0.0, "k {k} padding {padding} stride {stride}");
+        }
+    }
+
+    /// The CPU's direct 3×3 convolution (`direct_conv`, where the processor has the kernels)
+    /// against the banded reference at the VAE decoder's real shapes — its 512-channel blocks at
+    /// 64², the 128-channel last level at the full 512², `conv_in` from the 4 latent channels and
+    /// `conv_out` to 3 — and on the tiling edges: widths that are not a multiple of the 64-pixel
+    /// tile, a height of 1, output channels that fill no 6-channel tile or 48-channel task, input
+    /// channels past one 16-channel block, a batch. f32 within 1e-5 of the largest output (sums of
+    /// up to 4608 products in another order); bf16 against the f32 result on the same bf16 values
+    /// within 2⁻⁸ of it (the bf16 path's exact products and f32 sums, then one rounding: half a
+    /// bf16 step, 2⁻⁹, of the value; an odd channel count is paired with zero).
+    #[test]
+    fn the_direct_convolution_equals_the_reference_at_vae_shapes() {
+        if !crate::ops::bf16_gemm::supported() {
+            return;
+        }
+        let cases = [
+            (1, 512, 512, 64, 64),
+            (1, 128, 128, 512, 512),
+            (1, 4, 512, 64, 64),
+            (1, 128, 3, 512, 512),
+            (2, 5, 7, 67, 33),
+            (1, 3, 13, 1, 1),
+            (1, 17, 50, 2, 130),
+            (1, 33, 49, 3, 65),
+        ];
+        for (b, cin, cout, h, w) in cases {
+            let conv = Conv2d::load(cin, cout, 3, 1, 1, false, weights(cin, cout, 3)).unwrap();
+            let conv = Conv2d { weight: (conv.weight.clone() * (9.0 * cin as f64).powf(-0.5)).unwrap(), ..conv };
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+            let reference = conv.forward_bounded(&x, MAX_CONV_COLUMN_ELEMENTS).unwrap();
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let fast = crate::ops::cpu::conv2d(&x, &conv.weight, conv.bias.as_ref(), 1, 1).unwrap().expect("f32");
+            let diff = max_diff(&fast, &reference);
+            assert!(diff <= 1e-5 * scale, "f32 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
+            let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let (xb, wb, bb) = (bf16(&x), bf16(&conv.weight), bf16(conv.bias.as_ref().unwrap()));
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let exact = crate::ops::cpu::conv2d(&f32(&xb), &f32(&wb), Some(&f32(&bb)), 1, 1).unwrap().expect("f32");
+            let half = crate::ops::cpu_bf16::conv2d(&xb, &wb, Some(&bb), 1, 1).unwrap().expect("bf16");
+            assert_eq!(half.dtype(), DType::BF16);
+            let diff = max_diff(&f32(&half), &exact);
+            let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= scale / 256.0, "bf16 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
         }
     }
 

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, PanelWriter, Rhs};
+use super::direct_conv;
 use super::norm::GroupNorm;
 
 /// GroupNorm of an f32 `x: [b, c, ...]` (`norm`'s groups, weights and epsilon), of `x + add`
@@ -81,7 +82,8 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
 pub(super) const CONV_BAND_BYTES: usize = 16 << 20;
 
 /// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
-/// `padding` on every side: per image, bands of output rows are unfolded into a `[c·kh·kw, pixels]`
+/// `padding` on every side. 3×3 "same" convolutions run direct (`direct_conv`: no column);
+/// the others per image: bands of output rows are unfolded into a `[c·kh·kw, pixels]`
 /// column (all cores) and multiplied by the weight as `[o, c·kh·kw]` straight into the NCHW output,
 /// which starts as the bias (no column of the whole image, no transposed copy of the output, no
 /// separate bias pass). 1×1 stride-1 convolutions multiply the input itself. `None` for other
@@ -104,6 +106,12 @@ pub(crate) fn conv2d(
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
     let (xs, ws) = (x_in.f32s()?, w_in.f32s()?);
     let pixels = geometry.ho * geometry.wo;
+    if direct_conv::applies(&geometry) {
+        let mut out = vec![0f32; b * o * pixels];
+        let shape = direct_conv::Shape { b, c: geometry.c, h: geometry.h, w: geometry.w, o };
+        direct_conv::conv3x3_f32(shape, xs, ws, bias_values(bias)?.as_deref(), &mut out);
+        return Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?));
+    }
     let mut out = geometry.output(b, o, bias)?;
     for (xi, yi) in xs.chunks(geometry.c * geometry.h * geometry.w).zip(out.chunks_mut(o * pixels)) {
         geometry.image(xi, ws, o, yi, bias.is_some());
