@@ -118,6 +118,35 @@ impl Conv2d {
         self.forward_bounded(&x, max_conv_column_elements(x.device()))
     }
 
+    /// [`Self::forward`] of `x` upsampled 2× by nearest neighbour (each pixel repeated over a 2×2
+    /// block: `upsample_nearest2d(2h, 2w)`, diffusers' `Upsample2D`). Channels-first on the CPU in
+    /// f32, a 3×3 "same" convolution runs on `x` itself (`cpu::upsample_conv2d`: no upsampled
+    /// copy, 4/9 of the multiply-adds); channels-last it runs between transposes, except through
+    /// cuDNN, which convolves the upsampled copy (one broadcast copy, no transposes).
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            #[cfg(feature = "cudnn")]
+            if super::fast_conv(x.device()) {
+                let (b, h, w, c) = x.dims4()?;
+                let up = x.reshape((b, h, 1, w, 1, c))?.broadcast_as((b, h, 2, w, 2, c))?.contiguous()?;
+                return self.forward(&up.reshape((b, 2 * h, 2 * w, c))?);
+            }
+            let first =
+                Self { weight: self.weight.permute((0, 3, 1, 2))?.contiguous()?, channels_last: false, ..self.clone() };
+            let y = first.forward_upsampled(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
+            return y.permute((0, 2, 3, 1))?.contiguous();
+        }
+        if !self.pad_right_bottom && super::fast_cpu(x.device()) {
+            if let Some(y) =
+                super::cpu::upsample_conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)?
+            {
+                return Ok(y);
+            }
+        }
+        let (_, _, h, w) = x.dims4()?;
+        self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+
     /// [`Self::forward`] of channels-last `x: [b, h, w, cin]`: cuDNN's channels-last kernels,
     /// else the channels-first path between two transposes (every device, every dtype).
     fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
@@ -309,6 +338,36 @@ mod tests {
             let diff = max_diff(&f32(&half), &exact);
             let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff <= scale / 256.0, "bf16 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
+        }
+    }
+
+    /// The CPU's convolution of a 2× nearest-upsampled input without the upsampled copy
+    /// ([`Conv2d::forward_upsampled`]: 2×2 kernels of summed weights per output parity) against
+    /// the reference convolution of candle's upsampled input: the VAE decoder's real 512-channel
+    /// upsampler at 64² → 128², and the edges (odd sizes, one pixel, an output row of two tiles
+    /// with the second partial, channels past one block, a batch), f32 within 1e-5 of the largest
+    /// output (the summed weights round once more, 2⁻²⁴ of each); bf16 takes the upsampled copy.
+    #[test]
+    fn the_upsampling_convolution_equals_the_reference() {
+        if !crate::ops::bf16_gemm::supported() {
+            return;
+        }
+        for (b, cin, cout, h, w) in
+            [(1, 512, 512, 64, 64), (2, 5, 7, 3, 5), (1, 3, 13, 1, 1), (1, 17, 50, 4, 33), (1, 33, 8, 40, 40)]
+        {
+            let conv = Conv2d::load(cin, cout, 3, 1, 1, false, weights(cin, cout, 3)).unwrap();
+            let conv = Conv2d { weight: (conv.weight.clone() * (9.0 * cin as f64).powf(-0.5)).unwrap(), ..conv };
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+            let reference = conv.forward_bounded(&up, MAX_CONV_COLUMN_ELEMENTS).unwrap();
+            let fast =
+                crate::ops::cpu::upsample_conv2d(&x, &conv.weight, conv.bias.as_ref(), 1, 1).unwrap().expect("f32");
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_diff(&fast, &reference);
+            assert!(diff <= 1e-5 * scale, "{b}×{cin}→{cout} at {h}×{w} → ×2: max diff {diff} (scale {scale})");
+            assert_eq!(max_diff(&conv.forward_upsampled(&x).unwrap(), &fast), 0.0);
+            let half = conv.forward_upsampled(&x.to_dtype(DType::BF16).unwrap());
+            assert_eq!(half.unwrap().dims(), reference.dims());
         }
     }
 

@@ -195,6 +195,36 @@ pub(crate) fn conv2d(
     Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?))
 }
 
+/// `conv2d(upsample_nearest2d(x, 2h, 2w), weight) + bias` (3×3, padding 1, stride 1) for f32
+/// `x: [b, c, h, w]` on the CPU without the upsampled input ([`direct_conv::upsample_conv3x3_f32`]:
+/// 4/9 of the multiply-adds). `None` where it does not apply (another dtype, device or kernel, a
+/// processor without the kernels).
+pub(crate) fn upsample_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) {
+        return Ok(None);
+    }
+    let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
+        return Ok(None);
+    };
+    if !direct_conv::applies(&geometry) {
+        return Ok(None);
+    }
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
+    let (h, w) = (geometry.h, geometry.w);
+    let mut out = vec![0f32; b * o * 4 * h * w];
+    let shape = direct_conv::Shape { b, c: geometry.c, h, w, o };
+    direct_conv::upsample_conv3x3_f32(shape, x_in.f32s()?, w_in.f32s()?, bias_values(bias)?.as_deref(), &mut out);
+    Ok(Some(Tensor::from_vec(out, (b, o, 2 * h, 2 * w), &Device::Cpu)?))
+}
+
 /// Rows of `x` below which [`linear`] leaves the product to candle: packing the weight costs as
 /// much as a product of this many rows.
 const LINEAR_MIN_ROWS: usize = 16;
