@@ -184,7 +184,7 @@ pub fn kernel_summary(device: &Device) -> &'static str {
     match (fast_cuda(device), fast_conv(device)) {
         (true, true) => "fast (cuDNN convolutions, fused kernels)",
         (true, false) => "fast (fused kernels; im2col convolutions: built without cuDNN)",
-        _ if fast_cpu(device) => "fast (CPU: banded convolutions, fused GroupNorm, blocked attention)",
+        _ if fast_cpu(device) => "fast (CPU: direct and banded convolutions, fused GroupNorm, blocked attention)",
         _ if !fast_kernels_enabled() => "stock (fast kernels turned off)",
         _ if device.is_cuda() && cfg!(feature = "cuda") => {
             "stock (CUDA kernels not yet on by default: SDGEN_FAST_KERNELS=1)"
