@@ -65,12 +65,12 @@ impl ResnetBlock2D {
             (Some(proj), Some(t)) => Some(proj.forward(&t.silu()?)?),
             _ => None,
         };
-        let h = self.conv2.forward(&self.norm2.forward_with(&h, t.as_ref(), true)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        skip + h
+        // `skip + conv2(…)`, the sum made as the convolution writes its output where it can.
+        self.conv2.forward_add(&self.norm2.forward_with(&h, t.as_ref(), true)?, &skip)
     }
 }
 

@@ -118,6 +118,25 @@ impl Conv2d {
         self.forward_bounded(&x, max_conv_column_elements(x.device()))
     }
 
+    /// `residual + self.forward(x)` (a ResNet block's `input + hidden`; `residual` in the
+    /// output's shape): on the CPU's direct convolutions the sum is made as each output row is
+    /// written, with no separate pass or second output (bf16: the rounded output plus the
+    /// residual, rounded again, as the separate add rounds); elsewhere the separate add.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if !self.channels_last && !self.pad_right_bottom && super::fast_cpu(x.device()) {
+            let (w, b, p, s) = (&self.weight, self.bias.as_ref(), self.padding, self.stride);
+            let fused = if super::cpu_bf16(x) {
+                super::cpu_bf16::conv2d_add(x, w, b, p, s, Some(residual))?
+            } else {
+                super::cpu::conv2d_add(x, w, b, p, s, Some(residual))?
+            };
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        residual + self.forward(x)?
+    }
+
     /// [`Self::forward`] of `x` upsampled 2× by nearest neighbour (each pixel repeated over a 2×2
     /// block: `upsample_nearest2d(2h, 2w)`, diffusers' `Upsample2D`). Channels-first on the CPU in
     /// f32, a 3×3 "same" convolution runs on `x` itself (`cpu::upsample_conv2d`: no upsampled
@@ -338,6 +357,38 @@ mod tests {
             let diff = max_diff(&f32(&half), &exact);
             let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff <= scale / 256.0, "bf16 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
+        }
+    }
+
+    /// A convolution with its residual added as the output is written ([`Conv2d::forward_add`])
+    /// equals the separate add bit for bit, f32 and bf16 (the same sums, the same roundings):
+    /// the VAE's 512-channel ResNet convolution at 64², odd sizes in a batch, and a 1×1
+    /// convolution (no direct path: the separate add).
+    #[test]
+    fn the_fused_residual_add_equals_the_separate_one() {
+        for (b, cin, cout, h, w, k) in [(1, 512, 512, 64, 64, 3), (2, 5, 7, 9, 70, 3), (1, 8, 6, 5, 5, 1)] {
+            let conv = Conv2d::load(cin, cout, k, k / 2, 1, false, weights(cin, cout, k)).unwrap();
+            let conv = Conv2d { weight: (conv.weight.clone() * (9.0 * cin as f64).powf(-0.5)).unwrap(), ..conv };
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+            let skip = Tensor::randn(0f32, 1.0, (b, cout, h, w), &Device::Cpu).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                let conv = Conv2d { weight: cast(&conv.weight), bias: conv.bias.as_ref().map(cast), ..conv.clone() };
+                let (x, skip) = (cast(&x), cast(&skip));
+                let fused = conv.forward_add(&x, &skip).unwrap();
+                if crate::ops::bf16_gemm::supported() {
+                    let (w, bias) = (&conv.weight, conv.bias.as_ref());
+                    let direct = match dtype {
+                        DType::F32 => crate::ops::cpu::conv2d_add(&x, w, bias, k / 2, 1, Some(&skip)),
+                        _ => crate::ops::cpu_bf16::conv2d_add(&x, w, bias, k / 2, 1, Some(&skip)),
+                    };
+                    assert_eq!(direct.unwrap().is_some(), k == 3, "the fused path runs for 3×3 only");
+                }
+                let separate = (&skip + conv.forward(&x).unwrap()).unwrap();
+                assert_eq!(fused.dtype(), dtype);
+                let (fused, separate) = (fused.to_dtype(DType::F32).unwrap(), separate.to_dtype(DType::F32).unwrap());
+                assert_eq!(max_diff(&fused, &separate), 0.0, "{dtype:?} {b}×{cin}→{cout} {k}×{k} at {h}×{w}");
+            }
         }
     }
 

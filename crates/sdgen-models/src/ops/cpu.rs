@@ -171,21 +171,49 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
+    conv2d_add(x, weight, bias, padding, stride, None)
+}
+
+/// [`conv2d`] plus `residual` (the output's shape and dtype), added as the direct convolution
+/// writes each output row (no separate pass, no second output). With a residual, `None` where
+/// the direct convolution does not apply (the caller adds it).
+pub(crate) fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) {
+    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu) && residual.is_none_or(f32_cpu)) {
         return Ok(None);
     }
     let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
         return Ok(None);
     };
+    let direct = direct_conv::applies(&geometry);
+    if residual.is_some_and(|r| !direct || r.dims() != [b, o, geometry.ho, geometry.wo]) {
+        return Ok(None);
+    }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
     let (xs, ws) = (x_in.f32s()?, w_in.f32s()?);
     let pixels = geometry.ho * geometry.wo;
-    if direct_conv::applies(&geometry) {
+    if direct {
+        let residual = residual.map(Tensor::contiguous).transpose()?;
+        let r_in = residual.as_ref().map(CpuInput::new).transpose()?;
         let mut out = vec![0f32; b * o * pixels];
         let shape = direct_conv::Shape { b, c: geometry.c, h: geometry.h, w: geometry.w, o };
-        direct_conv::conv3x3_f32(shape, xs, ws, bias_values(bias)?.as_deref(), &mut out);
+        let bias = bias_values(bias)?;
+        direct_conv::conv3x3_f32(
+            shape,
+            xs,
+            ws,
+            bias.as_deref(),
+            r_in.as_ref().map(CpuInput::f32s).transpose()?,
+            &mut out,
+        );
         return Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?));
     }
     let mut out = geometry.output(b, o, bias)?;

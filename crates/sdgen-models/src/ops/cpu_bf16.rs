@@ -65,7 +65,21 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[b])) {
+    conv2d_add(x, weight, bias, padding, stride, None)
+}
+
+/// [`conv2d`] plus the bf16 `residual` (the output's shape), added as the direct convolution
+/// writes each output row: the rounded output plus the residual, rounded again, as PyTorch adds
+/// two bf16 tensors. With a residual, `None` where the direct convolution does not apply.
+pub(crate) fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[b])) || residual.is_some_and(|r| !applies(&[r])) {
         return Ok(None);
     }
     let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
@@ -73,7 +87,8 @@ pub(crate) fn conv2d(
     };
     let (c, h, w) = (geometry.c, geometry.h, geometry.w);
     let k = c * geometry.kh * geometry.kw;
-    if k % 2 == 1 && !direct_conv::applies(&geometry) {
+    let direct = direct_conv::applies(&geometry);
+    if (k % 2 == 1 && !direct) || residual.is_some_and(|r| !direct || r.dims() != [b, o, h, w]) {
         return Ok(None);
     }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
@@ -81,10 +96,13 @@ pub(crate) fn conv2d(
     let (xs, ws) = (bits(&x_in)?, bits(&w_in)?);
     let pixels = geometry.ho * geometry.wo;
     let bias = bias_values(bias)?;
-    if direct_conv::applies(&geometry) {
+    if direct {
+        let residual = residual.map(Tensor::contiguous).transpose()?;
+        let r_in = residual.as_ref().map(CpuInput::new).transpose()?;
+        let r_bits = r_in.as_ref().map(|r| bits(r)).transpose()?;
         let mut out = vec![0u16; b * o * pixels];
         let shape = direct_conv::Shape { b, c, h, w, o };
-        direct_conv::conv3x3_bf16(shape, xs, ws, bias.as_deref(), &mut out);
+        direct_conv::conv3x3_bf16(shape, xs, ws, bias.as_deref(), r_bits, &mut out);
         return Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), (b, o, h, w), &Device::Cpu)?));
     }
     let bias = bias.as_deref().map_or(Bias::None, Bias::PerRow);

@@ -63,11 +63,20 @@ pub(super) struct Shape {
     pub o: usize,
 }
 
-/// `y = conv3x3(x, weight) + bias` for f32 `x: [b, c, h, w]` (contiguous), `weight: [o, c, 3, 3]`,
-/// into `y: [b, o, h, w]`.
-pub(super) fn conv3x3_f32(shape: Shape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+/// `y = conv3x3(x, weight) + bias (+ residual)` for f32 `x: [b, c, h, w]` (contiguous), `weight:
+/// [o, c, 3, 3]`, into `y: [b, o, h, w]`; the residual `[b, o, h, w]` (a ResNet block's input) is
+/// added as each output row is written.
+pub(super) fn conv3x3_f32(
+    shape: Shape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let Shape { c, h, w, .. } = shape;
     assert!(x.len() >= shape.b * c * h * w && weight.len() >= shape.o * c * 9 && y.len() >= shape.b * shape.o * h * w);
+    assert!(residual.is_none_or(|r| r.len() >= shape.b * shape.o * h * w), "the residual is smaller than the output");
     let weights = pack_weights(shape.o, c, 9, 1, |oc, unit, tap, _| weight[(oc * c + unit) * 9 + tap].to_bits());
     let out = Rows { at: y.as_mut_ptr() as usize, h, w, o: shape.o };
     run::<true, false>(
@@ -79,16 +88,34 @@ pub(super) fn conv3x3_f32(shape: Shape, x: &[f32], weight: &[f32], bias: Option<
             let src = &x[((img * c + unit) * h + iy) * w..][..w];
             dst.copy_from_slice(bf16_gemm::f32_bits(src));
         },
-        // SAFETY: each (image, channel, row) is stored by one task only (see `run`).
-        |img, oc, oy, sums| unsafe { out.row::<f32>(img, oc, oy).copy_from_slice(sums) },
+        |img, oc, oy, sums| {
+            // SAFETY: each (image, channel, row) is stored by one task only (see `run`).
+            let row = unsafe { out.row::<f32>(img, oc, oy) };
+            match residual {
+                // `input + hidden`, diffusers' order (the same sum either way in f32).
+                Some(r) => {
+                    row.iter_mut().zip(&r[out.at_row(img, oc, oy)..]).zip(sums).for_each(|((y, &r), &s)| *y = r + s)
+                }
+                None => row.copy_from_slice(sums),
+            }
+        },
     );
 }
 
 /// `y = conv3x3(x, weight) + bias` for bf16 `x: [b, c, h, w]` and `weight: [o, c, 3, 3]` (their
-/// bits), `y: [b, o, h, w]` rounded once (nearest even) from f32 sums with the bias added.
-pub(super) fn conv3x3_bf16(shape: Shape, x: &[u16], weight: &[u16], bias: Option<&[f32]>, y: &mut [u16]) {
+/// bits), `y: [b, o, h, w]` rounded once (nearest even) from f32 sums with the bias added; then
+/// plus the bf16 `residual` when given, rounded again, as PyTorch adds two bf16 tensors.
+pub(super) fn conv3x3_bf16(
+    shape: Shape,
+    x: &[u16],
+    weight: &[u16],
+    bias: Option<&[f32]>,
+    residual: Option<&[u16]>,
+    y: &mut [u16],
+) {
     let Shape { c, h, w, .. } = shape;
     assert!(x.len() >= shape.b * c * h * w && weight.len() >= shape.o * c * 9 && y.len() >= shape.b * shape.o * h * w);
+    assert!(residual.is_none_or(|r| r.len() >= shape.b * shape.o * h * w), "the residual is smaller than the output");
     let units = c.div_ceil(2);
     let weights = pack_weights(shape.o, units, 9, 1, |oc, unit, tap, _| {
         let at = |ch: usize| if ch < c { weight[(oc * c + ch) * 9 + tap] as u32 } else { 0 };
@@ -110,8 +137,17 @@ pub(super) fn conv3x3_bf16(shape: Shape, x: &[u16], weight: &[u16], bias: Option
                 dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = l as u32);
             }
         },
-        // SAFETY: each (image, channel, row) is stored by one task only (see `run`).
-        |img, oc, oy, sums| unsafe { bf16_gemm::to_bf16_scaled(sums, 1.0, out.row::<u16>(img, oc, oy)) },
+        |img, oc, oy, sums| {
+            // SAFETY: each (image, channel, row) is stored by one task only (see `run`).
+            let row = unsafe { out.row::<u16>(img, oc, oy) };
+            bf16_gemm::to_bf16_scaled(sums, 1.0, row);
+            if let Some(r) = residual {
+                let value = |bits: u16| half::bf16::from_bits(bits).to_f32();
+                for (y, &r) in row.iter_mut().zip(&r[out.at_row(img, oc, oy)..]) {
+                    *y = half::bf16::from_f32(value(r) + value(*y)).to_bits();
+                }
+            }
+        },
     );
 }
 
@@ -200,8 +236,12 @@ impl Rows {
     /// two calls for one row may overlap in time.
     #[allow(clippy::mut_from_ref)] // rows of one output handed to the tasks that own them
     unsafe fn row<T>(&self, img: usize, oc: usize, oy: usize) -> &mut [T] {
-        let at = ((img * self.o + oc) * self.h + oy) * self.w;
-        std::slice::from_raw_parts_mut((self.at as *mut T).add(at), self.w)
+        std::slice::from_raw_parts_mut((self.at as *mut T).add(self.at_row(img, oc, oy)), self.w)
+    }
+
+    /// Where row `oy` of channel `oc` of image `img` starts, in elements.
+    fn at_row(&self, img: usize, oc: usize, oy: usize) -> usize {
+        ((img * self.o + oc) * self.h + oy) * self.w
     }
 }
 
