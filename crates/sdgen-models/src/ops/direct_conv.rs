@@ -16,7 +16,9 @@
 //! channels pass over the same buffered input (in L1 after the first) with their weights (packed
 //! once per call, [`R`] at a time per tap: 27 KiB per block, also in L1). The sums stay in a
 //! task-local f32 block (the bias first) until the last input block, then each output row is
-//! written once: copied (f32), or rounded to bf16.
+//! written once: copied (f32), or rounded to bf16, a ResNet block's residual added when given.
+//! The same tiles convolve a 2× nearest-upsampled input without upsampling it
+//! ([`upsample_conv3x3_f32`]: 2×2 kernels of summed weights, 4/9 of the work).
 //!
 //! A unit is one channel (f32) or a pair of channels (bf16, interleaved as `vdpbf16ps` reads
 //! them: `(x[2u], x[2u + 1])` per pixel, the weights likewise; an odd last channel is paired with
