@@ -192,7 +192,7 @@ pub(crate) fn conv2d_add(
     let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
         return Ok(None);
     };
-    let direct = direct_conv::applies(&geometry);
+    let direct = direct_conv::applies(&geometry, geometry.wo);
     if residual.is_some_and(|r| !direct || r.dims() != [b, o, geometry.ho, geometry.wo]) {
         return Ok(None);
     }
@@ -241,7 +241,7 @@ pub(crate) fn upsample_conv2d(
     let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
         return Ok(None);
     };
-    if !direct_conv::applies(&geometry) {
+    if !direct_conv::applies(&geometry, 2 * geometry.w) {
         return Ok(None);
     }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);

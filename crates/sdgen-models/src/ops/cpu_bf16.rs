@@ -87,7 +87,7 @@ pub(crate) fn conv2d_add(
     };
     let (c, h, w) = (geometry.c, geometry.h, geometry.w);
     let k = c * geometry.kh * geometry.kw;
-    let direct = direct_conv::applies(&geometry);
+    let direct = direct_conv::applies(&geometry, geometry.wo);
     if (k % 2 == 1 && !direct) || residual.is_some_and(|r| !direct || r.dims() != [b, o, h, w]) {
         return Ok(None);
     }
