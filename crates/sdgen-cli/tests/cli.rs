@@ -295,7 +295,7 @@ fn the_sidecar_records_the_kernels_and_the_switch_turns_them_off() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["a lighthouse at dusk", "--model", &tiny_model(), "--seed", "42", "--steps", "10", "--json"];
     for (i, (switch, kernels)) in [
-        (None, "fast (CPU: banded convolutions, fused GroupNorm, blocked attention)"),
+        (None, "fast (CPU: direct and banded convolutions, fused GroupNorm, blocked attention)"),
         (Some("--no-fast-kernels"), "stock (fast kernels turned off)"),
     ]
     .into_iter()

@@ -65,12 +65,12 @@ impl ResnetBlock2D {
             (Some(proj), Some(t)) => Some(proj.forward(&t.silu()?)?),
             _ => None,
         };
-        let h = self.conv2.forward(&self.norm2.forward_with(&h, t.as_ref(), true)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        skip + h
+        // `skip + conv2(…)`, the sum made as the convolution writes its output where it can.
+        self.conv2.forward_add(&self.norm2.forward_with(&h, t.as_ref(), true)?, &skip)
     }
 }
 
@@ -118,22 +118,16 @@ impl Upsample2D {
     /// Upsamples to `size` (h, w) when given, else doubles. Nearest-neighbour with PyTorch's
     /// index rule `floor(dst · in / out)`, which candle's kernel uses too.
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (h, w) = if self.channels_last { (x.dim(1)?, x.dim(2)?) } else { (x.dim(2)?, x.dim(3)?) };
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        if (th, tw) == (2 * h, 2 * w) {
+            // The convolution reads the doubled input without it being copied where it can.
+            return self.conv.forward_upsampled(x);
+        }
         if self.channels_last {
-            let (b, h, w, c) = x.dims4()?;
-            let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-            let up = if (th, tw) == (2 * h, 2 * w) {
-                // Each pixel repeated over a 2×2 block: one broadcast copy, no transposes.
-                x.reshape((b, h, 1, w, 1, c))?
-                    .broadcast_as((b, h, 2, w, 2, c))?
-                    .contiguous()?
-                    .reshape((b, th, tw, c))?
-            } else {
-                x.permute((0, 3, 1, 2))?.upsample_nearest2d(th, tw)?.permute((0, 2, 3, 1))?.contiguous()?
-            };
+            let up = x.permute((0, 3, 1, 2))?.upsample_nearest2d(th, tw)?.permute((0, 2, 3, 1))?.contiguous()?;
             return self.conv.forward(&up);
         }
-        let (_, _, h, w) = x.dims4()?;
-        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
     }
 }

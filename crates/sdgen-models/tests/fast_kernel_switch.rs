@@ -17,5 +17,5 @@ fn the_switch_turns_fast_paths_off_and_on() {
     assert_eq!(kernel_summary(&cpu), "stock (fast kernels turned off)");
     set_fast_kernels(true);
     assert!(fast_kernels_enabled() && fast_cpu(&cpu));
-    assert_eq!(kernel_summary(&cpu), "fast (CPU: banded convolutions, fused GroupNorm, blocked attention)");
+    assert_eq!(kernel_summary(&cpu), "fast (CPU: direct and banded convolutions, fused GroupNorm, blocked attention)");
 }

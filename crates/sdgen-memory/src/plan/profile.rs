@@ -423,8 +423,11 @@ impl FamilyProfile {
             // `sdxl_gpu_fast_peaks.jsonl`). CUDA: cuDNN builds no column buffer; in f32 its
             // tensor-core kernels take a workspace of each convolution's own tensors (NHWC
             // copies), which the per-pixel term absorbs, while half precision runs channels-last
-            // and needs none; the 512-wide mid attention still scores through cuBLAS. CPU: 16 MiB column bands and the
-            // blocked attention, so the feature maps alone grow with the image.
+            // and needs none; the 512-wide mid attention still scores through cuBLAS. CPU: direct 3×3 convolutions (an
+            // 8 MiB band of buffered input rows and the packed weights, ≤ 9.4 MB; 2026-12-07 the
+            // 512² decode's peak measured 1.06 GB against the unfolded path's 1.05) and 16 MiB column
+            // bands for the others, and the blocked attention, so the feature maps alone grow
+            // with the image.
             //
             // The decoded image is held whole however it is decoded (`pipeline::stages::decode`):
             // tiles are stitched into it (the cropped rows, then their concatenation), then

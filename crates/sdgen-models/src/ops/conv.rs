@@ -1,7 +1,8 @@
-//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU our banded
-//! unfold-and-multiply (`cpu::conv2d` in f32, `cpu_bf16::conv2d` in bf16 where the processor has
-//! AVX512-BF16); elsewhere candle's im2col convolution with every call's
-//! column buffer bounded (banded), which is also the reference the fast paths are tested against.
+//! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU our direct 3×3
+//! convolution (`direct_conv`) and banded unfold-and-multiply for the other kernels
+//! (`cpu::conv2d` in f32, `cpu_bf16::conv2d` in bf16 where the processor has AVX512-BF16);
+//! elsewhere candle's im2col convolution with every call's column buffer bounded (banded), which
+//! is also the reference the fast paths are tested against.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -115,6 +116,54 @@ impl Conv2d {
             }
         }
         self.forward_bounded(&x, max_conv_column_elements(x.device()))
+    }
+
+    /// `residual + self.forward(x)` (a ResNet block's `input + hidden`; `residual` in the
+    /// output's shape): on the CPU's direct convolutions the sum is made as each output row is
+    /// written, with no separate pass or second output (bf16: the rounded output plus the
+    /// residual, rounded again, as the separate add rounds); elsewhere the separate add.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if !self.channels_last && !self.pad_right_bottom && super::fast_cpu(x.device()) {
+            let (w, b, p, s) = (&self.weight, self.bias.as_ref(), self.padding, self.stride);
+            let fused = if super::cpu_bf16(x) {
+                super::cpu_bf16::conv2d_add(x, w, b, p, s, Some(residual))?
+            } else {
+                super::cpu::conv2d_add(x, w, b, p, s, Some(residual))?
+            };
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        residual + self.forward(x)?
+    }
+
+    /// [`Self::forward`] of `x` upsampled 2× by nearest neighbour (each pixel repeated over a 2×2
+    /// block: `upsample_nearest2d(2h, 2w)`, diffusers' `Upsample2D`). Channels-first on the CPU in
+    /// f32, a 3×3 "same" convolution runs on `x` itself (`cpu::upsample_conv2d`: no upsampled
+    /// copy, 4/9 of the multiply-adds); channels-last it runs between transposes, except through
+    /// cuDNN, which convolves the upsampled copy (one broadcast copy, no transposes).
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            #[cfg(feature = "cudnn")]
+            if super::fast_conv(x.device()) {
+                let (b, h, w, c) = x.dims4()?;
+                let up = x.reshape((b, h, 1, w, 1, c))?.broadcast_as((b, h, 2, w, 2, c))?.contiguous()?;
+                return self.forward(&up.reshape((b, 2 * h, 2 * w, c))?);
+            }
+            let first =
+                Self { weight: self.weight.permute((0, 3, 1, 2))?.contiguous()?, channels_last: false, ..self.clone() };
+            let y = first.forward_upsampled(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
+            return y.permute((0, 2, 3, 1))?.contiguous();
+        }
+        if !self.pad_right_bottom && super::fast_cpu(x.device()) {
+            if let Some(y) =
+                super::cpu::upsample_conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)?
+            {
+                return Ok(y);
+            }
+        }
+        let (_, _, h, w) = x.dims4()?;
+        self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 
     /// [`Self::forward`] of channels-last `x: [b, h, w, cin]`: cuDNN's channels-last kernels,
@@ -263,6 +312,118 @@ mod tests {
             let y = last.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap();
             let y = y.permute((0, 3, 1, 2)).unwrap();
             assert_eq!(max_diff(&y, &first), 0.0, "k {k} padding {padding} stride {stride}");
+        }
+    }
+
+    /// The CPU's direct 3×3 convolution (`direct_conv`, where the processor has the kernels)
+    /// against the banded reference at the VAE decoder's real shapes — its 512-channel blocks at
+    /// 64², the 128-channel last level at the full 512², `conv_in` from the 4 latent channels and
+    /// `conv_out` to 3 — and on the tiling edges: widths that are not a multiple of the 64-pixel
+    /// tile (60, 121, 190: the narrowest that fill 8/9 of their tiles; a 1-pixel image takes the
+    /// unfolded path), a height of 1, output channels that fill no 6-channel tile or 48-channel task, input
+    /// channels past one 16-channel block, a batch. f32 within 1e-5 of the largest output (sums of
+    /// up to 4608 products in another order); bf16 against the f32 result on the same bf16 values
+    /// within 2⁻⁸ of it (the bf16 path's exact products and f32 sums, then one rounding: half a
+    /// bf16 step, 2⁻⁹, of the value; an odd channel count is paired with zero).
+    #[test]
+    fn the_direct_convolution_equals_the_reference_at_vae_shapes() {
+        if !crate::ops::bf16_gemm::supported() {
+            return;
+        }
+        let cases = [
+            (1, 512, 512, 64, 64),
+            (1, 128, 128, 512, 512),
+            (1, 4, 512, 64, 64),
+            (1, 128, 3, 512, 512),
+            (2, 5, 7, 67, 60),
+            (1, 4, 13, 1, 1),
+            (1, 17, 50, 2, 121),
+            (1, 33, 49, 3, 190),
+        ];
+        for (b, cin, cout, h, w) in cases {
+            let conv = Conv2d::load(cin, cout, 3, 1, 1, false, weights(cin, cout, 3)).unwrap();
+            let conv = Conv2d { weight: (conv.weight.clone() * (9.0 * cin as f64).powf(-0.5)).unwrap(), ..conv };
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+            let reference = conv.forward_bounded(&x, MAX_CONV_COLUMN_ELEMENTS).unwrap();
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let fast = crate::ops::cpu::conv2d(&x, &conv.weight, conv.bias.as_ref(), 1, 1).unwrap().expect("f32");
+            let diff = max_diff(&fast, &reference);
+            assert!(diff <= 1e-5 * scale, "f32 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
+            let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let (xb, wb, bb) = (bf16(&x), bf16(&conv.weight), bf16(conv.bias.as_ref().unwrap()));
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let exact = crate::ops::cpu::conv2d(&f32(&xb), &f32(&wb), Some(&f32(&bb)), 1, 1).unwrap().expect("f32");
+            let half = crate::ops::cpu_bf16::conv2d(&xb, &wb, Some(&bb), 1, 1).unwrap().expect("bf16");
+            assert_eq!(half.dtype(), DType::BF16);
+            let diff = max_diff(&f32(&half), &exact);
+            let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= scale / 256.0, "bf16 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
+        }
+    }
+
+    /// A convolution with its residual added as the output is written ([`Conv2d::forward_add`])
+    /// equals the separate add bit for bit, f32 and bf16 (the same sums, the same roundings):
+    /// the VAE's 512-channel ResNet convolution at 64², odd sizes in a batch, and a 1×1
+    /// convolution (no direct path: the separate add).
+    #[test]
+    fn the_fused_residual_add_equals_the_separate_one() {
+        for (b, cin, cout, h, w, k) in [(1, 512, 512, 64, 64, 3), (2, 5, 7, 9, 60, 3), (1, 8, 6, 5, 5, 1)] {
+            let conv = Conv2d::load(cin, cout, k, k / 2, 1, false, weights(cin, cout, k)).unwrap();
+            let conv = Conv2d { weight: (conv.weight.clone() * (9.0 * cin as f64).powf(-0.5)).unwrap(), ..conv };
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+            let skip = Tensor::randn(0f32, 1.0, (b, cout, h, w), &Device::Cpu).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                let conv = Conv2d { weight: cast(&conv.weight), bias: conv.bias.as_ref().map(cast), ..conv.clone() };
+                let (x, skip) = (cast(&x), cast(&skip));
+                let fused = conv.forward_add(&x, &skip).unwrap();
+                if crate::ops::bf16_gemm::supported() {
+                    let (w, bias) = (&conv.weight, conv.bias.as_ref());
+                    let direct = match dtype {
+                        DType::F32 => crate::ops::cpu::conv2d_add(&x, w, bias, k / 2, 1, Some(&skip)),
+                        _ => crate::ops::cpu_bf16::conv2d_add(&x, w, bias, k / 2, 1, Some(&skip)),
+                    };
+                    assert_eq!(direct.unwrap().is_some(), k == 3, "the fused path runs for 3×3 only");
+                }
+                let separate = (&skip + conv.forward(&x).unwrap()).unwrap();
+                assert_eq!(fused.dtype(), dtype);
+                let (fused, separate) = (fused.to_dtype(DType::F32).unwrap(), separate.to_dtype(DType::F32).unwrap());
+                assert_eq!(max_diff(&fused, &separate), 0.0, "{dtype:?} {b}×{cin}→{cout} {k}×{k} at {h}×{w}");
+            }
+        }
+    }
+
+    /// The CPU's convolution of a 2× nearest-upsampled input without the upsampled copy
+    /// ([`Conv2d::forward_upsampled`]: 2×2 kernels of summed weights per output parity) against
+    /// the reference convolution of candle's upsampled input: the VAE decoder's real 512-channel
+    /// upsampler at 64² → 128², and the edges (odd heights, a 1-row input, output rows of 58 and
+    /// 60 pixels, one of two tiles with the second partial, channels past one block, a batch; 80-
+    /// pixel rows, which would leave a third of their tiles idle, take the upsampled copy), f32 within 1e-5 of the largest
+    /// output (the summed weights round once more, 2⁻²⁴ of each); bf16 takes the upsampled copy.
+    #[test]
+    fn the_upsampling_convolution_equals_the_reference() {
+        if !crate::ops::bf16_gemm::supported() {
+            return;
+        }
+        for (b, cin, cout, h, w) in
+            [(1, 512, 512, 64, 64), (2, 5, 7, 3, 30), (1, 3, 13, 1, 29), (1, 17, 50, 4, 61), (1, 33, 8, 40, 40)]
+        {
+            let conv = Conv2d::load(cin, cout, 3, 1, 1, false, weights(cin, cout, 3)).unwrap();
+            let conv = Conv2d { weight: (conv.weight.clone() * (9.0 * cin as f64).powf(-0.5)).unwrap(), ..conv };
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
+            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+            let reference = conv.forward_bounded(&up, MAX_CONV_COLUMN_ELEMENTS).unwrap();
+            let direct = crate::ops::cpu::upsample_conv2d(&x, &conv.weight, conv.bias.as_ref(), 1, 1).unwrap();
+            assert_eq!(direct.is_some(), w != 40, "the direct path for {w}-pixel inputs");
+            let fast = conv.forward_upsampled(&x).unwrap();
+            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_diff(&fast, &reference);
+            assert!(diff <= 1e-5 * scale, "{b}×{cin}→{cout} at {h}×{w} → ×2: max diff {diff} (scale {scale})");
+            if let Some(direct) = direct {
+                assert_eq!(max_diff(&direct, &fast), 0.0);
+            }
+            let half = conv.forward_upsampled(&x.to_dtype(DType::BF16).unwrap());
+            assert_eq!(half.unwrap().dims(), reference.dims());
         }
     }
 

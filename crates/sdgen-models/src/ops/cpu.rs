@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, PanelWriter, Rhs};
+use super::direct_conv;
 use super::norm::GroupNorm;
 
 /// GroupNorm of an f32 `x: [b, c, ...]` (`norm`'s groups, weights and epsilon), of `x + add`
@@ -47,31 +48,107 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
         let (bi, g) = (bg / groups, bg % groups);
         let x = &xs[bg * group_len..(bg + 1) * group_len];
         let extra = |ch: usize| adds.as_ref().map_or(0.0, |a| a[bi * c + g * cpg + ch]);
-        // Mean, then the variance around it: two passes, f64 sums.
-        let mut sum = 0f64;
+        // The mean and variance from one pass of f64 sums of the values and their squares (f64
+        // keeps `Σv² − n·mean²` exact to ~1e-16 of `Σv²`: far inside the f32 result's rounding
+        // unless the mean is 10⁵ standard deviations from zero).
+        let (mut sum, mut squares) = (0f64, 0f64);
         for ch in 0..cpg {
-            let e = extra(ch);
-            sum += x[ch * hw..(ch + 1) * hw].iter().map(|&v| (v + e) as f64).sum::<f64>();
+            let (s, q) = sums(&x[ch * hw..(ch + 1) * hw], extra(ch));
+            (sum, squares) = (sum + s, squares + q);
         }
         let mean = sum / group_len as f64;
-        let mut sq = 0f64;
+        let variance = (squares / group_len as f64 - mean * mean).max(0.0);
+        let rstd = 1.0 / (variance + eps).sqrt();
         for ch in 0..cpg {
-            let e = extra(ch);
-            sq += x[ch * hw..(ch + 1) * hw].iter().map(|&v| ((v + e) as f64 - mean).powi(2)).sum::<f64>();
-        }
-        let rstd = 1.0 / (sq / group_len as f64 + eps).sqrt();
-        for ch in 0..cpg {
-            let e = extra(ch);
             let cc = g * cpg + ch;
             let (scale, shift) = ((rstd * gamma[cc] as f64) as f32, beta[cc]);
-            let mean = mean as f32;
-            for (o, &v) in y[ch * hw..(ch + 1) * hw].iter_mut().zip(&x[ch * hw..(ch + 1) * hw]) {
-                let n = (v + e - mean) * scale + shift;
-                *o = if silu { n / (1.0 + (-n).exp()) } else { n };
-            }
+            let (x, y) = (&x[ch * hw..(ch + 1) * hw], &mut y[ch * hw..(ch + 1) * hw]);
+            normalise(x, y, extra(ch) - mean as f32, scale, shift, silu);
         }
     });
     Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+}
+
+/// `(Σ (v + e), Σ (v + e)²)` over `x` in f64 (each `v + e` rounded to f32 first, as the
+/// normalisation then uses it): 16 values a step with AVX-512 where the processor has it.
+fn sums(x: &[f32], e: f32) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the processor has AVX-512F, checked just above.
+        return unsafe { sums_avx512(x, e) };
+    }
+    x.iter().fold((0.0, 0.0), |(s, q), &v| {
+        let v = (v + e) as f64;
+        (s + v, q + v * v)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sums_avx512(x: &[f32], e: f32) -> (f64, f64) {
+    use std::arch::x86_64::*;
+    let es = _mm512_set1_ps(e);
+    let (mut s0, mut s1, mut q0, mut q1) =
+        (_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd());
+    let mut chunks = x.chunks_exact(16);
+    for chunk in chunks.by_ref() {
+        let v = _mm512_add_ps(_mm512_loadu_ps(chunk.as_ptr()), es);
+        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+        (s0, s1) = (_mm512_add_pd(s0, lo), _mm512_add_pd(s1, hi));
+        (q0, q1) = (_mm512_fmadd_pd(lo, lo, q0), _mm512_fmadd_pd(hi, hi, q1));
+    }
+    let tail = chunks.remainder().iter().fold((0.0, 0.0), |(s, q), &v| {
+        let v = (v + e) as f64;
+        (s + v, q + v * v)
+    });
+    (_mm512_reduce_add_pd(_mm512_add_pd(s0, s1)) + tail.0, _mm512_reduce_add_pd(_mm512_add_pd(q0, q1)) + tail.1)
+}
+
+/// `y = (x + shift_in)·scale + shift`, then SiLU (`n / (1 + e^−n)`, [`exp`]) when `silu`: 16
+/// values a step with AVX-512 where the processor has it (the same arithmetic lane by lane).
+fn normalise(x: &[f32], y: &mut [f32], shift_in: f32, scale: f32, shift: f32, silu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the processor has AVX-512F, checked just above.
+        return unsafe { normalise_avx512(x, y, shift_in, scale, shift, silu) };
+    }
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = normalised(v, shift_in, scale, shift, silu);
+    }
+}
+
+/// One value of [`normalise`].
+#[inline(always)]
+fn normalised(v: f32, shift_in: f32, scale: f32, shift: f32, silu: bool) -> f32 {
+    let n = (v + shift_in) * scale + shift;
+    if silu {
+        n / (1.0 + exp(-n))
+    } else {
+        n
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn normalise_avx512(x: &[f32], y: &mut [f32], shift_in: f32, scale: f32, shift: f32, silu: bool) {
+    use std::arch::x86_64::*;
+    let (shift_ins, scales, shifts, ones) =
+        (_mm512_set1_ps(shift_in), _mm512_set1_ps(scale), _mm512_set1_ps(shift), _mm512_set1_ps(1.0));
+    let n = x.len().min(y.len());
+    let whole = n - n % 16;
+    for i in (0..whole).step_by(16) {
+        let v = _mm512_loadu_ps(x.as_ptr().add(i));
+        let mut o = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(v, shift_ins), scales), shifts);
+        if silu {
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), o));
+            o = _mm512_div_ps(o, _mm512_add_ps(ones, e));
+        }
+        _mm512_storeu_ps(y.as_mut_ptr().add(i), o);
+    }
+    for i in whole..n {
+        y[i] = normalised(x[i], shift_in, scale, shift, silu);
+    }
 }
 
 /// Bytes of one band of the convolution's column matrix: bands of output rows are unfolded and
@@ -81,12 +158,76 @@ pub(crate) fn group_norm(norm: &GroupNorm, x: &Tensor, add: Option<&Tensor>, sil
 pub(super) const CONV_BAND_BYTES: usize = 16 << 20;
 
 /// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
-/// `padding` on every side: per image, bands of output rows are unfolded into a `[c·kh·kw, pixels]`
+/// `padding` on every side. 3×3 "same" convolutions run direct (`direct_conv`: no column);
+/// the others per image: bands of output rows are unfolded into a `[c·kh·kw, pixels]`
 /// column (all cores) and multiplied by the weight as `[o, c·kh·kw]` straight into the NCHW output,
 /// which starts as the bias (no column of the whole image, no transposed copy of the output, no
 /// separate bias pass). 1×1 stride-1 convolutions multiply the input itself. `None` for other
 /// dtypes or devices, or a kernel larger than the padded input (the reference path reports it).
 pub(crate) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    conv2d_add(x, weight, bias, padding, stride, None)
+}
+
+/// [`conv2d`] plus `residual` (the output's shape and dtype), added as the direct convolution
+/// writes each output row (no separate pass, no second output). With a residual, `None` where
+/// the direct convolution does not apply (the caller adds it).
+pub(crate) fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu) && residual.is_none_or(f32_cpu)) {
+        return Ok(None);
+    }
+    let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
+        return Ok(None);
+    };
+    let direct = direct_conv::applies(&geometry, geometry.wo);
+    if residual.is_some_and(|r| !direct || r.dims() != [b, o, geometry.ho, geometry.wo]) {
+        return Ok(None);
+    }
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
+    let (xs, ws) = (x_in.f32s()?, w_in.f32s()?);
+    let pixels = geometry.ho * geometry.wo;
+    if direct {
+        let residual = residual.map(Tensor::contiguous).transpose()?;
+        let r_in = residual.as_ref().map(CpuInput::new).transpose()?;
+        let mut out = vec![0f32; b * o * pixels];
+        let shape = direct_conv::Shape { b, c: geometry.c, h: geometry.h, w: geometry.w, o };
+        let bias = bias_values(bias)?;
+        direct_conv::conv3x3_f32(
+            shape,
+            xs,
+            ws,
+            bias.as_deref(),
+            r_in.as_ref().map(CpuInput::f32s).transpose()?,
+            &mut out,
+        );
+        return Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?));
+    }
+    let mut out = geometry.output(b, o, bias)?;
+    for (xi, yi) in xs.chunks(geometry.c * geometry.h * geometry.w).zip(out.chunks_mut(o * pixels)) {
+        geometry.image(xi, ws, o, yi, bias.is_some());
+    }
+    Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?))
+}
+
+/// `conv2d(upsample_nearest2d(x, 2h, 2w), weight) + bias` (3×3, padding 1, stride 1) for f32
+/// `x: [b, c, h, w]` on the CPU without the upsampled input ([`direct_conv::upsample_conv3x3_f32`]:
+/// 4/9 of the multiply-adds). `None` where it does not apply (another dtype, device or kernel, a
+/// processor without the kernels).
+pub(crate) fn upsample_conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -100,15 +241,16 @@ pub(crate) fn conv2d(
     let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
         return Ok(None);
     };
+    if !direct_conv::applies(&geometry, 2 * geometry.w) {
+        return Ok(None);
+    }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let (x_in, w_in) = (CpuInput::new(&x)?, CpuInput::new(&weight)?);
-    let (xs, ws) = (x_in.f32s()?, w_in.f32s()?);
-    let pixels = geometry.ho * geometry.wo;
-    let mut out = geometry.output(b, o, bias)?;
-    for (xi, yi) in xs.chunks(geometry.c * geometry.h * geometry.w).zip(out.chunks_mut(o * pixels)) {
-        geometry.image(xi, ws, o, yi, bias.is_some());
-    }
-    Ok(Some(Tensor::from_vec(out, (b, o, geometry.ho, geometry.wo), &Device::Cpu)?))
+    let (h, w) = (geometry.h, geometry.w);
+    let mut out = vec![0f32; b * o * 4 * h * w];
+    let shape = direct_conv::Shape { b, c: geometry.c, h, w, o };
+    direct_conv::upsample_conv3x3_f32(shape, x_in.f32s()?, w_in.f32s()?, bias_values(bias)?.as_deref(), &mut out);
+    Ok(Some(Tensor::from_vec(out, (b, o, 2 * h, 2 * w), &Device::Cpu)?))
 }
 
 /// Rows of `x` below which [`linear`] leaves the product to candle: packing the weight costs as
@@ -541,7 +683,7 @@ const EXP_MAX: f32 = 88.7;
 const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// `e^x` to within 2 ulp for the softmax's arguments (`x ≤ 0`; 0 below −87.3, where f32 has no
-/// normal result): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its degree-6 Taylor
+/// normal result) and SiLU's (`e^−n` of either sign: infinite past 88.7, where f32 overflows): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its degree-6 Taylor
 /// polynomial, `2^n` built in the exponent bits ([`exp16`] computes the same 16 at a time).
 #[inline(always)]
 fn exp(x: f32) -> f32 {
@@ -687,10 +829,12 @@ mod tests {
     #[test]
     fn the_vectorised_exp_is_within_3e7_of_libm() {
         let xs: Vec<f32> = (0..200_001).map(|i| -87.0 + 87.0 * i as f32 / 200_000.0).collect();
-        for &x in &xs {
+        // SiLU's positive arguments too (the numerators below see only the softmax's).
+        for x in xs.iter().copied().chain((0..100_001).map(|i| 88.0 * i as f32 / 100_000.0)) {
             let (got, want) = (exp(x), x.exp());
             assert!((got - want).abs() <= 3e-7 * want, "exp({x}) = {got}, libm {want}");
         }
+        assert_eq!(exp(89.0), f32::INFINITY);
         let mut row: Vec<f32> = xs.iter().map(|x| x / 0.5).collect();
         let sum = scaled_exp(&mut row, 0.5);
         let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
@@ -702,15 +846,18 @@ mod tests {
     }
 
     /// The fused CPU GroupNorm against candle's at SD's real channel counts and sizes (SD 1.5's
-    /// UNet at 512², its VAE decoder's widest map at 256², SDXL's 640-channel level), with and
-    /// without the added term and SiLU: within 1e-5 relative (f32; the statistics are summed in
+    /// UNet at 512², its VAE decoder's widest map at 256², SDXL's 640-channel level, and a 7×9
+    /// map whose rows end in a partial 16-lane vector), with and without the added term and SiLU: within 1e-5 relative (f32; the statistics are summed in
     /// f64 here, in f32 there).
     #[test]
     fn fused_group_norm_equals_candles_at_real_shapes() -> Result<()> {
         let dev = Device::Cpu;
-        for (shape, add, silu) in
-            [([2usize, 320, 64, 64], true, true), ([1, 128, 256, 256], false, true), ([2, 640, 32, 32], false, false)]
-        {
+        for (shape, add, silu) in [
+            ([2usize, 320, 64, 64], true, true),
+            ([1, 128, 256, 256], false, true),
+            ([2, 640, 32, 32], false, false),
+            ([1, 64, 7, 9], true, true),
+        ] {
             let c = shape[1];
             let vb = VarBuilder::from_tensors(
                 [

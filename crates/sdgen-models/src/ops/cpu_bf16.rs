@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, PanelWriter, Rhs};
 use super::cpu::{bias_values, ConvGeometry, CpuInput, CONV_BAND_BYTES};
+use super::direct_conv;
 
 /// Whether every tensor is bf16 on the CPU and the processor multiplies bf16 itself.
 fn applies(tensors: &[&Tensor]) -> bool {
@@ -51,11 +52,12 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), shape, &Device::Cpu)?))
 }
 
-/// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: the f32
-/// convolution's bands (`cpu::conv2d`), each unfolded straight into the interleaved layout the
+/// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: 3×3 "same"
+/// convolutions direct (`direct_conv`, channel pairs interleaved as they are buffered, an odd
+/// last channel paired with zero); the others through the f32 convolution's bands (`cpu::conv2d`), each unfolded straight into the interleaved layout the
 /// bf16 product reads (`[c·kh·kw / 2, pixels]`: column rows `2p` and `2p + 1` side by side) and
 /// multiplied by the weight as it lies (`[o, c·kh·kw]`), the bias added and each output rounded
-/// to bf16 once, straight into the bf16 output. `None` when `c·kh·kw` is odd.
+/// to bf16 once, straight into the bf16 output. `None` when `c·kh·kw` is odd there.
 pub(crate) fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -63,7 +65,21 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[b])) {
+    conv2d_add(x, weight, bias, padding, stride, None)
+}
+
+/// [`conv2d`] plus the bf16 `residual` (the output's shape), added as the direct convolution
+/// writes each output row: the rounded output plus the residual, rounded again, as PyTorch adds
+/// two bf16 tensors. With a residual, `None` where the direct convolution does not apply.
+pub(crate) fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !applies(&[x, weight]) || bias.is_some_and(|b| !applies(&[b])) || residual.is_some_and(|r| !applies(&[r])) {
         return Ok(None);
     }
     let Some((b, o, geometry)) = ConvGeometry::of(x, weight, padding, stride)? else {
@@ -71,7 +87,8 @@ pub(crate) fn conv2d(
     };
     let (c, h, w) = (geometry.c, geometry.h, geometry.w);
     let k = c * geometry.kh * geometry.kw;
-    if k % 2 == 1 {
+    let direct = direct_conv::applies(&geometry, geometry.wo);
+    if (k % 2 == 1 && !direct) || residual.is_some_and(|r| !direct || r.dims() != [b, o, h, w]) {
         return Ok(None);
     }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
@@ -79,6 +96,15 @@ pub(crate) fn conv2d(
     let (xs, ws) = (bits(&x_in)?, bits(&w_in)?);
     let pixels = geometry.ho * geometry.wo;
     let bias = bias_values(bias)?;
+    if direct {
+        let residual = residual.map(Tensor::contiguous).transpose()?;
+        let r_in = residual.as_ref().map(CpuInput::new).transpose()?;
+        let r_bits = r_in.as_ref().map(|r| bits(r)).transpose()?;
+        let mut out = vec![0u16; b * o * pixels];
+        let shape = direct_conv::Shape { b, c, h, w, o };
+        direct_conv::conv3x3_bf16(shape, xs, ws, bias.as_deref(), r_bits, &mut out);
+        return Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), (b, o, h, w), &Device::Cpu)?));
+    }
     let bias = bias.as_deref().map_or(Bias::None, Bias::PerRow);
     let mut out = vec![0u16; b * o * pixels];
     let band_rows = (CONV_BAND_BYTES / (2 * k * geometry.wo).max(1)).clamp(1, geometry.ho.max(1));

@@ -11,7 +11,7 @@
 //! | [`norm::LayerNorm`] | candle's fused layer norm | the same (made contiguous first so it never falls back to the 10-op path) |
 //! | [`norm::RmsNorm`] | candle's fused RMS norm (half precision: in f32 with a unit scale, rounded, then × weight, diffusers' rule) | the same |
 //! | [`norm::modulate`] (adaLN `x·(1 + scale) + shift`) | three broadcast ops | the same (one function, so a fused LayerNorm + modulate kernel can replace it) |
-//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision; channels-last (NHWC) stacks where [`prefers_channels_last`] says (the VAE decoder), the norms and upsampling then channels-last too. CPU: bands of the column unfolded and multiplied into the output (bf16: unfolded pair-interleaved for `bf16_gemm`) |
+//! | [`conv::Conv2d`] | candle's im2col convolution, banded under a column limit | cuDNN with a per-shape algorithm found once (`cudnnFind…`), tensor-op math for half precision; channels-last (NHWC) stacks where [`prefers_channels_last`] says (the VAE decoder), the norms and upsampling then channels-last too. CPU: 3×3 stride-1 convolutions direct on `bf16_gemm`'s register tiles, no column (`direct_conv`); the others in bands of the column unfolded and multiplied into the output (bf16: unfolded pair-interleaved for `bf16_gemm`) |
 //! | [`geglu`] | chunk, `gelu_erf`, multiply | one kernel |
 //! | [`linear::Linear`] | candle's `Linear`: matmul, then the bias added | half precision: one cuBLASLt GEMM with the bias in its epilogue. CPU bf16: `bf16_gemm` into rows that start as the bias |
 //! | [`linear::Linear`] with a quantised weight ([`quantised`]: GGUF blocks, `--weights`) | the blocks dequantised to the activations' dtype for the product, then the dense path (the CPU's choice: [`linear::QUANTISED_PATH`]) | candle's quantised kernels (`QMatMul`: MMQ/MMVQ, f32/f16/bf16 activations) |
@@ -32,6 +32,7 @@ pub(crate) mod bf16_gemm;
 pub mod conv;
 pub(crate) mod cpu;
 pub(crate) mod cpu_bf16;
+pub(crate) mod direct_conv;
 pub mod fp8;
 pub mod linear;
 pub mod norm;
@@ -183,7 +184,7 @@ pub fn kernel_summary(device: &Device) -> &'static str {
     match (fast_cuda(device), fast_conv(device)) {
         (true, true) => "fast (cuDNN convolutions, fused kernels)",
         (true, false) => "fast (fused kernels; im2col convolutions: built without cuDNN)",
-        _ if fast_cpu(device) => "fast (CPU: banded convolutions, fused GroupNorm, blocked attention)",
+        _ if fast_cpu(device) => "fast (CPU: direct and banded convolutions, fused GroupNorm, blocked attention)",
         _ if !fast_kernels_enabled() => "stock (fast kernels turned off)",
         _ if device.is_cuda() && cfg!(feature = "cuda") => {
             "stock (CUDA kernels not yet on by default: SDGEN_FAST_KERNELS=1)"
