@@ -177,7 +177,7 @@ fn a_model_switch_returns_the_memory_and_a_budget_for_one_model_evicts_the_other
     let after = rss(&server);
     eprintln!("resident: {baseline} before the wide model, {held} with it warm, {after} after the switch");
     assert!(after <= baseline + TOLERANCE_BYTES, "back to {after} from {held}, baseline {baseline}");
-    assert!(server.log().contains("Evicted warm weights (the default model switched"), "{}", server.log());
+    assert!(server.log_shows("Evicted warm weights (the default model switched"), "{}", server.log());
     assert_eq!(counter(&server, "sdgen_weight_evictions_total", "unet"), 2, "the tiny UNet and A's");
     drop(server);
 

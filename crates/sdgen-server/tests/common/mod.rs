@@ -81,6 +81,19 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether the server's log shows `needle` within 5 s: a line it printed before answering a
+    /// request reaches our reader thread through a pipe, so it may land just after the answer.
+    pub fn log_shows(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !self.log().contains(needle) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Sends SIGTERM and waits for the process to exit: its exit status and log.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
