@@ -1,6 +1,6 @@
 //! 2-D convolutions: cuDNN on CUDA builds with the `cudnn` feature; on the CPU our direct 3×3
 //! convolution (`direct_conv`) and banded unfold-and-multiply for the other kernels
-//! (`cpu::conv2d` in f32, `cpu_bf16::conv2d` in bf16 where the processor has AVX512-BF16);
+//! (`cpu::conv2d_add` in f32, `cpu_bf16::conv2d_add` in bf16 where the processor has AVX512-BF16);
 //! elsewhere candle's im2col convolution with every call's column buffer bounded (banded), which
 //! is also the reference the fast paths are tested against.
 
@@ -89,12 +89,8 @@ impl Conv2d {
         }
         let x = if self.pad_right_bottom { x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)? } else { x.clone() };
         if super::cpu_bf16(&x) {
-            if super::fast_cpu(x.device()) {
-                if let Some(y) =
-                    super::cpu_bf16::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride)?
-                {
-                    return Ok(y);
-                }
+            if let Some(y) = self.forward_cpu(&x, None)? {
+                return Ok(y);
             }
             // No bf16 product here: convolve in f32 (the input already padded), round once.
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
@@ -110,12 +106,25 @@ impl Conv2d {
         if super::fast_conv(x.device()) {
             return super::cudnn::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride, false);
         }
-        if super::fast_cpu(x.device()) {
-            if let Some(y) = super::cpu::conv2d(&x, &self.weight, self.bias.as_ref(), self.padding, self.stride)? {
-                return Ok(y);
-            }
+        if let Some(y) = self.forward_cpu(&x, None)? {
+            return Ok(y);
         }
         self.forward_bounded(&x, max_conv_column_elements(x.device()))
+    }
+
+    /// The CPU's fast convolution of `x` (already padded; channels-first) in its dtype, plus
+    /// `residual` when given (added as the output is written): `None` where it does not apply
+    /// (another device, the fast kernels off, a shape or dtype its kernels do not take).
+    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+        if !super::fast_cpu(x.device()) {
+            return Ok(None);
+        }
+        let (w, b, p, s) = (&self.weight, self.bias.as_ref(), self.padding, self.stride);
+        if super::cpu_bf16(x) {
+            super::cpu_bf16::conv2d_add(x, w, b, p, s, residual)
+        } else {
+            super::cpu::conv2d_add(x, w, b, p, s, residual)
+        }
     }
 
     /// `residual + self.forward(x)` (a ResNet block's `input + hidden`; `residual` in the
@@ -123,14 +132,8 @@ impl Conv2d {
     /// written, with no separate pass or second output (bf16: the rounded output plus the
     /// residual, rounded again, as the separate add rounds); elsewhere the separate add.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if !self.channels_last && !self.pad_right_bottom && super::fast_cpu(x.device()) {
-            let (w, b, p, s) = (&self.weight, self.bias.as_ref(), self.padding, self.stride);
-            let fused = if super::cpu_bf16(x) {
-                super::cpu_bf16::conv2d_add(x, w, b, p, s, Some(residual))?
-            } else {
-                super::cpu::conv2d_add(x, w, b, p, s, Some(residual))?
-            };
-            if let Some(y) = fused {
+        if !self.channels_last && !self.pad_right_bottom {
+            if let Some(y) = self.forward_cpu(x, Some(residual))? {
                 return Ok(y);
             }
         }

@@ -157,13 +157,13 @@ unsafe fn normalise_avx512(x: &[f32], y: &mut [f32], shift_in: f32, scale: f32, 
 /// matrix kernel's full speed.
 pub(super) const CONV_BAND_BYTES: usize = 16 << 20;
 
-/// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
-/// `padding` on every side. 3×3 "same" convolutions run direct (`direct_conv`: no column);
-/// the others per image: bands of output rows are unfolded into a `[c·kh·kw, pixels]`
-/// column (all cores) and multiplied by the weight as `[o, c·kh·kw]` straight into the NCHW output,
-/// which starts as the bias (no column of the whole image, no transposed copy of the output, no
-/// separate bias pass). 1×1 stride-1 convolutions multiply the input itself. `None` for other
-/// dtypes or devices, or a kernel larger than the padded input (the reference path reports it).
+/// Whether `t` is an f32 tensor on the CPU (what every kernel here takes).
+fn f32_cpu(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu()
+}
+
+/// [`conv2d_add`] without a residual (the tests' shorthand).
+#[cfg(test)]
 pub(crate) fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -174,7 +174,15 @@ pub(crate) fn conv2d(
     conv2d_add(x, weight, bias, padding, stride, None)
 }
 
-/// [`conv2d`] plus `residual` (the output's shape and dtype), added as the direct convolution
+/// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
+/// `padding` on every side. 3×3 "same" convolutions run direct (`direct_conv`: no column);
+/// the others per image: bands of output rows are unfolded into a `[c·kh·kw, pixels]`
+/// column (all cores) and multiplied by the weight as `[o, c·kh·kw]` straight into the NCHW output,
+/// which starts as the bias (no column of the whole image, no transposed copy of the output, no
+/// separate bias pass). 1×1 stride-1 convolutions multiply the input itself. `None` for other
+/// dtypes or devices, or a kernel larger than the padded input (the reference path reports it).
+///
+/// Plus `residual` when given (the output's shape and dtype), added as the direct convolution
 /// writes each output row (no separate pass, no second output). With a residual, `None` where
 /// the direct convolution does not apply (the caller adds it).
 pub(crate) fn conv2d_add(
@@ -185,7 +193,6 @@ pub(crate) fn conv2d_add(
     stride: usize,
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu) && residual.is_none_or(f32_cpu)) {
         return Ok(None);
     }
@@ -234,7 +241,6 @@ pub(crate) fn upsample_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     if !(f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) {
         return Ok(None);
     }
@@ -262,7 +268,6 @@ const LINEAR_MIN_ROWS: usize = 16;
 /// the output rows starting as the bias. `None` where it does not apply (another
 /// dtype or device, a processor without the kernel, fewer than [`LINEAR_MIN_ROWS`] rows).
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     let (n, k) = weight.dims2()?;
     if !(bf16_gemm::supported() && f32_cpu(x) && f32_cpu(weight) && bias.is_none_or(f32_cpu))
         || x.dim(candle_core::D::Minus1)? != k
@@ -458,8 +463,8 @@ const ATTENTION_ROWS: usize = 64;
 /// Returns `[b, heads, q_len, d]` as a view of a `[b, q_len, heads, d]` buffer (which
 /// `merge_heads` reshapes without a copy); `None` for other dtypes.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.stride()[3] == 1;
-    if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {
+    let rows_f32_cpu = |t: &Tensor| f32_cpu(t) && t.stride()[3] == 1;
+    if !(rows_f32_cpu(q) && rows_f32_cpu(k) && rows_f32_cpu(v)) {
         return Ok(None);
     }
     let (b, heads, q_len, d) = q.dims4()?;

@@ -52,12 +52,8 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), shape, &Device::Cpu)?))
 }
 
-/// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: 3×3 "same"
-/// convolutions direct (`direct_conv`, channel pairs interleaved as they are buffered, an odd
-/// last channel paired with zero); the others through the f32 convolution's bands (`cpu::conv2d`), each unfolded straight into the interleaved layout the
-/// bf16 product reads (`[c·kh·kw / 2, pixels]`: column rows `2p` and `2p + 1` side by side) and
-/// multiplied by the weight as it lies (`[o, c·kh·kw]`), the bias added and each output rounded
-/// to bf16 once, straight into the bf16 output. `None` when `c·kh·kw` is odd there.
+/// [`conv2d_add`] without a residual (the tests' shorthand).
+#[cfg(test)]
 pub(crate) fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -68,7 +64,14 @@ pub(crate) fn conv2d(
     conv2d_add(x, weight, bias, padding, stride, None)
 }
 
-/// [`conv2d`] plus the bf16 `residual` (the output's shape), added as the direct convolution
+/// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: 3×3 "same"
+/// convolutions direct (`direct_conv`, channel pairs interleaved as they are buffered, an odd
+/// last channel paired with zero); the others through the f32 convolution's bands (`cpu::conv2d_add`), each unfolded straight into the interleaved layout the
+/// bf16 product reads (`[c·kh·kw / 2, pixels]`: column rows `2p` and `2p + 1` side by side) and
+/// multiplied by the weight as it lies (`[o, c·kh·kw]`), the bias added and each output rounded
+/// to bf16 once, straight into the bf16 output. `None` when `c·kh·kw` is odd there.
+///
+/// Plus the bf16 `residual` (the output's shape), added as the direct convolution
 /// writes each output row: the rounded output plus the residual, rounded again, as PyTorch adds
 /// two bf16 tensors. With a residual, `None` where the direct convolution does not apply.
 pub(crate) fn conv2d_add(

@@ -69,6 +69,16 @@ pub(super) struct Shape {
     pub o: usize,
 }
 
+impl Shape {
+    /// Panics unless the slices (their lengths in elements) hold a same-size 3×3 convolution's
+    /// input, weight, output and residual: the kernels index them unchecked.
+    fn check(&self, x: usize, weight: usize, y: usize, residual: Option<usize>) {
+        let Self { b, c, h, w, o } = *self;
+        assert!(x >= b * c * h * w && weight >= o * c * 9 && y >= b * o * h * w);
+        assert!(residual.is_none_or(|r| r >= b * o * h * w), "the residual is smaller than the output");
+    }
+}
+
 /// `y = conv3x3(x, weight) + bias (+ residual)` for f32 `x: [b, c, h, w]` (contiguous), `weight:
 /// [o, c, 3, 3]`, into `y: [b, o, h, w]`; the residual `[b, o, h, w]` (a ResNet block's input) is
 /// added as each output row is written.
@@ -81,8 +91,7 @@ pub(super) fn conv3x3_f32(
     y: &mut [f32],
 ) {
     let Shape { c, h, w, .. } = shape;
-    assert!(x.len() >= shape.b * c * h * w && weight.len() >= shape.o * c * 9 && y.len() >= shape.b * shape.o * h * w);
-    assert!(residual.is_none_or(|r| r.len() >= shape.b * shape.o * h * w), "the residual is smaller than the output");
+    shape.check(x.len(), weight.len(), y.len(), residual.map(<[_]>::len));
     let weights = pack_weights(shape.o, c, 9, 1, |oc, unit, tap, _| weight[(oc * c + unit) * 9 + tap].to_bits());
     let out = Rows { at: y.as_mut_ptr() as usize, h, w, o: shape.o };
     run::<true, false>(
@@ -120,8 +129,7 @@ pub(super) fn conv3x3_bf16(
     y: &mut [u16],
 ) {
     let Shape { c, h, w, .. } = shape;
-    assert!(x.len() >= shape.b * c * h * w && weight.len() >= shape.o * c * 9 && y.len() >= shape.b * shape.o * h * w);
-    assert!(residual.is_none_or(|r| r.len() >= shape.b * shape.o * h * w), "the residual is smaller than the output");
+    shape.check(x.len(), weight.len(), y.len(), residual.map(<[_]>::len));
     let units = c.div_ceil(2);
     let weights = pack_weights(shape.o, units, 9, 1, |oc, unit, tap, _| {
         let at = |ch: usize| if ch < c { weight[(oc * c + ch) * 9 + tap] as u32 } else { 0 };

@@ -104,30 +104,6 @@ impl Fp8Weight {
         }
     }
 
-    /// The 256-value table of this weight in `dtype`, on `dev` (kept after the first use).
-    fn table_on(&self, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = tables.iter().find(|t| t.dtype() == dtype) {
-            return Ok(t.clone());
-        }
-        let scale = self.scale;
-        let host = match dtype {
-            DType::F32 => Tensor::new(&table(|v| v * scale), &Device::Cpu)?,
-            DType::BF16 => {
-                let s = bf16::from_f32(scale).to_f32();
-                Tensor::new(&table(|v| bf16::from_f32(v * s)), &Device::Cpu)?
-            }
-            DType::F16 => {
-                let s = f16::from_f32(scale).to_f32();
-                Tensor::new(&table(|v| f16::from_f32(v * s)), &Device::Cpu)?
-            }
-            other => candle_core::bail!("fp8 weights dequantise to f32, f16 or bf16, not {other:?}"),
-        };
-        let t = host.to_device(dev)?;
-        tables.push(t.clone());
-        Ok(t)
-    }
-
     fn dequantise_cpu(&self, dtype: DType) -> Result<Tensor> {
         let bytes = self.bytes.flatten_all()?;
         let (storage, layout) = bytes.storage_and_layout();
@@ -135,20 +111,53 @@ impl Fp8Weight {
         let all = cpu.as_slice::<F8E4M3>()?;
         let src = &all[layout.start_offset()..layout.start_offset() + bytes.elem_count()];
         let shape = self.bytes.shape();
-        let scale = self.scale;
-        match dtype {
-            DType::F32 => Tensor::from_vec(map(src, &table(|v| v * scale)), shape, &Device::Cpu),
-            DType::BF16 => {
-                let s = bf16::from_f32(scale).to_f32();
-                Tensor::from_vec(map(src, &table(|v| bf16::from_f32(v * s))), shape, &Device::Cpu)
-            }
-            DType::F16 => {
-                let s = f16::from_f32(scale).to_f32();
-                Tensor::from_vec(map(src, &table(|v| f16::from_f32(v * s))), shape, &Device::Cpu)
-            }
-            other => candle_core::bail!("fp8 weights dequantise to f32, f16 or bf16, not {other:?}"),
+        match scaled_table(self.scale, dtype)? {
+            Scaled::F32(t) => Tensor::from_vec(map(src, &t), shape, &Device::Cpu),
+            Scaled::BF16(t) => Tensor::from_vec(map(src, &t), shape, &Device::Cpu),
+            Scaled::F16(t) => Tensor::from_vec(map(src, &t), shape, &Device::Cpu),
         }
     }
+
+    /// The 256-value table of this weight in `dtype`, on `dev` (kept after the first use).
+    fn table_on(&self, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tables.iter().find(|t| t.dtype() == dtype) {
+            return Ok(t.clone());
+        }
+        let host = match scaled_table(self.scale, dtype)? {
+            Scaled::F32(t) => Tensor::new(&t, &Device::Cpu)?,
+            Scaled::BF16(t) => Tensor::new(&t, &Device::Cpu)?,
+            Scaled::F16(t) => Tensor::new(&t, &Device::Cpu)?,
+        };
+        let t = host.to_device(dev)?;
+        tables.push(t.clone());
+        Ok(t)
+    }
+}
+
+/// Every E4M3 byte's value times a scale, in one dtype (a short-lived value: its size is the point).
+#[allow(clippy::large_enum_variant)]
+enum Scaled {
+    F32([f32; 256]),
+    BF16([bf16; 256]),
+    F16([f16; 256]),
+}
+
+/// `byte.to(dtype) * scale.to(dtype)` for every byte, each product rounded to `dtype` once: the
+/// one table the CPU maps through and CUDA looks bytes up in.
+fn scaled_table(scale: f32, dtype: DType) -> Result<Scaled> {
+    Ok(match dtype {
+        DType::F32 => Scaled::F32(table(|v| v * scale)),
+        DType::BF16 => {
+            let s = bf16::from_f32(scale).to_f32();
+            Scaled::BF16(table(|v| bf16::from_f32(v * s)))
+        }
+        DType::F16 => {
+            let s = f16::from_f32(scale).to_f32();
+            Scaled::F16(table(|v| f16::from_f32(v * s)))
+        }
+        other => candle_core::bail!("fp8 weights dequantise to f32, f16 or bf16, not {other:?}"),
+    })
 }
 
 /// `f` of every E4M3 value, indexed by its byte. The product of an E4M3 value (4 significant
