@@ -551,6 +551,22 @@ fn sd15_cpu_coefficients_match_the_measurements() {
 /// 256² and 512²), and the planner using them.
 #[test]
 fn sd15_cpu_fast_kernel_estimates_match_the_measurements() {
+    check_sd15_cpu_fast("sd15_cpu_fast_peaks.jsonl", &CPU, StoredDType::F32);
+}
+
+/// The same in bf16 (the `cpu_half` columns; `tests/data/sd15_cpu_bf16_fast_peaks.jsonl`:
+/// `activation_peaks.rs` with `SDGEN_PEAKS_DTYPE=bf16` on a processor with AVX512-BF16, the UNet
+/// at 256²–768² with 1 and 2 items, the decoder at 256²–768², the encoder at 256² and 512²).
+#[test]
+fn sd15_cpu_bf16_fast_kernel_estimates_match_the_measurements() {
+    let cpu_bf16 = Setup { device: DeviceKind::Cpu, precision: Precision::Bf16 };
+    check_sd15_cpu_fast("sd15_cpu_bf16_fast_peaks.jsonl", &cpu_bf16, StoredDType::BF16);
+}
+
+/// Each stage's fast CPU coefficients at `setup`'s precision against `file`'s measurements: within
+/// 5% of each weights-plus-activations peak, within 20% of each activation large enough to
+/// matter, the profile equal to a refit of the same terms, and below the stock column.
+fn check_sd15_cpu_fast(file: &str, setup: &Setup, stored: StoredDType) {
     #[derive(serde::Deserialize)]
     struct Line {
         stage: String,
@@ -560,19 +576,18 @@ fn sd15_cpu_fast_kernel_estimates_match_the_measurements() {
         activation_bytes: u64,
     }
     let profile = FamilyProfile::sd15();
-    let manifest = sd15_manifest(StoredDType::F32);
+    let manifest = sd15_manifest(stored);
     let at = |fast: bool| PlanRequest {
         fast_kernels: fast,
         img2img: true,
-        ..request(&profile, &manifest, &CPU, 512, 1, 64 * GIB, MemoryMode::Auto)
+        ..request(&profile, &manifest, setup, 512, 1, 64 * GIB, MemoryMode::Auto)
     };
     let (fast_plan, stock_plan) = (plan(&at(true)).unwrap(), plan(&at(false)).unwrap());
-    let lines: Vec<Line> =
-        data("sd15_cpu_fast_peaks.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Line> = data(file).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for stage in ["denoise", "decode", "encode_image"] {
         let weights = fast_plan.stage(stage).unwrap().weight_bytes;
         let model = &profile.stage(stage).unwrap().activation;
-        let ours = model.coefficients_for(KernelFamily::Cpu, Precision::F32, true);
+        let ours = model.coefficients_for(KernelFamily::Cpu, setup.precision, true);
         assert_eq!(ours.bytes_per_score, 0.0, "{stage}: the blocked attention holds no scores");
         let ours_lines: Vec<&Line> = lines.iter().filter(|l| l.stage == stage).collect();
         assert!(ours_lines.len() >= 2, "{stage}");
@@ -598,7 +613,7 @@ fn sd15_cpu_fast_kernel_estimates_match_the_measurements() {
         for (l, m) in ours_lines.iter().zip(&measurements) {
             // The activations alone, where large enough to matter (the UNet's small runs vary
             // by tens of MB with the allocator's reuse), not just the weight-dominated peak.
-            let estimate = model.bytes(KernelFamily::Cpu, Precision::F32, true, &m.inputs) as f64;
+            let estimate = model.bytes(KernelFamily::Cpu, setup.precision, true, &m.inputs) as f64;
             let error = estimate / l.activation_bytes as f64 - 1.0;
             assert!(
                 l.activation_bytes < 200_000_000 || error.abs() <= 0.2,
@@ -613,7 +628,7 @@ fn sd15_cpu_fast_kernel_estimates_match_the_measurements() {
     }
     // No attention slicing on the CPU's fast path: it would save nothing.
     let tight =
-        PlanRequest { fast_kernels: true, ..request(&profile, &manifest, &CPU, 512, 1, 5 * GIB, MemoryMode::Auto) };
+        PlanRequest { fast_kernels: true, ..request(&profile, &manifest, setup, 512, 1, 5 * GIB, MemoryMode::Auto) };
     assert_eq!(plan(&tight).unwrap().stage("denoise").unwrap().options.attention_slice, None);
 }
 

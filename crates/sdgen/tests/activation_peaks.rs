@@ -7,6 +7,9 @@
 //! cargo test -p sdgen --test activation_peaks -- --ignored --nocapture --test-threads 1
 //! ```
 //!
+//! `SDGEN_PEAKS_DTYPE=bf16` runs the models in bf16 (the planner's `cpu_half` columns); f32 is the
+//! default.
+//!
 //! Each case prints one JSON line `{"stage", "width", "height", "batch", "activation_bytes", ...}`:
 //! the process's peak RSS during the forward minus its RSS just before (weights and inputs
 //! resident, the heap trimmed), from the kernel's resettable high-water mark. `SDGEN_PEAKS_OUT`
@@ -47,9 +50,10 @@ impl SimpleBackend for RandomWeights {
         Tensor::randn(0f32, 0.02, self.unchecked.as_slice(), dev)?.to_dtype(dtype)
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        // The current key names: `text_model.` prefixed CLIP, `to_q` VAE attention.
-        true
+    fn contains_tensor(&self, name: &str) -> bool {
+        // The current key names (`text_model.` prefixed CLIP, `to_q` VAE attention), none of the
+        // quantised variants (`…weight@Q4_0`): every weight is dense.
+        !name.contains('@')
     }
 }
 
@@ -68,7 +72,21 @@ fn random_vb(unchecked: Vec<usize>) -> (VarBuilder<'static>, &'static RandomWeig
             self.0.contains_tensor(n)
         }
     }
-    (VarBuilder::from_backend(Box::new(Shared(backend)), DType::F32, Device::Cpu), backend)
+    (VarBuilder::from_backend(Box::new(Shared(backend)), dtype(), Device::Cpu), backend)
+}
+
+/// The dtype the models run in: `SDGEN_PEAKS_DTYPE` (`f32`, the default, or `bf16`).
+fn dtype() -> DType {
+    match std::env::var("SDGEN_PEAKS_DTYPE").as_deref() {
+        Ok("bf16") => DType::BF16,
+        Ok("f32") | Err(_) => DType::F32,
+        Ok(other) => panic!("SDGEN_PEAKS_DTYPE: f32 or bf16, not {other}"),
+    }
+}
+
+/// Standard-normal values of the models' dtype.
+fn randn(shape: impl Into<Shape>) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype()).unwrap()
 }
 
 fn status_kib(field: &str) -> u64 {
@@ -100,7 +118,8 @@ struct Report {
 impl Report {
     fn push(&mut self, stage: &str, width: usize, height: usize, batch: usize, bytes: u64, ms: f64) {
         let line = format!(
-            "{{\"stage\":\"{stage}\",\"width\":{width},\"height\":{height},\"batch\":{batch},\"activation_bytes\":{bytes},\"elapsed_ms\":{ms:.0}}}"
+            "{{\"stage\":\"{stage}\",\"width\":{width},\"height\":{height},\"batch\":{batch},\"activation_bytes\":{bytes},\"elapsed_ms\":{ms:.0},\"dtype\":\"{:?}\"}}",
+            dtype()
         );
         println!("{line}");
         self.lines.push(line);
@@ -161,13 +180,13 @@ fn sd15_unet_peaks() {
     dump_shapes("unet", backend);
     let dev = Device::Cpu;
     // Warm-up: the first forward sets up the thread pool and gemm's buffers.
-    let warm = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
-    let ctx1 = Tensor::zeros((1, 77, 768), DType::F32, &dev).unwrap();
+    let warm = Tensor::zeros((1, 4, 8, 8), dtype(), &dev).unwrap();
+    let ctx1 = Tensor::zeros((1, 77, 768), dtype(), &dev).unwrap();
     let _ = unet.forward(&warm, 999.0, &ctx1).unwrap();
     for px in sizes("SDGEN_UNET_SIZES", &[256, 384, 512]) {
         for batch in [1usize, 2] {
-            let sample = Tensor::randn(0f32, 1.0, (batch, 4, px / 8, px / 8), &dev).unwrap();
-            let context = Tensor::randn(0f32, 1.0, (batch, 77, 768), &dev).unwrap();
+            let sample = randn((batch, 4, px / 8, px / 8));
+            let context = randn((batch, 77, 768));
             let (bytes, ms) = measure(|| unet.forward(&sample, 999.0, &context));
             report.push("denoise", px, px, batch, bytes, ms);
         }
@@ -183,19 +202,19 @@ fn sd15_vae_peaks() {
     let vae = AutoencoderKL::new(&cfg, true, true, vb).unwrap();
     dump_shapes("vae", backend);
     let dev = Device::Cpu;
-    let _ = vae.decode(&Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap()).unwrap();
+    let _ = vae.decode(&Tensor::zeros((1, 4, 8, 8), dtype(), &dev).unwrap()).unwrap();
     for px in sizes("SDGEN_VAE_SIZES", &[256, 512, 768]) {
         for batch in [1usize, 2] {
             if batch == 2 && px > 512 {
                 continue;
             }
-            let z = Tensor::randn(0f32, 1.0, (batch, 4, px / 8, px / 8), &dev).unwrap();
+            let z = randn((batch, 4, px / 8, px / 8));
             let (bytes, ms) = measure(|| vae.decode(&z));
             report.push("decode", px, px, batch, bytes, ms);
         }
     }
     for px in sizes("SDGEN_VAE_ENCODE_SIZES", &[256, 512]) {
-        let image = Tensor::randn(0f32, 1.0, (1, 3, px, px), &dev).unwrap();
+        let image = randn((1, 3, px, px));
         let (bytes, ms) = measure(|| vae.encode(&image).map(|d| d.mean));
         report.push("encode_image", px, px, 1, bytes, ms);
     }

@@ -395,9 +395,9 @@ impl FamilyProfile {
             // through cuBLAS (at most 2^26 elements a call).
             fast: FastCoefficients {
                 cpu_f32: Some(SD15_UNET_CPU_F32_FAST),
+                cpu_half: Some(SD15_UNET_CPU_HALF_FAST),
                 gpu_f32: Some(c(706.0, 0.0, 8.0, 0.0, 0.0)),
                 gpu_half: Some(c(254.0, 0.0, 0.0, 0.0, 0.0)),
-                ..Default::default()
             },
             coefficients: CoefficientTable {
                 cpu_f32: u,
@@ -439,11 +439,11 @@ impl FamilyProfile {
             // `tools/gpu/presets_4k.sh`), the tile's 1,700 B/px + 80 MiB alone 0.63 of it.
             fast: FastCoefficients {
                 cpu_f32: Some(SD15_DECODE_CPU_F32_FAST),
+                cpu_half: Some(SD15_DECODE_CPU_HALF_FAST),
                 gpu_f32: Some(c(3_430.0 - 24.0, d.bytes_per_pixel_at_attention, 8.0, 24.0, 4.0 * MIB)),
                 // Half precision runs channels-last on cuDNN: no NHWC copies in the workspace
                 // (H100, 2026-12-07: 512²–1280², 1–4 images, SD 1.5's and SDXL's decoders).
                 gpu_half: Some(c(1_700.0 - 18.0, 0.6 * d.bytes_per_pixel_at_attention, 8.0, 18.0, 80.0 * MIB)),
-                ..Default::default()
             },
             coefficients: CoefficientTable {
                 cpu_f32: d,
@@ -480,6 +480,7 @@ impl FamilyProfile {
             // run), tiled or not. Half precision: not measured (the stock column).
             fast: FastCoefficients {
                 cpu_f32: Some(SD15_ENCODE_CPU_F32_FAST),
+                cpu_half: Some(SD15_ENCODE_CPU_HALF_FAST),
                 gpu_f32: Some(c(2_106.0, e.bytes_per_pixel_at_attention, 8.0, 18.0, 4.0 * MIB)),
                 ..Default::default()
             },
@@ -596,6 +597,25 @@ pub const SD15_ENCODE_CPU_F32_FAST: Coefficients = Coefficients {
     fixed_bytes: 0.0,
     bytes_per_column_element: 0.0,
 };
+
+/// SD 1.5's UNet, CPU, half precision, with the fast kernels: fitted to full-size bf16 forwards at
+/// 256²–768², 1 and 2 items (`tests/data/sd15_cpu_bf16_fast_peaks.jsonl`).
+pub const SD15_UNET_CPU_HALF_FAST: Coefficients =
+    Coefficients { bytes_per_pixel: 275.0, fixed_bytes: 11.3 * 1048576.0, ..SD15_UNET_CPU_F32_FAST };
+
+/// SD 1.5's VAE decoder, CPU, half precision, with the fast kernels: fitted to full-size bf16
+/// decodes at 256²–768², 1 and 2 images (`tests/data/sd15_cpu_bf16_fast_peaks.jsonl`); the output
+/// image is held in bf16 and in f32 (18 bytes a pixel).
+pub const SD15_DECODE_CPU_HALF_FAST: Coefficients = Coefficients {
+    bytes_per_pixel: 2600.0,
+    bytes_per_output_pixel: 18.0,
+    fixed_bytes: 4.4 * 1048576.0,
+    ..SD15_DECODE_CPU_F32_FAST
+};
+
+/// SD 1.5's VAE encoder, CPU, half precision, with the fast kernels: as the decoder.
+pub const SD15_ENCODE_CPU_HALF_FAST: Coefficients =
+    Coefficients { bytes_per_pixel: 1416.0, fixed_bytes: 32.1 * 1048576.0, ..SD15_ENCODE_CPU_F32_FAST };
 
 /// SD 1.5's VAE decoder, CPU, f32. Fitted: the feature-map peak and the constant (the
 /// convolutions peak up to 768², the sizes measured). Derived: the mid attention's terms (its
