@@ -116,6 +116,11 @@ struct Args {
     /// Run the stock candle kernels instead of the fast ones (as `generate --no-fast-kernels`).
     #[arg(long)]
     no_fast_kernels: bool,
+    /// Whole runs: plan them under this budget (as `generate --max-memory`, e.g. `4GB`) and run
+    /// with the options the plan chose (block streaming, encoders on the host, slicing, tiling),
+    /// so a budgeted run is timed with its loads apart.
+    #[arg(long)]
+    max_memory: Option<String>,
     /// Write the folder's denoiser as this quantised file and stop: `q8_0` (a Q8_0 GGUF in
     /// city96's layout, run with `generate --model FILE --config-from FOLDER`) or `fp8-scaled`
     /// (an fp8-scaled checkpoint in Stability's/ComfyUI's layout, its text encoders linked into
@@ -394,19 +399,33 @@ fn main() -> anyhow::Result<()> {
     // The planner's estimate for the same run, with all the memory there is (so it chooses no
     // options and its per-stage figures are the plain run's): measured peaks go beside it. With
     // --refiner it is the base's alone (the refiner's stages come after the base is unloaded).
-    let estimate = estimate_json(sdgen::planning::plan_run(
-        &model,
-        &settings,
-        args.n,
-        refiner_alone,
-        &device,
-        dtype,
-        sdgen::planning::MemoryRequest { max_memory_bytes: Some(1 << 50), ..Default::default() },
-    ))?;
-    let mut rt = Runtime::new(device, dtype);
-    rt.options.attention_slice = args.attention_slice;
-    rt.options.vae_slicing = args.vae_slicing;
-    rt.options.vae_tile_px = args.vae_tile;
+    let plan_with = |max_memory_bytes: u64| {
+        let memory = sdgen::planning::MemoryRequest { max_memory_bytes: Some(max_memory_bytes), ..Default::default() };
+        sdgen::planning::plan_run(&model, &settings, args.n, refiner_alone, &device, dtype, memory)
+    };
+    let estimate = estimate_json(plan_with(1 << 50))?;
+    let mut rt = Runtime::new(device.clone(), dtype);
+    // Under a budget, the options its plan chose (the engine's own mapping); the flags below
+    // still apply on top of them.
+    let budget_plan = match &args.max_memory {
+        Some(v) => {
+            let bytes = sdgen_memory::plan::parse_memory_size(v).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let plan = plan_with(bytes)?;
+            if plan.verdict == sdgen_memory::plan::Verdict::DoesNotFit || plan.quantised.is_some() {
+                bail!(
+                    "--max-memory {v}: the plan needs what the bench does not run ({:?}, quantised {:?})",
+                    plan.verdict,
+                    plan.quantised
+                );
+            }
+            rt.options = sdgen::planning::stage_options(&model, &plan, &settings, false)?;
+            Some(estimate_json(Ok(plan))?)
+        }
+        None => None,
+    };
+    rt.options.attention_slice = args.attention_slice.or(rt.options.attention_slice);
+    rt.options.vae_slicing |= args.vae_slicing;
+    rt.options.vae_tile_px = args.vae_tile.or(rt.options.vae_tile_px);
     // One run of `steps` steps, and the denoising steps it ran (the refiner runs only the last
     // int(steps · strength) of its schedule).
     let run = |steps: usize, clock: &mut RunClock| -> anyhow::Result<(Generation, usize)> {
@@ -464,6 +483,8 @@ fn main() -> anyhow::Result<()> {
         "warmup_ms": warmup_ms,
         "runs": runs,
         "plan_estimate": estimate,
+        "max_memory": args.max_memory,
+        "budget_plan": budget_plan,
     });
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

@@ -86,6 +86,10 @@ impl Reporter {
             Progress::Memory { label, info } => {
                 self.finish();
                 log(&sdgen_memory::format_memory_line(label, info));
+                // The step rate counts denoising alone, not the denoiser's load before it.
+                if label == "Before generation" {
+                    self.step_start = Some(Instant::now());
+                }
             }
             Progress::Step { index, total } => {
                 let elapsed = self.step_start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
