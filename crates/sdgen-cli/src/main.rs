@@ -99,10 +99,12 @@ fn run() -> anyhow::Result<ExitCode> {
     if args.json {
         saver.print_json()?;
     }
-    // The seed's completion point: everything dropped, memory returned, final state logged.
+    // The seed's completion point: everything dropped, memory returned, final state logged. One
+    // pass: the aggressive cleanup's 0.5 s pause is for a next model to load into, and the
+    // process exits here.
     drop(saver);
     drop(engine);
-    sdgen_memory::cleanup_memory(true);
+    sdgen_memory::cleanup_memory(false);
     progress::memory("Complete");
     Ok(ExitCode::SUCCESS)
 }

@@ -120,16 +120,14 @@ impl PlanError {
     fn write_named(&self, f: &mut std::fmt::Formatter<'_>, name: &dyn Fn(&str) -> String) -> std::fmt::Result {
         match self {
             PlanError::DoesNotFit { stage, need_bytes, budget_bytes, usable_bytes, suggestions, plan } => {
-                let slower = plan.stages.iter().find(|s| s.stage == *stage).map(|s| s.options.describe());
-                let with = match slower {
-                    Some(o) if !o.is_empty() => format!(" even with {}", o.join(", ")),
-                    _ => String::new(),
-                };
+                // What the leanest plan already does: the stage's slower options, and the weights
+                // the planner's last rung holds quantised (the denoiser's, whichever stage failed).
+                let mut leanest =
+                    plan.stages.iter().find(|s| s.stage == *stage).map_or(vec![], |s| s.options.describe());
+                leanest.extend(plan.quantised.as_ref().map(|q| format!("weights quantised to {}", q.weights)));
+                let with =
+                    if leanest.is_empty() { String::new() } else { format!(" even with {}", leanest.join(", ")) };
                 let per_batch = if plan.n_images > 1 { ", one image per batch" } else { "" };
-                let with = match &plan.quantised {
-                    Some(q) => format!("{with} and its weights quantised to {}", q.weights),
-                    None => with,
-                };
                 write!(
                     f,
                     "{} at {}×{} does not fit in {} ({}; {} usable after the {:.0}% safety margin): the {stage} stage \
