@@ -236,10 +236,12 @@ impl FamilyProfile {
     /// image token: the block input, its modulated norm, q/k/v and the attention output
     /// (≈ 6 × width), the 4 × width GELU MLP with its tanh-GELU temporaries (≈ 10 × width):
     /// about 16 × width elements per 256 pixels from the architecture. The GPU's half-precision
-    /// column with the fast kernels is fitted to SD 3.5 Large at 1024² with the CFG batch (H200,
-    /// 2026-12-06, `tools/gpu/sd35_fullsize.sh`, BENCHMARKS.md): the MMDiT held 1.44 GB above its
-    /// weights — 32 × width elements per 256 pixels, the residual stream, the modulated copies
-    /// and the MLP's input and output living at once — and every text encoder about 150 MB
+    /// column with the fast kernels is fitted to SD 3.5 Large at 1024² with the CFG batch (H100,
+    /// 2026-12-07, `tools/gpu/low_memory.sh`'s resident run, BENCHMARKS.md session 8): the MMDiT
+    /// held 1.17 GB above its weights — 25.5 × width elements per 256 pixels, the residual
+    /// stream, the modulated copies and the MLP's hidden activation living at once (its GELU runs
+    /// in place: 1.44 GB, 32 × width, while it kept input and output) — and its streamed runs
+    /// 1.13–1.14 GB; every text encoder about 150 MB
     /// (T5: 270 MB) above its weights, the cuBLAS workspaces and the pool's rounding included.
     /// Medium takes the same per-width terms (its extra attention runs after the joint one).
     fn sd35(id: &'static str, name: &'static str, heads: usize, width: usize, requirement: crate::ModelClass) -> Self {
@@ -263,7 +265,7 @@ impl FamilyProfile {
         let mut clip = clip;
         clip.activation.fast.gpu_half = Some(fixed(150e6));
         let per_pixel = |bytes: f64| 16.0 * width as f64 * bytes / 256.0;
-        let per_pixel_measured = |bytes: f64| 32.0 * width as f64 * bytes / 256.0;
+        let per_pixel_measured = |bytes: f64| 25.5 * width as f64 * bytes / 256.0;
         // The text tokens' share of every activation, whatever the image size.
         let text_fixed = |bytes: f64| 333.0 * 16.0 * width as f64 * bytes + 128.0 * MIB;
         let maps = |bytes: f64, score: f64| Coefficients {
