@@ -193,7 +193,9 @@ pub fn linear_no_bias(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<L
     }
 }
 
-/// A weight the backend holds other than dense.
+/// A weight the backend holds other than dense. Short-lived (it becomes a [`Weight`] at once), so
+/// the CUDA build's larger `QTensor` is not worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Held {
     Blocks(QTensor),
     Fp8(Fp8Weight),
