@@ -119,8 +119,8 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tenso
     Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
 }
 
-/// `‖a − b‖ / ‖b‖` in f64 (the quantised output `a` against the unquantised `b`).
-fn relative_l2(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+/// `‖a − b‖ / ‖b‖` in f64 (a quantised output `a` against the unquantised `b`).
+pub(crate) fn relative_l2(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
     let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?;

@@ -179,7 +179,7 @@ impl RunClock {
                     self.loads_ms.insert(stage.clone(), serde_json::json!(self.now_ms() - started));
                 }
             }
-            Progress::Memory { label: "Before generation", .. } => {
+            Progress::Memory { label, .. } if *label == sdgen::pipeline::BEFORE_GENERATION => {
                 let _ = self.device.synchronize();
                 self.last_event_ms = self.now_ms();
             }

@@ -12,11 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use sdgen_models::ops::fp8::{self, Fp8Weight};
 use sdgen_models::ops::linear::{Linear, QuantisedPath};
 
-fn rel_l2(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
-    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
-    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    Ok((num / b.sqr()?.sum_all()?.to_scalar::<f64>()?).sqrt())
-}
+use crate::components::relative_l2;
 
 /// Median milliseconds of `iterations` runs after `warmup`.
 fn time(warmup: usize, iterations: usize, op: impl Fn() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
@@ -55,7 +51,7 @@ pub fn run(warmup: usize, iterations: usize) -> anyhow::Result<serde_json::Value
         if sdgen_models::ops::cpu_bf16_supported() {
             let half = Linear::new(w.to_dtype(DType::BF16)?, Some(bias.to_dtype(DType::BF16)?));
             let xb = x.to_dtype(DType::BF16)?;
-            let err = rel_l2(&half.forward(&xb)?, &reference)?;
+            let err = relative_l2(&half.forward(&xb)?, &reference)?;
             record("bf16 dense", n * k * 2, time(warmup, iterations, || half.forward(&xb))?, err);
         }
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
@@ -81,7 +77,7 @@ pub fn run(warmup: usize, iterations: usize) -> anyhow::Result<serde_json::Value
                 }
                 for path in [QuantisedPath::Kernel, QuantisedPath::Dequantise] {
                     let out = layer.forward_via(&xa, path)?;
-                    let err = rel_l2(&out, &reference)?;
+                    let err = relative_l2(&out, &reference)?;
                     let ms = time(warmup, iterations, || layer.forward_via(&xa, path))?;
                     let name = format!("{dtype:?} {path:?}, {activations} activations");
                     record(&name, bytes, ms, err);
@@ -92,7 +88,7 @@ pub fn run(warmup: usize, iterations: usize) -> anyhow::Result<serde_json::Value
                 &format!("{dtype:?} dequantising alone (the error: the blocks')"),
                 bytes,
                 ms,
-                rel_l2(&exact, &reference)?,
+                relative_l2(&exact, &reference)?,
             );
         }
         let (bytes, scale) = fp8::quantise(&w)?;
@@ -103,7 +99,7 @@ pub fn run(warmup: usize, iterations: usize) -> anyhow::Result<serde_json::Value
             if activations == "bf16" && !sdgen_models::ops::cpu_bf16_supported() {
                 continue;
             }
-            let err = rel_l2(&layer.forward(&xa)?, &reference)?;
+            let err = relative_l2(&layer.forward(&xa)?, &reference)?;
             record(
                 &format!("fp8, {activations} activations"),
                 n * k,
@@ -116,7 +112,7 @@ pub fn run(warmup: usize, iterations: usize) -> anyhow::Result<serde_json::Value
                 &format!("fp8 dequantising alone to {activations} (the error: the bytes')"),
                 n * k,
                 ms,
-                rel_l2(&exact, &reference)?,
+                relative_l2(&exact, &reference)?,
             );
         }
     }

@@ -87,7 +87,7 @@ impl Reporter {
                 self.finish();
                 log(&sdgen_memory::format_memory_line(label, info));
                 // The step rate counts denoising alone, not the denoiser's load before it.
-                if label == "Before generation" {
+                if label == sdgen::pipeline::BEFORE_GENERATION {
                     self.step_start = Some(Instant::now());
                 }
             }

@@ -349,14 +349,16 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &Device::Cpu).unwrap();
             let reference = conv.forward_bounded(&x, MAX_CONV_COLUMN_ELEMENTS).unwrap();
             let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let fast = crate::ops::cpu::conv2d(&x, &conv.weight, conv.bias.as_ref(), 1, 1).unwrap().expect("f32");
+            let fast =
+                crate::ops::cpu::conv2d_add(&x, &conv.weight, conv.bias.as_ref(), 1, 1, None).unwrap().expect("f32");
             let diff = max_diff(&fast, &reference);
             assert!(diff <= 1e-5 * scale, "f32 {b}×{cin}→{cout} at {h}×{w}: max diff {diff} (scale {scale})");
             let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
             let (xb, wb, bb) = (bf16(&x), bf16(&conv.weight), bf16(conv.bias.as_ref().unwrap()));
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let exact = crate::ops::cpu::conv2d(&f32(&xb), &f32(&wb), Some(&f32(&bb)), 1, 1).unwrap().expect("f32");
-            let half = crate::ops::cpu_bf16::conv2d(&xb, &wb, Some(&bb), 1, 1).unwrap().expect("bf16");
+            let exact =
+                crate::ops::cpu::conv2d_add(&f32(&xb), &f32(&wb), Some(&f32(&bb)), 1, 1, None).unwrap().expect("f32");
+            let half = crate::ops::cpu_bf16::conv2d_add(&xb, &wb, Some(&bb), 1, 1, None).unwrap().expect("bf16");
             assert_eq!(half.dtype(), DType::BF16);
             let diff = max_diff(&f32(&half), &exact);
             let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -446,9 +448,10 @@ mod tests {
                     x.clone()
                 };
                 let reference = conv.forward_bounded(&padded, usize::MAX).unwrap();
-                let fast = crate::ops::cpu::conv2d(&padded, &conv.weight, conv.bias.as_ref(), padding, stride)
-                    .unwrap()
-                    .expect("f32 on the CPU");
+                let fast =
+                    crate::ops::cpu::conv2d_add(&padded, &conv.weight, conv.bias.as_ref(), padding, stride, None)
+                        .unwrap()
+                        .expect("f32 on the CPU");
                 let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 let diff = max_diff(&fast, &reference);
                 assert!(diff <= 1e-5 * scale.max(1.0), "k {k} p {padding} s {stride} {cin}→{cout} {h}×{w}: {diff}");

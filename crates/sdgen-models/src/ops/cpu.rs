@@ -162,18 +162,6 @@ fn f32_cpu(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && t.device().is_cpu()
 }
 
-/// [`conv2d_add`] without a residual (the tests' shorthand).
-#[cfg(test)]
-pub(crate) fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    padding: usize,
-    stride: usize,
-) -> Result<Option<Tensor>> {
-    conv2d_add(x, weight, bias, padding, stride, None)
-}
-
 /// `conv2d(x, weight) + bias` for f32 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]` on the CPU, zero
 /// `padding` on every side. 3×3 "same" convolutions run direct (`direct_conv`: no column);
 /// the others per image: bands of output rows are unfolded into a `[c·kh·kw, pixels]`

@@ -52,18 +52,6 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     Ok(Some(Tensor::from_vec(out.reinterpret_into::<bf16>(), shape, &Device::Cpu)?))
 }
 
-/// [`conv2d_add`] without a residual (the tests' shorthand).
-#[cfg(test)]
-pub(crate) fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    padding: usize,
-    stride: usize,
-) -> Result<Option<Tensor>> {
-    conv2d_add(x, weight, bias, padding, stride, None)
-}
-
 /// `conv2d(x, weight) + bias` for bf16 `x: [b, c, h, w]`, `weight: [o, c, kh, kw]`: 3×3 "same"
 /// convolutions direct (`direct_conv`, channel pairs interleaved as they are buffered, an odd
 /// last channel paired with zero); the others through the f32 convolution's bands (`cpu::conv2d_add`), each unfolded straight into the interleaved layout the
@@ -296,13 +284,15 @@ mod tests {
             let x = randn(&[b, c, size, size], 1.0)?;
             let weight = randn(&[o, c, k, k], ((c * k * k) as f32).powf(-0.5))?;
             let bias = randn(&[o], 1.0)?;
-            let fast = conv2d(&x, &weight, Some(&bias), padding, stride)?.expect("bf16 on a CPU with AVX512-BF16");
-            let reference = super::super::cpu::conv2d(&f32(&x)?, &f32(&weight)?, Some(&f32(&bias)?), padding, stride)?
-                .expect("f32 on the CPU");
+            let fast =
+                conv2d_add(&x, &weight, Some(&bias), padding, stride, None)?.expect("bf16 on a CPU with AVX512-BF16");
+            let reference =
+                super::super::cpu::conv2d_add(&f32(&x)?, &f32(&weight)?, Some(&f32(&bias)?), padding, stride, None)?
+                    .expect("f32 on the CPU");
             let (diff, scale) = diff_and_scale(&fast, &reference)?;
             assert!(diff <= BF16_EPS * scale, "{c} → {o} {k}×{k}/{stride} at {size}²: max diff {diff} (scale {scale})");
         }
-        let odd = conv2d(&randn(&[1, 3, 8, 8], 1.0)?, &randn(&[4, 3, 1, 1], 1.0)?, None, 0, 1)?;
+        let odd = conv2d_add(&randn(&[1, 3, 8, 8], 1.0)?, &randn(&[4, 3, 1, 1], 1.0)?, None, 0, 1, None)?;
         assert!(odd.is_none(), "an odd column length has no bf16 pairs");
         Ok(())
     }

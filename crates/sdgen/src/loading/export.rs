@@ -36,6 +36,7 @@ use super::quantise::{self, HeldAs, Quantise};
 use super::single_file::rules::{self, Ctx, Take, Target};
 use super::single_file::{model_config, ComponentLayout};
 use super::{gguf, ModelFolder};
+use crate::output::atomic::TempFile;
 use crate::{Error, Result};
 
 /// The file formats [`export`] writes.
@@ -238,16 +239,6 @@ fn dense_type(dtype: DType) -> &'static GgmlType {
     GgmlType::by_name(name).expect("the float types are GGML types")
 }
 
-/// The dtype a tensor stored as `dtype` (a header's name) is read in: its own.
-fn stored_dtype(dtype: &str) -> Option<DType> {
-    match dtype {
-        "F32" => Some(DType::F32),
-        "F16" => Some(DType::F16),
-        "BF16" => Some(DType::BF16),
-        _ => None,
-    }
-}
-
 /// `layout`'s component of `model` under the original names, each stored tensor rebuilt from the
 /// diffusers tensors it is made of and, when `quantise` is given, quantised by its rule. Built in
 /// parallel (one stored tensor a task), in key order.
@@ -269,14 +260,16 @@ fn original_tensors(
         .into_par_iter()
         .map(|(key, pieces)| {
             let info = infos[&pieces[0].name];
-            let dtype = stored_dtype(&info.dtype).ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "{}: `{}` is stored as {}, not 16/32-bit floats: the files are made from unquantised weights",
-                    weights.describe(),
-                    pieces[0].name,
-                    info.dtype
-                ))
-            })?;
+            let dtype = super::read_backend::candle_dtype(&info.dtype)
+                .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "{}: `{}` is stored as {}, not 16/32-bit floats: the files are made from unquantised weights",
+                        weights.describe(),
+                        pieces[0].name,
+                        info.dtype
+                    ))
+                })?;
             let tensor = assemble(&pieces, |name| backend.get_unchecked(name, dtype, &Device::Cpu))?;
             let shape = tensor.dims().to_vec();
             let as_stored = super::TensorInfo { dtype: info.dtype.clone(), shape: shape.clone(), data_offsets: (0, 0) };
@@ -378,19 +371,17 @@ fn write_beside(model: &ModelFolder, layout: &ComponentLayout, dest: &Path) -> R
     save_safetensors(&out, dest)
 }
 
-/// Saves through a side file renamed into place: an interrupted write never leaves a file that
-/// looks finished.
+/// Saves `tensors` to `path`. The safetensors writer itself writes a temporary beside `path` and
+/// renames it into place: an interrupted or failed write leaves neither a file that looks finished
+/// nor the temporary.
 fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let partial = partial_path(path);
-    candle_core::safetensors::save(tensors, &partial)
-        .map_err(|e| Error::BadModel(format!("writing {}: {e}", partial.display())))?;
-    std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| Error::BadModel(format!("writing {}: {e}", path.display())))
 }
 
-fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
+/// The folder `path` is written in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// The data section's alignment (the format's default; `general.alignment` is not written).
@@ -404,9 +395,9 @@ const QUANTIZATION_VERSION: u32 = 2;
 /// package's `GGUFWriter` lays one out: the architecture, quantisation version and file type,
 /// the tensor directory (dimensions innermost first), then each tensor's data padded to 32 bytes.
 fn write_gguf(path: &Path, architecture: &str, tensors: &[OriginalTensor]) -> Result<()> {
-    let partial = partial_path(path);
-    let io = |e| Error::io(&partial, e);
-    let mut w = std::io::BufWriter::with_capacity(1 << 24, std::fs::File::create(&partial).map_err(io)?);
+    let (temp, file) = TempFile::create(parent_dir(path), "gguf")?;
+    let io = |e| Error::io(temp.path(), e);
+    let mut w = std::io::BufWriter::with_capacity(1 << 24, file);
     let mut header = Vec::new();
     header.extend_from_slice(gguf::MAGIC);
     header.extend_from_slice(&3u32.to_le_bytes());
@@ -458,7 +449,7 @@ fn write_gguf(path: &Path, architecture: &str, tensors: &[OriginalTensor]) -> Re
     // No fsync: the rename below is what keeps an interrupted write from looking finished.
     w.flush().map_err(io)?;
     drop(w);
-    std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(temp.path(), path).map_err(|e| Error::io(path, e))
 }
 
 /// A dense tensor's little-endian bytes in its own dtype.

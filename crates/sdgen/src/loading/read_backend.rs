@@ -41,7 +41,8 @@ pub struct ReadBackend {
     tensors: HashMap<String, Location>,
 }
 
-fn candle_dtype(name: &str) -> Option<DType> {
+/// The dtype a safetensors dtype name is read in (`None` for one candle has no type for).
+pub(super) fn candle_dtype(name: &str) -> Option<DType> {
     Some(match name {
         "F32" => DType::F32,
         "F16" => DType::F16,

@@ -16,7 +16,7 @@
 
 mod a1111;
 mod a1111_read;
-mod atomic;
+pub(crate) mod atomic;
 mod model_hash;
 mod naming;
 mod png_io;

@@ -25,7 +25,7 @@ pub use img2img::{
     Img2ImgRequest, Img2ImgSettings, InitImage, DEFAULT_STRENGTH,
 };
 pub use refine_image::{resolve_image_refiner, txt2img_image_refined, ImageRefiner};
-pub use stages::INJECT_OOM_VAR;
+pub use stages::{BEFORE_GENERATION, INJECT_OOM_VAR};
 pub use tiles::{tile_starts, DenoiseTiles, Tile, TileLayout, TILE_OVERLAP};
 pub use txt2img::{
     check_refiner, refiner_handoff, txt2img, txt2img_refined, txt2img_with_refiner, Refinement, Refiner, RefinerRun,

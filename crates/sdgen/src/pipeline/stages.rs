@@ -181,6 +181,10 @@ fn display_name(stage: &str) -> String {
     format!("{pass}{name}")
 }
 
+/// The seed's memory point just before the first denoising step (after the denoiser's load and
+/// cleanup): where progress readers start timing the steps.
+pub const BEFORE_GENERATION: &str = "Before generation";
+
 /// Reports a memory snapshot at one of the seed's points, and returns it.
 pub(super) fn memory_point(progress: &mut dyn FnMut(Progress), label: &str) -> sdgen_memory::MemoryInfo {
     let info = sdgen_memory::memory_info();
@@ -351,7 +355,7 @@ pub(super) fn denoise(
     memory_point(progress, "After model load");
     progress(Progress::Note("🧹 Cleaning memory before generation..."));
     sdgen_memory::cleanup_memory(rt.options.aggressive_cleanup);
-    memory_point(progress, "Before generation");
+    memory_point(progress, BEFORE_GENERATION);
     let timesteps = scheduler.timesteps().to_vec();
     let steps = steps.start..steps.end.min(timesteps.len());
     let (first_step, total) = (steps.start, steps.len());
