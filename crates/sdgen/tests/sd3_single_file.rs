@@ -574,3 +574,33 @@ fn clip_l_without_its_projection_is_the_identity() {
     let p = w.var_builder(DType::F32, &Device::Cpu).unwrap().get((24, 24), "text_projection.weight").unwrap();
     assert!(values(p) == values(Tensor::eye(24, DType::F32, &Device::Cpu).unwrap()));
 }
+
+/// A T5 file that stores its tied token embedding only as the encoder's copy
+/// (`encoder.embed_tokens.weight`, where transformers saves `shared.weight`) serves it as
+/// `shared.weight`, from that tensor.
+#[test]
+fn t5_with_only_the_encoders_embedding_copy_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = medium_in(dir.path(), &[]);
+    let t5 = dir.path().join("text_encoders/t5xxl_fp16.safetensors");
+    let bytes = std::fs::read(&t5).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let shared = header.remove("shared.weight").expect("the tiny T5 stores `shared.weight`");
+    header.insert("encoder.embed_tokens.weight".into(), shared);
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(&t5, out).unwrap();
+
+    let model = open(&file, Size::Medium.folder()).unwrap();
+    let w = model.weights("text_encoder_3").unwrap();
+    let source = w.single_file_view().unwrap().source("shared.weight").unwrap();
+    assert_eq!(source.original, "encoder.embed_tokens.weight");
+    let want = single(Size::Medium).weights("text_encoder_3").unwrap();
+    let get = |w: &sdgen::loading::ComponentWeights| {
+        values(w.var_builder(DType::F32, &Device::Cpu).unwrap().get_unchecked("shared.weight").unwrap())
+    };
+    assert!(get(&w) == get(&want));
+}

@@ -2,7 +2,7 @@
 //! its renaming table and its config kind, the file beside the checkpoint it may be in instead,
 //! plus the family's bundled configuration folder.
 
-use super::{defaults, rules, BesideFile, ComponentLayout, ModelKind, SingleFileLayout};
+use super::{defaults, rules, Absent, BesideFile, ComponentLayout, ModelKind, SingleFileLayout};
 
 const UNET: ComponentLayout = ComponentLayout {
     component: "unet",
@@ -11,7 +11,7 @@ const UNET: ComponentLayout = ComponentLayout {
     rules: rules::LDM_UNET,
     kind: ModelKind::Unet,
     beside: None,
-    identity_if_absent: &[],
+    if_absent: &[],
 };
 
 const VAE: ComponentLayout = ComponentLayout {
@@ -21,7 +21,7 @@ const VAE: ComponentLayout = ComponentLayout {
     rules: rules::LDM_VAE,
     kind: ModelKind::Vae,
     beside: None,
-    identity_if_absent: &[],
+    if_absent: &[],
 };
 
 /// SD 1.x: CLIP ViT-L/14, the ldm UNet and the KL-f8 autoencoder.
@@ -35,7 +35,7 @@ pub const SD15: SingleFileLayout = SingleFileLayout {
             rules: rules::CLIP_TEXT,
             kind: ModelKind::ClipText,
             beside: None,
-            identity_if_absent: &[],
+            if_absent: &[],
         },
         UNET,
         VAE,
@@ -62,7 +62,7 @@ const fn open_clip_big_g(prefix: &'static str) -> ComponentLayout {
         rules: rules::OPEN_CLIP_TEXT,
         kind: ModelKind::ClipTextWithProjection,
         beside: None,
-        identity_if_absent: &[],
+        if_absent: &[],
     }
 }
 
@@ -79,7 +79,7 @@ pub const SDXL: SingleFileLayout = SingleFileLayout {
             rules: rules::CLIP_TEXT,
             kind: ModelKind::ClipText,
             beside: None,
-            identity_if_absent: &[],
+            if_absent: &[],
         },
         open_clip_big_g("conditioner.embedders.1.model."),
         UNET,
@@ -139,7 +139,7 @@ const fn sd35_encoder(
         rules,
         kind,
         beside: Some(BesideFile { folder: SD35_ENCODERS_FOLDER, files }),
-        identity_if_absent: &[],
+        if_absent: &[],
     }
 }
 
@@ -152,7 +152,7 @@ const SD35_COMPONENTS: &[ComponentLayout] = &[
     // SAI's reference does not project CLIP-L's pooled output: a file without its projection
     // gets the identity, as diffusers' `create_diffusers_clip_model_from_ldm` gives it.
     ComponentLayout {
-        identity_if_absent: &["text_projection.weight"],
+        if_absent: &[("text_projection.weight", Absent::Identity)],
         ..sd35_encoder(
             "text_encoder",
             "CLIP-L text encoder",
@@ -170,14 +170,19 @@ const SD35_COMPONENTS: &[ComponentLayout] = &[
         rules::CLIP_TEXT,
         ModelKind::ClipTextWithProjection,
     ),
-    sd35_encoder(
-        "text_encoder_3",
-        "T5-XXL text encoder",
-        "text_encoders.t5xxl.transformer.",
-        &["t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl_fp8_e4m3fn.safetensors"],
-        rules::T5_ENCODER,
-        ModelKind::T5,
-    ),
+    // transformers saves the tied token embedding once, as `shared.weight`; other writers keep
+    // only the encoder's copy.
+    ComponentLayout {
+        if_absent: &[("shared.weight", Absent::TiedTo("encoder.embed_tokens.weight"))],
+        ..sd35_encoder(
+            "text_encoder_3",
+            "T5-XXL text encoder",
+            "text_encoders.t5xxl.transformer.",
+            &["t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl_fp8_e4m3fn.safetensors"],
+            rules::T5_ENCODER,
+            ModelKind::T5,
+        )
+    },
     ComponentLayout {
         component: "transformer",
         what: "MMDiT",
@@ -185,7 +190,7 @@ const SD35_COMPONENTS: &[ComponentLayout] = &[
         rules: rules::MMDIT,
         kind: ModelKind::MMDiT,
         beside: None,
-        identity_if_absent: &[],
+        if_absent: &[],
     },
     VAE,
 ];

@@ -94,8 +94,17 @@ pub struct ComponentLayout {
     pub kind: ModelKind,
     /// Where it is looked for when the checkpoint has no `prefix*` tensors.
     pub beside: Option<BesideFile>,
-    /// Square matrices served as the identity when the file lacks them (diffusers names).
-    pub identity_if_absent: &'static [&'static str],
+    /// What stands in for a tensor the file lacks (diffusers names).
+    pub if_absent: &'static [(&'static str, Absent)],
+}
+
+/// What stands in for a tensor a single file does not store.
+#[derive(Debug, Clone, Copy)]
+pub enum Absent {
+    /// The identity (a square matrix).
+    Identity,
+    /// The tensor it is tied to, stored under this (diffusers) name instead.
+    TiedTo(&'static str),
 }
 
 /// How a family's single-file checkpoints are laid out.
@@ -526,8 +535,15 @@ fn view(
             renamed.insert(target.name, info);
         }
     }
-    for &name in layout.identity_if_absent {
+    for &(name, absent) in layout.if_absent {
         if renamed.contains_key(name) {
+            continue;
+        }
+        if let Absent::TiedTo(copy) = absent {
+            if let (Some(info), Some(source)) = (renamed.remove(copy), sources.remove(copy)) {
+                renamed.insert(name.to_string(), info);
+                sources.insert(name.to_string(), source);
+            }
             continue;
         }
         let square = cfg.spot_shapes().into_iter().find(|(n, s)| n == name && s.len() == 2 && s[0] == s[1]);
