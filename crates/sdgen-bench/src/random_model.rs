@@ -172,6 +172,11 @@ fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> an
             Kind::T5 => {
                 let cfg: T5Config = serde_json::from_str(&config).with_context(parse_error)?;
                 drop(T5EncoderModel::new(&cfg, vb)?);
+                // transformers saves the tied token embedding as `shared.weight`.
+                let mut tensors = b.tensors.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(table) = tensors.remove("encoder.embed_tokens.weight") {
+                    tensors.insert("shared.weight".into(), table);
+                }
             }
             Kind::UNet => {
                 let cfg: UNetConfig = serde_json::from_str(&config).with_context(parse_error)?;
@@ -180,6 +185,13 @@ fn build(component: &Component, dir: &Path, dtype: DType, device: &Device) -> an
             Kind::MMDiT => {
                 let cfg: MMDiTConfig = serde_json::from_str(&config).with_context(parse_error)?;
                 drop(SD3Transformer2DModel::new(&cfg, vb)?);
+                // diffusers saves the position table (a persistent buffer), which the model only
+                // computes when it is absent: write it, so the folder is diffusers' layout and
+                // what is exported from it is too (SAI's and city96's files hold `pos_embed`).
+                let (dim, max) = (cfg.inner_dim(), cfg.pos_embed_max_size);
+                let table = sdgen_models::mmdit::sincos_pos_table(dim, max, cfg.sample_size / cfg.patch_size, device)?;
+                let table = table.unsqueeze(0)?.to_dtype(dtype)?;
+                b.tensors.lock().unwrap_or_else(|e| e.into_inner()).insert("pos_embed.pos_embed".into(), table);
             }
             Kind::Vae => {
                 let cfg: VaeConfig = serde_json::from_str(&config).with_context(parse_error)?;
@@ -252,6 +264,32 @@ mod tests {
             }
             for component in weighted_components(family) {
                 assert!(has(&format!("{component}/config.json")), "{family}: no {component}/config.json");
+            }
+        }
+    }
+
+    /// The MMDiT and T5 are written with the names diffusers and transformers save: the MMDiT's
+    /// position table (the sincos table the model computes without it) and T5's `shared.weight`,
+    /// so what is exported from the folder reads in diffusers (which requires `pos_embed`).
+    #[test]
+    fn mmdit_and_t5_are_written_as_diffusers_saves_them() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-sd35-large");
+        let (row, _) = layout("sd35-large").unwrap();
+        for component in components(row).iter().filter(|c| matches!(c.kind, Kind::MMDiT | Kind::T5)) {
+            let b = build(component, &tiny, DType::F32, &Device::Cpu).unwrap();
+            let tensors = b.tensors.into_inner().unwrap();
+            let written = |name: &str| tensors.get(name).map(|t| t.dims().to_vec());
+            match component.kind {
+                Kind::MMDiT => {
+                    let cfg: MMDiTConfig =
+                        serde_json::from_str(&std::fs::read_to_string(tiny.join("transformer/config.json")).unwrap())
+                            .unwrap();
+                    let side = cfg.pos_embed_max_size;
+                    assert_eq!(written("pos_embed.pos_embed"), Some(vec![1, side * side, cfg.inner_dim()]));
+                }
+                _ => {
+                    assert!(written("shared.weight").is_some() && written("encoder.embed_tokens.weight").is_none());
+                }
             }
         }
     }
