@@ -106,6 +106,8 @@ struct Args {
     #[arg(long)]
     dump: Option<std::path::PathBuf>,
     /// With --component: untimed evaluations first (kernel loading, algorithm choice, pools).
+    /// Whole runs: the steps of the untimed run before the timed ones (0: none, so a streamed
+    /// run's weights are loaded and pinned once, not twice).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// With --component unet or transformer: stream the model's blocks, this many of them resident
@@ -130,11 +132,15 @@ struct Args {
     /// With --export: the file to write (its folder is created).
     #[arg(long, requires = "export")]
     export_to: Option<PathBuf>,
-    /// With --component transformer: run this quantised file (a GGUF or an fp8 checkpoint, its
-    /// configs from the folder) instead of the folder's weights, and report the relative L2 of
-    /// its output against the folder's forward on the same inputs.
+    /// Run this quantised file (a GGUF or an fp8 checkpoint, its configs from the folder) instead
+    /// of the folder's weights: with --component transformer, also the relative L2 of its output
+    /// against the folder's forward on the same inputs; whole runs, the file's model throughout.
     #[arg(long, conflicts_with = "weights")]
     weights_file: Option<PathBuf>,
+    /// How quantised linear layers multiply (`kernel`: candle's MMQ/MMVQ; `dequantise`: the
+    /// weight dequantised for the dense GEMM); the device's choice when absent.
+    #[arg(long)]
+    quantised_path: Option<String>,
     /// With --component transformer: quantise the folder's weights as they load (q8, fp8 or q4,
     /// as `generate --weights`), and report the relative L2 against the unquantised forward.
     #[arg(long)]
@@ -292,6 +298,14 @@ fn main() -> anyhow::Result<()> {
     if args.no_fast_kernels {
         sdgen_models::ops::set_fast_kernels(false);
     }
+    if let Some(path) = &args.quantised_path {
+        use sdgen_models::ops::linear::{set_quantised_path, QuantisedPath};
+        set_quantised_path(Some(match path.as_str() {
+            "kernel" => QuantisedPath::Kernel,
+            "dequantise" => QuantisedPath::Dequantise,
+            p => bail!("--quantised-path {p}: kernel or dequantise"),
+        }));
+    }
     let _memory = DeviceMemory::install(&device);
     if args.component.as_deref() == Some("quantised") {
         let report = serde_json::json!({
@@ -360,8 +374,11 @@ fn main() -> anyhow::Result<()> {
         (None, Some(q)) => Some(model.clone().with_quantise(Some(q.parse().map_err(anyhow::Error::msg)?))?),
         (None, None) => None,
     };
-    if quantised.is_some() && args.component.as_deref() != Some("transformer") {
-        bail!("--weights and --weights-file run with --component transformer (one MMDiT evaluation, compared with the folder's)");
+    if args.weights.is_some() && args.component.as_deref() != Some("transformer") {
+        bail!("--weights runs with --component transformer (one MMDiT evaluation, compared with the folder's)");
+    }
+    if args.weights_file.is_some() && args.component.as_deref().is_some_and(|c| c != "transformer") {
+        bail!("--weights-file runs whole runs, or --component transformer");
     }
     if let Some(component) = &args.component {
         let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
@@ -391,6 +408,8 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
+    // Whole runs of a quantised file: its model in place of the folder's.
+    let model = quantised.unwrap_or(model);
     // The family's default size, filled in once, so the refiner's init image has the output size.
     let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
     let sized = Args { width: Some(settings.width), height: Some(settings.height), ..args };
@@ -444,7 +463,10 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let warm = Instant::now();
-    run(if refiner_alone { sdxl::warmup_steps(args.strength) } else { 2 }, &mut RunClock::new(&rt.device))?;
+    if args.warmup > 0 {
+        let steps = if refiner_alone { sdxl::warmup_steps(args.strength) } else { args.warmup };
+        run(steps, &mut RunClock::new(&rt.device))?;
+    }
     let warmup_ms = warm.elapsed().as_secs_f64() * 1e3;
     let mut runs = Vec::new();
     for _ in 0..args.runs {
@@ -476,6 +498,7 @@ fn main() -> anyhow::Result<()> {
         "high_noise_fraction": args.refiner.then_some(args.high_noise_fraction),
         "n": args.n,
         "options": rt.options,
+        "weights_file": args.weights_file,
         "kernels": sdgen_models::ops::kernel_summary(&rt.device),
         "weights_bytes": weights,
         "weights_written_bytes": written,

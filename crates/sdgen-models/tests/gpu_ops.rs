@@ -276,7 +276,19 @@ fn quantised_linears_at_real_shapes() -> Result<()> {
                 assert!(kernel < 1.5e-2, "{what} kernel: {kernel:e}");
                 let dequantised = rel_l2(&layer.forward_via(&x, QuantisedPath::Dequantise)?, &reference)?;
                 check(&format!("{what} dequantised"), dtype, dequantised, dequantised);
-                println!("{what}: kernel {kernel:.2e}, dequantised {dequantised:.2e}");
+                // Each path's time (mean of 5 after one), for `ops::linear::quantised_path`.
+                let time = |path| -> Result<f64> {
+                    layer.forward_via(&x, path)?;
+                    dev.synchronize()?;
+                    let start = std::time::Instant::now();
+                    for _ in 0..5 {
+                        layer.forward_via(&x, path)?;
+                    }
+                    dev.synchronize()?;
+                    Ok(start.elapsed().as_secs_f64() * 1e3 / 5.0)
+                };
+                let (tk, td) = (time(QuantisedPath::Kernel)?, time(QuantisedPath::Dequantise)?);
+                println!("{what}: kernel {kernel:.2e} {tk:.2} ms, dequantised {dequantised:.2e} {td:.2} ms");
             }
         }
     }

@@ -8,7 +8,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::testdata;
-use sdgen::loading::ModelFolder;
+use sdgen::loading::quantise::Quantise;
+use sdgen::loading::{ModelFolder, OpenOptions};
 use sdgen::pipeline::{txt2img, Request, Runtime, StageOptions};
 use sdgen_models::denoiser::Conditioning;
 use sdgen_models::stream::{Residency, StreamableModel};
@@ -50,25 +51,52 @@ fn inputs(model: &ModelFolder, dev: &Device, dtype: DType) -> (Tensor, Tensor, C
     (latents, timesteps, cond)
 }
 
-/// The denoisers streamed (K = 0, half, all but one) against resident on `dev` in `dtype`.
-fn streamed_denoisers_match(dev: &Device, dtype: DType) {
-    for name in ["tiny-sd15", "tiny-sdxl", "tiny-sd35-large", "tiny-sd35-medium"] {
-        let model = open(name);
-        let blocks = model.denoiser_stream_blocks().unwrap().len();
-        assert!(blocks > 2, "{name}: {blocks} blocks");
-        let (latents, t, cond) = inputs(&model, dev, dtype);
-        let resident = model.load_denoiser(dtype, dev).unwrap();
-        let expected = values(&resident.forward(&latents, &t, &cond).unwrap());
-        drop(resident);
-        for resident_blocks in [0, blocks / 2, blocks - 1] {
-            let streamed = model.load_denoiser_with(dtype, dev, Residency::Streamed { resident_blocks }).unwrap();
-            // Twice: a streamed block is rebuilt for every use.
-            for _ in 0..2 {
-                let got = values(&streamed.forward(&latents, &t, &cond).unwrap());
-                assert!(got == expected, "{name}, {resident_blocks} of {blocks} blocks resident: outputs differ");
-            }
+/// `model`'s denoiser streamed (K = 0, half, all but one) against resident on `dev` in `dtype`.
+fn streamed_denoiser_matches(name: &str, model: &ModelFolder, dev: &Device, dtype: DType) {
+    let blocks = model.denoiser_stream_blocks().unwrap().len();
+    assert!(blocks > 2, "{name}: {blocks} blocks");
+    let (latents, t, cond) = inputs(model, dev, dtype);
+    let resident = model.load_denoiser(dtype, dev).unwrap();
+    let expected = values(&resident.forward(&latents, &t, &cond).unwrap());
+    drop(resident);
+    for resident_blocks in [0, blocks / 2, blocks - 1] {
+        let streamed = model.load_denoiser_with(dtype, dev, Residency::Streamed { resident_blocks }).unwrap();
+        // Twice: a streamed block is rebuilt for every use.
+        for _ in 0..2 {
+            let got = values(&streamed.forward(&latents, &t, &cond).unwrap());
+            assert!(got == expected, "{name}, {resident_blocks} of {blocks} blocks resident: outputs differ");
         }
     }
+}
+
+/// The denoisers streamed against resident on `dev` in `dtype`.
+fn streamed_denoisers_match(dev: &Device, dtype: DType) {
+    for name in ["tiny-sd15", "tiny-sdxl", "tiny-sd35-large", "tiny-sd35-medium"] {
+        streamed_denoiser_matches(name, &open(name), dev, dtype);
+    }
+}
+
+/// Quantised denoisers streamed against resident: GGUF files' blocks (Q8_0, Q4_0; on CUDA copied
+/// to the device as bytes and into candle's block storage there) and `--weights fp8`.
+fn streamed_quantised_denoisers_match(dev: &Device, dtype: DType) {
+    let gguf = |file: &str, configs: &str| {
+        let options = OpenOptions { config_from: Some(testdata().join(configs)), ..Default::default() };
+        ModelFolder::open_with(&testdata().join("gguf").join(file), &options).unwrap()
+    };
+    let fp8 = open("tiny-sd35-large").with_quantise(Some(Quantise::Fp8)).unwrap();
+    for (name, model) in [
+        ("tiny-sd35-large-Q8_0.gguf", gguf("tiny-sd35-large-Q8_0.gguf", "tiny-sd35-large")),
+        ("tiny-sd35-large-Q4_0.gguf", gguf("tiny-sd35-large-Q4_0.gguf", "tiny-sd35-large")),
+        ("tiny-sdxl-Q8_0.gguf", gguf("tiny-sdxl-Q8_0.gguf", "tiny-sdxl")),
+        ("tiny-sd35-large --weights fp8", fp8),
+    ] {
+        streamed_denoiser_matches(name, &model, dev, dtype);
+    }
+}
+
+#[test]
+fn streamed_quantised_denoisers_match_the_resident_ones_bit_for_bit() {
+    streamed_quantised_denoisers_match(&Device::Cpu, DType::F32);
 }
 
 #[test]
@@ -88,6 +116,7 @@ fn streamed_denoisers_and_pipelines_match_on_cuda() {
     let dev = Device::new_cuda(0).expect("a CUDA device (build with --features cuda)");
     for dtype in [DType::F32, DType::BF16] {
         streamed_denoisers_match(&dev, dtype);
+        streamed_quantised_denoisers_match(&dev, dtype);
         streamed_pipelines_match(|| Runtime::new(dev.clone(), dtype));
     }
 }

@@ -339,7 +339,8 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
 
 /// The bytes of a one-byte tensor (fp8 weights) as a `U8` tensor of its shape, by a device copy:
 /// candle 0.11.1 cannot cast `F8E4M3` on CUDA (it asks for `cast_f8e4m3_*`, its kernels are named
-/// `cast_f8_e4m3_*`), so fp8 weights are looked up by byte instead (`ops::fp8`).
+/// `cast_f8_e4m3_*`), so fp8 weights are looked up by byte instead (`ops::fp8`). `t` may be a
+/// streamed upload owned by the copy stream: its free is ordered after the copy here.
 pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
     let device = cuda_device(t)?;
     let t = t.contiguous()?;
@@ -356,7 +357,38 @@ pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
     let mut dst = unsafe { stream.alloc::<u8>(n) }.map_err(wrap)?;
     let (dp, _) = dst.device_ptr_mut(&stream);
     unsafe { cudarc::driver::result::memcpy_dtod_async(dp, src, n, stream.cu_stream()) }.map_err(wrap)?;
+    crate::stream::copy::release_after_compute(&candle_core::Device::Cuda(device.clone()))?;
     Ok(into_tensor(CudaStorage::wrap_cuda_slice(dst, device.clone()), t.dims()))
+}
+
+/// A `QTensor` `[rows, cols]` of `dtype` from its raw blocks already on the device (`raw`, `U8`),
+/// by a device copy into candle's (zero-padded) block storage, in stream order. `raw` may be a
+/// streamed upload owned by the copy stream: its free is ordered after the copy here.
+pub(crate) fn qtensor_from_device(
+    raw: &Tensor,
+    dtype: candle_core::quantized::GgmlDType,
+    (rows, cols): (usize, usize),
+    device: &CudaDevice,
+) -> Result<candle_core::quantized::QTensor> {
+    use candle_core::quantized::{cuda::QCudaStorage, QStorage, QTensor};
+    let raw = raw.contiguous()?;
+    let n = raw.elem_count();
+    let blocks = QCudaStorage::zeros(device, rows * cols, dtype)?;
+    if blocks.storage_size_in_bytes() != n {
+        bail!("{n} bytes are not a [{rows}, {cols}] matrix of {dtype:?} blocks")
+    }
+    let stream = device.cuda_stream();
+    {
+        let (storage, layout) = raw.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else { bail!("not a CUDA tensor") };
+        let src = s.as_cuda_slice::<u8>()?.device_ptr(&stream).0 + layout.start_offset() as u64;
+        // Safety: `blocks` holds at least `n` bytes (checked above) and nothing reads it before
+        // this copy, which is enqueued on the stream every later use runs on.
+        let dst = blocks.device_ptr()? as u64;
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, n, stream.cu_stream()) }.map_err(wrap)?;
+    }
+    crate::stream::copy::release_after_compute(&candle_core::Device::Cuda(device.clone()))?;
+    QTensor::new(QStorage::Cuda(blocks), (rows, cols))
 }
 
 /// [`super::gelu_in_place`]: candle's `ugelu_*` kernel with no input, which its kernels read as

@@ -42,21 +42,29 @@ pub enum QuantisedPath {
     Dequantise,
 }
 
-/// The path per device and activation dtype (BENCHMARKS.md, "Quantised linears"): CUDA's
-/// kernels (MMQ/MMVQ: no copy of the weight, a per-device workspace for the activations' 8-bit
-/// blocks that grows to the largest product's); on the CPU, [`QUANTISED_PATH`]. f16 on the CPU has
-/// no candle kernel worth the name (a scalar loop), so it dequantises. [`set_quantised_path`]
+/// The path per device, activation dtype and rows of activations (BENCHMARKS.md, "Quantised
+/// linears"). On the CPU, [`QUANTISED_PATH`] (f16 has no candle kernel worth the name there, a
+/// scalar loop, so it dequantises). On a GPU, dequantised (candle's dequantisation kernels, then
+/// the dense GEMM on tensor cores, as diffusers runs GGUF weights): at a denoiser's thousands of
+/// tokens candle's MMQ kernels run 5–7× slower and quantise the activations to 8 bits as well
+/// (twice the error). Only a matrix–vector product in half precision (at most
+/// [`GPU_KERNEL_MAX_ROWS`] rows: the MMDiT's adaLN, one row per image) takes candle's MMVQ
+/// kernel, 9× faster than dequantising the whole weight for two rows. [`set_quantised_path`]
 /// overrides it on the calling thread.
-pub fn quantised_path(device: &Device, dtype: DType) -> QuantisedPath {
+pub fn quantised_path(device: &Device, dtype: DType, rows: usize) -> QuantisedPath {
     if let Some(path) = PATH_OVERRIDE.with(Cell::get) {
         return path;
     }
-    match (device, dtype) {
-        (Device::Cpu, DType::F16) => QuantisedPath::Dequantise,
-        (Device::Cpu, _) => QUANTISED_PATH,
-        _ => QuantisedPath::Kernel,
+    match device {
+        Device::Cpu if dtype != DType::F16 => QUANTISED_PATH,
+        Device::Cpu => QuantisedPath::Dequantise,
+        _ if rows <= GPU_KERNEL_MAX_ROWS && dtype != DType::F32 => QuantisedPath::Kernel,
+        _ => QuantisedPath::Dequantise,
     }
 }
+
+/// The most rows of activations a GPU multiplies by candle's quantised kernel (its MMVQ path).
+pub const GPU_KERNEL_MAX_ROWS: usize = 8;
 
 thread_local! {
     static PATH_OVERRIDE: Cell<Option<QuantisedPath>> = const { Cell::new(None) };
@@ -121,7 +129,8 @@ impl Linear {
 
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_via(x, quantised_path(x.device(), x.dtype()))
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        self.forward_via(x, quantised_path(x.device(), x.dtype(), rows))
     }
 
     /// Applies the layer, a quantised weight multiplied by `path` (for tests and benchmarks:

@@ -188,15 +188,28 @@ pub fn load(outputs: usize, inputs: usize, vb: &VarBuilder) -> Result<Option<QTe
     }) else {
         return Ok(None);
     };
-    // The blocks come to the host, where a QTensor is built, then go to the run's device.
-    let raw = vb.clone().set_device(Device::Cpu).get_unchecked_dtype(&name, DType::U8)?;
-    if raw.dims() != [outputs, row_bytes(dtype, inputs).unwrap_or(0)] {
-        candle_core::bail!(
-            "{}.{name} is {:?} bytes, not a [{outputs}, {inputs}] matrix of {dtype:?} blocks",
-            vb.prefix(),
-            raw.dims()
-        )
+    let check = |raw: &Tensor| {
+        if raw.dims() != [outputs, row_bytes(dtype, inputs).unwrap_or(0)] {
+            candle_core::bail!(
+                "{}.{name} is {:?} bytes, not a [{outputs}, {inputs}] matrix of {dtype:?} blocks",
+                vb.prefix(),
+                raw.dims()
+            )
+        }
+        Ok(())
+    };
+    // On CUDA the blocks come to the device as bytes (a streamed block's on the copy stream,
+    // overlapping compute) and are copied there into candle's block storage: a round trip
+    // through the host would be a synchronous pageable copy per weight.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = vb.device() {
+        let raw = vb.get_unchecked_dtype(&name, DType::U8)?;
+        check(&raw)?;
+        return super::cuda::qtensor_from_device(&raw, dtype, (outputs, inputs), dev).map(Some);
     }
+    // Elsewhere the blocks come to the host, where a QTensor is built, then go to the run's device.
+    let raw = vb.clone().set_device(Device::Cpu).get_unchecked_dtype(&name, DType::U8)?;
+    check(&raw)?;
     let bytes = raw.flatten_all()?.to_vec1::<u8>()?;
     Ok(Some(qtensor(&bytes, dtype, (outputs, inputs), vb.device())?))
 }
