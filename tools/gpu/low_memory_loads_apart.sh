@@ -48,9 +48,11 @@ folder() {  # FAMILY DIR
     --write-only > /dev/null 2> "$OUT/write_$1.log" || tail -3 "$OUT/write_$1.log"
   echo "$1 folder ready (at $SECONDS s)"
 }
-folder sd35-large "$M"
-for b in $SD35_BUDGETS; do bench "sd35_$b" sd35-large "$M" 28 --max-memory "$b"; done
-peer modes group_offload_stream
+if [ -n "$SD35_BUDGETS" ]; then  # SD35_BUDGETS="" runs SDXL alone
+  folder sd35-large "$M"
+  for b in $SD35_BUDGETS; do bench "sd35_$b" sd35-large "$M" 28 --max-memory "$b"; done
+  peer modes group_offload_stream
+fi
 if [ "$(left)" -gt 90 ]; then
   folder sdxl "$X"
   for b in $SDXL_BUDGETS; do bench "sdxl_$b" sdxl "$X" 30 --max-memory "$b"; done

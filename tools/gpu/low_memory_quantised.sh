@@ -25,7 +25,8 @@
 # Order is priority: a step not started by DEADLINE_S (540 s from the start) is skipped with a
 # line saying so, and each command is cut off there, so the summary ($OUT/quantised_summary.json,
 # printed) is always written inside the 10-minute call. FORMATS ("q8_0 fp8-scaled") and PARTS
-# ("export error peer resident budgets") pick what runs.
+# ("export error peer resident budgets"; "bench" adds each file under each budget as a whole
+# `sdgen-bench --max-memory` run, loads timed apart) pick what runs.
 # Expects .carry/generate.xz and .carry/sdgen-bench.xz (CUDA builds), and .whl/ for the peer step
 # (torch, numpy and PIL are the machine's). Writes into $OUT: logs, --json results, sidecars, one
 # PNG per run.
@@ -68,7 +69,7 @@ run() {
   timeout -k 10 "$(left)" "$@" > "$OUT/$name.json" 2> "$log"; rc=$?
   echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - s))}" >> "$OUT/steps.jsonl"
   echo "$name: exit $rc ($((SECONDS - s)) s)"
-  [ $rc = 0 ] || grep -iE "^error|panic" "$log" | head -3
+  [ $rc = 0 ] || tail -4 "$log"
   return $rc
 }
 # The file each format is written to (the published files' names).
@@ -103,19 +104,36 @@ fi
 INPUTS=()
 OUT=$OUT SIDE=$SIDE $PY tools/gpu/sd35_forward.py inputs "$M" > "$OUT/inputs.log" 2>&1 \
   && INPUTS=(--inputs "$OUT/inputs.safetensors")
+error() {  # NAME FORMAT [ARGS...]
+  local name=$1 f=$2; shift 2
+  run "$name" "$OUT/$name.log" "$B" --family sd35-large --model-dir "$M" --device "$DEVICE" --dtype "$DTYPE" \
+    --component transformer --width "$SIDE" --height "$SIDE" --iterations 1 --warmup 1 "${INPUTS[@]}" \
+    --weights-file "$(file_of "$f")" "$@"
+}
 if has error; then
-  for f in $FORMATS; do
-    run "error_$f" "$OUT/error_$f.log" "$B" --family sd35-large --model-dir "$M" --device "$DEVICE" --dtype "$DTYPE" \
-      --component transformer --width "$SIDE" --height "$SIDE" --iterations 1 --warmup 1 "${INPUTS[@]}" \
-      --weights-file "$(file_of "$f")"
-  done
+  for f in $FORMATS; do error "error_$f" "$f"; done
+  # GGUF blocks through candle's MMQ kernels instead of dequantised (the device's default).
+  [[ " $FORMATS " == *" q8_0 "* ]] && error error_q8_0_kernel q8_0 --quantised-path kernel
 fi
 if has peer && [ ${#INPUTS[@]} -gt 0 ]; then
   run peer "$OUT/peer.log" $PY tools/gpu/peer_quantised.py "$M" "$(file_of q8_0)"
   rm -f "$OUT/peer.json"  # its print is in the log; the figures in peer_quantised.json
 fi
 
-# 4. the bf16 resident image, 5. each file under each budget.
+# 4a. each file under each budget as whole bench runs: loads timed apart from compute, peaks
+# device-wide and allocated (one run, no warm-up run: the streamed weights are pinned once).
+if has bench; then
+  for b in $BUDGETS; do
+    for f in $FORMATS; do
+      run "bench_${b}_$f" "$OUT/bench_${b}_$f.log" "$B" --family sd35-large --model-dir "$M" --device "$DEVICE" \
+        --dtype "$DTYPE" --width "$SIDE" --height "$SIDE" --steps "$STEPS" --runs 1 --warmup 0 \
+        --weights-file "$(file_of "$f")" --max-memory "$b" \
+        && $PY tools/gpu/budget_summary.py "$OUT/bench_${b}_$f.json"
+    done
+  done
+fi
+
+# 4b. the bf16 resident image, 5. each file under each budget.
 if has resident; then
   ours resident "$M"
   [ -f "$OUT/resident.json" ] && $PY tools/gpu/sd35_fullsize.py whole "$OUT/resident" > "$OUT/resident_table.txt" 2>&1
@@ -179,12 +197,18 @@ for f in formats:
         row["budgets"][b] = {"step": steps.get(name), "image_vs_bf16_resident": load(f"{name}.image.json"),
                              "budget": load(f"{name}.budget.json")}
     summary["formats"][f] = row
+kres = ((load("error_q8_0_kernel.json") or {}).get("result") or {})
+summary["q8_0_kernel_path"] = {"relative_l2_vs_bf16": (kres.get("against_unquantised") or {}).get("relative_l2"),
+                               "eval": (kres.get("timed") or {}).get("eval")}
 with open(os.path.join(out, "quantised_summary.json"), "w") as fh:
     json.dump(summary, fh, indent=1)
 print("expectation:", summary["expectation"])
 peer = summary["peer_diffusers"] or {}
 print(f"diffusers on the same inputs: Q8_0 GGUF vs bf16 relative L2 {peer.get('relative_l2_q8_0_vs_bf16')}, "
       f"bf16 {peer.get('bf16')}, Q8_0 {peer.get('q8_0')}")
+k = summary["q8_0_kernel_path"]
+print(f"q8_0 through candle's MMQ kernels: relative L2 vs bf16 {k['relative_l2_vs_bf16']}, "
+      f"eval {(k['eval'] or {}).get('median_ms')} ms")
 for f, row in summary["formats"].items():
     e, m = row["export"] or {}, row["mmdit"]
     print(f"{f}: file {e.get('file_bytes', 0) / 1e9:.2f} GB written in {(row['export_ms'] or 0) / 1e3:.1f} s "
