@@ -151,15 +151,13 @@ fn a_gpu_streams_only_what_host_memory_holds() {
     assert!(tight.stage("denoise").unwrap().options.streaming.is_none(), "{tight}");
 }
 
-/// SD 3.5 Large at 1024² (16 GB of MMDiT, 9.5 GB of T5 in bf16): under 8 and 4 GB both stream,
-/// on the CPU and on a GPU (where T5 streams on the device before it would go to the CPU).
+/// SD 3.5 Large at 1024² (16 GB of MMDiT, 9.5 GB of T5 in bf16): on the CPU under 8 and 4 GB both
+/// stream; on a GPU under 8 GB the MMDiT streams and T5 takes the rung before (the host).
 #[test]
 fn sd35_large_streams_its_mmdit_and_t5_to_fit_small_budgets() {
     let (m, streamable) = sd35_large();
     let p = FamilyProfile::sd35_large();
-    for (device, gb) in
-        [(DeviceKind::Cpu, 8), (DeviceKind::Cpu, 4), (DeviceKind::DiscreteGpu, 8), (DeviceKind::DiscreteGpu, 4)]
-    {
+    for (device, gb) in [(DeviceKind::Cpu, 8), (DeviceKind::Cpu, 4), (DeviceKind::DiscreteGpu, 8)] {
         let mut budget = Budget::new(gb * GIB, BudgetSource::MaxMemory);
         budget.host_available_bytes = Some(48 * GIB);
         let req = PlanRequest {
@@ -173,6 +171,9 @@ fn sd35_large_streams_its_mmdit_and_t5_to_fit_small_budgets() {
         let streams = |stage: &str| chosen.stage(stage).unwrap().options.streaming.is_some();
         assert!(streams("denoise"), "{chosen}");
         let t5 = chosen.stage("text_encoder_3").unwrap();
-        assert!(streams("text_encoder_3") && !t5.options.on_host, "{chosen}");
+        match device {
+            DeviceKind::Cpu => assert!(streams("text_encoder_3"), "{chosen}"),
+            _ => assert!(t5.options.on_host && t5.options.streaming.is_none(), "{chosen}"),
+        }
     }
 }
