@@ -248,11 +248,16 @@ fn prepare(family: &str, dir: &Path, dtype: DType, device: &Device, seed: u64) -
             model.family().name,
         );
     }
-    let weights = random_model::weighted_components(family)
+    let weights = weight_bytes(family, &model)?;
+    Ok(Prepared { model, written_bytes, write_ms, weights })
+}
+
+/// Each weighted component's weight bytes as `model` holds them.
+fn weight_bytes(family: &str, model: &ModelFolder) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    random_model::weighted_components(family)
         .into_iter()
         .map(|c| Ok((c.to_string(), serde_json::json!(model.weights(c)?.weight_bytes()))))
-        .collect::<anyhow::Result<_>>()?;
-    Ok(Prepared { model, written_bytes, write_ms, weights })
+        .collect()
 }
 
 /// The planner's estimate as JSON, or why there is none (a family without a memory profile yet):
@@ -408,8 +413,14 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    // Whole runs of a quantised file: its model in place of the folder's.
-    let model = quantised.unwrap_or(model);
+    // Whole runs of a quantised file: its model (and its weights' sizes) in place of the folder's.
+    let model = match quantised {
+        Some(file) => {
+            weights = weight_bytes(&args.family, &file)?;
+            file
+        }
+        None => model,
+    };
     // The family's default size, filled in once, so the refiner's init image has the output size.
     let settings = sdgen::pipeline::resolve(&model, &request_for(&args, args.steps))?;
     let sized = Args { width: Some(settings.width), height: Some(settings.height), ..args };

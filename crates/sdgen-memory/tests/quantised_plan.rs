@@ -56,8 +56,9 @@ fn sd35_large_on_an_8gb_gpu_with_8gb_of_ram_runs_on_q8_weights() {
     let chosen = plan(&offered).unwrap();
     assert_eq!(weights(&chosen), Some("q8"), "{chosen}");
     assert!(chosen.stages.iter().all(|s| s.fits && s.device_bytes() <= chosen.usable_bytes), "{chosen}");
-    // The GPU multiplies Q8_0 blocks in candle's kernels: no dequantising, no transient.
-    assert_eq!(chosen.quantised.as_ref().unwrap().expected_ms_per_forward, 0);
+    // The GPU dequantises at memory bandwidth: ~60 ms more per evaluation for 8 G weights.
+    let ms = chosen.quantised.as_ref().unwrap().expected_ms_per_forward;
+    assert!((40..=80).contains(&ms), "{ms} ms");
     assert!(chosen.memory_optimizations().contains(&"quantised_weights"));
     assert!(chosen.to_string().contains("Weights: weights quantised to q8 (Q8_0, near-lossless"), "{chosen}");
     let warning = chosen.warning.as_deref().unwrap();

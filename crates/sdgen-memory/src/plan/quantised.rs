@@ -27,7 +27,9 @@ pub struct QuantisedKind {
     pub quality: &'static str,
     /// Dequantising on the CPU, nanoseconds per weight (on 2 cores: the development VM).
     pub cpu_ns_per_weight: f64,
-    /// Dequantising on a GPU, nanoseconds per weight (0: its kernels multiply the blocks).
+    /// Dequantising on a GPU, nanoseconds per weight: a whole SD 3.5 Large MMDiT evaluation
+    /// quantised against bf16, over its ~8.0 G quantised weights (H100, BENCHMARKS.md session 9:
+    /// Q8_0 +61 ms, fp8 +59 ms; Q4_K's layers dequantise as fast as Q8_0's, `gpu_ops`).
     pub gpu_ns_per_weight: f64,
 }
 
@@ -37,27 +39,26 @@ pub struct QuantisedKind {
 /// Speeds: dequantising alone at SD 3.5 Medium's shapes (`sdgen-bench --component quantised`,
 /// BENCHMARKS.md "Quantised and fp8 products", 2 loaded cores, 2026-12-07): Q8_0 0.6–1.1 ns a
 /// weight, Q4_K 0.4–0.5, fp8 (a table lookup) 0.26–0.32; the product itself runs at the dense
-/// layer's speed, within this VM's noise. On a GPU, CUDA's fp8 cast and scale are two passes
-/// over the weight at memory bandwidth (~0.01 ns a weight on an H100: an estimate, rounded up to
-/// 0.05 for the launch overheads), and GGML blocks multiply in candle's kernels (no dequantising).
+/// layer's speed, within this VM's noise. On a GPU every kind dequantises for its products, at
+/// memory bandwidth: measured over a whole MMDiT ([`QuantisedKind::gpu_ns_per_weight`]).
 pub const QUANTISED_KINDS: [QuantisedKind; 3] = [
     QuantisedKind {
         name: "q8",
         quality: "Q8_0, near-lossless (tiny MMDiT 8.0e-3 relative L2)",
         cpu_ns_per_weight: 1.1,
-        gpu_ns_per_weight: 0.0,
+        gpu_ns_per_weight: 0.008,
     },
     QuantisedKind {
         name: "fp8",
         quality: "fp8 E4M3 with per-tensor scales, close (tiny MMDiT 2.9e-2 relative L2)",
         cpu_ns_per_weight: 0.32,
-        gpu_ns_per_weight: 0.05,
+        gpu_ns_per_weight: 0.008,
     },
     QuantisedKind {
         name: "q4",
         quality: "Q4_K/Q4_0, coarser (tiny MMDiT 1.2e-1 relative L2)",
         cpu_ns_per_weight: 0.5,
-        gpu_ns_per_weight: 0.0,
+        gpu_ns_per_weight: 0.008,
     },
 ];
 
@@ -119,10 +120,11 @@ pub(crate) fn quantised_weights(manifest: &ComponentManifest) -> u64 {
 }
 
 /// Bytes a layer's product holds beyond its weight while it dequantises it: per weight, GGML
-/// blocks on the CPU are dequantised to f32 and then converted to the compute precision (both
-/// held at once; no conversion in f32); fp8 (a one-element unit) is looked up straight into the
-/// compute precision on the CPU, cast and then scaled on a GPU; a GPU multiplies GGML blocks in
-/// place. Measured beyond the dense layer's own peak (`crates/sdgen/tests/activation_peaks.rs`
+/// blocks are dequantised to f32 and then converted to the compute precision (both held at once;
+/// no conversion in f32), on the CPU and on a GPU alike (`sdgen_models::ops::linear::
+/// quantised_path`: a GPU's products of a few rows multiply the blocks in place, but the largest
+/// layer may be a many-row one); fp8 (a one-element unit) is looked up straight into the compute
+/// precision on the CPU, cast and then scaled on a GPU. Measured on the CPU beyond the dense layer's own peak (`crates/sdgen/tests/activation_peaks.rs`
 /// `quantised_product_transients`, SD 3.5 Large's 35.5 M-weight adaLN layer, 2026-12-07): f32 —
 /// Q8_0 4.0, fp8 4.0 bytes a weight; bf16 — Q8_0 6.0, fp8 2.0 (the dense bf16 layer itself holds
 /// 2.0, its packed copy, as the quantised ones do on top).
@@ -131,10 +133,9 @@ pub(crate) fn dequantise_bytes(held: Blocks, precision: Precision, device: Devic
     let fp8 = held.elements == 1;
     match (device, fp8) {
         (DeviceKind::Cpu, true) => p,
-        (DeviceKind::Cpu, false) if precision == Precision::F32 => 4,
-        (DeviceKind::Cpu, false) => 4 + p,
         (_, true) => 2 * p,
-        (_, false) => 0,
+        (_, false) if precision == Precision::F32 => 4,
+        (_, false) => 4 + p,
     }
 }
 
@@ -165,7 +166,7 @@ mod tests {
         let n = 2432 * 9728;
         assert_eq!(transient_bytes(&[&m], Precision::Bf16, DeviceKind::Cpu), n * 6);
         assert_eq!(transient_bytes(&[&m], Precision::F32, DeviceKind::Cpu), n * 4);
-        assert_eq!(transient_bytes(&[&m], Precision::Bf16, DeviceKind::DiscreteGpu), 0);
+        assert_eq!(transient_bytes(&[&m], Precision::Bf16, DeviceKind::DiscreteGpu), n * 6);
         assert_eq!(dequantise_bytes(fp8, Precision::Bf16, DeviceKind::Cpu), 2);
         assert_eq!(dequantise_bytes(fp8, Precision::Bf16, DeviceKind::DiscreteGpu), 4);
         assert_eq!(quantised_weights(&m), n + 2432 * 2432);

@@ -58,7 +58,7 @@ pub fn quantised_path(device: &Device, dtype: DType, rows: usize) -> QuantisedPa
     match device {
         Device::Cpu if dtype != DType::F16 => QUANTISED_PATH,
         Device::Cpu => QuantisedPath::Dequantise,
-        _ if rows <= GPU_KERNEL_MAX_ROWS && dtype != DType::F32 => QuantisedPath::Kernel,
+        _ if (1..=GPU_KERNEL_MAX_ROWS).contains(&rows) && dtype != DType::F32 => QuantisedPath::Kernel,
         _ => QuantisedPath::Dequantise,
     }
 }
