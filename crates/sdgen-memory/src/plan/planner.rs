@@ -4,13 +4,15 @@
 //! others' and the plan fits when every stage does.
 //!
 //! Preference, fastest first: no options → VAE slicing (free) → attention slicing (largest
-//! slice first) → VAE tiling (largest tile first) → fewer images per batch → text encoders on
-//! the CPU. The last is independent of the batch (a stage of its own), so trying it last for
-//! its stage is the same as trying it after smaller batches.
+//! slice first) → VAE tiling (largest tile first) → fewer images per batch → text encoders
+//! streamed on the GPU (T5) → text encoders on the CPU. The last two are independent of the
+//! batch (stages of their own), so trying them last for their stage is the same as trying them
+//! after smaller batches.
 //!
-//! Only when no batch size fits resident does the search try block streaming
+//! Only when no batch size fits resident does the search try block streaming the denoiser
 //! ([`super::stream`]): streaming costs reading on every evaluation, smaller batches almost
-//! nothing. Only when nothing fits at full precision does [`plan`] try the weights quantised
+//! nothing. A text encoder runs once per prompt, so streaming it is tried before the CPU, which
+//! is slower still. Only when nothing fits at full precision does [`plan`] try the weights quantised
 //! ([`super::quantised`]): that changes the image.
 
 use serde::{Deserialize, Serialize};
@@ -516,7 +518,11 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 }
             }
             if chosen.len() == self.stages.len() {
-                return Some(self.assemble(per_batch, chosen));
+                // Shared options (the encoders' host, the VAE's) may not fit where a stage's own did.
+                let plan = self.assemble(per_batch, chosen);
+                if plan.stages.iter().all(|s| s.fits) {
+                    return Some(plan);
+                }
             }
         }
         None
@@ -572,16 +578,19 @@ impl<'r, 'a> Ctx<'r, 'a> {
                     }
                 }
             }
-            if spec.host_offload && self.req.device == DeviceKind::DiscreteGpu {
-                sets.push(StageOptions { on_host: true, ..Default::default() });
-            }
         }
+        let host = ladder != Ladder::Free && spec.host_offload && self.req.device == DeviceKind::DiscreteGpu;
         let mut plans: Vec<StagePlan> = sets.iter().map(|&o| self.estimate(stage, per_batch, o)).collect();
         // The streaming rung: each device option set again, with as many blocks resident as fit,
         // then with every block streamed (the leanest: any resident block adds to the peak at
-        // least what it saves from the largest streamed one).
-        if let (Ladder::Streamed, Some(blocks)) = (ladder, &stage.blocks) {
-            for &o in sets.iter().filter(|o| !o.on_host) {
+        // least what it saves from the largest streamed one). A stage the CPU could take instead
+        // (a text encoder) streams before it goes there, in either ladder: it runs once per
+        // prompt, so streaming costs one read of its weights (T5-XXL: ~0.4 s over PCIe), where
+        // the CPU runs it in f32 (12.5 s on 16 cores, BENCHMARKS.md session 9) from twice the
+        // host memory.
+        let streams = ladder == Ladder::Streamed || host;
+        if let (true, Some(blocks)) = (streams, &stage.blocks) {
+            for &o in &sets {
                 let with = |k: usize| {
                     let (_, _, streaming) = blocks.split(k, self.req.device);
                     self.estimate(stage, per_batch, StageOptions { streaming: Some(streaming), ..o })
@@ -592,6 +601,9 @@ impl<'r, 'a> Ctx<'r, 'a> {
                 }
                 plans.push(with(0));
             }
+        }
+        if host {
+            plans.push(self.estimate(stage, per_batch, StageOptions { on_host: true, ..Default::default() }));
         }
         plans
     }
@@ -682,8 +694,26 @@ impl<'r, 'a> Ctx<'r, 'a> {
         stages
     }
 
+    /// The text encoders' placement on the host, shared: the run has one switch for them all
+    /// (`text_encoder_on_host`), which moves every encoder it does not stream on the device, so
+    /// one encoder on the host takes those others there, and the plan must say so and count
+    /// their host memory.
+    fn share_host_placement(&self, per_batch: usize, mut stages: Vec<StagePlan>) -> Vec<StagePlan> {
+        if !stages.iter().any(|s| s.options.on_host) {
+            return stages;
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            let o = stages[i].options;
+            if stage.spec.options.host_offload && !o.on_host && o.streaming.is_none() {
+                stages[i] = self.estimate(stage, per_batch, StageOptions { on_host: true, ..Default::default() });
+            }
+        }
+        stages
+    }
+
     fn assemble(&self, per_batch: usize, stages: Vec<StagePlan>) -> Plan {
         let req = self.req;
+        let stages = self.share_host_placement(per_batch, stages);
         let stages = self.share_vae_options(per_batch, stages);
         let fits = stages.iter().all(|s| s.fits);
         Plan {

@@ -339,8 +339,11 @@ fn encode_with(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Encoded> {
     // The planner may keep the encoder off a GPU that is too small: it then runs on the host in f32.
-    let (device, dtype) =
-        if rt.options.text_encoder_on_host { (Device::Cpu, DType::F32) } else { (rt.device.clone(), rt.dtype) };
+    let (device, dtype) = if rt.options.text_encoder_runs_on_host(spec.arch) {
+        (Device::Cpu, DType::F32)
+    } else {
+        (rt.device.clone(), rt.dtype)
+    };
     let encoder = TextEncoder::load(stage_name, model, spec, req, (&device, dtype), rt)?;
     loaded(progress, stage_name);
     let options = req.prompt_options;

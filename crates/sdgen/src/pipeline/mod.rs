@@ -156,7 +156,8 @@ pub struct StageOptions {
     pub attention_slice: Option<usize>,
     /// VAE mid-block attention over query rows in chunks of this many.
     pub vae_attention_slice: Option<usize>,
-    /// Run the text encoder on the CPU in f32 (the embeddings then move to the device).
+    /// Run the text encoders on the CPU in f32 (the embeddings then move to the device), all but
+    /// a T5 streamed on the device ([`StageOptions::text_encoder_runs_on_host`]).
     pub text_encoder_on_host: bool,
     /// Decode (and encode) one image of the batch at a time.
     pub vae_slicing: bool,
@@ -201,6 +202,13 @@ impl StageOptions {
     /// (`attention slicing`, `VAE slicing`, …), in the order it prints them.
     pub fn enabled(&self) -> Vec<&'static str> {
         OPTIMISATIONS.iter().filter(|(on, ..)| on(self)).map(|&(_, _, phrase)| phrase).collect()
+    }
+
+    /// Whether a text encoder of `arch` runs on the host. The one switch moves every encoder
+    /// but a T5 the plan streams on the device: streamed, it needs one block of device memory,
+    /// where the host would hold it whole in f32 and run it on the CPU.
+    pub fn text_encoder_runs_on_host(&self, arch: TextEncoderArch) -> bool {
+        self.text_encoder_on_host && !(arch == TextEncoderArch::T5 && self.t5_resident_blocks.is_some())
     }
 
     /// The seed's `memory_optimizations` names of what is on, plus what every run does.

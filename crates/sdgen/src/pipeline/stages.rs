@@ -15,6 +15,7 @@ use sdgen_models::vae::{VaeOptions, VaeTiling};
 use super::conditioning::Conditioning;
 use super::tiles::DenoiseTiles;
 use super::{GeneratedImage, Generation, Progress, Request, Runtime, Settings, SkipLayerGuidance, StageOptions};
+use crate::loading::family::TextEncoderArch;
 use crate::loading::{model_error, ModelFolder, FAMILIES};
 use crate::rng::batch::BatchNoise;
 use crate::schedulers::{div_scalar, Scheduler};
@@ -72,8 +73,13 @@ fn leaner(stage: &str, o: &mut StageOptions) -> Option<String> {
         Some(_) => None,
     };
     match role(stage) {
-        Role::TextEncoder if !o.text_encoder_on_host => {
+        Role::TextEncoder(arch) if o.text_encoder_runs_on_host(arch) => None,
+        Role::TextEncoder(arch) => {
             o.text_encoder_on_host = true;
+            // A T5 streamed on the device goes to the host whole, as the host runs encoders.
+            if arch == TextEncoderArch::T5 {
+                o.t5_resident_blocks = None;
+            }
             Some("the text encoder on the CPU".into())
         }
         Role::Denoiser(_) => match next(o.attention_slice) {
@@ -139,7 +145,7 @@ impl StageLog {
 /// rows list them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
-    TextEncoder,
+    TextEncoder(TextEncoderArch),
     Denoiser(&'static str),
     Other,
 }
@@ -161,8 +167,8 @@ fn role(stage: &str) -> Role {
     let component = split_pass(stage).1;
     if let Some(f) = FAMILIES.iter().find(|f| f.denoiser.component == component) {
         Role::Denoiser(f.denoiser.display)
-    } else if FAMILIES.iter().flat_map(|f| f.encoders).any(|e| e.component == component) {
-        Role::TextEncoder
+    } else if let Some(e) = FAMILIES.iter().flat_map(|f| f.encoders).find(|e| e.component == component) {
+        Role::TextEncoder(e.arch)
     } else {
         Role::Other
     }
@@ -173,7 +179,7 @@ fn display_name(stage: &str) -> String {
     let (pass, component) = split_pass(stage);
     let name = match (role(stage), component) {
         (Role::Denoiser(display), _) => display.to_string(),
-        (Role::TextEncoder, c) => c.replace('_', " "),
+        (Role::TextEncoder(_), c) => c.replace('_', " "),
         (Role::Other, "vae_encoder") => "VAE encoder".into(),
         (Role::Other, "vae") => "VAE".into(),
         (Role::Other, _) => return "model".into(),
@@ -596,6 +602,13 @@ mod tests {
         assert_eq!(display_name("refiner_vae"), "refiner VAE");
         assert_eq!(leaner("text_encoder", &mut o), None);
         assert_eq!(leaner("scheduler", &mut o), None);
+        // The host switch moves a T5 only when it is not streamed on the device; T5's own
+        // fallback takes it to the host whole.
+        let mut o = StageOptions { text_encoder_on_host: true, t5_resident_blocks: Some(2), ..Default::default() };
+        assert!(o.text_encoder_runs_on_host(TextEncoderArch::Clip));
+        assert!(!o.text_encoder_runs_on_host(TextEncoderArch::T5));
+        assert!(leaner("text_encoder_3", &mut o).is_some() && o.t5_resident_blocks.is_none());
+        assert!(o.text_encoder_runs_on_host(TextEncoderArch::T5) && leaner("text_encoder_3", &mut o).is_none());
         // A hires pass's stages fall back as the base's.
         let mut o = StageOptions::default();
         assert!(leaner("hires_vae", &mut o).is_some_and(|f| f.contains("VAE slicing")));
