@@ -111,20 +111,25 @@ pub(crate) struct BlockSizes {
     /// Each block's read transient on the host: its largest tensor read into a buffer and turned
     /// into a tensor (both at once, the stored size) before it is converted.
     read_bytes: Vec<u64>,
+    /// Each block's weights held quantised (GGML blocks, fp8): on a discrete GPU their uploads
+    /// stay beside the arriving block's own copies until its release
+    /// (`sdgen_models::stream::copy::release_with_block`).
+    held_bytes: Vec<u64>,
 }
 
 impl BlockSizes {
     /// The blocks of `manifest` named `blocks`, at `precision`; `None` when it has none of them.
     pub(crate) fn of(manifest: &ComponentManifest, blocks: &[String], precision: Precision) -> Option<Self> {
         let precision = manifest.precision.unwrap_or(precision);
-        let (mut bytes, mut read_bytes) = (Vec::new(), Vec::new());
+        let (mut bytes, mut read_bytes, mut held_bytes) = (Vec::new(), Vec::new(), Vec::new());
         for block in blocks {
             let prefix = format!("{block}.");
             let tensors = || manifest.tensors.iter().filter(|t| t.name.starts_with(&prefix));
             bytes.push(tensors().map(|t| t.bytes_at(precision)).sum());
             read_bytes.push(2 * tensors().map(|t| t.stored_bytes()).max().unwrap_or(0));
+            held_bytes.push(tensors().filter(|t| t.held.is_some()).map(|t| t.bytes_at(precision)).sum());
         }
-        bytes.iter().any(|&b| b > 0).then_some(Self { bytes, read_bytes })
+        bytes.iter().any(|&b| b > 0).then_some(Self { bytes, read_bytes, held_bytes })
     }
 
     /// The streamable blocks.
@@ -139,10 +144,13 @@ impl BlockSizes {
         let streamed_bytes: u64 = streamed.iter().sum();
         let largest = streamed.iter().copied().max().unwrap_or(0);
         // On the CPU each tensor is read on the host, next to the block; a GPU's copies are
-        // made on the host, outside the device budget.
+        // made on the host, outside the device budget, but a quantised block's uploads stay on
+        // the device beside the block made from them until its release.
+        let from = resident.min(self.bytes.len());
+        let largest_of = |v: &[u64]| v[from..].iter().copied().max().unwrap_or(0);
         let read = match device {
-            DeviceKind::DiscreteGpu => 0,
-            _ => self.read_bytes[resident.min(self.bytes.len())..].iter().copied().max().unwrap_or(0),
+            DeviceKind::DiscreteGpu => largest_of(&self.held_bytes),
+            _ => largest_of(&self.read_bytes),
         };
         let expected_ms_per_forward = (streamed_bytes as f64 / stream_bandwidth(device) * 1e3).round() as u64;
         let choice =
@@ -175,5 +183,12 @@ mod tests {
         let (_, in_flight, _) = sizes.split(0, DeviceKind::DiscreteGpu);
         assert_eq!(in_flight, 2 * 600);
         assert!(BlockSizes::of(&m, &["x.0".to_string()], Precision::F32).is_none());
+        // A block held in Q8_0 (34 bytes per 32 weights): on a GPU its uploads wait beside the
+        // arriving block until its release.
+        let q8 = crate::plan::Blocks { elements: 32, bytes: 34 };
+        let q = ComponentManifest::new("transformer", vec![t("b.0.w", 320).held_in(Some(q8)), t("b.0.bias", 10)]);
+        let sizes = BlockSizes::of(&q, &blocks[..1], Precision::Bf16).unwrap();
+        assert_eq!(sizes.bytes, [340 + 20]);
+        assert_eq!(sizes.split(0, DeviceKind::DiscreteGpu).1, 2 * 360 + 340);
     }
 }

@@ -340,7 +340,8 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
 /// The bytes of a one-byte tensor (fp8 weights) as a `U8` tensor of its shape, by a device copy:
 /// candle 0.11.1 cannot cast `F8E4M3` on CUDA (it asks for `cast_f8e4m3_*`, its kernels are named
 /// `cast_f8_e4m3_*`), so fp8 weights are looked up by byte instead (`ops::fp8`). `t` may be a
-/// streamed upload owned by the copy stream: its free is ordered after the copy here.
+/// streamed upload owned by the copy stream: it is kept until its block's release
+/// (`stream::copy::release_with_block`), which orders its free after the copy here.
 pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
     let device = cuda_device(t)?;
     let t = t.contiguous()?;
@@ -357,13 +358,14 @@ pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
     let mut dst = unsafe { stream.alloc::<u8>(n) }.map_err(wrap)?;
     let (dp, _) = dst.device_ptr_mut(&stream);
     unsafe { cudarc::driver::result::memcpy_dtod_async(dp, src, n, stream.cu_stream()) }.map_err(wrap)?;
-    crate::stream::copy::release_after_compute(&candle_core::Device::Cuda(device.clone()))?;
+    crate::stream::copy::release_with_block(t.clone())?;
     Ok(into_tensor(CudaStorage::wrap_cuda_slice(dst, device.clone()), t.dims()))
 }
 
 /// A `QTensor` `[rows, cols]` of `dtype` from its raw blocks already on the device (`raw`, `U8`),
 /// by a device copy into candle's (zero-padded) block storage, in stream order. `raw` may be a
-/// streamed upload owned by the copy stream: its free is ordered after the copy here.
+/// streamed upload owned by the copy stream: it is kept until its block's release
+/// (`stream::copy::release_with_block`), which orders its free after the copy here.
 pub(crate) fn qtensor_from_device(
     raw: &Tensor,
     dtype: candle_core::quantized::GgmlDType,
@@ -387,7 +389,7 @@ pub(crate) fn qtensor_from_device(
         let dst = blocks.device_ptr()? as u64;
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, n, stream.cu_stream()) }.map_err(wrap)?;
     }
-    crate::stream::copy::release_after_compute(&candle_core::Device::Cuda(device.clone()))?;
+    crate::stream::copy::release_with_block(raw)?;
     QTensor::new(QStorage::Cuda(blocks), (rows, cols))
 }
 

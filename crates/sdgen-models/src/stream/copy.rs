@@ -33,10 +33,12 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 use cudarc::driver::{self, result, sys, CudaStream, DevicePtrMut, PinnedHostSlice};
 
-/// The streams of one device: candle's (every kernel) and the copy stream.
+/// The streams of one device: candle's (every kernel) and the copy stream, and the uploads
+/// waiting for the next [`release_after_compute`] ([`release_with_block`]).
 struct Streams {
     main: Arc<CudaStream>,
     copy: Arc<CudaStream>,
+    pending: Mutex<Vec<Tensor>>,
 }
 
 fn driver_err(what: &str, e: driver::DriverError) -> candle_core::Error {
@@ -64,7 +66,7 @@ fn streams(dev: &CudaDevice) -> Result<Arc<Streams>> {
     unsafe { ctx.disable_event_tracking() };
     let copy = ctx.new_stream().map_err(|e| driver_err("creating the copy stream", e))?;
     forbid_cross_stream_waits(ctx.cu_device()).map_err(|e| driver_err("configuring the memory pool", e))?;
-    let s = Arc::new(Streams { main, copy });
+    let s = Arc::new(Streams { main, copy, pending: Mutex::default() });
     map.insert(ordinal, s.clone());
     Ok(s)
 }
@@ -177,8 +179,38 @@ impl Drop for Pinned {
 
 /// Rule 2 of the module docs: call after a streamed block's work is enqueued and before its
 /// weights drop. Nothing to do where no copy stream exists (the CPU, or nothing pinned yet).
+/// The uploads kept by [`release_with_block`] are dropped here, their frees ordered by the same
+/// wait.
 pub fn release_after_compute(dev: &Device) -> Result<()> {
     let Device::Cuda(dev) = dev else { return Ok(()) };
     let Some(s) = by_device().get(&dev.cuda_stream().context().ordinal()).cloned() else { return Ok(()) };
-    s.copy.join(&s.main).map_err(|e| driver_err("ordering the frees", e))
+    s.copy.join(&s.main).map_err(|e| driver_err("ordering the frees", e))?;
+    let pending = std::mem::take(&mut *s.pending.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(pending);
+    Ok(())
+}
+
+/// Rule 2 for an upload whose last read is a copy the main stream makes out of it while a block
+/// is built (into candle's block storage for GGML weights, into a `U8` buffer for fp8 ones).
+/// Dropped at once, its free would need a wait on the main stream first, which would hold every
+/// later copy behind the compute already enqueued there (the block before, which the copies
+/// are meant to overlap); it is kept instead until the block's [`release_after_compute`]. A
+/// buffer the copy stream does not own (a resident load's, on the main stream) drops at once:
+/// its free is ordered after the copy by its own stream.
+pub fn release_with_block(t: Tensor) -> Result<()> {
+    let Device::Cuda(dev) = t.device() else { return Ok(()) };
+    let Some(s) = by_device().get(&dev.cuda_stream().context().ordinal()).cloned() else { return Ok(()) };
+    let owner = {
+        let (storage, _) = t.storage_and_layout();
+        let Storage::Cuda(c) = &*storage else { return Ok(()) };
+        match c.dtype() {
+            DType::U8 => c.as_cuda_slice::<u8>()?.stream().clone(),
+            DType::F8E4M3 => c.as_cuda_slice::<float8::F8E4M3>()?.stream().clone(),
+            d => bail!("release_with_block takes one-byte uploads, not {d:?}"),
+        }
+    };
+    if Arc::ptr_eq(&owner, &s.copy) {
+        s.pending.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+    }
+    Ok(())
 }
