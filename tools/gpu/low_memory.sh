@@ -23,7 +23,7 @@ case $FAMILY in
 esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-for b in generate sdgen-bench; do [ -x /tmp/$b ] || [ ! -f .carry/$b.xz ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }; done
+unpack generate sdgen-bench
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
 S=$SECONDS
 [ -f "$M/model_index.json" ] || /tmp/sdgen-bench --family "$FAMILY" --model-dir "$M" --device cuda --dtype bf16 \

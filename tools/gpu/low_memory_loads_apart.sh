@@ -20,9 +20,7 @@ source tools/gpu/cuda_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 END=${END:-540}; SD35_BUDGETS=${SD35_BUDGETS:-"4GB 3GB"}; SDXL_BUDGETS=${SDXL_BUDGETS:-"3GB"}
 M=${SD35_DIR:-/tmp/bench-sd35-large-bf16}; X=${SDXL_DIR:-/tmp/sdxl-full}
-for b in sdgen-bench gpu_parity; do
-  [ -x /tmp/$b ] || [ ! -f .carry/$b.xz ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
-done
+unpack sdgen-bench gpu_parity
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -43,9 +43,7 @@ PARTS=${PARTS:-"export error peer resident budgets"}
 M=${MODEL_DIR:-/tmp/bench-sd35-large-bf16}; Q=${FILES_DIR:-/tmp/sd35-large-quantised}
 PY=${PY:-python3}; DEADLINE=${DEADLINE_S:-540}
 G=${GENERATE:-/tmp/generate}; B=${BENCH:-/tmp/sdgen-bench}
-for b in generate sdgen-bench; do
-  [ -x /tmp/$b ] || [ ! -f .carry/$b.xz ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
-done
+unpack generate sdgen-bench
 if ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site

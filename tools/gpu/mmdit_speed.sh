@@ -14,9 +14,7 @@ PARTS=${PARTS:-ops bench ncu peer}
 MODEL=${MODEL:-sd35-large}; DIR=${DIR:-/tmp/bench-$MODEL-bf16}  # DIR: any folder of that family
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-for b in sdgen-bench sdgen-bench-before gpu_ops; do
-  [ -x /tmp/$b ] || [ ! -f .carry/$b.xz ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
-done
+unpack sdgen-bench sdgen-bench-before gpu_ops
 if has ops && [ -x /tmp/gpu_ops ]; then
   echo "== ops: the fused DiT kernels against the stock path at SD 3.5's shapes"
   /tmp/gpu_ops adaptive_norms packed_heads --test-threads=1 --nocapture > "$D/gpu_ops.log" 2>&1

@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/cuda_env.sh
 FINAL_OUT=${OUT:-/tmp/out}; END=${END:-560}
-for b in streaming gpu_ops; do xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; done
+unpack streaming gpu_ops
 (cd crates/sdgen && SDGEN_TESTDATA=$PWD/../../testdata timeout 150 /tmp/streaming --include-ignored --test-threads=1) \
   > "$FINAL_OUT/streaming.log" 2>&1
 grep -E "^test |test result|panicked" "$FINAL_OUT/streaming.log"

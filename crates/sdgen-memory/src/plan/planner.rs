@@ -520,7 +520,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
             if chosen.len() == self.stages.len() {
                 // Shared options (the encoders' host, the VAE's) may not fit where a stage's own did.
                 let plan = self.assemble(per_batch, chosen);
-                if plan.stages.iter().all(|s| s.fits) {
+                if plan.verdict != Verdict::DoesNotFit {
                     return Some(plan);
                 }
             }
@@ -603,9 +603,14 @@ impl<'r, 'a> Ctx<'r, 'a> {
             }
         }
         if host {
-            plans.push(self.estimate(stage, per_batch, StageOptions { on_host: true, ..Default::default() }));
+            plans.push(self.on_host(stage, per_batch));
         }
         plans
+    }
+
+    /// The stage on the host (a text encoder on the CPU, in f32).
+    fn on_host(&self, stage: &StageCtx, per_batch: usize) -> StagePlan {
+        self.estimate(stage, per_batch, StageOptions { on_host: true, ..Default::default() })
     }
 
     fn items(&self, stage: &StageCtx, per_batch: usize, image_slicing: bool) -> usize {
@@ -705,7 +710,7 @@ impl<'r, 'a> Ctx<'r, 'a> {
         for (i, stage) in self.stages.iter().enumerate() {
             let o = stages[i].options;
             if stage.spec.options.host_offload && !o.on_host && o.streaming.is_none() {
-                stages[i] = self.estimate(stage, per_batch, StageOptions { on_host: true, ..Default::default() });
+                stages[i] = self.on_host(stage, per_batch);
             }
         }
         stages

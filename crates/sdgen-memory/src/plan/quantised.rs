@@ -124,8 +124,9 @@ pub(crate) fn quantised_weights(manifest: &ComponentManifest) -> u64 {
 /// no conversion in f32), on the CPU and on a GPU alike (`sdgen_models::ops::linear::
 /// quantised_path`: a GPU's products of a few rows multiply the blocks in place, but the largest
 /// layer may be a many-row one); fp8 (a one-element unit) is looked up straight into the compute
-/// precision on the CPU, cast and then scaled on a GPU. Measured on the CPU beyond the dense layer's own peak (`crates/sdgen/tests/activation_peaks.rs`
-/// `quantised_product_transients`, SD 3.5 Large's 35.5 M-weight adaLN layer, 2026-12-07): f32 —
+/// precision on the CPU, cast and then scaled on a GPU. Measured on the CPU beyond the dense
+/// layer's own peak (`crates/sdgen/tests/activation_peaks.rs` `quantised_product_transients`,
+/// SD 3.5 Large's 35.5 M-weight adaLN layer, 2026-12-07): f32 —
 /// Q8_0 4.0, fp8 4.0 bytes a weight; bf16 — Q8_0 6.0, fp8 2.0 (the dense bf16 layer itself holds
 /// 2.0, its packed copy, as the quantised ones do on top).
 pub(crate) fn dequantise_bytes(held: Blocks, precision: Precision, device: DeviceKind) -> u64 {

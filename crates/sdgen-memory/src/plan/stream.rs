@@ -140,14 +140,13 @@ impl BlockSizes {
     /// With the first `resident` blocks resident on `device`: the bytes the streamed blocks take
     /// out of the stage's weights, the bytes they add back in flight, and the choice.
     pub(crate) fn split(&self, resident: usize, device: DeviceKind) -> (u64, u64, Streaming) {
-        let streamed = &self.bytes[resident.min(self.bytes.len())..];
-        let streamed_bytes: u64 = streamed.iter().sum();
-        let largest = streamed.iter().copied().max().unwrap_or(0);
+        let from = resident.min(self.bytes.len());
+        let streamed_bytes: u64 = self.bytes[from..].iter().sum();
+        let largest_of = |v: &[u64]| v[from..].iter().copied().max().unwrap_or(0);
+        let largest = largest_of(&self.bytes);
         // On the CPU each tensor is read on the host, next to the block; a GPU's copies are
         // made on the host, outside the device budget, but a quantised block's uploads stay on
         // the device beside the block made from them until its release.
-        let from = resident.min(self.bytes.len());
-        let largest_of = |v: &[u64]| v[from..].iter().copied().max().unwrap_or(0);
         let read = match device {
             DeviceKind::DiscreteGpu => largest_of(&self.held_bytes),
             _ => largest_of(&self.read_bytes),

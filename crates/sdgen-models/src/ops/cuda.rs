@@ -337,35 +337,52 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     Ok(into_tensor(out, &dims))
 }
 
-/// The bytes of a one-byte tensor (fp8 weights) as a `U8` tensor of its shape, by a device copy:
-/// candle 0.11.1 cannot cast `F8E4M3` on CUDA (it asks for `cast_f8e4m3_*`, its kernels are named
-/// `cast_f8_e4m3_*`), so fp8 weights are looked up by byte instead (`ops::fp8`). `t` may be a
-/// streamed upload owned by the copy stream: it is kept until its block's release
-/// (`stream::copy::release_with_block`), which orders its free after the copy here.
-pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
-    let device = cuda_device(t)?;
-    let t = t.contiguous()?;
-    let n = t.elem_count();
-    let stream = device.cuda_stream();
+/// A one-byte tensor's buffer (`U8`, or fp8's `F8E4M3`): the device address of its first
+/// element, and the stream that owns it (and frees it).
+pub(crate) fn one_byte_buffer(t: &Tensor, stream: &CudaStream) -> Result<(u64, Arc<CudaStream>)> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else { bail!("not a CUDA tensor") };
-    let src = match s.dtype() {
-        DType::F8E4M3 => s.as_cuda_slice::<float8::F8E4M3>()?.device_ptr(&stream).0,
-        DType::U8 => s.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
+    fn at<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream) -> Result<(u64, Arc<CudaStream>)> {
+        let slice = s.as_cuda_slice::<T>()?;
+        Ok((slice.device_ptr(stream).0, slice.stream().clone()))
+    }
+    let (ptr, owner) = match s.dtype() {
+        DType::U8 => at::<u8>(s, stream)?,
+        DType::F8E4M3 => at::<float8::F8E4M3>(s, stream)?,
         d => bail!("{d:?} is not a one-byte dtype"),
-    } + layout.start_offset() as u64;
-    // Safety: filled by the copy below before any use, in stream order.
-    let mut dst = unsafe { stream.alloc::<u8>(n) }.map_err(wrap)?;
+    };
+    Ok((ptr + layout.start_offset() as u64, owner))
+}
+
+/// Copies the bytes of `t` (a one-byte tensor on `device`, perhaps a streamed upload the copy
+/// stream owns) to `dst` on the device's stream, then hands `t` to its block's release
+/// (`stream::copy::release_with_block`), which orders its free after this copy.
+///
+/// Safety: `dst` must hold `t.elem_count()` bytes that nothing reads before this copy in stream
+/// order.
+unsafe fn copy_out_of_upload(t: &Tensor, dst: u64, device: &CudaDevice) -> Result<()> {
+    let t = t.contiguous()?;
+    let stream = device.cuda_stream();
+    let (src, _) = one_byte_buffer(&t, &stream)?;
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, t.elem_count(), stream.cu_stream()) }.map_err(wrap)?;
+    crate::stream::copy::release_with_block(t)
+}
+
+/// The bytes of a one-byte tensor (fp8 weights) as a `U8` tensor of its shape, by a device copy:
+/// candle 0.11.1 cannot cast `F8E4M3` on CUDA (it asks for `cast_f8e4m3_*`, its kernels are named
+/// `cast_f8_e4m3_*`), so fp8 weights are looked up by byte instead (`ops::fp8`).
+pub(crate) fn bytes_as_u8(t: &Tensor) -> Result<Tensor> {
+    let device = cuda_device(t)?;
+    let stream = device.cuda_stream();
+    let mut dst = unsafe { stream.alloc::<u8>(t.elem_count()) }.map_err(wrap)?;
     let (dp, _) = dst.device_ptr_mut(&stream);
-    unsafe { cudarc::driver::result::memcpy_dtod_async(dp, src, n, stream.cu_stream()) }.map_err(wrap)?;
-    crate::stream::copy::release_with_block(t.clone())?;
+    // Safety: `dst` is new, of the tensor's size, and first read after this copy in stream order.
+    unsafe { copy_out_of_upload(t, dp, &device)? };
     Ok(into_tensor(CudaStorage::wrap_cuda_slice(dst, device.clone()), t.dims()))
 }
 
 /// A `QTensor` `[rows, cols]` of `dtype` from its raw blocks already on the device (`raw`, `U8`),
-/// by a device copy into candle's (zero-padded) block storage, in stream order. `raw` may be a
-/// streamed upload owned by the copy stream: it is kept until its block's release
-/// (`stream::copy::release_with_block`), which orders its free after the copy here.
+/// by a device copy into candle's (zero-padded) block storage, in stream order.
 pub(crate) fn qtensor_from_device(
     raw: &Tensor,
     dtype: candle_core::quantized::GgmlDType,
@@ -373,23 +390,13 @@ pub(crate) fn qtensor_from_device(
     device: &CudaDevice,
 ) -> Result<candle_core::quantized::QTensor> {
     use candle_core::quantized::{cuda::QCudaStorage, QStorage, QTensor};
-    let raw = raw.contiguous()?;
-    let n = raw.elem_count();
     let blocks = QCudaStorage::zeros(device, rows * cols, dtype)?;
-    if blocks.storage_size_in_bytes() != n {
-        bail!("{n} bytes are not a [{rows}, {cols}] matrix of {dtype:?} blocks")
+    if blocks.storage_size_in_bytes() != raw.elem_count() {
+        bail!("{} bytes are not a [{rows}, {cols}] matrix of {dtype:?} blocks", raw.elem_count())
     }
-    let stream = device.cuda_stream();
-    {
-        let (storage, layout) = raw.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else { bail!("not a CUDA tensor") };
-        let src = s.as_cuda_slice::<u8>()?.device_ptr(&stream).0 + layout.start_offset() as u64;
-        // Safety: `blocks` holds at least `n` bytes (checked above) and nothing reads it before
-        // this copy, which is enqueued on the stream every later use runs on.
-        let dst = blocks.device_ptr()? as u64;
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, n, stream.cu_stream()) }.map_err(wrap)?;
-    }
-    crate::stream::copy::release_with_block(raw)?;
+    // Safety: `blocks` holds the raw bytes (checked above) and nothing reads it before this copy,
+    // enqueued on the stream every later use runs on.
+    unsafe { copy_out_of_upload(raw, blocks.device_ptr()? as u64, device)? };
     QTensor::new(QStorage::Cuda(blocks), (rows, cols))
 }
 

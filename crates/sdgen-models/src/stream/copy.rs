@@ -200,15 +200,7 @@ pub fn release_after_compute(dev: &Device) -> Result<()> {
 pub fn release_with_block(t: Tensor) -> Result<()> {
     let Device::Cuda(dev) = t.device() else { return Ok(()) };
     let Some(s) = by_device().get(&dev.cuda_stream().context().ordinal()).cloned() else { return Ok(()) };
-    let owner = {
-        let (storage, _) = t.storage_and_layout();
-        let Storage::Cuda(c) = &*storage else { return Ok(()) };
-        match c.dtype() {
-            DType::U8 => c.as_cuda_slice::<u8>()?.stream().clone(),
-            DType::F8E4M3 => c.as_cuda_slice::<float8::F8E4M3>()?.stream().clone(),
-            d => bail!("release_with_block takes one-byte uploads, not {d:?}"),
-        }
-    };
+    let (_, owner) = crate::ops::cuda::one_byte_buffer(&t, &s.main)?;
     if Arc::ptr_eq(&owner, &s.copy) {
         s.pending.lock().unwrap_or_else(|e| e.into_inner()).push(t);
     }
