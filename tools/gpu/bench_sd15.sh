@@ -5,7 +5,7 @@
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+unpack sdgen-bench
 M=/tmp/bench-sd15-bf16
 for cfg in "512 1" "512 4" "768 1" "768 4"; do
   set -- $cfg

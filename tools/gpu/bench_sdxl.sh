@@ -14,7 +14,7 @@ source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+unpack sdgen-bench
 B="$OUT/bench_sdxl"; mkdir -p "$B"
 # The folders are written by the first two runs (about 7 and 6 GB) and reused by the third.
 # BENCH_RUNS picks runs (default all three); BASE_DIR reuses a base folder already written (e.g.

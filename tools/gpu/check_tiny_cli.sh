@@ -5,7 +5,7 @@ set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-[ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }
+unpack generate
 for dt in f32 bf16; do
   /tmp/generate "a lighthouse at dusk" --model testdata/tiny-sd15 --seed 42 --steps 10 --device cuda --dtype $dt \
     --output "$OUT/tiny-$dt" --json > "$OUT/tiny-$dt.json" 2> "$OUT/tiny-$dt.log"; echo "tiny $dt exit $?"

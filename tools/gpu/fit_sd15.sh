@@ -7,7 +7,7 @@
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/fit"
-[ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+unpack sdgen-bench
 STEPS=${STEPS:-3}
 run() { # dtype size n name [extra args...]
   local dt=$1 px=$2 n=$3 name=$4; shift 4

@@ -8,7 +8,7 @@ source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }
+unpack generate
 M=/tmp/sd15-full
 python3 tools/gpu/sd15_fullsize.py make $M 2>&1 | tail -3
 # transformers 5 saves only tokenizer.json; the hub's SD 1.5 folder has the slow files too.

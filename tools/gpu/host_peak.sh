@@ -6,7 +6,7 @@
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for b in generate sdgen-bench; do [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }; done
+unpack generate sdgen-bench
 M=/tmp/bench-sd15-bf16
 [ -f $M/unet/diffusion_pytorch_model.safetensors ] || /tmp/sdgen-bench --model-dir $M --device cuda --dtype bf16 --width 64 --height 64 --steps 1 > /dev/null
 rss() { /usr/bin/time -v "$@" 2>&1 >/dev/null | awk '/Maximum resident/ {print $6}'; }

@@ -6,10 +6,10 @@
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }
+unpack generate
 M=${1:-/tmp/bench-sd15-bf16}
 if [ ! -f "$M/unet/diffusion_pytorch_model.safetensors" ]; then  # write the random-weight model
-  [ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+  unpack sdgen-bench
   /tmp/sdgen-bench --model-dir "$M" --device cuda --dtype bf16 --width 64 --height 64 --steps 1 > /dev/null
 fi
 python3 - <<'PY' &

@@ -7,7 +7,7 @@ set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; F="$OUT/forward"; mkdir -p "$F"
 DIR=${DIR:-/tmp/sd35-large-full}
-[ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+unpack sdgen-bench
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT="$F" python3 tools/gpu/sd35_forward.py inputs "$DIR" || exit 1

@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export DTYPES=${DTYPES:-bf16}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-[ -x /tmp/generate ] || { xz -dc .carry/generate.xz > /tmp/generate && chmod +x /tmp/generate; }
+unpack generate
 M=/tmp/sdxl-full
 S=$SECONDS
 # Made once per machine (a warm machine's rerun keeps it: writing 7 GB takes a while).

@@ -6,7 +6,7 @@
 set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/refiner"
-for b in generate sdgen-bench; do [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }; done
+unpack generate sdgen-bench
 BASE=${BASE:-/tmp/bench-sdxl-bf16}; REF=/tmp/bench-sdxl-refiner-bf16
 for f in "sdxl $BASE" "sdxl-refiner $REF"; do
   set -- $f; S=$SECONDS

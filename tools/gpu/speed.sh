@@ -23,9 +23,7 @@ OUT=${OUT:-/tmp/out}; S_DIR="$OUT/speed"; mkdir -p "$S_DIR"
 PARTS=${PARTS:-ops bench peer}
 source "$(dirname "$0")/cuda_env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-for b in generate sdgen-bench gpu_ops gpu_parity; do
-  [ -x /tmp/$b ] || { xz -dc .carry/$b.xz > /tmp/$b && chmod +x /tmp/$b; }
-done
+unpack generate sdgen-bench gpu_ops gpu_parity
 # Our CUDA kernels on (whatever the build's default), unless a run says --no-fast-kernels.
 export SDGEN_FAST_KERNELS=1
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }

@@ -10,7 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; D="$OUT/stream"; mkdir -p "$D"
 COMPONENT=${COMPONENT:-unet}; FAMILY=${FAMILY:-sdxl}; DIR=${DIR:-/tmp/sdxl-full}; SIZE=${SIZE:-1024}
-[ -x /tmp/sdgen-bench ] || { xz -dc .carry/sdgen-bench.xz > /tmp/sdgen-bench && chmod +x /tmp/sdgen-bench; }
+unpack sdgen-bench
 for k in resident ${RESIDENT:-0}; do
   extra=(); [ "$k" = resident ] || extra=(--resident-blocks "$k")
   /tmp/sdgen-bench --family "$FAMILY" --model-dir "$DIR" --device cuda --dtype bf16 --width "$SIZE" --height "$SIZE" \
