@@ -29,8 +29,10 @@ The layout, as city96's tools/convert.py + his llama.cpp patch (lcpp_sd3.patch) 
 One deliberate difference: convert.py keeps tensors of <= 1024 elements in F32; the tiny models'
 32x32 projections are that small while their fused q/k/v is not, so here every such weight is
 quantised, which is the rule `--weights q8` applies to diffusers' names (it touches no real
-model, whose smallest quantised weight has 1536x1536 elements). Dense tensors keep the source's
-dtype (the tiny checkpoints are f32; city96 writes bf16 for a bf16 checkpoint, also exact).
+model, whose smallest quantised weight has 1536x1536 elements). Dense tensors of these f32
+checkpoints stay F32 (lossless); from a 16-bit checkpoint the published conversions hold the
+one-dimensional ones in F32 and the rest in F16 (their base, `sd3.5_large-F16.gguf`), as
+`sdgen-bench --export q8_0` writes them.
 Quantised values come from the source values, as llama-quantize quantises a BF16 GGUF of a bf16
 checkpoint: so `--weights q8` on the safetensors gives these bytes.
 

@@ -88,7 +88,7 @@ pub struct Exported {
     pub path: PathBuf,
     /// Its bytes.
     pub file_bytes: u64,
-    /// Tensors written by stored type (`{"Q8_0": 456, "BF16": 60}`), the denoiser's.
+    /// Tensors written by stored type (`{"F16": 11, "F32": 535, "Q8_0": 377}`), the denoiser's.
     pub types: BTreeMap<String, usize>,
     /// Files written or linked beside it (the fp8 checkpoint's text encoders).
     pub beside: Vec<PathBuf>,
@@ -123,7 +123,10 @@ pub fn export(model: &ModelFolder, format: ExportFormat, out: &Path) -> Result<E
     match format {
         ExportFormat::GgufQ8_0 => {
             let denoiser = component_layout(layout.components, family.denoiser.component);
-            let tensors = original_tensors(model, denoiser, Some(format.quantise()))?;
+            let tensors: Vec<OriginalTensor> = original_tensors(model, denoiser, Some(format.quantise()))?
+                .into_iter()
+                .map(OriginalTensor::into_published_gguf)
+                .collect::<Result<_>>()?;
             let types = count_types(&tensors);
             write_gguf(out, layout.gguf_architecture, &tensors)?;
             Ok(Exported { path: out.to_path_buf(), file_bytes: file_bytes(out)?, types, beside: Vec::new() })
@@ -211,6 +214,19 @@ impl Stored {
 }
 
 impl OriginalTensor {
+    /// A dense tensor in the type city96's published SD 3.5 conversions store it in: they were
+    /// quantised from a 16-bit base (`sd3.5_large-F16.gguf`) that his `convert.py` writes with
+    /// one-dimensional and very small tensors in F32 and the rest in F16. Both are types every
+    /// reader passes through as plain tensors; BF16 ones would not load in diffusers' GGUF reader
+    /// (it keeps them as quantised parameters, which a convolution or a norm cannot take). A
+    /// 32-bit source keeps F32 (lossless, as the reference script writes the tiny models).
+    fn into_published_gguf(self) -> Result<OriginalTensor> {
+        let Stored::Dense(t) = &self.data else { return Ok(self) };
+        let small = self.shape.len() == 1 || t.elem_count() <= CITY96_F32_MAX_ELEMENTS;
+        let dtype = if small || t.dtype() == DType::F32 { DType::F32 } else { DType::F16 };
+        Ok(OriginalTensor { data: Stored::Dense(t.to_dtype(dtype)?), ..self })
+    }
+
     /// Adds the tensor to a safetensors file's map under `prefix` (an fp8 weight with its
     /// `scale_weight` beside it).
     fn insert_into(self, file: &mut HashMap<String, Tensor>, prefix: &str) -> Result<()> {
@@ -228,6 +244,10 @@ impl OriginalTensor {
         Ok(())
     }
 }
+
+/// city96's `convert.py` keeps tensors of at most this many elements in F32 (its
+/// `QUANTIZATION_THRESHOLD`), as it does every one-dimensional tensor.
+const CITY96_F32_MAX_ELEMENTS: usize = 1024;
 
 /// The GGUF type of a dense tensor's dtype (the source's, kept: F32, F16 or BF16).
 fn dense_type(dtype: DType) -> &'static GgmlType {
@@ -514,6 +534,26 @@ mod tests {
         // 38 blocks × (x and context: qkv, proj, fc1, fc2, adaLN), but the last context block
         // (qkv and adaLN only).
         assert_eq!(quantised, 38 * 10 - 3);
+    }
+
+    /// A 16-bit source's dense tensors are written as the published conversions hold them:
+    /// one-dimensional and tiny ones in F32, the rest in F16; an f32 source's stay F32; GGML
+    /// blocks are untouched.
+    #[test]
+    fn dense_tensors_take_the_published_files_types() {
+        let dense = |shape: &[usize], dtype| {
+            let t = Tensor::ones(shape, dtype, &Device::Cpu).unwrap();
+            OriginalTensor { key: "k".into(), shape: shape.to_vec(), data: Stored::Dense(t) }
+        };
+        let written = |t: OriginalTensor| t.into_published_gguf().unwrap().data.type_name();
+        assert_eq!(written(dense(&[2432], DType::BF16)), "F32");
+        assert_eq!(written(dense(&[16, 64], DType::BF16)), "F32");
+        assert_eq!(written(dense(&[64, 2432], DType::BF16)), "F16");
+        assert_eq!(written(dense(&[2432, 16, 2, 2], DType::F16)), "F16");
+        assert_eq!(written(dense(&[64, 2432], DType::F32)), "F32");
+        let blocks =
+            OriginalTensor { key: "k".into(), shape: vec![1, 32], data: Stored::Blocks(GgmlDType::Q8_0, vec![0; 34]) };
+        assert_eq!(written(blocks), "Q8_0");
     }
 
     /// Each take's inverse gives back the stored tensor the forward rules read.

@@ -1,0 +1,104 @@
+"""How fast host memory can be page-locked for block streaming on this machine (issue #15: a streamed
+SD 3.5 Large load spends most of its 30 s pinning 15 GB). Through the driver API directly (ctypes on
+libcuda), so nothing but the calls themselves is timed:
+
+  - `alloc`: cuMemHostAlloc in pieces of several sizes (one per tensor, as today; one per block;
+    1 GB arenas), each then written once (as a load fills it), and freed;
+  - `register`: ordinary memory (mmap'd, written first), then cuMemHostRegister over it;
+  - `threads`: the per-block allocation and fill from several threads at once.
+
+  python3 pin_rate.py [TOTAL_GB]   # one JSON line per case: GB/s of allocate+fill, and of each
+"""
+import ctypes
+import json
+import mmap
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+cu = ctypes.CDLL("libcuda.so.1")
+TOTAL = int(float(sys.argv[1] if len(sys.argv) > 1 else 4) * (1 << 30))
+
+
+def check(rc, what):
+    if rc != 0:
+        raise RuntimeError(f"{what}: CUDA error {rc}")
+
+
+check(cu.cuInit(0), "cuInit")
+dev = ctypes.c_int()
+check(cu.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+ctx = ctypes.c_void_p()
+check(cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
+check(cu.cuCtxSetCurrent(ctx), "set current")
+memset = ctypes.memset
+
+
+def alloc_fill(size):
+    """One pinned piece allocated and written: (pointer, alloc s, fill s)."""
+    cu.cuCtxSetCurrent(ctx)
+    p = ctypes.c_void_p()
+    t = time.perf_counter()
+    check(cu.cuMemHostAlloc(ctypes.byref(p), ctypes.c_size_t(size), 0), "cuMemHostAlloc")
+    a = time.perf_counter()
+    memset(p, 1, size)
+    return p, a - t, time.perf_counter() - a
+
+
+def free_all(ptrs):
+    t = time.perf_counter()
+    for p in ptrs:
+        cu.cuMemFreeHost(p)
+    return time.perf_counter() - t
+
+
+def report(case, piece, n, alloc_s, fill_s, free_s, wall_s):
+    gb = piece * n / 1e9
+    print(json.dumps({"case": case, "piece_mb": round(piece / 1e6, 2), "pieces": n, "gb": round(gb, 2),
+                      "alloc_gb_s": round(gb / alloc_s, 2) if alloc_s else None,
+                      "fill_gb_s": round(gb / fill_s, 2) if fill_s else None,
+                      "free_s": round(free_s, 2), "wall_gb_s": round(gb / wall_s, 2)}), flush=True)
+
+
+def serial(piece):
+    n = max(1, TOTAL // piece)
+    t = time.perf_counter()
+    got = [alloc_fill(piece) for _ in range(n)]
+    wall = time.perf_counter() - t
+    report("alloc", piece, n, sum(g[1] for g in got), sum(g[2] for g in got), free_all([g[0] for g in got]), wall)
+
+
+def threaded(piece, workers):
+    n = max(1, TOTAL // piece)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        got = list(pool.map(lambda _: alloc_fill(piece), range(n)))
+    wall = time.perf_counter() - t
+    report(f"threads{workers}", piece, n, None, None, free_all([g[0] for g in got]), wall)
+
+
+def register(piece):
+    n = max(1, TOTAL // piece)
+    maps, reg = [], 0.0
+    t = time.perf_counter()
+    for _ in range(n):
+        m = mmap.mmap(-1, piece)
+        buf = (ctypes.c_char * piece).from_buffer(m)
+        memset(buf, 1, piece)
+        r = time.perf_counter()
+        check(cu.cuMemHostRegister(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(piece), 0), "register")
+        reg += time.perf_counter() - r
+        maps.append((m, buf))
+    wall = time.perf_counter() - t
+    f = time.perf_counter()
+    for m, buf in maps:
+        cu.cuMemHostUnregister(ctypes.c_void_p(ctypes.addressof(buf)))
+    free_s = time.perf_counter() - f
+    report("register", piece, n, reg, None, free_s, wall)  # the mappings go with the process
+
+
+for piece in (8 << 20, 400 << 20, 1 << 30):  # a tensor, a block, an arena
+    serial(piece)
+register(400 << 20)
+for w in (4, 16):
+    threaded(400 << 20, w)
