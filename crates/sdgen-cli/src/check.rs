@@ -139,21 +139,15 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
     let mut fits = first["fits"] == true;
     doc.as_object_mut().unwrap().extend(first.as_object().unwrap().clone());
     // Each hires pass (--quality 4k and 4k-ultra, --hires-strength) is planned on its own at its
-    // upscaled size, as the run plans it (a tiled one's denoiser at its tile's size).
-    let (mut w, mut h) = (settings.width, settings.height);
+    // upscaled size, as the run plans it; unlike the run, every pass is shown, fitting or not.
+    let first = (settings.width, settings.height);
     let mut hires_plans = Vec::new();
-    for u in &resolved.request.upscale {
-        let f = u.factor as usize;
-        (w, h) = (w * f, h * f);
-        let Some(strength) = u.hires_strength else { continue };
-        let hires = sdgen::pipeline::resolve_hires(&model, &resolved.request.params, w, h, strength, u.tiled)?;
-        let tiles = match hires.settings.denoise_tiles {
-            Some(t) => format!(", denoised in {} (MultiDiffusion)", t.layout_px(w, h).describe()),
-            None => String::new(),
-        };
+    for step in sdgen::engine::upscale_steps(&model, &resolved.request.params, first, &resolved.request.upscale)? {
+        let Some(hires) = step.hires else { continue };
+        let ((w, h), f) = (step.size, step.factor);
         out.line(format!(
-            "
-Then the hires pass at {w}x{h} (upscaled ×{f}, strength {strength}{tiles}):"
+            "\nThen the hires pass at {w}x{h} (upscaled ×{f}, strength {}{}):",
+            hires.strength, step.tiles
         ));
         let next = plan(&hires.settings, true, out);
         fits &= next["fits"] == true;

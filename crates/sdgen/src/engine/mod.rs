@@ -31,7 +31,7 @@ use crate::{Error, Result};
 pub use crate::loading::lora::LoraRequest;
 pub use crate::pipeline::{CancelToken, Eviction, WarmReport, WarmWeights, WeightCounts, WeightUse};
 pub use device::{check_dtype, open_device};
-pub use plan::{plan, HiresPlan, JobPlan, Pass, UpscalePlan};
+pub use plan::{plan, upscale_steps, HiresPlan, JobPlan, Pass, UpscalePlan, UpscaleStep};
 pub use request::{GenerateRequest, Img2ImgInput, RefinerRequest, UpscaleRequest, FIELDS, MAX_IMAGES};
 
 use cache::{ModelCache, OpenedModel};

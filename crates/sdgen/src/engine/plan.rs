@@ -261,21 +261,15 @@ fn plan_job(
     let first_size = (settings.width, settings.height);
     let mut output_size = first_size;
     let mut upscales = Vec::new();
-    for u in &req.upscale {
-        let f = u.factor as usize;
-        output_size = (output_size.0 * f, output_size.1 * f);
-        events(Event::Log(&format!("Then upscaling ×{f} with Lanczos to {}x{}", output_size.0, output_size.1)));
-        let hires = match u.hires_strength {
-            Some(strength) => {
-                let (w, h) = output_size;
-                let s = resolve_hires(model, request, w, h, strength, u.tiled)?;
-                let tiles = match s.settings.denoise_tiles {
-                    Some(t) => format!(", denoised in {} (MultiDiffusion)", t.layout_px(w, h).describe()),
-                    None => String::new(),
-                };
+    for step in upscale_steps(model, request, first_size, &req.upscale)? {
+        let (f, (w, h)) = (step.factor, step.size);
+        output_size = step.size;
+        events(Event::Log(&format!("Then upscaling ×{f} with Lanczos to {w}x{h}")));
+        let hires = match step.hires {
+            Some(s) => {
                 events(Event::Log(&format!(
-                    "Then a hires image-to-image pass at {w}x{h}: strength {} (the last {} of {} steps){tiles}",
-                    s.strength, s.denoising_steps, s.settings.steps
+                    "Then a hires image-to-image pass at {w}x{h}: strength {} (the last {} of {} steps){}",
+                    s.strength, s.denoising_steps, s.settings.steps, step.tiles
                 )));
                 let p = plan_for(model, &s.settings, true).map_err(|e| crate::Error::about("hires_strength", e))?;
                 only_at_full_precision(&p, "hires_strength", "the hires pass", |w| {
@@ -287,7 +281,7 @@ fn plan_job(
             }
             None => None,
         };
-        upscales.push(UpscalePlan { factor: u.factor, size: output_size, hires });
+        upscales.push(UpscalePlan { factor: f, size: step.size, hires });
     }
     events(Event::Detail(&format!("Kernels: {}", crate::kernels::kernel_summary(&rt.device))));
     let enabled = options.enabled();
@@ -319,6 +313,46 @@ fn plan_job(
         output_size,
         weights,
     })
+}
+
+/// One step of a job's upscale chain, resolved before anything is planned.
+pub struct UpscaleStep {
+    /// Each side multiplied by this.
+    pub factor: u32,
+    /// The size it leaves.
+    pub size: (usize, usize),
+    /// The settings of the hires pass after it, if any.
+    pub hires: Option<Img2ImgSettings>,
+    /// How that pass is denoised, for messages: `", denoised in 2×2 tiles … (MultiDiffusion)"`
+    /// for a tiled pass, empty otherwise.
+    pub tiles: String,
+}
+
+/// The steps of `upscale` after a first pass of `first` size, each hires pass resolved at its
+/// upscaled size (a tiled one's denoiser at its tile's size): what the engine plans and runs,
+/// and what `generate --check` plans.
+pub fn upscale_steps(
+    model: &ModelFolder,
+    request: &crate::pipeline::Request,
+    first: (usize, usize),
+    upscale: &[super::UpscaleRequest],
+) -> Result<Vec<UpscaleStep>> {
+    let mut size = first;
+    upscale
+        .iter()
+        .map(|u| {
+            let f = u.factor as usize;
+            size = (size.0 * f, size.1 * f);
+            let (w, h) = size;
+            let hires =
+                u.hires_strength.map(|strength| resolve_hires(model, request, w, h, strength, u.tiled)).transpose()?;
+            let tiles = match hires.as_ref().and_then(|s| s.settings.denoise_tiles) {
+                Some(t) => format!(", denoised in {} (MultiDiffusion)", t.layout_px(w, h).describe()),
+                None => String::new(),
+            };
+            Ok(UpscaleStep { factor: u.factor, size, hires, tiles })
+        })
+        .collect()
 }
 
 /// Refuses a later pass's plan (the refiner's, a hires pass's) that fits only with quantised
