@@ -51,7 +51,7 @@ if [ -n "$SD35_BUDGETS" ]; then  # SD35_BUDGETS="" runs SDXL alone
   for b in $SD35_BUDGETS; do bench "sd35_$b" sd35-large "$M" 28 --max-memory "$b"; done
   peer modes group_offload_stream
 fi
-if [ "$(left)" -gt 90 ]; then
+if [ -n "$SDXL_BUDGETS" ] && [ "$(left)" -gt 90 ]; then  # SDXL_BUDGETS="" runs SD 3.5 alone
   folder sdxl "$X"
   for b in $SDXL_BUDGETS; do bench "sdxl_$b" sdxl "$X" 30 --max-memory "$b"; done
   bench sdxl_resident sdxl "$X" 30

@@ -27,6 +27,7 @@
 # printed) is always written inside the 10-minute call. FORMATS ("q8_0 fp8-scaled") and PARTS
 # ("export error peer resident budgets"; "bench" adds each file under each budget as a whole
 # `sdgen-bench --max-memory` run, loads timed apart) pick what runs.
+# KERNEL_ERROR=0 leaves out step 3's second Q8_0 error, through candle's MMQ kernels.
 # Expects .carry/generate.xz and .carry/sdgen-bench.xz (CUDA builds), and .whl/ for the peer step
 # (torch, numpy and PIL are the machine's). Writes into $OUT: logs, --json results, sidecars, one
 # PNG per run.
@@ -111,7 +112,8 @@ error() {  # NAME FORMAT [ARGS...]
 if has error; then
   for f in $FORMATS; do error "error_$f" "$f"; done
   # GGUF blocks through candle's MMQ kernels instead of dequantised (the device's default).
-  [[ " $FORMATS " == *" q8_0 "* ]] && error error_q8_0_kernel q8_0 --quantised-path kernel
+  [[ " $FORMATS " == *" q8_0 "* ]] && [ "${KERNEL_ERROR:-1}" = 1 ] \
+    && error error_q8_0_kernel q8_0 --quantised-path kernel
 fi
 if has peer && [ ${#INPUTS[@]} -gt 0 ]; then
   run peer "$OUT/peer.log" $PY tools/gpu/peer_quantised.py "$M" "$(file_of q8_0)"
