@@ -18,7 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/cuda_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
-END=${END:-540}; SD35_BUDGETS=${SD35_BUDGETS:-"4GB 3GB"}; SDXL_BUDGETS=${SDXL_BUDGETS:-"3GB"}
+END=${END:-540}; # An empty SD35_BUDGETS or SDXL_BUDGETS (set, not unset) leaves that model out.
+SD35_BUDGETS=${SD35_BUDGETS-"4GB 3GB"}; SDXL_BUDGETS=${SDXL_BUDGETS-"3GB"}
 M=${SD35_DIR:-/tmp/bench-sd35-large-bf16}; X=${SDXL_DIR:-/tmp/sdxl-full}
 unpack sdgen-bench gpu_parity
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

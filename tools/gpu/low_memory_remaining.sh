@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/gpu/cuda_env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; END=${END:-560}; LOGS=/tmp/remaining; mkdir -p "$LOGS"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; END=${END:-560}; LOGS=/tmp/remaining; rm -rf "$LOGS"; mkdir -p "$LOGS"
 at() { echo "  (at $SECONDS s)"; }
 case ${CALL:-1} in
   1)
@@ -35,6 +35,7 @@ case ${CALL:-1} in
         bash tools/gpu/low_memory_quantised.sh 2>&1 | tail -8; at
     }
     quantised fp8-scaled "export bench" $((END / 2))
+    rm -f /tmp/sd35-large-quantised/sd3.5_large-Q8_0.gguf  # an older export is not reused
     quantised q8_0 "export error bench" $((END - SECONDS))
     ;;
   3)

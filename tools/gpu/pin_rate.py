@@ -86,7 +86,7 @@ def register(piece):
         buf = (ctypes.c_char * piece).from_buffer(m)
         memset(buf, 1, piece)
         r = time.perf_counter()
-        check(cu.cuMemHostRegister(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(piece), 0), "register")
+        check(cu.cuMemHostRegister_v2(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(piece), 0), "register")
         reg += time.perf_counter() - r
         maps.append((m, buf))
     wall = time.perf_counter() - t

@@ -14,9 +14,7 @@ set -uo pipefail
 source "$(dirname "$0")/cuda_env.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/presets"
 CARRY=${CARRY:-.carry}
-for b in generate sdgen-bench; do
-  [ -x "/tmp/$b" ] || { xz -dc "$CARRY/$b.xz" > "/tmp/$b" && chmod +x "/tmp/$b"; } || exit 1
-done
+unpack generate sdgen-bench || exit 1
 DTYPE=${DTYPE:-bf16}
 M=${MODEL_DIR:-/tmp/bench-sdxl-$DTYPE}
 if [ ! -f "$M/unet/diffusion_pytorch_model.safetensors" ]; then

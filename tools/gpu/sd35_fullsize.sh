@@ -36,8 +36,8 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
+[ -n "${GENERATE:-}" ] || unpack generate
 G=${GENERATE:-/tmp/generate}
-[ -x "$G" ] || { xz -dc .carry/generate.xz > "$G" && chmod +x "$G"; }
 # diffusers draws half-precision noise as this machine's torch does; tell ours which torch that is.
 export SDGEN_TORCH_NOISE=$($PY -c "import torch; print(torch.__version__)")
 

@@ -33,8 +33,9 @@ model, whose smallest quantised weight has 1536x1536 elements). Dense tensors of
 checkpoints stay F32 (lossless); from a 16-bit checkpoint the published conversions hold the
 one-dimensional ones in F32 and the rest in F16 (their base, `sd3.5_large-F16.gguf`), as
 `sdgen-bench --export q8_0` writes them.
-Quantised values come from the source values, as llama-quantize quantises a BF16 GGUF of a bf16
-checkpoint: so `--weights q8` on the safetensors gives these bytes.
+Quantised values come from the source values, as llama-quantize quantises the 16-bit base of a
+16-bit checkpoint (whose values are the checkpoint's): so `--weights q8` on the safetensors gives
+these bytes.
 
 Checks (the script stops on failure): every file reads back with `gguf.GGUFReader`, each tensor's
 dequantisation has the source's shape and, for Q8_0, is within half a quantisation step of the

@@ -140,9 +140,10 @@ fn chosen_model(resolved: &Resolved, out: &mut Report) -> anyhow::Result<(serde_
     doc.as_object_mut().unwrap().extend(first.as_object().unwrap().clone());
     // Each hires pass (--quality 4k and 4k-ultra, --hires-strength) is planned on its own at its
     // upscaled size, as the run plans it; unlike the run, every pass is shown, fitting or not.
-    let first = (settings.width, settings.height);
+    let first_size = (settings.width, settings.height);
     let mut hires_plans = Vec::new();
-    for step in sdgen::engine::upscale_steps(&model, &resolved.request.params, first, &resolved.request.upscale)? {
+    let upscale = &resolved.request.upscale;
+    for step in sdgen::engine::upscale_steps(&model, &resolved.request.params, first_size, upscale)? {
         let Some(hires) = step.hires else { continue };
         let ((w, h), f) = (step.size, step.factor);
         out.line(format!(

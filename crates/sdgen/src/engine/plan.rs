@@ -316,6 +316,7 @@ fn plan_job(
 }
 
 /// One step of a job's upscale chain, resolved before anything is planned.
+#[derive(Debug)]
 pub struct UpscaleStep {
     /// Each side multiplied by this.
     pub factor: u32,

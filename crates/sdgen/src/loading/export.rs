@@ -219,11 +219,16 @@ impl OriginalTensor {
     /// one-dimensional and very small tensors in F32 and the rest in F16. Both are types every
     /// reader passes through as plain tensors; BF16 ones would not load in diffusers' GGUF reader
     /// (it keeps them as quantised parameters, which a convolution or a norm cannot take). A
-    /// 32-bit source keeps F32 (lossless, as the reference script writes the tiny models).
+    /// 32-bit source keeps F32 (lossless, as the reference script writes the tiny models), and so
+    /// does a tensor with a value beyond F16's range, which F16 would turn into infinity.
     fn into_published_gguf(self) -> Result<OriginalTensor> {
         let Stored::Dense(t) = &self.data else { return Ok(self) };
         let small = self.shape.len() == 1 || t.elem_count() <= CITY96_F32_MAX_ELEMENTS;
-        let dtype = if small || t.dtype() == DType::F32 { DType::F32 } else { DType::F16 };
+        let beyond_f16 = || -> Result<bool> {
+            let largest = t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok(largest > half::f16::MAX.to_f32())
+        };
+        let dtype = if small || t.dtype() == DType::F32 || beyond_f16()? { DType::F32 } else { DType::F16 };
         Ok(OriginalTensor { data: Stored::Dense(t.to_dtype(dtype)?), ..self })
     }
 
@@ -537,20 +542,37 @@ mod tests {
     }
 
     /// A 16-bit source's dense tensors are written as the published conversions hold them:
-    /// one-dimensional and tiny ones in F32, the rest in F16; an f32 source's stay F32; GGML
-    /// blocks are untouched.
+    /// one-dimensional and tiny ones in F32, the rest in F16 with the source's values (bf16 values
+    /// in F16's range are exact in it), unless a value is beyond F16's range; an f32 source's stay
+    /// F32; GGML blocks are untouched.
     #[test]
     fn dense_tensors_take_the_published_files_types() {
-        let dense = |shape: &[usize], dtype| {
-            let t = Tensor::ones(shape, dtype, &Device::Cpu).unwrap();
+        let dense = |shape: &[usize], dtype, scale: f64| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.37).sin() * 1e-3) + 2e-5).collect();
+            let t = (Tensor::from_vec(values, shape, &Device::Cpu).unwrap() * scale).unwrap().to_dtype(dtype).unwrap();
             OriginalTensor { key: "k".into(), shape: shape.to_vec(), data: Stored::Dense(t) }
         };
-        let written = |t: OriginalTensor| t.into_published_gguf().unwrap().data.type_name();
-        assert_eq!(written(dense(&[2432], DType::BF16)), "F32");
-        assert_eq!(written(dense(&[16, 64], DType::BF16)), "F32");
-        assert_eq!(written(dense(&[64, 2432], DType::BF16)), "F16");
-        assert_eq!(written(dense(&[2432, 16, 2, 2], DType::F16)), "F16");
-        assert_eq!(written(dense(&[64, 2432], DType::F32)), "F32");
+        let written = |t: OriginalTensor| {
+            let values = |d: &Stored| match d {
+                Stored::Dense(t) => t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                _ => Vec::new(),
+            };
+            let before = values(&t.data);
+            let out = t.into_published_gguf().unwrap();
+            let after = values(&out.data);
+            assert_eq!(before.len(), after.len());
+            let exact = before.iter().zip(&after).all(|(b, a)| a == b || (a - b).abs() <= 6e-8);
+            assert!(exact, "values changed beyond F16 subnormal rounding");
+            out.data.type_name()
+        };
+        assert_eq!(written(dense(&[2432], DType::BF16, 1.0)), "F32");
+        assert_eq!(written(dense(&[16, 64], DType::BF16, 1.0)), "F32");
+        assert_eq!(written(dense(&[1, 1025], DType::BF16, 1.0)), "F16");
+        assert_eq!(written(dense(&[64, 2432], DType::BF16, 1.0)), "F16");
+        assert_eq!(written(dense(&[2432, 16, 2, 2], DType::F16, 1.0)), "F16");
+        assert_eq!(written(dense(&[64, 2432], DType::BF16, 1e8)), "F32", "beyond F16's range");
+        assert_eq!(written(dense(&[64, 2432], DType::F32, 1.0)), "F32");
         let blocks =
             OriginalTensor { key: "k".into(), shape: vec![1, 32], data: Stored::Blocks(GgmlDType::Q8_0, vec![0; 34]) };
         assert_eq!(written(blocks), "Q8_0");
