@@ -73,6 +73,57 @@ fn the_q8_0_gguf_is_the_reference_conversion() {
     }
 }
 
+/// The tiny Large as a bf16 folder in `dir`: its own folder's entries linked, but a transformer
+/// whose weights are rounded to bf16 (one file).
+fn bf16_folder(dir: &Path) -> ModelFolder {
+    let source = testdata().join("tiny-sd35-large");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "transformer" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let transformer = dir.join("transformer");
+    std::fs::create_dir(&transformer).unwrap();
+    std::fs::copy(source.join("transformer/config.json"), transformer.join("config.json")).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for shard in std::fs::read_dir(source.join("transformer")).unwrap() {
+        let path = shard.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            for (name, t) in candle_core::safetensors::load(&path, &Device::Cpu).unwrap() {
+                tensors.insert(name, t.to_dtype(DType::BF16).unwrap());
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, transformer.join("diffusion_pytorch_model.safetensors")).unwrap();
+    ModelFolder::open(dir).unwrap()
+}
+
+/// From 16-bit weights the GGUF holds the dense tensors as the published conversions do (the
+/// one-dimensional ones F32, the larger ones F16) with the weights' values: the model it loads
+/// runs as the bf16 folder quantised by `--weights q8` (the same Q8_0 rule), to within F16's
+/// rounding of the few values too small for its normal range.
+#[test]
+fn a_bf16_folder_is_written_with_f32_and_f16_dense_tensors_of_its_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder_dir = tmp.path().join("bf16");
+    std::fs::create_dir(&folder_dir).unwrap();
+    let folder = bf16_folder(&folder_dir);
+    let out = tmp.path().join("sd3.5_large-Q8_0.gguf");
+    let written = export(&folder, ExportFormat::GgufQ8_0, &out).unwrap();
+    let (f32s, f16s) = (written.types.get("F32").copied(), written.types.get("F16").copied());
+    assert!(f32s > Some(0) && f16s > Some(0), "{:?}", written.types);
+    assert_eq!(written.types.get("Q8_0"), Some(&27), "{:?}", written.types);
+    assert!(!written.types.contains_key("BF16"), "{:?}", written.types);
+    let gguf =
+        ModelFolder::open_with(&out, &OpenOptions { config_from: Some(folder_dir.clone()), ..Default::default() })
+            .unwrap();
+    let quantised = folder.with_quantise(Some(Quantise::Q8)).unwrap();
+    let to_tensor = |v: Vec<f32>| Tensor::new(v, &Device::Cpu).unwrap();
+    let (got, want) = (to_tensor(forward(&gguf)), to_tensor(forward(&quantised)));
+    common::assert_close_rel("bf16 folder's GGUF vs --weights q8", &got, &want, 1e-5);
+}
+
 /// The fp8-scaled checkpoint holds the reference file's tensors exactly (each fp8 weight's
 /// bytes and scale, a fused q/k/v under one scale, the marker, the VAE), its text encoders beside
 /// it; it opens as an fp8 checkpoint and runs as the reference file does.
