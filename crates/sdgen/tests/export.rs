@@ -13,12 +13,11 @@ use candle_core::{DType, Device, Tensor};
 use common::{load, testdata};
 use sdgen::loading::export::{export, ExportFormat};
 use sdgen::loading::quantise::Quantise;
-use sdgen::loading::{gguf, ModelFolder, OpenOptions};
+use sdgen::loading::{gguf, ModelFolder};
 use sdgen_models::denoiser::Conditioning;
 
 fn open(file: &Path, configs: &str) -> ModelFolder {
-    let options = OpenOptions { config_from: Some(testdata().join(configs)), ..Default::default() };
-    ModelFolder::open_with(file, &options).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    common::open_configured(file, &testdata().join(configs)).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
 /// The tiny Large as its single file and as its folder (the same weights).
@@ -115,9 +114,7 @@ fn a_bf16_folder_is_written_with_f32_and_f16_dense_tensors_of_its_values() {
     assert!(f32s > Some(0) && f16s > Some(0), "{:?}", written.types);
     assert_eq!(written.types.get("Q8_0"), Some(&27), "{:?}", written.types);
     assert!(!written.types.contains_key("BF16"), "{:?}", written.types);
-    let gguf =
-        ModelFolder::open_with(&out, &OpenOptions { config_from: Some(folder_dir.clone()), ..Default::default() })
-            .unwrap();
+    let gguf = common::open_configured(&out, &folder_dir).unwrap();
     let quantised = folder.with_quantise(Some(Quantise::Q8)).unwrap();
     let to_tensor = |v: Vec<f32>| Tensor::new(v, &Device::Cpu).unwrap();
     let (got, want) = (to_tensor(forward(&gguf)), to_tensor(forward(&quantised)));

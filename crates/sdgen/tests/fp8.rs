@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use common::{load, rel_l2, testdata, tiny_request};
 use sdgen::loading::quantise::Quantise;
 use sdgen::loading::read_backend::ReadBackend;
-use sdgen::loading::{ModelFolder, OpenOptions, SafetensorsHeader};
+use sdgen::loading::{ModelFolder, SafetensorsHeader};
 use sdgen::pipeline::{txt2img, Runtime};
 use sdgen_models::denoiser::Conditioning;
 use sdgen_models::ops::fp8;
@@ -33,7 +33,7 @@ fn sd15(fp8: bool) -> PathBuf {
 }
 
 fn open(file: &Path, configs: &str) -> sdgen::Result<ModelFolder> {
-    ModelFolder::open_with(file, &OpenOptions { config_from: Some(testdata().join(configs)), ..Default::default() })
+    common::open_configured(file, &testdata().join(configs))
 }
 
 fn reference() -> std::collections::HashMap<String, Tensor> {

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use common::{load, rel_l2, testdata, tiny_request};
 use sdgen::loading::quantise::Quantise;
 use sdgen::loading::read_backend::ReadBackend;
-use sdgen::loading::{gguf, ModelFolder, OpenOptions};
+use sdgen::loading::{gguf, ModelFolder};
 use sdgen::pipeline::{txt2img, Runtime};
 use sdgen_models::denoiser::Conditioning;
 use sdgen_models::ops::linear::{linear_no_bias, set_quantised_path, QuantisedPath};
@@ -24,7 +24,7 @@ fn gguf_file(name: &str) -> PathBuf {
 }
 
 fn open(file: &Path, configs: &str) -> sdgen::Result<ModelFolder> {
-    ModelFolder::open_with(file, &OpenOptions { config_from: Some(testdata().join(configs)), ..Default::default() })
+    common::open_configured(file, &testdata().join(configs))
 }
 
 /// A `VarBuilder` over a GGUF file's tensors, by their names in the file.

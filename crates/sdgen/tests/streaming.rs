@@ -9,7 +9,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::testdata;
 use sdgen::loading::quantise::Quantise;
-use sdgen::loading::{ModelFolder, OpenOptions};
+use sdgen::loading::ModelFolder;
 use sdgen::pipeline::{txt2img, Request, Runtime, StageOptions};
 use sdgen_models::denoiser::Conditioning;
 use sdgen_models::stream::{Residency, StreamableModel};
@@ -80,8 +80,7 @@ fn streamed_denoisers_match(dev: &Device, dtype: DType) {
 /// to the device as bytes and into candle's block storage there) and `--weights fp8`.
 fn streamed_quantised_denoisers_match(dev: &Device, dtype: DType) {
     let gguf = |file: &str, configs: &str| {
-        let options = OpenOptions { config_from: Some(testdata().join(configs)), ..Default::default() };
-        ModelFolder::open_with(&testdata().join("gguf").join(file), &options).unwrap()
+        common::open_configured(&testdata().join("gguf").join(file), &testdata().join(configs)).unwrap()
     };
     let fp8 = open("tiny-sd35-large").with_quantise(Some(Quantise::Fp8)).unwrap();
     for (name, model) in [

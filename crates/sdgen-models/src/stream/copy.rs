@@ -71,6 +71,13 @@ fn streams(dev: &CudaDevice) -> Result<Arc<Streams>> {
     Ok(s)
 }
 
+/// The streams of `dev` if its copy stream has been made (`None` on the CPU, or before anything
+/// was pinned): what the releases order, without making a copy stream where none is needed.
+fn made_streams(dev: &Device) -> Option<Arc<Streams>> {
+    let Device::Cuda(dev) = dev else { return None };
+    by_device().get(&dev.cuda_stream().context().ordinal()).cloned()
+}
+
 /// Rule 3 of the module docs, on the device's default pool (the one candle allocates from).
 fn forbid_cross_stream_waits(device: sys::CUdevice) -> std::result::Result<(), driver::DriverError> {
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
@@ -182,8 +189,7 @@ impl Drop for Pinned {
 /// The uploads kept by [`release_with_block`] are dropped here, their frees ordered by the same
 /// wait.
 pub fn release_after_compute(dev: &Device) -> Result<()> {
-    let Device::Cuda(dev) = dev else { return Ok(()) };
-    let Some(s) = by_device().get(&dev.cuda_stream().context().ordinal()).cloned() else { return Ok(()) };
+    let Some(s) = made_streams(dev) else { return Ok(()) };
     s.copy.join(&s.main).map_err(|e| driver_err("ordering the frees", e))?;
     let pending = std::mem::take(&mut *s.pending.lock().unwrap_or_else(|e| e.into_inner()));
     drop(pending);
@@ -198,8 +204,7 @@ pub fn release_after_compute(dev: &Device) -> Result<()> {
 /// buffer the copy stream does not own (a resident load's, on the main stream) drops at once:
 /// its free is ordered after the copy by its own stream.
 pub fn release_with_block(t: Tensor) -> Result<()> {
-    let Device::Cuda(dev) = t.device() else { return Ok(()) };
-    let Some(s) = by_device().get(&dev.cuda_stream().context().ordinal()).cloned() else { return Ok(()) };
+    let Some(s) = made_streams(t.device()) else { return Ok(()) };
     let (_, owner) = crate::ops::cuda::one_byte_buffer(&t, &s.main)?;
     if Arc::ptr_eq(&owner, &s.copy) {
         s.pending.lock().unwrap_or_else(|e| e.into_inner()).push(t);

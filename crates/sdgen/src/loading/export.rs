@@ -124,7 +124,7 @@ pub fn export(model: &ModelFolder, format: ExportFormat, out: &Path) -> Result<E
         ExportFormat::GgufQ8_0 => {
             let denoiser = component_layout(layout.components, family.denoiser.component);
             let tensors: Vec<OriginalTensor> = original_tensors(model, denoiser, Some(format.quantise()))?
-                .into_iter()
+                .into_par_iter()
                 .map(OriginalTensor::into_published_gguf)
                 .collect::<Result<_>>()?;
             let types = count_types(&tensors);
@@ -254,7 +254,7 @@ impl OriginalTensor {
 /// `QUANTIZATION_THRESHOLD`), as it does every one-dimensional tensor.
 const CITY96_F32_MAX_ELEMENTS: usize = 1024;
 
-/// The GGUF type of a dense tensor's dtype (the source's, kept: F32, F16 or BF16).
+/// The GGUF type of a dense tensor's dtype (F32, F16 or BF16).
 fn dense_type(dtype: DType) -> &'static GgmlType {
     let name = match dtype {
         DType::F16 => "F16",

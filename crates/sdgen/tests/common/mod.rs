@@ -4,7 +4,7 @@
 pub mod files;
 pub mod hub;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,6 +15,13 @@ pub fn testdata() -> PathBuf {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata")),
     }
+}
+
+/// Opens `file` (a single file or a GGUF) with the configs of the folder `configs`, as
+/// `generate --model FILE --config-from FOLDER` does.
+pub fn open_configured(file: &Path, configs: &Path) -> sdgen::Result<sdgen::loading::ModelFolder> {
+    let options = sdgen::loading::OpenOptions { config_from: Some(configs.to_path_buf()), ..Default::default() };
+    sdgen::loading::ModelFolder::open_with(file, &options)
 }
 
 /// Loads a reference safetensors file into f32 CPU tensors.
