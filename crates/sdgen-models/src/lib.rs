@@ -7,7 +7,7 @@
 //! convolution and linear layer goes through the kernel seam [`ops`], which picks the fast CUDA
 //! kernels or the reference path per device, so a faster kernel applies to every family at once.
 //! The denoisers and T5 can be built with their blocks streamed ([`stream`]): resident parts and
-//! the first K blocks in memory, every other block rebuilt from its weights for each use.
+//! K of the blocks in memory, every other block rebuilt from its weights for each use.
 #![deny(missing_docs)]
 
 pub mod clip;

@@ -1,6 +1,6 @@
 //! Block streaming changes no number: on every tiny model (SD 1.5, SDXL, SD 3.5 Large with T5,
 //! SD 3.5 Medium's MMDiT-X), the denoiser (and T5) built streamed — every block read from the file
-//! per use (K = 0) or the first K resident — gives the resident model's outputs bit for bit, and
+//! per use (K = 0) or K resident — gives the resident model's outputs bit for bit, and
 //! so does a whole pipeline run with the planner's streaming options.
 //! The block lists are the models' own at SDXL's full size.
 

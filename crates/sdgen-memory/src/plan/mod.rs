@@ -77,5 +77,8 @@ pub use quantised::{Quantised, QuantisedKind, QuantisedWeights, QUANTISED_KINDS}
 pub use request::{Budget, BudgetSource, DeviceKind, MemoryMode, PlanRequest, DEFAULT_SAFETY_MARGIN};
 pub use resident::{evictions, fits_with, StageResidency};
 pub use size::{parse_memory_size, ParseSizeError};
-pub use stream::{blocks_in_flight, stream_bandwidth, StreamBandwidth, StreamableBlocks, Streaming, STREAM_BANDWIDTH};
+pub use stream::{
+    blocks_in_flight, is_resident_block, stream_bandwidth, StreamBandwidth, StreamableBlocks, Streaming,
+    STREAM_BANDWIDTH,
+};
 pub use table::format_bytes;

@@ -1,6 +1,7 @@
 //! The streaming rung of the ladder (`sdgen_models::stream` is the mechanism): after every
 //! resident placement, a stage whose model has streamable blocks (a denoiser's, T5's) runs with
-//! its first `K` blocks resident and the rest read per use, `K` as large as the budget allows.
+//! `K` of its blocks resident ([`is_resident_block`] says which) and the rest read per use, `K` as
+//! large as the budget allows.
 //!
 //! Its peak: the resident parts, the resident blocks, the streamed blocks in flight
 //! ([`blocks_in_flight`]: one where blocks are read when used, two on a discrete GPU, which builds
@@ -16,7 +17,7 @@ use super::table::format_bytes;
 /// Block streaming as chosen for a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Streaming {
-    /// Blocks kept resident (the first ones in forward order).
+    /// Blocks kept resident (spread through the forward order: [`is_resident_block`]).
     pub resident_blocks: usize,
     /// The model's streamable blocks.
     pub blocks: usize,
@@ -103,6 +104,21 @@ pub fn blocks_in_flight(device: DeviceKind) -> u64 {
     }
 }
 
+/// Whether block `index` (in forward order) of a model's `blocks` is among the `resident` kept
+/// resident: they are spread evenly through the order, the first block among them (`resident` of
+/// `blocks` rounded up at each block: exactly `resident` in all; the first `resident` when it is 1
+/// or `blocks - 1`).
+///
+/// Why spread: on a discrete GPU the next streamed block is copied while the blocks before it
+/// compute, the resident ones between included (`sdgen_models::stream`). Bunched at the start,
+/// the resident blocks hide the copy of one streamed block, and the streamed ones after them run
+/// at the link's rate; spread, each streamed block's copy runs beside the compute of the resident
+/// blocks before it. On the CPU, which reads a block when it is used, the order costs nothing.
+pub fn is_resident_block(index: usize, blocks: usize, resident: usize) -> bool {
+    let resident = resident.min(blocks);
+    index < blocks && ((index + 1) * resident).div_ceil(blocks) > (index * resident).div_ceil(blocks)
+}
+
 /// The sizes of a stage's streamable blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct BlockSizes {
@@ -137,12 +153,13 @@ impl BlockSizes {
         self.bytes.len()
     }
 
-    /// With the first `resident` blocks resident on `device`: the bytes the streamed blocks take
-    /// out of the stage's weights, the bytes they add back in flight, and the choice.
+    /// With `resident` blocks resident on `device` ([`is_resident_block`]): the bytes the streamed
+    /// blocks take out of the stage's weights, the bytes they add back in flight, and the choice.
     pub(crate) fn split(&self, resident: usize, device: DeviceKind) -> (u64, u64, Streaming) {
-        let from = resident.min(self.bytes.len());
-        let streamed_bytes: u64 = self.bytes[from..].iter().sum();
-        let largest_of = |v: &[u64]| v[from..].iter().copied().max().unwrap_or(0);
+        let n = self.count();
+        let streamed: Vec<usize> = (0..n).filter(|&i| !is_resident_block(i, n, resident)).collect();
+        let streamed_bytes: u64 = streamed.iter().map(|&i| self.bytes[i]).sum();
+        let largest_of = |v: &[u64]| streamed.iter().map(|&i| v[i]).max().unwrap_or(0);
         let largest = largest_of(&self.bytes);
         // On the CPU each tensor is read on the host, next to the block; a GPU's copies are
         // made on the host, outside the device budget, but a quantised block's uploads stay on
@@ -162,6 +179,32 @@ impl BlockSizes {
 mod tests {
     use super::*;
     use crate::plan::{StoredDType, TensorEntry};
+
+    #[test]
+    fn resident_blocks_are_spread_through_the_forward_order() {
+        let pattern = |n: usize, k: usize| -> String {
+            (0..n).map(|i| if is_resident_block(i, n, k) { 'R' } else { 's' }).collect()
+        };
+        assert_eq!(pattern(6, 0), "ssssss");
+        assert_eq!(pattern(6, 1), "Rsssss");
+        assert_eq!(pattern(6, 2), "RssRss");
+        assert_eq!(pattern(6, 3), "RsRsRs");
+        assert_eq!(pattern(6, 5), "RRRRRs");
+        assert_eq!(pattern(6, 6), "RRRRRR");
+        assert_eq!(pattern(6, 9), "RRRRRR");
+        assert_eq!(pattern(0, 3), "");
+        for n in 1..=100 {
+            for k in 0..=n {
+                let p = pattern(n, k);
+                assert_eq!(p.matches('R').count(), k, "{n} blocks, {k} resident: {p}");
+                // No run of streamed blocks is longer than an even share of them per resident one.
+                let longest = p.split('R').map(str::len).max().unwrap_or(0);
+                assert!(k == 0 || longest <= (n - k).div_ceil(k), "{n} blocks, {k} resident: {p}");
+            }
+        }
+        // Out of range: not resident.
+        assert!(!is_resident_block(6, 6, 6));
+    }
 
     #[test]
     fn blocks_are_sized_from_the_manifest_by_prefix() {

@@ -1,10 +1,11 @@
 //! Block streaming: a model whose large repeated blocks (an MMDiT's joint blocks, a UNet's
 //! resnets and transformer blocks, T5's layers) are not all held in memory. The small parts every
 //! forward uses (embeddings, the output norm and projection, a UNet's in/out convolutions and its
-//! transformers' projections) are resident; of the blocks, the first `resident_blocks` in forward
-//! order are resident too and every other one is *materialised* from its weight source just
-//! before it runs and dropped right after, so a forward holds the resident parts, the resident
-//! blocks, one streamed block and the activations.
+//! transformers' projections) are resident; of the blocks, `resident_blocks` spread through the
+//! forward order are resident too (`sdgen_memory::plan::is_resident_block`, the planner's rule)
+//! and every other one is *materialised* from its weight source just before it runs and dropped
+//! right after, so a forward holds the resident parts, the resident blocks, one streamed block and
+//! the activations.
 //!
 //! One mechanism serves every model: a model builds its blocks through [`BlockWeights::block`],
 //! naming each by its checkpoint prefix and giving the constructor to run, and runs them through
@@ -29,8 +30,10 @@
 //!
 //! A block's constructor run over the CUDA reader only *enqueues* copies, so the next streamed
 //! block in forward order is built while this one computes: [`Block::with`] runs the block, then
-//! builds the next one (its copies start on the copy stream at once and run beside this block's
-//! kernels), then releases this block's weights behind its work ([`copy`]'s ordering rules). A
+//! builds the next one (its copies start on the copy stream as soon as the block before this one
+//! has run, and go on beside this block's kernels and those of the resident blocks up to the next
+//! streamed one: why the resident blocks are spread), then releases this block's weights behind
+//! its work ([`copy`]'s ordering rules). A
 //! forward holds the resident parts, at most two streamed blocks (the one computing, the one
 //! arriving: the planner's "two streamed blocks with prefetch") and the activations. The order is
 //! static (a forward visits blocks in the same order every time, skipping only skip-layer
@@ -51,6 +54,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Result};
 use candle_nn::VarBuilder;
+use sdgen_memory::plan::is_resident_block;
 
 use crate::attention::{AttentionOptions, AttentionOptionsCell};
 
@@ -60,7 +64,8 @@ pub enum Residency {
     /// Every block resident (the fastest; the whole model in memory).
     #[default]
     Resident,
-    /// The first `resident_blocks` blocks in forward order resident, the others streamed.
+    /// `resident_blocks` of the blocks resident, spread through the forward order
+    /// (`sdgen_memory::plan::is_resident_block`), the others streamed.
     Streamed {
         /// Blocks kept resident (0: every block streamed; at least the model's count: none).
         resident_blocks: usize,
@@ -281,7 +286,12 @@ impl<'a> BlockWeights<'a> {
                 ahead.enabled.store(streamed.device().is_cuda(), Ordering::Relaxed);
                 Some(Streaming {
                     vb: streamed,
-                    resident: Arc::new(blocks.iter().take(resident_blocks).cloned().collect()),
+                    resident: Arc::new(
+                        (blocks.iter().enumerate())
+                            .filter(|&(i, _)| is_resident_block(i, blocks.len(), resident_blocks))
+                            .map(|(_, b)| b.clone())
+                            .collect(),
+                    ),
                     ahead: Arc::new(ahead),
                 })
             }
