@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# What issue #15 still has to show on a GPU, in three device calls of ~9 minutes, each part in
-# priority order and skipped when its share of the call is spent (it reports so):
+# What issue #15 still has to show on a GPU, in three device calls of ~9 minutes, in priority
+# order; each part is skipped when its share of the call is spent (it reports so):
 #
 #   CALL=1  the tiny streamed denoisers on CUDA (`streaming --include-ignored`: bf16, GGUF and
 #           fp8 blocks streamed bit-identical to resident, with each upload freed at its block's
 #           release); SDXL 1024² at 3 GB and resident, beside diffusers (low_memory_loads_apart.sh,
 #           SD 3.5 left out); then the page-locking rates of this machine (pin_rate.py).
-#   CALL=2  SD 3.5 Large under 8 GB with the quantised files (low_memory_quantised.sh): the
-#           fp8-scaled file first (it has no 8 GB figure yet), then the Q8_0 GGUF as now exported
-#           (F16/F32 dense tensors, the file diffusers read) with one MMDiT evaluation's error
-#           against bf16, under 8 GB again with the ≤ 8-row MMVQ rule and the deferred frees.
-#   CALL=3  SD 3.5 Large bf16 at 4 GB with T5 streamed on the GPU, beside diffusers' group
-#           offload (low_memory_loads_apart.sh, SDXL left out).
+#   CALL=2  SD 3.5 Large at 8 GB, loads apart: bf16 (writing the folder of random weights), then
+#           the fp8-scaled file exported from it (low_memory_quantised.sh), then diffusers' group
+#           offload with streams on the same card, for both.
+#   CALL=3  the Q8_0 GGUF as now exported (F16/F32 dense tensors, the file diffusers reads): one
+#           MMDiT evaluation's error against bf16, and under 8 GB with the ≤ 8-row MMVQ rule and
+#           the deferred frees; then bf16 at 4 GB (T5 streamed on the GPU) beside diffusers again.
+#           CALL=2 and 3 share the bf16 folder on a warm machine (CALL=3 writes it when absent).
 #
 # Expects .carry/{sdgen-bench,streaming}.xz (CUDA builds), .carry/peer_diffusers.py and .whl/.
 # A call's logs come back as $OUT/remaining<CALL>.tgz beside the summaries printed here.
@@ -20,6 +21,15 @@ cd "$(dirname "$0")/../.."
 source tools/gpu/cuda_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; END=${END:-560}; LOGS=/tmp/remaining; rm -rf "$LOGS"; mkdir -p "$LOGS"
 at() { echo "  (at $SECONDS s)"; }
+quantised() {  # FORMAT PARTS SECONDS: low_memory_quantised.sh's PARTS of FORMAT under 8 GB
+  OUT=$LOGS DEADLINE_S=$3 FORMATS=$1 BUDGETS=8GB PARTS=$2 KERNEL_ERROR=0 \
+    bash tools/gpu/low_memory_quantised.sh 2>&1 | tail -8; at
+}
+peer_offload() {  # diffusers' group offload with streams, SD 3.5 Large (needs /tmp/site: a run above)
+  [ $((END - SECONDS)) -gt 60 ] || { echo "peer: skipped"; return; }
+  PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MODES=group_offload_stream timeout $((END - SECONDS)) \
+    python3 tools/gpu/peer_reserved.py modes 2>&1 | grep -E "modes_|Error" | tee "$LOGS/peer_modes.log"; at
+}
 case ${CALL:-1} in
   1)
     unpack streaming
@@ -30,16 +40,14 @@ case ${CALL:-1} in
     [ $((END - SECONDS)) -gt 30 ] && timeout $((END - SECONDS - 5)) python3 tools/gpu/pin_rate.py 4 | tee "$LOGS/pin_rate.jsonl"
     ;;
   2)
-    quantised() {  # FORMAT PARTS SECONDS
-      OUT=$LOGS DEADLINE_S=$3 FORMATS=$1 BUDGETS=8GB PARTS=$2 KERNEL_ERROR=0 \
-        bash tools/gpu/low_memory_quantised.sh 2>&1 | tail -8; at
-    }
-    quantised fp8-scaled "export bench" $((END / 2))
-    rm -f /tmp/sd35-large-quantised/sd3.5_large-Q8_0.gguf  # an older export is not reused
-    quantised q8_0 "export error bench" $((END - SECONDS))
+    OUT=$LOGS SD35_BUDGETS=8GB SD35_PEER=0 SDXL_BUDGETS="" END=$((END - 280)) bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -8
+    quantised fp8-scaled "export bench" $((END - 150 - SECONDS))
+    peer_offload
     ;;
   3)
-    OUT=$LOGS SD35_BUDGETS=4GB SDXL_BUDGETS="" END=$END bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -16
+    rm -f /tmp/sd35-large-quantised/sd3.5_large-Q8_0.gguf  # an older export is not reused
+    quantised q8_0 "export error bench" $((END - 250 - SECONDS))
+    OUT=$LOGS SD35_BUDGETS=4GB SDXL_BUDGETS="" END=$((END - SECONDS)) bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -10
     ;;
 esac
 tar czf "$OUT/remaining${CALL:-1}.tgz" -C "$LOGS" --exclude='*.png' --exclude='*.safetensors' .
