@@ -6,9 +6,9 @@
 #           fp8 blocks streamed bit-identical to resident, with each upload freed at its block's
 #           release); SDXL 1024² at 3 GB and resident, beside diffusers (low_memory_loads_apart.sh,
 #           SD 3.5 left out); then the page-locking rates of this machine (pin_rate.py).
-#   CALL=2  SD 3.5 Large at 8 GB, loads apart: bf16 (writing the folder of random weights), then
-#           the fp8-scaled file exported from it (low_memory_quantised.sh), then diffusers' group
-#           offload with streams on the same card, for both.
+#   CALL=2  SD 3.5 Large at 8 GB, loads apart: the fp8-scaled file (low_memory_quantised.sh:
+#           the bf16 folder of random weights written, the file exported from it), then bf16,
+#           then diffusers' group offload with streams on the same card, for both.
 #   CALL=3  the Q8_0 GGUF as now exported (F16/F32 dense tensors, the file diffusers reads): one
 #           MMDiT evaluation's error against bf16, and under 8 GB with the ≤ 8-row MMVQ rule and
 #           the deferred frees; then bf16 at 4 GB (T5 streamed on the GPU) beside diffusers again.
@@ -40,8 +40,9 @@ case ${CALL:-1} in
     [ $((END - SECONDS)) -gt 30 ] && timeout $((END - SECONDS - 5)) python3 tools/gpu/pin_rate.py 4 | tee "$LOGS/pin_rate.jsonl"
     ;;
   2)
-    OUT=$LOGS SD35_BUDGETS=8GB SD35_PEER=0 SDXL_BUDGETS="" END=$((END - 280)) bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -8
-    quantised fp8-scaled "export bench" $((END - 150 - SECONDS))
+    quantised fp8-scaled "export bench" $((END - 240))
+    OUT=$LOGS SD35_BUDGETS=8GB SD35_PEER=0 SDXL_BUDGETS="" END=$((END - 120 - SECONDS)) \
+      bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -8
     peer_offload
     ;;
   3)
