@@ -109,8 +109,8 @@ pub fn blocks_in_flight(device: DeviceKind) -> u64 {
 /// `blocks` rounded up at each block: exactly `resident` in all; the first `resident` when it is 1
 /// or `blocks - 1`).
 ///
-/// Why spread: on a discrete GPU the next streamed block is copied while the blocks before it
-/// compute, the resident ones between included (`sdgen_models::stream`). Bunched at the start,
+/// Why spread: on a discrete GPU a streamed block is copied while the two blocks before it
+/// compute, with the resident ones between them (`sdgen_models::stream`). Bunched at the start,
 /// the resident blocks hide the copy of one streamed block, and the streamed ones after them run
 /// at the link's rate; spread, each streamed block's copy runs beside the compute of the resident
 /// blocks before it. On the CPU, which reads a block when it is used, the order costs nothing.

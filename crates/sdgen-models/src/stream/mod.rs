@@ -30,10 +30,10 @@
 //!
 //! A block's constructor run over the CUDA reader only *enqueues* copies, so the next streamed
 //! block in forward order is built while this one computes: [`Block::with`] runs the block, then
-//! builds the next one (its copies start on the copy stream as soon as the block before this one
-//! has run, and go on beside this block's kernels and those of the resident blocks up to the next
-//! streamed one: why the resident blocks are spread), then releases this block's weights behind
-//! its work ([`copy`]'s ordering rules). A
+//! builds the next one (its copies start on the copy stream once the streamed block before this
+//! one has run, and go on beside the resident blocks since then and this block's kernels, the
+//! main stream waiting for them right after this block: why the resident blocks are spread), then
+//! releases this block's weights behind its work ([`copy`]'s ordering rules). A
 //! forward holds the resident parts, at most two streamed blocks (the one computing, the one
 //! arriving: the planner's "two streamed blocks with prefetch") and the activations. The order is
 //! static (a forward visits blocks in the same order every time, skipping only skip-layer
