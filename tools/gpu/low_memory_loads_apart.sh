@@ -7,8 +7,7 @@
 # Order is priority; each step gets what is left of END seconds (default 540) and is skipped when
 # under 30 s remain:
 #   1. SD 3.5 Large 1024², 28 steps, all encoders, at each of SD35_BUDGETS ("4GB 3GB"), then
-#      diffusers' group offload (denoise + decode, encoders left out; SD35_PEER=0 leaves it to the
-#      caller);
+#      diffusers' group offload (denoise + decode, encoders left out);
 #   2. SDXL 1024², 30 steps at each of SDXL_BUDGETS ("3GB") and resident (the issue's "≤ 1.5× its
 #      resident time"), then diffusers' resident and group offload runs;
 #   3. PARITY=1 first runs the tiny-model GPU parity binary (.carry/gpu_parity.xz).
@@ -51,7 +50,7 @@ folder() {  # FAMILY DIR
 if [ -n "$SD35_BUDGETS" ]; then  # SD35_BUDGETS="" runs SDXL alone
   folder sd35-large "$M"
   for b in $SD35_BUDGETS; do bench "sd35_$b" sd35-large "$M" 28 --max-memory "$b"; done
-  [ "${SD35_PEER:-1}" = 0 ] || peer modes group_offload_stream  # SD35_PEER=0: the caller runs it
+  peer modes group_offload_stream
 fi
 if [ -n "$SDXL_BUDGETS" ] && [ "$(left)" -gt 90 ]; then  # SDXL_BUDGETS="" runs SD 3.5 alone
   folder sdxl "$X"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What issue #15 still has to show on a GPU, in three device calls of ~9 minutes, in priority
-# order; each part is skipped when its share of the call is spent (it reports so):
+# Issue #15's last GPU lines, in three device calls of ~9 minutes, in priority order (CALL=1 and 2
+# ran in session 11; CALL=1 is the one to re-run after a streaming change); each part is skipped
+# when its share of the call is spent (it reports so):
 #
 #   CALL=1  the tiny streamed denoisers on CUDA (`streaming --include-ignored`: bf16, GGUF and
 #           fp8 blocks streamed bit-identical to resident, with each upload freed at its block's
@@ -25,11 +26,6 @@ quantised() {  # FORMAT PARTS SECONDS: low_memory_quantised.sh's PARTS of FORMAT
   OUT=$LOGS DEADLINE_S=$3 FORMATS=$1 BUDGETS=8GB PARTS=$2 KERNEL_ERROR=0 \
     bash tools/gpu/low_memory_quantised.sh 2>&1 | tail -8; at
 }
-peer_offload() {  # diffusers' group offload with streams, SD 3.5 Large (needs /tmp/site: a run above)
-  [ $((END - SECONDS)) -gt 60 ] || { echo "peer: skipped"; return; }
-  PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MODES=group_offload_stream timeout $((END - SECONDS)) \
-    python3 tools/gpu/peer_reserved.py modes 2>&1 | grep -E "modes_|Error" | tee "$LOGS/peer_modes.log"; at
-}
 case ${CALL:-1} in
   1)
     unpack streaming
@@ -41,9 +37,7 @@ case ${CALL:-1} in
     ;;
   2)
     quantised fp8-scaled "export bench" $((END - 240))
-    OUT=$LOGS SD35_BUDGETS=8GB SD35_PEER=0 SDXL_BUDGETS="" END=$((END - 120 - SECONDS)) \
-      bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -8
-    peer_offload
+    OUT=$LOGS SD35_BUDGETS=8GB SDXL_BUDGETS="" END=$((END - SECONDS)) bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -10
     ;;
   3)
     rm -f /tmp/sd35-large-quantised/sd3.5_large-Q8_0.gguf  # an older export is not reused

@@ -105,9 +105,9 @@ pub fn blocks_in_flight(device: DeviceKind) -> u64 {
 }
 
 /// Whether block `index` (in forward order) of a model's `blocks` is among the `resident` kept
-/// resident: they are spread evenly through the order, the first block among them (`resident` of
-/// `blocks` rounded up at each block: exactly `resident` in all; the first `resident` when it is 1
-/// or `blocks - 1`).
+/// resident: they are spread evenly through the order, the first block among them. Block `i` of
+/// `N` is resident when ⌈(i+1)K/N⌉ > ⌈iK/N⌉, which picks exactly `K`; for `K` = 1 or `N` − 1
+/// these are the first `K`.
 ///
 /// Why spread: on a discrete GPU a streamed block is copied while the two blocks before it
 /// compute, with the resident ones between them (`sdgen_models::stream`). Bunched at the start,
