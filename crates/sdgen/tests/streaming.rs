@@ -107,7 +107,8 @@ fn streamed_denoisers_match_the_resident_ones_bit_for_bit() {
     }
 }
 
-/// CUDA: streamed blocks are host copies uploaded per use (`loading::stream::upload`). Run on the
+/// CUDA: streamed blocks are gathered into page-locked host memory and uploaded per use, one copy
+/// per dtype of a block (`loading::stream::HostCopies`). Run on the
 /// GPU machine: `cargo test --features cuda -p sdgen --test streaming -- --ignored`.
 #[test]
 #[ignore = "needs a CUDA device and a CUDA build"]
@@ -131,27 +132,42 @@ fn streamed_skip_layer_guidance_matches_the_resident_model() {
     assert!(values(&streamed.forward_skipping(&latents, &t, &cond, &[1]).unwrap()) == expected);
 }
 
-#[test]
-fn a_streamed_t5_matches_the_resident_one_bit_for_bit() {
+/// T5 streamed against resident on `dev`, in each of `dtypes`.
+fn streamed_t5_matches(dev: &Device, dtypes: &[DType]) {
     let model = open("tiny-sd35-large");
     let cfg: T5Config = model.config("text_encoder_3", "config.json").unwrap();
     let weights = model.weights("text_encoder_3").unwrap();
-    let dev = Device::Cpu;
-    let ids = Tensor::new(&[[3u32, 17, 5, 1, 0, 0, 0, 0]], &dev).unwrap();
-    for dtype in [DType::F32, DType::F16] {
-        let resident = T5EncoderModel::new(&cfg, weights.var_builder(dtype, &dev).unwrap()).unwrap();
+    let ids = Tensor::new(&[[3u32, 17, 5, 1, 0, 0, 0, 0]], dev).unwrap();
+    for &dtype in dtypes {
+        let resident = T5EncoderModel::new(&cfg, weights.var_builder(dtype, dev).unwrap()).unwrap();
         let expected = values(&resident.forward(&ids).unwrap());
-        for resident_blocks in [0, cfg.num_layers - 1] {
+        for resident_blocks in [0, cfg.num_layers / 2, cfg.num_layers - 1] {
             let streamed = T5EncoderModel::new_streamed(
                 &cfg,
-                weights.var_builder(dtype, &dev).unwrap(),
-                weights.streamed_var_builder(dtype, &dev).unwrap(),
+                weights.var_builder(dtype, dev).unwrap(),
+                weights.streamed_var_builder(dtype, dev).unwrap(),
                 Residency::Streamed { resident_blocks },
             )
             .unwrap();
-            assert!(values(&streamed.forward(&ids).unwrap()) == expected, "{dtype:?}, {resident_blocks} resident");
+            for _ in 0..2 {
+                let got = values(&streamed.forward(&ids).unwrap());
+                assert!(got == expected, "{dtype:?}, {resident_blocks} resident");
+            }
         }
     }
+}
+
+#[test]
+fn a_streamed_t5_matches_the_resident_one_bit_for_bit() {
+    streamed_t5_matches(&Device::Cpu, &[DType::F32, DType::F16]);
+}
+
+/// CUDA: T5's layers gathered into page-locked blocks and uploaded per use.
+#[test]
+#[ignore = "needs a CUDA device and a CUDA build"]
+fn a_streamed_t5_matches_the_resident_one_on_cuda() {
+    let dev = Device::new_cuda(0).expect("a CUDA device (build with --features cuda)");
+    streamed_t5_matches(&dev, &[DType::F32, DType::BF16]);
 }
 
 /// Whole runs with the planner's streaming options (K = 0 and a third) against resident ones.

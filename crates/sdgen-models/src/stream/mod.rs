@@ -23,8 +23,10 @@
 //!   positioned reads on every use: the file stays in the page cache (which the kernel can
 //!   drop), not in the process's memory, and the peak is the resident parts, one block and the
 //!   activations;
-//! - on CUDA, a reader that keeps each streamed tensor in pinned host memory after its first read
-//!   and copies it to the device on every use, on a second stream ([`copy`]).
+//! - on CUDA, a reader that gathers each streamed block into one piece of page-locked host memory
+//!   on its first build (at load) and copies it to the device on every later one, one copy per
+//!   dtype, on a second stream ([`copy`]). It tells a block's weights from another's by the build
+//!   they are asked for in ([`current_build`]).
 //!
 //! # On the GPU: copies overlapping compute
 //!
@@ -48,8 +50,9 @@
 pub mod copy;
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Result};
@@ -161,6 +164,61 @@ fn release_after_compute(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// One build of a streamed block on this thread: which block (its prefix in the streamed
+/// weights) and a number no other build has. A weight source can serve the block's weights
+/// together: CUDA's host copies gather a block's tensors into one page-locked piece on its first
+/// build and upload it with one copy per dtype on every later one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockBuild {
+    /// The block's prefix in the streamed weights.
+    pub prefix: Arc<str>,
+    /// Unique to this build.
+    pub id: u64,
+}
+
+type AtBuildEnd = Box<dyn FnOnce() -> Result<()>>;
+
+thread_local! {
+    /// The builds running on this thread, innermost last, each with what runs when it ends.
+    static BUILDS: RefCell<Vec<(BlockBuild, Vec<AtBuildEnd>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The streamed block being built on this thread, if any.
+pub fn current_build() -> Option<BlockBuild> {
+    BUILDS.with_borrow(|b| b.last().map(|(build, _)| build.clone()))
+}
+
+/// Runs `f` when the current build ends (after the block's constructor, whether it succeeded or
+/// not; an error from `f` fails the build). `false`, and `f` dropped, outside a build.
+pub fn at_build_end(f: impl FnOnce() -> Result<()> + 'static) -> bool {
+    BUILDS.with_borrow_mut(|b| b.last_mut().map(|(_, ends)| ends.push(Box::new(f))).is_some())
+}
+
+/// Runs `build` as a build of the block at `prefix` ([`current_build`]), then what was asked to
+/// run at its end.
+fn building<R>(prefix: &str, build: impl FnOnce() -> Result<R>) -> Result<R> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    /// Ends the build even if the constructor panics, so no later build is taken for this one.
+    struct Scope;
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            let ends = BUILDS.with_borrow_mut(|b| b.pop()).map(|(_, ends)| ends).unwrap_or_default();
+            // Dropped unrun only on a panic, which `end` below otherwise runs before.
+            drop(ends);
+        }
+    }
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    BUILDS.with_borrow_mut(|b| b.push((BlockBuild { prefix: prefix.into(), id }, Vec::new())));
+    let scope = Scope;
+    let out = build();
+    let ends = BUILDS.with_borrow_mut(|b| b.last_mut().map(|(_, ends)| std::mem::take(ends)).unwrap_or_default());
+    drop(scope);
+    ends.into_iter().fold(out, |out, end| {
+        let ended = end();
+        out.and_then(|o| ended.map(|()| o))
+    })
+}
+
 /// One block of a model, resident or streamed.
 pub struct Block<M> {
     slot: Slot<M>,
@@ -187,7 +245,7 @@ impl<M: StreamBlock + Send + 'static> Block<M> {
                     Some(built) => *built.downcast::<M>().map_err(|_| {
                         candle_core::Error::Msg(format!("internal error: streamed block {index} changed type"))
                     })?,
-                    None => build(vb.clone())?,
+                    None => building(&vb.prefix(), || build(vb.clone()))?,
                 };
                 m.set_attention_options(options.get());
                 let out = f(&m);
@@ -336,13 +394,13 @@ impl<'a> BlockWeights<'a> {
         self.built.lock().unwrap_or_else(|e| e.into_inner()).push(prefix.clone());
         match at.streaming {
             Some(st) if !st.resident.contains(&prefix) => {
-                let validated = build(st.vb.clone())?;
+                let validated = building(&st.vb.prefix(), || build(st.vb.clone()))?;
                 release_after_compute(st.vb.device())?;
                 drop(validated);
                 let build: Build<M> = Arc::new(build);
                 let index = st.ahead.register({
                     let (vb, build) = (st.vb.clone(), build.clone());
-                    Arc::new(move || Ok(Box::new(build(vb.clone())?) as Built))
+                    Arc::new(move || building(&vb.prefix(), || Ok(Box::new(build(vb.clone())?) as Built)))
                 });
                 Ok(Block {
                     slot: Slot::Streamed {
@@ -467,6 +525,68 @@ mod tests {
         run(&[0])?;
         assert_eq!(built(), [5, 5, 4]);
         Ok(())
+    }
+
+    #[test]
+    fn each_streamed_build_is_a_build_of_its_block_with_its_own_id_and_end() -> Result<()> {
+        use std::sync::Mutex as M;
+        let names = vec!["b.0".to_string(), "b.1".to_string()];
+        let bw = BlockWeights::new(weights(), weights(), Residency::Streamed { resident_blocks: 0 }, &names)
+            .building_ahead(true);
+        let log: Arc<M<Vec<String>>> = Arc::default();
+        let blocks = (0..2)
+            .map(|i| {
+                let log = log.clone();
+                bw.pp("b").block(i, move |vb| {
+                    let build = current_build().expect("a streamed block is built inside a build");
+                    assert_eq!(&*build.prefix, vb.prefix());
+                    let ended = log.clone();
+                    let id = build.id;
+                    assert!(at_build_end(move || {
+                        // The build is over when its ends run.
+                        assert_eq!(current_build(), None);
+                        ended.lock().unwrap().push(format!("end {id}"));
+                        Ok(())
+                    }));
+                    log.lock().unwrap().push(format!("{} {id}", build.prefix));
+                    Ok(Probe(vb.get(1, "w")?, Arc::default()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for b in &blocks {
+            b.with(|p| p.0.to_vec1::<f32>())?;
+        }
+        let log = log.lock().unwrap().clone();
+        // Validation of each block, then b.0 on demand, b.1 ahead, b.0 ahead: each build's end
+        // right after it, every id different.
+        let parse = |l: &String| l.rsplit_once(' ').map(|(a, b)| (a.to_string(), b.parse::<u64>().unwrap())).unwrap();
+        let entries: Vec<(String, u64)> = log.iter().map(parse).collect();
+        let prefixes: Vec<&str> = entries.iter().step_by(2).map(|(p, _)| p.as_str()).collect();
+        assert_eq!(prefixes, ["b.0", "b.1", "b.0", "b.1", "b.0"], "{log:?}");
+        for pair in entries.chunks(2) {
+            assert_eq!((pair[1].0.as_str(), pair[1].1), ("end", pair[0].1), "{log:?}");
+        }
+        let mut ids: Vec<u64> = entries.iter().step_by(2).map(|e| e.1).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 5, "{log:?}");
+        assert_eq!(current_build(), None);
+        assert!(!at_build_end(|| Ok(())));
+        Ok(())
+    }
+
+    #[test]
+    fn an_error_at_a_builds_end_fails_the_build() {
+        let names = vec!["b.0".to_string()];
+        let bw = BlockWeights::new(weights(), weights(), Residency::Streamed { resident_blocks: 0 }, &names);
+        let err = bw
+            .pp("b")
+            .block(0, |vb| {
+                at_build_end(|| candle_core::bail!("gathering failed"));
+                Ok(Probe(vb.get(1, "w")?, Arc::default()))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("gathering failed"), "{err}");
+        assert_eq!(current_build(), None);
     }
 
     #[test]
