@@ -94,6 +94,26 @@ fn the_most_blocks_that_fit_stay_resident() {
     }
 }
 
+/// A LoRA fused as a weight loads holds a transient; resident, it is gone before the first
+/// activation, but a streamed block is loaded (and fused) on every use, beside the activations.
+#[test]
+fn a_streamed_blocks_lora_transient_is_counted_beside_the_activations() {
+    let (m, p) = (manifest(), FamilyProfile::sd15());
+    let transient = 100 << 20;
+    let with_lora = |r: PlanRequest<'_>| -> Plan {
+        plan(&PlanRequest { load_transient_bytes: vec![("unet".into(), transient)], ..r }).unwrap()
+    };
+    let resident = request(&m, &p, 64 * GIB, MemoryMode::Auto);
+    let (bare, fused) = (plan(&resident).unwrap(), with_lora(resident.clone()));
+    let peak = |p: &Plan| p.stage("denoise").unwrap().peak_bytes;
+    // Resident: within the activations' room (they are larger than 100 MB here).
+    assert_eq!(peak(&fused), peak(&bare));
+    let low = request(&m, &p, 64 * GIB, MemoryMode::Low);
+    let (bare, fused) = (plan(&low).unwrap(), with_lora(low.clone()));
+    assert!(bare.stage("denoise").unwrap().options.streaming.is_some());
+    assert_eq!(peak(&fused), peak(&bare) + transient);
+}
+
 #[test]
 fn low_mode_streams_every_block() {
     let (m, p) = (manifest(), FamilyProfile::sd15());

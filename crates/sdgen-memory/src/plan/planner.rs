@@ -658,10 +658,14 @@ impl<'r, 'a> Ctx<'r, 'a> {
         } else {
             (standard as f64 * stage.width_ratio).ceil() as u64
         };
-        // The load's transient is gone before the first activation exists; a dequantised weight
-        // lives beside them while its product runs.
+        // The load's transient (a LoRA fused as its weight loads) is gone before the first
+        // activation exists, except where blocks are streamed: a streamed block is loaded, and
+        // fused, again on every use, beside the activations. A dequantised weight lives beside
+        // them while its product runs.
         let dequantise = if options.on_host { 0 } else { stage.dequantise_bytes };
-        let peak_bytes = baseline + weight_bytes + (activation_bytes + dequantise).max(stage.load_transient_bytes);
+        let during = if options.streaming.is_some() { stage.load_transient_bytes } else { 0 };
+        let peak_bytes =
+            baseline + weight_bytes + (activation_bytes + dequantise + during).max(stage.load_transient_bytes);
         let fits = if options.on_host {
             req.usable_host_bytes().is_none_or(|h| peak_bytes <= h)
         } else {
