@@ -1,5 +1,6 @@
 """One line per sdgen-bench whole-run JSON (tools/gpu/low_memory_loads_apart.sh): the budget, the
-plan's streaming and host placements, loads apart from compute, per-stage peaks (device-wide, allocated)."""
+plan's streaming and host placements, loads apart from compute, the evaluations' median and sum and
+the time after a denoising stage's last step (its teardown), per-stage peaks (device-wide, allocated)."""
 import json
 import sys
 
@@ -20,5 +21,6 @@ for path in sys.argv[1:]:
     stream = [(s["stage"], s["options"].get("streaming"), s["options"].get("on_host")) for s in bp.get("stages", [])
               if s["options"].get("streaming") or s["options"].get("on_host")]
     print(f"{path}: budget {d.get('max_memory')}, {d['steps']} steps; denoise+decode compute {dd / 1e3:.2f} s "
-          f"(eval median {c['evaluation_median_ms']:.1f} ms); loads {sum(loads.values()) / 1e3:.1f} s; "
+          f"(eval median {c['evaluation_median_ms']:.1f} ms, sum {c.get('evaluations_sum_ms', 0) / 1e3:.2f} s, "
+          f"after the last step ms {({k: round(v) for k, v in c.get('after_steps_ms', {}).items()})}); loads {sum(loads.values()) / 1e3:.1f} s; "
           f"compute per stage ms {compute}; peaks GB (device-wide incl. floor {floor}, allocated) {mem}; plan {stream}")

@@ -6,7 +6,8 @@
 #   CALL=1  the tiny streamed denoisers on CUDA (`streaming --include-ignored`: bf16, GGUF and
 #           fp8 blocks streamed bit-identical to resident, with each upload freed at its block's
 #           release); SDXL 1024² at 3 GB and resident, beside diffusers (low_memory_loads_apart.sh,
-#           SD 3.5 left out); then the page-locking rates of this machine (pin_rate.py).
+#           SD 3.5 left out); then the link's copy rate by piece size and the registering rate
+#           (pin_rate.py; PIN_CASES picks others).
 #   CALL=2  SD 3.5 Large at 8 GB, loads apart: the fp8-scaled file (low_memory_quantised.sh:
 #           the bf16 folder of random weights written, the file exported from it), then bf16,
 #           then diffusers' group offload with streams on the same card, for both.
@@ -33,7 +34,8 @@ case ${CALL:-1} in
       --test-threads=1) > "$LOGS/streaming.log" 2>&1
     grep -E "^test |test result|panicked" "$LOGS/streaming.log"; at
     OUT=$LOGS SD35_BUDGETS="" END=$((END - SECONDS - 40)) bash tools/gpu/low_memory_loads_apart.sh 2>&1 | tail -25
-    [ $((END - SECONDS)) -gt 30 ] && timeout $((END - SECONDS - 5)) python3 tools/gpu/pin_rate.py 4 | tee "$LOGS/pin_rate.jsonl"
+    [ $((END - SECONDS)) -gt 30 ] && PIN_CASES=${PIN_CASES:-copy,register} timeout $((END - SECONDS - 5)) \
+      python3 tools/gpu/pin_rate.py 4 | tee "$LOGS/pin_rate.jsonl"
     ;;
   2)
     quantised fp8-scaled "export bench" $((END - 240))

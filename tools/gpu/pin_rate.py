@@ -5,13 +5,19 @@ libcuda), so nothing but the calls themselves is timed:
   - `alloc`: cuMemHostAlloc in pieces of several sizes (one per tensor, as today; one per block;
     1 GB arenas), each then written once (as a load fills it), and freed;
   - `register`: ordinary memory (mmap'd, written first), then cuMemHostRegister over it;
-  - `threads`: the per-block allocation and fill from several threads at once.
+  - `threads`: the per-block allocation and fill from several threads at once;
+  - `copy`: the host-to-device rate from registered memory in pieces of several sizes (a small
+    tensor, a large one, a block), every piece followed by an event record as block streaming
+    records one per upload: what one copy per tensor costs against one per block.
+
+PIN_CASES (default "alloc,register,threads,copy") picks the cases.
 
   python3 pin_rate.py [TOTAL_GB]   # one JSON line per case: GB/s of allocate+fill, and of each
 """
 import ctypes
 import json
 import mmap
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,8 +103,42 @@ def register(piece):
     report("register", piece, n, reg, None, free_s, wall)  # the mappings go with the process
 
 
-for piece in (8 << 20, 400 << 20, 1 << 30):  # a tensor, a block, an arena
-    serial(piece)
-register(400 << 20)
-for w in (4, 16):
-    threaded(400 << 20, w)
+def copy_rate(total=2 << 30):
+    """Host-to-device copies of `total` bytes from one registered mapping, in pieces of each size
+    (each followed by an event record), on one stream: GB/s per piece size, the second pass."""
+    m = mmap.mmap(-1, total)
+    buf = (ctypes.c_char * total).from_buffer(m)
+    memset(buf, 1, total)
+    host = ctypes.addressof(buf)
+    check(cu.cuMemHostRegister_v2(ctypes.c_void_p(host), ctypes.c_size_t(total), 0), "register")
+    dev, stream, event = ctypes.c_uint64(), ctypes.c_void_p(), ctypes.c_void_p()
+    check(cu.cuMemAlloc_v2(ctypes.byref(dev), ctypes.c_size_t(total)), "cuMemAlloc")
+    check(cu.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")
+    check(cu.cuEventCreate(ctypes.byref(event), 2), "cuEventCreate")  # CU_EVENT_DISABLE_TIMING
+    for piece in (256 << 10, 1 << 20, 3 << 20, 8 << 20, 60 << 20, 400 << 20):
+        n = total // piece
+        for _ in range(2):
+            t = time.perf_counter()
+            for i in range(n):
+                check(cu.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dev.value + i * piece), ctypes.c_void_p(host + i * piece),
+                                              ctypes.c_size_t(piece), stream), "copy")
+                cu.cuEventRecord(event, stream)
+            check(cu.cuStreamSynchronize(stream), "sync")
+            wall = time.perf_counter() - t
+        print(json.dumps({"case": "copy", "piece_mb": round(piece / 1e6, 2), "pieces": n,
+                          "gb_s": round(n * piece / 1e9 / wall, 2)}), flush=True)
+    cu.cuMemFree_v2(dev)
+    cu.cuMemHostUnregister(ctypes.c_void_p(host))
+
+
+CASES = os.environ.get("PIN_CASES", "alloc,register,threads,copy").split(",")
+if "copy" in CASES:
+    copy_rate()
+if "alloc" in CASES:
+    for piece in (8 << 20, 400 << 20, 1 << 30):  # a tensor, a block, an arena
+        serial(piece)
+if "register" in CASES:
+    register(400 << 20)
+if "threads" in CASES:
+    for w in (4, 16):
+        threaded(400 << 20, w)

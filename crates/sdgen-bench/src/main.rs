@@ -158,6 +158,10 @@ struct RunClock {
     loads_ms: serde_json::Map<String, serde_json::Value>,
     last_event_ms: f64,
     evaluations_ms: Vec<f64>,
+    /// Steps seen since the current stage started.
+    stage_steps: usize,
+    /// Per stage with steps: from its last step to its end (dropping the model, returning memory).
+    after_steps_ms: serde_json::Map<String, serde_json::Value>,
 }
 
 impl RunClock {
@@ -169,6 +173,8 @@ impl RunClock {
             loads_ms: Default::default(),
             last_event_ms: 0.0,
             evaluations_ms: Vec::new(),
+            stage_steps: 0,
+            after_steps_ms: Default::default(),
         }
     }
 
@@ -178,7 +184,14 @@ impl RunClock {
 
     fn record(&mut self, event: &Progress) {
         match event {
-            Progress::StageStart(name) => self.stage = Some((name.to_string(), self.now_ms())),
+            Progress::StageStart(name) => {
+                self.stage = Some((name.to_string(), self.now_ms()));
+                self.stage_steps = 0;
+            }
+            Progress::StageEnd { stage, .. } if self.stage_steps > 0 => {
+                let _ = self.device.synchronize();
+                self.after_steps_ms.insert(stage.to_string(), serde_json::json!(self.now_ms() - self.last_event_ms));
+            }
             Progress::Memory { label, .. } if label.starts_with("After ") && label.ends_with(" load") => {
                 let _ = self.device.synchronize();
                 if let Some((stage, started)) = &self.stage {
@@ -194,13 +207,16 @@ impl RunClock {
                 let now = self.now_ms();
                 self.evaluations_ms.push(now - self.last_event_ms);
                 self.last_event_ms = now;
+                self.stage_steps += 1;
             }
             _ => {}
         }
     }
 
-    /// Load times per stage and the evaluations' median (the first evaluation of a stage may
-    /// carry one-time costs; the median is robust to it).
+    /// Load times per stage, the evaluations' median (the first evaluation of a stage may carry
+    /// one-time costs; the median is robust to it) and sum, and each denoising stage's time after
+    /// its last step (its model's teardown): a stage's compute is its time less its load, so
+    /// these say where the rest of it went.
     fn report(&self) -> serde_json::Value {
         let mut evals = self.evaluations_ms.clone();
         evals.sort_by(f64::total_cmp);
@@ -208,6 +224,8 @@ impl RunClock {
             "load_ms": self.loads_ms,
             "evaluations": evals.len(),
             "evaluation_median_ms": evals.get(evals.len() / 2),
+            "evaluations_sum_ms": evals.iter().sum::<f64>(),
+            "after_steps_ms": self.after_steps_ms,
             "evaluations_ms": self.evaluations_ms,
         })
     }
