@@ -237,7 +237,9 @@ pub fn load(outputs: usize, inputs: usize, vb: &VarBuilder) -> Result<Option<Fp8
             bytes.dims()
         )
     }
-    let scale = vb.get_unchecked_dtype(&scale_name("weight"), DType::F32)?;
+    // Read on the host: on a GPU, reading it back from the device would wait for all the work
+    // queued there (a streamed block is built while the one before it computes).
+    let scale = vb.clone().set_device(Device::Cpu).get_unchecked_dtype(&scale_name("weight"), DType::F32)?;
     let scale = scale.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let [scale] = scale[..] else {
         candle_core::bail!("{}.weight's fp8 scale holds {} values, not one", vb.prefix(), scale.len())
