@@ -8,7 +8,8 @@ libcuda), so nothing but the calls themselves is timed:
   - `threads`: the per-block allocation and fill from several threads at once;
   - `copy`: the host-to-device rate from registered memory in pieces of several sizes (a small
     tensor, a large one, a block), every piece followed by an event record as block streaming
-    records one per upload: what one copy per tensor costs against one per block.
+    records one per upload: what one copy per tensor costs against one per block (the smallest
+    pieces may be bound by this script's own enqueueing, a few µs a copy, rather than the link).
 
 PIN_CASES (default "alloc,register,threads,copy") picks the cases.
 
@@ -83,17 +84,24 @@ def threaded(piece, workers):
     report(f"threads{workers}", piece, n, None, None, free_all([g[0] for g in got]), wall)
 
 
+def registered(size):
+    """An anonymous mapping of `size` bytes, written once, then registered: (mapping, buffer,
+    seconds the registering took)."""
+    m = mmap.mmap(-1, size)
+    buf = (ctypes.c_char * size).from_buffer(m)
+    memset(buf, 1, size)
+    r = time.perf_counter()
+    check(cu.cuMemHostRegister_v2(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), 0), "register")
+    return m, buf, time.perf_counter() - r
+
+
 def register(piece):
     n = max(1, TOTAL // piece)
     maps, reg = [], 0.0
     t = time.perf_counter()
     for _ in range(n):
-        m = mmap.mmap(-1, piece)
-        buf = (ctypes.c_char * piece).from_buffer(m)
-        memset(buf, 1, piece)
-        r = time.perf_counter()
-        check(cu.cuMemHostRegister_v2(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(piece), 0), "register")
-        reg += time.perf_counter() - r
+        m, buf, took = registered(piece)
+        reg += took
         maps.append((m, buf))
     wall = time.perf_counter() - t
     f = time.perf_counter()
@@ -106,11 +114,8 @@ def register(piece):
 def copy_rate(total=2 << 30):
     """Host-to-device copies of `total` bytes from one registered mapping, in pieces of each size
     (each followed by an event record), on one stream: GB/s per piece size, the second pass."""
-    m = mmap.mmap(-1, total)
-    buf = (ctypes.c_char * total).from_buffer(m)
-    memset(buf, 1, total)
+    m, buf, _ = registered(total)
     host = ctypes.addressof(buf)
-    check(cu.cuMemHostRegister_v2(ctypes.c_void_p(host), ctypes.c_size_t(total), 0), "register")
     dev, stream, event = ctypes.c_uint64(), ctypes.c_void_p(), ctypes.c_void_p()
     check(cu.cuMemAlloc_v2(ctypes.byref(dev), ctypes.c_size_t(total)), "cuMemAlloc")
     check(cu.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")

@@ -338,20 +338,19 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// A one-byte tensor's buffer (`U8`, or fp8's `F8E4M3`): the device address of its first
-/// element, and the stream that owns it (and frees it).
-pub(crate) fn one_byte_buffer(t: &Tensor, stream: &CudaStream) -> Result<(u64, Arc<CudaStream>)> {
+/// element.
+fn one_byte_buffer(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else { bail!("not a CUDA tensor") };
-    fn at<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream) -> Result<(u64, Arc<CudaStream>)> {
-        let slice = s.as_cuda_slice::<T>()?;
-        Ok((slice.device_ptr(stream).0, slice.stream().clone()))
+    fn at<T: CudaDType + DeviceRepr>(s: &CudaStorage, stream: &CudaStream) -> Result<u64> {
+        Ok(s.as_cuda_slice::<T>()?.device_ptr(stream).0)
     }
-    let (ptr, owner) = match s.dtype() {
+    let ptr = match s.dtype() {
         DType::U8 => at::<u8>(s, stream)?,
         DType::F8E4M3 => at::<float8::F8E4M3>(s, stream)?,
         d => bail!("{d:?} is not a one-byte dtype"),
     };
-    Ok((ptr + layout.start_offset() as u64, owner))
+    Ok(ptr + layout.start_offset() as u64)
 }
 
 /// Copies the bytes of `t` (a one-byte tensor on `device`, perhaps a streamed upload the copy
@@ -363,7 +362,7 @@ pub(crate) fn one_byte_buffer(t: &Tensor, stream: &CudaStream) -> Result<(u64, A
 unsafe fn copy_out_of_upload(t: &Tensor, dst: u64, device: &CudaDevice) -> Result<()> {
     let t = t.contiguous()?;
     let stream = device.cuda_stream();
-    let (src, _) = one_byte_buffer(&t, &stream)?;
+    let src = one_byte_buffer(&t, &stream)?;
     unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, t.elem_count(), stream.cu_stream()) }.map_err(wrap)?;
     crate::stream::copy::release_with_block(t)
 }

@@ -194,25 +194,24 @@ pub fn at_build_end(f: impl FnOnce() -> Result<()> + 'static) -> bool {
     BUILDS.with_borrow_mut(|b| b.last_mut().map(|(_, ends)| ends.push(Box::new(f))).is_some())
 }
 
-/// Runs `build` as a build of the block at `prefix` ([`current_build`]), then what was asked to
-/// run at its end.
-fn building<R>(prefix: &str, build: impl FnOnce() -> Result<R>) -> Result<R> {
+/// Builds the streamed block whose weights `vb` serves, as a build of its own ([`current_build`]),
+/// then runs what was asked to run at the build's end.
+fn build_streamed<M>(vb: &VarBuilder<'static>, build: &Build<M>) -> Result<M> {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    /// Ends the build even if the constructor panics, so no later build is taken for this one.
-    struct Scope;
-    impl Drop for Scope {
+    /// Ends the build if the constructor panics (what was to run at its end is dropped unrun), so
+    /// no later build is taken for this one.
+    struct PopOnUnwind;
+    impl Drop for PopOnUnwind {
         fn drop(&mut self) {
-            let ends = BUILDS.with_borrow_mut(|b| b.pop()).map(|(_, ends)| ends).unwrap_or_default();
-            // Dropped unrun only on a panic, which `end` below otherwise runs before.
-            drop(ends);
+            BUILDS.with_borrow_mut(|b| b.pop());
         }
     }
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    BUILDS.with_borrow_mut(|b| b.push((BlockBuild { prefix: prefix.into(), id }, Vec::new())));
-    let scope = Scope;
-    let out = build();
-    let ends = BUILDS.with_borrow_mut(|b| b.last_mut().map(|(_, ends)| std::mem::take(ends)).unwrap_or_default());
-    drop(scope);
+    BUILDS.with_borrow_mut(|b| b.push((BlockBuild { prefix: vb.prefix().into(), id }, Vec::new())));
+    let unwinding = PopOnUnwind;
+    let out = build(vb.clone());
+    std::mem::forget(unwinding);
+    let ends = BUILDS.with_borrow_mut(|b| b.pop()).map(|(_, ends)| ends).unwrap_or_default();
     ends.into_iter().fold(out, |out, end| {
         let ended = end();
         out.and_then(|o| ended.map(|()| o))
@@ -245,7 +244,7 @@ impl<M: StreamBlock + Send + 'static> Block<M> {
                     Some(built) => *built.downcast::<M>().map_err(|_| {
                         candle_core::Error::Msg(format!("internal error: streamed block {index} changed type"))
                     })?,
-                    None => building(&vb.prefix(), || build(vb.clone()))?,
+                    None => build_streamed(vb, build)?,
                 };
                 m.set_attention_options(options.get());
                 let out = f(&m);
@@ -394,13 +393,13 @@ impl<'a> BlockWeights<'a> {
         self.built.lock().unwrap_or_else(|e| e.into_inner()).push(prefix.clone());
         match at.streaming {
             Some(st) if !st.resident.contains(&prefix) => {
-                let validated = building(&st.vb.prefix(), || build(st.vb.clone()))?;
+                let build: Build<M> = Arc::new(build);
+                let validated = build_streamed(&st.vb, &build)?;
                 release_after_compute(st.vb.device())?;
                 drop(validated);
-                let build: Build<M> = Arc::new(build);
                 let index = st.ahead.register({
                     let (vb, build) = (st.vb.clone(), build.clone());
-                    Arc::new(move || building(&vb.prefix(), || Ok(Box::new(build(vb.clone())?) as Built)))
+                    Arc::new(move || Ok(Box::new(build_streamed(&vb, &build)?) as Built))
                 });
                 Ok(Block {
                     slot: Slot::Streamed {

@@ -175,14 +175,14 @@ impl HostCopies {
         if state.held.contains_key(&(name.to_string(), dtype)) {
             return Ok(None);
         }
+        let gathered = |(key, _): &&((String, DType), Tensor)| key.0 == name && key.1 == dtype;
+        if let Some((_, host)) = state.gathering.as_ref().and_then(|(_, ts)| ts.iter().find(gathered)) {
+            return Ok(Some(upload(host, dev)?));
+        }
         let host = read(self.inner.as_ref())?;
         let on_device = upload(&host, dev)?;
         match &mut state.gathering {
-            Some((id, tensors)) if *id == build.id => {
-                if !tensors.iter().any(|((n, d), _)| n == name && *d == dtype) {
-                    tensors.push(((name.to_string(), dtype), host));
-                }
-            }
+            Some((id, tensors)) if *id == build.id => tensors.push(((name.to_string(), dtype), host)),
             _ => {
                 state.gathering = Some((build.id, vec![((name.to_string(), dtype), host)]));
                 let (shared, prefix, dev) = (self.state.clone(), build.prefix.clone(), dev.clone());
